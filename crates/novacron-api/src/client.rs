@@ -1,0 +1,311 @@
+//! Typed HTTP client for the `/v1` API, shared by the CLI, the agent and tests.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::error::{ErrorBody, ErrorDetail};
+use crate::types::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error body.
+    #[error("{} ({status})", detail.message)]
+    Api { status: u16, detail: ErrorDetail },
+    #[error("Request to {url} failed")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("Invalid response from the server")]
+    Decode(#[source] serde_json::Error),
+    #[error("Watch stream failed")]
+    Watch(#[source] std::io::Error),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+    pub fn is_conflict(&self) -> bool {
+        self.status() == Some(409)
+    }
+}
+
+/// Objects served under `/v1/<PATH>`.
+pub trait Resource: Object {
+    const PATH: &'static str;
+}
+impl Resource for Vm {
+    const PATH: &'static str = "vms";
+}
+impl Resource for Node {
+    const PATH: &'static str = "nodes";
+}
+impl Resource for Image {
+    const PATH: &'static str = "images";
+}
+
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
+pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<WatchEvent<T>, ClientError>> + Send>>;
+
+#[derive(Debug, Clone, Default)]
+pub struct ListOptions {
+    pub label_selector: Option<String>,
+    pub limit: Option<u32>,
+    pub continue_token: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+    /// Client without a total timeout, for streams.
+    streaming: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base_url: &str, token: &str) -> Result<Self, ClientError> {
+        let base = base_url.trim_end_matches('/').to_string();
+        let build = |timeout: Option<Duration>| {
+            let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+            if let Some(t) = timeout {
+                b = b.timeout(t);
+            }
+            b.build().map_err(|source| ClientError::Http {
+                url: base.clone(),
+                source,
+            })
+        };
+        Ok(Client {
+            http: build(Some(Duration::from_secs(60)))?,
+            streaming: build(None)?,
+            base,
+            token: token.to_string(),
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Http { url: url.to_string(), source })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap_or_default();
+        let detail = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| ErrorDetail {
+                code: "http".into(),
+                message: format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
+                field: None,
+            });
+        Err(ClientError::Api { status, detail })
+    }
+
+    async fn json<R: DeserializeOwned>(&self, req: reqwest::RequestBuilder, url: &str) -> Result<R, ClientError> {
+        let resp = self.send(req, url).await?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Http { url: url.to_string(), source })?;
+        serde_json::from_slice(&bytes).map_err(ClientError::Decode)
+    }
+
+    pub async fn get_json<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        let url = self.url(path);
+        self.json(self.http.get(&url), &url).await
+    }
+
+    pub async fn post_json<B: Serialize + ?Sized, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, ClientError> {
+        let url = self.url(path);
+        self.json(self.http.post(&url).json(body), &url).await
+    }
+
+    pub async fn put_json<B: Serialize + ?Sized, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, ClientError> {
+        let url = self.url(path);
+        self.json(self.http.put(&url).json(body), &url).await
+    }
+
+    // ------------------------------------------------------------ generic resources
+
+    pub async fn get<T: Resource>(&self, name: &str) -> Result<T, ClientError> {
+        self.get_json(&format!("{}/{name}", T::PATH)).await
+    }
+
+    pub async fn list<T: Resource>(&self, opts: &ListOptions) -> Result<List<T>, ClientError> {
+        let url = self.url(T::PATH);
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(s) = &opts.label_selector {
+            query.push(("label_selector", s.clone()));
+        }
+        if let Some(l) = opts.limit {
+            query.push(("limit", l.to_string()));
+        }
+        if let Some(c) = &opts.continue_token {
+            query.push(("continue", c.clone()));
+        }
+        self.json(self.http.get(&url).query(&query), &url).await
+    }
+
+    /// Lists every page; returns the items and the revision of the first page.
+    pub async fn list_all<T: Resource>(&self, label_selector: Option<&str>) -> Result<(Vec<T>, u64), ClientError> {
+        let mut opts = ListOptions {
+            label_selector: label_selector.map(str::to_string),
+            limit: Some(500),
+            continue_token: None,
+        };
+        let mut items = Vec::new();
+        let mut revision = None;
+        loop {
+            let page = self.list::<T>(&opts).await?;
+            revision.get_or_insert(page.resource_version);
+            items.extend(page.items);
+            match page.continue_token {
+                Some(c) => opts.continue_token = Some(c),
+                None => return Ok((items, revision.unwrap_or_default())),
+            }
+        }
+    }
+
+    pub async fn delete<T: Resource>(&self, name: &str) -> Result<(), ClientError> {
+        let url = self.url(&format!("{}/{name}", T::PATH));
+        self.send(self.http.delete(&url), &url).await.map(|_| ())
+    }
+
+    /// Watches changes after `resource_version`; the stream ends if the server ends it.
+    pub async fn watch<T: Resource>(&self, resource_version: u64, label_selector: Option<&str>) -> Result<WatchStream<T>, ClientError> {
+        let url = self.url(T::PATH);
+        let mut query = vec![("watch", "true".to_string()), ("resource_version", resource_version.to_string())];
+        if let Some(s) = label_selector {
+            query.push(("label_selector", s.to_string()));
+        }
+        let resp = self.send(self.streaming.get(&url).query(&query), &url).await?;
+        Ok(Box::pin(ndjson::<WatchEvent<T>>(resp)))
+    }
+
+    // ------------------------------------------------------------ VMs
+
+    pub async fn create_vm(&self, req: &CreateVm) -> Result<Vm, ClientError> {
+        self.post_json("vms", req).await
+    }
+
+    /// Runs a lifecycle action: start, stop, reboot, pause, resume.
+    pub async fn vm_action(&self, name: &str, action: &str, stop: Option<&StopVm>) -> Result<Vm, ClientError> {
+        let body = stop.cloned().unwrap_or_default();
+        self.post_json(&format!("vms/{name}/{action}"), &body).await
+    }
+
+    pub async fn put_vm_status(&self, name: &str, vm: &Vm) -> Result<Vm, ClientError> {
+        self.put_json(&format!("vms/{name}/status"), vm).await
+    }
+
+    /// Called by the agent once a deleted VM's process and disks are gone.
+    pub async fn finalize_vm(&self, name: &str) -> Result<(), ClientError> {
+        let url = self.url(&format!("vms/{name}/finalize"));
+        self.send(self.http.post(&url), &url).await.map(|_| ())
+    }
+
+    /// The VM's serial console log; with `follow` the stream stays open.
+    pub async fn vm_logs(&self, name: &str, follow: bool) -> Result<ByteStream, ClientError> {
+        let url = self.url(&format!("vms/{name}/logs"));
+        let resp = self
+            .send(self.streaming.get(&url).query(&[("follow", follow)]), &url)
+            .await?;
+        Ok(byte_stream(resp, url))
+    }
+
+    // ------------------------------------------------------------ nodes
+
+    pub async fn register_node(&self, req: &RegisterNode) -> Result<RegisterNodeResponse, ClientError> {
+        self.post_json("nodes/register", req).await
+    }
+
+    pub async fn heartbeat(&self, name: &str) -> Result<Node, ClientError> {
+        self.post_json(&format!("nodes/{name}/heartbeat"), &serde_json::json!({})).await
+    }
+
+    pub async fn set_schedulable(&self, name: &str, schedulable: bool) -> Result<Node, ClientError> {
+        let action = if schedulable { "uncordon" } else { "cordon" };
+        self.post_json(&format!("nodes/{name}/{action}"), &serde_json::json!({})).await
+    }
+
+    // ------------------------------------------------------------ images
+
+    pub async fn create_image(&self, req: &CreateImage) -> Result<Image, ClientError> {
+        self.post_json("images", req).await
+    }
+
+    /// Uploads one file of an image; the body is streamed.
+    pub async fn upload_image_part(&self, name: &str, part: ImagePart, body: reqwest::Body) -> Result<Image, ClientError> {
+        let url = self.url(&format!("images/{name}/files/{}", part.as_str()));
+        self.json(self.streaming.put(&url).body(body), &url).await
+    }
+
+    pub async fn download_image_part(&self, name: &str, part: ImagePart) -> Result<ByteStream, ClientError> {
+        let url = self.url(&format!("images/{name}/files/{}", part.as_str()));
+        let resp = self.send(self.streaming.get(&url), &url).await?;
+        Ok(byte_stream(resp, url))
+    }
+}
+
+fn byte_stream(resp: reqwest::Response, url: String) -> ByteStream {
+    Box::pin(
+        resp.bytes_stream()
+            .map(move |r| r.map_err(|source| ClientError::Http { url: url.clone(), source })),
+    )
+}
+
+/// Splits a response body into newline-delimited JSON values.
+fn ndjson<T: DeserializeOwned + Send + 'static>(resp: reqwest::Response) -> impl Stream<Item = Result<T, ClientError>> + Send {
+    let bytes = resp.bytes_stream();
+    futures::stream::unfold((bytes, Vec::<u8>::new(), false), |(mut bytes, mut buf, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let item = serde_json::from_slice::<T>(&line).map_err(ClientError::Decode);
+                return Some((item, (bytes, buf, false)));
+            }
+            match bytes.next().await {
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    let err = ClientError::Watch(std::io::Error::other(e));
+                    return Some((Err(err), (bytes, buf, true)));
+                }
+                None => return None,
+            }
+        }
+    })
+}

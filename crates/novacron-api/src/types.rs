@@ -1,0 +1,447 @@
+//! The API objects. Every object has `metadata`, a user-owned `spec` and a
+//! controller/agent-owned `status`; writes are compare-and-swap on
+//! `metadata.resource_version`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Common object metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Metadata {
+    /// Unique, immutable id (UUID).
+    pub id: String,
+    /// Name, unique per kind (DNS label).
+    pub name: String,
+    /// Owning project.
+    #[serde(default = "default_project")]
+    pub project: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Store revision of the last write; send it back on update for compare-and-swap.
+    #[serde(default)]
+    pub resource_version: u64,
+    /// Incremented on every change of `spec`.
+    #[serde(default)]
+    pub generation: u64,
+    /// Set when deletion was requested and cleanup is in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_requested_at: Option<DateTime<Utc>>,
+}
+
+pub fn default_project() -> String {
+    "default".to_string()
+}
+
+impl Metadata {
+    pub fn new(name: &str, labels: BTreeMap<String, String>) -> Self {
+        let now = Utc::now();
+        Metadata {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_string(),
+            project: default_project(),
+            labels,
+            created_at: now,
+            updated_at: now,
+            resource_version: 0,
+            generation: 1,
+            deletion_requested_at: None,
+        }
+    }
+}
+
+/// A typed object that lives in the store.
+pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    /// Kind name, used as the store's table key and in events.
+    const KIND: &'static str;
+    fn meta(&self) -> &Metadata;
+    fn meta_mut(&mut self) -> &mut Metadata;
+}
+
+macro_rules! impl_object {
+    ($t:ty, $kind:literal) => {
+        impl Object for $t {
+            const KIND: &'static str = $kind;
+            fn meta(&self) -> &Metadata {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut Metadata {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------- Node
+
+/// Compute resources of a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Resources {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub disk_gib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeSpec {
+    /// Base URL of the node agent (data plane and console).
+    pub address: String,
+    /// Whether new VMs may be placed here (false = cordoned).
+    #[serde(default = "yes")]
+    pub schedulable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeStatus {
+    pub capacity: Resources,
+    /// Ready condition: the agent heartbeats within the grace period.
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<DateTime<Utc>>,
+    /// Accelerator the agent uses for guests: `kvm` or `tcg`.
+    #[serde(default)]
+    pub accel: String,
+    #[serde(default)]
+    pub agent_version: String,
+    /// Resources reserved by VMs bound to this node (filled in by the server on read).
+    #[serde(default)]
+    pub allocated: Resources,
+    #[serde(default)]
+    pub vm_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    pub metadata: Metadata,
+    pub spec: NodeSpec,
+    #[serde(default)]
+    pub status: NodeStatus,
+}
+impl_object!(Node, "node");
+
+/// Sent by an agent when it starts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RegisterNode {
+    pub name: String,
+    pub address: String,
+    pub capacity: Resources,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub accel: String,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RegisterNodeResponse {
+    pub node: Node,
+    /// Shared secret the server presents when it calls this agent.
+    pub agent_secret: String,
+}
+
+// ---------------------------------------------------------------- Image
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Qcow2,
+    Raw,
+    /// Direct kernel boot: a kernel and an initrd.
+    Kernel,
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+            ImageFormat::Kernel => "kernel",
+        })
+    }
+}
+
+/// The files that make up an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImagePart {
+    Disk,
+    Kernel,
+    Initrd,
+}
+
+impl ImagePart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImagePart::Disk => "disk",
+            ImagePart::Kernel => "kernel",
+            ImagePart::Initrd => "initrd",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "disk" => Some(ImagePart::Disk),
+            "kernel" => Some(ImagePart::Kernel),
+            "initrd" => Some(ImagePart::Initrd),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageSpec {
+    pub format: ImageFormat,
+    /// Extra kernel command line for kernel images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_args: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageFile {
+    pub part: ImagePart,
+    pub size_bytes: u64,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ImagePhase {
+    #[default]
+    Uploading,
+    Ready,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageStatus {
+    pub phase: ImagePhase,
+    #[serde(default)]
+    pub files: Vec<ImageFile>,
+    /// Virtual size of the disk part (bytes), as reported by qemu-img.
+    #[serde(default)]
+    pub virtual_size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    pub metadata: Metadata,
+    pub spec: ImageSpec,
+    #[serde(default)]
+    pub status: ImageStatus,
+}
+impl_object!(Image, "image");
+
+impl Image {
+    pub fn file(&self, part: ImagePart) -> Option<&ImageFile> {
+        self.status.files.iter().find(|f| f.part == part)
+    }
+    /// The parts an image of this format must have before it is Ready.
+    pub fn required_parts(&self) -> &'static [ImagePart] {
+        match self.spec.format {
+            ImageFormat::Kernel => &[ImagePart::Kernel, ImagePart::Initrd],
+            ImageFormat::Qcow2 | ImageFormat::Raw => &[ImagePart::Disk],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateImage {
+    pub name: String,
+    pub format: ImageFormat,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub kernel_args: Option<String>,
+}
+
+// ---------------------------------------------------------------- VM
+
+/// What the agent does when the VM stops on its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum RunStrategy {
+    /// Restart the VM whenever it is not running (crash or guest shutdown).
+    Always,
+    /// Run as the user asks; a crash leaves it Failed.
+    #[default]
+    Manual,
+}
+
+/// The power state the user wants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum PowerState {
+    #[default]
+    Running,
+    Paused,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Name of the image the root disk is an overlay of.
+    pub image: String,
+    /// Root disk size; defaults to the image's virtual size (1 GiB for kernel images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
+    /// Size of an optional blank data disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_disk_mib: Option<u64>,
+    #[serde(default)]
+    pub run_strategy: RunStrategy,
+    #[serde(default)]
+    pub power_state: PowerState,
+    /// Seconds a graceful (ACPI) stop may take before QEMU is killed; 0 = force.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_s: u32,
+    /// Bumped by the reboot action; the agent resets the guest when it changes.
+    #[serde(default)]
+    pub reboot_generation: u64,
+    /// Extra guest kernel command line (kernel images only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_args: Option<String>,
+}
+
+pub fn default_stop_timeout() -> u32 {
+    30
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum VmPhase {
+    /// Not yet placed on a node.
+    #[default]
+    Pending,
+    /// Bound to a node; the agent is preparing it.
+    Scheduled,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+    Migrating,
+    Failed,
+    /// Deletion requested; the agent is removing the process and disks.
+    Deleting,
+}
+
+impl std::fmt::Display for VmPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStatus {
+    #[serde(default)]
+    pub phase: VmPhase,
+    /// Node the VM is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Why the VM is in its phase (e.g. why it is Pending or Failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// `metadata.generation` the agent last acted on.
+    #[serde(default)]
+    pub observed_generation: u64,
+    #[serde(default)]
+    pub observed_reboot_generation: u64,
+    /// Restarts done by the agent under run strategy Always.
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub metadata: Metadata,
+    pub spec: VmSpec,
+    #[serde(default)]
+    pub status: VmStatus,
+}
+impl_object!(Vm, "vm");
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateVm {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub spec: VmSpec,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct StopVm {
+    /// Kill QEMU at once instead of an ACPI shutdown.
+    #[serde(default)]
+    pub force: bool,
+    /// Grace period for the ACPI shutdown (default: the VM's stop_timeout_s).
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+}
+
+// ---------------------------------------------------------------- Token
+
+/// An API token. Only a hash of the secret is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    pub metadata: Metadata,
+    pub role: Role,
+    /// Hex SHA-256 of the bearer secret.
+    pub secret_sha256: String,
+}
+impl_object!(Token, "token");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+}
+
+// ---------------------------------------------------------------- lists and watch
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct List<T> {
+    pub items: Vec<T>,
+    /// Pass as `continue` to get the next page; absent on the last page.
+    #[serde(default, rename = "continue", skip_serializing_if = "Option::is_none")]
+    pub continue_token: Option<String>,
+    /// Store revision the list was read at; watch from here.
+    pub resource_version: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum WatchEventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// One line of a watch stream (newline-delimited JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WatchEvent<T> {
+    #[serde(rename = "type")]
+    pub event_type: WatchEventType,
+    pub object: T,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
