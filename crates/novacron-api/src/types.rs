@@ -307,9 +307,15 @@ pub struct VmSpec {
     /// Seconds a graceful (ACPI) stop may take before QEMU is killed; 0 = force.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_s: u32,
+    /// Grace period of the stop in progress (0 = kill at once); cleared by start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_s: Option<u32>,
     /// Bumped by the reboot action; the agent resets the guest when it changes.
     #[serde(default)]
     pub reboot_generation: u64,
+    /// Bumped by a start of a Failed or Stopped VM: the user asks again.
+    #[serde(default)]
+    pub start_request: u64,
     /// Extra guest kernel command line (kernel images only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_args: Option<String>,
@@ -364,6 +370,8 @@ pub struct VmStatus {
     pub observed_generation: u64,
     #[serde(default)]
     pub observed_reboot_generation: u64,
+    #[serde(default)]
+    pub observed_start_request: u64,
     /// Restarts done by the agent under run strategy Always.
     #[serde(default)]
     pub restarts: u32,

@@ -1,0 +1,298 @@
+//! An async QMP (QEMU Machine Protocol) client: line-delimited JSON over a
+//! unix socket. Commands carry ids matched to their replies; asynchronous
+//! events go to a broadcast channel; every command has a timeout.
+//! Only the commands NovaCron uses get typed wrappers; replies are parsed
+//! tolerantly (unknown fields ignored, enums as strings) so newer or older
+//! QEMU versions do not break us.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("Cannot connect to QMP socket {path}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("QMP greeting or reply was malformed: {0}")]
+    Protocol(String),
+    /// QEMU answered the command with an error.
+    #[error("QEMU rejected {command}: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP command {0} timed out")]
+    Timeout(String),
+    #[error("QMP connection closed")]
+    Closed,
+}
+
+/// An asynchronous QMP event (STOP, RESUME, SHUTDOWN, ...).
+#[derive(Debug, Clone, Deserialize)]
+pub struct QmpEvent {
+    pub event: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
+
+pub struct Qmp {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    events: broadcast::Sender<QmpEvent>,
+    timeout: Duration,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Reply of `query-status`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VmRunState {
+    #[serde(default)]
+    pub running: bool,
+    /// QEMU run state: running, paused, shutdown, inmigrate, postmigrate, ...
+    #[serde(default)]
+    pub status: String,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and negotiates capabilities.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let connect = UnixStream::connect(path);
+        let stream = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| QmpError::Timeout("connect".into()))?
+            .map_err(|source| QmpError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (read, write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = tokio::time::timeout(timeout, lines.next_line())
+            .await
+            .map_err(|_| QmpError::Timeout("greeting".into()))??
+            .ok_or(QmpError::Closed)?;
+        let greeting: Value =
+            serde_json::from_str(&greeting).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
+        }
+
+        let pending: Pending = Arc::default();
+        let (events, _) = broadcast::channel(256);
+        let reader = tokio::spawn(read_loop(lines, pending.clone(), events.clone()));
+        let qmp = Qmp {
+            writer: tokio::sync::Mutex::new(write),
+            pending,
+            next_id: AtomicU64::new(1),
+            events,
+            timeout,
+            reader,
+        };
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
+        self.events.subscribe()
+    }
+
+    /// Runs a command and returns its `return` value.
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let mut line = msg.to_string();
+        line.push('\n');
+        let write = async {
+            let mut w = self.writer.lock().await;
+            w.write_all(line.as_bytes()).await
+        };
+        if let Err(e) = write.await {
+            lock(&self.pending).remove(&id);
+            return Err(e.into());
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Err(_) => {
+                lock(&self.pending).remove(&id);
+                Err(QmpError::Timeout(command.to_string()))
+            }
+            Ok(Err(_)) => Err(QmpError::Closed),
+            Ok(Ok(reply)) => reply.map_err(|e| match e {
+                QmpError::Command { class, desc, .. } => QmpError::Command {
+                    command: command.to_string(),
+                    class,
+                    desc,
+                },
+                other => other,
+            }),
+        }
+    }
+
+    pub async fn query_status(&self) -> Result<VmRunState, QmpError> {
+        let v = self.execute("query-status", None).await?;
+        serde_json::from_value(v).map_err(|e| QmpError::Protocol(e.to_string()))
+    }
+
+    /// Pauses the vCPUs.
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        self.execute("stop", None).await.map(drop)
+    }
+
+    /// Resumes the vCPUs.
+    pub async fn cont(&self) -> Result<(), QmpError> {
+        self.execute("cont", None).await.map(drop)
+    }
+
+    /// Presses the ACPI power button.
+    pub async fn system_powerdown(&self) -> Result<(), QmpError> {
+        self.execute("system_powerdown", None).await.map(drop)
+    }
+
+    /// Hard reset of the guest.
+    pub async fn system_reset(&self) -> Result<(), QmpError> {
+        self.execute("system_reset", None).await.map(drop)
+    }
+
+    /// Asks QEMU to exit. The connection closes as QEMU goes away, so a
+    /// closed connection counts as success.
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        match self.execute("quit", None).await {
+            Ok(_) | Err(QmpError::Closed) | Err(QmpError::Io(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn read_loop(
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    pending: Pending,
+    events: broadcast::Sender<QmpEvent>,
+) {
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) | Err(_) => break,
+        };
+        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            tracing::warn!(line, "unparseable QMP message");
+            continue;
+        };
+        if msg.get("event").is_some() {
+            if let Ok(ev) = serde_json::from_value::<QmpEvent>(msg) {
+                let _ = events.send(ev);
+            }
+            continue;
+        }
+        let Some(id) = msg.get("id").and_then(Value::as_u64) else {
+            continue;
+        };
+        let Some(tx) = lock(&pending).remove(&id) else {
+            continue;
+        };
+        let reply = if let Some(ret) = msg.get("return") {
+            Ok(ret.clone())
+        } else if let Some(err) = msg.get("error") {
+            Err(QmpError::Command {
+                command: String::new(),
+                class: err["class"].as_str().unwrap_or("GenericError").to_string(),
+                desc: err["desc"].as_str().unwrap_or_default().to_string(),
+            })
+        } else {
+            Err(QmpError::Protocol(format!("reply without return or error: {msg}")))
+        };
+        let _ = tx.send(reply);
+    }
+    // Connection gone: wake every waiter with Closed.
+    lock(&pending).clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A fake QMP server: greeting, then answers by command name.
+    async fn fake_server(path: &Path) {
+        let listener = UnixListener::bind(path).expect("bind");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (r, mut w) = stream.into_split();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.expect("greet");
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let msg: Value = serde_json::from_str(&line).expect("json");
+                let id = msg["id"].clone();
+                let reply = match msg["execute"].as_str() {
+                    Some("query-status") => {
+                        w.write_all(b"{\"event\": \"STOP\", \"data\": {}}\n").await.expect("event");
+                        json!({"return": {"running": false, "status": "paused", "singlestep": false}, "id": id})
+                    }
+                    Some("hang") => continue,
+                    Some("qmp_capabilities") => json!({"return": {}, "id": id}),
+                    _ => json!({"error": {"class": "CommandNotFound", "desc": "nope"}, "id": id}),
+                };
+                w.write_all(format!("{reply}\n").as_bytes()).await.expect("reply");
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn commands_replies_events_and_timeouts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        fake_server(&path).await;
+        let qmp = Qmp::connect(&path, Duration::from_millis(500)).await.expect("connect");
+        let mut events = qmp.events();
+        let st = qmp.query_status().await.expect("status");
+        assert_eq!(st.status, "paused");
+        assert!(!st.running);
+        let ev = events.recv().await.expect("event");
+        assert_eq!(ev.event, "STOP");
+        match qmp.execute("bogus", None).await {
+            Err(QmpError::Command { command, class, .. }) => {
+                assert_eq!(command, "bogus");
+                assert_eq!(class, "CommandNotFound");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(qmp.execute("hang", None).await, Err(QmpError::Timeout(_))));
+    }
+
+    #[tokio::test]
+    async fn missing_socket_is_a_connect_error() {
+        let err = Qmp::connect(Path::new("/nonexistent/qmp.sock"), Duration::from_secs(1)).await;
+        assert!(matches!(err, Err(QmpError::Connect { .. })));
+    }
+}

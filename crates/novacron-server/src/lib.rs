@@ -1,0 +1,185 @@
+//! The NovaCron control plane: REST API under `/v1`, watch streams, and the
+//! controllers (placement, node liveness) that converge the store's state.
+
+pub mod auth;
+mod controllers;
+pub mod error;
+mod extract;
+mod proxy;
+mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use novacron_store::{SharedStore, SqliteStore};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+pub use error::{ApiError, ErrorChain};
+
+/// Largest JSON request body.
+pub const MAX_JSON_BODY: usize = 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// A node is NotReady when its last heartbeat is older than this.
+    pub node_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("Cannot use data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot open the store")]
+    Store(#[from] novacron_store::StoreError),
+    #[error("Cannot create the admin token")]
+    Bootstrap(#[from] auth::BootstrapError),
+    #[error("Cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+    #[error("Cannot build HTTP client")]
+    Http(#[source] reqwest::Error),
+}
+
+/// Shared state of every handler: cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: SharedStore,
+    pub tokens: Arc<auth::TokenIndex>,
+    pub config: Arc<ServerConfig>,
+    /// Secret the server presents to agents.
+    pub agent_secret: Arc<str>,
+    /// Wakes the placement controller.
+    pub placement_wakeup: Arc<Notify>,
+    /// Client for calls to agents.
+    pub agents: reqwest::Client,
+}
+
+impl AppState {
+    pub fn images_dir(&self) -> PathBuf {
+        self.config.data_dir.join("images")
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "NovaCron API", description = "Control plane of the NovaCron VM platform."),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The whole HTTP application; tests call it without a socket.
+pub fn app(state: AppState) -> Router {
+    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(routes::vms::router())
+        .merge(routes::nodes::router())
+        .merge(routes::images::router())
+        .split_for_parts();
+    let openapi = Arc::new(openapi);
+    let protected = api
+        .route(
+            "/v1/openapi.json",
+            axum::routing::get(move || {
+                let doc = openapi.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
+    Router::new()
+        .merge(routes::health::router())
+        .merge(protected)
+        .fallback(|| async { ApiError::not_found("Route") })
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Opens the store, bootstraps secrets, builds the state.
+pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
+    let dir_err = |source| ServerError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(config.data_dir.join("images")).map_err(dir_err)?;
+    let store: SharedStore = Arc::new(SqliteStore::open(&config.data_dir.join("novacron.db"))?);
+    auth::bootstrap_admin(&store, &config.data_dir.join("admin.token")).await?;
+    let secret_path = config.data_dir.join("agent.secret");
+    let agent_secret = match std::fs::read_to_string(&secret_path) {
+        Ok(s) => s.trim().to_string(),
+        Err(_) => {
+            let s = auth::random_secret().map_err(dir_err)?;
+            auth::write_secret_file(&secret_path, &s).map_err(dir_err)?;
+            s
+        }
+    };
+    let tokens = Arc::new(auth::TokenIndex::load(&store).await?);
+    let agents = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(ServerError::Http)?;
+    Ok(AppState {
+        store,
+        tokens,
+        config: Arc::new(config),
+        agent_secret: agent_secret.into(),
+        placement_wakeup: Arc::new(Notify::new()),
+        agents,
+    })
+}
+
+/// Runs the server until `shutdown` resolves.
+pub async fn run(config: ServerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    let listen = config.listen;
+    let state = prepare(config).await?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServerError::Listen { addr: listen, source })?;
+    let local = listener.local_addr().map_err(ServerError::Serve)?;
+    tracing::info!(addr = %local, data_dir = %state.config.data_dir.display(), "server listening");
+    let mut controllers = controllers::spawn(state.clone());
+    // Watch streams never end by themselves, so graceful shutdown gets a
+    // short grace period and then the server stops regardless.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let result = tokio::select! {
+        r = serve => r.map_err(ServerError::Serve),
+        _ = async {
+            shutdown.await;
+            stop.cancel();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        } => Ok(()),
+    };
+    controllers.abort_all();
+    result
+}

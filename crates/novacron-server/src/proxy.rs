@@ -1,0 +1,90 @@
+//! Calls from the server to a node agent: console log streaming and the
+//! interactive serial console (WebSocket bridged to WebSocket).
+
+use axum::body::Body;
+use axum::extract::ws::{Message as AxMessage, WebSocket};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use novacron_api::{Node, Vm, AGENT_SECRET_HEADER};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as TMessage;
+
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+type Upstream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn agent_url(node: &Node, vm: &Vm, what: &str) -> String {
+    format!("{}/agent/v1/vms/{}/{what}", node.spec.address.trim_end_matches('/'), vm.metadata.id)
+}
+
+fn unreachable(node: &Node, e: impl std::fmt::Display) -> ApiError {
+    ApiError::unavailable(format!("Node {:?} is unreachable: {e}", node.metadata.name))
+}
+
+pub async fn logs(state: &AppState, node: &Node, vm: &Vm, follow: bool) -> ApiResult<Response> {
+    let resp = state
+        .agents
+        .get(agent_url(node, vm, "logs"))
+        .query(&[("follow", follow)])
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
+        .send()
+        .await
+        .map_err(|e| unreachable(node, e))?;
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        return Err(ApiError::not_found(format!("console log of VM {:?}", vm.metadata.name)));
+    }
+    if !resp.status().is_success() {
+        return Err(unreachable(node, format!("agent answered {}", resp.status())));
+    }
+    let body = Body::from_stream(resp.bytes_stream());
+    Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+}
+
+pub async fn connect_console(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<Upstream> {
+    let url = agent_url(node, vm, "console").replacen("http", "ws", 1);
+    let mut req = url.into_client_request().map_err(|e| unreachable(node, e))?;
+    let secret = state.agent_secret.parse().map_err(|e| unreachable(node, e))?;
+    req.headers_mut().insert(AGENT_SECRET_HEADER, secret);
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| unreachable(node, e))?;
+    Ok(ws)
+}
+
+/// Copies frames both ways until either side closes.
+pub async fn pump_console(client: WebSocket, upstream: Upstream) {
+    let (mut client_tx, mut client_rx) = client.split();
+    let (mut up_tx, mut up_rx) = upstream.split();
+    let to_agent = async {
+        while let Some(Ok(msg)) = client_rx.next().await {
+            let out = match msg {
+                AxMessage::Binary(b) => TMessage::Binary(b),
+                AxMessage::Text(t) => TMessage::Binary(bytes::Bytes::copy_from_slice(t.as_bytes())),
+                AxMessage::Close(_) => break,
+                _ => continue,
+            };
+            if up_tx.send(out).await.is_err() {
+                break;
+            }
+        }
+        let _ = up_tx.close().await;
+    };
+    let to_client = async {
+        while let Some(Ok(msg)) = up_rx.next().await {
+            let out = match msg {
+                TMessage::Binary(b) => AxMessage::Binary(b),
+                TMessage::Text(t) => AxMessage::Binary(bytes::Bytes::copy_from_slice(t.as_bytes())),
+                TMessage::Close(_) => break,
+                _ => continue,
+            };
+            if client_tx.send(out).await.is_err() {
+                break;
+            }
+        }
+        let _ = client_tx.close().await;
+    };
+    tokio::select! {
+        _ = to_agent => {}
+        _ = to_client => {}
+    }
+}

@@ -1,0 +1,336 @@
+//! `/v1/vms`: create, read, lifecycle actions, delete, console and logs.
+
+use axum::extract::{Path, State, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use chrono::Utc;
+use novacron_api::{
+    validate, CreateVm, Image, ImagePhase, Metadata, Node, PowerState, StopVm, Vm, VmPhase, VmStatus,
+};
+use novacron_scheduler::Request;
+use novacron_store::{StoreError, StoreExt};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{find, list_or_watch, ListQuery};
+use crate::auth::{authorize, Action, Principal};
+use crate::controllers::node_views;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiQuery};
+use crate::{proxy, AppState};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_vms, create_vm))
+        .routes(routes!(get_vm, delete_vm))
+        .routes(routes!(start_vm))
+        .routes(routes!(stop_vm))
+        .routes(routes!(reboot_vm))
+        .routes(routes!(pause_vm))
+        .routes(routes!(resume_vm))
+        .routes(routes!(put_vm_status))
+        .routes(routes!(finalize_vm))
+        .routes(routes!(vm_logs))
+        .routes(routes!(vm_console))
+}
+
+/// List VMs (paginated), or watch them with `watch=true`.
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", params(ListQuery),
+    responses((status = 200, body = novacron_api::List<Vm>), (status = 422, body = novacron_api::ErrorBody)))]
+async fn list_vms(State(state): State<AppState>, Extension(p): Extension<Principal>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Response> {
+    authorize(&p, Action::Read)?;
+    list_or_watch::<Vm>(&state, q, |_| {}).await
+}
+
+/// Create a VM. It is placed on a node by the scheduler and started unless
+/// `spec.power_state` is `Stopped`.
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVm,
+    responses((status = 201, body = Vm), (status = 400, body = novacron_api::ErrorBody),
+        (status = 409, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody)))]
+async fn create_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, ApiJson(req): ApiJson<CreateVm>) -> ApiResult<(StatusCode, Json<Vm>)> {
+    authorize(&p, Action::Write)?;
+    validate::create_vm(&req)?;
+    match state.store.get_obj::<Image>(&req.spec.image).await? {
+        None => return Err(ApiError::invalid("spec.image", format!("unknown image {:?}", req.spec.image))),
+        Some(img) if img.status.phase != ImagePhase::Ready => {
+            return Err(ApiError::invalid("spec.image", format!("image {:?} is still uploading", req.spec.image)))
+        }
+        Some(_) => {}
+    }
+    let nodes = state.store.list_all::<Node>().await?;
+    let request = Request {
+        vcpus: req.spec.vcpus,
+        memory_mib: req.spec.memory_mib,
+    };
+    if !novacron_scheduler::fits_some_node(&request, &node_views(&nodes, &[])) {
+        let (field, what) = if nodes.iter().all(|n| n.status.capacity.memory_mib < req.spec.memory_mib) {
+            ("spec.memory_mib", "memory")
+        } else {
+            ("spec.vcpus", "vcpus")
+        };
+        return Err(ApiError::invalid(field, format!("requested {what} is larger than any node's capacity")));
+    }
+    let vm = Vm {
+        metadata: Metadata::new(&req.name, req.labels),
+        spec: req.spec,
+        status: VmStatus {
+            phase: VmPhase::Pending,
+            reason: Some("Waiting for the scheduler".into()),
+            ..Default::default()
+        },
+    };
+    let vm = state.store.create_obj(&vm).await?;
+    tracing::info!(vm = %vm.metadata.name, "created VM");
+    state.placement_wakeup.notify_one();
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+/// Get a VM by name or id.
+#[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = Vm), (status = 404, body = novacron_api::ErrorBody)))]
+async fn get_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    authorize(&p, Action::Read)?;
+    Ok(Json(find::<Vm>(&state, &name).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Remove the object even if its node cannot clean up (node down).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Delete a VM: its agent stops QEMU and removes its disks and state, then the
+/// object goes away. A VM not yet placed is removed at once.
+#[utoipa::path(delete, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path), DeleteQuery),
+    responses((status = 202, body = Vm), (status = 204), (status = 404, body = novacron_api::ErrorBody)))]
+async fn delete_vm(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
+) -> ApiResult<Response> {
+    authorize(&p, Action::Write)?;
+    let vm = find::<Vm>(&state, &name).await?;
+    let name = vm.metadata.name.clone();
+    if vm.status.node.is_none() || q.force {
+        state.store.delete_obj::<Vm>(&name, None).await?;
+        tracing::info!(vm = %name, force = q.force, "deleted VM");
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let vm = state
+        .store
+        .modify::<Vm, _>(&name, |v| {
+            if v.metadata.deletion_requested_at.is_some() {
+                return false;
+            }
+            v.metadata.deletion_requested_at = Some(Utc::now());
+            v.status.phase = VmPhase::Deleting;
+            v.status.reason = Some("Deletion requested".into());
+            true
+        })
+        .await?;
+    tracing::info!(vm = %name, "deletion requested");
+    Ok((StatusCode::ACCEPTED, Json(vm)).into_response())
+}
+
+/// Applies a spec change for a lifecycle action.
+async fn act(state: &AppState, p: &Principal, name: &str, change: impl Fn(&mut Vm) -> Result<(), ApiError> + Send + Sync) -> ApiResult<Json<Vm>> {
+    authorize(p, Action::Write)?;
+    let vm = find::<Vm>(state, name).await?;
+    let name = vm.metadata.name;
+    // `modify` retries on conflicts; the closure records a refusal instead of failing.
+    let refusal = std::sync::Mutex::new(None);
+    let vm = state
+        .store
+        .modify::<Vm, _>(&name, |v| {
+            if v.metadata.deletion_requested_at.is_some() {
+                *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(ApiError::conflict(format!("VM {name:?} is being deleted")));
+                return false;
+            }
+            let before = v.spec.clone();
+            if let Err(e) = change(v) {
+                *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                return false;
+            }
+            if v.spec != before {
+                v.metadata.generation += 1;
+                true
+            } else {
+                false
+            }
+        })
+        .await?;
+    if let Some(e) = refusal.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    Ok(Json(vm))
+}
+
+/// Start a VM (also restarts a Failed one).
+#[utoipa::path(post, path = "/v1/vms/{name}/start", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = Vm), (status = 404, body = novacron_api::ErrorBody), (status = 409, body = novacron_api::ErrorBody)))]
+async fn start_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    let phase = find::<Vm>(&state, &name).await?.status.phase;
+    let failed = matches!(phase, VmPhase::Failed | VmPhase::Stopped);
+    act(&state, &p, &name, |v| {
+        v.spec.power_state = PowerState::Running;
+        v.spec.stop_grace_s = None;
+        if failed {
+            // A new generation tells the agent that the user asked again.
+            v.spec.start_request += 1;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Stop a VM: ACPI power button, then kill after the timeout; `force` kills at once.
+#[utoipa::path(post, path = "/v1/vms/{name}/stop", tag = "vms", params(("name" = String, Path)), request_body = StopVm,
+    responses((status = 200, body = Vm), (status = 404, body = novacron_api::ErrorBody)))]
+async fn stop_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>, body: axum::body::Bytes) -> ApiResult<Json<Vm>> {
+    // The body is optional: an empty one means a graceful stop with the VM's timeout.
+    let req: StopVm = if body.iter().all(u8::is_ascii_whitespace) {
+        StopVm::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?
+    };
+    if req.timeout_s.is_some_and(|t| t > 3600) {
+        return Err(ApiError::invalid("timeout_s", "timeout must be at most 3600 s"));
+    }
+    act(&state, &p, &name, |v| {
+        v.spec.power_state = PowerState::Stopped;
+        v.spec.stop_grace_s = Some(if req.force { 0 } else { req.timeout_s.unwrap_or(v.spec.stop_timeout_s) });
+        Ok(())
+    })
+    .await
+}
+
+/// Reset a running VM.
+#[utoipa::path(post, path = "/v1/vms/{name}/reboot", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = Vm), (status = 409, body = novacron_api::ErrorBody)))]
+async fn reboot_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    act(&state, &p, &name, |v| {
+        if v.spec.power_state != PowerState::Running || v.status.phase != VmPhase::Running {
+            return Err(ApiError::conflict("Only a running VM can be rebooted"));
+        }
+        v.spec.reboot_generation += 1;
+        Ok(())
+    })
+    .await
+}
+
+/// Pause a VM's vCPUs.
+#[utoipa::path(post, path = "/v1/vms/{name}/pause", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = Vm), (status = 409, body = novacron_api::ErrorBody)))]
+async fn pause_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    act(&state, &p, &name, |v| {
+        if v.spec.power_state == PowerState::Stopped {
+            return Err(ApiError::conflict("A stopped VM cannot be paused"));
+        }
+        v.spec.power_state = PowerState::Paused;
+        Ok(())
+    })
+    .await
+}
+
+/// Resume a paused VM.
+#[utoipa::path(post, path = "/v1/vms/{name}/resume", tag = "vms", params(("name" = String, Path)),
+    responses((status = 200, body = Vm), (status = 409, body = novacron_api::ErrorBody)))]
+async fn resume_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    act(&state, &p, &name, |v| {
+        if v.spec.power_state != PowerState::Paused {
+            return Err(ApiError::conflict("Only a paused VM can be resumed"));
+        }
+        v.spec.power_state = PowerState::Running;
+        Ok(())
+    })
+    .await
+}
+
+/// Agent: replace a VM's status (compare-and-swap on `metadata.resource_version`).
+#[utoipa::path(put, path = "/v1/vms/{name}/status", tag = "agent", params(("name" = String, Path)), request_body = Vm,
+    responses((status = 200, body = Vm), (status = 409, body = novacron_api::ErrorBody)))]
+async fn put_vm_status(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>, ApiJson(body): ApiJson<Vm>) -> ApiResult<Json<Vm>> {
+    authorize(&p, Action::Agent)?;
+    let mut vm = find::<Vm>(&state, &name).await?;
+    if vm.metadata.resource_version != body.metadata.resource_version {
+        return Err(StoreError::Conflict {
+            kind: "vm".into(),
+            name,
+            expected: body.metadata.resource_version,
+            actual: vm.metadata.resource_version,
+        }
+        .into());
+    }
+    if vm.status.node.is_some() && body.status.node != vm.status.node {
+        return Err(ApiError::invalid("status.node", "an agent cannot rebind a VM"));
+    }
+    vm.status = body.status;
+    Ok(Json(state.store.update_obj(&vm).await?))
+}
+
+/// Agent: a deleted VM's process and disks are gone; remove the object.
+#[utoipa::path(post, path = "/v1/vms/{name}/finalize", tag = "agent", params(("name" = String, Path)),
+    responses((status = 204), (status = 409, body = novacron_api::ErrorBody)))]
+async fn finalize_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    authorize(&p, Action::Agent)?;
+    let vm = find::<Vm>(&state, &name).await?;
+    if vm.metadata.deletion_requested_at.is_none() {
+        return Err(ApiError::conflict("VM deletion was not requested"));
+    }
+    state
+        .store
+        .delete_obj::<Vm>(&vm.metadata.name, Some(vm.metadata.resource_version))
+        .await?;
+    tracing::info!(vm = %vm.metadata.name, "VM deleted");
+    state.placement_wakeup.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// Keep the stream open and send new output as it comes.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// The VM's serial console output.
+#[utoipa::path(get, path = "/v1/vms/{name}/logs", tag = "vms", params(("name" = String, Path), LogsQuery),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = novacron_api::ErrorBody)))]
+async fn vm_logs(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>, ApiQuery(q): ApiQuery<LogsQuery>) -> ApiResult<Response> {
+    authorize(&p, Action::Read)?;
+    let vm = find::<Vm>(&state, &name).await?;
+    let node = bound_node(&state, &vm).await?;
+    proxy::logs(&state, &node, &vm, q.follow).await
+}
+
+/// Interactive serial console over a WebSocket (binary frames both ways).
+#[utoipa::path(get, path = "/v1/vms/{name}/console", tag = "vms", params(("name" = String, Path)),
+    responses((status = 101, description = "WebSocket upgrade"), (status = 404, body = novacron_api::ErrorBody)))]
+async fn vm_console(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>, ws: WebSocketUpgrade) -> ApiResult<Response> {
+    authorize(&p, Action::Write)?;
+    let vm = find::<Vm>(&state, &name).await?;
+    let node = bound_node(&state, &vm).await?;
+    if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused | VmPhase::Starting) {
+        return Err(ApiError::conflict(format!("VM {:?} is not running ({})", vm.metadata.name, vm.status.phase)));
+    }
+    let upstream = proxy::connect_console(&state, &node, &vm).await?;
+    Ok(ws.on_upgrade(move |socket| proxy::pump_console(socket, upstream)))
+}
+
+async fn bound_node(state: &AppState, vm: &Vm) -> ApiResult<Node> {
+    let Some(node) = vm.status.node.as_deref() else {
+        return Err(ApiError::conflict(format!("VM {:?} is not placed on a node yet", vm.metadata.name)));
+    };
+    state
+        .store
+        .get_obj::<Node>(node)
+        .await?
+        .ok_or_else(|| ApiError::unavailable(format!("node {node:?} of the VM is gone")))
+}
