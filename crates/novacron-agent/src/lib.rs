@@ -1,0 +1,314 @@
+//! The node agent. Registers its node, heartbeats, watches the VMs bound to
+//! it through the server API (never the store), and reconciles QEMU processes
+//! toward each VM's spec. QEMU runs daemonized, so VMs survive an agent
+//! restart; on start the agent re-adopts them from their state directories.
+
+pub mod accel;
+mod http;
+mod images;
+pub mod qemu;
+mod reconcile;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use novacron_api::client::{Client, ClientError};
+use novacron_api::{RegisterNode, Resources, Vm, WatchEventType};
+
+use crate::reconcile::{error_chain, Outcome, Reconciler};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub server: String,
+    pub token: String,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// URL the server uses to reach this agent (default: from `listen`).
+    pub advertise: Option<String>,
+    /// Capacity overrides, so several agents can share one machine.
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+    pub heartbeat: Duration,
+    pub qemu: String,
+    /// `auto` (probe), `kvm` or `tcg`.
+    pub accel: String,
+    pub probe_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("Cannot use data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot create API client")]
+    Client(#[from] ClientError),
+    #[error("Invalid accelerator {0:?} (use auto, kvm or tcg)")]
+    Accel(String),
+}
+
+/// Host capacity: the flags if given, else what the host has (leaving 512 MiB
+/// of memory for the host itself).
+fn capacity(cfg: &AgentConfig) -> Resources {
+    let vcpus = cfg.vcpus.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    });
+    let memory_mib = cfg.memory_mib.unwrap_or_else(|| {
+        let total_kib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| {
+                        l.split_whitespace()
+                            .nth(1)
+                            .and_then(|v| v.parse::<u64>().ok())
+                    })
+            })
+            .unwrap_or(0);
+        (total_kib / 1024).saturating_sub(512).max(1)
+    });
+    Resources {
+        vcpus,
+        memory_mib,
+        disk_gib: 0,
+    }
+}
+
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let dir_err = |source| AgentError::DataDir {
+        path: cfg.data_dir.display().to_string(),
+        source,
+    };
+    let vms_root = cfg.data_dir.join("vms");
+    std::fs::create_dir_all(&vms_root).map_err(dir_err)?;
+    std::fs::create_dir_all(cfg.data_dir.join("images")).map_err(dir_err)?;
+
+    let accel = match cfg.accel.as_str() {
+        "auto" => accel::choose(&cfg.qemu, &cfg.data_dir, cfg.probe_timeout).await,
+        "kvm" | "tcg" => cfg.accel.clone(),
+        other => return Err(AgentError::Accel(other.to_string())),
+    };
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| AgentError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let address = cfg
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    let secret = Arc::new(RwLock::new(None));
+    let http_state = http::HttpState {
+        vms_root: vms_root.clone(),
+        secret: secret.clone(),
+    };
+    let http = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, http::router(http_state)).await {
+            tracing::error!(error = %e, "agent HTTP server failed");
+        }
+    });
+    tracing::info!(node = %cfg.name, addr = %local, accel = %accel, "agent listening");
+
+    let client = Client::new(&cfg.server, &cfg.token)?;
+    let registration = RegisterNode {
+        name: cfg.name.clone(),
+        address,
+        capacity: capacity(&cfg),
+        labels: cfg.labels.clone(),
+        accel: accel.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let register = {
+        let client = client.clone();
+        let secret = secret.clone();
+        move || {
+            let client = client.clone();
+            let secret = secret.clone();
+            let registration = registration.clone();
+            async move {
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    match client.register_node(&registration).await {
+                        Ok(resp) => {
+                            *secret.write().unwrap_or_else(|e| e.into_inner()) =
+                                Some(resp.agent_secret);
+                            tracing::info!(node = %registration.name, "registered with the server");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %error_chain(&e), "registration failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+        }
+    };
+    register().await;
+
+    let heartbeat = {
+        let client = client.clone();
+        let name = cfg.name.clone();
+        let interval = cfg.heartbeat;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                match client.heartbeat(&name).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_not_found() => register().await,
+                    Err(e) => tracing::warn!(error = %error_chain(&e), "heartbeat failed"),
+                }
+            }
+        })
+    };
+
+    let reconciler = Reconciler {
+        node: cfg.name.clone(),
+        qemu: cfg.qemu.clone(),
+        accel,
+        images: images::ImageCache::new(cfg.data_dir.join("images")),
+        vms_root,
+        client: client.clone(),
+        runtimes: HashMap::new(),
+    };
+    tokio::select! {
+        _ = control_loop(reconciler, client) => {}
+        _ = shutdown => tracing::info!("agent stopping; VMs keep running"),
+    }
+    heartbeat.abort();
+    http.abort();
+    Ok(())
+}
+
+/// List, then watch; reconcile on every change and on a 1 s tick (which also
+/// notices QEMU processes that died). Re-lists when the watch ends.
+async fn control_loop(mut rec: Reconciler, client: Client) {
+    let mut orphans_checked = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (all, revision) = match client.list_all::<Vm>(None).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot list VMs; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if !orphans_checked {
+            let known: HashSet<String> = all.iter().map(|v| v.metadata.id.clone()).collect();
+            rec.remove_orphans(&known).await;
+            orphans_checked = true;
+        }
+        let mut mine: HashMap<String, Vm> = all
+            .into_iter()
+            .filter(|v| v.status.node.as_deref() == Some(rec.node.as_str()))
+            .map(|v| (v.metadata.name.clone(), v))
+            .collect();
+        let mut watch = match client.watch::<Vm>(revision, None).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot watch VMs; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        reconcile_all(&mut rec, &client, &mut mine).await;
+        loop {
+            tokio::select! {
+                ev = watch.next() => match ev {
+                    Some(Ok(ev)) => {
+                        let vm = ev.object;
+                        let name = vm.metadata.name.clone();
+                        if ev.event_type == WatchEventType::Deleted || vm.status.node.as_deref() != Some(rec.node.as_str()) {
+                            mine.remove(&name);
+                        } else {
+                            mine.insert(name, vm);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %error_chain(&e), "watch ended; listing again");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {}
+            }
+            reconcile_all(&mut rec, &client, &mut mine).await;
+        }
+    }
+}
+
+async fn reconcile_all(rec: &mut Reconciler, client: &Client, mine: &mut HashMap<String, Vm>) {
+    let names: Vec<String> = mine.keys().cloned().collect();
+    for name in names {
+        let Some(vm) = mine.get(&name).cloned() else {
+            continue;
+        };
+        match rec.reconcile(&vm).await {
+            Outcome::Finalized => {
+                mine.remove(&name);
+                match client.finalize_vm(&name).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => {
+                        tracing::warn!(vm = %name, error = %error_chain(&e), "cannot finalize deletion")
+                    }
+                }
+            }
+            Outcome::Status(status) if status != vm.status => {
+                let mut updated = vm.clone();
+                updated.status = status;
+                match client.put_vm_status(&name, &updated).await {
+                    Ok(v) => {
+                        mine.insert(name, v);
+                    }
+                    Err(e) if e.is_conflict() || e.is_not_found() => {
+                        // Someone else wrote first: take the fresh object and go again.
+                        match client.get::<Vm>(&name).await {
+                            Ok(v) => {
+                                mine.insert(name, v);
+                            }
+                            Err(e) if e.is_not_found() => {
+                                mine.remove(&name);
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %name, error = %error_chain(&e), "cannot write VM status")
+                    }
+                }
+            }
+            Outcome::Status(_) => {}
+        }
+    }
+}

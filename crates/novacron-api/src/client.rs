@@ -108,12 +108,19 @@ impl Client {
         format!("{}/v1/{}", self.base, path.trim_start_matches('/'))
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|source| ClientError::Http { url: url.to_string(), source })?;
+            .map_err(|source| ClientError::Http {
+                url: url.to_string(),
+                source,
+            })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -129,12 +136,16 @@ impl Client {
         Err(ClientError::Api { status, detail })
     }
 
-    async fn json<R: DeserializeOwned>(&self, req: reqwest::RequestBuilder, url: &str) -> Result<R, ClientError> {
+    async fn json<R: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<R, ClientError> {
         let resp = self.send(req, url).await?;
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|source| ClientError::Http { url: url.to_string(), source })?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+            url: url.to_string(),
+            source,
+        })?;
         serde_json::from_slice(&bytes).map_err(ClientError::Decode)
     }
 
@@ -143,12 +154,20 @@ impl Client {
         self.json(self.http.get(&url), &url).await
     }
 
-    pub async fn post_json<B: Serialize + ?Sized, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, ClientError> {
+    pub async fn post_json<B: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ClientError> {
         let url = self.url(path);
         self.json(self.http.post(&url).json(body), &url).await
     }
 
-    pub async fn put_json<B: Serialize + ?Sized, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, ClientError> {
+    pub async fn put_json<B: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ClientError> {
         let url = self.url(path);
         self.json(self.http.put(&url).json(body), &url).await
     }
@@ -175,7 +194,10 @@ impl Client {
     }
 
     /// Lists every page; returns the items and the revision of the first page.
-    pub async fn list_all<T: Resource>(&self, label_selector: Option<&str>) -> Result<(Vec<T>, u64), ClientError> {
+    pub async fn list_all<T: Resource>(
+        &self,
+        label_selector: Option<&str>,
+    ) -> Result<(Vec<T>, u64), ClientError> {
         let mut opts = ListOptions {
             label_selector: label_selector.map(str::to_string),
             limit: Some(500),
@@ -200,13 +222,22 @@ impl Client {
     }
 
     /// Watches changes after `resource_version`; the stream ends if the server ends it.
-    pub async fn watch<T: Resource>(&self, resource_version: u64, label_selector: Option<&str>) -> Result<WatchStream<T>, ClientError> {
+    pub async fn watch<T: Resource>(
+        &self,
+        resource_version: u64,
+        label_selector: Option<&str>,
+    ) -> Result<WatchStream<T>, ClientError> {
         let url = self.url(T::PATH);
-        let mut query = vec![("watch", "true".to_string()), ("resource_version", resource_version.to_string())];
+        let mut query = vec![
+            ("watch", "true".to_string()),
+            ("resource_version", resource_version.to_string()),
+        ];
         if let Some(s) = label_selector {
             query.push(("label_selector", s.to_string()));
         }
-        let resp = self.send(self.streaming.get(&url).query(&query), &url).await?;
+        let resp = self
+            .send(self.streaming.get(&url).query(&query), &url)
+            .await?;
         Ok(Box::pin(ndjson::<WatchEvent<T>>(resp)))
     }
 
@@ -216,8 +247,21 @@ impl Client {
         self.post_json("vms", req).await
     }
 
+    /// Deletes a VM; `force` removes the record even if its node cannot clean up.
+    pub async fn delete_vm(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        let url = self.url(&format!("vms/{name}"));
+        self.send(self.http.delete(&url).query(&[("force", force)]), &url)
+            .await
+            .map(|_| ())
+    }
+
     /// Runs a lifecycle action: start, stop, reboot, pause, resume.
-    pub async fn vm_action(&self, name: &str, action: &str, stop: Option<&StopVm>) -> Result<Vm, ClientError> {
+    pub async fn vm_action(
+        &self,
+        name: &str,
+        action: &str,
+        stop: Option<&StopVm>,
+    ) -> Result<Vm, ClientError> {
         let body = stop.cloned().unwrap_or_default();
         self.post_json(&format!("vms/{name}/{action}"), &body).await
     }
@@ -243,17 +287,26 @@ impl Client {
 
     // ------------------------------------------------------------ nodes
 
-    pub async fn register_node(&self, req: &RegisterNode) -> Result<RegisterNodeResponse, ClientError> {
+    pub async fn register_node(
+        &self,
+        req: &RegisterNode,
+    ) -> Result<RegisterNodeResponse, ClientError> {
         self.post_json("nodes/register", req).await
     }
 
     pub async fn heartbeat(&self, name: &str) -> Result<Node, ClientError> {
-        self.post_json(&format!("nodes/{name}/heartbeat"), &serde_json::json!({})).await
+        self.post_json(&format!("nodes/{name}/heartbeat"), &serde_json::json!({}))
+            .await
     }
 
-    pub async fn set_schedulable(&self, name: &str, schedulable: bool) -> Result<Node, ClientError> {
+    pub async fn set_schedulable(
+        &self,
+        name: &str,
+        schedulable: bool,
+    ) -> Result<Node, ClientError> {
         let action = if schedulable { "uncordon" } else { "cordon" };
-        self.post_json(&format!("nodes/{name}/{action}"), &serde_json::json!({})).await
+        self.post_json(&format!("nodes/{name}/{action}"), &serde_json::json!({}))
+            .await
     }
 
     // ------------------------------------------------------------ images
@@ -263,12 +316,21 @@ impl Client {
     }
 
     /// Uploads one file of an image; the body is streamed.
-    pub async fn upload_image_part(&self, name: &str, part: ImagePart, body: reqwest::Body) -> Result<Image, ClientError> {
+    pub async fn upload_image_part(
+        &self,
+        name: &str,
+        part: ImagePart,
+        body: reqwest::Body,
+    ) -> Result<Image, ClientError> {
         let url = self.url(&format!("images/{name}/files/{}", part.as_str()));
         self.json(self.streaming.put(&url).body(body), &url).await
     }
 
-    pub async fn download_image_part(&self, name: &str, part: ImagePart) -> Result<ByteStream, ClientError> {
+    pub async fn download_image_part(
+        &self,
+        name: &str,
+        part: ImagePart,
+    ) -> Result<ByteStream, ClientError> {
         let url = self.url(&format!("images/{name}/files/{}", part.as_str()));
         let resp = self.send(self.streaming.get(&url), &url).await?;
         Ok(byte_stream(resp, url))
@@ -276,36 +338,43 @@ impl Client {
 }
 
 fn byte_stream(resp: reqwest::Response, url: String) -> ByteStream {
-    Box::pin(
-        resp.bytes_stream()
-            .map(move |r| r.map_err(|source| ClientError::Http { url: url.clone(), source })),
-    )
+    Box::pin(resp.bytes_stream().map(move |r| {
+        r.map_err(|source| ClientError::Http {
+            url: url.clone(),
+            source,
+        })
+    }))
 }
 
 /// Splits a response body into newline-delimited JSON values.
-fn ndjson<T: DeserializeOwned + Send + 'static>(resp: reqwest::Response) -> impl Stream<Item = Result<T, ClientError>> + Send {
+fn ndjson<T: DeserializeOwned + Send + 'static>(
+    resp: reqwest::Response,
+) -> impl Stream<Item = Result<T, ClientError>> + Send {
     let bytes = resp.bytes_stream();
-    futures::stream::unfold((bytes, Vec::<u8>::new(), false), |(mut bytes, mut buf, done)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                let item = serde_json::from_slice::<T>(&line).map_err(ClientError::Decode);
-                return Some((item, (bytes, buf, false)));
+    futures::stream::unfold(
+        (bytes, Vec::<u8>::new(), false),
+        |(mut bytes, mut buf, done)| async move {
+            if done {
+                return None;
             }
-            match bytes.next().await {
-                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                Some(Err(e)) => {
-                    let err = ClientError::Watch(std::io::Error::other(e));
-                    return Some((Err(err), (bytes, buf, true)));
+            loop {
+                if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let item = serde_json::from_slice::<T>(&line).map_err(ClientError::Decode);
+                    return Some((item, (bytes, buf, false)));
                 }
-                None => return None,
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        let err = ClientError::Watch(std::io::Error::other(e));
+                        return Some((Err(err), (bytes, buf, true)));
+                    }
+                    None => return None,
+                }
             }
-        }
-    })
+        },
+    )
 }

@@ -19,9 +19,12 @@ impl LabelSelector {
     pub fn parse(s: &str) -> Result<Self, FieldError> {
         let mut reqs = Vec::new();
         for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            let bad = || FieldError::new("label_selector", format!("invalid selector term {term:?}"));
+            let bad =
+                || FieldError::new("label_selector", format!("invalid selector term {term:?}"));
             let valid_key = |k: &str| {
-                !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+                !k.is_empty()
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
             };
             let req = if let Some((k, v)) = term.split_once("!=") {
                 Requirement::NotEquals(k.trim().into(), v.trim().into())

@@ -13,7 +13,9 @@ pub fn parse_mib(s: &str) -> Result<u64, String> {
         "k" | "ki" | "kib" | "kb" => 1,
         _ => return Err(format!("invalid size unit in {s:?} (use MiB, GiB or TiB)")),
     };
-    let kib = n.checked_mul(factor_kib).ok_or_else(|| format!("size {s:?} is too large"))?;
+    let kib = n
+        .checked_mul(factor_kib)
+        .ok_or_else(|| format!("size {s:?} is too large"))?;
     if kib % 1024 != 0 {
         return Err(format!("size {s:?} is not a whole number of MiB"));
     }

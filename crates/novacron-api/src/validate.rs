@@ -44,13 +44,19 @@ pub fn labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), Fiel
             None => (None, k.as_str()),
         };
         let prefix_ok = prefix.is_none_or(|p| {
-            !p.is_empty() && p.len() <= 253 && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+            !p.is_empty()
+                && p.len() <= 253
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
         });
         if !prefix_ok || !part_ok(key, false) {
             return Err(FieldError::new(field, format!("invalid label key {k:?}")));
         }
         if !part_ok(v, true) {
-            return Err(FieldError::new(field, format!("invalid value {v:?} for label {k:?}")));
+            return Err(FieldError::new(
+                field,
+                format!("invalid value {v:?} for label {k:?}"),
+            ));
         }
     }
     Ok(())
@@ -70,19 +76,31 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), FieldError> {
         ));
     }
     name("spec.image", &spec.image)?;
-    for (field, size) in [("spec.disk_mib", spec.disk_mib), ("spec.data_disk_mib", spec.data_disk_mib)] {
+    for (field, size) in [
+        ("spec.disk_mib", spec.disk_mib),
+        ("spec.data_disk_mib", spec.data_disk_mib),
+    ] {
         if let Some(size) = size {
             if size == 0 || size > MAX_DISK_MIB {
-                return Err(FieldError::new(field, format!("disk size must be between 1 and {MAX_DISK_MIB} MiB")));
+                return Err(FieldError::new(
+                    field,
+                    format!("disk size must be between 1 and {MAX_DISK_MIB} MiB"),
+                ));
             }
         }
     }
     if spec.stop_timeout_s > 3600 {
-        return Err(FieldError::new("spec.stop_timeout_s", "stop timeout must be at most 3600 s"));
+        return Err(FieldError::new(
+            "spec.stop_timeout_s",
+            "stop timeout must be at most 3600 s",
+        ));
     }
     if let Some(args) = &spec.kernel_args {
         if args.len() > 1024 || args.chars().any(|c| c.is_control()) {
-            return Err(FieldError::new("spec.kernel_args", "kernel arguments must be at most 1024 printable characters"));
+            return Err(FieldError::new(
+                "spec.kernel_args",
+                "kernel arguments must be at most 1024 printable characters",
+            ));
         }
     }
     Ok(())
@@ -110,7 +128,11 @@ mod tests {
 
     #[test]
     fn label_rules() {
-        let ok: BTreeMap<_, _> = [("zone".into(), "eu-1".into()), ("novacron.io/role".into(), "".into())].into();
+        let ok: BTreeMap<_, _> = [
+            ("zone".into(), "eu-1".into()),
+            ("novacron.io/role".into(), "".into()),
+        ]
+        .into();
         assert!(labels("labels", &ok).is_ok());
         let bad: BTreeMap<_, _> = [("bad key".into(), "v".into())].into();
         assert!(labels("labels", &bad).is_err());

@@ -98,7 +98,9 @@ impl Qmp {
         let greeting: Value =
             serde_json::from_str(&greeting).map_err(|e| QmpError::Protocol(e.to_string()))?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "unexpected greeting {greeting}"
+            )));
         }
 
         let pending: Pending = Arc::default();
@@ -121,7 +123,11 @@ impl Qmp {
     }
 
     /// Runs a command and returns its `return` value.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
@@ -230,7 +236,9 @@ async fn read_loop(
                 desc: err["desc"].as_str().unwrap_or_default().to_string(),
             })
         } else {
-            Err(QmpError::Protocol(format!("reply without return or error: {msg}")))
+            Err(QmpError::Protocol(format!(
+                "reply without return or error: {msg}"
+            )))
         };
         let _ = tx.send(reply);
     }
@@ -249,21 +257,27 @@ mod tests {
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
             let (r, mut w) = stream.into_split();
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.expect("greet");
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .expect("greet");
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let msg: Value = serde_json::from_str(&line).expect("json");
                 let id = msg["id"].clone();
                 let reply = match msg["execute"].as_str() {
                     Some("query-status") => {
-                        w.write_all(b"{\"event\": \"STOP\", \"data\": {}}\n").await.expect("event");
+                        w.write_all(b"{\"event\": \"STOP\", \"data\": {}}\n")
+                            .await
+                            .expect("event");
                         json!({"return": {"running": false, "status": "paused", "singlestep": false}, "id": id})
                     }
                     Some("hang") => continue,
                     Some("qmp_capabilities") => json!({"return": {}, "id": id}),
                     _ => json!({"error": {"class": "CommandNotFound", "desc": "nope"}, "id": id}),
                 };
-                w.write_all(format!("{reply}\n").as_bytes()).await.expect("reply");
+                w.write_all(format!("{reply}\n").as_bytes())
+                    .await
+                    .expect("reply");
             }
         });
     }
@@ -273,7 +287,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("qmp.sock");
         fake_server(&path).await;
-        let qmp = Qmp::connect(&path, Duration::from_millis(500)).await.expect("connect");
+        let qmp = Qmp::connect(&path, Duration::from_millis(500))
+            .await
+            .expect("connect");
         let mut events = qmp.events();
         let st = qmp.query_status().await.expect("status");
         assert_eq!(st.status, "paused");
@@ -287,7 +303,10 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(qmp.execute("hang", None).await, Err(QmpError::Timeout(_))));
+        assert!(matches!(
+            qmp.execute("hang", None).await,
+            Err(QmpError::Timeout(_))
+        ));
     }
 
     #[tokio::test]

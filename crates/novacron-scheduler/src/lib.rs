@@ -23,7 +23,8 @@ impl NodeView {
         self.capacity_vcpus.saturating_sub(self.allocated_vcpus)
     }
     pub fn free_memory_mib(&self) -> u64 {
-        self.capacity_memory_mib.saturating_sub(self.allocated_memory_mib)
+        self.capacity_memory_mib
+            .saturating_sub(self.allocated_memory_mib)
     }
 }
 
@@ -66,7 +67,11 @@ impl fmt::Display for Unschedulable {
             return f.write_str("no nodes registered");
         }
         write!(f, "0/{} nodes available", self.total_nodes)?;
-        let parts: Vec<String> = self.rejections.iter().map(|(r, n)| format!("{n} {r}")).collect();
+        let parts: Vec<String> = self
+            .rejections
+            .iter()
+            .map(|(r, n)| format!("{n} {r}"))
+            .collect();
         if !parts.is_empty() {
             write!(f, ": {}", parts.join(", "))?;
         }
@@ -99,7 +104,13 @@ pub fn place<'a>(req: &Request, nodes: &'a [NodeView]) -> Result<&'a NodeView, U
         match filter(node, req) {
             Err(r) => *rejections.entry(r).or_insert(0) += 1,
             Ok(()) => {
-                let key = |n: &NodeView| (n.free_memory_mib(), n.free_vcpus(), std::cmp::Reverse(n.name.clone()));
+                let key = |n: &NodeView| {
+                    (
+                        n.free_memory_mib(),
+                        n.free_vcpus(),
+                        std::cmp::Reverse(n.name.clone()),
+                    )
+                };
                 if best.is_none_or(|b| key(node) > key(b)) {
                     best = Some(node);
                 }
@@ -141,7 +152,10 @@ mod tests {
     #[test]
     fn most_free_memory_wins() {
         let nodes = vec![node("a", 1024, 4), node("b", 4096, 1), node("c", 2048, 8)];
-        let req = Request { vcpus: 1, memory_mib: 512 };
+        let req = Request {
+            vcpus: 1,
+            memory_mib: 512,
+        };
         assert_eq!(place(&req, &nodes).map(|n| n.name.as_str()), Ok("b"));
     }
 
@@ -152,12 +166,30 @@ mod tests {
         let mut cordoned = node("e", 8192, 8);
         cordoned.schedulable = false;
         let nodes = vec![node("a", 256, 4), node("b", 4096, 0), down, cordoned];
-        let err = place(&Request { vcpus: 1, memory_mib: 512 }, &nodes).expect_err("no fit");
+        let err = place(
+            &Request {
+                vcpus: 1,
+                memory_mib: 512,
+            },
+            &nodes,
+        )
+        .expect_err("no fit");
         assert_eq!(
             err.to_string(),
             "0/4 nodes available: 1 not ready, 1 cordoned, 1 insufficient memory, 1 insufficient vCPU"
         );
-        assert_eq!(place(&Request { vcpus: 1, memory_mib: 1 }, &[]).expect_err("none").to_string(), "no nodes registered");
+        assert_eq!(
+            place(
+                &Request {
+                    vcpus: 1,
+                    memory_mib: 1
+                },
+                &[]
+            )
+            .expect_err("none")
+            .to_string(),
+            "no nodes registered"
+        );
     }
 
     proptest! {

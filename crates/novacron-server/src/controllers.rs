@@ -26,7 +26,8 @@ async fn placement_loop(state: AppState) {
             tracing::warn!(error = %ErrorChain(&e), "placement pass failed");
         }
         // Woken by writes that may make a placement possible; the timer is a backstop.
-        let _ = tokio::time::timeout(Duration::from_secs(2), state.placement_wakeup.notified()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), state.placement_wakeup.notified()).await;
     }
 }
 
@@ -43,7 +44,10 @@ pub fn node_views(nodes: &[Node], vms: &[Vm]) -> Vec<NodeView> {
     nodes
         .iter()
         .map(|n| {
-            let (cpu, mem) = used.get(n.metadata.name.as_str()).copied().unwrap_or_default();
+            let (cpu, mem) = used
+                .get(n.metadata.name.as_str())
+                .copied()
+                .unwrap_or_default();
             NodeView {
                 name: n.metadata.name.clone(),
                 ready: n.status.ready,
@@ -128,7 +132,8 @@ async fn node_liveness_loop(state: AppState) {
 }
 
 async fn mark_stale_nodes(state: &AppState) -> Result<(), novacron_store::StoreError> {
-    let grace = chrono::Duration::from_std(state.config.node_grace).unwrap_or(chrono::Duration::seconds(15));
+    let grace = chrono::Duration::from_std(state.config.node_grace)
+        .unwrap_or(chrono::Duration::seconds(15));
     let now = Utc::now();
     for node in state.store.list_all::<Node>().await? {
         let stale = node.status.last_heartbeat.is_none_or(|t| now - t > grace);
@@ -138,7 +143,10 @@ async fn mark_stale_nodes(state: &AppState) -> Result<(), novacron_store::StoreE
             let result = state
                 .store
                 .modify::<Node, _>(&name, |n| {
-                    let still_stale = n.status.last_heartbeat.is_none_or(|t| Utc::now() - t > grace);
+                    let still_stale = n
+                        .status
+                        .last_heartbeat
+                        .is_none_or(|t| Utc::now() - t > grace);
                     if !n.status.ready || !still_stale {
                         return false;
                     }

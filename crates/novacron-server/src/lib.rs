@@ -115,7 +115,10 @@ pub fn app(state: AppState) -> Router {
                 async move { axum::Json(doc.as_ref().clone()) }
             }),
         )
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .merge(routes::health::router())
         .merge(protected)
@@ -159,19 +162,26 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
 }
 
 /// Runs the server until `shutdown` resolves.
-pub async fn run(config: ServerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let listen = config.listen;
     let state = prepare(config).await?;
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|source| ServerError::Listen { addr: listen, source })?;
+        .map_err(|source| ServerError::Listen {
+            addr: listen,
+            source,
+        })?;
     let local = listener.local_addr().map_err(ServerError::Serve)?;
     tracing::info!(addr = %local, data_dir = %state.config.data_dir.display(), "server listening");
     let mut controllers = controllers::spawn(state.clone());
     // Watch streams never end by themselves, so graceful shutdown gets a
     // short grace period and then the server stops regardless.
     let stop = tokio_util::sync::CancellationToken::new();
-    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let serve =
+        axum::serve(listener, app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
     let result = tokio::select! {
         r = serve => r.map_err(ServerError::Serve),
         _ = async {

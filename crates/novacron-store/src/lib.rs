@@ -22,7 +22,9 @@ pub enum StoreError {
     #[error("{kind} {name:?} not found")]
     NotFound { kind: String, name: String },
     /// The object changed since the caller read it.
-    #[error("{kind} {name:?} was modified concurrently (expected revision {expected}, found {actual})")]
+    #[error(
+        "{kind} {name:?} was modified concurrently (expected revision {expected}, found {actual})"
+    )]
     Conflict {
         kind: String,
         name: String,
@@ -101,15 +103,38 @@ pub type RecordFilter<'a> = &'a (dyn Fn(&Record) -> bool + Send + Sync);
 
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
-    async fn create(&self, kind: &str, name: &str, id: &str, value: Value) -> Result<Record, StoreError>;
+    async fn create(
+        &self,
+        kind: &str,
+        name: &str,
+        id: &str,
+        value: Value,
+    ) -> Result<Record, StoreError>;
     async fn get(&self, kind: &str, name: &str) -> Result<Option<Record>, StoreError>;
     async fn get_by_id(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError>;
     /// Replaces the object if its revision is still `expected_rev`.
-    async fn update(&self, kind: &str, name: &str, expected_rev: u64, value: Value) -> Result<Record, StoreError>;
+    async fn update(
+        &self,
+        kind: &str,
+        name: &str,
+        expected_rev: u64,
+        value: Value,
+    ) -> Result<Record, StoreError>;
     /// Deletes the object; with `expected_rev`, only if it is still at that revision.
-    async fn delete(&self, kind: &str, name: &str, expected_rev: Option<u64>) -> Result<Record, StoreError>;
+    async fn delete(
+        &self,
+        kind: &str,
+        name: &str,
+        expected_rev: Option<u64>,
+    ) -> Result<Record, StoreError>;
     /// Objects of `kind` ordered by name, starting after `after`, that pass `filter`.
-    async fn list(&self, kind: &str, filter: Option<RecordFilter<'_>>, after: Option<&str>, limit: usize) -> Result<ListPage, StoreError>;
+    async fn list(
+        &self,
+        kind: &str,
+        filter: Option<RecordFilter<'_>>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError>;
     /// Changes to `kind` with a revision greater than `from_rev`, then live changes.
     async fn watch(&self, kind: &str, from_rev: u64) -> Result<EventStream, StoreError>;
     async fn revision(&self) -> Result<u64, StoreError>;
@@ -118,10 +143,11 @@ pub trait Store: Send + Sync {
 pub type SharedStore = Arc<dyn Store>;
 
 fn decode<T: Object>(record: Record) -> Result<T, StoreError> {
-    let mut obj: T = serde_json::from_value(record.value).map_err(|source| StoreError::Corrupt {
-        kind: record.kind.clone(),
-        source,
-    })?;
+    let mut obj: T =
+        serde_json::from_value(record.value).map_err(|source| StoreError::Corrupt {
+            kind: record.kind.clone(),
+            source,
+        })?;
     obj.meta_mut().resource_version = record.rev;
     Ok(obj)
 }
@@ -153,11 +179,17 @@ pub trait StoreExt: Store {
         let mut obj = obj.clone();
         obj.meta_mut().updated_at = chrono::Utc::now();
         let expected = obj.meta().resource_version;
-        let rec = self.update(T::KIND, &obj.meta().name.clone(), expected, encode(&obj)).await?;
+        let rec = self
+            .update(T::KIND, &obj.meta().name.clone(), expected, encode(&obj))
+            .await?;
         decode(rec)
     }
 
-    async fn delete_obj<T: Object>(&self, name: &str, expected_rev: Option<u64>) -> Result<T, StoreError> {
+    async fn delete_obj<T: Object>(
+        &self,
+        name: &str,
+        expected_rev: Option<u64>,
+    ) -> Result<T, StoreError> {
         decode(self.delete(T::KIND, name, expected_rev).await?)
     }
 

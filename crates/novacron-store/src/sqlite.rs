@@ -68,7 +68,9 @@ impl SqliteStore {
     /// Runs `f` with the connection on the blocking pool.
     async fn with<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection, &broadcast::Sender<Arc<Event>>) -> Result<R, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Connection, &broadcast::Sender<Arc<Event>>) -> Result<R, StoreError>
+            + Send
+            + 'static,
     ) -> Result<R, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -79,7 +81,11 @@ impl SqliteStore {
     }
 
     /// Writes many new objects in one transaction (bulk loads for benchmarks).
-    pub async fn create_many(&self, kind: &str, objects: Vec<(String, String, Value)>) -> Result<(), StoreError> {
+    pub async fn create_many(
+        &self,
+        kind: &str,
+        objects: Vec<(String, String, Value)>,
+    ) -> Result<(), StoreError> {
         let kind = kind.to_string();
         self.with(move |conn, _| {
             let tx = conn.transaction()?;
@@ -91,9 +97,15 @@ impl SqliteStore {
                     params![kind, name, id, rev as i64, value.to_string()],
                 )?;
             }
-            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", params![rev as i64])?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'revision'",
+                params![rev as i64],
+            )?;
             // History before this point is not replayable: watchers must list.
-            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'compacted'", params![rev as i64])?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'compacted'",
+                params![rev as i64],
+            )?;
             tx.commit()?;
             Ok(())
         })
@@ -118,11 +130,21 @@ fn parse(kind: &str, data: &str) -> Result<Value, StoreError> {
     })
 }
 
-fn read_record(conn: &Connection, kind: &str, column: &str, key: &str) -> Result<Option<Record>, StoreError> {
+fn read_record(
+    conn: &Connection,
+    kind: &str,
+    column: &str,
+    key: &str,
+) -> Result<Option<Record>, StoreError> {
     let sql = format!("SELECT name, id, rev, data FROM objects WHERE kind = ?1 AND {column} = ?2");
     let row = conn
         .query_row(&sql, params![kind, key], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+            ))
         })
         .optional()?;
     row.map(|(name, id, rev, data)| {
@@ -150,14 +172,27 @@ fn commit_change(
     let tx = conn.transaction()?;
     let rev = meta(&tx, "revision")? + 1;
     let record = write(&tx, rev)?;
-    tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", params![rev as i64])?;
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'revision'",
+        params![rev as i64],
+    )?;
     tx.execute(
         "INSERT INTO events (rev, kind, type, name, id, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![rev as i64, kind, event_type.as_str(), name, record.id, record.value.to_string()],
+        params![
+            rev as i64,
+            kind,
+            event_type.as_str(),
+            name,
+            record.id,
+            record.value.to_string()
+        ],
     )?;
     if rev % 1000 == 0 && rev > EVENT_HISTORY {
         let keep_after = rev - EVENT_HISTORY;
-        tx.execute("DELETE FROM events WHERE rev <= ?1", params![keep_after as i64])?;
+        tx.execute(
+            "DELETE FROM events WHERE rev <= ?1",
+            params![keep_after as i64],
+        )?;
         tx.execute(
             "UPDATE meta SET value = max(value, ?1) WHERE key = 'compacted'",
             params![keep_after as i64],
@@ -174,7 +209,13 @@ fn commit_change(
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
-    async fn create(&self, kind: &str, name: &str, id: &str, value: Value) -> Result<Record, StoreError> {
+    async fn create(
+        &self,
+        kind: &str,
+        name: &str,
+        id: &str,
+        value: Value,
+    ) -> Result<Record, StoreError> {
         let (kind, name, id) = (kind.to_string(), name.to_string(), id.to_string());
         self.with(move |conn, events| {
             if read_record(conn, &kind, "name", &name)?.is_some() {
@@ -185,7 +226,13 @@ impl Store for SqliteStore {
                     "INSERT INTO objects (kind, name, id, rev, data) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![kind, name, id, rev as i64, value.to_string()],
                 )?;
-                Ok(Record { kind: kind.clone(), name: name.clone(), id: id.clone(), rev, value })
+                Ok(Record {
+                    kind: kind.clone(),
+                    name: name.clone(),
+                    id: id.clone(),
+                    rev,
+                    value,
+                })
             })
         })
         .await
@@ -193,52 +240,95 @@ impl Store for SqliteStore {
 
     async fn get(&self, kind: &str, name: &str) -> Result<Option<Record>, StoreError> {
         let (kind, name) = (kind.to_string(), name.to_string());
-        self.with(move |conn, _| read_record(conn, &kind, "name", &name)).await
+        self.with(move |conn, _| read_record(conn, &kind, "name", &name))
+            .await
     }
 
     async fn get_by_id(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError> {
         let (kind, id) = (kind.to_string(), id.to_string());
-        self.with(move |conn, _| read_record(conn, &kind, "id", &id)).await
+        self.with(move |conn, _| read_record(conn, &kind, "id", &id))
+            .await
     }
 
-    async fn update(&self, kind: &str, name: &str, expected_rev: u64, value: Value) -> Result<Record, StoreError> {
+    async fn update(
+        &self,
+        kind: &str,
+        name: &str,
+        expected_rev: u64,
+        value: Value,
+    ) -> Result<Record, StoreError> {
         let (kind, name) = (kind.to_string(), name.to_string());
         self.with(move |conn, events| {
             let Some(current) = read_record(conn, &kind, "name", &name)? else {
                 return Err(StoreError::NotFound { kind, name });
             };
             if current.rev != expected_rev {
-                return Err(StoreError::Conflict { kind, name, expected: expected_rev, actual: current.rev });
+                return Err(StoreError::Conflict {
+                    kind,
+                    name,
+                    expected: expected_rev,
+                    actual: current.rev,
+                });
             }
-            commit_change(conn, events, EventType::Modified, &kind, &name, |tx, rev| {
-                tx.execute(
-                    "UPDATE objects SET rev = ?1, data = ?2 WHERE kind = ?3 AND name = ?4",
-                    params![rev as i64, value.to_string(), kind, name],
-                )?;
-                Ok(Record { rev, value, ..current })
-            })
+            commit_change(
+                conn,
+                events,
+                EventType::Modified,
+                &kind,
+                &name,
+                |tx, rev| {
+                    tx.execute(
+                        "UPDATE objects SET rev = ?1, data = ?2 WHERE kind = ?3 AND name = ?4",
+                        params![rev as i64, value.to_string(), kind, name],
+                    )?;
+                    Ok(Record {
+                        rev,
+                        value,
+                        ..current
+                    })
+                },
+            )
         })
         .await
     }
 
-    async fn delete(&self, kind: &str, name: &str, expected_rev: Option<u64>) -> Result<Record, StoreError> {
+    async fn delete(
+        &self,
+        kind: &str,
+        name: &str,
+        expected_rev: Option<u64>,
+    ) -> Result<Record, StoreError> {
         let (kind, name) = (kind.to_string(), name.to_string());
         self.with(move |conn, events| {
             let Some(current) = read_record(conn, &kind, "name", &name)? else {
                 return Err(StoreError::NotFound { kind, name });
             };
             if let Some(expected) = expected_rev.filter(|e| *e != current.rev) {
-                return Err(StoreError::Conflict { kind, name, expected, actual: current.rev });
+                return Err(StoreError::Conflict {
+                    kind,
+                    name,
+                    expected,
+                    actual: current.rev,
+                });
             }
             commit_change(conn, events, EventType::Deleted, &kind, &name, |tx, rev| {
-                tx.execute("DELETE FROM objects WHERE kind = ?1 AND name = ?2", params![kind, name])?;
+                tx.execute(
+                    "DELETE FROM objects WHERE kind = ?1 AND name = ?2",
+                    params![kind, name],
+                )?;
                 Ok(Record { rev, ..current })
             })
         })
         .await
     }
 
-    async fn list(&self, kind: &str, filter: Option<RecordFilter<'_>>, after: Option<&str>, limit: usize) -> Result<ListPage, StoreError> {
+    async fn list(
+        &self,
+        kind: &str,
+        filter: Option<RecordFilter<'_>>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
         // Filters are borrowed, so rows are read here in chunks rather than on the
         // blocking pool; each chunk is one short query under the lock.
         const CHUNK: usize = 512;
@@ -254,9 +344,17 @@ impl Store for SqliteStore {
                     "SELECT name, id, rev, data FROM objects WHERE kind = ?1 AND name > ?2 ORDER BY name LIMIT ?3",
                 )?;
                 let rows = stmt
-                    .query_map(params![kind, cursor.as_deref().unwrap_or(""), CHUNK as i64], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
-                    })?
+                    .query_map(
+                        params![kind, cursor.as_deref().unwrap_or(""), CHUNK as i64],
+                        |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, i64>(2)?,
+                                r.get::<_, String>(3)?,
+                            ))
+                        },
+                    )?
                     .collect::<Result<Vec<_>, _>>()?;
                 (rows, rev)
             };
@@ -264,19 +362,33 @@ impl Store for SqliteStore {
             let exhausted = rows.len() < CHUNK;
             for (name, id, rev, data) in rows {
                 cursor = Some(name.clone());
-                let record = Record { kind: kind.to_string(), name, id, rev: rev as u64, value: parse(kind, &data)? };
+                let record = Record {
+                    kind: kind.to_string(),
+                    name,
+                    id,
+                    rev: rev as u64,
+                    value: parse(kind, &data)?,
+                };
                 if filter.is_some_and(|f| !f(&record)) {
                     continue;
                 }
                 if items.len() == limit {
                     // One more match exists: the page ends at the previous item.
                     let more_after = items.last().map(|r: &Record| r.name.clone());
-                    return Ok(ListPage { items, more_after, revision: revision.unwrap_or_default() });
+                    return Ok(ListPage {
+                        items,
+                        more_after,
+                        revision: revision.unwrap_or_default(),
+                    });
                 }
                 items.push(record);
             }
             if exhausted {
-                return Ok(ListPage { items, more_after: None, revision: revision.unwrap_or_default() });
+                return Ok(ListPage {
+                    items,
+                    more_after: None,
+                    revision: revision.unwrap_or_default(),
+                });
             }
         }
     }
@@ -316,7 +428,9 @@ impl Store for SqliteStore {
             let kind = kind.clone();
             async move {
                 match item {
-                    Ok(ev) if ev.record.kind == kind && ev.record.rev > last_backlog => Some(Ok((*ev).clone())),
+                    Ok(ev) if ev.record.kind == kind && ev.record.rev > last_backlog => {
+                        Some(Ok((*ev).clone()))
+                    }
                     Ok(_) => None,
                     Err(BroadcastStreamRecvError::Lagged(_)) => Some(Err(StoreError::WatchLagged)),
                 }
@@ -330,7 +444,9 @@ impl Store for SqliteStore {
             }
             futures::future::ready(out)
         });
-        Ok(Box::pin(futures::stream::iter(backlog.into_iter().map(Ok)).chain(live)))
+        Ok(Box::pin(
+            futures::stream::iter(backlog.into_iter().map(Ok)).chain(live),
+        ))
     }
 
     async fn revision(&self) -> Result<u64, StoreError> {

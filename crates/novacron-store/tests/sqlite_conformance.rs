@@ -18,10 +18,18 @@ async fn sqlite_file_conforms_and_persists() {
     let path = dir.path().join("persist.db");
     let rev = {
         let store = SqliteStore::open(&path).expect("open");
-        store.create("vm", "keep", "id-keep", serde_json::json!({"a": 1})).await.expect("create").rev
+        store
+            .create("vm", "keep", "id-keep", serde_json::json!({"a": 1}))
+            .await
+            .expect("create")
+            .rev
     };
     let reopened = SqliteStore::open(&path).expect("reopen");
-    let rec = reopened.get("vm", "keep").await.expect("get").expect("kept");
+    let rec = reopened
+        .get("vm", "keep")
+        .await
+        .expect("get")
+        .expect("kept");
     assert_eq!(rec.rev, rev);
     assert_eq!(reopened.revision().await.expect("revision"), rev);
 }

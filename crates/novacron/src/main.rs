@@ -1,1 +1,225 @@
-fn main() {}
+//! `novacron`: one binary for every role (server, agent, dev cluster) and the CLI.
+
+mod commands;
+mod config;
+mod console;
+mod dev;
+mod output;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::output::Format;
+
+#[derive(Parser)]
+#[command(
+    name = "novacron",
+    version,
+    about = "NovaCron: run fleets of QEMU/KVM virtual machines"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// API server URL.
+    #[arg(long, env = "NOVACRON_SERVER", global = true)]
+    pub server: Option<String>,
+    /// API token.
+    #[arg(long, env = "NOVACRON_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Dev cluster data directory (to find its server and token).
+    #[arg(long, env = "NOVACRON_DEV_DIR", global = true)]
+    pub dev_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, global = true)]
+    pub output: Format,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane.
+    Server(ServerArgs),
+    /// Run a node agent.
+    Agent(AgentArgs),
+    /// Run a local cluster: a server and agents, with the demo image imported.
+    Dev(dev::DevArgs),
+    /// Manage virtual machines.
+    #[command(subcommand)]
+    Vm(commands::VmCommand),
+    /// Inspect and cordon nodes.
+    #[command(subcommand)]
+    Node(commands::NodeCommand),
+    /// Manage images.
+    #[command(subcommand)]
+    Image(commands::ImageCommand),
+}
+
+#[derive(Args, Clone)]
+pub struct ServerArgs {
+    #[arg(long, env = "NOVACRON_DATA_DIR")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8420")]
+    pub listen: SocketAddr,
+    /// A node is NotReady after this long without a heartbeat (e.g. 15s).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub node_grace: Duration,
+}
+
+#[derive(Args, Clone)]
+pub struct AgentArgs {
+    /// Node name.
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address of the agent's endpoint (console, logs); port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// URL the server should use to reach this agent.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// vCPUs to offer (default: host CPUs).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory to offer, e.g. 4GiB (default: host memory minus 512 MiB).
+    #[arg(long, value_parser = parse_mib)]
+    pub memory: Option<u64>,
+    /// Node label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+    /// auto (probe KVM, fall back to TCG), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    /// How long the KVM probe guest may take before falling back to TCG
+    /// (working KVM needs well under a second).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub probe_timeout: Duration,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+    }
+}
+
+pub fn parse_mib(s: &str) -> Result<u64, String> {
+    novacron_api::units::parse_mib(s)
+}
+
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NOVACRON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+pub fn server_config(a: &ServerArgs) -> novacron_server::ServerConfig {
+    novacron_server::ServerConfig {
+        data_dir: a.data_dir.clone(),
+        listen: a.listen,
+        node_grace: a.node_grace,
+    }
+}
+
+pub fn agent_config(a: &AgentArgs, server: String, token: String) -> novacron_agent::AgentConfig {
+    novacron_agent::AgentConfig {
+        server,
+        token,
+        name: a.name.clone(),
+        data_dir: a.data_dir.clone(),
+        listen: a.listen,
+        advertise: a.advertise.clone(),
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        labels: a.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        heartbeat: a.heartbeat,
+        qemu: a.qemu.clone(),
+        accel: a.accel.clone(),
+        probe_timeout: a.probe_timeout,
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Server(a) => {
+            init_tracing("info,tower_http=warn");
+            novacron_server::run(server_config(&a), shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Agent(a) => {
+            init_tracing("info");
+            let server = cli
+                .global
+                .server
+                .clone()
+                .context("The agent needs the server URL: --server or NOVACRON_SERVER")?;
+            let token = cli
+                .global
+                .token
+                .clone()
+                .context("The agent needs a token: --token or NOVACRON_TOKEN")?;
+            novacron_agent::run(agent_config(&a, server, token), shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Dev(a) => {
+            init_tracing("info,tower_http=warn");
+            dev::run(a, shutdown_signal()).await
+        }
+        Command::Vm(c) => commands::vm(&cli.global, c).await,
+        Command::Node(c) => commands::node(&cli.global, c).await,
+        Command::Image(c) => commands::image(&cli.global, c).await,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        // One error-chain printer for the whole CLI.
+        let mut msg = format!("Error: {e}");
+        for cause in e.chain().skip(1) {
+            msg.push_str(&format!(": {cause}"));
+        }
+        eprintln!("{msg}");
+        std::process::exit(1);
+    }
+}

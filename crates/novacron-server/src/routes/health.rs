@@ -7,12 +7,16 @@ use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
 }
 
 /// Liveness: the process serves requests.
 async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok".into() })
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// Readiness: the store answers.
@@ -22,5 +26,7 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
         .revision()
         .await
         .map_err(|e| ApiError::unavailable(format!("Store unavailable: {e}")))?;
-    Ok(Json(Health { status: "ready".into() }))
+    Ok(Json(Health {
+        status: "ready".into(),
+    }))
 }

@@ -9,7 +9,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
-use novacron_api::{validate, CreateImage, Image, ImageFile, ImageFormat, ImagePart, ImagePhase, ImageSpec, ImageStatus, Metadata, Vm};
+use novacron_api::{
+    validate, CreateImage, Image, ImageFile, ImageFormat, ImagePart, ImagePhase, ImageSpec,
+    ImageStatus, Metadata, Vm,
+};
 use novacron_store::StoreExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -32,7 +35,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// List images, or watch them with `watch=true`.
 #[utoipa::path(get, path = "/v1/images", tag = "images", params(ListQuery),
     responses((status = 200, body = novacron_api::List<Image>)))]
-async fn list_images(State(state): State<AppState>, Extension(p): Extension<Principal>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Response> {
+async fn list_images(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Response> {
     authorize(&p, Action::Read)?;
     list_or_watch::<Image>(&state, q, |_| {}).await
 }
@@ -40,21 +47,34 @@ async fn list_images(State(state): State<AppState>, Extension(p): Extension<Prin
 /// Create an image record; upload its files next.
 #[utoipa::path(post, path = "/v1/images", tag = "images", request_body = CreateImage,
     responses((status = 201, body = Image), (status = 409, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody)))]
-async fn create_image(State(state): State<AppState>, Extension(p): Extension<Principal>, ApiJson(req): ApiJson<CreateImage>) -> ApiResult<(StatusCode, Json<Image>)> {
+async fn create_image(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiJson(req): ApiJson<CreateImage>,
+) -> ApiResult<(StatusCode, Json<Image>)> {
     authorize(&p, Action::Write)?;
     validate::name("name", &req.name)?;
     validate::labels("labels", &req.labels)?;
     if let Some(args) = &req.kernel_args {
         if req.format != ImageFormat::Kernel {
-            return Err(ApiError::invalid("kernel_args", "kernel arguments apply to kernel images only"));
+            return Err(ApiError::invalid(
+                "kernel_args",
+                "kernel arguments apply to kernel images only",
+            ));
         }
         if args.len() > 1024 || args.chars().any(char::is_control) {
-            return Err(ApiError::invalid("kernel_args", "kernel arguments must be at most 1024 printable characters"));
+            return Err(ApiError::invalid(
+                "kernel_args",
+                "kernel arguments must be at most 1024 printable characters",
+            ));
         }
     }
     let image = Image {
         metadata: Metadata::new(&req.name, req.labels),
-        spec: ImageSpec { format: req.format, kernel_args: req.kernel_args },
+        spec: ImageSpec {
+            format: req.format,
+            kernel_args: req.kernel_args,
+        },
         status: ImageStatus::default(),
     };
     let image = state.store.create_obj(&image).await?;
@@ -64,7 +84,11 @@ async fn create_image(State(state): State<AppState>, Extension(p): Extension<Pri
 /// Get an image by name or id.
 #[utoipa::path(get, path = "/v1/images/{name}", tag = "images", params(("name" = String, Path)),
     responses((status = 200, body = Image), (status = 404, body = novacron_api::ErrorBody)))]
-async fn get_image(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Image>> {
+async fn get_image(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Image>> {
     authorize(&p, Action::Read)?;
     Ok(Json(find::<Image>(&state, &name).await?))
 }
@@ -72,14 +96,30 @@ async fn get_image(State(state): State<AppState>, Extension(p): Extension<Princi
 /// Delete an image no VM uses.
 #[utoipa::path(delete, path = "/v1/images/{name}", tag = "images", params(("name" = String, Path)),
     responses((status = 204), (status = 409, body = novacron_api::ErrorBody)))]
-async fn delete_image(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_image(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     authorize(&p, Action::Write)?;
     let image = find::<Image>(&state, &name).await?;
-    let users = state.store.list_all::<Vm>().await?.into_iter().filter(|v| v.spec.image == image.metadata.name).count();
+    let users = state
+        .store
+        .list_all::<Vm>()
+        .await?
+        .into_iter()
+        .filter(|v| v.spec.image == image.metadata.name)
+        .count();
     if users > 0 {
-        return Err(ApiError::conflict(format!("image {:?} is used by {users} VM(s)", image.metadata.name)));
+        return Err(ApiError::conflict(format!(
+            "image {:?} is used by {users} VM(s)",
+            image.metadata.name
+        )));
     }
-    state.store.delete_obj::<Image>(&image.metadata.name, Some(image.metadata.resource_version)).await?;
+    state
+        .store
+        .delete_obj::<Image>(&image.metadata.name, Some(image.metadata.resource_version))
+        .await?;
     let dir = image_dir(&state, &image);
     if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -94,9 +134,21 @@ fn image_dir(state: &AppState, image: &Image) -> PathBuf {
 }
 
 fn parse_part(image: &Image, part: &str) -> ApiResult<ImagePart> {
-    let part = ImagePart::parse(part).ok_or_else(|| ApiError::invalid("part", format!("unknown image part {part:?} (disk, kernel, initrd)")))?;
+    let part = ImagePart::parse(part).ok_or_else(|| {
+        ApiError::invalid(
+            "part",
+            format!("unknown image part {part:?} (disk, kernel, initrd)"),
+        )
+    })?;
     if !image.required_parts().contains(&part) {
-        return Err(ApiError::invalid("part", format!("a {} image has no {} part", image.spec.format, part.as_str())));
+        return Err(ApiError::invalid(
+            "part",
+            format!(
+                "a {} image has no {} part",
+                image.spec.format,
+                part.as_str()
+            ),
+        ));
     }
     Ok(part)
 }
@@ -119,14 +171,27 @@ async fn inspect_disk(path: &std::path::Path, expected: ImageFormat) -> ApiResul
         .await
         .map_err(|e| ApiError::internal("Cannot run qemu-img", &e))?;
     if !out.status.success() {
-        return Err(ApiError::invalid("body", format!("not a disk image: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(ApiError::invalid(
+            "body",
+            format!(
+                "not a disk image: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
     }
-    let info: QemuImgInfo = serde_json::from_slice(&out.stdout).map_err(|e| ApiError::internal("Unexpected qemu-img output", &e))?;
+    let info: QemuImgInfo = serde_json::from_slice(&out.stdout)
+        .map_err(|e| ApiError::internal("Unexpected qemu-img output", &e))?;
     if info.format != expected.to_string() {
-        return Err(ApiError::invalid("body", format!("image is {}, not {expected}", info.format)));
+        return Err(ApiError::invalid(
+            "body",
+            format!("image is {}, not {expected}", info.format),
+        ));
     }
     if info.backing_filename.is_some() {
-        return Err(ApiError::invalid("body", "images with a backing file are not accepted"));
+        return Err(ApiError::invalid(
+            "body",
+            "images with a backing file are not accepted",
+        ));
     }
     Ok(info.virtual_size)
 }
@@ -137,12 +202,19 @@ async fn inspect_disk(path: &std::path::Path, expected: ImageFormat) -> ApiResul
     params(("name" = String, Path), ("part" = String, Path, description = "disk, kernel or initrd")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, body = Image), (status = 422, body = novacron_api::ErrorBody)))]
-async fn upload_image_file(State(state): State<AppState>, Extension(p): Extension<Principal>, Path((name, part)): Path<(String, String)>, body: Body) -> ApiResult<Json<Image>> {
+async fn upload_image_file(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path((name, part)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Json<Image>> {
     authorize(&p, Action::Write)?;
     let image = find::<Image>(&state, &name).await?;
     let part = parse_part(&image, &part)?;
     let dir = image_dir(&state, &image);
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::internal("Cannot create image directory", &e))?;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| ApiError::internal("Cannot create image directory", &e))?;
     let partial = dir.join(format!("{}.partial", part.as_str()));
     let result = receive(body, &partial).await;
     let (size, sha256) = match result {
@@ -164,8 +236,14 @@ async fn upload_image_file(State(state): State<AppState>, Extension(p): Extensio
         0
     };
     let final_path = dir.join(part.as_str());
-    tokio::fs::rename(&partial, &final_path).await.map_err(|e| ApiError::internal("Cannot store image file", &e))?;
-    let file = ImageFile { part, size_bytes: size, sha256 };
+    tokio::fs::rename(&partial, &final_path)
+        .await
+        .map_err(|e| ApiError::internal("Cannot store image file", &e))?;
+    let file = ImageFile {
+        part,
+        size_bytes: size,
+        sha256,
+    };
     let image = state
         .store
         .modify::<Image, _>(&image.metadata.name, |img| {
@@ -176,7 +254,11 @@ async fn upload_image_file(State(state): State<AppState>, Extension(p): Extensio
                 img.status.virtual_size_bytes = virtual_size;
             }
             let complete = img.required_parts().iter().all(|p| img.file(*p).is_some());
-            img.status.phase = if complete { ImagePhase::Ready } else { ImagePhase::Uploading };
+            img.status.phase = if complete {
+                ImagePhase::Ready
+            } else {
+                ImagePhase::Uploading
+            };
             true
         })
         .await?;
@@ -185,7 +267,9 @@ async fn upload_image_file(State(state): State<AppState>, Extension(p): Extensio
 }
 
 async fn receive(body: Body, path: &std::path::Path) -> ApiResult<(u64, String)> {
-    let mut file = tokio::fs::File::create(path).await.map_err(|e| ApiError::internal("Cannot create image file", &e))?;
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| ApiError::internal("Cannot create image file", &e))?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
@@ -193,9 +277,13 @@ async fn receive(body: Body, path: &std::path::Path) -> ApiResult<(u64, String)>
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("Upload interrupted: {e}")))?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
-        file.write_all(&chunk).await.map_err(|e| ApiError::internal("Cannot write image file", &e))?;
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| ApiError::internal("Cannot write image file", &e))?;
     }
-    file.sync_all().await.map_err(|e| ApiError::internal("Cannot write image file", &e))?;
+    file.sync_all()
+        .await
+        .map_err(|e| ApiError::internal("Cannot write image file", &e))?;
     if size == 0 {
         return Err(ApiError::invalid("body", "empty upload"));
     }
@@ -206,16 +294,28 @@ async fn receive(body: Body, path: &std::path::Path) -> ApiResult<(u64, String)>
 #[utoipa::path(get, path = "/v1/images/{name}/files/{part}", tag = "images",
     params(("name" = String, Path), ("part" = String, Path)),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = novacron_api::ErrorBody)))]
-async fn download_image_file(State(state): State<AppState>, Extension(p): Extension<Principal>, Path((name, part)): Path<(String, String)>) -> ApiResult<Response> {
+async fn download_image_file(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path((name, part)): Path<(String, String)>,
+) -> ApiResult<Response> {
     authorize(&p, Action::Read)?;
     let image = find::<Image>(&state, &name).await?;
     let part = parse_part(&image, &part)?;
     if image.file(part).is_none() {
-        return Err(ApiError::not_found(format!("{} file of image {:?}", part.as_str(), image.metadata.name)));
+        return Err(ApiError::not_found(format!(
+            "{} file of image {:?}",
+            part.as_str(),
+            image.metadata.name
+        )));
     }
     let file = tokio::fs::File::open(image_dir(&state, &image).join(part.as_str()))
         .await
         .map_err(|e| ApiError::internal("Cannot open image file", &e))?;
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-    Ok(([(CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

@@ -52,7 +52,11 @@ pub async fn find<T: Object>(state: &AppState, key: &str) -> ApiResult<T> {
 
 /// Serves a list page or, with `watch=true`, a watch stream. `present` fills
 /// in derived fields before an object is returned.
-pub async fn list_or_watch<T: Object>(state: &AppState, q: ListQuery, present: impl FnOnce(&mut [T]) + Send) -> ApiResult<Response> {
+pub async fn list_or_watch<T: Object>(
+    state: &AppState,
+    q: ListQuery,
+    present: impl FnOnce(&mut [T]) + Send,
+) -> ApiResult<Response> {
     let selector = LabelSelector::parse(q.label_selector.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::invalid("label_selector", e.message))?;
     let matches = move |labels: &serde_json::Value| {
@@ -79,7 +83,8 @@ pub async fn list_or_watch<T: Object>(state: &AppState, q: ListQuery, present: i
                         EventType::Deleted => WatchEventType::Deleted,
                     };
                     decode_record::<T>(ev.record).ok().map(|object| {
-                        let mut line = serde_json::to_vec(&WatchEvent { event_type, object }).unwrap_or_default();
+                        let mut line = serde_json::to_vec(&WatchEvent { event_type, object })
+                            .unwrap_or_default();
                         line.push(b'\n');
                         Ok(bytes::Bytes::from(line))
                     })
@@ -87,12 +92,19 @@ pub async fn list_or_watch<T: Object>(state: &AppState, q: ListQuery, present: i
             };
             futures::future::ready(out)
         });
-        return Ok(([(CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response());
+        return Ok((
+            [(CONTENT_TYPE, "application/x-ndjson")],
+            Body::from_stream(lines),
+        )
+            .into_response());
     }
 
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid("limit", format!("limit must be between 1 and {MAX_PAGE}")));
+        return Err(ApiError::invalid(
+            "limit",
+            format!("limit must be between 1 and {MAX_PAGE}"),
+        ));
     }
     let after = q
         .continue_token

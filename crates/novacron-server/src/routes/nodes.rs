@@ -5,7 +5,10 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::Utc;
-use novacron_api::{validate, Metadata, Node, NodeSpec, NodeStatus, RegisterNode, RegisterNodeResponse, Resources, Vm};
+use novacron_api::{
+    validate, Metadata, Node, NodeSpec, NodeStatus, RegisterNode, RegisterNodeResponse, Resources,
+    Vm,
+};
 use novacron_store::{StoreError, StoreExt};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -29,7 +32,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Fills in what bound VMs reserve on each node.
 fn fill_allocation(nodes: &mut [Node], vms: &[Vm]) {
     for n in nodes {
-        let bound = vms.iter().filter(|v| v.status.node.as_deref() == Some(n.metadata.name.as_str()));
+        let bound = vms
+            .iter()
+            .filter(|v| v.status.node.as_deref() == Some(n.metadata.name.as_str()));
         let mut alloc = Resources::default();
         let mut count = 0;
         for v in bound {
@@ -45,16 +50,28 @@ fn fill_allocation(nodes: &mut [Node], vms: &[Vm]) {
 /// List nodes (paginated), or watch them with `watch=true`.
 #[utoipa::path(get, path = "/v1/nodes", tag = "nodes", params(ListQuery),
     responses((status = 200, body = novacron_api::List<Node>)))]
-async fn list_nodes(State(state): State<AppState>, Extension(p): Extension<Principal>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Response> {
+async fn list_nodes(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Response> {
     authorize(&p, Action::Read)?;
-    let vms = if q.watch.unwrap_or(false) { Vec::new() } else { state.store.list_all::<Vm>().await? };
+    let vms = if q.watch.unwrap_or(false) {
+        Vec::new()
+    } else {
+        state.store.list_all::<Vm>().await?
+    };
     list_or_watch::<Node>(&state, q, move |nodes| fill_allocation(nodes, &vms)).await
 }
 
 /// Get a node by name or id.
 #[utoipa::path(get, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path)),
     responses((status = 200, body = Node), (status = 404, body = novacron_api::ErrorBody)))]
-async fn get_node(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Node>> {
+async fn get_node(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Node>> {
     authorize(&p, Action::Read)?;
     let mut node = find::<Node>(&state, &name).await?;
     let vms = state.store.list_all::<Vm>().await?;
@@ -65,15 +82,28 @@ async fn get_node(State(state): State<AppState>, Extension(p): Extension<Princip
 /// Remove a node that has no VMs.
 #[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path)),
     responses((status = 204), (status = 409, body = novacron_api::ErrorBody)))]
-async fn delete_node(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_node(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     authorize(&p, Action::Write)?;
     let node = find::<Node>(&state, &name).await?;
     let vms = state.store.list_all::<Vm>().await?;
-    let bound = vms.iter().filter(|v| v.status.node.as_deref() == Some(node.metadata.name.as_str())).count();
+    let bound = vms
+        .iter()
+        .filter(|v| v.status.node.as_deref() == Some(node.metadata.name.as_str()))
+        .count();
     if bound > 0 {
-        return Err(ApiError::conflict(format!("node {:?} still has {bound} VM(s)", node.metadata.name)));
+        return Err(ApiError::conflict(format!(
+            "node {:?} still has {bound} VM(s)",
+            node.metadata.name
+        )));
     }
-    state.store.delete_obj::<Node>(&node.metadata.name, Some(node.metadata.resource_version)).await?;
+    state
+        .store
+        .delete_obj::<Node>(&node.metadata.name, Some(node.metadata.resource_version))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -81,12 +111,19 @@ async fn delete_node(State(state): State<AppState>, Extension(p): Extension<Prin
 /// will present when it calls the agent.
 #[utoipa::path(post, path = "/v1/nodes/register", tag = "agent", request_body = RegisterNode,
     responses((status = 200, body = RegisterNodeResponse), (status = 422, body = novacron_api::ErrorBody)))]
-async fn register_node(State(state): State<AppState>, Extension(p): Extension<Principal>, ApiJson(req): ApiJson<RegisterNode>) -> ApiResult<Json<RegisterNodeResponse>> {
+async fn register_node(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiJson(req): ApiJson<RegisterNode>,
+) -> ApiResult<Json<RegisterNodeResponse>> {
     authorize(&p, Action::Agent)?;
     validate::name("name", &req.name)?;
     validate::labels("labels", &req.labels)?;
     if !(req.address.starts_with("http://") || req.address.starts_with("https://")) {
-        return Err(ApiError::invalid("address", "address must be an http(s) URL"));
+        return Err(ApiError::invalid(
+            "address",
+            "address must be an http(s) URL",
+        ));
     }
     if req.capacity.vcpus == 0 || req.capacity.memory_mib == 0 {
         return Err(ApiError::invalid("capacity", "capacity must be positive"));
@@ -118,26 +155,38 @@ async fn register_node(State(state): State<AppState>, Extension(p): Extension<Pr
         None => {
             let mut n = Node {
                 metadata: Metadata::new(&req.name, Default::default()),
-                spec: NodeSpec { address: String::new(), schedulable: true },
+                spec: NodeSpec {
+                    address: String::new(),
+                    schedulable: true,
+                },
                 status: NodeStatus::default(),
             };
             apply(&mut n);
             match state.store.create_obj(&n).await {
                 Ok(n) => n,
-                Err(StoreError::AlreadyExists { .. }) => return Err(ApiError::conflict("node registered concurrently; retry")),
+                Err(StoreError::AlreadyExists { .. }) => {
+                    return Err(ApiError::conflict("node registered concurrently; retry"))
+                }
                 Err(e) => return Err(e.into()),
             }
         }
     };
     tracing::info!(node = %node.metadata.name, address = %node.spec.address, "node registered");
     state.placement_wakeup.notify_one();
-    Ok(Json(RegisterNodeResponse { node, agent_secret: state.agent_secret.to_string() }))
+    Ok(Json(RegisterNodeResponse {
+        node,
+        agent_secret: state.agent_secret.to_string(),
+    }))
 }
 
 /// Agent: the node is alive.
 #[utoipa::path(post, path = "/v1/nodes/{name}/heartbeat", tag = "agent", params(("name" = String, Path)),
     responses((status = 200, body = Node), (status = 404, body = novacron_api::ErrorBody)))]
-async fn heartbeat(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Node>> {
+async fn heartbeat(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Node>> {
     authorize(&p, Action::Agent)?;
     let became_ready = std::sync::atomic::AtomicBool::new(false);
     let node = state
@@ -161,7 +210,12 @@ async fn heartbeat(State(state): State<AppState>, Extension(p): Extension<Princi
     Ok(Json(node))
 }
 
-async fn set_schedulable(state: &AppState, p: &Principal, name: &str, schedulable: bool) -> ApiResult<Json<Node>> {
+async fn set_schedulable(
+    state: &AppState,
+    p: &Principal,
+    name: &str,
+    schedulable: bool,
+) -> ApiResult<Json<Node>> {
     authorize(p, Action::Write)?;
     let node = find::<Node>(state, name).await?;
     let node = state
@@ -179,13 +233,21 @@ async fn set_schedulable(state: &AppState, p: &Principal, name: &str, schedulabl
 /// Mark a node unschedulable: running VMs stay, new VMs go elsewhere.
 #[utoipa::path(post, path = "/v1/nodes/{name}/cordon", tag = "nodes", params(("name" = String, Path)),
     responses((status = 200, body = Node), (status = 404, body = novacron_api::ErrorBody)))]
-async fn cordon_node(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Node>> {
+async fn cordon_node(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Node>> {
     set_schedulable(&state, &p, &name, false).await
 }
 
 /// Mark a node schedulable again.
 #[utoipa::path(post, path = "/v1/nodes/{name}/uncordon", tag = "nodes", params(("name" = String, Path)),
     responses((status = 200, body = Node), (status = 404, body = novacron_api::ErrorBody)))]
-async fn uncordon_node(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Node>> {
+async fn uncordon_node(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Node>> {
     set_schedulable(&state, &p, &name, true).await
 }

@@ -6,7 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::Utc;
 use novacron_api::{
-    validate, CreateVm, Image, ImagePhase, Metadata, Node, PowerState, StopVm, Vm, VmPhase, VmStatus,
+    validate, CreateVm, Image, ImagePhase, Metadata, Node, PowerState, StopVm, Vm, VmPhase,
+    VmStatus,
 };
 use novacron_scheduler::Request;
 use novacron_store::{StoreError, StoreExt};
@@ -40,7 +41,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// List VMs (paginated), or watch them with `watch=true`.
 #[utoipa::path(get, path = "/v1/vms", tag = "vms", params(ListQuery),
     responses((status = 200, body = novacron_api::List<Vm>), (status = 422, body = novacron_api::ErrorBody)))]
-async fn list_vms(State(state): State<AppState>, Extension(p): Extension<Principal>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Response> {
+async fn list_vms(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Response> {
     authorize(&p, Action::Read)?;
     list_or_watch::<Vm>(&state, q, |_| {}).await
 }
@@ -50,13 +55,25 @@ async fn list_vms(State(state): State<AppState>, Extension(p): Extension<Princip
 #[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVm,
     responses((status = 201, body = Vm), (status = 400, body = novacron_api::ErrorBody),
         (status = 409, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody)))]
-async fn create_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, ApiJson(req): ApiJson<CreateVm>) -> ApiResult<(StatusCode, Json<Vm>)> {
+async fn create_vm(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiJson(req): ApiJson<CreateVm>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
     authorize(&p, Action::Write)?;
     validate::create_vm(&req)?;
     match state.store.get_obj::<Image>(&req.spec.image).await? {
-        None => return Err(ApiError::invalid("spec.image", format!("unknown image {:?}", req.spec.image))),
+        None => {
+            return Err(ApiError::invalid(
+                "spec.image",
+                format!("unknown image {:?}", req.spec.image),
+            ))
+        }
         Some(img) if img.status.phase != ImagePhase::Ready => {
-            return Err(ApiError::invalid("spec.image", format!("image {:?} is still uploading", req.spec.image)))
+            return Err(ApiError::invalid(
+                "spec.image",
+                format!("image {:?} is still uploading", req.spec.image),
+            ))
         }
         Some(_) => {}
     }
@@ -66,12 +83,18 @@ async fn create_vm(State(state): State<AppState>, Extension(p): Extension<Princi
         memory_mib: req.spec.memory_mib,
     };
     if !novacron_scheduler::fits_some_node(&request, &node_views(&nodes, &[])) {
-        let (field, what) = if nodes.iter().all(|n| n.status.capacity.memory_mib < req.spec.memory_mib) {
+        let (field, what) = if nodes
+            .iter()
+            .all(|n| n.status.capacity.memory_mib < req.spec.memory_mib)
+        {
             ("spec.memory_mib", "memory")
         } else {
             ("spec.vcpus", "vcpus")
         };
-        return Err(ApiError::invalid(field, format!("requested {what} is larger than any node's capacity")));
+        return Err(ApiError::invalid(
+            field,
+            format!("requested {what} is larger than any node's capacity"),
+        ));
     }
     let vm = Vm {
         metadata: Metadata::new(&req.name, req.labels),
@@ -91,7 +114,11 @@ async fn create_vm(State(state): State<AppState>, Extension(p): Extension<Princi
 /// Get a VM by name or id.
 #[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name or id")),
     responses((status = 200, body = Vm), (status = 404, body = novacron_api::ErrorBody)))]
-async fn get_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+async fn get_vm(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vm>> {
     authorize(&p, Action::Read)?;
     Ok(Json(find::<Vm>(&state, &name).await?))
 }
@@ -139,7 +166,12 @@ async fn delete_vm(
 }
 
 /// Applies a spec change for a lifecycle action.
-async fn act(state: &AppState, p: &Principal, name: &str, change: impl Fn(&mut Vm) -> Result<(), ApiError> + Send + Sync) -> ApiResult<Json<Vm>> {
+async fn act(
+    state: &AppState,
+    p: &Principal,
+    name: &str,
+    change: impl Fn(&mut Vm) -> Result<(), ApiError> + Send + Sync,
+) -> ApiResult<Json<Vm>> {
     authorize(p, Action::Write)?;
     let vm = find::<Vm>(state, name).await?;
     let name = vm.metadata.name;
@@ -149,7 +181,8 @@ async fn act(state: &AppState, p: &Principal, name: &str, change: impl Fn(&mut V
         .store
         .modify::<Vm, _>(&name, |v| {
             if v.metadata.deletion_requested_at.is_some() {
-                *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(ApiError::conflict(format!("VM {name:?} is being deleted")));
+                *refusal.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(ApiError::conflict(format!("VM {name:?} is being deleted")));
                 return false;
             }
             let before = v.spec.clone();
@@ -174,7 +207,11 @@ async fn act(state: &AppState, p: &Principal, name: &str, change: impl Fn(&mut V
 /// Start a VM (also restarts a Failed one).
 #[utoipa::path(post, path = "/v1/vms/{name}/start", tag = "vms", params(("name" = String, Path)),
     responses((status = 200, body = Vm), (status = 404, body = novacron_api::ErrorBody), (status = 409, body = novacron_api::ErrorBody)))]
-async fn start_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+async fn start_vm(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vm>> {
     let phase = find::<Vm>(&state, &name).await?.status.phase;
     let failed = matches!(phase, VmPhase::Failed | VmPhase::Stopped);
     act(&state, &p, &name, |v| {
@@ -192,19 +229,32 @@ async fn start_vm(State(state): State<AppState>, Extension(p): Extension<Princip
 /// Stop a VM: ACPI power button, then kill after the timeout; `force` kills at once.
 #[utoipa::path(post, path = "/v1/vms/{name}/stop", tag = "vms", params(("name" = String, Path)), request_body = StopVm,
     responses((status = 200, body = Vm), (status = 404, body = novacron_api::ErrorBody)))]
-async fn stop_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>, body: axum::body::Bytes) -> ApiResult<Json<Vm>> {
+async fn stop_vm(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Vm>> {
     // The body is optional: an empty one means a graceful stop with the VM's timeout.
     let req: StopVm = if body.iter().all(u8::is_ascii_whitespace) {
         StopVm::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?
     };
     if req.timeout_s.is_some_and(|t| t > 3600) {
-        return Err(ApiError::invalid("timeout_s", "timeout must be at most 3600 s"));
+        return Err(ApiError::invalid(
+            "timeout_s",
+            "timeout must be at most 3600 s",
+        ));
     }
     act(&state, &p, &name, |v| {
         v.spec.power_state = PowerState::Stopped;
-        v.spec.stop_grace_s = Some(if req.force { 0 } else { req.timeout_s.unwrap_or(v.spec.stop_timeout_s) });
+        v.spec.stop_grace_s = Some(if req.force {
+            0
+        } else {
+            req.timeout_s.unwrap_or(v.spec.stop_timeout_s)
+        });
         Ok(())
     })
     .await
@@ -213,7 +263,11 @@ async fn stop_vm(State(state): State<AppState>, Extension(p): Extension<Principa
 /// Reset a running VM.
 #[utoipa::path(post, path = "/v1/vms/{name}/reboot", tag = "vms", params(("name" = String, Path)),
     responses((status = 200, body = Vm), (status = 409, body = novacron_api::ErrorBody)))]
-async fn reboot_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+async fn reboot_vm(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vm>> {
     act(&state, &p, &name, |v| {
         if v.spec.power_state != PowerState::Running || v.status.phase != VmPhase::Running {
             return Err(ApiError::conflict("Only a running VM can be rebooted"));
@@ -227,7 +281,11 @@ async fn reboot_vm(State(state): State<AppState>, Extension(p): Extension<Princi
 /// Pause a VM's vCPUs.
 #[utoipa::path(post, path = "/v1/vms/{name}/pause", tag = "vms", params(("name" = String, Path)),
     responses((status = 200, body = Vm), (status = 409, body = novacron_api::ErrorBody)))]
-async fn pause_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+async fn pause_vm(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vm>> {
     act(&state, &p, &name, |v| {
         if v.spec.power_state == PowerState::Stopped {
             return Err(ApiError::conflict("A stopped VM cannot be paused"));
@@ -241,7 +299,11 @@ async fn pause_vm(State(state): State<AppState>, Extension(p): Extension<Princip
 /// Resume a paused VM.
 #[utoipa::path(post, path = "/v1/vms/{name}/resume", tag = "vms", params(("name" = String, Path)),
     responses((status = 200, body = Vm), (status = 409, body = novacron_api::ErrorBody)))]
-async fn resume_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+async fn resume_vm(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vm>> {
     act(&state, &p, &name, |v| {
         if v.spec.power_state != PowerState::Paused {
             return Err(ApiError::conflict("Only a paused VM can be resumed"));
@@ -255,7 +317,12 @@ async fn resume_vm(State(state): State<AppState>, Extension(p): Extension<Princi
 /// Agent: replace a VM's status (compare-and-swap on `metadata.resource_version`).
 #[utoipa::path(put, path = "/v1/vms/{name}/status", tag = "agent", params(("name" = String, Path)), request_body = Vm,
     responses((status = 200, body = Vm), (status = 409, body = novacron_api::ErrorBody)))]
-async fn put_vm_status(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>, ApiJson(body): ApiJson<Vm>) -> ApiResult<Json<Vm>> {
+async fn put_vm_status(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<Vm>,
+) -> ApiResult<Json<Vm>> {
     authorize(&p, Action::Agent)?;
     let mut vm = find::<Vm>(&state, &name).await?;
     if vm.metadata.resource_version != body.metadata.resource_version {
@@ -268,7 +335,10 @@ async fn put_vm_status(State(state): State<AppState>, Extension(p): Extension<Pr
         .into());
     }
     if vm.status.node.is_some() && body.status.node != vm.status.node {
-        return Err(ApiError::invalid("status.node", "an agent cannot rebind a VM"));
+        return Err(ApiError::invalid(
+            "status.node",
+            "an agent cannot rebind a VM",
+        ));
     }
     vm.status = body.status;
     Ok(Json(state.store.update_obj(&vm).await?))
@@ -277,7 +347,11 @@ async fn put_vm_status(State(state): State<AppState>, Extension(p): Extension<Pr
 /// Agent: a deleted VM's process and disks are gone; remove the object.
 #[utoipa::path(post, path = "/v1/vms/{name}/finalize", tag = "agent", params(("name" = String, Path)),
     responses((status = 204), (status = 409, body = novacron_api::ErrorBody)))]
-async fn finalize_vm(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn finalize_vm(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     authorize(&p, Action::Agent)?;
     let vm = find::<Vm>(&state, &name).await?;
     if vm.metadata.deletion_requested_at.is_none() {
@@ -303,7 +377,12 @@ pub struct LogsQuery {
 /// The VM's serial console output.
 #[utoipa::path(get, path = "/v1/vms/{name}/logs", tag = "vms", params(("name" = String, Path), LogsQuery),
     responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = novacron_api::ErrorBody)))]
-async fn vm_logs(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>, ApiQuery(q): ApiQuery<LogsQuery>) -> ApiResult<Response> {
+async fn vm_logs(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<LogsQuery>,
+) -> ApiResult<Response> {
     authorize(&p, Action::Read)?;
     let vm = find::<Vm>(&state, &name).await?;
     let node = bound_node(&state, &vm).await?;
@@ -313,12 +392,23 @@ async fn vm_logs(State(state): State<AppState>, Extension(p): Extension<Principa
 /// Interactive serial console over a WebSocket (binary frames both ways).
 #[utoipa::path(get, path = "/v1/vms/{name}/console", tag = "vms", params(("name" = String, Path)),
     responses((status = 101, description = "WebSocket upgrade"), (status = 404, body = novacron_api::ErrorBody)))]
-async fn vm_console(State(state): State<AppState>, Extension(p): Extension<Principal>, Path(name): Path<String>, ws: WebSocketUpgrade) -> ApiResult<Response> {
+async fn vm_console(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
     authorize(&p, Action::Write)?;
     let vm = find::<Vm>(&state, &name).await?;
     let node = bound_node(&state, &vm).await?;
-    if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused | VmPhase::Starting) {
-        return Err(ApiError::conflict(format!("VM {:?} is not running ({})", vm.metadata.name, vm.status.phase)));
+    if !matches!(
+        vm.status.phase,
+        VmPhase::Running | VmPhase::Paused | VmPhase::Starting
+    ) {
+        return Err(ApiError::conflict(format!(
+            "VM {:?} is not running ({})",
+            vm.metadata.name, vm.status.phase
+        )));
     }
     let upstream = proxy::connect_console(&state, &node, &vm).await?;
     Ok(ws.on_upgrade(move |socket| proxy::pump_console(socket, upstream)))
@@ -326,7 +416,10 @@ async fn vm_console(State(state): State<AppState>, Extension(p): Extension<Princ
 
 async fn bound_node(state: &AppState, vm: &Vm) -> ApiResult<Node> {
     let Some(node) = vm.status.node.as_deref() else {
-        return Err(ApiError::conflict(format!("VM {:?} is not placed on a node yet", vm.metadata.name)));
+        return Err(ApiError::conflict(format!(
+            "VM {:?} is not placed on a node yet",
+            vm.metadata.name
+        )));
     };
     state
         .store

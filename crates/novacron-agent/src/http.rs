@@ -1,0 +1,184 @@
+//! The agent's own HTTP endpoint, called by the server only: serial console
+//! (WebSocket bridged to QEMU's console socket) and the console log.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures::{SinkExt, StreamExt};
+use novacron_api::AGENT_SECRET_HEADER;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use crate::qemu::VmDir;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub vms_root: std::path::PathBuf,
+    /// Secret the server presents; unset until registration succeeds.
+    pub secret: Arc<RwLock<Option<String>>>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/agent/v1/vms/{id}/logs", get(logs))
+        .route("/agent/v1/vms/{id}/console", get(console))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_secret,
+        ))
+        .route("/agent/v1/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+async fn require_secret(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let expected = state
+        .secret
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let given = req
+        .headers()
+        .get(AGENT_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok());
+    match (expected, given) {
+        (Some(e), Some(g)) if e == g => next.run(req).await,
+        _ => (StatusCode::UNAUTHORIZED, "missing or wrong agent secret").into_response(),
+    }
+}
+
+fn vm_dir(state: &HttpState, id: &str) -> Option<VmDir> {
+    // Ids are UUIDs; refuse anything that could leave the VMs directory.
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return None;
+    }
+    let dir = VmDir::new(&state.vms_root, id);
+    dir.path.exists().then_some(dir)
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn logs(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    let Some(dir) = vm_dir(&state, &id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let path = dir.console_log();
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(_) => return ([(CONTENT_TYPE, "text/plain")], Body::empty()).into_response(),
+    };
+    if !q.follow {
+        let stream = tokio_util::io::ReaderStream::new(file);
+        return (
+            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+            Body::from_stream(stream),
+        )
+            .into_response();
+    }
+    // Follow: send what is there, then poll for growth until the VM's directory
+    // disappears or the client goes away.
+    let stream = futures::stream::unfold((file, dir), |(mut file, dir)| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match file.read(&mut buf).await {
+                Ok(0) => {
+                    if !dir.path.exists() {
+                        return None;
+                    }
+                    // The log may have been truncated by a new QEMU; reopen if shorter.
+                    let pos = file.stream_position().await.unwrap_or(0);
+                    let len = tokio::fs::metadata(dir.console_log())
+                        .await
+                        .map(|m| m.len())
+                        .unwrap_or(0);
+                    if len < pos {
+                        let _ = file.seek(std::io::SeekFrom::Start(0)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(n) => {
+                    let chunk = bytes::Bytes::copy_from_slice(&buf[..n]);
+                    return Some((Ok::<_, std::io::Error>(chunk), (file, dir)));
+                }
+                Err(e) => return Some((Err(e), (file, dir))),
+            }
+        }
+    });
+    (
+        [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn console(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(dir) = vm_dir(&state, &id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let sock = match tokio::net::UnixStream::connect(dir.console()).await {
+        Ok(s) => s,
+        Err(e) => {
+            return (StatusCode::CONFLICT, format!("console not available: {e}")).into_response()
+        }
+    };
+    ws.on_upgrade(move |socket| bridge(socket, sock))
+}
+
+async fn bridge(socket: WebSocket, sock: tokio::net::UnixStream) {
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let (mut rd, mut wr) = sock.into_split();
+    let to_vm = async {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let data = match msg {
+                Message::Binary(b) => b.to_vec(),
+                Message::Text(t) => t.as_bytes().to_vec(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if wr.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+    };
+    let from_vm = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws_tx
+                        .send(Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    tokio::select! {
+        _ = to_vm => {}
+        _ = from_vm => {}
+    }
+}

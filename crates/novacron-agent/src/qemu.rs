@@ -1,0 +1,375 @@
+//! QEMU processes: the per-VM state directory, the command line, launching
+//! (daemonized, so a VM outlives an agent restart), liveness and killing.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("Cannot run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU failed to start: {0}")]
+    Start(String),
+    #[error("QEMU did not start within {0:?}")]
+    StartTimeout(Duration),
+    #[error("qemu-img failed: {0}")]
+    Img(String),
+    #[error("Socket path {0} is too long for a unix socket")]
+    PathTooLong(String),
+    #[error("I/O error on {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> QemuError + '_ {
+    move |source| QemuError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Files of one VM on this node.
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    pub path: PathBuf,
+}
+
+impl VmDir {
+    pub fn new(vms_root: &Path, vm_id: &str) -> Self {
+        VmDir {
+            path: vms_root.join(vm_id),
+        }
+    }
+    pub fn qmp(&self) -> PathBuf {
+        self.path.join("qmp.sock")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.path.join("console.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.path.join("console.log")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.path.join("qemu.pid")
+    }
+    pub fn launch_spec(&self) -> PathBuf {
+        self.path.join("launch.json")
+    }
+    pub fn root_disk(&self) -> PathBuf {
+        self.path.join("root.qcow2")
+    }
+    pub fn data_disk(&self) -> PathBuf {
+        self.path.join("data.qcow2")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.path.join("qemu.log")
+    }
+
+    /// Pid of the running QEMU of this VM, if there is one. The pid must still
+    /// belong to a QEMU started for this directory (pids get reused).
+    pub fn running_pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.pidfile())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        process_is_ours(pid, &self.path).then_some(pid)
+    }
+}
+
+/// True when `pid` is alive (not a zombie) and its command line mentions `dir`.
+pub fn process_is_ours(pid: u32, dir: &Path) -> bool {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    // Field 3, after the parenthesised command name, is the state.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    if matches!(state, Some("Z") | Some("X") | None) {
+        return false;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.as_os_str().as_encoded_bytes();
+    cmdline.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Everything needed to (re)start a VM's QEMU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub accel: String,
+    /// Direct kernel boot: kernel, initrd, command line.
+    pub kernel: Option<(PathBuf, PathBuf, String)>,
+    pub root_disk: PathBuf,
+    pub data_disk: Option<PathBuf>,
+    /// Start with vCPUs paused.
+    pub paused: bool,
+}
+
+impl LaunchSpec {
+    pub fn args(&self, dir: &VmDir) -> Result<Vec<String>, QemuError> {
+        for sock in [dir.qmp(), dir.console()] {
+            // sun_path holds 108 bytes including the terminating NUL.
+            if sock.as_os_str().len() > 107 {
+                return Err(QemuError::PathTooLong(sock.display().to_string()));
+            }
+        }
+        let p = |p: &Path| p.display().to_string();
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("guest={},debug-threads=on", self.name),
+            "-accel".into(),
+            self.accel.clone(),
+            "-machine".into(),
+            "pc".into(),
+            "-cpu".into(),
+            if self.accel == "kvm" {
+                "host".into()
+            } else {
+                "max".into()
+            },
+            "-m".into(),
+            format!("{}M", self.memory_mib),
+            "-smp".into(),
+            self.vcpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-daemonize".into(),
+            "-pidfile".into(),
+            p(&dir.pidfile()),
+            "-D".into(),
+            p(&dir.qemu_log()),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p(&dir.qmp())),
+            "-chardev".into(),
+            format!(
+                "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+                p(&dir.console()),
+                p(&dir.console_log())
+            ),
+            "-serial".into(),
+            "chardev:serial0".into(),
+            "-nic".into(),
+            "none".into(),
+        ];
+        if let Some((kernel, initrd, cmdline)) = &self.kernel {
+            a.extend([
+                "-kernel".into(),
+                p(kernel),
+                "-initrd".into(),
+                p(initrd),
+                "-append".into(),
+                cmdline.clone(),
+            ]);
+        }
+        for (id, disk) in [
+            ("root", Some(&self.root_disk)),
+            ("data", self.data_disk.as_ref()),
+        ] {
+            if let Some(disk) = disk {
+                a.push("-drive".into());
+                a.push(format!(
+                    "if=none,id={id},file={},format=qcow2,cache=writeback,discard=unmap",
+                    p(disk)
+                ));
+                a.push("-device".into());
+                // Direct kernel boot claims boot index 0 itself.
+                let boot = if id == "root" && self.kernel.is_none() {
+                    ",bootindex=0"
+                } else {
+                    ""
+                };
+                a.push(format!("virtio-blk-pci,drive={id},id={id}-dev{boot}"));
+            }
+        }
+        if self.paused {
+            a.push("-S".into());
+        }
+        Ok(a)
+    }
+}
+
+/// Starts QEMU daemonized. Returns its pid once QMP is listening.
+pub async fn launch(qemu: &str, spec: &LaunchSpec, dir: &VmDir) -> Result<u32, QemuError> {
+    let args = spec.args(dir)?;
+    let json = serde_json::to_vec_pretty(spec).unwrap_or_default();
+    std::fs::write(dir.launch_spec(), json).map_err(io_err(&dir.launch_spec()))?;
+    for stale in [dir.pidfile(), dir.qmp(), dir.console()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    // With -daemonize the parent exits once the guest is set up; errors before
+    // that point go to its stderr.
+    let child = tokio::process::Command::new(qemu)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| QemuError::Spawn {
+            program: qemu.to_string(),
+            source,
+        })?;
+    let timeout = Duration::from_secs(60);
+    let out = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| QemuError::StartTimeout(timeout))?
+        .map_err(|source| QemuError::Spawn {
+            program: qemu.to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        // With -D, QEMU reports startup errors in its log file rather than on stderr.
+        let log = std::fs::read_to_string(dir.qemu_log()).unwrap_or_default();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let msg = [stderr.trim(), log.lines().last().unwrap_or("").trim()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(QemuError::Start(if msg.is_empty() {
+            format!("exit status {}", out.status)
+        } else {
+            msg
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = dir.running_pid() {
+            if dir.qmp().exists() {
+                return Ok(pid);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(QemuError::Start("QEMU exited right after starting".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGKILL and waits until the process is gone.
+pub async fn kill_and_wait(pid: u32, dir: &VmDir) {
+    if !process_is_ours(pid, &dir.path) {
+        return;
+    }
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    wait_gone(pid, dir, Duration::from_secs(10)).await;
+}
+
+/// Waits until the process is gone; true if it went within `timeout`.
+pub async fn wait_gone(pid: u32, dir: &VmDir, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while process_is_ours(pid, &dir.path) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Creates a qcow2 disk atomically: an overlay of `backing` (with its format),
+/// or blank when `backing` is None.
+pub async fn create_disk(
+    path: &Path,
+    backing: Option<(&Path, &str)>,
+    size_mib: Option<u64>,
+) -> Result<(), QemuError> {
+    let tmp = path.with_extension("qcow2.partial");
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if let Some((base, fmt)) = backing {
+        cmd.arg("-F").arg(fmt).arg("-b").arg(base);
+    }
+    cmd.arg(&tmp);
+    if let Some(size) = size_mib {
+        cmd.arg(format!("{size}M"));
+    }
+    let out = cmd.output().await.map_err(|source| QemuError::Spawn {
+        program: "qemu-img".into(),
+        source,
+    })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(QemuError::Img(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// QEMU's version line, for the node's status.
+pub async fn version(qemu: &str) -> Option<String> {
+    let out = tokio::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .await
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_has_what_a_vm_needs() {
+        let dir = VmDir::new(Path::new("/var/lib/nc/vms"), "1234");
+        let spec = LaunchSpec {
+            name: "web".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            accel: "tcg".into(),
+            kernel: Some(("/k".into(), "/i".into(), "console=ttyS0".into())),
+            root_disk: dir.root_disk(),
+            data_disk: Some(dir.data_disk()),
+            paused: false,
+        };
+        let args = spec.args(&dir).expect("args").join(" ");
+        for want in [
+            "-accel tcg",
+            "-m 256M",
+            "-smp 2",
+            "-daemonize",
+            "-kernel /k",
+            "drive=data",
+            "qmp.sock,server=on",
+        ] {
+            assert!(args.contains(want), "missing {want} in {args}");
+        }
+        assert!(!args.contains(" -S"));
+        let long = VmDir::new(Path::new(&"/x".repeat(60)), "id");
+        assert!(matches!(spec.args(&long), Err(QemuError::PathTooLong(_))));
+    }
+
+    #[test]
+    fn foreign_pids_are_not_ours() {
+        let me = std::process::id();
+        assert!(!process_is_ours(
+            me,
+            Path::new("/definitely/not/in/my/cmdline")
+        ));
+        assert!(!process_is_ours(u32::MAX - 1, Path::new("/")));
+    }
+}

@@ -1,0 +1,458 @@
+//! Reconciling one VM: compare its spec with the QEMU process on this node,
+//! take at most one step toward the spec, and report the resulting status.
+//! Every step is idempotent, so running it again after a crash, a restart or
+//! a missed event is safe.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use novacron_api::client::Client;
+use novacron_api::{Image, ImageFormat, ImagePart, PowerState, RunStrategy, Vm, VmPhase, VmStatus};
+use novacron_qmp::Qmp;
+
+use crate::images::ImageCache;
+use crate::qemu::{self, LaunchSpec, VmDir};
+
+/// What the agent remembers about a VM between reconciles (lost on restart,
+/// which is fine: everything essential is re-derived from the process and
+/// the stored status).
+#[derive(Default)]
+pub struct Runtime {
+    qmp: Option<Arc<Qmp>>,
+    /// When the ACPI power button was pressed for the stop in progress.
+    powerdown_sent: Option<Instant>,
+    /// QEMU reported a guest-initiated shutdown.
+    guest_shutdown: Arc<AtomicBool>,
+    /// Earliest time of the next start attempt after a failure (run strategy Always).
+    retry_at: Option<Instant>,
+    failures: u32,
+}
+
+pub struct Reconciler {
+    pub node: String,
+    pub qemu: String,
+    pub accel: String,
+    pub vms_root: PathBuf,
+    pub images: ImageCache,
+    pub client: Client,
+    pub runtimes: HashMap<String, Runtime>,
+}
+
+/// Result of one reconcile.
+pub enum Outcome {
+    /// Write this status back.
+    Status(VmStatus),
+    /// The VM was deleted and cleaned up.
+    Finalized,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Cannot read image {0:?}")]
+    Image(String, #[source] novacron_api::client::ClientError),
+    #[error("Cannot fetch image file")]
+    Cache(#[from] crate::images::CacheError),
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
+    #[error("Cannot create VM directory")]
+    Io(#[source] std::io::Error),
+}
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Reconciler {
+    pub fn vm_dir(&self, id: &str) -> VmDir {
+        VmDir::new(&self.vms_root, id)
+    }
+
+    pub async fn reconcile(&mut self, vm: &Vm) -> Outcome {
+        let id = vm.metadata.id.clone();
+        let dir = self.vm_dir(&id);
+        let pid = dir.running_pid();
+        let mut st = vm.status.clone();
+        st.observed_generation = vm.metadata.generation;
+
+        if vm.metadata.deletion_requested_at.is_some() {
+            if let Some(pid) = pid {
+                self.force_off(&id, pid, &dir).await;
+            }
+            if let Err(e) = std::fs::remove_dir_all(&dir.path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(vm = %vm.metadata.name, error = %e, "cannot remove VM directory");
+                    st.reason = Some(format!("Cannot remove VM files: {e}"));
+                    return Outcome::Status(st);
+                }
+            }
+            self.runtimes.remove(&id);
+            tracing::info!(vm = %vm.metadata.name, "VM process and disks removed");
+            return Outcome::Finalized;
+        }
+
+        if !self.runtimes.contains_key(&id) {
+            if let Some(pid) = pid {
+                tracing::info!(vm = %vm.metadata.name, pid, "adopted running QEMU");
+            }
+        }
+        let desired = vm.spec.power_state;
+        match (desired, pid) {
+            (PowerState::Stopped, None) => {
+                let rt = self.runtimes.entry(id.clone()).or_default();
+                rt.powerdown_sent = None;
+                rt.qmp = None;
+                // A reason set while stopping (e.g. forced off) was written with
+                // phase Stopped already and is kept; older reasons are cleared.
+                if st.phase != VmPhase::Stopped {
+                    st.reason = None;
+                }
+                st.phase = VmPhase::Stopped;
+                st.qemu_pid = None;
+                st.observed_start_request = vm.spec.start_request;
+            }
+            (PowerState::Stopped, Some(pid)) => {
+                let grace = vm.spec.stop_grace_s.unwrap_or(vm.spec.stop_timeout_s);
+                let sent = self.runtimes.entry(id.clone()).or_default().powerdown_sent;
+                match sent {
+                    _ if grace == 0 => {
+                        self.force_off(&id, pid, &dir).await;
+                        st.reason = Some("Forced off".into());
+                        st.phase = VmPhase::Stopped;
+                        st.qemu_pid = None;
+                    }
+                    None => {
+                        match self.qmp(&id, &dir).await {
+                            Some(q) => {
+                                if let Err(e) = q.system_powerdown().await {
+                                    tracing::warn!(vm = %vm.metadata.name, error = %e, "ACPI power button failed");
+                                }
+                            }
+                            None => {
+                                tracing::warn!(vm = %vm.metadata.name, "no QMP connection for ACPI shutdown")
+                            }
+                        }
+                        self.runtimes.entry(id.clone()).or_default().powerdown_sent =
+                            Some(Instant::now());
+                        tracing::info!(vm = %vm.metadata.name, grace_s = grace, "ACPI shutdown requested");
+                        st.phase = VmPhase::Stopping;
+                        st.reason = None;
+                    }
+                    Some(t) if t.elapsed() >= Duration::from_secs(grace.into()) => {
+                        self.force_off(&id, pid, &dir).await;
+                        tracing::warn!(vm = %vm.metadata.name, grace_s = grace, "guest ignored ACPI shutdown; forced off");
+                        st.reason = Some(format!(
+                            "ACPI shutdown timed out after {grace}s; forced off"
+                        ));
+                        st.phase = VmPhase::Stopped;
+                        st.qemu_pid = None;
+                    }
+                    Some(_) => st.phase = VmPhase::Stopping,
+                }
+                if st.phase == VmPhase::Stopped {
+                    st.observed_start_request = vm.spec.start_request;
+                }
+            }
+            (PowerState::Running | PowerState::Paused, None) => {
+                self.ensure_started(vm, &dir, &mut st).await
+            }
+            (PowerState::Running | PowerState::Paused, Some(pid)) => {
+                self.steer_running(vm, &dir, pid, &mut st).await
+            }
+        }
+        Outcome::Status(st)
+    }
+
+    /// The process is not there but should be: start it, unless it went away on
+    /// its own and the run strategy says to leave it.
+    async fn ensure_started(&mut self, vm: &Vm, dir: &VmDir, st: &mut VmStatus) {
+        let id = vm.metadata.id.clone();
+        let name = vm.metadata.name.clone();
+        let rt = self.runtimes.entry(id.clone()).or_default();
+        let always = vm.spec.run_strategy == RunStrategy::Always;
+        if let Some(pid) = st.qemu_pid.take() {
+            // It was running and nobody here stopped it.
+            rt.qmp = None;
+            let guest_off = rt.guest_shutdown.swap(false, Ordering::SeqCst);
+            let why = if guest_off {
+                "Guest powered off".to_string()
+            } else {
+                format!("QEMU process {pid} exited unexpectedly")
+            };
+            tracing::warn!(vm = %name, pid, reason = %why, "VM is not running");
+            st.reason = Some(why);
+            st.observed_start_request = vm.spec.start_request;
+            if !always {
+                st.phase = if guest_off {
+                    VmPhase::Stopped
+                } else {
+                    VmPhase::Failed
+                };
+                return;
+            }
+            st.restarts += 1;
+        } else {
+            let held = matches!(st.phase, VmPhase::Failed | VmPhase::Stopped)
+                && vm.spec.start_request == st.observed_start_request
+                && st.started_at.is_some()
+                && !always;
+            if held {
+                return;
+            }
+            if rt.retry_at.is_some_and(|t| Instant::now() < t) {
+                return;
+            }
+        }
+
+        st.phase = VmPhase::Starting;
+        match self.start(vm, dir).await {
+            Ok(pid) => {
+                let rt = self.runtimes.entry(id).or_default();
+                rt.failures = 0;
+                rt.retry_at = None;
+                st.phase = if vm.spec.power_state == PowerState::Paused {
+                    VmPhase::Paused
+                } else {
+                    VmPhase::Running
+                };
+                st.qemu_pid = Some(pid);
+                st.started_at = Some(Utc::now());
+                st.accel = Some(self.accel.clone());
+                st.observed_start_request = vm.spec.start_request;
+                st.observed_reboot_generation = vm.spec.reboot_generation;
+                if !st
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("exited") || r.contains("powered off"))
+                {
+                    st.reason = None;
+                }
+                tracing::info!(vm = %name, pid, accel = %self.accel, "VM started");
+            }
+            Err(e) => {
+                let rt = self.runtimes.entry(id).or_default();
+                rt.failures += 1;
+                let backoff = Duration::from_secs(2u64.saturating_pow(rt.failures.min(5)));
+                rt.retry_at = Some(Instant::now() + backoff);
+                let msg = error_chain(&e);
+                tracing::error!(vm = %name, error = %msg, "VM failed to start");
+                st.phase = VmPhase::Failed;
+                st.reason = Some(format!("Start failed: {msg}"));
+                st.qemu_pid = None;
+                st.observed_start_request = vm.spec.start_request;
+                // Mark as "was started" so Manual VMs hold in Failed until asked again.
+                st.started_at.get_or_insert_with(Utc::now);
+            }
+        }
+    }
+
+    async fn start(&mut self, vm: &Vm, dir: &VmDir) -> Result<u32, ReconcileError> {
+        std::fs::create_dir_all(&dir.path).map_err(ReconcileError::Io)?;
+        let image: Image = self
+            .client
+            .get(&vm.spec.image)
+            .await
+            .map_err(|e| ReconcileError::Image(vm.spec.image.clone(), e))?;
+        let kernel = if image.spec.format == ImageFormat::Kernel {
+            let k = self
+                .images
+                .ensure(&self.client, &image, ImagePart::Kernel)
+                .await?;
+            let i = self
+                .images
+                .ensure(&self.client, &image, ImagePart::Initrd)
+                .await?;
+            let mut cmdline = format!("console=ttyS0 novacron.name={}", vm.metadata.name);
+            for extra in [&image.spec.kernel_args, &vm.spec.kernel_args]
+                .into_iter()
+                .flatten()
+            {
+                cmdline.push(' ');
+                cmdline.push_str(extra);
+            }
+            Some((k, i, cmdline))
+        } else {
+            None
+        };
+        if !dir.root_disk().exists() {
+            match image.spec.format {
+                ImageFormat::Kernel => {
+                    qemu::create_disk(
+                        &dir.root_disk(),
+                        None,
+                        Some(vm.spec.disk_mib.unwrap_or(1024)),
+                    )
+                    .await?;
+                }
+                fmt => {
+                    let base = self
+                        .images
+                        .ensure(&self.client, &image, ImagePart::Disk)
+                        .await?;
+                    let virtual_mib = image.status.virtual_size_bytes.div_ceil(1024 * 1024);
+                    let size = vm.spec.disk_mib.filter(|s| *s > virtual_mib);
+                    qemu::create_disk(&dir.root_disk(), Some((&base, &fmt.to_string())), size)
+                        .await?;
+                }
+            }
+        }
+        let data_disk = match vm.spec.data_disk_mib {
+            Some(size) => {
+                if !dir.data_disk().exists() {
+                    qemu::create_disk(&dir.data_disk(), None, Some(size)).await?;
+                }
+                Some(dir.data_disk())
+            }
+            None => None,
+        };
+        let spec = LaunchSpec {
+            name: vm.metadata.name.clone(),
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory_mib,
+            accel: self.accel.clone(),
+            kernel,
+            root_disk: dir.root_disk(),
+            data_disk,
+            paused: vm.spec.power_state == PowerState::Paused,
+        };
+        let pid = qemu::launch(&self.qemu, &spec, dir).await?;
+        let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
+        rt.qmp = None;
+        rt.powerdown_sent = None;
+        rt.guest_shutdown.store(false, Ordering::SeqCst);
+        Ok(pid)
+    }
+
+    /// The process runs: match paused/running to the spec and apply reboots.
+    async fn steer_running(&mut self, vm: &Vm, dir: &VmDir, pid: u32, st: &mut VmStatus) {
+        let id = vm.metadata.id.clone();
+        let name = &vm.metadata.name;
+        self.runtimes.entry(id.clone()).or_default().powerdown_sent = None;
+        st.qemu_pid = Some(pid);
+        st.accel.get_or_insert_with(|| self.accel.clone());
+        let Some(qmp) = self.qmp(&id, dir).await else {
+            st.reason = Some("QMP is not answering".into());
+            return;
+        };
+        let state = match qmp.query_status().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(vm = %name, error = %e, "query-status failed");
+                self.runtimes.entry(id).or_default().qmp = None;
+                return;
+            }
+        };
+        let want_paused = vm.spec.power_state == PowerState::Paused;
+        let result = if want_paused && state.running {
+            qmp.stop().await.map(|_| VmPhase::Paused)
+        } else if !want_paused && state.status == "paused" {
+            qmp.cont().await.map(|_| VmPhase::Running)
+        } else if state.running {
+            Ok(VmPhase::Running)
+        } else if state.status == "paused" {
+            Ok(VmPhase::Paused)
+        } else {
+            Ok(st.phase)
+        };
+        match result {
+            Ok(phase) => {
+                if phase != st.phase {
+                    tracing::info!(vm = %name, from = %st.phase, to = %phase, "VM phase changed");
+                }
+                st.phase = phase;
+                if matches!(st.reason.as_deref(), Some("QMP is not answering")) {
+                    st.reason = None;
+                }
+            }
+            Err(e) => tracing::warn!(vm = %name, error = %e, "cannot change run state"),
+        }
+        if vm.spec.reboot_generation != st.observed_reboot_generation {
+            match qmp.system_reset().await {
+                Ok(()) => {
+                    tracing::info!(vm = %name, "VM reset");
+                    st.observed_reboot_generation = vm.spec.reboot_generation;
+                }
+                Err(e) => tracing::warn!(vm = %name, error = %e, "reset failed"),
+            }
+        }
+    }
+
+    /// The QMP connection of a VM, connecting (and watching events) if needed.
+    async fn qmp(&mut self, id: &str, dir: &VmDir) -> Option<Arc<Qmp>> {
+        let rt = self.runtimes.entry(id.to_string()).or_default();
+        if let Some(q) = &rt.qmp {
+            return Some(q.clone());
+        }
+        match Qmp::connect(&dir.qmp(), QMP_TIMEOUT).await {
+            Ok(q) => {
+                let q = Arc::new(q);
+                let mut events = q.events();
+                let flag = rt.guest_shutdown.clone();
+                tokio::spawn(async move {
+                    while let Ok(ev) = events.recv().await {
+                        if ev.event == "SHUTDOWN" && ev.data["guest"].as_bool() == Some(true) {
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                    }
+                });
+                rt.qmp = Some(q.clone());
+                Some(q)
+            }
+            Err(e) => {
+                tracing::warn!(vm_id = %id, error = %e, "cannot connect to QMP");
+                None
+            }
+        }
+    }
+
+    /// Stops QEMU now: QMP quit, then SIGKILL if it lingers.
+    async fn force_off(&mut self, id: &str, pid: u32, dir: &VmDir) {
+        if let Some(q) = self.qmp(id, dir).await {
+            let _ = q.quit().await;
+        }
+        if !qemu::wait_gone(pid, dir, Duration::from_secs(3)).await {
+            qemu::kill_and_wait(pid, dir).await;
+        }
+        if let Some(rt) = self.runtimes.get_mut(id) {
+            rt.qmp = None;
+            rt.powerdown_sent = None;
+        }
+    }
+
+    /// Removes VM directories this cluster no longer knows (a VM deleted
+    /// while this agent was away), killing any QEMU still running there.
+    pub async fn remove_orphans(&mut self, known_ids: &std::collections::HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(&self.vms_root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().to_string();
+            if known_ids.contains(&id) {
+                continue;
+            }
+            let dir = self.vm_dir(&id);
+            if let Some(pid) = dir.running_pid() {
+                tracing::warn!(vm_id = %id, pid, "killing QEMU of a VM the server no longer has");
+                self.force_off(&id, pid, &dir).await;
+            }
+            if let Err(e) = std::fs::remove_dir_all(&dir.path) {
+                tracing::warn!(vm_id = %id, error = %e, "cannot remove orphaned VM directory");
+            } else {
+                tracing::info!(vm_id = %id, "removed orphaned VM directory");
+            }
+            self.runtimes.remove(&id);
+        }
+    }
+}
+
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

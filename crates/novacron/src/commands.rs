@@ -1,0 +1,543 @@
+//! Client commands: thin wrappers over the typed API client.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use novacron_api::client::{Client, Resource};
+use novacron_api::{
+    CreateImage, CreateVm, Image, ImageFormat, ImagePart, Node, PowerState, RunStrategy, StopVm,
+    Vm, VmPhase, VmSpec,
+};
+
+use crate::output::{self, Format};
+use crate::{config, parse_label, parse_mib, Global};
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Create a VM (and start it, unless --no-start).
+    Create(CreateArgs),
+    /// List VMs.
+    List(ListArgs),
+    /// Show one VM.
+    Get { name: String },
+    /// Start a VM.
+    Start(ActionArgs),
+    /// Stop a VM: ACPI shutdown, forced off after the timeout.
+    Stop {
+        #[command(flatten)]
+        action: ActionArgs,
+        /// Kill at once instead of an ACPI shutdown.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest to shut down.
+        #[arg(long)]
+        timeout: Option<u32>,
+    },
+    /// Reset a running VM.
+    Reboot(ActionArgs),
+    /// Pause a VM's vCPUs.
+    Pause(ActionArgs),
+    /// Resume a paused VM.
+    Resume(ActionArgs),
+    /// Delete a VM with its disks.
+    Delete {
+        #[command(flatten)]
+        action: ActionArgs,
+        /// Remove the record even if the node cannot clean up.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Attach to the serial console (detach with Ctrl-]).
+    Console { name: String },
+    /// Print the serial console log.
+    Logs {
+        name: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    pub name: String,
+    #[arg(long)]
+    pub image: String,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Memory, e.g. 256MiB or 1GiB.
+    #[arg(long, default_value = "256MiB", value_parser = parse_mib)]
+    pub memory: u64,
+    /// Root disk size (default: the image's size; 1 GiB for kernel images).
+    #[arg(long, value_parser = parse_mib)]
+    pub disk: Option<u64>,
+    /// Add a blank data disk of this size.
+    #[arg(long, value_parser = parse_mib)]
+    pub data_disk: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Strategy::Manual)]
+    pub run_strategy: Strategy,
+    /// Create without starting.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Extra guest kernel command line (kernel images).
+    #[arg(long)]
+    pub kernel_args: Option<String>,
+    /// Seconds a graceful stop may take before the VM is forced off.
+    #[arg(long, default_value_t = novacron_api::default_stop_timeout())]
+    pub stop_timeout: u32,
+    /// Wait until the VM is Running.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Strategy {
+    Always,
+    Manual,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Label selector, e.g. app=web,tier!=db
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Keep printing changes.
+    #[arg(short, long)]
+    pub watch: bool,
+}
+
+#[derive(Args)]
+pub struct ActionArgs {
+    pub name: String,
+    /// Wait until the VM reaches the resulting phase.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait may take, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub wait_timeout: u64,
+}
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// List nodes.
+    List(ListArgs),
+    /// Show one node.
+    Get { name: String },
+    /// Stop placing new VMs on a node.
+    Cordon { name: String },
+    /// Allow placing VMs on a node again.
+    Uncordon { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// List images.
+    List(ListArgs),
+    /// Import a qcow2 or raw disk image, or a kernel + initrd pair.
+    Import {
+        name: String,
+        /// Disk image file (qcow2 or raw; detected).
+        file: Option<PathBuf>,
+        /// Kernel for direct-kernel boot.
+        #[arg(long, requires = "initrd", conflicts_with = "file")]
+        kernel: Option<PathBuf>,
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// Kernel command line added for every VM of this image.
+        #[arg(long, requires = "kernel")]
+        kernel_args: Option<String>,
+    },
+    /// Delete an image no VM uses.
+    Delete { name: String },
+}
+
+pub fn client(g: &Global) -> Result<Client> {
+    let t = config::resolve(g.server.clone(), g.token.clone(), g.dev_dir.clone())?;
+    Ok(Client::new(&t.server, &t.token)?)
+}
+
+pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        VmCommand::Create(a) => {
+            let req = CreateVm {
+                name: a.name.clone(),
+                labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
+                spec: VmSpec {
+                    vcpus: a.vcpus,
+                    memory_mib: a.memory,
+                    image: a.image,
+                    disk_mib: a.disk,
+                    data_disk_mib: a.data_disk,
+                    run_strategy: match a.run_strategy {
+                        Strategy::Always => RunStrategy::Always,
+                        Strategy::Manual => RunStrategy::Manual,
+                    },
+                    power_state: if a.no_start {
+                        PowerState::Stopped
+                    } else {
+                        PowerState::Running
+                    },
+                    stop_timeout_s: a.stop_timeout,
+                    stop_grace_s: None,
+                    reboot_generation: 0,
+                    start_request: 0,
+                    kernel_args: a.kernel_args,
+                },
+            };
+            novacron_api::validate::create_vm(&req)
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            let vm = c.create_vm(&req).await?;
+            let vm = if a.wait {
+                let want = if a.no_start {
+                    VmPhase::Stopped
+                } else {
+                    VmPhase::Running
+                };
+                wait_phase(
+                    &c,
+                    &vm.metadata.name,
+                    want,
+                    vm.metadata.generation,
+                    Duration::from_secs(300),
+                )
+                .await?
+            } else {
+                vm
+            };
+            output::vm(g.output, &vm)
+        }
+        VmCommand::List(a) => {
+            list::<Vm>(g, &c, a, output::vms, |vm| output::vm_row(vm).join("  ")).await
+        }
+        VmCommand::Get { name } => output::vm(g.output, &c.get::<Vm>(&name).await?),
+        VmCommand::Start(a) => action(g, &c, a, "start", None, VmPhase::Running).await,
+        VmCommand::Stop {
+            action: a,
+            force,
+            timeout,
+        } => {
+            let body = StopVm {
+                force,
+                timeout_s: timeout,
+            };
+            action(g, &c, a, "stop", Some(&body), VmPhase::Stopped).await
+        }
+        VmCommand::Reboot(a) => action(g, &c, a, "reboot", None, VmPhase::Running).await,
+        VmCommand::Pause(a) => action(g, &c, a, "pause", None, VmPhase::Paused).await,
+        VmCommand::Resume(a) => action(g, &c, a, "resume", None, VmPhase::Running).await,
+        VmCommand::Delete { action: a, force } => {
+            c.delete_vm(&a.name, force).await?;
+            if a.wait {
+                let deadline = Instant::now() + Duration::from_secs(a.wait_timeout);
+                loop {
+                    match c.get::<Vm>(&a.name).await {
+                        Err(e) if e.is_not_found() => break,
+                        Err(e) => return Err(e.into()),
+                        Ok(_) if Instant::now() > deadline => {
+                            bail!("VM {:?} still exists after {}s", a.name, a.wait_timeout)
+                        }
+                        Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+                println!("vm {:?} deleted", a.name);
+            } else {
+                println!("vm {:?} deletion requested", a.name);
+            }
+            Ok(())
+        }
+        VmCommand::Console { name } => crate::console::attach(&c, &name).await,
+        VmCommand::Logs { name, follow, tail } => logs(&c, &name, follow, tail).await,
+    }
+}
+
+async fn action(
+    g: &Global,
+    c: &Client,
+    a: ActionArgs,
+    what: &str,
+    stop: Option<&StopVm>,
+    want: VmPhase,
+) -> Result<()> {
+    let vm = c.vm_action(&a.name, what, stop).await?;
+    let vm = if a.wait {
+        wait_phase(
+            c,
+            &a.name,
+            want,
+            vm.metadata.generation,
+            Duration::from_secs(a.wait_timeout),
+        )
+        .await?
+    } else {
+        vm
+    };
+    output::vm(g.output, &vm)
+}
+
+/// Polls until the VM reaches `want`; fails early on Failed. Shows a spinner.
+/// Only statuses that observed `min_generation` (the spec the caller wrote) count.
+pub async fn wait_phase(
+    c: &Client,
+    name: &str,
+    want: VmPhase,
+    min_generation: u64,
+    timeout: Duration,
+) -> Result<Vm> {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let deadline = Instant::now() + timeout;
+    let result = loop {
+        let vm = c.get::<Vm>(name).await?;
+        bar.set_message(format!(
+            "{name}: {} {}",
+            vm.status.phase,
+            vm.status.reason.clone().unwrap_or_default()
+        ));
+        let current = vm.status.observed_generation >= min_generation;
+        if current && vm.status.phase == want {
+            break Ok(vm);
+        }
+        if current && vm.status.phase == VmPhase::Failed && want != VmPhase::Failed {
+            break Err(anyhow::anyhow!(
+                "VM {name:?} failed: {}",
+                vm.status.reason.unwrap_or_default()
+            ));
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!(
+                "VM {name:?} is {} after {}s, not {want}",
+                vm.status.phase,
+                timeout.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    bar.finish_and_clear();
+    result
+}
+
+async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usize>) -> Result<()> {
+    let mut stream = c.vm_logs(name, follow).await?;
+    let mut stdout = std::io::stdout();
+    if let Some(n) = tail {
+        // Print the last n lines of what is there, then (with --follow) continue live.
+        let mut buf = Vec::new();
+        if follow {
+            // A short window collects the existing log before streaming live.
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+            while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, stream.next()).await {
+                buf.extend_from_slice(&chunk?);
+            }
+        } else {
+            while let Some(chunk) = stream.next().await {
+                buf.extend_from_slice(&chunk?);
+            }
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let lines: Vec<&str> = text.lines().collect();
+        for l in &lines[lines.len().saturating_sub(n)..] {
+            writeln!(stdout, "{l}")?;
+        }
+        if !follow {
+            return Ok(());
+        }
+    }
+    while let Some(chunk) = stream.next().await {
+        stdout.write_all(&chunk?)?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+/// Lists every page; with `--watch`, then prints each change as a line.
+async fn list<T: Resource + serde::Serialize>(
+    g: &Global,
+    c: &Client,
+    a: ListArgs,
+    print: fn(Format, &[T]) -> Result<()>,
+    line: fn(&T) -> String,
+) -> Result<()> {
+    let (items, revision) = c.list_all::<T>(a.selector.as_deref()).await?;
+    print(g.output, &items)?;
+    if !a.watch {
+        return Ok(());
+    }
+    let mut watch = c.watch::<T>(revision, a.selector.as_deref()).await?;
+    while let Some(ev) = watch.next().await {
+        let ev = ev?;
+        match g.output {
+            Format::Table => println!("{:<9} {}", format!("{:?}", ev.event_type), line(&ev.object)),
+            _ => println!("{}", serde_json::to_string(&ev)?),
+        }
+    }
+    Ok(())
+}
+
+pub async fn node(g: &Global, cmd: NodeCommand) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        NodeCommand::List(a) => {
+            list::<Node>(g, &c, a, output::nodes, |n| {
+                format!(
+                    "{}  {}",
+                    n.metadata.name,
+                    if n.status.ready { "Ready" } else { "NotReady" }
+                )
+            })
+            .await
+        }
+        NodeCommand::Get { name } => output::print_data(
+            if g.output == Format::Table {
+                Format::Yaml
+            } else {
+                g.output
+            },
+            &c.get::<Node>(&name).await?,
+        ),
+        NodeCommand::Cordon { name } => {
+            let n = c.set_schedulable(&name, false).await?;
+            println!("node {:?} cordoned", n.metadata.name);
+            Ok(())
+        }
+        NodeCommand::Uncordon { name } => {
+            let n = c.set_schedulable(&name, true).await?;
+            println!("node {:?} uncordoned", n.metadata.name);
+            Ok(())
+        }
+    }
+}
+
+pub async fn image(g: &Global, cmd: ImageCommand) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        ImageCommand::List(a) => {
+            list::<Image>(g, &c, a, output::images, |i| {
+                format!("{}  {:?}", i.metadata.name, i.status.phase)
+            })
+            .await
+        }
+        ImageCommand::Delete { name } => {
+            c.delete::<Image>(&name).await?;
+            println!("image {name:?} deleted");
+            Ok(())
+        }
+        ImageCommand::Import {
+            name,
+            file,
+            kernel,
+            initrd,
+            kernel_args,
+        } => {
+            let image = import(
+                &c,
+                &name,
+                file.as_deref(),
+                kernel.as_deref().zip(initrd.as_deref()),
+                kernel_args,
+            )
+            .await?;
+            output::images(g.output, &[image])
+        }
+    }
+}
+
+/// Detects a disk file's format with qemu-img.
+async fn disk_format(path: &Path) -> Result<ImageFormat> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(path)
+        .output()
+        .await
+        .context("Cannot run qemu-img (install qemu-utils)")?;
+    if !out.status.success() {
+        bail!(
+            "{} is not a disk image: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    match info["format"].as_str() {
+        Some("qcow2") => Ok(ImageFormat::Qcow2),
+        Some("raw") => Ok(ImageFormat::Raw),
+        other => bail!("Unsupported image format {other:?}: use qcow2 or raw"),
+    }
+}
+
+pub async fn import(
+    c: &Client,
+    name: &str,
+    file: Option<&Path>,
+    kernel: Option<(&Path, &Path)>,
+    kernel_args: Option<String>,
+) -> Result<Image> {
+    let (format, parts): (ImageFormat, Vec<(ImagePart, &Path)>) = match (file, kernel) {
+        (Some(f), None) => (disk_format(f).await?, vec![(ImagePart::Disk, f)]),
+        (None, Some((k, i))) => (
+            ImageFormat::Kernel,
+            vec![(ImagePart::Kernel, k), (ImagePart::Initrd, i)],
+        ),
+        _ => bail!("Give a disk image FILE, or --kernel and --initrd"),
+    };
+    for (_, p) in &parts {
+        std::fs::metadata(p).with_context(|| format!("Cannot read {}", p.display()))?;
+    }
+    c.create_image(&CreateImage {
+        name: name.to_string(),
+        format,
+        labels: Default::default(),
+        kernel_args,
+    })
+    .await?;
+    let mut image = None;
+    for (part, path) in parts {
+        let file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("Cannot open {}", path.display()))?;
+        let len = file.metadata().await?.len();
+        let bar = ProgressBar::new(len);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("uploading {}", part.as_str()));
+        let progress = bar.clone();
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    progress.inc(c.len() as u64);
+                }
+                chunk
+            });
+        let result = c
+            .upload_image_part(name, part, reqwest::Body::wrap_stream(stream))
+            .await;
+        bar.finish_and_clear();
+        match result {
+            Ok(i) => image = Some(i),
+            Err(e) => {
+                // Leave nothing half-imported behind.
+                let _ = c.delete::<Image>(name).await;
+                return Err(e).with_context(|| format!("Uploading {} failed", path.display()));
+            }
+        }
+    }
+    image.context("no file uploaded")
+}

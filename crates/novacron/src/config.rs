@@ -1,0 +1,72 @@
+//! Where the CLI finds the server and its token: flags and environment
+//! (`NOVACRON_SERVER`, `NOVACRON_TOKEN`), then `~/.config/novacron/config.json`,
+//! then the local dev cluster's data directory.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_DEV_PORT: u16 = 8420;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ConfigFile {
+    pub server: Option<String>,
+    pub token: Option<String>,
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+pub fn config_path() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".config"))
+        .join("novacron/config.json")
+}
+
+/// Default data directory of `novacron dev`.
+pub fn default_dev_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".local/share"))
+        .join("novacron/dev")
+}
+
+pub struct Target {
+    pub server: String,
+    pub token: String,
+}
+
+pub fn resolve(
+    server: Option<String>,
+    token: Option<String>,
+    dev_dir: Option<PathBuf>,
+) -> Result<Target> {
+    let file: ConfigFile = match std::fs::read(config_path()) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("Invalid config file {}", config_path().display()))?,
+        Err(_) => ConfigFile::default(),
+    };
+    let dev_dir = dev_dir.unwrap_or_else(default_dev_dir);
+    let dev_url = std::fs::read_to_string(dev_dir.join("server.url"))
+        .ok()
+        .map(|s| s.trim().to_string());
+    let dev_token = std::fs::read_to_string(dev_dir.join("server/admin.token"))
+        .ok()
+        .map(|s| s.trim().to_string());
+    let server = server
+        .or(file.server)
+        .or(dev_url)
+        .unwrap_or_else(|| format!("http://127.0.0.1:{DEFAULT_DEV_PORT}"));
+    let Some(token) = token.or(file.token).or(dev_token) else {
+        bail!(
+            "No API token: set NOVACRON_TOKEN, pass --token, put it in {}, or start a dev cluster with `novacron dev`",
+            config_path().display()
+        );
+    };
+    Ok(Target { server, token })
+}

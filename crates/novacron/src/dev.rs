@@ -1,0 +1,161 @@
+//! `novacron dev`: a whole cluster in one process for first contact, demos
+//! and tests: a server, N agents with their own data directories, and the
+//! demo guest image imported.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use novacron_api::client::Client;
+use novacron_api::{Image, ImagePhase};
+use tokio_util::sync::CancellationToken;
+
+use crate::{config, parse_duration, parse_mib, AgentArgs, ServerArgs};
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Data directory (default: ~/.local/share/novacron/dev).
+    #[arg(long, env = "NOVACRON_DEV_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8420")]
+    pub listen: SocketAddr,
+    /// Number of node agents.
+    #[arg(long, default_value_t = 2)]
+    pub agents: u32,
+    /// vCPUs each agent offers.
+    #[arg(long, default_value_t = 4)]
+    pub agent_vcpus: u32,
+    /// Memory each agent offers.
+    #[arg(long, default_value = "4GiB", value_parser = parse_mib)]
+    pub agent_memory: u64,
+    /// Directory with the demo guest (vmlinuz, initrd.img) built by scripts/build-guest-image.sh.
+    #[arg(long, env = "NOVACRON_GUEST_DIR")]
+    pub guest_dir: Option<PathBuf>,
+    /// auto, kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub node_grace: Duration,
+}
+
+/// Finds the demo guest: the flag, else `target/guest` beside the binary's
+/// target directory, else `./target/guest`.
+fn guest_dir(flag: Option<PathBuf>) -> Option<PathBuf> {
+    let has_guest = |d: &Path| d.join("vmlinuz").exists() && d.join("initrd.img").exists();
+    if let Some(d) = flag {
+        return Some(d);
+    }
+    let beside_exe = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|t| t.join("guest")));
+    [beside_exe, Some(PathBuf::from("target/guest"))]
+        .into_iter()
+        .flatten()
+        .find(|d| has_guest(d))
+}
+
+async fn wait_ready(base: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("Server did not become ready at {base}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn run(
+    a: DevArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let dir = a.data_dir.clone().unwrap_or_else(config::default_dev_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    let stop = CancellationToken::new();
+
+    let server_args = ServerArgs {
+        data_dir: dir.join("server"),
+        listen: a.listen,
+        node_grace: a.node_grace,
+    };
+    let server = tokio::spawn(novacron_server::run(
+        crate::server_config(&server_args),
+        stop.clone().cancelled_owned(),
+    ));
+    let base = format!("http://{}", a.listen);
+    wait_ready(&base).await?;
+    std::fs::write(dir.join("server.url"), format!("{base}\n"))?;
+    let token = std::fs::read_to_string(dir.join("server/admin.token"))
+        .context("Cannot read the admin token")?
+        .trim()
+        .to_string();
+
+    let mut agents = Vec::new();
+    for i in 1..=a.agents {
+        let args = AgentArgs {
+            name: format!("node-{i}"),
+            data_dir: dir.join(format!("agent-{i}")),
+            listen: "127.0.0.1:0".parse()?,
+            advertise: None,
+            vcpus: Some(a.agent_vcpus),
+            memory: Some(a.agent_memory),
+            labels: vec![("novacron.io/dev".into(), "true".into())],
+            heartbeat: a.heartbeat,
+            qemu: "qemu-system-x86_64".into(),
+            accel: a.accel.clone(),
+            probe_timeout: Duration::from_secs(2),
+        };
+        let cfg = crate::agent_config(&args, base.clone(), token.clone());
+        agents.push(tokio::spawn(novacron_agent::run(
+            cfg,
+            stop.clone().cancelled_owned(),
+        )));
+    }
+
+    let client = Client::new(&base, &token)?;
+    match client.get::<Image>("demo").await {
+        Ok(img) if img.status.phase == ImagePhase::Ready => {}
+        _ => match guest_dir(a.guest_dir.clone()) {
+            Some(g) => {
+                let _ = client.delete::<Image>("demo").await;
+                crate::commands::import(
+                    &client,
+                    "demo",
+                    None,
+                    Some((&g.join("vmlinuz"), &g.join("initrd.img"))),
+                    None,
+                )
+                .await
+                .context("Cannot import the demo image")?;
+                tracing::info!(dir = %g.display(), "imported demo image");
+            }
+            None => tracing::warn!(
+                "demo guest not found: run scripts/build-guest-image.sh (or pass --guest-dir)"
+            ),
+        },
+    }
+
+    eprintln!(
+        "NovaCron dev cluster is up: server {base}, {} agent(s), data in {}\n  try: novacron vm create demo-1 --image demo --memory 256MiB --wait\n  stop with Ctrl-C (VMs keep running and are re-adopted next time)",
+        a.agents,
+        dir.display()
+    );
+    shutdown.await;
+    stop.cancel();
+    for agent in agents {
+        let _ = agent.await;
+    }
+    match server.await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,197 @@
+//! Output formats: tables for people, JSON/YAML for programs.
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use clap::ValueEnum;
+use comfy_table::{presets::NOTHING, Table};
+use novacron_api::units::format_mib;
+use novacron_api::{Image, Node, Vm};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+pub fn print_data<T: Serialize>(format: Format, value: &T) -> Result<()> {
+    match format {
+        Format::Yaml => print!("{}", serde_norway::to_string(value)?),
+        _ => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING).set_header(header.to_vec());
+    t
+}
+
+pub fn age(t: DateTime<Utc>) -> String {
+    let s = (Utc::now() - t).num_seconds().max(0);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+pub fn vm_row(vm: &Vm) -> Vec<String> {
+    vec![
+        vm.metadata.name.clone(),
+        vm.status.phase.to_string(),
+        vm.status.node.clone().unwrap_or_else(|| "-".into()),
+        vm.spec.vcpus.to_string(),
+        format_mib(vm.spec.memory_mib),
+        vm.spec.image.clone(),
+        age(vm.metadata.created_at),
+        vm.status.reason.clone().unwrap_or_default(),
+    ]
+}
+
+pub const VM_HEADER: &[&str] = &[
+    "NAME", "PHASE", "NODE", "VCPUS", "MEMORY", "IMAGE", "AGE", "REASON",
+];
+
+pub fn vms(format: Format, items: &[Vm]) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, &items);
+    }
+    let mut t = table(VM_HEADER);
+    for vm in items {
+        t.add_row(vm_row(vm));
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub fn vm(format: Format, vm: &Vm) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, vm);
+    }
+    let mut t = table(&["FIELD", "VALUE"]);
+    let rows: Vec<(&str, String)> = vec![
+        ("name", vm.metadata.name.clone()),
+        ("id", vm.metadata.id.clone()),
+        ("phase", vm.status.phase.to_string()),
+        ("reason", vm.status.reason.clone().unwrap_or_default()),
+        ("node", vm.status.node.clone().unwrap_or_else(|| "-".into())),
+        ("vcpus", vm.spec.vcpus.to_string()),
+        ("memory", format_mib(vm.spec.memory_mib)),
+        ("image", vm.spec.image.clone()),
+        ("power state", format!("{:?}", vm.spec.power_state)),
+        ("run strategy", format!("{:?}", vm.spec.run_strategy)),
+        (
+            "qemu pid",
+            vm.status
+                .qemu_pid
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+        ),
+        ("accel", vm.status.accel.clone().unwrap_or_default()),
+        ("restarts", vm.status.restarts.to_string()),
+        (
+            "labels",
+            vm.metadata
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        ("created", vm.metadata.created_at.to_rfc3339()),
+    ];
+    for (k, v) in rows {
+        t.add_row(vec![k.to_string(), v]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub fn nodes(format: Format, items: &[Node]) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, &items);
+    }
+    let mut t = table(&[
+        "NAME",
+        "STATUS",
+        "SCHEDULABLE",
+        "VCPUS",
+        "MEMORY",
+        "VMS",
+        "ACCEL",
+        "ADDRESS",
+        "AGE",
+    ]);
+    for n in items {
+        let status = if n.status.ready {
+            "Ready".to_string()
+        } else {
+            "NotReady".to_string()
+        };
+        t.add_row(vec![
+            n.metadata.name.clone(),
+            status,
+            if n.spec.schedulable {
+                "yes".into()
+            } else {
+                "no (cordoned)".into()
+            },
+            format!("{}/{}", n.status.allocated.vcpus, n.status.capacity.vcpus),
+            format!(
+                "{}/{}",
+                format_mib(n.status.allocated.memory_mib),
+                format_mib(n.status.capacity.memory_mib)
+            ),
+            n.status.vm_count.to_string(),
+            n.status.accel.clone(),
+            n.spec.address.clone(),
+            age(n.metadata.created_at),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub fn images(format: Format, items: &[Image]) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, &items);
+    }
+    let mut t = table(&[
+        "NAME",
+        "FORMAT",
+        "PHASE",
+        "SIZE",
+        "VIRTUAL SIZE",
+        "SHA256",
+        "AGE",
+    ]);
+    for i in items {
+        let size: u64 = i.status.files.iter().map(|f| f.size_bytes).sum();
+        let sha = i
+            .status
+            .files
+            .first()
+            .map(|f| f.sha256[..12.min(f.sha256.len())].to_string())
+            .unwrap_or_default();
+        t.add_row(vec![
+            i.metadata.name.clone(),
+            i.spec.format.to_string(),
+            format!("{:?}", i.status.phase),
+            format_mib(size.div_ceil(1024 * 1024)),
+            if i.status.virtual_size_bytes > 0 {
+                format_mib(i.status.virtual_size_bytes.div_ceil(1024 * 1024))
+            } else {
+                "-".into()
+            },
+            sha,
+            age(i.metadata.created_at),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
