@@ -267,6 +267,7 @@ int main(int argc, char **argv)
 	double verify_pages_s = verify_mib_s * 256.0;
 	double t0 = now_s(), last = t0, next_report = t0;
 	double write_credit = 0, verify_credit = 0;
+	int first_report = 1;
 
 	while (!stop_requested) {
 		double t = now_s();
@@ -278,11 +279,15 @@ int main(int argc, char **argv)
 			dt = 1.0;
 
 		if (t >= next_report) {
+			/* The first line gets a leading newline: at boot it usually
+			 * follows the console shell's prompt, which ends without one. */
 			snprintf(buf, sizeof buf,
-				 "NOVACRON-WORKLOAD gen=%llu pages=%llu verified=%llu errors=%llu\n",
+				 "%sNOVACRON-WORKLOAD gen=%llu pages=%llu verified=%llu errors=%llu\n",
+				 first_report ? "\n" : "",
 				 (unsigned long long)pass, (unsigned long long)npages,
 				 (unsigned long long)verified, (unsigned long long)errors);
 			out(buf);
+			first_report = 0;
 			next_report += report_s;
 			if (next_report < t)
 				next_report = t + report_s;
