@@ -23,8 +23,11 @@ use crate::qemu::{self, LaunchSpec, VmDir};
 #[derive(Default)]
 pub struct Runtime {
     qmp: Option<Arc<Qmp>>,
-    /// When the ACPI power button was pressed for the stop in progress.
+    /// When the ACPI power button was first pressed for the stop in progress.
     powerdown_sent: Option<Instant>,
+    /// Last press; the button is pressed again while waiting, because a guest
+    /// still booting (no ACPI listener yet) drops the first press.
+    last_press: Option<Instant>,
     /// QEMU reported a guest-initiated shutdown.
     guest_shutdown: Arc<AtomicBool>,
     /// Earliest time of the next start attempt after a failure (run strategy Always).
@@ -63,6 +66,7 @@ pub enum ReconcileError {
 }
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+const REPRESS_EVERY: Duration = Duration::from_secs(3);
 
 impl Reconciler {
     pub fn vm_dir(&self, id: &str) -> VmDir {
@@ -148,7 +152,21 @@ impl Reconciler {
                         st.phase = VmPhase::Stopped;
                         st.qemu_pid = None;
                     }
-                    Some(_) => st.phase = VmPhase::Stopping,
+                    Some(_) => {
+                        st.phase = VmPhase::Stopping;
+                        let due = self
+                            .runtimes
+                            .get(&id)
+                            .and_then(|r| r.last_press)
+                            .is_none_or(|t| t.elapsed() >= REPRESS_EVERY);
+                        if due {
+                            if let Some(q) = self.qmp(&id, &dir).await {
+                                let _ = q.system_powerdown().await;
+                            }
+                            self.runtimes.entry(id.clone()).or_default().last_press =
+                                Some(Instant::now());
+                        }
+                    }
                 }
                 if st.phase == VmPhase::Stopped {
                     st.observed_start_request = vm.spec.start_request;

@@ -16,7 +16,7 @@ pub fn parse_mib(s: &str) -> Result<u64, String> {
     let kib = n
         .checked_mul(factor_kib)
         .ok_or_else(|| format!("size {s:?} is too large"))?;
-    if kib % 1024 != 0 {
+    if !kib.is_multiple_of(1024) {
         return Err(format!("size {s:?} is not a whole number of MiB"));
     }
     Ok(kib / 1024)
@@ -24,7 +24,7 @@ pub fn parse_mib(s: &str) -> Result<u64, String> {
 
 /// Formats MiB for people.
 pub fn format_mib(mib: u64) -> String {
-    if mib >= 1024 && mib % 1024 == 0 {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
         format!("{}GiB", mib / 1024)
     } else {
         format!("{mib}MiB")

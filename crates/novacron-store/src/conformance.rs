@@ -1,3 +1,6 @@
+// Test code shared by every backend's tests: failing loudly is the point.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 //! Behaviour every [`Store`] backend must have. Backends call [`run_all`] from
 //! their tests with a factory for fresh, empty stores.
 

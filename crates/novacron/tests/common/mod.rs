@@ -1,0 +1,441 @@
+//! Test harness: a real server and real agents as processes, in a temp dir,
+//! on ports chosen at runtime. Dropping the cluster kills every process whose
+//! command line mentions the temp dir (server, agents and their QEMUs), so
+//! nothing outlives a test, also when it fails.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use novacron_api::client::Client;
+use novacron_api::{CreateVm, PowerState, RunStrategy, Vm, VmPhase, VmSpec};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_novacron");
+
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("NOVACRON_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"));
+    assert!(
+        dir.join("vmlinuz").exists() && dir.join("initrd.img").exists(),
+        "demo guest missing in {}: run scripts/build-guest-image.sh",
+        dir.display()
+    );
+    dir
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `check` until it returns Some, or panics after `timeout`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub struct AgentProc {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub child: Child,
+    pub args: Vec<String>,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub url: String,
+    pub token: String,
+    pub client: Client,
+    pub server: Option<Child>,
+    pub server_args: Vec<String>,
+    pub agents: Vec<AgentProc>,
+}
+
+pub struct Options {
+    pub agents: usize,
+    pub agent_memory: &'static str,
+    pub agent_vcpus: u32,
+    pub heartbeat: &'static str,
+    pub node_grace: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            agents: 1,
+            agent_memory: "2GiB",
+            agent_vcpus: 4,
+            heartbeat: "1s",
+            node_grace: "15s",
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> Stdio {
+    std::fs::File::create(dir.join(format!("{name}.log")))
+        .map(Stdio::from)
+        .unwrap_or(Stdio::null())
+}
+
+impl Cluster {
+    pub async fn start(opts: Options) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("nc-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let server_args = vec![
+            "server".to_string(),
+            "--data-dir".into(),
+            dir.path().join("server").display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--node-grace".into(),
+            opts.node_grace.into(),
+        ];
+        let mut cluster = Cluster {
+            port,
+            url: url.clone(),
+            token: String::new(),
+            client: Client::new(&url, "none").expect("client"),
+            server: None,
+            server_args,
+            agents: Vec::new(),
+            dir,
+        };
+        cluster.start_server().await;
+        let token_path = cluster.dir.path().join("server/admin.token");
+        cluster.token = std::fs::read_to_string(&token_path)
+            .expect("admin token")
+            .trim()
+            .to_string();
+        cluster.client = Client::new(&url, &cluster.token).expect("client");
+        for i in 1..=opts.agents {
+            cluster
+                .add_agent(
+                    &format!("node-{i}"),
+                    opts.agent_vcpus,
+                    opts.agent_memory,
+                    opts.heartbeat,
+                )
+                .await;
+        }
+        cluster
+    }
+
+    pub async fn start_server(&mut self) {
+        let child = Command::new(BIN)
+            .args(&self.server_args)
+            .env("NOVACRON_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir.path(), "server"))
+            .spawn()
+            .expect("spawn server");
+        self.server = Some(child);
+        let http = reqwest::Client::new();
+        let url = format!("{}/readyz", self.url);
+        wait_until("server ready", Duration::from_secs(30), || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                http.get(&url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    pub fn kill_server(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn add_agent(&mut self, name: &str, vcpus: u32, memory: &str, heartbeat: &str) {
+        let data_dir = self.dir.path().join(name);
+        let args = vec![
+            "agent".to_string(),
+            "--server".into(),
+            self.url.clone(),
+            "--token".into(),
+            self.token.clone(),
+            "--name".into(),
+            name.into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--vcpus".into(),
+            vcpus.to_string(),
+            "--memory".into(),
+            memory.into(),
+            "--heartbeat".into(),
+            heartbeat.into(),
+            // The probe itself is tested on its own; agents here go straight to TCG.
+            "--accel".into(),
+            "tcg".into(),
+        ];
+        let child = self.spawn_agent(name, &args);
+        self.agents.push(AgentProc {
+            name: name.into(),
+            data_dir,
+            child,
+            args,
+        });
+        let client = self.client.clone();
+        let n = name.to_string();
+        wait_until(
+            "agent registered and Ready",
+            Duration::from_secs(30),
+            || {
+                let client = client.clone();
+                let n = n.clone();
+                async move {
+                    client
+                        .get::<novacron_api::Node>(&n)
+                        .await
+                        .ok()
+                        .filter(|node| node.status.ready)
+                        .map(|_| ())
+                }
+            },
+        )
+        .await;
+    }
+
+    fn spawn_agent(&self, name: &str, args: &[String]) -> Child {
+        Command::new(BIN)
+            .args(args)
+            .env("NOVACRON_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir.path(), name))
+            .spawn()
+            .expect("spawn agent")
+    }
+
+    pub fn agent(&mut self, name: &str) -> &mut AgentProc {
+        self.agents
+            .iter_mut()
+            .find(|a| a.name == name)
+            .expect("agent")
+    }
+
+    pub fn kill_agent(&mut self, name: &str) {
+        let a = self.agent(name);
+        let _ = a.child.kill();
+        let _ = a.child.wait();
+    }
+
+    pub fn restart_agent(&mut self, name: &str) {
+        self.kill_agent(name);
+        let args = self.agent(name).args.clone();
+        let child = self.spawn_agent(name, &args);
+        self.agent(name).child = child;
+    }
+
+    pub async fn import_demo(&self) {
+        let g = guest_dir();
+        let out = self
+            .cli(&[
+                "image",
+                "import",
+                "demo",
+                "--kernel",
+                &g.join("vmlinuz").display().to_string(),
+                "--initrd",
+                &g.join("initrd.img").display().to_string(),
+            ])
+            .output()
+            .expect("cli");
+        assert!(
+            out.status.success(),
+            "image import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A CLI command pointed at this cluster.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env("NOVACRON_SERVER", &self.url)
+            .env("NOVACRON_TOKEN", &self.token)
+            .env("NOVACRON_DEV_DIR", self.dir.path().join("no-dev"))
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub async fn create_vm(
+        &self,
+        name: &str,
+        memory_mib: u64,
+        strategy: RunStrategy,
+        data_disk: bool,
+    ) -> Vm {
+        self.client
+            .create_vm(&CreateVm {
+                name: name.into(),
+                labels: Default::default(),
+                spec: VmSpec {
+                    vcpus: 1,
+                    memory_mib,
+                    image: "demo".into(),
+                    disk_mib: Some(256),
+                    data_disk_mib: data_disk.then_some(64),
+                    run_strategy: strategy,
+                    power_state: PowerState::Running,
+                    stop_timeout_s: 30,
+                    stop_grace_s: None,
+                    reboot_generation: 0,
+                    start_request: 0,
+                    kernel_args: None,
+                },
+            })
+            .await
+            .expect("create vm")
+    }
+
+    pub async fn vm(&self, name: &str) -> Vm {
+        self.client.get::<Vm>(name).await.expect("get vm")
+    }
+
+    pub async fn wait_phase(&self, name: &str, phase: VmPhase, timeout: Duration) -> Vm {
+        let client = self.client.clone();
+        wait_until(&format!("{name} to be {phase}"), timeout, || {
+            let client = client.clone();
+            let name = name.to_string();
+            async move {
+                client
+                    .get::<Vm>(&name)
+                    .await
+                    .ok()
+                    .filter(|v| v.status.phase == phase)
+            }
+        })
+        .await
+    }
+
+    pub async fn logs(&self, name: &str) -> String {
+        use futures::StreamExt;
+        let mut s = match self.client.vm_logs(name, false).await {
+            Ok(s) => s,
+            Err(_) => return String::new(),
+        };
+        let mut out = Vec::new();
+        while let Some(Ok(chunk)) = s.next().await {
+            out.extend_from_slice(&chunk);
+        }
+        String::from_utf8_lossy(&out).to_string()
+    }
+
+    /// Waits until the console log has `n` lines containing `marker`.
+    pub async fn wait_console(
+        &self,
+        name: &str,
+        marker: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> String {
+        wait_until(
+            &format!("{n}x {marker:?} on {name}'s console"),
+            timeout,
+            || async {
+                let log = self.logs(name).await;
+                (log.lines().filter(|l| l.contains(marker)).count() >= n).then_some(log)
+            },
+        )
+        .await
+    }
+
+    /// Pids of QEMU processes whose command line mentions this cluster's dir.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        pids_mentioning(self.dir.path(), "qemu-system")
+    }
+}
+
+/// Processes whose command line contains `dir` (and `program`, if not empty).
+pub fn pids_mentioning(dir: &Path, program: &str) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let state_ok = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false);
+        if state_ok && cmd.contains(&needle) && cmd.contains(program) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.child.kill();
+            let _ = a.child.wait();
+        }
+        self.kill_server();
+        // QEMU runs daemonized (own session), so find it by its paths.
+        for _ in 0..50 {
+            let pids = pids_mentioning(self.dir.path(), "");
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if std::thread::panicking() {
+            // Keep the logs of a failed test visible.
+            for f in ["server.log", "node-1.log", "node-2.log"] {
+                if let Ok(log) = std::fs::read_to_string(self.dir.path().join(f)) {
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    eprintln!("--- {f} (last 40 lines) ---");
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! A real TCG guest through its whole life: create (overlay root disk and a
+//! data disk), boot marker on the console, placement, console and logs over
+//! the CLI, pause/resume, reboot, ACPI stop, start, force stop, delete.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test harness code: panics are failures
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{wait_until, Cluster, Options};
+use novacron_api::{Node, VmPhase};
+
+const BOOT: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_lifecycle_on_a_real_guest() {
+    let c = Cluster::start(Options {
+        agents: 2,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    // Make node-2 the node with the most free memory.
+    let out = c
+        .cli(&[
+            "vm",
+            "create",
+            "filler",
+            "--image",
+            "demo",
+            "--memory",
+            "512MiB",
+            "--no-start",
+        ])
+        .output()
+        .expect("cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let filler = c
+        .wait_phase("filler", VmPhase::Stopped, Duration::from_secs(20))
+        .await;
+    let busy = filler.status.node.clone().expect("placed");
+
+    let out = c
+        .cli(&[
+            "vm",
+            "create",
+            "web",
+            "--image",
+            "demo",
+            "--memory",
+            "256MiB",
+            "--data-disk",
+            "64MiB",
+            "--label",
+            "app=web",
+            "--wait",
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vm: novacron_api::Vm = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(vm.status.phase, VmPhase::Running);
+    let node = vm.status.node.clone().expect("node");
+    assert_ne!(
+        node, busy,
+        "placement should prefer the node with more free memory"
+    );
+    let pid = vm.status.qemu_pid.expect("pid");
+    assert_eq!(vm.status.accel.as_deref(), Some("tcg"));
+
+    // The guest boots, formats its disks and prints its marker.
+    let log = c
+        .wait_console("web", "NOVACRON-GUEST-READY name=web", 1, BOOT)
+        .await;
+    assert!(log.contains("NOVACRON-BOOT count=1"), "{log}");
+    assert!(log.contains("NOVACRON-DISK ok"), "{log}");
+
+    // Overlay disks exist in the node's data dir, on top of the cached image.
+    let vm_dir = c.dir.path().join(&node).join("vms").join(&vm.metadata.id);
+    assert!(vm_dir.join("root.qcow2").exists() && vm_dir.join("data.qcow2").exists());
+
+    // Node accounting includes the VM.
+    let n = c.client.get::<Node>(&node).await.expect("node");
+    assert_eq!(n.status.allocated.memory_mib, 256);
+
+    // Console: a command typed on the serial console runs in the guest.
+    let mut console = c
+        .cli(&["vm", "console", "web"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("console");
+    console
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"\necho console-$((40+2))\n")
+        .expect("type");
+    drop(console.stdin.take());
+    let out = tokio::task::spawn_blocking(move || console.wait_with_output())
+        .await
+        .expect("join")
+        .expect("console output");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("console-42"),
+        "console said: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Logs through the CLI, including --tail.
+    let out = c
+        .cli(&["vm", "logs", "web", "--tail", "200"])
+        .output()
+        .expect("logs");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NOVACRON-GUEST-READY"));
+
+    // Pause and resume keep the same process.
+    let out = c
+        .cli(&["vm", "pause", "web", "--wait"])
+        .output()
+        .expect("pause");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.vm("web").await.status.phase, VmPhase::Paused);
+    let out = c
+        .cli(&["vm", "resume", "web", "--wait"])
+        .output()
+        .expect("resume");
+    assert!(out.status.success());
+    assert_eq!(c.vm("web").await.status.qemu_pid, Some(pid));
+
+    // Reboot: same QEMU, the guest boots a second time (its boot counter lives on the root disk).
+    let out = c.cli(&["vm", "reboot", "web"]).output().expect("reboot");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = c.wait_console("web", "NOVACRON-GUEST-READY", 2, BOOT).await;
+    assert!(log.contains("NOVACRON-BOOT count=2"), "{log}");
+    assert_eq!(c.vm("web").await.status.qemu_pid, Some(pid));
+
+    // Graceful stop through the ACPI power button: well before the 30 s timeout, no force.
+    let started = std::time::Instant::now();
+    let out = c
+        .cli(&["vm", "stop", "web", "--wait"])
+        .output()
+        .expect("stop");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stopped = c.vm("web").await;
+    assert_eq!(stopped.status.phase, VmPhase::Stopped);
+    assert!(
+        stopped.status.reason.is_none(),
+        "graceful stop was forced: {:?}",
+        stopped.status.reason
+    );
+    assert!(started.elapsed() < Duration::from_secs(25));
+    assert!(c.qemu_pids().is_empty(), "QEMU still running after stop");
+
+    // Start again: the disks persist (third boot).
+    let out = c
+        .cli(&["vm", "start", "web", "--wait"])
+        .output()
+        .expect("start");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = c
+        .wait_console("web", "NOVACRON-BOOT count=3", 1, BOOT)
+        .await;
+    assert!(log.contains("NOVACRON-DISK ok"));
+
+    // Force stop kills at once.
+    let out = c
+        .cli(&["vm", "stop", "web", "--force", "--wait"])
+        .output()
+        .expect("force stop");
+    assert!(out.status.success());
+    assert_eq!(
+        c.vm("web").await.status.reason.as_deref(),
+        Some("Forced off")
+    );
+    assert!(c.qemu_pids().is_empty());
+
+    // Start, then delete while running: process, disks and state dir all go.
+    c.cli(&["vm", "start", "web", "--wait"])
+        .output()
+        .expect("start");
+    assert_eq!(c.qemu_pids().len(), 1);
+    let out = c
+        .cli(&["vm", "delete", "web", "--wait"])
+        .output()
+        .expect("delete");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(c
+        .client
+        .get::<novacron_api::Vm>("web")
+        .await
+        .map_err(|e| e.is_not_found())
+        .err()
+        .unwrap_or(false));
+    assert!(c.qemu_pids().is_empty(), "QEMU left after delete");
+    assert!(!vm_dir.exists(), "VM directory left after delete");
+
+    // A stopped VM that was never started deletes cleanly too.
+    c.cli(&["vm", "delete", "filler", "--wait"])
+        .output()
+        .expect("delete");
+    wait_until("filler gone", Duration::from_secs(10), || async {
+        c.client
+            .get::<novacron_api::Vm>("filler")
+            .await
+            .err()
+            .filter(|e| e.is_not_found())
+            .map(|_| ())
+    })
+    .await;
+}
