@@ -374,3 +374,100 @@ async fn vm_stays_pending_until_capacity_appears() {
     assert_eq!(placed.status.node.as_deref(), Some("node-2"));
     assert_eq!(placed.spec.run_strategy, RunStrategy::Manual);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_import_records_format_checksum_and_size() {
+    use novacron_api::{Image, ImageFormat, ImagePhase};
+    use sha2::Digest;
+    let c = Cluster::start(Options::default()).await;
+    let dir = c.dir.path().join("imgs");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let qemu_img = |args: &[&str]| {
+        let st = std::process::Command::new("qemu-img")
+            .args(args)
+            .current_dir(&dir)
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+    };
+    qemu_img(&["create", "-q", "-f", "qcow2", "disk.qcow2", "64M"]);
+    qemu_img(&["create", "-q", "-f", "raw", "disk.raw", "8M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        "disk.qcow2",
+        "overlay.qcow2",
+    ]);
+
+    for (name, file, format, virtual_mib) in [
+        ("q", "disk.qcow2", ImageFormat::Qcow2, 64),
+        ("r", "disk.raw", ImageFormat::Raw, 8),
+    ] {
+        let path = dir.join(file);
+        let out = c
+            .cli(&["image", "import", name, &path.display().to_string()])
+            .output()
+            .expect("cli");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let img = c.client.get::<Image>(name).await.expect("image");
+        assert_eq!(
+            (img.spec.format, img.status.phase),
+            (format, ImagePhase::Ready)
+        );
+        assert_eq!(img.status.virtual_size_bytes, virtual_mib * 1024 * 1024);
+        let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&path).expect("read")));
+        assert_eq!(img.status.files[0].sha256, sha);
+    }
+    // A qcow2 with a backing file could point anywhere on the server: refused,
+    // and the half-made image record is removed.
+    let out = c
+        .cli(&[
+            "image",
+            "import",
+            "bad",
+            &dir.join("overlay.qcow2").display().to_string(),
+        ])
+        .output()
+        .expect("cli");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("backing file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(c.client.get::<Image>("bad").await.is_err());
+    // Missing file, and a part the format does not have.
+    assert!(!c
+        .cli(&["image", "import", "gone", "/nonexistent.qcow2"])
+        .output()
+        .expect("cli")
+        .status
+        .success());
+    let (s, b) = raw(
+        &c,
+        reqwest::Method::PUT,
+        "/v1/images/q/files/kernel",
+        Some(&c.token),
+        Some("x".into()),
+    )
+    .await;
+    assert_eq!(s, 422, "{b}");
+    let out = c
+        .cli(&["image", "list", "-o", "yaml"])
+        .output()
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("name: q") && text.contains("name: r"),
+        "{text}"
+    );
+}
