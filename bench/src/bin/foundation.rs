@@ -53,15 +53,10 @@ impl Drop for Procs {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
-            let cmd = String::from_utf8_lossy(
-                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
-            )
-            .replace('\0', " ");
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+                .replace('\0', " ");
             if cmd.contains(&needle) && pid as u32 != std::process::id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
     }
@@ -83,9 +78,7 @@ async fn wait_http(url: &str) -> Result<()> {
 }
 
 fn port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
@@ -136,10 +129,7 @@ async fn boot_plain_qemu(work: &Path, guest: &Path, i: usize) -> Result<f64> {
         .arg(guest.join("initrd.img"))
         .args(["-append", "console=ttyS0 novacron.name=plain"])
         .arg("-drive")
-        .arg(format!(
-            "if=none,id=root,file={},format=qcow2",
-            disk.display()
-        ))
+        .arg(format!("if=none,id=root,file={},format=qcow2", disk.display()))
         .args(["-device", "virtio-blk-pci,drive=root"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
@@ -147,10 +137,7 @@ async fn boot_plain_qemu(work: &Path, guest: &Path, i: usize) -> Result<f64> {
         .stderr(Stdio::null())
         .spawn()?;
     let result = loop {
-        if std::fs::read_to_string(&serial)
-            .unwrap_or_default()
-            .contains(MARKER)
-        {
+        if std::fs::read_to_string(&serial).unwrap_or_default().contains(MARKER) {
             break Ok(started.elapsed().as_secs_f64());
         }
         if started.elapsed() > Duration::from_secs(180) {
@@ -280,9 +267,7 @@ async fn main() -> Result<()> {
     if !bin.exists() || !guest.join("vmlinuz").exists() {
         bail!("build first: cargo build --release -p novacron && scripts/build-guest-image.sh");
     }
-    let work = tempfile::Builder::new()
-        .prefix("nc-bench-")
-        .tempdir_in("/tmp")?;
+    let work = tempfile::Builder::new().prefix("nc-bench-").tempdir_in("/tmp")?;
     let mut procs = Procs(Vec::new(), work.path().to_path_buf());
 
     // ---- 1. boot time
@@ -325,9 +310,7 @@ async fn main() -> Result<()> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    procs
-        .0
-        .push(spawn(&bin, &agent_args, &work.path().join("agent.log"))?);
+    procs.0.push(spawn(&bin, &agent_args, &work.path().join("agent.log"))?);
     let client = Client::new(&url, &token)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while client
@@ -350,10 +333,7 @@ async fn main() -> Result<()> {
         .env("NOVACRON_TOKEN", &token)
         .output()?;
     if !import.status.success() {
-        bail!(
-            "image import failed: {}",
-            String::from_utf8_lossy(&import.stderr)
-        );
+        bail!("image import failed: {}", String::from_utf8_lossy(&import.stderr));
     }
     // Warm-up (image download into the agent cache is a one-time cost).
     boot_novacron(&client, 0).await.context("warm-up boot")?;
@@ -363,11 +343,7 @@ async fn main() -> Result<()> {
         // Alternate so both see the same machine conditions.
         plain.push(boot_plain_qemu(work.path(), &guest, i).await?);
         ours.push(boot_novacron(&client, i).await?);
-        eprintln!(
-            "run {i}: plain {:.2}s, novacron {:.2}s",
-            plain[i - 1],
-            ours[i - 1]
-        );
+        eprintln!("run {i}: plain {:.2}s, novacron {:.2}s", plain[i - 1], ours[i - 1]);
     }
     drop(procs);
 
@@ -377,10 +353,7 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&api_dir)?;
     let seed_start = Instant::now();
     let ids = seed_vms(&api_dir.join("novacron.db")).await?;
-    eprintln!(
-        "seeded {STORED_VMS} VMs in {:.1}s",
-        seed_start.elapsed().as_secs_f64()
-    );
+    eprintln!("seeded {STORED_VMS} VMs in {:.1}s", seed_start.elapsed().as_secs_f64());
     let p = port()?;
     let url = format!("http://127.0.0.1:{p}");
     let args = vec![
@@ -390,13 +363,9 @@ async fn main() -> Result<()> {
         "--listen".into(),
         format!("127.0.0.1:{p}"),
     ];
-    procs
-        .0
-        .push(spawn(&bin, &args, &work.path().join("api-server.log"))?);
+    procs.0.push(spawn(&bin, &args, &work.path().join("api-server.log"))?);
     wait_http(&format!("{url}/readyz")).await?;
-    let token = std::fs::read_to_string(api_dir.join("admin.token"))?
-        .trim()
-        .to_string();
+    let token = std::fs::read_to_string(api_dir.join("admin.token"))?.trim().to_string();
     let http = reqwest::Client::new();
 
     // Paged list: walk all 100 pages twice, following continue tokens.
@@ -407,13 +376,7 @@ async fn main() -> Result<()> {
             Some(c) => format!("{url}/v1/vms?limit=100&continue={c}"),
             None => format!("{url}/v1/vms?limit=100"),
         };
-        let body: serde_json::Value = http
-            .get(&u)
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let body: serde_json::Value = http.get(&u).bearer_auth(&token).send().await?.json().await?;
         page_urls.push(u);
         match body["continue"].as_str() {
             Some(c) => cont = Some(c.to_string()),

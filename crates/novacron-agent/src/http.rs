@@ -11,43 +11,39 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
 use novacron_api::AGENT_SECRET_HEADER;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
+use crate::migration::{Migrations, PrepareRequest, VmRef};
 use crate::qemu::VmDir;
+use crate::reconcile::error_chain;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub vms_root: std::path::PathBuf,
-    /// Secret the server presents; unset until registration succeeds.
+    /// Secret the server (and peer agents) present; unset until registration succeeds.
     pub secret: Arc<RwLock<Option<String>>>,
+    pub migrations: Migrations,
 }
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/agent/v1/vms/{id}/logs", get(logs))
         .route("/agent/v1/vms/{id}/console", get(console))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_secret,
-        ))
+        .route("/agent/v1/migrations/{id}/prepare", post(prepare))
+        .route("/agent/v1/migrations/{id}/finish", post(finish))
+        .route("/agent/v1/migrations/{id}/abort", post(abort))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_secret))
         .route("/agent/v1/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
 
 async fn require_secret(State(state): State<HttpState>, req: Request, next: Next) -> Response {
-    let expected = state
-        .secret
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let given = req
-        .headers()
-        .get(AGENT_SECRET_HEADER)
-        .and_then(|v| v.to_str().ok());
+    let expected = state.secret.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let given = req.headers().get(AGENT_SECRET_HEADER).and_then(|v| v.to_str().ok());
     match (expected, given) {
         (Some(e), Some(g)) if e == g => next.run(req).await,
         _ => (StatusCode::UNAUTHORIZED, "missing or wrong agent secret").into_response(),
@@ -69,11 +65,7 @@ struct LogsQuery {
     follow: bool,
 }
 
-async fn logs(
-    State(state): State<HttpState>,
-    Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
-) -> Response {
+async fn logs(State(state): State<HttpState>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> Response {
     let Some(dir) = vm_dir(&state, &id) else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -84,11 +76,7 @@ async fn logs(
     };
     if !q.follow {
         let stream = tokio_util::io::ReaderStream::new(file);
-        return (
-            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
-            Body::from_stream(stream),
-        )
-            .into_response();
+        return ([(CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response();
     }
     // Follow: send what is there, then poll for growth until the VM's directory
     // disappears or the client goes away.
@@ -119,26 +107,16 @@ async fn logs(
             }
         }
     });
-    (
-        [(CONTENT_TYPE, "text/plain; charset=utf-8")],
-        Body::from_stream(stream),
-    )
-        .into_response()
+    ([(CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response()
 }
 
-async fn console(
-    State(state): State<HttpState>,
-    Path(id): Path<String>,
-    ws: WebSocketUpgrade,
-) -> Response {
+async fn console(State(state): State<HttpState>, Path(id): Path<String>, ws: WebSocketUpgrade) -> Response {
     let Some(dir) = vm_dir(&state, &id) else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let sock = match tokio::net::UnixStream::connect(dir.console()).await {
         Ok(s) => s,
-        Err(e) => {
-            return (StatusCode::CONFLICT, format!("console not available: {e}")).into_response()
-        }
+        Err(e) => return (StatusCode::CONFLICT, format!("console not available: {e}")).into_response(),
     };
     ws.on_upgrade(move |socket| bridge(socket, sock))
 }
@@ -181,4 +159,52 @@ async fn bridge(socket: WebSocket, sock: tokio::net::UnixStream) {
         _ = to_vm => {}
         _ = from_vm => {}
     }
+}
+
+fn migration_error(e: &crate::migration::MigrationError) -> Response {
+    (StatusCode::CONFLICT, error_chain(e)).into_response()
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+/// Target side of a migration: make ready to receive the VM.
+async fn prepare(
+    State(state): State<HttpState>,
+    Path(migration): Path<String>,
+    Json(req): Json<PrepareRequest>,
+) -> Response {
+    if !valid_id(&req.vm.metadata.id) {
+        return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
+    }
+    tracing::info!(migration = %migration, vm = %req.vm.metadata.name, "preparing to receive VM");
+    match state.migrations.prepare(req).await {
+        Ok(p) => Json(p).into_response(),
+        Err(e) => migration_error(&e),
+    }
+}
+
+/// Target side: the source has stopped; run the VM here.
+async fn finish(State(state): State<HttpState>, Path(migration): Path<String>, Json(req): Json<VmRef>) -> Response {
+    if !valid_id(&req.vm_id) {
+        return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
+    }
+    match state.migrations.finish(&req.vm_id, &req.console_log).await {
+        Ok(f) => {
+            tracing::info!(migration = %migration, pid = f.pid, "VM runs here now");
+            Json(f).into_response()
+        }
+        Err(e) => migration_error(&e),
+    }
+}
+
+/// Target side: the migration failed; remove everything it made here.
+async fn abort(State(state): State<HttpState>, Path(migration): Path<String>, Json(req): Json<VmRef>) -> Response {
+    if !valid_id(&req.vm_id) {
+        return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
+    }
+    state.migrations.discard(&req.vm_id).await;
+    tracing::info!(migration = %migration, "discarded incoming VM");
+    Json(serde_json::json!({})).into_response()
 }

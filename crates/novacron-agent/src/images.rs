@@ -35,12 +35,7 @@ impl ImageCache {
     }
 
     /// Path of the cached file for `part`, downloading it first if needed.
-    pub async fn ensure(
-        &self,
-        client: &Client,
-        image: &Image,
-        part: ImagePart,
-    ) -> Result<PathBuf, CacheError> {
+    pub async fn ensure(&self, client: &Client, image: &Image, part: ImagePart) -> Result<PathBuf, CacheError> {
         let file = image.file(part).ok_or_else(|| CacheError::MissingPart {
             image: image.metadata.name.clone(),
             part: part.as_str(),
@@ -53,17 +48,11 @@ impl ImageCache {
             let p = p.display().to_string();
             move |source| CacheError::Io { path: p, source }
         };
-        tokio::fs::create_dir_all(&self.root)
-            .await
-            .map_err(io(&self.root))?;
+        tokio::fs::create_dir_all(&self.root).await.map_err(io(&self.root))?;
         let partial = self.root.join(format!("{}.partial", file.sha256));
         let result = async {
-            let mut out = tokio::fs::File::create(&partial)
-                .await
-                .map_err(io(&partial))?;
-            let mut stream = client
-                .download_image_part(&image.metadata.name, part)
-                .await?;
+            let mut out = tokio::fs::File::create(&partial).await.map_err(io(&partial))?;
+            let mut stream = client.download_image_part(&image.metadata.name, part).await?;
             let mut hasher = Sha256::new();
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk?;

@@ -6,6 +6,7 @@
 pub mod accel;
 mod http;
 mod images;
+mod migration;
 pub mod qemu;
 mod reconcile;
 
@@ -75,11 +76,7 @@ fn capacity(cfg: &AgentConfig) -> Resources {
             .and_then(|m| {
                 m.lines()
                     .find(|l| l.starts_with("MemTotal:"))
-                    .and_then(|l| {
-                        l.split_whitespace()
-                            .nth(1)
-                            .and_then(|v| v.parse::<u64>().ok())
-                    })
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
             })
             .unwrap_or(0);
         (total_kib / 1024).saturating_sub(512).max(1)
@@ -119,14 +116,32 @@ pub async fn run(
         addr: cfg.listen,
         source,
     })?;
-    let address = cfg
-        .advertise
-        .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
+    let address = cfg.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+    // Peers reach this node's QEMUs (migration, NBD) at the advertised host.
+    let host = address
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split(['/', ':']).next())
+        .filter(|h| !h.is_empty())
+        .unwrap_or("127.0.0.1")
+        .to_string();
     let secret = Arc::new(RwLock::new(None));
+    let client = Client::new(&cfg.server, &cfg.token)?;
+    let images = Arc::new(images::ImageCache::new(cfg.data_dir.join("images")));
+    let migrations = migration::Migrations::new(
+        cfg.name.clone(),
+        cfg.qemu.clone(),
+        accel.clone(),
+        vms_root.clone(),
+        images.clone(),
+        client.clone(),
+        secret.clone(),
+        host,
+    );
     let http_state = http::HttpState {
         vms_root: vms_root.clone(),
         secret: secret.clone(),
+        migrations: migrations.clone(),
     };
     let http = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, http::router(http_state)).await {
@@ -135,7 +150,6 @@ pub async fn run(
     });
     tracing::info!(node = %cfg.name, addr = %local, accel = %accel, "agent listening");
 
-    let client = Client::new(&cfg.server, &cfg.token)?;
     let registration = RegisterNode {
         name: cfg.name.clone(),
         address,
@@ -156,8 +170,7 @@ pub async fn run(
                 loop {
                     match client.register_node(&registration).await {
                         Ok(resp) => {
-                            *secret.write().unwrap_or_else(|e| e.into_inner()) =
-                                Some(resp.agent_secret);
+                            *secret.write().unwrap_or_else(|e| e.into_inner()) = Some(resp.agent_secret);
                             tracing::info!(node = %registration.name, "registered with the server");
                             return;
                         }
@@ -194,23 +207,25 @@ pub async fn run(
         node: cfg.name.clone(),
         qemu: cfg.qemu.clone(),
         accel,
-        images: images::ImageCache::new(cfg.data_dir.join("images")),
+        images,
         vms_root,
         client: client.clone(),
         runtimes: HashMap::new(),
     };
+    let poller = tokio::spawn(migrations.clone().run());
     tokio::select! {
-        _ = control_loop(reconciler, client) => {}
+        _ = control_loop(reconciler, client, migrations) => {}
         _ = shutdown => tracing::info!("agent stopping; VMs keep running"),
     }
     heartbeat.abort();
+    poller.abort();
     http.abort();
     Ok(())
 }
 
 /// List, then watch; reconcile on every change and on a 1 s tick (which also
 /// notices QEMU processes that died). Re-lists when the watch ends.
-async fn control_loop(mut rec: Reconciler, client: Client) {
+async fn control_loop(mut rec: Reconciler, client: Client, migrations: migration::Migrations) {
     let mut orphans_checked = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -224,8 +239,23 @@ async fn control_loop(mut rec: Reconciler, client: Client) {
             }
         };
         if !orphans_checked {
-            let known: HashSet<String> = all.iter().map(|v| v.metadata.id.clone()).collect();
-            rec.remove_orphans(&known).await;
+            // Keep VMs bound here and VMs a migration is bringing here.
+            let Ok((active, _)) = client.list_all::<novacron_api::Migration>(None).await else {
+                continue;
+            };
+            let incoming: HashSet<String> = active
+                .iter()
+                .filter(|m| !m.status.phase.is_final() && m.status.target_node == rec.node)
+                .filter_map(|m| all.iter().find(|v| v.metadata.name == m.spec.vm))
+                .map(|v| v.metadata.id.clone())
+                .collect();
+            let keep: HashSet<String> = all
+                .iter()
+                .filter(|v| v.status.node.as_deref() == Some(rec.node.as_str()))
+                .map(|v| v.metadata.id.clone())
+                .chain(incoming)
+                .collect();
+            rec.remove_orphans(&keep).await;
             orphans_checked = true;
         }
         let mut mine: HashMap<String, Vm> = all
@@ -241,7 +271,7 @@ async fn control_loop(mut rec: Reconciler, client: Client) {
                 continue;
             }
         };
-        reconcile_all(&mut rec, &client, &mut mine).await;
+        reconcile_all(&mut rec, &client, &mut mine, &migrations).await;
         loop {
             tokio::select! {
                 ev = watch.next() => match ev {
@@ -262,17 +292,29 @@ async fn control_loop(mut rec: Reconciler, client: Client) {
                 },
                 _ = tick.tick() => {}
             }
-            reconcile_all(&mut rec, &client, &mut mine).await;
+            reconcile_all(&mut rec, &client, &mut mine, &migrations).await;
         }
     }
 }
 
-async fn reconcile_all(rec: &mut Reconciler, client: &Client, mine: &mut HashMap<String, Vm>) {
+async fn reconcile_all(
+    rec: &mut Reconciler,
+    client: &Client,
+    mine: &mut HashMap<String, Vm>,
+    migrations: &migration::Migrations,
+) {
+    // Forget VMs that left this node (deleted, or migrated away).
+    let ids: HashSet<String> = mine.values().map(|v| v.metadata.id.clone()).collect();
+    rec.runtimes.retain(|id, _| ids.contains(id));
     let names: Vec<String> = mine.keys().cloned().collect();
     for name in names {
         let Some(vm) = mine.get(&name).cloned() else {
             continue;
         };
+        // The migration driver owns a VM while it moves.
+        if migrations.is_migrating(&vm.metadata.id) {
+            continue;
+        }
         match rec.reconcile(&vm).await {
             Outcome::Finalized => {
                 mine.remove(&name);

@@ -55,6 +55,11 @@ impl VmDir {
     pub fn qmp(&self) -> PathBuf {
         self.path.join("qmp.sock")
     }
+    /// Second QMP monitor, used only by the migration driver (a QMP socket
+    /// serves one client at a time, and the reconciler holds the first).
+    pub fn qmp_migrate(&self) -> PathBuf {
+        self.path.join("qmp-migrate.sock")
+    }
     pub fn console(&self) -> PathBuf {
         self.path.join("console.sock")
     }
@@ -80,11 +85,7 @@ impl VmDir {
     /// Pid of the running QEMU of this VM, if there is one. The pid must still
     /// belong to a QEMU started for this directory (pids get reused).
     pub fn running_pid(&self) -> Option<u32> {
-        let pid: u32 = std::fs::read_to_string(self.pidfile())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
+        let pid: u32 = std::fs::read_to_string(self.pidfile()).ok()?.trim().parse().ok()?;
         process_is_ours(pid, &self.path).then_some(pid)
     }
 }
@@ -120,11 +121,17 @@ pub struct LaunchSpec {
     pub data_disk: Option<PathBuf>,
     /// Start with vCPUs paused.
     pub paused: bool,
+    /// Wait for an incoming migration (`-incoming defer`).
+    #[serde(default)]
+    pub incoming: bool,
 }
+
+/// Block node names of a VM's disks, as used by QMP (mirror, NBD export).
+pub const DISK_NODES: [&str; 2] = ["root", "data"];
 
 impl LaunchSpec {
     pub fn args(&self, dir: &VmDir) -> Result<Vec<String>, QemuError> {
-        for sock in [dir.qmp(), dir.console()] {
+        for sock in [dir.qmp(), dir.qmp_migrate(), dir.console()] {
             // sun_path holds 108 bytes including the terminating NUL.
             if sock.as_os_str().len() > 107 {
                 return Err(QemuError::PathTooLong(sock.display().to_string()));
@@ -159,6 +166,8 @@ impl LaunchSpec {
             p(&dir.qemu_log()),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p(&dir.qmp())),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p(&dir.qmp_migrate())),
             "-chardev".into(),
             format!(
                 "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
@@ -181,13 +190,14 @@ impl LaunchSpec {
             ]);
         }
         for (id, disk) in [
-            ("root", Some(&self.root_disk)),
-            ("data", self.data_disk.as_ref()),
+            (DISK_NODES[0], Some(&self.root_disk)),
+            (DISK_NODES[1], self.data_disk.as_ref()),
         ] {
             if let Some(disk) = disk {
-                a.push("-drive".into());
+                // -blockdev gives the format node a stable name for QMP (mirror, NBD export).
+                a.push("-blockdev".into());
                 a.push(format!(
-                    "if=none,id={id},file={},format=qcow2,cache=writeback,discard=unmap",
+                    "driver=qcow2,node-name={id},discard=unmap,file.driver=file,file.filename={}",
                     p(disk)
                 ));
                 a.push("-device".into());
@@ -200,8 +210,11 @@ impl LaunchSpec {
                 a.push(format!("virtio-blk-pci,drive={id},id={id}-dev{boot}"));
             }
         }
-        if self.paused {
+        if self.paused || self.incoming {
             a.push("-S".into());
+        }
+        if self.incoming {
+            a.extend(["-incoming".into(), "defer".into()]);
         }
         Ok(a)
     }
@@ -212,7 +225,7 @@ pub async fn launch(qemu: &str, spec: &LaunchSpec, dir: &VmDir) -> Result<u32, Q
     let args = spec.args(dir)?;
     let json = serde_json::to_vec_pretty(spec).unwrap_or_default();
     std::fs::write(dir.launch_spec(), json).map_err(io_err(&dir.launch_spec()))?;
-    for stale in [dir.pidfile(), dir.qmp(), dir.console()] {
+    for stale in [dir.pidfile(), dir.qmp(), dir.qmp_migrate(), dir.console()] {
         let _ = std::fs::remove_file(stale);
     }
     // With -daemonize the parent exits once the guest is set up; errors before
@@ -288,11 +301,7 @@ pub async fn wait_gone(pid: u32, dir: &VmDir, timeout: Duration) -> bool {
 
 /// Creates a qcow2 disk atomically: an overlay of `backing` (with its format),
 /// or blank when `backing` is None.
-pub async fn create_disk(
-    path: &Path,
-    backing: Option<(&Path, &str)>,
-    size_mib: Option<u64>,
-) -> Result<(), QemuError> {
+pub async fn create_disk(path: &Path, backing: Option<(&Path, &str)>, size_mib: Option<u64>) -> Result<(), QemuError> {
     let tmp = path.with_extension("qcow2.partial");
     let mut cmd = tokio::process::Command::new("qemu-img");
     cmd.args(["create", "-q", "-f", "qcow2"]);
@@ -309,9 +318,7 @@ pub async fn create_disk(
     })?;
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(QemuError::Img(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+        return Err(QemuError::Img(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
@@ -323,10 +330,7 @@ pub async fn version(qemu: &str) -> Option<String> {
         .output()
         .await
         .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(str::to_string)
+    String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
 }
 
 #[cfg(test)]
@@ -345,6 +349,7 @@ mod tests {
             root_disk: dir.root_disk(),
             data_disk: Some(dir.data_disk()),
             paused: false,
+            incoming: false,
         };
         let args = spec.args(&dir).expect("args").join(" ");
         for want in [
@@ -366,10 +371,7 @@ mod tests {
     #[test]
     fn foreign_pids_are_not_ours() {
         let me = std::process::id();
-        assert!(!process_is_ours(
-            me,
-            Path::new("/definitely/not/in/my/cmdline")
-        ));
+        assert!(!process_is_ours(me, Path::new("/definitely/not/in/my/cmdline")));
         assert!(!process_is_ours(u32::MAX - 1, Path::new("/")));
     }
 }

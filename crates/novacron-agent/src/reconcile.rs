@@ -40,7 +40,7 @@ pub struct Reconciler {
     pub qemu: String,
     pub accel: String,
     pub vms_root: PathBuf,
-    pub images: ImageCache,
+    pub images: Arc<ImageCache>,
     pub client: Client,
     pub runtimes: HashMap<String, Runtime>,
 }
@@ -137,8 +137,7 @@ impl Reconciler {
                                 tracing::warn!(vm = %vm.metadata.name, "no QMP connection for ACPI shutdown")
                             }
                         }
-                        self.runtimes.entry(id.clone()).or_default().powerdown_sent =
-                            Some(Instant::now());
+                        self.runtimes.entry(id.clone()).or_default().powerdown_sent = Some(Instant::now());
                         tracing::info!(vm = %vm.metadata.name, grace_s = grace, "ACPI shutdown requested");
                         st.phase = VmPhase::Stopping;
                         st.reason = None;
@@ -146,9 +145,7 @@ impl Reconciler {
                     Some(t) if t.elapsed() >= Duration::from_secs(grace.into()) => {
                         self.force_off(&id, pid, &dir).await;
                         tracing::warn!(vm = %vm.metadata.name, grace_s = grace, "guest ignored ACPI shutdown; forced off");
-                        st.reason = Some(format!(
-                            "ACPI shutdown timed out after {grace}s; forced off"
-                        ));
+                        st.reason = Some(format!("ACPI shutdown timed out after {grace}s; forced off"));
                         st.phase = VmPhase::Stopped;
                         st.qemu_pid = None;
                     }
@@ -163,8 +160,7 @@ impl Reconciler {
                             if let Some(q) = self.qmp(&id, &dir).await {
                                 let _ = q.system_powerdown().await;
                             }
-                            self.runtimes.entry(id.clone()).or_default().last_press =
-                                Some(Instant::now());
+                            self.runtimes.entry(id.clone()).or_default().last_press = Some(Instant::now());
                         }
                     }
                 }
@@ -172,12 +168,8 @@ impl Reconciler {
                     st.observed_start_request = vm.spec.start_request;
                 }
             }
-            (PowerState::Running | PowerState::Paused, None) => {
-                self.ensure_started(vm, &dir, &mut st).await
-            }
-            (PowerState::Running | PowerState::Paused, Some(pid)) => {
-                self.steer_running(vm, &dir, pid, &mut st).await
-            }
+            (PowerState::Running | PowerState::Paused, None) => self.ensure_started(vm, &dir, &mut st).await,
+            (PowerState::Running | PowerState::Paused, Some(pid)) => self.steer_running(vm, &dir, pid, &mut st).await,
         }
         Outcome::Status(st)
     }
@@ -202,11 +194,7 @@ impl Reconciler {
             st.reason = Some(why);
             st.observed_start_request = vm.spec.start_request;
             if !always {
-                st.phase = if guest_off {
-                    VmPhase::Stopped
-                } else {
-                    VmPhase::Failed
-                };
+                st.phase = if guest_off { VmPhase::Stopped } else { VmPhase::Failed };
                 return;
             }
             st.restarts += 1;
@@ -266,74 +254,7 @@ impl Reconciler {
     }
 
     async fn start(&mut self, vm: &Vm, dir: &VmDir) -> Result<u32, ReconcileError> {
-        std::fs::create_dir_all(&dir.path).map_err(ReconcileError::Io)?;
-        let image: Image = self
-            .client
-            .get(&vm.spec.image)
-            .await
-            .map_err(|e| ReconcileError::Image(vm.spec.image.clone(), e))?;
-        let kernel = if image.spec.format == ImageFormat::Kernel {
-            let k = self
-                .images
-                .ensure(&self.client, &image, ImagePart::Kernel)
-                .await?;
-            let i = self
-                .images
-                .ensure(&self.client, &image, ImagePart::Initrd)
-                .await?;
-            let mut cmdline = format!("console=ttyS0 novacron.name={}", vm.metadata.name);
-            for extra in [&image.spec.kernel_args, &vm.spec.kernel_args]
-                .into_iter()
-                .flatten()
-            {
-                cmdline.push(' ');
-                cmdline.push_str(extra);
-            }
-            Some((k, i, cmdline))
-        } else {
-            None
-        };
-        if !dir.root_disk().exists() {
-            match image.spec.format {
-                ImageFormat::Kernel => {
-                    qemu::create_disk(
-                        &dir.root_disk(),
-                        None,
-                        Some(vm.spec.disk_mib.unwrap_or(1024)),
-                    )
-                    .await?;
-                }
-                fmt => {
-                    let base = self
-                        .images
-                        .ensure(&self.client, &image, ImagePart::Disk)
-                        .await?;
-                    let virtual_mib = image.status.virtual_size_bytes.div_ceil(1024 * 1024);
-                    let size = vm.spec.disk_mib.filter(|s| *s > virtual_mib);
-                    qemu::create_disk(&dir.root_disk(), Some((&base, &fmt.to_string())), size)
-                        .await?;
-                }
-            }
-        }
-        let data_disk = match vm.spec.data_disk_mib {
-            Some(size) => {
-                if !dir.data_disk().exists() {
-                    qemu::create_disk(&dir.data_disk(), None, Some(size)).await?;
-                }
-                Some(dir.data_disk())
-            }
-            None => None,
-        };
-        let spec = LaunchSpec {
-            name: vm.metadata.name.clone(),
-            vcpus: vm.spec.vcpus,
-            memory_mib: vm.spec.memory_mib,
-            accel: self.accel.clone(),
-            kernel,
-            root_disk: dir.root_disk(),
-            data_disk,
-            paused: vm.spec.power_state == PowerState::Paused,
-        };
+        let spec = prepare_launch(&self.client, &self.images, &self.accel, vm, dir).await?;
         let pid = qemu::launch(&self.qemu, &spec, dir).await?;
         let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
         rt.qmp = None;
@@ -462,6 +383,68 @@ impl Reconciler {
             self.runtimes.remove(&id);
         }
     }
+}
+
+/// Everything a VM needs before QEMU can start on this node: its directory,
+/// the image files in the cache, the overlay root disk and the data disk.
+/// Used for a normal start and for the target of a migration.
+pub async fn prepare_launch(
+    client: &Client,
+    images: &ImageCache,
+    accel: &str,
+    vm: &Vm,
+    dir: &VmDir,
+) -> Result<LaunchSpec, ReconcileError> {
+    std::fs::create_dir_all(&dir.path).map_err(ReconcileError::Io)?;
+    let image: Image = client
+        .get(&vm.spec.image)
+        .await
+        .map_err(|e| ReconcileError::Image(vm.spec.image.clone(), e))?;
+    let kernel = if image.spec.format == ImageFormat::Kernel {
+        let k = images.ensure(client, &image, ImagePart::Kernel).await?;
+        let i = images.ensure(client, &image, ImagePart::Initrd).await?;
+        let mut cmdline = format!("console=ttyS0 novacron.name={}", vm.metadata.name);
+        for extra in [&image.spec.kernel_args, &vm.spec.kernel_args].into_iter().flatten() {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        Some((k, i, cmdline))
+    } else {
+        None
+    };
+    if !dir.root_disk().exists() {
+        match image.spec.format {
+            ImageFormat::Kernel => {
+                qemu::create_disk(&dir.root_disk(), None, Some(vm.spec.disk_mib.unwrap_or(1024))).await?;
+            }
+            fmt => {
+                let base = images.ensure(client, &image, ImagePart::Disk).await?;
+                let virtual_mib = image.status.virtual_size_bytes.div_ceil(1024 * 1024);
+                let size = vm.spec.disk_mib.filter(|s| *s > virtual_mib);
+                qemu::create_disk(&dir.root_disk(), Some((&base, &fmt.to_string())), size).await?;
+            }
+        }
+    }
+    let data_disk = match vm.spec.data_disk_mib {
+        Some(size) => {
+            if !dir.data_disk().exists() {
+                qemu::create_disk(&dir.data_disk(), None, Some(size)).await?;
+            }
+            Some(dir.data_disk())
+        }
+        None => None,
+    };
+    Ok(LaunchSpec {
+        name: vm.metadata.name.clone(),
+        vcpus: vm.spec.vcpus,
+        memory_mib: vm.spec.memory_mib,
+        accel: accel.to_string(),
+        kernel,
+        root_disk: dir.root_disk(),
+        data_disk,
+        paused: vm.spec.power_state == PowerState::Paused,
+        incoming: false,
+    })
 }
 
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -55,6 +55,9 @@ impl Resource for Node {
 impl Resource for Image {
     const PATH: &'static str = "images";
 }
+impl Resource for Migration {
+    const PATH: &'static str = "migrations";
+}
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<WatchEvent<T>, ClientError>> + Send>>;
@@ -108,11 +111,7 @@ impl Client {
         format!("{}/v1/{}", self.base, path.trim_start_matches('/'))
     }
 
-    async fn send(
-        &self,
-        req: reqwest::RequestBuilder,
-        url: &str,
-    ) -> Result<reqwest::Response, ClientError> {
+    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
@@ -136,11 +135,7 @@ impl Client {
         Err(ClientError::Api { status, detail })
     }
 
-    async fn json<R: DeserializeOwned>(
-        &self,
-        req: reqwest::RequestBuilder,
-        url: &str,
-    ) -> Result<R, ClientError> {
+    async fn json<R: DeserializeOwned>(&self, req: reqwest::RequestBuilder, url: &str) -> Result<R, ClientError> {
         let resp = self.send(req, url).await?;
         let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
             url: url.to_string(),
@@ -194,10 +189,7 @@ impl Client {
     }
 
     /// Lists every page; returns the items and the revision of the first page.
-    pub async fn list_all<T: Resource>(
-        &self,
-        label_selector: Option<&str>,
-    ) -> Result<(Vec<T>, u64), ClientError> {
+    pub async fn list_all<T: Resource>(&self, label_selector: Option<&str>) -> Result<(Vec<T>, u64), ClientError> {
         let mut opts = ListOptions {
             label_selector: label_selector.map(str::to_string),
             limit: Some(500),
@@ -235,9 +227,7 @@ impl Client {
         if let Some(s) = label_selector {
             query.push(("label_selector", s.to_string()));
         }
-        let resp = self
-            .send(self.streaming.get(&url).query(&query), &url)
-            .await?;
+        let resp = self.send(self.streaming.get(&url).query(&query), &url).await?;
         Ok(Box::pin(ndjson::<WatchEvent<T>>(resp)))
     }
 
@@ -256,12 +246,7 @@ impl Client {
     }
 
     /// Runs a lifecycle action: start, stop, reboot, pause, resume.
-    pub async fn vm_action(
-        &self,
-        name: &str,
-        action: &str,
-        stop: Option<&StopVm>,
-    ) -> Result<Vm, ClientError> {
+    pub async fn vm_action(&self, name: &str, action: &str, stop: Option<&StopVm>) -> Result<Vm, ClientError> {
         let body = stop.cloned().unwrap_or_default();
         self.post_json(&format!("vms/{name}/{action}"), &body).await
     }
@@ -285,12 +270,29 @@ impl Client {
         Ok(byte_stream(resp, url))
     }
 
+    // ------------------------------------------------------------ migrations
+
+    pub async fn create_migration(&self, req: &CreateMigration) -> Result<Migration, ClientError> {
+        self.post_json("migrations", req).await
+    }
+
+    pub async fn cancel_migration(&self, name: &str) -> Result<Migration, ClientError> {
+        self.post_json(&format!("migrations/{name}/cancel"), &serde_json::json!({}))
+            .await
+    }
+
+    pub async fn put_migration_status(&self, m: &Migration) -> Result<Migration, ClientError> {
+        self.put_json(&format!("migrations/{}/status", m.metadata.name), m)
+            .await
+    }
+
+    pub async fn complete_migration(&self, name: &str, req: &CompleteMigration) -> Result<Migration, ClientError> {
+        self.post_json(&format!("migrations/{name}/complete"), req).await
+    }
+
     // ------------------------------------------------------------ nodes
 
-    pub async fn register_node(
-        &self,
-        req: &RegisterNode,
-    ) -> Result<RegisterNodeResponse, ClientError> {
+    pub async fn register_node(&self, req: &RegisterNode) -> Result<RegisterNodeResponse, ClientError> {
         self.post_json("nodes/register", req).await
     }
 
@@ -299,11 +301,7 @@ impl Client {
             .await
     }
 
-    pub async fn set_schedulable(
-        &self,
-        name: &str,
-        schedulable: bool,
-    ) -> Result<Node, ClientError> {
+    pub async fn set_schedulable(&self, name: &str, schedulable: bool) -> Result<Node, ClientError> {
         let action = if schedulable { "uncordon" } else { "cordon" };
         self.post_json(&format!("nodes/{name}/{action}"), &serde_json::json!({}))
             .await
@@ -326,11 +324,7 @@ impl Client {
         self.json(self.streaming.put(&url).body(body), &url).await
     }
 
-    pub async fn download_image_part(
-        &self,
-        name: &str,
-        part: ImagePart,
-    ) -> Result<ByteStream, ClientError> {
+    pub async fn download_image_part(&self, name: &str, part: ImagePart) -> Result<ByteStream, ClientError> {
         let url = self.url(&format!("images/{name}/files/{}", part.as_str()));
         let resp = self.send(self.streaming.get(&url), &url).await?;
         Ok(byte_stream(resp, url))

@@ -19,13 +19,9 @@ impl LabelSelector {
     pub fn parse(s: &str) -> Result<Self, FieldError> {
         let mut reqs = Vec::new();
         for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            let bad =
-                || FieldError::new("label_selector", format!("invalid selector term {term:?}"));
-            let valid_key = |k: &str| {
-                !k.is_empty()
-                    && k.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
-            };
+            let bad = || FieldError::new("label_selector", format!("invalid selector term {term:?}"));
+            let valid_key =
+                |k: &str| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
             let req = if let Some((k, v)) = term.split_once("!=") {
                 Requirement::NotEquals(k.trim().into(), v.trim().into())
             } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
@@ -69,8 +65,7 @@ mod tests {
 
     #[test]
     fn selector_semantics() {
-        let labels: BTreeMap<String, String> =
-            [("app".into(), "web".into()), ("zone".into(), "a".into())].into();
+        let labels: BTreeMap<String, String> = [("app".into(), "web".into()), ("zone".into(), "a".into())].into();
         let m = |s: &str| LabelSelector::parse(s).map(|sel| sel.matches(&labels));
         assert_eq!(m("app=web"), Ok(true));
         assert_eq!(m("app==web"), Ok(true));

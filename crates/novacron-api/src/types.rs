@@ -453,3 +453,152 @@ pub struct WatchEvent<T> {
 pub struct Health {
     pub status: String,
 }
+
+// ---------------------------------------------------------------- Migration
+
+/// How memory moves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStrategy {
+    /// Iterative pre-copy; the guest pauses for the final pass.
+    Precopy,
+    /// Pre-copy that throttles the guest's vCPUs when it dirties memory faster than we send.
+    AutoConverge,
+    /// Pre-copy first, then switch to post-copy (pages fetched on demand by the target).
+    Postcopy,
+    /// Chosen from the measured dirty rate and link throughput.
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum MigrationPhase {
+    #[default]
+    Pending,
+    PreparingTarget,
+    Transferring,
+    Switchover,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationPhase {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for MigrationPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationSpec {
+    /// Name of the VM to move.
+    pub vm: String,
+    /// Target node; chosen by the scheduler when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    #[serde(default)]
+    pub strategy: MigrationStrategy,
+    /// Longest acceptable pause of the guest at switchover.
+    #[serde(default = "default_max_downtime")]
+    pub max_downtime_ms: u64,
+    /// Bandwidth cap for the memory stream (MiB/s); none = unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mib_s: Option<u64>,
+    /// Set by the cancel action.
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+pub fn default_max_downtime() -> u64 {
+    300
+}
+
+/// Live progress, updated about once a second while transferring.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationProgress {
+    /// Memory and disk bytes sent so far.
+    pub transferred_bytes: u64,
+    pub remaining_bytes: u64,
+    pub total_bytes: u64,
+    pub disk_transferred_bytes: u64,
+    pub disk_total_bytes: u64,
+    /// Guest memory dirty rate (bytes/s).
+    pub dirty_rate_bytes_s: u64,
+    /// Memory stream throughput (bytes/s).
+    pub throughput_bytes_s: u64,
+    /// Pre-copy pass number.
+    pub iteration: u64,
+    /// Estimated seconds left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+    /// Percentage done (0-100).
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationStatus {
+    #[serde(default)]
+    pub phase: MigrationPhase,
+    #[serde(default)]
+    pub source_node: String,
+    #[serde(default)]
+    pub target_node: String,
+    /// Strategy in use and why it was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<MigrationStrategy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy_reason: Option<String>,
+    #[serde(default)]
+    pub progress: MigrationProgress,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Final figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_time_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Migration {
+    pub metadata: Metadata,
+    pub spec: MigrationSpec,
+    #[serde(default)]
+    pub status: MigrationStatus,
+}
+impl_object!(Migration, "migration");
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateMigration {
+    pub vm: String,
+    #[serde(default)]
+    pub target_node: Option<String>,
+    #[serde(default)]
+    pub strategy: MigrationStrategy,
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    #[serde(default)]
+    pub bandwidth_mib_s: Option<u64>,
+}
+
+/// Sent by the source agent when the VM runs on the target.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CompleteMigration {
+    pub target_qemu_pid: u32,
+    pub status: MigrationStatus,
+}

@@ -35,8 +35,7 @@ pub fn labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), Fiel
     fn part_ok(s: &str, allow_empty: bool) -> bool {
         (allow_empty || !s.is_empty())
             && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     }
     for (k, v) in labels {
         let (prefix, key) = match k.rsplit_once('/') {
@@ -53,10 +52,7 @@ pub fn labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), Fiel
             return Err(FieldError::new(field, format!("invalid label key {k:?}")));
         }
         if !part_ok(v, true) {
-            return Err(FieldError::new(
-                field,
-                format!("invalid value {v:?} for label {k:?}"),
-            ));
+            return Err(FieldError::new(field, format!("invalid value {v:?} for label {k:?}")));
         }
     }
     Ok(())
@@ -128,11 +124,7 @@ mod tests {
 
     #[test]
     fn label_rules() {
-        let ok: BTreeMap<_, _> = [
-            ("zone".into(), "eu-1".into()),
-            ("novacron.io/role".into(), "".into()),
-        ]
-        .into();
+        let ok: BTreeMap<_, _> = [("zone".into(), "eu-1".into()), ("novacron.io/role".into(), "".into())].into();
         assert!(labels("labels", &ok).is_ok());
         let bad: BTreeMap<_, _> = [("bad key".into(), "v".into())].into();
         assert!(labels("labels", &bad).is_err());

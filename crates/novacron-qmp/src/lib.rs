@@ -95,12 +95,9 @@ impl Qmp {
             .await
             .map_err(|_| QmpError::Timeout("greeting".into()))??
             .ok_or(QmpError::Closed)?;
-        let greeting: Value =
-            serde_json::from_str(&greeting).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        let greeting: Value = serde_json::from_str(&greeting).map_err(|e| QmpError::Protocol(e.to_string()))?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!(
-                "unexpected greeting {greeting}"
-            )));
+            return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
         }
 
         let pending: Pending = Arc::default();
@@ -123,11 +120,7 @@ impl Qmp {
     }
 
     /// Runs a command and returns its `return` value.
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
@@ -236,9 +229,7 @@ async fn read_loop(
                 desc: err["desc"].as_str().unwrap_or_default().to_string(),
             })
         } else {
-            Err(QmpError::Protocol(format!(
-                "reply without return or error: {msg}"
-            )))
+            Err(QmpError::Protocol(format!("reply without return or error: {msg}")))
         };
         let _ = tx.send(reply);
     }
@@ -275,9 +266,7 @@ mod tests {
                     Some("qmp_capabilities") => json!({"return": {}, "id": id}),
                     _ => json!({"error": {"class": "CommandNotFound", "desc": "nope"}, "id": id}),
                 };
-                w.write_all(format!("{reply}\n").as_bytes())
-                    .await
-                    .expect("reply");
+                w.write_all(format!("{reply}\n").as_bytes()).await.expect("reply");
             }
         });
     }
@@ -287,9 +276,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("qmp.sock");
         fake_server(&path).await;
-        let qmp = Qmp::connect(&path, Duration::from_millis(500))
-            .await
-            .expect("connect");
+        let qmp = Qmp::connect(&path, Duration::from_millis(500)).await.expect("connect");
         let mut events = qmp.events();
         let st = qmp.query_status().await.expect("status");
         assert_eq!(st.status, "paused");
@@ -303,10 +290,7 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(
-            qmp.execute("hang", None).await,
-            Err(QmpError::Timeout(_))
-        ));
+        assert!(matches!(qmp.execute("hang", None).await, Err(QmpError::Timeout(_))));
     }
 
     #[tokio::test]

@@ -23,8 +23,7 @@ impl NodeView {
         self.capacity_vcpus.saturating_sub(self.allocated_vcpus)
     }
     pub fn free_memory_mib(&self) -> u64 {
-        self.capacity_memory_mib
-            .saturating_sub(self.allocated_memory_mib)
+        self.capacity_memory_mib.saturating_sub(self.allocated_memory_mib)
     }
 }
 
@@ -67,11 +66,7 @@ impl fmt::Display for Unschedulable {
             return f.write_str("no nodes registered");
         }
         write!(f, "0/{} nodes available", self.total_nodes)?;
-        let parts: Vec<String> = self
-            .rejections
-            .iter()
-            .map(|(r, n)| format!("{n} {r}"))
-            .collect();
+        let parts: Vec<String> = self.rejections.iter().map(|(r, n)| format!("{n} {r}")).collect();
         if !parts.is_empty() {
             write!(f, ": {}", parts.join(", "))?;
         }
@@ -104,13 +99,7 @@ pub fn place<'a>(req: &Request, nodes: &'a [NodeView]) -> Result<&'a NodeView, U
         match filter(node, req) {
             Err(r) => *rejections.entry(r).or_insert(0) += 1,
             Ok(()) => {
-                let key = |n: &NodeView| {
-                    (
-                        n.free_memory_mib(),
-                        n.free_vcpus(),
-                        std::cmp::Reverse(n.name.clone()),
-                    )
-                };
+                let key = |n: &NodeView| (n.free_memory_mib(), n.free_vcpus(), std::cmp::Reverse(n.name.clone()));
                 if best.is_none_or(|b| key(node) > key(b)) {
                     best = Some(node);
                 }

@@ -132,15 +132,8 @@ pub async fn bootstrap_admin(store: &SharedStore, path: &Path) -> Result<(), Boo
 }
 
 /// Middleware: every request must carry a valid bearer token.
-pub async fn require_token(
-    State(state): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let header = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
+    let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     let Some(secret) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
         return Err(ApiError::unauthorized("Missing bearer token"));
     };

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use novacron_api::{Node, Vm, VmPhase};
+use novacron_api::{Migration, Node, Vm, VmPhase};
 use novacron_scheduler::{NodeView, Request};
 use novacron_store::StoreExt;
 use tokio::task::JoinSet;
@@ -26,13 +26,13 @@ async fn placement_loop(state: AppState) {
             tracing::warn!(error = %ErrorChain(&e), "placement pass failed");
         }
         // Woken by writes that may make a placement possible; the timer is a backstop.
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), state.placement_wakeup.notified()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), state.placement_wakeup.notified()).await;
     }
 }
 
-/// Node views with the resources already reserved by bound VMs.
-pub fn node_views(nodes: &[Node], vms: &[Vm]) -> Vec<NodeView> {
+/// Node views with the resources already reserved by bound VMs and by
+/// migrations in progress (on their target).
+pub fn node_views(nodes: &[Node], vms: &[Vm], migrations: &[Migration]) -> Vec<NodeView> {
     let mut used: HashMap<&str, (u32, u64)> = HashMap::new();
     for vm in vms {
         if let Some(node) = vm.status.node.as_deref() {
@@ -41,13 +41,17 @@ pub fn node_views(nodes: &[Node], vms: &[Vm]) -> Vec<NodeView> {
             e.1 += vm.spec.memory_mib;
         }
     }
+    for m in migrations.iter().filter(|m| !m.status.phase.is_final()) {
+        if let Some(vm) = vms.iter().find(|v| v.metadata.name == m.spec.vm) {
+            let e = used.entry(m.status.target_node.as_str()).or_default();
+            e.0 += vm.spec.vcpus;
+            e.1 += vm.spec.memory_mib;
+        }
+    }
     nodes
         .iter()
         .map(|n| {
-            let (cpu, mem) = used
-                .get(n.metadata.name.as_str())
-                .copied()
-                .unwrap_or_default();
+            let (cpu, mem) = used.get(n.metadata.name.as_str()).copied().unwrap_or_default();
             NodeView {
                 name: n.metadata.name.clone(),
                 ready: n.status.ready,
@@ -77,8 +81,9 @@ async fn place_pending(state: &AppState) -> Result<(), novacron_store::StoreErro
         return Ok(());
     }
     let nodes: Vec<Node> = store.list_all::<Node>().await?;
+    let migrations: Vec<Migration> = store.list_all::<Migration>().await?;
     for vm in pending {
-        let views = node_views(&nodes, &vms);
+        let views = node_views(&nodes, &vms, &migrations);
         let req = Request {
             vcpus: vm.spec.vcpus,
             memory_mib: vm.spec.memory_mib,
@@ -132,8 +137,7 @@ async fn node_liveness_loop(state: AppState) {
 }
 
 async fn mark_stale_nodes(state: &AppState) -> Result<(), novacron_store::StoreError> {
-    let grace = chrono::Duration::from_std(state.config.node_grace)
-        .unwrap_or(chrono::Duration::seconds(15));
+    let grace = chrono::Duration::from_std(state.config.node_grace).unwrap_or(chrono::Duration::seconds(15));
     let now = Utc::now();
     for node in state.store.list_all::<Node>().await? {
         let stale = node.status.last_heartbeat.is_none_or(|t| now - t > grace);
@@ -143,10 +147,7 @@ async fn mark_stale_nodes(state: &AppState) -> Result<(), novacron_store::StoreE
             let result = state
                 .store
                 .modify::<Node, _>(&name, |n| {
-                    let still_stale = n
-                        .status
-                        .last_heartbeat
-                        .is_none_or(|t| Utc::now() - t > grace);
+                    let still_stale = n.status.last_heartbeat.is_none_or(|t| Utc::now() - t > grace);
                     if !n.status.ready || !still_stale {
                         return false;
                     }

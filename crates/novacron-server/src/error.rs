@@ -34,11 +34,7 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message).with_field(field)
     }
     pub fn not_found(what: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("{} not found", what.into()),
-        )
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{} not found", what.into()))
     }
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
@@ -84,16 +80,10 @@ impl From<FieldError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match &e {
-            StoreError::AlreadyExists { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "already_exists", e.to_string())
-            }
-            StoreError::NotFound { .. } => {
-                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
-            }
+            StoreError::AlreadyExists { .. } => ApiError::new(StatusCode::CONFLICT, "already_exists", e.to_string()),
+            StoreError::NotFound { .. } => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
-            StoreError::Compacted { .. } => {
-                ApiError::new(StatusCode::GONE, "expired", e.to_string())
-            }
+            StoreError::Compacted { .. } => ApiError::new(StatusCode::GONE, "expired", e.to_string()),
             _ => ApiError::internal("Store operation failed", &e),
         }
     }

@@ -26,9 +26,7 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     let status = r.status();
     let text = r.body_text();
     match status {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(status, "too_large", "Request body is too large")
-        }
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(status, "too_large", "Request body is too large"),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
             status,
             "unsupported_media_type",

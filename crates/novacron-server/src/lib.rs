@@ -105,6 +105,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::vms::router())
         .merge(routes::nodes::router())
         .merge(routes::images::router())
+        .merge(routes::migrations::router())
         .split_for_parts();
     let openapi = Arc::new(openapi);
     let protected = api
@@ -115,10 +116,7 @@ pub fn app(state: AppState) -> Router {
                 async move { axum::Json(doc.as_ref().clone()) }
             }),
         )
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(routes::health::router())
         .merge(protected)
@@ -170,18 +168,14 @@ pub async fn run(
     let state = prepare(config).await?;
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|source| ServerError::Listen {
-            addr: listen,
-            source,
-        })?;
+        .map_err(|source| ServerError::Listen { addr: listen, source })?;
     let local = listener.local_addr().map_err(ServerError::Serve)?;
     tracing::info!(addr = %local, data_dir = %state.config.data_dir.display(), "server listening");
     let mut controllers = controllers::spawn(state.clone());
     // Watch streams never end by themselves, so graceful shutdown gets a
     // short grace period and then the server stops regardless.
     let stop = tokio_util::sync::CancellationToken::new();
-    let serve =
-        axum::serve(listener, app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
     let result = tokio::select! {
         r = serve => r.map_err(ServerError::Serve),
         _ = async {

@@ -13,8 +13,7 @@ use tokio_tungstenite::tungstenite::Message as TMessage;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
-type Upstream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Upstream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn agent_url(node: &Node, vm: &Vm, what: &str) -> String {
     format!(
@@ -38,16 +37,10 @@ pub async fn logs(state: &AppState, node: &Node, vm: &Vm, follow: bool) -> ApiRe
         .await
         .map_err(|e| unreachable(node, e))?;
     if resp.status() == reqwest::StatusCode::NOT_FOUND {
-        return Err(ApiError::not_found(format!(
-            "console log of VM {:?}",
-            vm.metadata.name
-        )));
+        return Err(ApiError::not_found(format!("console log of VM {:?}", vm.metadata.name)));
     }
     if !resp.status().is_success() {
-        return Err(unreachable(
-            node,
-            format!("agent answered {}", resp.status()),
-        ));
+        return Err(unreachable(node, format!("agent answered {}", resp.status())));
     }
     let body = Body::from_stream(resp.bytes_stream());
     Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
@@ -55,13 +48,8 @@ pub async fn logs(state: &AppState, node: &Node, vm: &Vm, follow: bool) -> ApiRe
 
 pub async fn connect_console(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<Upstream> {
     let url = agent_url(node, vm, "console").replacen("http", "ws", 1);
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| unreachable(node, e))?;
-    let secret = state
-        .agent_secret
-        .parse()
-        .map_err(|e| unreachable(node, e))?;
+    let mut req = url.into_client_request().map_err(|e| unreachable(node, e))?;
+    let secret = state.agent_secret.parse().map_err(|e| unreachable(node, e))?;
     req.headers_mut().insert(AGENT_SECRET_HEADER, secret);
     let (ws, _) = tokio_tungstenite::connect_async(req)
         .await

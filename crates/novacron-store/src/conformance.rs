@@ -12,19 +12,12 @@ use serde_json::json;
 use crate::{EventType, Store, StoreError};
 
 async fn create_get_update_delete(store: &dyn Store) {
-    let a = store
-        .create("vm", "a", "id-a", json!({"x": 1}))
-        .await
-        .expect("create");
+    let a = store.create("vm", "a", "id-a", json!({"x": 1})).await.expect("create");
     assert!(a.rev > 0);
     let got = store.get("vm", "a").await.expect("get").expect("present");
     assert_eq!(got, a);
     assert_eq!(
-        store
-            .get_by_id("vm", "id-a")
-            .await
-            .expect("by id")
-            .map(|r| r.name),
+        store.get_by_id("vm", "id-a").await.expect("by id").map(|r| r.name),
         Some("a".into())
     );
     assert!(store.get("vm", "missing").await.expect("get").is_none());
@@ -32,39 +25,22 @@ async fn create_get_update_delete(store: &dyn Store) {
     assert!(store.get("node", "a").await.expect("get").is_none());
 
     let dup = store.create("vm", "a", "id-a2", json!({})).await;
-    assert!(
-        matches!(dup, Err(StoreError::AlreadyExists { .. })),
-        "{dup:?}"
-    );
+    assert!(matches!(dup, Err(StoreError::AlreadyExists { .. })), "{dup:?}");
 
-    let b = store
-        .update("vm", "a", a.rev, json!({"x": 2}))
-        .await
-        .expect("update");
+    let b = store.update("vm", "a", a.rev, json!({"x": 2})).await.expect("update");
     assert!(b.rev > a.rev);
     assert_eq!(b.value, json!({"x": 2}));
 
     // A writer holding the old revision loses, and nothing changes.
     let stale = store.update("vm", "a", a.rev, json!({"x": 3})).await;
-    assert!(
-        matches!(stale, Err(StoreError::Conflict { .. })),
-        "{stale:?}"
-    );
+    assert!(matches!(stale, Err(StoreError::Conflict { .. })), "{stale:?}");
     assert_eq!(
-        store
-            .get("vm", "a")
-            .await
-            .expect("get")
-            .expect("present")
-            .value,
+        store.get("vm", "a").await.expect("get").expect("present").value,
         json!({"x": 2})
     );
 
     let missing = store.update("vm", "nope", 1, json!({})).await;
-    assert!(
-        matches!(missing, Err(StoreError::NotFound { .. })),
-        "{missing:?}"
-    );
+    assert!(matches!(missing, Err(StoreError::NotFound { .. })), "{missing:?}");
 
     let stale_delete = store.delete("vm", "a", Some(a.rev)).await;
     assert!(matches!(stale_delete, Err(StoreError::Conflict { .. })));
@@ -93,10 +69,7 @@ async fn pagination_and_filter(store: &dyn Store) {
     let mut after: Option<String> = None;
     let mut pages = 0;
     loop {
-        let page = store
-            .list("vm", None, after.as_deref(), 10)
-            .await
-            .expect("list");
+        let page = store.list("vm", None, after.as_deref(), 10).await.expect("list");
         pages += 1;
         assert!(page.items.len() <= 10);
         names.extend(page.items.iter().map(|r| r.name.clone()));
@@ -134,15 +107,9 @@ async fn watch_from_revision(store: &dyn Store) {
     let mut watch = store.watch("vm", start).await.expect("watch");
     // Backlog: the create that happened before the watch began.
     let first = next(&mut watch).await;
-    assert_eq!(
-        (first.event_type, first.record.name.as_str()),
-        (EventType::Added, "w1")
-    );
+    assert_eq!((first.event_type, first.record.name.as_str()), (EventType::Added, "w1"));
     // Live changes, in order, only for this kind.
-    store
-        .update("vm", "w1", a.rev, json!({"v": 2}))
-        .await
-        .expect("update");
+    store.update("vm", "w1", a.rev, json!({"v": 2})).await.expect("update");
     store
         .create("node", "ignored2", "id-ignored2", json!({}))
         .await
@@ -171,10 +138,7 @@ async fn next(watch: &mut crate::EventStream) -> crate::Event {
 }
 
 async fn concurrent_writers_serialise(store: &dyn Store) {
-    let rec = store
-        .create("vm", "c", "id-c", json!({"n": 0}))
-        .await
-        .expect("create");
+    let rec = store.create("vm", "c", "id-c", json!({"n": 0})).await.expect("create");
     // Two writers read the same revision; exactly one wins.
     let (r1, r2) = tokio::join!(
         store.update("vm", "c", rec.rev, json!({"n": 1})),

@@ -22,9 +22,7 @@ pub enum StoreError {
     #[error("{kind} {name:?} not found")]
     NotFound { kind: String, name: String },
     /// The object changed since the caller read it.
-    #[error(
-        "{kind} {name:?} was modified concurrently (expected revision {expected}, found {actual})"
-    )]
+    #[error("{kind} {name:?} was modified concurrently (expected revision {expected}, found {actual})")]
     Conflict {
         kind: String,
         name: String,
@@ -103,30 +101,13 @@ pub type RecordFilter<'a> = &'a (dyn Fn(&Record) -> bool + Send + Sync);
 
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
-    async fn create(
-        &self,
-        kind: &str,
-        name: &str,
-        id: &str,
-        value: Value,
-    ) -> Result<Record, StoreError>;
+    async fn create(&self, kind: &str, name: &str, id: &str, value: Value) -> Result<Record, StoreError>;
     async fn get(&self, kind: &str, name: &str) -> Result<Option<Record>, StoreError>;
     async fn get_by_id(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError>;
     /// Replaces the object if its revision is still `expected_rev`.
-    async fn update(
-        &self,
-        kind: &str,
-        name: &str,
-        expected_rev: u64,
-        value: Value,
-    ) -> Result<Record, StoreError>;
+    async fn update(&self, kind: &str, name: &str, expected_rev: u64, value: Value) -> Result<Record, StoreError>;
     /// Deletes the object; with `expected_rev`, only if it is still at that revision.
-    async fn delete(
-        &self,
-        kind: &str,
-        name: &str,
-        expected_rev: Option<u64>,
-    ) -> Result<Record, StoreError>;
+    async fn delete(&self, kind: &str, name: &str, expected_rev: Option<u64>) -> Result<Record, StoreError>;
     /// Objects of `kind` ordered by name, starting after `after`, that pass `filter`.
     async fn list(
         &self,
@@ -143,11 +124,10 @@ pub trait Store: Send + Sync {
 pub type SharedStore = Arc<dyn Store>;
 
 fn decode<T: Object>(record: Record) -> Result<T, StoreError> {
-    let mut obj: T =
-        serde_json::from_value(record.value).map_err(|source| StoreError::Corrupt {
-            kind: record.kind.clone(),
-            source,
-        })?;
+    let mut obj: T = serde_json::from_value(record.value).map_err(|source| StoreError::Corrupt {
+        kind: record.kind.clone(),
+        source,
+    })?;
     obj.meta_mut().resource_version = record.rev;
     Ok(obj)
 }
@@ -185,11 +165,7 @@ pub trait StoreExt: Store {
         decode(rec)
     }
 
-    async fn delete_obj<T: Object>(
-        &self,
-        name: &str,
-        expected_rev: Option<u64>,
-    ) -> Result<T, StoreError> {
+    async fn delete_obj<T: Object>(&self, name: &str, expected_rev: Option<u64>) -> Result<T, StoreError> {
         decode(self.delete(T::KIND, name, expected_rev).await?)
     }
 

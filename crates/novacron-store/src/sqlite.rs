@@ -68,9 +68,7 @@ impl SqliteStore {
     /// Runs `f` with the connection on the blocking pool.
     async fn with<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection, &broadcast::Sender<Arc<Event>>) -> Result<R, StoreError>
-            + Send
-            + 'static,
+        f: impl FnOnce(&mut Connection, &broadcast::Sender<Arc<Event>>) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -81,11 +79,7 @@ impl SqliteStore {
     }
 
     /// Writes many new objects in one transaction (bulk loads for benchmarks).
-    pub async fn create_many(
-        &self,
-        kind: &str,
-        objects: Vec<(String, String, Value)>,
-    ) -> Result<(), StoreError> {
+    pub async fn create_many(&self, kind: &str, objects: Vec<(String, String, Value)>) -> Result<(), StoreError> {
         let kind = kind.to_string();
         self.with(move |conn, _| {
             let tx = conn.transaction()?;
@@ -97,10 +91,7 @@ impl SqliteStore {
                     params![kind, name, id, rev as i64, value.to_string()],
                 )?;
             }
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'revision'",
-                params![rev as i64],
-            )?;
+            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", params![rev as i64])?;
             // History before this point is not replayable: watchers must list.
             tx.execute(
                 "UPDATE meta SET value = ?1 WHERE key = 'compacted'",
@@ -130,12 +121,7 @@ fn parse(kind: &str, data: &str) -> Result<Value, StoreError> {
     })
 }
 
-fn read_record(
-    conn: &Connection,
-    kind: &str,
-    column: &str,
-    key: &str,
-) -> Result<Option<Record>, StoreError> {
+fn read_record(conn: &Connection, kind: &str, column: &str, key: &str) -> Result<Option<Record>, StoreError> {
     let sql = format!("SELECT name, id, rev, data FROM objects WHERE kind = ?1 AND {column} = ?2");
     let row = conn
         .query_row(&sql, params![kind, key], |r| {
@@ -172,10 +158,7 @@ fn commit_change(
     let tx = conn.transaction()?;
     let rev = meta(&tx, "revision")? + 1;
     let record = write(&tx, rev)?;
-    tx.execute(
-        "UPDATE meta SET value = ?1 WHERE key = 'revision'",
-        params![rev as i64],
-    )?;
+    tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", params![rev as i64])?;
     tx.execute(
         "INSERT INTO events (rev, kind, type, name, id, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
@@ -189,10 +172,7 @@ fn commit_change(
     )?;
     if rev % 1000 == 0 && rev > EVENT_HISTORY {
         let keep_after = rev - EVENT_HISTORY;
-        tx.execute(
-            "DELETE FROM events WHERE rev <= ?1",
-            params![keep_after as i64],
-        )?;
+        tx.execute("DELETE FROM events WHERE rev <= ?1", params![keep_after as i64])?;
         tx.execute(
             "UPDATE meta SET value = max(value, ?1) WHERE key = 'compacted'",
             params![keep_after as i64],
@@ -209,13 +189,7 @@ fn commit_change(
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
-    async fn create(
-        &self,
-        kind: &str,
-        name: &str,
-        id: &str,
-        value: Value,
-    ) -> Result<Record, StoreError> {
+    async fn create(&self, kind: &str, name: &str, id: &str, value: Value) -> Result<Record, StoreError> {
         let (kind, name, id) = (kind.to_string(), name.to_string(), id.to_string());
         self.with(move |conn, events| {
             if read_record(conn, &kind, "name", &name)?.is_some() {
@@ -240,23 +214,15 @@ impl Store for SqliteStore {
 
     async fn get(&self, kind: &str, name: &str) -> Result<Option<Record>, StoreError> {
         let (kind, name) = (kind.to_string(), name.to_string());
-        self.with(move |conn, _| read_record(conn, &kind, "name", &name))
-            .await
+        self.with(move |conn, _| read_record(conn, &kind, "name", &name)).await
     }
 
     async fn get_by_id(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError> {
         let (kind, id) = (kind.to_string(), id.to_string());
-        self.with(move |conn, _| read_record(conn, &kind, "id", &id))
-            .await
+        self.with(move |conn, _| read_record(conn, &kind, "id", &id)).await
     }
 
-    async fn update(
-        &self,
-        kind: &str,
-        name: &str,
-        expected_rev: u64,
-        value: Value,
-    ) -> Result<Record, StoreError> {
+    async fn update(&self, kind: &str, name: &str, expected_rev: u64, value: Value) -> Result<Record, StoreError> {
         let (kind, name) = (kind.to_string(), name.to_string());
         self.with(move |conn, events| {
             let Some(current) = read_record(conn, &kind, "name", &name)? else {
@@ -270,34 +236,18 @@ impl Store for SqliteStore {
                     actual: current.rev,
                 });
             }
-            commit_change(
-                conn,
-                events,
-                EventType::Modified,
-                &kind,
-                &name,
-                |tx, rev| {
-                    tx.execute(
-                        "UPDATE objects SET rev = ?1, data = ?2 WHERE kind = ?3 AND name = ?4",
-                        params![rev as i64, value.to_string(), kind, name],
-                    )?;
-                    Ok(Record {
-                        rev,
-                        value,
-                        ..current
-                    })
-                },
-            )
+            commit_change(conn, events, EventType::Modified, &kind, &name, |tx, rev| {
+                tx.execute(
+                    "UPDATE objects SET rev = ?1, data = ?2 WHERE kind = ?3 AND name = ?4",
+                    params![rev as i64, value.to_string(), kind, name],
+                )?;
+                Ok(Record { rev, value, ..current })
+            })
         })
         .await
     }
 
-    async fn delete(
-        &self,
-        kind: &str,
-        name: &str,
-        expected_rev: Option<u64>,
-    ) -> Result<Record, StoreError> {
+    async fn delete(&self, kind: &str, name: &str, expected_rev: Option<u64>) -> Result<Record, StoreError> {
         let (kind, name) = (kind.to_string(), name.to_string());
         self.with(move |conn, events| {
             let Some(current) = read_record(conn, &kind, "name", &name)? else {
@@ -312,10 +262,7 @@ impl Store for SqliteStore {
                 });
             }
             commit_change(conn, events, EventType::Deleted, &kind, &name, |tx, rev| {
-                tx.execute(
-                    "DELETE FROM objects WHERE kind = ?1 AND name = ?2",
-                    params![kind, name],
-                )?;
+                tx.execute("DELETE FROM objects WHERE kind = ?1 AND name = ?2", params![kind, name])?;
                 Ok(Record { rev, ..current })
             })
         })
@@ -344,17 +291,14 @@ impl Store for SqliteStore {
                     "SELECT name, id, rev, data FROM objects WHERE kind = ?1 AND name > ?2 ORDER BY name LIMIT ?3",
                 )?;
                 let rows = stmt
-                    .query_map(
-                        params![kind, cursor.as_deref().unwrap_or(""), CHUNK as i64],
-                        |r| {
-                            Ok((
-                                r.get::<_, String>(0)?,
-                                r.get::<_, String>(1)?,
-                                r.get::<_, i64>(2)?,
-                                r.get::<_, String>(3)?,
-                            ))
-                        },
-                    )?
+                    .query_map(params![kind, cursor.as_deref().unwrap_or(""), CHUNK as i64], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, String>(3)?,
+                        ))
+                    })?
                     .collect::<Result<Vec<_>, _>>()?;
                 (rows, rev)
             };
@@ -399,7 +343,10 @@ impl Store for SqliteStore {
             .with(move |conn, events| {
                 let oldest = meta(conn, "compacted")?;
                 if from_rev < oldest {
-                    return Err(StoreError::Compacted { requested: from_rev, oldest });
+                    return Err(StoreError::Compacted {
+                        requested: from_rev,
+                        oldest,
+                    });
                 }
                 let receiver = events.subscribe();
                 let mut stmt = conn.prepare_cached(
@@ -407,7 +354,13 @@ impl Store for SqliteStore {
                 )?;
                 let rows = stmt
                     .query_map(params![kind_owned, from_rev as i64], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, String>(4)?))
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, String>(4)?,
+                        ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 let backlog = rows
@@ -415,7 +368,13 @@ impl Store for SqliteStore {
                     .map(|(rev, ty, name, id, data)| {
                         Ok(Event {
                             event_type: EventType::parse(&ty),
-                            record: Record { kind: kind_owned.clone(), name, id, rev: rev as u64, value: parse(&kind_owned, &data)? },
+                            record: Record {
+                                kind: kind_owned.clone(),
+                                name,
+                                id,
+                                rev: rev as u64,
+                                value: parse(&kind_owned, &data)?,
+                            },
                         })
                     })
                     .collect::<Result<Vec<_>, StoreError>>()?;
@@ -428,9 +387,7 @@ impl Store for SqliteStore {
             let kind = kind.clone();
             async move {
                 match item {
-                    Ok(ev) if ev.record.kind == kind && ev.record.rev > last_backlog => {
-                        Some(Ok((*ev).clone()))
-                    }
+                    Ok(ev) if ev.record.kind == kind && ev.record.rev > last_backlog => Some(Ok((*ev).clone())),
                     Ok(_) => None,
                     Err(BroadcastStreamRecvError::Lagged(_)) => Some(Err(StoreError::WatchLagged)),
                 }
@@ -444,9 +401,7 @@ impl Store for SqliteStore {
             }
             futures::future::ready(out)
         });
-        Ok(Box::pin(
-            futures::stream::iter(backlog.into_iter().map(Ok)).chain(live),
-        ))
+        Ok(Box::pin(futures::stream::iter(backlog.into_iter().map(Ok)).chain(live)))
     }
 
     async fn revision(&self) -> Result<u64, StoreError> {

@@ -25,11 +25,7 @@ async fn sqlite_file_conforms_and_persists() {
             .rev
     };
     let reopened = SqliteStore::open(&path).expect("reopen");
-    let rec = reopened
-        .get("vm", "keep")
-        .await
-        .expect("get")
-        .expect("kept");
+    let rec = reopened.get("vm", "keep").await.expect("get").expect("kept");
     assert_eq!(rec.rev, rev);
     assert_eq!(reopened.revision().await.expect("revision"), rev);
 }

@@ -11,8 +11,8 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use novacron_api::client::{Client, Resource};
 use novacron_api::{
-    CreateImage, CreateVm, Image, ImageFormat, ImagePart, Node, PowerState, RunStrategy, StopVm,
-    Vm, VmPhase, VmSpec,
+    CreateImage, CreateVm, Image, ImageFormat, ImagePart, Migration, MigrationPhase, MigrationStrategy, Node,
+    PowerState, RunStrategy, StopVm, Vm, VmPhase, VmSpec,
 };
 
 use crate::output::{self, Format};
@@ -53,6 +53,8 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Live-migrate a running VM to another node (disks move with it).
+    Migrate(MigrateArgs),
     /// Attach to the serial console (detach with Ctrl-]).
     Console { name: String },
     /// Print the serial console log.
@@ -100,6 +102,48 @@ pub struct CreateArgs {
     /// Wait until the VM is Running.
     #[arg(long)]
     pub wait: bool,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    pub name: String,
+    /// Target node (default: chosen by the scheduler).
+    #[arg(long = "to")]
+    pub to: Option<String>,
+    #[arg(long, value_enum, default_value_t = MigrateStrategy::Auto)]
+    pub strategy: MigrateStrategy,
+    /// Longest acceptable guest pause at switchover, e.g. 300ms.
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub max_downtime: Option<Duration>,
+    /// Bandwidth cap for memory, e.g. 200MiB/s.
+    #[arg(long, value_parser = parse_bandwidth)]
+    pub bandwidth: Option<u64>,
+    /// Follow the migration with a progress bar; non-zero exit if it fails.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MigrateStrategy {
+    Precopy,
+    AutoConverge,
+    Postcopy,
+    Auto,
+}
+
+/// `200MiB/s` (or `200MiB`, `1GiB/s`) → MiB/s.
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    parse_mib(s.trim_end_matches("/s"))
+}
+
+#[derive(Subcommand)]
+pub enum MigrationCommand {
+    /// List migrations.
+    List(ListArgs),
+    /// Show one migration.
+    Get { name: String },
+    /// Cancel a migration in progress (the VM stays on its source).
+    Cancel { name: String },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -197,15 +241,10 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                     kernel_args: a.kernel_args,
                 },
             };
-            novacron_api::validate::create_vm(&req)
-                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            novacron_api::validate::create_vm(&req).map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
             let vm = c.create_vm(&req).await?;
             let vm = if a.wait {
-                let want = if a.no_start {
-                    VmPhase::Stopped
-                } else {
-                    VmPhase::Running
-                };
+                let want = if a.no_start { VmPhase::Stopped } else { VmPhase::Running };
                 wait_phase(
                     &c,
                     &vm.metadata.name,
@@ -219,9 +258,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             };
             output::vm(g.output, &vm)
         }
-        VmCommand::List(a) => {
-            list::<Vm>(g, &c, a, output::vms, |vm| output::vm_row(vm).join("  ")).await
-        }
+        VmCommand::List(a) => list::<Vm>(g, &c, a, output::vms, |vm| output::vm_row(vm).join("  ")).await,
         VmCommand::Get { name } => output::vm(g.output, &c.get::<Vm>(&name).await?),
         VmCommand::Start(a) => action(g, &c, a, "start", None, VmPhase::Running).await,
         VmCommand::Stop {
@@ -258,19 +295,13 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             }
             Ok(())
         }
+        VmCommand::Migrate(a) => migrate(g, &c, a).await,
         VmCommand::Console { name } => crate::console::attach(&c, &name).await,
         VmCommand::Logs { name, follow, tail } => logs(&c, &name, follow, tail).await,
     }
 }
 
-async fn action(
-    g: &Global,
-    c: &Client,
-    a: ActionArgs,
-    what: &str,
-    stop: Option<&StopVm>,
-    want: VmPhase,
-) -> Result<()> {
+async fn action(g: &Global, c: &Client, a: ActionArgs, what: &str, stop: Option<&StopVm>, want: VmPhase) -> Result<()> {
     let vm = c.vm_action(&a.name, what, stop).await?;
     let vm = if a.wait {
         wait_phase(
@@ -289,13 +320,7 @@ async fn action(
 
 /// Polls until the VM reaches `want`; fails early on Failed. Shows a spinner.
 /// Only statuses that observed `min_generation` (the spec the caller wrote) count.
-pub async fn wait_phase(
-    c: &Client,
-    name: &str,
-    want: VmPhase,
-    min_generation: u64,
-    timeout: Duration,
-) -> Result<Vm> {
+pub async fn wait_phase(c: &Client, name: &str, want: VmPhase, min_generation: u64, timeout: Duration) -> Result<Vm> {
     let bar = ProgressBar::new_spinner();
     bar.set_style(
         ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
@@ -519,13 +544,12 @@ pub async fn import(
         );
         bar.set_message(format!("uploading {}", part.as_str()));
         let progress = bar.clone();
-        let stream =
-            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |chunk| {
-                if let Ok(c) = &chunk {
-                    progress.inc(c.len() as u64);
-                }
-                chunk
-            });
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |chunk| {
+            if let Ok(c) = &chunk {
+                progress.inc(c.len() as u64);
+            }
+            chunk
+        });
         let result = c
             .upload_image_part(name, part, reqwest::Body::wrap_stream(stream))
             .await;
@@ -540,4 +564,95 @@ pub async fn import(
         }
     }
     image.context("no file uploaded")
+}
+
+async fn migrate(g: &Global, c: &Client, a: MigrateArgs) -> Result<()> {
+    let req = novacron_api::CreateMigration {
+        vm: a.name.clone(),
+        target_node: a.to,
+        strategy: match a.strategy {
+            MigrateStrategy::Precopy => MigrationStrategy::Precopy,
+            MigrateStrategy::AutoConverge => MigrationStrategy::AutoConverge,
+            MigrateStrategy::Postcopy => MigrationStrategy::Postcopy,
+            MigrateStrategy::Auto => MigrationStrategy::Auto,
+        },
+        max_downtime_ms: a.max_downtime.map(|d| d.as_millis() as u64),
+        bandwidth_mib_s: a.bandwidth,
+    };
+    let m = c.create_migration(&req).await?;
+    if !a.wait {
+        return output::migration(g.output, &m);
+    }
+    let bar = ProgressBar::new(1000);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix:>15} [{bar:30}] {percent:>3}% {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let name = m.metadata.name.clone();
+    let done = loop {
+        let m = c.get::<Migration>(&name).await?;
+        let p = &m.status.progress;
+        let disk_phase = p.total_bytes == 0 && p.disk_total_bytes > 0;
+        let fraction = if disk_phase {
+            p.disk_transferred_bytes as f64 / p.disk_total_bytes.max(1) as f64 * 0.3
+        } else if m.status.phase == MigrationPhase::Transferring && p.total_bytes > 0 {
+            0.3 + p.percent / 100.0 * 0.7
+        } else if m.status.phase.is_final() || m.status.phase == MigrationPhase::Switchover {
+            1.0
+        } else {
+            0.0
+        };
+        bar.set_position((fraction * 1000.0) as u64);
+        bar.set_prefix(format!("{}", m.status.phase));
+        let eta = p.eta_s.map(|e| format!(" ETA {e:.0}s")).unwrap_or_default();
+        let what = if disk_phase { "disks" } else { "memory" };
+        bar.set_message(format!(
+            "{what} {}/s{eta} -> {}",
+            human_bytes(p.throughput_bytes_s),
+            m.status.target_node
+        ));
+        if m.status.phase.is_final() {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    bar.finish_and_clear();
+    output::migration(g.output, &done)?;
+    match done.status.phase {
+        MigrationPhase::Completed => Ok(()),
+        phase => bail!("Migration {name} {phase}: {}", done.status.error.unwrap_or_default()),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1}GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1}MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.0}KiB", b / 1024.0)
+    }
+}
+
+pub async fn migration(g: &Global, cmd: MigrationCommand) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        MigrationCommand::List(a) => {
+            list::<Migration>(g, &c, a, output::migrations, |m| {
+                format!(
+                    "{}  {}  {}%",
+                    m.metadata.name, m.status.phase, m.status.progress.percent as u32
+                )
+            })
+            .await
+        }
+        MigrationCommand::Get { name } => output::migration(g.output, &c.get::<Migration>(&name).await?),
+        MigrationCommand::Cancel { name } => {
+            let m = c.cancel_migration(&name).await?;
+            println!("migration {:?} cancel requested", m.metadata.name);
+            Ok(())
+        }
+    }
 }

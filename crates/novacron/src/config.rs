@@ -41,11 +41,7 @@ pub struct Target {
     pub token: String,
 }
 
-pub fn resolve(
-    server: Option<String>,
-    token: Option<String>,
-    dev_dir: Option<PathBuf>,
-) -> Result<Target> {
+pub fn resolve(server: Option<String>, token: Option<String>, dev_dir: Option<PathBuf>) -> Result<Target> {
     let file: ConfigFile = match std::fs::read(config_path()) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .with_context(|| format!("Invalid config file {}", config_path().display()))?,

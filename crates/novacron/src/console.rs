@@ -87,9 +87,7 @@ pub async fn attach(c: &Client, name: &str) -> Result<()> {
                 if let Some(pos) = chunk.iter().position(|b| *b == DETACH) {
                     if pos > 0 {
                         let _ = tx
-                            .send(Message::Binary(bytes::Bytes::copy_from_slice(
-                                &chunk[..pos],
-                            )))
+                            .send(Message::Binary(bytes::Bytes::copy_from_slice(&chunk[..pos])))
                             .await;
                     }
                     break;
@@ -114,11 +112,7 @@ pub async fn attach(c: &Client, name: &str) -> Result<()> {
                 Message::Close(_) => break,
                 _ => continue,
             };
-            if stdout
-                .write_all(&data)
-                .and_then(|_| stdout.flush())
-                .is_err()
-            {
+            if stdout.write_all(&data).and_then(|_| stdout.flush()).is_err() {
                 break;
             }
         }

@@ -74,10 +74,7 @@ async fn wait_ready(base: &str) -> Result<()> {
     }
 }
 
-pub async fn run(
-    a: DevArgs,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let dir = a.data_dir.clone().unwrap_or_else(config::default_dev_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("Cannot create {}", dir.display()))?;
     let stop = CancellationToken::new();
@@ -115,10 +112,7 @@ pub async fn run(
             probe_timeout: Duration::from_secs(2),
         };
         let cfg = crate::agent_config(&args, base.clone(), token.clone());
-        agents.push(tokio::spawn(novacron_agent::run(
-            cfg,
-            stop.clone().cancelled_owned(),
-        )));
+        agents.push(tokio::spawn(novacron_agent::run(cfg, stop.clone().cancelled_owned())));
     }
 
     let client = Client::new(&base, &token)?;
@@ -138,9 +132,7 @@ pub async fn run(
                 .context("Cannot import the demo image")?;
                 tracing::info!(dir = %g.display(), "imported demo image");
             }
-            None => tracing::warn!(
-                "demo guest not found: run scripts/build-guest-image.sh (or pass --guest-dir)"
-            ),
+            None => tracing::warn!("demo guest not found: run scripts/build-guest-image.sh (or pass --guest-dir)"),
         },
     }
 

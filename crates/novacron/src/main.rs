@@ -62,6 +62,9 @@ enum Command {
     /// Manage images.
     #[command(subcommand)]
     Image(commands::ImageCommand),
+    /// Inspect and cancel live migrations.
+    #[command(subcommand)]
+    Migration(commands::MigrationCommand),
 }
 
 #[derive(Args, Clone)]
@@ -207,6 +210,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Vm(c) => commands::vm(&cli.global, c).await,
         Command::Node(c) => commands::node(&cli.global, c).await,
         Command::Image(c) => commands::image(&cli.global, c).await,
+        Command::Migration(c) => commands::migration(&cli.global, c).await,
     }
 }
 

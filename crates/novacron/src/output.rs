@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use clap::ValueEnum;
 use comfy_table::{presets::NOTHING, Table};
 use novacron_api::units::format_mib;
-use novacron_api::{Image, Node, Vm};
+use novacron_api::{Image, Migration, Node, Vm};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -53,9 +53,7 @@ pub fn vm_row(vm: &Vm) -> Vec<String> {
     ]
 }
 
-pub const VM_HEADER: &[&str] = &[
-    "NAME", "PHASE", "NODE", "VCPUS", "MEMORY", "IMAGE", "AGE", "REASON",
-];
+pub const VM_HEADER: &[&str] = &["NAME", "PHASE", "NODE", "VCPUS", "MEMORY", "IMAGE", "AGE", "REASON"];
 
 pub fn vms(format: Format, items: &[Vm]) -> Result<()> {
     if format != Format::Table {
@@ -87,10 +85,7 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
         ("run strategy", format!("{:?}", vm.spec.run_strategy)),
         (
             "qemu pid",
-            vm.status
-                .qemu_pid
-                .map(|p| p.to_string())
-                .unwrap_or_default(),
+            vm.status.qemu_pid.map(|p| p.to_string()).unwrap_or_default(),
         ),
         ("accel", vm.status.accel.clone().unwrap_or_default()),
         ("restarts", vm.status.restarts.to_string()),
@@ -161,15 +156,7 @@ pub fn images(format: Format, items: &[Image]) -> Result<()> {
     if format != Format::Table {
         return print_data(format, &items);
     }
-    let mut t = table(&[
-        "NAME",
-        "FORMAT",
-        "PHASE",
-        "SIZE",
-        "VIRTUAL SIZE",
-        "SHA256",
-        "AGE",
-    ]);
+    let mut t = table(&["NAME", "FORMAT", "PHASE", "SIZE", "VIRTUAL SIZE", "SHA256", "AGE"]);
     for i in items {
         let size: u64 = i.status.files.iter().map(|f| f.size_bytes).sum();
         let sha = i
@@ -191,6 +178,78 @@ pub fn images(format: Format, items: &[Image]) -> Result<()> {
             sha,
             age(i.metadata.created_at),
         ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+fn opt_ms(v: Option<u64>) -> String {
+    v.map(|ms| format!("{ms}ms")).unwrap_or_else(|| "-".into())
+}
+
+pub fn migrations(format: Format, items: &[Migration]) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, &items);
+    }
+    let mut t = table(&[
+        "NAME", "VM", "FROM", "TO", "PHASE", "PROGRESS", "STRATEGY", "TOTAL", "DOWNTIME", "AGE",
+    ]);
+    for m in items {
+        t.add_row(vec![
+            m.metadata.name.clone(),
+            m.spec.vm.clone(),
+            m.status.source_node.clone(),
+            m.status.target_node.clone(),
+            m.status.phase.to_string(),
+            format!("{:.0}%", m.status.progress.percent),
+            m.status
+                .strategy
+                .map(|s| format!("{s:?}"))
+                .unwrap_or_else(|| "-".into()),
+            opt_ms(m.status.total_time_ms),
+            opt_ms(m.status.downtime_ms),
+            age(m.metadata.created_at),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub fn migration(format: Format, m: &Migration) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, m);
+    }
+    let p = &m.status.progress;
+    let mut t = table(&["FIELD", "VALUE"]);
+    let rows: Vec<(&str, String)> = vec![
+        ("name", m.metadata.name.clone()),
+        ("vm", m.spec.vm.clone()),
+        ("from", m.status.source_node.clone()),
+        ("to", m.status.target_node.clone()),
+        ("phase", m.status.phase.to_string()),
+        (
+            "strategy",
+            m.status.strategy.map(|s| format!("{s:?}")).unwrap_or_default(),
+        ),
+        ("why", m.status.strategy_reason.clone().unwrap_or_default()),
+        ("progress", format!("{:.1}% (pass {})", p.percent, p.iteration)),
+        (
+            "transferred",
+            format!("{} bytes (disks {})", p.transferred_bytes, p.disk_transferred_bytes),
+        ),
+        ("dirty rate", format!("{} bytes/s", p.dirty_rate_bytes_s)),
+        ("throughput", format!("{} bytes/s", p.throughput_bytes_s)),
+        ("eta", p.eta_s.map(|e| format!("{e:.1}s")).unwrap_or_else(|| "-".into())),
+        ("total time", opt_ms(m.status.total_time_ms)),
+        ("downtime", opt_ms(m.status.downtime_ms)),
+        (
+            "bytes sent",
+            m.status.bytes_sent.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+        ),
+        ("error", m.status.error.clone().unwrap_or_default()),
+    ];
+    for (k, v) in rows {
+        t.add_row(vec![k.to_string(), v]);
     }
     println!("{t}");
     Ok(())

@@ -10,18 +10,8 @@ use novacron_agent::accel;
 #[tokio::test]
 async fn probe_guest_runs_to_completion_under_tcg() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = accel::probe(
-        "qemu-system-x86_64",
-        "tcg",
-        dir.path(),
-        Duration::from_secs(20),
-    )
-    .await;
-    assert!(
-        out.works,
-        "probe guest did not complete under TCG: {}",
-        out.detail
-    );
+    let out = accel::probe("qemu-system-x86_64", "tcg", dir.path(), Duration::from_secs(20)).await;
+    assert!(out.works, "probe guest did not complete under TCG: {}", out.detail);
 }
 
 #[tokio::test]
@@ -32,9 +22,6 @@ async fn choosing_an_accelerator_is_bounded_by_the_deadline() {
     let chosen = accel::choose("qemu-system-x86_64", dir.path(), deadline).await;
     let took = started.elapsed();
     assert!(chosen == "kvm" || chosen == "tcg");
-    assert!(
-        took < deadline + Duration::from_secs(2),
-        "choosing took {took:?}"
-    );
+    assert!(took < deadline + Duration::from_secs(2), "choosing took {took:?}");
     eprintln!("chose {chosen} in {took:?}");
 }

@@ -33,7 +33,8 @@ async fn raw(
 }
 
 fn vm_body(name: &str, vcpus: u32, memory: u64, image: &str) -> String {
-    json!({"name": name, "spec": {"vcpus": vcpus, "memory_mib": memory, "image": image, "power_state": "Stopped"}}).to_string()
+    json!({"name": name, "spec": {"vcpus": vcpus, "memory_mib": memory, "image": image, "power_state": "Stopped"}})
+        .to_string()
 }
 
 async fn vm_count(c: &Cluster) -> usize {
@@ -53,14 +54,8 @@ async fn auth_bad_input_and_openapi() {
     let (s, b) = raw(&c, Method::GET, "/v1/vms", None, None).await;
     assert_eq!(s, 401);
     assert_eq!(b["error"]["code"], "unauthorized");
-    assert_eq!(
-        raw(&c, Method::GET, "/v1/vms", Some("wrong"), None).await.0,
-        401
-    );
-    assert_eq!(
-        raw(&c, Method::GET, "/v1/openapi.json", None, None).await.0,
-        401
-    );
+    assert_eq!(raw(&c, Method::GET, "/v1/vms", Some("wrong"), None).await.0, 401);
+    assert_eq!(raw(&c, Method::GET, "/v1/openapi.json", None, None).await.0, 401);
 
     // The OpenAPI document is generated from the handlers.
     let (s, doc) = raw(&c, Method::GET, "/v1/openapi.json", token, None).await;
@@ -103,45 +98,23 @@ async fn auth_bad_input_and_openapi() {
     let (s, b) = raw(&c, Method::POST, "/v1/vms", token, Some(huge)).await;
     assert_eq!(s, 413, "{b}");
     assert_eq!(b["error"]["code"], "too_large");
-    assert_eq!(
-        vm_count(&c).await,
-        before,
-        "a rejected request wrote something"
-    );
+    assert_eq!(vm_count(&c).await, before, "a rejected request wrote something");
 
     // Duplicate names conflict.
     assert_eq!(
-        raw(
-            &c,
-            Method::POST,
-            "/v1/vms",
-            token,
-            Some(vm_body("dup", 1, 128, "demo"))
-        )
-        .await
-        .0,
+        raw(&c, Method::POST, "/v1/vms", token, Some(vm_body("dup", 1, 128, "demo")))
+            .await
+            .0,
         201
     );
-    let (s, b) = raw(
-        &c,
-        Method::POST,
-        "/v1/vms",
-        token,
-        Some(vm_body("dup", 1, 128, "demo")),
-    )
-    .await;
+    let (s, b) = raw(&c, Method::POST, "/v1/vms", token, Some(vm_body("dup", 1, 128, "demo"))).await;
     assert_eq!(s, 409, "{b}");
     assert_eq!(vm_count(&c).await, before + 1);
 
     // Unknown things are 404 with the error body.
     let (s, b) = raw(&c, Method::GET, "/v1/vms/nope", token, None).await;
     assert_eq!((s, b["error"]["code"].as_str()), (404, Some("not_found")));
-    assert_eq!(
-        raw(&c, Method::GET, "/v1/nothing-here", token, None)
-            .await
-            .0,
-        404
-    );
+    assert_eq!(raw(&c, Method::GET, "/v1/nothing-here", token, None).await.0, 404);
 
     // Stale status writes lose (compare-and-swap).
     let vm = c.vm("dup").await;
@@ -188,11 +161,7 @@ async fn pagination_selectors_and_watch() {
         .await
         .expect("list")
         .resource_version;
-    let mut watch = c
-        .client
-        .watch::<Vm>(start_rev, Some("tier=web"))
-        .await
-        .expect("watch");
+    let mut watch = c.client.watch::<Vm>(start_rev, Some("tier=web")).await.expect("watch");
     for i in 0..7 {
         let tier = if i % 2 == 0 { "web" } else { "db" };
         let body = json!({"name": format!("p-{i}"), "labels": {"tier": tier},
@@ -218,17 +187,9 @@ async fn pagination_selectors_and_watch() {
     }
     assert_eq!(pages, 3);
     assert_eq!(names, (0..7).map(|i| format!("p-{i}")).collect::<Vec<_>>());
-    let (web, _) = c
-        .client
-        .list_all::<Vm>(Some("tier=web"))
-        .await
-        .expect("selector");
+    let (web, _) = c.client.list_all::<Vm>(Some("tier=web")).await.expect("selector");
     assert_eq!(web.len(), 4);
-    let (not_web, _) = c
-        .client
-        .list_all::<Vm>(Some("tier!=web"))
-        .await
-        .expect("selector");
+    let (not_web, _) = c.client.list_all::<Vm>(Some("tier!=web")).await.expect("selector");
     assert_eq!(not_web.len(), 3);
     assert_eq!(
         c.client
@@ -271,10 +232,7 @@ async fn pagination_selectors_and_watch() {
             .find(|l| l.contains("\"Deleted\"") && l.contains("p-1"))
     });
     // Give the CLI time to list and start watching, then delete.
-    wait_until("watch to start", Duration::from_secs(10), || async {
-        Some(())
-    })
-    .await;
+    wait_until("watch to start", Duration::from_secs(10), || async { Some(()) }).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.client.delete_vm("p-1", false).await.expect("delete");
     let line = tokio::task::spawn_blocking(move || reader.join().ok().flatten())
@@ -298,30 +256,14 @@ async fn node_goes_not_ready_and_comes_back() {
     let client = c.client.clone();
     let node = wait_until("node NotReady", Duration::from_secs(10), || {
         let client = client.clone();
-        async move {
-            client
-                .get::<Node>("node-1")
-                .await
-                .ok()
-                .filter(|n| !n.status.ready)
-        }
+        async move { client.get::<Node>("node-1").await.ok().filter(|n| !n.status.ready) }
     })
     .await;
-    assert!(node
-        .status
-        .ready_reason
-        .unwrap_or_default()
-        .contains("heartbeat"));
+    assert!(node.status.ready_reason.unwrap_or_default().contains("heartbeat"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("continue agent");
     wait_until("node Ready again", Duration::from_secs(10), || {
         let client = client.clone();
-        async move {
-            client
-                .get::<Node>("node-1")
-                .await
-                .ok()
-                .filter(|n| n.status.ready)
-        }
+        async move { client.get::<Node>("node-1").await.ok().filter(|n| n.status.ready) }
     })
     .await;
     let out = c.cli(&["node", "list"]).output().expect("cli");
@@ -339,38 +281,29 @@ async fn vm_stays_pending_until_capacity_appears() {
     .await;
     c.import_demo().await;
     for name in ["big-1", "big-2"] {
-        let body = json!({"name": name, "spec": {"vcpus": 1, "memory_mib": 700, "image": "demo", "power_state": "Stopped"}});
+        let body =
+            json!({"name": name, "spec": {"vcpus": 1, "memory_mib": 700, "image": "demo", "power_state": "Stopped"}});
         let _: Vm = c.client.post_json("vms", &body).await.expect("create");
     }
-    let first = c
-        .wait_phase("big-1", VmPhase::Stopped, Duration::from_secs(20))
-        .await;
+    let first = c.wait_phase("big-1", VmPhase::Stopped, Duration::from_secs(20)).await;
     assert_eq!(first.status.node.as_deref(), Some("node-1"));
     let client = c.client.clone();
-    let pending = wait_until(
-        "big-2 to explain why it is pending",
-        Duration::from_secs(10),
-        || {
-            let client = client.clone();
-            async move {
-                client.get::<Vm>("big-2").await.ok().filter(|v| {
-                    v.status
-                        .reason
-                        .as_deref()
-                        .unwrap_or("")
-                        .contains("insufficient memory")
-                })
-            }
-        },
-    )
+    let pending = wait_until("big-2 to explain why it is pending", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            client
+                .get::<Vm>("big-2")
+                .await
+                .ok()
+                .filter(|v| v.status.reason.as_deref().unwrap_or("").contains("insufficient memory"))
+        }
+    })
     .await;
     assert_eq!(pending.status.phase, VmPhase::Pending);
     assert!(pending.status.node.is_none());
     // Capacity appears: a second node joins, and the VM is placed there.
     c.add_agent("node-2", 4, "1GiB", "1s").await;
-    let placed = c
-        .wait_phase("big-2", VmPhase::Stopped, Duration::from_secs(20))
-        .await;
+    let placed = c.wait_phase("big-2", VmPhase::Stopped, Duration::from_secs(20)).await;
     assert_eq!(placed.status.node.as_deref(), Some("node-2"));
     assert_eq!(placed.spec.run_strategy, RunStrategy::Manual);
 }
@@ -413,16 +346,9 @@ async fn image_import_records_format_checksum_and_size() {
             .cli(&["image", "import", name, &path.display().to_string()])
             .output()
             .expect("cli");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let img = c.client.get::<Image>(name).await.expect("image");
-        assert_eq!(
-            (img.spec.format, img.status.phase),
-            (format, ImagePhase::Ready)
-        );
+        assert_eq!((img.spec.format, img.status.phase), (format, ImagePhase::Ready));
         assert_eq!(img.status.virtual_size_bytes, virtual_mib * 1024 * 1024);
         let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&path).expect("read")));
         assert_eq!(img.status.files[0].sha256, sha);
@@ -461,13 +387,7 @@ async fn image_import_records_format_checksum_and_size() {
     )
     .await;
     assert_eq!(s, 422, "{b}");
-    let out = c
-        .cli(&["image", "list", "-o", "yaml"])
-        .output()
-        .expect("cli");
+    let out = c.cli(&["image", "list", "-o", "yaml"]).output().expect("cli");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("name: q") && text.contains("name: r"),
-        "{text}"
-    );
+    assert!(text.contains("name: q") && text.contains("name: r"), "{text}");
 }

@@ -34,9 +34,7 @@ async fn killed_qemu_is_failed_or_restarted() {
     // Manual: Failed with a reason, within one heartbeat period, and it stays down.
     let killed_at = Instant::now();
     kill9(manual.status.qemu_pid.expect("pid"));
-    let failed = c
-        .wait_phase("manual", VmPhase::Failed, HEARTBEAT_PERIOD)
-        .await;
+    let failed = c.wait_phase("manual", VmPhase::Failed, HEARTBEAT_PERIOD).await;
     let detected = killed_at.elapsed();
     assert!(
         failed
@@ -58,35 +56,27 @@ async fn killed_qemu_is_failed_or_restarted() {
     );
 
     // Always: restarted with a new process, which boots the guest again.
-    c.wait_console("always", "NOVACRON-GUEST-READY", 1, BOOT)
-        .await;
+    c.wait_console("always", "NOVACRON-GUEST-READY", 1, BOOT).await;
     let old_pid = always.status.qemu_pid.expect("pid");
     kill9(old_pid);
     let client = c.client.clone();
     let restarted = wait_until("always to be restarted", HEARTBEAT_PERIOD * 3, || {
         let client = client.clone();
         async move {
-            client.get::<Vm>("always").await.ok().filter(|v| {
-                v.status.phase == VmPhase::Running
-                    && v.status.qemu_pid.is_some_and(|p| p != old_pid)
-            })
+            client
+                .get::<Vm>("always")
+                .await
+                .ok()
+                .filter(|v| v.status.phase == VmPhase::Running && v.status.qemu_pid.is_some_and(|p| p != old_pid))
         }
     })
     .await;
     assert_eq!(restarted.status.restarts, 1);
-    c.wait_console("always", "NOVACRON-GUEST-READY", 2, BOOT)
-        .await;
+    c.wait_console("always", "NOVACRON-GUEST-READY", 2, BOOT).await;
 
     // The user starts the failed VM again.
-    let out = c
-        .cli(&["vm", "start", "manual", "--wait"])
-        .output()
-        .expect("start");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = c.cli(&["vm", "start", "manual", "--wait"]).output().expect("start");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(c.qemu_pids().len(), 2);
 }
 
@@ -97,8 +87,7 @@ async fn agent_restart_readopts_running_vms() {
     c.create_vm("keep", 128, RunStrategy::Manual, true).await;
     let vm = c.wait_phase("keep", VmPhase::Running, BOOT).await;
     let pid = vm.status.qemu_pid.expect("pid");
-    c.wait_console("keep", "NOVACRON-GUEST-READY", 1, BOOT)
-        .await;
+    c.wait_console("keep", "NOVACRON-GUEST-READY", 1, BOOT).await;
 
     c.kill_agent("node-1");
     // The VM keeps running without its agent.
@@ -116,23 +105,10 @@ async fn agent_restart_readopts_running_vms() {
     // Same process, no duplicate, and the agent still controls it.
     assert_eq!(c.qemu_pids(), vec![pid]);
     let vm = c.vm("keep").await;
-    assert_eq!(
-        (vm.status.phase, vm.status.qemu_pid),
-        (VmPhase::Running, Some(pid))
-    );
-    let out = c
-        .cli(&["vm", "pause", "keep", "--wait"])
-        .output()
-        .expect("pause");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = c
-        .cli(&["vm", "resume", "keep", "--wait"])
-        .output()
-        .expect("resume");
+    assert_eq!((vm.status.phase, vm.status.qemu_pid), (VmPhase::Running, Some(pid)));
+    let out = c.cli(&["vm", "pause", "keep", "--wait"]).output().expect("pause");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = c.cli(&["vm", "resume", "keep", "--wait"]).output().expect("resume");
     assert!(out.status.success());
     assert_eq!(c.qemu_pids(), vec![pid]);
 }
@@ -141,8 +117,7 @@ async fn agent_restart_readopts_running_vms() {
 async fn server_restart_loses_nothing() {
     let mut c = Cluster::start(Options::default()).await;
     c.import_demo().await;
-    c.create_vm("durable", 128, RunStrategy::Manual, false)
-        .await;
+    c.create_vm("durable", 128, RunStrategy::Manual, false).await;
     let before = c.wait_phase("durable", VmPhase::Running, BOOT).await;
     let image_before = c.client.get::<Image>("demo").await.expect("image");
     let node_before = c.client.get::<Node>("node-1").await.expect("node");
@@ -160,32 +135,15 @@ async fn server_restart_loses_nothing() {
         image_before.status
     );
     assert_eq!(
-        c.client
-            .get::<Node>("node-1")
-            .await
-            .expect("node")
-            .metadata
-            .id,
+        c.client.get::<Node>("node-1").await.expect("node").metadata.id,
         node_before.metadata.id
     );
     // The same admin token still works (the client above used it), and the agent
     // reconnects its watch: a stop issued now takes effect.
     let out = c
-        .cli(&[
-            "vm",
-            "stop",
-            "durable",
-            "--force",
-            "--wait",
-            "--wait-timeout",
-            "60",
-        ])
+        .cli(&["vm", "stop", "durable", "--force", "--wait", "--wait-timeout", "60"])
         .output()
         .expect("stop");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(c.qemu_pids().is_empty());
 }

@@ -36,14 +36,8 @@ async fn full_lifecycle_on_a_real_guest() {
         ])
         .output()
         .expect("cli");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let filler = c
-        .wait_phase("filler", VmPhase::Stopped, Duration::from_secs(20))
-        .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let filler = c.wait_phase("filler", VmPhase::Stopped, Duration::from_secs(20)).await;
     let busy = filler.status.node.clone().expect("placed");
 
     let out = c
@@ -65,25 +59,16 @@ async fn full_lifecycle_on_a_real_guest() {
         ])
         .output()
         .expect("cli");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let vm: novacron_api::Vm = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(vm.status.phase, VmPhase::Running);
     let node = vm.status.node.clone().expect("node");
-    assert_ne!(
-        node, busy,
-        "placement should prefer the node with more free memory"
-    );
+    assert_ne!(node, busy, "placement should prefer the node with more free memory");
     let pid = vm.status.qemu_pid.expect("pid");
     assert_eq!(vm.status.accel.as_deref(), Some("tcg"));
 
     // The guest boots, formats its disks and prints its marker.
-    let log = c
-        .wait_console("web", "NOVACRON-GUEST-READY name=web", 1, BOOT)
-        .await;
+    let log = c.wait_console("web", "NOVACRON-GUEST-READY name=web", 1, BOOT).await;
     assert!(log.contains("NOVACRON-BOOT count=1"), "{log}");
     assert!(log.contains("NOVACRON-DISK ok"), "{log}");
 
@@ -120,52 +105,28 @@ async fn full_lifecycle_on_a_real_guest() {
     );
 
     // Logs through the CLI, including --tail.
-    let out = c
-        .cli(&["vm", "logs", "web", "--tail", "200"])
-        .output()
-        .expect("logs");
+    let out = c.cli(&["vm", "logs", "web", "--tail", "200"]).output().expect("logs");
     assert!(String::from_utf8_lossy(&out.stdout).contains("NOVACRON-GUEST-READY"));
 
     // Pause and resume keep the same process.
-    let out = c
-        .cli(&["vm", "pause", "web", "--wait"])
-        .output()
-        .expect("pause");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = c.cli(&["vm", "pause", "web", "--wait"]).output().expect("pause");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(c.vm("web").await.status.phase, VmPhase::Paused);
-    let out = c
-        .cli(&["vm", "resume", "web", "--wait"])
-        .output()
-        .expect("resume");
+    let out = c.cli(&["vm", "resume", "web", "--wait"]).output().expect("resume");
     assert!(out.status.success());
     assert_eq!(c.vm("web").await.status.qemu_pid, Some(pid));
 
     // Reboot: same QEMU, the guest boots a second time (its boot counter lives on the root disk).
     let out = c.cli(&["vm", "reboot", "web"]).output().expect("reboot");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = c.wait_console("web", "NOVACRON-GUEST-READY", 2, BOOT).await;
     assert!(log.contains("NOVACRON-BOOT count=2"), "{log}");
     assert_eq!(c.vm("web").await.status.qemu_pid, Some(pid));
 
     // Graceful stop through the ACPI power button: well before the 30 s timeout, no force.
     let started = std::time::Instant::now();
-    let out = c
-        .cli(&["vm", "stop", "web", "--wait"])
-        .output()
-        .expect("stop");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = c.cli(&["vm", "stop", "web", "--wait"]).output().expect("stop");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stopped = c.vm("web").await;
     assert_eq!(stopped.status.phase, VmPhase::Stopped);
     assert!(
@@ -177,18 +138,9 @@ async fn full_lifecycle_on_a_real_guest() {
     assert!(c.qemu_pids().is_empty(), "QEMU still running after stop");
 
     // Start again: the disks persist (third boot).
-    let out = c
-        .cli(&["vm", "start", "web", "--wait"])
-        .output()
-        .expect("start");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let log = c
-        .wait_console("web", "NOVACRON-BOOT count=3", 1, BOOT)
-        .await;
+    let out = c.cli(&["vm", "start", "web", "--wait"]).output().expect("start");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = c.wait_console("web", "NOVACRON-BOOT count=3", 1, BOOT).await;
     assert!(log.contains("NOVACRON-DISK ok"));
 
     // Force stop kills at once.
@@ -197,26 +149,14 @@ async fn full_lifecycle_on_a_real_guest() {
         .output()
         .expect("force stop");
     assert!(out.status.success());
-    assert_eq!(
-        c.vm("web").await.status.reason.as_deref(),
-        Some("Forced off")
-    );
+    assert_eq!(c.vm("web").await.status.reason.as_deref(), Some("Forced off"));
     assert!(c.qemu_pids().is_empty());
 
     // Start, then delete while running: process, disks and state dir all go.
-    c.cli(&["vm", "start", "web", "--wait"])
-        .output()
-        .expect("start");
+    c.cli(&["vm", "start", "web", "--wait"]).output().expect("start");
     assert_eq!(c.qemu_pids().len(), 1);
-    let out = c
-        .cli(&["vm", "delete", "web", "--wait"])
-        .output()
-        .expect("delete");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = c.cli(&["vm", "delete", "web", "--wait"]).output().expect("delete");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(c
         .client
         .get::<novacron_api::Vm>("web")
@@ -228,9 +168,7 @@ async fn full_lifecycle_on_a_real_guest() {
     assert!(!vm_dir.exists(), "VM directory left after delete");
 
     // A stopped VM that was never started deletes cleanly too.
-    c.cli(&["vm", "delete", "filler", "--wait"])
-        .output()
-        .expect("delete");
+    c.cli(&["vm", "delete", "filler", "--wait"]).output().expect("delete");
     wait_until("filler gone", Duration::from_secs(10), || async {
         c.client
             .get::<novacron_api::Vm>("filler")

@@ -14,9 +14,7 @@ pub fn router() -> Router<AppState> {
 
 /// Liveness: the process serves requests.
 async fn healthz() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-    })
+    Json(Health { status: "ok".into() })
 }
 
 /// Readiness: the store answers.
@@ -26,7 +24,5 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
         .revision()
         .await
         .map_err(|e| ApiError::unavailable(format!("Store unavailable: {e}")))?;
-    Ok(Json(Health {
-        status: "ready".into(),
-    }))
+    Ok(Json(Health { status: "ready".into() }))
 }

@@ -10,8 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
 use novacron_api::{
-    validate, CreateImage, Image, ImageFile, ImageFormat, ImagePart, ImagePhase, ImageSpec,
-    ImageStatus, Metadata, Vm,
+    validate, CreateImage, Image, ImageFile, ImageFormat, ImagePart, ImagePhase, ImageSpec, ImageStatus, Metadata, Vm,
 };
 use novacron_store::StoreExt;
 use sha2::{Digest, Sha256};
@@ -134,20 +133,12 @@ fn image_dir(state: &AppState, image: &Image) -> PathBuf {
 }
 
 fn parse_part(image: &Image, part: &str) -> ApiResult<ImagePart> {
-    let part = ImagePart::parse(part).ok_or_else(|| {
-        ApiError::invalid(
-            "part",
-            format!("unknown image part {part:?} (disk, kernel, initrd)"),
-        )
-    })?;
+    let part = ImagePart::parse(part)
+        .ok_or_else(|| ApiError::invalid("part", format!("unknown image part {part:?} (disk, kernel, initrd)")))?;
     if !image.required_parts().contains(&part) {
         return Err(ApiError::invalid(
             "part",
-            format!(
-                "a {} image has no {} part",
-                image.spec.format,
-                part.as_str()
-            ),
+            format!("a {} image has no {} part", image.spec.format, part.as_str()),
         ));
     }
     Ok(part)
@@ -173,14 +164,11 @@ async fn inspect_disk(path: &std::path::Path, expected: ImageFormat) -> ApiResul
     if !out.status.success() {
         return Err(ApiError::invalid(
             "body",
-            format!(
-                "not a disk image: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+            format!("not a disk image: {}", String::from_utf8_lossy(&out.stderr).trim()),
         ));
     }
-    let info: QemuImgInfo = serde_json::from_slice(&out.stdout)
-        .map_err(|e| ApiError::internal("Unexpected qemu-img output", &e))?;
+    let info: QemuImgInfo =
+        serde_json::from_slice(&out.stdout).map_err(|e| ApiError::internal("Unexpected qemu-img output", &e))?;
     if info.format != expected.to_string() {
         return Err(ApiError::invalid(
             "body",
@@ -188,10 +176,7 @@ async fn inspect_disk(path: &std::path::Path, expected: ImageFormat) -> ApiResul
         ));
     }
     if info.backing_filename.is_some() {
-        return Err(ApiError::invalid(
-            "body",
-            "images with a backing file are not accepted",
-        ));
+        return Err(ApiError::invalid("body", "images with a backing file are not accepted"));
     }
     Ok(info.virtual_size)
 }
@@ -313,9 +298,5 @@ async fn download_image_file(
         .await
         .map_err(|e| ApiError::internal("Cannot open image file", &e))?;
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-    Ok((
-        [(CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(([(CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
 }

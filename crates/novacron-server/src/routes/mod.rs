@@ -2,6 +2,7 @@
 
 pub mod health;
 pub mod images;
+pub mod migrations;
 pub mod nodes;
 pub mod vms;
 
@@ -83,8 +84,7 @@ pub async fn list_or_watch<T: Object>(
                         EventType::Deleted => WatchEventType::Deleted,
                     };
                     decode_record::<T>(ev.record).ok().map(|object| {
-                        let mut line = serde_json::to_vec(&WatchEvent { event_type, object })
-                            .unwrap_or_default();
+                        let mut line = serde_json::to_vec(&WatchEvent { event_type, object }).unwrap_or_default();
                         line.push(b'\n');
                         Ok(bytes::Bytes::from(line))
                     })
@@ -92,11 +92,7 @@ pub async fn list_or_watch<T: Object>(
             };
             futures::future::ready(out)
         });
-        return Ok((
-            [(CONTENT_TYPE, "application/x-ndjson")],
-            Body::from_stream(lines),
-        )
-            .into_response());
+        return Ok(([(CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response());
     }
 
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);

@@ -5,10 +5,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::Utc;
-use novacron_api::{
-    validate, Metadata, Node, NodeSpec, NodeStatus, RegisterNode, RegisterNodeResponse, Resources,
-    Vm,
-};
+use novacron_api::{validate, Metadata, Node, NodeSpec, NodeStatus, RegisterNode, RegisterNodeResponse, Resources, Vm};
 use novacron_store::{StoreError, StoreExt};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -120,10 +117,7 @@ async fn register_node(
     validate::name("name", &req.name)?;
     validate::labels("labels", &req.labels)?;
     if !(req.address.starts_with("http://") || req.address.starts_with("https://")) {
-        return Err(ApiError::invalid(
-            "address",
-            "address must be an http(s) URL",
-        ));
+        return Err(ApiError::invalid("address", "address must be an http(s) URL"));
     }
     if req.capacity.vcpus == 0 || req.capacity.memory_mib == 0 {
         return Err(ApiError::invalid("capacity", "capacity must be positive"));
@@ -210,12 +204,7 @@ async fn heartbeat(
     Ok(Json(node))
 }
 
-async fn set_schedulable(
-    state: &AppState,
-    p: &Principal,
-    name: &str,
-    schedulable: bool,
-) -> ApiResult<Json<Node>> {
+async fn set_schedulable(state: &AppState, p: &Principal, name: &str, schedulable: bool) -> ApiResult<Json<Node>> {
     authorize(p, Action::Write)?;
     let node = find::<Node>(state, name).await?;
     let node = state

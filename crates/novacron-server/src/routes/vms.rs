@@ -5,10 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::Utc;
-use novacron_api::{
-    validate, CreateVm, Image, ImagePhase, Metadata, Node, PowerState, StopVm, Vm, VmPhase,
-    VmStatus,
-};
+use novacron_api::{validate, CreateVm, Image, ImagePhase, Metadata, Node, PowerState, StopVm, Vm, VmPhase, VmStatus};
 use novacron_scheduler::Request;
 use novacron_store::{StoreError, StoreExt};
 use serde::Deserialize;
@@ -82,11 +79,8 @@ async fn create_vm(
         vcpus: req.spec.vcpus,
         memory_mib: req.spec.memory_mib,
     };
-    if !novacron_scheduler::fits_some_node(&request, &node_views(&nodes, &[])) {
-        let (field, what) = if nodes
-            .iter()
-            .all(|n| n.status.capacity.memory_mib < req.spec.memory_mib)
-        {
+    if !novacron_scheduler::fits_some_node(&request, &node_views(&nodes, &[], &[])) {
+        let (field, what) = if nodes.iter().all(|n| n.status.capacity.memory_mib < req.spec.memory_mib) {
             ("spec.memory_mib", "memory")
         } else {
             ("spec.vcpus", "vcpus")
@@ -144,6 +138,7 @@ async fn delete_vm(
     authorize(&p, Action::Write)?;
     let vm = find::<Vm>(&state, &name).await?;
     let name = vm.metadata.name.clone();
+    refuse_while_migrating(&state, &name).await?;
     if vm.status.node.is_none() || q.force {
         state.store.delete_obj::<Vm>(&name, None).await?;
         tracing::info!(vm = %name, force = q.force, "deleted VM");
@@ -175,6 +170,7 @@ async fn act(
     authorize(p, Action::Write)?;
     let vm = find::<Vm>(state, name).await?;
     let name = vm.metadata.name;
+    refuse_while_migrating(state, &name).await?;
     // `modify` retries on conflicts; the closure records a refusal instead of failing.
     let refusal = std::sync::Mutex::new(None);
     let vm = state
@@ -239,14 +235,10 @@ async fn stop_vm(
     let req: StopVm = if body.iter().all(u8::is_ascii_whitespace) {
         StopVm::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?
     };
     if req.timeout_s.is_some_and(|t| t > 3600) {
-        return Err(ApiError::invalid(
-            "timeout_s",
-            "timeout must be at most 3600 s",
-        ));
+        return Err(ApiError::invalid("timeout_s", "timeout must be at most 3600 s"));
     }
     act(&state, &p, &name, |v| {
         v.spec.power_state = PowerState::Stopped;
@@ -335,10 +327,7 @@ async fn put_vm_status(
         .into());
     }
     if vm.status.node.is_some() && body.status.node != vm.status.node {
-        return Err(ApiError::invalid(
-            "status.node",
-            "an agent cannot rebind a VM",
-        ));
+        return Err(ApiError::invalid("status.node", "an agent cannot rebind a VM"));
     }
     vm.status = body.status;
     Ok(Json(state.store.update_obj(&vm).await?))
@@ -401,10 +390,7 @@ async fn vm_console(
     authorize(&p, Action::Write)?;
     let vm = find::<Vm>(&state, &name).await?;
     let node = bound_node(&state, &vm).await?;
-    if !matches!(
-        vm.status.phase,
-        VmPhase::Running | VmPhase::Paused | VmPhase::Starting
-    ) {
+    if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused | VmPhase::Starting) {
         return Err(ApiError::conflict(format!(
             "VM {:?} is not running ({})",
             vm.metadata.name, vm.status.phase
@@ -412,6 +398,16 @@ async fn vm_console(
     }
     let upstream = proxy::connect_console(&state, &node, &vm).await?;
     Ok(ws.on_upgrade(move |socket| proxy::pump_console(socket, upstream)))
+}
+
+async fn refuse_while_migrating(state: &AppState, vm: &str) -> ApiResult<()> {
+    match super::migrations::active_migration(state, vm).await? {
+        Some(m) => Err(ApiError::conflict(format!(
+            "VM {vm:?} is being migrated by {:?}; cancel it first",
+            m.metadata.name
+        ))),
+        None => Ok(()),
+    }
 }
 
 async fn bound_node(state: &AppState, vm: &Vm) -> ApiResult<Node> {

@@ -207,22 +207,18 @@ impl Cluster {
         });
         let client = self.client.clone();
         let n = name.to_string();
-        wait_until(
-            "agent registered and Ready",
-            Duration::from_secs(30),
-            || {
-                let client = client.clone();
-                let n = n.clone();
-                async move {
-                    client
-                        .get::<novacron_api::Node>(&n)
-                        .await
-                        .ok()
-                        .filter(|node| node.status.ready)
-                        .map(|_| ())
-                }
-            },
-        )
+        wait_until("agent registered and Ready", Duration::from_secs(30), || {
+            let client = client.clone();
+            let n = n.clone();
+            async move {
+                client
+                    .get::<novacron_api::Node>(&n)
+                    .await
+                    .ok()
+                    .filter(|node| node.status.ready)
+                    .map(|_| ())
+            }
+        })
         .await;
     }
 
@@ -237,10 +233,7 @@ impl Cluster {
     }
 
     pub fn agent(&mut self, name: &str) -> &mut AgentProc {
-        self.agents
-            .iter_mut()
-            .find(|a| a.name == name)
-            .expect("agent")
+        self.agents.iter_mut().find(|a| a.name == name).expect("agent")
     }
 
     pub fn kill_agent(&mut self, name: &str) {
@@ -289,12 +282,19 @@ impl Cluster {
         c
     }
 
-    pub async fn create_vm(
+    pub async fn create_vm(&self, name: &str, memory_mib: u64, strategy: RunStrategy, data_disk: bool) -> Vm {
+        self.create_vm_with_args(name, memory_mib, strategy, data_disk, None)
+            .await
+    }
+
+    /// `kernel_args` reach the guest, e.g. `novacron.workload=64` starts the memory workload.
+    pub async fn create_vm_with_args(
         &self,
         name: &str,
         memory_mib: u64,
         strategy: RunStrategy,
         data_disk: bool,
+        kernel_args: Option<&str>,
     ) -> Vm {
         self.client
             .create_vm(&CreateVm {
@@ -312,11 +312,16 @@ impl Cluster {
                     stop_grace_s: None,
                     reboot_generation: 0,
                     start_request: 0,
-                    kernel_args: None,
+                    kernel_args: kernel_args.map(str::to_string),
                 },
             })
             .await
             .expect("create vm")
+    }
+
+    /// QEMU pids running out of one node's data dir.
+    pub fn qemu_pids_on(&self, node: &str) -> Vec<u32> {
+        pids_mentioning(&self.dir.path().join(node), "qemu-system")
     }
 
     pub async fn vm(&self, name: &str) -> Vm {
@@ -328,13 +333,7 @@ impl Cluster {
         wait_until(&format!("{name} to be {phase}"), timeout, || {
             let client = client.clone();
             let name = name.to_string();
-            async move {
-                client
-                    .get::<Vm>(&name)
-                    .await
-                    .ok()
-                    .filter(|v| v.status.phase == phase)
-            }
+            async move { client.get::<Vm>(&name).await.ok().filter(|v| v.status.phase == phase) }
         })
         .await
     }
@@ -353,21 +352,11 @@ impl Cluster {
     }
 
     /// Waits until the console log has `n` lines containing `marker`.
-    pub async fn wait_console(
-        &self,
-        name: &str,
-        marker: &str,
-        n: usize,
-        timeout: Duration,
-    ) -> String {
-        wait_until(
-            &format!("{n}x {marker:?} on {name}'s console"),
-            timeout,
-            || async {
-                let log = self.logs(name).await;
-                (log.lines().filter(|l| l.contains(marker)).count() >= n).then_some(log)
-            },
-        )
+    pub async fn wait_console(&self, name: &str, marker: &str, n: usize, timeout: Duration) -> String {
+        wait_until(&format!("{n}x {marker:?} on {name}'s console"), timeout, || async {
+            let log = self.logs(name).await;
+            (log.lines().filter(|l| l.contains(marker)).count() >= n).then_some(log)
+        })
         .await
     }
 
@@ -392,10 +381,7 @@ pub fn pids_mentioning(dir: &Path, program: &str) -> Vec<u32> {
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         let state_ok = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                !s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            })
+            .map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
             .unwrap_or(false);
         if state_ok && cmd.contains(&needle) && cmd.contains(program) {
             pids.push(pid);

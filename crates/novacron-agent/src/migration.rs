@@ -1,0 +1,969 @@
+//! Live migration with storage, driven by the source agent.
+//!
+//! ```text
+//! source agent                         target agent (HTTP, agent secret)
+//!  measure dirty rate, pick strategy
+//!  PreparingTarget ───── prepare ────▶ disks (same base image), QEMU -S -incoming defer,
+//!                                       NBD export of each disk, migrate-incoming
+//!  Transferring: drive-mirror (sync=top) each disk → NBD; wait until in sync
+//!                migrate → tcp; progress every second; post-copy switch if chosen
+//!  Switchover:   RAM done (source paused) → block-job-cancel (flushes, completes)
+//!               ───── finish ──────▶ nbd-server-stop, cont → target runs
+//!  complete (server rebinds the VM) → quit source QEMU, remove its files
+//!  any failure before finish: migrate_cancel, cancel mirrors, cont source,
+//!               ───── abort ───────▶ kill target QEMU, remove its files
+//! ```
+//! The VM never runs on two nodes: the target only continues after the source
+//! has stopped for good, and the source only goes away after the target runs.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use novacron_api::client::{Client, ClientError};
+use novacron_api::{
+    CompleteMigration, Migration, MigrationPhase, MigrationProgress, MigrationStatus, MigrationStrategy, Node, Vm,
+    VmPhase, AGENT_SECRET_HEADER,
+};
+use novacron_qmp::{Qmp, QmpError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::images::ImageCache;
+use crate::qemu::{self, VmDir, DISK_NODES};
+use crate::reconcile::{error_chain, prepare_launch};
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Assumed link speed for the strategy choice when nothing better is known.
+const DEFAULT_LINK_BYTES_S: f64 = 1e9;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("QMP")]
+    Qmp(#[from] QmpError),
+    #[error("API")]
+    Api(#[from] ClientError),
+    #[error("Target agent: {0}")]
+    Target(String),
+    #[error("Preparing the target failed")]
+    Prepare(#[from] crate::reconcile::ReconcileError),
+    #[error("QEMU")]
+    Qemu(#[from] qemu::QemuError),
+    #[error("QEMU reports the migration {0}")]
+    QemuFailed(String),
+    #[error("Cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// State shared by the migration code, the HTTP endpoint and the reconciler.
+#[derive(Clone)]
+pub struct Migrations {
+    pub node: String,
+    pub qemu: String,
+    pub accel: String,
+    pub vms_root: std::path::PathBuf,
+    pub images: Arc<ImageCache>,
+    pub client: Client,
+    pub secret: Arc<RwLock<Option<String>>>,
+    /// Host name or address peers use to reach this node's QEMUs.
+    pub host: String,
+    /// VM ids whose migration this node drives: the reconciler leaves them alone.
+    pub migrating: Arc<Mutex<HashSet<String>>>,
+    /// Latest known migration objects (refreshed by the poller).
+    pub known: Arc<RwLock<HashMap<String, Migration>>>,
+    http: reqwest::Client,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Target's answer to prepare.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Prepared {
+    pub nbd_host: String,
+    pub nbd_port: u16,
+    pub migrate_uri: String,
+    pub disks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    pub vm: Vm,
+    pub postcopy: bool,
+    /// The serial log so far, so `vm logs` keeps its history on the target.
+    #[serde(default)]
+    pub console_log: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRef {
+    pub vm_id: String,
+    /// Serial output written on the source since prepare (finish only).
+    #[serde(default)]
+    pub console_log: Vec<u8>,
+}
+
+/// Most of the serial log that travels with a VM.
+const MAX_LOG_CARRIED: u64 = 1024 * 1024;
+
+/// The last `MAX_LOG_CARRIED` bytes of a file from `offset` on, and its length.
+fn read_log_from(path: &std::path::Path, offset: u64) -> (Vec<u8>, u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return (Vec::new(), offset);
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = offset.max(len.saturating_sub(MAX_LOG_CARRIED)).min(len);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_ok() {
+        let _ = f.take(len - start).read_to_end(&mut buf);
+    }
+    (buf, len)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Finished {
+    pub pid: u32,
+}
+
+fn free_port() -> Result<u16, MigrationError> {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| MigrationError::Other(format!("no free port: {e}")))
+}
+
+/// Fields of `query-migrate` we use; QEMU versions differ, so all optional.
+#[derive(Debug, Default, Deserialize)]
+struct MigrateInfo {
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    ram: Option<RamInfo>,
+    #[serde(rename = "total-time")]
+    total_time: Option<u64>,
+    downtime: Option<u64>,
+    #[serde(rename = "error-desc")]
+    error_desc: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RamInfo {
+    #[serde(default)]
+    transferred: u64,
+    #[serde(default)]
+    remaining: u64,
+    #[serde(default)]
+    total: u64,
+    #[serde(default, rename = "dirty-pages-rate")]
+    dirty_pages_rate: u64,
+    #[serde(default, rename = "page-size")]
+    page_size: u64,
+    #[serde(default)]
+    mbps: f64,
+    #[serde(default, rename = "dirty-sync-count")]
+    dirty_sync_count: u64,
+}
+
+impl Migrations {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node: String,
+        qemu: String,
+        accel: String,
+        vms_root: std::path::PathBuf,
+        images: Arc<ImageCache>,
+        client: Client,
+        secret: Arc<RwLock<Option<String>>>,
+        host: String,
+    ) -> Self {
+        Migrations {
+            node,
+            qemu,
+            accel,
+            vms_root,
+            images,
+            client,
+            secret,
+            host,
+            migrating: Arc::default(),
+            known: Arc::default(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn is_migrating(&self, vm_id: &str) -> bool {
+        lock(&self.migrating).contains(vm_id)
+    }
+
+    fn dir(&self, vm_id: &str) -> VmDir {
+        VmDir::new(&self.vms_root, vm_id)
+    }
+
+    // ------------------------------------------------------------ poller
+
+    /// Keeps `known` fresh and starts a driver for each new migration whose
+    /// source is this node. Migrations left half-done by an earlier run of this
+    /// agent are rolled back.
+    pub async fn run(self) {
+        let mut driving: HashSet<String> = HashSet::new();
+        loop {
+            match self.client.list_all::<Migration>(None).await {
+                Ok((list, _)) => {
+                    {
+                        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+                        known.clear();
+                        known.extend(list.iter().map(|m| (m.metadata.name.clone(), m.clone())));
+                    }
+                    for m in list {
+                        if m.status.source_node != self.node
+                            || m.status.phase.is_final()
+                            || driving.contains(&m.metadata.name)
+                        {
+                            continue;
+                        }
+                        driving.insert(m.metadata.name.clone());
+                        let this = self.clone();
+                        // A migration past Pending that this process is not driving was
+                        // started by an earlier run of this agent: roll it back.
+                        tokio::spawn(async move {
+                            if m.status.phase == MigrationPhase::Pending {
+                                this.drive(m).await;
+                            } else {
+                                this.abandon(m, "the source agent restarted during the migration").await;
+                            }
+                        });
+                    }
+                }
+                Err(e) => tracing::debug!(error = %error_chain(&e), "cannot list migrations"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn latest(&self, name: &str) -> Option<Migration> {
+        self.known.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    /// Writes the migration's status, retrying on conflicts (the spec may
+    /// change under us, e.g. cancel) and while the server is away.
+    async fn write_status(&self, name: &str, change: impl Fn(&mut MigrationStatus)) -> Option<Migration> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let current = match self.client.get::<Migration>(name).await {
+                Ok(m) => m,
+                Err(e) if e.is_not_found() => return None,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(_) => return None,
+            };
+            let mut next = current.clone();
+            change(&mut next.status);
+            match self.client.put_migration_status(&next).await {
+                Ok(m) => {
+                    self.known
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(name.to_string(), m.clone());
+                    return Some(m);
+                }
+                Err(e) if e.is_conflict() => continue,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(500)).await,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    async fn set_vm_phase(&self, vm: &str, phase: VmPhase, reason: Option<String>) {
+        for _ in 0..20 {
+            let Ok(mut v) = self.client.get::<Vm>(vm).await else {
+                return;
+            };
+            v.status.phase = phase;
+            v.status.reason = reason.clone();
+            match self.client.put_vm_status(vm, &v).await {
+                Ok(_) => return,
+                Err(e) if e.is_conflict() => continue,
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ source
+
+    async fn drive(&self, m: Migration) {
+        let name = m.metadata.name.clone();
+        let Ok(vm) = self.client.get::<Vm>(&m.spec.vm).await else {
+            self.write_status(&name, |s| fail(s, MigrationPhase::Failed, "VM not found".into()))
+                .await;
+            return;
+        };
+        let id = vm.metadata.id.clone();
+        lock(&self.migrating).insert(id.clone());
+        tracing::info!(migration = %name, vm = %vm.metadata.name, to = %m.status.target_node, "migration starting");
+        let started = Instant::now();
+        let mut ctx = SourceCtx::default();
+        let result = self.transfer(&m, &vm, &mut ctx, started).await;
+        match result {
+            Ok(final_status) => {
+                let req = CompleteMigration {
+                    target_qemu_pid: ctx.target_pid.unwrap_or_default(),
+                    status: final_status,
+                };
+                // The VM runs on the target now; keep trying until the server knows.
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    match self.client.complete_migration(&name, &req).await {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(migration = %name, error = %error_chain(&e), "cannot record completion yet; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+                self.cleanup_source(&vm).await;
+                tracing::info!(migration = %name, vm = %vm.metadata.name, ms = started.elapsed().as_millis() as u64, "migration completed");
+            }
+            Err(e) => {
+                let cancelled = matches!(e, MigrationError::Cancelled);
+                let msg = if cancelled {
+                    "Cancelled by request".to_string()
+                } else {
+                    error_chain(&e)
+                };
+                tracing::warn!(migration = %name, vm = %vm.metadata.name, error = %msg, "migration failed; rolling back");
+                self.roll_back(&m, &vm, &ctx).await;
+                let phase = if cancelled {
+                    MigrationPhase::Cancelled
+                } else {
+                    MigrationPhase::Failed
+                };
+                self.write_status(&name, |s| fail(s, phase, msg.clone())).await;
+                self.set_vm_phase(&vm.metadata.name, VmPhase::Running, None).await;
+            }
+        }
+        lock(&self.migrating).remove(&id);
+    }
+
+    /// A migration this agent cannot continue (it restarted mid-way): undo it.
+    async fn abandon(&self, m: Migration, why: &str) {
+        let Ok(vm) = self.client.get::<Vm>(&m.spec.vm).await else {
+            return;
+        };
+        lock(&self.migrating).insert(vm.metadata.id.clone());
+        let ctx = SourceCtx {
+            target_prepared: true,
+            ..Default::default()
+        };
+        self.roll_back(&m, &vm, &ctx).await;
+        self.write_status(&m.metadata.name, |s| fail(s, MigrationPhase::Failed, why.to_string()))
+            .await;
+        self.set_vm_phase(&vm.metadata.name, VmPhase::Running, None).await;
+        lock(&self.migrating).remove(&vm.metadata.id);
+    }
+
+    fn check_cancel(&self, name: &str) -> Result<(), MigrationError> {
+        match self.latest(name) {
+            Some(m) if m.spec.cancel => Err(MigrationError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    async fn check_target_alive(&self, target: &Node) -> Result<(), MigrationError> {
+        let url = format!("{}/agent/v1/healthz", target.spec.address.trim_end_matches('/'));
+        match self.http.get(&url).timeout(Duration::from_secs(2)).send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(MigrationError::Target(format!(
+                "agent health check answered {}",
+                r.status()
+            ))),
+            Err(e) => Err(MigrationError::Target(format!(
+                "agent on {} is unreachable: {e}",
+                target.metadata.name
+            ))),
+        }
+    }
+
+    async fn target_call<R: for<'de> Deserialize<'de>>(
+        &self,
+        target: &Node,
+        what: &str,
+        migration_id: &str,
+        body: &Value,
+    ) -> Result<R, MigrationError> {
+        let secret = self
+            .secret
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        let url = format!(
+            "{}/agent/v1/migrations/{migration_id}/{what}",
+            target.spec.address.trim_end_matches('/')
+        );
+        let resp = self
+            .http
+            .post(&url)
+            .header(AGENT_SECRET_HEADER, secret)
+            .timeout(Duration::from_secs(120))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| MigrationError::Target(format!("{what}: {e}")))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(MigrationError::Target(format!("{what} answered {status}: {text}")));
+        }
+        serde_json::from_str(&text).map_err(|e| MigrationError::Target(format!("{what}: bad answer: {e}")))
+    }
+
+    async fn transfer(
+        &self,
+        m: &Migration,
+        vm: &Vm,
+        ctx: &mut SourceCtx,
+        started: Instant,
+    ) -> Result<MigrationStatus, MigrationError> {
+        let name = &m.metadata.name;
+        let dir = self.dir(&vm.metadata.id);
+        let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
+        let target: Node = self.client.get(&m.status.target_node).await?;
+        ctx.target = Some(target.clone());
+        self.set_vm_phase(
+            &vm.metadata.name,
+            VmPhase::Migrating,
+            Some(format!("Migrating to {}", target.metadata.name)),
+        )
+        .await;
+
+        // Strategy: from the measured dirty rate against the expected throughput.
+        let dirty = measure_dirty_rate(&qmp).await.unwrap_or(0.0);
+        let link = m
+            .spec
+            .bandwidth_mib_s
+            .map(|b| b as f64 * 1024.0 * 1024.0)
+            .unwrap_or(DEFAULT_LINK_BYTES_S);
+        let (strategy, why) = choose_strategy(m.spec.strategy, dirty, link);
+        tracing::info!(migration = %name, ?strategy, dirty_mib_s = dirty / 1048576.0, reason = %why, "strategy chosen");
+        self.write_status(name, |s| {
+            s.phase = MigrationPhase::PreparingTarget;
+            s.started_at = Some(Utc::now());
+            s.strategy = Some(strategy);
+            s.strategy_reason = Some(why.clone());
+            s.progress.dirty_rate_bytes_s = dirty as u64;
+        })
+        .await;
+        self.check_cancel(name)?;
+
+        let postcopy = strategy == MigrationStrategy::Postcopy;
+        ctx.target_prepared = true;
+        let (console_log, log_offset) = read_log_from(&dir.console_log(), 0);
+        let request = PrepareRequest {
+            vm: vm.clone(),
+            postcopy,
+            console_log,
+        };
+        let prepared: Prepared = self
+            .target_call(
+                &target,
+                "prepare",
+                &m.metadata.id,
+                &serde_json::to_value(request).unwrap_or_default(),
+            )
+            .await?;
+        self.check_cancel(name)?;
+
+        // Disks first: mirror each to the target's NBD export until in sync.
+        self.write_status(name, |s| s.phase = MigrationPhase::Transferring)
+            .await;
+        for disk in &prepared.disks {
+            let job = format!("mirror-{disk}");
+            qmp.execute(
+                "drive-mirror",
+                Some(json!({
+                    "job-id": job, "device": disk, "sync": "top", "mode": "existing", "format": "raw",
+                    "target": format!("nbd://{}:{}/{disk}", prepared.nbd_host, prepared.nbd_port),
+                })),
+            )
+            .await?;
+            ctx.mirrors.push(job);
+        }
+        let mut disk_total;
+        loop {
+            let jobs = qmp.execute("query-block-jobs", None).await?;
+            let jobs = jobs.as_array().cloned().unwrap_or_default();
+            let mine: Vec<&Value> = jobs
+                .iter()
+                .filter(|j| ctx.mirrors.iter().any(|n| j["device"] == n.as_str()))
+                .collect();
+            if mine.len() < ctx.mirrors.len() {
+                return Err(MigrationError::QemuFailed("disk mirror stopped".into()));
+            }
+            let (done, total): (u64, u64) = mine.iter().fold((0, 0), |(d, t), j| {
+                (
+                    d + j["offset"].as_u64().unwrap_or(0),
+                    t + j["len"].as_u64().unwrap_or(0),
+                )
+            });
+            disk_total = total;
+            let ready = mine.iter().all(|j| j["ready"].as_bool() == Some(true));
+            self.write_status(name, |s| {
+                s.progress.disk_transferred_bytes = done;
+                s.progress.disk_total_bytes = total;
+            })
+            .await;
+            if ready {
+                break;
+            }
+            self.check_cancel(name)?;
+            self.check_target_alive(&target).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+
+        // Memory.
+        let mut caps =
+            vec![json!({"capability": "auto-converge", "state": strategy == MigrationStrategy::AutoConverge})];
+        if postcopy {
+            caps.push(json!({"capability": "postcopy-ram", "state": true}));
+        }
+        qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))
+            .await?;
+        let max_bandwidth = m.spec.bandwidth_mib_s.map(|b| b * 1024 * 1024).unwrap_or(u64::MAX / 2);
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({"downtime-limit": m.spec.max_downtime_ms, "max-bandwidth": max_bandwidth})),
+        )
+        .await?;
+        qmp.execute("migrate", Some(json!({ "uri": prepared.migrate_uri })))
+            .await?;
+        let mut postcopy_started = false;
+        let info = loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let info: MigrateInfo =
+                serde_json::from_value(qmp.execute("query-migrate", None).await?).unwrap_or_default();
+            let ram = info.ram.as_ref();
+            match info.status.as_str() {
+                "completed" => break info,
+                "failed" | "cancelled" => {
+                    return Err(MigrationError::QemuFailed(format!(
+                        "{}: {}",
+                        info.status,
+                        info.error_desc.clone().unwrap_or_default()
+                    )));
+                }
+                _ => {}
+            }
+            if !postcopy_started {
+                self.check_cancel(name)?;
+                // A dead target agent could not finish the switchover: stop now,
+                // which also makes the target QEMU exit (its incoming stream fails).
+                self.check_target_alive(&target).await?;
+            }
+            let progress = progress_from(ram, disk_total);
+            // Post-copy: after the first full pass (or when pre-copy stops converging).
+            if postcopy && !postcopy_started && ram.is_some_and(|r| r.dirty_sync_count >= 2) && info.status == "active"
+            {
+                qmp.execute("migrate-start-postcopy", None).await?;
+                postcopy_started = true;
+                ctx.postcopy_started = true;
+                tracing::info!(migration = %name, "switched to post-copy");
+            }
+            self.write_status(name, |s| s.progress = progress.clone()).await;
+        };
+
+        // Switchover: the source is paused. Let the disk mirrors drain and finish.
+        self.write_status(name, |s| s.phase = MigrationPhase::Switchover).await;
+        for job in &ctx.mirrors {
+            qmp.execute("block-job-cancel", Some(json!({ "device": job }))).await?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let jobs = qmp.execute("query-block-jobs", None).await?;
+            let left = jobs
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|j| ctx.mirrors.iter().any(|n| j["device"] == n.as_str()))
+                        .count()
+                })
+                .unwrap_or(0);
+            if left == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(MigrationError::QemuFailed("disk mirrors did not finish".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ctx.mirrors.clear();
+        let (console_log, _) = read_log_from(&dir.console_log(), log_offset);
+        let finish = VmRef {
+            vm_id: vm.metadata.id.clone(),
+            console_log,
+        };
+        let finished: Finished = self
+            .target_call(
+                &target,
+                "finish",
+                &m.metadata.id,
+                &serde_json::to_value(finish).unwrap_or_default(),
+            )
+            .await?;
+        ctx.target_pid = Some(finished.pid);
+        ctx.target_running = true;
+
+        let ram = info.ram.as_ref();
+        let mut status = self.latest(name).map(|m| m.status).unwrap_or_default();
+        status.progress = progress_from(ram, disk_total);
+        status.progress.percent = 100.0;
+        status.progress.remaining_bytes = 0;
+        status.progress.eta_s = Some(0.0);
+        status.total_time_ms = Some(started.elapsed().as_millis() as u64);
+        status.downtime_ms = info.downtime;
+        status.bytes_sent = Some(ram.map_or(0, |r| r.transferred) + disk_total);
+        status.finished_at = Some(Utc::now());
+        status.error = None;
+        if let Some(t) = info.total_time {
+            tracing::debug!(migration = %name, qemu_total_ms = t, "QEMU migration time");
+        }
+        Ok(status)
+    }
+
+    /// Undo a failed migration: the VM keeps (or resumes) running on the source
+    /// and nothing is left on the target.
+    async fn roll_back(&self, m: &Migration, vm: &Vm, ctx: &SourceCtx) {
+        let dir = self.dir(&vm.metadata.id);
+        if ctx.target_running {
+            // Past the point of no return: the target runs; only finish the bookkeeping.
+            return;
+        }
+        if let Ok(qmp) = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await {
+            let _ = qmp.execute("migrate_cancel", None).await;
+            for job in &ctx.mirrors {
+                let _ = qmp
+                    .execute("block-job-cancel", Some(json!({ "device": job, "force": true })))
+                    .await;
+            }
+            // Wait for the migration to leave the active states before resuming.
+            for _ in 0..50 {
+                let info: MigrateInfo = qmp
+                    .execute("query-migrate", None)
+                    .await
+                    .ok()
+                    .and_then(|v| serde_json::from_value(v).ok())
+                    .unwrap_or_default();
+                if !matches!(
+                    info.status.as_str(),
+                    "active" | "setup" | "device" | "cancelling" | "pre-switchover" | "postcopy-active"
+                ) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if ctx.postcopy_started {
+                tracing::error!(vm = %vm.metadata.name, "post-copy failed after the switch: guest state is split; source left paused");
+            } else if let Ok(st) = qmp.query_status().await {
+                if !st.running && vm.spec.power_state == novacron_api::PowerState::Running {
+                    let _ = qmp.cont().await;
+                }
+            }
+        }
+        if ctx.target_prepared {
+            let target = match &ctx.target {
+                Some(t) => Some(t.clone()),
+                None => self.client.get::<Node>(&m.status.target_node).await.ok(),
+            };
+            if let Some(t) = target {
+                if let Err(e) = self
+                    .target_call::<Value>(&t, "abort", &m.metadata.id, &json!({ "vm_id": vm.metadata.id }))
+                    .await
+                {
+                    tracing::warn!(migration = %m.metadata.name, error = %error_chain(&e), "target cleanup failed; the target agent removes leftovers when it restarts");
+                }
+            }
+        }
+    }
+
+    async fn cleanup_source(&self, vm: &Vm) {
+        let dir = self.dir(&vm.metadata.id);
+        if let Some(pid) = dir.running_pid() {
+            if let Ok(qmp) = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await {
+                let _ = qmp.quit().await;
+            }
+            if !qemu::wait_gone(pid, &dir, Duration::from_secs(5)).await {
+                qemu::kill_and_wait(pid, &dir).await;
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir.path) {
+            tracing::warn!(vm = %vm.metadata.name, error = %e, "cannot remove the source's VM files");
+        }
+    }
+
+    // ------------------------------------------------------------ target
+
+    /// Prepares this node to receive a VM: disks, paused QEMU waiting for the
+    /// migration stream, NBD exports of its disks.
+    pub async fn prepare(&self, req: PrepareRequest) -> Result<Prepared, MigrationError> {
+        let vm = &req.vm;
+        let dir = self.dir(&vm.metadata.id);
+        if dir.running_pid().is_some() {
+            return Err(MigrationError::Other(format!(
+                "VM {} already has a QEMU on this node",
+                vm.metadata.name
+            )));
+        }
+        let result = async {
+            let mut spec = prepare_launch(&self.client, &self.images, &self.accel, vm, &dir).await?;
+            // QEMU appends to the log (logappend=on): seed it with the source's history.
+            std::fs::write(dir.console_log(), &req.console_log)
+                .map_err(|e| MigrationError::Other(format!("cannot write console log: {e}")))?;
+            spec.incoming = true;
+            qemu::launch(&self.qemu, &spec, &dir).await?;
+            let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
+            let nbd_port = free_port()?;
+            qmp.execute(
+                "nbd-server-start",
+                Some(json!({"addr": {"type": "inet", "data": {"host": self.host, "port": nbd_port.to_string()}}})),
+            )
+            .await?;
+            let mut disks = vec![DISK_NODES[0].to_string()];
+            if spec.data_disk.is_some() {
+                disks.push(DISK_NODES[1].to_string());
+            }
+            for d in &disks {
+                qmp.execute(
+                    "block-export-add",
+                    Some(json!({"type": "nbd", "id": d, "node-name": d, "writable": true})),
+                )
+                .await?;
+            }
+            // late-block-activate: the disks become active only at our `cont`,
+            // after the source drained its mirrors and the NBD server stopped;
+            // otherwise activation at the end of the incoming stream could
+            // re-read qcow2 metadata while the last mirror writes still arrive.
+            let mut caps = vec![json!({"capability": "late-block-activate", "state": true})];
+            if req.postcopy {
+                caps.push(json!({"capability": "postcopy-ram", "state": true}));
+            }
+            qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps }))).await?;
+            let port = free_port()?;
+            let uri = format!("tcp:{}:{port}", self.host);
+            qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
+            Ok::<_, MigrationError>(Prepared {
+                nbd_host: self.host.clone(),
+                nbd_port,
+                migrate_uri: uri,
+                disks,
+            })
+        }
+        .await;
+        if result.is_err() {
+            self.discard(&vm.metadata.id).await;
+        }
+        result
+    }
+
+    /// The source has stopped for good and the disks are in sync: run here.
+    pub async fn finish(&self, vm_id: &str, console_log: &[u8]) -> Result<Finished, MigrationError> {
+        let dir = self.dir(vm_id);
+        let pid = dir
+            .running_pid()
+            .ok_or_else(|| MigrationError::Other("target QEMU is gone".into()))?;
+        let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
+        // Wait for the incoming migration to land (post-copy may still be copying).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let info: MigrateInfo =
+                serde_json::from_value(qmp.execute("query-migrate", None).await?).unwrap_or_default();
+            if info.status == "completed" {
+                break;
+            }
+            if info.status == "failed" || Instant::now() > deadline {
+                return Err(MigrationError::QemuFailed(format!("incoming side is {}", info.status)));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        qmp.execute("nbd-server-stop", None).await?;
+        // Still paused, so QEMU writes nothing to the log while we append.
+        if !console_log.is_empty() {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(dir.console_log()) {
+                let _ = f.write_all(console_log);
+            }
+        }
+        let st = qmp.query_status().await?;
+        if !st.running {
+            qmp.cont().await?;
+        }
+        Ok(Finished { pid })
+    }
+
+    /// Removes whatever a migration left here.
+    pub async fn discard(&self, vm_id: &str) {
+        let dir = self.dir(vm_id);
+        if let Some(pid) = dir.running_pid() {
+            qemu::kill_and_wait(pid, &dir).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir.path);
+    }
+}
+
+/// What the source has set up, so a rollback undoes exactly that.
+#[derive(Default)]
+struct SourceCtx {
+    target: Option<Node>,
+    target_prepared: bool,
+    mirrors: Vec<String>,
+    postcopy_started: bool,
+    target_pid: Option<u32>,
+    target_running: bool,
+}
+
+fn fail(s: &mut MigrationStatus, phase: MigrationPhase, error: String) {
+    s.phase = phase;
+    s.error = Some(error);
+    s.finished_at = Some(Utc::now());
+}
+
+fn progress_from(ram: Option<&RamInfo>, disk_total: u64) -> MigrationProgress {
+    let Some(r) = ram else {
+        return MigrationProgress {
+            disk_total_bytes: disk_total,
+            disk_transferred_bytes: disk_total,
+            ..Default::default()
+        };
+    };
+    let throughput = (r.mbps * 1e6 / 8.0) as u64;
+    let dirty = r.dirty_pages_rate * r.page_size.max(4096);
+    let eta = if throughput > dirty {
+        Some(r.remaining as f64 / (throughput - dirty) as f64)
+    } else {
+        None
+    };
+    let percent = if r.total > 0 {
+        (100.0 * (r.total - r.remaining.min(r.total)) as f64 / r.total as f64).min(100.0)
+    } else {
+        0.0
+    };
+    MigrationProgress {
+        transferred_bytes: r.transferred + disk_total,
+        remaining_bytes: r.remaining,
+        total_bytes: r.total + disk_total,
+        disk_transferred_bytes: disk_total,
+        disk_total_bytes: disk_total,
+        dirty_rate_bytes_s: dirty,
+        throughput_bytes_s: throughput,
+        iteration: r.dirty_sync_count,
+        eta_s: eta,
+        percent,
+    }
+}
+
+/// Dirty rate of the guest in bytes/s, sampled for one second by QEMU.
+async fn measure_dirty_rate(qmp: &Qmp) -> Option<f64> {
+    qmp.execute("calc-dirty-rate", Some(json!({"calc-time": 1})))
+        .await
+        .ok()?;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let v = qmp.execute("query-dirty-rate", None).await.ok()?;
+        if v["status"] == "measured" {
+            return v["dirty-rate"].as_f64().map(|mb| mb * 1024.0 * 1024.0);
+        }
+    }
+    None
+}
+
+/// Picks the strategy. Pre-copy converges when the guest dirties memory much
+/// slower than we send it; auto-converge helps when it is close; beyond that
+/// only post-copy bounds the time.
+pub fn choose_strategy(
+    requested: MigrationStrategy,
+    dirty_bytes_s: f64,
+    link_bytes_s: f64,
+) -> (MigrationStrategy, String) {
+    let ratio = if link_bytes_s > 0.0 {
+        dirty_bytes_s / link_bytes_s
+    } else {
+        f64::INFINITY
+    };
+    let measured = format!(
+        "dirty rate {:.1} MiB/s vs link {:.0} MiB/s (ratio {:.2})",
+        dirty_bytes_s / 1048576.0,
+        link_bytes_s / 1048576.0,
+        ratio
+    );
+    match requested {
+        MigrationStrategy::Auto if ratio < 0.3 => (
+            MigrationStrategy::Precopy,
+            format!("auto: {measured} < 0.30, pre-copy converges"),
+        ),
+        MigrationStrategy::Auto if ratio < 0.8 => (
+            MigrationStrategy::AutoConverge,
+            format!("auto: {measured} in 0.30-0.80, pre-copy with auto-converge"),
+        ),
+        MigrationStrategy::Auto => (
+            MigrationStrategy::Postcopy,
+            format!("auto: {measured} >= 0.80, pre-copy would not converge; post-copy"),
+        ),
+        s => (s, format!("requested; {measured}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategy_follows_dirty_rate_over_link() {
+        let mib = 1048576.0;
+        assert_eq!(
+            choose_strategy(MigrationStrategy::Auto, 10.0 * mib, 100.0 * mib).0,
+            MigrationStrategy::Precopy
+        );
+        assert_eq!(
+            choose_strategy(MigrationStrategy::Auto, 50.0 * mib, 100.0 * mib).0,
+            MigrationStrategy::AutoConverge
+        );
+        assert_eq!(
+            choose_strategy(MigrationStrategy::Auto, 90.0 * mib, 100.0 * mib).0,
+            MigrationStrategy::Postcopy
+        );
+        assert_eq!(
+            choose_strategy(MigrationStrategy::Precopy, 90.0 * mib, 100.0 * mib).0,
+            MigrationStrategy::Precopy
+        );
+        assert!(choose_strategy(MigrationStrategy::Auto, 0.0, 100.0 * mib)
+            .1
+            .contains("pre-copy converges"));
+    }
+
+    #[test]
+    fn progress_and_eta_from_qemu_numbers() {
+        let ram = RamInfo {
+            transferred: 100,
+            remaining: 1000,
+            total: 2000,
+            dirty_pages_rate: 0,
+            page_size: 4096,
+            mbps: 8.0,
+            dirty_sync_count: 1,
+        };
+        let p = progress_from(Some(&ram), 50);
+        assert_eq!(p.throughput_bytes_s, 1_000_000);
+        assert_eq!(p.total_bytes, 2050);
+        assert!((p.percent - 50.0).abs() < 1e-9);
+        assert!(p.eta_s.is_some_and(|e| (e - 0.001).abs() < 1e-9));
+    }
+}

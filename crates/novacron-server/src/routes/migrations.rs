@@ -1,0 +1,296 @@
+//! `/v1/migrations`: live migration as an object. The server validates and
+//! picks the target; the source agent drives the transfer and reports
+//! progress; completion rebinds the VM to the target node.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::{Extension, Json};
+use chrono::Utc;
+use novacron_api::{
+    CompleteMigration, CreateMigration, Metadata, Migration, MigrationPhase, MigrationSpec, MigrationStatus, Node, Vm,
+    VmPhase,
+};
+use novacron_scheduler::Request;
+use novacron_store::{StoreError, StoreExt};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{find, list_or_watch, ListQuery};
+use crate::auth::{authorize, Action, Principal};
+use crate::controllers::node_views;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiQuery};
+use crate::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_migrations, create_migration))
+        .routes(routes!(get_migration))
+        .routes(routes!(cancel_migration))
+        .routes(routes!(put_migration_status))
+        .routes(routes!(complete_migration))
+}
+
+/// List migrations, or watch them with `watch=true` (progress shows up here).
+#[utoipa::path(get, path = "/v1/migrations", tag = "migrations", params(ListQuery),
+    responses((status = 200, body = novacron_api::List<Migration>)))]
+async fn list_migrations(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Response> {
+    authorize(&p, Action::Read)?;
+    list_or_watch::<Migration>(&state, q, |_| {}).await
+}
+
+/// Get a migration by name or id.
+#[utoipa::path(get, path = "/v1/migrations/{name}", tag = "migrations", params(("name" = String, Path)),
+    responses((status = 200, body = Migration), (status = 404, body = novacron_api::ErrorBody)))]
+async fn get_migration(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Migration>> {
+    authorize(&p, Action::Read)?;
+    Ok(Json(find::<Migration>(&state, &name).await?))
+}
+
+/// The migration of `vm` still in progress, if any.
+pub async fn active_migration(state: &AppState, vm: &str) -> Result<Option<Migration>, StoreError> {
+    Ok(state
+        .store
+        .list_all::<Migration>()
+        .await?
+        .into_iter()
+        .find(|m| m.spec.vm == vm && !m.status.phase.is_final()))
+}
+
+/// Start a live migration. Everything is checked before anything starts: the
+/// VM runs and has no other migration, and the target is Ready, schedulable,
+/// not the source, and has room.
+#[utoipa::path(post, path = "/v1/migrations", tag = "migrations", request_body = CreateMigration,
+    responses((status = 201, body = Migration), (status = 404, body = novacron_api::ErrorBody),
+        (status = 409, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody)))]
+async fn create_migration(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiJson(req): ApiJson<CreateMigration>,
+) -> ApiResult<(StatusCode, Json<Migration>)> {
+    authorize(&p, Action::Write)?;
+    let max_downtime_ms = req.max_downtime_ms.unwrap_or_else(novacron_api::default_max_downtime);
+    if !(1..=60_000).contains(&max_downtime_ms) {
+        return Err(ApiError::invalid(
+            "max_downtime_ms",
+            "max downtime must be between 1 ms and 60 s",
+        ));
+    }
+    if req.bandwidth_mib_s == Some(0) {
+        return Err(ApiError::invalid("bandwidth_mib_s", "bandwidth limit must be positive"));
+    }
+    let vm = find::<Vm>(&state, &req.vm).await?;
+    let vm_name = vm.metadata.name.clone();
+    if vm.metadata.deletion_requested_at.is_some() {
+        return Err(ApiError::conflict(format!("VM {vm_name:?} is being deleted")));
+    }
+    if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused) {
+        return Err(ApiError::conflict(format!(
+            "VM {vm_name:?} is {}, not running: live migration needs a running VM",
+            vm.status.phase
+        )));
+    }
+    let Some(source) = vm.status.node.clone() else {
+        return Err(ApiError::conflict(format!("VM {vm_name:?} is not placed on a node")));
+    };
+    if let Some(m) = active_migration(&state, &vm_name).await? {
+        return Err(ApiError::conflict(format!(
+            "VM {vm_name:?} is already being migrated by {:?}",
+            m.metadata.name
+        )));
+    }
+
+    let nodes = state.store.list_all::<Node>().await?;
+    let vms = state.store.list_all::<Vm>().await?;
+    let migrations = state.store.list_all::<Migration>().await?;
+    let views = node_views(&nodes, &vms, &migrations);
+    let request = Request {
+        vcpus: vm.spec.vcpus,
+        memory_mib: vm.spec.memory_mib,
+    };
+    let target = match &req.target_node {
+        Some(t) => {
+            let Some(view) = views.iter().find(|v| &v.name == t) else {
+                return Err(ApiError::invalid("target_node", format!("unknown node {t:?}")));
+            };
+            if *t == source {
+                return Err(ApiError::invalid(
+                    "target_node",
+                    format!("VM {vm_name:?} already runs on {t:?}"),
+                ));
+            }
+            if !view.ready {
+                return Err(ApiError::invalid("target_node", format!("node {t:?} is not Ready")));
+            }
+            if !view.schedulable {
+                return Err(ApiError::invalid("target_node", format!("node {t:?} is cordoned")));
+            }
+            if view.free_memory_mib() < request.memory_mib || view.free_vcpus() < request.vcpus {
+                return Err(ApiError::invalid(
+                    "target_node",
+                    format!(
+                        "node {t:?} has {} MiB and {} vCPU free; the VM needs {} MiB and {} vCPU",
+                        view.free_memory_mib(),
+                        view.free_vcpus(),
+                        request.memory_mib,
+                        request.vcpus
+                    ),
+                ));
+            }
+            t.clone()
+        }
+        None => {
+            let candidates: Vec<_> = views.into_iter().filter(|v| v.name != source).collect();
+            match novacron_scheduler::place(&request, &candidates) {
+                Ok(n) => n.name.clone(),
+                Err(why) => {
+                    return Err(ApiError::invalid(
+                        "target_node",
+                        format!("no target for VM {vm_name:?}: {why}"),
+                    ))
+                }
+            }
+        }
+    };
+
+    let short = uuid::Uuid::new_v4().simple().to_string();
+    let name = format!(
+        "{}-{}",
+        vm_name.chars().take(50).collect::<String>().trim_end_matches('-'),
+        &short[..8]
+    );
+    let migration = Migration {
+        metadata: Metadata::new(&name, [("novacron.io/vm".to_string(), vm_name.clone())].into()),
+        spec: MigrationSpec {
+            vm: vm_name.clone(),
+            target_node: req.target_node,
+            strategy: req.strategy,
+            max_downtime_ms,
+            bandwidth_mib_s: req.bandwidth_mib_s,
+            cancel: false,
+        },
+        status: MigrationStatus {
+            phase: MigrationPhase::Pending,
+            source_node: source.clone(),
+            target_node: target.clone(),
+            ..Default::default()
+        },
+    };
+    let migration = state.store.create_obj(&migration).await?;
+    tracing::info!(migration = %name, vm = %vm_name, from = %source, to = %target, "migration created");
+    Ok((StatusCode::CREATED, Json(migration)))
+}
+
+/// Cancel a migration in progress: the VM keeps running on the source.
+#[utoipa::path(post, path = "/v1/migrations/{name}/cancel", tag = "migrations", params(("name" = String, Path)),
+    responses((status = 200, body = Migration), (status = 409, body = novacron_api::ErrorBody)))]
+async fn cancel_migration(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Migration>> {
+    authorize(&p, Action::Write)?;
+    let m = find::<Migration>(&state, &name).await?;
+    if m.status.phase.is_final() {
+        return Err(ApiError::conflict(format!(
+            "migration {:?} already ended ({})",
+            m.metadata.name, m.status.phase
+        )));
+    }
+    let m = state
+        .store
+        .modify::<Migration, _>(&m.metadata.name, |m| {
+            let changed = !m.spec.cancel;
+            m.spec.cancel = true;
+            changed
+        })
+        .await?;
+    Ok(Json(m))
+}
+
+/// Agent: report a migration's status (compare-and-swap).
+#[utoipa::path(put, path = "/v1/migrations/{name}/status", tag = "agent", params(("name" = String, Path)), request_body = Migration,
+    responses((status = 200, body = Migration), (status = 409, body = novacron_api::ErrorBody)))]
+async fn put_migration_status(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<Migration>,
+) -> ApiResult<Json<Migration>> {
+    authorize(&p, Action::Agent)?;
+    let mut m = find::<Migration>(&state, &name).await?;
+    if m.metadata.resource_version != body.metadata.resource_version {
+        return Err(StoreError::Conflict {
+            kind: "migration".into(),
+            name,
+            expected: body.metadata.resource_version,
+            actual: m.metadata.resource_version,
+        }
+        .into());
+    }
+    if m.status.phase.is_final() && body.status.phase != m.status.phase {
+        return Err(ApiError::conflict("migration already ended"));
+    }
+    m.status = body.status;
+    Ok(Json(state.store.update_obj(&m).await?))
+}
+
+/// Agent: the VM runs on the target. Rebinds the VM, then records the
+/// migration as Completed. Idempotent, so the agent can retry it.
+#[utoipa::path(post, path = "/v1/migrations/{name}/complete", tag = "agent", params(("name" = String, Path)), request_body = CompleteMigration,
+    responses((status = 200, body = Migration), (status = 409, body = novacron_api::ErrorBody)))]
+async fn complete_migration(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<CompleteMigration>,
+) -> ApiResult<Json<Migration>> {
+    authorize(&p, Action::Agent)?;
+    let m = find::<Migration>(&state, &name).await?;
+    if m.status.phase == MigrationPhase::Completed {
+        return Ok(Json(m));
+    }
+    if m.status.phase.is_final() {
+        return Err(ApiError::conflict(format!(
+            "migration {:?} already ended ({})",
+            m.metadata.name, m.status.phase
+        )));
+    }
+    let target = m.status.target_node.clone();
+    let pid = body.target_qemu_pid;
+    state
+        .store
+        .modify::<Vm, _>(&m.spec.vm, |vm| {
+            vm.status.node = Some(target.clone());
+            vm.status.qemu_pid = Some(pid);
+            vm.status.phase = if vm.spec.power_state == novacron_api::PowerState::Paused {
+                VmPhase::Paused
+            } else {
+                VmPhase::Running
+            };
+            vm.status.reason = None;
+            true
+        })
+        .await?;
+    let m = state
+        .store
+        .modify::<Migration, _>(&m.metadata.name, |m| {
+            m.status = body.status.clone();
+            m.status.phase = MigrationPhase::Completed;
+            m.status.finished_at.get_or_insert_with(Utc::now);
+            true
+        })
+        .await?;
+    tracing::info!(migration = %m.metadata.name, vm = %m.spec.vm, node = %target, "migration completed");
+    state.placement_wakeup.notify_one();
+    Ok(Json(m))
+}

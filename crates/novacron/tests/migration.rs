@@ -1,0 +1,359 @@
+//! Live migration on real TCG guests between two agents with separate data
+//! dirs (no shared storage): memory and disks move, the guest's memory
+//! workload and disk marker stay intact, failures and cancels leave the VM
+//! running on the source with nothing left on the target.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test harness code: panics are failures
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, Cluster, Options};
+use futures::StreamExt;
+use novacron_api::{CreateMigration, Migration, MigrationPhase, MigrationStrategy, RunStrategy, Vm, VmPhase};
+
+const BOOT: Duration = Duration::from_secs(120);
+const WORKLOAD: &str = "novacron.workload=64 novacron.dirty_rate=20 novacron.report_s=1";
+
+/// The highest workload generation reported so far, and whether any report had errors.
+fn workload_state(log: &str) -> (u64, bool) {
+    let mut gen = 0;
+    let mut errors = false;
+    for line in log.lines().filter(|l| l.contains("NOVACRON-WORKLOAD gen=")) {
+        for field in line.split_whitespace() {
+            if let Some(g) = field.strip_prefix("gen=") {
+                gen = gen.max(g.parse().unwrap_or(0));
+            }
+            if let Some(e) = field.strip_prefix("errors=") {
+                errors |= e != "0";
+            }
+        }
+    }
+    (gen, errors || log.contains("NOVACRON-WORKLOAD-ERROR"))
+}
+
+async fn migrate(c: &Cluster, vm: &str, to: &str, strategy: MigrationStrategy, bandwidth: Option<u64>) -> Migration {
+    c.client
+        .create_migration(&CreateMigration {
+            vm: vm.into(),
+            target_node: Some(to.into()),
+            strategy,
+            max_downtime_ms: None,
+            bandwidth_mib_s: bandwidth,
+        })
+        .await
+        .expect("create migration")
+}
+
+async fn wait_final(c: &Cluster, name: &str, timeout: Duration) -> Migration {
+    let client = c.client.clone();
+    wait_until(&format!("migration {name} to end"), timeout, || {
+        let client = client.clone();
+        let name = name.to_string();
+        async move {
+            client
+                .get::<Migration>(&name)
+                .await
+                .ok()
+                .filter(|m| m.status.phase.is_final())
+        }
+    })
+    .await
+}
+
+async fn wait_transferring(c: &Cluster, name: &str) -> Migration {
+    let client = c.client.clone();
+    wait_until(
+        &format!("migration {name} to transfer memory"),
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            let name = name.to_string();
+            async move {
+                client
+                    .get::<Migration>(&name)
+                    .await
+                    .ok()
+                    .filter(|m| m.status.phase == MigrationPhase::Transferring && m.status.progress.total_bytes > 0)
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_migration_keeps_memory_and_disks_intact() {
+    let c = Cluster::start(Options {
+        agents: 2,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    c.create_vm_with_args("busy", 256, RunStrategy::Manual, true, Some(WORKLOAD))
+        .await;
+    c.create_vm("idle", 128, RunStrategy::Manual, false).await;
+    let busy = c.wait_phase("busy", VmPhase::Running, BOOT).await;
+    let source = busy.status.node.clone().expect("node");
+    let other = if source == "node-1" { "node-2" } else { "node-1" };
+    let log = c.wait_console("busy", "NOVACRON-WORKLOAD gen=", 2, BOOT).await;
+    let disk_id = log
+        .lines()
+        .find_map(|l| l.split("NOVACRON-DISK ok id=").nth(1))
+        .map(|s| s.trim().to_string())
+        .expect("disk marker");
+
+    // Progress shows up on the watch stream.
+    let rev = c
+        .client
+        .list::<Migration>(&Default::default())
+        .await
+        .expect("list")
+        .resource_version;
+    let mut watch = c.client.watch::<Migration>(rev, None).await.expect("watch");
+
+    // Busy guest, pre-copy, through the CLI with a progress bar.
+    let out = c
+        .cli(&[
+            "vm",
+            "migrate",
+            "busy",
+            "--to",
+            other,
+            "--strategy",
+            "precopy",
+            "--max-downtime",
+            "500ms",
+            "--wait",
+        ])
+        .output()
+        .expect("cli");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vm = c.vm("busy").await;
+    assert_eq!(vm.status.node.as_deref(), Some(other));
+    assert_eq!(vm.status.phase, VmPhase::Running);
+    assert!(
+        c.qemu_pids_on(other).contains(&vm.status.qemu_pid.expect("pid")),
+        "VM's QEMU not on the target"
+    );
+    // The source goes away right after the server records the VM on the target.
+    let source_dir = c.dir.path().join(&source).join("vms").join(&vm.metadata.id);
+    wait_until(
+        "source QEMU and files to be removed",
+        Duration::from_secs(15),
+        || async { (c.qemu_pids_on(&source).is_empty() && !source_dir.exists()).then_some(()) },
+    )
+    .await;
+    let (migrations, _) = c.client.list_all::<Migration>(None).await.expect("list");
+    let m = &migrations[0];
+    assert_eq!(m.status.phase, MigrationPhase::Completed);
+    assert_eq!(m.status.strategy, Some(MigrationStrategy::Precopy));
+    assert!(m.status.downtime_ms.is_some() && m.status.total_time_ms.is_some());
+    assert!(m.status.bytes_sent.unwrap_or(0) > 64 << 20, "{:?}", m.status);
+    assert!(m.status.progress.disk_total_bytes > 0, "disks were not mirrored");
+    let mut progress_events = 0;
+    while let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_millis(200), watch.next()).await {
+        let p = &ev.object.status.progress;
+        if ev.object.status.phase == MigrationPhase::Transferring
+            && (p.transferred_bytes > 0 || p.disk_transferred_bytes > 0)
+        {
+            progress_events += 1;
+        }
+    }
+    assert!(progress_events > 0, "no progress on the watch stream");
+
+    // The guest keeps running on the target: new workload reports, no mismatch.
+    let (gen_before, _) = workload_state(&c.logs("busy").await);
+    let log = wait_until("workload to progress on the target", BOOT, || async {
+        let log = c.logs("busy").await;
+        (workload_state(&log).0 > gen_before).then_some(log)
+    })
+    .await;
+    assert!(!workload_state(&log).1, "memory corruption after migration:\n{log}");
+
+    // And back with post-copy.
+    let m = migrate(&c, "busy", &source, MigrationStrategy::Postcopy, None).await;
+    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(180)).await;
+    assert_eq!(m.status.phase, MigrationPhase::Completed, "{:?}", m.status.error);
+    assert_eq!(c.vm("busy").await.status.node.as_deref(), Some(source.as_str()));
+    let other_dir = c.dir.path().join(other).join("vms").join(&vm.metadata.id);
+    wait_until("post-copy source to be removed", Duration::from_secs(15), || async {
+        (!other_dir.exists()).then_some(())
+    })
+    .await;
+    let (gen_before, _) = workload_state(&c.logs("busy").await);
+    let log = wait_until("workload to progress after post-copy", BOOT, || async {
+        let log = c.logs("busy").await;
+        (workload_state(&log).0 > gen_before).then_some(log)
+    })
+    .await;
+    assert!(!workload_state(&log).1, "memory corruption after post-copy:\n{log}");
+
+    // The disks came along: after a reboot the guest finds its root disk's
+    // boot counter and the data disk's marker file.
+    c.cli(&["vm", "reboot", "busy"]).output().expect("reboot");
+    c.wait_console("busy", "NOVACRON-BOOT count=2", 1, BOOT).await;
+    let log = wait_until("disk marker after reboot", BOOT, || async {
+        let log = c.logs("busy").await;
+        (log.matches("NOVACRON-DISK ok").count() >= 2).then_some(log)
+    })
+    .await;
+    assert!(log.contains(&format!("NOVACRON-DISK ok id={disk_id}")), "{log}");
+    assert!(!log.contains("MISMATCH"), "{log}");
+
+    // An idle guest, strategy auto: the choice and its reason are recorded.
+    let idle = c.wait_phase("idle", VmPhase::Running, BOOT).await;
+    let target = if idle.status.node.as_deref() == Some("node-1") {
+        "node-2"
+    } else {
+        "node-1"
+    };
+    let m = migrate(&c, "idle", target, MigrationStrategy::Auto, None).await;
+    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(120)).await;
+    assert_eq!(m.status.phase, MigrationPhase::Completed, "{:?}", m.status.error);
+    assert!(m.status.strategy_reason.unwrap_or_default().starts_with("auto:"));
+    assert_eq!(c.vm("idle").await.status.node.as_deref(), Some(target));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_and_cancelled_migrations_leave_the_vm_on_the_source() {
+    let mut c = Cluster::start(Options {
+        agents: 2,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    c.create_vm_with_args("stay", 256, RunStrategy::Manual, true, Some(WORKLOAD))
+        .await;
+    let vm = c.wait_phase("stay", VmPhase::Running, BOOT).await;
+    c.wait_console("stay", "NOVACRON-WORKLOAD gen=", 1, BOOT).await;
+    let source = vm.status.node.clone().expect("node");
+    let target = if source == "node-1" { "node-2" } else { "node-1" }.to_string();
+    let pid = vm.status.qemu_pid.expect("pid");
+    let target_vm_dir = c.dir.path().join(&target).join("vms").join(&vm.metadata.id);
+    // A slow link (8 MiB/s) keeps the transfer going long enough to interfere.
+    let slow = Some(8);
+
+    let assert_on_source = |c: &Cluster, what: &str| {
+        assert!(c.qemu_pids_on(&target).is_empty(), "{what}: QEMU left on the target");
+        assert_eq!(c.qemu_pids_on(&source), vec![pid], "{what}: source QEMU changed");
+    };
+
+    // 1. Cancel during transfer.
+    let m = migrate(&c, "stay", &target, MigrationStrategy::Precopy, slow).await;
+    wait_transferring(&c, &m.metadata.name).await;
+    let out = c.cli(&["migration", "cancel", &m.metadata.name]).output().expect("cli");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(60)).await;
+    assert_eq!(m.status.phase, MigrationPhase::Cancelled);
+    c.wait_phase("stay", VmPhase::Running, Duration::from_secs(10)).await;
+    assert_on_source(&c, "cancel");
+    assert!(!target_vm_dir.exists(), "cancel left files on the target");
+
+    // 2. The target QEMU dies during transfer.
+    let m = migrate(&c, "stay", &target, MigrationStrategy::Precopy, slow).await;
+    wait_transferring(&c, &m.metadata.name).await;
+    for p in c.qemu_pids_on(&target) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    }
+    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(60)).await;
+    assert_eq!(m.status.phase, MigrationPhase::Failed);
+    assert!(m.status.error.is_some());
+    let vm = c.wait_phase("stay", VmPhase::Running, Duration::from_secs(10)).await;
+    assert_eq!(vm.status.node.as_deref(), Some(source.as_str()));
+    assert_on_source(&c, "target QEMU killed");
+    assert!(!target_vm_dir.exists(), "failed migration left files on the target");
+
+    // 3. The target agent dies during transfer.
+    let m = migrate(&c, "stay", &target, MigrationStrategy::Precopy, slow).await;
+    wait_transferring(&c, &m.metadata.name).await;
+    c.kill_agent(&target);
+    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(60)).await;
+    assert_eq!(m.status.phase, MigrationPhase::Failed);
+    assert!(
+        m.status.error.as_deref().unwrap_or("").contains("unreachable"),
+        "{:?}",
+        m.status.error
+    );
+    c.wait_phase("stay", VmPhase::Running, Duration::from_secs(10)).await;
+    // The target QEMU exits by itself once its incoming stream is cancelled.
+    wait_until("target QEMU to exit", Duration::from_secs(20), || async {
+        c.qemu_pids_on(&target).is_empty().then_some(())
+    })
+    .await;
+    assert_on_source(&c, "target agent killed");
+    // Its files go when the agent comes back.
+    c.restart_agent(&target);
+    wait_until(
+        "target agent to remove the leftovers",
+        Duration::from_secs(30),
+        || async { (!target_vm_dir.exists()).then_some(()) },
+    )
+    .await;
+
+    // The guest never noticed.
+    let log = c.logs("stay").await;
+    assert!(!workload_state(&log).1, "memory corruption:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_migrations_are_rejected_before_anything_starts() {
+    let mut c = Cluster::start(Options {
+        agents: 2,
+        node_grace: "3s",
+        ..Default::default()
+    })
+    .await;
+    c.add_agent("tiny", 4, "128MiB", "1s").await;
+    c.import_demo().await;
+    c.create_vm("vm", 256, RunStrategy::Manual, false).await;
+    let vm = c.wait_phase("vm", VmPhase::Running, BOOT).await;
+    let source = vm.status.node.clone().expect("node");
+    let other = if source == "node-1" { "node-2" } else { "node-1" };
+    let api = c.client.clone();
+    let try_migrate = |to: &str| {
+        let client = api.clone();
+        let to = to.to_string();
+        async move {
+            client
+                .create_migration(&CreateMigration {
+                    vm: "vm".into(),
+                    target_node: Some(to),
+                    strategy: MigrationStrategy::Precopy,
+                    max_downtime_ms: None,
+                    bandwidth_mib_s: None,
+                })
+                .await
+                .map_err(|e| e.status())
+        }
+    };
+    assert_eq!(try_migrate(&source).await.err(), Some(Some(422)), "same node");
+    assert_eq!(try_migrate("nope").await.err(), Some(Some(422)), "unknown node");
+    assert_eq!(try_migrate("tiny").await.err(), Some(Some(422)), "too small");
+    c.cli(&["node", "cordon", other]).output().expect("cordon");
+    assert_eq!(try_migrate(other).await.err(), Some(Some(422)), "cordoned");
+    c.cli(&["node", "uncordon", other]).output().expect("uncordon");
+    let agent_pid = nix::unistd::Pid::from_raw(c.agent(other).child.id() as i32);
+    nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+    let client = c.client.clone();
+    wait_until("node NotReady", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            client
+                .get::<novacron_api::Node>(other)
+                .await
+                .ok()
+                .filter(|n| !n.status.ready)
+        }
+    })
+    .await;
+    assert_eq!(try_migrate(other).await.err(), Some(Some(422)), "NotReady");
+    nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGCONT).expect("cont");
+    // A stopped VM cannot be live-migrated.
+    c.cli(&["vm", "stop", "vm", "--force", "--wait"])
+        .output()
+        .expect("stop");
+    assert_eq!(try_migrate("tiny").await.err(), Some(Some(409)), "stopped VM");
+    // Nothing was created, and the VM never left its node.
+    assert!(c.client.list_all::<Migration>(None).await.expect("list").0.is_empty());
+    assert_eq!(c.client.get::<Vm>("vm").await.expect("vm").status.node, Some(source));
+}
