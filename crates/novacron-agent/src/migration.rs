@@ -333,6 +333,9 @@ impl Migrations {
                 }
                 self.cleanup_source(&vm).await;
                 tracing::info!(migration = %name, vm = %vm.metadata.name, ms = started.elapsed().as_millis() as u64, "migration completed");
+                // The VM id stays in `migrating`: the reconciler may still hold a stale
+                // copy bound here and must never restart it (run strategy Always).
+                return;
             }
             Err(e) => {
                 let cancelled = matches!(e, MigrationError::Cancelled);
@@ -532,11 +535,14 @@ impl Migrations {
         }
 
         // Memory.
-        let mut caps =
-            vec![json!({"capability": "auto-converge", "state": strategy == MigrationStrategy::AutoConverge})];
-        if postcopy {
-            caps.push(json!({"capability": "postcopy-ram", "state": true}));
-        }
+        // Every capability explicitly: a QEMU that arrived here by migration keeps
+        // the capabilities its incoming side had (e.g. postcopy-ram), and a
+        // mismatch with the target breaks the stream.
+        let caps = vec![
+            json!({"capability": "auto-converge", "state": strategy == MigrationStrategy::AutoConverge}),
+            json!({"capability": "postcopy-ram", "state": postcopy}),
+            json!({"capability": "late-block-activate", "state": false}),
+        ];
         qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))
             .await?;
         let max_bandwidth = m.spec.bandwidth_mib_s.map(|b| b * 1024 * 1024).unwrap_or(u64::MAX / 2);
@@ -579,10 +585,48 @@ impl Migrations {
                 ctx.postcopy_started = true;
                 tracing::info!(migration = %name, "switched to post-copy");
             }
+            // Post-copy: once the source has stopped and switched, the guest runs on
+            // the target while the rest of its memory follows on demand.
+            if postcopy_started && info.status == "postcopy-active" && !ctx.target_running {
+                self.switch_to_target(&qmp, ctx, &target, m, vm, log_offset).await?;
+            }
             self.write_status(name, |s| s.progress = progress.clone()).await;
         };
 
-        // Switchover: the source is paused. Let the disk mirrors drain and finish.
+        if !ctx.target_running {
+            self.switch_to_target(&qmp, ctx, &target, m, vm, log_offset).await?;
+        }
+
+        let ram = info.ram.as_ref();
+        let mut status = self.latest(name).map(|m| m.status).unwrap_or_default();
+        status.progress = progress_from(ram, disk_total);
+        status.progress.percent = 100.0;
+        status.progress.remaining_bytes = 0;
+        status.progress.eta_s = Some(0.0);
+        status.total_time_ms = Some(started.elapsed().as_millis() as u64);
+        status.downtime_ms = info.downtime;
+        status.bytes_sent = Some(ram.map_or(0, |r| r.transferred) + disk_total);
+        status.finished_at = Some(Utc::now());
+        status.error = None;
+        if let Some(t) = info.total_time {
+            tracing::debug!(migration = %name, qemu_total_ms = t, "QEMU migration time");
+        }
+        Ok(status)
+    }
+
+    /// The source has stopped for good: drain the disk mirrors (cancelling a
+    /// ready mirror completes it consistently), then let the target run.
+    async fn switch_to_target(
+        &self,
+        qmp: &Qmp,
+        ctx: &mut SourceCtx,
+        target: &Node,
+        m: &Migration,
+        vm: &Vm,
+        log_offset: u64,
+    ) -> Result<(), MigrationError> {
+        let name = &m.metadata.name;
+        let dir = self.dir(&vm.metadata.id);
         self.write_status(name, |s| s.phase = MigrationPhase::Switchover).await;
         for job in &ctx.mirrors {
             qmp.execute("block-job-cancel", Some(json!({ "device": job }))).await?;
@@ -614,7 +658,7 @@ impl Migrations {
         };
         let finished: Finished = self
             .target_call(
-                &target,
+                target,
                 "finish",
                 &m.metadata.id,
                 &serde_json::to_value(finish).unwrap_or_default(),
@@ -622,22 +666,7 @@ impl Migrations {
             .await?;
         ctx.target_pid = Some(finished.pid);
         ctx.target_running = true;
-
-        let ram = info.ram.as_ref();
-        let mut status = self.latest(name).map(|m| m.status).unwrap_or_default();
-        status.progress = progress_from(ram, disk_total);
-        status.progress.percent = 100.0;
-        status.progress.remaining_bytes = 0;
-        status.progress.eta_s = Some(0.0);
-        status.total_time_ms = Some(started.elapsed().as_millis() as u64);
-        status.downtime_ms = info.downtime;
-        status.bytes_sent = Some(ram.map_or(0, |r| r.transferred) + disk_total);
-        status.finished_at = Some(Utc::now());
-        status.error = None;
-        if let Some(t) = info.total_time {
-            tracing::debug!(migration = %name, qemu_total_ms = t, "QEMU migration time");
-        }
-        Ok(status)
+        Ok(())
     }
 
     /// Undo a failed migration: the VM keeps (or resumes) running on the source
@@ -717,6 +746,8 @@ impl Migrations {
     pub async fn prepare(&self, req: PrepareRequest) -> Result<Prepared, MigrationError> {
         let vm = &req.vm;
         let dir = self.dir(&vm.metadata.id);
+        // A VM that once left this node is coming back: the reconciler may manage it again.
+        lock(&self.migrating).remove(&vm.metadata.id);
         if dir.running_pid().is_some() {
             return Err(MigrationError::Other(format!(
                 "VM {} already has a QEMU on this node",
@@ -756,7 +787,8 @@ impl Migrations {
             if req.postcopy {
                 caps.push(json!({"capability": "postcopy-ram", "state": true}));
             }
-            qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps }))).await?;
+            qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))
+                .await?;
             let port = free_port()?;
             let uri = format!("tcp:{}:{port}", self.host);
             qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
@@ -781,12 +813,13 @@ impl Migrations {
             .running_pid()
             .ok_or_else(|| MigrationError::Other("target QEMU is gone".into()))?;
         let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
-        // Wait for the incoming migration to land (post-copy may still be copying).
+        // Wait until the source's last state has landed: the stream completed, or
+        // (post-copy) the switch happened and the rest follows on demand.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let info: MigrateInfo =
                 serde_json::from_value(qmp.execute("query-migrate", None).await?).unwrap_or_default();
-            if info.status == "completed" {
+            if matches!(info.status.as_str(), "completed" | "postcopy-active") {
                 break;
             }
             if info.status == "failed" || Instant::now() > deadline {

@@ -183,6 +183,13 @@ pub enum NodeCommand {
     Cordon { name: String },
     /// Allow placing VMs on a node again.
     Uncordon { name: String },
+    /// Cordon a node and live-migrate every VM off it.
+    Drain {
+        name: String,
+        /// Migrations running at once.
+        #[arg(long, default_value_t = 2)]
+        parallel: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -446,6 +453,7 @@ pub async fn node(g: &Global, cmd: NodeCommand) -> Result<()> {
             println!("node {:?} uncordoned", n.metadata.name);
             Ok(())
         }
+        NodeCommand::Drain { name, parallel } => drain(&c, &name, parallel.max(1)).await,
     }
 }
 
@@ -655,4 +663,73 @@ pub async fn migration(g: &Global, cmd: MigrationCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Cordons the node, then moves its running VMs away, `parallel` at a time,
+/// each to a node the scheduler picks. VMs that cannot move stay where they
+/// are and are reported; the exit code is non-zero if any could not move.
+async fn drain(c: &Client, node: &str, parallel: usize) -> Result<()> {
+    c.set_schedulable(node, false).await?;
+    println!("node {node:?} cordoned");
+    let (vms, _) = c.list_all::<Vm>(None).await?;
+    let on_node: Vec<Vm> = vms
+        .into_iter()
+        .filter(|v| v.status.node.as_deref() == Some(node))
+        .collect();
+    let mut queue: std::collections::VecDeque<Vm> = on_node.into_iter().collect();
+    let mut active: Vec<(String, String)> = Vec::new(); // (vm, migration)
+    let mut results: Vec<(String, String)> = Vec::new();
+    while !queue.is_empty() || !active.is_empty() {
+        while active.len() < parallel {
+            let Some(vm) = queue.pop_front() else { break };
+            let name = vm.metadata.name.clone();
+            if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused) {
+                results.push((
+                    name,
+                    format!("not moved: {} (live migration needs a running VM)", vm.status.phase),
+                ));
+                continue;
+            }
+            let req = novacron_api::CreateMigration {
+                vm: name.clone(),
+                target_node: None,
+                strategy: MigrationStrategy::Auto,
+                max_downtime_ms: None,
+                bandwidth_mib_s: None,
+            };
+            match c.create_migration(&req).await {
+                Ok(m) => {
+                    println!("migrating {name} to {} ({})", m.status.target_node, m.metadata.name);
+                    active.push((name, m.metadata.name));
+                }
+                Err(e) => results.push((name, format!("not moved: {e}"))),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut still = Vec::new();
+        for (vm, mig) in active.drain(..) {
+            let m = c.get::<Migration>(&mig).await?;
+            match m.status.phase {
+                MigrationPhase::Completed => results.push((vm, format!("moved to {}", m.status.target_node))),
+                p if p.is_final() => results.push((
+                    vm,
+                    format!("not moved: migration {p}: {}", m.status.error.unwrap_or_default()),
+                )),
+                _ => still.push((vm, mig)),
+            }
+        }
+        active = still;
+    }
+    let mut failed = 0;
+    for (vm, outcome) in &results {
+        if outcome.starts_with("not moved") {
+            failed += 1;
+        }
+        println!("{vm}: {outcome}");
+    }
+    if failed > 0 {
+        bail!("{failed} VM(s) could not be moved off {node:?}; they still run there");
+    }
+    println!("node {node:?} drained");
+    Ok(())
 }
