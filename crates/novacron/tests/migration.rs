@@ -464,3 +464,47 @@ async fn live_migration_moves_disks_and_state() {
     assert_eq!(m.status.phase, MigrationPhase::Completed, "{:?}", m.status.error);
     assert!(m.status.strategy_reason.unwrap_or_default().starts_with("auto:"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_moves_running_vms_and_reports_the_rest() {
+    let c = Cluster::start(Options {
+        agents: 2,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    // Put both VMs on node-1.
+    c.cli(&["node", "cordon", "node-2"]).output().expect("cordon");
+    c.create_vm("runner", 128, RunStrategy::Manual, false).await;
+    let out = c
+        .cli(&[
+            "vm",
+            "create",
+            "sleeper",
+            "--image",
+            "demo",
+            "--memory",
+            "128MiB",
+            "--no-start",
+        ])
+        .output()
+        .expect("cli");
+    assert!(out.status.success());
+    c.wait_phase("runner", VmPhase::Running, BOOT).await;
+    c.wait_phase("sleeper", VmPhase::Stopped, BOOT).await;
+    c.cli(&["node", "uncordon", "node-2"]).output().expect("uncordon");
+
+    let out = c
+        .cli(&["node", "drain", "node-1", "--parallel", "2"])
+        .output()
+        .expect("drain");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The stopped VM cannot be live-migrated: reported, and the exit code says so.
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("runner: moved to node-2"), "{stdout}");
+    assert!(stdout.contains("sleeper: not moved"), "{stdout}");
+    assert_eq!(c.vm("runner").await.status.node.as_deref(), Some("node-2"));
+    assert_eq!(c.vm("sleeper").await.status.node.as_deref(), Some("node-1"));
+    let node = c.client.get::<novacron_api::Node>("node-1").await.expect("node");
+    assert!(!node.spec.schedulable, "drained node must stay cordoned");
+}
