@@ -35,6 +35,8 @@ use crate::qemu::{self, VmDir, DISK_NODES};
 use crate::reconcile::{error_chain, prepare_launch};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pre-copy passes after which a plain pre-copy migration is declared non-converging.
+const MAX_PRECOPY_PASSES: u64 = 40;
 /// Assumed link speed for the strategy choice when nothing better is known.
 const DEFAULT_LINK_BYTES_S: f64 = 1e9;
 
@@ -577,6 +579,16 @@ impl Migrations {
                 self.check_target_alive(&target).await?;
             }
             let progress = progress_from(ram, disk_total);
+            // Plain pre-copy never converges when the guest dirties memory faster than
+            // we send it: give up with the numbers instead of looping forever.
+            if strategy == MigrationStrategy::Precopy && ram.is_some_and(|r| r.dirty_sync_count > MAX_PRECOPY_PASSES) {
+                return Err(MigrationError::Other(format!(
+                    "pre-copy did not converge after {MAX_PRECOPY_PASSES} passes (dirty rate {} MiB/s, throughput {} MiB/s); \
+                     use --strategy auto-converge or postcopy, or raise --bandwidth",
+                    progress.dirty_rate_bytes_s >> 20,
+                    progress.throughput_bytes_s >> 20
+                )));
+            }
             // Post-copy: after the first full pass (or when pre-copy stops converging).
             if postcopy && !postcopy_started && ram.is_some_and(|r| r.dirty_sync_count >= 2) && info.status == "active"
             {

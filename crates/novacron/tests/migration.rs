@@ -508,3 +508,43 @@ async fn drain_moves_running_vms_and_reports_the_rest() {
     let node = c.client.get::<novacron_api::Node>("node-1").await.expect("node");
     assert!(!node.spec.schedulable, "drained node must stay cordoned");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_restart_during_migration_ends_truthfully() {
+    let mut c = Cluster::start(Options {
+        agents: 2,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    c.create_vm_with_args("steady", 256, RunStrategy::Manual, true, Some(WORKLOAD))
+        .await;
+    let vm = c.wait_phase("steady", VmPhase::Running, BOOT).await;
+    c.wait_console("steady", "NOVACRON-WORKLOAD gen=", 1, BOOT).await;
+    let source = vm.status.node.clone().expect("node");
+    let target = if source == "node-1" { "node-2" } else { "node-1" }.to_string();
+    // 32 MiB/s against a 20 MiB/s dirty rate: converges, in several seconds.
+    let m = migrate(&c, "steady", &target, MigrationStrategy::Precopy, Some(32)).await;
+    wait_transferring(&c, &m.metadata.name).await;
+
+    c.kill_server();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.start_server().await;
+
+    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(180)).await;
+    let vm = c.wait_phase("steady", VmPhase::Running, Duration::from_secs(30)).await;
+    let node = vm.status.node.clone().expect("node");
+    let expected = if m.status.phase == MigrationPhase::Completed {
+        &target
+    } else {
+        &source
+    };
+    assert_eq!(&node, expected, "migration {} but VM on {node}", m.status.phase);
+    // Exactly one QEMU, on the node the VM is bound to.
+    let elsewhere = if node == source { &target } else { &source };
+    wait_until("the other node to have no QEMU", Duration::from_secs(20), || async {
+        c.qemu_pids_on(elsewhere).is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(c.qemu_pids_on(&node), vec![vm.status.qemu_pid.expect("pid")]);
+}

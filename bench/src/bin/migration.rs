@@ -1,0 +1,295 @@
+//! Migration benchmark, in one run on loopback between two agents: 256 MiB
+//! and 1 GiB TCG guests, idle and busy (guest workload dirtying ~20 MiB/s),
+//! each migrated with QEMU's default parameters (max-bandwidth 128 MiB/s,
+//! downtime limit 300 ms, pre-copy) and with NovaCron's settings (no
+//! bandwidth cap, strategy auto). Disks (overlay + 64 MiB data disk) move too.
+//!
+//! Run: `bash bench/migration.sh`. Writes bench/results/migration.md.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use futures::StreamExt;
+use novacron_api::client::Client;
+use novacron_api::{
+    CreateMigration, CreateVm, Migration, MigrationStrategy, Node, PowerState, RunStrategy, Vm, VmPhase, VmSpec,
+};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Procs(Vec<Child>, PathBuf);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let needle = self.1.display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+            if cmd.contains(&needle) && pid as u32 != std::process::id() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+async fn logs(client: &Client, name: &str) -> String {
+    let Ok(mut s) = client.vm_logs(name, false).await else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    while let Some(Ok(chunk)) = s.next().await {
+        out.extend_from_slice(&chunk);
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Row {
+    memory: &'static str,
+    load: &'static str,
+    method: &'static str,
+    strategy: String,
+    total_s: f64,
+    downtime_ms: u64,
+    memory_bytes: u64,
+    disk_bytes: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let bin = repo().join("target/release/novacron");
+    let guest = repo().join("target/guest");
+    let work = tempfile::Builder::new().prefix("nc-migbench-").tempdir_in("/tmp")?;
+    let _procs = {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let url = format!("http://127.0.0.1:{port}");
+        let mut procs = Procs(Vec::new(), work.path().to_path_buf());
+        let sdir = work.path().join("server");
+        procs.0.push(
+            Command::new(&bin)
+                .args([
+                    "server",
+                    "--data-dir",
+                    &sdir.display().to_string(),
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(work.path().join("server.log"))?)
+                .spawn()?,
+        );
+        let token = wait_for("server", Duration::from_secs(30), || async {
+            std::fs::read_to_string(sdir.join("admin.token"))
+                .ok()
+                .map(|t| t.trim().to_string())
+        })
+        .await?;
+        for n in ["node-1", "node-2"] {
+            procs.0.push(
+                Command::new(&bin)
+                    .args(["agent", "--server", &url, "--token", &token, "--name", n, "--data-dir"])
+                    .arg(work.path().join(n))
+                    .args([
+                        "--vcpus",
+                        "4",
+                        "--memory",
+                        "4GiB",
+                        "--accel",
+                        "tcg",
+                        "--heartbeat",
+                        "1s",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(work.path().join(format!("{n}.log")))?)
+                    .spawn()?,
+            );
+        }
+        let client = Client::new(&url, &token)?;
+        for n in ["node-1", "node-2"] {
+            wait_for("agent", Duration::from_secs(30), || async {
+                client.get::<Node>(n).await.ok().filter(|n| n.status.ready).map(|_| ())
+            })
+            .await?;
+        }
+        let out = Command::new(&bin)
+            .args(["image", "import", "demo", "--kernel"])
+            .arg(guest.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(guest.join("initrd.img"))
+            .env("NOVACRON_SERVER", &url)
+            .env("NOVACRON_TOKEN", &token)
+            .output()?;
+        if !out.status.success() {
+            bail!("import failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut rows = Vec::new();
+        let mut n = 0;
+        for (memory, mib) in [("256 MiB", 256u64), ("1 GiB", 1024)] {
+            let loads = [
+                ("idle", None),
+                ("busy ~20 MiB/s", Some("novacron.workload=64 novacron.dirty_rate=20")),
+            ];
+            // QEMU's defaults are a 128 MiB/s cap, a 300 ms downtime limit and plain
+            // pre-copy. Each method gets a freshly booted VM.
+            let methods = [
+                ("QEMU defaults", Some(128), MigrationStrategy::Precopy),
+                ("NovaCron", None, MigrationStrategy::Auto),
+            ];
+            for ((load, args), (method, cap, strategy)) in loads.iter().flat_map(|l| methods.map(|m| (*l, m))) {
+                n += 1;
+                let name = format!("bench-{n}");
+                client
+                    .create_vm(&CreateVm {
+                        name: name.clone(),
+                        labels: Default::default(),
+                        spec: VmSpec {
+                            vcpus: 1,
+                            memory_mib: mib,
+                            image: "demo".into(),
+                            disk_mib: Some(256),
+                            data_disk_mib: Some(64),
+                            run_strategy: RunStrategy::Manual,
+                            power_state: PowerState::Running,
+                            stop_timeout_s: 30,
+                            stop_grace_s: None,
+                            reboot_generation: 0,
+                            start_request: 0,
+                            kernel_args: args.map(str::to_string),
+                        },
+                    })
+                    .await?;
+                let marker = if args.is_some() {
+                    "NOVACRON-WORKLOAD gen="
+                } else {
+                    "NOVACRON-GUEST-READY"
+                };
+                wait_for("guest", Duration::from_secs(180), || async {
+                    logs(&client, &name).await.contains(marker).then_some(())
+                })
+                .await?;
+                {
+                    let vm = client.get::<Vm>(&name).await?;
+                    let to = if vm.status.node.as_deref() == Some("node-1") {
+                        "node-2"
+                    } else {
+                        "node-1"
+                    };
+                    let m = client
+                        .create_migration(&CreateMigration {
+                            vm: name.clone(),
+                            target_node: Some(to.into()),
+                            strategy,
+                            max_downtime_ms: Some(300),
+                            bandwidth_mib_s: cap,
+                        })
+                        .await?;
+                    let done = wait_for("migration", Duration::from_secs(600), || async {
+                        client
+                            .get::<Migration>(&m.metadata.name)
+                            .await
+                            .ok()
+                            .filter(|m| m.status.phase.is_final())
+                    })
+                    .await?;
+                    if done.status.phase != novacron_api::MigrationPhase::Completed {
+                        bail!("{name} {method}: {:?}", done.status.error);
+                    }
+                    let row = Row {
+                        memory,
+                        load,
+                        method,
+                        strategy: done.status.strategy.map(|s| format!("{s:?}")).unwrap_or_default(),
+                        total_s: done.status.total_time_ms.unwrap_or(0) as f64 / 1000.0,
+                        downtime_ms: done.status.downtime_ms.unwrap_or(0),
+                        memory_bytes: done
+                            .status
+                            .bytes_sent
+                            .unwrap_or(0)
+                            .saturating_sub(done.status.progress.disk_total_bytes),
+                        disk_bytes: done.status.progress.disk_total_bytes,
+                    };
+                    eprintln!(
+                        "{memory} {load} {method}: {:.2}s downtime {}ms memory {} MiB disk {} MiB",
+                        row.total_s,
+                        row.downtime_ms,
+                        row.memory_bytes >> 20,
+                        row.disk_bytes >> 20
+                    );
+                    rows.push(row);
+                    wait_for("VM running on target", Duration::from_secs(60), || async {
+                        client
+                            .get::<Vm>(&name)
+                            .await
+                            .ok()
+                            .filter(|v| v.status.phase == VmPhase::Running)
+                            .map(|_| ())
+                    })
+                    .await?;
+                }
+                client.delete_vm(&name, false).await?;
+                wait_for("delete", Duration::from_secs(60), || async {
+                    client.get::<Vm>(&name).await.is_err().then_some(())
+                })
+                .await?;
+            }
+        }
+        let mut table = format!(
+            "# Migration benchmark\n\nCommand: `bash bench/migration.sh` (release build, TCG guests, loopback between two \
+             agents with separate data dirs, 2-core machine). Generated {}.\n\n\
+             Each VM has a qcow2 overlay root disk and a 64 MiB data disk; both are mirrored to the target (NBD) \
+             before memory moves. \"QEMU defaults\" = QEMU's own migration parameters (max-bandwidth 128 MiB/s, \
+             downtime limit 300 ms, pre-copy); \"NovaCron\" = no bandwidth cap, strategy chosen from the measured \
+             dirty rate, downtime limit 300 ms. Every row is a freshly booted VM. \"memory MiB\" is QEMU's \
+             transferred RAM stream; \"disk MiB\" is the mirror jobs' work (allocated ranges of the overlays, zero \
+             ranges included, which cross NBD as write-zeroes).\n\n\
+             | guest | load | method | strategy | total s | downtime ms | memory MiB | disk MiB |\n\
+             |---|---|---|---|---|---|---|---|\n",
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+        );
+        for r in &rows {
+            table.push_str(&format!(
+                "| {} | {} | {} | {} | {:.2} | {} | {} | {} |\n",
+                r.memory,
+                r.load,
+                r.method,
+                r.strategy,
+                r.total_s,
+                r.downtime_ms,
+                r.memory_bytes >> 20,
+                r.disk_bytes >> 20
+            ));
+        }
+        let out = repo().join("bench/results/migration.md");
+        std::fs::write(&out, &table)?;
+        println!("{table}");
+        procs
+    };
+    Ok(())
+}
