@@ -17,7 +17,7 @@ use futures::{SinkExt, StreamExt};
 use novacron_api::AGENT_SECRET_HEADER;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use crate::migration::{Migrations, PrepareRequest, VmRef};
+use crate::migration::{ColdRequest, Migrations, PrepareRequest, VmRef};
 use crate::qemu::VmDir;
 use crate::reconcile::error_chain;
 
@@ -36,6 +36,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/agent/v1/migrations/{id}/prepare", post(prepare))
         .route("/agent/v1/migrations/{id}/finish", post(finish))
         .route("/agent/v1/migrations/{id}/abort", post(abort))
+        .route("/agent/v1/migrations/{id}/receive-cold", post(receive_cold))
+        .route("/agent/v1/vms/{id}/disks/{disk}", get(disk_file))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_secret))
         .route("/agent/v1/healthz", get(|| async { "ok" }))
         .with_state(state)
@@ -207,4 +209,40 @@ async fn abort(State(state): State<HttpState>, Path(migration): Path<String>, Js
     state.migrations.discard(&req.vm_id).await;
     tracing::info!(migration = %migration, "discarded incoming VM");
     Json(serde_json::json!({})).into_response()
+}
+
+/// Target side of a cold migration: pull the disks from the source.
+async fn receive_cold(
+    State(state): State<HttpState>,
+    Path(migration): Path<String>,
+    Json(req): Json<ColdRequest>,
+) -> Response {
+    if !valid_id(&req.vm.metadata.id) {
+        return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
+    }
+    tracing::info!(migration = %migration, vm = %req.vm.metadata.name, "receiving a stopped VM's disks");
+    match state.migrations.receive_cold(req).await {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
+        Err(e) => migration_error(&e),
+    }
+}
+
+/// A stopped VM's disk file, for a peer receiving it in a cold migration.
+async fn disk_file(State(state): State<HttpState>, Path((id, disk)): Path<(String, String)>) -> Response {
+    let Some(dir) = vm_dir(&state, &id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let path = match disk.as_str() {
+        "root" => dir.root_disk(),
+        "data" => dir.data_disk(),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    // A running QEMU changes the file under us: only stopped VMs are copied.
+    if dir.running_pid().is_some() {
+        return (StatusCode::CONFLICT, "VM is running").into_response();
+    }
+    match tokio::fs::File::open(&path).await {
+        Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
+        Err(_) => StatusCode::NOT_FOUND.into_response(),
+    }
 }

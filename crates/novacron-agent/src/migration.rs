@@ -102,6 +102,15 @@ pub struct PrepareRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ColdRequest {
+    pub vm: Vm,
+    pub source_node: String,
+    pub disks: Vec<String>,
+    #[serde(default)]
+    pub console_log: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmRef {
     pub vm_id: String,
     /// Serial output written on the source since prepare (finish only).
@@ -314,7 +323,11 @@ impl Migrations {
         tracing::info!(migration = %name, vm = %vm.metadata.name, to = %m.status.target_node, "migration starting");
         let started = Instant::now();
         let mut ctx = SourceCtx::default();
-        let result = self.transfer(&m, &vm, &mut ctx, started).await;
+        let result = if m.spec.strategy == MigrationStrategy::Cold {
+            self.transfer_cold(&m, &vm, &mut ctx, started).await
+        } else {
+            self.transfer(&m, &vm, &mut ctx, started).await
+        };
         match result {
             Ok(final_status) => {
                 let req = CompleteMigration {
@@ -624,6 +637,164 @@ impl Migrations {
             tracing::debug!(migration = %name, qemu_total_ms = t, "QEMU migration time");
         }
         Ok(status)
+    }
+
+    /// Cold migration of a stopped VM: the target pulls the disk files from
+    /// this agent; nothing runs anywhere until the user starts the VM.
+    async fn transfer_cold(
+        &self,
+        m: &Migration,
+        vm: &Vm,
+        ctx: &mut SourceCtx,
+        started: Instant,
+    ) -> Result<MigrationStatus, MigrationError> {
+        let name = &m.metadata.name;
+        let dir = self.dir(&vm.metadata.id);
+        if dir.running_pid().is_some() {
+            return Err(MigrationError::Other(
+                "the VM has a running QEMU; migrate it live".into(),
+            ));
+        }
+        let target: Node = self.client.get(&m.status.target_node).await?;
+        ctx.target = Some(target.clone());
+        let disks: Vec<(String, u64)> = [(DISK_NODES[0], dir.root_disk()), (DISK_NODES[1], dir.data_disk())]
+            .into_iter()
+            .filter_map(|(n, p)| std::fs::metadata(&p).ok().map(|md| (n.to_string(), md.len())))
+            .collect();
+        let total: u64 = disks.iter().map(|(_, len)| len).sum();
+        self.write_status(name, |s| {
+            s.phase = MigrationPhase::Transferring;
+            s.started_at = Some(Utc::now());
+            s.strategy = Some(MigrationStrategy::Cold);
+            s.strategy_reason = Some("stopped VM: its disks are copied, there is no memory to move".into());
+            s.progress.disk_total_bytes = total;
+        })
+        .await;
+        self.check_cancel(name)?;
+        ctx.target_prepared = true;
+        let (console_log, _) = read_log_from(&dir.console_log(), 0);
+        let req = ColdRequest {
+            vm: vm.clone(),
+            source_node: self.node.clone(),
+            disks: disks.iter().map(|(n, _)| n.clone()).collect(),
+            console_log,
+        };
+        let _: Value = self
+            .target_call(
+                &target,
+                "receive-cold",
+                &m.metadata.id,
+                &serde_json::to_value(req).unwrap_or_default(),
+            )
+            .await?;
+        ctx.target_running = true;
+        let mut status = self.latest(name).map(|m| m.status).unwrap_or_default();
+        status.progress.disk_transferred_bytes = total;
+        status.progress.transferred_bytes = total;
+        status.progress.total_bytes = total;
+        status.progress.percent = 100.0;
+        status.total_time_ms = Some(started.elapsed().as_millis() as u64);
+        status.bytes_sent = Some(total);
+        status.finished_at = Some(Utc::now());
+        Ok(status)
+    }
+
+    /// Target side of a cold migration: copy the disks from the source agent
+    /// and point the root overlay at this node's copy of the base image.
+    pub async fn receive_cold(&self, req: ColdRequest) -> Result<(), MigrationError> {
+        let vm = &req.vm;
+        let dir = self.dir(&vm.metadata.id);
+        lock(&self.migrating).remove(&vm.metadata.id);
+        if dir.running_pid().is_some() {
+            return Err(MigrationError::Other(format!(
+                "VM {} already has a QEMU on this node",
+                vm.metadata.name
+            )));
+        }
+        let result = async {
+            std::fs::create_dir_all(&dir.path)
+                .map_err(|e| MigrationError::Other(format!("cannot create VM dir: {e}")))?;
+            let source: Node = self.client.get(&req.source_node).await?;
+            let secret = self
+                .secret
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default();
+            for disk in &req.disks {
+                let path = match disk.as_str() {
+                    "root" => dir.root_disk(),
+                    "data" => dir.data_disk(),
+                    other => return Err(MigrationError::Other(format!("unknown disk {other:?}"))),
+                };
+                let url = format!(
+                    "{}/agent/v1/vms/{}/disks/{disk}",
+                    source.spec.address.trim_end_matches('/'),
+                    vm.metadata.id
+                );
+                let resp = self
+                    .http
+                    .get(&url)
+                    .header(AGENT_SECRET_HEADER, &secret)
+                    .send()
+                    .await
+                    .map_err(|e| MigrationError::Target(format!("fetching {disk}: {e}")))?;
+                if !resp.status().is_success() {
+                    return Err(MigrationError::Target(format!(
+                        "fetching {disk}: source answered {}",
+                        resp.status()
+                    )));
+                }
+                let partial = path.with_extension("qcow2.partial");
+                let mut file = tokio::fs::File::create(&partial)
+                    .await
+                    .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
+                let mut stream = resp.bytes_stream();
+                use futures::StreamExt;
+                use tokio::io::AsyncWriteExt;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| MigrationError::Target(format!("fetching {disk}: {e}")))?;
+                    file.write_all(&chunk)
+                        .await
+                        .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
+                }
+                file.sync_all()
+                    .await
+                    .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
+                std::fs::rename(&partial, &path)
+                    .map_err(|e| MigrationError::Other(format!("cannot store {disk}: {e}")))?;
+            }
+            // The root overlay names the source's cached base image: repoint it at ours.
+            let image: novacron_api::Image = self.client.get(&vm.spec.image).await?;
+            if image.spec.format != novacron_api::ImageFormat::Kernel {
+                let base = self
+                    .images
+                    .ensure(&self.client, &image, novacron_api::ImagePart::Disk)
+                    .await
+                    .map_err(|e| MigrationError::Other(format!("cannot fetch the base image: {}", error_chain(&e))))?;
+                let out = tokio::process::Command::new("qemu-img")
+                    .args(["rebase", "-u", "-F", &image.spec.format.to_string(), "-b"])
+                    .arg(&base)
+                    .arg(dir.root_disk())
+                    .output()
+                    .await
+                    .map_err(|e| MigrationError::Other(format!("cannot run qemu-img: {e}")))?;
+                if !out.status.success() {
+                    return Err(MigrationError::Other(format!(
+                        "qemu-img rebase failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+            std::fs::write(dir.console_log(), &req.console_log)
+                .map_err(|e| MigrationError::Other(format!("cannot write console log: {e}")))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.discard(&vm.metadata.id).await;
+        }
+        result
     }
 
     /// The source has stopped for good: drain the disk mirrors (cancelling a

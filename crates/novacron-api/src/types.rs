@@ -469,6 +469,8 @@ pub enum MigrationStrategy {
     /// Chosen from the measured dirty rate and link throughput.
     #[default]
     Auto,
+    /// A stopped VM: only its disks move (chosen automatically).
+    Cold,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

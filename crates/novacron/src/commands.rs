@@ -665,7 +665,7 @@ pub async fn migration(g: &Global, cmd: MigrationCommand) -> Result<()> {
     }
 }
 
-/// Cordons the node, then moves its running VMs away, `parallel` at a time,
+/// Cordons the node, then moves its VMs away (live, or cold when stopped), `parallel` at a time,
 /// each to a node the scheduler picks. VMs that cannot move stay where they
 /// are and are reported; the exit code is non-zero if any could not move.
 async fn drain(c: &Client, node: &str, parallel: usize) -> Result<()> {
@@ -683,11 +683,9 @@ async fn drain(c: &Client, node: &str, parallel: usize) -> Result<()> {
         while active.len() < parallel {
             let Some(vm) = queue.pop_front() else { break };
             let name = vm.metadata.name.clone();
-            if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused) {
-                results.push((
-                    name,
-                    format!("not moved: {} (live migration needs a running VM)", vm.status.phase),
-                ));
+            // Running and paused VMs move live, stopped ones cold; others cannot move.
+            if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused | VmPhase::Stopped) {
+                results.push((name, format!("not moved: VM is {}", vm.status.phase)));
                 continue;
             }
             let req = novacron_api::CreateMigration {

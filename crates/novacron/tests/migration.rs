@@ -466,14 +466,14 @@ async fn live_migration_moves_disks_and_state() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn drain_moves_running_vms_and_reports_the_rest() {
+async fn drain_moves_every_vm_and_reports_what_cannot_move() {
     let c = Cluster::start(Options {
         agents: 2,
         ..Default::default()
     })
     .await;
     c.import_demo().await;
-    // Put both VMs on node-1.
+    // Put a running and a stopped VM on node-1.
     c.cli(&["node", "cordon", "node-2"]).output().expect("cordon");
     c.create_vm("runner", 128, RunStrategy::Manual, false).await;
     let out = c
@@ -485,6 +485,8 @@ async fn drain_moves_running_vms_and_reports_the_rest() {
             "demo",
             "--memory",
             "128MiB",
+            "--data-disk",
+            "16MiB",
             "--no-start",
         ])
         .output()
@@ -499,14 +501,83 @@ async fn drain_moves_running_vms_and_reports_the_rest() {
         .output()
         .expect("drain");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    // The stopped VM cannot be live-migrated: reported, and the exit code says so.
-    assert!(!out.status.success(), "{stdout}");
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("runner: moved to node-2"), "{stdout}");
-    assert!(stdout.contains("sleeper: not moved"), "{stdout}");
+    assert!(stdout.contains("sleeper: moved to node-2"), "{stdout}");
     assert_eq!(c.vm("runner").await.status.node.as_deref(), Some("node-2"));
-    assert_eq!(c.vm("sleeper").await.status.node.as_deref(), Some("node-1"));
+    let sleeper = c.vm("sleeper").await;
+    assert_eq!(
+        (sleeper.status.node.as_deref(), sleeper.status.phase),
+        (Some("node-2"), VmPhase::Stopped)
+    );
     let node = c.client.get::<novacron_api::Node>("node-1").await.expect("node");
     assert!(!node.spec.schedulable, "drained node must stay cordoned");
+    let cold_source = c.dir.path().join("node-1").join("vms").join(&sleeper.metadata.id);
+    wait_until("cold source files to be removed", Duration::from_secs(15), || async {
+        (!cold_source.exists()).then_some(())
+    })
+    .await;
+
+    // A VM that fits nowhere else is reported, the command fails, and the VM stays.
+    c.cli(&["node", "uncordon", "node-1"]).output().expect("uncordon");
+    c.cli(&["node", "cordon", "node-2"]).output().expect("cordon");
+    c.create_vm("huge", 1900, RunStrategy::Manual, false).await;
+    c.wait_phase("huge", VmPhase::Running, BOOT).await;
+    c.cli(&["node", "uncordon", "node-2"]).output().expect("uncordon");
+    let out = c.cli(&["node", "drain", "node-1"]).output().expect("drain");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("huge: not moved"), "{stdout}");
+    assert_eq!(c.vm("huge").await.status.node.as_deref(), Some("node-1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cold_migration_moves_a_stopped_vm_that_then_starts_there() {
+    let c = Cluster::start(Options {
+        agents: 2,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    c.create_vm("frozen", 128, RunStrategy::Manual, true).await;
+    let vm = c.wait_phase("frozen", VmPhase::Running, BOOT).await;
+    let log = c.wait_console("frozen", "NOVACRON-GUEST-READY", 1, BOOT).await;
+    let disk_id = log
+        .lines()
+        .find_map(|l| l.split("NOVACRON-DISK ok id=").nth(1))
+        .map(|s| s.trim().to_string())
+        .expect("disk marker");
+    let out = c.cli(&["vm", "stop", "frozen", "--wait"]).output().expect("stop");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let source = vm.status.node.clone().expect("node");
+    let target = if source == "node-1" { "node-2" } else { "node-1" };
+
+    let out = c
+        .cli(&["vm", "migrate", "frozen", "--to", target, "--wait"])
+        .output()
+        .expect("migrate");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (migrations, _) = c.client.list_all::<Migration>(None).await.expect("list");
+    assert_eq!(migrations[0].status.strategy, Some(MigrationStrategy::Cold));
+    let moved = c.vm("frozen").await;
+    assert_eq!(
+        (moved.status.node.as_deref(), moved.status.phase),
+        (Some(target), VmPhase::Stopped)
+    );
+    assert!(c.qemu_pids().is_empty(), "a cold migration must not start the VM");
+    let source_dir = c.dir.path().join(&source).join("vms").join(&vm.metadata.id);
+    wait_until("source files to be removed", Duration::from_secs(15), || async {
+        (!source_dir.exists()).then_some(())
+    })
+    .await;
+
+    // It starts on the target with its disks: boot counter 2, same data-disk marker.
+    let out = c.cli(&["vm", "start", "frozen", "--wait"]).output().expect("start");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(c.qemu_pids_on(target).len(), 1);
+    c.wait_console("frozen", "NOVACRON-BOOT count=2", 1, BOOT).await;
+    let log = c.wait_console("frozen", "NOVACRON-DISK ok", 2, BOOT).await;
+    assert!(log.contains(&format!("NOVACRON-DISK ok id={disk_id}")), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -93,11 +93,19 @@ async fn create_migration(
     if vm.metadata.deletion_requested_at.is_some() {
         return Err(ApiError::conflict(format!("VM {vm_name:?} is being deleted")));
     }
-    if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused) {
+    // Running or paused VMs move live; a stopped VM moves cold (disks only).
+    let cold = vm.status.phase == VmPhase::Stopped && vm.spec.power_state == novacron_api::PowerState::Stopped;
+    if !cold && !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused) {
         return Err(ApiError::conflict(format!(
-            "VM {vm_name:?} is {}, not running: live migration needs a running VM",
+            "VM {vm_name:?} is {}: only running, paused or stopped VMs can be migrated",
             vm.status.phase
         )));
+    }
+    if req.strategy == novacron_api::MigrationStrategy::Cold && !cold {
+        return Err(ApiError::invalid(
+            "strategy",
+            "cold migration is for stopped VMs; a running VM moves live",
+        ));
     }
     let Some(source) = vm.status.node.clone() else {
         return Err(ApiError::conflict(format!("VM {vm_name:?} is not placed on a node")));
@@ -173,7 +181,11 @@ async fn create_migration(
         spec: MigrationSpec {
             vm: vm_name.clone(),
             target_node: req.target_node,
-            strategy: req.strategy,
+            strategy: if cold {
+                novacron_api::MigrationStrategy::Cold
+            } else {
+                req.strategy
+            },
             max_downtime_ms,
             bandwidth_mib_s: req.bandwidth_mib_s,
             cancel: false,
@@ -271,8 +283,11 @@ async fn complete_migration(
         .store
         .modify::<Vm, _>(&m.spec.vm, |vm| {
             vm.status.node = Some(target.clone());
-            vm.status.qemu_pid = Some(pid);
-            vm.status.phase = if vm.spec.power_state == novacron_api::PowerState::Paused {
+            // Cold migrations have no process on the target (pid 0).
+            vm.status.qemu_pid = (pid != 0).then_some(pid);
+            vm.status.phase = if pid == 0 {
+                VmPhase::Stopped
+            } else if vm.spec.power_state == novacron_api::PowerState::Paused {
                 VmPhase::Paused
             } else {
                 VmPhase::Running
