@@ -84,8 +84,11 @@ async fn wait_transferring(c: &Cluster, name: &str) -> Migration {
 /// Known issue, kept as a reproducer: under CPU contention (e.g. the whole
 /// suite in parallel on 2 cores) a busy TCG guest occasionally shows pages
 /// newer than its own bookkeeping after pre-copy or post-copy (a stale page
-/// on the target). Not seen in 32 back-and-forth migrations on an otherwise
-/// idle machine. Run with `cargo nextest run --run-ignored all -E 'test(busy_guest)'`.
+/// on the target). Plain QEMU migration without NovaCron shows the same under
+/// the same load (`scripts/plain-qemu-migration-check.py`), so this is this
+/// QEMU build's TCG migration, not our orchestration; not seen in 40
+/// back-and-forth migrations on an otherwise idle machine.
+/// Run with `cargo nextest run --run-ignored all -E 'test(busy_guest)'`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "intermittent stale page under CPU contention; see the comment"]
 async fn busy_guest_memory_survives_migration() {
@@ -340,11 +343,15 @@ async fn bad_migrations_are_rejected_before_anything_starts() {
     .await;
     assert_eq!(try_migrate(other).await.err(), Some(Some(422)), "NotReady");
     nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGCONT).expect("cont");
-    // A stopped VM cannot be live-migrated.
-    c.cli(&["vm", "stop", "vm", "--force", "--wait"])
-        .output()
-        .expect("stop");
-    assert_eq!(try_migrate("tiny").await.err(), Some(Some(409)), "stopped VM");
+    // A Failed VM (its QEMU died) can move neither live nor cold.
+    let pid = c.vm("vm").await.status.qemu_pid.expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    c.wait_phase("vm", VmPhase::Failed, Duration::from_secs(10)).await;
+    assert_eq!(try_migrate(other).await.err(), Some(Some(409)), "failed VM");
     // Nothing was created, and the VM never left its node.
     assert!(c.client.list_all::<Migration>(None).await.expect("list").0.is_empty());
     assert_eq!(c.client.get::<Vm>("vm").await.expect("vm").status.node, Some(source));
