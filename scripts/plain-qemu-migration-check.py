@@ -1,4 +1,3 @@
-import json, os, socket, subprocess, sys, time
 #!/usr/bin/env python3
 """Baseline check for migration correctness with plain QEMU, no NovaCron:
 boots the demo guest with its memory workload and migrates it back and forth
@@ -9,6 +8,7 @@ this QEMU build's TCG migration has under CPU contention.
 
 Usage: scripts/plain-qemu-migration-check.py [MIGRATIONS]
 """
+import json, os, socket, subprocess, sys, time
 import tempfile
 D = tempfile.mkdtemp(prefix="nc-plainmig-")
 G = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "guest")
