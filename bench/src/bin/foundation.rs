@@ -8,23 +8,19 @@
 //! Run: `bash bench/foundation.sh` (builds release binaries first).
 //! Writes bench/results/foundation.md.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use futures::StreamExt;
 use novacron_api::client::Client;
 use novacron_api::{CreateVm, Metadata, PowerState, RunStrategy, Vm, VmPhase, VmSpec, VmStatus};
+use novacron_bench::{logs, repo, Procs};
 use novacron_store::SqliteStore;
 
 const MARKER: &str = "NOVACRON-GUEST-READY";
 const RUNS: usize = 5;
 const STORED_VMS: usize = 10_000;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -37,29 +33,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     percentile(&v, 0.5)
-}
-
-struct Procs(Vec<Child>, PathBuf);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Daemonized QEMUs: find them by their paths.
-        let needle = self.1.display().to_string();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
-                .replace('\0', " ");
-            if cmd.contains(&needle) && pid as u32 != std::process::id() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
 }
 
 async fn wait_http(url: &str) -> Result<()> {
@@ -148,17 +121,6 @@ async fn boot_plain_qemu(work: &Path, guest: &Path, i: usize) -> Result<f64> {
     let _ = child.kill();
     let _ = child.wait();
     result
-}
-
-async fn logs(client: &Client, name: &str) -> String {
-    let Ok(mut s) = client.vm_logs(name, false).await else {
-        return String::new();
-    };
-    let mut out = Vec::new();
-    while let Some(Ok(chunk)) = s.next().await {
-        out.extend_from_slice(&chunk);
-    }
-    String::from_utf8_lossy(&out).to_string()
 }
 
 async fn boot_novacron(client: &Client, i: usize) -> Result<f64> {

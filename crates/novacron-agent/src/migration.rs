@@ -703,14 +703,7 @@ impl Migrations {
     /// and point the root overlay at this node's copy of the base image.
     pub async fn receive_cold(&self, req: ColdRequest) -> Result<(), MigrationError> {
         let vm = &req.vm;
-        let dir = self.dir(&vm.metadata.id);
-        lock(&self.migrating).remove(&vm.metadata.id);
-        if dir.running_pid().is_some() {
-            return Err(MigrationError::Other(format!(
-                "VM {} already has a QEMU on this node",
-                vm.metadata.name
-            )));
-        }
+        let dir = self.begin_incoming(vm)?;
         let result = async {
             std::fs::create_dir_all(&dir.path)
                 .map_err(|e| MigrationError::Other(format!("cannot create VM dir: {e}")))?;
@@ -924,19 +917,26 @@ impl Migrations {
 
     // ------------------------------------------------------------ target
 
-    /// Prepares this node to receive a VM: disks, paused QEMU waiting for the
-    /// migration stream, NBD exports of its disks.
-    pub async fn prepare(&self, req: PrepareRequest) -> Result<Prepared, MigrationError> {
-        let vm = &req.vm;
-        let dir = self.dir(&vm.metadata.id);
+    /// Start of every incoming migration: the VM directory here, which must not
+    /// have a QEMU yet.
+    fn begin_incoming(&self, vm: &Vm) -> Result<VmDir, MigrationError> {
         // A VM that once left this node is coming back: the reconciler may manage it again.
         lock(&self.migrating).remove(&vm.metadata.id);
+        let dir = self.dir(&vm.metadata.id);
         if dir.running_pid().is_some() {
             return Err(MigrationError::Other(format!(
                 "VM {} already has a QEMU on this node",
                 vm.metadata.name
             )));
         }
+        Ok(dir)
+    }
+
+    /// Prepares this node to receive a VM: disks, paused QEMU waiting for the
+    /// migration stream, NBD exports of its disks.
+    pub async fn prepare(&self, req: PrepareRequest) -> Result<Prepared, MigrationError> {
+        let vm = &req.vm;
+        let dir = self.begin_incoming(vm)?;
         let result = async {
             let mut spec = prepare_launch(&self.client, &self.images, &self.accel, vm, &dir).await?;
             // QEMU appends to the log (logappend=on): seed it with the source's history.

@@ -1,0 +1,49 @@
+//! Shared harness of the benchmarks: the repository root, process cleanup and
+//! console logs.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+
+use futures::StreamExt;
+use novacron_api::client::Client;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Child processes of a benchmark plus its work dir: dropping it kills the
+/// children and every process whose command line mentions the work dir
+/// (daemonized QEMUs).
+pub struct Procs(pub Vec<Child>, pub PathBuf);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let needle = self.1.display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+            if cmd.contains(&needle) && pid as u32 != std::process::id() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A VM's whole serial console log ("" if unavailable).
+pub async fn logs(client: &Client, name: &str) -> String {
+    let Ok(mut s) = client.vm_logs(name, false).await else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    while let Some(Ok(chunk)) = s.next().await {
+        out.extend_from_slice(&chunk);
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
