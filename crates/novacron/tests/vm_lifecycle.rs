@@ -116,12 +116,38 @@ async fn full_lifecycle_on_a_real_guest() {
     assert!(out.status.success());
     assert_eq!(c.vm("web").await.status.qemu_pid, Some(pid));
 
+    // `vm logs --follow` stays open and streams what the guest prints next.
+    let mut follow = c
+        .cli(&["vm", "logs", "web", "--follow"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("follow");
+    let follow_out = follow.stdout.take().expect("stdout");
+    let followed = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(follow_out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("NOVACRON-BOOT count=2"))
+    });
+
     // Reboot: same QEMU, the guest boots a second time (its boot counter lives on the root disk).
     let out = c.cli(&["vm", "reboot", "web"]).output().expect("reboot");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = c.wait_console("web", "NOVACRON-GUEST-READY", 2, BOOT).await;
     assert!(log.contains("NOVACRON-BOOT count=2"), "{log}");
     assert_eq!(c.vm("web").await.status.qemu_pid, Some(pid));
+    // The follower saw the second boot arrive (it reads until it does).
+    wait_until("the follower to see the reboot", Duration::from_secs(10), || async {
+        followed.is_finished().then_some(())
+    })
+    .await;
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        followed.join().unwrap_or(false),
+        "logs --follow did not stream the reboot"
+    );
 
     // Graceful stop through the ACPI power button: well before the 30 s timeout, no force.
     let started = std::time::Instant::now();
