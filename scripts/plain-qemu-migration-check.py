@@ -7,6 +7,7 @@ loaded (e.g. next to `bash scripts/test.sh`) to see the stale-page problem
 this QEMU build's TCG migration has under CPU contention.
 
 Usage: scripts/plain-qemu-migration-check.py [MIGRATIONS]
+Environment: QEMU (binary, default qemu-system-x86_64), QEMU_DATADIR (passed as -L).
 """
 import json, os, socket, subprocess, sys, time
 import tempfile
@@ -28,7 +29,10 @@ def qmp(path):
             if "event" not in r: return r
     cmd("qmp_capabilities"); return cmd
 def start(tag, incoming=None):
-    args = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-cpu", "max", "-m", "256M", "-smp", "1",
+    args = [os.environ.get("QEMU", "qemu-system-x86_64")]
+    if os.environ.get("QEMU_DATADIR"):
+        args += ["-L", os.environ["QEMU_DATADIR"]]
+    args += ["-accel", "tcg", "-machine", "pc", "-cpu", "max", "-m", "256M", "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
             "-kernel", f"{G}/vmlinuz", "-initrd", f"{G}/initrd.img",
             "-append", "console=ttyS0 novacron.workload=64 novacron.dirty_rate=20 novacron.report_s=1",
