@@ -32,6 +32,43 @@ fn workload_state(log: &str) -> (u64, bool) {
     (gen, errors || log.contains("NOVACRON-WORKLOAD-ERROR"))
 }
 
+/// The id the guest printed for its data-disk marker file.
+fn disk_marker(log: &str) -> String {
+    log.lines()
+        .find_map(|l| l.split("NOVACRON-DISK ok id=").nth(1))
+        .map(|s| s.trim().to_string())
+        .expect("disk marker")
+}
+
+/// A watch on migrations, from now.
+async fn migration_watch(c: &Cluster) -> novacron_api::client::WatchStream<Migration> {
+    let rev = c
+        .client
+        .list::<Migration>(&Default::default())
+        .await
+        .expect("list")
+        .resource_version;
+    c.client.watch::<Migration>(rev, None).await.expect("watch")
+}
+
+/// Pre-copy through the CLI with its progress bar; the command must succeed.
+async fn cli_precopy(c: &Cluster, vm: &str, to: &str) {
+    let args = [
+        "vm",
+        "migrate",
+        vm,
+        "--to",
+        to,
+        "--strategy",
+        "precopy",
+        "--max-downtime",
+        "500ms",
+        "--wait",
+    ];
+    let out = c.cli(&args).output().expect("cli");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 async fn migrate(c: &Cluster, vm: &str, to: &str, strategy: MigrationStrategy, bandwidth: Option<u64>) -> Migration {
     c.client
         .create_migration(&CreateMigration {
@@ -104,38 +141,13 @@ async fn busy_guest_memory_survives_migration() {
     let source = busy.status.node.clone().expect("node");
     let other = if source == "node-1" { "node-2" } else { "node-1" };
     let log = c.wait_console("busy", "NOVACRON-WORKLOAD gen=", 2, BOOT).await;
-    let disk_id = log
-        .lines()
-        .find_map(|l| l.split("NOVACRON-DISK ok id=").nth(1))
-        .map(|s| s.trim().to_string())
-        .expect("disk marker");
+    let disk_id = disk_marker(&log);
 
     // Progress shows up on the watch stream.
-    let rev = c
-        .client
-        .list::<Migration>(&Default::default())
-        .await
-        .expect("list")
-        .resource_version;
-    let mut watch = c.client.watch::<Migration>(rev, None).await.expect("watch");
+    let mut watch = migration_watch(&c).await;
 
     // Busy guest, pre-copy, through the CLI with a progress bar.
-    let out = c
-        .cli(&[
-            "vm",
-            "migrate",
-            "busy",
-            "--to",
-            other,
-            "--strategy",
-            "precopy",
-            "--max-downtime",
-            "500ms",
-            "--wait",
-        ])
-        .output()
-        .expect("cli");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    cli_precopy(&c, "busy", other).await;
     let vm = c.vm("busy").await;
     assert_eq!(vm.status.node.as_deref(), Some(other));
     assert_eq!(vm.status.phase, VmPhase::Running);
@@ -368,38 +380,13 @@ async fn live_migration_moves_disks_and_state() {
     c.create_vm("mover", 256, RunStrategy::Always, true).await;
     let vm = c.wait_phase("mover", VmPhase::Running, BOOT).await;
     let log = c.wait_console("mover", "NOVACRON-GUEST-READY", 1, BOOT).await;
-    let disk_id = log
-        .lines()
-        .find_map(|l| l.split("NOVACRON-DISK ok id=").nth(1))
-        .map(|s| s.trim().to_string())
-        .expect("disk marker");
+    let disk_id = disk_marker(&log);
     let source = vm.status.node.clone().expect("node");
     let other = if source == "node-1" { "node-2" } else { "node-1" };
-    let rev = c
-        .client
-        .list::<Migration>(&Default::default())
-        .await
-        .expect("list")
-        .resource_version;
-    let mut watch = c.client.watch::<Migration>(rev, None).await.expect("watch");
+    let mut watch = migration_watch(&c).await;
 
     // Pre-copy through the CLI, with a progress bar.
-    let out = c
-        .cli(&[
-            "vm",
-            "migrate",
-            "mover",
-            "--to",
-            other,
-            "--strategy",
-            "precopy",
-            "--max-downtime",
-            "500ms",
-            "--wait",
-        ])
-        .output()
-        .expect("cli");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    cli_precopy(&c, "mover", other).await;
     let moved = c.vm("mover").await;
     assert_eq!(
         (moved.status.node.as_deref(), moved.status.phase),
@@ -549,11 +536,7 @@ async fn cold_migration_moves_a_stopped_vm_that_then_starts_there() {
     c.create_vm("frozen", 128, RunStrategy::Manual, true).await;
     let vm = c.wait_phase("frozen", VmPhase::Running, BOOT).await;
     let log = c.wait_console("frozen", "NOVACRON-GUEST-READY", 1, BOOT).await;
-    let disk_id = log
-        .lines()
-        .find_map(|l| l.split("NOVACRON-DISK ok id=").nth(1))
-        .map(|s| s.trim().to_string())
-        .expect("disk marker");
+    let disk_id = disk_marker(&log);
     let out = c.cli(&["vm", "stop", "frozen", "--wait"]).output().expect("stop");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let source = vm.status.node.clone().expect("node");
