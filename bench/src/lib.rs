@@ -47,3 +47,20 @@ pub async fn logs(client: &Client, name: &str) -> String {
     }
     String::from_utf8_lossy(&out).to_string()
 }
+
+/// Imports the demo guest (target/guest) as image `demo` through the CLI.
+pub fn import_demo(bin: &Path, url: &str, token: &str) -> anyhow::Result<()> {
+    let guest = repo().join("target/guest");
+    let out = std::process::Command::new(bin)
+        .args(["image", "import", "demo", "--kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initrd.img"))
+        .env("NOVACRON_SERVER", url)
+        .env("NOVACRON_TOKEN", token)
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!("image import failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use novacron_api::client::Client;
-use novacron_api::{CreateVm, Metadata, PowerState, RunStrategy, Vm, VmPhase, VmSpec, VmStatus};
-use novacron_bench::{logs, repo, Procs};
+use novacron_api::{CreateVm, Metadata, PowerState, Vm, VmPhase, VmSpec, VmStatus};
+use novacron_bench::{import_demo, logs, repo, Procs};
 use novacron_store::SqliteStore;
 
 const MARKER: &str = "NOVACRON-GUEST-READY";
@@ -131,18 +131,8 @@ async fn boot_novacron(client: &Client, i: usize) -> Result<f64> {
             name: name.clone(),
             labels: Default::default(),
             spec: VmSpec {
-                vcpus: 1,
-                memory_mib: 256,
-                image: "demo".into(),
                 disk_mib: Some(256),
-                data_disk_mib: None,
-                run_strategy: RunStrategy::Manual,
-                power_state: PowerState::Running,
-                stop_timeout_s: 30,
-                stop_grace_s: None,
-                reboot_generation: 0,
-                start_request: 0,
-                kernel_args: None,
+                ..VmSpec::new("demo", 1, 256)
             },
         })
         .await?;
@@ -191,18 +181,8 @@ async fn seed_vms(db: &Path) -> Result<Vec<String>> {
                     [("app".to_string(), format!("app-{}", i % 10))].into(),
                 ),
                 spec: VmSpec {
-                    vcpus: 1,
-                    memory_mib: 256,
-                    image: "demo".into(),
-                    disk_mib: None,
-                    data_disk_mib: None,
-                    run_strategy: RunStrategy::Manual,
                     power_state: PowerState::Stopped,
-                    stop_timeout_s: 30,
-                    stop_grace_s: None,
-                    reboot_generation: 0,
-                    start_request: 0,
-                    kernel_args: None,
+                    ..VmSpec::new("demo", 1, 256)
                 },
                 status: VmStatus {
                     phase: VmPhase::Pending,
@@ -286,17 +266,7 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let import = Command::new(&bin)
-        .args(["image", "import", "demo", "--kernel"])
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initrd.img"))
-        .env("NOVACRON_SERVER", &url)
-        .env("NOVACRON_TOKEN", &token)
-        .output()?;
-    if !import.status.success() {
-        bail!("image import failed: {}", String::from_utf8_lossy(&import.stderr));
-    }
+    import_demo(&bin, &url, &token)?;
     // Warm-up (image download into the agent cache is a one-time cost).
     boot_novacron(&client, 0).await.context("warm-up boot")?;
     let mut ours = Vec::new();

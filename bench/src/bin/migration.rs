@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use novacron_api::client::Client;
-use novacron_api::{
-    CreateMigration, CreateVm, Migration, MigrationStrategy, Node, PowerState, RunStrategy, Vm, VmPhase, VmSpec,
-};
-use novacron_bench::{logs, repo, Procs};
+use novacron_api::{CreateMigration, CreateVm, Migration, MigrationStrategy, Node, Vm, VmPhase, VmSpec};
+use novacron_bench::{import_demo, logs, repo, Procs};
 
 async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
 where
@@ -47,7 +45,6 @@ struct Row {
 #[tokio::main]
 async fn main() -> Result<()> {
     let bin = repo().join("target/release/novacron");
-    let guest = repo().join("target/guest");
     let work = tempfile::Builder::new().prefix("nc-migbench-").tempdir_in("/tmp")?;
     let _procs = {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -100,17 +97,7 @@ async fn main() -> Result<()> {
             })
             .await?;
         }
-        let out = Command::new(&bin)
-            .args(["image", "import", "demo", "--kernel"])
-            .arg(guest.join("vmlinuz"))
-            .arg("--initrd")
-            .arg(guest.join("initrd.img"))
-            .env("NOVACRON_SERVER", &url)
-            .env("NOVACRON_TOKEN", &token)
-            .output()?;
-        if !out.status.success() {
-            bail!("import failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        import_demo(&bin, &url, &token)?;
         let mut rows = Vec::new();
         let mut n = 0;
         for (memory, mib) in [("256 MiB", 256u64), ("1 GiB", 1024)] {
@@ -132,18 +119,10 @@ async fn main() -> Result<()> {
                         name: name.clone(),
                         labels: Default::default(),
                         spec: VmSpec {
-                            vcpus: 1,
-                            memory_mib: mib,
-                            image: "demo".into(),
                             disk_mib: Some(256),
                             data_disk_mib: Some(64),
-                            run_strategy: RunStrategy::Manual,
-                            power_state: PowerState::Running,
-                            stop_timeout_s: 30,
-                            stop_grace_s: None,
-                            reboot_generation: 0,
-                            start_request: 0,
                             kernel_args: args.map(str::to_string),
+                            ..VmSpec::new("demo", 1, mib)
                         },
                     })
                     .await?;

@@ -323,16 +323,6 @@ pub async fn create_disk(path: &Path, backing: Option<(&Path, &str)>, size_mib: 
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-/// QEMU's version line, for the node's status.
-pub async fn version(qemu: &str) -> Option<String> {
-    let out = tokio::process::Command::new(qemu)
-        .arg("--version")
-        .output()
-        .await
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

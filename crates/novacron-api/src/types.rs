@@ -325,6 +325,26 @@ pub fn default_stop_timeout() -> u32 {
     30
 }
 
+impl VmSpec {
+    /// A running VM of `image` with every other field at its default.
+    pub fn new(image: &str, vcpus: u32, memory_mib: u64) -> Self {
+        VmSpec {
+            vcpus,
+            memory_mib,
+            image: image.to_string(),
+            disk_mib: None,
+            data_disk_mib: None,
+            run_strategy: RunStrategy::default(),
+            power_state: PowerState::default(),
+            stop_timeout_s: default_stop_timeout(),
+            stop_grace_s: None,
+            reboot_generation: 0,
+            start_request: 0,
+            kernel_args: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum VmPhase {
     /// Not yet placed on a node.

@@ -227,9 +227,6 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                 name: a.name.clone(),
                 labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
                 spec: VmSpec {
-                    vcpus: a.vcpus,
-                    memory_mib: a.memory,
-                    image: a.image,
                     disk_mib: a.disk,
                     data_disk_mib: a.data_disk,
                     run_strategy: match a.run_strategy {
@@ -242,10 +239,8 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                         PowerState::Running
                     },
                     stop_timeout_s: a.stop_timeout,
-                    stop_grace_s: None,
-                    reboot_generation: 0,
-                    start_request: 0,
                     kernel_args: a.kernel_args,
+                    ..VmSpec::new(&a.image, a.vcpus, a.memory)
                 },
             };
             novacron_api::validate::create_vm(&req).map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;

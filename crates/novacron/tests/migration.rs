@@ -32,6 +32,31 @@ fn workload_state(log: &str) -> (u64, bool) {
     (gen, errors || log.contains("NOVACRON-WORKLOAD-ERROR"))
 }
 
+/// The other node of a two-node cluster.
+fn other_node(node: &str) -> &'static str {
+    if node == "node-1" {
+        "node-2"
+    } else {
+        "node-1"
+    }
+}
+
+/// A two-node cluster with one VM running the memory workload (and a data
+/// disk), once the workload reports.
+async fn busy_vm(name: &str) -> (Cluster, Vm) {
+    let c = Cluster::start(Options {
+        agents: 2,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    c.create_vm_with_args(name, 256, RunStrategy::Manual, true, Some(WORKLOAD))
+        .await;
+    let vm = c.wait_phase(name, VmPhase::Running, BOOT).await;
+    c.wait_console(name, "NOVACRON-WORKLOAD gen=", 1, BOOT).await;
+    (c, vm)
+}
+
 /// The id the guest printed for its data-disk marker file.
 fn disk_marker(log: &str) -> String {
     log.lines()
@@ -129,17 +154,9 @@ async fn wait_transferring(c: &Cluster, name: &str) -> Migration {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "intermittent stale page under CPU contention; see the comment"]
 async fn busy_guest_memory_survives_migration() {
-    let c = Cluster::start(Options {
-        agents: 2,
-        ..Default::default()
-    })
-    .await;
-    c.import_demo().await;
-    c.create_vm_with_args("busy", 256, RunStrategy::Manual, true, Some(WORKLOAD))
-        .await;
-    let busy = c.wait_phase("busy", VmPhase::Running, BOOT).await;
+    let (c, busy) = busy_vm("busy").await;
     let source = busy.status.node.clone().expect("node");
-    let other = if source == "node-1" { "node-2" } else { "node-1" };
+    let other = other_node(&source);
     let log = c.wait_console("busy", "NOVACRON-WORKLOAD gen=", 2, BOOT).await;
     let disk_id = disk_marker(&log);
 
@@ -223,18 +240,9 @@ async fn busy_guest_memory_survives_migration() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_and_cancelled_migrations_leave_the_vm_on_the_source() {
-    let mut c = Cluster::start(Options {
-        agents: 2,
-        ..Default::default()
-    })
-    .await;
-    c.import_demo().await;
-    c.create_vm_with_args("stay", 256, RunStrategy::Manual, true, Some(WORKLOAD))
-        .await;
-    let vm = c.wait_phase("stay", VmPhase::Running, BOOT).await;
-    c.wait_console("stay", "NOVACRON-WORKLOAD gen=", 1, BOOT).await;
+    let (mut c, vm) = busy_vm("stay").await;
     let source = vm.status.node.clone().expect("node");
-    let target = if source == "node-1" { "node-2" } else { "node-1" }.to_string();
+    let target = other_node(&source).to_string();
     let pid = vm.status.qemu_pid.expect("pid");
     let target_vm_dir = c.dir.path().join(&target).join("vms").join(&vm.metadata.id);
     // A slow link (8 MiB/s) keeps the transfer going long enough to interfere.
@@ -315,7 +323,7 @@ async fn bad_migrations_are_rejected_before_anything_starts() {
     c.create_vm("vm", 256, RunStrategy::Manual, false).await;
     let vm = c.wait_phase("vm", VmPhase::Running, BOOT).await;
     let source = vm.status.node.clone().expect("node");
-    let other = if source == "node-1" { "node-2" } else { "node-1" };
+    let other = other_node(&source);
     let api = c.client.clone();
     let try_migrate = |to: &str| {
         let client = api.clone();
@@ -382,7 +390,7 @@ async fn live_migration_moves_disks_and_state() {
     let log = c.wait_console("mover", "NOVACRON-GUEST-READY", 1, BOOT).await;
     let disk_id = disk_marker(&log);
     let source = vm.status.node.clone().expect("node");
-    let other = if source == "node-1" { "node-2" } else { "node-1" };
+    let other = other_node(&source);
     let mut watch = migration_watch(&c).await;
 
     // Pre-copy through the CLI, with a progress bar.
@@ -540,7 +548,7 @@ async fn cold_migration_moves_a_stopped_vm_that_then_starts_there() {
     let out = c.cli(&["vm", "stop", "frozen", "--wait"]).output().expect("stop");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let source = vm.status.node.clone().expect("node");
-    let target = if source == "node-1" { "node-2" } else { "node-1" };
+    let target = other_node(&source);
 
     let out = c
         .cli(&["vm", "migrate", "frozen", "--to", target, "--wait"])
@@ -572,18 +580,9 @@ async fn cold_migration_moves_a_stopped_vm_that_then_starts_there() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_restart_during_migration_ends_truthfully() {
-    let mut c = Cluster::start(Options {
-        agents: 2,
-        ..Default::default()
-    })
-    .await;
-    c.import_demo().await;
-    c.create_vm_with_args("steady", 256, RunStrategy::Manual, true, Some(WORKLOAD))
-        .await;
-    let vm = c.wait_phase("steady", VmPhase::Running, BOOT).await;
-    c.wait_console("steady", "NOVACRON-WORKLOAD gen=", 1, BOOT).await;
+    let (mut c, vm) = busy_vm("steady").await;
     let source = vm.status.node.clone().expect("node");
-    let target = if source == "node-1" { "node-2" } else { "node-1" }.to_string();
+    let target = other_node(&source).to_string();
     // 32 MiB/s against a 20 MiB/s dirty rate: converges, in several seconds.
     let m = migrate(&c, "steady", &target, MigrationStrategy::Precopy, Some(32)).await;
     wait_transferring(&c, &m.metadata.name).await;

@@ -240,15 +240,8 @@ async fn put_migration_status(
 ) -> ApiResult<Json<Migration>> {
     authorize(&p, Action::Agent)?;
     let mut m = find::<Migration>(&state, &name).await?;
-    if m.metadata.resource_version != body.metadata.resource_version {
-        return Err(StoreError::Conflict {
-            kind: "migration".into(),
-            name,
-            expected: body.metadata.resource_version,
-            actual: m.metadata.resource_version,
-        }
-        .into());
-    }
+    // The caller's revision makes the store's compare-and-swap reject stale writers (409).
+    m.metadata.resource_version = body.metadata.resource_version;
     if m.status.phase.is_final() && body.status.phase != m.status.phase {
         return Err(ApiError::conflict("migration already ended"));
     }

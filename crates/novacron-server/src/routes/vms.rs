@@ -7,7 +7,7 @@ use axum::{Extension, Json};
 use chrono::Utc;
 use novacron_api::{validate, CreateVm, Image, ImagePhase, Metadata, Node, PowerState, StopVm, Vm, VmPhase, VmStatus};
 use novacron_scheduler::Request;
-use novacron_store::{StoreError, StoreExt};
+use novacron_store::StoreExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -317,15 +317,8 @@ async fn put_vm_status(
 ) -> ApiResult<Json<Vm>> {
     authorize(&p, Action::Agent)?;
     let mut vm = find::<Vm>(&state, &name).await?;
-    if vm.metadata.resource_version != body.metadata.resource_version {
-        return Err(StoreError::Conflict {
-            kind: "vm".into(),
-            name,
-            expected: body.metadata.resource_version,
-            actual: vm.metadata.resource_version,
-        }
-        .into());
-    }
+    // The caller's revision makes the store's compare-and-swap reject stale writers (409).
+    vm.metadata.resource_version = body.metadata.resource_version;
     if vm.status.node.is_some() && body.status.node != vm.status.node {
         return Err(ApiError::invalid("status.node", "an agent cannot rebind a VM"));
     }

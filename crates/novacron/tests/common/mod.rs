@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use novacron_api::client::Client;
-use novacron_api::{CreateVm, PowerState, RunStrategy, Vm, VmPhase, VmSpec};
+use novacron_api::{CreateVm, RunStrategy, Vm, VmPhase, VmSpec};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_novacron");
 
@@ -301,18 +301,11 @@ impl Cluster {
                 name: name.into(),
                 labels: Default::default(),
                 spec: VmSpec {
-                    vcpus: 1,
-                    memory_mib,
-                    image: "demo".into(),
                     disk_mib: Some(256),
                     data_disk_mib: data_disk.then_some(64),
                     run_strategy: strategy,
-                    power_state: PowerState::Running,
-                    stop_timeout_s: 30,
-                    stop_grace_s: None,
-                    reboot_generation: 0,
-                    start_request: 0,
                     kernel_args: kernel_args.map(str::to_string),
+                    ..VmSpec::new("demo", 1, memory_mib)
                 },
             })
             .await
