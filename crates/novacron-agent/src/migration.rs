@@ -348,9 +348,6 @@ impl Migrations {
                 }
                 self.cleanup_source(&vm).await;
                 tracing::info!(migration = %name, vm = %vm.metadata.name, ms = started.elapsed().as_millis() as u64, "migration completed");
-                // The VM id stays in `migrating`: the reconciler may still hold a stale
-                // copy bound here and must never restart it (run strategy Always).
-                return;
             }
             Err(e) => {
                 let cancelled = matches!(e, MigrationError::Cancelled);
@@ -920,8 +917,6 @@ impl Migrations {
     /// Start of every incoming migration: the VM directory here, which must not
     /// have a QEMU yet.
     fn begin_incoming(&self, vm: &Vm) -> Result<VmDir, MigrationError> {
-        // A VM that once left this node is coming back: the reconciler may manage it again.
-        lock(&self.migrating).remove(&vm.metadata.id);
         let dir = self.dir(&vm.metadata.id);
         if dir.running_pid().is_some() {
             return Err(MigrationError::Other(format!(

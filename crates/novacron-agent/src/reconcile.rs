@@ -211,6 +211,19 @@ impl Reconciler {
             }
         }
 
+        // Starting a process on a stale view could run a VM twice (e.g. one that
+        // just migrated away): confirm with the server that it is still bound here.
+        match self.client.get::<Vm>(&name).await {
+            Ok(fresh) if fresh.status.node.as_deref() == Some(self.node.as_str()) && fresh.metadata.id == id => {}
+            Ok(_) => {
+                tracing::info!(vm = %name, "not starting: the VM is no longer bound to this node");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(vm = %name, error = %error_chain(&e), "not starting: cannot confirm the binding");
+                return;
+            }
+        }
         st.phase = VmPhase::Starting;
         match self.start(vm, dir).await {
             Ok(pid) => {
