@@ -129,6 +129,7 @@ async fn boot_novacron(client: &Client, i: usize) -> Result<f64> {
     client
         .create_vm(&CreateVm {
             name: name.clone(),
+            project: None,
             labels: Default::default(),
             spec: VmSpec {
                 disk_mib: Some(256),
@@ -294,6 +295,9 @@ async fn main() -> Result<()> {
         api_dir.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{p}"),
+        // The latency run is one client going flat out; the per-token limit would cap it.
+        "--rate-limit".into(),
+        "0".into(),
     ];
     procs.0.push(spawn(&bin, &args, &work.path().join("api-server.log"))?);
     wait_http(&format!("{url}/readyz")).await?;

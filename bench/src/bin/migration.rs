@@ -117,6 +117,7 @@ async fn main() -> Result<()> {
                 client
                     .create_vm(&CreateVm {
                         name: name.clone(),
+                        project: None,
                         labels: Default::default(),
                         spec: VmSpec {
                             disk_mib: Some(256),

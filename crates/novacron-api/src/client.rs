@@ -208,6 +208,21 @@ impl Client {
         }
     }
 
+    pub async fn get_query<R: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(String, String)],
+    ) -> Result<R, ClientError> {
+        let url = self.url(path);
+        self.json(self.http.get(&url).query(query), &url).await
+    }
+
+    /// DELETE on any API path (e.g. `users/alice`).
+    pub async fn delete_path(&self, path: &str) -> Result<(), ClientError> {
+        let url = self.url(path);
+        self.send(self.http.delete(&url), &url).await.map(|_| ())
+    }
+
     pub async fn delete<T: Resource>(&self, name: &str) -> Result<(), ClientError> {
         let url = self.url(&format!("{}/{name}", T::PATH));
         self.send(self.http.delete(&url), &url).await.map(|_| ())

@@ -3,12 +3,14 @@
 
 pub mod client;
 pub mod error;
+pub mod identity;
 pub mod selector;
 pub mod types;
 pub mod units;
 pub mod validate;
 
 pub use error::{ErrorBody, ErrorDetail, FieldError};
+pub use identity::*;
 pub use types::*;
 
 /// Header an agent uses to authenticate the server's calls.

@@ -208,6 +208,9 @@ pub struct ImageSpec {
     /// Extra kernel command line for kernel images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_args: Option<String>,
+    /// Readable and usable by every project (set by all-project admins).
+    #[serde(default)]
+    pub public: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -260,11 +263,17 @@ impl Image {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateImage {
     pub name: String,
+    /// Owning project; defaults to the caller's token project, else `default`.
+    #[serde(default)]
+    pub project: Option<String>,
     pub format: ImageFormat,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub kernel_args: Option<String>,
+    /// Make the image usable by every project.
+    #[serde(default)]
+    pub public: bool,
 }
 
 // ---------------------------------------------------------------- VM
@@ -409,6 +418,9 @@ impl_object!(Vm, "vm");
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateVm {
     pub name: String,
+    /// Owning project; defaults to the caller's token project, else `default`.
+    #[serde(default)]
+    pub project: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub spec: VmSpec,
@@ -422,24 +434,6 @@ pub struct StopVm {
     /// Grace period for the ACPI shutdown (default: the VM's stop_timeout_s).
     #[serde(default)]
     pub timeout_s: Option<u32>,
-}
-
-// ---------------------------------------------------------------- Token
-
-/// An API token. Only a hash of the secret is stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct Token {
-    pub metadata: Metadata,
-    pub role: Role,
-    /// Hex SHA-256 of the bearer secret.
-    pub secret_sha256: String,
-}
-impl_object!(Token, "token");
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Admin,
 }
 
 // ---------------------------------------------------------------- lists and watch
@@ -624,3 +618,11 @@ pub struct CompleteMigration {
     pub target_qemu_pid: u32,
     pub status: MigrationStatus,
 }
+
+// ---------------------------------------------------------------- identity (see `identity.rs`)
+
+impl_object!(crate::identity::User, "user");
+impl_object!(crate::identity::Token, "token");
+impl_object!(crate::identity::Role, "role");
+impl_object!(crate::identity::Project, "project");
+impl_object!(crate::identity::AuditRecord, "audit");

@@ -1,56 +1,199 @@
-//! Bearer-token authentication and the one place authorization is decided.
-//! Tokens are stored as SHA-256 hashes; the admin token's secret exists only
-//! in the file written at first start (mode 0600).
+//! Authentication (bearer tokens) and the one place authorization is decided.
+//! Token secrets are stored as SHA-256 hashes, passwords as argon2id hashes;
+//! the bootstrap admin token's secret exists only in the file written at
+//! first start (mode 0600).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
+use std::num::NonZeroU32;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
-use axum::response::Response;
-use novacron_api::{Metadata, Role, Token};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use novacron_api::{Metadata, Permission, Project, Resource, Role, Token, Verb};
 use novacron_store::{SharedStore, StoreExt};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::AppState;
 
-/// Who is calling.
+/// Who is calling, resolved from the bearer token.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub token_name: String,
-    pub role: Role,
+    /// The user, or `token:<name>` for a token without one.
+    pub actor: String,
+    pub user: Option<String>,
+    pub token: String,
+    pub role: String,
+    pub permissions: Arc<BTreeSet<Permission>>,
+    /// The project the token acts in; `None` = every project.
+    pub project: Option<String>,
+    /// What [`authorize`] saw, for the audit record of this request.
+    pub audit: Arc<AuditContext>,
 }
 
-/// What the caller wants to do; checked by [`authorize`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Read,
-    Write,
-    /// Calls only agents make (register, heartbeat, status, finalize).
-    Agent,
-}
-
-/// The single authorization decision point. Only the admin role exists so far;
-/// more roles add rows here.
-pub fn authorize(principal: &Principal, _action: Action) -> Result<(), ApiError> {
-    match principal.role {
-        Role::Admin => Ok(()),
+impl Principal {
+    /// Whether objects of `project` are visible to this caller.
+    pub fn sees(&self, project: &str) -> bool {
+        self.project.as_deref().is_none_or(|p| p == project)
     }
+
+    pub fn can(&self, resource: Resource, verb: Verb) -> bool {
+        self.permissions.contains(&Permission { resource, verb })
+    }
+}
+
+/// Request facts the audit log records; filled in while the request runs and
+/// carried out on the response.
+#[derive(Debug, Default)]
+pub struct AuditContext {
+    pub actor: Mutex<Option<String>>,
+    pub project: Mutex<Option<String>>,
+}
+
+impl AuditContext {
+    pub fn set_actor(&self, actor: &str) {
+        *self.actor.lock().unwrap_or_else(|e| e.into_inner()) = Some(actor.to_string());
+    }
+    pub fn set_project(&self, project: &str) {
+        *self.project.lock().unwrap_or_else(|e| e.into_inner()) = Some(project.to_string());
+    }
+    pub fn actor(&self) -> Option<String> {
+        self.actor.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn project(&self) -> Option<String> {
+        self.project.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The single authorization decision. `project` is the project of the object
+/// acted on (or created in); `None` for cluster-wide objects and for lists,
+/// which are filtered by [`Principal::sees`] instead.
+///
+/// Rules: the role must grant `resource:verb`; a token limited to a project
+/// acts only in that project; changing cluster-wide objects needs a token for
+/// every project.
+pub fn authorize(p: &Principal, resource: Resource, verb: Verb, project: Option<&str>) -> Result<(), ApiError> {
+    if let Some(project) = project {
+        p.audit.set_project(project);
+    }
+    if !p.can(resource, verb) {
+        return Err(ApiError::forbidden(format!(
+            "role {:?} does not allow {}:{}",
+            p.role,
+            resource.as_str(),
+            verb.as_str()
+        )));
+    }
+    match (project, &p.project) {
+        (Some(wanted), Some(own)) if wanted != own => Err(ApiError::forbidden(format!(
+            "this token is limited to project {own:?}, not {wanted:?}"
+        ))),
+        (None, Some(own)) if !resource.in_project() && verb != Verb::Read => Err(ApiError::forbidden(format!(
+            "changing {} needs a token for all projects; this one is limited to {own:?}",
+            resource.as_str()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn perms(list: &[(Resource, &[Verb])]) -> BTreeSet<Permission> {
+    list.iter()
+        .flat_map(|(resource, verbs)| {
+            verbs.iter().map(|&verb| Permission {
+                resource: *resource,
+                verb,
+            })
+        })
+        .collect()
+}
+
+/// The built-in roles: admin (everything), operator (VM lifecycle and
+/// migration in a project), viewer (read-only) and agent (what node agents do).
+pub fn builtin_roles() -> Vec<Role> {
+    use Resource::*;
+    use Verb::*;
+    let all_verbs: &[Verb] = &Verb::ALL;
+    let admin: Vec<(Resource, &[Verb])> = Resource::ALL.iter().map(|r| (*r, all_verbs)).collect();
+    let read: &[Verb] = &[Read];
+    let operator = perms(&[
+        (Vms, &[Read, Create, Update, Delete, Console]),
+        (Migrations, &[Read, Create, Update]),
+        (Images, &[Read, Create, Delete]),
+        (Nodes, read),
+        (Projects, read),
+    ]);
+    let viewer = perms(&[
+        (Vms, read),
+        (Migrations, read),
+        (Images, read),
+        (Nodes, read),
+        (Projects, read),
+    ]);
+    let agent = perms(&[
+        (Nodes, &[Read, Status]),
+        (Vms, &[Read, Status]),
+        (Migrations, &[Read, Status]),
+        (Images, read),
+    ]);
+    [
+        ("admin", perms(&admin)),
+        ("operator", operator),
+        ("viewer", viewer),
+        ("agent", agent),
+    ]
+    .into_iter()
+    .map(|(name, permissions)| Role {
+        metadata: Metadata::new(name, Default::default()),
+        permissions,
+        builtin: true,
+    })
+    .collect()
 }
 
 pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), std::io::Error> {
+    getrandom::getrandom(buf).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
 pub fn random_secret() -> Result<String, std::io::Error> {
     let mut buf = [0u8; 32];
-    getrandom::getrandom(&mut buf).map_err(|e| std::io::Error::other(e.to_string()))?;
+    random_bytes(&mut buf)?;
     Ok(hex::encode(buf))
+}
+
+/// Argon2id hash (PHC string) of a password.
+pub fn hash_password(password: &str) -> Result<String, ApiError> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let failed =
+        |e: &dyn std::fmt::Display| ApiError::internal("Cannot hash password", &std::io::Error::other(e.to_string()));
+    let mut salt = [0u8; 16];
+    random_bytes(&mut salt).map_err(|e| failed(&e))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| failed(&e))?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| failed(&e))
+}
+
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(phc)
+        .map(|h| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
 }
 
 /// Writes a secret file readable only by its owner.
@@ -65,38 +208,109 @@ pub fn write_secret_file(path: &Path, secret: &str) -> Result<(), std::io::Error
     f.sync_all()
 }
 
-/// In-memory index of token hashes, loaded from the store.
+/// In-memory index of live tokens (by secret hash) and custom roles, loaded
+/// from the store and kept current by the routes that change them.
 #[derive(Default)]
-pub struct TokenIndex {
-    by_hash: RwLock<HashMap<String, Principal>>,
+pub struct AuthIndex {
+    tokens: RwLock<HashMap<String, Token>>,
+    custom_roles: RwLock<HashMap<String, Arc<BTreeSet<Permission>>>>,
+    builtin: HashMap<String, Arc<BTreeSet<Permission>>>,
 }
 
-impl TokenIndex {
+impl AuthIndex {
     pub async fn load(store: &SharedStore) -> Result<Self, novacron_store::StoreError> {
-        let index = TokenIndex::default();
+        let index = AuthIndex {
+            builtin: builtin_roles()
+                .into_iter()
+                .map(|r| (r.metadata.name, Arc::new(r.permissions)))
+                .collect(),
+            ..Default::default()
+        };
         for t in store.list_all::<Token>().await? {
-            index.insert(&t);
+            index.insert_token(&t);
+        }
+        for r in store.list_all::<Role>().await? {
+            index.set_role(&r);
         }
         Ok(index)
     }
 
-    pub fn insert(&self, t: &Token) {
-        let p = Principal {
-            token_name: t.metadata.name.clone(),
-            role: t.role,
-        };
-        self.by_hash
+    pub fn insert_token(&self, t: &Token) {
+        if t.revoked_at.is_some() {
+            return;
+        }
+        self.tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(t.secret_sha256.clone(), p);
+            .insert(t.secret_sha256.clone(), t.clone());
     }
 
-    fn lookup(&self, secret: &str) -> Option<Principal> {
-        self.by_hash
+    pub fn remove_token(&self, secret_sha256: &str) {
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(secret_sha256);
+    }
+
+    pub fn set_role(&self, r: &Role) {
+        self.custom_roles
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(r.metadata.name.clone(), Arc::new(r.permissions.clone()));
+    }
+
+    pub fn remove_role(&self, name: &str) {
+        self.custom_roles
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
+    pub fn is_builtin(&self, role: &str) -> bool {
+        self.builtin.contains_key(role)
+    }
+
+    /// The permissions of a role; an unknown (deleted) role grants nothing.
+    pub fn permissions(&self, role: &str) -> Option<Arc<BTreeSet<Permission>>> {
+        self.builtin.get(role).cloned().or_else(|| {
+            self.custom_roles
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(role)
+                .cloned()
+        })
+    }
+
+    /// Resolves a bearer secret; expired and revoked tokens resolve to `Err`
+    /// with the reason.
+    pub fn authenticate(&self, secret: &str) -> Result<Principal, &'static str> {
+        let token = self
+            .tokens
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&hash_secret(secret))
             .cloned()
+            .ok_or("Invalid token")?;
+        if token.expires_at.is_some_and(|t| t <= Utc::now()) {
+            return Err("Token expired");
+        }
+        let permissions = self.permissions(&token.role).unwrap_or_default();
+        let actor = match &token.user {
+            Some(u) => u.clone(),
+            None => format!("token:{}", token.metadata.name),
+        };
+        Ok(Principal {
+            audit: Arc::new(AuditContext {
+                actor: Mutex::new(Some(actor.clone())),
+                project: Mutex::new(None),
+            }),
+            actor,
+            user: token.user,
+            token: token.metadata.name,
+            role: token.role,
+            permissions,
+            project: token.project,
+        })
     }
 }
 
@@ -108,8 +322,20 @@ pub enum BootstrapError {
     Store(#[from] novacron_store::StoreError),
 }
 
-/// Creates the admin token at first start and writes its secret to `path`.
-pub async fn bootstrap_admin(store: &SharedStore, path: &Path) -> Result<(), BootstrapError> {
+/// At first start: the `default` project and the admin token, whose secret
+/// goes to `path`.
+pub async fn bootstrap(store: &SharedStore, path: &Path) -> Result<(), BootstrapError> {
+    if store.get_obj::<Project>("default").await?.is_none() {
+        let project = Project {
+            metadata: Metadata::new("default", Default::default()),
+            quota: Default::default(),
+            usage: Default::default(),
+        };
+        match store.create_obj(&project).await {
+            Ok(_) | Err(novacron_store::StoreError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     if store.get_obj::<Token>("admin").await?.is_some() {
         if !path.exists() {
             tracing::warn!(path = %path.display(), "admin token exists in the store but its file is missing");
@@ -119,7 +345,11 @@ pub async fn bootstrap_admin(store: &SharedStore, path: &Path) -> Result<(), Boo
     let secret = random_secret()?;
     let token = Token {
         metadata: Metadata::new("admin", Default::default()),
-        role: Role::Admin,
+        user: None,
+        role: "admin".into(),
+        project: None,
+        expires_at: None,
+        revoked_at: None,
         secret_sha256: hash_secret(&secret),
     };
     // Write the file first: a crash between the two leaves a file and no token,
@@ -131,16 +361,91 @@ pub async fn bootstrap_admin(store: &SharedStore, path: &Path) -> Result<(), Boo
     Ok(())
 }
 
-/// Middleware: every request must carry a valid bearer token.
+/// Per-token request rate limit.
+pub type RateLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+pub fn rate_limiter(per_s: u32, burst: u32) -> Option<RateLimiter> {
+    let quota = governor::Quota::per_second(NonZeroU32::new(per_s)?).allow_burst(NonZeroU32::new(burst)?);
+    Some(governor::RateLimiter::keyed(quota))
+}
+
+/// Middleware: every request must carry a valid bearer token, within its rate.
 pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
     let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     let Some(secret) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
         return Err(ApiError::unauthorized("Missing bearer token"));
     };
-    let Some(principal) = state.tokens.lookup(secret.trim()) else {
-        tracing::warn!("request with an invalid token");
-        return Err(ApiError::unauthorized("Invalid token"));
+    let principal = match state.auth.authenticate(secret.trim()) {
+        Ok(p) => p,
+        Err(reason) => {
+            tracing::warn!(reason, "request with an unusable token");
+            return Err(ApiError::unauthorized(reason));
+        }
     };
+    if let Some(limiter) = &state.rate_limiter {
+        if let Err(not_until) = limiter.check_key(&principal.token) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            let mut resp = ApiError::too_many(
+                format!("Rate limit of token {:?} exceeded", principal.token),
+                wait.as_secs() + 1,
+            )
+            .into_response();
+            resp.extensions_mut().insert(principal.audit);
+            return Ok(resp);
+        }
+    }
+    let audit = principal.audit.clone();
     req.extensions_mut().insert(principal);
-    Ok(next.run(req).await)
+    let mut resp = next.run(req).await;
+    resp.extensions_mut().insert(audit);
+    Ok(resp)
+}
+
+/// Locks out a user name or a source address after repeated login failures.
+#[derive(Default)]
+pub struct LoginThrottle {
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+impl LoginThrottle {
+    /// Failures allowed before a lockout starts.
+    pub const FREE_FAILURES: u32 = 5;
+
+    /// Time left in the lockout of any of `keys`, if one is locked.
+    pub fn locked(&self, keys: &[String]) -> Option<Duration> {
+        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        keys.iter()
+            .filter_map(|k| map.get(k))
+            .filter_map(|(count, last)| {
+                let lock = Self::lockout(*count)?;
+                lock.checked_sub(last.elapsed())
+            })
+            .max()
+    }
+
+    /// 5 s after the fifth failure, doubling with each further one, up to 15 min.
+    fn lockout(count: u32) -> Option<Duration> {
+        let over = count.checked_sub(Self::FREE_FAILURES)?;
+        Some(Duration::from_secs((5u64 << over.min(8)).min(900)))
+    }
+
+    pub fn failed(&self, keys: &[String]) {
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            let e = map.entry(k.clone()).or_insert((0, Instant::now()));
+            // Failures older than an hour are forgotten.
+            if e.1.elapsed() > Duration::from_secs(3600) {
+                e.0 = 0;
+            }
+            e.0 += 1;
+            e.1 = Instant::now();
+        }
+    }
+
+    pub fn succeeded(&self, keys: &[String]) {
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            map.remove(k);
+        }
+    }
 }

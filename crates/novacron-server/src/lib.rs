@@ -1,12 +1,14 @@
 //! The NovaCron control plane: REST API under `/v1`, watch streams, and the
 //! controllers (placement, node liveness) that converge the store's state.
 
+pub mod audit;
 pub mod auth;
 mod controllers;
 pub mod error;
 mod extract;
 mod proxy;
 mod routes;
+pub mod totp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +34,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// A node is NotReady when its last heartbeat is older than this.
     pub node_grace: Duration,
+    /// Requests per second and burst allowed per token; `None` = unlimited.
+    pub rate_limit: Option<(u32, u32)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,8 @@ pub enum ServerError {
     Store(#[from] novacron_store::StoreError),
     #[error("Cannot create the admin token")]
     Bootstrap(#[from] auth::BootstrapError),
+    #[error("Cannot open the audit log")]
+    Audit(#[from] audit::AuditError),
     #[error("Cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -62,7 +68,12 @@ pub enum ServerError {
 #[derive(Clone)]
 pub struct AppState {
     pub store: SharedStore,
-    pub tokens: Arc<auth::TokenIndex>,
+    pub auth: Arc<auth::AuthIndex>,
+    pub audit: Arc<audit::AuditLog>,
+    pub rate_limiter: Option<Arc<auth::RateLimiter>>,
+    pub login_throttle: Arc<auth::LoginThrottle>,
+    /// Serializes quota checks with the creates they admit.
+    pub quota_lock: Arc<tokio::sync::Mutex<()>>,
     pub config: Arc<ServerConfig>,
     /// Secret the server presents to agents.
     pub agent_secret: Arc<str>,
@@ -106,7 +117,14 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::nodes::router())
         .merge(routes::images::router())
         .merge(routes::migrations::router())
+        .merge(routes::identity::router())
         .split_for_parts();
+    // Login needs no token, so it is routed outside the token layer but documented with the rest.
+    let (login, login_doc) = OpenApiRouter::new()
+        .merge(routes::identity::login_router())
+        .split_for_parts();
+    let mut openapi = openapi;
+    openapi.merge(login_doc);
     let openapi = Arc::new(openapi);
     let protected = api
         .route(
@@ -119,8 +137,10 @@ pub fn app(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(routes::health::router())
+        .merge(login)
         .merge(protected)
         .fallback(|| async { ApiError::not_found("Route") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -134,7 +154,8 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
     };
     std::fs::create_dir_all(config.data_dir.join("images")).map_err(dir_err)?;
     let store: SharedStore = Arc::new(SqliteStore::open(&config.data_dir.join("novacron.db"))?);
-    auth::bootstrap_admin(&store, &config.data_dir.join("admin.token")).await?;
+    auth::bootstrap(&store, &config.data_dir.join("admin.token")).await?;
+    let audit = Arc::new(audit::AuditLog::open(store.clone(), config.data_dir.join("audit.head")).await?);
     let secret_path = config.data_dir.join("agent.secret");
     let agent_secret = match std::fs::read_to_string(&secret_path) {
         Ok(s) => s.trim().to_string(),
@@ -144,14 +165,22 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
             s
         }
     };
-    let tokens = Arc::new(auth::TokenIndex::load(&store).await?);
+    let auth = Arc::new(auth::AuthIndex::load(&store).await?);
+    let rate_limiter = config
+        .rate_limit
+        .and_then(|(per_s, burst)| auth::rate_limiter(per_s, burst))
+        .map(Arc::new);
     let agents = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .build()
         .map_err(ServerError::Http)?;
     Ok(AppState {
         store,
-        tokens,
+        auth,
+        audit,
+        rate_limiter,
+        login_throttle: Default::default(),
+        quota_lock: Default::default(),
         config: Arc::new(config),
         agent_secret: agent_secret.into(),
         placement_wakeup: Arc::new(Notify::new()),
@@ -175,7 +204,8 @@ pub async fn run(
     // Watch streams never end by themselves, so graceful shutdown gets a
     // short grace period and then the server stops regardless.
     let stop = tokio_util::sync::CancellationToken::new();
-    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let serve = axum::serve(listener, service).with_graceful_shutdown(stop.clone().cancelled_owned());
     let result = tokio::select! {
         r = serve => r.map_err(ServerError::Serve),
         _ = async {

@@ -102,6 +102,9 @@ pub struct CreateArgs {
     /// Wait until the VM is Running.
     #[arg(long)]
     pub wait: bool,
+    /// Project (default: the token's project, else `default`).
+    #[arg(long)]
+    pub project: Option<String>,
 }
 
 #[derive(Args)]
@@ -209,6 +212,12 @@ pub enum ImageCommand {
         /// Kernel command line added for every VM of this image.
         #[arg(long, requires = "kernel")]
         kernel_args: Option<String>,
+        /// Project (default: the token's project, else `default`).
+        #[arg(long)]
+        project: Option<String>,
+        /// Usable by every project.
+        #[arg(long)]
+        public: bool,
     },
     /// Delete an image no VM uses.
     Delete { name: String },
@@ -225,6 +234,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
         VmCommand::Create(a) => {
             let req = CreateVm {
                 name: a.name.clone(),
+                project: a.project.clone(),
                 labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
                 spec: VmSpec {
                     disk_mib: a.disk,
@@ -472,13 +482,19 @@ pub async fn image(g: &Global, cmd: ImageCommand) -> Result<()> {
             kernel,
             initrd,
             kernel_args,
+            project,
+            public,
         } => {
             let image = import(
                 &c,
                 &name,
                 file.as_deref(),
                 kernel.as_deref().zip(initrd.as_deref()),
-                kernel_args,
+                ImportOptions {
+                    kernel_args,
+                    project,
+                    public,
+                },
             )
             .await?;
             output::images(g.output, &[image])
@@ -509,12 +525,20 @@ async fn disk_format(path: &Path) -> Result<ImageFormat> {
     }
 }
 
+/// Where an imported image goes and how VMs boot it.
+#[derive(Default)]
+pub struct ImportOptions {
+    pub kernel_args: Option<String>,
+    pub project: Option<String>,
+    pub public: bool,
+}
+
 pub async fn import(
     c: &Client,
     name: &str,
     file: Option<&Path>,
     kernel: Option<(&Path, &Path)>,
-    kernel_args: Option<String>,
+    opts: ImportOptions,
 ) -> Result<Image> {
     let (format, parts): (ImageFormat, Vec<(ImagePart, &Path)>) = match (file, kernel) {
         (Some(f), None) => (disk_format(f).await?, vec![(ImagePart::Disk, f)]),
@@ -529,9 +553,11 @@ pub async fn import(
     }
     c.create_image(&CreateImage {
         name: name.to_string(),
+        project: opts.project,
+        public: opts.public,
         format,
         labels: Default::default(),
-        kernel_args,
+        kernel_args: opts.kernel_args,
     })
     .await?;
     let mut image = None;

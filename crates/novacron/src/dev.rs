@@ -83,6 +83,8 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         data_dir: dir.join("server"),
         listen: a.listen,
         node_grace: a.node_grace,
+        rate_limit: 500,
+        rate_burst: 1000,
     };
     let server = tokio::spawn(novacron_server::run(
         crate::server_config(&server_args),
@@ -126,7 +128,11 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
                     "demo",
                     None,
                     Some((&g.join("vmlinuz"), &g.join("initrd.img"))),
-                    None,
+                    // Public, so VMs of every project can boot it.
+                    crate::commands::ImportOptions {
+                        public: true,
+                        ..Default::default()
+                    },
                 )
                 .await
                 .context("Cannot import the demo image")?;

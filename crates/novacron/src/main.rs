@@ -4,6 +4,7 @@ mod commands;
 mod config;
 mod console;
 mod dev;
+mod identity;
 mod output;
 
 use std::collections::BTreeMap;
@@ -65,6 +66,25 @@ enum Command {
     /// Inspect and cancel live migrations.
     #[command(subcommand)]
     Migration(commands::MigrationCommand),
+    /// Log in with a user name and password; saves the token for later commands.
+    Login(identity::LoginArgs),
+    /// Show the caller's identity and permissions.
+    Whoami,
+    /// Manage users.
+    #[command(subcommand)]
+    User(identity::UserCommand),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(identity::TokenCommand),
+    /// Manage roles.
+    #[command(subcommand)]
+    Role(identity::RoleCommand),
+    /// Manage projects and quotas.
+    #[command(subcommand)]
+    Project(identity::ProjectCommand),
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(identity::AuditCommand),
 }
 
 #[derive(Args, Clone)]
@@ -76,6 +96,12 @@ pub struct ServerArgs {
     /// A node is NotReady after this long without a heartbeat (e.g. 15s).
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub node_grace: Duration,
+    /// Requests per second allowed per token (0 = no limit).
+    #[arg(long, default_value_t = 500)]
+    pub rate_limit: u32,
+    /// Requests a token may burst above its rate.
+    #[arg(long, default_value_t = 1000)]
+    pub rate_burst: u32,
 }
 
 #[derive(Args, Clone)]
@@ -160,6 +186,7 @@ pub fn server_config(a: &ServerArgs) -> novacron_server::ServerConfig {
         data_dir: a.data_dir.clone(),
         listen: a.listen,
         node_grace: a.node_grace,
+        rate_limit: (a.rate_limit > 0).then_some((a.rate_limit, a.rate_burst.max(1))),
     }
 }
 
@@ -211,6 +238,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Node(c) => commands::node(&cli.global, c).await,
         Command::Image(c) => commands::image(&cli.global, c).await,
         Command::Migration(c) => commands::migration(&cli.global, c).await,
+        Command::Login(a) => identity::login(&cli.global, a).await,
+        Command::Whoami => identity::whoami(&cli.global).await,
+        Command::User(c) => identity::user(&cli.global, c).await,
+        Command::Token(c) => identity::token(&cli.global, c).await,
+        Command::Role(c) => identity::role(&cli.global, c).await,
+        Command::Project(c) => identity::project(&cli.global, c).await,
+        Command::Audit(c) => identity::audit(&cli.global, c).await,
     }
 }
 

@@ -24,7 +24,7 @@ pub fn print_data<T: Serialize>(format: Format, value: &T) -> Result<()> {
     Ok(())
 }
 
-fn table(header: &[&str]) -> Table {
+pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING).set_header(header.to_vec());
     t

@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
 use novacron_api::{
-    validate, CreateImage, Image, ImageFile, ImageFormat, ImagePart, ImagePhase, ImageSpec, ImageStatus, Metadata, Vm,
+    validate, CreateImage, Image, ImageFile, ImageFormat, ImagePart, ImagePhase, ImageSpec, ImageStatus, Metadata,
+    Resource, Verb, Vm,
 };
 use novacron_store::StoreExt;
 use sha2::{Digest, Sha256};
@@ -18,8 +19,8 @@ use tokio::io::AsyncWriteExt;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{find, list_or_watch, ListQuery};
-use crate::auth::{authorize, Action, Principal};
+use super::{find_authorized, list_or_watch, ListQuery};
+use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiQuery};
 use crate::AppState;
@@ -39,8 +40,7 @@ async fn list_images(
     Extension(p): Extension<Principal>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Response> {
-    authorize(&p, Action::Read)?;
-    list_or_watch::<Image>(&state, q, |_| {}).await
+    list_or_watch::<Image>(&state, &p, q, |_| {}).await
 }
 
 /// Create an image record; upload its files next.
@@ -51,7 +51,18 @@ async fn create_image(
     Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateImage>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
-    authorize(&p, Action::Write)?;
+    let project = req
+        .project
+        .clone()
+        .or_else(|| p.project.clone())
+        .unwrap_or_else(novacron_api::default_project);
+    authorize(&p, Resource::Images, Verb::Create, Some(&project))?;
+    if req.public && p.project.is_some() {
+        return Err(ApiError::forbidden(
+            "only a token for all projects can make a public image",
+        ));
+    }
+    super::identity::require_project(&state, &project).await?;
     validate::name("name", &req.name)?;
     validate::labels("labels", &req.labels)?;
     if let Some(args) = &req.kernel_args {
@@ -68,11 +79,14 @@ async fn create_image(
             ));
         }
     }
+    let mut metadata = Metadata::new(&req.name, req.labels);
+    metadata.project = project;
     let image = Image {
-        metadata: Metadata::new(&req.name, req.labels),
+        metadata,
         spec: ImageSpec {
             format: req.format,
             kernel_args: req.kernel_args,
+            public: req.public,
         },
         status: ImageStatus::default(),
     };
@@ -88,8 +102,7 @@ async fn get_image(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Image>> {
-    authorize(&p, Action::Read)?;
-    Ok(Json(find::<Image>(&state, &name).await?))
+    Ok(Json(find_authorized::<Image>(&state, &p, &name, Verb::Read).await?))
 }
 
 /// Delete an image no VM uses.
@@ -100,8 +113,7 @@ async fn delete_image(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    authorize(&p, Action::Write)?;
-    let image = find::<Image>(&state, &name).await?;
+    let image = find_authorized::<Image>(&state, &p, &name, Verb::Delete).await?;
     let users = state
         .store
         .list_all::<Vm>()
@@ -193,8 +205,7 @@ async fn upload_image_file(
     Path((name, part)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<Json<Image>> {
-    authorize(&p, Action::Write)?;
-    let image = find::<Image>(&state, &name).await?;
+    let image = find_authorized::<Image>(&state, &p, &name, Verb::Create).await?;
     let part = parse_part(&image, &part)?;
     let dir = image_dir(&state, &image);
     tokio::fs::create_dir_all(&dir)
@@ -284,8 +295,7 @@ async fn download_image_file(
     Extension(p): Extension<Principal>,
     Path((name, part)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    authorize(&p, Action::Read)?;
-    let image = find::<Image>(&state, &name).await?;
+    let image = find_authorized::<Image>(&state, &p, &name, Verb::Read).await?;
     let part = parse_part(&image, &part)?;
     if image.file(part).is_none() {
         return Err(ApiError::not_found(format!(

@@ -8,16 +8,16 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::Utc;
 use novacron_api::{
-    CompleteMigration, CreateMigration, Metadata, Migration, MigrationPhase, MigrationSpec, MigrationStatus, Node, Vm,
-    VmPhase,
+    CompleteMigration, CreateMigration, Metadata, Migration, MigrationPhase, MigrationSpec, MigrationStatus, Node,
+    Resource, Verb, Vm, VmPhase,
 };
 use novacron_scheduler::Request;
 use novacron_store::{StoreError, StoreExt};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{find, list_or_watch, ListQuery};
-use crate::auth::{authorize, Action, Principal};
+use super::{find_authorized, list_or_watch, ListQuery};
+use crate::auth::{authorize, Principal};
 use crate::controllers::node_views;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiQuery};
@@ -40,8 +40,7 @@ async fn list_migrations(
     Extension(p): Extension<Principal>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Response> {
-    authorize(&p, Action::Read)?;
-    list_or_watch::<Migration>(&state, q, |_| {}).await
+    list_or_watch::<Migration>(&state, &p, q, |_| {}).await
 }
 
 /// Get a migration by name or id.
@@ -52,8 +51,7 @@ async fn get_migration(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Migration>> {
-    authorize(&p, Action::Read)?;
-    Ok(Json(find::<Migration>(&state, &name).await?))
+    Ok(Json(find_authorized::<Migration>(&state, &p, &name, Verb::Read).await?))
 }
 
 /// The migration of `vm` still in progress, if any.
@@ -77,7 +75,7 @@ async fn create_migration(
     Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateMigration>,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
-    authorize(&p, Action::Write)?;
+    authorize(&p, Resource::Migrations, Verb::Create, None)?;
     let max_downtime_ms = req.max_downtime_ms.unwrap_or_else(novacron_api::default_max_downtime);
     if !(1..=60_000).contains(&max_downtime_ms) {
         return Err(ApiError::invalid(
@@ -88,7 +86,9 @@ async fn create_migration(
     if req.bandwidth_mib_s == Some(0) {
         return Err(ApiError::invalid("bandwidth_mib_s", "bandwidth limit must be positive"));
     }
-    let vm = find::<Vm>(&state, &req.vm).await?;
+    // Moving a VM needs the right to create migrations in the VM's project.
+    let vm = find_authorized::<Vm>(&state, &p, &req.vm, Verb::Read).await?;
+    authorize(&p, Resource::Migrations, Verb::Create, Some(&vm.metadata.project))?;
     let vm_name = vm.metadata.name.clone();
     if vm.metadata.deletion_requested_at.is_some() {
         return Err(ApiError::conflict(format!("VM {vm_name:?} is being deleted")));
@@ -176,8 +176,10 @@ async fn create_migration(
         vm_name.chars().take(50).collect::<String>().trim_end_matches('-'),
         &short[..8]
     );
+    let mut metadata = Metadata::new(&name, [("novacron.io/vm".to_string(), vm_name.clone())].into());
+    metadata.project = vm.metadata.project.clone();
     let migration = Migration {
-        metadata: Metadata::new(&name, [("novacron.io/vm".to_string(), vm_name.clone())].into()),
+        metadata,
         spec: MigrationSpec {
             vm: vm_name.clone(),
             target_node: req.target_node,
@@ -210,8 +212,7 @@ async fn cancel_migration(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Migration>> {
-    authorize(&p, Action::Write)?;
-    let m = find::<Migration>(&state, &name).await?;
+    let m = find_authorized::<Migration>(&state, &p, &name, Verb::Update).await?;
     if m.status.phase.is_final() {
         return Err(ApiError::conflict(format!(
             "migration {:?} already ended ({})",
@@ -238,8 +239,7 @@ async fn put_migration_status(
     Path(name): Path<String>,
     ApiJson(body): ApiJson<Migration>,
 ) -> ApiResult<Json<Migration>> {
-    authorize(&p, Action::Agent)?;
-    let mut m = find::<Migration>(&state, &name).await?;
+    let mut m = find_authorized::<Migration>(&state, &p, &name, Verb::Status).await?;
     // The caller's revision makes the store's compare-and-swap reject stale writers (409).
     m.metadata.resource_version = body.metadata.resource_version;
     if m.status.phase.is_final() && body.status.phase != m.status.phase {
@@ -259,8 +259,7 @@ async fn complete_migration(
     Path(name): Path<String>,
     ApiJson(body): ApiJson<CompleteMigration>,
 ) -> ApiResult<Json<Migration>> {
-    authorize(&p, Action::Agent)?;
-    let m = find::<Migration>(&state, &name).await?;
+    let m = find_authorized::<Migration>(&state, &p, &name, Verb::Status).await?;
     if m.status.phase == MigrationPhase::Completed {
         return Ok(Json(m));
     }

@@ -1,6 +1,7 @@
 //! HTTP routes, one module per resource.
 
 pub mod health;
+pub mod identity;
 pub mod images;
 pub mod migrations;
 pub mod nodes;
@@ -12,11 +13,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use novacron_api::selector::LabelSelector;
-use novacron_api::{List, Object, WatchEvent, WatchEventType};
+use novacron_api::{
+    AuditRecord, Image, List, Migration, Node, Object, Project, Resource, Role, Token, User, Verb, Vm, WatchEvent,
+    WatchEventType,
+};
 use novacron_store::{decode_record, EventType, StoreExt};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
+use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
@@ -38,6 +43,65 @@ pub struct ListQuery {
     pub watch: Option<bool>,
     /// With `watch`: send changes after this revision (default: now).
     pub resource_version: Option<u64>,
+    /// Only objects of this project.
+    pub project: Option<String>,
+}
+
+/// An object kind and the resource its permissions are checked as.
+pub trait Guarded: Object {
+    const RESOURCE: Resource;
+}
+
+macro_rules! guarded {
+    ($($t:ty => $r:ident),*) => {
+        $(impl Guarded for $t {
+            const RESOURCE: Resource = Resource::$r;
+        })*
+    };
+}
+guarded!(Vm => Vms, Image => Images, Migration => Migrations, Node => Nodes, Project => Projects,
+    User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
+
+/// Whether the caller sees an object of `project` of this kind: objects in
+/// projects are visible inside the caller's project; public images everywhere.
+fn visible<T: Guarded>(p: &Principal, value: &serde_json::Value) -> bool {
+    if !T::RESOURCE.in_project() {
+        return true;
+    }
+    let project = value["metadata"]["project"].as_str().unwrap_or_default();
+    p.sees(project) || (T::RESOURCE == Resource::Images && value["spec"]["public"].as_bool() == Some(true))
+}
+
+/// Looks an object up by name or id and checks that the caller may `verb` it.
+/// Objects of other projects are reported as not found.
+pub async fn find_authorized<T: Guarded>(state: &AppState, p: &Principal, key: &str, verb: Verb) -> ApiResult<T> {
+    authorize(p, T::RESOURCE, verb, None)?;
+    let obj = find::<T>(state, key).await?;
+    if T::RESOURCE.in_project() {
+        let project = obj.meta().project.clone();
+        if p.sees(&project) {
+            authorize(p, T::RESOURCE, verb, Some(&project))?;
+        } else {
+            // Only reading a public image crosses projects.
+            let value = serde_json::to_value(&obj).map_err(|e| ApiError::internal("Cannot encode object", &e))?;
+            if verb != Verb::Read || !visible::<T>(p, &value) {
+                return Err(ApiError::not_found(format!("{} {key:?}", T::KIND)));
+            }
+        }
+    }
+    Ok(obj)
+}
+
+/// The store key a `continue` token stands for.
+pub fn decode_continue(token: Option<&str>) -> ApiResult<Option<String>> {
+    token
+        .map(|c| {
+            hex::decode(c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| ApiError::invalid("continue", "invalid continue token"))
+        })
+        .transpose()
 }
 
 /// Looks an object up by name, then by id.
@@ -53,16 +117,24 @@ pub async fn find<T: Object>(state: &AppState, key: &str) -> ApiResult<T> {
 
 /// Serves a list page or, with `watch=true`, a watch stream. `present` fills
 /// in derived fields before an object is returned.
-pub async fn list_or_watch<T: Object>(
+pub async fn list_or_watch<T: Guarded>(
     state: &AppState,
+    p: &Principal,
     q: ListQuery,
     present: impl FnOnce(&mut [T]) + Send,
 ) -> ApiResult<Response> {
+    authorize(p, T::RESOURCE, Verb::Read, None)?;
     let selector = LabelSelector::parse(q.label_selector.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::invalid("label_selector", e.message))?;
-    let matches = move |labels: &serde_json::Value| {
-        let labels = serde_json::from_value(labels.clone()).unwrap_or_default();
+    let caller = p.clone();
+    let only_project = q.project.clone();
+    let matches = move |value: &serde_json::Value| {
+        let labels = serde_json::from_value(value["metadata"]["labels"].clone()).unwrap_or_default();
         selector.matches(&labels)
+            && visible::<T>(&caller, value)
+            && only_project
+                .as_deref()
+                .is_none_or(|wanted| value["metadata"]["project"].as_str() == Some(wanted))
     };
     if q.watch.unwrap_or(false) {
         let from = match q.resource_version {
@@ -76,7 +148,7 @@ pub async fn list_or_watch<T: Object>(
                     tracing::debug!(error = %e, "watch stream ended");
                     Some(Err(std::io::Error::other(e.to_string())))
                 }
-                Ok(ev) if !matches(&ev.record.value["metadata"]["labels"]) => None,
+                Ok(ev) if !matches(&ev.record.value) => None,
                 Ok(ev) => {
                     let event_type = match ev.event_type {
                         EventType::Added => WatchEventType::Added,
@@ -102,17 +174,8 @@ pub async fn list_or_watch<T: Object>(
             format!("limit must be between 1 and {MAX_PAGE}"),
         ));
     }
-    let after = q
-        .continue_token
-        .as_deref()
-        .map(|c| {
-            hex::decode(c)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| ApiError::invalid("continue", "invalid continue token"))
-        })
-        .transpose()?;
-    let filter = move |r: &novacron_store::Record| matches(&r.value["metadata"]["labels"]);
+    let after = decode_continue(q.continue_token.as_deref())?;
+    let filter = move |r: &novacron_store::Record| matches(&r.value);
     let page = state
         .store
         .list(T::KIND, Some(&filter), after.as_deref(), limit as usize)

@@ -5,13 +5,15 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::Utc;
-use novacron_api::{validate, Metadata, Node, NodeSpec, NodeStatus, RegisterNode, RegisterNodeResponse, Resources, Vm};
+use novacron_api::{
+    validate, Metadata, Node, NodeSpec, NodeStatus, RegisterNode, RegisterNodeResponse, Resource, Resources, Verb, Vm,
+};
 use novacron_store::{StoreError, StoreExt};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{find, list_or_watch, ListQuery};
-use crate::auth::{authorize, Action, Principal};
+use super::{find_authorized, list_or_watch, ListQuery};
+use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiQuery};
 use crate::AppState;
@@ -52,13 +54,13 @@ async fn list_nodes(
     Extension(p): Extension<Principal>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Response> {
-    authorize(&p, Action::Read)?;
+    authorize(&p, Resource::Nodes, Verb::Read, None)?;
     let vms = if q.watch.unwrap_or(false) {
         Vec::new()
     } else {
         state.store.list_all::<Vm>().await?
     };
-    list_or_watch::<Node>(&state, q, move |nodes| fill_allocation(nodes, &vms)).await
+    list_or_watch::<Node>(&state, &p, q, move |nodes| fill_allocation(nodes, &vms)).await
 }
 
 /// Get a node by name or id.
@@ -69,8 +71,7 @@ async fn get_node(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Node>> {
-    authorize(&p, Action::Read)?;
-    let mut node = find::<Node>(&state, &name).await?;
+    let mut node = find_authorized::<Node>(&state, &p, &name, Verb::Read).await?;
     let vms = state.store.list_all::<Vm>().await?;
     fill_allocation(std::slice::from_mut(&mut node), &vms);
     Ok(Json(node))
@@ -84,8 +85,7 @@ async fn delete_node(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    authorize(&p, Action::Write)?;
-    let node = find::<Node>(&state, &name).await?;
+    let node = find_authorized::<Node>(&state, &p, &name, Verb::Delete).await?;
     let vms = state.store.list_all::<Vm>().await?;
     let bound = vms
         .iter()
@@ -113,7 +113,7 @@ async fn register_node(
     Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<RegisterNode>,
 ) -> ApiResult<Json<RegisterNodeResponse>> {
-    authorize(&p, Action::Agent)?;
+    authorize(&p, Resource::Nodes, Verb::Status, None)?;
     validate::name("name", &req.name)?;
     validate::labels("labels", &req.labels)?;
     if !(req.address.starts_with("http://") || req.address.starts_with("https://")) {
@@ -181,7 +181,7 @@ async fn heartbeat(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Node>> {
-    authorize(&p, Action::Agent)?;
+    authorize(&p, Resource::Nodes, Verb::Status, None)?;
     let became_ready = std::sync::atomic::AtomicBool::new(false);
     let node = state
         .store
@@ -205,8 +205,7 @@ async fn heartbeat(
 }
 
 async fn set_schedulable(state: &AppState, p: &Principal, name: &str, schedulable: bool) -> ApiResult<Json<Node>> {
-    authorize(p, Action::Write)?;
-    let node = find::<Node>(state, name).await?;
+    let node = find_authorized::<Node>(state, p, name, Verb::Update).await?;
     let node = state
         .store
         .modify::<Node, _>(&node.metadata.name, |n| {

@@ -1,11 +1,14 @@
 //! `/v1/vms`: create, read, lifecycle actions, delete, console and logs.
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::Utc;
-use novacron_api::{validate, CreateVm, Image, ImagePhase, Metadata, Node, PowerState, StopVm, Vm, VmPhase, VmStatus};
+use novacron_api::{
+    validate, CreateVm, Image, ImagePhase, Metadata, Node, PowerState, Resource, StopVm, Verb, Vm, VmPhase, VmStatus,
+};
 use novacron_scheduler::Request;
 use novacron_store::StoreExt;
 use serde::Deserialize;
@@ -13,8 +16,8 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{find, list_or_watch, ListQuery};
-use crate::auth::{authorize, Action, Principal};
+use super::{find_authorized, list_or_watch, ListQuery};
+use crate::auth::{authorize, Principal};
 use crate::controllers::node_views;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiQuery};
@@ -43,8 +46,7 @@ async fn list_vms(
     Extension(p): Extension<Principal>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Response> {
-    authorize(&p, Action::Read)?;
-    list_or_watch::<Vm>(&state, q, |_| {}).await
+    list_or_watch::<Vm>(&state, &p, q, |_| {}).await
 }
 
 /// Create a VM. It is placed on a node by the scheduler and started unless
@@ -57,22 +59,28 @@ async fn create_vm(
     Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateVm>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
-    authorize(&p, Action::Write)?;
+    let project = req
+        .project
+        .clone()
+        .or_else(|| p.project.clone())
+        .unwrap_or_else(novacron_api::default_project);
+    authorize(&p, Resource::Vms, Verb::Create, Some(&project))?;
+    let quota = super::identity::require_project(&state, &project).await?.quota;
     validate::create_vm(&req)?;
-    match state.store.get_obj::<Image>(&req.spec.image).await? {
-        None => {
+    let image = match state.store.get_obj::<Image>(&req.spec.image).await? {
+        Some(img) if img.metadata.project == project || img.spec.public => img,
+        _ => {
             return Err(ApiError::invalid(
                 "spec.image",
-                format!("unknown image {:?}", req.spec.image),
+                format!("unknown image {:?} in project {project:?}", req.spec.image),
             ))
         }
-        Some(img) if img.status.phase != ImagePhase::Ready => {
-            return Err(ApiError::invalid(
-                "spec.image",
-                format!("image {:?} is still uploading", req.spec.image),
-            ))
-        }
-        Some(_) => {}
+    };
+    if image.status.phase != ImagePhase::Ready {
+        return Err(ApiError::invalid(
+            "spec.image",
+            format!("image {:?} is still uploading", req.spec.image),
+        ));
     }
     let nodes = state.store.list_all::<Node>().await?;
     let request = Request {
@@ -90,15 +98,27 @@ async fn create_vm(
             format!("requested {what} is larger than any node's capacity"),
         ));
     }
+    let mut spec = req.spec;
+    // Record the root disk size the agent will create, so quotas count real sizes.
+    let image_mib = image.status.virtual_size_bytes.div_ceil(1024 * 1024);
+    spec.disk_mib = Some(match image.spec.format {
+        novacron_api::ImageFormat::Kernel => spec.disk_mib.unwrap_or(1024),
+        _ => spec.disk_mib.unwrap_or(0).max(image_mib),
+    });
+    let mut metadata = Metadata::new(&req.name, req.labels);
+    metadata.project = project.clone();
     let vm = Vm {
-        metadata: Metadata::new(&req.name, req.labels),
-        spec: req.spec,
+        metadata,
+        spec,
         status: VmStatus {
             phase: VmPhase::Pending,
             reason: Some("Waiting for the scheduler".into()),
             ..Default::default()
         },
     };
+    // Quota check and create under one lock, so two creates cannot both fit.
+    let _quota_guard = state.quota_lock.lock().await;
+    super::identity::check_quota(&state, &project, &quota, &vm).await?;
     let vm = state.store.create_obj(&vm).await?;
     tracing::info!(vm = %vm.metadata.name, "created VM");
     state.placement_wakeup.notify_one();
@@ -113,8 +133,7 @@ async fn get_vm(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Vm>> {
-    authorize(&p, Action::Read)?;
-    Ok(Json(find::<Vm>(&state, &name).await?))
+    Ok(Json(find_authorized::<Vm>(&state, &p, &name, Verb::Read).await?))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -135,8 +154,7 @@ async fn delete_vm(
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> ApiResult<Response> {
-    authorize(&p, Action::Write)?;
-    let vm = find::<Vm>(&state, &name).await?;
+    let vm = find_authorized::<Vm>(&state, &p, &name, Verb::Delete).await?;
     let name = vm.metadata.name.clone();
     refuse_while_migrating(&state, &name).await?;
     if vm.status.node.is_none() || q.force {
@@ -167,8 +185,7 @@ async fn act(
     name: &str,
     change: impl Fn(&mut Vm) -> Result<(), ApiError> + Send + Sync,
 ) -> ApiResult<Json<Vm>> {
-    authorize(p, Action::Write)?;
-    let vm = find::<Vm>(state, name).await?;
+    let vm = find_authorized::<Vm>(state, p, name, Verb::Update).await?;
     let name = vm.metadata.name;
     refuse_while_migrating(state, &name).await?;
     // `modify` retries on conflicts; the closure records a refusal instead of failing.
@@ -208,7 +225,10 @@ async fn start_vm(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Vm>> {
-    let phase = find::<Vm>(&state, &name).await?.status.phase;
+    let phase = find_authorized::<Vm>(&state, &p, &name, Verb::Update)
+        .await?
+        .status
+        .phase;
     let failed = matches!(phase, VmPhase::Failed | VmPhase::Stopped);
     act(&state, &p, &name, |v| {
         v.spec.power_state = PowerState::Running;
@@ -315,8 +335,7 @@ async fn put_vm_status(
     Path(name): Path<String>,
     ApiJson(body): ApiJson<Vm>,
 ) -> ApiResult<Json<Vm>> {
-    authorize(&p, Action::Agent)?;
-    let mut vm = find::<Vm>(&state, &name).await?;
+    let mut vm = find_authorized::<Vm>(&state, &p, &name, Verb::Status).await?;
     // The caller's revision makes the store's compare-and-swap reject stale writers (409).
     vm.metadata.resource_version = body.metadata.resource_version;
     if vm.status.node.is_some() && body.status.node != vm.status.node {
@@ -334,8 +353,7 @@ async fn finalize_vm(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    authorize(&p, Action::Agent)?;
-    let vm = find::<Vm>(&state, &name).await?;
+    let vm = find_authorized::<Vm>(&state, &p, &name, Verb::Status).await?;
     if vm.metadata.deletion_requested_at.is_none() {
         return Err(ApiError::conflict("VM deletion was not requested"));
     }
@@ -365,8 +383,7 @@ async fn vm_logs(
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<LogsQuery>,
 ) -> ApiResult<Response> {
-    authorize(&p, Action::Read)?;
-    let vm = find::<Vm>(&state, &name).await?;
+    let vm = find_authorized::<Vm>(&state, &p, &name, Verb::Read).await?;
     let node = bound_node(&state, &vm).await?;
     proxy::logs(&state, &node, &vm, q.follow).await
 }
@@ -378,10 +395,10 @@ async fn vm_console(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
-    authorize(&p, Action::Write)?;
-    let vm = find::<Vm>(&state, &name).await?;
+    let vm = find_authorized::<Vm>(&state, &p, &name, Verb::Console).await?;
+    let ws = ws.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let node = bound_node(&state, &vm).await?;
     if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused | VmPhase::Starting) {
         return Err(ApiError::conflict(format!(

@@ -299,6 +299,7 @@ impl Cluster {
         self.client
             .create_vm(&CreateVm {
                 name: name.into(),
+                project: None,
                 labels: Default::default(),
                 spec: VmSpec {
                     disk_mib: Some(256),

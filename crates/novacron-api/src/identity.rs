@@ -1,0 +1,380 @@
+//! Identity objects: users, tokens, roles, projects with quotas, and the audit log.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::types::Metadata;
+
+/// What a permission applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Resource {
+    Vms,
+    Images,
+    Migrations,
+    Nodes,
+    Projects,
+    Users,
+    Roles,
+    Tokens,
+    Audit,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 9] = [
+        Resource::Vms,
+        Resource::Images,
+        Resource::Migrations,
+        Resource::Nodes,
+        Resource::Projects,
+        Resource::Users,
+        Resource::Roles,
+        Resource::Tokens,
+        Resource::Audit,
+    ];
+
+    /// Objects of these resources belong to a project; the others are cluster-wide.
+    pub fn in_project(self) -> bool {
+        matches!(self, Resource::Vms | Resource::Images | Resource::Migrations)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resource::Vms => "vms",
+            Resource::Images => "images",
+            Resource::Migrations => "migrations",
+            Resource::Nodes => "nodes",
+            Resource::Projects => "projects",
+            Resource::Users => "users",
+            Resource::Roles => "roles",
+            Resource::Tokens => "tokens",
+            Resource::Audit => "audit",
+        }
+    }
+}
+
+/// What a caller does to a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Verb {
+    /// Get, list, watch, logs.
+    Read,
+    Create,
+    /// Spec changes and lifecycle actions (start, stop, cordon, cancel, ...).
+    Update,
+    Delete,
+    /// Interactive serial console.
+    Console,
+    /// Status reports only agents make.
+    Status,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 6] = [
+        Verb::Read,
+        Verb::Create,
+        Verb::Update,
+        Verb::Delete,
+        Verb::Console,
+        Verb::Status,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Read => "read",
+            Verb::Create => "create",
+            Verb::Update => "update",
+            Verb::Delete => "delete",
+            Verb::Console => "console",
+            Verb::Status => "status",
+        }
+    }
+}
+
+/// One allowed (resource, verb) pair, written `resource:verb`; `*` stands for all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Permission {
+    pub resource: Resource,
+    pub verb: Verb,
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.resource.as_str(), self.verb.as_str())
+    }
+}
+
+impl From<Permission> for String {
+    fn from(p: Permission) -> String {
+        p.to_string()
+    }
+}
+
+impl TryFrom<String> for Permission {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl FromStr for Permission {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (r, v) = s
+            .split_once(':')
+            .ok_or_else(|| format!("permission {s:?} is not resource:verb"))?;
+        let resource = Resource::ALL
+            .into_iter()
+            .find(|x| x.as_str() == r)
+            .ok_or_else(|| format!("unknown resource {r:?} in {s:?}"))?;
+        let verb = Verb::ALL
+            .into_iter()
+            .find(|x| x.as_str() == v)
+            .ok_or_else(|| format!("unknown verb {v:?} in {s:?}"))?;
+        Ok(Permission { resource, verb })
+    }
+}
+
+/// Expands `resource:verb` patterns where either side may be `*`.
+pub fn expand_permissions(patterns: &[String]) -> Result<BTreeSet<Permission>, String> {
+    let mut out = BTreeSet::new();
+    for pat in patterns {
+        let (r, v) = pat
+            .split_once(':')
+            .ok_or_else(|| format!("permission {pat:?} is not resource:verb"))?;
+        let mut matched = false;
+        for resource in Resource::ALL {
+            for verb in Verb::ALL {
+                if (r == "*" || r == resource.as_str()) && (v == "*" || v == verb.as_str()) {
+                    out.insert(Permission { resource, verb });
+                    matched = true;
+                }
+            }
+        }
+        if !matched {
+            return Err(pat
+                .parse::<Permission>()
+                .err()
+                .unwrap_or_else(|| format!("{pat:?} matches nothing")));
+        }
+    }
+    Ok(out)
+}
+
+/// A named set of permissions. `admin`, `operator`, `viewer` and `agent` are
+/// built in; others are created through the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Role {
+    pub metadata: Metadata,
+    /// `resource:verb` pairs, e.g. `vms:read`.
+    #[schema(value_type = Vec<String>)]
+    pub permissions: BTreeSet<Permission>,
+    /// Built-in roles cannot be changed or deleted.
+    #[serde(default)]
+    pub builtin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateRole {
+    pub name: String,
+    /// `resource:verb` patterns, `*` allowed on either side.
+    pub permissions: Vec<String>,
+}
+
+/// A role granted in one project, or in all projects when `project` is absent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RoleBinding {
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+}
+
+impl fmt::Display for RoleBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.project {
+            Some(p) => write!(f, "{}@{p}", self.role),
+            None => write!(f, "{}@*", self.role),
+        }
+    }
+}
+
+/// A person who logs in. Secrets are never returned by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct User {
+    pub metadata: Metadata,
+    pub bindings: Vec<RoleBinding>,
+    /// Argon2id PHC string.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub password_hash: String,
+    /// Base32 TOTP secret when a second factor is enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totp_secret: Option<String>,
+    /// Whether TOTP is required at login (shown instead of the secret).
+    #[serde(default)]
+    pub totp_enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateUser {
+    pub name: String,
+    pub password: String,
+    #[serde(default)]
+    pub bindings: Vec<RoleBinding>,
+}
+
+/// Answer to enabling TOTP: the secret, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TotpEnrollment {
+    /// Base32 secret for an authenticator app.
+    pub secret: String,
+    /// `otpauth://` URI with the same secret.
+    pub uri: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+    /// Current TOTP code, for users with a second factor.
+    #[serde(default)]
+    pub totp: Option<String>,
+    /// Project the token is for; defaults to the user's only binding.
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Token lifetime in seconds (default 12 h, at most 30 days).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+/// An API token. Only a hash of the secret is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    pub metadata: Metadata,
+    /// The user it was issued to; absent for system tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    pub role: String,
+    /// The project it acts in; absent = every project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Hex SHA-256 of the bearer secret.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateToken {
+    pub name: String,
+    pub role: String,
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Lifetime in seconds; absent = 30 days, or no expiry for callers
+    /// allowed to manage all tokens.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+/// A new token with its secret, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct IssuedToken {
+    pub token: Token,
+    pub secret: String,
+}
+
+/// Limits of a project; an absent field is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Quota {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// Root plus data disks of all VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<u64>,
+}
+
+/// What a project's VMs take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub vms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Project {
+    pub metadata: Metadata,
+    #[serde(default)]
+    pub quota: Quota,
+    /// Filled in on read.
+    #[serde(default)]
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateProject {
+    pub name: String,
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UpdateProject {
+    pub quota: Quota,
+}
+
+/// One audited request. `hash` = SHA-256 over the JSON of `entry`, whose
+/// `prev_hash` links it to the record before: changing, reordering or
+/// deleting a record breaks the chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditRecord {
+    pub metadata: Metadata,
+    pub entry: AuditEntry,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub time: DateTime<Utc>,
+    /// User name, `token:<name>` for tokens without a user, or `anonymous`.
+    pub actor: String,
+    /// "POST /v1/vms"
+    pub action: String,
+    /// The object acted on, when the route names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// HTTP status of the answer.
+    pub status: u16,
+    /// Why it was refused, for authentication and authorization failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    pub prev_hash: String,
+}
+
+/// Result of checking the audit chain.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditVerification {
+    pub ok: bool,
+    pub records: u64,
+    /// What is wrong, with the first bad sequence number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
