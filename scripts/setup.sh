@@ -1,10 +1,41 @@
 #!/usr/bin/env bash
-# Installs what NovaCron needs on a Debian machine (idempotent): QEMU, qemu-img,
+# Installs what NovaCron needs on a Debian machine (idempotent): QEMU >= 10, qemu-img,
 # busybox-static and a C toolchain for the guest image, curl for the demo.
 set -euo pipefail
 
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# QEMU >= 10: Debian 12's QEMU 7.2 loses guest stores under TCG live migration
+# when the host CPU is contended (reproduced with plain QEMU, see
+# scripts/plain-qemu-migration-check.py); 10.0 comes from bookworm-backports.
+MIN_QEMU_MAJOR=10
+qemu_major() {
+  qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'
+}
+major=$(qemu_major || true)
+if [ -z "$major" ] || [ "$major" -lt "$MIN_QEMU_MAJOR" ]; then
+  . /etc/os-release
+  qemu_pkgs=(qemu-system-x86 qemu-utils)
+  target=()
+  if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    list=/etc/apt/sources.list.d/novacron-bookworm-backports.list
+    if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      echo "setup: adding bookworm-backports for QEMU $MIN_QEMU_MAJOR"
+      echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee "$list" >/dev/null
+    fi
+    target=(-t bookworm-backports)
+  fi
+  echo "setup: installing QEMU >= $MIN_QEMU_MAJOR (${qemu_pkgs[*]})"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${target[@]}" "${qemu_pkgs[@]}" >/dev/null
+  major=$(qemu_major || true)
+  if [ -z "$major" ] || [ "$major" -lt "$MIN_QEMU_MAJOR" ]; then
+    echo "setup: warning: QEMU ${major:-missing} is older than $MIN_QEMU_MAJOR; busy guests may see stale pages after TCG migration" >&2
+  fi
+fi
+
 need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx mke2fs || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
@@ -15,8 +46,6 @@ command -v xz >/dev/null || need+=(xz-utils)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
