@@ -223,6 +223,8 @@ async fn main() -> Result<()> {
         server_dir.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{p}"),
+        // Loopback bench, as before TLS: plain HTTP, agents on the admin token.
+        "--insecure-http".into(),
     ];
     procs
         .0
@@ -295,6 +297,8 @@ async fn main() -> Result<()> {
         api_dir.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{p}"),
+        // Loopback bench, as before TLS: plain HTTP, agents on the admin token.
+        "--insecure-http".into(),
         // The latency run is one client going flat out; the per-token limit would cap it.
         "--rate-limit".into(),
         "0".into(),

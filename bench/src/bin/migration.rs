@@ -59,6 +59,8 @@ async fn main() -> Result<()> {
                     &sdir.display().to_string(),
                     "--listen",
                     &format!("127.0.0.1:{port}"),
+                    // Loopback bench: control traffic in plain HTTP, agents on the admin token.
+                    "--insecure-http",
                 ])
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(work.path().join("server.log"))?)

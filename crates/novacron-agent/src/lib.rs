@@ -24,8 +24,14 @@ use crate::reconcile::{error_chain, Outcome, Reconciler};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// `https://...`: the agent authenticates with its certificate (joining
+    /// with `join_token` the first time); `http://...`: with `token`.
     pub server: String,
-    pub token: String,
+    pub token: Option<String>,
+    /// One-time token to get this node's certificate (HTTPS servers).
+    pub join_token: Option<String>,
+    /// The cluster CA, to trust the server when joining.
+    pub ca_cert: Option<PathBuf>,
     pub name: String,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
@@ -60,6 +66,12 @@ pub enum AgentError {
     Client(#[from] ClientError),
     #[error("Invalid accelerator {0:?} (use auto, kvm or tcg)")]
     Accel(String),
+    #[error("TLS")]
+    Tls(#[from] novacron_tls::TlsError),
+    #[error("{0}")]
+    Credentials(String),
+    #[error("Cannot join the cluster")]
+    Join(#[source] ClientError),
 }
 
 /// Host capacity: the flags if given, else what the host has (leaving 512 MiB
@@ -86,6 +98,49 @@ fn capacity(cfg: &AgentConfig) -> Resources {
         memory_mib,
         disk_gib: 0,
     }
+}
+
+/// The node's certificate and the cluster CA: from the data dir, or fetched
+/// once with the join token.
+async fn credentials(cfg: &AgentConfig, host: &str) -> Result<(novacron_tls::Identity, String), AgentError> {
+    let files = novacron_tls::AgentFiles::in_dir(&cfg.data_dir);
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| AgentError::Credentials(format!("Cannot read {}: {e}", p.display())))
+    };
+    if !files.exist() {
+        let (Some(join_token), Some(ca_path)) = (&cfg.join_token, &cfg.ca_cert) else {
+            return Err(AgentError::Credentials(format!(
+                "no certificate in {} yet: join with --join-token (from `novacron token create NAME --join`) and --ca-cert",
+                files.cert.display()
+            )));
+        };
+        let ca = read(ca_path)?;
+        let client = Client::with_tls(&cfg.server, join_token, Some(novacron_tls::client_config(&ca, None)?))?;
+        let joined: novacron_api::JoinedNode = client
+            .post_json(
+                "nodes/join",
+                &novacron_api::JoinNode {
+                    name: cfg.name.clone(),
+                    hosts: vec![host.to_string()],
+                },
+            )
+            .await
+            .map_err(AgentError::Join)?;
+        if let Some(dir) = files.cert.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| AgentError::Credentials(format!("Cannot create {}: {e}", dir.display())))?;
+        }
+        novacron_tls::Identity {
+            cert_pem: joined.cert_pem,
+            key_pem: joined.key_pem,
+        }
+        .save(&files.cert, &files.key)?;
+        std::fs::write(&files.ca, &joined.ca_pem)
+            .map_err(|e| AgentError::Credentials(format!("Cannot write {}: {e}", files.ca.display())))?;
+        tracing::info!(node = %cfg.name, "joined the cluster; certificate stored");
+    }
+    let identity = novacron_tls::Identity::load(&files.cert, &files.key)?;
+    Ok((identity, read(&files.ca)?))
 }
 
 pub async fn run(
@@ -116,7 +171,12 @@ pub async fn run(
         addr: cfg.listen,
         source,
     })?;
-    let address = cfg.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+    let scheme = if cfg.server.starts_with("https://") {
+        "https"
+    } else {
+        "http"
+    };
+    let address = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     // Peers reach this node's QEMUs (migration, NBD) at the advertised host.
     let host = address
         .split("://")
@@ -125,8 +185,31 @@ pub async fn run(
         .filter(|h| !h.is_empty())
         .unwrap_or("127.0.0.1")
         .to_string();
+    let tls = if cfg.server.starts_with("https://") {
+        Some(credentials(&cfg, &host).await?)
+    } else {
+        None
+    };
+    let http_builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    let (client, peers_http) = match &tls {
+        Some((identity, ca)) => (
+            Client::with_tls(&cfg.server, "", Some(novacron_tls::client_config(ca, Some(identity))?))?,
+            novacron_tls::http_client(http_builder, Some(ca), Some(identity))?,
+        ),
+        None => {
+            let token = cfg
+                .token
+                .clone()
+                .ok_or_else(|| AgentError::Credentials("an http:// server needs a token".into()))?;
+            (
+                Client::new(&cfg.server, &token)?,
+                http_builder
+                    .build()
+                    .map_err(|e| AgentError::Credentials(format!("HTTP client: {e}")))?,
+            )
+        }
+    };
     let secret = Arc::new(RwLock::new(None));
-    let client = Client::new(&cfg.server, &cfg.token)?;
     let images = Arc::new(images::ImageCache::new(cfg.data_dir.join("images")));
     let migrations = migration::Migrations::new(
         cfg.name.clone(),
@@ -137,17 +220,33 @@ pub async fn run(
         client.clone(),
         secret.clone(),
         host,
+        peers_http,
     );
     let http_state = http::HttpState {
         vms_root: vms_root.clone(),
         secret: secret.clone(),
         migrations: migrations.clone(),
     };
-    let http = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, http::router(http_state)).await {
-            tracing::error!(error = %e, "agent HTTP server failed");
+    let http = match &tls {
+        Some((identity, ca)) => {
+            // Only the server and other agents (certificates from the cluster CA) get in.
+            let config = novacron_tls::server_config(identity, ca, novacron_tls::ClientAuth::Required)?;
+            let listener = novacron_tls::TlsListener::new(listener, config).map_err(|source| AgentError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, http::router(http_state)).await {
+                    tracing::error!(error = %e, "agent HTTPS server failed");
+                }
+            })
         }
-    });
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, http::router(http_state)).await {
+                tracing::error!(error = %e, "agent HTTP server failed");
+            }
+        }),
+    };
     tracing::info!(node = %cfg.name, addr = %local, accel = %accel, "agent listening");
 
     let registration = RegisterNode {

@@ -191,6 +191,7 @@ impl Migrations {
         client: Client,
         secret: Arc<RwLock<Option<String>>>,
         host: String,
+        http: reqwest::Client,
     ) -> Self {
         Migrations {
             node,
@@ -203,10 +204,7 @@ impl Migrations {
             host,
             migrating: Arc::default(),
             known: Arc::default(),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
+            http,
         }
     }
 

@@ -80,11 +80,25 @@ pub struct Client {
 
 impl Client {
     pub fn new(base_url: &str, token: &str) -> Result<Self, ClientError> {
+        Self::with_tls::<()>(base_url, token, None)
+    }
+
+    /// A client whose HTTPS uses `tls` (a `rustls::ClientConfig`: the
+    /// cluster CA, and the agent's certificate when it has one). An empty
+    /// `token` sends no Authorization header.
+    pub fn with_tls<C: std::any::Any + Clone + Send>(
+        base_url: &str,
+        token: &str,
+        tls: Option<C>,
+    ) -> Result<Self, ClientError> {
         let base = base_url.trim_end_matches('/').to_string();
         let build = |timeout: Option<Duration>| {
             let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
             if let Some(t) = timeout {
                 b = b.timeout(t);
+            }
+            if let Some(cfg) = &tls {
+                b = b.use_preconfigured_tls(cfg.clone());
             }
             b.build().map_err(|source| ClientError::Http {
                 url: base.clone(),
@@ -112,14 +126,15 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|source| ClientError::Http {
-                url: url.to_string(),
-                source,
-            })?;
+        let req = if self.token.is_empty() {
+            req
+        } else {
+            req.bearer_auth(&self.token)
+        };
+        let resp = req.send().await.map_err(|source| ClientError::Http {
+            url: url.to_string(),
+            source,
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }

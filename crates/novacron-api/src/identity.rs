@@ -279,9 +279,38 @@ pub struct CreateToken {
     #[serde(default)]
     pub project: Option<String>,
     /// Lifetime in seconds; absent = 30 days, or no expiry for callers
-    /// allowed to manage all tokens.
+    /// allowed to manage all tokens (1 hour for join tokens).
     #[serde(default)]
     pub ttl_s: Option<u64>,
+    /// A one-time token with which an agent joins the cluster and gets its
+    /// client certificate (`role` is ignored).
+    #[serde(default)]
+    pub join: bool,
+}
+
+/// An agent's request for its certificate, made with a join token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinNode {
+    /// Node name (DNS label).
+    pub name: String,
+    /// Hosts (IP addresses or DNS names) the agent is reached at; they go in its certificate.
+    pub hosts: Vec<String>,
+}
+
+/// The agent's credentials: PEM certificate and key (shown once) and the cluster CA.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinedNode {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+/// The certificate a node authenticates with (its SHA-256); deleting it
+/// locks the node out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeCredential {
+    pub metadata: Metadata,
+    pub cert_sha256: String,
 }
 
 /// A new token with its secret, shown once.

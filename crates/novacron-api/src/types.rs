@@ -626,3 +626,4 @@ impl_object!(crate::identity::Token, "token");
 impl_object!(crate::identity::Role, "role");
 impl_object!(crate::identity::Project, "project");
 impl_object!(crate::identity::AuditRecord, "audit");
+impl_object!(crate::identity::NodeCredential, "nodecredential");

@@ -3,7 +3,6 @@
 //! kept outside the database in `audit.head`, so deleting records at the end
 //! is detected too.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -15,6 +14,8 @@ use chrono::Utc;
 use novacron_api::{AuditEntry, AuditRecord, AuditVerification, Metadata};
 use novacron_store::{decode_record, SharedStore, StoreError, StoreExt};
 use sha2::{Digest, Sha256};
+
+use novacron_tls::PeerInfo;
 
 use crate::auth::AuditContext;
 use crate::error::ErrorMessage;
@@ -202,8 +203,8 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
     let path = req.uri().path().to_string();
     let source = req
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string());
+        .get::<ConnectInfo<PeerInfo>>()
+        .map(|c| c.0.addr.ip().to_string());
     let resp = next.run(req).await;
     let status = resp.status();
     let context = resp.extensions().get::<Arc<AuditContext>>().cloned();

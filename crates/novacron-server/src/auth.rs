@@ -11,14 +11,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use novacron_api::{Metadata, Permission, Project, Resource, Role, Token, Verb};
+use novacron_api::{Metadata, NodeCredential, Permission, Project, Resource, Role, Token, Verb};
 use novacron_store::{SharedStore, StoreExt};
 use sha2::{Digest, Sha256};
+
+use novacron_tls::PeerInfo;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -115,7 +117,8 @@ fn perms(list: &[(Resource, &[Verb])]) -> BTreeSet<Permission> {
 }
 
 /// The built-in roles: admin (everything), operator (VM lifecycle and
-/// migration in a project), viewer (read-only) and agent (what node agents do).
+/// migration in a project), viewer (read-only), agent (what node agents do)
+/// and join (what a join token may do: get an agent certificate).
 pub fn builtin_roles() -> Vec<Role> {
     use Resource::*;
     use Verb::*;
@@ -142,11 +145,14 @@ pub fn builtin_roles() -> Vec<Role> {
         (Migrations, &[Read, Status]),
         (Images, read),
     ]);
+    // One-time join tokens can only fetch an agent certificate.
+    let join = perms(&[(Nodes, &[Create])]);
     [
         ("admin", perms(&admin)),
         ("operator", operator),
         ("viewer", viewer),
         ("agent", agent),
+        ("join", join),
     ]
     .into_iter()
     .map(|(name, permissions)| Role {
@@ -213,13 +219,18 @@ pub fn write_secret_file(path: &Path, secret: &str) -> Result<(), std::io::Error
 #[derive(Default)]
 pub struct AuthIndex {
     tokens: RwLock<HashMap<String, Token>>,
+    /// Agent certificate SHA-256 -> node name.
+    credentials: RwLock<HashMap<String, String>>,
+    /// With TLS, agents authenticate with certificates, never with tokens.
+    pub agent_tokens_refused: bool,
     custom_roles: RwLock<HashMap<String, Arc<BTreeSet<Permission>>>>,
     builtin: HashMap<String, Arc<BTreeSet<Permission>>>,
 }
 
 impl AuthIndex {
-    pub async fn load(store: &SharedStore) -> Result<Self, novacron_store::StoreError> {
+    pub async fn load(store: &SharedStore, agent_tokens_refused: bool) -> Result<Self, novacron_store::StoreError> {
         let index = AuthIndex {
+            agent_tokens_refused,
             builtin: builtin_roles()
                 .into_iter()
                 .map(|r| (r.metadata.name, Arc::new(r.permissions)))
@@ -232,7 +243,40 @@ impl AuthIndex {
         for r in store.list_all::<Role>().await? {
             index.set_role(&r);
         }
+        for c in store.list_all::<NodeCredential>().await? {
+            index.set_credential(&c);
+        }
         Ok(index)
+    }
+
+    pub fn set_credential(&self, c: &NodeCredential) {
+        let mut map = self.credentials.write().unwrap_or_else(|e| e.into_inner());
+        // One certificate per node: a re-join replaces the old one.
+        map.retain(|_, node| *node != c.metadata.name);
+        map.insert(c.cert_sha256.clone(), c.metadata.name.clone());
+    }
+
+    /// The agent principal of a node presenting a certificate the server issued.
+    pub fn authenticate_cert(&self, sha256: &str) -> Option<Principal> {
+        let node = self
+            .credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sha256)
+            .cloned()?;
+        let actor = format!("node:{node}");
+        Some(Principal {
+            audit: Arc::new(AuditContext {
+                actor: Mutex::new(Some(actor.clone())),
+                project: Mutex::new(None),
+            }),
+            actor: actor.clone(),
+            user: None,
+            token: actor,
+            role: "agent".into(),
+            permissions: self.permissions("agent").unwrap_or_default(),
+            project: None,
+        })
     }
 
     pub fn insert_token(&self, t: &Token) {
@@ -293,6 +337,9 @@ impl AuthIndex {
             .ok_or("Invalid token")?;
         if token.expires_at.is_some_and(|t| t <= Utc::now()) {
             return Err("Token expired");
+        }
+        if self.agent_tokens_refused && token.role == "agent" {
+            return Err("Agents authenticate with their certificate, not a token");
         }
         let permissions = self.permissions(&token.role).unwrap_or_default();
         let actor = match &token.user {
@@ -372,15 +419,27 @@ pub fn rate_limiter(per_s: u32, burst: u32) -> Option<RateLimiter> {
 /// Middleware: every request must carry a valid bearer token, within its rate.
 pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
     let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let Some(secret) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-        return Err(ApiError::unauthorized("Missing bearer token"));
-    };
-    let principal = match state.auth.authenticate(secret.trim()) {
-        Ok(p) => p,
-        Err(reason) => {
-            tracing::warn!(reason, "request with an unusable token");
-            return Err(ApiError::unauthorized(reason));
-        }
+    let secret = header
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let client_cert = req
+        .extensions()
+        .get::<ConnectInfo<PeerInfo>>()
+        .and_then(|c| c.0.cert_sha256.clone());
+    let principal = match (secret, client_cert) {
+        (Some(secret), _) => match state.auth.authenticate(secret) {
+            Ok(p) => p,
+            Err(reason) => {
+                tracing::warn!(reason, "request with an unusable token");
+                return Err(ApiError::unauthorized(reason));
+            }
+        },
+        (None, Some(cert)) => match state.auth.authenticate_cert(&cert) {
+            Some(p) => p,
+            None => return Err(ApiError::unauthorized("Unknown or revoked agent certificate")),
+        },
+        (None, None) => return Err(ApiError::unauthorized("Missing bearer token")),
     };
     if let Some(limiter) = &state.rate_limiter {
         if let Err(not_until) = limiter.check_key(&principal.token) {

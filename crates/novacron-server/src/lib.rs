@@ -36,6 +36,29 @@ pub struct ServerConfig {
     pub node_grace: Duration,
     /// Requests per second and burst allowed per token; `None` = unlimited.
     pub rate_limit: Option<(u32, u32)>,
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum TlsConfig {
+    /// Plain HTTP (dev clusters on loopback); agents authenticate with tokens.
+    Off,
+    /// HTTPS; agents join with one-time tokens and authenticate with
+    /// certificates from the cluster CA (`<data-dir>/pki`).
+    On {
+        /// Certificate and key to serve the API with; default: one from the
+        /// cluster CA for localhost, this host's name and `extra_names`.
+        given: Option<(PathBuf, PathBuf)>,
+        extra_names: Vec<String>,
+    },
+}
+
+/// The server's TLS material.
+pub struct ServerTls {
+    pub ca: novacron_tls::ClusterCa,
+    pub listener: Arc<novacron_tls::rustls::ServerConfig>,
+    /// What the server presents to agents when it calls them.
+    pub agent_client: Arc<novacron_tls::rustls::ClientConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +75,8 @@ pub enum ServerError {
     Bootstrap(#[from] auth::BootstrapError),
     #[error("Cannot open the audit log")]
     Audit(#[from] audit::AuditError),
+    #[error("TLS setup failed")]
+    Tls(#[from] novacron_tls::TlsError),
     #[error("Cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -74,6 +99,8 @@ pub struct AppState {
     pub login_throttle: Arc<auth::LoginThrottle>,
     /// Serializes quota checks with the creates they admit.
     pub quota_lock: Arc<tokio::sync::Mutex<()>>,
+    /// `None` when serving plain HTTP.
+    pub tls: Option<Arc<ServerTls>>,
     pub config: Arc<ServerConfig>,
     /// Secret the server presents to agents.
     pub agent_secret: Arc<str>,
@@ -165,15 +192,39 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
             s
         }
     };
-    let auth = Arc::new(auth::AuthIndex::load(&store).await?);
+    let (tls, agent_identity) = match &config.tls {
+        TlsConfig::Off => (None, None),
+        TlsConfig::On { given, extra_names } => {
+            let ca = novacron_tls::ClusterCa::load_or_create(&config.data_dir.join("pki"))?;
+            let mut names = local_names(config.listen);
+            names.extend(extra_names.iter().cloned());
+            let generated = ca.issue("novacron-server", &names)?;
+            let identity = match given {
+                Some((cert, key)) => novacron_tls::Identity::load(cert, key)?,
+                None => generated.clone(),
+            };
+            let listener = novacron_tls::server_config(&identity, &ca.cert_pem, novacron_tls::ClientAuth::Optional)?;
+            let agent_client = Arc::new(novacron_tls::client_config(&ca.cert_pem, Some(&generated))?);
+            (
+                Some(Arc::new(ServerTls {
+                    ca,
+                    listener,
+                    agent_client,
+                })),
+                Some(generated),
+            )
+        }
+    };
+    let auth = Arc::new(auth::AuthIndex::load(&store, tls.is_some()).await?);
     let rate_limiter = config
         .rate_limit
         .and_then(|(per_s, burst)| auth::rate_limiter(per_s, burst))
         .map(Arc::new);
-    let agents = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(ServerError::Http)?;
+    let agents_builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    let agents = match (&tls, &agent_identity) {
+        (Some(t), Some(id)) => novacron_tls::http_client(agents_builder, Some(&t.ca.cert_pem), Some(id))?,
+        _ => agents_builder.build().map_err(ServerError::Http)?,
+    };
     Ok(AppState {
         store,
         auth,
@@ -181,11 +232,27 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         rate_limiter,
         login_throttle: Default::default(),
         quota_lock: Default::default(),
+        tls,
         config: Arc::new(config),
         agent_secret: agent_secret.into(),
         placement_wakeup: Arc::new(Notify::new()),
         agents,
     })
+}
+
+/// Names the generated server certificate is valid for.
+fn local_names(listen: SocketAddr) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim();
+        if !host.is_empty() {
+            names.push(host.to_string());
+        }
+    }
+    if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
+        names.push(listen.ip().to_string());
+    }
+    names
 }
 
 /// Runs the server until `shutdown` resolves.
@@ -199,15 +266,28 @@ pub async fn run(
         .await
         .map_err(|source| ServerError::Listen { addr: listen, source })?;
     let local = listener.local_addr().map_err(ServerError::Serve)?;
-    tracing::info!(addr = %local, data_dir = %state.config.data_dir.display(), "server listening");
+    let scheme = if state.tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %local, scheme, data_dir = %state.config.data_dir.display(), "server listening");
     let mut controllers = controllers::spawn(state.clone());
     // Watch streams never end by themselves, so graceful shutdown gets a
     // short grace period and then the server stops regardless.
     let stop = tokio_util::sync::CancellationToken::new();
-    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
-    let serve = axum::serve(listener, service).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let tls = state.tls.clone();
+    let service = app(state).into_make_service_with_connect_info::<novacron_tls::PeerInfo>();
+    let graceful = stop.clone().cancelled_owned();
+    let serve = async move {
+        match tls {
+            Some(t) => {
+                let listener =
+                    novacron_tls::TlsListener::new(listener, t.listener.clone()).map_err(ServerError::Serve)?;
+                axum::serve(listener, service).with_graceful_shutdown(graceful).await
+            }
+            None => axum::serve(listener, service).with_graceful_shutdown(graceful).await,
+        }
+        .map_err(ServerError::Serve)
+    };
     let result = tokio::select! {
-        r = serve => r.map_err(ServerError::Serve),
+        r = serve => r,
         _ = async {
             shutdown.await;
             stop.cancel();

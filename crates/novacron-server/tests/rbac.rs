@@ -35,6 +35,7 @@ impl Harness {
             listen: "127.0.0.1:0".parse().unwrap(),
             node_grace: Duration::from_secs(15),
             rate_limit,
+            tls: novacron_server::TlsConfig::Off,
         })
         .await
         .unwrap();
@@ -248,6 +249,7 @@ const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("GET", "/v1/nodes/{name}", "YYYYYn", "YYYYYn"),
     ("DELETE", "/v1/nodes/{name}", "Ynnnnn", "Ynnnnn"),
     ("POST", "/v1/nodes/register", "YnnnYn", "YnnnYn"),
+    ("POST", "/v1/nodes/join", "Ynnnnn", "Ynnnnn"),
     ("POST", "/v1/nodes/{name}/heartbeat", "YnnnYn", "YnnnYn"),
     ("POST", "/v1/nodes/{name}/cordon", "Ynnnnn", "Ynnnnn"),
     ("POST", "/v1/nodes/{name}/uncordon", "Ynnnnn", "Ynnnnn"),
@@ -302,6 +304,7 @@ async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: usiz
         ),
         ("POST", "/v1/images") => Some(json!({"name": fresh, "project": p, "format": "kernel"})),
         ("POST", "/v1/migrations") => Some(json!({"vm": format!("vm-{p}")})),
+        ("POST", "/v1/nodes/join") => Some(json!({"name": "node-9", "hosts": ["127.0.0.1"]})),
         ("POST", "/v1/nodes/register") => Some(
             json!({"name": "node-1", "address": "http://127.0.0.1:9", "capacity": {"vcpus": 64, "memory_mib": 65536}}),
         ),

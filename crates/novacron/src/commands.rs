@@ -224,8 +224,7 @@ pub enum ImageCommand {
 }
 
 pub fn client(g: &Global) -> Result<Client> {
-    let t = config::resolve(g.server.clone(), g.token.clone(), g.dev_dir.clone())?;
-    Ok(Client::new(&t.server, &t.token)?)
+    config::resolve(g.server.clone(), g.token.clone(), g.ca_cert.clone(), g.dev_dir.clone())?.client()
 }
 
 pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {

@@ -13,6 +13,9 @@ pub const DEFAULT_DEV_PORT: u16 = 8420;
 pub struct ConfigFile {
     pub server: Option<String>,
     pub token: Option<String>,
+    /// CA certificate file for an https:// server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 fn home() -> PathBuf {
@@ -59,9 +62,30 @@ pub fn save(file: &ConfigFile) -> Result<()> {
 pub struct Target {
     pub server: String,
     pub token: String,
+    pub ca_cert: Option<PathBuf>,
 }
 
-pub fn resolve(server: Option<String>, token: Option<String>, dev_dir: Option<PathBuf>) -> Result<Target> {
+impl Target {
+    /// An API client; HTTPS trusts the CA file when one is given, else the system roots.
+    pub fn client(&self) -> Result<novacron_api::client::Client> {
+        Ok(match &self.ca_cert {
+            Some(path) => {
+                let ca = std::fs::read_to_string(path)
+                    .with_context(|| format!("Cannot read the CA certificate {}", path.display()))?;
+                let tls = novacron_tls::client_config(&ca, None)?;
+                novacron_api::client::Client::with_tls(&self.server, &self.token, Some(tls))?
+            }
+            None => novacron_api::client::Client::new(&self.server, &self.token)?,
+        })
+    }
+}
+
+pub fn resolve(
+    server: Option<String>,
+    token: Option<String>,
+    ca_cert: Option<PathBuf>,
+    dev_dir: Option<PathBuf>,
+) -> Result<Target> {
     let file: ConfigFile = match std::fs::read(config_path()) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .with_context(|| format!("Invalid config file {}", config_path().display()))?,
@@ -84,5 +108,9 @@ pub fn resolve(server: Option<String>, token: Option<String>, dev_dir: Option<Pa
             config_path().display()
         );
     };
-    Ok(Target { server, token })
+    Ok(Target {
+        server,
+        token,
+        ca_cert: ca_cert.or(file.ca_cert),
+    })
 }

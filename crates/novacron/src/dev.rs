@@ -77,6 +77,9 @@ async fn wait_ready(base: &str) -> Result<()> {
 pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let dir = a.data_dir.clone().unwrap_or_else(config::default_dev_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    if !a.listen.ip().is_loopback() {
+        bail!("novacron dev serves plain HTTP, so it listens on loopback only; use `novacron server` (HTTPS) for other addresses");
+    }
     let stop = CancellationToken::new();
 
     let server_args = ServerArgs {
@@ -85,6 +88,11 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         node_grace: a.node_grace,
         rate_limit: 500,
         rate_burst: 1000,
+        // Loopback only: plain HTTP, agents use the admin token.
+        insecure_http: true,
+        tls_cert: None,
+        tls_key: None,
+        tls_names: Vec::new(),
     };
     let server = tokio::spawn(novacron_server::run(
         crate::server_config(&server_args),
@@ -112,8 +120,9 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
             qemu: "qemu-system-x86_64".into(),
             accel: a.accel.clone(),
             probe_timeout: Duration::from_secs(2),
+            join_token: None,
         };
-        let cfg = crate::agent_config(&args, base.clone(), token.clone());
+        let cfg = crate::agent_config(&args, base.clone(), Some(token.clone()), None);
         agents.push(tokio::spawn(novacron_agent::run(cfg, stop.clone().cancelled_owned())));
     }
 

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use novacron_api::client::Client;
 use novacron_api::units::{format_mib, parse_mib};
 use novacron_api::{
     AuditRecord, AuditVerification, CreateProject, CreateRole, CreateToken, CreateUser, IssuedToken, List, Login,
@@ -63,8 +62,11 @@ pub enum TokenCommand {
     /// Create a token (prints the secret once).
     Create {
         name: String,
-        #[arg(long)]
-        role: String,
+        #[arg(long, required_unless_present = "join")]
+        role: Option<String>,
+        /// A one-time token for an agent to join the cluster (`novacron agent --join-token`).
+        #[arg(long, conflicts_with_all = ["role", "project"])]
+        join: bool,
         #[arg(long)]
         project: Option<String>,
         /// Lifetime, e.g. 30d, 12h.
@@ -197,12 +199,6 @@ fn read_password(prompt: &str) -> Result<String> {
     }
 }
 
-fn server_url(g: &Global) -> String {
-    config::resolve(g.server.clone(), Some(String::new()), g.dev_dir.clone())
-        .map(|t| t.server)
-        .unwrap_or_else(|_| format!("http://127.0.0.1:{}", config::DEFAULT_DEV_PORT))
-}
-
 /// `novacron login`: exchanges credentials for a token and saves it with the
 /// server URL in the CLI config file.
 pub async fn login(g: &Global, a: LoginArgs) -> Result<()> {
@@ -213,8 +209,15 @@ pub async fn login(g: &Global, a: LoginArgs) -> Result<()> {
     } else {
         read_password(&format!("Password for {}: ", a.user))?
     };
-    let server = server_url(g);
-    let c = Client::new(&server, "")?;
+    // Where to log in: the usual server resolution, without a token.
+    let target = config::resolve(
+        g.server.clone(),
+        Some(String::new()),
+        g.ca_cert.clone(),
+        g.dev_dir.clone(),
+    )?;
+    let server = target.server.clone();
+    let c = target.client()?;
     let issued: IssuedToken = c
         .post_json(
             "login",
@@ -230,6 +233,7 @@ pub async fn login(g: &Global, a: LoginArgs) -> Result<()> {
     config::save(&config::ConfigFile {
         server: Some(server.clone()),
         token: Some(issued.secret.clone()),
+        ca_cert: target.ca_cert.as_ref().and_then(|p| std::path::absolute(p).ok()),
     })?;
     match g.output {
         Format::Table => println!(
@@ -342,6 +346,7 @@ pub async fn token(g: &Global, cmd: TokenCommand) -> Result<()> {
         TokenCommand::Create {
             name,
             role,
+            join,
             project,
             ttl,
         } => {
@@ -350,9 +355,10 @@ pub async fn token(g: &Global, cmd: TokenCommand) -> Result<()> {
                     "tokens",
                     &CreateToken {
                         name,
-                        role,
+                        role: role.unwrap_or_else(|| "join".into()),
                         project,
                         ttl_s: ttl.map(|d| d.as_secs()),
+                        join,
                     },
                 )
                 .await?;

@@ -38,6 +38,9 @@ pub struct Global {
     /// API token.
     #[arg(long, env = "NOVACRON_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate to trust for an https:// server (`<server data dir>/pki/ca.crt`).
+    #[arg(long, env = "NOVACRON_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
     /// Dev cluster data directory (to find its server and token).
     #[arg(long, env = "NOVACRON_DEV_DIR", global = true)]
     pub dev_dir: Option<PathBuf>,
@@ -96,6 +99,17 @@ pub struct ServerArgs {
     /// A node is NotReady after this long without a heartbeat (e.g. 15s).
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub node_grace: Duration,
+    /// Serve plain HTTP instead of HTTPS (agents then authenticate with tokens).
+    #[arg(long)]
+    pub insecure_http: bool,
+    /// Serve the API with this certificate (PEM) instead of one from the cluster CA.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra DNS name or IP address for the generated server certificate (repeatable).
+    #[arg(long = "tls-name")]
+    pub tls_names: Vec<String>,
     /// Requests per second allowed per token (0 = no limit).
     #[arg(long, default_value_t = 500)]
     pub rate_limit: u32,
@@ -133,6 +147,10 @@ pub struct AgentArgs {
     /// auto (probe KVM, fall back to TCG), kvm or tcg.
     #[arg(long, default_value = "auto")]
     pub accel: String,
+    /// One-time token from `novacron token create NAME --join` (HTTPS servers;
+    /// needed until the agent has its certificate in `<data-dir>/tls`).
+    #[arg(long, env = "NOVACRON_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
     /// How long the KVM probe guest may take before falling back to TCG
     /// (working KVM needs well under a second).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -187,13 +205,28 @@ pub fn server_config(a: &ServerArgs) -> novacron_server::ServerConfig {
         listen: a.listen,
         node_grace: a.node_grace,
         rate_limit: (a.rate_limit > 0).then_some((a.rate_limit, a.rate_burst.max(1))),
+        tls: if a.insecure_http {
+            novacron_server::TlsConfig::Off
+        } else {
+            novacron_server::TlsConfig::On {
+                given: a.tls_cert.clone().zip(a.tls_key.clone()),
+                extra_names: a.tls_names.clone(),
+            }
+        },
     }
 }
 
-pub fn agent_config(a: &AgentArgs, server: String, token: String) -> novacron_agent::AgentConfig {
+pub fn agent_config(
+    a: &AgentArgs,
+    server: String,
+    token: Option<String>,
+    ca_cert: Option<PathBuf>,
+) -> novacron_agent::AgentConfig {
     novacron_agent::AgentConfig {
         server,
         token,
+        join_token: a.join_token.clone(),
+        ca_cert,
         name: a.name.clone(),
         data_dir: a.data_dir.clone(),
         listen: a.listen,
@@ -222,12 +255,12 @@ async fn run(cli: Cli) -> Result<()> {
                 .server
                 .clone()
                 .context("The agent needs the server URL: --server or NOVACRON_SERVER")?;
-            let token = cli
-                .global
-                .token
-                .clone()
-                .context("The agent needs a token: --token or NOVACRON_TOKEN")?;
-            novacron_agent::run(agent_config(&a, server, token), shutdown_signal()).await?;
+            let token = cli.global.token.clone();
+            novacron_agent::run(
+                agent_config(&a, server, token, cli.global.ca_cert.clone()),
+                shutdown_signal(),
+            )
+            .await?;
             Ok(())
         }
         Command::Dev(a) => {

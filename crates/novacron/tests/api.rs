@@ -19,7 +19,7 @@ async fn raw(
     token: Option<&str>,
     body: Option<String>,
 ) -> (u16, Value) {
-    let mut req = reqwest::Client::new().request(method, format!("{}{path}", c.url));
+    let mut req = c.http().request(method, format!("{}{path}", c.url));
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }

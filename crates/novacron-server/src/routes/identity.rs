@@ -1,6 +1,7 @@
 //! Identity: login, users, tokens, roles, projects with quotas, and the audit log.
 
 use std::net::SocketAddr;
+
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, State};
@@ -61,12 +62,12 @@ pub fn login_router() -> OpenApiRouter<AppState> {
         (status = 429, body = novacron_api::ErrorBody)))]
 async fn login(
     State(state): State<AppState>,
-    source: Option<Extension<ConnectInfo<SocketAddr>>>,
+    source: Option<Extension<ConnectInfo<novacron_tls::PeerInfo>>>,
     ApiJson(req): ApiJson<Login>,
 ) -> Response {
     let audit = Arc::new(AuditContext::default());
     audit.set_actor(&req.user);
-    let mut resp = match login_inner(&state, source.map(|c| c.0 .0), req).await {
+    let mut resp = match login_inner(&state, source.map(|c| c.0 .0.addr), req).await {
         Ok(issued) => Json(issued).into_response(),
         Err(e) => e.into_response(),
     };
@@ -406,6 +407,9 @@ async fn create_token(
     ApiJson(req): ApiJson<CreateToken>,
 ) -> ApiResult<(StatusCode, Json<IssuedToken>)> {
     validate::name("name", &req.name)?;
+    if req.join {
+        return create_join_token(&state, &p, req).await;
+    }
     let Some(wanted) = state.auth.permissions(&req.role) else {
         return Err(ApiError::invalid("role", format!("unknown role {:?}", req.role)));
     };
@@ -445,7 +449,31 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(issued)))
 }
 
-async fn revoke(state: &AppState, name: &str) -> ApiResult<Token> {
+/// A one-time token with which an agent fetches its certificate.
+async fn create_join_token(
+    state: &AppState,
+    p: &Principal,
+    req: CreateToken,
+) -> ApiResult<(StatusCode, Json<IssuedToken>)> {
+    authorize(p, Resource::Nodes, Verb::Create, None)?;
+    if state.tls.is_none() {
+        return Err(ApiError::conflict(
+            "this server runs without TLS; agents authenticate with tokens",
+        ));
+    }
+    let ttl = req.ttl_s.unwrap_or(3600);
+    if !(60..=MAX_TTL_S).contains(&ttl) {
+        return Err(ApiError::invalid(
+            "ttl_s",
+            format!("ttl must be between 60 and {MAX_TTL_S} s"),
+        ));
+    }
+    let issued = issue_token(state, &req.name, p.user.clone(), "join".into(), None, Some(ttl)).await?;
+    tracing::info!(token = %req.name, by = %p.actor, "created join token");
+    Ok((StatusCode::CREATED, Json(issued)))
+}
+
+pub(crate) async fn revoke(state: &AppState, name: &str) -> ApiResult<Token> {
     let t = state
         .store
         .modify::<Token, _>(name, |t| {

@@ -6,7 +6,8 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::Utc;
 use novacron_api::{
-    validate, Metadata, Node, NodeSpec, NodeStatus, RegisterNode, RegisterNodeResponse, Resource, Resources, Verb, Vm,
+    validate, JoinNode, JoinedNode, Metadata, Node, NodeCredential, NodeSpec, NodeStatus, RegisterNode,
+    RegisterNodeResponse, Resource, Resources, Verb, Vm,
 };
 use novacron_store::{StoreError, StoreExt};
 use utoipa_axum::router::OpenApiRouter;
@@ -23,6 +24,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_nodes))
         .routes(routes!(get_node, delete_node))
         .routes(routes!(register_node))
+        .routes(routes!(join_node))
         .routes(routes!(heartbeat))
         .routes(routes!(cordon_node))
         .routes(routes!(uncordon_node))
@@ -102,6 +104,65 @@ async fn delete_node(
         .delete_obj::<Node>(&node.metadata.name, Some(node.metadata.resource_version))
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Agent, with a join token: get the node's certificate from the cluster CA.
+/// A join token works once.
+#[utoipa::path(post, path = "/v1/nodes/join", tag = "agent", request_body = JoinNode,
+    responses((status = 200, body = JoinedNode), (status = 409, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody)))]
+async fn join_node(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiJson(req): ApiJson<JoinNode>,
+) -> ApiResult<Json<JoinedNode>> {
+    authorize(&p, Resource::Nodes, Verb::Create, None)?;
+    let Some(tls) = state.tls.clone() else {
+        return Err(ApiError::conflict(
+            "this server runs without TLS; agents authenticate with tokens",
+        ));
+    };
+    validate::name("name", &req.name)?;
+    if req.hosts.is_empty() || req.hosts.len() > 16 {
+        return Err(ApiError::invalid("hosts", "give 1 to 16 host names or addresses"));
+    }
+    for h in &req.hosts {
+        let ok = !h.is_empty() && h.len() <= 253 && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c));
+        if !ok {
+            return Err(ApiError::invalid(
+                "hosts",
+                format!("{h:?} is not a host name or IP address"),
+            ));
+        }
+    }
+    // Spend a join token before anything is issued: it works once even when
+    // two agents race with it.
+    if p.role == "join" {
+        super::identity::revoke(&state, &p.token).await?;
+    }
+    let identity = tls
+        .ca
+        .issue(&format!("node:{}", req.name), &req.hosts)
+        .map_err(|e| ApiError::internal("Cannot issue the node certificate", &e))?;
+    let cert_sha256 = identity
+        .fingerprint()
+        .map_err(|e| ApiError::internal("Cannot read the node certificate", &e))?;
+    if state.store.get_obj::<NodeCredential>(&req.name).await?.is_some() {
+        state.store.delete_obj::<NodeCredential>(&req.name, None).await?;
+    }
+    let credential = state
+        .store
+        .create_obj(&NodeCredential {
+            metadata: Metadata::new(&req.name, Default::default()),
+            cert_sha256,
+        })
+        .await?;
+    state.auth.set_credential(&credential);
+    tracing::info!(node = %req.name, by = %p.actor, "node joined");
+    Ok(Json(JoinedNode {
+        cert_pem: identity.cert_pem,
+        key_pem: identity.key_pem,
+        ca_pem: tls.ca.cert_pem.clone(),
+    }))
 }
 
 /// Agent: register (or re-register) a node. Returns the secret the server

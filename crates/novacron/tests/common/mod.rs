@@ -61,6 +61,8 @@ pub struct AgentProc {
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// HTTPS with agents on certificates (the default), or plain HTTP with tokens.
+    pub tls: bool,
     pub port: u16,
     pub url: String,
     pub token: String,
@@ -76,6 +78,7 @@ pub struct Options {
     pub agent_vcpus: u32,
     pub heartbeat: &'static str,
     pub node_grace: &'static str,
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -86,6 +89,7 @@ impl Default for Options {
             agent_vcpus: 4,
             heartbeat: "1s",
             node_grace: "15s",
+            tls: true,
         }
     }
 }
@@ -103,8 +107,8 @@ impl Cluster {
             .tempdir_in("/tmp")
             .expect("tempdir");
         let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
-        let server_args = vec![
+        let url = format!("{}://127.0.0.1:{port}", if opts.tls { "https" } else { "http" });
+        let mut server_args = vec![
             "server".to_string(),
             "--data-dir".into(),
             dir.path().join("server").display().to_string(),
@@ -113,7 +117,11 @@ impl Cluster {
             "--node-grace".into(),
             opts.node_grace.into(),
         ];
+        if !opts.tls {
+            server_args.push("--insecure-http".into());
+        }
         let mut cluster = Cluster {
+            tls: opts.tls,
             port,
             url: url.clone(),
             token: String::new(),
@@ -129,7 +137,7 @@ impl Cluster {
             .expect("admin token")
             .trim()
             .to_string();
-        cluster.client = Client::new(&url, &cluster.token).expect("client");
+        cluster.client = cluster.client_with_token(&cluster.token.clone());
         for i in 1..=opts.agents {
             cluster
                 .add_agent(
@@ -143,6 +151,34 @@ impl Cluster {
         cluster
     }
 
+    /// The cluster CA certificate (TLS clusters).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("server/pki/ca.crt")
+    }
+
+    fn tls_config(&self, identity: Option<&novacron_tls::Identity>) -> Option<novacron_tls::rustls::ClientConfig> {
+        self.tls.then(|| {
+            let ca = std::fs::read_to_string(self.ca_path()).expect("CA certificate");
+            novacron_tls::client_config(&ca, identity).expect("TLS config")
+        })
+    }
+
+    /// An API client with `token`, trusting the cluster CA.
+    pub fn client_with_token(&self, token: &str) -> Client {
+        Client::with_tls(&self.url, token, self.tls_config(None)).expect("client")
+    }
+
+    /// A plain HTTP client for raw requests, trusting the cluster CA.
+    pub fn http(&self) -> reqwest::Client {
+        match self.tls_config(None) {
+            Some(cfg) => reqwest::Client::builder()
+                .use_preconfigured_tls(cfg)
+                .build()
+                .expect("http client"),
+            None => reqwest::Client::new(),
+        }
+    }
+
     pub async fn start_server(&mut self) {
         let child = Command::new(BIN)
             .args(&self.server_args)
@@ -152,13 +188,14 @@ impl Cluster {
             .spawn()
             .expect("spawn server");
         self.server = Some(child);
-        let http = reqwest::Client::new();
         let url = format!("{}/readyz", self.url);
         wait_until("server ready", Duration::from_secs(30), || {
-            let http = http.clone();
+            // The CA file appears at the first start.
+            let http = (!self.tls || self.ca_path().exists()).then(|| self.http());
             let url = url.clone();
             async move {
-                http.get(&url)
+                http?
+                    .get(&url)
                     .send()
                     .await
                     .ok()
@@ -178,12 +215,33 @@ impl Cluster {
 
     pub async fn add_agent(&mut self, name: &str, vcpus: u32, memory: &str, heartbeat: &str) {
         let data_dir = self.dir.path().join(name);
-        let args = vec![
-            "agent".to_string(),
-            "--server".into(),
-            self.url.clone(),
-            "--token".into(),
-            self.token.clone(),
+        let credentials = if self.tls {
+            let issued: novacron_api::IssuedToken = self
+                .client
+                .post_json(
+                    "tokens",
+                    &novacron_api::CreateToken {
+                        name: format!("join-{name}-{}", free_port()),
+                        role: "join".into(),
+                        project: None,
+                        ttl_s: None,
+                        join: true,
+                    },
+                )
+                .await
+                .expect("join token");
+            vec![
+                "--join-token".to_string(),
+                issued.secret,
+                "--ca-cert".into(),
+                self.ca_path().display().to_string(),
+            ]
+        } else {
+            vec!["--token".to_string(), self.token.clone()]
+        };
+        let mut args = vec!["agent".to_string(), "--server".into(), self.url.clone()];
+        args.extend(credentials);
+        args.extend([
             "--name".into(),
             name.into(),
             "--data-dir".into(),
@@ -196,8 +254,8 @@ impl Cluster {
             heartbeat.into(),
             // The probe itself is tested on its own; agents here go straight to TCG.
             "--accel".into(),
-            "tcg".into(),
-        ];
+            "tcg".to_string(),
+        ]);
         let child = self.spawn_agent(name, &args);
         self.agents.push(AgentProc {
             name: name.into(),
@@ -279,6 +337,11 @@ impl Cluster {
             .env("NOVACRON_DEV_DIR", self.dir.path().join("no-dev"))
             .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
             .stdin(Stdio::null());
+        if self.tls {
+            c.env("NOVACRON_CA_CERT", self.ca_path());
+        } else {
+            c.env_remove("NOVACRON_CA_CERT");
+        }
         c
     }
 

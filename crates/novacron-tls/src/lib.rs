@@ -1,0 +1,430 @@
+//! TLS for NovaCron: the cluster CA that issues server and agent
+//! certificates, rustls configurations (TLS 1.3 only), a TLS listener for
+//! axum that reports the peer's certificate, and HTTP clients that present
+//! one.
+
+pub use rustls;
+pub use tokio_rustls;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::connect_info::Connected;
+use axum::serve::{IncomingStream, Listener};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("Cannot read or write {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Certificate generation failed")]
+    Generate(#[from] rcgen::Error),
+    #[error("Invalid PEM in {what}")]
+    Pem { what: String },
+    #[error("TLS configuration")]
+    Config(#[from] rustls::Error),
+    #[error("Client certificate verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("HTTP client")]
+    Http(#[from] reqwest::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// A certificate with its private key, both PEM.
+#[derive(Clone)]
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("key_pem", &"<redacted>").finish()
+    }
+}
+
+impl Identity {
+    pub fn load(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
+        Ok(Identity {
+            cert_pem: std::fs::read_to_string(cert).map_err(io_err(cert))?,
+            key_pem: std::fs::read_to_string(key).map_err(io_err(key))?,
+        })
+    }
+
+    /// Writes the certificate and the key (mode 0600).
+    pub fn save(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
+        std::fs::write(cert, &self.cert_pem).map_err(io_err(cert))?;
+        write_private(key, &self.key_pem)
+    }
+
+    /// SHA-256 of the (first) certificate's DER, hex: how the server recognises an agent.
+    pub fn fingerprint(&self) -> Result<String, TlsError> {
+        Ok(fingerprint(&first_cert(&self.cert_pem, "certificate")?))
+    }
+
+    fn der(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let certs = certs(&self.cert_pem, "certificate")?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|_| TlsError::Pem {
+            what: "private key".into(),
+        })?;
+        Ok((certs, key))
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| TlsError::Pem { what: what.into() })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem { what: what.into() });
+    }
+    Ok(certs)
+}
+
+fn first_cert(pem: &str, what: &str) -> Result<CertificateDer<'static>, TlsError> {
+    certs(pem, what)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| TlsError::Pem { what: what.into() })
+}
+
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for c in certs(ca_pem, "CA certificate")? {
+        store.add(c)?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// The cluster's certificate authority, created at the server's first start.
+pub struct ClusterCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    pub cert_pem: String,
+}
+
+const CA_NAME: &str = "NovaCron cluster CA";
+
+fn ca_params() -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, CA_NAME);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+impl ClusterCa {
+    /// Loads `dir/ca.crt` and `dir/ca.key`, creating them the first time.
+    pub fn load_or_create(dir: &Path) -> Result<ClusterCa, TlsError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        if key_path.exists() && cert_path.exists() {
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+            let key = KeyPair::from_pem(&key_pem)?;
+            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+            // The same name and key as the stored certificate, so what this
+            // signs verifies against it.
+            let cert = ca_params()?.self_signed(&key)?;
+            return Ok(ClusterCa { cert, key, cert_pem });
+        }
+        let key = KeyPair::generate()?;
+        let cert = ca_params()?.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        write_private(&key_path, &key.serialize_pem())?;
+        std::fs::write(&cert_path, &cert_pem).map_err(io_err(&cert_path))?;
+        tracing::info!(dir = %dir.display(), "created the cluster CA");
+        Ok(ClusterCa { cert, key, cert_pem })
+    }
+
+    /// A certificate for `common_name`, valid for TLS server and client use
+    /// at `sans` (IP addresses or DNS names).
+    pub fn issue(&self, common_name: &str, sans: &[String]) -> Result<Identity, TlsError> {
+        let mut params = CertificateParams::new(sans.to_vec())?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Whether a listener asks connecting clients for a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Clients may present a certificate from the CA (agents) or none (API users with tokens).
+    Optional,
+    /// Only clients with a certificate from the CA get in.
+    Required,
+}
+
+/// TLS 1.3 server configuration; client certificates are checked against `ca_pem`.
+pub fn server_config(identity: &Identity, ca_pem: &str, auth: ClientAuth) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider());
+    let verifier = match auth {
+        ClientAuth::Optional => builder.allow_unauthenticated().build()?,
+        ClientAuth::Required => builder.build()?,
+    };
+    let (certs, key) = identity.der()?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// TLS 1.3 client configuration trusting only `ca_pem`, presenting `identity` if given.
+pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_pem)?);
+    let mut cfg = match identity {
+        Some(id) => {
+            let (certs, key) = id.der()?;
+            builder.with_client_auth_cert(certs, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// A reqwest builder that trusts `ca_pem` (if given; else the system roots)
+/// and presents `identity`.
+pub fn http_client(
+    builder: reqwest::ClientBuilder,
+    ca_pem: Option<&str>,
+    identity: Option<&Identity>,
+) -> Result<reqwest::Client, TlsError> {
+    let builder = match ca_pem {
+        Some(ca) => builder.use_preconfigured_tls(client_config(ca, identity)?),
+        None => builder.use_rustls_tls(),
+    };
+    Ok(builder.build()?)
+}
+
+/// Where a connection comes from, and the SHA-256 of the client certificate
+/// it presented (TLS only).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    pub cert_sha256: Option<String>,
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for PeerInfo {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        PeerInfo {
+            addr: *stream.remote_addr(),
+            cert_sha256: None,
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for PeerInfo {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        let (_, conn) = stream.io().get_ref();
+        PeerInfo {
+            addr: *stream.remote_addr(),
+            cert_sha256: conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| fingerprint(c.as_ref())),
+        }
+    }
+}
+
+type Accepted = (tokio_rustls::server::TlsStream<TcpStream>, SocketAddr);
+
+/// A TCP listener whose connections complete a TLS handshake before axum
+/// sees them. Handshakes run in their own tasks, so a slow or silent client
+/// cannot hold up the others.
+pub struct TlsListener {
+    accepted: mpsc::Receiver<Accepted>,
+    local: SocketAddr,
+    acceptor_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor_task.abort();
+    }
+}
+
+impl TlsListener {
+    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> io::Result<TlsListener> {
+        let local = tcp.local_addr()?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let (tx, accepted) = mpsc::channel(64);
+        let acceptor_task = tokio::spawn(async move {
+            loop {
+                let (stream, addr) = match tcp.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, as axum does.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, addr)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "TLS handshake refused"),
+                        Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener {
+            accepted,
+            local,
+            acceptor_task,
+        })
+    }
+}
+
+impl Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(conn) => conn,
+            // The acceptor task is gone: no more connections will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Opens a TLS connection to `host:port` (for WebSocket upgrades done by hand).
+pub async fn connect(
+    host: &str,
+    port: u16,
+    config: Arc<ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect((host, port)).await?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// The paths of an agent's credentials in its data directory.
+pub struct AgentFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl AgentFiles {
+    pub fn in_dir(data_dir: &Path) -> AgentFiles {
+        let dir = data_dir.join("tls");
+        AgentFiles {
+            cert: dir.join("agent.crt"),
+            key: dir.join("agent.key"),
+            ca: dir.join("ca.crt"),
+        }
+    }
+
+    pub fn exist(&self) -> bool {
+        self.cert.exists() && self.key.exists() && self.ca.exists()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_reloaded_from_disk_issues_certificates_that_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ClusterCa::load_or_create(dir.path()).unwrap();
+        let again = ClusterCa::load_or_create(dir.path()).unwrap();
+        assert_eq!(first.cert_pem, again.cert_pem);
+        let leaf = again
+            .issue("node:a", &["127.0.0.1".into(), "localhost".into()])
+            .unwrap();
+        // A server config with the leaf and the original CA builds, and the
+        // leaf chains to that CA.
+        server_config(&leaf, &first.cert_pem, ClientAuth::Required).unwrap();
+        let end = first_cert(&leaf.cert_pem, "leaf").unwrap();
+        let roots = roots(&first.cert_pem).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        verifier
+            .verify_server_cert(&end, &[], &name, &[], rustls::pki_types::UnixTime::now())
+            .unwrap();
+        let wrong = rustls::pki_types::ServerName::try_from("10.9.9.9").unwrap();
+        assert!(verifier
+            .verify_server_cert(&end, &[], &wrong, &[], rustls::pki_types::UnixTime::now())
+            .is_err());
+        let key_mode = std::fs::metadata(dir.path().join("ca.key")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(key_mode.permissions().mode() & 0o777, 0o600);
+    }
+}
