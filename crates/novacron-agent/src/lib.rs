@@ -100,9 +100,19 @@ fn capacity(cfg: &AgentConfig) -> Resources {
     }
 }
 
+/// What an agent speaks TLS with.
+struct Credentials {
+    identity: novacron_tls::Identity,
+    /// Issuer of the certificates of the server and the other agents.
+    cluster_ca: String,
+    /// What the agent trusts as a client: the cluster CA, plus the CA of a
+    /// server certificate that came from elsewhere (`--ca-cert` at join).
+    trusted: String,
+}
+
 /// The node's certificate and the cluster CA: from the data dir, or fetched
 /// once with the join token.
-async fn credentials(cfg: &AgentConfig, host: &str) -> Result<(novacron_tls::Identity, String), AgentError> {
+async fn credentials(cfg: &AgentConfig, host: &str) -> Result<Credentials, AgentError> {
     let files = novacron_tls::AgentFiles::in_dir(&cfg.data_dir);
     let read = |p: &std::path::Path| {
         std::fs::read_to_string(p).map_err(|e| AgentError::Credentials(format!("Cannot read {}: {e}", p.display())))
@@ -137,10 +147,24 @@ async fn credentials(cfg: &AgentConfig, host: &str) -> Result<(novacron_tls::Ide
         .save(&files.cert, &files.key)?;
         std::fs::write(&files.ca, &joined.ca_pem)
             .map_err(|e| AgentError::Credentials(format!("Cannot write {}: {e}", files.ca.display())))?;
+        if ca.trim() != joined.ca_pem.trim() {
+            std::fs::write(&files.server_ca, &ca)
+                .map_err(|e| AgentError::Credentials(format!("Cannot write {}: {e}", files.server_ca.display())))?;
+        }
         tracing::info!(node = %cfg.name, "joined the cluster; certificate stored");
     }
     let identity = novacron_tls::Identity::load(&files.cert, &files.key)?;
-    Ok((identity, read(&files.ca)?))
+    let cluster_ca = read(&files.ca)?;
+    let mut trusted = cluster_ca.clone();
+    if files.server_ca.exists() {
+        trusted.push('\n');
+        trusted.push_str(&read(&files.server_ca)?);
+    }
+    Ok(Credentials {
+        identity,
+        cluster_ca,
+        trusted,
+    })
 }
 
 pub async fn run(
@@ -192,9 +216,13 @@ pub async fn run(
     };
     let http_builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
     let (client, peers_http) = match &tls {
-        Some((identity, ca)) => (
-            Client::with_tls(&cfg.server, "", Some(novacron_tls::client_config(ca, Some(identity))?))?,
-            novacron_tls::http_client(http_builder, Some(ca), Some(identity))?,
+        Some(c) => (
+            Client::with_tls(
+                &cfg.server,
+                "",
+                Some(novacron_tls::client_config(&c.trusted, Some(&c.identity))?),
+            )?,
+            novacron_tls::http_client(http_builder, Some(&c.cluster_ca), Some(&c.identity))?,
         ),
         None => {
             let token = cfg
@@ -228,9 +256,9 @@ pub async fn run(
         migrations: migrations.clone(),
     };
     let http = match &tls {
-        Some((identity, ca)) => {
+        Some(c) => {
             // Only the server and other agents (certificates from the cluster CA) get in.
-            let config = novacron_tls::server_config(identity, ca, novacron_tls::ClientAuth::Required)?;
+            let config = novacron_tls::server_config(&c.identity, &c.cluster_ca, novacron_tls::ClientAuth::Required)?;
             let listener = novacron_tls::TlsListener::new(listener, config).map_err(|source| AgentError::Listen {
                 addr: cfg.listen,
                 source,

@@ -13,11 +13,7 @@ use tokio_tungstenite::tungstenite::Message as TMessage;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
-/// A byte stream to an agent: plain TCP or TLS.
-pub trait AgentIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AgentIo for T {}
-
-type Upstream = tokio_tungstenite::WebSocketStream<Box<dyn AgentIo>>;
+type Upstream = tokio_tungstenite::WebSocketStream<Box<dyn novacron_tls::AsyncIo>>;
 
 fn agent_url(node: &Node, vm: &Vm, what: &str) -> String {
     format!(
@@ -53,26 +49,13 @@ pub async fn logs(state: &AppState, node: &Node, vm: &Vm, follow: bool) -> ApiRe
 pub async fn connect_console(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<Upstream> {
     let http_url = agent_url(node, vm, "console");
     let url = reqwest::Url::parse(&http_url).map_err(|e| unreachable(node, e))?;
-    let Some(host) = url
-        .host_str()
-        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
-    else {
-        return Err(unreachable(node, "address has no host"));
-    };
-    let port = url.port_or_known_default().unwrap_or(80);
     let mut req = http_url
         .replacen("http", "ws", 1)
         .into_client_request()
         .map_err(|e| unreachable(node, e))?;
     let secret = state.agent_secret.parse().map_err(|e| unreachable(node, e))?;
     req.headers_mut().insert(AGENT_SECRET_HEADER, secret);
-    let connect = async {
-        let stream: Box<dyn AgentIo> = match (&state.tls, url.scheme()) {
-            (Some(tls), "https") => Box::new(novacron_tls::connect(&host, port, tls.agent_client.clone()).await?),
-            _ => Box::new(tokio::net::TcpStream::connect((host.as_str(), port)).await?),
-        };
-        Ok::<_, std::io::Error>(stream)
-    };
+    let connect = novacron_tls::connect_url(&url, state.tls.as_ref().map(|t| t.agent_client.clone()));
     let stream = tokio::time::timeout(std::time::Duration::from_secs(5), connect)
         .await
         .map_err(|_| unreachable(node, "connection timed out"))?

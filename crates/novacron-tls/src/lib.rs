@@ -359,23 +359,57 @@ impl Listener for TlsListener {
     }
 }
 
-/// Opens a TLS connection to `host:port` (for WebSocket upgrades done by hand).
-pub async fn connect(
-    host: &str,
-    port: u16,
-    config: Arc<ClientConfig>,
-) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect((host, port)).await?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+/// A byte stream: plain TCP or TLS.
+pub trait AsyncIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncIo for T {}
+
+/// TLS 1.3 client configuration trusting the system's roots (for servers
+/// with publicly issued certificates).
+pub fn system_client_config() -> Result<ClientConfig, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // Unusable system certificates are skipped, as browsers do.
+        let _ = store.add(cert);
+    }
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Opens a connection to an `http(s)://` URL's host (for WebSocket upgrades
+/// done by hand): TLS with `tls` (or the system roots) for https.
+pub async fn connect_url(url: &reqwest::Url, tls: Option<Arc<ClientConfig>>) -> io::Result<Box<dyn AsyncIo>> {
+    let host = url
+        .host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URL has no host"))?;
+    let port = url.port_or_known_default().unwrap_or(80);
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    if !matches!(url.scheme(), "https" | "wss") {
+        return Ok(Box::new(tcp));
+    }
+    let config = match tls {
+        Some(c) => c,
+        None => Arc::new(system_client_config().map_err(io::Error::other)?),
+    };
+    let name =
+        rustls::pki_types::ServerName::try_from(host).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok(Box::new(
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?,
+    ))
 }
 
 /// The paths of an agent's credentials in its data directory.
 pub struct AgentFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The cluster CA.
     pub ca: PathBuf,
+    /// The CA of a server certificate not issued by the cluster CA, if any.
+    pub server_ca: PathBuf,
 }
 
 impl AgentFiles {
@@ -385,6 +419,7 @@ impl AgentFiles {
             cert: dir.join("agent.crt"),
             key: dir.join("agent.key"),
             ca: dir.join("ca.crt"),
+            server_ca: dir.join("server-ca.crt"),
         }
     }
 

@@ -307,7 +307,10 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             Ok(())
         }
         VmCommand::Migrate(a) => migrate(g, &c, a).await,
-        VmCommand::Console { name } => crate::console::attach(&c, &name).await,
+        VmCommand::Console { name } => {
+            let target = config::resolve(g.server.clone(), g.token.clone(), g.ca_cert.clone(), g.dev_dir.clone())?;
+            crate::console::attach(&c, target.tls()?.map(std::sync::Arc::new), &name).await
+        }
         VmCommand::Logs { name, follow, tail } => logs(&c, &name, follow, tail).await,
     }
 }

@@ -66,17 +66,23 @@ pub struct Target {
 }
 
 impl Target {
-    /// An API client; HTTPS trusts the CA file when one is given, else the system roots.
+    /// TLS settings trusting the CA file, if one is given (else the system roots apply).
+    pub fn tls(&self) -> Result<Option<novacron_tls::rustls::ClientConfig>> {
+        let Some(path) = &self.ca_cert else {
+            return Ok(None);
+        };
+        let ca = std::fs::read_to_string(path)
+            .with_context(|| format!("Cannot read the CA certificate {}", path.display()))?;
+        Ok(Some(novacron_tls::client_config(&ca, None)?))
+    }
+
+    /// An API client for this target.
     pub fn client(&self) -> Result<novacron_api::client::Client> {
-        Ok(match &self.ca_cert {
-            Some(path) => {
-                let ca = std::fs::read_to_string(path)
-                    .with_context(|| format!("Cannot read the CA certificate {}", path.display()))?;
-                let tls = novacron_tls::client_config(&ca, None)?;
-                novacron_api::client::Client::with_tls(&self.server, &self.token, Some(tls))?
-            }
-            None => novacron_api::client::Client::new(&self.server, &self.token)?,
-        })
+        Ok(novacron_api::client::Client::with_tls(
+            &self.server,
+            &self.token,
+            self.tls()?,
+        )?)
     }
 }
 

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use futures::{SinkExt, StreamExt};
 use nix::sys::termios::{self, SetArg, Termios};
 use novacron_api::client::Client;
+use novacron_tls::rustls;
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -44,12 +45,15 @@ impl Drop for RawMode {
     }
 }
 
-pub async fn attach(c: &Client, name: &str) -> Result<()> {
-    let url = format!("{}/v1/vms/{name}/console", c.base_url()).replacen("http", "ws", 1);
-    let mut req = url.as_str().into_client_request()?;
+pub async fn attach(c: &Client, tls: Option<std::sync::Arc<rustls::ClientConfig>>, name: &str) -> Result<()> {
+    let http_url = format!("{}/v1/vms/{name}/console", c.base_url());
+    let stream = novacron_tls::connect_url(&reqwest::Url::parse(&http_url)?, tls)
+        .await
+        .with_context(|| format!("Cannot connect to {}", c.base_url()))?;
+    let mut req = http_url.replacen("http", "ws", 1).as_str().into_client_request()?;
     req.headers_mut()
         .insert("authorization", format!("Bearer {}", c.token()).parse()?);
-    let (ws, _) = match tokio_tungstenite::connect_async(req).await {
+    let (ws, _) = match tokio_tungstenite::client_async(req, stream).await {
         Ok(ok) => ok,
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let body = resp

@@ -127,6 +127,43 @@ async fn agents_join_once_and_only_cluster_certificates_get_in() {
     assert!(resp.status().is_client_error(), "{}", resp.status());
 }
 
+/// A server certificate from elsewhere (`--tls-cert/--tls-key`): clients and
+/// joining agents trust its CA; agents still get certificates from the cluster CA.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_with_a_given_certificate_still_runs_agents_on_mtls() {
+    let certs = tempfile::tempdir().unwrap();
+    let outside_ca = novacron_tls::ClusterCa::load_or_create(certs.path()).unwrap();
+    outside_ca
+        .issue("api.example", &["127.0.0.1".into()])
+        .unwrap()
+        .save(&certs.path().join("server.crt"), &certs.path().join("server.key"))
+        .unwrap();
+    let c = Cluster::start(Options {
+        agents: 2,
+        server_cert: Some(certs.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    let cluster_ca = std::fs::read_to_string(c.dir.path().join("server/pki/ca.crt")).unwrap();
+    assert_ne!(cluster_ca, outside_ca.cert_pem);
+    // The CLI trusts the given certificate's CA.
+    let out = c.cli(&["node", "list"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("node-1") && text.contains("node-2"), "{text}");
+    // Both agents joined and run on cluster certificates.
+    for n in ["node-1", "node-2"] {
+        let node: Node = c.client.get(n).await.unwrap();
+        assert!(node.status.ready && node.spec.address.starts_with("https://"));
+    }
+    // A client trusting only the cluster CA does not accept the given certificate.
+    let only_cluster = reqwest::Client::builder()
+        .use_preconfigured_tls(novacron_tls::client_config(&cluster_ca, None).unwrap())
+        .build()
+        .unwrap();
+    assert!(only_cluster.get(format!("{}/healthz", c.url)).send().await.is_err());
+}
+
 async fn get(http: &reqwest::Client, c: &Cluster, path: &str, token: Option<&str>) -> (u16, Value) {
     let mut req = http.get(format!("{}{path}", c.url));
     if let Some(t) = token {

@@ -63,6 +63,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// HTTPS with agents on certificates (the default), or plain HTTP with tokens.
     pub tls: bool,
+    /// CA of a server certificate given with --tls-cert (instead of the cluster CA's).
+    pub server_ca: Option<PathBuf>,
     pub port: u16,
     pub url: String,
     pub token: String,
@@ -79,6 +81,9 @@ pub struct Options {
     pub heartbeat: &'static str,
     pub node_grace: &'static str,
     pub tls: bool,
+    /// Directory with `server.crt`, `server.key` and the `ca.crt` that issued
+    /// them: the server uses this certificate instead of generating one.
+    pub server_cert: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -90,6 +95,7 @@ impl Default for Options {
             heartbeat: "1s",
             node_grace: "15s",
             tls: true,
+            server_cert: None,
         }
     }
 }
@@ -120,8 +126,17 @@ impl Cluster {
         if !opts.tls {
             server_args.push("--insecure-http".into());
         }
+        if let Some(d) = &opts.server_cert {
+            server_args.extend([
+                "--tls-cert".into(),
+                d.join("server.crt").display().to_string(),
+                "--tls-key".into(),
+                d.join("server.key").display().to_string(),
+            ]);
+        }
         let mut cluster = Cluster {
             tls: opts.tls,
+            server_ca: opts.server_cert.as_ref().map(|d| d.join("ca.crt")),
             port,
             url: url.clone(),
             token: String::new(),
@@ -151,9 +166,11 @@ impl Cluster {
         cluster
     }
 
-    /// The cluster CA certificate (TLS clusters).
+    /// The CA that issued the server's certificate (TLS clusters).
     pub fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("server/pki/ca.crt")
+        self.server_ca
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("server/pki/ca.crt"))
     }
 
     fn tls_config(&self, identity: Option<&novacron_tls::Identity>) -> Option<novacron_tls::rustls::ClientConfig> {
@@ -190,7 +207,7 @@ impl Cluster {
         self.server = Some(child);
         let url = format!("{}/readyz", self.url);
         wait_until("server ready", Duration::from_secs(30), || {
-            // The CA file appears at the first start.
+            // The cluster CA file appears at the first start.
             let http = (!self.tls || self.ca_path().exists()).then(|| self.http());
             let url = url.clone();
             async move {
