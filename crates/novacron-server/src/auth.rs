@@ -36,6 +36,8 @@ pub struct Principal {
     pub permissions: Arc<BTreeSet<Permission>>,
     /// The project the token acts in; `None` = every project.
     pub project: Option<String>,
+    /// The node, for an agent known by its certificate.
+    pub node: Option<String>,
     /// What [`authorize`] saw, for the audit record of this request.
     pub audit: Arc<AuditContext>,
 }
@@ -276,6 +278,7 @@ impl AuthIndex {
             role: "agent".into(),
             permissions: self.permissions("agent").unwrap_or_default(),
             project: None,
+            node: Some(node),
         })
     }
 
@@ -357,6 +360,7 @@ impl AuthIndex {
             role: token.role,
             permissions,
             project: token.project,
+            node: None,
         })
     }
 }

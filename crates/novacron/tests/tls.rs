@@ -80,6 +80,13 @@ async fn agents_join_once_and_only_cluster_certificates_get_in() {
         (body["actor"].as_str(), body["role"].as_str()),
         (Some("node:node-x"), Some("agent"))
     );
+    // It speaks for its own node only.
+    let resp = as_agent
+        .post(format!("{}/v1/nodes/node-1/heartbeat", c.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
     let resp = as_agent
         .post(format!("{}/v1/projects", c.url))
         .json(&serde_json::json!({"name": "p"}))

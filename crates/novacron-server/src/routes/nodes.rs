@@ -106,6 +106,14 @@ async fn delete_node(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// An agent known by its certificate speaks only for its own node.
+fn own_node(p: &Principal, node: &str) -> ApiResult<()> {
+    match &p.node {
+        Some(me) if me != node => Err(ApiError::forbidden(format!("node {me:?} cannot act for node {node:?}"))),
+        _ => Ok(()),
+    }
+}
+
 /// Agent, with a join token: get the node's certificate from the cluster CA.
 /// A join token works once.
 #[utoipa::path(post, path = "/v1/nodes/join", tag = "agent", request_body = JoinNode,
@@ -175,6 +183,7 @@ async fn register_node(
     ApiJson(req): ApiJson<RegisterNode>,
 ) -> ApiResult<Json<RegisterNodeResponse>> {
     authorize(&p, Resource::Nodes, Verb::Status, None)?;
+    own_node(&p, &req.name)?;
     validate::name("name", &req.name)?;
     validate::labels("labels", &req.labels)?;
     if !(req.address.starts_with("http://") || req.address.starts_with("https://")) {
@@ -243,6 +252,7 @@ async fn heartbeat(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Node>> {
     authorize(&p, Resource::Nodes, Verb::Status, None)?;
+    own_node(&p, &name)?;
     let became_ready = std::sync::atomic::AtomicBool::new(false);
     let node = state
         .store
