@@ -4,6 +4,7 @@
 pub mod client;
 pub mod error;
 pub mod identity;
+pub mod scheduling;
 pub mod selector;
 pub mod types;
 pub mod units;
@@ -11,6 +12,7 @@ pub mod validate;
 
 pub use error::{ErrorBody, ErrorDetail, FieldError};
 pub use identity::*;
+pub use scheduling::*;
 pub use types::*;
 
 /// Header an agent uses to authenticate the server's calls.

@@ -328,6 +328,9 @@ pub struct VmSpec {
     /// Extra guest kernel command line (kernel images only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_args: Option<String>,
+    /// Node selector, affinity, zone preference, priority.
+    #[serde(default, skip_serializing_if = "crate::Placement::is_empty")]
+    pub placement: crate::Placement,
 }
 
 pub fn default_stop_timeout() -> u32 {
@@ -350,6 +353,7 @@ impl VmSpec {
             reboot_generation: 0,
             start_request: 0,
             kernel_args: None,
+            placement: Default::default(),
         }
     }
 }
@@ -627,3 +631,4 @@ impl_object!(crate::identity::Role, "role");
 impl_object!(crate::identity::Project, "project");
 impl_object!(crate::identity::AuditRecord, "audit");
 impl_object!(crate::identity::NodeCredential, "nodecredential");
+impl_object!(crate::scheduling::SchedulerConfig, "schedulerconfig");

@@ -263,6 +263,9 @@ pub struct VmInfo {
     pub name: String,
     pub node: usize,
     pub request: Request,
+    /// Whether the rebalancer may move it (not when it is already moving,
+    /// or is a reservation rather than a VM).
+    pub movable: bool,
 }
 
 /// A snapshot of the nodes and their VMs.
@@ -278,9 +281,14 @@ pub struct Cluster {
     /// (label key, value) -> VMs with it, per node index and per zone index.
     by_label: HashMap<(String, String), LabelCount>,
     cost_range: (f64, f64),
-    /// Required anti-affinity terms of placed VMs: (VM, node, term).
-    anti_terms: Vec<(String, usize, AffinityTerm)>,
+    /// Required anti-affinity selectors of placed VMs, by the node (node
+    /// scope) or zone (zone scope) they guard: (VM, selector).
+    anti_by_node: HashMap<usize, Vec<Guard>>,
+    anti_by_zone: HashMap<u32, Vec<Guard>>,
 }
+
+/// A placed VM's required anti-affinity: (the VM, the labels it keeps away).
+type Guard = (String, BTreeMap<String, String>);
 
 #[derive(Debug, Clone, Default)]
 struct LabelCount {
@@ -313,7 +321,8 @@ impl Cluster {
             zone_names,
             by_label: HashMap::new(),
             cost_range: if lo.is_finite() { (lo, hi) } else { (0.0, 0.0) },
-            anti_terms: Vec::new(),
+            anti_by_node: HashMap::new(),
+            anti_by_zone: HashMap::new(),
             nodes,
             vms: Vec::new(),
             settings,
@@ -343,6 +352,15 @@ impl Cluster {
 
     /// Records a VM on a node (placed by [`Cluster::place`] or already there).
     pub fn commit(&mut self, name: &str, node: usize, request: Request) {
+        self.commit_with(name, node, request, true);
+    }
+
+    /// Records something the rebalancer must leave where it is.
+    pub fn commit_fixed(&mut self, name: &str, node: usize, request: Request) {
+        self.commit_with(name, node, request, false);
+    }
+
+    pub(crate) fn commit_with(&mut self, name: &str, node: usize, request: Request, movable: bool) {
         self.allocated[node].vcpus += request.vcpus;
         self.allocated[node].memory_mib += request.memory_mib;
         self.vm_counts[node] += 1;
@@ -355,12 +373,19 @@ impl Cluster {
             }
         }
         for term in request.affinity.iter().filter(|t| t.required && t.anti) {
-            self.anti_terms.push((name.to_string(), node, term.clone()));
+            let entry = (name.to_string(), term.selector.clone());
+            match (term.scope, zone) {
+                (Scope::Node, _) => self.anti_by_node.entry(node).or_default().push(entry),
+                (Scope::Zone, Some(z)) => self.anti_by_zone.entry(z).or_default().push(entry),
+                // A node without a zone shares a zone with nobody.
+                (Scope::Zone, None) => {}
+            }
         }
         self.vms.push(VmInfo {
             name: name.to_string(),
             node,
             request,
+            movable,
         });
     }
 
@@ -368,7 +393,12 @@ impl Cluster {
     pub(crate) fn uncommit(&mut self, vm: usize) -> VmInfo {
         let info = self.vms.swap_remove(vm);
         let node = info.node;
-        self.anti_terms.retain(|(name, _, _)| *name != info.name);
+        if let Some(list) = self.anti_by_node.get_mut(&node) {
+            list.retain(|(name, _)| *name != info.name);
+        }
+        if let Some(list) = self.zones[node].and_then(|z| self.anti_by_zone.get_mut(&z)) {
+            list.retain(|(name, _)| *name != info.name);
+        }
         self.allocated[node].vcpus -= info.request.vcpus;
         self.allocated[node].memory_mib -= info.request.memory_mib;
         self.vm_counts[node] -= 1;
@@ -400,7 +430,9 @@ impl Cluster {
                 }
                 let mut counts = LabelCount::default();
                 for vm in &self.vms {
-                    if !term.selector.is_empty() && term.selector.iter().all(|(k, v)| vm.request.labels.get(k) == Some(v)) {
+                    if !term.selector.is_empty()
+                        && term.selector.iter().all(|(k, v)| vm.request.labels.get(k) == Some(v))
+                    {
                         *counts.per_node.entry(vm.node).or_default() += 1;
                         if let Some(z) = self.zones[vm.node] {
                             *counts.per_zone.entry(z).or_default() += 1;
@@ -432,7 +464,11 @@ impl Cluster {
         if req.node_selector.iter().any(|(k, v)| n.labels.get(k) != Some(v)) {
             return Err(Rejection::NodeSelector);
         }
-        if self.settings.max_vms_per_node.is_some_and(|m| self.vm_counts[node] >= m) {
+        if self
+            .settings
+            .max_vms_per_node
+            .is_some_and(|m| self.vm_counts[node] >= m)
+        {
             return Err(Rejection::TooManyVms);
         }
         let alloc = self.allocated[node];
@@ -454,51 +490,65 @@ impl Cluster {
             }
         }
         // VMs already here (or in the zone) that must stay away from this one.
-        for (_, at, term) in &self.anti_terms {
-            let close = match term.scope {
-                Scope::Node => *at == node,
-                Scope::Zone => self.zones[node].is_some() && self.zones[*at] == self.zones[node],
-            };
-            if close && term.selector.iter().all(|(k, v)| req.labels.get(k) == Some(v)) {
+        let guarding = self
+            .anti_by_node
+            .get(&node)
+            .into_iter()
+            .chain(self.zones[node].and_then(|z| self.anti_by_zone.get(&z)))
+            .flatten();
+        for (_, selector) in guarding {
+            if selector.iter().all(|(k, v)| req.labels.get(k) == Some(v)) {
                 return Err(Rejection::AntiAffinity);
             }
         }
         Ok(())
     }
 
-    fn score(&self, node: usize, req: &Request, terms: &[Cow<'_, LabelCount>]) -> Score {
+    /// Latency score (0..1) of each zone for a VM preferring `want`.
+    fn zone_scores(&self, want: &str) -> Vec<f64> {
+        let max = self
+            .settings
+            .zone_latency_ms
+            .values()
+            .copied()
+            .fold(self.settings.default_zone_latency_ms, f64::max);
+        self.zone_names
+            .iter()
+            .map(|have| {
+                if max <= 0.0 {
+                    1.0
+                } else {
+                    (1.0 - self.settings.latency(want, have) / max).clamp(0.0, 1.0)
+                }
+            })
+            .collect()
+    }
+
+    fn score(&self, node: usize, req: &Request, terms: &[Cow<'_, LabelCount>], zone_scores: Option<&[f64]>) -> Score {
         let n = &self.nodes[node];
         let w = &self.settings.weights;
         let alloc = self.allocated[node];
         let limit = self.allocatable(node);
         // Share of the node used after placement, by the dominant resource.
         let share = |used: u64, cap: u64| if cap == 0 { 1.0 } else { used as f64 / cap as f64 };
-        let after = share(alloc.vcpus + req.vcpus, limit.vcpus).max(share(alloc.memory_mib + req.memory_mib, limit.memory_mib));
+        let after =
+            share(alloc.vcpus + req.vcpus, limit.vcpus).max(share(alloc.memory_mib + req.memory_mib, limit.memory_mib));
         let packing = match self.settings.profile {
             Profile::Binpack => after,
             Profile::Spread => 1.0 - after,
         };
         let (lo, hi) = self.cost_range;
-        let cost = if hi > lo { 1.0 - (n.cost_per_hour - lo) / (hi - lo) } else { 1.0 };
+        let cost = if hi > lo {
+            1.0 - (n.cost_per_hour - lo) / (hi - lo)
+        } else {
+            1.0
+        };
         let real = n.capacity.vcpus.max(1) as f64;
         let headroom = (1.0 - (alloc.vcpus + req.vcpus) as f64 / real).clamp(0.0, 1.0);
-        let latency = match (&req.preferred_zone, n.zone()) {
+        let latency = match (zone_scores, self.zones[node]) {
             (None, _) => 1.0,
             (Some(_), None) => 0.0,
-            (Some(want), Some(have)) => {
-                let max = self.settings.default_zone_latency_ms.max(
-                    self.settings
-                        .zone_latency_ms
-                        .values()
-                        .copied()
-                        .fold(0.0, f64::max),
-                );
-                if max <= 0.0 {
-                    1.0
-                } else {
-                    (1.0 - self.settings.latency(want, have) / max).clamp(0.0, 1.0)
-                }
-            }
+            (Some(scores), Some(z)) => scores[z as usize],
         };
         let preferred = req.affinity.iter().zip(terms).filter(|(t, _)| !t.required);
         let (mut met, mut count) = (0usize, 0usize);
@@ -538,12 +588,14 @@ impl Cluster {
         self.place_excluding(req, None)
     }
 
-    pub(crate) fn place_excluding(&self, req: &Request, exclude: Option<usize>) -> Result<Decision, Unschedulable> {
+    /// Like [`Cluster::place`], without node `exclude` (a migration's source).
+    pub fn place_excluding(&self, req: &Request, exclude: Option<usize>) -> Result<Decision, Unschedulable> {
         let mut rejections: BTreeMap<Rejection, usize> = BTreeMap::new();
         // Best first; at most RUNNERS_UP + 1 kept.
         let mut top: Vec<(usize, Score)> = Vec::with_capacity(RUNNERS_UP + 2);
         let mut feasible = 0;
         let terms = self.term_counts(req);
+        let zone_scores = req.preferred_zone.as_deref().map(|z| self.zone_scores(z));
         for i in 0..self.nodes.len() {
             if Some(i) == exclude {
                 continue;
@@ -553,7 +605,7 @@ impl Cluster {
                 continue;
             }
             feasible += 1;
-            let s = self.score(i, req, &terms);
+            let s = self.score(i, req, &terms, zone_scores.as_deref());
             let better = |(j, t): &(usize, Score)| {
                 s.total > t.total || (s.total == t.total && self.nodes[i].name < self.nodes[*j].name)
             };
@@ -584,6 +636,12 @@ impl Cluster {
             feasible,
             rejections,
         })
+    }
+
+    /// Whether `node` passes every filter for `req`, and if not, which filter failed.
+    pub fn check(&self, node: usize, req: &Request) -> Result<(), Rejection> {
+        let terms = self.term_counts(req);
+        self.filter(node, req, &terms)
     }
 
     /// True when some node could hold the request if it were empty.

@@ -66,7 +66,7 @@ impl Cluster {
             to: self.nodes[to].name.clone(),
             memory_mib: info.request.memory_mib,
         };
-        self.commit(&info.name, to, info.request);
+        self.commit_with(&info.name, to, info.request, info.movable);
         m
     }
 
@@ -98,7 +98,9 @@ impl Cluster {
             }) else {
                 break;
             };
-            let mut on_hot: Vec<usize> = (0..self.vms.len()).filter(|&v| self.vms[v].node == hot).collect();
+            let mut on_hot: Vec<usize> = (0..self.vms.len())
+                .filter(|&v| self.vms[v].node == hot && self.vms[v].movable)
+                .collect();
             on_hot.sort_by(|&a, &b| {
                 self.vms[a]
                     .request
@@ -111,16 +113,19 @@ impl Cluster {
             let share = |used: u64, cap: u64| if cap == 0 { 1.0 } else { used as f64 / cap as f64 };
             for &v in &on_hot {
                 let req = self.vms[v].request.clone();
+                let terms = self.term_counts(&req);
                 let (ha, hl) = (self.allocated(hot), self.allocatable(hot));
-                let hot_after = share(ha.vcpus - req.vcpus, hl.vcpus).max(share(ha.memory_mib - req.memory_mib, hl.memory_mib));
+                let hot_after =
+                    share(ha.vcpus - req.vcpus, hl.vcpus).max(share(ha.memory_mib - req.memory_mib, hl.memory_mib));
                 // The VM still counts on its node here, which can only make the
                 // affinity checks stricter, never looser.
                 for &t in &ready {
-                    if t == hot || !self.allowed(t, &req) {
+                    if t == hot || self.filter(t, &req, &terms).is_err() {
                         continue;
                     }
                     let (a, l) = (self.allocated(t), self.allocatable(t));
-                    let t_after = share(a.vcpus + req.vcpus, l.vcpus).max(share(a.memory_mib + req.memory_mib, l.memory_mib));
+                    let t_after =
+                        share(a.vcpus + req.vcpus, l.vcpus).max(share(a.memory_mib + req.memory_mib, l.memory_mib));
                     let s = sum - util[hot] - util[t] + hot_after + t_after;
                     let sq = sumsq - util[hot].powi(2) - util[t].powi(2) + hot_after.powi(2) + t_after.powi(2);
                     let gain = before - variance(s, sq);
@@ -154,7 +159,8 @@ impl Cluster {
         let mut emptied = Vec::new();
         for node in order {
             let count = self.vm_count(node) as usize;
-            if moves.len() + count > max_moves {
+            let pinned = self.vms.iter().any(|vm| vm.node == node && !vm.movable);
+            if pinned || moves.len() + count > max_moves {
                 continue;
             }
             let mut planned: Vec<(Move, usize)> = Vec::new();

@@ -114,10 +114,14 @@ fn anti_affinity_both_ways_and_affinity_by_zone() {
     };
     assert_eq!(c.place(&api).unwrap().score.affinity, 0.0);
     // Required zone affinity: near the database, in z2.
-    c.commit("db", 2, Request {
-        labels: labels(&[("app", "db")]),
-        ..Request::new(1, 1024)
-    });
+    c.commit(
+        "db",
+        2,
+        Request {
+            labels: labels(&[("app", "db")]),
+            ..Request::new(1, 1024)
+        },
+    );
     let near_db = Request {
         affinity: vec![AffinityTerm {
             selector: labels(&[("app", "db")]),
@@ -196,7 +200,10 @@ fn balance_lowers_imbalance_within_the_move_budget() {
 fn arb_cluster() -> impl Strategy<Value = (Cluster, Vec<Request>)> {
     let nodes = prop::collection::vec((1u64..16, 1u64..32, 0u8..3, any::<bool>()), 1..12);
     let vms = prop::collection::vec((1u64..6, 1u64..12, 0u8..4, any::<bool>(), any::<bool>()), 0..60);
-    let ratios = (prop_oneof![Just(1.0), Just(2.0), Just(4.0)], prop_oneof![Just(1.0), Just(1.5)]);
+    let ratios = (
+        prop_oneof![Just(1.0), Just(2.0), Just(4.0)],
+        prop_oneof![Just(1.0), Just(1.5)],
+    );
     (nodes, vms, ratios, any::<bool>()).prop_map(|(nodes, vms, (cpu, mem), spread)| {
         let nodes = nodes
             .iter()

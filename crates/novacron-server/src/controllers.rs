@@ -2,16 +2,14 @@
 //! - placement binds Pending VMs to nodes (woken on changes, and on a timer);
 //! - node liveness marks nodes NotReady after missed heartbeats.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
 use novacron_api::{Migration, Node, Vm, VmPhase};
-use novacron_scheduler::{NodeView, Request};
 use novacron_store::StoreExt;
 use tokio::task::JoinSet;
 
-use crate::{AppState, ErrorChain};
+use crate::{scheduling, AppState, ErrorChain};
 
 pub fn spawn(state: AppState) -> JoinSet<()> {
     let mut set = JoinSet::new();
@@ -30,74 +28,35 @@ async fn placement_loop(state: AppState) {
     }
 }
 
-/// Node views with the resources already reserved by bound VMs and by
-/// migrations in progress (on their target).
-pub fn node_views(nodes: &[Node], vms: &[Vm], migrations: &[Migration]) -> Vec<NodeView> {
-    let mut used: HashMap<&str, (u32, u64)> = HashMap::new();
-    for vm in vms {
-        if let Some(node) = vm.status.node.as_deref() {
-            let e = used.entry(node).or_default();
-            e.0 += vm.spec.vcpus;
-            e.1 += vm.spec.memory_mib;
-        }
-    }
-    for m in migrations.iter().filter(|m| !m.status.phase.is_final()) {
-        if let Some(vm) = vms.iter().find(|v| v.metadata.name == m.spec.vm) {
-            let e = used.entry(m.status.target_node.as_str()).or_default();
-            e.0 += vm.spec.vcpus;
-            e.1 += vm.spec.memory_mib;
-        }
-    }
-    nodes
-        .iter()
-        .map(|n| {
-            let (cpu, mem) = used.get(n.metadata.name.as_str()).copied().unwrap_or_default();
-            NodeView {
-                name: n.metadata.name.clone(),
-                ready: n.status.ready,
-                schedulable: n.spec.schedulable,
-                capacity_vcpus: n.status.capacity.vcpus,
-                capacity_memory_mib: n.status.capacity.memory_mib,
-                allocated_vcpus: cpu,
-                allocated_memory_mib: mem,
-            }
-        })
-        .collect()
-}
-
 async fn place_pending(state: &AppState) -> Result<(), novacron_store::StoreError> {
     let store = &state.store;
-    let mut vms: Vec<Vm> = store.list_all::<Vm>().await?;
-    let pending: Vec<Vm> = {
-        let mut p: Vec<Vm> = vms
-            .iter()
-            .filter(|v| v.status.node.is_none() && v.metadata.deletion_requested_at.is_none())
-            .cloned()
-            .collect();
-        p.sort_by_key(|v| v.metadata.created_at);
-        p
-    };
+    let vms: Vec<Vm> = store.list_all::<Vm>().await?;
+    let mut pending: Vec<Vm> = vms
+        .iter()
+        .filter(|v| v.status.node.is_none() && v.metadata.deletion_requested_at.is_none())
+        .cloned()
+        .collect();
     if pending.is_empty() {
         return Ok(());
     }
+    // Higher priority first, then first come, first served.
+    pending.sort_by_key(|v| (std::cmp::Reverse(v.spec.placement.priority), v.metadata.created_at));
     let nodes: Vec<Node> = store.list_all::<Node>().await?;
     let migrations: Vec<Migration> = store.list_all::<Migration>().await?;
+    let config = scheduling::load_config(store).await?;
+    let mut cluster = scheduling::snapshot(&nodes, &vms, &migrations, &config, None);
     for vm in pending {
-        let views = node_views(&nodes, &vms, &migrations);
-        let req = Request {
-            vcpus: vm.spec.vcpus,
-            memory_mib: vm.spec.memory_mib,
-        };
+        let req = scheduling::request(&vm);
         let name = vm.metadata.name.clone();
-        let outcome = novacron_scheduler::place(&req, &views).map(|n| n.name.clone());
+        let outcome = cluster.place(&req);
         let updated = store
             .modify::<Vm, _>(&name, |v| {
                 if v.status.node.is_some() || v.metadata.deletion_requested_at.is_some() {
                     return false;
                 }
                 match &outcome {
-                    Ok(node) => {
-                        v.status.node = Some(node.clone());
+                    Ok(d) => {
+                        v.status.node = Some(d.node.clone());
                         v.status.phase = VmPhase::Scheduled;
                         v.status.reason = None;
                         true
@@ -112,11 +71,9 @@ async fn place_pending(state: &AppState) -> Result<(), novacron_store::StoreErro
             })
             .await;
         match (updated, &outcome) {
-            (Ok(v), Ok(node)) => {
-                tracing::info!(vm = %name, node = %node, "placed VM");
-                if let Some(slot) = vms.iter_mut().find(|x| x.metadata.name == name) {
-                    *slot = v;
-                }
+            (Ok(_), Ok(d)) => {
+                tracing::info!(vm = %name, node = %d.node, score = d.score.total, feasible = d.feasible, "placed VM");
+                cluster.commit(&name, d.index, req);
             }
             (Ok(_), Err(why)) => tracing::debug!(vm = %name, reason = %why, "VM stays pending"),
             (Err(novacron_store::StoreError::NotFound { .. }), _) => {}

@@ -8,6 +8,7 @@ pub mod error;
 mod extract;
 mod proxy;
 mod routes;
+pub mod scheduling;
 pub mod totp;
 
 use std::net::SocketAddr;
@@ -145,6 +146,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::images::router())
         .merge(routes::migrations::router())
         .merge(routes::identity::router())
+        .merge(routes::scheduler::router())
         .split_for_parts();
     // Login needs no token, so it is routed outside the token layer but documented with the rest.
     let (login, login_doc) = OpenApiRouter::new()

@@ -254,6 +254,11 @@ const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("POST", "/v1/nodes/{name}/cordon", "Ynnnnn", "Ynnnnn"),
     ("POST", "/v1/nodes/{name}/uncordon", "Ynnnnn", "Ynnnnn"),
     ("GET", "/v1/whoami", "YYYYYY", "YYYYYY"),
+    ("GET", "/v1/scheduler", "YYYYYn", "YYYYYn"),
+    ("PUT", "/v1/scheduler", "Ynnnnn", "Ynnnnn"),
+    ("POST", "/v1/scheduler/explain", "YYYnnn", "Ynnnnn"),
+    ("POST", "/v1/scheduler/rebalance", "Ynnnnn", "Ynnnnn"),
+    ("GET", "/v1/vms/{name}/explain", "YYYYYY", "YnnnYn"),
     ("GET", "/v1/users", "YYnnnn", "YYnnnn"),
     ("POST", "/v1/users", "Ynnnnn", "Ynnnnn"),
     ("GET", "/v1/users/{name}", "YYnnnn", "YYnnnn"),
@@ -303,6 +308,11 @@ async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: usiz
             json!({"name": fresh, "project": p, "spec": {"image": format!("img-{p}"), "vcpus": 1, "memory_mib": 128}}),
         ),
         ("POST", "/v1/images") => Some(json!({"name": fresh, "project": p, "format": "kernel"})),
+        ("POST", "/v1/scheduler/explain") => Some(
+            json!({"name": fresh, "project": p, "spec": {"image": format!("img-{p}"), "vcpus": 1, "memory_mib": 128}}),
+        ),
+        ("PUT", "/v1/scheduler") => Some(json!({"profile": "spread", "cpu_overcommit": 2.0})),
+        ("POST", "/v1/scheduler/rebalance") => Some(json!({"mode": "balance"})),
         ("POST", "/v1/migrations") => Some(json!({"vm": format!("vm-{p}")})),
         ("POST", "/v1/nodes/join") => Some(json!({"name": "node-9", "hosts": ["127.0.0.1"]})),
         ("POST", "/v1/nodes/register") => Some(

@@ -57,6 +57,8 @@ pub enum VmCommand {
     Migrate(MigrateArgs),
     /// Attach to the serial console (detach with Ctrl-]).
     Console { name: String },
+    /// Why the VM runs where it does, or why it is still pending.
+    Explain { name: String },
     /// Print the serial console log.
     Logs {
         name: String,
@@ -105,6 +107,8 @@ pub struct CreateArgs {
     /// Project (default: the token's project, else `default`).
     #[arg(long)]
     pub project: Option<String>,
+    #[command(flatten)]
+    pub placement: crate::scheduling::PlacementArgs,
 }
 
 #[derive(Args)]
@@ -249,10 +253,15 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                     },
                     stop_timeout_s: a.stop_timeout,
                     kernel_args: a.kernel_args,
+                    placement: a.placement.placement(),
                     ..VmSpec::new(&a.image, a.vcpus, a.memory)
                 },
             };
             novacron_api::validate::create_vm(&req).map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            if a.placement.explain {
+                let e: novacron_api::PlacementExplanation = c.post_json("scheduler/explain", &req).await?;
+                crate::scheduling::print_explanation(g.output, &e)?;
+            }
             let vm = c.create_vm(&req).await?;
             let vm = if a.wait {
                 let want = if a.no_start { VmPhase::Stopped } else { VmPhase::Running };
@@ -307,6 +316,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             Ok(())
         }
         VmCommand::Migrate(a) => migrate(g, &c, a).await,
+        VmCommand::Explain { name } => crate::scheduling::explain_vm(&c, g.output, &name).await,
         VmCommand::Console { name } => {
             let target = config::resolve(g.server.clone(), g.token.clone(), g.ca_cert.clone(), g.dev_dir.clone())?;
             crate::console::attach(&c, target.tls()?.map(std::sync::Arc::new), &name).await
@@ -691,29 +701,25 @@ pub async fn migration(g: &Global, cmd: MigrationCommand) -> Result<()> {
 /// Cordons the node, then moves its VMs away (live, or cold when stopped), `parallel` at a time,
 /// each to a node the scheduler picks. VMs that cannot move stay where they
 /// are and are reported; the exit code is non-zero if any could not move.
-async fn drain(c: &Client, node: &str, parallel: usize) -> Result<()> {
-    c.set_schedulable(node, false).await?;
-    println!("node {node:?} cordoned");
-    let (vms, _) = c.list_all::<Vm>(None).await?;
-    let on_node: Vec<Vm> = vms
-        .into_iter()
-        .filter(|v| v.status.node.as_deref() == Some(node))
-        .collect();
-    let mut queue: std::collections::VecDeque<Vm> = on_node.into_iter().collect();
+/// Runs live (or, for stopped VMs, cold) migrations, at most `parallel` at a
+/// time; `None` as the target lets the scheduler choose. Returns each VM's
+/// outcome ("moved to X" or "not moved: why").
+pub async fn run_moves(
+    c: &Client,
+    moves: Vec<(String, Option<String>)>,
+    parallel: usize,
+) -> Result<Vec<(String, String)>> {
+    let mut queue: std::collections::VecDeque<(String, Option<String>)> = moves.into_iter().collect();
     let mut active: Vec<(String, String)> = Vec::new(); // (vm, migration)
     let mut results: Vec<(String, String)> = Vec::new();
     while !queue.is_empty() || !active.is_empty() {
-        while active.len() < parallel {
-            let Some(vm) = queue.pop_front() else { break };
-            let name = vm.metadata.name.clone();
-            // Running and paused VMs move live, stopped ones cold; others cannot move.
-            if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused | VmPhase::Stopped) {
-                results.push((name, format!("not moved: VM is {}", vm.status.phase)));
-                continue;
-            }
+        while active.len() < parallel.max(1) {
+            let Some((name, target_node)) = queue.pop_front() else {
+                break;
+            };
             let req = novacron_api::CreateMigration {
                 vm: name.clone(),
-                target_node: None,
+                target_node,
                 strategy: MigrationStrategy::Auto,
                 max_downtime_ms: None,
                 bandwidth_mib_s: None,
@@ -741,6 +747,24 @@ async fn drain(c: &Client, node: &str, parallel: usize) -> Result<()> {
         }
         active = still;
     }
+    Ok(results)
+}
+
+async fn drain(c: &Client, node: &str, parallel: usize) -> Result<()> {
+    c.set_schedulable(node, false).await?;
+    println!("node {node:?} cordoned");
+    let (vms, _) = c.list_all::<Vm>(None).await?;
+    let mut results: Vec<(String, String)> = Vec::new();
+    let mut moves = Vec::new();
+    for vm in vms.into_iter().filter(|v| v.status.node.as_deref() == Some(node)) {
+        // Running and paused VMs move live, stopped ones cold; others cannot move.
+        if matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused | VmPhase::Stopped) {
+            moves.push((vm.metadata.name, None));
+        } else {
+            results.push((vm.metadata.name, format!("not moved: VM is {}", vm.status.phase)));
+        }
+    }
+    results.extend(run_moves(c, moves, parallel).await?);
     let mut failed = 0;
     for (vm, outcome) in &results {
         if outcome.starts_with("not moved") {

@@ -6,6 +6,7 @@ mod console;
 mod dev;
 mod identity;
 mod output;
+mod scheduling;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -88,6 +89,9 @@ enum Command {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(identity::AuditCommand),
+    /// Scheduler settings and rebalancing.
+    #[command(subcommand)]
+    Cluster(scheduling::ClusterCommand),
 }
 
 #[derive(Args, Clone)]
@@ -278,6 +282,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Role(c) => identity::role(&cli.global, c).await,
         Command::Project(c) => identity::project(&cli.global, c).await,
         Command::Audit(c) => identity::audit(&cli.global, c).await,
+        Command::Cluster(c) => scheduling::cluster(&cli.global, c).await,
     }
 }
 

@@ -11,14 +11,12 @@ use novacron_api::{
     CompleteMigration, CreateMigration, Metadata, Migration, MigrationPhase, MigrationSpec, MigrationStatus, Node,
     Resource, Verb, Vm, VmPhase,
 };
-use novacron_scheduler::Request;
 use novacron_store::{StoreError, StoreExt};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{find_authorized, list_or_watch, ListQuery};
 use crate::auth::{authorize, Principal};
-use crate::controllers::node_views;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiQuery};
 use crate::AppState;
@@ -120,14 +118,15 @@ async fn create_migration(
     let nodes = state.store.list_all::<Node>().await?;
     let vms = state.store.list_all::<Vm>().await?;
     let migrations = state.store.list_all::<Migration>().await?;
-    let views = node_views(&nodes, &vms, &migrations);
-    let request = Request {
-        vcpus: vm.spec.vcpus,
-        memory_mib: vm.spec.memory_mib,
-    };
+    let config = crate::scheduling::load_config(&state.store).await?;
+    // The VM itself is left out: it is leaving its node, and must not count
+    // against its own affinity rules.
+    let cluster = crate::scheduling::snapshot(&nodes, &vms, &migrations, &config, Some(&vm_name));
+    let request = crate::scheduling::request(&vm);
+    let source_index = cluster.node_index(&source);
     let target = match &req.target_node {
         Some(t) => {
-            let Some(view) = views.iter().find(|v| &v.name == t) else {
+            let Some(index) = cluster.node_index(t) else {
                 return Err(ApiError::invalid("target_node", format!("unknown node {t:?}")));
             };
             if *t == source {
@@ -136,38 +135,48 @@ async fn create_migration(
                     format!("VM {vm_name:?} already runs on {t:?}"),
                 ));
             }
-            if !view.ready {
-                return Err(ApiError::invalid("target_node", format!("node {t:?} is not Ready")));
-            }
-            if !view.schedulable {
-                return Err(ApiError::invalid("target_node", format!("node {t:?} is cordoned")));
-            }
-            if view.free_memory_mib() < request.memory_mib || view.free_vcpus() < request.vcpus {
-                return Err(ApiError::invalid(
-                    "target_node",
-                    format!(
-                        "node {t:?} has {} MiB and {} vCPU free; the VM needs {} MiB and {} vCPU",
-                        view.free_memory_mib(),
-                        view.free_vcpus(),
-                        request.memory_mib,
-                        request.vcpus
-                    ),
-                ));
-            }
-            t.clone()
-        }
-        None => {
-            let candidates: Vec<_> = views.into_iter().filter(|v| v.name != source).collect();
-            match novacron_scheduler::place(&request, &candidates) {
-                Ok(n) => n.name.clone(),
+            match cluster.check(index, &request) {
+                Ok(()) => {}
+                Err(novacron_scheduler::Rejection::NotReady) => {
+                    return Err(ApiError::invalid("target_node", format!("node {t:?} is not Ready")))
+                }
+                Err(novacron_scheduler::Rejection::Cordoned) => {
+                    return Err(ApiError::invalid("target_node", format!("node {t:?} is cordoned")))
+                }
+                Err(
+                    why @ (novacron_scheduler::Rejection::InsufficientMemory
+                    | novacron_scheduler::Rejection::InsufficientCpu),
+                ) => {
+                    let (used, limit) = (cluster.allocated(index), cluster.allocatable(index));
+                    return Err(ApiError::invalid(
+                        "target_node",
+                        format!(
+                            "node {t:?} has {} MiB and {} vCPU free ({why}); the VM needs {} MiB and {} vCPU",
+                            limit.memory_mib.saturating_sub(used.memory_mib),
+                            limit.vcpus.saturating_sub(used.vcpus),
+                            request.memory_mib,
+                            request.vcpus
+                        ),
+                    ));
+                }
                 Err(why) => {
                     return Err(ApiError::invalid(
                         "target_node",
-                        format!("no target for VM {vm_name:?}: {why}"),
+                        format!("node {t:?} cannot take VM {vm_name:?}: {why}"),
                     ))
                 }
             }
+            t.clone()
         }
+        None => match cluster.place_excluding(&request, source_index) {
+            Ok(d) => d.node,
+            Err(why) => {
+                return Err(ApiError::invalid(
+                    "target_node",
+                    format!("no target for VM {vm_name:?}: {why}"),
+                ))
+            }
+        },
     };
 
     let short = uuid::Uuid::new_v4().simple().to_string();

@@ -5,6 +5,7 @@ pub mod identity;
 pub mod images;
 pub mod migrations;
 pub mod nodes;
+pub mod scheduler;
 pub mod vms;
 
 use axum::body::Body;

@@ -9,7 +9,6 @@ use chrono::Utc;
 use novacron_api::{
     validate, CreateVm, Image, ImagePhase, Metadata, Node, PowerState, Resource, StopVm, Verb, Vm, VmPhase, VmStatus,
 };
-use novacron_scheduler::Request;
 use novacron_store::StoreExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -18,7 +17,6 @@ use utoipa_axum::routes;
 
 use super::{find_authorized, list_or_watch, ListQuery};
 use crate::auth::{authorize, Principal};
-use crate::controllers::node_views;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiQuery};
 use crate::{proxy, AppState};
@@ -82,13 +80,18 @@ async fn create_vm(
             format!("image {:?} is still uploading", req.spec.image),
         ));
     }
+    validate_placement(&req.spec.placement)?;
     let nodes = state.store.list_all::<Node>().await?;
-    let request = Request {
-        vcpus: req.spec.vcpus,
-        memory_mib: req.spec.memory_mib,
+    let config = crate::scheduling::load_config(&state.store).await?;
+    let empty = crate::scheduling::snapshot(&nodes, &[], &[], &config, None);
+    let probe = Vm {
+        metadata: Metadata::new(&req.name, req.labels.clone()),
+        spec: req.spec.clone(),
+        status: VmStatus::default(),
     };
-    if !novacron_scheduler::fits_some_node(&request, &node_views(&nodes, &[], &[])) {
-        let (field, what) = if nodes.iter().all(|n| n.status.capacity.memory_mib < req.spec.memory_mib) {
+    if !empty.fits_some_node(&crate::scheduling::request(&probe)) {
+        let mem_limit = |n: &Node| (n.status.capacity.memory_mib as f64 * config.memory_overcommit) as u64;
+        let (field, what) = if nodes.iter().all(|n| mem_limit(n) < req.spec.memory_mib) {
             ("spec.memory_mib", "memory")
         } else {
             ("spec.vcpus", "vcpus")
@@ -408,6 +411,28 @@ async fn vm_console(
     }
     let upstream = proxy::connect_console(&state, &node, &vm).await?;
     Ok(ws.on_upgrade(move |socket| proxy::pump_console(socket, upstream)))
+}
+
+/// Placement constraints are checked like labels: bad keys or values are 422s.
+pub(crate) fn validate_placement(p: &novacron_api::Placement) -> ApiResult<()> {
+    validate::labels("spec.placement.node_selector", &p.node_selector)?;
+    if p.affinity.len() > 16 {
+        return Err(ApiError::invalid(
+            "spec.placement.affinity",
+            "at most 16 affinity rules",
+        ));
+    }
+    for (i, rule) in p.affinity.iter().enumerate() {
+        let field = format!("spec.placement.affinity[{i}].selector");
+        if rule.selector.is_empty() {
+            return Err(ApiError::invalid(&field, "a rule needs at least one label"));
+        }
+        validate::labels(&field, &rule.selector)?;
+    }
+    if let Some(z) = &p.preferred_zone {
+        validate::name("spec.placement.preferred_zone", z)?;
+    }
+    Ok(())
 }
 
 async fn refuse_while_migrating(state: &AppState, vm: &str) -> ApiResult<()> {
