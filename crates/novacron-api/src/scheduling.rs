@@ -59,9 +59,9 @@ fn default_true() -> bool {
 #[serde(rename_all = "lowercase")]
 pub enum SchedulingProfile {
     /// Fill nodes before using new ones.
-    #[default]
     Binpack,
-    /// Keep nodes evenly used.
+    /// Keep nodes evenly used (the emptiest node first).
+    #[default]
     Spread,
 }
 

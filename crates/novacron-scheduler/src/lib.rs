@@ -98,11 +98,12 @@ impl Request {
     }
 }
 
-/// Pack VMs onto few nodes, or spread them out.
+/// Pack VMs onto few nodes, or spread them out (the default, as Nova's RAM
+/// weigher does: the emptiest node first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Profile {
-    #[default]
     Binpack,
+    #[default]
     Spread,
 }
 
@@ -152,7 +153,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            profile: Profile::Binpack,
+            profile: Profile::default(),
             cpu_overcommit: 1.0,
             memory_overcommit: 1.0,
             max_vms_per_node: None,

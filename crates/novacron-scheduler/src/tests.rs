@@ -14,7 +14,11 @@ fn cluster(nodes: &[(&str, u64, u64)], settings: Settings) -> Cluster {
 
 #[test]
 fn binpack_fills_spread_spreads() {
-    let mut c = cluster(&[("a", 8, 8192), ("b", 8, 8192)], Settings::default());
+    let binpack = Settings {
+        profile: Profile::Binpack,
+        ..Default::default()
+    };
+    let mut c = cluster(&[("a", 8, 8192), ("b", 8, 8192)], binpack);
     c.commit("x", 0, Request::new(2, 2048));
     assert_eq!(c.place(&Request::new(1, 1024)).unwrap().node, "a");
     c.settings.profile = Profile::Spread;
