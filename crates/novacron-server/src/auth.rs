@@ -48,6 +48,14 @@ impl Principal {
         self.project.as_deref().is_none_or(|p| p == project)
     }
 
+    /// The project a new object goes to: the one asked for, else the
+    /// token's, else `default`.
+    pub fn project_for(&self, asked: Option<String>) -> String {
+        asked
+            .or_else(|| self.project.clone())
+            .unwrap_or_else(novacron_api::default_project)
+    }
+
     pub fn can(&self, resource: Resource, verb: Verb) -> bool {
         self.permissions.contains(&Permission { resource, verb })
     }

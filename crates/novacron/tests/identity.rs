@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{guest_dir, Cluster, Options};
+use common::{guest_dir, ok, Cluster, Options};
 use novacron_api::VmPhase;
 use serde_json::Value;
 
@@ -22,16 +22,6 @@ fn run(mut cmd: Command, stdin: &str) -> Output {
         .expect("cli");
     child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     child.wait_with_output().expect("cli")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "command failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn failed(out: Output) -> String {

@@ -8,18 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_until, Cluster, Options};
+use common::{ok, wait_until, Cluster, Options};
 use novacron_api::{PlacementExplanation, RebalancePlan, RebalanceRequest, Vm, VmPhase};
-
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "command failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 async fn placed(c: &Cluster, name: &str) -> Vm {
     wait_until(&format!("{name} placed"), Duration::from_secs(20), || async {

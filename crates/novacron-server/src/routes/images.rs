@@ -51,11 +51,7 @@ async fn create_image(
     Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateImage>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
-    let project = req
-        .project
-        .clone()
-        .or_else(|| p.project.clone())
-        .unwrap_or_else(novacron_api::default_project);
+    let project = p.project_for(req.project.clone());
     authorize(&p, Resource::Images, Verb::Create, Some(&project))?;
     if req.public && p.project.is_some() {
         return Err(ApiError::forbidden(

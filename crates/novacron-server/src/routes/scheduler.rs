@@ -129,11 +129,7 @@ async fn explain_create(
     Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateVm>,
 ) -> ApiResult<Json<PlacementExplanation>> {
-    let project = req
-        .project
-        .clone()
-        .or_else(|| p.project.clone())
-        .unwrap_or_else(novacron_api::default_project);
+    let project = p.project_for(req.project.clone());
     authorize(&p, Resource::Vms, Verb::Create, Some(&project))?;
     validate::create_vm(&req)?;
     super::vms::validate_placement(&req.spec.placement)?;

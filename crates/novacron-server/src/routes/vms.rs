@@ -57,11 +57,7 @@ async fn create_vm(
     Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateVm>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
-    let project = req
-        .project
-        .clone()
-        .or_else(|| p.project.clone())
-        .unwrap_or_else(novacron_api::default_project);
+    let project = p.project_for(req.project.clone());
     authorize(&p, Resource::Vms, Verb::Create, Some(&project))?;
     let quota = super::identity::require_project(&state, &project).await?.quota;
     validate::create_vm(&req)?;
