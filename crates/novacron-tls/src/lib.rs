@@ -95,7 +95,8 @@ impl Identity {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
+/// Writes a file only its owner can read (keys, tokens), atomically.
+pub fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()

@@ -41,22 +41,12 @@ pub fn default_dev_dir() -> PathBuf {
 
 /// Writes the config file (mode 0600: it holds a token).
 pub fn save(file: &ConfigFile) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = config_path();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
     }
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("Cannot write {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(file)?)?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("Cannot write {}", path.display()))
+    novacron_tls::write_private(&path, &serde_json::to_string_pretty(file)?)?;
+    Ok(())
 }
 
 pub struct Target {
