@@ -98,6 +98,22 @@ pub struct ZoneLatency {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SchedulerConfig {
     pub metadata: Metadata,
+    #[serde(flatten)]
+    pub settings: SchedulerSettings,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            metadata: Metadata::new("cluster", Default::default()),
+            settings: SchedulerSettings::default(),
+        }
+    }
+}
+
+/// The settings themselves; also the body of `PUT /v1/scheduler`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SchedulerSettings {
     #[serde(default)]
     pub profile: SchedulingProfile,
     /// vCPUs allocatable per host vCPU (1 = no overcommit).
@@ -125,10 +141,9 @@ fn default_zone_latency() -> f64 {
     50.0
 }
 
-impl Default for SchedulerConfig {
+impl Default for SchedulerSettings {
     fn default() -> Self {
-        SchedulerConfig {
-            metadata: Metadata::new("cluster", Default::default()),
+        SchedulerSettings {
             profile: SchedulingProfile::default(),
             cpu_overcommit: 1.0,
             memory_overcommit: 1.0,
@@ -138,25 +153,6 @@ impl Default for SchedulerConfig {
             default_zone_latency_ms: default_zone_latency(),
         }
     }
-}
-
-/// The settings a client sends (`PUT /v1/scheduler`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct UpdateSchedulerConfig {
-    #[serde(default)]
-    pub profile: SchedulingProfile,
-    #[serde(default = "one")]
-    pub cpu_overcommit: f64,
-    #[serde(default = "one")]
-    pub memory_overcommit: f64,
-    #[serde(default)]
-    pub max_vms_per_node: Option<u32>,
-    #[serde(default)]
-    pub weights: ScoreWeights,
-    #[serde(default)]
-    pub zone_latency_ms: Vec<ZoneLatency>,
-    #[serde(default = "default_zone_latency")]
-    pub default_zone_latency_ms: f64,
 }
 
 /// One node's score, objective by objective (0..1 each) and weighted.

@@ -3,7 +3,7 @@
 //! move passes the same filters as a placement, so no constraint breaks;
 //! each move costs the VM's memory (what live migration copies).
 
-use crate::{Cluster, Request};
+use crate::Cluster;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RebalanceMode {
@@ -68,12 +68,6 @@ impl Cluster {
         };
         self.commit_with(&info.name, to, info.request, info.movable);
         m
-    }
-
-    /// Whether `req` may go to `node` (all placement filters).
-    fn allowed(&self, node: usize, req: &Request) -> bool {
-        let terms = self.term_counts(req);
-        self.filter(node, req, &terms).is_ok()
     }
 
     /// Greedy: from the fullest node, the move that lowers the imbalance most
@@ -169,7 +163,9 @@ impl Cluster {
                 let req = self.vms[v].request.clone();
                 // Pack onto the fullest nodes that are not being emptied.
                 let target = (0..self.nodes.len())
-                    .filter(|&t| t != node && !emptied.contains(&t) && self.vm_count(t) > 0 && self.allowed(t, &req))
+                    .filter(|&t| {
+                        t != node && !emptied.contains(&t) && self.vm_count(t) > 0 && self.check(t, &req).is_ok()
+                    })
                     .max_by(|&a, &b| {
                         self.utilisation(a)
                             .total_cmp(&self.utilisation(b))

@@ -12,7 +12,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use chrono::Utc;
 use novacron_api::{AuditEntry, AuditRecord, AuditVerification, Metadata};
-use novacron_store::{decode_record, SharedStore, StoreError, StoreExt};
+use novacron_store::{SharedStore, StoreError, StoreExt};
 use sha2::{Digest, Sha256};
 
 use novacron_tls::PeerInfo;
@@ -237,9 +237,4 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         tracing::error!(error = %crate::ErrorChain(&e), %method, %path, "cannot write audit record");
     }
     resp
-}
-
-/// Decodes one stored record (for list filters).
-pub fn decode(r: novacron_store::Record) -> Result<AuditRecord, StoreError> {
-    decode_record(r)
 }

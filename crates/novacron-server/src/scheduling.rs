@@ -1,6 +1,8 @@
 //! Between the store's objects and the pure scheduler: cluster snapshots,
 //! requests from VM specs, settings, and explanations in API form.
 
+use std::collections::BTreeMap;
+
 use novacron_api::{
     AffinityScope, CandidateScore, Migration, Node, PlacementExplanation, PlannedMove, RebalanceMode, RebalancePlan,
     RejectionCount, SchedulerConfig, SchedulingProfile, Vm, VmPhase,
@@ -19,6 +21,7 @@ pub async fn load_config(store: &SharedStore) -> Result<SchedulerConfig, StoreEr
 }
 
 pub fn settings(cfg: &SchedulerConfig) -> Settings {
+    let cfg = &cfg.settings;
     Settings {
         profile: match cfg.profile {
             SchedulingProfile::Binpack => Profile::Binpack,
@@ -47,11 +50,16 @@ pub fn settings(cfg: &SchedulerConfig) -> Settings {
 }
 
 pub fn request(vm: &Vm) -> Request {
-    let p = &vm.spec.placement;
+    request_for(&vm.spec, &vm.metadata.labels)
+}
+
+/// The scheduler's view of a VM that may not exist yet.
+pub fn request_for(spec: &novacron_api::VmSpec, labels: &BTreeMap<String, String>) -> Request {
+    let p = &spec.placement;
     Request {
-        vcpus: u64::from(vm.spec.vcpus),
-        memory_mib: vm.spec.memory_mib,
-        labels: vm.metadata.labels.clone(),
+        vcpus: u64::from(spec.vcpus),
+        memory_mib: spec.memory_mib,
+        labels: labels.clone(),
         node_selector: p.node_selector.clone(),
         affinity: p
             .affinity

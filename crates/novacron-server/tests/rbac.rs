@@ -791,36 +791,10 @@ async fn audit_records_requests_and_detects_tampering() {
 
     // Tamper with the stored log directly in the database.
     let db = rusqlite::Connection::open(h.dir.path().join("novacron.db")).unwrap();
-    let name = format!("{:016}", 3);
     let verify = || async {
         let (_, v) = h.call(Method::GET, "/v1/audit/verify", Some(&h.admin), None).await;
         v
     };
-    // 1. Change a record.
-    let data: String = db
-        .query_row(
-            "SELECT data FROM objects WHERE kind='audit' AND name=?1",
-            [&name],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let changed = data.replacen("\"status\":", "\"status\":1", 1);
-    assert_ne!(changed, data);
-    db.execute(
-        "UPDATE objects SET data=?1 WHERE kind='audit' AND name=?2",
-        [&changed, &name],
-    )
-    .unwrap();
-    let v = verify().await;
-    assert_eq!(v["ok"], false, "{v}");
-    assert!(v["problems"].to_string().contains("record 3 was changed"), "{v}");
-    db.execute(
-        "UPDATE objects SET data=?1 WHERE kind='audit' AND name=?2",
-        [&data, &name],
-    )
-    .unwrap();
-    assert_eq!(verify().await["ok"], true);
-    // 2. Reorder: swap the contents of records 4 and 5.
     let get = |seq: u64| -> String {
         db.query_row(
             "SELECT data FROM objects WHERE kind='audit' AND name=?1",
@@ -829,7 +803,6 @@ async fn audit_records_requests_and_detects_tampering() {
         )
         .unwrap()
     };
-    let (d4, d5) = (get(4), get(5));
     let put = |seq: u64, d: &str| {
         db.execute(
             "UPDATE objects SET data=?1 WHERE kind='audit' AND name=?2",
@@ -837,6 +810,18 @@ async fn audit_records_requests_and_detects_tampering() {
         )
         .unwrap()
     };
+    // 1. Change a record.
+    let d3 = get(3);
+    let changed = d3.replacen("\"status\":", "\"status\":1", 1);
+    assert_ne!(changed, d3);
+    put(3, &changed);
+    let v = verify().await;
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v["problems"].to_string().contains("record 3 was changed"), "{v}");
+    put(3, &d3);
+    assert_eq!(verify().await["ok"], true);
+    // 2. Reorder: swap the contents of records 4 and 5.
+    let (d4, d5) = (get(4), get(5));
     put(4, &d5);
     put(5, &d4);
     let v = verify().await;

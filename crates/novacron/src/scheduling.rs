@@ -6,7 +6,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use novacron_api::client::Client;
 use novacron_api::{
     AffinityRule, AffinityScope, Placement, PlacementExplanation, RebalancePlan, RebalanceRequest, SchedulerConfig,
-    SchedulingProfile, ScoreWeights, UpdateSchedulerConfig,
+    SchedulerSettings, SchedulingProfile, ScoreWeights,
 };
 
 use crate::commands::client;
@@ -184,6 +184,7 @@ fn print_config(format: Format, cfg: &SchedulerConfig) -> Result<()> {
     if format != Format::Table {
         return output::print_data(format, cfg);
     }
+    let cfg = &cfg.settings;
     let w = &cfg.weights;
     println!("profile:            {:?}", cfg.profile);
     println!("cpu overcommit:     {}", cfg.cpu_overcommit);
@@ -241,25 +242,25 @@ pub async fn cluster(g: &Global, cmd: ClusterCommand) -> Result<()> {
             weights,
         } => {
             let cur: SchedulerConfig = c.get_json("scheduler").await?;
-            let update = UpdateSchedulerConfig {
+            let update = SchedulerSettings {
                 profile: match profile {
                     Some(ProfileArg::Binpack) => SchedulingProfile::Binpack,
                     Some(ProfileArg::Spread) => SchedulingProfile::Spread,
-                    None => cur.profile,
+                    None => cur.settings.profile,
                 },
-                cpu_overcommit: cpu_overcommit.unwrap_or(cur.cpu_overcommit),
-                memory_overcommit: memory_overcommit.unwrap_or(cur.memory_overcommit),
+                cpu_overcommit: cpu_overcommit.unwrap_or(cur.settings.cpu_overcommit),
+                memory_overcommit: memory_overcommit.unwrap_or(cur.settings.memory_overcommit),
                 max_vms_per_node: match max_vms_per_node {
                     Some(0) => None,
                     Some(n) => Some(n),
-                    None => cur.max_vms_per_node,
+                    None => cur.settings.max_vms_per_node,
                 },
                 weights: match weights {
-                    Some(w) => parse_weights(&w, cur.weights)?,
-                    None => cur.weights,
+                    Some(w) => parse_weights(&w, cur.settings.weights)?,
+                    None => cur.settings.weights,
                 },
-                zone_latency_ms: cur.zone_latency_ms,
-                default_zone_latency_ms: cur.default_zone_latency_ms,
+                zone_latency_ms: cur.settings.zone_latency_ms,
+                default_zone_latency_ms: cur.settings.default_zone_latency_ms,
             };
             let cfg: SchedulerConfig = c.put_json("scheduler", &update).await?;
             print_config(g.output, &cfg)

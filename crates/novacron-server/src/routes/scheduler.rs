@@ -6,7 +6,7 @@ use axum::{Extension, Json};
 use chrono::Utc;
 use novacron_api::{
     validate, CreateVm, Migration, Node, PlacementExplanation, RebalancePlan, RebalanceRequest, Resource,
-    SchedulerConfig, UpdateSchedulerConfig, Verb, Vm,
+    SchedulerConfig, SchedulerSettings, Verb, Vm,
 };
 use novacron_store::StoreExt;
 use utoipa_axum::router::OpenApiRouter;
@@ -49,12 +49,12 @@ fn check_ratio(field: &str, v: f64, max: f64) -> ApiResult<()> {
 
 /// Replace the scheduler settings: profile, overcommit ratios, VMs per node,
 /// objective weights and zone latencies. Applies to placements from now on.
-#[utoipa::path(put, path = "/v1/scheduler", tag = "scheduler", request_body = UpdateSchedulerConfig,
+#[utoipa::path(put, path = "/v1/scheduler", tag = "scheduler", request_body = SchedulerSettings,
     responses((status = 200, body = SchedulerConfig), (status = 422, body = novacron_api::ErrorBody)))]
 async fn put_config(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<UpdateSchedulerConfig>,
+    ApiJson(req): ApiJson<SchedulerSettings>,
 ) -> ApiResult<Json<SchedulerConfig>> {
     authorize(&p, Resource::Nodes, Verb::Update, None)?;
     check_ratio("cpu_overcommit", req.cpu_overcommit, 16.0)?;
@@ -95,13 +95,7 @@ async fn put_config(
     }
     let mut config = scheduling::load_config(&state.store).await?;
     let exists = config.metadata.resource_version > 0;
-    config.profile = req.profile;
-    config.cpu_overcommit = req.cpu_overcommit;
-    config.memory_overcommit = req.memory_overcommit;
-    config.max_vms_per_node = req.max_vms_per_node;
-    config.weights = req.weights;
-    config.zone_latency_ms = req.zone_latency_ms;
-    config.default_zone_latency_ms = req.default_zone_latency_ms;
+    config.settings = req;
     config.metadata.updated_at = Utc::now();
     let config = if exists {
         state.store.update_obj(&config).await?
@@ -134,12 +128,7 @@ async fn explain_create(
     validate::create_vm(&req)?;
     super::vms::validate_placement(&req.spec.placement)?;
     let cluster = snapshot(&state, None).await?;
-    let vm = Vm {
-        metadata: novacron_api::Metadata::new(&req.name, req.labels),
-        spec: req.spec,
-        status: Default::default(),
-    };
-    let outcome = cluster.place(&scheduling::request(&vm));
+    let outcome = cluster.place(&scheduling::request_for(&req.spec, &req.labels));
     Ok(Json(scheduling::explain(&cluster, &outcome)))
 }
 

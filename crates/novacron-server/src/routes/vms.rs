@@ -80,14 +80,9 @@ async fn create_vm(
     let nodes = state.store.list_all::<Node>().await?;
     let config = crate::scheduling::load_config(&state.store).await?;
     let empty = crate::scheduling::snapshot(&nodes, &[], &[], &config, None);
-    let probe = Vm {
-        metadata: Metadata::new(&req.name, req.labels.clone()),
-        spec: req.spec.clone(),
-        status: VmStatus::default(),
-    };
-    if !empty.fits_some_node(&crate::scheduling::request(&probe)) {
-        let mem_limit = |n: &Node| (n.status.capacity.memory_mib as f64 * config.memory_overcommit) as u64;
-        let (field, what) = if nodes.iter().all(|n| mem_limit(n) < req.spec.memory_mib) {
+    if !empty.fits_some_node(&crate::scheduling::request_for(&req.spec, &req.labels)) {
+        let too_big = (0..nodes.len()).all(|i| empty.allocatable(i).memory_mib < req.spec.memory_mib);
+        let (field, what) = if too_big {
             ("spec.memory_mib", "memory")
         } else {
             ("spec.vcpus", "vcpus")
