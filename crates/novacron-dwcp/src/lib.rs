@@ -1,0 +1,34 @@
+//! DWCP, NovaCron's WAN data plane for migrations.
+//!
+//! * [`session`] (AMST): channels over N parallel TLS 1.3 streams with
+//!   ordered delivery, rate limiting, BBR, acks for delivery-rate estimates;
+//! * [`codec`] and [`scan`] (HDE): pages found in QEMU and NBD streams travel
+//!   as cache references, small deltas or zstd-compressed literals;
+//! * [`cache`]: the chunk cache both ends keep in step across migrations;
+//! * [`plan`] (PBA): predictions of time, downtime and bytes from measured
+//!   link rate, compression and dirty rate.
+
+pub mod cache;
+pub mod codec;
+pub mod frame;
+pub mod plan;
+pub mod scan;
+pub mod session;
+
+pub use cache::CacheStore;
+pub use scan::Role;
+pub use session::{Hello, Receiver, Routes, Sender, SessionConfig, StatsSnapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DwcpError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    #[error("codec: {0}")]
+    Codec(String),
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("{0}")]
+    Session(String),
+}

@@ -1,0 +1,222 @@
+//! PBA: predicts a migration from measured numbers and picks the strategy.
+//!
+//! Inputs: what the link delivers (bytes/s on the wire), what the guest's
+//! memory costs on the wire per byte (sampled: zero pages, compression,
+//! pages the target's cache already holds), the dirty rate, and the disk to
+//! mirror. Pre-copy is modelled pass by pass: each pass sends what the guest
+//! dirtied during the previous one, until a pass fits in the downtime limit.
+
+use serde::{Deserialize, Serialize};
+
+/// Measured inputs of a prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PlanInput {
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Disk bytes the mirror has to copy.
+    pub disk_bytes: u64,
+    /// Wire bytes per guest-memory byte on the first pass (zero pages, compression, dedup included).
+    pub first_pass_cost: f64,
+    /// Wire bytes per byte of a re-sent (dirtied) page.
+    pub dirty_cost: f64,
+    /// Wire bytes per disk byte.
+    pub disk_cost: f64,
+    /// Guest dirty rate (bytes/s) and the size of the memory it keeps rewriting.
+    pub dirty_bytes_s: f64,
+    pub working_set_bytes: f64,
+    /// What the link delivers (wire bytes/s) and its round trip (s).
+    pub link_bytes_s: f64,
+    pub rtt_s: f64,
+    pub max_downtime_s: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    Precopy,
+    AutoConverge,
+    Postcopy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub strategy: Strategy,
+    pub total_s: f64,
+    pub downtime_s: f64,
+    pub wire_bytes: f64,
+    /// Whether pre-copy reaches the downtime limit at all.
+    pub converges: bool,
+}
+
+/// Fixed costs seen on every migration: target QEMU start, QMP round trips,
+/// device state (measured on loopback: about 1.5 s before the first byte).
+const SETUP_S: f64 = 1.5;
+/// Round trips spent in control calls (prepare, finish, mirror hand-off).
+const CONTROL_RTTS: f64 = 12.0;
+const MAX_PASSES: usize = 30;
+/// Auto-converge throttles until the guest dirties at most this share of the link.
+const THROTTLED_SHARE: f64 = 0.3;
+/// Throttle steps take time to bite (QEMU raises it by 10% per pass).
+const THROTTLE_RAMP_PASSES: f64 = 3.0;
+
+pub fn predict(input: &PlanInput, strategy: Strategy) -> Prediction {
+    let link = input.link_bytes_s.max(1.0);
+    let fixed = SETUP_S + CONTROL_RTTS * input.rtt_s;
+    let disk_wire = input.disk_bytes as f64 * input.disk_cost;
+    let first_wire = input.memory_bytes as f64 * input.first_pass_cost;
+    let first_s = (disk_wire + first_wire) / link;
+    let dirty_wire_s = input.dirty_bytes_s * input.dirty_cost;
+    let downtime_floor = 2.0 * input.rtt_s + 0.03;
+    match strategy {
+        Strategy::Postcopy => {
+            // One pre-copy pass, then the pages dirtied meanwhile follow on demand.
+            let rest = (input.dirty_bytes_s * first_s).min(input.working_set_bytes) * input.dirty_cost;
+            Prediction {
+                strategy,
+                total_s: fixed + first_s + rest / link,
+                downtime_s: downtime_floor,
+                wire_bytes: disk_wire + first_wire + rest,
+                converges: true,
+            }
+        }
+        Strategy::Precopy | Strategy::AutoConverge => {
+            let mut dirty_wire_s = dirty_wire_s;
+            let mut total = first_s;
+            let mut wire = disk_wire + first_wire;
+            let mut pass_s = first_s;
+            let mut converges = false;
+            for pass in 0..MAX_PASSES {
+                if strategy == Strategy::AutoConverge && dirty_wire_s > THROTTLED_SHARE * link {
+                    // The throttle lowers the dirty rate a step per pass.
+                    let target = THROTTLED_SHARE * link;
+                    let step = (dirty_wire_s - target) / THROTTLE_RAMP_PASSES;
+                    if pass as f64 >= THROTTLE_RAMP_PASSES {
+                        dirty_wire_s = target;
+                    } else {
+                        dirty_wire_s -= step;
+                    }
+                }
+                let next_wire = (dirty_wire_s * pass_s).min(input.working_set_bytes * input.dirty_cost);
+                let next_s = next_wire / link;
+                if next_s <= input.max_downtime_s {
+                    total += next_s;
+                    wire += next_wire;
+                    pass_s = next_s;
+                    converges = true;
+                    break;
+                }
+                total += next_s;
+                wire += next_wire;
+                pass_s = next_s;
+            }
+            Prediction {
+                strategy,
+                total_s: fixed + total,
+                downtime_s: pass_s + downtime_floor,
+                wire_bytes: wire,
+                converges,
+            }
+        }
+    }
+}
+
+/// The strategy with the shortest predicted time among those that keep the
+/// downtime limit; pre-copy is preferred when within 10% of post-copy,
+/// because a post-copy failure after the switch cannot be rolled back.
+pub fn choose(input: &PlanInput) -> (Prediction, String) {
+    let pre = predict(input, Strategy::Precopy);
+    let auto = predict(input, Strategy::AutoConverge);
+    let post = predict(input, Strategy::Postcopy);
+    let within = |p: &Prediction| p.converges && p.downtime_s <= input.max_downtime_s + 2.0 * input.rtt_s + 0.03;
+    let numbers = format!(
+        "link {:.1} MiB/s, rtt {:.0} ms, dirty {:.1} MiB/s, first pass {:.2} wire B/B; predicted pre-copy {}, auto-converge {}, post-copy {:.1} s",
+        input.link_bytes_s / 1048576.0,
+        input.rtt_s * 1e3,
+        input.dirty_bytes_s / 1048576.0,
+        input.first_pass_cost,
+        show(&pre),
+        show(&auto),
+        post.total_s
+    );
+    let best = if within(&pre) && pre.total_s <= post.total_s * 1.1 {
+        pre
+    } else if within(&auto) && auto.total_s <= post.total_s * 1.1 {
+        auto
+    } else {
+        post
+    };
+    (best, numbers)
+}
+
+fn show(p: &Prediction) -> String {
+    if p.converges {
+        format!("{:.1} s", p.total_s)
+    } else {
+        "does not converge".into()
+    }
+}
+
+/// Live estimate of the seconds left: `remaining` guest bytes still to send,
+/// `raw_rate` guest bytes/s the transport moves, `dirty` bytes/s re-dirtied.
+pub fn eta_remaining(remaining: f64, raw_rate: f64, dirty: f64, postcopy_active: bool) -> Option<f64> {
+    if raw_rate <= 0.0 {
+        return None;
+    }
+    if postcopy_active {
+        return Some(remaining / raw_rate);
+    }
+    let net = raw_rate - dirty;
+    (net > raw_rate * 0.05).then(|| remaining / net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(dirty_mib_s: f64, link_mib_s: f64) -> PlanInput {
+        PlanInput {
+            memory_bytes: 512 << 20,
+            disk_bytes: 16 << 20,
+            first_pass_cost: 0.5,
+            dirty_cost: 1.0,
+            disk_cost: 0.5,
+            dirty_bytes_s: dirty_mib_s * 1048576.0,
+            working_set_bytes: 300.0 * 1048576.0,
+            link_bytes_s: link_mib_s * 1048576.0,
+            rtt_s: 0.05,
+            max_downtime_s: 0.3,
+        }
+    }
+
+    #[test]
+    fn idle_guest_goes_pre_copy_in_about_one_pass() {
+        let i = input(0.0, 12.0);
+        let (p, why) = choose(&i);
+        assert_eq!(p.strategy, Strategy::Precopy, "{why}");
+        let one_pass = (512.0 * 0.5 + 8.0) / 12.0;
+        assert!((p.total_s - one_pass - SETUP_S - 0.6).abs() < 0.5, "{}", p.total_s);
+    }
+
+    #[test]
+    fn dirtying_faster_than_the_link_means_post_copy() {
+        let (p, why) = choose(&input(40.0, 12.0));
+        assert_eq!(p.strategy, Strategy::Postcopy, "{why}");
+        assert!(!predict(&input(40.0, 12.0), Strategy::Precopy).converges);
+        assert!(why.contains("does not converge"));
+    }
+
+    #[test]
+    fn more_dirtying_takes_longer() {
+        let a = predict(&input(1.0, 12.0), Strategy::Precopy);
+        let b = predict(&input(4.0, 12.0), Strategy::Precopy);
+        assert!(b.total_s > a.total_s && b.wire_bytes > a.wire_bytes);
+    }
+
+    #[test]
+    fn eta_counts_the_dirty_rate() {
+        assert_eq!(eta_remaining(100.0, 10.0, 0.0, false), Some(10.0));
+        assert_eq!(eta_remaining(100.0, 10.0, 5.0, false), Some(20.0));
+        assert_eq!(eta_remaining(100.0, 10.0, 12.0, false), None);
+        assert_eq!(eta_remaining(100.0, 10.0, 12.0, true), Some(10.0));
+    }
+}

@@ -1,0 +1,239 @@
+//! Sessions between a sender and a receiver over real TLS on loopback.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use novacron_dwcp::{CacheStore, Hello, Receiver, Role, Sender, SessionConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+struct Pki {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn pki() -> Result<Pki, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let ca = novacron_tls::ClusterCa::load_or_create(dir.path())?;
+    let target = ca.issue("node-2", &["127.0.0.1".into(), "localhost".into()])?;
+    let source = ca.issue("node-1", &["127.0.0.1".into()])?;
+    let server = novacron_tls::server_config(&target, &ca.cert_pem, novacron_tls::ClientAuth::Required)?;
+    let client = Arc::new(novacron_tls::client_config(&ca.cert_pem, Some(&source))?);
+    Ok(Pki { client, server })
+}
+
+/// A QEMU-like RAM stream of `n` text pages whose content depends on `variant`.
+fn qemu_stream(n: usize, variant: u32) -> Vec<u8> {
+    let mut s = b"QEVM\0\0\0\x03".to_vec();
+    for i in 0..n {
+        let off = (i as u64) << 12;
+        if i == 0 {
+            s.extend_from_slice(&(off | 0x08).to_be_bytes());
+            s.push(6);
+            s.extend_from_slice(b"pc.ram");
+        } else {
+            s.extend_from_slice(&(off | 0x28).to_be_bytes());
+        }
+        // Hex digits of a per-page sequence: compresses about 2:1, not more.
+        let mut page = format!("hits={variant}\n").into_bytes();
+        let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        while page.len() < 4096 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            page.extend_from_slice(format!("{x:016x}").as_bytes());
+        }
+        page.truncate(4096);
+        s.extend_from_slice(&page);
+    }
+    s.extend_from_slice(b"\x10device state");
+    s
+}
+
+/// A local server standing in for the target QEMU: collects what arrives
+/// and answers `reply` once the stream ends.
+async fn sink(reply: &'static [u8]) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<Vec<u8>>)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let task = tokio::spawn(async move {
+        let Ok((mut c, _)) = l.accept().await else {
+            return Vec::new();
+        };
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got).await;
+        let _ = c.write_all(reply).await;
+        let _ = c.shutdown().await;
+        got
+    });
+    Ok((addr, task))
+}
+
+async fn receiver(pki: &Pki, store: CacheStore) -> std::io::Result<(Receiver, SocketAddr, CancellationToken)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let r = Receiver::new(store);
+    let stop = CancellationToken::new();
+    tokio::spawn(r.clone().serve(l, pki.server.clone(), stop.clone()));
+    Ok((r, addr, stop))
+}
+
+async fn send_through(sender: &Sender, role: Role, data: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let (local, remote) = tokio::io::duplex(64 * 1024);
+    sender
+        .open(role, remote)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut back = Vec::new();
+    let (mut rd, mut wr) = tokio::io::split(local);
+    let w = async {
+        wr.write_all(&data).await?;
+        wr.shutdown().await
+    };
+    let r = rd.read_to_end(&mut back);
+    let (a, b) = tokio::join!(w, r);
+    a?;
+    b?;
+    Ok(back)
+}
+
+async fn session(
+    pki: &Pki,
+    addr: SocketAddr,
+    store: &CacheStore,
+    name: &str,
+    streams: usize,
+) -> Result<Sender, novacron_dwcp::DwcpError> {
+    Sender::connect(
+        addr,
+        "127.0.0.1",
+        pki.client.clone(),
+        Hello {
+            session: name.into(),
+            node: "node-1".into(),
+        },
+        store,
+        "node-2",
+        SessionConfig {
+            streams: Some(streams),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_arrive_intact_and_the_cache_outlives_the_session() -> TestResult {
+    let pki = pki()?;
+    let (rx_store, tx_store) = (CacheStore::new(256 << 20), CacheStore::new(256 << 20));
+    let (receiver, addr, stop) = receiver(&pki, rx_store).await?;
+    let data = qemu_stream(2000, 0);
+    let mut wire = Vec::new();
+    for (round, name) in ["m1", "m2"].into_iter().enumerate() {
+        let (mig, mig_task) = sink(b"migration done").await?;
+        let (nbd, nbd_task) = sink(b"nbd reply").await?;
+        receiver.expect(name, HashMap::from([(Role::Migration, mig), (Role::Nbd, nbd)]));
+        let sender = session(&pki, addr, &tx_store, name, 3).await?;
+        let disk: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (a, b) = tokio::join!(
+            send_through(&sender, Role::Migration, data.clone()),
+            send_through(&sender, Role::Nbd, disk.clone())
+        );
+        assert_eq!(a?, b"migration done", "reverse bytes of round {round}");
+        assert_eq!(b?, b"nbd reply");
+        let stats = sender.finish(Duration::from_secs(10)).await?;
+        assert_eq!(mig_task.await?, data, "migration bytes of round {round}");
+        assert_eq!(nbd_task.await?, disk);
+        assert_eq!(stats.streams, 3);
+        assert!(stats.pages >= 2000, "{stats:?}");
+        wire.push(stats.wire_bytes);
+        if round == 1 {
+            assert!(stats.pages_ref >= 2000, "second session reuses the cache: {stats:?}");
+        }
+    }
+    assert!(wire[1] * 5 < wire[0], "second migration sends far less: {wire:?}");
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_stream_fails_the_session_and_closes_the_channels() -> TestResult {
+    let pki = pki()?;
+    let (receiver, addr, stop) = receiver(&pki, CacheStore::new(64 << 20)).await?;
+    // A relay we can cut: the "network".
+    let relay = TcpListener::bind("127.0.0.1:0").await?;
+    let relay_addr = relay.local_addr()?;
+    let cut = CancellationToken::new();
+    let cut2 = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = relay.accept().await {
+            let cut = cut2.clone();
+            tokio::spawn(async move {
+                let Ok(mut b) = TcpStream::connect(addr).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = cut.cancelled() => {}
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                }
+            });
+        }
+    });
+    let (mig, mig_task) = sink(b"").await?;
+    receiver.expect("m-cut", HashMap::from([(Role::Migration, mig)]));
+    let sender = session(&pki, relay_addr, &CacheStore::new(64 << 20), "m-cut", 2).await?;
+    let (mut local, remote) = tokio::io::duplex(64 * 1024);
+    sender.open(Role::Migration, remote).await?;
+    local.write_all(&qemu_stream(100, 1)).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cut.cancel();
+    // The local end (QEMU's socket) must see the session end, not hang.
+    let mut buf = [0u8; 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if local.write_all(&[0u8; 4096]).await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(10), local.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "local connection still open after the stream broke");
+    let err = sender.error().unwrap_or_default();
+    assert!(err.contains("stream"), "error names the stream: {err:?}");
+    // The target side got a prefix of the data at most, and its connection closed.
+    let got = tokio::time::timeout(Duration::from_secs(10), mig_task).await??;
+    assert!(got.len() <= qemu_stream(100, 1).len() + 4096 * 4096);
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_cluster_is_refused() -> TestResult {
+    let pki = pki()?;
+    let other = self::pki()?;
+    let (_receiver, addr, stop) = receiver(&pki, CacheStore::new(1 << 20)).await?;
+    let refused = session(&other, addr, &CacheStore::new(1 << 20), "x", 1).await;
+    assert!(refused.is_err());
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_measures_delivery() -> TestResult {
+    let pki = pki()?;
+    let (_receiver, addr, stop) = receiver(&pki, CacheStore::new(1 << 20)).await?;
+    let sender = session(&pki, addr, &CacheStore::new(1 << 20), "probe", 2).await?;
+    let rate = sender.probe(Duration::from_millis(800)).await?;
+    assert!(rate > 1e6, "loopback delivers more than 1 MB/s: {rate}");
+    sender.finish(Duration::from_secs(10)).await?;
+    stop.cancel();
+    Ok(())
+}
