@@ -10,7 +10,7 @@
  * shows up with an old generation; a damaged page fails the comparison.
  *
  *   nc-workload --mem-mib N [--dirty-mib-s R] [--report-s S]
- *               [--pattern random|text] [--verify-mib-s V] [--seed X]
+ *               [--pattern random|text|web] [--verify-mib-s V] [--seed X]
  *
  * Every S seconds it prints exactly one line to stdout:
  *   NOVACRON-WORKLOAD gen=G pages=P verified=V errors=E
@@ -24,6 +24,10 @@
  * Page layout (512 little-endian u64 words):
  *   w[0] = MAGIC, w[1] = page index, w[2] = generation,
  *   w[3..510] = payload (PRNG output, or ASCII text for --pattern text),
+ *              for --pattern web: HTML-like text that depends on the page
+ *              and seed only, so a rewrite changes just the generation and
+ *              checksum words (a web server's heap: cached fragments whose
+ *              counters and timestamps tick),
  *   w[511] = checksum of w[0..510].
  *
  * Single-threaded on purpose: the writer and the verifier interleave in
@@ -50,7 +54,18 @@
 #define MAGIC 0x4e4f564143524f4eULL /* "NOVACRON" */
 #define MAX_ERROR_LINES 20
 
-enum pattern { PAT_RANDOM, PAT_TEXT };
+enum pattern { PAT_RANDOM, PAT_TEXT, PAT_WEB };
+
+/* Vocabulary of the web pattern: markup and words, picked by a PRNG. */
+static const char *const web_words[] = {
+	"<div class=\"item\">", "</div>", "<span>", "</span>", "<a href=\"/p/", "\">", "</a>",
+	"<li>", "</li>", "<td>", "</td>", "price", "order", "customer", "session", "user",
+	"cart", "checkout", "product", "review", "rating", "shipping", "the", "and", "with",
+	"for", "new", "sale", "today", "free", "delivery", "size", "color", "blue", "red",
+	"green", "large", "small", "{\"id\":", "\"name\":", "\"qty\":", "},", "EUR", "USD",
+	"\n", "  ", "Berlin", "Paris", "Tokyo", "available", "in stock", "sold out", "more",
+};
+#define WEB_WORDS (sizeof web_words / sizeof web_words[0])
 
 static volatile sig_atomic_t stop_requested;
 
@@ -92,6 +107,26 @@ static void gen_page(uint64_t *w, uint64_t idx, uint64_t gen, uint64_t seed,
 			s ^= s << 25;
 			s ^= s >> 27;
 			w[i] = s * 0x2545f4914f6cdd1dULL;
+		}
+	} else if (pat == PAT_WEB) {
+		/* Body from (seed, page) only: it survives rewrites unchanged. */
+		uint64_t s = splitmix64(seed ^ splitmix64(idx ^ 0x77656221ULL)) | 1;
+		char *p = (char *)&w[3];
+		size_t len = (PAGE_WORDS - 4) * 8, off = 0;
+		while (off < len) {
+			s ^= s >> 12;
+			s ^= s << 25;
+			s ^= s >> 27;
+			uint64_t r = s * 0x2545f4914f6cdd1dULL;
+			char tok[48];
+			int n;
+			if ((r >> 60) < 3)
+				n = snprintf(tok, sizeof tok, "%llu ", (unsigned long long)((r >> 8) % 100000));
+			else
+				n = snprintf(tok, sizeof tok, "%s ", web_words[(r >> 16) % WEB_WORDS]);
+			size_t c = len - off < (size_t)n ? len - off : (size_t)n;
+			memcpy(p + off, tok, c);
+			off += c;
 		}
 	} else {
 		char line[64];
@@ -136,11 +171,12 @@ static void usage(const char *argv0)
 {
 	fprintf(stderr,
 		"usage: %s --mem-mib N [--dirty-mib-s R] [--report-s S]\n"
-		"          [--pattern random|text] [--verify-mib-s V] [--seed X]\n"
+		"          [--pattern random|text|web] [--verify-mib-s V] [--seed X]\n"
 		"  --mem-mib N       memory to allocate and check (MiB, >0)\n"
 		"  --dirty-mib-s R   rewrite rate in MiB/s (default 20; 0 = write once)\n"
 		"  --report-s S      seconds between report lines (default 2)\n"
-		"  --pattern P       random (poorly compressible, default) or text\n"
+		"  --pattern P       random (poorly compressible, default), text, or web\n"
+		"                    (HTML-like; rewrites change only a counter per page)\n"
 		"  --verify-mib-s V  verification rate limit in MiB/s (default 0 = continuous)\n"
 		"  --seed X          pattern seed (default 0x4e43)\n",
 		argv0);
@@ -190,6 +226,8 @@ int main(int argc, char **argv)
 				pat = PAT_RANDOM;
 			else if (!strcmp(v, "text"))
 				pat = PAT_TEXT;
+			else if (!strcmp(v, "web"))
+				pat = PAT_WEB;
 			else {
 				fprintf(stderr, "nc-workload: bad --pattern '%s'\n", v);
 				return 2;

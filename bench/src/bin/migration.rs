@@ -152,6 +152,7 @@ async fn main() -> Result<()> {
                             strategy,
                             max_downtime_ms: Some(300),
                             bandwidth_mib_s: cap,
+                            transport: None,
                         })
                         .await?;
                     let done = wait_for("migration", Duration::from_secs(600), || async {

@@ -17,7 +17,7 @@ use futures::{SinkExt, StreamExt};
 use novacron_api::AGENT_SECRET_HEADER;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use crate::migration::{ColdRequest, Migrations, PrepareRequest, VmRef};
+use crate::migration::{ColdRequest, Migrations, PlanRequest, PrepareRequest, VmRef};
 use crate::qemu::VmDir;
 use crate::reconcile::error_chain;
 
@@ -37,6 +37,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/agent/v1/migrations/{id}/finish", post(finish))
         .route("/agent/v1/migrations/{id}/abort", post(abort))
         .route("/agent/v1/migrations/{id}/receive-cold", post(receive_cold))
+        .route("/agent/v1/dwcp", get(dwcp_endpoint))
+        .route("/agent/v1/plan", post(plan))
         .route("/agent/v1/vms/{id}/disks/{disk}", get(disk_file))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_secret))
         .route("/agent/v1/healthz", get(|| async { "ok" }))
@@ -49,6 +51,21 @@ async fn require_secret(State(state): State<HttpState>, req: Request, next: Next
     match (expected, given) {
         (Some(e), Some(g)) if e == g => next.run(req).await,
         _ => (StatusCode::UNAUTHORIZED, "missing or wrong agent secret").into_response(),
+    }
+}
+
+/// The port other agents send DWCP sessions to.
+async fn dwcp_endpoint(State(state): State<HttpState>) -> Response {
+    match &state.migrations.dwcp {
+        Some(d) => Json(serde_json::json!({ "port": d.port })).into_response(),
+        None => (StatusCode::NOT_FOUND, "this agent has no DWCP listener").into_response(),
+    }
+}
+
+async fn plan(State(state): State<HttpState>, Json(req): Json<PlanRequest>) -> Response {
+    match state.migrations.dry_run(req).await {
+        Ok(p) => Json(p).into_response(),
+        Err(e) => (StatusCode::CONFLICT, error_chain(&e)).into_response(),
     }
 }
 
@@ -192,6 +209,9 @@ async fn finish(State(state): State<HttpState>, Path(migration): Path<String>, J
     if !valid_id(&req.vm_id) {
         return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
     }
+    if let Some(d) = &state.migrations.dwcp {
+        d.receiver.forget(&migration);
+    }
     match state.migrations.finish(&req.vm_id, &req.console_log).await {
         Ok(f) => {
             tracing::info!(migration = %migration, pid = f.pid, "VM runs here now");
@@ -205,6 +225,9 @@ async fn finish(State(state): State<HttpState>, Path(migration): Path<String>, J
 async fn abort(State(state): State<HttpState>, Path(migration): Path<String>, Json(req): Json<VmRef>) -> Response {
     if !valid_id(&req.vm_id) {
         return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
+    }
+    if let Some(d) = &state.migrations.dwcp {
+        d.receiver.forget(&migration);
     }
     state.migrations.discard(&req.vm_id).await;
     tracing::info!(migration = %migration, "discarded incoming VM");

@@ -4,6 +4,7 @@
 //! restart; on start the agent re-adopts them from their state directories.
 
 pub mod accel;
+mod dwcp;
 mod http;
 mod images;
 mod migration;
@@ -46,6 +47,8 @@ pub struct AgentConfig {
     /// `auto` (probe), `kvm` or `tcg`.
     pub accel: String,
     pub probe_timeout: Duration,
+    /// Memory for DWCP's chunk caches, per peer and direction.
+    pub dwcp_cache_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +253,22 @@ pub async fn run(
         host,
         peers_http,
     );
+    let mut migrations = migrations;
+    if let Some(c) = &tls {
+        match dwcp::DwcpNode::start(
+            &cfg.name,
+            local.ip(),
+            &c.identity,
+            &c.cluster_ca,
+            cfg.dwcp_cache_bytes,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        {
+            Ok(d) => migrations.dwcp = Some(d),
+            Err(e) => tracing::warn!(error = %e, "DWCP unavailable; migrations use QEMU's own stream"),
+        }
+    }
     let http_state = http::HttpState {
         vms_root: vms_root.clone(),
         secret: secret.clone(),

@@ -23,13 +23,16 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use novacron_api::client::{Client, ClientError};
 use novacron_api::{
-    CompleteMigration, Migration, MigrationPhase, MigrationProgress, MigrationStatus, MigrationStrategy, Node, Vm,
-    VmPhase, AGENT_SECRET_HEADER,
+    CompleteMigration, DwcpFigures, Migration, MigrationPhase, MigrationPlan, MigrationPrediction, MigrationProgress,
+    MigrationStatus, MigrationStrategy, MigrationTransport, Node, Vm, VmPhase, AGENT_SECRET_HEADER,
 };
+use novacron_dwcp::plan::{self, PlanInput, Strategy};
+use novacron_dwcp::{Role, Sender};
 use novacron_qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::dwcp::DwcpNode;
 use crate::images::ImageCache;
 use crate::qemu::{self, VmDir, DISK_NODES};
 use crate::reconcile::{error_chain, prepare_launch};
@@ -37,8 +40,12 @@ use crate::reconcile::{error_chain, prepare_launch};
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pre-copy passes after which a plain pre-copy migration is declared non-converging.
 const MAX_PRECOPY_PASSES: u64 = 40;
-/// Assumed link speed for the strategy choice when nothing better is known.
+/// Assumed link speed for the prediction when nothing better is known.
 const DEFAULT_LINK_BYTES_S: f64 = 1e9;
+/// QEMU multifd: channels and zstd level of the `qemu-multifd` transport
+/// (tuned on the WAN lab: more channels fill long links, level 3 beats 1 on them).
+const MULTIFD_CHANNELS: u32 = 4;
+const MULTIFD_ZSTD_LEVEL: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -77,6 +84,8 @@ pub struct Migrations {
     /// Latest known migration objects (refreshed by the poller).
     pub known: Arc<RwLock<HashMap<String, Migration>>>,
     http: reqwest::Client,
+    /// DWCP, when this agent has cluster certificates.
+    pub dwcp: Option<Arc<DwcpNode>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -96,6 +105,12 @@ pub struct Prepared {
 pub struct PrepareRequest {
     pub vm: Vm,
     pub postcopy: bool,
+    /// QEMU multifd with zstd on the incoming side.
+    #[serde(default)]
+    pub multifd: bool,
+    /// DWCP session that will carry the streams (the target connects its channels).
+    #[serde(default)]
+    pub dwcp_session: Option<String>,
     /// The serial log so far, so `vm logs` keeps its history on the target.
     #[serde(default)]
     pub console_log: Vec<u8>,
@@ -205,6 +220,7 @@ impl Migrations {
             migrating: Arc::default(),
             known: Arc::default(),
             http,
+            dwcp: None,
         }
     }
 
@@ -460,31 +476,47 @@ impl Migrations {
         )
         .await;
 
-        // Strategy: from the measured dirty rate against the expected throughput.
-        let dirty = measure_dirty_rate(&qmp).await.unwrap_or(0.0);
-        let link = m
-            .spec
-            .bandwidth_mib_s
-            .map(|b| b as f64 * 1024.0 * 1024.0)
-            .unwrap_or(DEFAULT_LINK_BYTES_S);
-        let (strategy, why) = choose_strategy(m.spec.strategy, dirty, link);
-        tracing::info!(migration = %name, ?strategy, dirty_mib_s = dirty / 1048576.0, reason = %why, "strategy chosen");
+        // Transport, link, memory sample, dirty rate → prediction and strategy.
+        let planned = self
+            .plan(
+                &qmp,
+                vm,
+                &target,
+                PlanAsk {
+                    strategy: m.spec.strategy,
+                    transport: m.spec.transport,
+                    bandwidth_mib_s: m.spec.bandwidth_mib_s,
+                    max_downtime_ms: m.spec.max_downtime_ms,
+                },
+                &m.metadata.id,
+            )
+            .await?;
+        let (strategy, transport, session) = (planned.strategy, planned.transport, planned.session.clone());
+        let why = planned.prediction.reason.clone();
+        tracing::info!(migration = %name, ?strategy, %transport, predicted_s = planned.prediction.total_s, reason = %why, "strategy chosen");
         self.write_status(name, |s| {
             s.phase = MigrationPhase::PreparingTarget;
             s.started_at = Some(Utc::now());
             s.strategy = Some(strategy);
             s.strategy_reason = Some(why.clone());
-            s.progress.dirty_rate_bytes_s = dirty as u64;
+            s.transport = Some(transport);
+            s.transport_reason = planned.transport_reason.clone();
+            s.prediction = Some(planned.prediction.clone());
+            s.progress.dirty_rate_bytes_s = planned.prediction.dirty_rate_bytes_s as u64;
+            s.progress.eta_s = Some(planned.prediction.total_s);
         })
         .await;
         self.check_cancel(name)?;
 
         let postcopy = strategy == MigrationStrategy::Postcopy;
+        let multifd = transport == MigrationTransport::QemuMultifd;
         ctx.target_prepared = true;
         let (console_log, log_offset) = read_log_from(&dir.console_log(), 0);
         let request = PrepareRequest {
             vm: vm.clone(),
             postcopy,
+            multifd,
+            dwcp_session: session.as_ref().map(|_| m.metadata.id.clone()),
             console_log,
         };
         let prepared: Prepared = self
@@ -496,6 +528,30 @@ impl Migrations {
             )
             .await?;
         self.check_cancel(name)?;
+        // With DWCP, QEMU talks to local ends of the session instead of the target.
+        let (nbd_host, nbd_port, migrate_uri) = match &session {
+            Some(s) => {
+                let local = std::net::IpAddr::from([127, 0, 0, 1]);
+                let nbd = s
+                    .listen(Role::Nbd, local)
+                    .await
+                    .map_err(|e| MigrationError::Other(e.to_string()))?;
+                let mig = s
+                    .listen(Role::Migration, local)
+                    .await
+                    .map_err(|e| MigrationError::Other(e.to_string()))?;
+                (
+                    "127.0.0.1".to_string(),
+                    nbd.port(),
+                    format!("tcp:127.0.0.1:{}", mig.port()),
+                )
+            }
+            None => (
+                prepared.nbd_host.clone(),
+                prepared.nbd_port,
+                prepared.migrate_uri.clone(),
+            ),
+        };
 
         // Disks first: mirror each to the target's NBD export until in sync.
         self.write_status(name, |s| s.phase = MigrationPhase::Transferring)
@@ -506,7 +562,7 @@ impl Migrations {
                 "drive-mirror",
                 Some(json!({
                     "job-id": job, "device": disk, "sync": "top", "mode": "existing", "format": "raw",
-                    "target": format!("nbd://{}:{}/{disk}", prepared.nbd_host, prepared.nbd_port),
+                    "target": format!("nbd://{nbd_host}:{nbd_port}/{disk}"),
                 })),
             )
             .await?;
@@ -541,6 +597,7 @@ impl Migrations {
             }
             self.check_cancel(name)?;
             self.check_target_alive(&target).await?;
+            self.check_session(&session, &target).await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
 
@@ -552,17 +609,23 @@ impl Migrations {
             json!({"capability": "auto-converge", "state": strategy == MigrationStrategy::AutoConverge}),
             json!({"capability": "postcopy-ram", "state": postcopy}),
             json!({"capability": "late-block-activate", "state": false}),
+            json!({"capability": "multifd", "state": multifd}),
         ];
         qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))
             .await?;
-        let max_bandwidth = m.spec.bandwidth_mib_s.map(|b| b * 1024 * 1024).unwrap_or(u64::MAX / 2);
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(json!({"downtime-limit": m.spec.max_downtime_ms, "max-bandwidth": max_bandwidth})),
-        )
-        .await?;
-        qmp.execute("migrate", Some(json!({ "uri": prepared.migrate_uri })))
-            .await?;
+        // DWCP applies the bandwidth cap itself (on wire bytes); QEMU runs uncapped into it.
+        let max_bandwidth = match (&session, m.spec.bandwidth_mib_s) {
+            (None, Some(b)) => b * 1024 * 1024,
+            _ => u64::MAX / 2,
+        };
+        let mut params = json!({"downtime-limit": m.spec.max_downtime_ms, "max-bandwidth": max_bandwidth});
+        if multifd {
+            params["multifd-channels"] = json!(MULTIFD_CHANNELS);
+            params["multifd-compression"] = json!("zstd");
+            params["multifd-zstd-level"] = json!(MULTIFD_ZSTD_LEVEL);
+        }
+        qmp.execute("migrate-set-parameters", Some(params)).await?;
+        qmp.execute("migrate", Some(json!({ "uri": migrate_uri }))).await?;
         let mut postcopy_started = false;
         let info = loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -572,8 +635,15 @@ impl Migrations {
             match info.status.as_str() {
                 "completed" => break info,
                 "failed" | "cancelled" => {
+                    // A dead target agent explains a broken stream best.
+                    self.check_target_alive(&target).await?;
+                    let dwcp = session
+                        .as_ref()
+                        .and_then(|s| s.error())
+                        .map(|e| format!(" (DWCP: {e})"))
+                        .unwrap_or_default();
                     return Err(MigrationError::QemuFailed(format!(
-                        "{}: {}",
+                        "{}: {}{dwcp}",
                         info.status,
                         info.error_desc.clone().unwrap_or_default()
                     )));
@@ -585,8 +655,21 @@ impl Migrations {
                 // A dead target agent could not finish the switchover: stop now,
                 // which also makes the target QEMU exit (its incoming stream fails).
                 self.check_target_alive(&target).await?;
+                self.check_session(&session, &target).await?;
             }
-            let progress = progress_from(ram, disk_total);
+            let mut progress = progress_from(ram, disk_total);
+            let figures = session.as_ref().map(|s| {
+                let st = s.stats();
+                // What the transport moves in QEMU's bytes, dedup and compression included.
+                progress.throughput_bytes_s = st.raw_bytes_s as u64;
+                progress.eta_s = plan::eta_remaining(
+                    progress.remaining_bytes as f64,
+                    st.raw_bytes_s,
+                    progress.dirty_rate_bytes_s as f64,
+                    postcopy_started,
+                );
+                dwcp_figures(&st)
+            });
             // Plain pre-copy never converges when the guest dirties memory faster than
             // we send it: give up with the numbers instead of looping forever.
             if strategy == MigrationStrategy::Precopy && ram.is_some_and(|r| r.dirty_sync_count > MAX_PRECOPY_PASSES) {
@@ -610,11 +693,30 @@ impl Migrations {
             if postcopy_started && info.status == "postcopy-active" && !ctx.target_running {
                 self.switch_to_target(&qmp, ctx, &target, m, vm, log_offset).await?;
             }
-            self.write_status(name, |s| s.progress = progress.clone()).await;
+            self.write_status(name, |s| {
+                s.progress = progress.clone();
+                if figures.is_some() {
+                    s.dwcp = figures.clone();
+                }
+            })
+            .await;
         };
 
         if !ctx.target_running {
             self.switch_to_target(&qmp, ctx, &target, m, vm, log_offset).await?;
+        }
+        // The VM runs on the target; close the session once all is delivered.
+        let mut figures = None;
+        if let Some(s) = &session {
+            match s.finish(Duration::from_secs(60)).await {
+                Ok(st) => {
+                    if let Some(d) = &self.dwcp {
+                        d.remember_link(&target.metadata.name, st.wire_bytes_s);
+                    }
+                    figures = Some(dwcp_figures(&st));
+                }
+                Err(e) => tracing::warn!(migration = %name, error = %e, "DWCP session did not end cleanly"),
+            }
         }
 
         let ram = info.ram.as_ref();
@@ -626,6 +728,14 @@ impl Migrations {
         status.total_time_ms = Some(started.elapsed().as_millis() as u64);
         status.downtime_ms = info.downtime;
         status.bytes_sent = Some(ram.map_or(0, |r| r.transferred) + disk_total);
+        status.wire_bytes = Some(
+            figures
+                .as_ref()
+                .map_or(ram.map_or(0, |r| r.transferred) + disk_total, |f| f.wire_bytes),
+        );
+        if figures.is_some() {
+            status.dwcp = figures;
+        }
         status.finished_at = Some(Utc::now());
         status.error = None;
         if let Some(t) = info.total_time {
@@ -959,15 +1069,35 @@ impl Migrations {
             // after the source drained its mirrors and the NBD server stopped;
             // otherwise activation at the end of the incoming stream could
             // re-read qcow2 metadata while the last mirror writes still arrive.
-            let mut caps = vec![json!({"capability": "late-block-activate", "state": true})];
-            if req.postcopy {
-                caps.push(json!({"capability": "postcopy-ram", "state": true}));
-            }
+            let caps = vec![
+                json!({"capability": "late-block-activate", "state": true}),
+                json!({"capability": "postcopy-ram", "state": req.postcopy}),
+                json!({"capability": "multifd", "state": req.multifd}),
+            ];
             qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))
                 .await?;
+            if req.multifd {
+                qmp.execute(
+                    "migrate-set-parameters",
+                    Some(json!({"multifd-channels": MULTIFD_CHANNELS, "multifd-compression": "zstd"})),
+                )
+                .await?;
+            }
             let port = free_port()?;
             let uri = format!("tcp:{}:{port}", self.host);
             qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
+            if let (Some(session), Some(d)) = (&req.dwcp_session, &self.dwcp) {
+                let at = |port: u16| {
+                    format!("{}:{port}", self.host)
+                        .parse::<std::net::SocketAddr>()
+                        .or_else(|_| format!("127.0.0.1:{port}").parse())
+                        .map_err(|e| MigrationError::Other(format!("bad local address: {e}")))
+                };
+                d.receiver.expect(
+                    session,
+                    HashMap::from([(Role::Migration, at(port)?), (Role::Nbd, at(nbd_port)?)]),
+                );
+            }
             Ok::<_, MigrationError>(Prepared {
                 nbd_host: self.host.clone(),
                 nbd_port,
@@ -1025,6 +1155,261 @@ impl Migrations {
             qemu::kill_and_wait(pid, &dir).await;
         }
         let _ = std::fs::remove_dir_all(&dir.path);
+    }
+}
+
+/// What the caller asks of a migration (or of its dry run).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PlanAsk {
+    pub strategy: MigrationStrategy,
+    pub transport: MigrationTransport,
+    pub bandwidth_mib_s: Option<u64>,
+    pub max_downtime_ms: u64,
+}
+
+/// Body of `/agent/v1/plan` (a dry run, sent by the server to the source agent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanRequest {
+    pub vm: Vm,
+    pub target: Node,
+    #[serde(flatten)]
+    pub ask: PlanAsk,
+}
+
+/// The outcome of planning: transport (and its open session), strategy, prediction.
+struct Planned {
+    transport: MigrationTransport,
+    transport_reason: Option<String>,
+    session: Option<Arc<Sender>>,
+    strategy: MigrationStrategy,
+    prediction: MigrationPrediction,
+}
+
+#[derive(Deserialize)]
+struct DwcpEndpoint {
+    port: u16,
+}
+
+impl Migrations {
+    /// Opens a DWCP session to the target agent (asking it for its DWCP port).
+    async fn open_dwcp(
+        &self,
+        target: &Node,
+        session: &str,
+        bandwidth_mib_s: Option<u64>,
+    ) -> Result<Arc<Sender>, String> {
+        let Some(d) = &self.dwcp else {
+            return Err("this agent has no cluster certificate (plain-HTTP cluster)".into());
+        };
+        let secret = self
+            .secret
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        let url = format!("{}/agent/v1/dwcp", target.spec.address.trim_end_matches('/'));
+        let resp = self
+            .http
+            .get(&url)
+            .header(AGENT_SECRET_HEADER, secret)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("cannot ask {} for its DWCP port: {e}", target.metadata.name))?;
+        if !resp.status().is_success() {
+            return Err(format!(
+                "node {} does not offer DWCP ({})",
+                target.metadata.name,
+                resp.status()
+            ));
+        }
+        let ep: DwcpEndpoint = resp.json().await.map_err(|e| format!("bad DWCP answer: {e}"))?;
+        d.connect(target, ep.port, session, bandwidth_mib_s.map(|b| b * 1024 * 1024))
+            .await
+    }
+
+    /// A failed DWCP session fails the migration now, with its reason (a dead
+    /// target agent first: that is what the operator needs to know).
+    async fn check_session(&self, session: &Option<Arc<Sender>>, target: &Node) -> Result<(), MigrationError> {
+        match session.as_ref().and_then(|s| s.error()) {
+            Some(e) => {
+                self.check_target_alive(target).await?;
+                Err(MigrationError::Other(format!("DWCP: {e}")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Measures what the prediction needs and picks transport and strategy.
+    async fn plan(
+        &self,
+        qmp: &Qmp,
+        vm: &Vm,
+        target: &Node,
+        ask: PlanAsk,
+        session_name: &str,
+    ) -> Result<Planned, MigrationError> {
+        let mut transport = ask.transport;
+        let mut transport_reason = None;
+        let mut session = None;
+        if transport == MigrationTransport::Dwcp {
+            match self.open_dwcp(target, session_name, ask.bandwidth_mib_s).await {
+                Ok(s) => session = Some(s),
+                Err(why) => {
+                    tracing::warn!(vm = %vm.metadata.name, reason = %why, "DWCP unavailable; QEMU's own stream instead");
+                    transport = MigrationTransport::Qemu;
+                    transport_reason = Some(format!("DWCP unavailable: {why}; QEMU's own stream instead"));
+                }
+            }
+        }
+        let peer = &target.metadata.name;
+        let ram_bytes = vm.spec.memory_mib * 1024 * 1024;
+        let dir = self.dir(&vm.metadata.id);
+        let sample = match (&self.dwcp, dir.running_pid()) {
+            (Some(d), Some(pid)) => d.sample_memory(pid, ram_bytes, peer),
+            (None, Some(pid)) => crate::dwcp::sample_guest(pid, ram_bytes, |_| false),
+            _ => None,
+        };
+        let dirty = measure_dirty_rate(qmp).await.unwrap_or(0.0);
+        let cap = ask.bandwidth_mib_s.map(|b| b as f64 * 1048576.0);
+        let (mut link, rtt_s, streams) = match (&session, &self.dwcp) {
+            (Some(s), Some(d)) => {
+                let (rate, _) = d.link_rate(peer, s).await.map_err(MigrationError::Other)?;
+                let st = s.stats();
+                (rate, st.rtt_ms / 1e3, st.streams)
+            }
+            _ => (DEFAULT_LINK_BYTES_S, 0.0, 1),
+        };
+        if let Some(c) = cap {
+            link = link.min(c);
+        }
+        let disk_bytes = [dir.root_disk(), dir.data_disk()]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|md| {
+                use std::os::unix::fs::MetadataExt;
+                md.blocks() * 512
+            })
+            .sum();
+        let (zero, compression, known) =
+            sample.map_or((0.0, 1.0, 0.0), |s| (s.zero_share, s.compression, s.known_share));
+        // Wire bytes per guest byte. QEMU sends a zero page as a 9-byte record
+        // (DWCP compresses runs of them to almost nothing); a known page costs
+        // DWCP a 17-byte reference.
+        let (first_pass_cost, dirty_cost, disk_cost) = match transport {
+            MigrationTransport::Dwcp => (
+                zero * 0.5 / 4096.0 + (1.0 - zero) * (known * 17.0 / 4096.0 + (1.0 - known) * compression),
+                compression,
+                compression,
+            ),
+            MigrationTransport::QemuMultifd => (zero * 9.0 / 4096.0 + (1.0 - zero) * compression, compression, 1.0),
+            MigrationTransport::Qemu => (zero * 9.0 / 4096.0 + (1.0 - zero), 1.0, 1.0),
+        };
+        let input = PlanInput {
+            memory_bytes: ram_bytes,
+            disk_bytes,
+            first_pass_cost,
+            dirty_cost,
+            disk_cost,
+            dirty_bytes_s: dirty,
+            working_set_bytes: (1.0 - zero) * ram_bytes as f64,
+            link_bytes_s: link,
+            rtt_s,
+            max_downtime_s: ask.max_downtime_ms as f64 / 1000.0,
+        };
+        let (mut prediction, mut reason) = match ask.strategy {
+            MigrationStrategy::Auto => {
+                let (p, numbers) = plan::choose(&input);
+                (p, format!("auto: {numbers}"))
+            }
+            requested => {
+                let p = plan::predict(&input, to_plan(requested));
+                (p, format!("requested; predicted {:.1} s", p.total_s))
+            }
+        };
+        if transport == MigrationTransport::QemuMultifd && prediction.strategy == Strategy::Postcopy {
+            prediction = plan::predict(&input, Strategy::AutoConverge);
+            reason.push_str("; QEMU multifd cannot switch to post-copy: auto-converge");
+        }
+        if sample.is_none() {
+            reason.push_str("; guest memory not readable: assumed incompressible");
+        }
+        let strategy = from_plan(prediction.strategy);
+        Ok(Planned {
+            transport,
+            transport_reason,
+            session,
+            strategy,
+            prediction: MigrationPrediction {
+                strategy: Some(strategy),
+                total_s: prediction.total_s,
+                downtime_ms: prediction.downtime_s * 1000.0,
+                wire_bytes: prediction.wire_bytes as u64,
+                link_bytes_s: link,
+                rtt_ms: rtt_s * 1000.0,
+                streams,
+                dirty_rate_bytes_s: dirty,
+                zero_page_share: zero,
+                compression,
+                known_page_share: known,
+                reason,
+            },
+        })
+    }
+
+    /// Dry run of a migration from this node: measure and predict, move nothing.
+    pub async fn dry_run(&self, req: PlanRequest) -> Result<MigrationPlan, MigrationError> {
+        if self.is_migrating(&req.vm.metadata.id) {
+            return Err(MigrationError::Other("the VM is being migrated".into()));
+        }
+        let dir = self.dir(&req.vm.metadata.id);
+        if dir.running_pid().is_none() {
+            return Err(MigrationError::Other("the VM has no running QEMU on this node".into()));
+        }
+        let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
+        let session = format!("plan-{}-{}", req.vm.metadata.id, Utc::now().timestamp_millis());
+        let planned = self.plan(&qmp, &req.vm, &req.target, req.ask, &session).await?;
+        if let Some(s) = &planned.session {
+            let _ = s.finish(Duration::from_secs(10)).await;
+        }
+        Ok(MigrationPlan {
+            vm: req.vm.metadata.name.clone(),
+            source_node: self.node.clone(),
+            target_node: req.target.metadata.name.clone(),
+            transport: planned.transport,
+            transport_reason: planned.transport_reason,
+            prediction: planned.prediction,
+        })
+    }
+}
+
+fn to_plan(s: MigrationStrategy) -> Strategy {
+    match s {
+        MigrationStrategy::AutoConverge => Strategy::AutoConverge,
+        MigrationStrategy::Postcopy => Strategy::Postcopy,
+        _ => Strategy::Precopy,
+    }
+}
+
+fn from_plan(s: Strategy) -> MigrationStrategy {
+    match s {
+        Strategy::Precopy => MigrationStrategy::Precopy,
+        Strategy::AutoConverge => MigrationStrategy::AutoConverge,
+        Strategy::Postcopy => MigrationStrategy::Postcopy,
+    }
+}
+
+fn dwcp_figures(st: &novacron_dwcp::StatsSnapshot) -> DwcpFigures {
+    DwcpFigures {
+        streams: st.streams,
+        rtt_ms: st.rtt_ms,
+        zstd_level: st.zstd_level,
+        raw_bytes: st.raw_bytes,
+        wire_bytes: st.wire_bytes,
+        pages: st.pages,
+        pages_known: st.pages_ref,
+        pages_delta: st.pages_delta,
+        link_bytes_s: st.wire_bytes_s,
     }
 }
 
@@ -1094,69 +1479,9 @@ async fn measure_dirty_rate(qmp: &Qmp) -> Option<f64> {
     None
 }
 
-/// Picks the strategy. Pre-copy converges when the guest dirties memory much
-/// slower than we send it; auto-converge helps when it is close; beyond that
-/// only post-copy bounds the time.
-pub fn choose_strategy(
-    requested: MigrationStrategy,
-    dirty_bytes_s: f64,
-    link_bytes_s: f64,
-) -> (MigrationStrategy, String) {
-    let ratio = if link_bytes_s > 0.0 {
-        dirty_bytes_s / link_bytes_s
-    } else {
-        f64::INFINITY
-    };
-    let measured = format!(
-        "dirty rate {:.1} MiB/s vs link {:.0} MiB/s (ratio {:.2})",
-        dirty_bytes_s / 1048576.0,
-        link_bytes_s / 1048576.0,
-        ratio
-    );
-    match requested {
-        MigrationStrategy::Auto if ratio < 0.3 => (
-            MigrationStrategy::Precopy,
-            format!("auto: {measured} < 0.30, pre-copy converges"),
-        ),
-        MigrationStrategy::Auto if ratio < 0.8 => (
-            MigrationStrategy::AutoConverge,
-            format!("auto: {measured} in 0.30-0.80, pre-copy with auto-converge"),
-        ),
-        MigrationStrategy::Auto => (
-            MigrationStrategy::Postcopy,
-            format!("auto: {measured} >= 0.80, pre-copy would not converge; post-copy"),
-        ),
-        s => (s, format!("requested; {measured}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn strategy_follows_dirty_rate_over_link() {
-        let mib = 1048576.0;
-        assert_eq!(
-            choose_strategy(MigrationStrategy::Auto, 10.0 * mib, 100.0 * mib).0,
-            MigrationStrategy::Precopy
-        );
-        assert_eq!(
-            choose_strategy(MigrationStrategy::Auto, 50.0 * mib, 100.0 * mib).0,
-            MigrationStrategy::AutoConverge
-        );
-        assert_eq!(
-            choose_strategy(MigrationStrategy::Auto, 90.0 * mib, 100.0 * mib).0,
-            MigrationStrategy::Postcopy
-        );
-        assert_eq!(
-            choose_strategy(MigrationStrategy::Precopy, 90.0 * mib, 100.0 * mib).0,
-            MigrationStrategy::Precopy
-        );
-        assert!(choose_strategy(MigrationStrategy::Auto, 0.0, 100.0 * mib)
-            .1
-            .contains("pre-copy converges"));
-    }
 
     #[test]
     fn progress_and_eta_from_qemu_numbers() {

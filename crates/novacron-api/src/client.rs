@@ -306,6 +306,11 @@ impl Client {
         self.post_json("migrations", req).await
     }
 
+    /// Dry run: what moving the VM would take, measured by its node. Nothing moves.
+    pub async fn plan_migration(&self, req: &CreateMigration) -> Result<crate::MigrationPlan, ClientError> {
+        self.post_json("migrations/plan", req).await
+    }
+
     pub async fn cancel_migration(&self, name: &str) -> Result<Migration, ClientError> {
         self.post_json(&format!("migrations/{name}/cancel"), &serde_json::json!({}))
             .await

@@ -491,6 +491,30 @@ pub enum MigrationStrategy {
     Cold,
 }
 
+/// What carries the migration's memory and disk streams between the agents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationTransport {
+    /// QEMU's own stream over one TCP connection (the baseline).
+    Qemu,
+    /// QEMU multifd (4 channels) with zstd compression: QEMU's best native settings.
+    QemuMultifd,
+    /// NovaCron's WAN data plane: parallel TLS streams, dedup, delta and adaptive
+    /// compression, link measurement. Falls back to `qemu` when the agents cannot use it.
+    #[default]
+    Dwcp,
+}
+
+impl std::fmt::Display for MigrationTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MigrationTransport::Qemu => "qemu",
+            MigrationTransport::QemuMultifd => "qemu-multifd",
+            MigrationTransport::Dwcp => "dwcp",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum MigrationPhase {
     #[default]
@@ -533,6 +557,8 @@ pub struct MigrationSpec {
     /// Bandwidth cap for the memory stream (MiB/s); none = unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_mib_s: Option<u64>,
+    #[serde(default)]
+    pub transport: MigrationTransport,
     /// Set by the cancel action.
     #[serde(default)]
     pub cancel: bool,
@@ -585,6 +611,16 @@ pub struct MigrationStatus {
     pub started_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
+    /// Transport in use, and why when it is not the one asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<MigrationTransport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport_reason: Option<String>,
+    /// The prediction made before the transfer started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<MigrationPrediction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dwcp: Option<DwcpFigures>,
     /// Final figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_time_ms: Option<u64>,
@@ -592,6 +628,9 @@ pub struct MigrationStatus {
     pub downtime_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_sent: Option<u64>,
+    /// Bytes that crossed the network (after DWCP encoding; QEMU's own count otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -614,6 +653,60 @@ pub struct CreateMigration {
     pub max_downtime_ms: Option<u64>,
     #[serde(default)]
     pub bandwidth_mib_s: Option<u64>,
+    #[serde(default)]
+    pub transport: Option<MigrationTransport>,
+}
+
+/// What a migration is predicted to take, from measured link, memory and dirty rate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationPrediction {
+    pub strategy: Option<MigrationStrategy>,
+    pub total_s: f64,
+    pub downtime_ms: f64,
+    /// Bytes on the wire (memory and disk).
+    pub wire_bytes: u64,
+    /// Measured: what the link delivers (bytes/s), its round trip, streams used.
+    pub link_bytes_s: f64,
+    pub rtt_ms: f64,
+    pub streams: u64,
+    pub dirty_rate_bytes_s: f64,
+    /// Sampled guest memory: share of zero pages, wire bytes per byte of the rest.
+    pub zero_page_share: f64,
+    pub compression: f64,
+    /// Share of sampled pages the target already holds (DWCP cache).
+    pub known_page_share: f64,
+    /// The numbers behind the strategy choice.
+    pub reason: String,
+}
+
+/// Answer of a dry run: where the VM would go, how, and what it would take.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MigrationPlan {
+    pub vm: String,
+    pub source_node: String,
+    pub target_node: String,
+    pub transport: MigrationTransport,
+    /// Why the transport differs from the one asked for, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport_reason: Option<String>,
+    pub prediction: MigrationPrediction,
+}
+
+/// DWCP's own figures for a migration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DwcpFigures {
+    pub streams: u64,
+    pub rtt_ms: f64,
+    pub zstd_level: u64,
+    /// Bytes read from QEMU (memory and disk streams) and bytes sent on the wire.
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub pages: u64,
+    /// Pages sent as references to the target's cache, and as small deltas.
+    pub pages_known: u64,
+    pub pages_delta: u64,
+    /// Delivery rate measured from the target's acknowledgements (wire bytes/s).
+    pub link_bytes_s: f64,
 }
 
 /// Sent by the source agent when the VM runs on the target.

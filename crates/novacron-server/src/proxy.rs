@@ -46,6 +46,29 @@ pub async fn logs(state: &AppState, node: &Node, vm: &Vm, follow: bool) -> ApiRe
     Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }
 
+/// Asks the source agent to predict a migration (`/agent/v1/plan`).
+pub async fn plan(state: &AppState, node: &Node, body: &serde_json::Value) -> ApiResult<novacron_api::MigrationPlan> {
+    let url = format!("{}/agent/v1/plan", node.spec.address.trim_end_matches('/'));
+    let resp = state
+        .agents
+        .post(url)
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
+        .timeout(std::time::Duration::from_secs(60))
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| unreachable(node, e))?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| unreachable(node, e))?;
+    if status.is_client_error() {
+        return Err(ApiError::conflict(format!("cannot plan the migration: {text}")));
+    }
+    if !status.is_success() {
+        return Err(unreachable(node, format!("agent answered {status}: {text}")));
+    }
+    serde_json::from_str(&text).map_err(|e| unreachable(node, format!("bad plan from the agent: {e}")))
+}
+
 pub async fn connect_console(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<Upstream> {
     let http_url = agent_url(node, vm, "console");
     let url = reqwest::Url::parse(&http_url).map_err(|e| unreachable(node, e))?;

@@ -241,6 +241,7 @@ const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("GET", "/v1/images/{name}/files/{part}", "YYYYYn", "YnnnYn"),
     ("GET", "/v1/migrations", "YYYYYn", "YYYYYn"),
     ("POST", "/v1/migrations", "YYYnnn", "Ynnnnn"),
+    ("POST", "/v1/migrations/plan", "YYYnnn", "Ynnnnn"),
     ("GET", "/v1/migrations/{name}", "YYYYYn", "YnnnYn"),
     ("POST", "/v1/migrations/{name}/cancel", "YYYnnn", "Ynnnnn"),
     ("PUT", "/v1/migrations/{name}/status", "YYnnYn", "YnnnYn"),
@@ -313,7 +314,7 @@ async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: usiz
         ),
         ("PUT", "/v1/scheduler") => Some(json!({"profile": "spread", "cpu_overcommit": 2.0})),
         ("POST", "/v1/scheduler/rebalance") => Some(json!({"mode": "balance"})),
-        ("POST", "/v1/migrations") => Some(json!({"vm": format!("vm-{p}")})),
+        ("POST", "/v1/migrations") | ("POST", "/v1/migrations/plan") => Some(json!({"vm": format!("vm-{p}")})),
         ("POST", "/v1/nodes/join") => Some(json!({"name": "node-9", "hosts": ["127.0.0.1"]})),
         ("POST", "/v1/nodes/register") => Some(
             json!({"name": "node-1", "address": "http://127.0.0.1:9", "capacity": {"vcpus": 64, "memory_mib": 65536}}),

@@ -128,6 +128,20 @@ pub struct MigrateArgs {
     /// Follow the migration with a progress bar; non-zero exit if it fails.
     #[arg(long)]
     pub wait: bool,
+    /// What carries the streams: dwcp (NovaCron's WAN data plane), qemu
+    /// (QEMU's single stream) or qemu-multifd (QEMU multifd + zstd).
+    #[arg(long, value_enum, default_value_t = MigrateTransport::Dwcp)]
+    pub transport: MigrateTransport,
+    /// Measure and predict (time, downtime, bytes, strategy); move nothing.
+    #[arg(long, conflicts_with = "wait")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MigrateTransport {
+    Dwcp,
+    Qemu,
+    QemuMultifd,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -619,7 +633,20 @@ async fn migrate(g: &Global, c: &Client, a: MigrateArgs) -> Result<()> {
         },
         max_downtime_ms: a.max_downtime.map(|d| d.as_millis() as u64),
         bandwidth_mib_s: a.bandwidth,
+        transport: Some(match a.transport {
+            MigrateTransport::Dwcp => novacron_api::MigrationTransport::Dwcp,
+            MigrateTransport::Qemu => novacron_api::MigrationTransport::Qemu,
+            MigrateTransport::QemuMultifd => novacron_api::MigrationTransport::QemuMultifd,
+        }),
     };
+    if a.dry_run {
+        let spinner = ProgressBar::new_spinner();
+        spinner.set_message("measuring link, guest memory and dirty rate");
+        spinner.enable_steady_tick(Duration::from_millis(120));
+        let plan = c.plan_migration(&req).await;
+        spinner.finish_and_clear();
+        return output::migration_plan(g.output, &plan?);
+    }
     let m = c.create_migration(&req).await?;
     if !a.wait {
         return output::migration(g.output, &m);
@@ -650,7 +677,7 @@ async fn migrate(g: &Global, c: &Client, a: MigrateArgs) -> Result<()> {
         let what = if disk_phase { "disks" } else { "memory" };
         bar.set_message(format!(
             "{what} {}/s{eta} -> {}",
-            human_bytes(p.throughput_bytes_s),
+            output::human_bytes(p.throughput_bytes_s),
             m.status.target_node
         ));
         if m.status.phase.is_final() {
@@ -663,17 +690,6 @@ async fn migrate(g: &Global, c: &Client, a: MigrateArgs) -> Result<()> {
     match done.status.phase {
         MigrationPhase::Completed => Ok(()),
         phase => bail!("Migration {name} {phase}: {}", done.status.error.unwrap_or_default()),
-    }
-}
-
-fn human_bytes(b: u64) -> String {
-    let b = b as f64;
-    if b >= 1024.0 * 1024.0 * 1024.0 {
-        format!("{:.1}GiB", b / (1024.0 * 1024.0 * 1024.0))
-    } else if b >= 1024.0 * 1024.0 {
-        format!("{:.1}MiB", b / (1024.0 * 1024.0))
-    } else {
-        format!("{:.0}KiB", b / 1024.0)
     }
 }
 
@@ -723,6 +739,7 @@ pub async fn run_moves(
                 strategy: MigrationStrategy::Auto,
                 max_downtime_ms: None,
                 bandwidth_mib_s: None,
+                transport: None,
             };
             match c.create_migration(&req).await {
                 Ok(m) => {

@@ -120,6 +120,7 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
             qemu: "qemu-system-x86_64".into(),
             accel: a.accel.clone(),
             probe_timeout: Duration::from_secs(2),
+            dwcp_cache_mib: 256,
             join_token: None,
         };
         let cfg = crate::agent_config(&args, base.clone(), Some(token.clone()), None);

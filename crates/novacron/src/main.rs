@@ -159,6 +159,10 @@ pub struct AgentArgs {
     /// (working KVM needs well under a second).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub probe_timeout: Duration,
+    /// Memory (MiB) for DWCP's chunk cache per peer and direction: pages a
+    /// peer already holds travel as references in later migrations.
+    #[arg(long, default_value_t = 1024)]
+    pub dwcp_cache_mib: u64,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -242,6 +246,7 @@ pub fn agent_config(
         qemu: a.qemu.clone(),
         accel: a.accel.clone(),
         probe_timeout: a.probe_timeout,
+        dwcp_cache_bytes: (a.dwcp_cache_mib as usize).saturating_mul(1 << 20),
     }
 }
 

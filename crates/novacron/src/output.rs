@@ -215,6 +215,69 @@ pub fn migrations(format: Format, items: &[Migration]) -> Result<()> {
     Ok(())
 }
 
+pub fn migration_plan(format: Format, p: &novacron_api::MigrationPlan) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, p);
+    }
+    let x = &p.prediction;
+    let mut t = table(&["FIELD", "VALUE"]);
+    let rows: Vec<(&str, String)> = vec![
+        ("vm", p.vm.clone()),
+        ("from", p.source_node.clone()),
+        ("to", p.target_node.clone()),
+        (
+            "transport",
+            match &p.transport_reason {
+                Some(why) => format!("{} ({why})", p.transport),
+                None => p.transport.to_string(),
+            },
+        ),
+        ("strategy", x.strategy.map(|s| format!("{s:?}")).unwrap_or_default()),
+        ("predicted time", format!("{:.1}s", x.total_s)),
+        ("predicted downtime", format!("{:.0}ms", x.downtime_ms)),
+        (
+            "predicted wire bytes",
+            format!("{} ({})", x.wire_bytes, human_bytes(x.wire_bytes)),
+        ),
+        (
+            "link",
+            format!(
+                "{}/s measured, rtt {:.1}ms, {} streams",
+                human_bytes(x.link_bytes_s as u64),
+                x.rtt_ms,
+                x.streams
+            ),
+        ),
+        ("dirty rate", format!("{}/s", human_bytes(x.dirty_rate_bytes_s as u64))),
+        (
+            "guest memory",
+            format!(
+                "{:.0}% zero pages; rest compresses to {:.0}%; {:.0}% already on the target",
+                x.zero_page_share * 100.0,
+                x.compression * 100.0,
+                x.known_page_share * 100.0
+            ),
+        ),
+        ("why", x.reason.clone()),
+    ];
+    for (k, v) in rows {
+        t.add_row(vec![k.to_string(), v]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1}GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1}MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.0}KiB", b / 1024.0)
+    }
+}
+
 pub fn migration(format: Format, m: &Migration) -> Result<()> {
     if format != Format::Table {
         return print_data(format, m);
@@ -232,6 +295,29 @@ pub fn migration(format: Format, m: &Migration) -> Result<()> {
             m.status.strategy.map(|s| format!("{s:?}")).unwrap_or_default(),
         ),
         ("why", m.status.strategy_reason.clone().unwrap_or_default()),
+        (
+            "transport",
+            match (&m.status.transport, &m.status.transport_reason) {
+                (Some(t), Some(why)) => format!("{t} ({why})"),
+                (Some(t), None) => t.to_string(),
+                _ => m.spec.transport.to_string(),
+            },
+        ),
+        (
+            "predicted",
+            m.status
+                .prediction
+                .as_ref()
+                .map(|p| {
+                    format!(
+                        "{:.1}s, downtime {:.0}ms, {} on the wire",
+                        p.total_s,
+                        p.downtime_ms,
+                        human_bytes(p.wire_bytes)
+                    )
+                })
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("progress", format!("{:.1}% (pass {})", p.percent, p.iteration)),
         (
             "transferred",
@@ -245,6 +331,31 @@ pub fn migration(format: Format, m: &Migration) -> Result<()> {
         (
             "bytes sent",
             m.status.bytes_sent.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "wire bytes",
+            m.status.wire_bytes.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "dwcp",
+            m.status
+                .dwcp
+                .as_ref()
+                .map(|d| {
+                    format!(
+                        "{} streams, rtt {:.1}ms, zstd {}, {} pages ({} known, {} delta), {} -> {} ({:.1}x)",
+                        d.streams,
+                        d.rtt_ms,
+                        d.zstd_level,
+                        d.pages,
+                        d.pages_known,
+                        d.pages_delta,
+                        human_bytes(d.raw_bytes),
+                        human_bytes(d.wire_bytes),
+                        d.raw_bytes as f64 / d.wire_bytes.max(1) as f64
+                    )
+                })
+                .unwrap_or_else(|| "-".into()),
         ),
         ("error", m.status.error.clone().unwrap_or_default()),
     ];

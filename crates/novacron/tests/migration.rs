@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::{wait_until, Cluster, Options};
 use futures::StreamExt;
-use novacron_api::{CreateMigration, Migration, MigrationPhase, MigrationStrategy, RunStrategy, Vm, VmPhase};
+use novacron_api::{
+    CreateMigration, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, RunStrategy, Vm, VmPhase,
+};
 
 const BOOT: Duration = Duration::from_secs(120);
 const WORKLOAD: &str = "novacron.workload=64 novacron.dirty_rate=20 novacron.report_s=1";
@@ -102,6 +104,7 @@ async fn migrate(c: &Cluster, vm: &str, to: &str, strategy: MigrationStrategy, b
             strategy,
             max_downtime_ms: None,
             bandwidth_mib_s: bandwidth,
+            transport: None,
         })
         .await
         .expect("create migration")
@@ -332,6 +335,7 @@ async fn bad_migrations_are_rejected_before_anything_starts() {
                     strategy: MigrationStrategy::Precopy,
                     max_downtime_ms: None,
                     bandwidth_mib_s: None,
+                    transport: None,
                 })
                 .await
                 .map_err(|e| e.status())
@@ -407,6 +411,18 @@ async fn live_migration_moves_disks_and_state() {
     let (migrations, _) = c.client.list_all::<Migration>(None).await.expect("list");
     let m = &migrations[0];
     assert_eq!(m.status.phase, MigrationPhase::Completed);
+    // DWCP carried it (the default between agents with certificates), with a prediction.
+    assert_eq!(m.status.transport, Some(MigrationTransport::Dwcp), "{:?}", m.status);
+    let first = m.status.dwcp.clone().expect("DWCP figures");
+    assert!(
+        first.pages > 0 && first.wire_bytes > 0 && first.wire_bytes < first.raw_bytes,
+        "{first:?}"
+    );
+    assert!(m
+        .status
+        .prediction
+        .as_ref()
+        .is_some_and(|p| p.total_s > 0.0 && p.link_bytes_s > 0.0));
     assert!(
         m.status.downtime_ms.is_some() && m.status.total_time_ms.is_some(),
         "{:?}",
@@ -456,11 +472,55 @@ async fn live_migration_moves_disks_and_state() {
     assert!(log.contains(&format!("NOVACRON-DISK ok id={disk_id}")), "{log}");
     assert!(!log.contains("MISMATCH"), "{log}");
 
-    // Strategy auto records its choice and why.
+    // A dry run measures and predicts; nothing moves.
+    let out = c
+        .cli(&["vm", "migrate", "mover", "--to", other, "--dry-run", "-o", "json"])
+        .output()
+        .expect("cli");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: novacron_api::MigrationPlan = serde_json::from_slice(&out.stdout).expect("plan JSON");
+    assert_eq!(plan.transport, MigrationTransport::Dwcp);
+    assert!(
+        plan.prediction.total_s > 0.0 && plan.prediction.wire_bytes > 0,
+        "{plan:?}"
+    );
+    assert!(plan.prediction.reason.contains("predicted"), "{plan:?}");
+    assert_eq!(c.vm("mover").await.status.node.as_deref(), Some(source.as_str()));
+
+    // Strategy auto records its choice and why. The same VM moving the same way
+    // again finds pages the target's cache kept from the first move.
     let m = migrate(&c, "mover", other, MigrationStrategy::Auto, None).await;
     let m = wait_final(&c, &m.metadata.name, Duration::from_secs(120)).await;
     assert_eq!(m.status.phase, MigrationPhase::Completed, "{:?}", m.status.error);
-    assert!(m.status.strategy_reason.unwrap_or_default().starts_with("auto:"));
+    assert!(m
+        .status
+        .strategy_reason
+        .clone()
+        .unwrap_or_default()
+        .starts_with("auto:"));
+    let again = m.status.dwcp.expect("DWCP figures");
+    assert!(again.pages_known > 0, "no pages reused from the first move: {again:?}");
+
+    // QEMU's own stream stays available as the baseline.
+    let out = c
+        .cli(&[
+            "vm",
+            "migrate",
+            "mover",
+            "--to",
+            &source,
+            "--transport",
+            "qemu",
+            "--wait",
+        ])
+        .output()
+        .expect("cli");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (list, _) = c.client.list_all::<Migration>(None).await.expect("list");
+    let last = list.iter().max_by_key(|m| m.status.finished_at).expect("migrations");
+    assert_eq!(last.status.transport, Some(MigrationTransport::Qemu));
+    assert!(last.status.dwcp.is_none());
+    assert_eq!(c.vm("mover").await.status.node.as_deref(), Some(source.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,8 +8,8 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::Utc;
 use novacron_api::{
-    CompleteMigration, CreateMigration, Metadata, Migration, MigrationPhase, MigrationSpec, MigrationStatus, Node,
-    Resource, Verb, Vm, VmPhase,
+    CompleteMigration, CreateMigration, Metadata, Migration, MigrationPhase, MigrationPlan, MigrationSpec,
+    MigrationStatus, MigrationTransport, Node, Resource, Verb, Vm, VmPhase,
 };
 use novacron_store::{StoreError, StoreExt};
 use utoipa_axum::router::OpenApiRouter;
@@ -24,6 +24,7 @@ use crate::AppState;
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_migrations, create_migration))
+        .routes(routes!(plan_migration))
         .routes(routes!(get_migration))
         .routes(routes!(cancel_migration))
         .routes(routes!(put_migration_status))
@@ -73,7 +74,100 @@ async fn create_migration(
     Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateMigration>,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
-    authorize(&p, Resource::Migrations, Verb::Create, None)?;
+    let Resolved {
+        vm,
+        source,
+        target,
+        cold,
+        max_downtime_ms,
+    } = resolve(&state, &p, &req).await?;
+    let vm_name = vm.metadata.name.clone();
+    let short = uuid::Uuid::new_v4().simple().to_string();
+    let name = format!(
+        "{}-{}",
+        vm_name.chars().take(50).collect::<String>().trim_end_matches('-'),
+        &short[..8]
+    );
+    let mut metadata = Metadata::new(&name, [("novacron.io/vm".to_string(), vm_name.clone())].into());
+    metadata.project = vm.metadata.project.clone();
+    let migration = Migration {
+        metadata,
+        spec: MigrationSpec {
+            vm: vm_name.clone(),
+            target_node: req.target_node,
+            strategy: if cold {
+                novacron_api::MigrationStrategy::Cold
+            } else {
+                req.strategy
+            },
+            max_downtime_ms,
+            bandwidth_mib_s: req.bandwidth_mib_s,
+            transport: req.transport.unwrap_or_default(),
+            cancel: false,
+        },
+        status: MigrationStatus {
+            phase: MigrationPhase::Pending,
+            source_node: source.clone(),
+            target_node: target.clone(),
+            ..Default::default()
+        },
+    };
+    let migration = state.store.create_obj(&migration).await?;
+    tracing::info!(migration = %name, vm = %vm_name, from = %source, to = %target, "migration created");
+    Ok((StatusCode::CREATED, Json(migration)))
+}
+
+/// Dry run: the source agent measures the link to the target, samples the
+/// VM's memory and dirty rate, and predicts time, downtime and bytes.
+/// Nothing moves.
+#[utoipa::path(post, path = "/v1/migrations/plan", tag = "migrations", request_body = CreateMigration,
+    responses((status = 200, body = MigrationPlan), (status = 400, body = novacron_api::ErrorBody),
+        (status = 409, body = novacron_api::ErrorBody), (status = 503, body = novacron_api::ErrorBody)))]
+async fn plan_migration(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiJson(req): ApiJson<CreateMigration>,
+) -> ApiResult<Json<MigrationPlan>> {
+    let r = resolve(&state, &p, &req).await?;
+    if r.cold {
+        return Err(ApiError::conflict(format!(
+            "VM {:?} is stopped: a cold migration copies its disks, there is nothing to predict live",
+            r.vm.metadata.name
+        )));
+    }
+    let source = node_named(&state, &r.source).await?;
+    let target = node_named(&state, &r.target).await?;
+    let body = serde_json::json!({
+        "vm": r.vm,
+        "target": target,
+        "strategy": req.strategy,
+        "transport": req.transport.unwrap_or_default(),
+        "max_downtime_ms": r.max_downtime_ms,
+        "bandwidth_mib_s": req.bandwidth_mib_s,
+    });
+    let plan = crate::proxy::plan(&state, &source, &body).await?;
+    Ok(Json(plan))
+}
+
+async fn node_named(state: &AppState, name: &str) -> ApiResult<Node> {
+    state
+        .store
+        .get_obj::<Node>(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("node {name:?}")))
+}
+
+struct Resolved {
+    vm: Vm,
+    source: String,
+    target: String,
+    cold: bool,
+    max_downtime_ms: u64,
+}
+
+/// Checks a migration request and picks its target (the scheduler's choice when none is named).
+async fn resolve(state: &AppState, p: &Principal, req: &CreateMigration) -> ApiResult<Resolved> {
+    authorize(p, Resource::Migrations, Verb::Create, None)?;
     let max_downtime_ms = req.max_downtime_ms.unwrap_or_else(novacron_api::default_max_downtime);
     if !(1..=60_000).contains(&max_downtime_ms) {
         return Err(ApiError::invalid(
@@ -85,8 +179,8 @@ async fn create_migration(
         return Err(ApiError::invalid("bandwidth_mib_s", "bandwidth limit must be positive"));
     }
     // Moving a VM needs the right to create migrations in the VM's project.
-    let vm = find_authorized::<Vm>(&state, &p, &req.vm, Verb::Read).await?;
-    authorize(&p, Resource::Migrations, Verb::Create, Some(&vm.metadata.project))?;
+    let vm = find_authorized::<Vm>(state, p, &req.vm, Verb::Read).await?;
+    authorize(p, Resource::Migrations, Verb::Create, Some(&vm.metadata.project))?;
     let vm_name = vm.metadata.name.clone();
     if vm.metadata.deletion_requested_at.is_some() {
         return Err(ApiError::conflict(format!("VM {vm_name:?} is being deleted")));
@@ -108,7 +202,15 @@ async fn create_migration(
     let Some(source) = vm.status.node.clone() else {
         return Err(ApiError::conflict(format!("VM {vm_name:?} is not placed on a node")));
     };
-    if let Some(m) = active_migration(&state, &vm_name).await? {
+    if req.transport == Some(MigrationTransport::QemuMultifd)
+        && req.strategy == novacron_api::MigrationStrategy::Postcopy
+    {
+        return Err(ApiError::invalid(
+            "strategy",
+            "QEMU cannot switch a multifd migration to post-copy; use --transport dwcp or qemu",
+        ));
+    }
+    if let Some(m) = active_migration(state, &vm_name).await? {
         return Err(ApiError::conflict(format!(
             "VM {vm_name:?} is already being migrated by {:?}",
             m.metadata.name
@@ -179,38 +281,13 @@ async fn create_migration(
         },
     };
 
-    let short = uuid::Uuid::new_v4().simple().to_string();
-    let name = format!(
-        "{}-{}",
-        vm_name.chars().take(50).collect::<String>().trim_end_matches('-'),
-        &short[..8]
-    );
-    let mut metadata = Metadata::new(&name, [("novacron.io/vm".to_string(), vm_name.clone())].into());
-    metadata.project = vm.metadata.project.clone();
-    let migration = Migration {
-        metadata,
-        spec: MigrationSpec {
-            vm: vm_name.clone(),
-            target_node: req.target_node,
-            strategy: if cold {
-                novacron_api::MigrationStrategy::Cold
-            } else {
-                req.strategy
-            },
-            max_downtime_ms,
-            bandwidth_mib_s: req.bandwidth_mib_s,
-            cancel: false,
-        },
-        status: MigrationStatus {
-            phase: MigrationPhase::Pending,
-            source_node: source.clone(),
-            target_node: target.clone(),
-            ..Default::default()
-        },
-    };
-    let migration = state.store.create_obj(&migration).await?;
-    tracing::info!(migration = %name, vm = %vm_name, from = %source, to = %target, "migration created");
-    Ok((StatusCode::CREATED, Json(migration)))
+    Ok(Resolved {
+        vm,
+        source,
+        target,
+        cold,
+        max_downtime_ms,
+    })
 }
 
 /// Cancel a migration in progress: the VM keeps running on the source.

@@ -1,0 +1,526 @@
+//! WAN migration benchmark (issue 6), run inside a WAN lab built by
+//! `novacron-wanlab up` (see bench/wan-migration.sh, which runs this once per
+//! profile inside host 1's namespace).
+//!
+//! Server and agent node-1 run in `LAB-h1`, agent node-2 in `LAB-h2`, joined
+//! with mTLS like a real cluster. For each workload (idle; web-like:
+//! compressible memory rewritten in small changes at a moderate rate;
+//! db-like: incompressible memory rewritten at a high rate) a fresh 512 MiB
+//! VM is migrated node-1 → node-2 by each method:
+//!   qemu-plain  QEMU's stream over one TCP connection, pre-copy, defaults
+//!   qemu-best   QEMU multifd (4 channels) + zstd, strategy chosen by NovaCron (never post-copy: QEMU 10.0 cannot with multifd)
+//!   dwcp        NovaCron's DWCP transport, strategy auto
+//! Agents are restarted before each method so no run inherits another's
+//! caches or link measurements. Wire bytes are the IP bytes the lab's TUN
+//! devices carried in both directions during the migration.
+//!
+//!   wan_migration run --lab NAME --profile P --rate-mbit R --json OUT [--five-vm]
+//!   wan_migration render --json OUT --out-json RESULTS.json --md OUT.md
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use novacron_api::client::Client;
+use novacron_api::{
+    CreateMigration, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, Node, Vm, VmSpec,
+};
+use novacron_bench::{logs, repo, Procs};
+use serde_json::{json, Value};
+
+const MEMORY_MIB: u64 = 512;
+/// Guest memory the workloads use (of 512 MiB).
+const WORKLOAD_MIB: u64 = 256;
+
+struct Workload {
+    name: &'static str,
+    args: &'static str,
+}
+
+const WORKLOADS: [Workload; 3] = [
+    Workload { name: "idle", args: "" },
+    Workload {
+        name: "web-like",
+        args: "novacron.workload=256 novacron.pattern=web novacron.dirty_rate=8 novacron.verify_rate=16",
+    },
+    Workload {
+        name: "db-like",
+        args: "novacron.workload=256 novacron.pattern=random novacron.dirty_rate=24 novacron.verify_rate=16",
+    },
+];
+
+const METHODS: [&str; 3] = ["qemu-plain", "qemu-best", "dwcp"];
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+struct Lab {
+    name: String,
+    bin: PathBuf,
+    work: PathBuf,
+    url: String,
+    ca: PathBuf,
+    client: Client,
+    token: String,
+    agents: [Option<Child>; 2],
+}
+
+impl Lab {
+    fn host_ip(i: usize) -> String {
+        format!("10.99.0.{i}")
+    }
+
+    /// Starts (or restarts) agent `i` (1 or 2) in its namespace.
+    async fn start_agent(&mut self, i: usize, join_token: Option<String>) -> Result<()> {
+        if let Some(mut c) = self.agents[i - 1].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let name = format!("node-{i}");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &format!("{}-h{i}", self.name)])
+            .arg(&self.bin)
+            .args(["agent", "--server", &self.url, "--name", &name, "--data-dir"])
+            .arg(self.work.join(&name))
+            .args(["--listen", &format!("{}:8421", Self::host_ip(i))])
+            .args([
+                "--vcpus",
+                "4",
+                "--memory",
+                "6GiB",
+                "--accel",
+                "tcg",
+                "--heartbeat",
+                "1s",
+            ])
+            .args(["--label", &format!("lab.novacron.io/host={i}")]);
+        if let Some(t) = join_token {
+            cmd.args(["--join-token", &t, "--ca-cert"]).arg(&self.ca);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work.join(format!("{name}.log")))?;
+        self.agents[i - 1] = Some(cmd.stdout(Stdio::null()).stderr(log).spawn()?);
+        let client = self.client.clone();
+        let started = chrono::Utc::now();
+        wait_for(&format!("{name} ready"), Duration::from_secs(60), || async {
+            client
+                .get::<Node>(&name)
+                .await
+                .ok()
+                .filter(|n| n.status.ready && n.status.last_heartbeat.is_some_and(|h| h > started))
+                .map(|_| ())
+        })
+        .await
+    }
+
+    fn tun_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for i in 1..=2 {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &format!("{}-h{i}", self.name), "cat"])
+                .arg("/sys/class/net/wan0/statistics/tx_bytes")
+                .output()?;
+            total += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap_or(0);
+        }
+        Ok(total)
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(&self.bin)
+            .args(args)
+            .env("NOVACRON_SERVER", &self.url)
+            .env("NOVACRON_TOKEN", &self.token)
+            .env("NOVACRON_CA_CERT", &self.ca)
+            .env("XDG_CONFIG_HOME", self.work.join("config"))
+            .output()?)
+    }
+}
+
+async fn start_lab(name: &str, work: &Path) -> Result<(Lab, Procs)> {
+    let bin = repo().join("target/release/novacron");
+    let mut procs = Procs(Vec::new(), work.to_path_buf());
+    let sdir = work.join("server");
+    let url = format!("https://{}:8420", Lab::host_ip(1));
+    // This process runs in host 1's namespace: the server listens on its lab address.
+    procs.0.push(
+        Command::new(&bin)
+            .args(["server", "--data-dir"])
+            .arg(&sdir)
+            .args([
+                "--listen",
+                &format!("{}:8420", Lab::host_ip(1)),
+                "--tls-name",
+                &Lab::host_ip(1),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.join("server.log"))?)
+            .spawn()?,
+    );
+    let token = wait_for("server", Duration::from_secs(30), || async {
+        std::fs::read_to_string(sdir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+    })
+    .await?;
+    let ca = sdir.join("pki/ca.crt");
+    let tls = novacron_tls::client_config(&std::fs::read_to_string(&ca)?, None)?;
+    let client = Client::with_tls(&url, &token, Some(tls))?;
+    wait_for("server health", Duration::from_secs(30), || async {
+        client.list_all::<Node>(None).await.ok().map(|_| ())
+    })
+    .await?;
+    let mut lab = Lab {
+        name: name.to_string(),
+        bin,
+        work: work.to_path_buf(),
+        url,
+        ca,
+        client,
+        token,
+        agents: [None, None],
+    };
+    for i in 1..=2 {
+        let out = lab.cli(&["token", "create", &format!("join-{i}"), "--join", "-o", "json"])?;
+        if !out.status.success() {
+            bail!("join token: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let secret = v["secret"].as_str().context("join token secret")?.to_string();
+        lab.start_agent(i, Some(secret)).await?;
+    }
+    let guest = repo().join("target/guest");
+    let out = lab.cli(&[
+        "image",
+        "import",
+        "demo",
+        "--kernel",
+        &guest.join("vmlinuz").display().to_string(),
+        "--initrd",
+        &guest.join("initrd.img").display().to_string(),
+    ])?;
+    if !out.status.success() {
+        bail!("image import: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((lab, procs))
+}
+
+/// Boots a VM on node-1 with the workload running.
+async fn boot(lab: &Lab, name: &str, args: &str, seed: u64) -> Result<()> {
+    let mut kernel_args = format!("novacron.name={name}");
+    if !args.is_empty() {
+        kernel_args.push_str(&format!(" {args} novacron.seed={seed}"));
+    }
+    let mut spec = VmSpec::new("demo", 1, MEMORY_MIB);
+    spec.kernel_args = Some(kernel_args);
+    spec.placement.node_selector = [("lab.novacron.io/host".to_string(), "1".to_string())].into();
+    lab.client
+        .create_vm(&CreateVm {
+            name: name.to_string(),
+            project: None,
+            labels: Default::default(),
+            spec,
+        })
+        .await?;
+    let marker = if args.is_empty() {
+        "NOVACRON-GUEST-READY"
+    } else {
+        "NOVACRON-WORKLOAD gen=1"
+    };
+    wait_for(
+        &format!("{name} to run its workload"),
+        Duration::from_secs(300),
+        || async { logs(&lab.client, name).await.contains(marker).then_some(()) },
+    )
+    .await
+}
+
+/// Migrates `vm` to node-2 with `method`; returns the JSON row.
+async fn migrate(lab: &Lab, vm: &str, method: &str) -> Result<Value> {
+    let (transport, strategy) = match method {
+        "qemu-plain" => (MigrationTransport::Qemu, MigrationStrategy::Precopy),
+        "qemu-best" => (MigrationTransport::QemuMultifd, MigrationStrategy::Auto),
+        _ => (MigrationTransport::Dwcp, MigrationStrategy::Auto),
+    };
+    let before = lab.tun_bytes()?;
+    let started = Instant::now();
+    let m = lab
+        .client
+        .create_migration(&CreateMigration {
+            vm: vm.to_string(),
+            target_node: Some("node-2".into()),
+            strategy,
+            max_downtime_ms: Some(300),
+            bandwidth_mib_s: None,
+            transport: Some(transport),
+        })
+        .await?;
+    let client = lab.client.clone();
+    let done = wait_for("migration", Duration::from_secs(900), || async {
+        client
+            .get::<Migration>(&m.metadata.name)
+            .await
+            .ok()
+            .filter(|m| m.status.phase.is_final())
+    })
+    .await?;
+    let wall = started.elapsed().as_secs_f64();
+    let wire = lab.tun_bytes()?.saturating_sub(before);
+    let st = &done.status;
+    let total_s = st.total_time_ms.map(|t| t as f64 / 1000.0);
+    let predicted = st.prediction.as_ref().map(|p| p.total_s);
+    Ok(json!({
+        "method": method,
+        "completed": st.phase == MigrationPhase::Completed,
+        "error": st.error,
+        "strategy": st.strategy,
+        "transport": st.transport,
+        "total_s": total_s,
+        "wall_s": wall,
+        "downtime_ms": st.downtime_ms,
+        "wire_bytes": wire,
+        "qemu_bytes": st.bytes_sent,
+        "predicted_total_s": predicted,
+        "eta_error": match (predicted, total_s) {
+            (Some(p), Some(t)) if t > 0.0 => Some((p - t).abs() / t),
+            _ => None,
+        },
+        "dwcp": st.dwcp,
+        "strategy_reason": st.strategy_reason,
+    }))
+}
+
+/// The workload's verdict after the move: its last report line.
+async fn workload_errors(lab: &Lab, vm: &str) -> Option<u64> {
+    let log = logs(&lab.client, vm).await;
+    let line = log.lines().rev().find(|l| l.starts_with("NOVACRON-WORKLOAD gen="))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("errors="))
+        .and_then(|e| e.parse().ok())
+}
+
+async fn delete_vm(lab: &Lab, name: &str) -> Result<()> {
+    let _ = lab.cli(&["vm", "delete", name])?;
+    let client = lab.client.clone();
+    wait_for(&format!("{name} deleted"), Duration::from_secs(120), || async {
+        client.get::<Vm>(name).await.err().map(|_| ())
+    })
+    .await
+}
+
+async fn run(args: &[String]) -> Result<()> {
+    let arg = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .with_context(|| format!("missing {k}"))
+    };
+    let (lab_name, profile, json_path) = (arg("--lab")?, arg("--profile")?, PathBuf::from(arg("--json")?));
+    let rate_bits: f64 = arg("--rate-mbit")?.parse::<f64>()? * 1e6;
+    let five = args.iter().any(|a| a == "--five-vm");
+    let work = tempfile::Builder::new().prefix("nc-wanbench-").tempdir_in("/tmp")?;
+    let (mut lab, _procs) = start_lab(&lab_name, work.path()).await?;
+    let mut rows = Vec::new();
+    let mut n = 0u64;
+    let mut record = |mut row: Value, extra: Value| -> Result<()> {
+        if let (Some(o), Some(e)) = (row.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+        let util = match (row["wire_bytes"].as_f64(), row["total_s"].as_f64()) {
+            (Some(w), Some(t)) if t > 0.0 => Some(w * 8.0 / (t * rate_bits)),
+            _ => None,
+        };
+        row["link_utilisation"] = json!(util);
+        eprintln!("{row}");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&json_path)?;
+        use std::io::Write;
+        writeln!(f, "{row}")?;
+        rows.push(row);
+        Ok(())
+    };
+    for w in &WORKLOADS {
+        for method in METHODS {
+            n += 1;
+            // Fresh agents: no cache or link estimate carried between runs.
+            lab.start_agent(1, None).await?;
+            lab.start_agent(2, None).await?;
+            let vm = format!("{}-{}-{n}", w.name, method);
+            boot(&lab, &vm, w.args, 1000 + n).await?;
+            let row = migrate(&lab, &vm, method).await?;
+            let errors = if w.args.is_empty() {
+                None
+            } else {
+                workload_errors(&lab, &vm).await
+            };
+            record(
+                row,
+                json!({"profile": profile, "workload": w.name, "memory_mib": MEMORY_MIB, "workload_mib": WORKLOAD_MIB, "workload_errors": errors}),
+            )?;
+            delete_vm(&lab, &vm).await?;
+        }
+    }
+    if five {
+        for method in ["qemu-best", "dwcp"] {
+            lab.start_agent(1, None).await?;
+            lab.start_agent(2, None).await?;
+            let names: Vec<String> = (1..=5).map(|i| format!("five-{method}-{i}")).collect();
+            for name in &names {
+                boot(&lab, name, "", 0).await?;
+            }
+            for (i, name) in names.iter().enumerate() {
+                let row = migrate(&lab, name, method).await?;
+                record(
+                    row,
+                    json!({"profile": profile, "workload": format!("five-vm-{}", i + 1), "memory_mib": MEMORY_MIB}),
+                )?;
+            }
+            for name in &names {
+                delete_vm(&lab, name).await?;
+            }
+        }
+    }
+    // Procs (dropped with the work dir) kills the agents and QEMUs too.
+    drop(lab);
+    Ok(())
+}
+
+fn render(args: &[String]) -> Result<()> {
+    let arg = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .with_context(|| format!("missing {k}"))
+    };
+    let text = std::fs::read_to_string(arg("--json")?)?;
+    let rows: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mut md = String::from(
+        "# WAN migration: QEMU plain vs QEMU best (multifd + zstd) vs DWCP\n\n\
+         Command: `bash bench/wan-migration.sh` (WAN lab, 512 MiB TCG guests; workloads use 256 MiB:\n\
+         web-like = HTML-like text rewritten as small counter changes at 8 MiB/s of pages,\n\
+         db-like = random data rewritten at 24 MiB/s). Wire bytes: IP bytes through the lab's\n\
+         TUN devices, both directions. Utilisation: wire bits / (total time x link rate).\n\
+         ETA error: |predicted - actual| / actual of the prediction made before the transfer.\n\n\
+         | profile | workload | method | strategy | total s | downtime ms | wire MiB | link util | ETA error | guest errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let f = |v: &Value, d: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.d$}"));
+    for r in &rows {
+        let total = if r["completed"].as_bool() == Some(true) {
+            f(&r["total_s"], 1)
+        } else {
+            format!(
+                "failed: {}",
+                r["error"].as_str().unwrap_or("?").chars().take(60).collect::<String>()
+            )
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r["profile"].as_str().unwrap_or("?"),
+            r["workload"].as_str().unwrap_or("?"),
+            r["method"].as_str().unwrap_or("?"),
+            r["strategy"].as_str().unwrap_or("-"),
+            total,
+            r["downtime_ms"].as_u64().map_or("-".into(), |d| d.to_string()),
+            r["wire_bytes"]
+                .as_f64()
+                .map_or("-".into(), |w| format!("{:.1}", w / 1048576.0)),
+            r["link_utilisation"]
+                .as_f64()
+                .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
+            r["eta_error"]
+                .as_f64()
+                .map_or("-".into(), |e| format!("{:.0}%", e * 100.0)),
+            r["workload_errors"].as_u64().map_or("-".into(), |e| e.to_string()),
+        ));
+    }
+    // Targets.
+    md.push_str("\n## Targets\n\n");
+    let time = |p: &str, w: &str, m: &str| {
+        rows.iter()
+            .find(|r| r["profile"] == p && r["workload"] == w && r["method"] == m && r["completed"] == true)
+            .and_then(|r| r["total_s"].as_f64())
+    };
+    for p in ["wan", "intercontinental"] {
+        if let (Some(plain), Some(best), Some(d)) = (
+            time(p, "web-like", "qemu-plain"),
+            time(p, "web-like", "qemu-best"),
+            time(p, "web-like", "dwcp"),
+        ) {
+            md.push_str(&format!(
+                "- {p}, web-like: DWCP {:.2}x faster than qemu-plain (target 2x), {:.2}x faster than qemu-best (target 1.3x)\n",
+                plain / d,
+                best / d
+            ));
+        }
+    }
+    for p in ["lan", "metro", "wan", "intercontinental"] {
+        for w in ["idle", "web-like", "db-like"] {
+            if let (Some(best), Some(d)) = (time(p, w, "qemu-best"), time(p, w, "dwcp")) {
+                md.push_str(&format!(
+                    "- {p}, {w}: DWCP / qemu-best time = {:.2} (target <= 1)\n",
+                    d / best
+                ));
+            }
+        }
+    }
+    let five = |m: &str| -> f64 {
+        rows.iter()
+            .filter(|r| r["method"] == m && r["workload"].as_str().is_some_and(|w| w.starts_with("five-vm")))
+            .filter_map(|r| r["wire_bytes"].as_f64())
+            .sum()
+    };
+    if five("qemu-best") > 0.0 {
+        md.push_str(&format!(
+            "- five VMs from one image, one after another: DWCP {:.1} MiB vs qemu-best {:.1} MiB = {:.2}x (target <= 0.5)\n",
+            five("dwcp") / 1048576.0,
+            five("qemu-best") / 1048576.0,
+            five("dwcp") / five("qemu-best")
+        ));
+    }
+    let mut errs: Vec<f64> = rows
+        .iter()
+        .filter(|r| r["method"] == "dwcp")
+        .filter_map(|r| r["eta_error"].as_f64())
+        .collect();
+    errs.sort_by(f64::total_cmp);
+    if !errs.is_empty() {
+        md.push_str(&format!(
+            "- median ETA error of DWCP predictions: {:.0}% over {} migrations (target <= 15%)\n",
+            errs[errs.len() / 2] * 100.0,
+            errs.len()
+        ));
+    }
+    std::fs::write(arg("--md")?, md)?;
+    std::fs::write(arg("--out-json")?, serde_json::to_string_pretty(&rows)?)?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("run") => run(&args).await,
+        Some("render") => render(&args),
+        _ => bail!("usage: wan_migration run --lab NAME --profile P --rate-mbit R --json OUT [--five-vm] | render --json OUT --out-json RESULTS.json --md OUT.md"),
+    }
+}

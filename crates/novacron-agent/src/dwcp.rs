@@ -1,0 +1,237 @@
+//! This agent's end of DWCP: the listener other agents send migrations to,
+//! the chunk caches for each peer, link measurements, and the guest-memory
+//! sample the planner uses.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use novacron_api::Node;
+use novacron_dwcp::cache::chunk_hash;
+use novacron_dwcp::{CacheStore, Hello, Receiver, Sender, SessionConfig};
+use tokio_util::sync::CancellationToken;
+
+/// A link measurement stays good this long; after that a session probes again.
+const LINK_FRESH: Duration = Duration::from_secs(600);
+const PROBE_TIME: Duration = Duration::from_secs(2);
+/// Pages of guest memory sampled for the prediction.
+const SAMPLE_PAGES: u64 = 512;
+
+pub struct DwcpNode {
+    pub receiver: Receiver,
+    pub port: u16,
+    client_tls: Arc<rustls::ClientConfig>,
+    /// Sender-side caches, one per target node.
+    senders: CacheStore,
+    /// Last delivery rate measured to each peer (wire bytes/s).
+    links: Mutex<HashMap<String, (Instant, f64)>>,
+    node: String,
+}
+
+impl DwcpNode {
+    /// Listens for DWCP sessions on `ip` (port chosen by the OS).
+    pub async fn start(
+        node: &str,
+        ip: IpAddr,
+        identity: &novacron_tls::Identity,
+        cluster_ca: &str,
+        cache_bytes: usize,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<DwcpNode>, String> {
+        let server = novacron_tls::server_config(identity, cluster_ca, novacron_tls::ClientAuth::Required)
+            .map_err(|e| e.to_string())?;
+        let client = novacron_tls::client_config(cluster_ca, Some(identity)).map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind((ip, 0))
+            .await
+            .map_err(|e| format!("cannot listen for DWCP on {ip}: {e}"))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let receiver = Receiver::new(CacheStore::new(cache_bytes));
+        tokio::spawn(receiver.clone().serve(listener, server, shutdown));
+        tracing::info!(node, port, cache_mib = cache_bytes >> 20, "DWCP listening");
+        Ok(Arc::new(DwcpNode {
+            receiver,
+            port,
+            client_tls: Arc::new(client),
+            senders: CacheStore::new(cache_bytes),
+            links: Mutex::default(),
+            node: node.to_string(),
+        }))
+    }
+
+    /// Opens a session to `target`'s DWCP listener at `port`.
+    pub async fn connect(
+        &self,
+        target: &Node,
+        port: u16,
+        session: &str,
+        rate_limit_bytes_s: Option<u64>,
+    ) -> Result<Arc<Sender>, String> {
+        let host = host_of(&target.spec.address);
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host} has no address"))?;
+        let sender = Sender::connect(
+            addr,
+            &host,
+            self.client_tls.clone(),
+            Hello {
+                session: session.to_string(),
+                node: self.node.clone(),
+            },
+            &self.senders,
+            &target.metadata.name,
+            SessionConfig {
+                rate_limit_bytes_s,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(Arc::new(sender))
+    }
+
+    /// What the link to `peer` delivers (wire bytes/s): the last measurement
+    /// if fresh, else a probe over `sender`. Returns (rate, measured now).
+    pub async fn link_rate(&self, peer: &str, sender: &Sender) -> Result<(f64, bool), String> {
+        if let Some((at, rate)) = lock(&self.links).get(peer).copied() {
+            if at.elapsed() < LINK_FRESH && rate > 0.0 {
+                return Ok((rate, false));
+            }
+        }
+        let rate = sender.probe(PROBE_TIME).await.map_err(|e| e.to_string())?;
+        self.remember_link(peer, rate);
+        Ok((rate, true))
+    }
+
+    pub fn remember_link(&self, peer: &str, wire_bytes_s: f64) {
+        if wire_bytes_s > 0.0 {
+            lock(&self.links).insert(peer.to_string(), (Instant::now(), wire_bytes_s));
+        }
+    }
+
+    /// Samples the guest memory of QEMU `pid` (`ram_bytes` of RAM): share of
+    /// zero pages, wire bytes per byte of the rest after zstd, and share of
+    /// pages the target already holds (our copy of its cache says which).
+    pub fn sample_memory(&self, pid: u32, ram_bytes: u64, peer: &str) -> Option<MemorySample> {
+        let cache = self.senders.take(peer);
+        let sample = sample_guest(pid, ram_bytes, |page| cache.contains(&chunk_hash(page)));
+        self.senders.put(peer, cache);
+        sample
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemorySample {
+    pub zero_share: f64,
+    /// zstd output / input for the non-zero pages sampled.
+    pub compression: f64,
+    pub known_share: f64,
+}
+
+/// Reads `SAMPLE_PAGES` pages spread over the guest's RAM from
+/// `/proc/PID/mem` (the largest anonymous mapping at least `ram_bytes` long).
+/// None when QEMU's memory cannot be read (then the planner assumes the worst).
+pub fn sample_guest(pid: u32, ram_bytes: u64, known: impl Fn(&[u8]) -> bool) -> Option<MemorySample> {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let start = maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next()?;
+            let perms = f.next()?;
+            let path = f.nth(3);
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
+            (perms.starts_with("rw") && path.is_none() && b - a >= ram_bytes).then_some((b - a, a))
+        })
+        .min()?
+        .1;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let pages = ram_bytes / 4096;
+    let step = (pages / SAMPLE_PAGES).max(1);
+    let (mut zero, mut known_pages, mut total) = (0u64, 0u64, 0u64);
+    let mut nonzero = Vec::new();
+    let mut page = vec![0u8; 4096];
+    // A fixed odd stride with an offset spreads samples without a pattern.
+    for i in 0..SAMPLE_PAGES.min(pages) {
+        let index = (i * step + (i * 7919) % step) % pages;
+        if mem.read_exact_at(&mut page, start + index * 4096).is_err() {
+            return None;
+        }
+        total += 1;
+        if page.iter().all(|&b| b == 0) {
+            zero += 1;
+        } else if known(&page) {
+            known_pages += 1;
+        } else {
+            nonzero.extend_from_slice(&page);
+        }
+    }
+    if total == 0 {
+        return None;
+    }
+    let compression = if nonzero.is_empty() {
+        1.0
+    } else {
+        zstd::bulk::compress(&nonzero, 3)
+            .map(|c| (c.len() as f64 / nonzero.len() as f64).min(1.0))
+            .unwrap_or(1.0)
+    };
+    let nonzero_pages = total - zero;
+    Some(MemorySample {
+        zero_share: zero as f64 / total as f64,
+        compression,
+        known_share: if nonzero_pages > 0 {
+            known_pages as f64 / nonzero_pages as f64
+        } else {
+            0.0
+        },
+    })
+}
+
+/// Host part of an agent URL (`https://host:port`).
+pub fn host_of(address: &str) -> String {
+    let rest = address.split("://").nth(1).unwrap_or(address);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    if let Some(v6) = hostport.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6).to_string();
+    }
+    hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_of_agent_urls() {
+        assert_eq!(host_of("https://10.99.0.2:8421"), "10.99.0.2");
+        assert_eq!(host_of("https://node-1.example:8421/"), "node-1.example");
+        assert_eq!(host_of("https://[::1]:8421"), "::1");
+    }
+
+    #[test]
+    fn samples_our_own_memory() {
+        // Our own process: its heap holds a large zeroed buffer and some text.
+        let mut buf = vec![0u8; 64 << 20];
+        for (i, b) in buf.iter_mut().enumerate().take(16 << 20) {
+            *b = b"hello world "[i % 12];
+        }
+        std::hint::black_box(&buf);
+        let s = sample_guest(std::process::id(), 64 << 20, |_| false);
+        let Some(s) = s else {
+            // Reading /proc/self/mem can be forbidden (e.g. by a sandbox); nothing to check then.
+            return;
+        };
+        assert!(s.zero_share > 0.0 && s.zero_share < 1.0, "{s:?}");
+        assert!(s.compression < 0.5, "{s:?}");
+    }
+}
