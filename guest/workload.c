@@ -118,13 +118,28 @@ static void gen_page(uint64_t *w, uint64_t idx, uint64_t gen, uint64_t seed,
 			s ^= s << 25;
 			s ^= s >> 27;
 			uint64_t r = s * 0x2545f4914f6cdd1dULL;
-			char tok[48];
-			int n;
-			if ((r >> 60) < 3)
-				n = snprintf(tok, sizeof tok, "%llu ", (unsigned long long)((r >> 8) % 100000));
-			else
-				n = snprintf(tok, sizeof tok, "%s ", web_words[(r >> 16) % WEB_WORDS]);
-			size_t c = len - off < (size_t)n ? len - off : (size_t)n;
+			/* memcpy and a small itoa, not snprintf: under TCG the
+			 * verifier regenerates every page it checks. */
+			char tok[24];
+			size_t n = 0;
+			if ((r >> 60) < 3) {
+				uint64_t v = (r >> 8) % 100000;
+				char digits[8];
+				size_t d = 0;
+				do {
+					digits[d++] = (char)('0' + v % 10);
+					v /= 10;
+				} while (v);
+				while (d)
+					tok[n++] = digits[--d];
+			} else {
+				const char *w = web_words[(r >> 16) % WEB_WORDS];
+				size_t wl = strlen(w);
+				memcpy(tok, w, wl);
+				n = wl;
+			}
+			tok[n++] = ' ';
+			size_t c = len - off < n ? len - off : n;
 			memcpy(p + off, tok, c);
 			off += c;
 		}

@@ -123,7 +123,7 @@ fn codec_rows() -> Result<Vec<Value>> {
                 if used == 0 {
                     break;
                 }
-                blocks.push(enc.encode(&mut tx, 1, &stream[pos..pos + used], &segs)?);
+                blocks.push(enc.encode(&mut tx, 1, &stream[pos..pos + used], &segs, true)?);
                 pos += used;
             }
             let encode_s = started.elapsed().as_secs_f64();

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A link measurement stays good this long; after that a session probes again.
 const LINK_FRESH: Duration = Duration::from_secs(600);
-const PROBE_TIME: Duration = Duration::from_secs(2);
+const PROBE_TIME: Duration = Duration::from_millis(1500);
 /// Pages of guest memory sampled for the prediction.
 const SAMPLE_PAGES: u64 = 512;
 
@@ -94,16 +94,16 @@ impl DwcpNode {
     }
 
     /// What the link to `peer` delivers (wire bytes/s): the last measurement
-    /// if fresh, else a probe over `sender`. Returns (rate, measured now).
-    pub async fn link_rate(&self, peer: &str, sender: &Sender) -> Result<(f64, bool), String> {
+    /// if fresh, else a probe over `sender`.
+    pub async fn link_rate(&self, peer: &str, sender: &Sender) -> Result<f64, String> {
         if let Some((at, rate)) = lock(&self.links).get(peer).copied() {
             if at.elapsed() < LINK_FRESH && rate > 0.0 {
-                return Ok((rate, false));
+                return Ok(rate);
             }
         }
         let rate = sender.probe(PROBE_TIME).await.map_err(|e| e.to_string())?;
         self.remember_link(peer, rate);
-        Ok((rate, true))
+        Ok(rate)
     }
 
     pub fn remember_link(&self, peer: &str, wire_bytes_s: f64) {

@@ -670,6 +670,19 @@ impl Migrations {
                 );
                 dwcp_figures(&st)
             });
+            // QEMU judges the final pass by the bandwidth it sees into its socket,
+            // which DWCP's buffers flatter: tell it what the link really delivers.
+            if let Some(s) = &session {
+                let delivered = s.stats().raw_bytes_s;
+                if delivered > 0.0 && !postcopy_started {
+                    let _ = qmp
+                        .execute(
+                            "migrate-set-parameters",
+                            Some(json!({"avail-switchover-bandwidth": delivered as u64})),
+                        )
+                        .await;
+                }
+            }
             // Plain pre-copy never converges when the guest dirties memory faster than
             // we send it: give up with the numbers instead of looping forever.
             if strategy == MigrationStrategy::Precopy && ram.is_some_and(|r| r.dirty_sync_count > MAX_PRECOPY_PASSES) {
@@ -1274,10 +1287,20 @@ impl Migrations {
         let cap = ask.bandwidth_mib_s.map(|b| b as f64 * 1048576.0);
         let (mut link, rtt_s, streams) = match (&session, &self.dwcp) {
             (Some(s), Some(d)) => {
-                let (rate, _) = d.link_rate(peer, s).await.map_err(MigrationError::Other)?;
+                let rate = d.link_rate(peer, s).await.map_err(MigrationError::Other)?;
                 let st = s.stats();
                 (rate, st.rtt_ms / 1e3, st.streams)
             }
+            // QEMU carries the streams, but DWCP can still measure the link.
+            (None, Some(d)) => match self.open_dwcp(target, &format!("{session_name}-probe"), None).await {
+                Ok(probe) => {
+                    let rate = d.link_rate(peer, &probe).await.unwrap_or(DEFAULT_LINK_BYTES_S);
+                    let rtt = probe.stats().rtt_ms / 1e3;
+                    let _ = probe.finish(Duration::from_secs(10)).await;
+                    (rate, rtt, 1)
+                }
+                Err(_) => (DEFAULT_LINK_BYTES_S, 0.0, 1),
+            },
             _ => (DEFAULT_LINK_BYTES_S, 0.0, 1),
         };
         if let Some(c) = cap {
@@ -1464,11 +1487,18 @@ fn progress_from(ram: Option<&RamInfo>, disk_total: u64) -> MigrationProgress {
     }
 }
 
-/// Dirty rate of the guest in bytes/s, sampled for one second by QEMU.
+/// Dirty rate of the guest in bytes/s over one second, from QEMU's dirty
+/// bitmap (every page counts; page sampling misses a moderate rate spread
+/// over a large working set), falling back to sampling.
 async fn measure_dirty_rate(qmp: &Qmp) -> Option<f64> {
-    qmp.execute("calc-dirty-rate", Some(json!({"calc-time": 1})))
-        .await
-        .ok()?;
+    let bitmap = qmp
+        .execute("calc-dirty-rate", Some(json!({"calc-time": 1, "mode": "dirty-bitmap"})))
+        .await;
+    if bitmap.is_err() {
+        qmp.execute("calc-dirty-rate", Some(json!({"calc-time": 1})))
+            .await
+            .ok()?;
+    }
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let v = qmp.execute("query-dirty-rate", None).await.ok()?;

@@ -56,6 +56,7 @@ pub struct LevelChooser {
     /// Bytes/s of input per level, and output/input ratio (EWMAs).
     speed: [f64; LEVELS.len()],
     ratio: [f64; LEVELS.len()],
+    observed: [bool; LEVELS.len()],
     link_bytes_s: Option<f64>,
     current: usize,
     blocks: u64,
@@ -67,6 +68,7 @@ impl Default for LevelChooser {
             // Starting guesses, replaced by measurements as blocks go by.
             speed: [4e9, 4e8, 2e8, 8e7, 2e7],
             ratio: [1.0, 0.5, 0.45, 0.42, 0.4],
+            observed: [false; LEVELS.len()],
             link_bytes_s: None,
             current: 2,
             blocks: 0,
@@ -98,19 +100,25 @@ impl LevelChooser {
         LEVELS[self.current]
     }
 
-    /// Level for the next block; every 8th block tries a neighbour to keep
+    /// Level for the next block; every 4th block tries a neighbour to keep
     /// its figures current.
     fn next(&mut self) -> usize {
         self.blocks += 1;
         let Some(link) = self.link_bytes_s.filter(|l| !l.is_nan()) else {
             return self.current;
         };
-        let rate = |i: usize| self.speed[i].min(link / self.ratio[i].max(1e-3));
+        // A level not measured yet is assumed a little better than the
+        // measured one below it, so that stronger levels get tried.
+        let ratio = |i: usize| match (0..=i).rev().find(|&j| self.observed[j]) {
+            Some(j) if j < i => self.ratio[j] * 0.93f64.powi((i - j) as i32),
+            _ => self.ratio[i],
+        };
+        let rate = |i: usize| self.speed[i].min(link / ratio(i).max(1e-3));
         self.current = (0..LEVELS.len())
             .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
             .unwrap_or(self.current);
-        if self.blocks.is_multiple_of(8) {
-            let up = self.blocks.is_multiple_of(16);
+        if self.blocks.is_multiple_of(4) {
+            let up = self.blocks.is_multiple_of(8);
             return if up {
                 (self.current + 1).min(LEVELS.len() - 1)
             } else {
@@ -124,7 +132,8 @@ impl LevelChooser {
         if raw < 4096 {
             return;
         }
-        let a = 0.3;
+        let a = if self.observed[idx] { 0.3 } else { 1.0 };
+        self.observed[idx] = true;
         let speed = raw as f64 / secs.max(1e-6);
         let ratio = wire as f64 / raw as f64;
         self.speed[idx] = self.speed[idx] * (1.0 - a) + speed * a;
@@ -150,13 +159,15 @@ impl Encoder {
     }
 
     /// Encodes `data` (covered exactly by `segments`) into one block,
-    /// updating `cache` as the decoder will.
+    /// updating `cache` as the decoder will. Without `compress` the literals
+    /// are stored (link probes: their random bytes would mislead the level choice).
     pub fn encode(
         &mut self,
         cache: &mut ChunkCache,
         channel: u32,
         data: &[u8],
         segments: &[Segment],
+        compress: bool,
     ) -> Result<Vec<u8>, DwcpError> {
         let mut ops = Vec::with_capacity(64);
         let mut lit = Vec::with_capacity(data.len());
@@ -184,7 +195,7 @@ impl Encoder {
         if pos != data.len() {
             return Err(DwcpError::Corrupt("segments do not cover the data".into()));
         }
-        let idx = self.levels.next();
+        let idx = if compress { self.levels.next() } else { 0 };
         let level = LEVELS[idx];
         let started = Instant::now();
         let mut lit_wire = if level > 0 && !lit.is_empty() {
@@ -192,11 +203,13 @@ impl Encoder {
         } else {
             Vec::new()
         };
-        self.levels
-            .observe(idx, lit.len(), lit_wire.len(), started.elapsed().as_secs_f64());
         let stored = level == 0 || lit_wire.len() >= lit.len();
         if stored {
             lit_wire = lit.clone();
+        }
+        if compress {
+            self.levels
+                .observe(idx, lit.len(), lit_wire.len(), started.elapsed().as_secs_f64());
         }
         let mut out = Vec::with_capacity(BLOCK_HEADER + ops.len() + lit_wire.len());
         out.push(VERSION);
@@ -455,7 +468,7 @@ mod tests {
         let mut scanner = Scanner::new(Role::Migration);
         let (segs, used) = scanner.scan(data, false);
         assert_eq!(used, data.len());
-        let block = enc.encode(tx, 1, data, &segs).unwrap_or_default();
+        let block = enc.encode(tx, 1, data, &segs, true).unwrap_or_default();
         let mut out = Vec::new();
         let decoded = decode(rx, &block, &mut out);
         assert!(decoded.is_ok(), "{decoded:?}");
@@ -511,7 +524,7 @@ mod tests {
         let data = qemu_stream(&pages);
         let mut scanner = Scanner::new(Role::Migration);
         let (segs, _) = scanner.scan(&data, false);
-        let block = enc.encode(&mut tx, 1, &data, &segs).unwrap_or_default();
+        let block = enc.encode(&mut tx, 1, &data, &segs, true).unwrap_or_default();
         for i in (0..block.len()).step_by(7) {
             let mut bad = block.clone();
             bad[i] ^= 0x01;
@@ -520,10 +533,23 @@ mod tests {
             assert!(decode(&mut fresh, &bad, &mut out).is_err(), "flip at {i} not caught");
         }
         // References to pages a fresh receiver never saw.
-        let block = enc.encode(&mut tx, 1, &data, &segs).unwrap_or_default();
+        let block = enc.encode(&mut tx, 1, &data, &segs, true).unwrap_or_default();
         let mut out = Vec::new();
         let err = decode(&mut rx, &block, &mut out);
         assert!(matches!(err, Err(DwcpError::Corrupt(m)) if m.contains("does not hold")));
+    }
+
+    #[test]
+    fn compressible_data_on_a_slow_link_gets_compressed() {
+        let (mut tx, mut rx) = (ChunkCache::new(1 << 30), ChunkCache::new(1 << 30));
+        let mut enc = Encoder::new(LevelChooser::default());
+        enc.levels.set_link(10e6);
+        for round in 0..40u32 {
+            let pages: Vec<Vec<u8>> = (0..64).map(|i| text_page(i + round * 64, 0)).collect();
+            round_trip(&mut enc, &mut tx, &mut rx, &qemu_stream(&pages));
+        }
+        assert!(enc.levels.level() > 0, "stored on a 10 MB/s link");
+        assert!(enc.stats.encoded_bytes * 3 < enc.stats.raw_bytes, "{:?}", enc.stats);
     }
 
     #[test]
@@ -546,7 +572,7 @@ mod tests {
             for data in chunks {
                 let (segs, used) = scanner.scan(&data, false);
                 proptest::prop_assert_eq!(used, data.len());
-                let block = enc.encode(&mut tx, 3, &data, &segs).unwrap_or_default();
+                let block = enc.encode(&mut tx, 3, &data, &segs, true).unwrap_or_default();
                 let mut out = Vec::new();
                 proptest::prop_assert!(decode(&mut rx, &block, &mut out).is_ok());
                 proptest::prop_assert_eq!(out, data);

@@ -82,6 +82,10 @@ impl Scanner {
         }
     }
 
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
     /// Splits a prefix of `data` into segments and returns them with the
     /// length of that prefix. With `more_coming`, an incomplete record at the
     /// end is left for the next call; without, everything is consumed.

@@ -302,8 +302,10 @@ impl Sender {
         let stats = Arc::new(Stats::default());
         stats.streams.store(n as u64, Ordering::Relaxed);
         stats.rtt_us.store(rtt.as_micros() as u64, Ordering::Relaxed);
-        let (input_tx, input_rx) = mpsc::channel::<Input>(16);
-        let (out_tx, out_rx) = mpsc::channel::<Frame>(4 * n + 4);
+        // Small queues: bytes buffered here are bytes QEMU believes sent, and
+        // they all have to cross the link during the switchover pause.
+        let (input_tx, input_rx) = mpsc::channel::<Input>(4);
+        let (out_tx, out_rx) = mpsc::channel::<Frame>(2 * n + 2);
         let out_rx = Arc::new(tokio::sync::Mutex::new(out_rx));
         let bucket = cfg
             .rate_limit_bytes_s
@@ -682,7 +684,7 @@ fn encode_pending(
     if used == 0 {
         return Ok(None);
     }
-    let block = encoder.encode(cache, ch, &pending[..used], &segments)?;
+    let block = encoder.encode(cache, ch, &pending[..used], &segments, scanner.role() != Role::Probe)?;
     pending.drain(..used);
     Ok(Some(block))
 }
