@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 /// A link measurement stays good this long; after that a session probes again.
 const LINK_FRESH: Duration = Duration::from_secs(600);
 const PROBE_TIME: Duration = Duration::from_millis(1500);
+/// ... or this many bytes, whichever comes first (a LAN needs a fraction of a second).
+const PROBE_BYTES: u64 = 32 << 20;
 /// Pages of guest memory sampled for the prediction.
 const SAMPLE_PAGES: u64 = 512;
 
@@ -101,7 +103,7 @@ impl DwcpNode {
                 return Ok(rate);
             }
         }
-        let rate = sender.probe(PROBE_TIME).await.map_err(|e| e.to_string())?;
+        let rate = sender.probe(PROBE_TIME, PROBE_BYTES).await.map_err(|e| e.to_string())?;
         self.remember_link(peer, rate);
         Ok(rate)
     }

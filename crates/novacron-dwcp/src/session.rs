@@ -42,7 +42,7 @@ const READ_CHUNK: usize = 256 * 1024;
 const MORE_COMING: usize = 32 * 1024;
 /// A local connection idle this long gets its partial record flushed.
 const FLUSH_AFTER: Duration = Duration::from_millis(20);
-const ACK_EVERY: Duration = Duration::from_millis(100);
+const ACK_EVERY: Duration = Duration::from_millis(20);
 
 /// How a session is set up.
 #[derive(Debug, Clone)]
@@ -572,14 +572,19 @@ impl Sender {
 
     /// Measures what the link delivers: sends incompressible bytes for
     /// `duration` on a probe channel and returns the delivered bytes/s.
-    pub async fn probe(&self, duration: Duration) -> Result<f64, DwcpError> {
+    /// Stops after `max_bytes` (once they are delivered) so that a fast link
+    /// is not flooded for the whole `duration`.
+    pub async fn probe(&self, duration: Duration, max_bytes: u64) -> Result<f64, DwcpError> {
         let (mut local, remote) = tokio::io::duplex(READ_CHUNK);
         self.open(Role::Probe, remote).await?;
         let start_acked = self.stats.acked_wire_bytes.load(Ordering::Relaxed);
+        let start_wire = self.stats.wire_bytes.load(Ordering::Relaxed);
         let started = Instant::now();
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut buf = vec![0u8; 64 * 1024];
-        while started.elapsed() < duration {
+        let mut written = 0u64;
+        while started.elapsed() < duration && written < max_bytes {
+            written += buf.len() as u64;
             for b in buf.chunks_mut(8) {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -589,6 +594,17 @@ impl Sender {
             tokio::select! {
                 r = local.write_all(&buf) => r?,
                 _ = self.health.cancel.cancelled() => return Err(self.closed()),
+            }
+        }
+        if written >= max_bytes {
+            // Time until the target confirmed all of it.
+            let sent = |s: &Stats| s.wire_bytes.load(Ordering::Relaxed) - start_wire;
+            while started.elapsed() < duration * 2 {
+                let acked = self.stats.acked_wire_bytes.load(Ordering::Relaxed) - start_acked;
+                if acked >= sent(&self.stats) && acked >= max_bytes {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
         let acked = self.stats.acked_wire_bytes.load(Ordering::Relaxed) - start_acked;
@@ -1000,6 +1016,7 @@ impl Assembler {
         let mut sinks: HashMap<u32, Sink> = HashMap::new();
         let mut raw = 0u64;
         let mut last_ack = Instant::now();
+        let mut unacked = false;
         let mut out = Vec::with_capacity(READ_CHUNK * 2);
         loop {
             let frame = tokio::select! {
@@ -1007,7 +1024,15 @@ impl Assembler {
                     return Err(DwcpError::Session(self.health.error().unwrap_or_else(|| "cancelled".into())));
                 }
                 f = frames.recv() => f,
+                // A quiet moment: confirm what arrived, so the sender's measurements are not stale.
+                _ = tokio::time::sleep(ACK_EVERY), if unacked => {
+                    unacked = false;
+                    last_ack = Instant::now();
+                    self.ack(raw).await;
+                    continue;
+                }
             };
+            unacked = true;
             let Some(frame) = frame else {
                 return Err(DwcpError::Session(
                     "the source closed the session before its end".into(),
@@ -1067,6 +1092,7 @@ impl Assembler {
             }
             if last_ack.elapsed() >= ACK_EVERY {
                 last_ack = Instant::now();
+                unacked = false;
                 self.ack(raw).await;
             }
         }

@@ -231,7 +231,7 @@ async fn probe_measures_delivery() -> TestResult {
     let pki = pki()?;
     let (_receiver, addr, stop) = receiver(&pki, CacheStore::new(1 << 20)).await?;
     let sender = session(&pki, addr, &CacheStore::new(1 << 20), "probe", 2).await?;
-    let rate = sender.probe(Duration::from_millis(800)).await?;
+    let rate = sender.probe(Duration::from_millis(800), u64::MAX).await?;
     assert!(rate > 1e6, "loopback delivers more than 1 MB/s: {rate}");
     sender.finish(Duration::from_secs(10)).await?;
     stop.cancel();
