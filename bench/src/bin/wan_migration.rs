@@ -51,6 +51,7 @@ const WORKLOADS: [Workload; 3] = [
 ];
 
 const METHODS: [&str; 3] = ["qemu-plain", "qemu-best", "dwcp"];
+const MIGRATION_LIMIT: Duration = Duration::from_secs(240);
 
 async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
 where
@@ -272,14 +273,27 @@ async fn migrate(lab: &Lab, vm: &str, method: &str) -> Result<Value> {
         })
         .await?;
     let client = lab.client.clone();
-    let done = wait_for("migration", Duration::from_secs(900), || async {
+    let finished = || async {
         client
             .get::<Migration>(&m.metadata.name)
             .await
             .ok()
             .filter(|m| m.status.phase.is_final())
-    })
-    .await?;
+    };
+    // A pre-copy that cannot converge would run for many minutes: stop it and say so.
+    let mut done = match wait_for("migration", MIGRATION_LIMIT, finished).await {
+        Ok(m) => m,
+        Err(_) => {
+            lab.client.cancel_migration(&m.metadata.name).await?;
+            wait_for("cancelled migration", Duration::from_secs(120), finished).await?
+        }
+    };
+    if done.status.phase == MigrationPhase::Cancelled {
+        done.status.error = Some(format!(
+            "did not finish within {} s; cancelled",
+            MIGRATION_LIMIT.as_secs()
+        ));
+    }
     let wall = started.elapsed().as_secs_f64();
     let wire = lab.tun_bytes()?.saturating_sub(before);
     let st = &done.status;
