@@ -101,7 +101,7 @@ impl Lab {
             .args(["--listen", &format!("{}:8421", Self::host_ip(i))])
             .args([
                 "--vcpus",
-                "4",
+                "8",
                 "--memory",
                 "6GiB",
                 "--accel",
