@@ -722,12 +722,9 @@ impl Migrations {
         let mut figures = None;
         if let Some(s) = &session {
             match s.finish(Duration::from_secs(60)).await {
-                Ok(st) => {
-                    if let Some(d) = &self.dwcp {
-                        d.remember_link(&target.metadata.name, st.wire_bytes_s);
-                    }
-                    figures = Some(dwcp_figures(&st));
-                }
+                // A migration's delivery rate shows what it needed, not what the
+                // link can do: only probes set the remembered link rate.
+                Ok(st) => figures = Some(dwcp_figures(&st)),
                 Err(e) => tracing::warn!(migration = %name, error = %e, "DWCP session did not end cleanly"),
             }
         }
