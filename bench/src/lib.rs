@@ -64,3 +64,30 @@ pub fn import_demo(bin: &Path, url: &str, token: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Polls `f` every 250 ms until it yields a value, or fails after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// The value after `--key` on a benchmark's command line.
+pub fn arg(args: &[String], key: &str) -> anyhow::Result<String> {
+    args.iter()
+        .position(|a| a == key)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("missing {key}"))
+}

@@ -16,20 +16,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use novacron_bench::arg;
 use novacron_dwcp::cache::ChunkCache;
 use novacron_dwcp::codec::{decode, Encoder, LevelChooser};
 use novacron_dwcp::scan::{Role, Scanner, PAGE};
 use novacron_dwcp::{CacheStore, Hello, Receiver, Sender, SessionConfig};
 use serde_json::{json, Value};
-
-fn arg(args: &[String], k: &str) -> Result<String> {
-    args.iter()
-        .position(|a| a == k)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .with_context(|| format!("missing {k}"))
-}
 
 fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 13;

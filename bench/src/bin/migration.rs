@@ -7,29 +7,12 @@
 //! Run: `bash bench/migration.sh`. Writes bench/results/migration.md.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use novacron_api::client::Client;
 use novacron_api::{CreateMigration, CreateVm, Migration, MigrationStrategy, Node, Vm, VmPhase, VmSpec};
-use novacron_bench::{import_demo, logs, repo, Procs};
-
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use novacron_bench::{import_demo, logs, repo, wait_for, Procs};
 
 struct Row {
     memory: &'static str,

@@ -26,7 +26,7 @@ use novacron_api::client::Client;
 use novacron_api::{
     CreateMigration, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, Node, Vm, VmSpec,
 };
-use novacron_bench::{logs, repo, Procs};
+use novacron_bench::{logs, repo, wait_for, Procs};
 use serde_json::{json, Value};
 
 const MEMORY_MIB: u64 = 512;
@@ -52,23 +52,6 @@ const WORKLOADS: [Workload; 3] = [
 
 const METHODS: [&str; 3] = ["qemu-plain", "qemu-best", "dwcp"];
 const MIGRATION_LIMIT: Duration = Duration::from_secs(240);
-
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 struct Lab {
     name: String,
@@ -339,13 +322,7 @@ async fn delete_vm(lab: &Lab, name: &str) -> Result<()> {
 }
 
 async fn run(args: &[String]) -> Result<()> {
-    let arg = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .with_context(|| format!("missing {k}"))
-    };
+    let arg = |k: &str| novacron_bench::arg(args, k);
     let (lab_name, profile, json_path) = (arg("--lab")?, arg("--profile")?, PathBuf::from(arg("--json")?));
     let rate_bits: f64 = arg("--rate-mbit")?.parse::<f64>()? * 1e6;
     let five = args.iter().any(|a| a == "--five-vm");
@@ -424,13 +401,7 @@ async fn run(args: &[String]) -> Result<()> {
 }
 
 fn render(args: &[String]) -> Result<()> {
-    let arg = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .with_context(|| format!("missing {k}"))
-    };
+    let arg = |k: &str| novacron_bench::arg(args, k);
     let text = std::fs::read_to_string(arg("--json")?)?;
     let rows: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let mut md = String::from(

@@ -224,6 +224,15 @@ impl Migrations {
         }
     }
 
+    /// The secret peers' agent endpoints expect (empty until registered).
+    fn agent_secret(&self) -> String {
+        self.secret
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+
     pub fn is_migrating(&self, vm_id: &str) -> bool {
         lock(&self.migrating).contains(vm_id)
     }
@@ -430,12 +439,7 @@ impl Migrations {
         migration_id: &str,
         body: &Value,
     ) -> Result<R, MigrationError> {
-        let secret = self
-            .secret
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default();
+        let secret = self.agent_secret();
         let url = format!(
             "{}/agent/v1/migrations/{migration_id}/{what}",
             target.spec.address.trim_end_matches('/')
@@ -1211,12 +1215,7 @@ impl Migrations {
         let Some(d) = &self.dwcp else {
             return Err("this agent has no cluster certificate (plain-HTTP cluster)".into());
         };
-        let secret = self
-            .secret
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default();
+        let secret = self.agent_secret();
         let url = format!("{}/agent/v1/dwcp", target.spec.address.trim_end_matches('/'));
         let resp = self
             .http
