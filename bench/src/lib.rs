@@ -83,6 +83,15 @@ where
     }
 }
 
+/// The admin token a fresh server writes into its data dir.
+pub async fn admin_token(server_dir: &Path) -> anyhow::Result<String> {
+    let path = server_dir.join("admin.token");
+    wait_for("server", std::time::Duration::from_secs(30), || async {
+        std::fs::read_to_string(&path).ok().map(|t| t.trim().to_string())
+    })
+    .await
+}
+
 /// The value after `--key` on a benchmark's command line.
 pub fn arg(args: &[String], key: &str) -> anyhow::Result<String> {
     args.iter()

@@ -49,12 +49,7 @@ async fn main() -> Result<()> {
                 .stderr(std::fs::File::create(work.path().join("server.log"))?)
                 .spawn()?,
         );
-        let token = wait_for("server", Duration::from_secs(30), || async {
-            std::fs::read_to_string(sdir.join("admin.token"))
-                .ok()
-                .map(|t| t.trim().to_string())
-        })
-        .await?;
+        let token = novacron_bench::admin_token(&sdir).await?;
         for n in ["node-1", "node-2"] {
             procs.0.push(
                 Command::new(&bin)

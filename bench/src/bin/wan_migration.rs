@@ -157,12 +157,7 @@ async fn start_lab(name: &str, work: &Path) -> Result<(Lab, Procs)> {
             .stderr(std::fs::File::create(work.join("server.log"))?)
             .spawn()?,
     );
-    let token = wait_for("server", Duration::from_secs(30), || async {
-        std::fs::read_to_string(sdir.join("admin.token"))
-            .ok()
-            .map(|t| t.trim().to_string())
-    })
-    .await?;
+    let token = novacron_bench::admin_token(&sdir).await?;
     let ca = sdir.join("pki/ca.crt");
     let tls = novacron_tls::client_config(&std::fs::read_to_string(&ca)?, None)?;
     let client = Client::with_tls(&url, &token, Some(tls))?;

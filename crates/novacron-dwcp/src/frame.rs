@@ -100,14 +100,6 @@ impl Frame {
         h[24..32].copy_from_slice(&sum.to_be_bytes());
         h
     }
-
-    /// The frame as bytes (header and payload).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.wire_len());
-        out.extend_from_slice(&self.header());
-        out.extend_from_slice(&self.payload);
-        out
-    }
 }
 
 fn checksum(header: &[u8], payload: &[u8]) -> u64 {
@@ -206,12 +198,6 @@ impl<'a> PayloadReader<'a> {
         let n = self.u32()? as usize;
         String::from_utf8(self.bytes(n)?.to_vec()).map_err(|_| DwcpError::Corrupt("string is not UTF-8".into()))
     }
-
-    pub fn rest(&mut self) -> &'a [u8] {
-        let out = &self.data[self.pos..];
-        self.pos = self.data.len();
-        out
-    }
 }
 
 pub fn put_string(out: &mut Vec<u8>, s: &str) {
@@ -226,7 +212,8 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_a_flipped_bit_is_caught() -> Result<(), DwcpError> {
         let f = Frame::new(Kind::Data, 7, 42, b"hello world".to_vec());
-        let bytes = f.to_bytes();
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, &f).await?;
         let back = read_frame(&mut &bytes[..]).await?;
         assert_eq!(back.as_ref(), Some(&f));
         for i in 0..bytes.len() {

@@ -428,10 +428,6 @@ impl Sender {
         self.stats.snapshot()
     }
 
-    pub fn stats_handle(&self) -> Arc<Stats> {
-        self.stats.clone()
-    }
-
     /// The reason the session failed, if it did.
     pub fn error(&self) -> Option<String> {
         self.health.error()
