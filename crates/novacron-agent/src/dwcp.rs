@@ -130,6 +130,8 @@ pub struct MemorySample {
     pub zero_share: f64,
     /// zstd output / input for the non-zero pages sampled.
     pub compression: f64,
+    /// How fast zstd took them (input bytes/s on one core).
+    pub compress_bytes_s: f64,
     pub known_share: f64,
 }
 
@@ -176,6 +178,7 @@ pub fn sample_guest(pid: u32, ram_bytes: u64, known: impl Fn(&[u8]) -> bool) -> 
     if total == 0 {
         return None;
     }
+    let started = std::time::Instant::now();
     let compression = if nonzero.is_empty() {
         1.0
     } else {
@@ -183,10 +186,15 @@ pub fn sample_guest(pid: u32, ram_bytes: u64, known: impl Fn(&[u8]) -> bool) -> 
             .map(|c| (c.len() as f64 / nonzero.len() as f64).min(1.0))
             .unwrap_or(1.0)
     };
+    let compress_bytes_s = match started.elapsed().as_secs_f64() {
+        t if t > 0.0 && !nonzero.is_empty() => nonzero.len() as f64 / t,
+        _ => f64::INFINITY,
+    };
     let nonzero_pages = total - zero;
     Some(MemorySample {
         zero_share: zero as f64 / total as f64,
         compression,
+        compress_bytes_s,
         known_share: if nonzero_pages > 0 {
             known_pages as f64 / nonzero_pages as f64
         } else {

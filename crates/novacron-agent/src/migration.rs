@@ -40,6 +40,10 @@ use crate::reconcile::{error_chain, prepare_launch};
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pre-copy passes after which a plain pre-copy migration is declared non-converging.
 const MAX_PRECOPY_PASSES: u64 = 40;
+/// How often a running migration asks QEMU how it goes, and how often it
+/// reports progress and checks the target (those calls cross the network).
+const POLL_EVERY: Duration = Duration::from_millis(100);
+const REPORT_EVERY: Duration = Duration::from_millis(500);
 /// Assumed link speed for the prediction when nothing better is known.
 const DEFAULT_LINK_BYTES_S: f64 = 1e9;
 /// QEMU multifd: channels and zstd level of the `qemu-multifd` transport
@@ -533,26 +537,20 @@ impl Migrations {
             .await?;
         self.check_cancel(name)?;
         // With DWCP, QEMU talks to local ends of the session instead of the target.
-        let (nbd_host, nbd_port, migrate_uri) = match &session {
+        let (nbd_url, migrate_uri) = match &session {
             Some(s) => {
-                let local = std::net::IpAddr::from([127, 0, 0, 1]);
-                let nbd = s
-                    .listen(Role::Nbd, local)
-                    .await
-                    .map_err(|e| MigrationError::Other(e.to_string()))?;
-                let mig = s
-                    .listen(Role::Migration, local)
-                    .await
-                    .map_err(|e| MigrationError::Other(e.to_string()))?;
+                let (nbd, mig) = (dir.dwcp_nbd_socket(), dir.dwcp_migration_socket());
+                s.listen(Role::Nbd, &nbd)
+                    .map_err(|e| MigrationError::Other(format!("cannot listen on {}: {e}", nbd.display())))?;
+                s.listen(Role::Migration, &mig)
+                    .map_err(|e| MigrationError::Other(format!("cannot listen on {}: {e}", mig.display())))?;
                 (
-                    "127.0.0.1".to_string(),
-                    nbd.port(),
-                    format!("tcp:127.0.0.1:{}", mig.port()),
+                    format!("nbd+unix:///{{disk}}?socket={}", nbd.display()),
+                    format!("unix:{}", mig.display()),
                 )
             }
             None => (
-                prepared.nbd_host.clone(),
-                prepared.nbd_port,
+                format!("nbd://{}:{}/{{disk}}", prepared.nbd_host, prepared.nbd_port),
                 prepared.migrate_uri.clone(),
             ),
         };
@@ -566,13 +564,14 @@ impl Migrations {
                 "drive-mirror",
                 Some(json!({
                     "job-id": job, "device": disk, "sync": "top", "mode": "existing", "format": "raw",
-                    "target": format!("nbd://{nbd_host}:{nbd_port}/{disk}"),
+                    "target": nbd_url.replace("{disk}", disk),
                 })),
             )
             .await?;
             ctx.mirrors.push(job);
         }
         let mut disk_total;
+        let mut last_check = Instant::now();
         loop {
             let jobs = qmp.execute("query-block-jobs", None).await?;
             let jobs = jobs.as_array().cloned().unwrap_or_default();
@@ -591,18 +590,23 @@ impl Migrations {
             });
             disk_total = total;
             let ready = mine.iter().all(|j| j["ready"].as_bool() == Some(true));
-            self.write_status(name, |s| {
-                s.progress.disk_transferred_bytes = done;
-                s.progress.disk_total_bytes = total;
-            })
-            .await;
+            if ready || last_check.elapsed() >= REPORT_EVERY {
+                self.write_status(name, |s| {
+                    s.progress.disk_transferred_bytes = done;
+                    s.progress.disk_total_bytes = total;
+                })
+                .await;
+            }
             if ready {
                 break;
             }
             self.check_cancel(name)?;
-            self.check_target_alive(&target).await?;
-            self.check_session(&session, &target).await?;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            if last_check.elapsed() >= REPORT_EVERY {
+                last_check = Instant::now();
+                self.check_target_alive(&target).await?;
+                self.check_session(&session, &target).await?;
+            }
+            tokio::time::sleep(POLL_EVERY).await;
         }
 
         // Memory.
@@ -631,8 +635,9 @@ impl Migrations {
         qmp.execute("migrate-set-parameters", Some(params)).await?;
         qmp.execute("migrate", Some(json!({ "uri": migrate_uri }))).await?;
         let mut postcopy_started = false;
+        let mut last_report = Instant::now();
         let info = loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(POLL_EVERY).await;
             let info: MigrateInfo =
                 serde_json::from_value(qmp.execute("query-migrate", None).await?).unwrap_or_default();
             let ram = info.ram.as_ref();
@@ -656,10 +661,6 @@ impl Migrations {
             }
             if !postcopy_started {
                 self.check_cancel(name)?;
-                // A dead target agent could not finish the switchover: stop now,
-                // which also makes the target QEMU exit (its incoming stream fails).
-                self.check_target_alive(&target).await?;
-                self.check_session(&session, &target).await?;
             }
             let mut progress = progress_from(ram, disk_total);
             let figures = session.as_ref().map(|s| {
@@ -674,19 +675,6 @@ impl Migrations {
                 );
                 dwcp_figures(&st)
             });
-            // QEMU judges the final pass by the bandwidth it sees into its socket,
-            // which DWCP's buffers flatter: tell it what the link really delivers.
-            if let Some(s) = &session {
-                let delivered = s.stats().raw_bytes_s;
-                if delivered > 0.0 && !postcopy_started {
-                    let _ = qmp
-                        .execute(
-                            "migrate-set-parameters",
-                            Some(json!({"avail-switchover-bandwidth": delivered as u64})),
-                        )
-                        .await;
-                }
-            }
             // Plain pre-copy never converges when the guest dirties memory faster than
             // we send it: give up with the numbers instead of looping forever.
             if strategy == MigrationStrategy::Precopy && ram.is_some_and(|r| r.dirty_sync_count > MAX_PRECOPY_PASSES) {
@@ -709,6 +697,31 @@ impl Migrations {
             // the target while the rest of its memory follows on demand.
             if postcopy_started && info.status == "postcopy-active" && !ctx.target_running {
                 self.switch_to_target(&qmp, ctx, &target, m, vm, log_offset).await?;
+            }
+            // QEMU is polled often so that its end is seen at once; the calls
+            // that cross the network run less often.
+            if last_report.elapsed() < REPORT_EVERY {
+                continue;
+            }
+            last_report = Instant::now();
+            if !postcopy_started {
+                // A dead target agent could not finish the switchover: stop now,
+                // which also makes the target QEMU exit (its incoming stream fails).
+                self.check_target_alive(&target).await?;
+                self.check_session(&session, &target).await?;
+            }
+            // QEMU judges the final pass by the bandwidth it sees into its socket,
+            // which DWCP's buffers flatter: tell it what the link really delivers.
+            if let Some(s) = &session {
+                let delivered = s.stats().raw_bytes_s;
+                if delivered > 0.0 && !postcopy_started {
+                    let _ = qmp
+                        .execute(
+                            "migrate-set-parameters",
+                            Some(json!({"avail-switchover-bandwidth": delivered as u64})),
+                        )
+                        .await;
+                }
             }
             self.write_status(name, |s| {
                 s.progress = progress.clone();
@@ -1258,6 +1271,7 @@ impl Migrations {
         ask: PlanAsk,
         session_name: &str,
     ) -> Result<Planned, MigrationError> {
+        let measuring = Instant::now();
         let mut transport = ask.transport;
         let mut transport_reason = None;
         let mut session = None;
@@ -1279,26 +1293,31 @@ impl Migrations {
             (None, Some(pid)) => crate::dwcp::sample_guest(pid, ram_bytes, |_| false),
             _ => None,
         };
-        let dirty = measure_dirty_rate(qmp).await.unwrap_or(0.0);
         let cap = ask.bandwidth_mib_s.map(|b| b as f64 * 1048576.0);
-        let (mut link, rtt_s, streams) = match (&session, &self.dwcp) {
-            (Some(s), Some(d)) => {
-                let rate = d.link_rate(peer, s).await.map_err(MigrationError::Other)?;
-                let st = s.stats();
-                (rate, st.rtt_ms / 1e3, st.streams)
-            }
-            // QEMU carries the streams, but DWCP can still measure the link.
-            (None, Some(d)) => match self.open_dwcp(target, &format!("{session_name}-probe"), None).await {
-                Ok(probe) => {
-                    let rate = d.link_rate(peer, &probe).await.unwrap_or(DEFAULT_LINK_BYTES_S);
-                    let rtt = probe.stats().rtt_ms / 1e3;
-                    let _ = probe.finish(Duration::from_secs(10)).await;
-                    (rate, rtt, 1)
+        // The dirty rate is sampled inside QEMU while the link is probed.
+        let measure_link = async {
+            match (&session, &self.dwcp) {
+                (Some(s), Some(d)) => {
+                    let rate = d.link_rate(peer, s).await.map_err(MigrationError::Other)?;
+                    let st = s.stats();
+                    Ok::<_, MigrationError>((rate, st.rtt_ms / 1e3, st.streams))
                 }
-                Err(_) => (DEFAULT_LINK_BYTES_S, 0.0, 1),
-            },
-            _ => (DEFAULT_LINK_BYTES_S, 0.0, 1),
+                // QEMU carries the streams, but DWCP can still measure the link.
+                (None, Some(d)) => match self.open_dwcp(target, &format!("{session_name}-probe"), None).await {
+                    Ok(probe) => {
+                        let rate = d.link_rate(peer, &probe).await.unwrap_or(DEFAULT_LINK_BYTES_S);
+                        let rtt = probe.stats().rtt_ms / 1e3;
+                        let _ = probe.finish(Duration::from_secs(10)).await;
+                        Ok((rate, rtt, 1))
+                    }
+                    Err(_) => Ok((DEFAULT_LINK_BYTES_S, 0.0, 1)),
+                },
+                _ => Ok((DEFAULT_LINK_BYTES_S, 0.0, 1)),
+            }
         };
+        let (dirty, link) = tokio::join!(measure_dirty_rate(qmp), measure_link);
+        let dirty = dirty.unwrap_or(0.0);
+        let (mut link, rtt_s, streams) = link?;
         if let Some(c) = cap {
             link = link.min(c);
         }
@@ -1324,6 +1343,17 @@ impl Migrations {
             MigrationTransport::QemuMultifd => (zero * 9.0 / 4096.0 + (1.0 - zero) * compression, compression, 1.0),
             MigrationTransport::Qemu => (zero * 9.0 / 4096.0 + (1.0 - zero), 1.0, 1.0),
         };
+        // DWCP encodes on one thread; multifd compresses on one thread per
+        // channel, as many at once as there are cores; plain QEMU only copies.
+        let compress_bytes_s = sample.map_or(f64::INFINITY, |s| s.compress_bytes_s);
+        let encode_bytes_s = match transport {
+            MigrationTransport::Dwcp => compress_bytes_s,
+            MigrationTransport::QemuMultifd => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+                compress_bytes_s * f64::from(cores.min(MULTIFD_CHANNELS))
+            }
+            MigrationTransport::Qemu => f64::INFINITY,
+        };
         let input = PlanInput {
             memory_bytes: ram_bytes,
             disk_bytes,
@@ -1334,6 +1364,8 @@ impl Migrations {
             working_set_bytes: (1.0 - zero) * ram_bytes as f64,
             link_bytes_s: link,
             rtt_s,
+            encode_bytes_s,
+            measured_s: measuring.elapsed().as_secs_f64(),
             max_downtime_s: ask.max_downtime_ms as f64 / 1000.0,
         };
         let (mut prediction, mut reason) = match ask.strategy {

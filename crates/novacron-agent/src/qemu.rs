@@ -63,6 +63,13 @@ impl VmDir {
     pub fn console(&self) -> PathBuf {
         self.path.join("console.sock")
     }
+    /// Local ends of a DWCP session for the source QEMU's NBD mirror and migration stream.
+    pub fn dwcp_nbd_socket(&self) -> PathBuf {
+        self.path.join("dwcp-nbd.sock")
+    }
+    pub fn dwcp_migration_socket(&self) -> PathBuf {
+        self.path.join("dwcp-migration.sock")
+    }
     pub fn console_log(&self) -> PathBuf {
         self.path.join("console.log")
     }

@@ -109,9 +109,13 @@ fn checksum(header: &[u8], payload: &[u8]) -> u64 {
     h.digest()
 }
 
+/// Writes one frame and flushes it: a TLS stream may otherwise keep the
+/// tail in its buffer when the socket is full, until some later write that
+/// may never come (the last ack, an NBD reply QEMU waits for).
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), DwcpError> {
     w.write_all(&frame.header()).await?;
     w.write_all(&frame.payload).await?;
+    w.flush().await?;
     Ok(())
 }
 

@@ -27,6 +27,11 @@ pub struct PlanInput {
     /// What the link delivers (wire bytes/s) and its round trip (s).
     pub link_bytes_s: f64,
     pub rtt_s: f64,
+    /// Guest bytes/s the sending side can encode (measured on a sample of the
+    /// guest's own pages); when the link is fast, this is the limit.
+    pub encode_bytes_s: f64,
+    /// Time already spent measuring these inputs (part of the migration's total).
+    pub measured_s: f64,
     pub max_downtime_s: f64,
 }
 
@@ -48,9 +53,9 @@ pub struct Prediction {
     pub converges: bool,
 }
 
-/// Fixed costs seen on every migration: target QEMU start, QMP round trips,
-/// device state (measured on loopback: about 1.5 s before the first byte).
-const SETUP_S: f64 = 1.5;
+/// Fixed costs seen on every migration besides measuring: target QEMU start,
+/// QMP calls, device state, the switch (about 1 s on loopback).
+const SETUP_S: f64 = 1.0;
 /// Round trips spent in control calls (prepare, finish, mirror hand-off).
 const CONTROL_RTTS: f64 = 12.0;
 const MAX_PASSES: usize = 30;
@@ -61,11 +66,19 @@ const THROTTLE_RAMP_PASSES: f64 = 3.0;
 
 pub fn predict(input: &PlanInput, strategy: Strategy) -> Prediction {
     let link = input.link_bytes_s.max(1.0);
-    let fixed = SETUP_S + CONTROL_RTTS * input.rtt_s;
+    let encode = input.encode_bytes_s.max(1.0);
+    // A pass takes as long as the slower of the link (wire bytes) and the
+    // encoder (the non-zero guest bytes QEMU hands over).
+    let pace = |wire: f64, guest: f64| (wire / link).max(guest / encode);
+    let fixed = input.measured_s + SETUP_S + CONTROL_RTTS * input.rtt_s;
     let disk_wire = input.disk_bytes as f64 * input.disk_cost;
     let first_wire = input.memory_bytes as f64 * input.first_pass_cost;
-    let first_s = (disk_wire + first_wire) / link;
+    let first_s = pace(
+        disk_wire + first_wire,
+        input.disk_bytes as f64 + input.working_set_bytes,
+    );
     let dirty_wire_s = input.dirty_bytes_s * input.dirty_cost;
+    let dirty_cost = input.dirty_cost.max(1e-6);
     let downtime_floor = 2.0 * input.rtt_s + 0.03;
     match strategy {
         Strategy::Postcopy => {
@@ -73,7 +86,7 @@ pub fn predict(input: &PlanInput, strategy: Strategy) -> Prediction {
             let rest = (input.dirty_bytes_s * first_s).min(input.working_set_bytes) * input.dirty_cost;
             Prediction {
                 strategy,
-                total_s: fixed + first_s + rest / link,
+                total_s: fixed + first_s + pace(rest, rest / dirty_cost),
                 downtime_s: downtime_floor,
                 wire_bytes: disk_wire + first_wire + rest,
                 converges: true,
@@ -97,7 +110,7 @@ pub fn predict(input: &PlanInput, strategy: Strategy) -> Prediction {
                     }
                 }
                 let next_wire = (dirty_wire_s * pass_s).min(input.working_set_bytes * input.dirty_cost);
-                let next_s = next_wire / link;
+                let next_s = pace(next_wire, next_wire / dirty_cost);
                 if next_s <= input.max_downtime_s {
                     total += next_s;
                     wire += next_wire;
@@ -184,6 +197,8 @@ mod tests {
             working_set_bytes: 300.0 * 1048576.0,
             link_bytes_s: link_mib_s * 1048576.0,
             rtt_s: 0.05,
+            encode_bytes_s: f64::INFINITY,
+            measured_s: 0.0,
             max_downtime_s: 0.3,
         }
     }
@@ -195,6 +210,25 @@ mod tests {
         assert_eq!(p.strategy, Strategy::Precopy, "{why}");
         let one_pass = (512.0 * 0.5 + 8.0) / 12.0;
         assert!((p.total_s - one_pass - SETUP_S - 0.6).abs() < 0.5, "{}", p.total_s);
+    }
+
+    #[test]
+    fn a_slow_encoder_bounds_a_fast_link() {
+        let mut i = input(0.0, 1000.0);
+        let fast = predict(&i, Strategy::Precopy);
+        i.encode_bytes_s = 100.0 * 1048576.0;
+        let slow = predict(&i, Strategy::Precopy);
+        // 300 MiB of non-zero memory and 16 MiB of disk at 100 MiB/s instead
+        // of 264 MiB on the wire at 1000 MiB/s.
+        let more = 316.0 / 100.0 - 264.0 / 1000.0;
+        assert!(
+            (slow.total_s - fast.total_s - more).abs() < 0.01,
+            "{} vs {}",
+            slow.total_s,
+            fast.total_s
+        );
+        i.measured_s = 2.0;
+        assert!((predict(&i, Strategy::Precopy).total_s - slow.total_s - 2.0).abs() < 1e-9);
     }
 
     #[test]

@@ -18,13 +18,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener};
 use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
@@ -165,10 +166,17 @@ impl Health {
     }
 }
 
+/// Unsent bytes a stream's kernel buffer may hold. Without a limit the send
+/// buffer grows to megabytes, which sit in front of every later frame (an NBD
+/// flush at the switchover waits behind them); the backlog stays in our small
+/// queues instead, where the streams share it.
+const NOT_SENT_LOW_WATER: u32 = 128 * 1024;
+
 fn tune_socket(sock: &impl std::os::fd::AsFd, bbr: bool) {
     if bbr {
         let _ = nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::TcpCongestion, &"bbr".into());
     }
+    let _ = socket2::SockRef::from(sock).set_tcp_notsent_lowat(NOT_SENT_LOW_WATER);
 }
 
 /// Whether the kernel lets us use BBR.
@@ -304,8 +312,8 @@ impl Sender {
         stats.rtt_us.store(rtt.as_micros() as u64, Ordering::Relaxed);
         // Small queues: bytes buffered here are bytes QEMU believes sent, and
         // they all have to cross the link during the switchover pause.
-        let (input_tx, input_rx) = mpsc::channel::<Input>(4);
-        let (out_tx, out_rx) = mpsc::channel::<Frame>(2 * n + 2);
+        let (input_tx, input_rx) = mpsc::channel::<Input>(2);
+        let (out_tx, out_rx) = mpsc::channel::<Frame>(n + 1);
         let out_rx = Arc::new(tokio::sync::Mutex::new(out_rx));
         let bucket = cfg
             .rate_limit_bytes_s
@@ -514,28 +522,32 @@ impl Sender {
         Ok(ch)
     }
 
-    /// A local listener (on `ip`, port chosen by the OS) whose every
-    /// connection becomes a channel with this role; it stops with the session.
-    pub async fn listen(self: &Arc<Self>, role: Role, ip: std::net::IpAddr) -> Result<SocketAddr, DwcpError> {
-        let listener = TcpListener::bind((ip, 0)).await?;
-        let addr = listener.local_addr()?;
+    /// A local Unix socket at `path` whose every connection becomes a channel
+    /// with this role; it stops (and the socket file goes) with the session.
+    /// Unix rather than loopback TCP: loopback buffers grow to megabytes that
+    /// QEMU counts as sent, and all of them would cross the link during the
+    /// switchover pause; a Unix socket holds only the writer's small buffer.
+    pub fn listen(self: &Arc<Self>, role: Role, path: &Path) -> Result<(), DwcpError> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
         let this = Arc::downgrade(self);
         let cancel = self.health.cancel.clone();
+        let path = path.to_path_buf();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = cancel.cancelled() => break,
                     a = listener.accept() => a,
                 };
                 let Ok((conn, _)) = accepted else { continue };
-                let _ = conn.set_nodelay(true);
-                let Some(sender) = this.upgrade() else { return };
+                let Some(sender) = this.upgrade() else { break };
                 if let Err(e) = sender.open(role, conn).await {
                     tracing::warn!(error = %e, "cannot open a DWCP channel");
                 }
             }
+            let _ = std::fs::remove_file(&path);
         });
-        Ok(addr)
+        Ok(())
     }
 
     fn closed(&self) -> DwcpError {
@@ -1024,7 +1036,8 @@ impl Assembler {
                 _ = tokio::time::sleep(ACK_EVERY), if unacked => {
                     unacked = false;
                     last_ack = Instant::now();
-                    self.ack(raw).await;
+                    // Nothing else to do: wait for room rather than lose the last ack.
+                    let _ = self.back.send(self.ack_frame(raw)).await;
                     continue;
                 }
             };
@@ -1079,25 +1092,25 @@ impl Assembler {
                     }
                     Kind::End => {
                         self.health.done.store(true, Ordering::Relaxed);
-                        self.ack(raw).await;
+                        let _ = self.back.send(self.ack_frame(raw)).await;
                         let _ = self.back.send(Frame::new(Kind::EndAck, 0, 0, Vec::new())).await;
                         return Ok(());
                     }
                     _ => {}
                 }
             }
-            if last_ack.elapsed() >= ACK_EVERY {
+            // Busy: an ack that finds no room is skipped (the next one says more).
+            if last_ack.elapsed() >= ACK_EVERY && self.back.try_send(self.ack_frame(raw)).is_ok() {
                 last_ack = Instant::now();
                 unacked = false;
-                self.ack(raw).await;
             }
         }
     }
 
-    async fn ack(&self, raw: u64) {
+    fn ack_frame(&self, raw: u64) -> Frame {
         let mut p = self.wire.load(Ordering::Relaxed).to_be_bytes().to_vec();
         p.extend_from_slice(&raw.to_be_bytes());
-        let _ = self.back.try_send(Frame::new(Kind::Ack, 0, 0, p));
+        Frame::new(Kind::Ack, 0, 0, p)
     }
 
     async fn connect(&self, ch: u32, role: Role) -> Result<Sink, DwcpError> {

@@ -233,6 +233,16 @@ async fn probe_measures_delivery() -> TestResult {
     let sender = session(&pki, addr, &CacheStore::new(1 << 20), "probe", 2).await?;
     let rate = sender.probe(Duration::from_millis(800), u64::MAX).await?;
     assert!(rate > 1e6, "loopback delivers more than 1 MB/s: {rate}");
+    // With a byte cap the probe ends once those bytes are confirmed, long
+    // before its time is up on a fast link.
+    let started = std::time::Instant::now();
+    let capped = sender.probe(Duration::from_secs(5), 8 << 20).await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(capped > 2e6, "{capped}");
     sender.finish(Duration::from_secs(10)).await?;
     stop.cancel();
     Ok(())
