@@ -1272,6 +1272,16 @@ impl Migrations {
         session_name: &str,
     ) -> Result<Planned, MigrationError> {
         let measuring = Instant::now();
+        let peer = &target.metadata.name;
+        let ram_bytes = vm.spec.memory_mib * 1024 * 1024;
+        let dir = self.dir(&vm.metadata.id);
+        // Before the session opens: a session holds the cache of what the
+        // target knows while it runs, and the sample asks that cache.
+        let sample = match (&self.dwcp, dir.running_pid()) {
+            (Some(d), Some(pid)) => d.sample_memory(pid, ram_bytes, peer),
+            (None, Some(pid)) => crate::dwcp::sample_guest(pid, ram_bytes, |_| false),
+            _ => None,
+        };
         let mut transport = ask.transport;
         let mut transport_reason = None;
         let mut session = None;
@@ -1285,14 +1295,6 @@ impl Migrations {
                 }
             }
         }
-        let peer = &target.metadata.name;
-        let ram_bytes = vm.spec.memory_mib * 1024 * 1024;
-        let dir = self.dir(&vm.metadata.id);
-        let sample = match (&self.dwcp, dir.running_pid()) {
-            (Some(d), Some(pid)) => d.sample_memory(pid, ram_bytes, peer),
-            (None, Some(pid)) => crate::dwcp::sample_guest(pid, ram_bytes, |_| false),
-            _ => None,
-        };
         let cap = ask.bandwidth_mib_s.map(|b| b as f64 * 1048576.0);
         // The dirty rate is sampled inside QEMU while the link is probed.
         let measure_link = async {

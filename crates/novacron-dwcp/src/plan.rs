@@ -54,8 +54,8 @@ pub struct Prediction {
 }
 
 /// Fixed costs seen on every migration besides measuring: target QEMU start,
-/// QMP calls, device state, the switch (about 1 s on loopback).
-const SETUP_S: f64 = 1.0;
+/// QMP calls, device state, the switch (about 0.5 s on the lab's lan).
+const SETUP_S: f64 = 0.5;
 /// Round trips spent in control calls (prepare, finish, mirror hand-off).
 const CONTROL_RTTS: f64 = 12.0;
 const MAX_PASSES: usize = 30;

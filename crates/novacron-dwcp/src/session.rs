@@ -581,7 +581,9 @@ impl Sender {
     /// Measures what the link delivers: sends incompressible bytes for
     /// `duration` on a probe channel and returns the delivered bytes/s.
     /// Stops after `max_bytes` (once they are delivered) so that a fast link
-    /// is not flooded for the whole `duration`.
+    /// is not flooded for the whole `duration`. When it runs long enough, the
+    /// first third is left out: that is TCP's start-up, not what the link
+    /// delivers to a migration that runs for seconds.
     pub async fn probe(&self, duration: Duration, max_bytes: u64) -> Result<f64, DwcpError> {
         let (mut local, remote) = tokio::io::duplex(READ_CHUNK);
         self.open(Role::Probe, remote).await?;
@@ -591,7 +593,15 @@ impl Sender {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut buf = vec![0u8; 64 * 1024];
         let mut written = 0u64;
+        let acked_now = |s: &Stats| s.acked_wire_bytes.load(Ordering::Relaxed) - start_acked;
+        let mut steady: Option<(Instant, u64)> = None;
+        let mut mark = |stats: &Stats| {
+            if steady.is_none() && started.elapsed() >= duration / 3 {
+                steady = Some((Instant::now(), acked_now(stats)));
+            }
+        };
         while started.elapsed() < duration && written < max_bytes {
+            mark(&self.stats);
             written += buf.len() as u64;
             for b in buf.chunks_mut(8) {
                 x ^= x << 13;
@@ -612,11 +622,18 @@ impl Sender {
                 if acked >= sent(&self.stats) && acked >= max_bytes {
                     break;
                 }
+                mark(&self.stats);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        let acked = self.stats.acked_wire_bytes.load(Ordering::Relaxed) - start_acked;
-        Ok(acked as f64 / started.elapsed().as_secs_f64())
+        let acked = acked_now(&self.stats);
+        let rate = match steady {
+            Some((at, from)) if acked > from && at.elapsed() > duration / 4 => {
+                (acked - from) as f64 / at.elapsed().as_secs_f64()
+            }
+            _ => acked as f64 / started.elapsed().as_secs_f64(),
+        };
+        Ok(rate)
     }
 }
 
