@@ -537,22 +537,24 @@ impl Migrations {
             .await?;
         self.check_cancel(name)?;
         // With DWCP, QEMU talks to local ends of the session instead of the target.
-        let (nbd_url, migrate_uri) = match &session {
+        let local = match &session {
             Some(s) => {
                 let (nbd, mig) = (dir.dwcp_nbd_socket(), dir.dwcp_migration_socket());
                 s.listen(Role::Nbd, &nbd)
                     .map_err(|e| MigrationError::Other(format!("cannot listen on {}: {e}", nbd.display())))?;
                 s.listen(Role::Migration, &mig)
                     .map_err(|e| MigrationError::Other(format!("cannot listen on {}: {e}", mig.display())))?;
-                (
-                    format!("nbd+unix:///{{disk}}?socket={}", nbd.display()),
-                    format!("unix:{}", mig.display()),
-                )
+                Some((nbd, mig))
             }
-            None => (
-                format!("nbd://{}:{}/{{disk}}", prepared.nbd_host, prepared.nbd_port),
-                prepared.migrate_uri.clone(),
-            ),
+            None => None,
+        };
+        let nbd_target = |disk: &str| match &local {
+            Some((nbd, _)) => format!("nbd+unix:///{disk}?socket={}", nbd.display()),
+            None => format!("nbd://{}:{}/{disk}", prepared.nbd_host, prepared.nbd_port),
+        };
+        let migrate_uri = match &local {
+            Some((_, mig)) => format!("unix:{}", mig.display()),
+            None => prepared.migrate_uri.clone(),
         };
 
         // Disks first: mirror each to the target's NBD export until in sync.
@@ -564,7 +566,7 @@ impl Migrations {
                 "drive-mirror",
                 Some(json!({
                     "job-id": job, "device": disk, "sync": "top", "mode": "existing", "format": "raw",
-                    "target": nbd_url.replace("{disk}", disk),
+                    "target": nbd_target(disk),
                 })),
             )
             .await?;

@@ -345,7 +345,6 @@ impl Sender {
                     }
                     stats2.wire_bytes.fetch_add(frame.wire_len() as u64, Ordering::Relaxed);
                 }
-                let _ = wr.flush().await;
                 // Keep the stream open until the session ends.
                 health2.cancel.cancelled().await;
             });
@@ -499,24 +498,10 @@ impl Sender {
                 }
             }
         });
-        let health = self.health.clone();
+        let cancel = self.health.cancel.clone();
         tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    _ = health.cancel.cancelled() => return,
-                    m = rev_rx.recv() => m,
-                };
-                match msg {
-                    Some(Some(bytes)) => {
-                        if wr.write_all(&bytes).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(None) | None => {
-                        let _ = wr.shutdown().await;
-                        return;
-                    }
-                }
+            if let Err(e) = write_local(&mut rev_rx, &mut wr, &cancel).await {
+                tracing::debug!(channel = ch, error = %e, "local connection write failed");
             }
         });
         Ok(ch)
@@ -634,6 +619,28 @@ impl Sender {
             _ => acked as f64 / started.elapsed().as_secs_f64(),
         };
         Ok(rate)
+    }
+}
+
+/// Copies what arrives for a channel into its local connection until the
+/// channel ends (then shuts the connection's write side) or `cancel` fires.
+async fn write_local<W: AsyncWrite + Unpin>(
+    rx: &mut mpsc::Receiver<Option<Vec<u8>>>,
+    wr: &mut W,
+    cancel: &CancellationToken,
+) -> std::io::Result<()> {
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            m = rx.recv() => m,
+        };
+        match msg {
+            Some(Some(bytes)) => wr.write_all(&bytes).await?,
+            Some(None) | None => {
+                let _ = wr.shutdown().await;
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -932,13 +939,9 @@ impl Receiver {
         let h2 = health.clone();
         tokio::spawn(async move {
             while let Some(f) = back_rx.recv().await {
-                let last = matches!(f.kind, Kind::EndAck | Kind::Abort);
                 if write_frame(&mut wr, &f).await.is_err() {
                     h2.fail("stream 0 broke while answering");
                     return;
-                }
-                if last {
-                    let _ = wr.flush().await;
                 }
             }
         });
@@ -1148,26 +1151,12 @@ impl Assembler {
         let (tx, mut rx) = mpsc::channel::<Option<Vec<u8>>>(8);
         let health = self.health.clone();
         tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    _ = health.cancel.cancelled() => return,
-                    m = rx.recv() => m,
-                };
-                match msg {
-                    Some(Some(bytes)) => {
-                        if let Err(e) = wr.write_all(&bytes).await {
-                            health.fail(format!("writing to {addr}: {e}"));
-                            return;
-                        }
-                    }
-                    _ => {
-                        let _ = wr.shutdown().await;
-                        // Keep the socket until the session ends (QEMU may still answer).
-                        health.cancel.cancelled().await;
-                        return;
-                    }
-                }
+            if let Err(e) = write_local(&mut rx, &mut wr, &health.cancel).await {
+                health.fail(format!("writing to {addr}: {e}"));
+                return;
             }
+            // Keep the socket until the session ends (QEMU may still answer).
+            health.cancel.cancelled().await;
         });
         let (back, health) = (self.back.clone(), self.health.clone());
         tokio::spawn(async move {
