@@ -392,6 +392,13 @@ async fn run(args: &[String]) -> Result<()> {
     }
     // Procs (dropped with the work dir) kills the agents and QEMUs too.
     drop(lab);
+    // KEEP_LOGS=DIR keeps the server's and agents' logs for a closer look.
+    if let Ok(dir) = std::env::var("KEEP_LOGS") {
+        std::fs::create_dir_all(&dir)?;
+        for f in ["server.log", "node-1.log", "node-2.log"] {
+            let _ = std::fs::copy(work.path().join(f), Path::new(&dir).join(f));
+        }
+    }
     Ok(())
 }
 

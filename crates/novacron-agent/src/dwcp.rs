@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 /// A link measurement stays good this long; after that a session probes again.
 const LINK_FRESH: Duration = Duration::from_secs(600);
-const PROBE_TIME: Duration = Duration::from_millis(1500);
+/// A probe lasts this many round trips, within the bounds below; its first
+/// third, TCP start-up on a long fat link, does not count.
+const PROBE_RTTS: f64 = 30.0;
+const PROBE_TIME: (Duration, Duration) = (Duration::from_millis(600), Duration::from_secs(3));
 /// ... or this many bytes, whichever comes first (a LAN needs a fraction of a second).
 const PROBE_BYTES: u64 = 32 << 20;
 /// Pages of guest memory sampled for the prediction.
@@ -103,7 +106,11 @@ impl DwcpNode {
                 return Ok(rate);
             }
         }
-        let rate = sender.probe(PROBE_TIME, PROBE_BYTES).await.map_err(|e| e.to_string())?;
+        let rtt = Duration::from_secs_f64(sender.stats().rtt_ms / 1e3 * PROBE_RTTS);
+        let rate = sender
+            .probe(rtt.clamp(PROBE_TIME.0, PROBE_TIME.1), PROBE_BYTES)
+            .await
+            .map_err(|e| e.to_string())?;
         self.remember_link(peer, rate);
         Ok(rate)
     }
@@ -125,7 +132,7 @@ impl DwcpNode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MemorySample {
     pub zero_share: f64,
     /// zstd output / input for the non-zero pages sampled.
@@ -133,6 +140,9 @@ pub struct MemorySample {
     /// How fast zstd took them (input bytes/s on one core).
     pub compress_bytes_s: f64,
     pub known_share: f64,
+    /// The non-zero pages sampled (page number, content), to see later how
+    /// the guest rewrites them.
+    pub pages: Vec<(u64, Vec<u8>)>,
 }
 
 /// Reads `SAMPLE_PAGES` pages spread over the guest's RAM from
@@ -140,25 +150,12 @@ pub struct MemorySample {
 /// None when QEMU's memory cannot be read (then the planner assumes the worst).
 pub fn sample_guest(pid: u32, ram_bytes: u64, known: impl Fn(&[u8]) -> bool) -> Option<MemorySample> {
     use std::os::unix::fs::FileExt;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let start = maps
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let range = f.next()?;
-            let perms = f.next()?;
-            let path = f.nth(3);
-            let (a, b) = range.split_once('-')?;
-            let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
-            (perms.starts_with("rw") && path.is_none() && b - a >= ram_bytes).then_some((b - a, a))
-        })
-        .min()?
-        .1;
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let (mem, start) = open_guest_ram(pid, ram_bytes)?;
     let pages = ram_bytes / 4096;
     let step = (pages / SAMPLE_PAGES).max(1);
     let (mut zero, mut known_pages, mut total) = (0u64, 0u64, 0u64);
     let mut nonzero = Vec::new();
+    let mut pages_kept = Vec::new();
     let mut page = vec![0u8; 4096];
     // A fixed odd stride with an offset spreads samples without a pattern.
     for i in 0..SAMPLE_PAGES.min(pages) {
@@ -169,10 +166,13 @@ pub fn sample_guest(pid: u32, ram_bytes: u64, known: impl Fn(&[u8]) -> bool) -> 
         total += 1;
         if page.iter().all(|&b| b == 0) {
             zero += 1;
-        } else if known(&page) {
-            known_pages += 1;
         } else {
-            nonzero.extend_from_slice(&page);
+            pages_kept.push((index, page.clone()));
+            if known(&page) {
+                known_pages += 1;
+            } else {
+                nonzero.extend_from_slice(&page);
+            }
         }
     }
     if total == 0 {
@@ -200,7 +200,119 @@ pub fn sample_guest(pid: u32, ram_bytes: u64, known: impl Fn(&[u8]) -> bool) -> 
         } else {
             0.0
         },
+        pages: pages_kept,
     })
+}
+
+/// Wire bytes per byte of a rewritten page, from the sampled pages the
+/// guest has changed since: a page with a few changed runs travels as a
+/// delta (DWCP), any other as compressed content. None when too few changed
+/// to say.
+pub fn rewrite_cost(pid: u32, ram_bytes: u64, sample: &MemorySample) -> Option<f64> {
+    use std::os::unix::fs::FileExt;
+    const MIN_CHANGED: usize = 4;
+    const BLOCK: usize = 16;
+    let (mem, start) = open_guest_ram(pid, ram_bytes)?;
+    let mut now = vec![0u8; 4096];
+    let (mut changed, mut cost) = (0usize, 0.0f64);
+    for (index, before) in &sample.pages {
+        mem.read_exact_at(&mut now, start + index * 4096).ok()?;
+        if &now == before {
+            continue;
+        }
+        changed += 1;
+        // Changed 16-byte blocks plus a few bytes per run, as the delta encoder sends them.
+        let blocks = now
+            .chunks(BLOCK)
+            .zip(before.chunks(BLOCK))
+            .filter(|(a, b)| a != b)
+            .count();
+        let delta = (blocks * (BLOCK + 4)) as f64;
+        cost += if delta <= 1024.0 {
+            delta + 40.0
+        } else {
+            4096.0 * sample.compression
+        };
+    }
+    (changed >= MIN_CHANGED).then(|| cost / (changed as f64 * 4096.0))
+}
+
+/// QEMU's `/proc/PID/mem` and the address of the guest's RAM in it (the
+/// smallest anonymous mapping at least `ram_bytes` long).
+fn open_guest_ram(pid: u32, ram_bytes: u64) -> Option<(std::fs::File, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let start = maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next()?;
+            let perms = f.next()?;
+            let path = f.nth(3);
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
+            (perms.starts_with("rw") && path.is_none() && b - a >= ram_bytes).then_some((b - a, a))
+        })
+        .min()?
+        .1;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    Some((mem, start))
+}
+
+/// Starts sending the guest's non-zero pages ahead of QEMU over `session`
+/// (`Sender::prefill`); cancelling the returned token stops it.
+pub fn start_prefill(session: Arc<Sender>, pid: u32, ram_bytes: u64, vm: &str) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::task::spawn_blocking(move || read_guest_pages(pid, ram_bytes, &tx));
+    let (halt, vm) = (stop.clone(), vm.to_string());
+    tokio::spawn(async move {
+        match session.prefill(rx, halt).await {
+            Ok(bytes) => tracing::info!(vm = %vm, mib = bytes >> 20, "guest memory sent ahead of QEMU"),
+            Err(e) => tracing::debug!(vm = %vm, error = %e, "sending guest memory ahead stopped"),
+        }
+    });
+    stop
+}
+
+/// Reads the guest's RAM in address order and hands on its non-zero pages
+/// (QEMU sends zero pages as a flag anyway) as QEMU's RAM page records of
+/// the `pc.ram` block, until `tx` closes.
+fn read_guest_pages(pid: u32, ram_bytes: u64, tx: &tokio::sync::mpsc::Sender<Vec<u8>>) {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 256 * 1024;
+    const FLAG_PAGE: u64 = 0x08;
+    const FLAG_CONTINUE: u64 = 0x20;
+    const BLOCK: &[u8] = b"pc.ram";
+    let Some((mem, start)) = open_guest_ram(pid, ram_bytes) else {
+        return;
+    };
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut first = true;
+    for at in (0..ram_bytes).step_by(CHUNK as usize) {
+        let n = CHUNK.min(ram_bytes - at) as usize;
+        if mem.read_exact_at(&mut buf[..n], start + at).is_err() {
+            return;
+        }
+        let mut records = Vec::with_capacity(n + n / 64);
+        for (i, page) in buf[..n].chunks_exact(4096).enumerate() {
+            if page.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let offset = at + i as u64 * 4096;
+            if first {
+                records.extend_from_slice(&(offset | FLAG_PAGE).to_be_bytes());
+                records.push(BLOCK.len() as u8);
+                records.extend_from_slice(BLOCK);
+                first = false;
+            } else {
+                records.extend_from_slice(&(offset | FLAG_PAGE | FLAG_CONTINUE).to_be_bytes());
+            }
+            records.extend_from_slice(page);
+        }
+        if !records.is_empty() && tx.blocking_send(records).is_err() {
+            return;
+        }
+    }
 }
 
 /// Host part of an agent URL (`https://host:port`).

@@ -536,6 +536,18 @@ impl Migrations {
             )
             .await?;
         self.check_cancel(name)?;
+        // While the disks are mirrored (small requests, each waiting for its
+        // reply) the link has room: DWCP fills it with guest memory, so QEMU's
+        // pass finds those pages in the target's cache. Not during prepare: it
+        // would hold up the target's image download and control calls. Stops
+        // (the guard drops) when QEMU starts.
+        let prefill = match (&session, dir.running_pid()) {
+            (Some(s), Some(pid)) => Some(
+                crate::dwcp::start_prefill(s.clone(), pid, vm.spec.memory_mib * 1024 * 1024, &vm.metadata.name)
+                    .drop_guard(),
+            ),
+            _ => None,
+        };
         // With DWCP, QEMU talks to local ends of the session instead of the target.
         let local = match &session {
             Some(s) => {
@@ -635,6 +647,7 @@ impl Migrations {
             params["multifd-zstd-level"] = json!(MULTIFD_ZSTD_LEVEL);
         }
         qmp.execute("migrate-set-parameters", Some(params)).await?;
+        drop(prefill);
         qmp.execute("migrate", Some(json!({ "uri": migrate_uri }))).await?;
         let mut postcopy_started = false;
         let mut last_report = Instant::now();
@@ -1333,15 +1346,24 @@ impl Migrations {
                 md.blocks() * 512
             })
             .sum();
-        let (zero, compression, known) =
-            sample.map_or((0.0, 1.0, 0.0), |s| (s.zero_share, s.compression, s.known_share));
+        let (zero, compression, known) = sample
+            .as_ref()
+            .map_or((0.0, 1.0, 0.0), |s| (s.zero_share, s.compression, s.known_share));
+        // DWCP re-sends a page the guest changed a little as a delta: what the
+        // sampled pages' changes since the sample would cost.
+        let rewrite = match (&sample, dir.running_pid(), transport) {
+            (Some(s), Some(pid), MigrationTransport::Dwcp) => {
+                crate::dwcp::rewrite_cost(pid, ram_bytes, s).map(|c| c.min(compression))
+            }
+            _ => None,
+        };
         // Wire bytes per guest byte. QEMU sends a zero page as a 9-byte record
         // (DWCP compresses runs of them to almost nothing); a known page costs
         // DWCP a 17-byte reference.
         let (first_pass_cost, dirty_cost, disk_cost) = match transport {
             MigrationTransport::Dwcp => (
                 zero * 0.5 / 4096.0 + (1.0 - zero) * (known * 17.0 / 4096.0 + (1.0 - known) * compression),
-                compression,
+                rewrite.unwrap_or(compression),
                 compression,
             ),
             MigrationTransport::QemuMultifd => (zero * 9.0 / 4096.0 + (1.0 - zero) * compression, compression, 1.0),
@@ -1349,7 +1371,7 @@ impl Migrations {
         };
         // DWCP encodes on one thread; multifd compresses on one thread per
         // channel, as many at once as there are cores; plain QEMU only copies.
-        let compress_bytes_s = sample.map_or(f64::INFINITY, |s| s.compress_bytes_s);
+        let compress_bytes_s = sample.as_ref().map_or(f64::INFINITY, |s| s.compress_bytes_s);
         let encode_bytes_s = match transport {
             MigrationTransport::Dwcp => compress_bytes_s,
             MigrationTransport::QemuMultifd => {
@@ -1370,6 +1392,7 @@ impl Migrations {
             rtt_s,
             encode_bytes_s,
             measured_s: measuring.elapsed().as_secs_f64(),
+            prefill: transport == MigrationTransport::Dwcp && dir.running_pid().is_some(),
             max_downtime_s: ask.max_downtime_ms as f64 / 1000.0,
         };
         let (mut prediction, mut reason) = match ask.strategy {
@@ -1464,6 +1487,7 @@ fn dwcp_figures(st: &novacron_dwcp::StatsSnapshot) -> DwcpFigures {
         pages: st.pages,
         pages_known: st.pages_ref,
         pages_delta: st.pages_delta,
+        prefill_bytes: st.prefill_bytes,
         link_bytes_s: st.wire_bytes_s,
     }
 }

@@ -705,6 +705,9 @@ pub struct DwcpFigures {
     /// Pages sent as references to the target's cache, and as small deltas.
     pub pages_known: u64,
     pub pages_delta: u64,
+    /// Guest memory sent ahead of QEMU into the target's cache (bytes).
+    #[serde(default)]
+    pub prefill_bytes: u64,
     /// Delivery rate measured from the target's acknowledgements (wire bytes/s).
     pub link_bytes_s: f64,
 }

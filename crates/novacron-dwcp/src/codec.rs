@@ -144,7 +144,7 @@ impl LevelChooser {
 /// Sender side: turns scanned bytes into blocks.
 #[derive(Default)]
 pub struct Encoder {
-    /// Hash of the last content sent for each (channel, page key).
+    /// Hash of the last content sent for each (key space, page key).
     last: HashMap<(u32, u64), ChunkHash>,
     pub levels: LevelChooser,
     pub stats: EncodeStats,
@@ -159,12 +159,14 @@ impl Encoder {
     }
 
     /// Encodes `data` (covered exactly by `segments`) into one block,
-    /// updating `cache` as the decoder will. Without `compress` the literals
-    /// are stored (link probes: their random bytes would mislead the level choice).
+    /// updating `cache` as the decoder will. Page keys are unique within
+    /// `space`: a page re-sent in the same space travels as a delta against
+    /// its last content. Without `compress` the literals are stored (link
+    /// probes: their random bytes would mislead the level choice).
     pub fn encode(
         &mut self,
         cache: &mut ChunkCache,
-        channel: u32,
+        space: u32,
         data: &[u8],
         segments: &[Segment],
         compress: bool,
@@ -188,7 +190,7 @@ impl Encoder {
                         .get(pos..pos + PAGE)
                         .ok_or_else(|| DwcpError::Corrupt("segments exceed the data".into()))?;
                     pos += PAGE;
-                    self.page(cache, channel, key, page, &mut ops, &mut lit);
+                    self.page(cache, space, key, page, &mut ops, &mut lit);
                 }
             }
         }
@@ -229,7 +231,7 @@ impl Encoder {
     fn page(
         &mut self,
         cache: &mut ChunkCache,
-        channel: u32,
+        space: u32,
         key: u64,
         page: &[u8],
         ops: &mut Vec<u8>,
@@ -237,7 +239,7 @@ impl Encoder {
     ) {
         self.stats.pages += 1;
         let h = chunk_hash(page);
-        let previous = self.last.insert((channel, key), h);
+        let previous = self.last.insert((space, key), h);
         if cache.contains(&h) {
             cache.touch(&h);
             ops.push(OP_REF);

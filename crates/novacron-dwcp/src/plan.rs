@@ -32,6 +32,9 @@ pub struct PlanInput {
     pub encode_bytes_s: f64,
     /// Time already spent measuring these inputs (part of the migration's total).
     pub measured_s: f64,
+    /// Whether memory is sent ahead while the target gets ready (DWCP's
+    /// prefill): the setup time then carries first-pass bytes.
+    pub prefill: bool,
     pub max_downtime_s: f64,
 }
 
@@ -77,6 +80,13 @@ pub fn predict(input: &PlanInput, strategy: Strategy) -> Prediction {
         disk_wire + first_wire,
         input.disk_bytes as f64 + input.working_set_bytes,
     );
+    // Sent ahead: as much of the first pass as the setup time carries.
+    let ahead_s = if input.prefill {
+        (SETUP_S + CONTROL_RTTS * input.rtt_s).min(pace(first_wire, input.working_set_bytes))
+    } else {
+        0.0
+    };
+    let fixed = fixed - ahead_s;
     let dirty_wire_s = input.dirty_bytes_s * input.dirty_cost;
     let dirty_cost = input.dirty_cost.max(1e-6);
     let downtime_floor = 2.0 * input.rtt_s + 0.03;
@@ -142,11 +152,12 @@ pub fn choose(input: &PlanInput) -> (Prediction, String) {
     let post = predict(input, Strategy::Postcopy);
     let within = |p: &Prediction| p.converges && p.downtime_s <= input.max_downtime_s + 2.0 * input.rtt_s + 0.03;
     let numbers = format!(
-        "link {:.1} MiB/s, rtt {:.0} ms, dirty {:.1} MiB/s, first pass {:.2} wire B/B; predicted pre-copy {}, auto-converge {}, post-copy {:.1} s",
+        "link {:.1} MiB/s, rtt {:.0} ms, dirty {:.1} MiB/s, first pass {:.2} wire B/B, rewrites {:.2} wire B/B; predicted pre-copy {}, auto-converge {}, post-copy {:.1} s",
         input.link_bytes_s / 1048576.0,
         input.rtt_s * 1e3,
         input.dirty_bytes_s / 1048576.0,
         input.first_pass_cost,
+        input.dirty_cost,
         show(&pre),
         show(&auto),
         post.total_s
@@ -199,6 +210,7 @@ mod tests {
             rtt_s: 0.05,
             encode_bytes_s: f64::INFINITY,
             measured_s: 0.0,
+            prefill: false,
             max_downtime_s: 0.3,
         }
     }
@@ -229,6 +241,22 @@ mod tests {
         );
         i.measured_s = 2.0;
         assert!((predict(&i, Strategy::Precopy).total_s - slow.total_s - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn memory_sent_ahead_overlaps_the_setup() {
+        let mut i = input(0.0, 12.0);
+        let plain = predict(&i, Strategy::Precopy);
+        i.prefill = true;
+        let ahead = predict(&i, Strategy::Precopy);
+        let setup = SETUP_S + CONTROL_RTTS * i.rtt_s;
+        assert!((plain.total_s - ahead.total_s - setup).abs() < 1e-9);
+        // Never more than the first pass itself.
+        i.memory_bytes = 1 << 20;
+        i.working_set_bytes = 1048576.0;
+        let tiny = predict(&i, Strategy::Precopy);
+        i.prefill = false;
+        assert!(predict(&i, Strategy::Precopy).total_s - tiny.total_s <= 1.0 / 12.0 * 0.5 + 1e-9);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! * NBD (disk mirror): a write request (simple or extended header) whose
 //!   payload is split at 4 KiB boundaries of the disk offset.
 
-use std::collections::HashMap;
+use xxhash_rust::xxh3::xxh3_64;
 
 pub const PAGE: usize = 4096;
 
@@ -26,6 +26,9 @@ pub enum Role {
     Nbd = 1,
     /// Bytes the target throws away (link probes).
     Probe = 2,
+    /// Guest pages sent ahead of QEMU, as RAM page records in QEMU's own
+    /// format: the target keeps the pages in its cache and throws the bytes away.
+    Prefill = 3,
 }
 
 impl Role {
@@ -34,6 +37,7 @@ impl Role {
             0 => Some(Role::Migration),
             1 => Some(Role::Nbd),
             2 => Some(Role::Probe),
+            3 => Some(Role::Prefill),
             _ => None,
         }
     }
@@ -66,7 +70,6 @@ pub struct Scanner {
     raw_pending: usize,
     /// NBD write payload still to come: (disk offset of its next byte, bytes left).
     payload: Option<(u64, u64)>,
-    blocks: HashMap<Vec<u8>, u64>,
     block: Option<u64>,
 }
 
@@ -77,7 +80,6 @@ impl Scanner {
             in_sync: true,
             raw_pending: 0,
             payload: None,
-            blocks: HashMap::new(),
             block: None,
         }
     }
@@ -102,7 +104,7 @@ impl Scanner {
                 continue;
             }
             let step = match self.role {
-                Role::Migration => self.step_qemu(rest, more_coming),
+                Role::Migration | Role::Prefill => self.step_qemu(rest, more_coming),
                 Role::Nbd => self.step_nbd(rest, more_coming),
                 Role::Probe => Step::Raw(rest.len()),
             };
@@ -158,8 +160,9 @@ impl Scanner {
             }
             let name = &rest[9..9 + len];
             if plausible_block_name(name) {
-                let next = self.blocks.len() as u64;
-                let block = *self.blocks.entry(name.to_vec()).or_insert(next);
+                // Named by the name itself, so that every channel (QEMU's and
+                // a prefill) gives a guest page the same key.
+                let block = xxh3_64(name) & 0xffff;
                 self.block = Some(block);
                 return if flags == FLAG_PAGE {
                     Step::RawThenPage(9 + len, page_key(block, offset))
@@ -464,7 +467,7 @@ pub(crate) mod tests {
     proptest::proptest! {
         #[test]
         fn any_bytes_are_covered_exactly(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20000), cut in 0usize..20000) {
-            for role in [Role::Migration, Role::Nbd, Role::Probe] {
+            for role in [Role::Migration, Role::Nbd, Role::Probe, Role::Prefill] {
                 let mut s = Scanner::new(role);
                 let cut = cut.min(data.len());
                 let (segs, used) = s.scan(&data[..cut], true);

@@ -87,6 +87,7 @@ pub struct Stats {
     pages: AtomicU64,
     pages_ref: AtomicU64,
     pages_delta: AtomicU64,
+    prefill_bytes: AtomicU64,
     streams: AtomicU64,
     rtt_us: AtomicU64,
     zstd_level: AtomicU64,
@@ -107,6 +108,8 @@ pub struct StatsSnapshot {
     pub pages: u64,
     pub pages_ref: u64,
     pub pages_delta: u64,
+    /// Guest bytes sent ahead of QEMU into the target's cache.
+    pub prefill_bytes: u64,
     pub streams: u64,
     pub rtt_ms: f64,
     pub zstd_level: u64,
@@ -127,6 +130,7 @@ impl Stats {
             pages: self.pages.load(Ordering::Relaxed),
             pages_ref: self.pages_ref.load(Ordering::Relaxed),
             pages_delta: self.pages_delta.load(Ordering::Relaxed),
+            prefill_bytes: self.prefill_bytes.load(Ordering::Relaxed),
             streams: self.streams.load(Ordering::Relaxed),
             rtt_ms: self.rtt_us.load(Ordering::Relaxed) as f64 / 1000.0,
             zstd_level: self.zstd_level.load(Ordering::Relaxed),
@@ -264,6 +268,7 @@ impl Sender {
         let bbr = cfg.bbr && bbr_available();
         let mut cache = store.take(peer);
         let mut first = connect_stream(addr, &name, &connector, bbr).await?;
+        let hello_sent = Instant::now();
         write_frame(&mut first, &hello_frame(&hello, 0, &cache)).await?;
         let ack = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut first))
             .await
@@ -280,30 +285,40 @@ impl Sender {
         if !reused || cache.capacity() != capacity {
             cache.clear(cache_id, capacity);
         }
-        // Round trip: the best of three pings.
-        let mut rtt = Duration::MAX;
-        for i in 0..3u64 {
-            let t = Instant::now();
-            write_frame(&mut first, &Frame::new(Kind::Ping, 0, i, Vec::new())).await?;
-            loop {
-                match read_frame(&mut first).await? {
-                    Some(f) if f.kind == Kind::Pong => break,
-                    Some(_) => continue,
-                    None => return Err(DwcpError::Handshake("target closed during ping".into())),
-                }
+        // Round trip: the better of the hello and one ping (each round trip
+        // here is one the migration waits for).
+        let hello_rtt = hello_sent.elapsed();
+        let ping_sent = Instant::now();
+        write_frame(&mut first, &Frame::new(Kind::Ping, 0, 0, Vec::new())).await?;
+        loop {
+            match read_frame(&mut first).await? {
+                Some(f) if f.kind == Kind::Pong => break,
+                Some(_) => continue,
+                None => return Err(DwcpError::Handshake("target closed during ping".into())),
             }
-            rtt = rtt.min(t.elapsed());
         }
+        let rtt = hello_rtt.min(ping_sent.elapsed());
         let n = cfg
             .streams
             .unwrap_or_else(|| streams_for_rtt(rtt, cfg.max_streams))
             .max(1);
-        let mut streams = vec![first];
+        // The other streams connect at once, not one after another.
+        let mut connecting = tokio::task::JoinSet::new();
         for i in 1..n {
-            let mut s = connect_stream(addr, &name, &connector, bbr).await?;
-            write_frame(&mut s, &hello_frame(&hello, i as u32, &cache)).await?;
-            streams.push(s);
+            let (name, connector, hello) = (name.clone(), connector.clone(), hello_frame(&hello, i as u32, &cache));
+            connecting.spawn(async move {
+                let mut s = connect_stream(addr, &name, &connector, bbr).await?;
+                write_frame(&mut s, &hello).await?;
+                Ok::<_, DwcpError>((i, s))
+            });
         }
+        let mut more = Vec::with_capacity(n - 1);
+        while let Some(joined) = connecting.join_next().await {
+            more.push(joined.map_err(|e| DwcpError::Handshake(format!("connecting a stream failed: {e}")))??);
+        }
+        more.sort_by_key(|(i, _)| *i);
+        let mut streams = vec![first];
+        streams.extend(more.into_iter().map(|(_, s)| s));
         tracing::info!(session = %hello.session, %addr, streams = n, rtt_ms = rtt.as_secs_f64() * 1e3, cache_reused = reused, cache_entries = cache.len(), "DWCP session open");
 
         let health = Arc::new(Health::default());
@@ -620,6 +635,37 @@ impl Sender {
         };
         Ok(rate)
     }
+
+    /// Sends guest pages ahead of QEMU (RAM page records in QEMU's format, so
+    /// they get the keys QEMU's pages will have): QEMU's own pass then finds
+    /// them in the target's cache and sends references, or deltas for pages
+    /// the guest changed since. Uses link time that would otherwise go unused
+    /// (while the target gets ready); runs until `pages` ends or `stop` fires.
+    pub async fn prefill(&self, mut pages: mpsc::Receiver<Vec<u8>>, stop: CancellationToken) -> Result<u64, DwcpError> {
+        let (mut local, remote) = tokio::io::duplex(READ_CHUNK);
+        self.open(Role::Prefill, remote).await?;
+        let mut sent = 0u64;
+        loop {
+            let chunk = tokio::select! {
+                _ = stop.cancelled() => break,
+                c = pages.recv() => match c {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            tokio::select! {
+                r = local.write_all(&chunk) => r?,
+                _ = stop.cancelled() => break,
+                _ = self.health.cancel.cancelled() => return Err(self.closed()),
+            }
+            sent += chunk.len() as u64;
+            self.stats
+                .prefill_bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        let _ = local.shutdown().await;
+        Ok(sent)
+    }
 }
 
 /// Copies what arrives for a channel into its local connection until the
@@ -732,7 +778,13 @@ fn encode_pending(
     if used == 0 {
         return Ok(None);
     }
-    let block = encoder.encode(cache, ch, &pending[..used], &segments, scanner.role() != Role::Probe)?;
+    // Guest RAM is one key space whichever channel carries it (QEMU's, or a
+    // prefill); each disk channel is its own. Channel numbers start at 1.
+    let space = match scanner.role() {
+        Role::Migration | Role::Prefill => 0,
+        Role::Nbd | Role::Probe => ch,
+    };
+    let block = encoder.encode(cache, space, &pending[..used], &segments, scanner.role() != Role::Probe)?;
     pending.drain(..used);
     Ok(Some(block))
 }
@@ -1134,7 +1186,7 @@ impl Assembler {
     }
 
     async fn connect(&self, ch: u32, role: Role) -> Result<Sink, DwcpError> {
-        if role == Role::Probe {
+        if matches!(role, Role::Probe | Role::Prefill) {
             return Ok(Sink::Discard);
         }
         let addr = lock(&self.routes)

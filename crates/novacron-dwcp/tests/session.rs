@@ -39,20 +39,25 @@ fn qemu_stream(n: usize, variant: u32) -> Vec<u8> {
         } else {
             s.extend_from_slice(&(off | 0x28).to_be_bytes());
         }
-        // Hex digits of a per-page sequence: compresses about 2:1, not more.
-        let mut page = format!("hits={variant}\n").into_bytes();
-        let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        while page.len() < 4096 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            page.extend_from_slice(format!("{x:016x}").as_bytes());
-        }
-        page.truncate(4096);
-        s.extend_from_slice(&page);
+        s.extend_from_slice(&text_page(i, variant));
     }
     s.extend_from_slice(b"\x10device state");
     s
+}
+
+/// Page `i` of `qemu_stream`: hex digits of a per-page sequence, which
+/// compress about 2:1, not more.
+fn text_page(i: usize, variant: u32) -> Vec<u8> {
+    let mut page = format!("hits={variant}\n").into_bytes();
+    let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while page.len() < 4096 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        page.extend_from_slice(format!("{x:016x}").as_bytes());
+    }
+    page.truncate(4096);
+    page
 }
 
 /// A local server standing in for the target QEMU: collects what arrives
@@ -156,6 +161,41 @@ async fn channels_arrive_intact_and_the_cache_outlives_the_session() -> TestResu
         }
     }
     assert!(wire[1] * 5 < wire[0], "second migration sends far less: {wire:?}");
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefilled_pages_travel_as_deltas() -> TestResult {
+    let pki = pki()?;
+    let (receiver, addr, stop) = receiver(&pki, CacheStore::new(64 << 20)).await?;
+    let (mig, mig_task) = sink(b"").await?;
+    receiver.expect("m", HashMap::from([(Role::Migration, mig)]));
+    let sender = Arc::new(session(&pki, addr, &CacheStore::new(64 << 20), "m", 2).await?);
+    // Pages in chunks of odd sizes; the source stays open until told to stop.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let halt = CancellationToken::new();
+    let prefill = tokio::spawn({
+        let (sender, halt) = (sender.clone(), halt.clone());
+        async move { sender.prefill(rx, halt).await }
+    });
+    let pages = qemu_stream(1000, 0);
+    for chunk in pages.chunks(37 * 4096) {
+        tx.send(chunk.to_vec()).await?;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline && sender.stats().prefill_bytes < pages.len() as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    halt.cancel();
+    assert_eq!(prefill.await??, pages.len() as u64);
+    // The guest changed every page a little since.
+    let data = qemu_stream(1000, 1);
+    send_through(&sender, Role::Migration, data.clone()).await?;
+    let stats = sender.finish(Duration::from_secs(10)).await?;
+    assert_eq!(mig_task.await?, data, "QEMU's bytes arrive intact");
+    assert_eq!(stats.prefill_bytes, pages.len() as u64);
+    assert!(stats.pages_delta >= 1000, "QEMU's pages went as deltas: {stats:?}");
     stop.cancel();
     Ok(())
 }
