@@ -211,7 +211,6 @@ pub fn sample_guest(pid: u32, ram_bytes: u64, known: impl Fn(&[u8]) -> bool) -> 
 pub fn rewrite_cost(pid: u32, ram_bytes: u64, sample: &MemorySample) -> Option<f64> {
     use std::os::unix::fs::FileExt;
     const MIN_CHANGED: usize = 4;
-    const BLOCK: usize = 16;
     let (mem, start) = open_guest_ram(pid, ram_bytes)?;
     let mut now = vec![0u8; 4096];
     let (mut changed, mut cost) = (0usize, 0.0f64);
@@ -221,18 +220,7 @@ pub fn rewrite_cost(pid: u32, ram_bytes: u64, sample: &MemorySample) -> Option<f
             continue;
         }
         changed += 1;
-        // Changed 16-byte blocks plus a few bytes per run, as the delta encoder sends them.
-        let blocks = now
-            .chunks(BLOCK)
-            .zip(before.chunks(BLOCK))
-            .filter(|(a, b)| a != b)
-            .count();
-        let delta = (blocks * (BLOCK + 4)) as f64;
-        cost += if delta <= 1024.0 {
-            delta + 40.0
-        } else {
-            4096.0 * sample.compression
-        };
+        cost += novacron_dwcp::codec::delta_bytes(before, &now).map_or(4096.0 * sample.compression, |d| d as f64);
     }
     (changed >= MIN_CHANGED).then(|| cost / (changed as f64 * 4096.0))
 }
@@ -280,8 +268,7 @@ pub fn start_prefill(session: Arc<Sender>, pid: u32, ram_bytes: u64, vm: &str) -
 fn read_guest_pages(pid: u32, ram_bytes: u64, tx: &tokio::sync::mpsc::Sender<Vec<u8>>) {
     use std::os::unix::fs::FileExt;
     const CHUNK: u64 = 256 * 1024;
-    const FLAG_PAGE: u64 = 0x08;
-    const FLAG_CONTINUE: u64 = 0x20;
+    /// QEMU's name for the RAM of a `pc` machine.
     const BLOCK: &[u8] = b"pc.ram";
     let Some((mem, start)) = open_guest_ram(pid, ram_bytes) else {
         return;
@@ -298,16 +285,8 @@ fn read_guest_pages(pid: u32, ram_bytes: u64, tx: &tokio::sync::mpsc::Sender<Vec
             if page.iter().all(|&b| b == 0) {
                 continue;
             }
-            let offset = at + i as u64 * 4096;
-            if first {
-                records.extend_from_slice(&(offset | FLAG_PAGE).to_be_bytes());
-                records.push(BLOCK.len() as u8);
-                records.extend_from_slice(BLOCK);
-                first = false;
-            } else {
-                records.extend_from_slice(&(offset | FLAG_PAGE | FLAG_CONTINUE).to_be_bytes());
-            }
-            records.extend_from_slice(page);
+            novacron_dwcp::scan::push_ram_page(&mut records, BLOCK, first, at + i as u64 * 4096, page);
+            first = false;
         }
         if !records.is_empty() && tx.blocking_send(records).is_err() {
             return;

@@ -272,6 +272,15 @@ impl Encoder {
     }
 }
 
+/// What a page re-sent as `new` after `base` costs before compression: the
+/// DELTA op and its runs, or None when it would travel whole.
+pub fn delta_bytes(base: &[u8], new: &[u8]) -> Option<usize> {
+    let runs = diff_runs(base, new)?;
+    let changed: usize = runs.iter().map(|(s, e)| e - s).sum();
+    // Op, base hash, run count, and two varints (at most 2 bytes each) per run.
+    Some(1 + std::mem::size_of::<ChunkHash>() + 2 + 4 * runs.len() + changed)
+}
+
 /// Byte runs where `new` differs from `base`, or None when too much changed.
 fn diff_runs(base: &[u8], new: &[u8]) -> Option<Vec<(usize, usize)>> {
     if base.len() != new.len() {

@@ -32,8 +32,8 @@ pub struct PlanInput {
     pub encode_bytes_s: f64,
     /// Time already spent measuring these inputs (part of the migration's total).
     pub measured_s: f64,
-    /// Whether memory is sent ahead while the target gets ready (DWCP's
-    /// prefill): the setup time then carries first-pass bytes.
+    /// Whether memory is sent ahead while the disks are mirrored (DWCP's
+    /// prefill): the link then carries first-pass bytes during the setup.
     pub prefill: bool,
     pub max_downtime_s: f64,
 }
@@ -80,7 +80,9 @@ pub fn predict(input: &PlanInput, strategy: Strategy) -> Prediction {
         disk_wire + first_wire,
         input.disk_bytes as f64 + input.working_set_bytes,
     );
-    // Sent ahead: as much of the first pass as the setup time carries.
+    // Sent ahead: as much of the first pass as the link carries while the
+    // mirror and the control calls around it wait on round trips (about the
+    // setup time: calibrated on the lab's wan and intercontinental runs).
     let ahead_s = if input.prefill {
         (SETUP_S + CONTROL_RTTS * input.rtt_s).min(pace(first_wire, input.working_set_bytes))
     } else {

@@ -353,6 +353,19 @@ fn push_raw(out: &mut Vec<Segment>, n: usize) {
     }
 }
 
+/// Appends one RAM page record in QEMU's format (what `Role::Prefill`
+/// channels carry): the first record of a block names it, later ones continue it.
+pub fn push_ram_page(out: &mut Vec<u8>, block: &[u8], first: bool, offset: u64, page: &[u8]) {
+    if first {
+        out.extend_from_slice(&(offset | FLAG_PAGE).to_be_bytes());
+        out.push(block.len() as u8);
+        out.extend_from_slice(block);
+    } else {
+        out.extend_from_slice(&(offset | FLAG_PAGE | FLAG_CONTINUE).to_be_bytes());
+    }
+    out.extend_from_slice(page);
+}
+
 fn page_key(block: u64, offset: u64) -> u64 {
     (block << 48) | (offset >> 12)
 }
@@ -419,6 +432,27 @@ pub(crate) mod tests {
             .sum();
         assert_eq!(total, data.len(), "segments cover the input exactly");
         (segs.iter().filter(|g| matches!(g, Segment::Page { .. })).count(), total)
+    }
+
+    #[test]
+    fn prefill_records_are_pages_with_qemu_s_keys() {
+        let mut records = Vec::new();
+        for i in 0..5u64 {
+            push_ram_page(&mut records, b"pc.ram", i == 0, (i * 3) << 12, &[i as u8 + 1; PAGE]);
+        }
+        let (n, _) = pages_found(&mut Scanner::new(Role::Prefill), &records);
+        assert_eq!(n, 5);
+        let (segs, _) = Scanner::new(Role::Prefill).scan(&records, false);
+        let keys: Vec<u64> = segs
+            .iter()
+            .filter_map(|g| match g {
+                Segment::Page { key } => Some(*key),
+                Segment::Raw(_) => None,
+            })
+            .collect();
+        let block = xxh3_64(b"pc.ram") & 0xffff;
+        let want: Vec<u64> = (0..5).map(|i| page_key(block, (i * 3) << 12)).collect();
+        assert_eq!(keys, want, "keyed by block name and offset, as QEMU's pages are");
     }
 
     #[test]

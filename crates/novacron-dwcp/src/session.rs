@@ -640,7 +640,7 @@ impl Sender {
     /// they get the keys QEMU's pages will have): QEMU's own pass then finds
     /// them in the target's cache and sends references, or deltas for pages
     /// the guest changed since. Uses link time that would otherwise go unused
-    /// (while the target gets ready); runs until `pages` ends or `stop` fires.
+    /// (while the disks are mirrored); runs until `pages` ends or `stop` fires.
     pub async fn prefill(&self, mut pages: mpsc::Receiver<Vec<u8>>, stop: CancellationToken) -> Result<u64, DwcpError> {
         let (mut local, remote) = tokio::io::duplex(READ_CHUNK);
         self.open(Role::Prefill, remote).await?;
