@@ -201,7 +201,7 @@ async fn goodput(args: &[String]) -> Result<()> {
                 }
             }
         };
-        let rate = sender.probe(Duration::from_secs(8), u64::MAX).await?;
+        let rate = sender.probe(Duration::from_secs(8), u64::MAX, None).await?;
         let st = sender.finish(Duration::from_secs(30)).await?;
         let row = json!({
             "profile": profile, "streams": st.streams, "adaptive": streams.is_none(), "rtt_ms": st.rtt_ms,

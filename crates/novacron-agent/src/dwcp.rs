@@ -20,6 +20,10 @@ const PROBE_RTTS: f64 = 30.0;
 const PROBE_TIME: (Duration, Duration) = (Duration::from_millis(600), Duration::from_secs(3));
 /// ... or this many bytes, whichever comes first (a LAN needs a fraction of a second).
 const PROBE_BYTES: u64 = 32 << 20;
+/// From this round trip on, a probe carries guest memory instead of filler:
+/// such links are slower than the encoder (a lan may not be), and the
+/// probe's seconds are worth using.
+const FILL_PROBE_RTT: Duration = Duration::from_millis(20);
 /// Pages of guest memory sampled for the prediction.
 const SAMPLE_PAGES: u64 = 512;
 
@@ -100,15 +104,28 @@ impl DwcpNode {
 
     /// What the link to `peer` delivers (wire bytes/s): the last measurement
     /// if fresh, else a probe over `sender`.
-    pub async fn link_rate(&self, peer: &str, sender: &Sender) -> Result<f64, String> {
+    /// The link's delivery rate to `peer`: remembered, or probed over
+    /// `sender`. A probe carries `fill` (guest pages sent ahead) when the link
+    /// is long enough that the encoder outruns it.
+    pub async fn link_rate(
+        &self,
+        peer: &str,
+        sender: &Sender,
+        fill: Option<&mut tokio::sync::mpsc::Receiver<Vec<u8>>>,
+    ) -> Result<f64, String> {
         if let Some((at, rate)) = lock(&self.links).get(peer).copied() {
             if at.elapsed() < LINK_FRESH && rate > 0.0 {
                 return Ok(rate);
             }
         }
-        let rtt = Duration::from_secs_f64(sender.stats().rtt_ms / 1e3 * PROBE_RTTS);
+        let rtt = Duration::from_secs_f64(sender.stats().rtt_ms / 1e3);
+        let fill = fill.filter(|_| rtt >= FILL_PROBE_RTT);
         let rate = sender
-            .probe(rtt.clamp(PROBE_TIME.0, PROBE_TIME.1), PROBE_BYTES)
+            .probe(
+                (rtt.mul_f64(PROBE_RTTS)).clamp(PROBE_TIME.0, PROBE_TIME.1),
+                PROBE_BYTES,
+                fill,
+            )
             .await
             .map_err(|e| e.to_string())?;
         self.remember_link(peer, rate);
@@ -246,15 +263,21 @@ fn open_guest_ram(pid: u32, ram_bytes: u64) -> Option<(std::fs::File, u64)> {
     Some((mem, start))
 }
 
-/// Starts sending the guest's non-zero pages ahead of QEMU over `session`
-/// (`Sender::prefill`); cancelling the returned token stops it.
-pub fn start_prefill(session: Arc<Sender>, pid: u32, ram_bytes: u64, vm: &str) -> CancellationToken {
-    let stop = CancellationToken::new();
+/// The guest's non-zero pages as QEMU RAM page records, read on demand
+/// (the reader waits while nobody takes them).
+pub fn guest_pages(pid: u32, ram_bytes: u64) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tokio::task::spawn_blocking(move || read_guest_pages(pid, ram_bytes, &tx));
+    rx
+}
+
+/// Starts sending the rest of `pages` ahead of QEMU over `session`
+/// (`Sender::prefill`); cancelling the returned token stops it.
+pub fn start_prefill(session: Arc<Sender>, pages: tokio::sync::mpsc::Receiver<Vec<u8>>, vm: &str) -> CancellationToken {
+    let stop = CancellationToken::new();
     let (halt, vm) = (stop.clone(), vm.to_string());
     tokio::spawn(async move {
-        match session.prefill(rx, halt).await {
+        match session.prefill(pages, halt).await {
             Ok(bytes) => tracing::info!(vm = %vm, mib = bytes >> 20, "guest memory sent ahead of QEMU"),
             Err(e) => tracing::debug!(vm = %vm, error = %e, "sending guest memory ahead stopped"),
         }
@@ -274,8 +297,10 @@ fn read_guest_pages(pid: u32, ram_bytes: u64, tx: &tokio::sync::mpsc::Sender<Vec
         return;
     };
     let mut buf = vec![0u8; CHUNK as usize];
-    let mut first = true;
     for at in (0..ram_bytes).step_by(CHUNK as usize) {
+        // Each chunk names the block: a chunk may start a channel (the probe
+        // carries the first ones, a later channel the rest).
+        let mut first = true;
         let n = CHUNK.min(ram_bytes - at) as usize;
         if mem.read_exact_at(&mut buf[..n], start + at).is_err() {
             return;

@@ -42,7 +42,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PRECOPY_PASSES: u64 = 40;
 /// How often a running migration asks QEMU how it goes, and how often it
 /// reports progress and checks the target (those calls cross the network).
-const POLL_EVERY: Duration = Duration::from_millis(100);
+const POLL_EVERY: Duration = Duration::from_millis(20);
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 /// Assumed link speed for the prediction when nothing better is known.
 const DEFAULT_LINK_BYTES_S: f64 = 1e9;
@@ -497,6 +497,7 @@ impl Migrations {
                     max_downtime_ms: m.spec.max_downtime_ms,
                 },
                 &m.metadata.id,
+                true,
             )
             .await?;
         let (strategy, transport, session) = (planned.strategy, planned.transport, planned.session.clone());
@@ -535,17 +536,17 @@ impl Migrations {
                 &serde_json::to_value(request).unwrap_or_default(),
             )
             .await?;
+        tracing::info!(migration = %name, elapsed_ms = started.elapsed().as_millis() as u64, "target prepared");
         self.check_cancel(name)?;
         // While the disks are mirrored (small requests, each waiting for its
         // reply) the link has room: DWCP fills it with guest memory, so QEMU's
         // pass finds those pages in the target's cache. Not during prepare: it
         // would hold up the target's image download and control calls. Stops
         // (the guard drops) when QEMU starts.
-        let prefill = match (&session, dir.running_pid()) {
-            (Some(s), Some(pid)) => Some(
-                crate::dwcp::start_prefill(s.clone(), pid, vm.spec.memory_mib * 1024 * 1024, &vm.metadata.name)
-                    .drop_guard(),
-            ),
+        let prefill = match (&session, planned.pages) {
+            (Some(s), Some(pages)) => {
+                Some(crate::dwcp::start_prefill(s.clone(), pages, &vm.metadata.name).drop_guard())
+            }
             _ => None,
         };
         // With DWCP, QEMU talks to local ends of the session instead of the target.
@@ -612,6 +613,7 @@ impl Migrations {
                 .await;
             }
             if ready {
+                tracing::info!(migration = %name, elapsed_ms = started.elapsed().as_millis() as u64, "disks in sync");
                 break;
             }
             self.check_cancel(name)?;
@@ -657,7 +659,10 @@ impl Migrations {
                 serde_json::from_value(qmp.execute("query-migrate", None).await?).unwrap_or_default();
             let ram = info.ram.as_ref();
             match info.status.as_str() {
-                "completed" => break info,
+                "completed" => {
+                    tracing::info!(migration = %name, elapsed_ms = started.elapsed().as_millis() as u64, downtime_ms = info.downtime, "memory moved");
+                    break info;
+                }
                 "failed" | "cancelled" => {
                     // A dead target agent explains a broken stream best.
                     self.check_target_alive(&target).await?;
@@ -950,6 +955,7 @@ impl Migrations {
     ) -> Result<(), MigrationError> {
         let name = &m.metadata.name;
         let dir = self.dir(&vm.metadata.id);
+        let switching = Instant::now();
         self.write_status(name, |s| s.phase = MigrationPhase::Switchover).await;
         for job in &ctx.mirrors {
             qmp.execute("block-job-cancel", Some(json!({ "device": job }))).await?;
@@ -971,9 +977,10 @@ impl Migrations {
             if Instant::now() > deadline {
                 return Err(MigrationError::QemuFailed("disk mirrors did not finish".into()));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(POLL_EVERY).await;
         }
         ctx.mirrors.clear();
+        tracing::debug!(migration = %name, ms = switching.elapsed().as_millis() as u64, "disk mirrors complete");
         let (console_log, _) = read_log_from(&dir.console_log(), log_offset);
         let finish = VmRef {
             vm_id: vm.metadata.id.clone(),
@@ -989,6 +996,7 @@ impl Migrations {
             .await?;
         ctx.target_pid = Some(finished.pid);
         ctx.target_running = true;
+        tracing::info!(migration = %name, switch_ms = switching.elapsed().as_millis() as u64, "VM runs on the target");
         Ok(())
     }
 
@@ -1223,6 +1231,8 @@ struct Planned {
     transport: MigrationTransport,
     transport_reason: Option<String>,
     session: Option<Arc<Sender>>,
+    /// The rest of the guest's pages still to send ahead (DWCP).
+    pages: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
     strategy: MigrationStrategy,
     prediction: MigrationPrediction,
 }
@@ -1285,6 +1295,7 @@ impl Migrations {
         target: &Node,
         ask: PlanAsk,
         session_name: &str,
+        send_ahead: bool,
     ) -> Result<Planned, MigrationError> {
         let measuring = Instant::now();
         let peer = &target.metadata.name;
@@ -1311,18 +1322,25 @@ impl Migrations {
             }
         }
         let cap = ask.bandwidth_mib_s.map(|b| b as f64 * 1048576.0);
+        let mut pages = match (&session, dir.running_pid()) {
+            (Some(_), Some(pid)) if send_ahead => Some(crate::dwcp::guest_pages(pid, ram_bytes)),
+            _ => None,
+        };
         // The dirty rate is sampled inside QEMU while the link is probed.
         let measure_link = async {
             match (&session, &self.dwcp) {
                 (Some(s), Some(d)) => {
-                    let rate = d.link_rate(peer, s).await.map_err(MigrationError::Other)?;
+                    let rate = d
+                        .link_rate(peer, s, pages.as_mut())
+                        .await
+                        .map_err(MigrationError::Other)?;
                     let st = s.stats();
                     Ok::<_, MigrationError>((rate, st.rtt_ms / 1e3, st.streams))
                 }
                 // QEMU carries the streams, but DWCP can still measure the link.
                 (None, Some(d)) => match self.open_dwcp(target, &format!("{session_name}-probe"), None).await {
                     Ok(probe) => {
-                        let rate = d.link_rate(peer, &probe).await.unwrap_or(DEFAULT_LINK_BYTES_S);
+                        let rate = d.link_rate(peer, &probe, None).await.unwrap_or(DEFAULT_LINK_BYTES_S);
                         let rtt = probe.stats().rtt_ms / 1e3;
                         let _ = probe.finish(Duration::from_secs(10)).await;
                         Ok((rate, rtt, 1))
@@ -1346,9 +1364,15 @@ impl Migrations {
                 md.blocks() * 512
             })
             .sum();
-        let (zero, compression, known) = sample
+        let (zero, compression, mut known) = sample
             .as_ref()
             .map_or((0.0, 1.0, 0.0), |s| (s.zero_share, s.compression, s.known_share));
+        // What the probe already carried ahead is known to the target now.
+        let sent_ahead = session.as_ref().map_or(0, |s| s.stats().prefill_bytes) as f64;
+        let working_set = (1.0 - zero) * ram_bytes as f64;
+        if working_set > 0.0 {
+            known += (1.0 - known) * (sent_ahead / working_set).min(1.0);
+        }
         // DWCP re-sends a page the guest changed a little as a delta: what the
         // sampled pages' changes since the sample would cost.
         let rewrite = match (&sample, dir.running_pid(), transport) {
@@ -1387,7 +1411,7 @@ impl Migrations {
             dirty_cost,
             disk_cost,
             dirty_bytes_s: dirty,
-            working_set_bytes: (1.0 - zero) * ram_bytes as f64,
+            working_set_bytes: working_set,
             link_bytes_s: link,
             rtt_s,
             encode_bytes_s,
@@ -1417,6 +1441,7 @@ impl Migrations {
             transport,
             transport_reason,
             session,
+            pages,
             strategy,
             prediction: MigrationPrediction {
                 strategy: Some(strategy),
@@ -1446,7 +1471,7 @@ impl Migrations {
         }
         let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
         let session = format!("plan-{}-{}", req.vm.metadata.id, Utc::now().timestamp_millis());
-        let planned = self.plan(&qmp, &req.vm, &req.target, req.ask, &session).await?;
+        let planned = self.plan(&qmp, &req.vm, &req.target, req.ask, &session, false).await?;
         if let Some(s) = &planned.session {
             let _ = s.finish(Duration::from_secs(10)).await;
         }

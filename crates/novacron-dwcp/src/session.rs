@@ -170,6 +170,9 @@ impl Health {
     }
 }
 
+/// Filler a probe sends after each chunk of prefill pages.
+const PROBE_GAP: usize = 16 * 1024;
+
 /// Unsent bytes a stream's kernel buffer may hold. Without a limit the send
 /// buffer grows to megabytes, which sit in front of every later frame (an NBD
 /// flush at the switchover waits behind them); the backlog stays in our small
@@ -584,9 +587,28 @@ impl Sender {
     /// is not flooded for the whole `duration`. When it runs long enough, the
     /// first third is left out: that is TCP's start-up, not what the link
     /// delivers to a migration that runs for seconds.
-    pub async fn probe(&self, duration: Duration, max_bytes: u64) -> Result<f64, DwcpError> {
+    ///
+    /// With `fill`, the probe carries prefill pages (see [`Sender::prefill`])
+    /// whenever one is ready, so the link time it takes is not lost. A little
+    /// filler goes between them, cheap to encode, so that an encoder short of
+    /// CPU does not pass for a slow link. Only worth it where the encoder
+    /// outruns the link: otherwise this measures the encoder.
+    pub async fn probe(
+        &self,
+        duration: Duration,
+        max_bytes: u64,
+        mut fill: Option<&mut mpsc::Receiver<Vec<u8>>>,
+    ) -> Result<f64, DwcpError> {
         let (mut local, remote) = tokio::io::duplex(READ_CHUNK);
         self.open(Role::Probe, remote).await?;
+        let mut prefill = match fill {
+            Some(_) => {
+                let (local, remote) = tokio::io::duplex(READ_CHUNK);
+                self.open(Role::Prefill, remote).await?;
+                Some(local)
+            }
+            None => None,
+        };
         let start_acked = self.stats.acked_wire_bytes.load(Ordering::Relaxed);
         let start_wire = self.stats.wire_bytes.load(Ordering::Relaxed);
         let started = Instant::now();
@@ -602,6 +624,19 @@ impl Sender {
         };
         while started.elapsed() < duration && written < max_bytes {
             mark(&self.stats);
+            let page = fill.as_deref_mut().map(|rx| rx.try_recv());
+            let mut filler = buf.len();
+            if let (Some(Ok(chunk)), Some(out)) = (page, prefill.as_mut()) {
+                tokio::select! {
+                    r = out.write_all(&chunk) => r?,
+                    _ = self.health.cancel.cancelled() => return Err(self.closed()),
+                }
+                self.stats
+                    .prefill_bytes
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                filler = PROBE_GAP;
+            }
+            let buf = &mut buf[..filler];
             written += buf.len() as u64;
             for b in buf.chunks_mut(8) {
                 x ^= x << 13;
@@ -610,7 +645,7 @@ impl Sender {
                 b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
             }
             tokio::select! {
-                r = local.write_all(&buf) => r?,
+                r = local.write_all(buf) => r?,
                 _ = self.health.cancel.cancelled() => return Err(self.closed()),
             }
         }
@@ -626,6 +661,10 @@ impl Sender {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
+        if let Some(out) = prefill.as_mut() {
+            let _ = out.shutdown().await;
+        }
+        let _ = local.shutdown().await;
         let acked = acked_now(&self.stats);
         let rate = match steady {
             Some((at, from)) if acked > from && at.elapsed() > duration / 4 => {

@@ -200,6 +200,62 @@ async fn prefilled_pages_travel_as_deltas() -> TestResult {
     Ok(())
 }
 
+/// A probe given pages to send ahead carries them instead of filler, and a
+/// later prefill channel takes the rest where it stopped: QEMU's pass then
+/// finds every page known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_carries_pages_ahead() -> TestResult {
+    let pki = pki()?;
+    let (receiver, addr, stop) = receiver(&pki, CacheStore::new(64 << 20)).await?;
+    let (mig, mig_task) = sink(b"").await?;
+    receiver.expect("pa", HashMap::from([(Role::Migration, mig)]));
+    let sender = Arc::new(session(&pki, addr, &CacheStore::new(64 << 20), "pa", 2).await?);
+    // Chunks of 50 pages, each naming its block (as the agent's reader does);
+    // the second half only once the probe is over.
+    let (tx, mut pages) = tokio::sync::mpsc::channel(2);
+    let (probed, probe_over) = tokio::sync::oneshot::channel::<()>();
+    let feeder = tokio::spawn(async move {
+        let mut probe_over = Some(probe_over);
+        for chunk in 0..20 {
+            if chunk == 10 {
+                if let Some(over) = probe_over.take() {
+                    let _ = over.await;
+                }
+            }
+            let mut records = Vec::new();
+            for i in chunk * 50..(chunk + 1) * 50 {
+                let page = text_page(i, 0);
+                novacron_dwcp::scan::push_ram_page(&mut records, b"pc.ram", i % 50 == 0, (i as u64) << 12, &page);
+            }
+            if tx.send(records).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Loopback outruns 8 MiB long before the probe's time is up.
+    sender.probe(Duration::from_secs(5), 8 << 20, Some(&mut pages)).await?;
+    let during_probe = sender.stats().prefill_bytes;
+    assert!(during_probe > 0, "the probe carried pages");
+    let _ = probed.send(());
+    let halt = CancellationToken::new();
+    let rest = tokio::spawn({
+        let (sender, halt) = (sender.clone(), halt.clone());
+        async move { sender.prefill(pages, halt).await }
+    });
+    feeder.await?;
+    rest.await??;
+    let data = qemu_stream(1000, 0);
+    send_through(&sender, Role::Migration, data.clone()).await?;
+    let stats = sender.finish(Duration::from_secs(10)).await?;
+    assert_eq!(mig_task.await?, data, "QEMU's bytes arrive intact");
+    assert!(stats.prefill_bytes > during_probe, "the rest went after the probe");
+    assert!(stats.prefill_bytes >= 1000 * 4096, "{stats:?}");
+    assert!(stats.pages_ref >= 1000, "every page was known: {stats:?}");
+    halt.cancel();
+    stop.cancel();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_stream_fails_the_session_and_closes_the_channels() -> TestResult {
     let pki = pki()?;
@@ -271,12 +327,12 @@ async fn probe_measures_delivery() -> TestResult {
     let pki = pki()?;
     let (_receiver, addr, stop) = receiver(&pki, CacheStore::new(1 << 20)).await?;
     let sender = session(&pki, addr, &CacheStore::new(1 << 20), "probe", 2).await?;
-    let rate = sender.probe(Duration::from_millis(800), u64::MAX).await?;
+    let rate = sender.probe(Duration::from_millis(800), u64::MAX, None).await?;
     assert!(rate > 1e6, "loopback delivers more than 1 MB/s: {rate}");
     // With a byte cap the probe ends once those bytes are confirmed, long
     // before its time is up on a fast link.
     let started = std::time::Instant::now();
-    let capped = sender.probe(Duration::from_secs(5), 8 << 20).await?;
+    let capped = sender.probe(Duration::from_secs(5), 8 << 20, None).await?;
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "took {:?}",
