@@ -20,9 +20,9 @@ const PROBE_RTTS: f64 = 30.0;
 const PROBE_TIME: (Duration, Duration) = (Duration::from_millis(600), Duration::from_secs(3));
 /// ... or this many bytes, whichever comes first (a LAN needs a fraction of a second).
 const PROBE_BYTES: u64 = 32 << 20;
-/// From this round trip on, a probe carries guest memory instead of filler:
-/// such links are slower than the encoder (a lan may not be), and the
-/// probe's seconds are worth using.
+/// From this round trip on, a probe carries guest memory (filler only in
+/// between): such links are slower than the encoder (a lan may not be), and
+/// the probe's seconds are worth using.
 const FILL_PROBE_RTT: Duration = Duration::from_millis(20);
 /// Pages of guest memory sampled for the prediction.
 const SAMPLE_PAGES: u64 = 512;
@@ -103,10 +103,8 @@ impl DwcpNode {
     }
 
     /// What the link to `peer` delivers (wire bytes/s): the last measurement
-    /// if fresh, else a probe over `sender`.
-    /// The link's delivery rate to `peer`: remembered, or probed over
-    /// `sender`. A probe carries `fill` (guest pages sent ahead) when the link
-    /// is long enough that the encoder outruns it.
+    /// if fresh, else a probe over `sender`, which carries `fill` (guest pages
+    /// sent ahead) when the link is long enough that the encoder outruns it.
     pub async fn link_rate(
         &self,
         peer: &str,
@@ -122,7 +120,7 @@ impl DwcpNode {
         let fill = fill.filter(|_| rtt >= FILL_PROBE_RTT);
         let rate = sender
             .probe(
-                (rtt.mul_f64(PROBE_RTTS)).clamp(PROBE_TIME.0, PROBE_TIME.1),
+                rtt.mul_f64(PROBE_RTTS).clamp(PROBE_TIME.0, PROBE_TIME.1),
                 PROBE_BYTES,
                 fill,
             )
@@ -359,5 +357,37 @@ mod tests {
         };
         assert!(s.zero_share > 0.0 && s.zero_share < 1.0, "{s:?}");
         assert!(s.compression < 0.5, "{s:?}");
+    }
+
+    /// The probe takes some chunks and a later channel the rest, so every
+    /// chunk must read as pages to a scanner that starts with it.
+    #[test]
+    fn each_chunk_of_guest_pages_stands_alone() {
+        let mut buf = vec![0u8; 64 << 20];
+        for (i, b) in buf.iter_mut().enumerate().take(4 << 20) {
+            *b = (i % 251) as u8 | 1;
+        }
+        std::hint::black_box(&buf);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let reader = std::thread::spawn(move || read_guest_pages(std::process::id(), 64 << 20, &tx));
+        let mut chunks = 0;
+        while let Some(chunk) = rx.blocking_recv() {
+            let mut scanner = novacron_dwcp::scan::Scanner::new(novacron_dwcp::Role::Prefill);
+            let (segments, used) = scanner.scan(&chunk, false);
+            assert_eq!(used, chunk.len());
+            let pages = segments
+                .iter()
+                .filter(|s| matches!(s, novacron_dwcp::scan::Segment::Page { .. }))
+                .count();
+            // The first record names the block (7 bytes more), the rest continue it.
+            assert_eq!(pages, (chunk.len() - 7) / (8 + 4096), "chunk {chunks}");
+            chunks += 1;
+        }
+        let _ = reader.join();
+        drop(buf);
+        // Reading /proc/self/mem can be forbidden (e.g. by a sandbox); nothing to check then.
+        if chunks > 0 {
+            assert!(chunks >= 16, "4 MiB of pages come in 256 KiB chunks: {chunks}");
+        }
     }
 }

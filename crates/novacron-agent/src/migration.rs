@@ -539,10 +539,10 @@ impl Migrations {
         tracing::info!(migration = %name, elapsed_ms = started.elapsed().as_millis() as u64, "target prepared");
         self.check_cancel(name)?;
         // While the disks are mirrored (small requests, each waiting for its
-        // reply) the link has room: DWCP fills it with guest memory, so QEMU's
-        // pass finds those pages in the target's cache. Not during prepare: it
-        // would hold up the target's image download and control calls. Stops
-        // (the guard drops) when QEMU starts.
+        // reply) the link has room: DWCP fills it with the guest pages the
+        // probe did not carry, so QEMU's pass finds them in the target's cache.
+        // Not during prepare: it would hold up the target's image download and
+        // control calls. Stops (the guard drops) when QEMU starts.
         let prefill = match (&session, planned.pages) {
             (Some(s), Some(pages)) => {
                 Some(crate::dwcp::start_prefill(s.clone(), pages, &vm.metadata.name).drop_guard())

@@ -627,10 +627,7 @@ impl Sender {
             let page = fill.as_deref_mut().map(|rx| rx.try_recv());
             let mut filler = buf.len();
             if let (Some(Ok(chunk)), Some(out)) = (page, prefill.as_mut()) {
-                tokio::select! {
-                    r = out.write_all(&chunk) => r?,
-                    _ = self.health.cancel.cancelled() => return Err(self.closed()),
-                }
+                self.write_channel(out, &chunk).await?;
                 self.stats
                     .prefill_bytes
                     .fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -644,10 +641,7 @@ impl Sender {
                 x ^= x << 17;
                 b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
             }
-            tokio::select! {
-                r = local.write_all(buf) => r?,
-                _ = self.health.cancel.cancelled() => return Err(self.closed()),
-            }
+            self.write_channel(&mut local, buf).await?;
         }
         if written >= max_bytes {
             // Time until the target confirmed all of it.
@@ -673,6 +667,14 @@ impl Sender {
             _ => acked as f64 / started.elapsed().as_secs_f64(),
         };
         Ok(rate)
+    }
+
+    /// Writes `bytes` into a channel's local end, unless the session fails first.
+    async fn write_channel(&self, out: &mut tokio::io::DuplexStream, bytes: &[u8]) -> Result<(), DwcpError> {
+        tokio::select! {
+            r = out.write_all(bytes) => Ok(r?),
+            _ = self.health.cancel.cancelled() => Err(self.closed()),
+        }
     }
 
     /// Sends guest pages ahead of QEMU (RAM page records in QEMU's format, so
