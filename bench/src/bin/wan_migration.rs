@@ -286,6 +286,7 @@ async fn migrate(lab: &Lab, vm: &str, method: &str) -> Result<Value> {
         "total_s": total_s,
         "wall_s": wall,
         "downtime_ms": st.downtime_ms,
+        "qemu_downtime_ms": st.qemu_downtime_ms,
         "wire_bytes": wire,
         "qemu_bytes": st.bytes_sent,
         "predicted_total_s": predicted,
@@ -412,8 +413,10 @@ fn render(args: &[String]) -> Result<()> {
          web-like = HTML-like text rewritten as small counter changes at 8 MiB/s of pages,\n\
          db-like = random data rewritten at 24 MiB/s). Wire bytes: IP bytes through the lab's\n\
          TUN devices, both directions. Utilisation: wire bits / (total time x link rate).\n\
-         ETA error: |predicted - actual| / actual of the prediction made before the transfer.\n\n\
-         | profile | workload | method | strategy | total s | downtime ms | wire MiB | link util | ETA error | guest errors |\n\
+         ETA error: |predicted - actual| / actual of the prediction made before the transfer.\n\
+         Downtime: the guest's pause, from QEMU's STOP on the source to the resume on the target\n\
+         (both hosts share a clock here); QEMU's own figure (the source's view) in brackets.\n\n\
+         | profile | workload | method | strategy | total s | downtime ms (QEMU) | wire MiB | link util | ETA error | guest errors |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
     let f = |v: &Value, d: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.d$}"));
@@ -433,7 +436,11 @@ fn render(args: &[String]) -> Result<()> {
             r["method"].as_str().unwrap_or("?"),
             r["strategy"].as_str().unwrap_or("-"),
             total,
-            r["downtime_ms"].as_u64().map_or("-".into(), |d| d.to_string()),
+            match (r["downtime_ms"].as_u64(), r["qemu_downtime_ms"].as_u64()) {
+                (Some(d), Some(q)) => format!("{d} ({q})"),
+                (Some(d), None) => d.to_string(),
+                _ => "-".into(),
+            },
             r["wire_bytes"]
                 .as_f64()
                 .map_or("-".into(), |w| format!("{:.1}", w / 1048576.0)),

@@ -209,10 +209,11 @@ async fn finish(State(state): State<HttpState>, Path(migration): Path<String>, J
     if !valid_id(&req.vm_id) {
         return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
     }
+    let finished = state.migrations.finish(&migration, &req).await;
     if let Some(d) = &state.migrations.dwcp {
         d.receiver.forget(&migration);
     }
-    match state.migrations.finish(&req.vm_id, &req.console_log).await {
+    match finished {
         Ok(f) => {
             tracing::info!(migration = %migration, pid = f.pid, "VM runs here now");
             Json(f).into_response()

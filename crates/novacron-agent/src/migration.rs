@@ -135,6 +135,9 @@ pub struct VmRef {
     /// Serial output written on the source since prepare (finish only).
     #[serde(default)]
     pub console_log: Vec<u8>,
+    /// Disks mirrored through DWCP, which must settle before the VM runs (finish only).
+    #[serde(default)]
+    pub dwcp_disks: usize,
 }
 
 /// Most of the serial log that travels with a VM.
@@ -158,6 +161,9 @@ fn read_log_from(path: &std::path::Path, offset: u64) -> (Vec<u8>, u64) {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Finished {
     pub pid: u32,
+    /// When the guest resumed here (Unix ms, this node's clock).
+    #[serde(default)]
+    pub resumed_at: Option<f64>,
 }
 
 fn free_port() -> Result<u16, MigrationError> {
@@ -557,6 +563,7 @@ impl Migrations {
                     .map_err(|e| MigrationError::Other(format!("cannot listen on {}: {e}", nbd.display())))?;
                 s.listen(Role::Migration, &mig)
                     .map_err(|e| MigrationError::Other(format!("cannot listen on {}: {e}", mig.display())))?;
+                ctx.dwcp_disks = true;
                 Some((nbd, mig))
             }
             None => None,
@@ -650,6 +657,7 @@ impl Migrations {
         }
         qmp.execute("migrate-set-parameters", Some(params)).await?;
         drop(prefill);
+        ctx.events = Some(qmp.events());
         qmp.execute("migrate", Some(json!({ "uri": migrate_uri }))).await?;
         let mut postcopy_started = false;
         let mut last_report = Instant::now();
@@ -731,14 +739,25 @@ impl Migrations {
                 self.check_session(&session, &target).await?;
             }
             // QEMU judges the final pass by the bandwidth it sees into its socket,
-            // which DWCP's buffers flatter: tell it what the link really delivers.
+            // which DWCP's buffers flatter: tell it what the link really delivers,
+            // and leave the bytes already on their way their share of the downtime.
             if let Some(s) = &session {
-                let delivered = s.stats().raw_bytes_s;
-                if delivered > 0.0 && !postcopy_started {
+                let st = s.stats();
+                if st.raw_bytes_s > 0.0 && !postcopy_started {
+                    let limit_s = plan::qemu_downtime_limit(
+                        m.spec.max_downtime_ms as f64 / 1e3,
+                        st.wire_bytes.saturating_sub(st.acked_wire_bytes) as f64,
+                        st.wire_bytes_s,
+                        st.rtt_ms / 1e3,
+                    );
+                    tracing::debug!(migration = %name, qemu_limit_ms = (limit_s * 1e3) as u64, "QEMU's share of the downtime");
                     let _ = qmp
                         .execute(
                             "migrate-set-parameters",
-                            Some(json!({"avail-switchover-bandwidth": delivered as u64})),
+                            Some(json!({
+                                "avail-switchover-bandwidth": st.raw_bytes_s as u64,
+                                "downtime-limit": (limit_s * 1e3) as u64,
+                            })),
                         )
                         .await;
                 }
@@ -773,7 +792,13 @@ impl Migrations {
         status.progress.remaining_bytes = 0;
         status.progress.eta_s = Some(0.0);
         status.total_time_ms = Some(started.elapsed().as_millis() as u64);
-        status.downtime_ms = info.downtime;
+        status.qemu_downtime_ms = info.downtime;
+        status.downtime_ms = match (ctx.stopped_at, ctx.resumed_at) {
+            (Some(stop), Some(resume)) if resume >= stop => {
+                Some(((resume - stop).round() as u64).max(info.downtime.unwrap_or(0)))
+            }
+            _ => info.downtime,
+        };
         status.bytes_sent = Some(ram.map_or(0, |r| r.transferred) + disk_total);
         status.wire_bytes = Some(
             figures
@@ -979,12 +1004,13 @@ impl Migrations {
             }
             tokio::time::sleep(POLL_EVERY).await;
         }
-        ctx.mirrors.clear();
+        let mirrored = std::mem::take(&mut ctx.mirrors).len();
         tracing::debug!(migration = %name, ms = switching.elapsed().as_millis() as u64, "disk mirrors complete");
         let (console_log, _) = read_log_from(&dir.console_log(), log_offset);
         let finish = VmRef {
             vm_id: vm.metadata.id.clone(),
             console_log,
+            dwcp_disks: if ctx.dwcp_disks { mirrored } else { 0 },
         };
         let finished: Finished = self
             .target_call(
@@ -996,6 +1022,10 @@ impl Migrations {
             .await?;
         ctx.target_pid = Some(finished.pid);
         ctx.target_running = true;
+        ctx.resumed_at = finished.resumed_at;
+        if let Some(events) = &mut ctx.events {
+            ctx.stopped_at = stop_time(events);
+        }
         tracing::info!(migration = %name, switch_ms = switching.elapsed().as_millis() as u64, "VM runs on the target");
         Ok(())
     }
@@ -1163,7 +1193,8 @@ impl Migrations {
     }
 
     /// The source has stopped for good and the disks are in sync: run here.
-    pub async fn finish(&self, vm_id: &str, console_log: &[u8]) -> Result<Finished, MigrationError> {
+    pub async fn finish(&self, migration: &str, req: &VmRef) -> Result<Finished, MigrationError> {
+        let (vm_id, console_log) = (req.vm_id.as_str(), req.console_log.as_slice());
         let dir = self.dir(vm_id);
         let pid = dir
             .running_pid()
@@ -1181,7 +1212,19 @@ impl Migrations {
             if info.status == "failed" || Instant::now() > deadline {
                 return Err(MigrationError::QemuFailed(format!("incoming side is {}", info.status)));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The source answered its mirror's last writes itself: they must have
+        // landed here before the disks change hands.
+        if req.dwcp_disks > 0 {
+            let dwcp = self
+                .dwcp
+                .as_ref()
+                .ok_or_else(|| MigrationError::Other("DWCP disks, but DWCP is off here".into()))?;
+            dwcp.receiver
+                .disks_settled(migration, req.dwcp_disks, Duration::from_secs(120))
+                .await
+                .map_err(|e| MigrationError::Other(format!("the disks did not arrive whole: {e}")))?;
         }
         qmp.execute("nbd-server-stop", None).await?;
         // Still paused, so QEMU writes nothing to the log while we append.
@@ -1195,7 +1238,11 @@ impl Migrations {
         if !st.running {
             qmp.cont().await?;
         }
-        Ok(Finished { pid })
+        let resumed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs_f64() * 1e3);
+        Ok(Finished { pid, resumed_at })
     }
 
     /// Removes whatever a migration left here.
@@ -1523,9 +1570,29 @@ struct SourceCtx {
     target: Option<Node>,
     target_prepared: bool,
     mirrors: Vec<String>,
+    /// The mirrors write through DWCP's disk channels: the target waits for them.
+    dwcp_disks: bool,
+    /// The source QEMU's events, to read when it stopped the guest.
+    events: Option<tokio::sync::broadcast::Receiver<novacron_qmp::QmpEvent>>,
+    /// When the guest paused on the source and resumed on the target (Unix ms).
+    stopped_at: Option<f64>,
+    resumed_at: Option<f64>,
     postcopy_started: bool,
     target_pid: Option<u32>,
     target_running: bool,
+}
+
+/// When the source QEMU last stopped the guest (Unix ms), from its events.
+fn stop_time(events: &mut tokio::sync::broadcast::Receiver<novacron_qmp::QmpEvent>) -> Option<f64> {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let mut stopped = None;
+    loop {
+        match events.try_recv() {
+            Ok(ev) if ev.event == "STOP" => stopped = ev.unix_ms().or(stopped),
+            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+            Err(_) => return stopped,
+        }
+    }
 }
 
 fn fail(s: &mut MigrationStatus, phase: MigrationPhase, error: String) {

@@ -624,8 +624,14 @@ pub struct MigrationStatus {
     /// Final figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_time_ms: Option<u64>,
+    /// How long the guest was paused: from its stop on the source to its
+    /// resume on the target (the two nodes' clocks; never less than QEMU's figure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
+    /// QEMU's own downtime: the source's view, from the stop to the end of its
+    /// stream, without the last bytes' way across or the target's start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_downtime_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_sent: Option<u64>,
     /// Bytes that crossed the network (after DWCP encoding; QEMU's own count otherwise).

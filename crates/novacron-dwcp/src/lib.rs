@@ -4,6 +4,8 @@
 //!   ordered delivery, rate limiting, BBR, acks for delivery-rate estimates;
 //! * [`codec`] and [`scan`] (HDE): pages found in QEMU and NBD streams travel
 //!   as cache references, small deltas or zstd-compressed literals;
+//! * [`nbd`]: the disk mirror's NBD requests answered on the source and
+//!   replayed on the target, so that none waits a round trip;
 //! * [`cache`]: the chunk cache both ends keep in step across migrations;
 //! * [`plan`] (PBA): predictions of time, downtime and bytes from measured
 //!   link rate, compression and dirty rate.
@@ -11,6 +13,7 @@
 pub mod cache;
 pub mod codec;
 pub mod frame;
+pub mod nbd;
 pub mod plan;
 pub mod scan;
 pub mod session;

@@ -195,8 +195,42 @@ pub fn eta_remaining(remaining: f64, raw_rate: f64, dirty: f64, postcopy_active:
     (net > raw_rate * 0.05).then(|| remaining / net)
 }
 
+/// Time the target needs after the guest stops for its own part of the
+/// switchover: the disks' last flush, the NBD server's stop, `cont`.
+const SWITCH_ALLOWANCE_S: f64 = 0.04;
+/// QEMU keeps at least this share of the guest's downtime limit.
+const MIN_QEMU_SHARE: f64 = 0.2;
+
+/// The downtime limit to give QEMU (seconds) so that the guest's pause stays
+/// within `limit_s`. QEMU stops the guest once its last pass fits its limit
+/// at the rate it is told, but the guest only resumes on the target after the
+/// bytes already on their way (`in_flight_bytes` sent and not yet confirmed,
+/// at `wire_rate`) have crossed the link too, the last one taking at least
+/// half a round trip.
+pub fn qemu_downtime_limit(limit_s: f64, in_flight_bytes: f64, wire_rate: f64, rtt_s: f64) -> f64 {
+    // Confirmations lag half a round trip: that much of what is unconfirmed has arrived.
+    let queued_s = if wire_rate > 0.0 {
+        in_flight_bytes / wire_rate
+    } else {
+        0.0
+    };
+    let ahead_s = (queued_s - rtt_s / 2.0).max(rtt_s / 2.0);
+    (limit_s - ahead_s - SWITCH_ALLOWANCE_S).max(limit_s * MIN_QEMU_SHARE)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn qemu_gets_the_downtime_left_after_the_bytes_on_their_way() {
+        use super::qemu_downtime_limit;
+        // A lan: nothing queued, a short round trip: almost all of it.
+        assert!((qemu_downtime_limit(0.3, 0.0, 1e8, 0.001) - 0.2595).abs() < 1e-9);
+        // 150 ms away with 0.3 s worth unconfirmed: 0.15 s of it still ahead.
+        assert!((qemu_downtime_limit(0.3, 1.8e6, 6e6, 0.15) - 0.11).abs() < 1e-9);
+        // Far more queued than the limit: QEMU keeps its minimum share.
+        assert!((qemu_downtime_limit(0.3, 6e6, 6e6, 0.15) - 0.06).abs() < 1e-9);
+    }
+
     use super::*;
 
     fn input(dirty_mib_s: f64, link_mib_s: f64) -> PlanInput {

@@ -33,10 +33,11 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{new_cache_id, CacheStore, ChunkCache};
 use crate::codec::{decode, Encoder, LevelChooser};
 use crate::frame::{put_string, read_frame, write_frame, Frame, Kind, PayloadReader};
+use crate::nbd::Tally;
 use crate::scan::{Role, Scanner};
 use crate::DwcpError;
 
-const PROTOCOL_VERSION: u8 = 1;
+const PROTOCOL_VERSION: u8 = 2;
 /// Input read from a local connection in one go (and the most one block holds).
 const READ_CHUNK: usize = 256 * 1024;
 /// A read at least this large suggests more is queued behind it.
@@ -544,7 +545,20 @@ impl Sender {
                 };
                 let Ok((conn, _)) = accepted else { continue };
                 let Some(sender) = this.upgrade() else { break };
-                if let Err(e) = sender.open(role, conn).await {
+                if role == Role::Nbd {
+                    // Answered here (see `nbd`); the handshake waits a round trip.
+                    tokio::spawn(async move {
+                        let (ours, theirs) = tokio::io::duplex(READ_CHUNK);
+                        if let Err(e) = sender.open(role, theirs).await {
+                            tracing::warn!(error = %e, "cannot open a DWCP disk channel");
+                            return;
+                        }
+                        drop(sender);
+                        if let Err(e) = crate::nbd::serve_source(conn, ours).await {
+                            tracing::warn!(error = %e, "DWCP disk channel failed");
+                        }
+                    });
+                } else if let Err(e) = sender.open(role, conn).await {
                     tracing::warn!(error = %e, "cannot open a DWCP channel");
                 }
             }
@@ -921,6 +935,8 @@ struct SessionEntry {
 pub struct Receiver {
     routes: Arc<Mutex<HashMap<String, Routes>>>,
     sessions: Arc<Mutex<HashMap<String, SessionEntry>>>,
+    /// How each expected session's disk channels stand.
+    disks: Arc<Mutex<HashMap<String, Tally>>>,
     store: CacheStore,
     bbr: bool,
 }
@@ -930,6 +946,7 @@ impl Receiver {
         Receiver {
             routes: Arc::default(),
             sessions: Arc::default(),
+            disks: Arc::default(),
             store,
             bbr: bbr_available(),
         }
@@ -938,10 +955,38 @@ impl Receiver {
     /// Accept sessions named `session`, connecting their channels per `routes`.
     pub fn expect(&self, session: &str, routes: Routes) {
         lock(&self.routes).insert(session.to_string(), routes);
+        lock(&self.disks).insert(session.to_string(), Arc::default());
     }
 
     pub fn forget(&self, session: &str) {
         lock(&self.routes).remove(session);
+        lock(&self.disks).remove(session);
+    }
+
+    /// Waits until `disks` disk channels of `session` have settled: each one's
+    /// mirror closed it and the target's export confirmed every request it
+    /// carried (see [`crate::nbd`]). Only then may the target VM use its disks.
+    pub async fn disks_settled(&self, session: &str, disks: usize, timeout: Duration) -> Result<(), DwcpError> {
+        let tally = lock(&self.disks).get(session).cloned();
+        let tally = tally.ok_or_else(|| DwcpError::Session(format!("no DWCP session {session:?} expected here")))?;
+        let mut watch = tally.subscribe();
+        let waited = tokio::time::timeout(timeout, watch.wait_for(|t| t.failed.is_some() || t.settled >= disks)).await;
+        let tally = match waited {
+            Ok(Ok(t)) => t.clone(),
+            Ok(Err(_)) => return Err(DwcpError::Session("the session went away".into())),
+            Err(_) => {
+                let t = tally.borrow().clone();
+                return Err(DwcpError::Session(format!(
+                    "{} of {disks} disks settled on the target after {}s",
+                    t.settled,
+                    timeout.as_secs()
+                )));
+            }
+        };
+        match tally.failed {
+            Some(why) => Err(DwcpError::Session(why)),
+            None => Ok(()),
+        }
     }
 
     /// Serves sessions on `listener` until `shutdown` fires.
@@ -1053,6 +1098,7 @@ impl Receiver {
         drop(frames_tx);
         let assembler = Assembler {
             routes: self.routes.clone(),
+            disks: self.disks.clone(),
             session: session.clone(),
             back: back_tx.clone(),
             health: health.clone(),
@@ -1067,6 +1113,11 @@ impl Receiver {
             }
             Err(e) => {
                 health.fail(e.to_string());
+                if let Some(tally) = lock(&self.disks).get(&session) {
+                    tally.send_modify(|t| {
+                        t.failed.get_or_insert_with(|| e.to_string());
+                    });
+                }
                 let _ = back_tx
                     .send(Frame::new(Kind::Abort, 0, 0, e.to_string().into_bytes()))
                     .await;
@@ -1119,6 +1170,9 @@ struct Assembler {
     /// Looked up when a channel opens: a session may start (and probe the
     /// link) before the target knows where its migration's channels go.
     routes: Arc<Mutex<HashMap<String, Routes>>>,
+    /// Where sessions' disk channels report (see [`Receiver::disks_settled`]),
+    /// looked up like the routes.
+    disks: Arc<Mutex<HashMap<String, Tally>>>,
     session: String,
     back: mpsc::Sender<Frame>,
     health: Arc<Health>,
@@ -1240,12 +1294,43 @@ impl Assembler {
             .await
             .map_err(|e| DwcpError::Session(format!("cannot reach {addr} for {role:?}: {e}")))?;
         let _ = conn.set_nodelay(true);
-        let (mut rd, mut wr) = conn.into_split();
+        if role != Role::Nbd {
+            return Ok(self.attach(ch, conn, addr.to_string()));
+        }
+        // Disk channels are replayed request by request (see `nbd`).
+        let tally = lock(&self.disks)
+            .get(&self.session)
+            .cloned()
+            .ok_or_else(|| DwcpError::Session(format!("session {:?} takes no disk channels", self.session)))?;
+        let (ours, theirs) = tokio::io::duplex(READ_CHUNK);
+        let health = self.health.clone();
+        tokio::spawn(async move {
+            let served = tokio::select! {
+                _ = health.cancel.cancelled() => return,
+                r = crate::nbd::serve_target(theirs, conn, &tally) => r,
+            };
+            if let Err(e) = served {
+                tally.send_modify(|t| {
+                    t.failed.get_or_insert_with(|| e.to_string());
+                });
+                health.fail(e.to_string());
+            }
+        });
+        Ok(self.attach(ch, ours, format!("the disk relay to {addr}")))
+    }
+
+    /// Connects channel `ch` to `local`: its bytes are written there, and what
+    /// `local` answers goes back to the source.
+    fn attach<S>(&self, ch: u32, local: S, what: String) -> Sink
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(local);
         let (tx, mut rx) = mpsc::channel::<Option<Vec<u8>>>(8);
         let health = self.health.clone();
         tokio::spawn(async move {
             if let Err(e) = write_local(&mut rx, &mut wr, &health.cancel).await {
-                health.fail(format!("writing to {addr}: {e}"));
+                health.fail(format!("writing to {what}: {e}"));
                 return;
             }
             // Keep the socket until the session ends (QEMU may still answer).
@@ -1276,6 +1361,6 @@ impl Assembler {
                 }
             }
         });
-        Ok(Sink::Conn(tx))
+        Sink::Conn(tx)
     }
 }

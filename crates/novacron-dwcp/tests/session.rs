@@ -78,6 +78,89 @@ async fn sink(reply: &'static [u8]) -> std::io::Result<(SocketAddr, tokio::task:
     Ok((addr, task))
 }
 
+/// A target QEMU's NBD export: a disk of `size` bytes in memory, returned
+/// once the client disconnects.
+async fn export(size: usize) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<Vec<u8>>)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let task = tokio::spawn(async move {
+        let mut disk = vec![0u8; size];
+        let Ok((c, _)) = l.accept().await else {
+            return disk;
+        };
+        let (rd, mut wr) = c.into_split();
+        let mut rd = tokio::io::BufReader::new(rd);
+        let mut hello = 0x4e42_444d_4147_4943u64.to_be_bytes().to_vec();
+        hello.extend_from_slice(b"IHAVEOPT\0\x03");
+        let _ = wr.write_all(&hello).await;
+        let mut opt = [0u8; 20];
+        let _ = rd.read_exact(&mut opt).await;
+        let mut go = vec![0u8; u32::from_be_bytes([opt[16], opt[17], opt[18], opt[19]]) as usize];
+        let _ = rd.read_exact(&mut go).await;
+        let mut info = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+        info.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 3, 0, 0, 0, 12, 0, 0]);
+        info.extend_from_slice(&(size as u64).to_be_bytes());
+        info.extend_from_slice(&0x4du16.to_be_bytes());
+        info.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
+        info.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0]);
+        let _ = wr.write_all(&info).await;
+        let mut h = [0u8; 28];
+        while rd.read_exact(&mut h).await.is_ok() {
+            let cmd = u16::from_be_bytes([h[6], h[7]]);
+            if cmd == 2 {
+                break;
+            }
+            let offset = u64::from_be_bytes(h[16..24].try_into().unwrap_or_default()) as usize;
+            let len = u32::from_be_bytes(h[24..28].try_into().unwrap_or_default()) as usize;
+            if cmd == 1 {
+                let _ = rd.read_exact(&mut disk[offset..offset + len]).await;
+            }
+            let mut reply = 0x6744_6698u32.to_be_bytes().to_vec();
+            reply.extend_from_slice(&[0; 4]);
+            reply.extend_from_slice(&h[8..16]);
+            let _ = wr.write_all(&reply).await;
+        }
+        disk
+    });
+    Ok((addr, task))
+}
+
+/// Writes `disk` the way QEMU's mirror would: NBD through the session's
+/// local socket at `path`, 64 KiB at a time, then flush and disconnect.
+async fn mirror_through(sender: &Arc<Sender>, path: &std::path::Path, disk: &[u8]) -> std::io::Result<()> {
+    sender
+        .listen(Role::Nbd, path)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let conn = tokio::net::UnixStream::connect(path).await?;
+    let (mut rd, mut wr) = conn.into_split();
+    novacron_dwcp::nbd::client_handshake(&mut rd, &mut wr, b"root")
+        .await
+        .map_err(std::io::Error::other)?;
+    let request = |cmd: u16, offset: usize, len: usize| {
+        let mut h = 0x2560_9513u32.to_be_bytes().to_vec();
+        h.extend_from_slice(&[0, 0]);
+        h.extend_from_slice(&cmd.to_be_bytes());
+        h.extend_from_slice(&(offset as u64).to_be_bytes());
+        h.extend_from_slice(&(offset as u64).to_be_bytes());
+        h.extend_from_slice(&(len as u32).to_be_bytes());
+        h
+    };
+    let mut requests = 0;
+    for (i, chunk) in disk.chunks(64 * 1024).enumerate() {
+        wr.write_all(&request(1, i * 64 * 1024, chunk.len())).await?;
+        wr.write_all(chunk).await?;
+        requests += 1;
+    }
+    wr.write_all(&request(3, 0, 0)).await?;
+    for _ in 0..=requests {
+        let mut reply = [0u8; 16];
+        rd.read_exact(&mut reply).await?;
+        assert_eq!(reply[4..8], [0; 4], "answered without error");
+    }
+    wr.write_all(&request(2, 0, 0)).await?;
+    Ok(())
+}
+
 async fn receiver(pki: &Pki, store: CacheStore) -> std::io::Result<(Receiver, SocketAddr, CancellationToken)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
@@ -140,19 +223,22 @@ async fn channels_arrive_intact_and_the_cache_outlives_the_session() -> TestResu
     let mut wire = Vec::new();
     for (round, name) in ["m1", "m2"].into_iter().enumerate() {
         let (mig, mig_task) = sink(b"migration done").await?;
-        let (nbd, nbd_task) = sink(b"nbd reply").await?;
-        receiver.expect(name, HashMap::from([(Role::Migration, mig), (Role::Nbd, nbd)]));
-        let sender = session(&pki, addr, &tx_store, name, 3).await?;
         let disk: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (nbd, nbd_task) = export(disk.len()).await?;
+        receiver.expect(name, HashMap::from([(Role::Migration, mig), (Role::Nbd, nbd)]));
+        let sender = Arc::new(session(&pki, addr, &tx_store, name, 3).await?);
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("nbd.sock");
         let (a, b) = tokio::join!(
             send_through(&sender, Role::Migration, data.clone()),
-            send_through(&sender, Role::Nbd, disk.clone())
+            mirror_through(&sender, &socket, &disk)
         );
         assert_eq!(a?, b"migration done", "reverse bytes of round {round}");
-        assert_eq!(b?, b"nbd reply");
+        b?;
+        receiver.disks_settled(name, 1, Duration::from_secs(10)).await?;
         let stats = sender.finish(Duration::from_secs(10)).await?;
         assert_eq!(mig_task.await?, data, "migration bytes of round {round}");
-        assert_eq!(nbd_task.await?, disk);
+        assert_eq!(nbd_task.await?, disk, "disk of round {round}");
         assert_eq!(stats.streams, 3);
         assert!(stats.pages >= 2000, "{stats:?}");
         wire.push(stats.wire_bytes);

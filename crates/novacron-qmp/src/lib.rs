@@ -49,6 +49,23 @@ pub struct QmpEvent {
     pub event: String,
     #[serde(default)]
     pub data: Value,
+    #[serde(default)]
+    pub timestamp: Option<QmpTimestamp>,
+}
+
+/// When QEMU emitted an event (its host's wall clock).
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct QmpTimestamp {
+    pub seconds: i64,
+    pub microseconds: i64,
+}
+
+impl QmpEvent {
+    /// The event's time in milliseconds since the Unix epoch.
+    pub fn unix_ms(&self) -> Option<f64> {
+        self.timestamp
+            .map(|t| t.seconds as f64 * 1e3 + t.microseconds as f64 / 1e3)
+    }
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;

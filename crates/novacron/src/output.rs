@@ -328,6 +328,7 @@ pub fn migration(format: Format, m: &Migration) -> Result<()> {
         ("eta", p.eta_s.map(|e| format!("{e:.1}s")).unwrap_or_else(|| "-".into())),
         ("total time", opt_ms(m.status.total_time_ms)),
         ("downtime", opt_ms(m.status.downtime_ms)),
+        ("downtime (QEMU's view)", opt_ms(m.status.qemu_downtime_ms)),
         (
             "bytes sent",
             m.status.bytes_sent.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),

@@ -414,6 +414,12 @@ async fn live_migration_moves_disks_and_state() {
     // DWCP carried it (the default between agents with certificates), with a prediction.
     assert_eq!(m.status.transport, Some(MigrationTransport::Dwcp), "{:?}", m.status);
     let first = m.status.dwcp.clone().expect("DWCP figures");
+    // The guest's pause runs from the source's stop to the target's resume, which QEMU's own figure leaves out.
+    let (paused, qemu_paused) = (m.status.downtime_ms, m.status.qemu_downtime_ms);
+    assert!(
+        paused.zip(qemu_paused).is_some_and(|(p, q)| p >= q && p < 10_000),
+        "{paused:?} {qemu_paused:?}"
+    );
     assert!(
         first.pages > 0 && first.wire_bytes > 0 && first.wire_bytes < first.raw_bytes,
         "{first:?}"
