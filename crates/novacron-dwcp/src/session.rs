@@ -977,9 +977,10 @@ impl Receiver {
             Err(_) => {
                 let t = tally.borrow().clone();
                 return Err(DwcpError::Session(format!(
-                    "{} of {disks} disks settled on the target after {}s",
+                    "{} of {disks} disks settled on the target after {}s ({} opened)",
                     t.settled,
-                    timeout.as_secs()
+                    timeout.as_secs(),
+                    t.opened
                 )));
             }
         };
