@@ -225,8 +225,9 @@ mod tests {
         use super::qemu_downtime_limit;
         // A lan: nothing queued, a short round trip: almost all of it.
         assert!((qemu_downtime_limit(0.3, 0.0, 1e8, 0.001) - 0.2595).abs() < 1e-9);
-        // 150 ms away with 0.3 s worth unconfirmed: 0.15 s of it still ahead.
-        assert!((qemu_downtime_limit(0.3, 1.8e6, 6e6, 0.15) - 0.11).abs() < 1e-9);
+        // 150 ms away with 0.15 s worth unconfirmed: half a round trip of it has
+        // arrived, the rest takes 75 ms more.
+        assert!((qemu_downtime_limit(0.3, 0.9e6, 6e6, 0.15) - 0.185).abs() < 1e-9);
         // Far more queued than the limit: QEMU keeps its minimum share.
         assert!((qemu_downtime_limit(0.3, 6e6, 6e6, 0.15) - 0.06).abs() < 1e-9);
     }
