@@ -38,6 +38,10 @@ use crate::qemu::{self, VmDir, DISK_NODES};
 use crate::reconcile::{error_chain, prepare_launch};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the source waits for a call to the target agent, and how long the
+/// target's `finish` may take (less, so that it never outlives the wait).
+const TARGET_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+const FINISH_WITHIN: Duration = Duration::from_secs(100);
 /// Pre-copy passes after which a plain pre-copy migration is declared non-converging.
 const MAX_PRECOPY_PASSES: u64 = 40;
 /// How often a running migration asks QEMU how it goes, and how often it
@@ -458,7 +462,7 @@ impl Migrations {
             .http
             .post(&url)
             .header(AGENT_SECRET_HEADER, secret)
-            .timeout(Duration::from_secs(120))
+            .timeout(TARGET_CALL_TIMEOUT)
             .json(body)
             .send()
             .await
@@ -1201,8 +1205,10 @@ impl Migrations {
             .ok_or_else(|| MigrationError::Other("target QEMU is gone".into()))?;
         let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
         // Wait until the source's last state has landed: the stream completed, or
-        // (post-copy) the switch happened and the rest follows on demand.
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // (post-copy) the switch happened and the rest follows on demand. All of
+        // it within the source's wait for this call (`target_call`), so that a
+        // source that gave up never finds the VM running here after all.
+        let deadline = Instant::now() + FINISH_WITHIN;
         loop {
             let info: MigrateInfo =
                 serde_json::from_value(qmp.execute("query-migrate", None).await?).unwrap_or_default();
@@ -1222,7 +1228,11 @@ impl Migrations {
                 .as_ref()
                 .ok_or_else(|| MigrationError::Other("DWCP disks, but DWCP is off here".into()))?;
             dwcp.receiver
-                .disks_settled(migration, req.dwcp_disks, Duration::from_secs(120))
+                .disks_settled(
+                    migration,
+                    req.dwcp_disks,
+                    deadline.saturating_duration_since(Instant::now()),
+                )
                 .await
                 .map_err(|e| MigrationError::Other(format!("the disks did not arrive whole: {e}")))?;
         }
