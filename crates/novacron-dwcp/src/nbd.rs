@@ -254,6 +254,17 @@ fn parse_request(h: &[u8; 28]) -> (u32, u16, u64, u32) {
     (magic, cmd, cookie, len)
 }
 
+/// A simple NBD request header (no payload).
+pub fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
+    let mut h = [0u8; 28];
+    h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    h[6..8].copy_from_slice(&cmd.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..24].copy_from_slice(&offset.to_be_bytes());
+    h[24..28].copy_from_slice(&len.to_be_bytes());
+    h
+}
+
 fn request_offset(h: &[u8; 28]) -> u64 {
     u64::from_be_bytes([h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23]])
 }
@@ -359,9 +370,8 @@ where
             }
             if cmd == CMD_DISC {
                 // Everything before it, made durable, then settled.
-                header[6..8].copy_from_slice(&CMD_FLUSH.to_be_bytes());
-                header[24..28].copy_from_slice(&0u32.to_be_bytes());
-                send_request(&mut ewr, &in_flight, &mut header, &mut next_cookie).await?;
+                let mut flush = request(CMD_FLUSH, 0, 0, 0);
+                send_request(&mut ewr, &in_flight, &mut flush, &mut next_cookie).await?;
                 ewr.flush().await?;
                 in_flight.drained().await;
                 return Ok(true);
@@ -420,9 +430,7 @@ where
     }
     tally.send_modify(|t| t.settled += 1);
     tracing::debug!(export = %export_name, "disk channel settled");
-    let mut disc = [0u8; 28];
-    disc[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    disc[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
+    let disc = request(CMD_DISC, 0, 0, 0);
     let _ = ewr.write_all(&disc).await;
     let _ = ewr.flush().await;
     Ok(())
@@ -519,16 +527,6 @@ mod tests {
     use tokio::io::{duplex, DuplexStream};
 
     const SIZE: u64 = 1 << 20;
-
-    fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-        let mut h = REQUEST_MAGIC.to_be_bytes().to_vec();
-        h.extend_from_slice(&0u16.to_be_bytes());
-        h.extend_from_slice(&cmd.to_be_bytes());
-        h.extend_from_slice(&cookie.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
-        h
-    }
 
     /// A target NBD export: a disk in memory that starts on requests only
     /// once `gate` opens, and fails writes at `fail_at` with ENOSPC.
@@ -629,7 +627,7 @@ mod tests {
         assert_eq!(size, SIZE);
         assert_eq!(flags & (1 << 2), 1 << 2, "flush passes on");
         assert_eq!(flags & (1 << 11), 0, "fast zero is the target's to answer");
-        let mut msg = request(CMD_WRITE, 7, 0, 8192);
+        let mut msg = request(CMD_WRITE, 7, 0, 8192).to_vec();
         msg.extend_from_slice(&[1u8; 8192]);
         msg.extend(request(CMD_WRITE, 7, 4096, 4096));
         msg.extend_from_slice(&[2u8; 4096]);
@@ -666,7 +664,7 @@ mod tests {
         let (mut rd, mut wr) = tokio::io::split(r.qemu);
         client_handshake(&mut rd, &mut wr, b"root").await.unwrap();
         r.gate.notify_one();
-        let mut msg = request(CMD_WRITE, 1, 4096, 4096);
+        let mut msg = request(CMD_WRITE, 1, 4096, 4096).to_vec();
         msg.extend_from_slice(&[3u8; 4096]);
         msg.extend(request(CMD_DISC, 2, 0, 0));
         wr.write_all(&msg).await.unwrap();

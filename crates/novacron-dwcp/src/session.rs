@@ -1310,10 +1310,8 @@ impl Assembler {
                 _ = health.cancel.cancelled() => return,
                 r = crate::nbd::serve_target(theirs, conn, &tally) => r,
             };
+            // The session's failure marks the tally failed (see `Receiver::stream`).
             if let Err(e) = served {
-                tally.send_modify(|t| {
-                    t.failed.get_or_insert_with(|| e.to_string());
-                });
                 health.fail(e.to_string());
             }
         });

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use novacron_dwcp::{CacheStore, Hello, Receiver, Role, Sender, SessionConfig};
+use novacron_dwcp::{nbd, CacheStore, Hello, Receiver, Role, Sender, SessionConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -133,18 +133,10 @@ async fn mirror_through(sender: &Arc<Sender>, path: &std::path::Path, disk: &[u8
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let conn = tokio::net::UnixStream::connect(path).await?;
     let (mut rd, mut wr) = conn.into_split();
-    novacron_dwcp::nbd::client_handshake(&mut rd, &mut wr, b"root")
+    nbd::client_handshake(&mut rd, &mut wr, b"root")
         .await
         .map_err(std::io::Error::other)?;
-    let request = |cmd: u16, offset: usize, len: usize| {
-        let mut h = 0x2560_9513u32.to_be_bytes().to_vec();
-        h.extend_from_slice(&[0, 0]);
-        h.extend_from_slice(&cmd.to_be_bytes());
-        h.extend_from_slice(&(offset as u64).to_be_bytes());
-        h.extend_from_slice(&(offset as u64).to_be_bytes());
-        h.extend_from_slice(&(len as u32).to_be_bytes());
-        h
-    };
+    let request = |cmd: u16, offset: usize, len: usize| nbd::request(cmd, offset as u64, offset as u64, len as u32);
     let mut requests = 0;
     for (i, chunk) in disk.chunks(64 * 1024).enumerate() {
         wr.write_all(&request(1, i * 64 * 1024, chunk.len())).await?;
