@@ -1208,7 +1208,8 @@ impl Migrations {
         // (post-copy) the switch happened and the rest follows on demand. All of
         // it within the source's wait for this call (`target_call`), so that a
         // source that gave up never finds the VM running here after all.
-        let deadline = Instant::now() + FINISH_WITHIN;
+        let called = Instant::now();
+        let deadline = called + FINISH_WITHIN;
         loop {
             let info: MigrateInfo =
                 serde_json::from_value(qmp.execute("query-migrate", None).await?).unwrap_or_default();
@@ -1220,6 +1221,11 @@ impl Migrations {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        tracing::debug!(
+            migration,
+            waited_ms = called.elapsed().as_millis() as u64,
+            "finish: memory is here"
+        );
         // The source answered its mirror's last writes itself: they must have
         // landed here before the disks change hands.
         if req.dwcp_disks > 0 {
@@ -1235,6 +1241,11 @@ impl Migrations {
                 )
                 .await
                 .map_err(|e| MigrationError::Other(format!("the disks did not arrive whole: {e}")))?;
+            tracing::debug!(
+                migration,
+                waited_ms = called.elapsed().as_millis() as u64,
+                "finish: disks settled"
+            );
         }
         qmp.execute("nbd-server-stop", None).await?;
         // Still paused, so QEMU writes nothing to the log while we append.

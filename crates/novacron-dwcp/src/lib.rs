@@ -2,6 +2,8 @@
 //!
 //! * [`session`] (AMST): channels over N parallel TLS 1.3 streams with
 //!   ordered delivery, rate limiting, BBR, acks for delivery-rate estimates;
+//! * [`inflight`]: the cap on what the streams hold in the network, so that
+//!   the switchover does not wait behind a standing queue;
 //! * [`codec`] and [`scan`] (HDE): pages found in QEMU and NBD streams travel
 //!   as cache references, small deltas or zstd-compressed literals;
 //! * [`nbd`]: the disk mirror's NBD requests answered on the source and
@@ -13,6 +15,7 @@
 pub mod cache;
 pub mod codec;
 pub mod frame;
+pub mod inflight;
 pub mod nbd;
 pub mod plan;
 pub mod scan;

@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{new_cache_id, CacheStore, ChunkCache};
 use crate::codec::{decode, Encoder, LevelChooser};
 use crate::frame::{put_string, read_frame, write_frame, Frame, Kind, PayloadReader};
+use crate::inflight::{self, Cap, LinkRate};
 use crate::nbd::Tally;
 use crate::scan::{Role, Scanner};
 use crate::DwcpError;
@@ -45,6 +47,8 @@ const MORE_COMING: usize = 32 * 1024;
 /// A local connection idle this long gets its partial record flushed.
 const FLUSH_AFTER: Duration = Duration::from_millis(20);
 const ACK_EVERY: Duration = Duration::from_millis(20);
+/// A gap between acks (seconds) longer than this means the session was idle.
+const IDLE_AFTER: f64 = 1.0;
 
 /// How a session is set up.
 #[derive(Debug, Clone)]
@@ -174,11 +178,11 @@ impl Health {
 /// Filler a probe sends after each chunk of prefill pages.
 const PROBE_GAP: usize = 16 * 1024;
 
-/// Unsent bytes a stream's kernel buffer may hold. Without a limit the send
-/// buffer grows to megabytes, which sit in front of every later frame (an NBD
-/// flush at the switchover waits behind them); the backlog stays in our small
+/// Unsent bytes a stream's kernel buffer may hold until the link is measured
+/// (then [`Cap`] sets it). Without a limit the send buffer grows to megabytes,
+/// which sit in front of every later frame; the backlog stays in our small
 /// queues instead, where the streams share it.
-const NOT_SENT_LOW_WATER: u32 = 128 * 1024;
+const NOT_SENT_LOW_WATER: u32 = inflight::MAX_UNSENT as u32;
 
 fn tune_socket(sock: &impl std::os::fd::AsFd, bbr: bool) {
     if bbr {
@@ -340,12 +344,28 @@ impl Sender {
         let reverse: ReverseSinks = Arc::default();
         let end_ack = Arc::new(tokio::sync::Notify::new());
 
+        // What each stream may hold in the network (see `inflight`); no cap
+        // until the first delivery rate is measured.
+        let cap = Arc::new(Cap::default());
         for (i, s) in streams.into_iter().enumerate() {
+            // Our own handle on the socket, for its TCP state and unsent limit.
+            let fd = s.get_ref().0.as_fd().try_clone_to_owned()?;
             let (mut rd, mut wr) = tokio::io::split(s);
             // Writer: takes the next frame whenever its socket has room.
-            let (out_rx, health2, stats2, bucket) = (out_rx.clone(), health.clone(), stats.clone(), bucket.clone());
+            let (out_rx, health2, stats2, bucket, cap2) = (
+                out_rx.clone(),
+                health.clone(),
+                stats.clone(),
+                bucket.clone(),
+                cap.clone(),
+            );
             tokio::spawn(async move {
+                let mut unsent_limit = u64::from(NOT_SENT_LOW_WATER);
                 loop {
+                    tokio::select! {
+                        _ = health2.cancel.cancelled() => return,
+                        _ = cap2.room(&fd, &mut unsent_limit) => {}
+                    }
                     let frame = tokio::select! {
                         _ = health2.cancel.cancelled() => return,
                         f = async { out_rx.lock().await.recv().await } => f,
@@ -369,10 +389,15 @@ impl Sender {
             });
             // Reader: stream 0 carries reverse bytes and acks; on the others
             // only the end of the stream is news.
-            let (health2, stats2, reverse2, end_ack2) =
-                (health.clone(), stats.clone(), reverse.clone(), end_ack.clone());
+            let (health2, stats2, reverse2, end_ack2, cap2) = (
+                health.clone(),
+                stats.clone(),
+                reverse.clone(),
+                end_ack.clone(),
+                cap.clone(),
+            );
             tokio::spawn(async move {
-                let mut rates = RateMeter::default();
+                let (mut rates, mut link) = (RateMeter::default(), LinkRate::default());
                 loop {
                     let frame = tokio::select! {
                         _ = health2.cancel.cancelled() => return,
@@ -402,9 +427,12 @@ impl Sender {
                             if let (Ok(wire), Ok(raw)) = (r.u64(), r.u64()) {
                                 stats2.acked_wire_bytes.store(wire, Ordering::Relaxed);
                                 stats2.acked_raw_bytes.store(raw, Ordering::Relaxed);
-                                if let Some((w, r)) = rates.update(wire, raw) {
-                                    stats2.wire_rate.store(w.to_bits(), Ordering::Relaxed);
-                                    stats2.raw_rate.store(r.to_bits(), Ordering::Relaxed);
+                                if let Some(m) = rates.update(wire, raw) {
+                                    stats2.wire_rate.store(m.wire.to_bits(), Ordering::Relaxed);
+                                    stats2.raw_rate.store(m.raw.to_bits(), Ordering::Relaxed);
+                                    let link = link.add(m.wire_sample, cap2.holds());
+                                    cap2.set(link, rtt, n);
+                                    tracing::trace!(sample = m.wire_sample, link, holds = cap2.holds(), "delivery");
                                 }
                             }
                         }
@@ -844,7 +872,8 @@ fn encode_pending(
     Ok(Some(block))
 }
 
-/// EWMA of delivery rates from the target's cumulative acks.
+/// Delivery rates from the target's cumulative acks: EWMAs, and the latest
+/// wire-rate sample.
 #[derive(Default)]
 struct RateMeter {
     last: Option<(Instant, u64, u64)>,
@@ -852,8 +881,14 @@ struct RateMeter {
     raw: f64,
 }
 
+struct Rates {
+    wire: f64,
+    raw: f64,
+    wire_sample: f64,
+}
+
 impl RateMeter {
-    fn update(&mut self, wire: u64, raw: u64) -> Option<(f64, f64)> {
+    fn update(&mut self, wire: u64, raw: u64) -> Option<Rates> {
         let now = Instant::now();
         let Some((t, w0, r0)) = self.last else {
             self.last = Some((now, wire, raw));
@@ -864,14 +899,20 @@ impl RateMeter {
             return None;
         }
         let (w, r) = (wire.saturating_sub(w0) as f64 / dt, raw.saturating_sub(r0) as f64 / dt);
-        // Idle periods say nothing about the link.
-        if w > 0.0 {
-            let a = if self.wire == 0.0 { 1.0 } else { 0.3 };
-            self.wire = self.wire * (1.0 - a) + w * a;
-            self.raw = self.raw * (1.0 - a) + r * a;
-        }
         self.last = Some((now, wire, raw));
-        Some((self.wire, self.raw))
+        // Idle periods say nothing about the link. The target acks every
+        // ACK_EVERY while bytes arrive: a longer silence was one.
+        if w == 0.0 || dt > IDLE_AFTER {
+            return None;
+        }
+        let a = if self.wire == 0.0 { 1.0 } else { 0.3 };
+        self.wire = self.wire * (1.0 - a) + w * a;
+        self.raw = self.raw * (1.0 - a) + r * a;
+        Some(Rates {
+            wire: self.wire,
+            raw: self.raw,
+            wire_sample: w,
+        })
     }
 }
 

@@ -1,0 +1,202 @@
+//! How much a session lets its streams hold on their way.
+//!
+//! Every byte a stream has taken is a byte QEMU believes sent, and at the
+//! switchover all of them must cross before the target may run. BBR alone
+//! keeps one flow's queue short, but several BBR flows together over-estimate
+//! the bottleneck (each one's probes add up), and their queue grows towards
+//! their summed 2 x BDP windows: on the intercontinental lab link the streams
+//! held 2-6 MB in flight, 300 ms and more of queue, plus up to 128 KiB each
+//! unsent in the kernel. So the session caps what each stream may have in
+//! flight at its share of one bandwidth-delay product and a little, and what
+//! it may leave unsent at a few milliseconds of its share of the link: the
+//! backlog stays in QEMU, whose own accounting then sees it.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Share of the round trip the cap allows beyond the bytes a full pipe holds:
+/// room for the delivery rate to grow (the cap follows what is measured).
+const GROWTH: f64 = 1.25;
+/// Room for our own scheduling: a writer on a busy host wakes late.
+const SLACK: Duration = Duration::from_millis(20);
+/// How often a stream held at its cap looks again.
+const HELD_POLL: Duration = Duration::from_millis(2);
+/// No stream is held below this: small windows stall on a single delayed ack.
+pub const MIN_PER_STREAM: u64 = 64 * 1024;
+/// Link time a stream's unsent kernel buffer may hold: enough to keep it
+/// sending until its writer is back with the next frame.
+const UNSENT_TIME: Duration = Duration::from_millis(5);
+/// Bounds of a stream's unsent buffer (`TCP_NOTSENT_LOWAT`).
+pub const MIN_UNSENT: u64 = 16 * 1024;
+pub const MAX_UNSENT: u64 = 128 * 1024;
+
+/// Bytes a stream has in the network: sent, and neither acknowledged nor
+/// selectively acknowledged nor deemed lost. `None` where the kernel does not
+/// say (then the stream is not held back).
+pub fn in_flight_bytes(fd: &OwnedFd) -> Option<u64> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is open (we own it); `info` is a writable tcp_info of
+    // `len` bytes, and the kernel writes at most `len` bytes.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || (len as usize) < std::mem::size_of::<libc::tcp_info>() {
+        return None;
+    }
+    // SAFETY: zero-initialised, then filled in whole by the kernel (checked above).
+    #[allow(unsafe_code)]
+    let info = unsafe { info.assume_init() };
+    let packets = (info.tcpi_unacked + info.tcpi_retrans).saturating_sub(info.tcpi_sacked + info.tcpi_lost);
+    Some(u64::from(packets) * u64::from(info.tcpi_snd_mss))
+}
+
+/// What one stream may have in flight, and leave unsent, when `streams` share
+/// a link delivering `rate` bytes/s with round trip `rtt`.
+pub fn limits_per_stream(rate: f64, rtt: Duration, streams: usize) -> (u64, u64) {
+    let n = streams.max(1) as f64;
+    let in_flight = rate * (rtt.as_secs_f64() * GROWTH + SLACK.as_secs_f64()) / n;
+    let unsent = rate * UNSENT_TIME.as_secs_f64() / n;
+    (
+        (in_flight as u64).max(MIN_PER_STREAM),
+        (unsent as u64).clamp(MIN_UNSENT, MAX_UNSENT),
+    )
+}
+
+/// The limits the session's stream writers obey, and how often the cap held one back.
+pub struct Cap {
+    in_flight: AtomicU64,
+    unsent: AtomicU64,
+    holds: AtomicU64,
+}
+
+impl Default for Cap {
+    /// No cap until a delivery rate is measured.
+    fn default() -> Cap {
+        Cap {
+            in_flight: AtomicU64::new(u64::MAX),
+            unsent: AtomicU64::new(MAX_UNSENT),
+            holds: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Cap {
+    pub fn set(&self, rate: f64, rtt: Duration, streams: usize) {
+        let (in_flight, unsent) = limits_per_stream(rate, rtt, streams);
+        self.in_flight.store(in_flight, Ordering::Relaxed);
+        self.unsent.store(unsent, Ordering::Relaxed);
+    }
+
+    pub fn holds(&self) -> u64 {
+        self.holds.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the stream on `fd` has less than the cap in flight, and
+    /// brings its unsent limit up to date (`applied`: what it has now).
+    pub async fn room(&self, fd: &OwnedFd, applied: &mut u64) {
+        let unsent = self.unsent.load(Ordering::Relaxed);
+        if unsent != *applied {
+            // A socket that refuses keeps the limit it had: no harm beyond a longer queue.
+            let _ = socket2::SockRef::from(fd).set_tcp_notsent_lowat(unsent as u32);
+            *applied = unsent;
+        }
+        let held = |cap: &Cap| in_flight_bytes(fd).is_some_and(|q| q >= cap.in_flight.load(Ordering::Relaxed));
+        if !held(self) {
+            return;
+        }
+        self.holds.fetch_add(1, Ordering::Relaxed);
+        while held(self) {
+            tokio::time::sleep(HELD_POLL).await;
+        }
+    }
+}
+
+/// The link's delivery rate as the cap sees it: a smoothed rate (single
+/// samples jump when a retransmission releases what the target held behind a
+/// lost packet) that falls only on samples taken while the cap held a stream
+/// back. When QEMU has little to send, deliveries say nothing about the link.
+#[derive(Default)]
+pub struct LinkRate {
+    rate: f64,
+    holds_seen: u64,
+}
+
+impl LinkRate {
+    /// Takes a sample; `holds` is the cap's count of holds so far.
+    pub fn add(&mut self, sample: f64, holds: u64) -> f64 {
+        let capped = holds != self.holds_seen;
+        self.holds_seen = holds;
+        if self.rate == 0.0 {
+            self.rate = sample;
+        } else if capped || sample > self.rate {
+            self.rate = self.rate * 0.7 + sample * 0.3;
+        }
+        self.rate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_is_a_share_of_one_bandwidth_delay_product_and_a_little() {
+        // 50 Mbit/s, 150 ms, 6 streams: 6.25 MB/s x (187.5 + 20) ms / 6, and
+        // 5 ms of the link's share unsent (raised to the floor).
+        assert_eq!(
+            limits_per_stream(6.25e6, Duration::from_millis(150), 6),
+            (216_145, MIN_UNSENT)
+        );
+        // A LAN's product is tiny: the floor and the scheduling slack rule.
+        assert_eq!(
+            limits_per_stream(1e6, Duration::from_micros(500), 1),
+            (MIN_PER_STREAM, MIN_UNSENT)
+        );
+        assert_eq!(
+            limits_per_stream(125e6, Duration::from_micros(500), 1),
+            (2_578_125, MAX_UNSENT)
+        );
+        // 100 Mbit/s, 50 ms, 2 streams.
+        assert_eq!(
+            limits_per_stream(12.5e6, Duration::from_millis(50), 2),
+            (515_625, 31_250)
+        );
+    }
+
+    #[test]
+    fn the_link_rate_falls_only_while_the_cap_holds_streams_back() {
+        let mut link = LinkRate::default();
+        assert_eq!(link.add(10.0, 0), 10.0);
+        // QEMU had little to send: the link is no slower for it.
+        assert_eq!(link.add(2.0, 0), 10.0);
+        // More than we knew: always believed.
+        assert_eq!(link.add(20.0, 0), 13.0);
+        // Held back and still slow: the link is slower.
+        assert_eq!(link.add(3.0, 1), 10.0);
+        assert_eq!(link.add(3.0, 1), 10.0);
+    }
+
+    #[test]
+    fn a_tcp_socket_reports_what_it_has_in_flight() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_rx, _) = listener.accept().unwrap();
+        let fd = OwnedFd::from(tx.try_clone().unwrap());
+        assert_eq!(in_flight_bytes(&fd), Some(0));
+        tx.write_all(&[7u8; 4096]).unwrap();
+        // Loopback delivers at once; in flight is at most what was written.
+        assert!(in_flight_bytes(&fd).is_some_and(|q| q <= 4096 + 1500));
+        let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        assert_eq!(in_flight_bytes(&file), None);
+    }
+}
