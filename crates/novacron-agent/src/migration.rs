@@ -661,6 +661,11 @@ impl Migrations {
         }
         qmp.execute("migrate-set-parameters", Some(params)).await?;
         drop(prefill);
+        // From its first check on: QEMU's own view of the bandwidth, bytes into
+        // a local socket, would have it stop before its first pass has crossed.
+        if let Some(s) = &session {
+            tell_qemu_the_link(&qmp, s, m).await;
+        }
         ctx.events = Some(qmp.events());
         qmp.execute("migrate", Some(json!({ "uri": migrate_uri }))).await?;
         let mut postcopy_started = false;
@@ -742,29 +747,8 @@ impl Migrations {
                 self.check_target_alive(&target).await?;
                 self.check_session(&session, &target).await?;
             }
-            // QEMU judges the final pass by the bandwidth it sees into its socket,
-            // which DWCP's buffers flatter: tell it what the link really delivers,
-            // and leave the bytes already on their way their share of the downtime.
-            if let Some(s) = &session {
-                let st = s.stats();
-                if st.raw_bytes_s > 0.0 && !postcopy_started {
-                    let limit_s = plan::qemu_downtime_limit(
-                        m.spec.max_downtime_ms as f64 / 1e3,
-                        st.wire_bytes.saturating_sub(st.acked_wire_bytes) as f64,
-                        st.wire_bytes_s,
-                        st.rtt_ms / 1e3,
-                    );
-                    tracing::debug!(migration = %name, qemu_limit_ms = (limit_s * 1e3) as u64, "QEMU's share of the downtime");
-                    let _ = qmp
-                        .execute(
-                            "migrate-set-parameters",
-                            Some(json!({
-                                "avail-switchover-bandwidth": st.raw_bytes_s as u64,
-                                "downtime-limit": (limit_s * 1e3) as u64,
-                            })),
-                        )
-                        .await;
-                }
+            if let (Some(s), false) = (&session, postcopy_started) {
+                tell_qemu_the_link(&qmp, s, m).await;
             }
             self.write_status(name, |s| {
                 s.progress = progress.clone();
@@ -1274,6 +1258,32 @@ impl Migrations {
         }
         let _ = std::fs::remove_dir_all(&dir.path);
     }
+}
+
+/// QEMU judges the final pass by the bandwidth it sees into its socket, which
+/// DWCP's local end flatters: tell it what the link really delivers, and leave
+/// the bytes already on their way their share of the downtime.
+async fn tell_qemu_the_link(qmp: &Qmp, session: &Sender, m: &Migration) {
+    let st = session.stats();
+    if st.raw_bytes_s <= 0.0 {
+        return;
+    }
+    let limit_s = plan::qemu_downtime_limit(
+        m.spec.max_downtime_ms as f64 / 1e3,
+        st.wire_bytes.saturating_sub(st.acked_wire_bytes) as f64,
+        st.wire_bytes_s,
+        st.rtt_ms / 1e3,
+    );
+    tracing::debug!(migration = %m.metadata.name, qemu_limit_ms = (limit_s * 1e3) as u64, "QEMU's share of the downtime");
+    let _ = qmp
+        .execute(
+            "migrate-set-parameters",
+            Some(json!({
+                "avail-switchover-bandwidth": st.raw_bytes_s as u64,
+                "downtime-limit": (limit_s * 1e3) as u64,
+            })),
+        )
+        .await;
 }
 
 /// What the caller asks of a migration (or of its dry run).

@@ -71,11 +71,10 @@ pub fn limits_per_stream(rate: f64, rtt: Duration, streams: usize) -> (u64, u64)
     )
 }
 
-/// The limits the session's stream writers obey, and how often the cap held one back.
+/// The limits the session's stream writers obey.
 pub struct Cap {
     in_flight: AtomicU64,
     unsent: AtomicU64,
-    holds: AtomicU64,
 }
 
 impl Default for Cap {
@@ -84,7 +83,6 @@ impl Default for Cap {
         Cap {
             in_flight: AtomicU64::new(u64::MAX),
             unsent: AtomicU64::new(MAX_UNSENT),
-            holds: AtomicU64::new(0),
         }
     }
 }
@@ -94,10 +92,6 @@ impl Cap {
         let (in_flight, unsent) = limits_per_stream(rate, rtt, streams);
         self.in_flight.store(in_flight, Ordering::Relaxed);
         self.unsent.store(unsent, Ordering::Relaxed);
-    }
-
-    pub fn holds(&self) -> u64 {
-        self.holds.load(Ordering::Relaxed)
     }
 
     /// Waits until the stream on `fd` has less than the cap in flight, and
@@ -110,36 +104,26 @@ impl Cap {
             *applied = unsent;
         }
         let held = |cap: &Cap| in_flight_bytes(fd).is_some_and(|q| q >= cap.in_flight.load(Ordering::Relaxed));
-        if !held(self) {
-            return;
-        }
-        self.holds.fetch_add(1, Ordering::Relaxed);
         while held(self) {
             tokio::time::sleep(HELD_POLL).await;
         }
     }
 }
 
-/// The link's delivery rate as the cap sees it: a smoothed rate (single
-/// samples jump when a retransmission releases what the target held behind a
-/// lost packet) that falls only on samples taken while the cap held a stream
-/// back. When QEMU has little to send, deliveries say nothing about the link.
+/// The link's delivery rate as the cap sees it: the highest smoothed
+/// delivery rate seen in the session (single samples jump when a
+/// retransmission releases what the target held behind a lost packet). It
+/// never falls: when QEMU has little to send, deliveries say nothing about the
+/// link, and a cap below the link would hold QEMU's last bytes back at the
+/// switchover. A link that truly slowed down leaves BBR's queue, as without a cap.
 #[derive(Default)]
 pub struct LinkRate {
     rate: f64,
-    holds_seen: u64,
 }
 
 impl LinkRate {
-    /// Takes a sample; `holds` is the cap's count of holds so far.
-    pub fn add(&mut self, sample: f64, holds: u64) -> f64 {
-        let capped = holds != self.holds_seen;
-        self.holds_seen = holds;
-        if self.rate == 0.0 {
-            self.rate = sample;
-        } else if capped || sample > self.rate {
-            self.rate = self.rate * 0.7 + sample * 0.3;
-        }
+    pub fn add(&mut self, smoothed: f64) -> f64 {
+        self.rate = self.rate.max(smoothed);
         self.rate
     }
 }
@@ -173,16 +157,12 @@ mod tests {
     }
 
     #[test]
-    fn the_link_rate_falls_only_while_the_cap_holds_streams_back() {
+    fn the_link_rate_is_the_best_seen() {
         let mut link = LinkRate::default();
-        assert_eq!(link.add(10.0, 0), 10.0);
+        assert_eq!(link.add(10.0), 10.0);
         // QEMU had little to send: the link is no slower for it.
-        assert_eq!(link.add(2.0, 0), 10.0);
-        // More than we knew: always believed.
-        assert_eq!(link.add(20.0, 0), 13.0);
-        // Held back and still slow: the link is slower.
-        assert_eq!(link.add(3.0, 1), 10.0);
-        assert_eq!(link.add(3.0, 1), 10.0);
+        assert_eq!(link.add(2.0), 10.0);
+        assert_eq!(link.add(13.0), 13.0);
     }
 
     #[test]

@@ -430,9 +430,9 @@ impl Sender {
                                 if let Some(m) = rates.update(wire, raw) {
                                     stats2.wire_rate.store(m.wire.to_bits(), Ordering::Relaxed);
                                     stats2.raw_rate.store(m.raw.to_bits(), Ordering::Relaxed);
-                                    let link = link.add(m.wire_sample, cap2.holds());
+                                    let link = link.add(m.wire);
                                     cap2.set(link, rtt, n);
-                                    tracing::trace!(sample = m.wire_sample, link, holds = cap2.holds(), "delivery");
+                                    tracing::trace!(sample = m.wire_sample, smoothed = m.wire, link, "delivery rate");
                                 }
                             }
                         }
