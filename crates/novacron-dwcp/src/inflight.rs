@@ -23,12 +23,12 @@ const SLACK: Duration = Duration::from_millis(20);
 /// How often a stream held at its cap looks again.
 const HELD_POLL: Duration = Duration::from_millis(2);
 /// No stream is held below this: small windows stall on a single delayed ack.
-pub const MIN_PER_STREAM: u64 = 64 * 1024;
+const MIN_PER_STREAM: u64 = 64 * 1024;
 /// Link time a stream's unsent kernel buffer may hold: enough to keep it
 /// sending until its writer is back with the next frame.
 const UNSENT_TIME: Duration = Duration::from_millis(5);
 /// Bounds of a stream's unsent buffer (`TCP_NOTSENT_LOWAT`).
-pub const MIN_UNSENT: u64 = 16 * 1024;
+const MIN_UNSENT: u64 = 16 * 1024;
 pub const MAX_UNSENT: u64 = 128 * 1024;
 
 /// Bytes a stream has in the network: sent, and neither acknowledged nor
@@ -88,6 +88,12 @@ impl Default for Cap {
 }
 
 impl Cap {
+    /// `rate` is the link's: the highest smoothed delivery rate of the
+    /// session (single samples jump when a retransmission releases what the
+    /// target held behind a lost packet). It never falls: when QEMU has little
+    /// to send, deliveries say nothing about the link, and a cap below the
+    /// link would hold QEMU's last bytes back at the switchover. A link that
+    /// truly slowed down gets BBR's queue back, as without a cap.
     pub fn set(&self, rate: f64, rtt: Duration, streams: usize) {
         let (in_flight, unsent) = limits_per_stream(rate, rtt, streams);
         self.in_flight.store(in_flight, Ordering::Relaxed);
@@ -107,24 +113,6 @@ impl Cap {
         while held(self) {
             tokio::time::sleep(HELD_POLL).await;
         }
-    }
-}
-
-/// The link's delivery rate as the cap sees it: the highest smoothed
-/// delivery rate seen in the session (single samples jump when a
-/// retransmission releases what the target held behind a lost packet). It
-/// never falls: when QEMU has little to send, deliveries say nothing about the
-/// link, and a cap below the link would hold QEMU's last bytes back at the
-/// switchover. A link that truly slowed down leaves BBR's queue, as without a cap.
-#[derive(Default)]
-pub struct LinkRate {
-    rate: f64,
-}
-
-impl LinkRate {
-    pub fn add(&mut self, smoothed: f64) -> f64 {
-        self.rate = self.rate.max(smoothed);
-        self.rate
     }
 }
 
@@ -154,15 +142,6 @@ mod tests {
             limits_per_stream(12.5e6, Duration::from_millis(50), 2),
             (515_625, 31_250)
         );
-    }
-
-    #[test]
-    fn the_link_rate_is_the_best_seen() {
-        let mut link = LinkRate::default();
-        assert_eq!(link.add(10.0), 10.0);
-        // QEMU had little to send: the link is no slower for it.
-        assert_eq!(link.add(2.0), 10.0);
-        assert_eq!(link.add(13.0), 13.0);
     }
 
     #[test]

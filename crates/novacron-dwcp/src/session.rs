@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{new_cache_id, CacheStore, ChunkCache};
 use crate::codec::{decode, Encoder, LevelChooser};
 use crate::frame::{put_string, read_frame, write_frame, Frame, Kind, PayloadReader};
-use crate::inflight::{self, Cap, LinkRate};
+use crate::inflight::{self, Cap};
 use crate::nbd::Tally;
 use crate::scan::{Role, Scanner};
 use crate::DwcpError;
@@ -178,17 +178,14 @@ impl Health {
 /// Filler a probe sends after each chunk of prefill pages.
 const PROBE_GAP: usize = 16 * 1024;
 
-/// Unsent bytes a stream's kernel buffer may hold until the link is measured
-/// (then [`Cap`] sets it). Without a limit the send buffer grows to megabytes,
-/// which sit in front of every later frame; the backlog stays in our small
-/// queues instead, where the streams share it.
-const NOT_SENT_LOW_WATER: u32 = inflight::MAX_UNSENT as u32;
-
 fn tune_socket(sock: &impl std::os::fd::AsFd, bbr: bool) {
     if bbr {
         let _ = nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::TcpCongestion, &"bbr".into());
     }
-    let _ = socket2::SockRef::from(sock).set_tcp_notsent_lowat(NOT_SENT_LOW_WATER);
+    // Unsent bytes a stream's kernel buffer may hold until the link is
+    // measured (then `Cap` sets it). Without a limit the send buffer grows to
+    // megabytes, which sit in front of every later frame.
+    let _ = socket2::SockRef::from(sock).set_tcp_notsent_lowat(inflight::MAX_UNSENT as u32);
 }
 
 /// Whether the kernel lets us use BBR.
@@ -360,7 +357,7 @@ impl Sender {
                 cap.clone(),
             );
             tokio::spawn(async move {
-                let mut unsent_limit = u64::from(NOT_SENT_LOW_WATER);
+                let mut unsent_limit = inflight::MAX_UNSENT;
                 loop {
                     tokio::select! {
                         _ = health2.cancel.cancelled() => return,
@@ -397,7 +394,7 @@ impl Sender {
                 cap.clone(),
             );
             tokio::spawn(async move {
-                let (mut rates, mut link) = (RateMeter::default(), LinkRate::default());
+                let (mut rates, mut link) = (RateMeter::default(), 0.0f64);
                 loop {
                     let frame = tokio::select! {
                         _ = health2.cancel.cancelled() => return,
@@ -427,12 +424,12 @@ impl Sender {
                             if let (Ok(wire), Ok(raw)) = (r.u64(), r.u64()) {
                                 stats2.acked_wire_bytes.store(wire, Ordering::Relaxed);
                                 stats2.acked_raw_bytes.store(raw, Ordering::Relaxed);
-                                if let Some(m) = rates.update(wire, raw) {
-                                    stats2.wire_rate.store(m.wire.to_bits(), Ordering::Relaxed);
-                                    stats2.raw_rate.store(m.raw.to_bits(), Ordering::Relaxed);
-                                    let link = link.add(m.wire);
+                                if let Some((w, r)) = rates.update(wire, raw) {
+                                    stats2.wire_rate.store(w.to_bits(), Ordering::Relaxed);
+                                    stats2.raw_rate.store(r.to_bits(), Ordering::Relaxed);
+                                    link = link.max(w);
                                     cap2.set(link, rtt, n);
-                                    tracing::trace!(sample = m.wire_sample, smoothed = m.wire, link, "delivery rate");
+                                    tracing::trace!(smoothed = w, link, "delivery rate");
                                 }
                             }
                         }
@@ -872,8 +869,7 @@ fn encode_pending(
     Ok(Some(block))
 }
 
-/// Delivery rates from the target's cumulative acks: EWMAs, and the latest
-/// wire-rate sample.
+/// EWMA of delivery rates from the target's cumulative acks.
 #[derive(Default)]
 struct RateMeter {
     last: Option<(Instant, u64, u64)>,
@@ -881,14 +877,8 @@ struct RateMeter {
     raw: f64,
 }
 
-struct Rates {
-    wire: f64,
-    raw: f64,
-    wire_sample: f64,
-}
-
 impl RateMeter {
-    fn update(&mut self, wire: u64, raw: u64) -> Option<Rates> {
+    fn update(&mut self, wire: u64, raw: u64) -> Option<(f64, f64)> {
         let now = Instant::now();
         let Some((t, w0, r0)) = self.last else {
             self.last = Some((now, wire, raw));
@@ -908,11 +898,7 @@ impl RateMeter {
         let a = if self.wire == 0.0 { 1.0 } else { 0.3 };
         self.wire = self.wire * (1.0 - a) + w * a;
         self.raw = self.raw * (1.0 - a) + r * a;
-        Some(Rates {
-            wire: self.wire,
-            raw: self.raw,
-            wire_sample: w,
-        })
+        Some((self.wire, self.raw))
     }
 }
 
