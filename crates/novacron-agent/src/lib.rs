@@ -217,27 +217,29 @@ pub async fn run(
     } else {
         None
     };
-    let http_builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
-    let (client, peers_http) = match &tls {
-        Some(c) => (
-            Client::with_tls(
-                &cfg.server,
-                "",
-                Some(novacron_tls::client_config(&c.trusted, Some(&c.identity))?),
-            )?,
-            novacron_tls::http_client(http_builder, Some(&c.cluster_ca), Some(&c.identity))?,
-        ),
+    // Two pools of connections to other agents: one for the calls that drive a
+    // migration, one for watching the target meanwhile (see `migration`).
+    let peer_http = || -> Result<reqwest::Client, AgentError> {
+        let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        Ok(match &tls {
+            Some(c) => novacron_tls::http_client(builder, Some(&c.cluster_ca), Some(&c.identity))?,
+            None => builder
+                .build()
+                .map_err(|e| AgentError::Credentials(format!("HTTP client: {e}")))?,
+        })
+    };
+    let client = match &tls {
+        Some(c) => Client::with_tls(
+            &cfg.server,
+            "",
+            Some(novacron_tls::client_config(&c.trusted, Some(&c.identity))?),
+        )?,
         None => {
             let token = cfg
                 .token
                 .clone()
                 .ok_or_else(|| AgentError::Credentials("an http:// server needs a token".into()))?;
-            (
-                Client::new(&cfg.server, &token)?,
-                http_builder
-                    .build()
-                    .map_err(|e| AgentError::Credentials(format!("HTTP client: {e}")))?,
-            )
+            Client::new(&cfg.server, &token)?
         }
     };
     let secret = Arc::new(RwLock::new(None));
@@ -251,7 +253,8 @@ pub async fn run(
         client.clone(),
         secret.clone(),
         host,
-        peers_http,
+        peer_http()?,
+        peer_http()?,
     );
     let mut migrations = migrations;
     if let Some(c) = &tls {

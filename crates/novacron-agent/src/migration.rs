@@ -91,7 +91,12 @@ pub struct Migrations {
     pub migrating: Arc<Mutex<HashSet<String>>>,
     /// Latest known migration objects (refreshed by the poller).
     pub known: Arc<RwLock<HashMap<String, Migration>>>,
+    /// Calls that drive a migration on the target.
     http: reqwest::Client,
+    /// Health checks of the target while a migration runs: their own
+    /// connections, so that the switchover's call never waits for one to end
+    /// nor opens a new connection beside one (each a round trip of the pause).
+    watch_http: reqwest::Client,
     /// DWCP, when this agent has cluster certificates.
     pub dwcp: Option<Arc<DwcpNode>>,
 }
@@ -221,6 +226,7 @@ impl Migrations {
         secret: Arc<RwLock<Option<String>>>,
         host: String,
         http: reqwest::Client,
+        watch_http: reqwest::Client,
     ) -> Self {
         Migrations {
             node,
@@ -234,6 +240,7 @@ impl Migrations {
             migrating: Arc::default(),
             known: Arc::default(),
             http,
+            watch_http,
             dwcp: None,
         }
     }
@@ -432,17 +439,29 @@ impl Migrations {
     }
 
     async fn check_target_alive(&self, target: &Node) -> Result<(), MigrationError> {
-        let url = format!("{}/agent/v1/healthz", target.spec.address.trim_end_matches('/'));
-        match self.http.get(&url).timeout(Duration::from_secs(2)).send().await {
-            Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) => Err(MigrationError::Target(format!(
-                "agent health check answered {}",
-                r.status()
-            ))),
-            Err(e) => Err(MigrationError::Target(format!(
-                "agent on {} is unreachable: {e}",
-                target.metadata.name
-            ))),
+        target_alive(&self.http, target).await
+    }
+
+    /// Checks every `REPORT_EVERY`, in the background, that the target's agent
+    /// answers: a dead one could not finish the switchover. The loops that
+    /// wait for QEMU must not wait on the network, or they see its end late
+    /// and the guest stays paused for it.
+    fn watch_target(&self, target: &Node) -> TargetWatch {
+        let (http, target) = (self.watch_http.clone(), target.clone());
+        let failure = Arc::new(Mutex::new(None));
+        let found = failure.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REPORT_EVERY).await;
+                if let Err(e) = target_alive(&http, &target).await {
+                    *lock(&found) = Some(e.to_string());
+                    return;
+                }
+            }
+        });
+        TargetWatch {
+            failure,
+            _task: AbortOnDrop(task),
         }
     }
 
@@ -596,6 +615,7 @@ impl Migrations {
             .await?;
             ctx.mirrors.push(job);
         }
+        let watch = self.watch_target(&target);
         let mut disk_total;
         let mut last_check = Instant::now();
         loop {
@@ -628,9 +648,9 @@ impl Migrations {
                 break;
             }
             self.check_cancel(name)?;
+            watch.check()?;
             if last_check.elapsed() >= REPORT_EVERY {
                 last_check = Instant::now();
-                self.check_target_alive(&target).await?;
                 self.check_session(&session, &target).await?;
             }
             tokio::time::sleep(POLL_EVERY).await;
@@ -667,6 +687,10 @@ impl Migrations {
             tell_qemu_the_link(&qmp, s, m).await;
         }
         ctx.events = Some(qmp.events());
+        if let Some(s) = &session {
+            s.set_downtime_limit(Duration::from_millis(m.spec.max_downtime_ms));
+        }
+        let _release = session.as_ref().map(|s| release_at_stop(&qmp, s.clone()));
         qmp.execute("migrate", Some(json!({ "uri": migrate_uri }))).await?;
         let mut postcopy_started = false;
         let mut last_report = Instant::now();
@@ -698,6 +722,7 @@ impl Migrations {
             }
             if !postcopy_started {
                 self.check_cancel(name)?;
+                watch.check()?;
             }
             let mut progress = progress_from(ram, disk_total);
             let figures = session.as_ref().map(|s| {
@@ -742,9 +767,6 @@ impl Migrations {
             }
             last_report = Instant::now();
             if !postcopy_started {
-                // A dead target agent could not finish the switchover: stop now,
-                // which also makes the target QEMU exit (its incoming stream fails).
-                self.check_target_alive(&target).await?;
                 self.check_session(&session, &target).await?;
             }
             if let (Some(s), false) = (&session, postcopy_started) {
@@ -758,6 +780,7 @@ impl Migrations {
             })
             .await;
         };
+        drop(watch);
 
         if !ctx.target_running {
             self.switch_to_target(&qmp, ctx, &target, m, vm, log_offset).await?;
@@ -1257,6 +1280,64 @@ impl Migrations {
             qemu::kill_and_wait(pid, &dir).await;
         }
         let _ = std::fs::remove_dir_all(&dir.path);
+    }
+}
+
+/// The session holds QEMU back while the target is behind; once QEMU stops
+/// the guest, what it still sends must go at once (`Sender::release`).
+fn release_at_stop(qmp: &Qmp, session: Arc<Sender>) -> AbortOnDrop {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut events = qmp.events();
+    AbortOnDrop(tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(ev) if ev.event == "STOP" => {
+                    session.release();
+                    return;
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }))
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn target_alive(http: &reqwest::Client, target: &Node) -> Result<(), MigrationError> {
+    let url = format!("{}/agent/v1/healthz", target.spec.address.trim_end_matches('/'));
+    match http.get(&url).timeout(Duration::from_secs(2)).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(MigrationError::Target(format!(
+            "agent health check answered {}",
+            r.status()
+        ))),
+        Err(e) => Err(MigrationError::Target(format!(
+            "agent on {} is unreachable: {e}",
+            target.metadata.name
+        ))),
+    }
+}
+
+/// A background health check of a migration's target (see `watch_target`).
+struct TargetWatch {
+    failure: Arc<Mutex<Option<String>>>,
+    _task: AbortOnDrop,
+}
+
+impl TargetWatch {
+    fn check(&self) -> Result<(), MigrationError> {
+        match lock(&self.failure).clone() {
+            Some(e) => Err(MigrationError::Target(e)),
+            None => Ok(()),
+        }
     }
 }
 

@@ -31,10 +31,18 @@ const UNSENT_TIME: Duration = Duration::from_millis(5);
 const MIN_UNSENT: u64 = 16 * 1024;
 pub const MAX_UNSENT: u64 = 128 * 1024;
 
-/// Bytes a stream has in the network: sent, and neither acknowledged nor
-/// selectively acknowledged nor deemed lost. `None` where the kernel does not
-/// say (then the stream is not held back).
-pub fn in_flight_bytes(fd: &OwnedFd) -> Option<u64> {
+/// What the kernel says about a stream's sending side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sending {
+    /// Bytes in the network: sent, and neither acknowledged nor selectively
+    /// acknowledged nor deemed lost.
+    pub in_flight: u64,
+    /// Bytes sent and not yet acknowledged in order (a hole holds them all).
+    pub unacked: u64,
+}
+
+/// `None` where the kernel does not say (then the stream is not held back).
+pub fn sending(fd: &OwnedFd) -> Option<Sending> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `fd` is open (we own it); `info` is a writable tcp_info of
@@ -55,8 +63,12 @@ pub fn in_flight_bytes(fd: &OwnedFd) -> Option<u64> {
     // SAFETY: zero-initialised, then filled in whole by the kernel (checked above).
     #[allow(unsafe_code)]
     let info = unsafe { info.assume_init() };
+    let mss = u64::from(info.tcpi_snd_mss);
     let packets = (info.tcpi_unacked + info.tcpi_retrans).saturating_sub(info.tcpi_sacked + info.tcpi_lost);
-    Some(u64::from(packets) * u64::from(info.tcpi_snd_mss))
+    Some(Sending {
+        in_flight: u64::from(packets) * mss,
+        unacked: u64::from(info.tcpi_unacked) * mss,
+    })
 }
 
 /// What one stream may have in flight, and leave unsent, when `streams` share
@@ -109,7 +121,7 @@ impl Cap {
             let _ = socket2::SockRef::from(fd).set_tcp_notsent_lowat(unsent as u32);
             *applied = unsent;
         }
-        let held = |cap: &Cap| in_flight_bytes(fd).is_some_and(|q| q >= cap.in_flight.load(Ordering::Relaxed));
+        let held = |cap: &Cap| sending(fd).is_some_and(|s| s.in_flight >= cap.in_flight.load(Ordering::Relaxed));
         while held(self) {
             tokio::time::sleep(HELD_POLL).await;
         }
@@ -151,11 +163,17 @@ mod tests {
         let mut tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_rx, _) = listener.accept().unwrap();
         let fd = OwnedFd::from(tx.try_clone().unwrap());
-        assert_eq!(in_flight_bytes(&fd), Some(0));
+        assert_eq!(
+            sending(&fd),
+            Some(Sending {
+                in_flight: 0,
+                unacked: 0
+            })
+        );
         tx.write_all(&[7u8; 4096]).unwrap();
         // Loopback delivers at once; in flight is at most what was written.
-        assert!(in_flight_bytes(&fd).is_some_and(|q| q <= 4096 + 1500));
+        assert!(sending(&fd).is_some_and(|s| s.in_flight <= 4096 + 1500 && s.unacked <= 4096 + 1500));
         let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        assert_eq!(in_flight_bytes(&file), None);
+        assert_eq!(sending(&file), None);
     }
 }

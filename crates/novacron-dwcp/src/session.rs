@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,26 @@ const MORE_COMING: usize = 32 * 1024;
 /// A local connection idle this long gets its partial record flushed.
 const FLUSH_AFTER: Duration = Duration::from_millis(20);
 const ACK_EVERY: Duration = Duration::from_millis(20);
+/// A stream with nothing to send but bytes unacknowledged sends a small frame
+/// after this long, a few times: should its last packets be lost, the acks of
+/// these reveal it within a round trip, where TCP's tail-loss probe waits two.
+/// At the switchover, the last packets of every stream are the guest's pause.
+const TAIL_PROBE_AFTER: Duration = Duration::from_millis(10);
+const TAIL_PROBES: u32 = 3;
+/// Local bytes read and not yet confirmed decoded by the target are held to
+/// what the target decodes and QEMU loads within the guest's pause that is
+/// left after the way there and one lost packet (`Sender::set_downtime_limit`).
+/// Dedup and deltas shrink a migration's later passes a hundredfold, so the
+/// link alone would let the target fall behind by hundreds of megabytes, all
+/// of it to work off while the guest is paused. Held here, QEMU keeps them and
+/// its own accounting sees it. Lifted at the switchover ([`Sender::release`]),
+/// where holding would cost a round trip of acks.
+const TARGET_RAW_BYTES_S: f64 = 250e6;
+/// The target's work the hold allows at least (and before a limit is set).
+const MIN_RAW_AHEAD: Duration = Duration::from_millis(65);
+/// The target's part of the switchover besides decoding (as `plan` allows).
+const TARGET_SWITCH: Duration = Duration::from_millis(40);
+const RAW_HELD_POLL: Duration = Duration::from_millis(2);
 /// A gap between acks (seconds) longer than this means the session was idle.
 const IDLE_AFTER: f64 = 1.0;
 
@@ -76,6 +96,11 @@ impl Default for SessionConfig {
     }
 }
 
+fn raw_ahead_max(limit: Duration, rtt: Duration) -> u64 {
+    let left = limit.saturating_sub(rtt * 3 / 2 + TARGET_SWITCH).max(MIN_RAW_AHEAD);
+    (TARGET_RAW_BYTES_S * left.as_secs_f64()) as u64
+}
+
 /// Streams for a link with this round trip: long fat pipes need several TCP
 /// connections to fill them quickly and to ride out losses; short ones one.
 pub fn streams_for_rtt(rtt: Duration, max: usize) -> usize {
@@ -89,6 +114,10 @@ pub struct Stats {
     wire_bytes: AtomicU64,
     acked_wire_bytes: AtomicU64,
     acked_raw_bytes: AtomicU64,
+    /// Local bytes that may be read ahead of the target's decoding (`TARGET_RAW_BYTES_S`).
+    raw_ahead_max: AtomicU64,
+    /// The switchover began: local reads are no longer held.
+    released: AtomicBool,
     pages: AtomicU64,
     pages_ref: AtomicU64,
     pages_delta: AtomicU64,
@@ -125,6 +154,12 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
+    fn raw_held(&self) -> bool {
+        let read = self.raw_bytes.load(Ordering::Relaxed);
+        let ahead = read.saturating_sub(self.acked_raw_bytes.load(Ordering::Relaxed));
+        ahead >= self.raw_ahead_max.load(Ordering::Relaxed) && !self.released.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let f = |a: &AtomicU64| f64::from_bits(a.load(Ordering::Relaxed));
         StatsSnapshot {
@@ -330,6 +365,9 @@ impl Sender {
         let stats = Arc::new(Stats::default());
         stats.streams.store(n as u64, Ordering::Relaxed);
         stats.rtt_us.store(rtt.as_micros() as u64, Ordering::Relaxed);
+        stats
+            .raw_ahead_max
+            .store(raw_ahead_max(Duration::ZERO, rtt), Ordering::Relaxed);
         // Small queues: bytes buffered here are bytes QEMU believes sent, and
         // they all have to cross the link during the switchover pause.
         let (input_tx, input_rx) = mpsc::channel::<Input>(2);
@@ -363,9 +401,22 @@ impl Sender {
                         _ = health2.cancel.cancelled() => return,
                         _ = cap2.room(&fd, &mut unsent_limit) => {}
                     }
-                    let frame = tokio::select! {
-                        _ = health2.cancel.cancelled() => return,
-                        f = async { out_rx.lock().await.recv().await } => f,
+                    let mut probes = 0;
+                    let frame = loop {
+                        let probe = probes < TAIL_PROBES && inflight::sending(&fd).is_some_and(|s| s.unacked > 0);
+                        tokio::select! {
+                            _ = health2.cancel.cancelled() => return,
+                            f = async { out_rx.lock().await.recv().await } => break f,
+                            _ = tokio::time::sleep(TAIL_PROBE_AFTER), if probe => {
+                                probes += 1;
+                                let ping = Frame::new(Kind::Ping, 0, 0, Vec::new());
+                                if let Err(e) = write_frame(&mut wr, &ping).await {
+                                    health2.fail(format!("stream {i} broke while sending: {e}"));
+                                    return;
+                                }
+                                stats2.wire_bytes.fetch_add(ping.wire_len() as u64, Ordering::Relaxed);
+                            }
+                        }
                     };
                     let Some(frame) = frame else { break };
                     if let Some(b) = &bucket {
@@ -479,6 +530,22 @@ impl Sender {
         self.stats.snapshot()
     }
 
+    /// The guest's pause may last `limit`: local reads are held to what the
+    /// target can work off in what is left of it after the way there and a
+    /// lost packet's round trip.
+    pub fn set_downtime_limit(&self, limit: Duration) {
+        let rtt = Duration::from_micros(self.stats.rtt_us.load(Ordering::Relaxed));
+        self.stats
+            .raw_ahead_max
+            .store(raw_ahead_max(limit, rtt), Ordering::Relaxed);
+    }
+
+    /// QEMU stopped the guest: from now on every byte it still has goes at
+    /// once, however far behind the target is.
+    pub fn release(&self) {
+        self.stats.released.store(true, Ordering::Relaxed);
+    }
+
     /// The reason the session failed, if it did.
     pub fn error(&self) -> Option<String> {
         self.health.error()
@@ -502,6 +569,18 @@ impl Sender {
             let mut buf = vec![0u8; READ_CHUNK];
             let mut unflushed = false;
             loop {
+                if stats.raw_held() {
+                    // Held: what we hold back of a record goes now, not after the wait.
+                    if std::mem::take(&mut unflushed) && input.send(Input::Flush(ch)).await.is_err() {
+                        return;
+                    }
+                    while stats.raw_held() {
+                        tokio::select! {
+                            _ = health.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(RAW_HELD_POLL) => {}
+                        }
+                    }
+                }
                 let read = async {
                     if unflushed {
                         tokio::time::timeout(FLUSH_AFTER, rd.read(&mut buf)).await.ok()
@@ -1388,5 +1467,21 @@ impl Assembler {
             }
         });
         Sink::Conn(tx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_may_fall_behind_by_what_it_works_off_in_the_pause_left() {
+        let ms = Duration::from_millis;
+        // 300 ms over a 50 ms link: 300 - 75 - 40 = 185 ms of decoding.
+        assert_eq!(raw_ahead_max(ms(300), ms(50)), 46_250_000);
+        // 150 ms away, the way there and a loss take nearly all: the minimum.
+        assert_eq!(raw_ahead_max(ms(300), ms(150)), 16_250_000);
+        // No limit known yet: the minimum.
+        assert_eq!(raw_ahead_max(Duration::ZERO, ms(1)), 16_250_000);
     }
 }
