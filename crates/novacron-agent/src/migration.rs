@@ -454,7 +454,7 @@ impl Migrations {
             loop {
                 tokio::time::sleep(REPORT_EVERY).await;
                 if let Err(e) = target_alive(&http, &target).await {
-                    *lock(&found) = Some(e.to_string());
+                    *lock(&found) = Some(e);
                     return;
                 }
             }
@@ -1328,14 +1328,15 @@ async fn target_alive(http: &reqwest::Client, target: &Node) -> Result<(), Migra
 
 /// A background health check of a migration's target (see `watch_target`).
 struct TargetWatch {
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Arc<Mutex<Option<MigrationError>>>,
     _task: AbortOnDrop,
 }
 
 impl TargetWatch {
+    /// The check's failure, once: the migration stops on it.
     fn check(&self) -> Result<(), MigrationError> {
-        match lock(&self.failure).clone() {
-            Some(e) => Err(MigrationError::Target(e)),
+        match lock(&self.failure).take() {
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
