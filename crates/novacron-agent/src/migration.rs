@@ -31,6 +31,7 @@ use novacron_dwcp::{Role, Sender};
 use novacron_qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::dwcp::DwcpNode;
 use crate::images::ImageCache;
@@ -461,7 +462,7 @@ impl Migrations {
         });
         TargetWatch {
             failure,
-            _task: AbortOnDrop(task),
+            _task: AbortOnDropHandle::new(task),
         }
     }
 
@@ -1285,10 +1286,10 @@ impl Migrations {
 
 /// The session holds QEMU back while the target is behind; once QEMU stops
 /// the guest, what it still sends must go at once (`Sender::release`).
-fn release_at_stop(qmp: &Qmp, session: Arc<Sender>) -> AbortOnDrop {
+fn release_at_stop(qmp: &Qmp, session: Arc<Sender>) -> AbortOnDropHandle<()> {
     use tokio::sync::broadcast::error::RecvError;
     let mut events = qmp.events();
-    AbortOnDrop(tokio::spawn(async move {
+    AbortOnDropHandle::new(tokio::spawn(async move {
         loop {
             match events.recv().await {
                 Ok(ev) if ev.event == "STOP" => {
@@ -1300,15 +1301,6 @@ fn release_at_stop(qmp: &Qmp, session: Arc<Sender>) -> AbortOnDrop {
             }
         }
     }))
-}
-
-/// A task that ends with its owner.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 async fn target_alive(http: &reqwest::Client, target: &Node) -> Result<(), MigrationError> {
@@ -1329,7 +1321,7 @@ async fn target_alive(http: &reqwest::Client, target: &Node) -> Result<(), Migra
 /// A background health check of a migration's target (see `watch_target`).
 struct TargetWatch {
     failure: Arc<Mutex<Option<MigrationError>>>,
-    _task: AbortOnDrop,
+    _task: AbortOnDropHandle<()>,
 }
 
 impl TargetWatch {
