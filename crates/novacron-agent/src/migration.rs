@@ -444,7 +444,8 @@ impl Migrations {
     }
 
     /// Checks every `REPORT_EVERY`, in the background, that the target's agent
-    /// answers: a dead one could not finish the switchover. The loops that
+    /// answers: a dead one could not finish the switchover, and stopping then
+    /// also makes the target QEMU exit (its incoming stream fails). The loops that
     /// wait for QEMU must not wait on the network, or they see its end late
     /// and the guest stays paused for it.
     fn watch_target(&self, target: &Node) -> TargetWatch {
