@@ -13,6 +13,26 @@ MIN_QEMU_MAJOR=10
 qemu_major() {
   qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'
 }
+# The archive that already serves bookworm here (one-line or deb822 sources):
+# backports come from the same mirror, so no host name is written into the project.
+bookworm_mirror() {
+  {
+    awk '$1 == "deb" { line = $0; gsub(/\[[^]]*\]/, "", line); split(line, f, /[[:space:]]+/); print f[2], f[3] }' \
+      /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null
+    for f in /etc/apt/sources.list.d/*.sources; do
+      [ -e "$f" ] || continue
+      awk 'BEGIN { RS = ""; FS = "\n" }
+           { uris = ""; suites = "";
+             for (i = 1; i <= NF; i++) {
+               if ($i ~ /^URIs:/) { uris = $i; sub(/^URIs:[[:space:]]*/, "", uris) }
+               if ($i ~ /^Suites:/) { suites = $i; sub(/^Suites:[[:space:]]*/, "", suites) }
+             }
+             n = split(uris, u, /[[:space:]]+/); m = split(suites, s, /[[:space:]]+/);
+             for (a = 1; a <= n; a++) for (b = 1; b <= m; b++) print u[a], s[b] }' "$f"
+    done
+  } | awk '$2 == "bookworm" { print $1; exit }'
+}
+
 major=$(qemu_major || true)
 if [ -z "$major" ] || [ "$major" -lt "$MIN_QEMU_MAJOR" ]; then
   . /etc/os-release
@@ -21,8 +41,13 @@ if [ -z "$major" ] || [ "$major" -lt "$MIN_QEMU_MAJOR" ]; then
   if [ "${VERSION_CODENAME:-}" = bookworm ]; then
     list=/etc/apt/sources.list.d/novacron-bookworm-backports.list
     if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      echo "setup: adding bookworm-backports for QEMU $MIN_QEMU_MAJOR"
-      echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee "$list" >/dev/null
+      mirror=$(bookworm_mirror)
+      if [ -z "$mirror" ]; then
+        echo "setup: no apt source for bookworm found to take the backports mirror from; add bookworm-backports by hand" >&2
+        exit 1
+      fi
+      echo "setup: adding bookworm-backports from $mirror for QEMU $MIN_QEMU_MAJOR"
+      echo "deb $mirror bookworm-backports main" | $SUDO tee "$list" >/dev/null
     fi
     target=(-t bookworm-backports)
   fi
