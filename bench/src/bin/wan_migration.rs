@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use novacron_api::client::Client;
+use novacron_client::Client;
 use novacron_api::{
     CreateMigration, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, Node, Vm, VmSpec,
 };

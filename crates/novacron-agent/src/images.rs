@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
-use novacron_api::client::{Client, ClientError};
+use novacron_client::{Client, ClientError};
 use novacron_api::{Image, ImagePart};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use novacron_api::client::{Client, ClientError};
+use novacron_client::{Client, ClientError};
 use novacron_api::{RegisterNode, Resources, Vm, WatchEventType};
 
 use crate::reconcile::{error_chain, Outcome, Reconciler};

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use novacron_api::client::{Client, ClientError};
+use novacron_client::{Client, ClientError};
 use novacron_api::{
     CompleteMigration, DwcpFigures, Migration, MigrationPhase, MigrationPlan, MigrationPrediction, MigrationProgress,
     MigrationStatus, MigrationStrategy, MigrationTransport, Node, Vm, VmPhase, AGENT_SECRET_HEADER,

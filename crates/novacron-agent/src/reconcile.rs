@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use novacron_api::client::Client;
+use novacron_client::Client;
 use novacron_api::{Image, ImageFormat, ImagePart, PowerState, RunStrategy, Vm, VmPhase, VmStatus};
 use novacron_qmp::Qmp;
 
@@ -56,7 +56,7 @@ pub enum Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error("Cannot read image {0:?}")]
-    Image(String, #[source] novacron_api::client::ClientError),
+    Image(String, #[source] novacron_client::ClientError),
     #[error("Cannot fetch image file")]
     Cache(#[from] crate::images::CacheError),
     #[error(transparent)]

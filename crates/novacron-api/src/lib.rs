@@ -1,7 +1,6 @@
-//! NovaCron API: object types, validation, the error body and a typed HTTP client.
-//! No I/O except in [`client`].
+//! NovaCron API: object types, validation and the error body. No I/O: the
+//! HTTP client is `novacron-client`.
 
-pub mod client;
 pub mod error;
 pub mod identity;
 pub mod scheduling;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use novacron_api::client::{Client, Resource};
+use novacron_client::{Client, Resource};
 use novacron_api::{
     CreateImage, CreateVm, Image, ImageFormat, ImagePart, Migration, MigrationPhase, MigrationStrategy, Node,
     PowerState, RunStrategy, StopVm, Vm, VmPhase, VmSpec,

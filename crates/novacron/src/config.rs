@@ -67,8 +67,8 @@ impl Target {
     }
 
     /// An API client for this target.
-    pub fn client(&self) -> Result<novacron_api::client::Client> {
-        Ok(novacron_api::client::Client::with_tls(
+    pub fn client(&self) -> Result<novacron_client::Client> {
+        Ok(novacron_client::Client::with_tls(
             &self.server,
             &self.token,
             self.tls()?,

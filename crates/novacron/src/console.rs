@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use anyhow::{Context, Result};
 use futures::{SinkExt, StreamExt};
 use nix::sys::termios::{self, SetArg, Termios};
-use novacron_api::client::Client;
+use novacron_client::Client;
 use novacron_tls::rustls;
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use novacron_api::client::Client;
+use novacron_client::Client;
 use novacron_api::{Image, ImagePhase};
 use tokio_util::sync::CancellationToken;
 

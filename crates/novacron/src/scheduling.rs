@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use novacron_api::client::Client;
+use novacron_client::Client;
 use novacron_api::{
     AffinityRule, AffinityScope, Placement, PlacementExplanation, RebalancePlan, RebalanceRequest, SchedulerConfig,
     SchedulerSettings, SchedulingProfile, ScoreWeights,

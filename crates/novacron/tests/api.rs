@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{wait_until, Cluster, Options};
 use futures::StreamExt;
-use novacron_api::client::ListOptions;
+use novacron_client::ListOptions;
 use novacron_api::{Node, PowerState, RunStrategy, Vm, VmPhase, WatchEventType};
 use serde_json::{json, Value};
 

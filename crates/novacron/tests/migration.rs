@@ -68,7 +68,7 @@ fn disk_marker(log: &str) -> String {
 }
 
 /// A watch on migrations, from now.
-async fn migration_watch(c: &Cluster) -> novacron_api::client::WatchStream<Migration> {
+async fn migration_watch(c: &Cluster) -> novacron_client::WatchStream<Migration> {
     let rev = c
         .client
         .list::<Migration>(&Default::default())

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Cluster, Options};
-use novacron_api::client::Client;
+use novacron_client::Client;
 use novacron_api::{CreateToken, IssuedToken, JoinNode, JoinedNode, Node};
 use serde_json::Value;
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use novacron_api::client::Client;
+use novacron_client::Client;
 use novacron_api::{CreateVm, RunStrategy, Vm, VmPhase, VmSpec};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_novacron");

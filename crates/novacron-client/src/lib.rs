@@ -7,8 +7,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::error::{ErrorBody, ErrorDetail};
-use crate::types::*;
+use novacron_api::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -307,7 +306,7 @@ impl Client {
     }
 
     /// Dry run: what moving the VM would take, measured by its node. Nothing moves.
-    pub async fn plan_migration(&self, req: &CreateMigration) -> Result<crate::MigrationPlan, ClientError> {
+    pub async fn plan_migration(&self, req: &CreateMigration) -> Result<MigrationPlan, ClientError> {
         self.post_json("migrations/plan", req).await
     }
 
