@@ -162,7 +162,7 @@ async fn start_lab(name: &str, work: &Path) -> Result<(Lab, Procs)> {
     let tls = novacron_tls::client_config(&std::fs::read_to_string(&ca)?, None)?;
     let client = Client::with_tls(&url, &token, Some(tls))?;
     wait_for("server health", Duration::from_secs(30), || async {
-        client.list_all::<Node>(None).await.ok().map(|_| ())
+        client.list_all::<Node>(&novacron_client::Selector::everything()).await.ok().map(|_| ())
     })
     .await?;
     let mut lab = Lab {

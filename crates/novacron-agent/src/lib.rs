@@ -18,8 +18,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use novacron_client::{Client, ClientError};
-use novacron_api::{RegisterNode, Resources, Vm, WatchEventType};
+use novacron_client::{watcher, Client, ClientError, Selector};
+use novacron_api::{RegisterNode, Resources, Vm};
 
 use crate::reconcile::{error_chain, Outcome, Reconciler};
 
@@ -372,78 +372,65 @@ pub async fn run(
     Ok(())
 }
 
-/// List, then watch; reconcile on every change and on a 1 s tick (which also
-/// notices QEMU processes that died). Re-lists when the watch ends.
+/// Learns of this node's VMs from a watcher (the server sends only VMs bound
+/// here, and a VM that leaves as deleted); reconciles on every change and on a
+/// 1 s tick (which also notices QEMU processes that died).
 async fn control_loop(mut rec: Reconciler, client: Client, migrations: migration::Migrations) {
-    let mut orphans_checked = false;
+    let (mut listed, mut orphans_checked) = (false, false);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut vms = std::pin::pin!(watcher::watch::<Vm>(
+        client.clone(),
+        Selector::fields(format!("status.node={}", rec.node))
+    ));
+    let mut mine: HashMap<String, Vm> = HashMap::new();
     loop {
-        let (all, revision) = match client.list_all::<Vm>(None).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "cannot list VMs; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if !orphans_checked {
-            // Keep VMs bound here and VMs a migration is bringing here.
-            let Ok((active, _)) = client.list_all::<novacron_api::Migration>(None).await else {
-                continue;
-            };
-            let incoming: HashSet<String> = active
-                .iter()
-                .filter(|m| !m.status.phase.is_final() && m.status.target_node == rec.node)
-                .filter_map(|m| all.iter().find(|v| v.metadata.name == m.spec.vm))
-                .map(|v| v.metadata.id.clone())
-                .collect();
-            let keep: HashSet<String> = all
-                .iter()
-                .filter(|v| v.status.node.as_deref() == Some(rec.node.as_str()))
-                .map(|v| v.metadata.id.clone())
-                .chain(incoming)
-                .collect();
-            rec.remove_orphans(&keep).await;
-            orphans_checked = true;
+        tokio::select! {
+            ev = vms.next() => match ev {
+                Some(watcher::Event::Restarted(all)) => {
+                    mine = all.into_iter().map(|v| (v.metadata.name.clone(), v)).collect();
+                    listed = true;
+                }
+                Some(watcher::Event::Applied(vm)) => {
+                    mine.insert(vm.metadata.name.clone(), vm);
+                }
+                Some(watcher::Event::Deleted(vm)) => {
+                    mine.remove(&vm.metadata.name);
+                }
+                None => return,
+            },
+            _ = tick.tick() => {}
         }
-        let mut mine: HashMap<String, Vm> = all
-            .into_iter()
-            .filter(|v| v.status.node.as_deref() == Some(rec.node.as_str()))
-            .map(|v| (v.metadata.name.clone(), v))
-            .collect();
-        let mut watch = match client.watch::<Vm>(revision, None).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "cannot watch VMs; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        reconcile_all(&mut rec, &client, &mut mine, &migrations).await;
-        loop {
-            tokio::select! {
-                ev = watch.next() => match ev {
-                    Some(Ok(ev)) => {
-                        let vm = ev.object;
-                        let name = vm.metadata.name.clone();
-                        if ev.event_type == WatchEventType::Deleted || vm.status.node.as_deref() != Some(rec.node.as_str()) {
-                            mine.remove(&name);
-                        } else {
-                            mine.insert(name, vm);
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %error_chain(&e), "watch ended; listing again");
-                        break;
-                    }
-                    None => break,
-                },
-                _ = tick.tick() => {}
-            }
+        // Once, before the first reconcile: state left by VMs deleted or moved
+        // away while this agent was down.
+        if listed && !orphans_checked {
+            orphans_checked = remove_orphans(&mut rec, &client, &mine).await;
+        }
+        if orphans_checked {
             reconcile_all(&mut rec, &client, &mut mine, &migrations).await;
         }
     }
+}
+
+/// Removes the state of VMs this node no longer runs, keeping VMs bound here
+/// and VMs a migration is bringing here. False if that cannot be known yet.
+async fn remove_orphans(rec: &mut Reconciler, client: &Client, mine: &HashMap<String, Vm>) -> bool {
+    let incoming = Selector::fields(format!("status.target_node={}", rec.node));
+    let Ok((migrations, _)) = client.list_all::<novacron_api::Migration>(&incoming).await else {
+        return false;
+    };
+    let mut keep: HashSet<String> = mine.values().map(|v| v.metadata.id.clone()).collect();
+    for m in migrations.iter().filter(|m| !m.status.phase.is_final()) {
+        match client.get::<Vm>(&m.spec.vm).await {
+            Ok(vm) => {
+                keep.insert(vm.metadata.id);
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(_) => return false,
+        }
+    }
+    rec.remove_orphans(&keep).await;
+    true
 }
 
 async fn reconcile_all(

@@ -16,12 +16,13 @@
 //! The VM never runs on two nodes: the target only continues after the source
 //! has stopped for good, and the source only goes away after the target runs.
 
+use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use novacron_client::{Client, ClientError};
+use novacron_client::{watcher, Client, ClientError, Selector};
 use novacron_api::{
     CompleteMigration, DwcpFigures, Migration, MigrationPhase, MigrationPlan, MigrationPrediction, MigrationProgress,
     MigrationStatus, MigrationStrategy, MigrationTransport, Node, Vm, VmPhase, AGENT_SECRET_HEADER,
@@ -265,42 +266,54 @@ impl Migrations {
 
     // ------------------------------------------------------------ poller
 
-    /// Keeps `known` fresh and starts a driver for each new migration whose
-    /// source is this node. Migrations left half-done by an earlier run of this
-    /// agent are rolled back.
+    /// Watches the migrations whose source is this node (the server sends no
+    /// others), keeps `known` fresh for cancel checks and starts a driver for
+    /// each new one. Migrations left half-done by an earlier run of this agent
+    /// are rolled back.
     pub async fn run(self) {
         let mut driving: HashSet<String> = HashSet::new();
-        loop {
-            match self.client.list_all::<Migration>(None).await {
-                Ok((list, _)) => {
-                    {
-                        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
-                        known.clear();
-                        known.extend(list.iter().map(|m| (m.metadata.name.clone(), m.clone())));
-                    }
-                    for m in list {
-                        if m.status.source_node != self.node
-                            || m.status.phase.is_final()
-                            || driving.contains(&m.metadata.name)
-                        {
-                            continue;
-                        }
-                        driving.insert(m.metadata.name.clone());
-                        let this = self.clone();
-                        // A migration past Pending that this process is not driving was
-                        // started by an earlier run of this agent: roll it back.
-                        tokio::spawn(async move {
-                            if m.status.phase == MigrationPhase::Pending {
-                                this.drive(m).await;
-                            } else {
-                                this.abandon(m, "the source agent restarted during the migration").await;
-                            }
-                        });
-                    }
+        let selector = Selector::fields(format!("status.source_node={}", self.node));
+        let mut events = std::pin::pin!(watcher::watch::<Migration>(self.client.clone(), selector));
+        while let Some(ev) = events.next().await {
+            let changed = match ev {
+                watcher::Event::Restarted(list) => {
+                    let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+                    known.clear();
+                    known.extend(list.iter().map(|m| (m.metadata.name.clone(), m.clone())));
+                    list
                 }
-                Err(e) => tracing::debug!(error = %error_chain(&e), "cannot list migrations"),
+                watcher::Event::Applied(m) => {
+                    self.known
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(m.metadata.name.clone(), m.clone());
+                    vec![m]
+                }
+                watcher::Event::Deleted(m) => {
+                    self.known
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&m.metadata.name);
+                    continue;
+                }
+            };
+            for m in changed {
+                if m.status.source_node != self.node || m.status.phase.is_final() || driving.contains(&m.metadata.name)
+                {
+                    continue;
+                }
+                driving.insert(m.metadata.name.clone());
+                let this = self.clone();
+                // A migration past Pending that this process is not driving was
+                // started by an earlier run of this agent: roll it back.
+                tokio::spawn(async move {
+                    if m.status.phase == MigrationPhase::Pending {
+                        this.drive(m).await;
+                    } else {
+                        this.abandon(m, "the source agent restarted during the migration").await;
+                    }
+                });
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -933,7 +946,6 @@ impl Migrations {
                     .await
                     .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
                 let mut stream = resp.bytes_stream();
-                use futures::StreamExt;
                 use tokio::io::AsyncWriteExt;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(|e| MigrationError::Target(format!("fetching {disk}: {e}")))?;

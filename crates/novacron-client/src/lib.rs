@@ -1,4 +1,7 @@
-//! Typed HTTP client for the `/v1` API, shared by the CLI, the agent and tests.
+//! Typed HTTP client for the `/v1` API, shared by the CLI, the agent and tests,
+//! and the [`watcher`] every loop learns its work from.
+
+pub mod watcher;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -64,8 +67,47 @@ pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<WatchEvent<T>, Client
 #[derive(Debug, Clone, Default)]
 pub struct ListOptions {
     pub label_selector: Option<String>,
+    pub field_selector: Option<String>,
     pub limit: Option<u32>,
     pub continue_token: Option<String>,
+}
+
+/// Which objects a list or watch is about; the server filters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selector {
+    /// `k=v,k2!=v2,...` on labels.
+    pub label: Option<String>,
+    /// `status.node=NAME,...` on the kind's selectable fields.
+    pub field: Option<String>,
+}
+
+impl Selector {
+    pub fn everything() -> Self {
+        Selector::default()
+    }
+    pub fn labels(s: impl Into<String>) -> Self {
+        Selector {
+            label: Some(s.into()),
+            field: None,
+        }
+    }
+    pub fn fields(s: impl Into<String>) -> Self {
+        Selector {
+            label: None,
+            field: Some(s.into()),
+        }
+    }
+
+    fn query(&self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        if let Some(s) = &self.label {
+            q.push(("label_selector", s.clone()));
+        }
+        if let Some(s) = &self.field {
+            q.push(("field_selector", s.clone()));
+        }
+        q
+    }
 }
 
 #[derive(Clone)]
@@ -189,10 +231,11 @@ impl Client {
 
     pub async fn list<T: Resource>(&self, opts: &ListOptions) -> Result<List<T>, ClientError> {
         let url = self.url(T::PATH);
-        let mut query: Vec<(&str, String)> = Vec::new();
-        if let Some(s) = &opts.label_selector {
-            query.push(("label_selector", s.clone()));
+        let mut query = Selector {
+            label: opts.label_selector.clone(),
+            field: opts.field_selector.clone(),
         }
+        .query();
         if let Some(l) = opts.limit {
             query.push(("limit", l.to_string()));
         }
@@ -203,9 +246,10 @@ impl Client {
     }
 
     /// Lists every page; returns the items and the revision of the first page.
-    pub async fn list_all<T: Resource>(&self, label_selector: Option<&str>) -> Result<(Vec<T>, u64), ClientError> {
+    pub async fn list_all<T: Resource>(&self, selector: &Selector) -> Result<(Vec<T>, u64), ClientError> {
         let mut opts = ListOptions {
-            label_selector: label_selector.map(str::to_string),
+            label_selector: selector.label.clone(),
+            field_selector: selector.field.clone(),
             limit: Some(500),
             continue_token: None,
         };
@@ -246,16 +290,12 @@ impl Client {
     pub async fn watch<T: Resource>(
         &self,
         resource_version: u64,
-        label_selector: Option<&str>,
+        selector: &Selector,
     ) -> Result<WatchStream<T>, ClientError> {
         let url = self.url(T::PATH);
-        let mut query = vec![
-            ("watch", "true".to_string()),
-            ("resource_version", resource_version.to_string()),
-        ];
-        if let Some(s) = label_selector {
-            query.push(("label_selector", s.to_string()));
-        }
+        let mut query = selector.query();
+        query.push(("watch", "true".to_string()));
+        query.push(("resource_version", resource_version.to_string()));
         let resp = self.send(self.streaming.get(&url).query(&query), &url).await?;
         Ok(Box::pin(ndjson::<WatchEvent<T>>(resp)))
     }

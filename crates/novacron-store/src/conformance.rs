@@ -118,9 +118,17 @@ async fn watch_from_revision(store: &dyn Store) {
     let second = next(&mut watch).await;
     assert_eq!(second.event_type, EventType::Modified);
     assert_eq!(second.record.value, json!({"v": 2}));
+    assert_eq!(second.prev, Some(json!({"v": 1})), "a modification carries the object before it");
     let third = next(&mut watch).await;
     assert_eq!(third.event_type, EventType::Deleted);
     assert!(third.record.rev > second.record.rev);
+
+    // Replayed from history, a modification still carries what it replaced.
+    let mut replay = store.watch("vm", start).await.expect("watch");
+    let added = next(&mut replay).await;
+    assert_eq!((added.event_type, added.prev), (EventType::Added, None));
+    let modified = next(&mut replay).await;
+    assert_eq!(modified.prev, Some(json!({"v": 1})));
 
     // Watching from the latest revision replays nothing.
     let now = store.revision().await.expect("revision");

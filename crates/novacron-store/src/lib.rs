@@ -86,6 +86,10 @@ impl EventType {
 pub struct Event {
     pub event_type: EventType,
     pub record: Record,
+    /// For modifications, the object before the change: a filtered watch
+    /// tells an object that left its selection (a VM that moved to another
+    /// node) from one that was never in it.
+    pub prev: Option<Value>,
 }
 
 pub struct ListPage {

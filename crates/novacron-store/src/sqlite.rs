@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS objects (
 CREATE UNIQUE INDEX IF NOT EXISTS objects_by_id ON objects (kind, id);
 CREATE TABLE IF NOT EXISTS events (
     rev INTEGER PRIMARY KEY, kind TEXT NOT NULL, type TEXT NOT NULL,
-    name TEXT NOT NULL, id TEXT NOT NULL, data TEXT NOT NULL);
+    name TEXT NOT NULL, id TEXT NOT NULL, data TEXT NOT NULL, prev TEXT);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0), ('compacted', 0);
 ";
@@ -46,6 +46,7 @@ impl SqliteStore {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        add_prev_column(&conn)?;
         Ok(Self::from_conn(conn))
     }
 
@@ -114,6 +115,18 @@ fn meta(conn: &Connection, key: &str) -> Result<u64, StoreError> {
     Ok(v as u64)
 }
 
+/// Data dirs from before events kept the previous object gain the column;
+/// their old events read as having no previous state.
+fn add_prev_column(conn: &Connection) -> Result<(), StoreError> {
+    let has_prev = conn
+        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'prev'")?
+        .exists([])?;
+    if !has_prev {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN prev TEXT")?;
+    }
+    Ok(())
+}
+
 fn parse(kind: &str, data: &str) -> Result<Value, StoreError> {
     serde_json::from_str(data).map_err(|source| StoreError::Corrupt {
         kind: kind.to_string(),
@@ -153,6 +166,7 @@ fn commit_change(
     event_type: EventType,
     kind: &str,
     name: &str,
+    prev: Option<Value>,
     write: impl FnOnce(&rusqlite::Transaction<'_>, u64) -> Result<Record, StoreError>,
 ) -> Result<Record, StoreError> {
     let tx = conn.transaction()?;
@@ -160,14 +174,15 @@ fn commit_change(
     let record = write(&tx, rev)?;
     tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", params![rev as i64])?;
     tx.execute(
-        "INSERT INTO events (rev, kind, type, name, id, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO events (rev, kind, type, name, id, data, prev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             rev as i64,
             kind,
             event_type.as_str(),
             name,
             record.id,
-            record.value.to_string()
+            record.value.to_string(),
+            prev.as_ref().map(Value::to_string)
         ],
     )?;
     if rev % 1000 == 0 && rev > EVENT_HISTORY {
@@ -183,6 +198,7 @@ fn commit_change(
     let _ = events.send(Arc::new(Event {
         event_type,
         record: record.clone(),
+        prev,
     }));
     Ok(record)
 }
@@ -195,7 +211,7 @@ impl Store for SqliteStore {
             if read_record(conn, &kind, "name", &name)?.is_some() {
                 return Err(StoreError::AlreadyExists { kind, name });
             }
-            commit_change(conn, events, EventType::Added, &kind, &name, |tx, rev| {
+            commit_change(conn, events, EventType::Added, &kind, &name, None, |tx, rev| {
                 tx.execute(
                     "INSERT INTO objects (kind, name, id, rev, data) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![kind, name, id, rev as i64, value.to_string()],
@@ -236,7 +252,8 @@ impl Store for SqliteStore {
                     actual: current.rev,
                 });
             }
-            commit_change(conn, events, EventType::Modified, &kind, &name, |tx, rev| {
+            let prev = Some(current.value.clone());
+            commit_change(conn, events, EventType::Modified, &kind, &name, prev, |tx, rev| {
                 tx.execute(
                     "UPDATE objects SET rev = ?1, data = ?2 WHERE kind = ?3 AND name = ?4",
                     params![rev as i64, value.to_string(), kind, name],
@@ -261,7 +278,7 @@ impl Store for SqliteStore {
                     actual: current.rev,
                 });
             }
-            commit_change(conn, events, EventType::Deleted, &kind, &name, |tx, rev| {
+            commit_change(conn, events, EventType::Deleted, &kind, &name, None, |tx, rev| {
                 tx.execute("DELETE FROM objects WHERE kind = ?1 AND name = ?2", params![kind, name])?;
                 Ok(Record { rev, ..current })
             })
@@ -350,7 +367,7 @@ impl Store for SqliteStore {
                 }
                 let receiver = events.subscribe();
                 let mut stmt = conn.prepare_cached(
-                    "SELECT rev, type, name, id, data FROM events WHERE kind = ?1 AND rev > ?2 ORDER BY rev",
+                    "SELECT rev, type, name, id, data, prev FROM events WHERE kind = ?1 AND rev > ?2 ORDER BY rev",
                 )?;
                 let rows = stmt
                     .query_map(params![kind_owned, from_rev as i64], |r| {
@@ -360,13 +377,15 @@ impl Store for SqliteStore {
                             r.get::<_, String>(2)?,
                             r.get::<_, String>(3)?,
                             r.get::<_, String>(4)?,
+                            r.get::<_, Option<String>>(5)?,
                         ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 let backlog = rows
                     .into_iter()
-                    .map(|(rev, ty, name, id, data)| {
+                    .map(|(rev, ty, name, id, data, prev)| {
                         Ok(Event {
+                            prev: prev.map(|p| parse(&kind_owned, &p)).transpose()?,
                             event_type: EventType::parse(&ty),
                             record: Record {
                                 kind: kind_owned.clone(),

@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use novacron_client::{Client, Resource};
+use novacron_client::{watcher, Client, Resource, Selector};
 use novacron_api::{
     CreateImage, CreateVm, Image, ImageFormat, ImagePart, Migration, MigrationPhase, MigrationStrategy, Node,
     PowerState, RunStrategy, StopVm, Vm, VmPhase, VmSpec,
@@ -178,6 +178,10 @@ pub struct ListArgs {
     /// Label selector, e.g. app=web,tier!=db
     #[arg(short = 'l', long)]
     pub selector: Option<String>,
+    /// Field selector, e.g. status.node=node-1 (VMs: status.node, status.phase;
+    /// migrations: status.source_node, status.target_node, status.phase, spec.vm)
+    #[arg(long)]
+    pub field_selector: Option<String>,
     /// Keep printing changes.
     #[arg(short, long)]
     pub watch: bool,
@@ -312,16 +316,12 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
         VmCommand::Delete { action: a, force } => {
             c.delete_vm(&a.name, force).await?;
             if a.wait {
-                let deadline = Instant::now() + Duration::from_secs(a.wait_timeout);
-                loop {
-                    match c.get::<Vm>(&a.name).await {
-                        Err(e) if e.is_not_found() => break,
-                        Err(e) => return Err(e.into()),
-                        Ok(_) if Instant::now() > deadline => {
-                            bail!("VM {:?} still exists after {}s", a.name, a.wait_timeout)
-                        }
-                        Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                    }
+                let mut changes = std::pin::pin!(watcher::watch_object::<Vm>(c.clone(), &a.name));
+                let gone = async {
+                    while let Some(Some(_)) = changes.next().await {}
+                };
+                if tokio::time::timeout(Duration::from_secs(a.wait_timeout), gone).await.is_err() {
+                    bail!("VM {:?} still exists after {}s", a.name, a.wait_timeout)
                 }
                 println!("vm {:?} deleted", a.name);
             } else {
@@ -365,9 +365,22 @@ pub async fn wait_phase(c: &Client, name: &str, want: VmPhase, min_generation: u
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
-    let deadline = Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut changes = std::pin::pin!(watcher::watch_object::<Vm>(c.clone(), name));
+    let mut last: Option<Vm> = None;
     let result = loop {
-        let vm = c.get::<Vm>(name).await?;
+        let vm = match tokio::time::timeout_at(deadline, changes.next()).await {
+            Ok(Some(Some(vm))) => vm,
+            Ok(Some(None)) => break Err(anyhow::anyhow!("VM {name:?} was deleted")),
+            Ok(None) => break Err(anyhow::anyhow!("Watch of VM {name:?} ended")),
+            Err(_) => {
+                let phase = last.map(|v| v.status.phase.to_string()).unwrap_or_else(|| "unknown".into());
+                break Err(anyhow::anyhow!(
+                    "VM {name:?} is {phase} after {}s, not {want}",
+                    timeout.as_secs()
+                ));
+            }
+        };
         bar.set_message(format!(
             "{name}: {} {}",
             vm.status.phase,
@@ -383,14 +396,7 @@ pub async fn wait_phase(c: &Client, name: &str, want: VmPhase, min_generation: u
                 vm.status.reason.unwrap_or_default()
             ));
         }
-        if Instant::now() > deadline {
-            break Err(anyhow::anyhow!(
-                "VM {name:?} is {} after {}s, not {want}",
-                vm.status.phase,
-                timeout.as_secs()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        last = Some(vm);
     };
     bar.finish_and_clear();
     result
@@ -437,12 +443,16 @@ async fn list<T: Resource + serde::Serialize>(
     print: fn(Format, &[T]) -> Result<()>,
     line: fn(&T) -> String,
 ) -> Result<()> {
-    let (items, revision) = c.list_all::<T>(a.selector.as_deref()).await?;
+    let selector = Selector {
+        label: a.selector.clone(),
+        field: a.field_selector.clone(),
+    };
+    let (items, revision) = c.list_all::<T>(&selector).await?;
     print(g.output, &items)?;
     if !a.watch {
         return Ok(());
     }
-    let mut watch = c.watch::<T>(revision, a.selector.as_deref()).await?;
+    let mut watch = c.watch::<T>(revision, &selector).await?;
     while let Some(ev) = watch.next().await {
         let ev = ev?;
         match g.output {
@@ -658,8 +668,13 @@ async fn migrate(g: &Global, c: &Client, a: MigrateArgs) -> Result<()> {
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     let name = m.metadata.name.clone();
+    let mut changes = std::pin::pin!(watcher::watch_object::<Migration>(c.clone(), &name));
     let done = loop {
-        let m = c.get::<Migration>(&name).await?;
+        let m = match changes.next().await {
+            Some(Some(m)) => m,
+            Some(None) => bail!("Migration {name} was deleted"),
+            None => bail!("Watch of migration {name} ended"),
+        };
         let p = &m.status.progress;
         let disk_phase = p.total_bytes == 0 && p.disk_total_bytes > 0;
         let fraction = if disk_phase {
@@ -683,7 +698,6 @@ async fn migrate(g: &Global, c: &Client, a: MigrateArgs) -> Result<()> {
         if m.status.phase.is_final() {
             break m;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     };
     bar.finish_and_clear();
     output::migration(g.output, &done)?;
@@ -725,55 +739,59 @@ pub async fn run_moves(
     moves: Vec<(String, Option<String>)>,
     parallel: usize,
 ) -> Result<Vec<(String, String)>> {
-    let mut queue: std::collections::VecDeque<(String, Option<String>)> = moves.into_iter().collect();
-    let mut active: Vec<(String, String)> = Vec::new(); // (vm, migration)
-    let mut results: Vec<(String, String)> = Vec::new();
-    while !queue.is_empty() || !active.is_empty() {
-        while active.len() < parallel.max(1) {
-            let Some((name, target_node)) = queue.pop_front() else {
-                break;
-            };
-            let req = novacron_api::CreateMigration {
-                vm: name.clone(),
-                target_node,
-                strategy: MigrationStrategy::Auto,
-                max_downtime_ms: None,
-                bandwidth_mib_s: None,
-                transport: None,
-            };
-            match c.create_migration(&req).await {
-                Ok(m) => {
-                    println!("migrating {name} to {} ({})", m.status.target_node, m.metadata.name);
-                    active.push((name, m.metadata.name));
-                }
-                Err(e) => results.push((name, format!("not moved: {e}"))),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut still = Vec::new();
-        for (vm, mig) in active.drain(..) {
-            let m = c.get::<Migration>(&mig).await?;
-            match m.status.phase {
-                MigrationPhase::Completed => results.push((vm, format!("moved to {}", m.status.target_node))),
-                p if p.is_final() => results.push((
-                    vm,
-                    format!("not moved: migration {p}: {}", m.status.error.unwrap_or_default()),
-                )),
-                _ => still.push((vm, mig)),
-            }
-        }
-        active = still;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, target_node) in moves {
+        let (c, slots) = (c.clone(), slots.clone());
+        tasks.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            let outcome = move_one(&c, &name, target_node).await;
+            (name, outcome)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        results.push(done?);
     }
     Ok(results)
+}
+
+/// Migrates one VM and follows the migration to its end.
+async fn move_one(c: &Client, name: &str, target_node: Option<String>) -> String {
+    let req = novacron_api::CreateMigration {
+        vm: name.to_string(),
+        target_node,
+        strategy: MigrationStrategy::Auto,
+        max_downtime_ms: None,
+        bandwidth_mib_s: None,
+        transport: None,
+    };
+    let m = match c.create_migration(&req).await {
+        Ok(m) => m,
+        Err(e) => return format!("not moved: {e}"),
+    };
+    println!("migrating {name} to {} ({})", m.status.target_node, m.metadata.name);
+    let mut changes = std::pin::pin!(watcher::watch_object::<Migration>(c.clone(), &m.metadata.name));
+    while let Some(state) = changes.next().await {
+        let Some(m) = state else {
+            return "not moved: the migration was deleted".to_string();
+        };
+        match m.status.phase {
+            MigrationPhase::Completed => return format!("moved to {}", m.status.target_node),
+            p if p.is_final() => return format!("not moved: migration {p}: {}", m.status.error.unwrap_or_default()),
+            _ => {}
+        }
+    }
+    "not moved: the watch ended".to_string()
 }
 
 async fn drain(c: &Client, node: &str, parallel: usize) -> Result<()> {
     c.set_schedulable(node, false).await?;
     println!("node {node:?} cordoned");
-    let (vms, _) = c.list_all::<Vm>(None).await?;
+    let (vms, _) = c.list_all::<Vm>(&Selector::fields(format!("status.node={node}"))).await?;
     let mut results: Vec<(String, String)> = Vec::new();
     let mut moves = Vec::new();
-    for vm in vms.into_iter().filter(|v| v.status.node.as_deref() == Some(node)) {
+    for vm in vms {
         // Running and paused VMs move live, stopped ones cold; others cannot move.
         if matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused | VmPhase::Stopped) {
             moves.push((vm.metadata.name, None));

@@ -4,6 +4,7 @@
 
 mod common;
 
+use novacron_client::Selector;
 use std::time::Duration;
 
 use common::{wait_until, Cluster, Options};
@@ -38,7 +39,7 @@ fn vm_body(name: &str, vcpus: u32, memory: u64, image: &str) -> String {
 }
 
 async fn vm_count(c: &Cluster) -> usize {
-    c.client.list_all::<Vm>(None).await.expect("list").0.len()
+    c.client.list_all::<Vm>(&Selector::everything()).await.expect("list").0.len()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -172,7 +173,7 @@ async fn pagination_selectors_and_watch() {
         .await
         .expect("list")
         .resource_version;
-    let mut watch = c.client.watch::<Vm>(start_rev, Some("tier=web")).await.expect("watch");
+    let mut watch = c.client.watch::<Vm>(start_rev, &Selector::labels("tier=web")).await.expect("watch");
     for i in 0..7 {
         let tier = if i % 2 == 0 { "web" } else { "db" };
         let body = json!({"name": format!("p-{i}"), "labels": {"tier": tier},
@@ -198,9 +199,9 @@ async fn pagination_selectors_and_watch() {
     }
     assert_eq!(pages, 3);
     assert_eq!(names, (0..7).map(|i| format!("p-{i}")).collect::<Vec<_>>());
-    let (web, _) = c.client.list_all::<Vm>(Some("tier=web")).await.expect("selector");
+    let (web, _) = c.client.list_all::<Vm>(&Selector::labels("tier=web")).await.expect("selector");
     assert_eq!(web.len(), 4);
-    let (not_web, _) = c.client.list_all::<Vm>(Some("tier!=web")).await.expect("selector");
+    let (not_web, _) = c.client.list_all::<Vm>(&Selector::labels("tier!=web")).await.expect("selector");
     assert_eq!(not_web.len(), 3);
     assert_eq!(
         c.client

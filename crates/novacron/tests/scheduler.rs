@@ -6,6 +6,7 @@
 
 mod common;
 
+use novacron_client::Selector;
 use std::time::Duration;
 
 use common::{ok, wait_until, Cluster, Options};
@@ -117,7 +118,7 @@ async fn constraints_explanations_settings_and_rebalance() {
         create(&format!("s{i}"), &[]);
         placed(&c, &format!("s{i}")).await;
     }
-    let (vms, _) = c.client.list_all::<Vm>(None).await.unwrap();
+    let (vms, _) = c.client.list_all::<Vm>(&Selector::everything()).await.unwrap();
     let on = |n: &str| vms.iter().filter(|v| v.status.node.as_deref() == Some(n)).count();
     assert_eq!(on("node-1"), on("node-2"), "spread keeps nodes even");
 

@@ -13,7 +13,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
-use novacron_api::selector::LabelSelector;
+use novacron_api::selector::{FieldSelector, LabelSelector};
 use novacron_api::{
     AuditRecord, Image, List, Migration, Node, Object, Project, Resource, Role, Token, User, Verb, Vm, WatchEvent,
     WatchEventType,
@@ -34,6 +34,12 @@ pub const MAX_PAGE: u32 = 1000;
 pub struct ListQuery {
     /// Label selector: `k=v`, `k!=v`, `k`, `!k`, comma-separated.
     pub label_selector: Option<String>,
+    /// Field selector: `field=v`, `field!=v`, comma-separated, on the kind's
+    /// selectable fields (VMs: `status.node`, `status.phase`; migrations:
+    /// `status.source_node`, `status.target_node`, `status.phase`, `spec.vm`;
+    /// every kind: `metadata.name`, `metadata.project`). A watch sends an
+    /// object that stops matching as `Deleted`, and one that starts as `Added`.
+    pub field_selector: Option<String>,
     /// Page size (1-1000, default 100).
     pub limit: Option<u32>,
     /// Token from the previous page.
@@ -48,20 +54,46 @@ pub struct ListQuery {
     pub project: Option<String>,
 }
 
-/// An object kind and the resource its permissions are checked as.
+/// An object kind, the resource its permissions are checked as, and the
+/// fields a field selector may name.
 pub trait Guarded: Object {
     const RESOURCE: Resource;
+    const SELECTABLE: &'static [&'static str];
 }
 
 macro_rules! guarded {
-    ($($t:ty => $r:ident),*) => {
+    ($($t:ty => $r:ident $([$($f:literal),*])?),*) => {
         $(impl Guarded for $t {
             const RESOURCE: Resource = Resource::$r;
+            const SELECTABLE: &'static [&'static str] = &["metadata.name", "metadata.project" $($(, $f)*)?];
         })*
     };
 }
-guarded!(Vm => Vms, Image => Images, Migration => Migrations, Node => Nodes, Project => Projects,
-    User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
+guarded!(Vm => Vms ["status.node", "status.phase"],
+    Image => Images,
+    Migration => Migrations ["status.source_node", "status.target_node", "status.phase", "spec.vm"],
+    Node => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
+
+/// A node's certificate lists and watches only what concerns its node: its
+/// VMs, and the migrations it is source or target of.
+fn confine_to_node<T: Guarded>(p: &Principal, fields: &FieldSelector) -> ApiResult<()> {
+    let Some(node) = &p.node else {
+        return Ok(());
+    };
+    let required: &[&str] = match T::RESOURCE {
+        Resource::Vms => &["status.node"],
+        Resource::Migrations => &["status.source_node", "status.target_node"],
+        _ => return Ok(()),
+    };
+    if required.iter().any(|field| fields.requires(field, node)) {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "Node {node:?} may only list {} of its own node: add field_selector {}={node}",
+        T::KIND,
+        required.join(format!("={node} or ").as_str())
+    )))
+}
 
 /// Whether the caller sees an object of `project` of this kind: objects in
 /// projects are visible inside the caller's project; public images everywhere.
@@ -91,6 +123,27 @@ pub async fn find_authorized<T: Guarded>(state: &AppState, p: &Principal, key: &
         }
     }
     Ok(obj)
+}
+
+/// What a change is to a watcher that sees only objects passing `matches`:
+/// an object that starts to match is added, one that stops is deleted.
+fn seen_as(ev: &novacron_store::Event, matches: impl Fn(&serde_json::Value) -> bool) -> Option<WatchEventType> {
+    let now = matches(&ev.record.value);
+    match ev.event_type {
+        EventType::Added => now.then_some(WatchEventType::Added),
+        EventType::Deleted => now.then_some(WatchEventType::Deleted),
+        EventType::Modified => {
+            // History from before events kept the previous object: assume it
+            // matched, so a watcher never keeps an object that left.
+            let was = ev.prev.as_ref().is_none_or(&matches);
+            match (was, now) {
+                (true, true) => Some(WatchEventType::Modified),
+                (false, true) => Some(WatchEventType::Added),
+                (true, false) => Some(WatchEventType::Deleted),
+                (false, false) => None,
+            }
+        }
+    }
 }
 
 /// The store key a `continue` token stands for.
@@ -127,11 +180,15 @@ pub async fn list_or_watch<T: Guarded>(
     authorize(p, T::RESOURCE, Verb::Read, None)?;
     let selector = LabelSelector::parse(q.label_selector.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::invalid("label_selector", e.message))?;
+    let fields = FieldSelector::parse(q.field_selector.as_deref().unwrap_or(""), T::SELECTABLE)
+        .map_err(|e| ApiError::invalid("field_selector", e.message))?;
+    confine_to_node::<T>(p, &fields)?;
     let caller = p.clone();
     let only_project = q.project.clone();
     let matches = move |value: &serde_json::Value| {
         let labels = serde_json::from_value(value["metadata"]["labels"].clone()).unwrap_or_default();
         selector.matches(&labels)
+            && fields.matches(value)
             && visible::<T>(&caller, value)
             && only_project
                 .as_deref()
@@ -149,19 +206,13 @@ pub async fn list_or_watch<T: Guarded>(
                     tracing::debug!(error = %e, "watch stream ended");
                     Some(Err(std::io::Error::other(e.to_string())))
                 }
-                Ok(ev) if !matches(&ev.record.value) => None,
-                Ok(ev) => {
-                    let event_type = match ev.event_type {
-                        EventType::Added => WatchEventType::Added,
-                        EventType::Modified => WatchEventType::Modified,
-                        EventType::Deleted => WatchEventType::Deleted,
-                    };
+                Ok(ev) => seen_as(&ev, &matches).and_then(|event_type| {
                     decode_record::<T>(ev.record).ok().map(|object| {
                         let mut line = serde_json::to_vec(&WatchEvent { event_type, object }).unwrap_or_default();
                         line.push(b'\n');
                         Ok(bytes::Bytes::from(line))
                     })
-                }
+                }),
             };
             futures::future::ready(out)
         });
