@@ -13,9 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use novacron_client::Client;
 use novacron_api::{CreateVm, Metadata, PowerState, Vm, VmPhase, VmSpec, VmStatus};
 use novacron_bench::{import_demo, logs, repo, Procs};
+use novacron_client::Client;
 use novacron_store::SqliteStore;
 
 const MARKER: &str = "NOVACRON-GUEST-READY";

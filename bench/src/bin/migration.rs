@@ -10,9 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use novacron_client::Client;
 use novacron_api::{CreateMigration, CreateVm, Migration, MigrationStrategy, Node, Vm, VmPhase, VmSpec};
 use novacron_bench::{import_demo, logs, repo, wait_for, Procs};
+use novacron_client::Client;
 
 struct Row {
     memory: &'static str,

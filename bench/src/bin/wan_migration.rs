@@ -22,11 +22,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use novacron_client::Client;
 use novacron_api::{
     CreateMigration, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, Node, Vm, VmSpec,
 };
 use novacron_bench::{logs, repo, wait_for, Procs};
+use novacron_client::Client;
 use serde_json::{json, Value};
 
 const MEMORY_MIB: u64 = 512;
@@ -162,7 +162,11 @@ async fn start_lab(name: &str, work: &Path) -> Result<(Lab, Procs)> {
     let tls = novacron_tls::client_config(&std::fs::read_to_string(&ca)?, None)?;
     let client = Client::with_tls(&url, &token, Some(tls))?;
     wait_for("server health", Duration::from_secs(30), || async {
-        client.list_all::<Node>(&novacron_client::Selector::everything()).await.ok().map(|_| ())
+        client
+            .list_all::<Node>(&novacron_client::Selector::everything())
+            .await
+            .ok()
+            .map(|_| ())
     })
     .await?;
     let mut lab = Lab {

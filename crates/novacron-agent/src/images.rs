@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
-use novacron_client::{Client, ClientError};
 use novacron_api::{Image, ImagePart};
+use novacron_client::{Client, ClientError};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 

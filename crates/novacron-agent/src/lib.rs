@@ -18,8 +18,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use novacron_client::{watcher, Client, ClientError, Selector};
 use novacron_api::{RegisterNode, Resources, Vm};
+use novacron_client::{watcher, Client, ClientError, Selector};
 
 use crate::reconcile::{error_chain, Outcome, Reconciler};
 

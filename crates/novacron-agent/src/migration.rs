@@ -22,11 +22,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use novacron_client::{watcher, Client, ClientError, Selector};
 use novacron_api::{
     CompleteMigration, DwcpFigures, Migration, MigrationPhase, MigrationPlan, MigrationPrediction, MigrationProgress,
     MigrationStatus, MigrationStrategy, MigrationTransport, Node, Vm, VmPhase, AGENT_SECRET_HEADER,
 };
+use novacron_client::{watcher, Client, ClientError, Selector};
 use novacron_dwcp::plan::{self, PlanInput, Strategy};
 use novacron_dwcp::{Role, Sender};
 use novacron_qmp::{Qmp, QmpError};

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use novacron_client::Client;
 use novacron_api::{Image, ImageFormat, ImagePart, PowerState, RunStrategy, Vm, VmPhase, VmStatus};
+use novacron_client::Client;
 use novacron_qmp::Qmp;
 
 use crate::images::ImageCache;

@@ -81,7 +81,10 @@ impl FieldSelector {
             if !selectable.contains(&path) {
                 return Err(FieldError::new(
                     "field_selector",
-                    format!("field {path:?} cannot be selected on (selectable: {})", selectable.join(", ")),
+                    format!(
+                        "field {path:?} cannot be selected on (selectable: {})",
+                        selectable.join(", ")
+                    ),
                 ));
             }
             terms.push((path.to_string(), equal, value.trim().to_string()));

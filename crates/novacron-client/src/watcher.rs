@@ -72,7 +72,10 @@ impl<T: Resource + Send + 'static> Source for ApiSource<T> {
         Box::pin(self.client.list_all::<T>(&self.selector))
     }
 
-    fn watch(&self, revision: u64) -> BoxFuture<'_, Result<BoxStream<'static, Result<WatchEvent<T>, ClientError>>, ClientError>> {
+    fn watch(
+        &self,
+        revision: u64,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<WatchEvent<T>, ClientError>>, ClientError>> {
         Box::pin(async move { self.client.watch::<T>(revision, &self.selector).await })
     }
 

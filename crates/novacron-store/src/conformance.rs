@@ -118,7 +118,11 @@ async fn watch_from_revision(store: &dyn Store) {
     let second = next(&mut watch).await;
     assert_eq!(second.event_type, EventType::Modified);
     assert_eq!(second.record.value, json!({"v": 2}));
-    assert_eq!(second.prev, Some(json!({"v": 1})), "a modification carries the object before it");
+    assert_eq!(
+        second.prev,
+        Some(json!({"v": 1})),
+        "a modification carries the object before it"
+    );
     let third = next(&mut watch).await;
     assert_eq!(third.event_type, EventType::Deleted);
     assert!(third.record.rev > second.record.rev);

@@ -9,11 +9,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use novacron_client::{watcher, Client, Resource, Selector};
 use novacron_api::{
     CreateImage, CreateVm, Image, ImageFormat, ImagePart, Migration, MigrationPhase, MigrationStrategy, Node,
     PowerState, RunStrategy, StopVm, Vm, VmPhase, VmSpec,
 };
+use novacron_client::{watcher, Client, Resource, Selector};
 
 use crate::output::{self, Format};
 use crate::{config, parse_label, parse_mib, Global};
@@ -317,10 +317,11 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             c.delete_vm(&a.name, force).await?;
             if a.wait {
                 let mut changes = std::pin::pin!(watcher::watch_object::<Vm>(c.clone(), &a.name));
-                let gone = async {
-                    while let Some(Some(_)) = changes.next().await {}
-                };
-                if tokio::time::timeout(Duration::from_secs(a.wait_timeout), gone).await.is_err() {
+                let gone = async { while let Some(Some(_)) = changes.next().await {} };
+                if tokio::time::timeout(Duration::from_secs(a.wait_timeout), gone)
+                    .await
+                    .is_err()
+                {
                     bail!("VM {:?} still exists after {}s", a.name, a.wait_timeout)
                 }
                 println!("vm {:?} deleted", a.name);
@@ -374,7 +375,9 @@ pub async fn wait_phase(c: &Client, name: &str, want: VmPhase, min_generation: u
             Ok(Some(None)) => break Err(anyhow::anyhow!("VM {name:?} was deleted")),
             Ok(None) => break Err(anyhow::anyhow!("Watch of VM {name:?} ended")),
             Err(_) => {
-                let phase = last.map(|v| v.status.phase.to_string()).unwrap_or_else(|| "unknown".into());
+                let phase = last
+                    .map(|v| v.status.phase.to_string())
+                    .unwrap_or_else(|| "unknown".into());
                 break Err(anyhow::anyhow!(
                     "VM {name:?} is {phase} after {}s, not {want}",
                     timeout.as_secs()
@@ -788,7 +791,9 @@ async fn move_one(c: &Client, name: &str, target_node: Option<String>) -> String
 async fn drain(c: &Client, node: &str, parallel: usize) -> Result<()> {
     c.set_schedulable(node, false).await?;
     println!("node {node:?} cordoned");
-    let (vms, _) = c.list_all::<Vm>(&Selector::fields(format!("status.node={node}"))).await?;
+    let (vms, _) = c
+        .list_all::<Vm>(&Selector::fields(format!("status.node={node}")))
+        .await?;
     let mut results: Vec<(String, String)> = Vec::new();
     let mut moves = Vec::new();
     for vm in vms {

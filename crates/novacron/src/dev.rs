@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use novacron_client::Client;
 use novacron_api::{Image, ImagePhase};
+use novacron_client::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::{config, parse_duration, parse_mib, AgentArgs, ServerArgs};

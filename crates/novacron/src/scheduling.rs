@@ -3,11 +3,11 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use novacron_client::Client;
 use novacron_api::{
     AffinityRule, AffinityScope, Placement, PlacementExplanation, RebalancePlan, RebalanceRequest, SchedulerConfig,
     SchedulerSettings, SchedulingProfile, ScoreWeights,
 };
+use novacron_client::Client;
 
 use crate::commands::client;
 use crate::output::{self, Format};

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{wait_until, Cluster, Options};
 use futures::StreamExt;
-use novacron_client::ListOptions;
 use novacron_api::{Node, PowerState, RunStrategy, Vm, VmPhase, WatchEventType};
+use novacron_client::ListOptions;
 use serde_json::{json, Value};
 
 async fn raw(
@@ -39,7 +39,12 @@ fn vm_body(name: &str, vcpus: u32, memory: u64, image: &str) -> String {
 }
 
 async fn vm_count(c: &Cluster) -> usize {
-    c.client.list_all::<Vm>(&Selector::everything()).await.expect("list").0.len()
+    c.client
+        .list_all::<Vm>(&Selector::everything())
+        .await
+        .expect("list")
+        .0
+        .len()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,7 +178,11 @@ async fn pagination_selectors_and_watch() {
         .await
         .expect("list")
         .resource_version;
-    let mut watch = c.client.watch::<Vm>(start_rev, &Selector::labels("tier=web")).await.expect("watch");
+    let mut watch = c
+        .client
+        .watch::<Vm>(start_rev, &Selector::labels("tier=web"))
+        .await
+        .expect("watch");
     for i in 0..7 {
         let tier = if i % 2 == 0 { "web" } else { "db" };
         let body = json!({"name": format!("p-{i}"), "labels": {"tier": tier},
@@ -199,9 +208,17 @@ async fn pagination_selectors_and_watch() {
     }
     assert_eq!(pages, 3);
     assert_eq!(names, (0..7).map(|i| format!("p-{i}")).collect::<Vec<_>>());
-    let (web, _) = c.client.list_all::<Vm>(&Selector::labels("tier=web")).await.expect("selector");
+    let (web, _) = c
+        .client
+        .list_all::<Vm>(&Selector::labels("tier=web"))
+        .await
+        .expect("selector");
     assert_eq!(web.len(), 4);
-    let (not_web, _) = c.client.list_all::<Vm>(&Selector::labels("tier!=web")).await.expect("selector");
+    let (not_web, _) = c
+        .client
+        .list_all::<Vm>(&Selector::labels("tier!=web"))
+        .await
+        .expect("selector");
     assert_eq!(not_web.len(), 3);
     assert_eq!(
         c.client

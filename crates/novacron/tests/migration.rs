@@ -76,7 +76,10 @@ async fn migration_watch(c: &Cluster) -> novacron_client::WatchStream<Migration>
         .await
         .expect("list")
         .resource_version;
-    c.client.watch::<Migration>(rev, &Selector::everything()).await.expect("watch")
+    c.client
+        .watch::<Migration>(rev, &Selector::everything())
+        .await
+        .expect("watch")
 }
 
 /// Pre-copy through the CLI with its progress bar; the command must succeed.
@@ -180,7 +183,11 @@ async fn busy_guest_memory_survives_migration() {
         || async { (c.qemu_pids_on(&source).is_empty() && !source_dir.exists()).then_some(()) },
     )
     .await;
-    let (migrations, _) = c.client.list_all::<Migration>(&Selector::everything()).await.expect("list");
+    let (migrations, _) = c
+        .client
+        .list_all::<Migration>(&Selector::everything())
+        .await
+        .expect("list");
     let m = &migrations[0];
     assert_eq!(m.status.phase, MigrationPhase::Completed);
     assert_eq!(m.status.strategy, Some(MigrationStrategy::Precopy));
@@ -372,7 +379,13 @@ async fn bad_migrations_are_rejected_before_anything_starts() {
     c.wait_phase("vm", VmPhase::Failed, Duration::from_secs(10)).await;
     assert_eq!(try_migrate(other).await.err(), Some(Some(409)), "failed VM");
     // Nothing was created, and the VM never left its node.
-    assert!(c.client.list_all::<Migration>(&Selector::everything()).await.expect("list").0.is_empty());
+    assert!(c
+        .client
+        .list_all::<Migration>(&Selector::everything())
+        .await
+        .expect("list")
+        .0
+        .is_empty());
     assert_eq!(c.client.get::<Vm>("vm").await.expect("vm").status.node, Some(source));
 }
 
@@ -407,7 +420,11 @@ async fn live_migration_moves_disks_and_state() {
         || async { (c.qemu_pids_on(&source).is_empty() && !source_dir.exists()).then_some(()) },
     )
     .await;
-    let (migrations, _) = c.client.list_all::<Migration>(&Selector::everything()).await.expect("list");
+    let (migrations, _) = c
+        .client
+        .list_all::<Migration>(&Selector::everything())
+        .await
+        .expect("list");
     let m = &migrations[0];
     assert_eq!(m.status.phase, MigrationPhase::Completed);
     // DWCP carried it (the default between agents with certificates), with a prediction.
@@ -521,7 +538,11 @@ async fn live_migration_moves_disks_and_state() {
         .output()
         .expect("cli");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (list, _) = c.client.list_all::<Migration>(&Selector::everything()).await.expect("list");
+    let (list, _) = c
+        .client
+        .list_all::<Migration>(&Selector::everything())
+        .await
+        .expect("list");
     let last = list.iter().max_by_key(|m| m.status.finished_at).expect("migrations");
     assert_eq!(last.status.transport, Some(MigrationTransport::Qemu));
     assert!(last.status.dwcp.is_none());
@@ -616,7 +637,11 @@ async fn cold_migration_moves_a_stopped_vm_that_then_starts_there() {
         .output()
         .expect("migrate");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (migrations, _) = c.client.list_all::<Migration>(&Selector::everything()).await.expect("list");
+    let (migrations, _) = c
+        .client
+        .list_all::<Migration>(&Selector::everything())
+        .await
+        .expect("list");
     assert_eq!(migrations[0].status.strategy, Some(MigrationStrategy::Cold));
     let moved = c.vm("frozen").await;
     assert_eq!(

@@ -7,8 +7,8 @@
 mod common;
 
 use common::{Cluster, Options};
-use novacron_client::Client;
 use novacron_api::{CreateToken, IssuedToken, JoinNode, JoinedNode, Node};
+use novacron_client::Client;
 use serde_json::Value;
 
 async fn token(c: &Cluster, name: &str, role: &str, join: bool) -> String {

@@ -245,3 +245,52 @@ pub async fn list_or_watch<T: Guarded>(
     })
     .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use novacron_store::{Event, EventType, Record};
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    fn event(event_type: EventType, node: &str, prev_node: Option<Option<&str>>) -> Event {
+        Event {
+            event_type,
+            record: Record {
+                kind: "vm".into(),
+                name: "a".into(),
+                id: "id-a".into(),
+                rev: 2,
+                value: json!({"status": {"node": node}}),
+            },
+            prev: prev_node.map(|n| json!({"status": {"node": n}})),
+        }
+    }
+
+    #[test]
+    fn objects_that_enter_or_leave_a_selection_are_added_or_deleted() {
+        let on_node_2 = |v: &Value| v["status"]["node"] == "node-2";
+        let seen = |ev: Event| seen_as(&ev, on_node_2);
+        assert_eq!(
+            seen(event(EventType::Added, "node-2", None)),
+            Some(WatchEventType::Added)
+        );
+        assert_eq!(seen(event(EventType::Added, "node-1", None)), None);
+        let moved = |from: Option<&str>, to| seen(event(EventType::Modified, to, Some(from)));
+        assert_eq!(moved(Some("node-2"), "node-2"), Some(WatchEventType::Modified));
+        assert_eq!(moved(Some("node-1"), "node-1"), None);
+        assert_eq!(moved(Some("node-1"), "node-2"), Some(WatchEventType::Added));
+        assert_eq!(moved(Some("node-2"), "node-1"), Some(WatchEventType::Deleted));
+        assert_eq!(moved(None, "node-2"), Some(WatchEventType::Added));
+        // History without the previous object: a watcher never keeps an object that left.
+        assert_eq!(
+            seen(event(EventType::Modified, "node-1", None)),
+            Some(WatchEventType::Deleted)
+        );
+        assert_eq!(
+            seen(event(EventType::Deleted, "node-2", None)),
+            Some(WatchEventType::Deleted)
+        );
+        assert_eq!(seen(event(EventType::Deleted, "node-1", None)), None);
+    }
+}

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use novacron_client::Client;
 use novacron_api::{CreateVm, RunStrategy, Vm, VmPhase, VmSpec};
+use novacron_client::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_novacron");
 
