@@ -27,6 +27,11 @@ pub enum Event<T> {
     Deleted(T),
 }
 
+/// Every matching object, and the revision the list was read at.
+pub type Listed<'a, T, E> = BoxFuture<'a, Result<(Vec<T>, u64), E>>;
+/// A watch stream, once opened.
+pub type Watched<'a, T, E> = BoxFuture<'a, Result<BoxStream<'static, Result<WatchEvent<T>, E>>, E>>;
+
 /// Where a watcher lists and watches: the API over HTTP ([`ApiSource`]), or
 /// the server's own store.
 pub trait Source: Send + Sync + 'static {
@@ -34,13 +39,9 @@ pub trait Source: Send + Sync + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Every matching object, and the revision the list was read at.
-    fn list(&self) -> BoxFuture<'_, Result<(Vec<Self::Object>, u64), Self::Error>>;
+    fn list(&self) -> Listed<'_, Self::Object, Self::Error>;
     /// Changes after `revision`.
-    #[allow(clippy::type_complexity)]
-    fn watch(
-        &self,
-        revision: u64,
-    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<WatchEvent<Self::Object>, Self::Error>>, Self::Error>>;
+    fn watch(&self, revision: u64) -> Watched<'_, Self::Object, Self::Error>;
     /// Whether `revision` is older than the history the source keeps.
     fn is_gone(error: &Self::Error) -> bool;
     /// Names the watch in logs.
@@ -68,7 +69,7 @@ impl<T: Resource + Send + 'static> Source for ApiSource<T> {
     type Object = T;
     type Error = ClientError;
 
-    fn list(&self) -> BoxFuture<'_, Result<(Vec<T>, u64), ClientError>> {
+    fn list(&self) -> Listed<'_, T, ClientError> {
         Box::pin(self.client.list_all::<T>(&self.selector))
     }
 
@@ -238,11 +239,12 @@ mod tests {
     }
 
     type Script = VecDeque<Result<Vec<Result<WatchEvent<Migration>, FakeError>>, FakeError>>;
+    type Lists = VecDeque<Result<(Vec<Migration>, u64), FakeError>>;
 
     /// A source that plays back scripted lists and watches, and records calls.
     #[derive(Clone, Default)]
     struct Fake {
-        lists: Arc<Mutex<VecDeque<Result<(Vec<Migration>, u64), FakeError>>>>,
+        lists: Arc<Mutex<Lists>>,
         watches: Arc<Mutex<Script>>,
         calls: Arc<Mutex<Vec<String>>>,
     }
@@ -250,15 +252,12 @@ mod tests {
     impl Source for Fake {
         type Object = Migration;
         type Error = FakeError;
-        fn list(&self) -> BoxFuture<'_, Result<(Vec<Migration>, u64), FakeError>> {
+        fn list(&self) -> Listed<'_, Migration, FakeError> {
             self.calls.lock().map(|mut c| c.push("list".into())).ok();
             let next = self.lists.lock().ok().and_then(|mut l| l.pop_front());
             Box::pin(async move { next.unwrap_or(Err(FakeError::Down)) })
         }
-        fn watch(
-            &self,
-            revision: u64,
-        ) -> BoxFuture<'_, Result<BoxStream<'static, Result<WatchEvent<Migration>, FakeError>>, FakeError>> {
+        fn watch(&self, revision: u64) -> Watched<'_, Migration, FakeError> {
             self.calls.lock().map(|mut c| c.push(format!("watch {revision}"))).ok();
             let next = self.watches.lock().ok().and_then(|mut w| w.pop_front());
             Box::pin(async move {
