@@ -13,9 +13,10 @@ scripts/build-guest-image.sh
 BIN="$PWD/target/release/novacron"
 export NOVACRON_DEV_DIR="${NOVACRON_DEV_DIR:-$HOME/.local/share/novacron/dev}"
 mkdir -p "$NOVACRON_DEV_DIR"
-URL="http://127.0.0.1:8420"
+URL="https://127.0.0.1:8420"
+CA="$NOVACRON_DEV_DIR/server/pki/ca.crt"
 
-if ! curl -sf "$URL/readyz" >/dev/null 2>&1; then
+if ! curl -sf --cacert "$CA" "$URL/readyz" >/dev/null 2>&1; then
   echo "demo: starting the dev cluster (log: $NOVACRON_DEV_DIR/dev.log)"
   nohup "$BIN" dev --data-dir "$NOVACRON_DEV_DIR" >"$NOVACRON_DEV_DIR/dev.log" 2>&1 &
   echo $! >"$NOVACRON_DEV_DIR/dev.pid"

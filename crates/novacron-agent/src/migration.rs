@@ -101,6 +101,58 @@ pub struct Migrations {
     watch_http: reqwest::Client,
     /// DWCP, when this agent has cluster certificates.
     pub dwcp: Option<Arc<DwcpNode>>,
+    /// Status of the migrations this node drives, reported in the background.
+    reports: Arc<Mutex<HashMap<String, StatusReport>>>,
+}
+
+/// The status of a migration this agent drives, as the agent knows it, and a
+/// task that writes it to the server whenever the server can take it. The
+/// data plane never waits on the control plane: a server outage during the
+/// switchover must not lengthen the guest's pause.
+struct StatusReport {
+    status: Arc<Mutex<MigrationStatus>>,
+    changed: Arc<tokio::sync::Notify>,
+    _writer: AbortOnDropHandle<()>,
+}
+
+impl StatusReport {
+    fn start(client: Client, name: String, status: MigrationStatus) -> StatusReport {
+        let status = Arc::new(Mutex::new(status));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let (latest, wake) = (status.clone(), changed.clone());
+        let writer = tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                let mut delay = Duration::from_millis(100);
+                loop {
+                    let status = lock(&latest).clone();
+                    let written = match client.get::<Migration>(&name).await {
+                        Ok(mut m) => {
+                            // While this agent drives the migration, it owns the status.
+                            m.status = status;
+                            client.put_migration_status(&m).await.map(|_| ())
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match written {
+                        Ok(()) => break,
+                        Err(e) if e.is_not_found() => return,
+                        Err(e) if e.is_conflict() => continue,
+                        Err(e) => {
+                            tracing::debug!(migration = %name, error = %error_chain(&e), "status not written yet; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(2));
+                        }
+                    }
+                }
+            }
+        });
+        StatusReport {
+            status,
+            changed,
+            _writer: AbortOnDropHandle::new(writer),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -244,6 +296,7 @@ impl Migrations {
             http,
             watch_http,
             dwcp: None,
+            reports: Arc::default(),
         }
     }
 
@@ -321,9 +374,21 @@ impl Migrations {
         self.known.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
+    /// Changes the status of a migration this node drives: at once in the
+    /// agent's copy, and on the server in the background (see [`StatusReport`]).
+    /// Without a report running (the migration's end), writes and waits.
+    async fn write_status(&self, name: &str, change: impl Fn(&mut MigrationStatus)) {
+        if let Some(report) = lock(&self.reports).get(name) {
+            change(&mut lock(&report.status));
+            report.changed.notify_one();
+            return;
+        }
+        self.write_status_now(name, change).await;
+    }
+
     /// Writes the migration's status, retrying on conflicts (the spec may
     /// change under us, e.g. cancel) and while the server is away.
-    async fn write_status(&self, name: &str, change: impl Fn(&mut MigrationStatus)) -> Option<Migration> {
+    async fn write_status_now(&self, name: &str, change: impl Fn(&mut MigrationStatus)) -> Option<Migration> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let current = match self.client.get::<Migration>(name).await {
@@ -378,6 +443,8 @@ impl Migrations {
         };
         let id = vm.metadata.id.clone();
         lock(&self.migrating).insert(id.clone());
+        let report = StatusReport::start(self.client.clone(), name.clone(), m.status.clone());
+        lock(&self.reports).insert(name.clone(), report);
         tracing::info!(migration = %name, vm = %vm.metadata.name, to = %m.status.target_node, "migration starting");
         let started = Instant::now();
         let mut ctx = SourceCtx::default();
@@ -386,6 +453,9 @@ impl Migrations {
         } else {
             self.transfer(&m, &vm, &mut ctx, started).await
         };
+        // The end is written and waited for: completion carries the final
+        // status, a failure is written after the roll-back.
+        lock(&self.reports).remove(&name);
         match result {
             Ok(final_status) => {
                 let req = CompleteMigration {

@@ -97,16 +97,18 @@ pub fn resolve(
     let server = server
         .or(file.server)
         .or(dev_url)
-        .unwrap_or_else(|| format!("http://127.0.0.1:{DEFAULT_DEV_PORT}"));
+        .unwrap_or_else(|| format!("https://127.0.0.1:{DEFAULT_DEV_PORT}"));
     let Some(token) = token.or(file.token).or(dev_token) else {
         bail!(
             "No API token: set NOVACRON_TOKEN, pass --token, put it in {}, or start a dev cluster with `novacron dev`",
             config_path().display()
         );
     };
+    // A dev cluster's CLI trusts the dev cluster's CA.
+    let dev_ca = Some(dev_dir.join("server/pki/ca.crt")).filter(|p| p.exists() && server.starts_with("https://"));
     Ok(Target {
         server,
         token,
-        ca_cert: ca_cert.or(file.ca_cert),
+        ca_cert: ca_cert.or(file.ca_cert).or(dev_ca),
     })
 }

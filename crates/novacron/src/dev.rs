@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use novacron_api::{Image, ImagePhase};
+use novacron_api::{CreateToken, Image, ImagePhase, IssuedToken};
 use novacron_client::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,11 @@ pub struct DevArgs {
     pub heartbeat: Duration,
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub node_grace: Duration,
+    /// Plain HTTP with the admin token for the agents, instead of the
+    /// production path (cluster CA, agents joined with join tokens, mTLS and
+    /// the DWCP migration transport). Loopback only.
+    #[arg(long)]
+    pub insecure_http: bool,
 }
 
 /// Finds the demo guest: the flag, else `target/guest` beside the binary's
@@ -58,9 +63,8 @@ fn guest_dir(flag: Option<PathBuf>) -> Option<PathBuf> {
         .find(|d| has_guest(d))
 }
 
-async fn wait_ready(base: &str) -> Result<()> {
+async fn wait_ready(base: &str, http: &reqwest::Client) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let http = reqwest::Client::new();
     loop {
         if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
             if r.status().is_success() {
@@ -74,11 +78,41 @@ async fn wait_ready(base: &str) -> Result<()> {
     }
 }
 
+/// The cluster CA, once the server starting beside us has written it.
+async fn read_when_written(path: &Path) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match std::fs::read_to_string(path) {
+            Ok(pem) if pem.contains("END CERTIFICATE") => return Ok(pem),
+            _ if Instant::now() > deadline => bail!("The server did not write its CA to {}", path.display()),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A one-time join token for an agent that has no certificate yet.
+async fn join_token(client: &Client, node: &str) -> Result<String> {
+    let issued: IssuedToken = client
+        .post_json(
+            "tokens",
+            &CreateToken {
+                name: format!("join-{node}-{}", chrono::Utc::now().timestamp_millis()),
+                role: "join".into(),
+                project: None,
+                ttl_s: Some(600),
+                join: true,
+            },
+        )
+        .await
+        .with_context(|| format!("Cannot create a join token for {node}"))?;
+    Ok(issued.secret)
+}
+
 pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let dir = a.data_dir.clone().unwrap_or_else(config::default_dev_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("Cannot create {}", dir.display()))?;
-    if !a.listen.ip().is_loopback() {
-        bail!("novacron dev serves plain HTTP, so it listens on loopback only; use `novacron server` (HTTPS) for other addresses");
+    if a.insecure_http && !a.listen.ip().is_loopback() {
+        bail!("--insecure-http serves plain HTTP, so it listens on loopback only");
     }
     let stop = CancellationToken::new();
 
@@ -88,8 +122,7 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         node_grace: a.node_grace,
         rate_limit: 500,
         rate_burst: 1000,
-        // Loopback only: plain HTTP, agents use the admin token.
-        insecure_http: true,
+        insecure_http: a.insecure_http,
         tls_cert: None,
         tls_key: None,
         tls_names: Vec::new(),
@@ -98,19 +131,37 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         crate::server_config(&server_args),
         stop.clone().cancelled_owned(),
     ));
-    let base = format!("http://{}", a.listen);
-    wait_ready(&base).await?;
+    let scheme = if a.insecure_http { "http" } else { "https" };
+    let base = format!("{scheme}://{}", a.listen);
+    let ca_path = dir.join("server/pki/ca.crt");
+    let tls = if a.insecure_http {
+        None
+    } else {
+        let ca = read_when_written(&ca_path).await?;
+        Some(novacron_tls::client_config(&ca, None)?)
+    };
+    let probe = match &tls {
+        Some(cfg) => reqwest::Client::builder().use_preconfigured_tls(cfg.clone()).build()?,
+        None => reqwest::Client::new(),
+    };
+    wait_ready(&base, &probe).await?;
     std::fs::write(dir.join("server.url"), format!("{base}\n"))?;
     let token = std::fs::read_to_string(dir.join("server/admin.token"))
         .context("Cannot read the admin token")?
         .trim()
         .to_string();
+    let client = Client::with_tls(&base, &token, tls)?;
 
     let mut agents = Vec::new();
     for i in 1..=a.agents {
+        let name = format!("node-{i}");
+        let data_dir = dir.join(format!("agent-{i}"));
+        // Agents join like production ones: a join token the first time,
+        // their certificate from then on.
+        let joining = !a.insecure_http && !novacron_tls::AgentFiles::in_dir(&data_dir).exist();
         let args = AgentArgs {
-            name: format!("node-{i}"),
-            data_dir: dir.join(format!("agent-{i}")),
+            name: name.clone(),
+            data_dir,
             listen: "127.0.0.1:0".parse()?,
             advertise: None,
             vcpus: Some(a.agent_vcpus),
@@ -121,13 +172,20 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
             accel: a.accel.clone(),
             probe_timeout: Duration::from_secs(2),
             dwcp_cache_mib: 256,
-            join_token: None,
+            join_token: if joining {
+                Some(join_token(&client, &name).await?)
+            } else {
+                None
+            },
         };
-        let cfg = crate::agent_config(&args, base.clone(), Some(token.clone()), None);
+        let cfg = if a.insecure_http {
+            crate::agent_config(&args, base.clone(), Some(token.clone()), None)
+        } else {
+            crate::agent_config(&args, base.clone(), None, Some(ca_path.clone()))
+        };
         agents.push(tokio::spawn(novacron_agent::run(cfg, stop.clone().cancelled_owned())));
     }
 
-    let client = Client::new(&base, &token)?;
     match client.get::<Image>("demo").await {
         Ok(img) if img.status.phase == ImagePhase::Ready => {}
         _ => match guest_dir(a.guest_dir.clone()) {
@@ -153,7 +211,12 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
     }
 
     eprintln!(
-        "NovaCron dev cluster is up: server {base}, {} agent(s), data in {}\n  try: novacron vm create demo-1 --image demo --memory 256MiB --wait\n  stop with Ctrl-C (VMs keep running and are re-adopted next time)",
+        "NovaCron dev cluster is up: server {base} ({}), {} agent(s), data in {}\n  try: novacron vm create demo-1 --image demo --memory 256MiB --wait\n  stop with Ctrl-C (VMs keep running and are re-adopted next time)",
+        if a.insecure_http {
+            "plain HTTP"
+        } else {
+            "mTLS, agents joined with join tokens"
+        },
         a.agents,
         dir.display()
     );
