@@ -171,8 +171,8 @@ impl Qmp {
     }
 
     /// Runs a command and returns its `return` value as QEMU sent it.
-    /// Prefer the typed [`Qmp::run`]; this goes crate-internal once no caller is left.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    /// Crate-internal: callers use the typed [`Qmp::run`].
+    pub(crate) async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
