@@ -29,6 +29,16 @@ use novacron_api::{
 use novacron_client::{watcher, Client, ClientError, Selector};
 use novacron_dwcp::plan::{self, PlanInput, Strategy};
 use novacron_dwcp::{Role, Sender};
+use novacron_qmp::commands::{
+    BlockExportAdd, BlockJobCancel, CalcDirtyRate, DriveMirror, Migrate, MigrateCancel, MigrateIncoming,
+    MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy, NbdServerStart, NbdServerStop, QueryBlockJobs,
+    QueryDirtyRate, QueryMigrate,
+};
+use novacron_qmp::types::{
+    BlockJobInfo, DirtyRateStatus, InetSocketAddress, MigrationCapability as Cap, MigrationCapabilityStatus,
+    MigrationInfo, MigrationStats, MigrationStatus as QemuMigration, MirrorSyncMode, MultiFdCompression, NewImageMode,
+    SocketAddressLegacy,
+};
 use novacron_qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -54,8 +64,8 @@ const REPORT_EVERY: Duration = Duration::from_millis(500);
 const DEFAULT_LINK_BYTES_S: f64 = 1e9;
 /// QEMU multifd: channels and zstd level of the `qemu-multifd` transport
 /// (tuned on the WAN lab: more channels fill long links, level 3 beats 1 on them).
-const MULTIFD_CHANNELS: u32 = 4;
-const MULTIFD_ZSTD_LEVEL: u32 = 3;
+const MULTIFD_CHANNELS: u8 = 4;
+const MULTIFD_ZSTD_LEVEL: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -234,38 +244,6 @@ fn free_port() -> Result<u16, MigrationError> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| MigrationError::Other(format!("no free port: {e}")))
-}
-
-/// Fields of `query-migrate` we use; QEMU versions differ, so all optional.
-#[derive(Debug, Default, Deserialize)]
-struct MigrateInfo {
-    #[serde(default)]
-    status: String,
-    #[serde(default)]
-    ram: Option<RamInfo>,
-    #[serde(rename = "total-time")]
-    total_time: Option<u64>,
-    downtime: Option<u64>,
-    #[serde(rename = "error-desc")]
-    error_desc: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct RamInfo {
-    #[serde(default)]
-    transferred: u64,
-    #[serde(default)]
-    remaining: u64,
-    #[serde(default)]
-    total: u64,
-    #[serde(default, rename = "dirty-pages-rate")]
-    dirty_pages_rate: u64,
-    #[serde(default, rename = "page-size")]
-    page_size: u64,
-    #[serde(default)]
-    mbps: f64,
-    #[serde(default, rename = "dirty-sync-count")]
-    dirty_sync_count: u64,
 }
 
 impl Migrations {
@@ -690,37 +668,25 @@ impl Migrations {
             .await;
         for disk in &prepared.disks {
             let job = format!("mirror-{disk}");
-            qmp.execute(
-                "drive-mirror",
-                Some(json!({
-                    "job-id": job, "device": disk, "sync": "top", "mode": "existing", "format": "raw",
-                    "target": nbd_target(disk),
-                })),
-            )
-            .await?;
+            let mut mirror = DriveMirror::new(disk.as_str(), nbd_target(disk), MirrorSyncMode::Top);
+            mirror.job_id = Some(job.clone());
+            mirror.mode = Some(NewImageMode::Existing);
+            mirror.format = Some("raw".into());
+            qmp.run(&mirror).await?;
             ctx.mirrors.push(job);
         }
         let watch = self.watch_target(&target);
         let mut disk_total;
         let mut last_check = Instant::now();
         loop {
-            let jobs = qmp.execute("query-block-jobs", None).await?;
-            let jobs = jobs.as_array().cloned().unwrap_or_default();
-            let mine: Vec<&Value> = jobs
-                .iter()
-                .filter(|j| ctx.mirrors.iter().any(|n| j["device"] == n.as_str()))
-                .collect();
+            let jobs = qmp.run(&QueryBlockJobs).await?;
+            let mine: Vec<&BlockJobInfo> = jobs.iter().filter(|j| ctx.mirrors.contains(&j.device)).collect();
             if mine.len() < ctx.mirrors.len() {
                 return Err(MigrationError::QemuFailed("disk mirror stopped".into()));
             }
-            let (done, total): (u64, u64) = mine.iter().fold((0, 0), |(d, t), j| {
-                (
-                    d + j["offset"].as_u64().unwrap_or(0),
-                    t + j["len"].as_u64().unwrap_or(0),
-                )
-            });
+            let (done, total): (u64, u64) = mine.iter().fold((0, 0), |(d, t), j| (d + j.offset, t + j.len));
             disk_total = total;
-            let ready = mine.iter().all(|j| j["ready"].as_bool() == Some(true));
+            let ready = mine.iter().all(|j| j.ready);
             if ready || last_check.elapsed() >= REPORT_EVERY {
                 self.write_status(name, |s| {
                     s.progress.disk_transferred_bytes = done;
@@ -745,26 +711,29 @@ impl Migrations {
         // Every capability explicitly: a QEMU that arrived here by migration keeps
         // the capabilities its incoming side had (e.g. postcopy-ram), and a
         // mismatch with the target breaks the stream.
-        let caps = vec![
-            json!({"capability": "auto-converge", "state": strategy == MigrationStrategy::AutoConverge}),
-            json!({"capability": "postcopy-ram", "state": postcopy}),
-            json!({"capability": "late-block-activate", "state": false}),
-            json!({"capability": "multifd", "state": multifd}),
+        let capabilities = vec![
+            MigrationCapabilityStatus::new(Cap::AutoConverge, strategy == MigrationStrategy::AutoConverge),
+            MigrationCapabilityStatus::new(Cap::PostcopyRam, postcopy),
+            MigrationCapabilityStatus::new(Cap::LateBlockActivate, false),
+            MigrationCapabilityStatus::new(Cap::Multifd, multifd),
         ];
-        qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))
-            .await?;
+        qmp.run(&MigrateSetCapabilities { capabilities }).await?;
         // DWCP applies the bandwidth cap itself (on wire bytes); QEMU runs uncapped into it.
         let max_bandwidth = match (&session, m.spec.bandwidth_mib_s) {
             (None, Some(b)) => b * 1024 * 1024,
             _ => u64::MAX / 2,
         };
-        let mut params = json!({"downtime-limit": m.spec.max_downtime_ms, "max-bandwidth": max_bandwidth});
+        let mut params = MigrateSetParameters {
+            downtime_limit: Some(m.spec.max_downtime_ms),
+            max_bandwidth: Some(max_bandwidth),
+            ..Default::default()
+        };
         if multifd {
-            params["multifd-channels"] = json!(MULTIFD_CHANNELS);
-            params["multifd-compression"] = json!("zstd");
-            params["multifd-zstd-level"] = json!(MULTIFD_ZSTD_LEVEL);
+            params.multifd_channels = Some(MULTIFD_CHANNELS);
+            params.multifd_compression = Some(MultiFdCompression::Zstd);
+            params.multifd_zstd_level = Some(MULTIFD_ZSTD_LEVEL);
         }
-        qmp.execute("migrate-set-parameters", Some(params)).await?;
+        qmp.run(&params).await?;
         drop(prefill);
         // From its first check on: QEMU's own view of the bandwidth, bytes into
         // a local socket, would have it stop before its first pass has crossed.
@@ -776,20 +745,27 @@ impl Migrations {
             s.set_downtime_limit(Duration::from_millis(m.spec.max_downtime_ms));
         }
         let _release = session.as_ref().map(|s| release_at_stop(&qmp, s.clone()));
-        qmp.execute("migrate", Some(json!({ "uri": migrate_uri }))).await?;
+        qmp.run(&Migrate { uri: migrate_uri }).await?;
         let mut postcopy_started = false;
         let mut last_report = Instant::now();
         let info = loop {
             tokio::time::sleep(POLL_EVERY).await;
-            let info: MigrateInfo =
-                serde_json::from_value(qmp.execute("query-migrate", None).await?).unwrap_or_default();
+            let info = qmp.run(&QueryMigrate).await?;
             let ram = info.ram.as_ref();
-            match info.status.as_str() {
-                "completed" => {
+            let status = match info.status {
+                // QEMU has a migration from the moment `migrate` returns; without
+                // one, waiting would never end.
+                None | Some(QemuMigration::None) => {
+                    return Err(MigrationError::QemuFailed("absent after accepting migrate".into()))
+                }
+                Some(s) => s,
+            };
+            match status {
+                QemuMigration::Completed => {
                     tracing::info!(migration = %name, elapsed_ms = started.elapsed().as_millis() as u64, downtime_ms = info.downtime, "memory moved");
                     break info;
                 }
-                "failed" | "cancelled" => {
+                QemuMigration::Failed | QemuMigration::Cancelled => {
                     // A dead target agent explains a broken stream best.
                     self.check_target_alive(&target).await?;
                     let dwcp = session
@@ -798,9 +774,8 @@ impl Migrations {
                         .map(|e| format!(" (DWCP: {e})"))
                         .unwrap_or_default();
                     return Err(MigrationError::QemuFailed(format!(
-                        "{}: {}{dwcp}",
-                        info.status,
-                        info.error_desc.clone().unwrap_or_default()
+                        "{status}: {}{dwcp}",
+                        info.error_desc.as_deref().unwrap_or("")
                     )));
                 }
                 _ => {}
@@ -833,16 +808,19 @@ impl Migrations {
                 )));
             }
             // Post-copy: after the first full pass (or when pre-copy stops converging).
-            if postcopy && !postcopy_started && ram.is_some_and(|r| r.dirty_sync_count >= 2) && info.status == "active"
+            if postcopy
+                && !postcopy_started
+                && ram.is_some_and(|r| r.dirty_sync_count >= 2)
+                && status == QemuMigration::Active
             {
-                qmp.execute("migrate-start-postcopy", None).await?;
+                qmp.run(&MigrateStartPostcopy).await?;
                 postcopy_started = true;
                 ctx.postcopy_started = true;
                 tracing::info!(migration = %name, "switched to post-copy");
             }
             // Post-copy: once the source has stopped and switched, the guest runs on
             // the target while the rest of its memory follows on demand.
-            if postcopy_started && info.status == "postcopy-active" && !ctx.target_running {
+            if postcopy_started && status == QemuMigration::PostcopyActive && !ctx.target_running {
                 self.switch_to_target(&qmp, ctx, &target, m, vm, log_offset).await?;
             }
             // QEMU is polled often so that its end is seen at once; the calls
@@ -1078,19 +1056,16 @@ impl Migrations {
         let switching = Instant::now();
         self.write_status(name, |s| s.phase = MigrationPhase::Switchover).await;
         for job in &ctx.mirrors {
-            qmp.execute("block-job-cancel", Some(json!({ "device": job }))).await?;
+            qmp.run(&BlockJobCancel {
+                device: job.clone(),
+                force: None,
+            })
+            .await?;
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let jobs = qmp.execute("query-block-jobs", None).await?;
-            let left = jobs
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter(|j| ctx.mirrors.iter().any(|n| j["device"] == n.as_str()))
-                        .count()
-                })
-                .unwrap_or(0);
+            let jobs = qmp.run(&QueryBlockJobs).await?;
+            let left = jobs.iter().filter(|j| ctx.mirrors.contains(&j.device)).count();
             if left == 0 {
                 break;
             }
@@ -1134,25 +1109,35 @@ impl Migrations {
             return;
         }
         if let Ok(qmp) = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await {
-            let _ = qmp.execute("migrate_cancel", None).await;
+            let _ = qmp.run(&MigrateCancel).await;
             for job in &ctx.mirrors {
                 let _ = qmp
-                    .execute("block-job-cancel", Some(json!({ "device": job, "force": true })))
+                    .run(&BlockJobCancel {
+                        device: job.clone(),
+                        force: Some(true),
+                    })
                     .await;
             }
             // Wait for the migration to leave the active states before resuming.
             for _ in 0..50 {
-                let info: MigrateInfo = qmp
-                    .execute("query-migrate", None)
-                    .await
-                    .ok()
-                    .and_then(|v| serde_json::from_value(v).ok())
-                    .unwrap_or_default();
-                if !matches!(
-                    info.status.as_str(),
-                    "active" | "setup" | "device" | "cancelling" | "pre-switchover" | "postcopy-active"
-                ) {
-                    break;
+                match qmp.run(&QueryMigrate).await {
+                    Ok(info)
+                        if matches!(
+                            info.status,
+                            Some(
+                                QemuMigration::Active
+                                    | QemuMigration::Setup
+                                    | QemuMigration::Device
+                                    | QemuMigration::Cancelling
+                                    | QemuMigration::PreSwitchover
+                                    | QemuMigration::PostcopyActive
+                            )
+                        ) => {}
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.metadata.name, error = %error_chain(&e), "cannot tell whether the migration stopped; resuming the source");
+                        break;
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -1224,43 +1209,36 @@ impl Migrations {
             qemu::launch(&self.qemu, &spec, &dir).await?;
             let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
             let nbd_port = free_port()?;
-            qmp.execute(
-                "nbd-server-start",
-                Some(json!({"addr": {"type": "inet", "data": {"host": self.host, "port": nbd_port.to_string()}}})),
-            )
-            .await?;
+            let addr = SocketAddressLegacy::Inet(InetSocketAddress::new(self.host.as_str(), nbd_port));
+            qmp.run(&NbdServerStart::new(addr)).await?;
             let mut disks = vec![DISK_NODES[0].to_string()];
             if spec.data_disk.is_some() {
                 disks.push(DISK_NODES[1].to_string());
             }
             for d in &disks {
-                qmp.execute(
-                    "block-export-add",
-                    Some(json!({"type": "nbd", "id": d, "node-name": d, "writable": true})),
-                )
-                .await?;
+                qmp.run(&BlockExportAdd::nbd(d.as_str(), d.as_str(), true)).await?;
             }
             // late-block-activate: the disks become active only at our `cont`,
             // after the source drained its mirrors and the NBD server stopped;
             // otherwise activation at the end of the incoming stream could
             // re-read qcow2 metadata while the last mirror writes still arrive.
-            let caps = vec![
-                json!({"capability": "late-block-activate", "state": true}),
-                json!({"capability": "postcopy-ram", "state": req.postcopy}),
-                json!({"capability": "multifd", "state": req.multifd}),
+            let capabilities = vec![
+                MigrationCapabilityStatus::new(Cap::LateBlockActivate, true),
+                MigrationCapabilityStatus::new(Cap::PostcopyRam, req.postcopy),
+                MigrationCapabilityStatus::new(Cap::Multifd, req.multifd),
             ];
-            qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps })))
-                .await?;
+            qmp.run(&MigrateSetCapabilities { capabilities }).await?;
             if req.multifd {
-                qmp.execute(
-                    "migrate-set-parameters",
-                    Some(json!({"multifd-channels": MULTIFD_CHANNELS, "multifd-compression": "zstd"})),
-                )
+                qmp.run(&MigrateSetParameters {
+                    multifd_channels: Some(MULTIFD_CHANNELS),
+                    multifd_compression: Some(MultiFdCompression::Zstd),
+                    ..Default::default()
+                })
                 .await?;
             }
             let port = free_port()?;
             let uri = format!("tcp:{}:{port}", self.host);
-            qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
+            qmp.run(&MigrateIncoming::new(uri.as_str())).await?;
             if let (Some(session), Some(d)) = (&req.dwcp_session, &self.dwcp) {
                 let at = |port: u16| {
                     format!("{}:{port}", self.host)
@@ -1302,13 +1280,20 @@ impl Migrations {
         let called = Instant::now();
         let deadline = called + FINISH_WITHIN;
         loop {
-            let info: MigrateInfo =
-                serde_json::from_value(qmp.execute("query-migrate", None).await?).unwrap_or_default();
-            if matches!(info.status.as_str(), "completed" | "postcopy-active") {
+            let info = qmp.run(&QueryMigrate).await?;
+            // No status yet: the stream has not begun arriving; wait for it
+            // like for the other unfinished states.
+            if matches!(
+                info.status,
+                Some(QemuMigration::Completed | QemuMigration::PostcopyActive)
+            ) {
                 break;
             }
-            if info.status == "failed" || Instant::now() > deadline {
-                return Err(MigrationError::QemuFailed(format!("incoming side is {}", info.status)));
+            if info.status == Some(QemuMigration::Failed) || Instant::now() > deadline {
+                return Err(MigrationError::QemuFailed(format!(
+                    "incoming side is {}",
+                    describe(&info)
+                )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1338,7 +1323,7 @@ impl Migrations {
                 "finish: disks settled"
             );
         }
-        qmp.execute("nbd-server-stop", None).await?;
+        qmp.run(&NbdServerStop).await?;
         // Still paused, so QEMU writes nothing to the log while we append.
         if !console_log.is_empty() {
             use std::io::Write;
@@ -1433,13 +1418,11 @@ async fn tell_qemu_the_link(qmp: &Qmp, session: &Sender, m: &Migration) {
     );
     tracing::debug!(migration = %m.metadata.name, qemu_limit_ms = (limit_s * 1e3) as u64, "QEMU's share of the downtime");
     let _ = qmp
-        .execute(
-            "migrate-set-parameters",
-            Some(json!({
-                "avail-switchover-bandwidth": st.raw_bytes_s as u64,
-                "downtime-limit": (limit_s * 1e3) as u64,
-            })),
-        )
+        .run(&MigrateSetParameters {
+            avail_switchover_bandwidth: Some(st.raw_bytes_s as u64),
+            downtime_limit: Some((limit_s * 1e3) as u64),
+            ..Default::default()
+        })
         .await;
 }
 
@@ -1586,7 +1569,7 @@ impl Migrations {
             }
         };
         let (dirty, link) = tokio::join!(measure_dirty_rate(qmp), measure_link);
-        let dirty = dirty.unwrap_or(0.0);
+        let dirty = dirty?.unwrap_or(0.0);
         let (mut link, rtt_s, streams) = link?;
         if let Some(c) = cap {
             link = link.min(c);
@@ -1635,7 +1618,7 @@ impl Migrations {
             MigrationTransport::Dwcp => compress_bytes_s,
             MigrationTransport::QemuMultifd => {
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-                compress_bytes_s * f64::from(cores.min(MULTIFD_CHANNELS))
+                compress_bytes_s * f64::from(cores.min(u32::from(MULTIFD_CHANNELS)))
             }
             MigrationTransport::Qemu => f64::INFINITY,
         };
@@ -1789,7 +1772,7 @@ fn fail(s: &mut MigrationStatus, phase: MigrationPhase, error: String) {
     s.finished_at = Some(Utc::now());
 }
 
-fn progress_from(ram: Option<&RamInfo>, disk_total: u64) -> MigrationProgress {
+fn progress_from(ram: Option<&MigrationStats>, disk_total: u64) -> MigrationProgress {
     let Some(r) = ram else {
         return MigrationProgress {
             disk_total_bytes: disk_total,
@@ -1827,18 +1810,45 @@ fn progress_from(ram: Option<&RamInfo>, disk_total: u64) -> MigrationProgress {
 /// most sample pages QEMU allows: the default 512 per GiB misses a moderate
 /// rate spread over a large working set. (The dirty-bitmap mode reads 0
 /// under TCG on QEMU 10.0.)
-async fn measure_dirty_rate(qmp: &Qmp) -> Option<f64> {
-    qmp.execute("calc-dirty-rate", Some(json!({"calc-time": 1, "sample-pages": 4096})))
-        .await
-        .ok()?;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let v = qmp.execute("query-dirty-rate", None).await.ok()?;
-        if v["status"] == "measured" {
-            return v["dirty-rate"].as_f64().map(|mb| mb * 1024.0 * 1024.0);
+///
+/// `None` when QEMU cannot measure (it refuses, or takes too long): the
+/// prediction then goes without. A reply QEMU's schema does not allow is an
+/// error, as everywhere.
+async fn measure_dirty_rate(qmp: &Qmp) -> Result<Option<f64>, QmpError> {
+    let measure = async {
+        let calc = CalcDirtyRate {
+            calc_time: 1,
+            calc_time_unit: None,
+            sample_pages: Some(4096),
+            mode: None,
+        };
+        qmp.run(&calc).await?;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let info = qmp.run(&QueryDirtyRate::default()).await?;
+            if info.status == DirtyRateStatus::Measured {
+                return Ok(info.dirty_rate.map(|mb| mb as f64 * 1024.0 * 1024.0));
+            }
         }
+        Ok(None)
+    };
+    match measure.await {
+        Err(e @ QmpError::UnexpectedReply { .. }) => Err(e),
+        Err(e) => {
+            tracing::debug!(error = %e, "no dirty rate from QEMU");
+            Ok(None)
+        }
+        measured => measured,
     }
-    None
+}
+
+/// QEMU's migration state in words, for errors.
+fn describe(info: &MigrationInfo) -> String {
+    match (info.status, &info.error_desc) {
+        (Some(s), Some(why)) => format!("{s}: {why}"),
+        (Some(s), None) => s.to_string(),
+        (None, _) => "without a migration".into(),
+    }
 }
 
 #[cfg(test)]
@@ -1847,14 +1857,24 @@ mod tests {
 
     #[test]
     fn progress_and_eta_from_qemu_numbers() {
-        let ram = RamInfo {
+        let ram = MigrationStats {
             transferred: 100,
             remaining: 1000,
             total: 2000,
+            duplicate: 0,
+            normal: 0,
+            normal_bytes: 0,
             dirty_pages_rate: 0,
-            page_size: 4096,
             mbps: 8.0,
             dirty_sync_count: 1,
+            postcopy_requests: 0,
+            page_size: 4096,
+            multifd_bytes: 0,
+            pages_per_second: 0,
+            precopy_bytes: 0,
+            downtime_bytes: 0,
+            postcopy_bytes: 0,
+            dirty_sync_missed_zero_copy: 0,
         };
         let p = progress_from(Some(&ram), 50);
         assert_eq!(p.throughput_bytes_s, 1_000_000);

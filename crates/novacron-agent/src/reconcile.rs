@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use novacron_api::{Image, ImageFormat, ImagePart, PowerState, RunStrategy, Vm, VmPhase, VmStatus};
 use novacron_client::Client;
-use novacron_qmp::Qmp;
+use novacron_qmp::{Qmp, RunState};
 
 use crate::images::ImageCache;
 use crate::qemu::{self, LaunchSpec, VmDir};
@@ -298,11 +298,11 @@ impl Reconciler {
         let want_paused = vm.spec.power_state == PowerState::Paused;
         let result = if want_paused && state.running {
             qmp.stop().await.map(|_| VmPhase::Paused)
-        } else if !want_paused && state.status == "paused" {
+        } else if !want_paused && state.status == RunState::Paused {
             qmp.cont().await.map(|_| VmPhase::Running)
         } else if state.running {
             Ok(VmPhase::Running)
-        } else if state.status == "paused" {
+        } else if state.status == RunState::Paused {
             Ok(VmPhase::Paused)
         } else {
             Ok(st.phase)

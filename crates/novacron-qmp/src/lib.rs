@@ -1,9 +1,13 @@
 //! An async QMP (QEMU Machine Protocol) client: line-delimited JSON over a
 //! unix socket. Commands carry ids matched to their replies; asynchronous
 //! events go to a broadcast channel; every command has a timeout.
-//! Only the commands NovaCron uses get typed wrappers; replies are parsed
-//! tolerantly (unknown fields ignored, enums as strings) so newer or older
-//! QEMU versions do not break us.
+//!
+//! Every command NovaCron sends is a type in [`commands`] (arguments, name,
+//! reply), run with [`Qmp::run`]; the QAPI types they use are in [`types`],
+//! checked against QEMU 10.0's schema. A reply that does not match the
+//! schema is [`QmpError::UnexpectedReply`], quoting what QEMU said: never a
+//! default. Members a reply has beyond the modelled ones are ignored, as the
+//! QMP spec asks of clients.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +21,15 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
+
+pub mod commands;
+#[cfg(test)]
+mod real_qemu_tests;
+pub mod types;
+
+pub use commands::Command;
+use commands::{Cont, QmpCapabilities, QueryStatus, Quit, Stop, SystemPowerdown, SystemReset};
+pub use types::{RunState, StatusInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -36,6 +49,21 @@ pub enum QmpError {
         command: String,
         class: String,
         desc: String,
+    },
+    /// QEMU's reply does not have the shape its schema gives the command.
+    #[error("Unexpected reply to {command}: {reply}")]
+    UnexpectedReply {
+        command: String,
+        /// The reply as QEMU sent it.
+        reply: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Cannot encode the arguments of {command}")]
+    Arguments {
+        command: String,
+        #[source]
+        source: serde_json::Error,
     },
     #[error("QMP command {0} timed out")]
     Timeout(String),
@@ -85,16 +113,6 @@ impl Drop for Qmp {
     }
 }
 
-/// Reply of `query-status`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct VmRunState {
-    #[serde(default)]
-    pub running: bool,
-    /// QEMU run state: running, paused, shutdown, inmigrate, postmigrate, ...
-    #[serde(default)]
-    pub status: String,
-}
-
 impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
@@ -128,7 +146,7 @@ impl Qmp {
             timeout,
             reader,
         };
-        qmp.execute("qmp_capabilities", None).await?;
+        qmp.run(&QmpCapabilities).await?;
         Ok(qmp)
     }
 
@@ -136,8 +154,25 @@ impl Qmp {
         self.events.subscribe()
     }
 
-    /// Runs a command and returns its `return` value.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    /// Runs a command and returns its reply, checked against its type.
+    pub async fn run<C: Command>(&self, command: &C) -> Result<C::Reply, QmpError> {
+        let arguments = match serde_json::to_value(command) {
+            Ok(Value::Null) => None,
+            Ok(args) => Some(args),
+            Err(source) => {
+                return Err(QmpError::Arguments {
+                    command: C::NAME.to_string(),
+                    source,
+                })
+            }
+        };
+        let reply = self.execute(C::NAME, arguments).await?;
+        parse_reply::<C::Reply>(C::NAME, reply)
+    }
+
+    /// Runs a command and returns its `return` value as QEMU sent it.
+    /// Crate-internal: callers use the typed [`Qmp::run`].
+    pub(crate) async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
@@ -172,39 +207,48 @@ impl Qmp {
         }
     }
 
-    pub async fn query_status(&self) -> Result<VmRunState, QmpError> {
-        let v = self.execute("query-status", None).await?;
-        serde_json::from_value(v).map_err(|e| QmpError::Protocol(e.to_string()))
+    /// The guest's run state.
+    pub async fn query_status(&self) -> Result<StatusInfo, QmpError> {
+        self.run(&QueryStatus).await
     }
 
     /// Pauses the vCPUs.
     pub async fn stop(&self) -> Result<(), QmpError> {
-        self.execute("stop", None).await.map(drop)
+        self.run(&Stop).await.map(drop)
     }
 
     /// Resumes the vCPUs.
     pub async fn cont(&self) -> Result<(), QmpError> {
-        self.execute("cont", None).await.map(drop)
+        self.run(&Cont).await.map(drop)
     }
 
     /// Presses the ACPI power button.
     pub async fn system_powerdown(&self) -> Result<(), QmpError> {
-        self.execute("system_powerdown", None).await.map(drop)
+        self.run(&SystemPowerdown).await.map(drop)
     }
 
     /// Hard reset of the guest.
     pub async fn system_reset(&self) -> Result<(), QmpError> {
-        self.execute("system_reset", None).await.map(drop)
+        self.run(&SystemReset).await.map(drop)
     }
 
     /// Asks QEMU to exit. The connection closes as QEMU goes away, so a
     /// closed connection counts as success.
     pub async fn quit(&self) -> Result<(), QmpError> {
-        match self.execute("quit", None).await {
+        match self.run(&Quit).await {
             Ok(_) | Err(QmpError::Closed) | Err(QmpError::Io(_)) => Ok(()),
             Err(e) => Err(e),
         }
     }
+}
+
+/// A command's `return` value as its reply type, or the error that quotes it.
+fn parse_reply<R: serde::de::DeserializeOwned>(command: &str, reply: Value) -> Result<R, QmpError> {
+    R::deserialize(&reply).map_err(|source| QmpError::UnexpectedReply {
+        command: command.to_string(),
+        reply: reply.to_string(),
+        source,
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -279,6 +323,8 @@ mod tests {
                             .expect("event");
                         json!({"return": {"running": false, "status": "paused", "singlestep": false}, "id": id})
                     }
+                    // A reply of a shape QEMU's schema does not allow.
+                    Some("query-migrate") => json!({"return": {"status": "warp-speed"}, "id": id}),
                     Some("hang") => continue,
                     Some("qmp_capabilities") => json!({"return": {}, "id": id}),
                     _ => json!({"error": {"class": "CommandNotFound", "desc": "nope"}, "id": id}),
@@ -296,7 +342,7 @@ mod tests {
         let qmp = Qmp::connect(&path, Duration::from_millis(500)).await.expect("connect");
         let mut events = qmp.events();
         let st = qmp.query_status().await.expect("status");
-        assert_eq!(st.status, "paused");
+        assert_eq!(st.status, RunState::Paused);
         assert!(!st.running);
         let ev = events.recv().await.expect("event");
         assert_eq!(ev.event, "STOP");
@@ -308,6 +354,32 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(matches!(qmp.execute("hang", None).await, Err(QmpError::Timeout(_))));
+    }
+
+    #[tokio::test]
+    async fn a_reply_of_the_wrong_shape_fails_the_command_quoting_qemu() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        fake_server(&path).await;
+        let qmp = Qmp::connect(&path, Duration::from_millis(500)).await.expect("connect");
+        let err = qmp.run(&commands::QueryMigrate).await.expect_err("unknown status");
+        match &err {
+            QmpError::UnexpectedReply { command, reply, .. } => {
+                assert_eq!(command, "query-migrate");
+                assert!(reply.contains("warp-speed"), "{reply}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            r#"Unexpected reply to query-migrate: {"status":"warp-speed"}"#
+        );
+        let source = std::error::Error::source(&err)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        assert!(source.contains("unknown variant `warp-speed`"), "{source}");
+        // The connection is fine afterwards.
+        assert_eq!(qmp.query_status().await.expect("status").status, RunState::Paused);
     }
 
     #[tokio::test]

@@ -1,0 +1,318 @@
+//! Every QMP command NovaCron sends, as a type: the value holds the
+//! arguments, `Command::NAME` is the command and `Command::Reply` what QEMU
+//! answers. Run one with [`Qmp::run`](crate::Qmp::run).
+//!
+//! Argument members follow QEMU 10.0's schema (kebab-case names; optional
+//! ones left out when `None`). Only the members NovaCron uses, or is likely to
+//! need next, are modelled.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::types::*;
+
+/// A QMP command whose value is its arguments.
+pub trait Command: Serialize {
+    /// The command's name on the wire.
+    const NAME: &'static str;
+    /// What a successful command returns.
+    type Reply: DeserializeOwned;
+}
+
+/// The reply of commands that return nothing: QEMU sends `{}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Empty {}
+
+/// Declares argument-less commands: a unit struct each.
+macro_rules! no_args {
+    ($( $(#[$meta:meta])* $ty:ident = $name:literal -> $reply:ty; )+) => {
+        $(
+            $(#[$meta])*
+            #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+            pub struct $ty;
+
+            impl Command for $ty {
+                const NAME: &'static str = $name;
+                type Reply = $reply;
+            }
+        )+
+    };
+}
+
+no_args! {
+    /// Leaves capability negotiation mode (the first command of a session).
+    QmpCapabilities = "qmp_capabilities" -> Empty;
+    /// The guest's run state.
+    QueryStatus = "query-status" -> StatusInfo;
+    /// Pauses the vCPUs.
+    Stop = "stop" -> Empty;
+    /// Resumes the vCPUs.
+    Cont = "cont" -> Empty;
+    /// Presses the ACPI power button.
+    SystemPowerdown = "system_powerdown" -> Empty;
+    /// Hard reset of the guest.
+    SystemReset = "system_reset" -> Empty;
+    /// QEMU exits.
+    Quit = "quit" -> Empty;
+    /// The state of the current (or last) migration, incoming or outgoing.
+    QueryMigrate = "query-migrate" -> MigrationInfo;
+    /// Every migration capability and whether it is on.
+    QueryMigrateCapabilities = "query-migrate-capabilities" -> Vec<MigrationCapabilityStatus>;
+    /// Switches a running migration to post-copy (`postcopy-ram` must be on).
+    MigrateStartPostcopy = "migrate-start-postcopy" -> Empty;
+    /// Cancels the outgoing migration.
+    MigrateCancel = "migrate_cancel" -> Empty;
+    /// The block jobs that run (or wait to be dismissed).
+    QueryBlockJobs = "query-block-jobs" -> Vec<BlockJobInfo>;
+    /// Stops the NBD server and removes its exports.
+    NbdServerStop = "nbd-server-stop" -> Empty;
+}
+
+/// `migrate`: sends the VM's state to `uri` (`tcp:host:port`, `unix:path`,
+/// `exec:command`, ...). Returns at once; progress via [`QueryMigrate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Migrate {
+    pub uri: String,
+}
+
+impl Command for Migrate {
+    const NAME: &'static str = "migrate";
+    type Reply = Empty;
+}
+
+/// `migrate-incoming`: a QEMU started with `-incoming defer` listens on `uri`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrateIncoming {
+    pub uri: String,
+    /// Exit when the incoming migration fails (QEMU's default: true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_on_error: Option<bool>,
+}
+
+impl MigrateIncoming {
+    pub fn new(uri: impl Into<String>) -> Self {
+        MigrateIncoming {
+            uri: uri.into(),
+            exit_on_error: None,
+        }
+    }
+}
+
+impl Command for MigrateIncoming {
+    const NAME: &'static str = "migrate-incoming";
+    type Reply = Empty;
+}
+
+/// `migrate-set-capabilities`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MigrateSetCapabilities {
+    pub capabilities: Vec<MigrationCapabilityStatus>,
+}
+
+impl Command for MigrateSetCapabilities {
+    const NAME: &'static str = "migrate-set-capabilities";
+    type Reply = Empty;
+}
+
+/// `migrate-set-parameters` (QAPI `MigrateSetParameters`): only the members
+/// that are `Some` change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrateSetParameters {
+    /// Dirty-rate threshold (percent of bandwidth) that starts throttling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_trigger_threshold: Option<u8>,
+    /// Auto-converge: first throttle percentage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_initial: Option<u8>,
+    /// Auto-converge: throttle increment per pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_increment: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_cpu_throttle: Option<u8>,
+    /// Bytes per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+    /// Bytes per second QEMU assumes for the switchover decision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub avail_switchover_bandwidth: Option<u64>,
+    /// Milliseconds the guest may stay paused at the switchover.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_limit: Option<u64>,
+    /// Bytes per second during post-copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_postcopy_bandwidth: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xbzrle_cache_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_channels: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_compression: Option<MultiFdCompression>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_zlib_level: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_zstd_level: Option<u8>,
+}
+
+impl Command for MigrateSetParameters {
+    const NAME: &'static str = "migrate-set-parameters";
+    type Reply = Empty;
+}
+
+/// `calc-dirty-rate`: starts measuring the guest's dirty rate; read the
+/// result with [`QueryDirtyRate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CalcDirtyRate {
+    /// How long to measure, in `calc_time_unit`s (default seconds).
+    pub calc_time: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calc_time_unit: Option<TimeUnit>,
+    /// Pages sampled per GiB (page-sampling mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_pages: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<DirtyRateMeasureMode>,
+}
+
+impl Command for CalcDirtyRate {
+    const NAME: &'static str = "calc-dirty-rate";
+    type Reply = Empty;
+}
+
+/// `query-dirty-rate`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct QueryDirtyRate {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calc_time_unit: Option<TimeUnit>,
+}
+
+impl Command for QueryDirtyRate {
+    const NAME: &'static str = "query-dirty-rate";
+    type Reply = DirtyRateInfo;
+}
+
+/// `drive-mirror`: copies a disk to `target` and keeps it in sync until the
+/// job is cancelled or completed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DriveMirror {
+    /// The job's name (default: `device`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// Device or node name of the source.
+    pub device: String,
+    /// A filename or URL such as `nbd://host:port/export`.
+    pub target: String,
+    /// The target's format (default: the source's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    pub sync: MirrorSyncMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<NewImageMode>,
+    /// Bytes per second (default: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_mode: Option<MirrorCopyMode>,
+}
+
+impl DriveMirror {
+    pub fn new(device: impl Into<String>, target: impl Into<String>, sync: MirrorSyncMode) -> Self {
+        DriveMirror {
+            job_id: None,
+            device: device.into(),
+            target: target.into(),
+            format: None,
+            sync,
+            mode: None,
+            speed: None,
+            copy_mode: None,
+        }
+    }
+}
+
+impl Command for DriveMirror {
+    const NAME: &'static str = "drive-mirror";
+    type Reply = Empty;
+}
+
+/// `block-job-cancel`. Cancelling a ready mirror without `force` completes it
+/// consistently (the target holds the source's contents as of that moment).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockJobCancel {
+    /// The job id.
+    pub device: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+}
+
+impl Command for BlockJobCancel {
+    const NAME: &'static str = "block-job-cancel";
+    type Reply = Empty;
+}
+
+/// `nbd-server-start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct NbdServerStart {
+    pub addr: SocketAddressLegacy,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+
+impl NbdServerStart {
+    pub fn new(addr: SocketAddressLegacy) -> Self {
+        NbdServerStart {
+            addr,
+            tls_creds: None,
+            tls_authz: None,
+            max_connections: None,
+        }
+    }
+}
+
+impl Command for NbdServerStart {
+    const NAME: &'static str = "nbd-server-start";
+    type Reply = Empty;
+}
+
+/// `block-export-add` (QAPI `BlockExportOptions`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockExportAdd {
+    pub id: String,
+    /// The block node to export.
+    pub node_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writable: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writethrough: Option<bool>,
+    #[serde(flatten)]
+    pub export: BlockExportKind,
+}
+
+impl BlockExportAdd {
+    /// An NBD export of `node_name` named after the node.
+    pub fn nbd(id: impl Into<String>, node_name: impl Into<String>, writable: bool) -> Self {
+        BlockExportAdd {
+            id: id.into(),
+            node_name: node_name.into(),
+            writable: Some(writable),
+            writethrough: None,
+            export: BlockExportKind::Nbd(BlockExportNbd::default()),
+        }
+    }
+}
+
+impl Command for BlockExportAdd {
+    const NAME: &'static str = "block-export-add";
+    type Reply = Empty;
+}
