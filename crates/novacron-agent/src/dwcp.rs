@@ -161,7 +161,8 @@ pub struct MemorySample {
 }
 
 /// Reads `SAMPLE_PAGES` pages spread over the guest's RAM from
-/// `/proc/PID/mem` (the largest anonymous mapping at least `ram_bytes` long).
+/// `/proc/PID/mem` (the smallest anonymous mapping at least `ram_bytes`
+/// long: the guest's RAM, not a larger reservation).
 /// None when QEMU's memory cannot be read (then the planner assumes the worst).
 pub fn sample_guest(pid: u32, ram_bytes: u64, known: impl Fn(&[u8]) -> bool) -> Option<MemorySample> {
     use std::os::unix::fs::FileExt;

@@ -1,5 +1,8 @@
-//! The agent's own HTTP endpoint, called by the server only: serial console
-//! (WebSocket bridged to QEMU's console socket) and the console log.
+//! The agent's own HTTP endpoint, for the server and the other agents (mTLS
+//! with cluster certificates): serial console (WebSocket bridged to QEMU's
+//! console socket) and console log; the migration calls between agents
+//! (prepare, finish, abort, cold receive, dry-run plan, disk files) and the
+//! DWCP session endpoint; health.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
