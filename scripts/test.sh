@@ -2,6 +2,12 @@
 # The whole test suite on a fresh Debian machine: install, build the guest
 # image, check formatting and lints, run unit and integration tests (the
 # integration tests boot real QEMU/TCG guests). Idempotent.
+#
+# Only the unit tests (no QEMU, no processes; about a minute once built):
+#   cargo nextest run --workspace --lib
+# One integration test binary, e.g. the migration tests:
+#   cargo nextest run -p novacron --test migration
+# Tests that boot QEMU run one at a time (test group `qemu` in .config/nextest.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
