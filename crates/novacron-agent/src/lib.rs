@@ -4,6 +4,7 @@
 //! restart; on start the agent re-adopts them from their state directories.
 
 pub mod accel;
+mod capabilities;
 mod dwcp;
 mod http;
 mod images;
@@ -299,7 +300,19 @@ pub async fn run(
     };
     tracing::info!(node = %cfg.name, addr = %local, accel = %accel, "agent listening");
 
+    let qemu = match capabilities::probe(&cfg.qemu).await {
+        Ok(q) => {
+            tracing::info!(version = %q.version, machines = q.machine_types.len(), cpu_models = q.cpu_models.len(), "QEMU capabilities");
+            q
+        }
+        Err(e) => {
+            // The server then does not filter this node on machine type or CPU model.
+            tracing::warn!(error = %error_chain(&e), "cannot tell what QEMU offers; registering without it");
+            Default::default()
+        }
+    };
     let registration = RegisterNode {
+        qemu,
         name: cfg.name.clone(),
         address,
         capacity: capacity(&cfg),

@@ -122,6 +122,14 @@ pub struct LaunchSpec {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub accel: String,
+    /// Versioned machine type (`pc-i440fx-10.0`); launch specs written
+    /// before it was recorded start as `pc`.
+    #[serde(default = "default_machine")]
+    pub machine: String,
+    /// CPU model; `None` (launch specs written before it was recorded):
+    /// `host` under KVM, `max` under TCG.
+    #[serde(default)]
+    pub cpu_model: Option<String>,
     /// Direct kernel boot: kernel, initrd, command line.
     pub kernel: Option<(PathBuf, PathBuf, String)>,
     pub root_disk: PathBuf,
@@ -131,6 +139,10 @@ pub struct LaunchSpec {
     /// Wait for an incoming migration (`-incoming defer`).
     #[serde(default)]
     pub incoming: bool,
+}
+
+fn default_machine() -> String {
+    "pc".into()
 }
 
 /// Block node names of a VM's disks, as used by QMP (mirror, NBD export).
@@ -151,12 +163,12 @@ impl LaunchSpec {
             "-accel".into(),
             self.accel.clone(),
             "-machine".into(),
-            "pc".into(),
+            self.machine.clone(),
             "-cpu".into(),
-            if self.accel == "kvm" {
-                "host".into()
-            } else {
-                "max".into()
+            match &self.cpu_model {
+                Some(model) => model.clone(),
+                None if self.accel == "kvm" => "host".into(),
+                None => "max".into(),
             },
             "-m".into(),
             format!("{}M", self.memory_mib),
@@ -342,6 +354,8 @@ mod tests {
             vcpus: 2,
             memory_mib: 256,
             accel: "tcg".into(),
+            machine: "pc-i440fx-10.0".into(),
+            cpu_model: Some("qemu64".into()),
             kernel: Some(("/k".into(), "/i".into(), "console=ttyS0".into())),
             root_disk: dir.root_disk(),
             data_disk: Some(dir.data_disk()),
@@ -351,6 +365,8 @@ mod tests {
         let args = spec.args(&dir).expect("args").join(" ");
         for want in [
             "-accel tcg",
+            "-machine pc-i440fx-10.0",
+            "-cpu qemu64",
             "-m 256M",
             "-smp 2",
             "-daemonize",

@@ -452,6 +452,8 @@ pub async fn prepare_launch(
         vcpus: vm.spec.vcpus,
         memory_mib: vm.spec.memory_mib,
         accel: accel.to_string(),
+        machine: vm.spec.machine.clone().unwrap_or_else(|| "pc".into()),
+        cpu_model: vm.spec.cpu_model.clone(),
         kernel,
         root_disk: dir.root_disk(),
         data_disk,

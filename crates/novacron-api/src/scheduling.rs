@@ -131,6 +131,15 @@ pub struct SchedulerSettings {
     /// Latency between different zones not listed above.
     #[serde(default = "default_zone_latency")]
     pub default_zone_latency_ms: f64,
+    /// CPU model new VMs get unless they ask for one: a baseline every
+    /// node can offer, so VMs can move between them.
+    #[serde(default = "default_cpu_model")]
+    pub default_cpu_model: String,
+}
+
+/// QEMU's 64-bit baseline CPU: every x86-64 host and TCG offer it.
+pub fn default_cpu_model() -> String {
+    "qemu64".into()
 }
 
 fn one() -> f64 {
@@ -151,6 +160,7 @@ impl Default for SchedulerSettings {
             weights: ScoreWeights::default(),
             zone_latency_ms: Vec::new(),
             default_zone_latency_ms: default_zone_latency(),
+            default_cpu_model: default_cpu_model(),
         }
     }
 }

@@ -117,6 +117,9 @@ pub struct NodeStatus {
     pub accel: String,
     #[serde(default)]
     pub agent_version: String,
+    /// What the node's QEMU can run; empty when the agent did not say.
+    #[serde(default)]
+    pub qemu: QemuCapabilities,
     /// Resources reserved by VMs bound to this node (filled in by the server on read).
     #[serde(default)]
     pub allocated: Resources,
@@ -133,6 +136,31 @@ pub struct Node {
 }
 impl_object!(Node, "node");
 
+/// The machine types and CPU models a node's QEMU offers (from
+/// `-machine help` and `-cpu help`): a VM runs, or migrates, only where its
+/// versioned machine type and CPU model exist.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct QemuCapabilities {
+    /// e.g. `10.0.2`.
+    #[serde(default)]
+    pub version: String,
+    /// Every machine type name, aliases included (`pc`, `pc-i440fx-10.0`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machine_types: Vec<String>,
+    /// What each alias stands for here: `pc` -> `pc-i440fx-10.0`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub machine_aliases: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_models: Vec<String>,
+}
+
+impl QemuCapabilities {
+    /// Whether the node said what it can run.
+    pub fn is_known(&self) -> bool {
+        !self.machine_types.is_empty()
+    }
+}
+
 /// Sent by an agent when it starts.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RegisterNode {
@@ -145,6 +173,8 @@ pub struct RegisterNode {
     pub accel: String,
     #[serde(default)]
     pub agent_version: String,
+    #[serde(default)]
+    pub qemu: QemuCapabilities,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -331,6 +361,17 @@ pub struct VmSpec {
     /// Node selector, affinity, zone preference, priority.
     #[serde(default, skip_serializing_if = "crate::Placement::is_empty")]
     pub placement: crate::Placement,
+    /// QEMU machine type. Given as a family (`pc`, `q35`) it is pinned to
+    /// that family's versioned type on the first node the VM is placed on
+    /// (`pc-i440fx-10.0`), and kept from then on, across migrations, so the
+    /// guest sees the same virtual hardware everywhere. Default `pc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// QEMU CPU model (`qemu64`, `Nehalem`, ...); default: the cluster's
+    /// baseline (`novacron cluster set-scheduler --cpu-model`), recorded at
+    /// create. A named model, unlike `host`, can migrate between hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
 }
 
 pub fn default_stop_timeout() -> u32 {
@@ -354,6 +395,8 @@ impl VmSpec {
             start_request: 0,
             kernel_args: None,
             placement: Default::default(),
+            machine: None,
+            cpu_model: None,
         }
     }
 }

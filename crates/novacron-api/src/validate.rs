@@ -99,7 +99,35 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), FieldError> {
             ));
         }
     }
+    for (field, value) in [("spec.machine", &spec.machine), ("spec.cpu_model", &spec.cpu_model)] {
+        if let Some(v) = value {
+            qemu_name(field, v)?;
+        }
+    }
+    if spec.cpu_model.as_deref() == Some("host") {
+        return Err(FieldError::new(
+            "spec.cpu_model",
+            "CPU model \"host\" cannot migrate between hosts; name a model (e.g. qemu64, Nehalem)",
+        ));
+    }
     Ok(())
+}
+
+/// A QEMU machine type or CPU model name: what `-machine help` and
+/// `-cpu help` print (letters, digits, `-`, `_`, `.`), at most 64 bytes.
+pub fn qemu_name(field: &str, value: &str) -> Result<(), FieldError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && value.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            "must be a QEMU name: letters, digits, '-', '_' and '.', at most 64 characters",
+        ))
+    }
 }
 
 pub fn create_vm(req: &CreateVm) -> Result<(), FieldError> {

@@ -12,7 +12,7 @@
 mod rebalance;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 pub use rebalance::{Move, Plan, RebalanceMode};
@@ -37,6 +37,17 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// Cost per hour (any currency), for the cost objective.
     pub cost_per_hour: f64,
+    /// What the node's QEMU runs; `None` when the node did not say (it is
+    /// then not filtered on these).
+    pub runtime: Option<Runtime>,
+}
+
+/// A node's accelerator and what its QEMU offers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Runtime {
+    pub accel: String,
+    pub machine_types: BTreeSet<String>,
+    pub cpu_models: BTreeSet<String>,
 }
 
 impl NodeInfo {
@@ -48,6 +59,7 @@ impl NodeInfo {
             capacity: Resources { vcpus, memory_mib },
             labels: BTreeMap::new(),
             cost_per_hour: 0.0,
+            runtime: None,
         }
     }
 
@@ -86,6 +98,12 @@ pub struct Request {
     pub affinity: Vec<AffinityTerm>,
     /// The zone the VM wants to be close to.
     pub preferred_zone: Option<String>,
+    /// Versioned machine type the VM was pinned to, if any.
+    pub machine: Option<String>,
+    pub cpu_model: Option<String>,
+    /// The accelerator a running VM uses: its memory can only move to a
+    /// node with the same one.
+    pub accel: Option<String>,
 }
 
 impl Request {
@@ -188,6 +206,9 @@ pub enum Rejection {
     InsufficientCpu,
     Affinity,
     AntiAffinity,
+    MachineType,
+    CpuModel,
+    Accelerator,
 }
 
 impl fmt::Display for Rejection {
@@ -201,6 +222,9 @@ impl fmt::Display for Rejection {
             Rejection::InsufficientCpu => "insufficient vCPU",
             Rejection::Affinity => "required affinity not met",
             Rejection::AntiAffinity => "required anti-affinity violated",
+            Rejection::MachineType => "QEMU lacks the VM's machine type",
+            Rejection::CpuModel => "QEMU lacks the VM's CPU model",
+            Rejection::Accelerator => "different accelerator than the running VM",
         })
     }
 }
@@ -464,6 +488,17 @@ impl Cluster {
         }
         if req.node_selector.iter().any(|(k, v)| n.labels.get(k) != Some(v)) {
             return Err(Rejection::NodeSelector);
+        }
+        if let Some(rt) = &n.runtime {
+            if req.accel.as_ref().is_some_and(|a| *a != rt.accel) {
+                return Err(Rejection::Accelerator);
+            }
+            if req.machine.as_ref().is_some_and(|m| !rt.machine_types.contains(m)) {
+                return Err(Rejection::MachineType);
+            }
+            if req.cpu_model.as_ref().is_some_and(|c| !rt.cpu_models.contains(c)) {
+                return Err(Rejection::CpuModel);
+            }
         }
         if self
             .settings

@@ -334,3 +334,49 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn nodes_whose_qemu_cannot_run_the_vm_are_rejected_with_the_reason() {
+    let runtime = |accel: &str, machines: &[&str], cpus: &[&str]| Runtime {
+        accel: accel.into(),
+        machine_types: machines.iter().map(|m| m.to_string()).collect(),
+        cpu_models: cpus.iter().map(|c| c.to_string()).collect(),
+    };
+    let mut nodes = vec![
+        NodeInfo::new("old-qemu", 8, 8192),
+        NodeInfo::new("kvm", 8, 8192),
+        NodeInfo::new("no-nehalem", 8, 8192),
+        NodeInfo::new("fits", 8, 8192),
+        NodeInfo::new("unknown", 8, 8192),
+    ];
+    nodes[0].runtime = Some(runtime("tcg", &["pc", "pc-i440fx-9.2"], &["qemu64", "Nehalem"]));
+    nodes[1].runtime = Some(runtime("kvm", &["pc", "pc-i440fx-10.0"], &["qemu64", "Nehalem"]));
+    nodes[2].runtime = Some(runtime("tcg", &["pc", "pc-i440fx-10.0"], &["qemu64"]));
+    nodes[3].runtime = Some(runtime(
+        "tcg",
+        &["pc", "pc-i440fx-10.0", "pc-i440fx-9.2"],
+        &["qemu64", "Nehalem"],
+    ));
+    nodes[4].ready = false;
+    let c = Cluster::new(nodes, Settings::default());
+    let req = Request {
+        machine: Some("pc-i440fx-10.0".into()),
+        cpu_model: Some("Nehalem".into()),
+        accel: Some("tcg".into()),
+        ..Request::new(1, 512)
+    };
+    assert_eq!(c.check(0, &req), Err(Rejection::MachineType));
+    assert_eq!(c.check(1, &req), Err(Rejection::Accelerator));
+    assert_eq!(c.check(2, &req), Err(Rejection::CpuModel));
+    assert_eq!(c.check(3, &req), Ok(()));
+    assert_eq!(c.place(&req).map(|d| d.node), Ok("fits".to_string()));
+    let err = c.place_excluding(&req, Some(3)).unwrap_err().to_string();
+    assert!(err.contains("1 QEMU lacks the VM's machine type"), "{err}");
+    assert!(err.contains("1 QEMU lacks the VM's CPU model"), "{err}");
+    assert!(err.contains("1 different accelerator than the running VM"), "{err}");
+    // A node that did not say what its QEMU runs is not filtered on it.
+    let mut legacy = NodeInfo::new("legacy", 8, 8192);
+    legacy.runtime = None;
+    let c = Cluster::new(vec![legacy], Settings::default());
+    assert_eq!(c.check(0, &req), Ok(()));
+}

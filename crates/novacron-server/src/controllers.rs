@@ -56,6 +56,9 @@ async fn place_pending(state: &AppState) -> Result<(), novacron_store::StoreErro
                 }
                 match &outcome {
                     Ok(d) => {
+                        if let Some(node) = nodes.get(d.index) {
+                            pin_machine(v, node);
+                        }
                         v.status.node = Some(d.node.clone());
                         v.status.phase = VmPhase::Scheduled;
                         v.status.reason = None;
@@ -81,6 +84,20 @@ async fn place_pending(state: &AppState) -> Result<(), novacron_store::StoreErro
         }
     }
     Ok(())
+}
+
+/// A machine family (`pc`) becomes the versioned type it stands for on the
+/// VM's first node (`pc-i440fx-10.0`): from then on the guest keeps the
+/// same virtual hardware wherever it runs or moves.
+fn pin_machine(vm: &mut Vm, node: &Node) {
+    if let Some(versioned) = vm
+        .spec
+        .machine
+        .as_ref()
+        .and_then(|m| node.status.qemu.machine_aliases.get(m))
+    {
+        vm.spec.machine = Some(versioned.clone());
+    }
 }
 
 async fn node_liveness_loop(state: AppState) {

@@ -8,7 +8,7 @@ use novacron_api::{
     RejectionCount, SchedulerConfig, SchedulingProfile, Vm, VmPhase,
 };
 use novacron_scheduler::{
-    AffinityTerm, Cluster, Decision, NodeInfo, Profile, Request, Scope, Settings, Unschedulable, Weights,
+    AffinityTerm, Cluster, Decision, NodeInfo, Profile, Request, Runtime, Scope, Settings, Unschedulable, Weights,
 };
 use novacron_store::{SharedStore, StoreError, StoreExt};
 
@@ -50,7 +50,12 @@ pub fn settings(cfg: &SchedulerConfig) -> Settings {
 }
 
 pub fn request(vm: &Vm) -> Request {
-    request_for(&vm.spec, &vm.metadata.labels)
+    let mut req = request_for(&vm.spec, &vm.metadata.labels);
+    // A running guest's memory moves only to a node with the same accelerator.
+    if matches!(vm.status.phase, VmPhase::Running | VmPhase::Paused | VmPhase::Migrating) {
+        req.accel = vm.status.accel.clone();
+    }
+    req
 }
 
 /// The scheduler's view of a VM that may not exist yet.
@@ -75,6 +80,9 @@ pub fn request_for(spec: &novacron_api::VmSpec, labels: &BTreeMap<String, String
             })
             .collect(),
         preferred_zone: p.preferred_zone.clone(),
+        machine: spec.machine.clone(),
+        cpu_model: spec.cpu_model.clone(),
+        accel: None,
     }
 }
 
@@ -95,6 +103,11 @@ fn node_info(n: &Node) -> NodeInfo {
             .filter(|c| c.is_finite() && *c >= 0.0)
             .unwrap_or(0.0),
         labels: n.metadata.labels.clone(),
+        runtime: n.status.qemu.is_known().then(|| Runtime {
+            accel: n.status.accel.clone(),
+            machine_types: n.status.qemu.machine_types.iter().cloned().collect(),
+            cpu_models: n.status.qemu.cpu_models.iter().cloned().collect(),
+        }),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{config, parse_label, parse_mib, Global};
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Create a VM (and start it, unless --no-start).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List VMs.
     List(ListArgs),
     /// Show one VM.
@@ -101,6 +101,13 @@ pub struct CreateArgs {
     /// Seconds a graceful stop may take before the VM is forced off.
     #[arg(long, default_value_t = novacron_api::default_stop_timeout())]
     pub stop_timeout: u32,
+    /// QEMU machine type: a family (pc, q35), pinned to its versioned type on
+    /// the first node, or a versioned type (pc-i440fx-10.0). Default pc.
+    #[arg(long)]
+    pub machine: Option<String>,
+    /// QEMU CPU model (default: the cluster's baseline, see `cluster scheduler`).
+    #[arg(long)]
+    pub cpu_model: Option<String>,
     /// Wait until the VM is Running.
     #[arg(long)]
     pub wait: bool,
@@ -272,6 +279,8 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                     stop_timeout_s: a.stop_timeout,
                     kernel_args: a.kernel_args,
                     placement: a.placement.placement(),
+                    machine: a.machine,
+                    cpu_model: a.cpu_model,
                     ..VmSpec::new(&a.image, a.vcpus, a.memory)
                 },
             };

@@ -88,6 +88,8 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
             vm.status.qemu_pid.map(|p| p.to_string()).unwrap_or_default(),
         ),
         ("accel", vm.status.accel.clone().unwrap_or_default()),
+        ("machine", vm.spec.machine.clone().unwrap_or_else(|| "pc".into())),
+        ("cpu model", vm.spec.cpu_model.clone().unwrap_or_else(|| "-".into())),
         ("restarts", vm.status.restarts.to_string()),
         (
             "labels",

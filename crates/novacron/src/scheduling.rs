@@ -143,6 +143,9 @@ pub enum ClusterCommand {
         /// Objective weights, e.g. packing=1,cost=2,headroom=0,latency=0.5,affinity=0.5
         #[arg(long)]
         weights: Option<String>,
+        /// CPU model new VMs get unless they ask for one (a baseline every node offers).
+        #[arg(long)]
+        cpu_model: Option<String>,
     },
     /// Plan (and with no --dry-run, carry out) live migrations that even out
     /// node use or, with --mode consolidate, empty whole nodes.
@@ -199,6 +202,7 @@ fn print_config(format: Format, cfg: &SchedulerConfig) -> Result<()> {
         "weights:            packing={} cost={} headroom={} latency={} affinity={}",
         w.packing, w.cost, w.headroom, w.latency, w.affinity
     );
+    println!("default CPU model:  {}", cfg.default_cpu_model);
     Ok(())
 }
 
@@ -240,6 +244,7 @@ pub async fn cluster(g: &Global, cmd: ClusterCommand) -> Result<()> {
             memory_overcommit,
             max_vms_per_node,
             weights,
+            cpu_model,
         } => {
             let cur: SchedulerConfig = c.get_json("scheduler").await?;
             let update = SchedulerSettings {
@@ -261,6 +266,7 @@ pub async fn cluster(g: &Global, cmd: ClusterCommand) -> Result<()> {
                 },
                 zone_latency_ms: cur.settings.zone_latency_ms,
                 default_zone_latency_ms: cur.settings.default_zone_latency_ms,
+                default_cpu_model: cpu_model.unwrap_or(cur.settings.default_cpu_model),
             };
             let cfg: SchedulerConfig = c.put_json("scheduler", &update).await?;
             print_config(g.output, &cfg)

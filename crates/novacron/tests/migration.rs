@@ -413,6 +413,20 @@ async fn live_migration_moves_disks_and_state() {
         (Some(other), VmPhase::Running)
     );
     assert!(c.qemu_pids_on(other).contains(&moved.status.qemu_pid.expect("pid")));
+    // Same virtual hardware on the target: the machine type and CPU model the VM recorded.
+    let machine = vm.spec.machine.clone().expect("machine");
+    assert!(machine.starts_with("pc-i440fx-"), "{machine}");
+    assert_eq!(
+        (&moved.spec.machine, &moved.spec.cpu_model),
+        (&vm.spec.machine, &vm.spec.cpu_model)
+    );
+    let pid = moved.status.qemu_pid.expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(&format!("-machine {machine} -cpu qemu64")),
+        "{cmdline}"
+    );
     let source_dir = c.dir.path().join(&source).join("vms").join(&vm.metadata.id);
     wait_until(
         "source QEMU and files to be removed",

@@ -162,3 +162,73 @@ async fn constraints_explanations_settings_and_rebalance() {
     let out = ok(c.cli(&["cluster", "rebalance", "--max-moves", "1"]).output().unwrap());
     assert!(out.contains("moved to node-2"), "{out}");
 }
+
+/// A VM records a versioned machine type (pinned on its first node) and the
+/// cluster's baseline CPU model; nodes whose QEMU lacks them are rejected
+/// with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn vms_get_a_versioned_machine_and_a_cpu_model_nodes_must_offer() {
+    let c = Cluster::start(Options {
+        agents: 1,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    let create = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "vm",
+            "create",
+            name,
+            "--image",
+            "demo",
+            "--memory",
+            "128MiB",
+            "--no-start",
+        ];
+        args.extend_from_slice(extra);
+        c.cli(&args).output().unwrap()
+    };
+    ok(create("plain", &[]));
+    let vm = placed(&c, "plain").await;
+    let machine = vm.spec.machine.clone().unwrap_or_default();
+    assert!(machine.starts_with("pc-i440fx-"), "machine {machine:?}");
+    assert_eq!(vm.spec.cpu_model.as_deref(), Some("qemu64"));
+    let node: novacron_api::Node = c.client.get("node-1").await.unwrap();
+    assert!(
+        node.status.qemu.machine_types.contains(&machine),
+        "{:?}",
+        node.status.qemu
+    );
+
+    // Models and types no node offers keep the VM pending, and say why.
+    for (name, flag, value, why) in [
+        ("odd-cpu", "--cpu-model", "NoSuchCpu", "QEMU lacks the VM's CPU model"),
+        (
+            "old-machine",
+            "--machine",
+            "pc-i440fx-1.4",
+            "QEMU lacks the VM's machine type",
+        ),
+    ] {
+        ok(create(name, &[flag, value]));
+        wait_until(
+            &format!("{name} to say why it waits"),
+            Duration::from_secs(20),
+            || async {
+                let v = c.client.get::<Vm>(name).await.ok()?;
+                v.status.reason.filter(|r| r.contains(why)).map(|_| ())
+            },
+        )
+        .await;
+        let explain = ok(c.cli(&["vm", "explain", name]).output().unwrap());
+        assert!(explain.contains(why), "{explain}");
+    }
+    // "host" cannot migrate: refused at create.
+    let out = create("host-cpu", &["--cpu-model", "host"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot migrate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -69,6 +69,7 @@ async fn join_node(c: &Cluster, name: &str) -> Client {
         labels: [("host".to_string(), name.to_string())].into(),
         accel: "tcg".into(),
         agent_version: "test".into(),
+        qemu: Default::default(),
     })
     .await
     .unwrap();

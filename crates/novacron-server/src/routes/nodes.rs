@@ -199,6 +199,7 @@ async fn register_node(
         n.status.capacity = req.capacity;
         n.status.accel = req.accel.clone();
         n.status.agent_version = req.agent_version.clone();
+        n.status.qemu = req.qemu.clone();
         n.status.last_heartbeat = Some(now);
         if !n.status.ready {
             n.status.ready = true;

@@ -93,6 +93,13 @@ async fn put_config(
     if !(req.default_zone_latency_ms.is_finite() && req.default_zone_latency_ms >= 0.0) {
         return Err(ApiError::invalid("default_zone_latency_ms", "must be 0 or more"));
     }
+    validate::qemu_name("default_cpu_model", &req.default_cpu_model)?;
+    if req.default_cpu_model == "host" {
+        return Err(ApiError::invalid(
+            "default_cpu_model",
+            "\"host\" cannot migrate between hosts; name a model every node offers (e.g. qemu64)",
+        ));
+    }
     let mut config = scheduling::load_config(&state.store).await?;
     let exists = config.metadata.resource_version > 0;
     config.settings = req;

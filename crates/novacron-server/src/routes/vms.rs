@@ -93,6 +93,11 @@ async fn create_vm(
         ));
     }
     let mut spec = req.spec;
+    // The machine family is pinned to a versioned type on the first node the
+    // VM is placed on; the CPU model is the cluster's baseline unless asked.
+    spec.machine.get_or_insert_with(|| DEFAULT_MACHINE.to_string());
+    spec.cpu_model
+        .get_or_insert_with(|| config.settings.default_cpu_model.clone());
     // Record the root disk size the agent will create, so quotas count real sizes.
     let image_mib = image.status.virtual_size_bytes.div_ceil(1024 * 1024);
     spec.disk_mib = Some(match image.spec.format {
@@ -118,6 +123,9 @@ async fn create_vm(
     state.placement_wakeup.notify_one();
     Ok((StatusCode::CREATED, Json(vm)))
 }
+
+/// Machine type family of new VMs (QEMU's i440FX PC).
+pub const DEFAULT_MACHINE: &str = "pc";
 
 /// Get a VM by name or id.
 #[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name or id")),
