@@ -1,7 +1,11 @@
-//! Controllers: level-triggered loops that converge stored state.
-//! - placement binds Pending VMs to nodes (woken on changes, and on a timer);
+//! Controllers: level-triggered loops that converge stored state. They learn
+//! of the cluster from caches kept by watchers on the store (no timer lists
+//! the whole store):
+//! - placement binds Pending VMs to nodes, on every change to VMs, nodes,
+//!   migrations or the scheduler settings;
 //! - node liveness marks nodes NotReady after missed heartbeats.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -9,28 +13,46 @@ use novacron_api::{Migration, Node, Vm, VmPhase};
 use novacron_store::StoreExt;
 use tokio::task::JoinSet;
 
+use crate::cache::Cache;
 use crate::{scheduling, AppState, ErrorChain};
 
+/// What the controllers watch.
+struct Caches {
+    vms: Arc<Cache<Vm>>,
+    nodes: Arc<Cache<Node>>,
+    migrations: Arc<Cache<Migration>>,
+}
+
 pub fn spawn(state: AppState) -> JoinSet<()> {
+    // Any change may make a placement possible; the API also wakes placement.
+    let wake = state.placement_wakeup.clone();
+    let caches = Arc::new(Caches {
+        vms: Cache::start(state.store.clone(), wake.clone()),
+        nodes: Cache::start(state.store.clone(), wake.clone()),
+        migrations: Cache::start(state.store.clone(), wake),
+    });
     let mut set = JoinSet::new();
-    set.spawn(placement_loop(state.clone()));
-    set.spawn(node_liveness_loop(state));
+    set.spawn(placement_loop(state.clone(), caches.clone()));
+    set.spawn(node_liveness_loop(state, caches));
     set
 }
 
-async fn placement_loop(state: AppState) {
+async fn placement_loop(state: AppState, caches: Arc<Caches>) {
     loop {
-        if let Err(e) = place_pending(&state).await {
-            tracing::warn!(error = %ErrorChain(&e), "placement pass failed");
+        if caches.vms.synced() && caches.nodes.synced() && caches.migrations.synced() {
+            if let Err(e) = place_pending(&state, &caches).await {
+                tracing::warn!(error = %ErrorChain(&e), "placement pass failed");
+            }
         }
-        // Woken by writes that may make a placement possible; the timer is a backstop.
-        let _ = tokio::time::timeout(Duration::from_secs(2), state.placement_wakeup.notified()).await;
+        // Woken by every change to what placement reads. The timer only
+        // retries a pass that failed on the store.
+        let _ = tokio::time::timeout(Duration::from_secs(30), state.placement_wakeup.notified()).await;
     }
 }
 
-async fn place_pending(state: &AppState) -> Result<(), novacron_store::StoreError> {
+async fn place_pending(state: &AppState, caches: &Caches) -> Result<(), novacron_store::StoreError> {
     let store = &state.store;
-    let vms: Vec<Vm> = store.list_all::<Vm>().await?;
+    let vms: Vec<Vm> = caches.vms.snapshot();
     let mut pending: Vec<Vm> = vms
         .iter()
         .filter(|v| v.status.node.is_none() && v.metadata.deletion_requested_at.is_none())
@@ -41,8 +63,8 @@ async fn place_pending(state: &AppState) -> Result<(), novacron_store::StoreErro
     }
     // Higher priority first, then first come, first served.
     pending.sort_by_key(|v| (std::cmp::Reverse(v.spec.placement.priority), v.metadata.created_at));
-    let nodes: Vec<Node> = store.list_all::<Node>().await?;
-    let migrations: Vec<Migration> = store.list_all::<Migration>().await?;
+    let nodes: Vec<Node> = caches.nodes.snapshot();
+    let migrations: Vec<Migration> = caches.migrations.snapshot();
     let config = scheduling::load_config(store).await?;
     let mut cluster = scheduling::snapshot(&nodes, &vms, &migrations, &config, None);
     for vm in pending {
@@ -73,6 +95,9 @@ async fn place_pending(state: &AppState) -> Result<(), novacron_store::StoreErro
                 }
             })
             .await;
+        if let Ok(vm) = &updated {
+            caches.vms.write_through(vm.clone());
+        }
         match (updated, &outcome) {
             (Ok(_), Ok(d)) => {
                 tracing::info!(vm = %name, node = %d.node, score = d.score.total, feasible = d.feasible, "placed VM");
@@ -100,20 +125,23 @@ fn pin_machine(vm: &mut Vm, node: &Node) {
     }
 }
 
-async fn node_liveness_loop(state: AppState) {
+/// Heartbeats arrive through the node cache; a node is stale when its last
+/// one is older than the grace period, so the loop checks the cache (not the
+/// store) twice a second.
+async fn node_liveness_loop(state: AppState, caches: Arc<Caches>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        if let Err(e) = mark_stale_nodes(&state).await {
+        if let Err(e) = mark_stale_nodes(&state, &caches.nodes).await {
             tracing::warn!(error = %ErrorChain(&e), "node liveness pass failed");
         }
     }
 }
 
-async fn mark_stale_nodes(state: &AppState) -> Result<(), novacron_store::StoreError> {
+async fn mark_stale_nodes(state: &AppState, nodes: &Cache<Node>) -> Result<(), novacron_store::StoreError> {
     let grace = chrono::Duration::from_std(state.config.node_grace).unwrap_or(chrono::Duration::seconds(15));
     let now = Utc::now();
-    for node in state.store.list_all::<Node>().await? {
+    for node in nodes.snapshot() {
         let stale = node.status.last_heartbeat.is_none_or(|t| now - t > grace);
         if node.status.ready && stale {
             let name = node.metadata.name.clone();
@@ -132,7 +160,13 @@ async fn mark_stale_nodes(state: &AppState) -> Result<(), novacron_store::StoreE
                 })
                 .await;
             match result {
-                Ok(_) => tracing::warn!(node = %name, "node is NotReady: heartbeat missed"),
+                Ok(n) => {
+                    let marked = !n.status.ready;
+                    nodes.write_through(n);
+                    if marked {
+                        tracing::warn!(node = %name, "node is NotReady: heartbeat missed");
+                    }
+                }
                 Err(novacron_store::StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod auth;
+mod cache;
 mod controllers;
 pub mod error;
 mod extract;
