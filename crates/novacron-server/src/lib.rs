@@ -259,6 +259,9 @@ fn local_names(listen: SocketAddr) -> Vec<String> {
 }
 
 /// Runs the server until `shutdown` resolves.
+/// File in the data dir with the address the server listens on.
+pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+
 pub async fn run(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -271,6 +274,12 @@ pub async fn run(
     let local = listener.local_addr().map_err(ServerError::Serve)?;
     let scheme = if state.tls.is_some() { "https" } else { "http" };
     tracing::info!(addr = %local, scheme, data_dir = %state.config.data_dir.display(), "server listening");
+    // With `--listen HOST:0` this is where to find the port it got.
+    let addr_file = state.config.data_dir.join(LISTEN_ADDR_FILE);
+    std::fs::write(&addr_file, format!("{local}\n")).map_err(|source| ServerError::DataDir {
+        path: addr_file.display().to_string(),
+        source,
+    })?;
     let mut controllers = controllers::spawn(state.clone());
     // Watch streams never end by themselves, so graceful shutdown gets a
     // short grace period and then the server stops regardless.

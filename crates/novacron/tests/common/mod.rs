@@ -111,8 +111,12 @@ impl Default for Options {
     }
 }
 
+/// A process's log; a restarted process appends to what it wrote before.
 fn log_file(dir: &Path, name: &str) -> Stdio {
-    std::fs::File::create(dir.join(format!("{name}.log")))
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
         .map(Stdio::from)
         .unwrap_or(Stdio::null())
 }
@@ -123,14 +127,16 @@ impl Cluster {
             .prefix("nc-")
             .tempdir_in("/tmp")
             .expect("tempdir");
-        let port = free_port();
-        let url = format!("{}://127.0.0.1:{port}", if opts.tls { "https" } else { "http" });
+        // The server binds port 0 and reports what it got (no bind-and-release
+        // race); a restart binds that port again.
+        let port = 0;
+        let url = String::new();
         let mut server_args = vec![
             "server".to_string(),
             "--data-dir".into(),
             dir.path().join("server").display().to_string(),
             "--listen".into(),
-            format!("127.0.0.1:{port}"),
+            "127.0.0.1:0".into(),
             "--node-grace".into(),
             opts.node_grace.into(),
         ];
@@ -208,6 +214,8 @@ impl Cluster {
     }
 
     pub async fn start_server(&mut self) {
+        let addr_file = self.dir.path().join("server").join(novacron_server::LISTEN_ADDR_FILE);
+        let _ = std::fs::remove_file(&addr_file);
         let child = Command::new(BIN)
             .args(&self.server_args)
             .env("NOVACRON_LOG", "info")
@@ -216,6 +224,20 @@ impl Cluster {
             .spawn()
             .expect("spawn server");
         self.server = Some(child);
+        let addr: std::net::SocketAddr = wait_until("server to report its address", Duration::from_secs(30), || {
+            let addr_file = addr_file.clone();
+            async move { std::fs::read_to_string(addr_file).ok()?.trim().parse().ok() }
+        })
+        .await;
+        if self.port == 0 {
+            self.port = addr.port();
+            self.url = format!("{}://{addr}", if self.tls { "https" } else { "http" });
+            self.client = Client::new(&self.url, "none").expect("client");
+            if let Some(listen) = self.server_args.iter_mut().find(|a| a.as_str() == "127.0.0.1:0") {
+                *listen = addr.to_string();
+            }
+        }
+        assert_eq!(addr.port(), self.port, "server came back on another port");
         let url = format!("{}/readyz", self.url);
         wait_until("server ready", Duration::from_secs(30), || {
             // The cluster CA file appears at the first start.
@@ -497,9 +519,23 @@ impl Drop for Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         if std::thread::panicking() {
-            // Keep the logs of a failed test visible.
-            for f in ["server.log", "node-1.log", "node-2.log"] {
-                if let Ok(log) = std::fs::read_to_string(self.dir.path().join(f)) {
+            // Keep the logs of a failed test visible: every process's, and
+            // each QEMU's own log.
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect();
+            for agent in &self.agents {
+                let vms = std::fs::read_dir(agent.data_dir.join("vms")).into_iter().flatten().flatten();
+                logs.extend(vms.map(|vm| vm.path().join("qemu.log")).filter(|p| p.exists()));
+            }
+            logs.sort();
+            for path in logs {
+                let f = path.strip_prefix(self.dir.path()).unwrap_or(&path).display().to_string();
+                if let Ok(log) = std::fs::read_to_string(&path) {
                     let tail: Vec<&str> = log.lines().rev().take(40).collect();
                     eprintln!("--- {f} (last 40 lines) ---");
                     for l in tail.iter().rev() {
