@@ -14,9 +14,12 @@ use novacron_client::{watcher, Client, Selector};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::source::SourceCtx;
-use super::{MigrationError, Migrations};
-use crate::node::lock;
+use super::{MigrationError, Migrations, POLL_EVERY};
+use crate::node::{lock, MigrationClaim};
 use crate::reconcile::error_chain;
+
+/// How long a new driver waits for the previous one to let go of the VM.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 /// The status of a migration this agent drives, as the agent knows it, and a
 /// task that writes it to the server whenever the server can take it. The
@@ -192,8 +195,9 @@ impl Migrations {
             return;
         };
         // The VM is this driver's until the end: the reconciler leaves a claimed VM alone.
-        let Some(_claim) = self.node.claims.claim(&vm.metadata.id) else {
+        let Some(_claim) = self.claim(&vm.metadata.id).await else {
             let why = "Another migration of the VM runs on this node";
+            tracing::warn!(migration = %name, vm = %vm.metadata.name, "{why}");
             self.write_status(&name, |s| fail(s, MigrationPhase::Failed, why.into()))
                 .await;
             return;
@@ -257,7 +261,7 @@ impl Migrations {
         let Ok(vm) = self.node.client.get::<Vm>(&m.spec.vm).await else {
             return;
         };
-        let Some(_claim) = self.node.claims.claim(&vm.metadata.id) else {
+        let Some(_claim) = self.claim(&vm.metadata.id).await else {
             tracing::warn!(migration = %m.metadata.name, "not rolled back: another migration of the VM runs on this node");
             return;
         };
@@ -266,6 +270,22 @@ impl Migrations {
         self.write_status(&m.metadata.name, |s| fail(s, MigrationPhase::Failed, why.to_string()))
             .await;
         self.set_vm_phase(&vm.metadata.name, VmPhase::Running, None).await;
+    }
+
+    /// Claims a VM for this driver. The server lets a new migration of a VM
+    /// start once the last one's status is final, a moment before that one's
+    /// driver has let go of the VM: wait for it (a while, not forever).
+    async fn claim(&self, vm_id: &str) -> Option<MigrationClaim> {
+        let deadline = Instant::now() + CLAIM_WAIT;
+        loop {
+            if let Some(claim) = self.node.claims.claim(vm_id) {
+                return Some(claim);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
     }
 
     pub(super) fn check_cancel(&self, name: &str) -> Result<(), MigrationError> {
