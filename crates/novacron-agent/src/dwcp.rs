@@ -12,6 +12,8 @@ use novacron_dwcp::cache::chunk_hash;
 use novacron_dwcp::{CacheStore, Hello, Receiver, Sender, SessionConfig};
 use tokio_util::sync::CancellationToken;
 
+use crate::node::lock;
+
 /// A link measurement stays good this long; after that a session probes again.
 const LINK_FRESH: Duration = Duration::from_secs(600);
 /// A probe lasts this many round trips, within the bounds below; its first
@@ -220,25 +222,24 @@ pub fn sample_guest(pid: u32, ram_bytes: u64, known: impl Fn(&[u8]) -> bool) -> 
     })
 }
 
-/// Wire bytes per byte of a rewritten page, from the sampled pages the
-/// guest has changed since: a page with a few changed runs travels as a
-/// delta (DWCP), any other as compressed content. None when too few changed
-/// to say.
+/// Wire bytes per byte of a rewritten page, from the sampled pages as the
+/// guest holds them now (`novacron_dwcp::plan::rewrite_cost`). None when
+/// QEMU's memory cannot be read, or too few pages changed to say.
 pub fn rewrite_cost(pid: u32, ram_bytes: u64, sample: &MemorySample) -> Option<f64> {
     use std::os::unix::fs::FileExt;
-    const MIN_CHANGED: usize = 4;
     let (mem, start) = open_guest_ram(pid, ram_bytes)?;
-    let mut now = vec![0u8; 4096];
-    let (mut changed, mut cost) = (0usize, 0.0f64);
-    for (index, before) in &sample.pages {
-        mem.read_exact_at(&mut now, start + index * 4096).ok()?;
-        if &now == before {
-            continue;
-        }
-        changed += 1;
-        cost += novacron_dwcp::codec::delta_bytes(before, &now).map_or(4096.0 * sample.compression, |d| d as f64);
+    let mut now = Vec::with_capacity(sample.pages.len());
+    for (index, _) in &sample.pages {
+        let mut page = vec![0u8; 4096];
+        mem.read_exact_at(&mut page, start + index * 4096).ok()?;
+        now.push(page);
     }
-    (changed >= MIN_CHANGED).then(|| cost / (changed as f64 * 4096.0))
+    let pages = sample
+        .pages
+        .iter()
+        .zip(&now)
+        .map(|((_, before), now)| (&before[..], &now[..]));
+    novacron_dwcp::plan::rewrite_cost(pages, sample.compression)
 }
 
 /// QEMU's `/proc/PID/mem` and the address of the guest's RAM in it (the
@@ -326,10 +327,6 @@ pub fn host_of(address: &str) -> String {
         return v6.split(']').next().unwrap_or(v6).to_string();
     }
     hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

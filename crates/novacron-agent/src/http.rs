@@ -17,10 +17,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
+use novacron_api::agent::{ColdRequest, DwcpEndpoint, PlanRequest, PrepareRequest, VmRef};
 use novacron_api::AGENT_SECRET_HEADER;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use crate::migration::{ColdRequest, Migrations, PlanRequest, PrepareRequest, VmRef};
+use crate::migration::Migrations;
 use crate::qemu::VmDir;
 use crate::reconcile::error_chain;
 
@@ -59,8 +60,8 @@ async fn require_secret(State(state): State<HttpState>, req: Request, next: Next
 
 /// The port other agents send DWCP sessions to.
 async fn dwcp_endpoint(State(state): State<HttpState>) -> Response {
-    match &state.migrations.dwcp {
-        Some(d) => Json(serde_json::json!({ "port": d.port })).into_response(),
+    match state.migrations.dwcp() {
+        Some(d) => Json(DwcpEndpoint { port: d.port }).into_response(),
         None => (StatusCode::NOT_FOUND, "this agent has no DWCP listener").into_response(),
     }
 }
@@ -213,7 +214,7 @@ async fn finish(State(state): State<HttpState>, Path(migration): Path<String>, J
         return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
     }
     let finished = state.migrations.finish(&migration, &req).await;
-    if let Some(d) = &state.migrations.dwcp {
+    if let Some(d) = state.migrations.dwcp() {
         d.receiver.forget(&migration);
     }
     match finished {
@@ -230,7 +231,7 @@ async fn abort(State(state): State<HttpState>, Path(migration): Path<String>, Js
     if !valid_id(&req.vm_id) {
         return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
     }
-    if let Some(d) = &state.migrations.dwcp {
+    if let Some(d) = state.migrations.dwcp() {
         d.receiver.forget(&migration);
     }
     state.migrations.discard(&req.vm_id).await;

@@ -9,6 +9,7 @@ mod dwcp;
 mod http;
 mod images;
 mod migration;
+mod node;
 pub mod qemu;
 mod reconcile;
 
@@ -22,6 +23,7 @@ use futures::StreamExt;
 use novacron_api::{RegisterNode, Resources, Vm};
 use novacron_client::{watcher, Client, ClientError, Selector};
 
+use crate::node::{MigrationClaims, NodeContext};
 use crate::reconcile::{error_chain, Outcome, Reconciler};
 
 #[derive(Debug, Clone)]
@@ -245,19 +247,18 @@ pub async fn run(
     };
     let secret = Arc::new(RwLock::new(None));
     let images = Arc::new(images::ImageCache::new(cfg.data_dir.join("images")));
-    let migrations = migration::Migrations::new(
-        cfg.name.clone(),
-        cfg.qemu.clone(),
-        accel.clone(),
-        vms_root.clone(),
-        images.clone(),
-        client.clone(),
-        secret.clone(),
+    let node = Arc::new(NodeContext {
+        name: cfg.name.clone(),
+        qemu: cfg.qemu.clone(),
+        accel: accel.clone(),
+        vms_root: vms_root.clone(),
+        images,
+        client: client.clone(),
+        secret: secret.clone(),
         host,
-        peer_http()?,
-        peer_http()?,
-    );
-    let mut migrations = migrations;
+        claims: MigrationClaims::default(),
+    });
+    let mut dwcp = None;
     if let Some(c) = &tls {
         match dwcp::DwcpNode::start(
             &cfg.name,
@@ -269,10 +270,11 @@ pub async fn run(
         )
         .await
         {
-            Ok(d) => migrations.dwcp = Some(d),
+            Ok(d) => dwcp = Some(d),
             Err(e) => tracing::warn!(error = %e, "DWCP unavailable; migrations use QEMU's own stream"),
         }
     }
+    let migrations = migration::Migrations::new(node.clone(), peer_http()?, peer_http()?, dwcp);
     let http_state = http::HttpState {
         vms_root: vms_root.clone(),
         secret: secret.clone(),
@@ -366,17 +368,12 @@ pub async fn run(
     };
 
     let reconciler = Reconciler {
-        node: cfg.name.clone(),
-        qemu: cfg.qemu.clone(),
-        accel,
-        images,
-        vms_root,
-        client: client.clone(),
+        node,
         runtimes: HashMap::new(),
     };
-    let poller = tokio::spawn(migrations.clone().run());
+    let poller = tokio::spawn(migrations.run());
     tokio::select! {
-        _ = control_loop(reconciler, client, migrations) => {}
+        _ = control_loop(reconciler, client) => {}
         _ = shutdown => tracing::info!("agent stopping; VMs keep running"),
     }
     heartbeat.abort();
@@ -388,13 +385,13 @@ pub async fn run(
 /// Learns of this node's VMs from a watcher (the server sends only VMs bound
 /// here, and a VM that leaves as deleted); reconciles on every change and on a
 /// 1 s tick (which also notices QEMU processes that died).
-async fn control_loop(mut rec: Reconciler, client: Client, migrations: migration::Migrations) {
+async fn control_loop(mut rec: Reconciler, client: Client) {
     let (mut listed, mut orphans_checked) = (false, false);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut vms = std::pin::pin!(watcher::watch::<Vm>(
         client.clone(),
-        Selector::fields(format!("status.node={}", rec.node))
+        Selector::fields(format!("status.node={}", rec.node.name))
     ));
     let mut mine: HashMap<String, Vm> = HashMap::new();
     loop {
@@ -420,7 +417,7 @@ async fn control_loop(mut rec: Reconciler, client: Client, migrations: migration
             orphans_checked = remove_orphans(&mut rec, &client, &mine).await;
         }
         if orphans_checked {
-            reconcile_all(&mut rec, &client, &mut mine, &migrations).await;
+            reconcile_all(&mut rec, &client, &mut mine).await;
         }
     }
 }
@@ -428,7 +425,7 @@ async fn control_loop(mut rec: Reconciler, client: Client, migrations: migration
 /// Removes the state of VMs this node no longer runs, keeping VMs bound here
 /// and VMs a migration is bringing here. False if that cannot be known yet.
 async fn remove_orphans(rec: &mut Reconciler, client: &Client, mine: &HashMap<String, Vm>) -> bool {
-    let incoming = Selector::fields(format!("status.target_node={}", rec.node));
+    let incoming = Selector::fields(format!("status.target_node={}", rec.node.name));
     let Ok((migrations, _)) = client.list_all::<novacron_api::Migration>(&incoming).await else {
         return false;
     };
@@ -446,12 +443,8 @@ async fn remove_orphans(rec: &mut Reconciler, client: &Client, mine: &HashMap<St
     true
 }
 
-async fn reconcile_all(
-    rec: &mut Reconciler,
-    client: &Client,
-    mine: &mut HashMap<String, Vm>,
-    migrations: &migration::Migrations,
-) {
+/// Reconciles every VM of this node but those a migration claims.
+async fn reconcile_all(rec: &mut Reconciler, client: &Client, mine: &mut HashMap<String, Vm>) {
     // Forget VMs that left this node (deleted, or migrated away).
     let ids: HashSet<String> = mine.values().map(|v| v.metadata.id.clone()).collect();
     rec.runtimes.retain(|id, _| ids.contains(id));
@@ -461,7 +454,7 @@ async fn reconcile_all(
             continue;
         };
         // The migration driver owns a VM while it moves.
-        if migrations.is_migrating(&vm.metadata.id) {
+        if rec.node.claims.is_claimed(&vm.metadata.id) {
             continue;
         }
         match rec.reconcile(&vm).await {
@@ -501,5 +494,59 @@ async fn reconcile_all(
             }
             Outcome::Status(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use novacron_api::{Metadata, VmSpec, VmStatus};
+
+    fn reconciler(vms_root: PathBuf) -> Reconciler {
+        let client = Client::new("http://127.0.0.1:9", "token").expect("client");
+        let node = NodeContext {
+            name: "node-1".into(),
+            qemu: "qemu-system-x86_64".into(),
+            accel: "tcg".into(),
+            images: Arc::new(images::ImageCache::new(vms_root.join("images"))),
+            vms_root,
+            client,
+            secret: Arc::default(),
+            host: "127.0.0.1".into(),
+            claims: MigrationClaims::default(),
+        };
+        Reconciler {
+            node: Arc::new(node),
+            runtimes: HashMap::new(),
+        }
+    }
+
+    /// A VM whose deletion was asked for: one reconcile removes its (absent)
+    /// files and drops it from the VMs of this node, without QEMU.
+    fn deleted_vm() -> Vm {
+        let mut metadata = Metadata::new("doomed", BTreeMap::new());
+        metadata.deletion_requested_at = Some(chrono::Utc::now());
+        Vm {
+            metadata,
+            spec: VmSpec::new("image", 1, 64),
+            status: VmStatus::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reconciler_leaves_a_claimed_vm_alone_until_the_claim_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rec = reconciler(dir.path().join("vms"));
+        let client = rec.node.client.clone();
+        let vm = deleted_vm();
+        let mut mine = HashMap::from([(vm.metadata.name.clone(), vm.clone())]);
+
+        let claim = rec.node.claims.claim(&vm.metadata.id).expect("claim");
+        reconcile_all(&mut rec, &client, &mut mine).await;
+        assert!(mine.contains_key("doomed"), "a claimed VM was reconciled");
+
+        drop(claim);
+        reconcile_all(&mut rec, &client, &mut mine).await;
+        assert!(!mine.contains_key("doomed"), "the VM was not reconciled once released");
     }
 }

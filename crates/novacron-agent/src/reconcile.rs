@@ -4,7 +4,6 @@
 //! a missed event is safe.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use novacron_client::Client;
 use novacron_qmp::{Qmp, RunState};
 
 use crate::images::ImageCache;
+use crate::node::NodeContext;
 use crate::qemu::{self, LaunchSpec, VmDir};
 
 /// What the agent remembers about a VM between reconciles (lost on restart,
@@ -36,12 +36,8 @@ pub struct Runtime {
 }
 
 pub struct Reconciler {
-    pub node: String,
-    pub qemu: String,
-    pub accel: String,
-    pub vms_root: PathBuf,
-    pub images: Arc<ImageCache>,
-    pub client: Client,
+    /// This node (shared with the migrations: a VM one of them claims is theirs).
+    pub node: Arc<NodeContext>,
     pub runtimes: HashMap<String, Runtime>,
 }
 
@@ -70,7 +66,7 @@ const REPRESS_EVERY: Duration = Duration::from_secs(3);
 
 impl Reconciler {
     pub fn vm_dir(&self, id: &str) -> VmDir {
-        VmDir::new(&self.vms_root, id)
+        self.node.vm_dir(id)
     }
 
     pub async fn reconcile(&mut self, vm: &Vm) -> Outcome {
@@ -213,8 +209,8 @@ impl Reconciler {
 
         // Starting a process on a stale view could run a VM twice (e.g. one that
         // just migrated away): confirm with the server that it is still bound here.
-        match self.client.get::<Vm>(&name).await {
-            Ok(fresh) if fresh.status.node.as_deref() == Some(self.node.as_str()) && fresh.metadata.id == id => {}
+        match self.node.client.get::<Vm>(&name).await {
+            Ok(fresh) if fresh.status.node.as_deref() == Some(self.node.name.as_str()) && fresh.metadata.id == id => {}
             Ok(_) => {
                 tracing::info!(vm = %name, "not starting: the VM is no longer bound to this node");
                 return;
@@ -237,7 +233,7 @@ impl Reconciler {
                 };
                 st.qemu_pid = Some(pid);
                 st.started_at = Some(Utc::now());
-                st.accel = Some(self.accel.clone());
+                st.accel = Some(self.node.accel.clone());
                 st.observed_start_request = vm.spec.start_request;
                 st.observed_reboot_generation = vm.spec.reboot_generation;
                 if !st
@@ -247,7 +243,7 @@ impl Reconciler {
                 {
                     st.reason = None;
                 }
-                tracing::info!(vm = %name, pid, accel = %self.accel, "VM started");
+                tracing::info!(vm = %name, pid, accel = %self.node.accel, "VM started");
             }
             Err(e) => {
                 let rt = self.runtimes.entry(id).or_default();
@@ -267,8 +263,8 @@ impl Reconciler {
     }
 
     async fn start(&mut self, vm: &Vm, dir: &VmDir) -> Result<u32, ReconcileError> {
-        let spec = prepare_launch(&self.client, &self.images, &self.accel, vm, dir).await?;
-        let pid = qemu::launch(&self.qemu, &spec, dir).await?;
+        let spec = prepare_launch(&self.node.client, &self.node.images, &self.node.accel, vm, dir).await?;
+        let pid = qemu::launch(&self.node.qemu, &spec, dir).await?;
         let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
         rt.qmp = None;
         rt.powerdown_sent = None;
@@ -282,7 +278,7 @@ impl Reconciler {
         let name = &vm.metadata.name;
         self.runtimes.entry(id.clone()).or_default().powerdown_sent = None;
         st.qemu_pid = Some(pid);
-        st.accel.get_or_insert_with(|| self.accel.clone());
+        st.accel.get_or_insert_with(|| self.node.accel.clone());
         let Some(qmp) = self.qmp(&id, dir).await else {
             st.reason = Some("QMP is not answering".into());
             return;
@@ -375,7 +371,7 @@ impl Reconciler {
     /// Removes VM directories this cluster no longer knows (a VM deleted
     /// while this agent was away), killing any QEMU still running there.
     pub async fn remove_orphans(&mut self, known_ids: &std::collections::HashSet<String>) {
-        let Ok(entries) = std::fs::read_dir(&self.vms_root) else {
+        let Ok(entries) = std::fs::read_dir(&self.node.vms_root) else {
             return;
         };
         for entry in entries.flatten() {

@@ -1,6 +1,7 @@
 //! NovaCron API: object types, validation and the error body. No I/O: the
 //! HTTP client is `novacron-client`.
 
+pub mod agent;
 pub mod error;
 pub mod identity;
 pub mod scheduling;

@@ -182,6 +182,125 @@ fn show(p: &Prediction) -> String {
     }
 }
 
+/// What carries a migration's streams, as far as their wire cost goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// DWCP: zero-page runs, cache references, deltas, zstd; one encoder thread.
+    Dwcp,
+    /// QEMU multifd with zstd, on `channels` threads (as many at once as there are cores).
+    QemuMultifd { channels: u8 },
+    /// QEMU's own stream: copies, compresses nothing.
+    Qemu,
+}
+
+/// What a sample of the guest's memory showed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryFigures {
+    /// Share of zero pages.
+    pub zero_share: f64,
+    /// zstd output / input for the non-zero pages.
+    pub compression: f64,
+    /// Share of the non-zero pages the target's cache already holds.
+    pub known_share: f64,
+    /// How fast zstd took them (input bytes/s on one core).
+    pub compress_bytes_s: f64,
+}
+
+impl MemoryFigures {
+    /// Nothing could be sampled: every page counts, incompressible and unknown.
+    pub const UNKNOWN: MemoryFigures = MemoryFigures {
+        zero_share: 0.0,
+        compression: 1.0,
+        known_share: 0.0,
+        compress_bytes_s: f64::INFINITY,
+    };
+}
+
+/// Inputs of [`wire_cost`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WireInput {
+    pub carrier: Carrier,
+    pub memory_bytes: u64,
+    pub memory: MemoryFigures,
+    /// Guest bytes already carried ahead to the target (they are known there now).
+    pub sent_ahead_bytes: f64,
+    /// Wire bytes per byte of a page the guest rewrote (see [`rewrite_cost`]), if measured.
+    pub rewrite_cost: Option<f64>,
+    /// Cores the sending side can encode on.
+    pub cores: u32,
+}
+
+/// What each guest and disk byte costs on the wire, and how fast it can be encoded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WireCost {
+    /// The [`PlanInput`] fields of the same names.
+    pub first_pass_cost: f64,
+    pub dirty_cost: f64,
+    pub disk_cost: f64,
+    pub encode_bytes_s: f64,
+    pub working_set_bytes: f64,
+    /// The sampled share of known pages, plus what was sent ahead.
+    pub known_share: f64,
+}
+
+/// Wire bytes per guest byte. QEMU sends a zero page as a 9-byte record
+/// (DWCP compresses runs of them to almost nothing); a known page costs DWCP
+/// a 17-byte reference. DWCP re-sends a page the guest changed a little as a
+/// delta. DWCP encodes on one thread; multifd compresses on one thread per
+/// channel, as many at once as there are cores; plain QEMU only copies.
+pub fn wire_cost(input: &WireInput) -> WireCost {
+    let MemoryFigures {
+        zero_share: zero,
+        compression,
+        compress_bytes_s,
+        ..
+    } = input.memory;
+    let mut known = input.memory.known_share;
+    let working_set = (1.0 - zero) * input.memory_bytes as f64;
+    if working_set > 0.0 {
+        known += (1.0 - known) * (input.sent_ahead_bytes / working_set).min(1.0);
+    }
+    let (first_pass_cost, dirty_cost, disk_cost) = match input.carrier {
+        Carrier::Dwcp => (
+            zero * 0.5 / 4096.0 + (1.0 - zero) * (known * 17.0 / 4096.0 + (1.0 - known) * compression),
+            input.rewrite_cost.map_or(compression, |c| c.min(compression)),
+            compression,
+        ),
+        Carrier::QemuMultifd { .. } => (zero * 9.0 / 4096.0 + (1.0 - zero) * compression, compression, 1.0),
+        Carrier::Qemu => (zero * 9.0 / 4096.0 + (1.0 - zero), 1.0, 1.0),
+    };
+    let encode_bytes_s = match input.carrier {
+        Carrier::Dwcp => compress_bytes_s,
+        Carrier::QemuMultifd { channels } => compress_bytes_s * f64::from(input.cores.min(u32::from(channels))),
+        Carrier::Qemu => f64::INFINITY,
+    };
+    WireCost {
+        first_pass_cost,
+        dirty_cost,
+        disk_cost,
+        encode_bytes_s,
+        working_set_bytes: working_set,
+        known_share: known,
+    }
+}
+
+/// Wire bytes per byte of a rewritten page, from sampled pages as they were
+/// and as they are now: a page with a few changed runs travels as a delta
+/// (DWCP), any other as compressed content (`compression`). `None` when too
+/// few changed to say.
+pub fn rewrite_cost<'a>(pages: impl IntoIterator<Item = (&'a [u8], &'a [u8])>, compression: f64) -> Option<f64> {
+    const MIN_CHANGED: usize = 4;
+    let (mut changed, mut cost) = (0usize, 0.0f64);
+    for (before, now) in pages {
+        if before == now {
+            continue;
+        }
+        changed += 1;
+        cost += crate::codec::delta_bytes(before, now).map_or(4096.0 * compression, |d| d as f64);
+    }
+    (changed >= MIN_CHANGED).then(|| cost / (changed as f64 * 4096.0))
+}
+
 /// Live estimate of the seconds left: `remaining` guest bytes still to send,
 /// `raw_rate` guest bytes/s the transport moves, `dirty` bytes/s re-dirtied.
 pub fn eta_remaining(remaining: f64, raw_rate: f64, dirty: f64, postcopy_active: bool) -> Option<f64> {
@@ -320,5 +439,79 @@ mod tests {
         assert_eq!(eta_remaining(100.0, 10.0, 5.0, false), Some(20.0));
         assert_eq!(eta_remaining(100.0, 10.0, 12.0, false), None);
         assert_eq!(eta_remaining(100.0, 10.0, 12.0, true), Some(10.0));
+    }
+
+    fn sampled() -> MemoryFigures {
+        MemoryFigures {
+            zero_share: 0.5,
+            compression: 0.4,
+            known_share: 0.25,
+            compress_bytes_s: 200e6,
+        }
+    }
+
+    fn wire(carrier: Carrier, memory: MemoryFigures) -> WireInput {
+        WireInput {
+            carrier,
+            memory_bytes: 1 << 30,
+            memory,
+            sent_ahead_bytes: 0.0,
+            rewrite_cost: None,
+            cores: 2,
+        }
+    }
+
+    #[test]
+    fn plain_qemu_sends_every_non_zero_byte() {
+        let c = wire_cost(&wire(Carrier::Qemu, sampled()));
+        assert!((c.first_pass_cost - (0.5 * 9.0 / 4096.0 + 0.5)).abs() < 1e-12);
+        assert_eq!((c.dirty_cost, c.disk_cost, c.encode_bytes_s), (1.0, 1.0, f64::INFINITY));
+        assert!((c.working_set_bytes - 512.0 * 1048576.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn multifd_compresses_on_as_many_cores_as_it_has_channels() {
+        let c = wire_cost(&wire(Carrier::QemuMultifd { channels: 4 }, sampled()));
+        assert!((c.first_pass_cost - (0.5 * 9.0 / 4096.0 + 0.5 * 0.4)).abs() < 1e-12);
+        assert_eq!((c.dirty_cost, c.disk_cost), (0.4, 1.0));
+        assert_eq!(c.encode_bytes_s, 400e6, "2 cores of 4 channels");
+    }
+
+    #[test]
+    fn dwcp_counts_known_pages_and_what_was_sent_ahead() {
+        let mut i = wire(Carrier::Dwcp, sampled());
+        let c = wire_cost(&i);
+        let first = 0.5 * 0.5 / 4096.0 + 0.5 * (0.25 * 17.0 / 4096.0 + 0.75 * 0.4);
+        assert!((c.first_pass_cost - first).abs() < 1e-12);
+        assert_eq!((c.dirty_cost, c.disk_cost, c.encode_bytes_s), (0.4, 0.4, 200e6));
+        // Half the working set sent ahead: half the unknown pages are known now.
+        i.sent_ahead_bytes = 256.0 * 1048576.0;
+        assert!((wire_cost(&i).known_share - 0.625).abs() < 1e-12);
+        // A measured rewrite cost counts, never above plain compression.
+        i.rewrite_cost = Some(0.1);
+        assert_eq!(wire_cost(&i).dirty_cost, 0.1);
+        i.rewrite_cost = Some(0.9);
+        assert_eq!(wire_cost(&i).dirty_cost, 0.4);
+    }
+
+    #[test]
+    fn nothing_sampled_is_incompressible() {
+        let c = wire_cost(&wire(Carrier::Dwcp, MemoryFigures::UNKNOWN));
+        assert_eq!((c.first_pass_cost, c.dirty_cost, c.disk_cost), (1.0, 1.0, 1.0));
+        assert_eq!(c.known_share, 0.0);
+    }
+
+    #[test]
+    fn rewrites_cost_their_deltas() {
+        let before = vec![7u8; 4096];
+        let mut small = before.clone();
+        small[100] = 1;
+        let pages: Vec<(&[u8], &[u8])> = vec![(&before, &small); 4];
+        let cost = rewrite_cost(pages.iter().copied(), 0.5).expect("four changed pages");
+        assert!(cost < 0.1, "{cost}");
+        // Unchanged pages do not count; three changed ones are too few to say.
+        let mut few = vec![(&before[..], &before[..]); 8];
+        few.extend(vec![(&before[..], &small[..]); 3]);
+        assert_eq!(rewrite_cost(few, 0.5), None);
     }
 }

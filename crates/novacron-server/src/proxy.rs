@@ -6,6 +6,7 @@ use axum::extract::ws::{Message as AxMessage, WebSocket};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
+use novacron_api::agent::PlanRequest;
 use novacron_api::{Node, Vm, AGENT_SECRET_HEADER};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as TMessage;
@@ -47,7 +48,7 @@ pub async fn logs(state: &AppState, node: &Node, vm: &Vm, follow: bool) -> ApiRe
 }
 
 /// Asks the source agent to predict a migration (`/agent/v1/plan`).
-pub async fn plan(state: &AppState, node: &Node, body: &serde_json::Value) -> ApiResult<novacron_api::MigrationPlan> {
+pub async fn plan(state: &AppState, node: &Node, body: &PlanRequest) -> ApiResult<novacron_api::MigrationPlan> {
     let url = format!("{}/agent/v1/plan", node.spec.address.trim_end_matches('/'));
     let resp = state
         .agents

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::Utc;
+use novacron_api::agent::{PlanAsk, PlanRequest};
 use novacron_api::{
     CompleteMigration, CreateMigration, Metadata, Migration, MigrationPhase, MigrationPlan, MigrationSpec,
     MigrationStatus, MigrationTransport, Node, Resource, Verb, Vm, VmPhase,
@@ -137,14 +138,16 @@ async fn plan_migration(
     }
     let source = node_named(&state, &r.source).await?;
     let target = node_named(&state, &r.target).await?;
-    let body = serde_json::json!({
-        "vm": r.vm,
-        "target": target,
-        "strategy": req.strategy,
-        "transport": req.transport.unwrap_or_default(),
-        "max_downtime_ms": r.max_downtime_ms,
-        "bandwidth_mib_s": req.bandwidth_mib_s,
-    });
+    let body = PlanRequest {
+        vm: r.vm,
+        target,
+        ask: PlanAsk {
+            strategy: req.strategy,
+            transport: req.transport.unwrap_or_default(),
+            bandwidth_mib_s: req.bandwidth_mib_s,
+            max_downtime_ms: r.max_downtime_ms,
+        },
+    };
     let plan = crate::proxy::plan(&state, &source, &body).await?;
     Ok(Json(plan))
 }

@@ -1,0 +1,158 @@
+//! Cold migration of a stopped VM: the source hands the target its disks'
+//! names, the target pulls the files from the source agent. Nothing runs
+//! anywhere until the user starts the VM.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use futures::StreamExt;
+use novacron_api::agent::ColdRequest;
+use novacron_api::{Migration, MigrationPhase, MigrationStatus, MigrationStrategy, Node, Vm, AGENT_SECRET_HEADER};
+use serde_json::Value;
+
+use super::console_log::read_log_from;
+use super::source::SourceCtx;
+use super::{MigrationError, Migrations};
+use crate::qemu::DISK_NODES;
+use crate::reconcile::error_chain;
+
+impl Migrations {
+    /// Cold migration of a stopped VM: the target pulls the disk files from
+    /// this agent; nothing runs anywhere until the user starts the VM.
+    pub(super) async fn transfer_cold(
+        &self,
+        m: &Migration,
+        vm: &Vm,
+        ctx: &mut SourceCtx,
+        started: Instant,
+    ) -> Result<MigrationStatus, MigrationError> {
+        let name = &m.metadata.name;
+        let dir = self.dir(&vm.metadata.id);
+        if dir.running_pid().is_some() {
+            return Err(MigrationError::Other(
+                "the VM has a running QEMU; migrate it live".into(),
+            ));
+        }
+        let target: Node = self.node.client.get(&m.status.target_node).await?;
+        ctx.target = Some(target.clone());
+        let disks: Vec<(String, u64)> = [(DISK_NODES[0], dir.root_disk()), (DISK_NODES[1], dir.data_disk())]
+            .into_iter()
+            .filter_map(|(n, p)| std::fs::metadata(&p).ok().map(|md| (n.to_string(), md.len())))
+            .collect();
+        let total: u64 = disks.iter().map(|(_, len)| len).sum();
+        self.write_status(name, |s| {
+            s.phase = MigrationPhase::Transferring;
+            s.started_at = Some(Utc::now());
+            s.strategy = Some(MigrationStrategy::Cold);
+            s.strategy_reason = Some("stopped VM: its disks are copied, there is no memory to move".into());
+            s.progress.disk_total_bytes = total;
+        })
+        .await;
+        self.check_cancel(name)?;
+        ctx.target_prepared = true;
+        let (console_log, _) = read_log_from(&dir.console_log(), 0);
+        let req = ColdRequest {
+            vm: vm.clone(),
+            source_node: self.node.name.clone(),
+            disks: disks.iter().map(|(n, _)| n.clone()).collect(),
+            console_log,
+        };
+        let _: Value = self.target_call(&target, "receive-cold", &m.metadata.id, &req).await?;
+        ctx.target_running = true;
+        let mut status = self.latest(name).map(|m| m.status).unwrap_or_default();
+        status.progress.disk_transferred_bytes = total;
+        status.progress.transferred_bytes = total;
+        status.progress.total_bytes = total;
+        status.progress.percent = 100.0;
+        status.total_time_ms = Some(started.elapsed().as_millis() as u64);
+        status.bytes_sent = Some(total);
+        status.finished_at = Some(Utc::now());
+        Ok(status)
+    }
+
+    /// Target side of a cold migration: copy the disks from the source agent
+    /// and point the root overlay at this node's copy of the base image.
+    pub(crate) async fn receive_cold(&self, req: ColdRequest) -> Result<(), MigrationError> {
+        let vm = &req.vm;
+        let dir = self.begin_incoming(vm)?;
+        let result = async {
+            std::fs::create_dir_all(&dir.path)
+                .map_err(|e| MigrationError::Other(format!("cannot create VM dir: {e}")))?;
+            let source: Node = self.node.client.get(&req.source_node).await?;
+            let secret = self.node.agent_secret();
+            for disk in &req.disks {
+                let path = match disk.as_str() {
+                    "root" => dir.root_disk(),
+                    "data" => dir.data_disk(),
+                    other => return Err(MigrationError::Other(format!("unknown disk {other:?}"))),
+                };
+                let url = format!(
+                    "{}/agent/v1/vms/{}/disks/{disk}",
+                    source.spec.address.trim_end_matches('/'),
+                    vm.metadata.id
+                );
+                let resp = self
+                    .http
+                    .get(&url)
+                    .header(AGENT_SECRET_HEADER, &secret)
+                    .send()
+                    .await
+                    .map_err(|e| MigrationError::Target(format!("fetching {disk}: {e}")))?;
+                if !resp.status().is_success() {
+                    return Err(MigrationError::Target(format!(
+                        "fetching {disk}: source answered {}",
+                        resp.status()
+                    )));
+                }
+                let partial = path.with_extension("qcow2.partial");
+                let mut file = tokio::fs::File::create(&partial)
+                    .await
+                    .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
+                let mut stream = resp.bytes_stream();
+                use tokio::io::AsyncWriteExt;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| MigrationError::Target(format!("fetching {disk}: {e}")))?;
+                    file.write_all(&chunk)
+                        .await
+                        .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
+                }
+                file.sync_all()
+                    .await
+                    .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
+                std::fs::rename(&partial, &path)
+                    .map_err(|e| MigrationError::Other(format!("cannot store {disk}: {e}")))?;
+            }
+            // The root overlay names the source's cached base image: repoint it at ours.
+            let image: novacron_api::Image = self.node.client.get(&vm.spec.image).await?;
+            if image.spec.format != novacron_api::ImageFormat::Kernel {
+                let base = self
+                    .node
+                    .images
+                    .ensure(&self.node.client, &image, novacron_api::ImagePart::Disk)
+                    .await
+                    .map_err(|e| MigrationError::Other(format!("cannot fetch the base image: {}", error_chain(&e))))?;
+                let out = tokio::process::Command::new("qemu-img")
+                    .args(["rebase", "-u", "-F", &image.spec.format.to_string(), "-b"])
+                    .arg(&base)
+                    .arg(dir.root_disk())
+                    .output()
+                    .await
+                    .map_err(|e| MigrationError::Other(format!("cannot run qemu-img: {e}")))?;
+                if !out.status.success() {
+                    return Err(MigrationError::Other(format!(
+                        "qemu-img rebase failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+            std::fs::write(dir.console_log(), &req.console_log)
+                .map_err(|e| MigrationError::Other(format!("cannot write console log: {e}")))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.discard(&vm.metadata.id).await;
+        }
+        result
+    }
+}

@@ -1,0 +1,153 @@
+//! Calls to the other agent of a migration: the calls that drive it, the
+//! health checks meanwhile, and the opening of a DWCP session to it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use novacron_api::agent::DwcpEndpoint;
+use novacron_api::{Node, AGENT_SECRET_HEADER};
+use novacron_dwcp::Sender;
+use serde::{Deserialize, Serialize};
+use tokio_util::task::AbortOnDropHandle;
+
+use super::{MigrationError, Migrations, REPORT_EVERY, TARGET_CALL_TIMEOUT};
+use crate::node::lock;
+
+impl Migrations {
+    pub(super) async fn check_target_alive(&self, target: &Node) -> Result<(), MigrationError> {
+        target_alive(&self.http, target).await
+    }
+
+    /// Checks every `REPORT_EVERY`, in the background, that the target's agent
+    /// answers: a dead one could not finish the switchover, and stopping then
+    /// also makes the target QEMU exit (its incoming stream fails). The loops that
+    /// wait for QEMU must not wait on the network, or they see its end late
+    /// and the guest stays paused for it.
+    pub(super) fn watch_target(&self, target: &Node) -> TargetWatch {
+        let (http, target) = (self.watch_http.clone(), target.clone());
+        let failure = Arc::new(Mutex::new(None));
+        let found = failure.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REPORT_EVERY).await;
+                if let Err(e) = target_alive(&http, &target).await {
+                    *lock(&found) = Some(e);
+                    return;
+                }
+            }
+        });
+        TargetWatch {
+            failure,
+            _task: AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// Calls `what` of `migration_id` on the target agent with `body`.
+    pub(super) async fn target_call<R: for<'de> Deserialize<'de>>(
+        &self,
+        target: &Node,
+        what: &str,
+        migration_id: &str,
+        body: &impl Serialize,
+    ) -> Result<R, MigrationError> {
+        let secret = self.node.agent_secret();
+        let url = format!(
+            "{}/agent/v1/migrations/{migration_id}/{what}",
+            target.spec.address.trim_end_matches('/')
+        );
+        let resp = self
+            .http
+            .post(&url)
+            .header(AGENT_SECRET_HEADER, secret)
+            .timeout(TARGET_CALL_TIMEOUT)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| MigrationError::Target(format!("{what}: {e}")))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(MigrationError::Target(format!("{what} answered {status}: {text}")));
+        }
+        serde_json::from_str(&text).map_err(|e| MigrationError::Target(format!("{what}: bad answer: {e}")))
+    }
+
+    /// Opens a DWCP session to the target agent (asking it for its DWCP port).
+    pub(super) async fn open_dwcp(
+        &self,
+        target: &Node,
+        session: &str,
+        bandwidth_mib_s: Option<u64>,
+    ) -> Result<Arc<Sender>, String> {
+        let Some(d) = &self.dwcp else {
+            return Err("this agent has no cluster certificate (plain-HTTP cluster)".into());
+        };
+        let secret = self.node.agent_secret();
+        let url = format!("{}/agent/v1/dwcp", target.spec.address.trim_end_matches('/'));
+        let resp = self
+            .http
+            .get(&url)
+            .header(AGENT_SECRET_HEADER, secret)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("cannot ask {} for its DWCP port: {e}", target.metadata.name))?;
+        if !resp.status().is_success() {
+            return Err(format!(
+                "node {} does not offer DWCP ({})",
+                target.metadata.name,
+                resp.status()
+            ));
+        }
+        let ep: DwcpEndpoint = resp.json().await.map_err(|e| format!("bad DWCP answer: {e}"))?;
+        d.connect(target, ep.port, session, bandwidth_mib_s.map(|b| b * 1024 * 1024))
+            .await
+    }
+
+    /// A failed DWCP session fails the migration now, with its reason (a dead
+    /// target agent first: that is what the operator needs to know).
+    pub(super) async fn check_session(
+        &self,
+        session: &Option<Arc<Sender>>,
+        target: &Node,
+    ) -> Result<(), MigrationError> {
+        match session.as_ref().and_then(|s| s.error()) {
+            Some(e) => {
+                self.check_target_alive(target).await?;
+                Err(MigrationError::Other(format!("DWCP: {e}")))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+async fn target_alive(http: &reqwest::Client, target: &Node) -> Result<(), MigrationError> {
+    let url = format!("{}/agent/v1/healthz", target.spec.address.trim_end_matches('/'));
+    match http.get(&url).timeout(Duration::from_secs(2)).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(MigrationError::Target(format!(
+            "agent health check answered {}",
+            r.status()
+        ))),
+        Err(e) => Err(MigrationError::Target(format!(
+            "agent on {} is unreachable: {e}",
+            target.metadata.name
+        ))),
+    }
+}
+
+/// A background health check of a migration's target (see `watch_target`).
+pub(super) struct TargetWatch {
+    failure: Arc<Mutex<Option<MigrationError>>>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl TargetWatch {
+    /// The check's failure, once: the migration stops on it.
+    pub(super) fn check(&self) -> Result<(), MigrationError> {
+        match lock(&self.failure).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

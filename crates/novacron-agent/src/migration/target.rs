@@ -1,0 +1,215 @@
+//! Target side of a live migration: a paused QEMU waiting for the stream
+//! with NBD exports of its disks (prepare), the VM run once the source has
+//! stopped (finish), and whatever a failed migration left removed (discard).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use novacron_api::agent::{Finished, PrepareRequest, Prepared, VmRef};
+use novacron_api::Vm;
+use novacron_dwcp::Role;
+use novacron_qmp::commands::{
+    BlockExportAdd, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, NbdServerStart, NbdServerStop,
+    QueryMigrate,
+};
+use novacron_qmp::types::{
+    InetSocketAddress, MigrationCapability as Cap, MigrationCapabilityStatus, MigrationInfo,
+    MigrationStatus as QemuMigration, MultiFdCompression, SocketAddressLegacy,
+};
+use novacron_qmp::Qmp;
+
+use super::{MigrationError, Migrations, MULTIFD_CHANNELS, QMP_TIMEOUT, TARGET_CALL_TIMEOUT};
+use crate::qemu::{self, VmDir, DISK_NODES};
+use crate::reconcile::prepare_launch;
+
+/// How long `finish` may take: less than the source's wait for it, so that
+/// it never outlives the wait.
+const FINISH_WITHIN: Duration = Duration::from_secs(100);
+const _: () = assert!(FINISH_WITHIN.as_secs() < TARGET_CALL_TIMEOUT.as_secs());
+
+impl Migrations {
+    /// Start of every incoming migration: the VM directory here, which must not
+    /// have a QEMU yet.
+    pub(super) fn begin_incoming(&self, vm: &Vm) -> Result<VmDir, MigrationError> {
+        let dir = self.dir(&vm.metadata.id);
+        if dir.running_pid().is_some() {
+            return Err(MigrationError::Other(format!(
+                "VM {} already has a QEMU on this node",
+                vm.metadata.name
+            )));
+        }
+        Ok(dir)
+    }
+
+    /// Prepares this node to receive a VM: disks, paused QEMU waiting for the
+    /// migration stream, NBD exports of its disks.
+    pub(crate) async fn prepare(&self, req: PrepareRequest) -> Result<Prepared, MigrationError> {
+        let vm = &req.vm;
+        let dir = self.begin_incoming(vm)?;
+        let result = async {
+            let mut spec = prepare_launch(&self.node.client, &self.node.images, &self.node.accel, vm, &dir).await?;
+            // QEMU appends to the log (logappend=on): seed it with the source's history.
+            std::fs::write(dir.console_log(), &req.console_log)
+                .map_err(|e| MigrationError::Other(format!("cannot write console log: {e}")))?;
+            spec.incoming = true;
+            qemu::launch(&self.node.qemu, &spec, &dir).await?;
+            let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
+            let nbd_port = free_port()?;
+            let addr = SocketAddressLegacy::Inet(InetSocketAddress::new(self.node.host.as_str(), nbd_port));
+            qmp.run(&NbdServerStart::new(addr)).await?;
+            let mut disks = vec![DISK_NODES[0].to_string()];
+            if spec.data_disk.is_some() {
+                disks.push(DISK_NODES[1].to_string());
+            }
+            for d in &disks {
+                qmp.run(&BlockExportAdd::nbd(d.as_str(), d.as_str(), true)).await?;
+            }
+            // late-block-activate: the disks become active only at our `cont`,
+            // after the source drained its mirrors and the NBD server stopped;
+            // otherwise activation at the end of the incoming stream could
+            // re-read qcow2 metadata while the last mirror writes still arrive.
+            let capabilities = vec![
+                MigrationCapabilityStatus::new(Cap::LateBlockActivate, true),
+                MigrationCapabilityStatus::new(Cap::PostcopyRam, req.postcopy),
+                MigrationCapabilityStatus::new(Cap::Multifd, req.multifd),
+            ];
+            qmp.run(&MigrateSetCapabilities { capabilities }).await?;
+            if req.multifd {
+                qmp.run(&MigrateSetParameters {
+                    multifd_channels: Some(MULTIFD_CHANNELS),
+                    multifd_compression: Some(MultiFdCompression::Zstd),
+                    ..Default::default()
+                })
+                .await?;
+            }
+            let port = free_port()?;
+            let uri = format!("tcp:{}:{port}", self.node.host);
+            qmp.run(&MigrateIncoming::new(uri.as_str())).await?;
+            if let (Some(session), Some(d)) = (&req.dwcp_session, &self.dwcp) {
+                let at = |port: u16| {
+                    format!("{}:{port}", self.node.host)
+                        .parse::<std::net::SocketAddr>()
+                        .or_else(|_| format!("127.0.0.1:{port}").parse())
+                        .map_err(|e| MigrationError::Other(format!("bad local address: {e}")))
+                };
+                d.receiver.expect(
+                    session,
+                    HashMap::from([(Role::Migration, at(port)?), (Role::Nbd, at(nbd_port)?)]),
+                );
+            }
+            Ok::<_, MigrationError>(Prepared {
+                nbd_host: self.node.host.clone(),
+                nbd_port,
+                migrate_uri: uri,
+                disks,
+            })
+        }
+        .await;
+        if result.is_err() {
+            self.discard(&vm.metadata.id).await;
+        }
+        result
+    }
+
+    /// The source has stopped for good and the disks are in sync: run here.
+    pub(crate) async fn finish(&self, migration: &str, req: &VmRef) -> Result<Finished, MigrationError> {
+        let (vm_id, console_log) = (req.vm_id.as_str(), req.console_log.as_slice());
+        let dir = self.dir(vm_id);
+        let pid = dir
+            .running_pid()
+            .ok_or_else(|| MigrationError::Other("target QEMU is gone".into()))?;
+        let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
+        // Wait until the source's last state has landed: the stream completed, or
+        // (post-copy) the switch happened and the rest follows on demand. All of
+        // it within the source's wait for this call (`target_call`), so that a
+        // source that gave up never finds the VM running here after all.
+        let called = Instant::now();
+        let deadline = called + FINISH_WITHIN;
+        loop {
+            let info = qmp.run(&QueryMigrate).await?;
+            // No status yet: the stream has not begun arriving; wait for it
+            // like for the other unfinished states.
+            if matches!(
+                info.status,
+                Some(QemuMigration::Completed | QemuMigration::PostcopyActive)
+            ) {
+                break;
+            }
+            if info.status == Some(QemuMigration::Failed) || Instant::now() > deadline {
+                return Err(MigrationError::QemuFailed(format!(
+                    "incoming side is {}",
+                    describe(&info)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::debug!(
+            migration,
+            waited_ms = called.elapsed().as_millis() as u64,
+            "finish: memory is here"
+        );
+        // The source answered its mirror's last writes itself: they must have
+        // landed here before the disks change hands.
+        if req.dwcp_disks > 0 {
+            let dwcp = self
+                .dwcp
+                .as_ref()
+                .ok_or_else(|| MigrationError::Other("DWCP disks, but DWCP is off here".into()))?;
+            dwcp.receiver
+                .disks_settled(
+                    migration,
+                    req.dwcp_disks,
+                    deadline.saturating_duration_since(Instant::now()),
+                )
+                .await
+                .map_err(|e| MigrationError::Other(format!("the disks did not arrive whole: {e}")))?;
+            tracing::debug!(
+                migration,
+                waited_ms = called.elapsed().as_millis() as u64,
+                "finish: disks settled"
+            );
+        }
+        qmp.run(&NbdServerStop).await?;
+        // Still paused, so QEMU writes nothing to the log while we append.
+        if !console_log.is_empty() {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(dir.console_log()) {
+                let _ = f.write_all(console_log);
+            }
+        }
+        let st = qmp.query_status().await?;
+        if !st.running {
+            qmp.cont().await?;
+        }
+        let resumed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs_f64() * 1e3);
+        Ok(Finished { pid, resumed_at })
+    }
+
+    /// Removes whatever a migration left here.
+    pub(crate) async fn discard(&self, vm_id: &str) {
+        let dir = self.dir(vm_id);
+        if let Some(pid) = dir.running_pid() {
+            qemu::kill_and_wait(pid, &dir).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir.path);
+    }
+}
+
+fn free_port() -> Result<u16, MigrationError> {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| MigrationError::Other(format!("no free port: {e}")))
+}
+
+/// QEMU's migration state in words, for errors.
+fn describe(info: &MigrationInfo) -> String {
+    match (info.status, &info.error_desc) {
+        (Some(s), Some(why)) => format!("{s}: {why}"),
+        (Some(s), None) => s.to_string(),
+        (None, _) => "without a migration".into(),
+    }
+}

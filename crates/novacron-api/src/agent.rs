@@ -1,0 +1,116 @@
+//! Bodies of the calls between node agents, and from the server to an agent
+//! (`/agent/v1/...`). Serde types only: the agent serves and sends them, the
+//! server's dry-run proxy sends [`PlanRequest`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{MigrationStrategy, MigrationTransport, Node, Vm};
+
+/// Body of `migrations/{id}/prepare`: the source asks the target to get ready
+/// to receive `vm`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    pub vm: Vm,
+    pub postcopy: bool,
+    /// QEMU multifd with zstd on the incoming side.
+    #[serde(default)]
+    pub multifd: bool,
+    /// DWCP session that will carry the streams (the target connects its channels).
+    #[serde(default)]
+    pub dwcp_session: Option<String>,
+    /// The serial log so far, so `vm logs` keeps its history on the target.
+    #[serde(default)]
+    pub console_log: Vec<u8>,
+}
+
+/// Target's answer to prepare.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Prepared {
+    pub nbd_host: String,
+    pub nbd_port: u16,
+    pub migrate_uri: String,
+    pub disks: Vec<String>,
+}
+
+/// Body of `migrations/{id}/finish` and `migrations/{id}/abort`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRef {
+    pub vm_id: String,
+    /// Serial output written on the source since prepare (finish only).
+    #[serde(default)]
+    pub console_log: Vec<u8>,
+    /// Disks mirrored through DWCP, which must settle before the VM runs (finish only).
+    #[serde(default)]
+    pub dwcp_disks: usize,
+}
+
+/// Target's answer to finish: the VM runs there now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Finished {
+    pub pid: u32,
+    /// When the guest resumed here (Unix ms, this node's clock).
+    #[serde(default)]
+    pub resumed_at: Option<f64>,
+}
+
+/// Body of `migrations/{id}/receive-cold`: the target pulls the disks of a
+/// stopped VM from `source_node`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ColdRequest {
+    pub vm: Vm,
+    pub source_node: String,
+    pub disks: Vec<String>,
+    #[serde(default)]
+    pub console_log: Vec<u8>,
+}
+
+/// What the caller asks of a migration (or of its dry run).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PlanAsk {
+    pub strategy: MigrationStrategy,
+    pub transport: MigrationTransport,
+    pub bandwidth_mib_s: Option<u64>,
+    pub max_downtime_ms: u64,
+}
+
+/// Body of `/agent/v1/plan` (a dry run, sent by the server to the source agent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanRequest {
+    pub vm: Vm,
+    pub target: Node,
+    #[serde(flatten)]
+    pub ask: PlanAsk,
+}
+
+/// Answer of `/agent/v1/dwcp`: the port the agent takes DWCP sessions on.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct DwcpEndpoint {
+    pub port: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The field names the server and the agent have always exchanged.
+    #[test]
+    fn plan_ask_wire_names() {
+        let ask = PlanAsk {
+            strategy: MigrationStrategy::Auto,
+            transport: MigrationTransport::Dwcp,
+            bandwidth_mib_s: None,
+            max_downtime_ms: 300,
+        };
+        let v = serde_json::to_value(ask).expect("ask");
+        assert_eq!(
+            v,
+            serde_json::json!({"strategy": "auto", "transport": "dwcp", "bandwidth_mib_s": null, "max_downtime_ms": 300})
+        );
+    }
+
+    #[test]
+    fn abort_needs_only_the_vm_id() {
+        let r: VmRef = serde_json::from_value(serde_json::json!({"vm_id": "abc"})).expect("vm ref");
+        assert_eq!((r.vm_id.as_str(), r.console_log.len(), r.dwcp_disks), ("abc", 0, 0));
+    }
+}
