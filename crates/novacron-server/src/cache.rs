@@ -188,17 +188,32 @@ mod tests {
     #[tokio::test]
     async fn the_cache_follows_the_store() {
         let store: SharedStore = Arc::new(SqliteStore::in_memory().unwrap_or_else(|e| panic!("store: {e}")));
-        store.create_obj(&node("a")).await.unwrap_or_else(|e| panic!("create: {e}"));
+        store
+            .create_obj(&node("a"))
+            .await
+            .unwrap_or_else(|e| panic!("create: {e}"));
         let cache = Cache::<Node>::start(store.clone(), Arc::new(Notify::new()));
         until(&cache, "the first list", |n| n.len() == 1).await;
         assert!(cache.synced());
-        let b = store.create_obj(&node("b")).await.unwrap_or_else(|e| panic!("create: {e}"));
+        let b = store
+            .create_obj(&node("b"))
+            .await
+            .unwrap_or_else(|e| panic!("create: {e}"));
         until(&cache, "b", |n| n.iter().any(|x| x.metadata.name == "b")).await;
         let mut cordoned = b.clone();
         cordoned.spec.schedulable = false;
-        store.update_obj(&cordoned).await.unwrap_or_else(|e| panic!("update: {e}"));
-        until(&cache, "b cordoned", |n| n.iter().any(|x| x.metadata.name == "b" && !x.spec.schedulable)).await;
-        store.delete_obj::<Node>("a", None).await.unwrap_or_else(|e| panic!("delete: {e}"));
+        store
+            .update_obj(&cordoned)
+            .await
+            .unwrap_or_else(|e| panic!("update: {e}"));
+        until(&cache, "b cordoned", |n| {
+            n.iter().any(|x| x.metadata.name == "b" && !x.spec.schedulable)
+        })
+        .await;
+        store
+            .delete_obj::<Node>("a", None)
+            .await
+            .unwrap_or_else(|e| panic!("delete: {e}"));
         until(&cache, "a gone", |n| n.len() == 1).await;
     }
 }

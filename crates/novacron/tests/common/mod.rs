@@ -529,12 +529,19 @@ impl Drop for Cluster {
                 .filter(|p| p.extension().is_some_and(|x| x == "log"))
                 .collect();
             for agent in &self.agents {
-                let vms = std::fs::read_dir(agent.data_dir.join("vms")).into_iter().flatten().flatten();
+                let vms = std::fs::read_dir(agent.data_dir.join("vms"))
+                    .into_iter()
+                    .flatten()
+                    .flatten();
                 logs.extend(vms.map(|vm| vm.path().join("qemu.log")).filter(|p| p.exists()));
             }
             logs.sort();
             for path in logs {
-                let f = path.strip_prefix(self.dir.path()).unwrap_or(&path).display().to_string();
+                let f = path
+                    .strip_prefix(self.dir.path())
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
                 if let Ok(log) = std::fs::read_to_string(&path) {
                     let tail: Vec<&str> = log.lines().rev().take(40).collect();
                     eprintln!("--- {f} (last 40 lines) ---");
