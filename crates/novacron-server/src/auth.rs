@@ -338,6 +338,12 @@ impl AuthIndex {
 
     /// Resolves a bearer secret; expired and revoked tokens resolve to `Err`
     /// with the reason.
+    ///
+    /// The lookup is by the SHA-256 of the secret, never the secret itself:
+    /// how long the map takes to compare keys can at most tell a caller about
+    /// the digest of a guess, which cannot be turned back into a secret. So
+    /// a hash-map lookup is safe here, where a constant-time scan over every
+    /// token would cost O(tokens) per request for nothing.
     pub fn authenticate(&self, secret: &str) -> Result<Principal, &'static str> {
         let token = self
             .tokens
