@@ -76,7 +76,7 @@ impl DwcpNode {
         session: &str,
         rate_limit_bytes_s: Option<u64>,
     ) -> Result<Arc<Sender>, String> {
-        let host = host_of(&target.spec.address);
+        let host = host_of(&target.spec.address).ok_or_else(|| format!("no host in {:?}", target.spec.address))?;
         let addr = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|e| format!("cannot resolve {host}: {e}"))?
@@ -318,14 +318,9 @@ fn read_guest_pages(pid: u32, ram_bytes: u64, tx: &tokio::sync::mpsc::Sender<Vec
     }
 }
 
-/// Host part of an agent URL (`https://host:port`).
-pub fn host_of(address: &str) -> String {
-    let rest = address.split("://").nth(1).unwrap_or(address);
-    let hostport = rest.split('/').next().unwrap_or(rest);
-    if let Some(v6) = hostport.strip_prefix('[') {
-        return v6.split(']').next().unwrap_or(v6).to_string();
-    }
-    hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string()
+/// Host part of an agent URL (`https://host:port`), bare (`::1` for IPv6).
+pub fn host_of(address: &str) -> Option<String> {
+    novacron_tls::bare_host(&url::Url::parse(address).ok()?)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -338,9 +333,13 @@ mod tests {
 
     #[test]
     fn host_of_agent_urls() {
-        assert_eq!(host_of("https://10.99.0.2:8421"), "10.99.0.2");
-        assert_eq!(host_of("https://node-1.example:8421/"), "node-1.example");
-        assert_eq!(host_of("https://[::1]:8421"), "::1");
+        assert_eq!(host_of("https://10.99.0.2:8421").as_deref(), Some("10.99.0.2"));
+        assert_eq!(
+            host_of("https://node-1.example:8421/").as_deref(),
+            Some("node-1.example")
+        );
+        assert_eq!(host_of("https://[::1]:8421").as_deref(), Some("::1"));
+        assert_eq!(host_of("10.99.0.2:8421"), None);
     }
 
     #[test]

@@ -103,6 +103,33 @@ fn capacity(cfg: &AgentConfig) -> Resources {
     }
 }
 
+/// The host of the URL this agent advertises, where peers reach its QEMUs
+/// (migration, NBD) and what its certificate names.
+#[derive(Debug, PartialEq, Eq)]
+struct AdvertisedHost {
+    /// As written in URLs and `host:port` strings: `[::1]` for IPv6.
+    in_url: String,
+    /// Without brackets, for certificates: `::1`.
+    bare: String,
+}
+
+impl AdvertisedHost {
+    /// 127.0.0.1 when the URL has no host (or is no URL).
+    fn of(address: &str) -> AdvertisedHost {
+        let url = url::Url::parse(address).ok().filter(|u| u.has_host());
+        match url {
+            Some(u) => AdvertisedHost {
+                in_url: u.host_str().unwrap_or_default().to_string(),
+                bare: novacron_tls::bare_host(&u).unwrap_or_default(),
+            },
+            None => AdvertisedHost {
+                in_url: "127.0.0.1".into(),
+                bare: "127.0.0.1".into(),
+            },
+        }
+    }
+}
+
 /// What an agent speaks TLS with.
 struct Credentials {
     identity: novacron_tls::Identity,
@@ -204,16 +231,9 @@ pub async fn run(
         "http"
     };
     let address = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
-    // Peers reach this node's QEMUs (migration, NBD) at the advertised host.
-    let host = address
-        .split("://")
-        .nth(1)
-        .and_then(|rest| rest.split(['/', ':']).next())
-        .filter(|h| !h.is_empty())
-        .unwrap_or("127.0.0.1")
-        .to_string();
+    let hosts = AdvertisedHost::of(&address);
     let tls = if cfg.server.starts_with("https://") {
-        Some(credentials(&cfg, &host).await?)
+        Some(credentials(&cfg, &hosts.bare).await?)
     } else {
         None
     };
@@ -252,7 +272,7 @@ pub async fn run(
         images.clone(),
         client.clone(),
         secret.clone(),
-        host,
+        hosts.in_url,
         peer_http()?,
         peer_http()?,
     );
@@ -488,5 +508,27 @@ async fn reconcile_all(
             }
             Outcome::Status(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdvertisedHost;
+
+    #[test]
+    fn advertised_hosts() {
+        let of = |s: &str| {
+            let h = AdvertisedHost::of(s);
+            (h.in_url, h.bare)
+        };
+        assert_eq!(of("https://10.99.0.2:8421"), ("10.99.0.2".into(), "10.99.0.2".into()));
+        assert_eq!(
+            of("http://node-1.example/"),
+            ("node-1.example".into(), "node-1.example".into())
+        );
+        // Split on ':' this used to give "[".
+        assert_eq!(of("https://[::1]:8421"), ("[::1]".into(), "::1".into()));
+        assert_eq!(of("https://[fd00::7]"), ("[fd00::7]".into(), "fd00::7".into()));
+        assert_eq!(of("not a url"), ("127.0.0.1".into(), "127.0.0.1".into()));
     }
 }
