@@ -4,12 +4,13 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use novacron_api::Node;
 use novacron_dwcp::cache::chunk_hash;
 use novacron_dwcp::{CacheStore, Hello, Receiver, Sender, SessionConfig};
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 /// A link measurement stays good this long; after that a session probes again.
@@ -111,7 +112,7 @@ impl DwcpNode {
         sender: &Sender,
         fill: Option<&mut tokio::sync::mpsc::Receiver<Vec<u8>>>,
     ) -> Result<f64, String> {
-        if let Some((at, rate)) = lock(&self.links).get(peer).copied() {
+        if let Some((at, rate)) = self.links.lock().get(peer).copied() {
             if at.elapsed() < LINK_FRESH && rate > 0.0 {
                 return Ok(rate);
             }
@@ -132,7 +133,9 @@ impl DwcpNode {
 
     pub fn remember_link(&self, peer: &str, wire_bytes_s: f64) {
         if wire_bytes_s > 0.0 {
-            lock(&self.links).insert(peer.to_string(), (Instant::now(), wire_bytes_s));
+            self.links
+                .lock()
+                .insert(peer.to_string(), (Instant::now(), wire_bytes_s));
         }
     }
 
@@ -321,10 +324,6 @@ fn read_guest_pages(pid: u32, ram_bytes: u64, tx: &tokio::sync::mpsc::Sender<Vec
 /// Host part of an agent URL (`https://host:port`), bare (`::1` for IPv6).
 pub fn host_of(address: &str) -> Option<String> {
     novacron_tls::bare_host(&url::Url::parse(address).ok()?)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ use crate::reconcile::error_chain;
 pub struct HttpState {
     pub vms_root: std::path::PathBuf,
     /// Secret the server (and peer agents) present; unset until registration succeeds.
+    /// A std lock, not parking_lot: the same `Arc` is `Migrations::secret`
+    /// (migration.rs), whose type is left as it is while that file is split.
     pub secret: Arc<RwLock<Option<String>>>,
     pub migrations: Migrations,
 }
