@@ -17,13 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
+use novacron_api::error::chain;
 use novacron_api::AGENT_SECRET_HEADER;
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::migration::{ColdRequest, Migrations, PlanRequest, PrepareRequest, VmRef};
 use crate::qemu::VmDir;
-use crate::reconcile::error_chain;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -82,7 +82,7 @@ async fn dwcp_endpoint(State(state): State<HttpState>) -> Response {
 async fn plan(State(state): State<HttpState>, Json(req): Json<PlanRequest>) -> Response {
     match state.migrations.dry_run(req).await {
         Ok(p) => Json(p).into_response(),
-        Err(e) => (StatusCode::CONFLICT, error_chain(&e)).into_response(),
+        Err(e) => (StatusCode::CONFLICT, chain(&e).to_string()).into_response(),
     }
 }
 
@@ -198,7 +198,7 @@ async fn bridge(socket: WebSocket, sock: tokio::net::UnixStream) {
 }
 
 fn migration_error(e: &crate::migration::MigrationError) -> Response {
-    (StatusCode::CONFLICT, error_chain(e)).into_response()
+    (StatusCode::CONFLICT, chain(e).to_string()).into_response()
 }
 
 fn valid_id(id: &str) -> bool {

@@ -18,10 +18,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
+use novacron_api::error::chain;
 use novacron_api::{RegisterNode, Resources, Vm};
 use novacron_client::{watcher, Client, ClientError, Selector};
 
-use crate::reconcile::{error_chain, Outcome, Reconciler};
+use crate::reconcile::{Outcome, Reconciler};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -344,7 +345,7 @@ pub async fn run(
                             return;
                         }
                         Err(e) => {
-                            tracing::warn!(error = %error_chain(&e), "registration failed; retrying");
+                            tracing::warn!(error = %chain(&e), "registration failed; retrying");
                             tokio::time::sleep(delay).await;
                             delay = (delay * 2).min(Duration::from_secs(5));
                         }
@@ -366,7 +367,7 @@ pub async fn run(
                 match client.heartbeat(&name).await {
                     Ok(_) => {}
                     Err(e) if e.is_not_found() => register().await,
-                    Err(e) => tracing::warn!(error = %error_chain(&e), "heartbeat failed"),
+                    Err(e) => tracing::warn!(error = %chain(&e), "heartbeat failed"),
                 }
             }
         })
@@ -478,7 +479,7 @@ async fn reconcile_all(
                     Ok(()) => {}
                     Err(e) if e.is_not_found() => {}
                     Err(e) => {
-                        tracing::warn!(vm = %name, error = %error_chain(&e), "cannot finalize deletion")
+                        tracing::warn!(vm = %name, error = %chain(&e), "cannot finalize deletion")
                     }
                 }
             }
@@ -502,7 +503,7 @@ async fn reconcile_all(
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(vm = %name, error = %error_chain(&e), "cannot write VM status")
+                        tracing::warn!(vm = %name, error = %chain(&e), "cannot write VM status")
                     }
                 }
             }

@@ -11,6 +11,7 @@ use backon::BackoffBuilder;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
+use novacron_api::error::chain;
 use novacron_api::{Object, WatchEvent, WatchEventType};
 
 use crate::{Client, ClientError, Resource, Selector};
@@ -208,17 +209,6 @@ pub fn watcher<S: Source>(source: S) -> impl Stream<Item = Event<S::Object>> + S
         let ev = w.next_event().await;
         Some((ev, w))
     })
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -5,11 +5,12 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use novacron_api::error::chain;
 use novacron_api::{Migration, Node, Vm, VmPhase};
 use novacron_store::StoreExt;
 use tokio::task::JoinSet;
 
-use crate::{scheduling, AppState, ErrorChain};
+use crate::{scheduling, AppState};
 
 pub fn spawn(state: AppState) -> JoinSet<()> {
     let mut set = JoinSet::new();
@@ -21,7 +22,7 @@ pub fn spawn(state: AppState) -> JoinSet<()> {
 async fn placement_loop(state: AppState) {
     loop {
         if let Err(e) = place_pending(&state).await {
-            tracing::warn!(error = %ErrorChain(&e), "placement pass failed");
+            tracing::warn!(error = %chain(&e), "placement pass failed");
         }
         // Woken by writes that may make a placement possible; the timer is a backstop.
         let _ = tokio::time::timeout(Duration::from_secs(2), state.placement_wakeup.notified()).await;
@@ -88,7 +89,7 @@ async fn node_liveness_loop(state: AppState) {
     loop {
         tick.tick().await;
         if let Err(e) = mark_stale_nodes(&state).await {
-            tracing::warn!(error = %ErrorChain(&e), "node liveness pass failed");
+            tracing::warn!(error = %chain(&e), "node liveness pass failed");
         }
     }
 }

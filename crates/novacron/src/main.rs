@@ -296,12 +296,8 @@ async fn run(cli: Cli) -> Result<()> {
 async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
-        // One error-chain printer for the whole CLI.
-        let mut msg = format!("Error: {e}");
-        for cause in e.chain().skip(1) {
-            msg.push_str(&format!(": {cause}"));
-        }
-        eprintln!("{msg}");
+        // One error-chain printer for the whole CLI (and the rest of NovaCron).
+        eprintln!("Error: {}", novacron_api::error::chain(e.as_ref()));
         std::process::exit(1);
     }
 }
