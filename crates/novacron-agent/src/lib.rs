@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use backon::Retryable;
 use futures::StreamExt;
 use novacron_api::error::chain;
 use novacron_api::{RegisterNode, Resources, Vm};
@@ -336,20 +337,23 @@ pub async fn run(
             let secret = secret.clone();
             let registration = registration.clone();
             async move {
-                let mut delay = Duration::from_millis(200);
-                loop {
-                    match client.register_node(&registration).await {
-                        Ok(resp) => {
-                            *secret.write().unwrap_or_else(|e| e.into_inner()) = Some(resp.agent_secret);
-                            tracing::info!(node = %registration.name, "registered with the server");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %chain(&e), "registration failed; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
+                // Until it works: nothing else can start without the secret.
+                let backoff = backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_jitter()
+                    .without_max_times();
+                let registered = (|| client.register_node(&registration))
+                    .retry(backoff)
+                    .notify(|e, _| tracing::warn!(error = %chain(e), "registration failed; retrying"))
+                    .await;
+                match registered {
+                    Ok(resp) => {
+                        *secret.write().unwrap_or_else(|e| e.into_inner()) = Some(resp.agent_secret);
+                        tracing::info!(node = %registration.name, "registered with the server");
                     }
+                    // Not reached: the backoff never gives up.
+                    Err(e) => tracing::error!(error = %chain(&e), "registration failed"),
                 }
             }
         }
