@@ -4,15 +4,14 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use novacron_api::Node;
 use novacron_dwcp::cache::chunk_hash;
 use novacron_dwcp::{CacheStore, Hello, Receiver, Sender, SessionConfig};
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
-
-use crate::node::lock;
 
 /// A link measurement stays good this long; after that a session probes again.
 const LINK_FRESH: Duration = Duration::from_secs(600);
@@ -78,7 +77,7 @@ impl DwcpNode {
         session: &str,
         rate_limit_bytes_s: Option<u64>,
     ) -> Result<Arc<Sender>, String> {
-        let host = host_of(&target.spec.address);
+        let host = host_of(&target.spec.address).ok_or_else(|| format!("no host in {:?}", target.spec.address))?;
         let addr = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|e| format!("cannot resolve {host}: {e}"))?
@@ -113,7 +112,7 @@ impl DwcpNode {
         sender: &Sender,
         fill: Option<&mut tokio::sync::mpsc::Receiver<Vec<u8>>>,
     ) -> Result<f64, String> {
-        if let Some((at, rate)) = lock(&self.links).get(peer).copied() {
+        if let Some((at, rate)) = self.links.lock().get(peer).copied() {
             if at.elapsed() < LINK_FRESH && rate > 0.0 {
                 return Ok(rate);
             }
@@ -134,7 +133,9 @@ impl DwcpNode {
 
     pub fn remember_link(&self, peer: &str, wire_bytes_s: f64) {
         if wire_bytes_s > 0.0 {
-            lock(&self.links).insert(peer.to_string(), (Instant::now(), wire_bytes_s));
+            self.links
+                .lock()
+                .insert(peer.to_string(), (Instant::now(), wire_bytes_s));
         }
     }
 
@@ -319,14 +320,9 @@ fn read_guest_pages(pid: u32, ram_bytes: u64, tx: &tokio::sync::mpsc::Sender<Vec
     }
 }
 
-/// Host part of an agent URL (`https://host:port`).
-pub fn host_of(address: &str) -> String {
-    let rest = address.split("://").nth(1).unwrap_or(address);
-    let hostport = rest.split('/').next().unwrap_or(rest);
-    if let Some(v6) = hostport.strip_prefix('[') {
-        return v6.split(']').next().unwrap_or(v6).to_string();
-    }
-    hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string()
+/// Host part of an agent URL (`https://host:port`), bare (`::1` for IPv6).
+pub fn host_of(address: &str) -> Option<String> {
+    novacron_tls::bare_host(&url::Url::parse(address).ok()?)
 }
 
 #[cfg(test)]
@@ -335,9 +331,13 @@ mod tests {
 
     #[test]
     fn host_of_agent_urls() {
-        assert_eq!(host_of("https://10.99.0.2:8421"), "10.99.0.2");
-        assert_eq!(host_of("https://node-1.example:8421/"), "node-1.example");
-        assert_eq!(host_of("https://[::1]:8421"), "::1");
+        assert_eq!(host_of("https://10.99.0.2:8421").as_deref(), Some("10.99.0.2"));
+        assert_eq!(
+            host_of("https://node-1.example:8421/").as_deref(),
+            Some("node-1.example")
+        );
+        assert_eq!(host_of("https://[::1]:8421").as_deref(), Some("::1"));
+        assert_eq!(host_of("10.99.0.2:8421"), None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! (prepare, finish, abort, cold receive, dry-run plan, disk files) and the
 //! DWCP session endpoint; health.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -18,12 +20,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
 use novacron_api::agent::{ColdRequest, DwcpEndpoint, PlanRequest, PrepareRequest, VmRef};
+use novacron_api::error::chain;
 use novacron_api::AGENT_SECRET_HEADER;
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::migration::Migrations;
 use crate::qemu::VmDir;
-use crate::reconcile::error_chain;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -50,11 +53,22 @@ pub fn router(state: HttpState) -> Router {
 }
 
 async fn require_secret(State(state): State<HttpState>, req: Request, next: Next) -> Response {
-    let expected = state.secret.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let expected = state.secret.read().clone();
     let given = req.headers().get(AGENT_SECRET_HEADER).and_then(|v| v.to_str().ok());
+    if secret_matches(expected.as_deref(), given) {
+        next.run(req).await
+    } else {
+        (StatusCode::UNAUTHORIZED, "missing or wrong agent secret").into_response()
+    }
+}
+
+/// Whether the caller gave the agent secret, compared in constant time so the
+/// answer's timing tells nothing about how much of a guess was right. No
+/// secret yet (before registration) lets nobody in.
+fn secret_matches(expected: Option<&str>, given: Option<&str>) -> bool {
     match (expected, given) {
-        (Some(e), Some(g)) if e == g => next.run(req).await,
-        _ => (StatusCode::UNAUTHORIZED, "missing or wrong agent secret").into_response(),
+        (Some(e), Some(g)) => e.as_bytes().ct_eq(g.as_bytes()).into(),
+        _ => false,
     }
 }
 
@@ -69,7 +83,7 @@ async fn dwcp_endpoint(State(state): State<HttpState>) -> Response {
 async fn plan(State(state): State<HttpState>, Json(req): Json<PlanRequest>) -> Response {
     match state.migrations.dry_run(req).await {
         Ok(p) => Json(p).into_response(),
-        Err(e) => (StatusCode::CONFLICT, error_chain(&e)).into_response(),
+        Err(e) => (StatusCode::CONFLICT, chain(&e).to_string()).into_response(),
     }
 }
 
@@ -185,7 +199,7 @@ async fn bridge(socket: WebSocket, sock: tokio::net::UnixStream) {
 }
 
 fn migration_error(e: &crate::migration::MigrationError) -> Response {
-    (StatusCode::CONFLICT, error_chain(e)).into_response()
+    (StatusCode::CONFLICT, chain(e).to_string()).into_response()
 }
 
 fn valid_id(id: &str) -> bool {
@@ -272,5 +286,23 @@ async fn disk_file(State(state): State<HttpState>, Path((id, disk)): Path<(Strin
     match tokio::fs::File::open(&path).await {
         Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
         Err(_) => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::secret_matches;
+
+    #[test]
+    fn only_the_agent_secret_gets_in() {
+        let s = Some("0123456789abcdef");
+        assert!(secret_matches(s, Some("0123456789abcdef")));
+        assert!(!secret_matches(s, Some("0123456789abcdeF")));
+        assert!(!secret_matches(s, Some("0123456789abcde")));
+        assert!(!secret_matches(s, Some("")));
+        assert!(!secret_matches(s, None));
+        // Before registration nothing matches, not even an empty header.
+        assert!(!secret_matches(None, Some("")));
+        assert!(!secret_matches(None, None));
     }
 }

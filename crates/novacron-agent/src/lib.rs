@@ -16,15 +16,19 @@ mod reconcile;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::Duration;
 
+use backon::Retryable;
 use futures::StreamExt;
+use novacron_api::error::chain;
 use novacron_api::{RegisterNode, Resources, Vm};
 use novacron_client::{watcher, Client, ClientError, Selector};
 
 use crate::node::{MigrationClaims, NodeContext};
-use crate::reconcile::{error_chain, Outcome, Reconciler};
+use crate::reconcile::{Outcome, Reconciler};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -103,6 +107,33 @@ fn capacity(cfg: &AgentConfig) -> Resources {
         vcpus,
         memory_mib,
         disk_gib: 0,
+    }
+}
+
+/// The host of the URL this agent advertises, where peers reach its QEMUs
+/// (migration, NBD) and what its certificate names.
+#[derive(Debug, PartialEq, Eq)]
+struct AdvertisedHost {
+    /// As written in URLs and `host:port` strings: `[::1]` for IPv6.
+    in_url: String,
+    /// Without brackets, for certificates: `::1`.
+    bare: String,
+}
+
+impl AdvertisedHost {
+    /// 127.0.0.1 when the URL has no host (or is no URL).
+    fn of(address: &str) -> AdvertisedHost {
+        let url = url::Url::parse(address).ok().filter(|u| u.has_host());
+        match url {
+            Some(u) => AdvertisedHost {
+                in_url: u.host_str().unwrap_or_default().to_string(),
+                bare: novacron_tls::bare_host(&u).unwrap_or_default(),
+            },
+            None => AdvertisedHost {
+                in_url: "127.0.0.1".into(),
+                bare: "127.0.0.1".into(),
+            },
+        }
     }
 }
 
@@ -207,16 +238,9 @@ pub async fn run(
         "http"
     };
     let address = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
-    // Peers reach this node's QEMUs (migration, NBD) at the advertised host.
-    let host = address
-        .split("://")
-        .nth(1)
-        .and_then(|rest| rest.split(['/', ':']).next())
-        .filter(|h| !h.is_empty())
-        .unwrap_or("127.0.0.1")
-        .to_string();
+    let hosts = AdvertisedHost::of(&address);
     let tls = if cfg.server.starts_with("https://") {
-        Some(credentials(&cfg, &host).await?)
+        Some(credentials(&cfg, &hosts.bare).await?)
     } else {
         None
     };
@@ -255,7 +279,7 @@ pub async fn run(
         images,
         client: client.clone(),
         secret: secret.clone(),
-        host,
+        host: hosts.in_url,
         claims: MigrationClaims::default(),
     });
     let mut dwcp = None;
@@ -309,7 +333,7 @@ pub async fn run(
         }
         Err(e) => {
             // The server then does not filter this node on machine type or CPU model.
-            tracing::warn!(error = %error_chain(&e), "cannot tell what QEMU offers; registering without it");
+            tracing::warn!(error = %chain(&e), "cannot tell what QEMU offers; registering without it");
             Default::default()
         }
     };
@@ -330,20 +354,23 @@ pub async fn run(
             let secret = secret.clone();
             let registration = registration.clone();
             async move {
-                let mut delay = Duration::from_millis(200);
-                loop {
-                    match client.register_node(&registration).await {
-                        Ok(resp) => {
-                            *secret.write().unwrap_or_else(|e| e.into_inner()) = Some(resp.agent_secret);
-                            tracing::info!(node = %registration.name, "registered with the server");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %error_chain(&e), "registration failed; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
+                // Until it works: nothing else can start without the secret.
+                let backoff = backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_jitter()
+                    .without_max_times();
+                let registered = (|| client.register_node(&registration))
+                    .retry(backoff)
+                    .notify(|e, _| tracing::warn!(error = %chain(e), "registration failed; retrying"))
+                    .await;
+                match registered {
+                    Ok(resp) => {
+                        *secret.write() = Some(resp.agent_secret);
+                        tracing::info!(node = %registration.name, "registered with the server");
                     }
+                    // Not reached: the backoff never gives up.
+                    Err(e) => tracing::error!(error = %chain(&e), "registration failed"),
                 }
             }
         }
@@ -361,7 +388,7 @@ pub async fn run(
                 match client.heartbeat(&name).await {
                     Ok(_) => {}
                     Err(e) if e.is_not_found() => register().await,
-                    Err(e) => tracing::warn!(error = %error_chain(&e), "heartbeat failed"),
+                    Err(e) => tracing::warn!(error = %chain(&e), "heartbeat failed"),
                 }
             }
         })
@@ -464,7 +491,7 @@ async fn reconcile_all(rec: &mut Reconciler, client: &Client, mine: &mut HashMap
                     Ok(()) => {}
                     Err(e) if e.is_not_found() => {}
                     Err(e) => {
-                        tracing::warn!(vm = %name, error = %error_chain(&e), "cannot finalize deletion")
+                        tracing::warn!(vm = %name, error = %chain(&e), "cannot finalize deletion")
                     }
                 }
             }
@@ -488,7 +515,7 @@ async fn reconcile_all(rec: &mut Reconciler, client: &Client, mine: &mut HashMap
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(vm = %name, error = %error_chain(&e), "cannot write VM status")
+                        tracing::warn!(vm = %name, error = %chain(&e), "cannot write VM status")
                     }
                 }
             }
@@ -548,5 +575,22 @@ mod tests {
         drop(claim);
         reconcile_all(&mut rec, &client, &mut mine).await;
         assert!(!mine.contains_key("doomed"), "the VM was not reconciled once released");
+    }
+
+    #[test]
+    fn advertised_hosts() {
+        let of = |s: &str| {
+            let h = AdvertisedHost::of(s);
+            (h.in_url, h.bare)
+        };
+        assert_eq!(of("https://10.99.0.2:8421"), ("10.99.0.2".into(), "10.99.0.2".into()));
+        assert_eq!(
+            of("http://node-1.example/"),
+            ("node-1.example".into(), "node-1.example".into())
+        );
+        // Split on ':' this used to give "[".
+        assert_eq!(of("https://[::1]:8421"), ("[::1]".into(), "::1".into()));
+        assert_eq!(of("https://[fd00::7]"), ("[fd00::7]".into(), "fd00::7".into()));
+        assert_eq!(of("not a url"), ("127.0.0.1".into(), "127.0.0.1".into()));
     }
 }

@@ -4,7 +4,9 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use novacron_client::Client;
 
@@ -36,11 +38,7 @@ impl NodeContext {
 
     /// The secret peers' agent endpoints expect (empty until registered).
     pub fn agent_secret(&self) -> String {
-        self.secret
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default()
+        self.secret.read().clone().unwrap_or_default()
     }
 }
 
@@ -53,7 +51,7 @@ pub struct MigrationClaims(Arc<Mutex<HashSet<String>>>);
 impl MigrationClaims {
     /// Claims `vm_id` for a migration; `None` while another one holds it.
     pub fn claim(&self, vm_id: &str) -> Option<MigrationClaim> {
-        lock(&self.0).insert(vm_id.to_string()).then(|| MigrationClaim {
+        self.0.lock().insert(vm_id.to_string()).then(|| MigrationClaim {
             claims: self.clone(),
             vm_id: vm_id.to_string(),
         })
@@ -61,7 +59,7 @@ impl MigrationClaims {
 
     /// Whether a migration owns `vm_id` (then nothing else may touch its QEMU).
     pub fn is_claimed(&self, vm_id: &str) -> bool {
-        lock(&self.0).contains(vm_id)
+        self.0.lock().contains(vm_id)
     }
 }
 
@@ -74,14 +72,11 @@ pub struct MigrationClaim {
 
 impl Drop for MigrationClaim {
     fn drop(&mut self) {
-        lock(&self.claims.0).remove(&self.vm_id);
+        self.claims.0.lock().remove(&self.vm_id);
     }
 }
 
 /// A mutex's guard, also after a panic elsewhere held it (the data stay usable).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 #[cfg(test)]
 mod tests {

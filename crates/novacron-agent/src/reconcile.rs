@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use novacron_api::error::chain;
 use novacron_api::{Image, ImageFormat, ImagePart, PowerState, RunStrategy, Vm, VmPhase, VmStatus};
 use novacron_client::Client;
 use novacron_qmp::{Qmp, RunState};
@@ -216,7 +217,7 @@ impl Reconciler {
                 return;
             }
             Err(e) => {
-                tracing::warn!(vm = %name, error = %error_chain(&e), "not starting: cannot confirm the binding");
+                tracing::warn!(vm = %name, error = %chain(&e), "not starting: cannot confirm the binding");
                 return;
             }
         }
@@ -250,7 +251,7 @@ impl Reconciler {
                 rt.failures += 1;
                 let backoff = Duration::from_secs(2u64.saturating_pow(rt.failures.min(5)));
                 rt.retry_at = Some(Instant::now() + backoff);
-                let msg = error_chain(&e);
+                let msg = chain(&e).to_string();
                 tracing::error!(vm = %name, error = %msg, "VM failed to start");
                 st.phase = VmPhase::Failed;
                 st.reason = Some(format!("Start failed: {msg}"));
@@ -456,15 +457,4 @@ pub async fn prepare_launch(
         paused: vm.spec.power_state == PowerState::Paused,
         incoming: false,
     })
-}
-
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

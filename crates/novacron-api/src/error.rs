@@ -35,3 +35,44 @@ impl FieldError {
         }
     }
 }
+
+/// An error and its sources on one line, "a: b: c": how NovaCron prints an
+/// error anywhere (logs, the CLI, messages handed on to a caller). Messages
+/// stay short and the cause is chained, never pasted in.
+pub fn chain<'a>(e: &'a (dyn std::error::Error + 'a)) -> Chain<'a> {
+    Chain(e)
+}
+
+/// See [`chain`].
+pub struct Chain<'a>(&'a (dyn std::error::Error + 'a));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::{chain, FieldError};
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("Cannot start VM")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_and_its_sources_on_one_line() {
+        let inner = std::io::Error::other(FieldError::new("disk", "is full"));
+        assert_eq!(chain(&Outer(inner)).to_string(), "Cannot start VM: disk: is full");
+        assert_eq!(
+            chain(&FieldError::new("name", "too long")).to_string(),
+            "name: too long"
+        );
+    }
+}

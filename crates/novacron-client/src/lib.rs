@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
+use tokio_util::io::StreamReader;
 
 use novacron_api::*;
 
@@ -297,7 +298,8 @@ impl Client {
         query.push(("watch", "true".to_string()));
         query.push(("resource_version", resource_version.to_string()));
         let resp = self.send(self.streaming.get(&url).query(&query), &url).await?;
-        Ok(Box::pin(ndjson::<WatchEvent<T>>(resp)))
+        let body = resp.bytes_stream().map(|r| r.map_err(std::io::Error::other));
+        Ok(Box::pin(ndjson::<WatchEvent<T>>(body, MAX_WATCH_LINE)))
     }
 
     // ------------------------------------------------------------ VMs
@@ -414,35 +416,73 @@ fn byte_stream(resp: reqwest::Response, url: String) -> ByteStream {
     }))
 }
 
-/// Splits a response body into newline-delimited JSON values.
+/// The longest line a watch stream may carry: one object, with room to spare.
+const MAX_WATCH_LINE: usize = 16 * 1024 * 1024;
+
+/// Splits a response body into newline-delimited JSON values. Blank lines are
+/// skipped; a line that is not the JSON expected is an error and the stream
+/// goes on; a failed body or a line over `max_line` bytes ends it with an error.
 fn ndjson<T: DeserializeOwned + Send + 'static>(
-    resp: reqwest::Response,
+    body: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    max_line: usize,
 ) -> impl Stream<Item = Result<T, ClientError>> + Send {
-    let bytes = resp.bytes_stream();
-    futures::stream::unfold(
-        (bytes, Vec::<u8>::new(), false),
-        |(mut bytes, mut buf, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=pos).collect();
-                    if line.iter().all(u8::is_ascii_whitespace) {
-                        continue;
-                    }
-                    let item = serde_json::from_slice::<T>(&line).map_err(ClientError::Decode);
-                    return Some((item, (bytes, buf, false)));
-                }
-                match bytes.next().await {
-                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                    Some(Err(e)) => {
-                        let err = ClientError::Watch(std::io::Error::other(e));
-                        return Some((Err(err), (bytes, buf, true)));
-                    }
-                    None => return None,
-                }
-            }
-        },
-    )
+    use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+    let lines = FramedRead::new(StreamReader::new(body), LinesCodec::new_with_max_length(max_line));
+    // FramedRead yields nothing more after an error, so an error ends the stream.
+    lines.filter_map(|line| async move {
+        match line {
+            Ok(l) if l.trim().is_empty() => None,
+            Ok(l) => Some(serde_json::from_str::<T>(&l).map_err(ClientError::Decode)),
+            Err(LinesCodecError::Io(e)) => Some(Err(ClientError::Watch(e))),
+            Err(e @ LinesCodecError::MaxLineLengthExceeded) => Some(Err(ClientError::Watch(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e,
+            )))),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(parts: &[&'static str]) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p.as_bytes())))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn ndjson_splits_lines_across_chunks_and_skips_blank_ones() {
+        let body = chunks(&["{\"a\":1}\n\n  \r\n{\"a\"", ":2}\r\n", "not json\n{\"a\":3}"]);
+        let got: Vec<_> = ndjson::<serde_json::Value>(body, 1024).collect().await;
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!(got[0].as_ref().unwrap()["a"], 1);
+        assert_eq!(got[1].as_ref().unwrap()["a"], 2);
+        assert!(
+            matches!(got[2], Err(ClientError::Decode(_))),
+            "a bad line is an error, not the end"
+        );
+        assert_eq!(got[3].as_ref().unwrap()["a"], 3, "the last line needs no newline");
+    }
+
+    #[tokio::test]
+    async fn ndjson_ends_on_an_overlong_line_or_a_failed_body() {
+        let body = chunks(&["{\"a\":1}\n", "{\"a\":\"0123456789\"}\n", "{\"a\":2}\n"]);
+        let got: Vec<_> = ndjson::<serde_json::Value>(body, 12).collect().await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(matches!(&got[1], Err(ClientError::Watch(e)) if e.kind() == std::io::ErrorKind::InvalidData));
+
+        let body = futures::stream::iter(vec![
+            Ok(Bytes::from_static(b"{\"a\":1}\n")),
+            Err(std::io::Error::other("connection reset")),
+            Ok(Bytes::from_static(b"{\"a\":2}\n")),
+        ]);
+        let got: Vec<_> = ndjson::<serde_json::Value>(body, 1024).collect().await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(matches!(got[1], Err(ClientError::Watch(_))));
+    }
 }

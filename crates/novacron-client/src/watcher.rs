@@ -11,6 +11,7 @@ use backon::BackoffBuilder;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
+use novacron_api::error::chain;
 use novacron_api::{Object, WatchEvent, WatchEventType};
 
 use crate::{Client, ClientError, Resource, Selector};
@@ -210,23 +211,13 @@ pub fn watcher<S: Source>(source: S) -> impl Stream<Item = Event<S::Object>> + S
     })
 }
 
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use novacron_api::Migration;
+    use parking_lot::Mutex;
 
     use super::*;
 
@@ -253,13 +244,13 @@ mod tests {
         type Object = Migration;
         type Error = FakeError;
         fn list(&self) -> Listed<'_, Migration, FakeError> {
-            self.calls.lock().map(|mut c| c.push("list".into())).ok();
-            let next = self.lists.lock().ok().and_then(|mut l| l.pop_front());
+            self.calls.lock().push("list".into());
+            let next = self.lists.lock().pop_front();
             Box::pin(async move { next.unwrap_or(Err(FakeError::Down)) })
         }
         fn watch(&self, revision: u64) -> Watched<'_, Migration, FakeError> {
-            self.calls.lock().map(|mut c| c.push(format!("watch {revision}"))).ok();
-            let next = self.watches.lock().ok().and_then(|mut w| w.pop_front());
+            self.calls.lock().push(format!("watch {revision}"));
+            let next = self.watches.lock().pop_front();
             Box::pin(async move {
                 match next {
                     Some(Ok(events)) => Ok(futures::stream::iter(events).boxed()),
@@ -300,11 +291,11 @@ mod tests {
     async fn lists_then_watches_resumes_from_the_last_revision_and_relists_when_it_is_gone() {
         let fake = Fake::default();
         {
-            let mut lists = fake.lists.lock().unwrap_or_else(|e| e.into_inner());
+            let mut lists = fake.lists.lock();
             lists.push_back(Err(FakeError::Down));
             lists.push_back(Ok((vec![migration("a", 3)], 5)));
             lists.push_back(Ok((vec![migration("b", 9)], 10)));
-            let mut watches = fake.watches.lock().unwrap_or_else(|e| e.into_inner());
+            let mut watches = fake.watches.lock();
             // Two events, then the connection breaks.
             watches.push_back(Ok(vec![
                 ev(WatchEventType::Added, "b", 6),
@@ -319,7 +310,7 @@ mod tests {
         assert_eq!(w.next().await, Some(Event::Applied(migration("b", 6))));
         assert_eq!(w.next().await, Some(Event::Deleted(migration("a", 7))));
         assert_eq!(w.next().await, Some(Event::Restarted(vec![migration("b", 9)])));
-        let calls = fake.calls.lock().map(|c| c.clone()).unwrap_or_default();
+        let calls = fake.calls.lock().clone();
         assert_eq!(calls, ["list", "list", "watch 5", "watch 7", "list"]);
     }
 

@@ -8,7 +8,9 @@
 //! both caches when they differ (say after a session that broke half-way).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 /// BLAKE3 of a chunk, first 128 bits: a guest cannot forge a collision.
 pub type ChunkHash = [u8; 16];
@@ -168,12 +170,12 @@ impl CacheStore {
 
     /// The cache kept under `key`, or a new empty one.
     pub fn take(&self, key: &str) -> ChunkCache {
-        let mut map = self.caches.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.caches.lock();
         map.remove(key).unwrap_or_else(|| ChunkCache::new(self.capacity))
     }
 
     pub fn put(&self, key: &str, cache: ChunkCache) {
-        let mut map = self.caches.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.caches.lock();
         map.insert(key.to_string(), cache);
     }
 }

@@ -21,8 +21,9 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{watch, Notify};
 
@@ -295,8 +296,8 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u16, u64, u32)>> {
-        self.requests.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<u64, (u16, u64, u32)>> {
+        self.requests.lock()
     }
 
     async fn drained(&self) {

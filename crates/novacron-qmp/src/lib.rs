@@ -12,9 +12,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -179,7 +180,7 @@ impl Qmp {
             msg["arguments"] = args;
         }
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
+        self.pending.lock().insert(id, tx);
         let mut line = msg.to_string();
         line.push('\n');
         let write = async {
@@ -187,12 +188,12 @@ impl Qmp {
             w.write_all(line.as_bytes()).await
         };
         if let Err(e) = write.await {
-            lock(&self.pending).remove(&id);
+            self.pending.lock().remove(&id);
             return Err(e.into());
         }
         match tokio::time::timeout(self.timeout, rx).await {
             Err(_) => {
-                lock(&self.pending).remove(&id);
+                self.pending.lock().remove(&id);
                 Err(QmpError::Timeout(command.to_string()))
             }
             Ok(Err(_)) => Err(QmpError::Closed),
@@ -251,10 +252,6 @@ fn parse_reply<R: serde::de::DeserializeOwned>(command: &str, reply: Value) -> R
     })
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 async fn read_loop(
     mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
     pending: Pending,
@@ -278,7 +275,7 @@ async fn read_loop(
         let Some(id) = msg.get("id").and_then(Value::as_u64) else {
             continue;
         };
-        let Some(tx) = lock(&pending).remove(&id) else {
+        let Some(tx) = pending.lock().remove(&id) else {
             continue;
         };
         let reply = if let Some(ret) = msg.get("return") {
@@ -295,7 +292,7 @@ async fn read_loop(
         let _ = tx.send(reply);
     }
     // Connection gone: wake every waiter with Closed.
-    lock(&pending).clear();
+    pending.lock().clear();
 }
 
 #[cfg(test)]

@@ -234,7 +234,7 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         prev_hash: String::new(),
     };
     if let Err(e) = state.audit.append(entry).await {
-        tracing::error!(error = %crate::ErrorChain(&e), %method, %path, "cannot write audit record");
+        tracing::error!(error = %novacron_api::error::chain(&e), %method, %path, "cannot write audit record");
     }
     resp
 }

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::num::NonZeroU32;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use novacron_api::{Metadata, NodeCredential, Permission, Project, Resource, Role, Token, Verb};
 use novacron_store::{SharedStore, StoreExt};
+use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
 
 use novacron_tls::PeerInfo;
@@ -71,16 +72,16 @@ pub struct AuditContext {
 
 impl AuditContext {
     pub fn set_actor(&self, actor: &str) {
-        *self.actor.lock().unwrap_or_else(|e| e.into_inner()) = Some(actor.to_string());
+        *self.actor.lock() = Some(actor.to_string());
     }
     pub fn set_project(&self, project: &str) {
-        *self.project.lock().unwrap_or_else(|e| e.into_inner()) = Some(project.to_string());
+        *self.project.lock() = Some(project.to_string());
     }
     pub fn actor(&self) -> Option<String> {
-        self.actor.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.actor.lock().clone()
     }
     pub fn project(&self) -> Option<String> {
-        self.project.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.project.lock().clone()
     }
 }
 
@@ -260,7 +261,7 @@ impl AuthIndex {
     }
 
     pub fn set_credential(&self, c: &NodeCredential) {
-        let mut map = self.credentials.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.credentials.write();
         // One certificate per node: a re-join replaces the old one.
         map.retain(|_, node| *node != c.metadata.name);
         map.insert(c.cert_sha256.clone(), c.metadata.name.clone());
@@ -268,12 +269,7 @@ impl AuthIndex {
 
     /// The agent principal of a node presenting a certificate the server issued.
     pub fn authenticate_cert(&self, sha256: &str) -> Option<Principal> {
-        let node = self
-            .credentials
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(sha256)
-            .cloned()?;
+        let node = self.credentials.read().get(sha256).cloned()?;
         let actor = format!("node:{node}");
         Some(Principal {
             audit: Arc::new(AuditContext {
@@ -294,31 +290,21 @@ impl AuthIndex {
         if t.revoked_at.is_some() {
             return;
         }
-        self.tokens
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(t.secret_sha256.clone(), t.clone());
+        self.tokens.write().insert(t.secret_sha256.clone(), t.clone());
     }
 
     pub fn remove_token(&self, secret_sha256: &str) {
-        self.tokens
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(secret_sha256);
+        self.tokens.write().remove(secret_sha256);
     }
 
     pub fn set_role(&self, r: &Role) {
         self.custom_roles
             .write()
-            .unwrap_or_else(|e| e.into_inner())
             .insert(r.metadata.name.clone(), Arc::new(r.permissions.clone()));
     }
 
     pub fn remove_role(&self, name: &str) {
-        self.custom_roles
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        self.custom_roles.write().remove(name);
     }
 
     pub fn is_builtin(&self, role: &str) -> bool {
@@ -327,22 +313,24 @@ impl AuthIndex {
 
     /// The permissions of a role; an unknown (deleted) role grants nothing.
     pub fn permissions(&self, role: &str) -> Option<Arc<BTreeSet<Permission>>> {
-        self.builtin.get(role).cloned().or_else(|| {
-            self.custom_roles
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(role)
-                .cloned()
-        })
+        self.builtin
+            .get(role)
+            .cloned()
+            .or_else(|| self.custom_roles.read().get(role).cloned())
     }
 
     /// Resolves a bearer secret; expired and revoked tokens resolve to `Err`
     /// with the reason.
+    ///
+    /// The lookup is by the SHA-256 of the secret, never the secret itself:
+    /// how long the map takes to compare keys can at most tell a caller about
+    /// the digest of a guess, which cannot be turned back into a secret. So
+    /// a hash-map lookup is safe here, where a constant-time scan over every
+    /// token would cost O(tokens) per request for nothing.
     pub fn authenticate(&self, secret: &str) -> Result<Principal, &'static str> {
         let token = self
             .tokens
             .read()
-            .unwrap_or_else(|e| e.into_inner())
             .get(&hash_secret(secret))
             .cloned()
             .ok_or("Invalid token")?;
@@ -484,7 +472,7 @@ impl LoginThrottle {
 
     /// Time left in the lockout of any of `keys`, if one is locked.
     pub fn locked(&self, keys: &[String]) -> Option<Duration> {
-        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.failures.lock();
         keys.iter()
             .filter_map(|k| map.get(k))
             .filter_map(|(count, last)| {
@@ -501,7 +489,7 @@ impl LoginThrottle {
     }
 
     pub fn failed(&self, keys: &[String]) {
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.failures.lock();
         for k in keys {
             let e = map.entry(k.clone()).or_insert((0, Instant::now()));
             // Failures older than an hour are forgotten.
@@ -514,7 +502,7 @@ impl LoginThrottle {
     }
 
     pub fn succeeded(&self, keys: &[String]) {
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.failures.lock();
         for k in keys {
             map.remove(k);
         }

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use novacron_api::error::chain;
 use novacron_api::{Migration, Node, Vm, VmPhase};
 use novacron_store::StoreExt;
 use tokio::task::JoinSet;
 
 use crate::cache::Cache;
-use crate::{scheduling, AppState, ErrorChain};
+use crate::{scheduling, AppState};
 
 /// What the controllers watch.
 struct Caches {
@@ -41,7 +42,7 @@ async fn placement_loop(state: AppState, caches: Arc<Caches>) {
     loop {
         if caches.vms.synced() && caches.nodes.synced() && caches.migrations.synced() {
             if let Err(e) = place_pending(&state, &caches).await {
-                tracing::warn!(error = %ErrorChain(&e), "placement pass failed");
+                tracing::warn!(error = %chain(&e), "placement pass failed");
             }
         }
         // Woken by every change to what placement reads. The timer only
@@ -133,7 +134,7 @@ async fn node_liveness_loop(state: AppState, caches: Arc<Caches>) {
     loop {
         tick.tick().await;
         if let Err(e) = mark_stale_nodes(&state, &caches.nodes).await {
-            tracing::warn!(error = %ErrorChain(&e), "node liveness pass failed");
+            tracing::warn!(error = %chain(&e), "node liveness pass failed");
         }
     }
 }

@@ -62,27 +62,12 @@ impl ApiError {
     }
     /// Logs the cause; the client only learns that something failed inside.
     pub fn internal(context: &str, err: &dyn std::error::Error) -> Self {
-        tracing::error!(error = %ErrorChain(err), "{context}");
+        tracing::error!(error = %novacron_api::error::chain(err), "{context}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             format!("{context}: internal error"),
         )
-    }
-}
-
-/// Displays an error with its sources: "a: b: c".
-pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut src = self.0.source();
-        while let Some(s) = src {
-            write!(f, ": {s}")?;
-            src = s.source();
-        }
-        Ok(())
     }
 }
 

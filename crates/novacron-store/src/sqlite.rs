@@ -4,9 +4,10 @@
 //! under the lock and then reads the backlog sees every revision exactly once.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use futures::StreamExt;
+use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 use tokio::sync::broadcast;
@@ -22,6 +23,8 @@ pub struct SqliteStore {
 }
 
 struct Inner {
+    /// parking_lot: no poisoning. A panic while holding it leaves SQLite
+    /// consistent (transactions roll back), so the next caller goes on.
     conn: Mutex<Connection>,
     events: broadcast::Sender<Arc<Event>>,
 }
@@ -73,7 +76,7 @@ impl SqliteStore {
     ) -> Result<R, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = lock(&inner.conn);
+            let mut conn = inner.conn.lock();
             f(&mut conn, &inner.events)
         })
         .await?
@@ -103,11 +106,6 @@ impl SqliteStore {
         })
         .await
     }
-}
-
-fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    // A panic while holding the lock leaves SQLite consistent (transactions roll back).
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn meta(conn: &Connection, key: &str) -> Result<u64, StoreError> {
@@ -302,7 +300,7 @@ impl Store for SqliteStore {
         let mut revision = None;
         loop {
             let (rows, rev) = {
-                let conn = lock(&self.inner.conn);
+                let conn = self.inner.conn.lock();
                 let rev = meta(&conn, "revision")?;
                 let mut stmt = conn.prepare_cached(
                     "SELECT name, id, rev, data FROM objects WHERE kind = ?1 AND name > ?2 ORDER BY name LIMIT ?3",

@@ -380,13 +380,20 @@ pub fn system_client_config() -> Result<ClientConfig, TlsError> {
     Ok(cfg)
 }
 
+/// A URL's host as sockets, name lookups and certificates want it: an IPv6
+/// address without the brackets URLs put around it (`https://[::1]:8421` ->
+/// `::1`). `None` for a URL without a host.
+pub fn bare_host(url: &url::Url) -> Option<String> {
+    match url.host()? {
+        url::Host::Ipv6(addr) => Some(addr.to_string()),
+        host => Some(host.to_string()),
+    }
+}
+
 /// Opens a connection to an `http(s)://` URL's host (for WebSocket upgrades
 /// done by hand): TLS with `tls` (or the system roots) for https.
 pub async fn connect_url(url: &reqwest::Url, tls: Option<Arc<ClientConfig>>) -> io::Result<Box<dyn AsyncIo>> {
-    let host = url
-        .host_str()
-        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URL has no host"))?;
+    let host = bare_host(url).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URL has no host"))?;
     let port = url.port_or_known_default().unwrap_or(80);
     let tcp = TcpStream::connect((host.as_str(), port)).await?;
     if !matches!(url.scheme(), "https" | "wss") {
@@ -432,6 +439,16 @@ impl AgentFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_hosts_of_urls() {
+        let host = |s: &str| bare_host(&url::Url::parse(s).unwrap());
+        assert_eq!(host("https://10.99.0.2:8421").as_deref(), Some("10.99.0.2"));
+        assert_eq!(host("https://Node-1.example:8421/x").as_deref(), Some("node-1.example"));
+        assert_eq!(host("https://[::1]:8421").as_deref(), Some("::1"));
+        assert_eq!(host("http://[fd00::2]/").as_deref(), Some("fd00::2"));
+        assert_eq!(host("unix:/run/x.sock"), None);
+    }
 
     #[test]
     fn ca_reloaded_from_disk_issues_certificates_that_verify() {

@@ -15,12 +15,13 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
+use parking_lot::Mutex;
 
 const DEV: &str = "wan0";
 const MTU: usize = 1500;
@@ -184,8 +185,8 @@ fn up(name: &str, hosts: usize, profile: link::Profile, seed: u64) -> Result<()>
                 else {
                     continue;
                 };
-                let fate = link.lock().map(|mut l| l.admit(n, Instant::now()));
-                if let Ok(link::Fate::Deliver(at)) = fate {
+                let fate = link.lock().admit(n, Instant::now());
+                if let link::Fate::Deliver(at) = fate {
                     let _ = tx.send((at, buf[..n].to_vec()));
                 }
             }

@@ -24,7 +24,7 @@ pub struct LoginArgs {
     #[arg(long)]
     pub project: Option<String>,
     /// Token lifetime, e.g. 12h (default 12h).
-    #[arg(long, value_parser = parse_ttl)]
+    #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<Duration>,
     /// Read the password from the first line of stdin instead of prompting.
     #[arg(long)]
@@ -70,7 +70,7 @@ pub enum TokenCommand {
         #[arg(long)]
         project: Option<String>,
         /// Lifetime, e.g. 30d, 12h.
-        #[arg(long, value_parser = parse_ttl)]
+        #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
     },
     List,
@@ -157,17 +157,6 @@ pub enum AuditCommand {
     },
     /// Check the hash chain; exits non-zero when a record was changed, reordered or deleted.
     Verify,
-}
-
-/// 30d, 12h, 45m, 90s.
-fn parse_ttl(s: &str) -> Result<Duration, String> {
-    match s.strip_suffix('d').or_else(|| s.strip_suffix('h')) {
-        Some(n) => {
-            let n: u64 = n.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-            Ok(Duration::from_secs(n * if s.ends_with('d') { 86_400 } else { 3_600 }))
-        }
-        None => parse_duration(s),
-    }
 }
 
 fn read_password(prompt: &str) -> Result<String> {
@@ -503,7 +492,7 @@ fn since_param(s: &str) -> Result<String> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&chrono::Utc).to_rfc3339());
     }
-    let age = parse_ttl(s).map_err(anyhow::Error::msg)?;
+    let age = parse_duration(s).map_err(anyhow::Error::msg)?;
     let age = chrono::Duration::from_std(age).context("duration too large")?;
     Ok((chrono::Utc::now() - age).to_rfc3339())
 }

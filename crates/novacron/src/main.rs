@@ -165,16 +165,17 @@ pub struct AgentArgs {
     pub dwcp_cache_mib: u64,
 }
 
+/// A duration as humantime reads it: `300ms`, `15s`, `2m`, `2h`, `7d`,
+/// `1h 30m`. A bare number is seconds, as it always was here.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("invalid duration {s:?}: too large"));
     }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 pub fn parse_mib(s: &str) -> Result<u64, String> {
@@ -295,12 +296,34 @@ async fn run(cli: Cli) -> Result<()> {
 async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
-        // One error-chain printer for the whole CLI.
-        let mut msg = format!("Error: {e}");
-        for cause in e.chain().skip(1) {
-            msg.push_str(&format!(": {cause}"));
-        }
-        eprintln!("{msg}");
+        // One error-chain printer for the whole CLI (and the rest of NovaCron).
+        eprintln!("Error: {}", novacron_api::error::chain(e.as_ref()));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_the_forms_the_docs_use() {
+        for (s, want) in [
+            ("300ms", Duration::from_millis(300)),
+            ("500ms", Duration::from_millis(500)),
+            ("15s", Duration::from_secs(15)),
+            ("2m", Duration::from_secs(120)),
+            ("2h", Duration::from_secs(7_200)),
+            ("7d", Duration::from_secs(7 * 86_400)),
+            ("1h 30m", Duration::from_secs(5_400)),
+            ("1.5h", Duration::from_secs(5_400)),
+            (" 90 ", Duration::from_secs(90)),
+        ] {
+            assert_eq!(parse_duration(s), Ok(want), "{s}");
+        }
+        for bad in ["", "s", "2x", "-1s", "2 parsecs"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.starts_with("invalid duration"), "{bad}: {e}");
+        }
     }
 }

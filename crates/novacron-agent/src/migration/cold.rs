@@ -14,7 +14,7 @@ use super::console_log::read_log_from;
 use super::source::SourceCtx;
 use super::{MigrationError, Migrations};
 use crate::qemu::DISK_NODES;
-use crate::reconcile::error_chain;
+use novacron_api::error::chain;
 
 impl Migrations {
     /// Cold migration of a stopped VM: the target pulls the disk files from
@@ -130,7 +130,7 @@ impl Migrations {
                     .images
                     .ensure(&self.node.client, &image, novacron_api::ImagePart::Disk)
                     .await
-                    .map_err(|e| MigrationError::Other(format!("cannot fetch the base image: {}", error_chain(&e))))?;
+                    .map_err(|e| MigrationError::Other(format!("cannot fetch the base image: {}", chain(&e))))?;
                 let out = tokio::process::Command::new("qemu-img")
                     .args(["rebase", "-u", "-F", &image.spec.format.to_string(), "-b"])
                     .arg(&base)

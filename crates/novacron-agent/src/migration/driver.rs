@@ -4,7 +4,9 @@
 //! the status it reports meanwhile.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -15,8 +17,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::source::SourceCtx;
 use super::{MigrationError, Migrations, POLL_EVERY};
-use crate::node::{lock, MigrationClaim};
-use crate::reconcile::error_chain;
+use crate::node::MigrationClaim;
+use novacron_api::error::chain;
 
 /// How long a new driver waits for the previous one to let go of the VM.
 const CLAIM_WAIT: Duration = Duration::from_secs(30);
@@ -41,7 +43,7 @@ impl StatusReport {
                 wake.notified().await;
                 let mut delay = Duration::from_millis(100);
                 loop {
-                    let status = lock(&latest).clone();
+                    let status = latest.lock().clone();
                     let written = match client.get::<Migration>(&name).await {
                         Ok(mut m) => {
                             // While this agent drives the migration, it owns the status.
@@ -55,7 +57,7 @@ impl StatusReport {
                         Err(e) if e.is_not_found() => return,
                         Err(e) if e.is_conflict() => continue,
                         Err(e) => {
-                            tracing::debug!(migration = %name, error = %error_chain(&e), "status not written yet; retrying");
+                            tracing::debug!(migration = %name, error = %chain(&e), "status not written yet; retrying");
                             tokio::time::sleep(delay).await;
                             delay = (delay * 2).min(Duration::from_secs(2));
                         }
@@ -83,23 +85,17 @@ impl Migrations {
         while let Some(ev) = events.next().await {
             let changed = match ev {
                 watcher::Event::Restarted(list) => {
-                    let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+                    let mut known = self.known.write();
                     known.clear();
                     known.extend(list.iter().map(|m| (m.metadata.name.clone(), m.clone())));
                     list
                 }
                 watcher::Event::Applied(m) => {
-                    self.known
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(m.metadata.name.clone(), m.clone());
+                    self.known.write().insert(m.metadata.name.clone(), m.clone());
                     vec![m]
                 }
                 watcher::Event::Deleted(m) => {
-                    self.known
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&m.metadata.name);
+                    self.known.write().remove(&m.metadata.name);
                     continue;
                 }
             };
@@ -126,15 +122,15 @@ impl Migrations {
     }
 
     pub(super) fn latest(&self, name: &str) -> Option<Migration> {
-        self.known.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.known.read().get(name).cloned()
     }
 
     /// Changes the status of a migration this node drives: at once in the
     /// agent's copy, and on the server in the background (see [`StatusReport`]).
     /// Without a report running (the migration's end), writes and waits.
     pub(super) async fn write_status(&self, name: &str, change: impl Fn(&mut MigrationStatus)) {
-        if let Some(report) = lock(&self.reports).get(name) {
-            change(&mut lock(&report.status));
+        if let Some(report) = self.reports.lock().get(name) {
+            change(&mut report.status.lock());
             report.changed.notify_one();
             return;
         }
@@ -159,10 +155,7 @@ impl Migrations {
             change(&mut next.status);
             match self.node.client.put_migration_status(&next).await {
                 Ok(m) => {
-                    self.known
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(name.to_string(), m.clone());
+                    self.known.write().insert(name.to_string(), m.clone());
                     return Some(m);
                 }
                 Err(e) if e.is_conflict() => continue,
@@ -203,7 +196,7 @@ impl Migrations {
             return;
         };
         let report = StatusReport::start(self.node.client.clone(), name.clone(), m.status.clone());
-        lock(&self.reports).insert(name.clone(), report);
+        self.reports.lock().insert(name.clone(), report);
         tracing::info!(migration = %name, vm = %vm.metadata.name, to = %m.status.target_node, "migration starting");
         let started = Instant::now();
         let mut ctx = SourceCtx::default();
@@ -214,7 +207,7 @@ impl Migrations {
         };
         // The end is written and waited for: completion carries the final
         // status, a failure is written after the roll-back.
-        lock(&self.reports).remove(&name);
+        self.reports.lock().remove(&name);
         match result {
             Ok(final_status) => {
                 let req = CompleteMigration {
@@ -227,7 +220,7 @@ impl Migrations {
                     match self.node.client.complete_migration(&name, &req).await {
                         Ok(_) => break,
                         Err(e) => {
-                            tracing::warn!(migration = %name, error = %error_chain(&e), "cannot record completion yet; retrying");
+                            tracing::warn!(migration = %name, error = %chain(&e), "cannot record completion yet; retrying");
                             tokio::time::sleep(delay).await;
                             delay = (delay * 2).min(Duration::from_secs(5));
                         }
@@ -241,7 +234,7 @@ impl Migrations {
                 let msg = if cancelled {
                     "Cancelled by request".to_string()
                 } else {
-                    error_chain(&e)
+                    chain(&e).to_string()
                 };
                 tracing::warn!(migration = %name, vm = %vm.metadata.name, error = %msg, "migration failed; rolling back");
                 self.roll_back(&m, &vm, &ctx).await;

@@ -1,7 +1,9 @@
 //! Calls to the other agent of a migration: the calls that drive it, the
 //! health checks meanwhile, and the opening of a DWCP session to it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use novacron_api::agent::DwcpEndpoint;
@@ -11,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{MigrationError, Migrations, REPORT_EVERY, TARGET_CALL_TIMEOUT};
-use crate::node::lock;
 
 impl Migrations {
     pub(super) async fn check_target_alive(&self, target: &Node) -> Result<(), MigrationError> {
@@ -31,7 +32,7 @@ impl Migrations {
             loop {
                 tokio::time::sleep(REPORT_EVERY).await;
                 if let Err(e) = target_alive(&http, &target).await {
-                    *lock(&found) = Some(e);
+                    *found.lock() = Some(e);
                     return;
                 }
             }
@@ -145,7 +146,7 @@ pub(super) struct TargetWatch {
 impl TargetWatch {
     /// The check's failure, once: the migration stops on it.
     pub(super) fn check(&self) -> Result<(), MigrationError> {
-        match lock(&self.failure).take() {
+        match self.failure.lock().take() {
             Some(e) => Err(e),
             None => Ok(()),
         }

@@ -27,7 +27,7 @@ use super::console_log::read_log_from;
 use super::progress::{dwcp_figures, progress_from};
 use super::{MigrationError, Migrations, MULTIFD_CHANNELS, POLL_EVERY, QMP_TIMEOUT, REPORT_EVERY};
 use crate::qemu;
-use crate::reconcile::error_chain;
+use novacron_api::error::chain;
 
 /// Pre-copy passes after which a plain pre-copy migration is declared non-converging.
 const MAX_PRECOPY_PASSES: u64 = 40;
@@ -492,7 +492,7 @@ impl Migrations {
                         ) => {}
                     Ok(_) => break,
                     Err(e) => {
-                        tracing::warn!(vm = %vm.metadata.name, error = %error_chain(&e), "cannot tell whether the migration stopped; resuming the source");
+                        tracing::warn!(vm = %vm.metadata.name, error = %chain(&e), "cannot tell whether the migration stopped; resuming the source");
                         break;
                     }
                 }
@@ -518,7 +518,7 @@ impl Migrations {
                     dwcp_disks: 0,
                 };
                 if let Err(e) = self.target_call::<Value>(&t, "abort", &m.metadata.id, &abort).await {
-                    tracing::warn!(migration = %m.metadata.name, error = %error_chain(&e), "target cleanup failed; the target agent removes leftovers when it restarts");
+                    tracing::warn!(migration = %m.metadata.name, error = %chain(&e), "target cleanup failed; the target agent removes leftovers when it restarts");
                 }
             }
         }

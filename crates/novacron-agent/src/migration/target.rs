@@ -55,7 +55,10 @@ impl Migrations {
             qemu::launch(&self.node.qemu, &spec, &dir).await?;
             let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
             let nbd_port = free_port()?;
-            let addr = SocketAddressLegacy::Inet(InetSocketAddress::new(self.node.host.as_str(), nbd_port));
+            let addr = SocketAddressLegacy::Inet(InetSocketAddress::new(
+                self.node.host.trim_start_matches('[').trim_end_matches(']'),
+                nbd_port,
+            ));
             qmp.run(&NbdServerStart::new(addr)).await?;
             let mut disks = vec![DISK_NODES[0].to_string()];
             if spec.data_disk.is_some() {

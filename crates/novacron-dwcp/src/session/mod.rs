@@ -29,8 +29,9 @@ mod stream;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -171,7 +172,7 @@ impl Health {
             return;
         }
         let why = why.into();
-        let mut e = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        let mut e = self.error.lock();
         if e.is_none() {
             tracing::warn!(error = %why, "DWCP session failed");
             *e = Some(why);
@@ -180,7 +181,7 @@ impl Health {
     }
 
     fn error(&self) -> Option<String> {
-        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.error.lock().clone()
     }
 }
 
@@ -218,8 +219,4 @@ async fn write_local<W: AsyncWrite + Unpin>(
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

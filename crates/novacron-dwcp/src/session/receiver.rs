@@ -4,9 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -14,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::stream::{bbr_available, read_frames, tune_socket};
-use super::{lock, write_local, Health, PROTOCOL_VERSION, READ_CHUNK};
+use super::{write_local, Health, PROTOCOL_VERSION, READ_CHUNK};
 use crate::cache::{new_cache_id, CacheStore, ChunkCache};
 use crate::codec::decode;
 use crate::frame::{read_frame, write_frame, Frame, Kind, PayloadReader};
@@ -59,20 +60,20 @@ impl Receiver {
 
     /// Accept sessions named `session`, connecting their channels per `routes`.
     pub fn expect(&self, session: &str, routes: Routes) {
-        lock(&self.routes).insert(session.to_string(), routes);
-        lock(&self.disks).insert(session.to_string(), Arc::default());
+        self.routes.lock().insert(session.to_string(), routes);
+        self.disks.lock().insert(session.to_string(), Arc::default());
     }
 
     pub fn forget(&self, session: &str) {
-        lock(&self.routes).remove(session);
-        lock(&self.disks).remove(session);
+        self.routes.lock().remove(session);
+        self.disks.lock().remove(session);
     }
 
     /// Waits until `disks` disk channels of `session` have settled: each one's
     /// mirror closed it and the target's export confirmed every request it
     /// carried (see [`crate::nbd`]). Only then may the target VM use its disks.
     pub async fn disks_settled(&self, session: &str, disks: usize, timeout: Duration) -> Result<(), DwcpError> {
-        let tally = lock(&self.disks).get(session).cloned();
+        let tally = self.disks.lock().get(session).cloned();
         let tally = tally.ok_or_else(|| DwcpError::Session(format!("no DWCP session {session:?} expected here")))?;
         let mut watch = tally.subscribe();
         let waited = tokio::time::timeout(timeout, watch.wait_for(|t| t.failed.is_some() || t.settled >= disks)).await;
@@ -139,7 +140,7 @@ impl Receiver {
         let (session, node, index) = (r.string()?, r.string()?, r.u32()?);
         let (cache_id, cache_ops, capacity) = (r.u64()?, r.u64()?, r.u64()? as usize);
         if index > 0 {
-            let entry = lock(&self.sessions).get(&session).cloned();
+            let entry = self.sessions.lock().get(&session).cloned();
             let entry = entry.ok_or_else(|| DwcpError::Handshake(format!("no session {session:?} to join")))?;
             // Nothing goes back on the extra streams; they close with the session.
             tokio::spawn(async move {
@@ -171,7 +172,7 @@ impl Receiver {
         let (back_tx, mut back_rx) = mpsc::channel::<Frame>(64);
         let health = Arc::new(Health::default());
         let wire = Arc::new(AtomicU64::new(0));
-        lock(&self.sessions).insert(
+        self.sessions.lock().insert(
             session.clone(),
             SessionEntry {
                 frames: frames_tx.clone(),
@@ -211,7 +212,7 @@ impl Receiver {
             wire,
         };
         let result = assembler.run(frames_rx, &mut cache).await;
-        lock(&self.sessions).remove(&session);
+        self.sessions.lock().remove(&session);
         match result {
             Ok(()) => {
                 self.store.put(&key, cache);
@@ -219,7 +220,7 @@ impl Receiver {
             }
             Err(e) => {
                 health.fail(e.to_string());
-                if let Some(tally) = lock(&self.disks).get(&session) {
+                if let Some(tally) = self.disks.lock().get(&session) {
                     tally.send_modify(|t| {
                         t.failed.get_or_insert_with(|| e.to_string());
                     });
@@ -356,7 +357,9 @@ impl Assembler {
         if matches!(role, Role::Probe | Role::Prefill) {
             return Ok(Sink::Discard);
         }
-        let addr = lock(&self.routes)
+        let addr = self
+            .routes
+            .lock()
             .get(&self.session)
             .and_then(|r| r.get(&role).copied())
             .ok_or_else(|| {
@@ -370,7 +373,9 @@ impl Assembler {
             return Ok(self.attach(ch, conn, addr.to_string()));
         }
         // Disk channels are replayed request by request (see `nbd`).
-        let tally = lock(&self.disks)
+        let tally = self
+            .disks
+            .lock()
             .get(&self.session)
             .cloned()
             .ok_or_else(|| DwcpError::Session(format!("session {:?} takes no disk channels", self.session)))?;

@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -18,9 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rate::{raw_ahead_max, Bucket};
 use super::stream::{bbr_available, connect_stream, streams_for_rtt, StreamReader, StreamWriter};
-use super::{
-    hello_frame, lock, write_local, Health, Hello, ReverseSinks, SessionConfig, Stats, StatsSnapshot, READ_CHUNK,
-};
+use super::{hello_frame, write_local, Health, Hello, ReverseSinks, SessionConfig, Stats, StatsSnapshot, READ_CHUNK};
 use crate::cache::{CacheStore, ChunkCache};
 use crate::codec::{Encoder, LevelChooser};
 use crate::frame::{read_frame, write_frame, Frame, Kind, PayloadReader};
@@ -242,7 +241,7 @@ impl Sender {
     {
         let ch = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let (rev_tx, mut rev_rx) = mpsc::channel::<Option<Vec<u8>>>(16);
-        lock(&self.reverse).insert(ch, rev_tx);
+        self.reverse.lock().insert(ch, rev_tx);
         self.input
             .send(Input::Open(ch, role))
             .await
@@ -373,7 +372,7 @@ impl Sender {
             _ = tokio::time::sleep(timeout) => return Err(DwcpError::Session("the target did not confirm the end of the session".into())),
         }
         // The encoder stopped at End and hands the cache back.
-        let rx = lock(&self.cache_back).take();
+        let rx = self.cache_back.lock().take();
         if let Some(rx) = rx {
             let back = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)).ok()).await;
             if let Ok(Some(cache)) = back {

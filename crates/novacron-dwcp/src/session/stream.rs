@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 use super::rate::{Bucket, RateMeter};
-use super::{lock, Health, ReverseSinks, Stats};
+use super::{Health, ReverseSinks, Stats};
 use crate::frame::{read_frame, write_frame, Frame, Kind, PayloadReader};
 use crate::inflight::{self, Cap};
 use crate::DwcpError;
@@ -180,7 +180,7 @@ impl StreamReader {
             };
             match frame.kind {
                 Kind::Reverse | Kind::ReverseClose => {
-                    let tx = lock(&reverse).get(&frame.channel).cloned();
+                    let tx = reverse.lock().get(&frame.channel).cloned();
                     if let Some(tx) = tx {
                         let msg = (frame.kind == Kind::Reverse).then_some(frame.payload);
                         let _ = tx.send(msg).await;

@@ -186,7 +186,8 @@ async fn register_node(
     own_node(&p, &req.name)?;
     validate::name("name", &req.name)?;
     validate::labels("labels", &req.labels)?;
-    if !(req.address.starts_with("http://") || req.address.starts_with("https://")) {
+    let address = url::Url::parse(&req.address).ok();
+    if !address.is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()) {
         return Err(ApiError::invalid("address", "address must be an http(s) URL"));
     }
     if req.capacity.vcpus == 0 || req.capacity.memory_mib == 0 {

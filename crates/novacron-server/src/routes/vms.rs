@@ -191,18 +191,17 @@ async fn act(
     let name = vm.metadata.name;
     refuse_while_migrating(state, &name).await?;
     // `modify` retries on conflicts; the closure records a refusal instead of failing.
-    let refusal = std::sync::Mutex::new(None);
+    let refusal = parking_lot::Mutex::new(None);
     let vm = state
         .store
         .modify::<Vm, _>(&name, |v| {
             if v.metadata.deletion_requested_at.is_some() {
-                *refusal.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(ApiError::conflict(format!("VM {name:?} is being deleted")));
+                *refusal.lock() = Some(ApiError::conflict(format!("VM {name:?} is being deleted")));
                 return false;
             }
             let before = v.spec.clone();
             if let Err(e) = change(v) {
-                *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                *refusal.lock() = Some(e);
                 return false;
             }
             if v.spec != before {
@@ -213,7 +212,7 @@ async fn act(
             }
         })
         .await?;
-    if let Some(e) = refusal.into_inner().unwrap_or_else(|e| e.into_inner()) {
+    if let Some(e) = refusal.into_inner() {
         return Err(e);
     }
     Ok(Json(vm))
