@@ -76,8 +76,6 @@ impl Drop for MigrationClaim {
     }
 }
 
-/// A mutex's guard, also after a panic elsewhere held it (the data stay usable).
-
 #[cfg(test)]
 mod tests {
     use super::*;
