@@ -21,7 +21,7 @@ use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
 use novacron_api::agent::{ColdRequest, DwcpEndpoint, PlanRequest, PrepareRequest, VmRef};
 use novacron_api::error::chain;
-use novacron_api::AGENT_SECRET_HEADER;
+use novacron_api::{ErrorBody, ErrorDetail, AGENT_SECRET_HEADER};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
@@ -58,7 +58,7 @@ async fn require_secret(State(state): State<HttpState>, req: Request, next: Next
     if secret_matches(expected.as_deref(), given) {
         next.run(req).await
     } else {
-        (StatusCode::UNAUTHORIZED, "missing or wrong agent secret").into_response()
+        error(StatusCode::UNAUTHORIZED, "Missing or wrong agent secret")
     }
 }
 
@@ -76,14 +76,14 @@ fn secret_matches(expected: Option<&str>, given: Option<&str>) -> bool {
 async fn dwcp_endpoint(State(state): State<HttpState>) -> Response {
     match state.migrations.dwcp() {
         Some(d) => Json(DwcpEndpoint { port: d.port }).into_response(),
-        None => (StatusCode::NOT_FOUND, "this agent has no DWCP listener").into_response(),
+        None => error(StatusCode::NOT_FOUND, "This agent has no DWCP listener"),
     }
 }
 
 async fn plan(State(state): State<HttpState>, Json(req): Json<PlanRequest>) -> Response {
     match state.migrations.dry_run(req).await {
         Ok(p) => Json(p).into_response(),
-        Err(e) => (StatusCode::CONFLICT, chain(&e).to_string()).into_response(),
+        Err(e) => migration_error(&e),
     }
 }
 
@@ -104,7 +104,7 @@ struct LogsQuery {
 
 async fn logs(State(state): State<HttpState>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> Response {
     let Some(dir) = vm_dir(&state, &id) else {
-        return StatusCode::NOT_FOUND.into_response();
+        return error(StatusCode::NOT_FOUND, format!("No VM {id:?} on this node"));
     };
     let path = dir.console_log();
     let file = match tokio::fs::File::open(&path).await {
@@ -149,11 +149,11 @@ async fn logs(State(state): State<HttpState>, Path(id): Path<String>, Query(q): 
 
 async fn console(State(state): State<HttpState>, Path(id): Path<String>, ws: WebSocketUpgrade) -> Response {
     let Some(dir) = vm_dir(&state, &id) else {
-        return StatusCode::NOT_FOUND.into_response();
+        return error(StatusCode::NOT_FOUND, format!("No VM {id:?} on this node"));
     };
     let sock = match tokio::net::UnixStream::connect(dir.console()).await {
         Ok(s) => s,
-        Err(e) => return (StatusCode::CONFLICT, format!("console not available: {e}")).into_response(),
+        Err(e) => return error(StatusCode::CONFLICT, format!("Console not available: {e}")),
     };
     ws.on_upgrade(move |socket| bridge(socket, sock))
 }
@@ -198,8 +198,30 @@ async fn bridge(socket: WebSocket, sock: tokio::net::UnixStream) {
     }
 }
 
+/// An error in the server's JSON error body (`{"error": {code, message}}`),
+/// so the server and peer agents read agent errors like API errors.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let code = match status {
+        StatusCode::UNAUTHORIZED => "unauthenticated",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST => "invalid",
+        StatusCode::BAD_GATEWAY => "upstream",
+        _ => "internal",
+    };
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: code.into(),
+            message: message.into(),
+            field: None,
+        },
+    };
+    (status, Json(body)).into_response()
+}
+
 fn migration_error(e: &crate::migration::MigrationError) -> Response {
-    (StatusCode::CONFLICT, chain(e).to_string()).into_response()
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(status, chain(e).to_string())
 }
 
 fn valid_id(id: &str) -> bool {
@@ -213,7 +235,7 @@ async fn prepare(
     Json(req): Json<PrepareRequest>,
 ) -> Response {
     if !valid_id(&req.vm.metadata.id) {
-        return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid VM id");
     }
     tracing::info!(migration = %migration, vm = %req.vm.metadata.name, "preparing to receive VM");
     match state.migrations.prepare(req).await {
@@ -225,7 +247,7 @@ async fn prepare(
 /// Target side: the source has stopped; run the VM here.
 async fn finish(State(state): State<HttpState>, Path(migration): Path<String>, Json(req): Json<VmRef>) -> Response {
     if !valid_id(&req.vm_id) {
-        return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid VM id");
     }
     let finished = state.migrations.finish(&migration, &req).await;
     if let Some(d) = state.migrations.dwcp() {
@@ -243,7 +265,7 @@ async fn finish(State(state): State<HttpState>, Path(migration): Path<String>, J
 /// Target side: the migration failed; remove everything it made here.
 async fn abort(State(state): State<HttpState>, Path(migration): Path<String>, Json(req): Json<VmRef>) -> Response {
     if !valid_id(&req.vm_id) {
-        return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid VM id");
     }
     if let Some(d) = state.migrations.dwcp() {
         d.receiver.forget(&migration);
@@ -260,7 +282,7 @@ async fn receive_cold(
     Json(req): Json<ColdRequest>,
 ) -> Response {
     if !valid_id(&req.vm.metadata.id) {
-        return (StatusCode::BAD_REQUEST, "invalid VM id").into_response();
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid VM id");
     }
     tracing::info!(migration = %migration, vm = %req.vm.metadata.name, "receiving a stopped VM's disks");
     match state.migrations.receive_cold(req).await {
@@ -272,26 +294,50 @@ async fn receive_cold(
 /// A stopped VM's disk file, for a peer receiving it in a cold migration.
 async fn disk_file(State(state): State<HttpState>, Path((id, disk)): Path<(String, String)>) -> Response {
     let Some(dir) = vm_dir(&state, &id) else {
-        return StatusCode::NOT_FOUND.into_response();
+        return error(StatusCode::NOT_FOUND, format!("No VM {id:?} on this node"));
     };
     let path = match disk.as_str() {
         "root" => dir.root_disk(),
         "data" => dir.data_disk(),
-        _ => return StatusCode::NOT_FOUND.into_response(),
+        _ => return error(StatusCode::NOT_FOUND, format!("No disk {disk:?}")),
     };
     // A running QEMU changes the file under us: only stopped VMs are copied.
     if dir.running_pid().is_some() {
-        return (StatusCode::CONFLICT, "VM is running").into_response();
+        return error(
+            StatusCode::CONFLICT,
+            "The VM is running: only a stopped VM's disks are copied",
+        );
     }
     match tokio::fs::File::open(&path).await {
         Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
-        Err(_) => StatusCode::NOT_FOUND.into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, format!("Cannot open {disk}: {e}")),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::secret_matches;
+    use super::{migration_error, secret_matches};
+    use crate::migration::MigrationError;
+
+    #[tokio::test]
+    async fn errors_use_the_servers_json_body_and_status() {
+        for (e, status, code) in [
+            (MigrationError::Conflict("the VM is being migrated".into()), 409, "conflict"),
+            (MigrationError::Invalid("unknown disk \"x\"".into()), 422, "invalid"),
+            (MigrationError::Target("finish answered 500".into()), 502, "upstream"),
+            (MigrationError::QemuFailed("failed".into()), 500, "internal"),
+        ] {
+            let resp = migration_error(&e);
+            assert_eq!(resp.status().as_u16(), status, "{e}");
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap_or_default();
+            let body: novacron_api::ErrorBody = match serde_json::from_slice(&body) {
+                Ok(b) => b,
+                Err(err) => panic!("not an error body ({err}): {}", String::from_utf8_lossy(&body)),
+            };
+            assert_eq!(body.error.code, code);
+            assert_eq!(body.error.message, e.to_string());
+        }
+    }
 
     #[test]
     fn only_the_agent_secret_gets_in() {

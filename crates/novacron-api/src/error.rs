@@ -39,6 +39,14 @@ impl FieldError {
 /// An error and its sources on one line, "a: b: c": how NovaCron prints an
 /// error anywhere (logs, the CLI, messages handed on to a caller). Messages
 /// stay short and the cause is chained, never pasted in.
+/// The message of an error answer: the `message` of an [`ErrorBody`], or
+/// the text itself when it is not one (e.g. an older agent's plain text).
+pub fn message_of(body: &str) -> String {
+    serde_json::from_str::<ErrorBody>(body)
+        .map(|b| b.error.message)
+        .unwrap_or_else(|_| body.trim().to_string())
+}
+
 pub fn chain<'a>(e: &'a (dyn std::error::Error + 'a)) -> Chain<'a> {
     Chain(e)
 }

@@ -61,11 +61,12 @@ pub async fn plan(state: &AppState, node: &Node, body: &PlanRequest) -> ApiResul
         .map_err(|e| unreachable(node, e))?;
     let status = resp.status();
     let text = resp.text().await.map_err(|e| unreachable(node, e))?;
+    let why = || novacron_api::error::message_of(&text);
     if status.is_client_error() {
-        return Err(ApiError::conflict(format!("cannot plan the migration: {text}")));
+        return Err(ApiError::conflict(format!("Cannot plan the migration: {}", why())));
     }
     if !status.is_success() {
-        return Err(unreachable(node, format!("agent answered {status}: {text}")));
+        return Err(unreachable(node, format!("agent answered {status}: {}", why())));
     }
     serde_json::from_str(&text).map_err(|e| unreachable(node, format!("bad plan from the agent: {e}")))
 }

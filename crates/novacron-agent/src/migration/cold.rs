@@ -14,7 +14,6 @@ use super::console_log::read_log_from;
 use super::source::SourceCtx;
 use super::{MigrationError, Migrations};
 use crate::qemu::DISK_NODES;
-use novacron_api::error::chain;
 
 impl Migrations {
     /// Cold migration of a stopped VM: the target pulls the disk files from
@@ -29,7 +28,7 @@ impl Migrations {
         let name = &m.metadata.name;
         let dir = self.dir(&vm.metadata.id);
         if dir.running_pid().is_some() {
-            return Err(MigrationError::Other(
+            return Err(MigrationError::Conflict(
                 "the VM has a running QEMU; migrate it live".into(),
             ));
         }
@@ -76,15 +75,14 @@ impl Migrations {
         let vm = &req.vm;
         let dir = self.begin_incoming(vm)?;
         let result = async {
-            std::fs::create_dir_all(&dir.path)
-                .map_err(|e| MigrationError::Other(format!("cannot create VM dir: {e}")))?;
+            std::fs::create_dir_all(&dir.path).map_err(MigrationError::io("create the VM's directory"))?;
             let source: Node = self.node.client.get(&req.source_node).await?;
             let secret = self.node.agent_secret();
             for disk in &req.disks {
                 let path = match disk.as_str() {
                     "root" => dir.root_disk(),
                     "data" => dir.data_disk(),
-                    other => return Err(MigrationError::Other(format!("unknown disk {other:?}"))),
+                    other => return Err(MigrationError::Invalid(format!("unknown disk {other:?}"))),
                 };
                 let url = format!(
                     "{}/agent/v1/vms/{}/disks/{disk}",
@@ -107,20 +105,19 @@ impl Migrations {
                 let partial = path.with_extension("qcow2.partial");
                 let mut file = tokio::fs::File::create(&partial)
                     .await
-                    .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
+                    .map_err(MigrationError::io(format!("write {disk}")))?;
                 let mut stream = resp.bytes_stream();
                 use tokio::io::AsyncWriteExt;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(|e| MigrationError::Target(format!("fetching {disk}: {e}")))?;
                     file.write_all(&chunk)
                         .await
-                        .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
+                        .map_err(MigrationError::io(format!("write {disk}")))?;
                 }
                 file.sync_all()
                     .await
-                    .map_err(|e| MigrationError::Other(format!("cannot write {disk}: {e}")))?;
-                std::fs::rename(&partial, &path)
-                    .map_err(|e| MigrationError::Other(format!("cannot store {disk}: {e}")))?;
+                    .map_err(MigrationError::io(format!("write {disk}")))?;
+                std::fs::rename(&partial, &path).map_err(MigrationError::io(format!("store {disk}")))?;
             }
             // The root overlay names the source's cached base image: repoint it at ours.
             let image: novacron_api::Image = self.node.client.get(&vm.spec.image).await?;
@@ -130,23 +127,21 @@ impl Migrations {
                     .images
                     .ensure(&self.node.client, &image, novacron_api::ImagePart::Disk)
                     .await
-                    .map_err(|e| MigrationError::Other(format!("cannot fetch the base image: {}", chain(&e))))?;
+                    .map_err(MigrationError::Image)?;
                 let out = tokio::process::Command::new("qemu-img")
                     .args(["rebase", "-u", "-F", &image.spec.format.to_string(), "-b"])
                     .arg(&base)
                     .arg(dir.root_disk())
                     .output()
                     .await
-                    .map_err(|e| MigrationError::Other(format!("cannot run qemu-img: {e}")))?;
+                    .map_err(MigrationError::io("run qemu-img"))?;
                 if !out.status.success() {
-                    return Err(MigrationError::Other(format!(
-                        "qemu-img rebase failed: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
+                    return Err(MigrationError::Rebase(
+                        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    ));
                 }
             }
-            std::fs::write(dir.console_log(), &req.console_log)
-                .map_err(|e| MigrationError::Other(format!("cannot write console log: {e}")))?;
+            std::fs::write(dir.console_log(), &req.console_log).map_err(MigrationError::io("write the console log"))?;
             Ok(())
         }
         .await;

@@ -72,8 +72,56 @@ pub(crate) enum MigrationError {
     QemuFailed(String),
     #[error("Cancelled")]
     Cancelled,
+    /// The VM is not in a state this call can act on.
     #[error("{0}")]
-    Other(String),
+    Conflict(String),
+    /// The request names something that does not exist or cannot be.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("Cannot {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot fetch the base image")]
+    Image(#[source] crate::images::CacheError),
+    #[error("qemu-img rebase failed: {0}")]
+    Rebase(String),
+    #[error("DWCP: {0}")]
+    Dwcp(String),
+    #[error("DWCP cannot {what}")]
+    Session {
+        what: String,
+        #[source]
+        source: novacron_dwcp::DwcpError,
+    },
+    #[error("Pre-copy did not converge after {passes} passes (dirty rate {dirty_mib_s} MiB/s, throughput {sent_mib_s} MiB/s); use --strategy auto-converge or postcopy, or raise --bandwidth")]
+    NoConvergence {
+        passes: u64,
+        dirty_mib_s: u64,
+        sent_mib_s: u64,
+    },
+}
+
+impl MigrationError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
+        let what = what.into();
+        move |source| MigrationError::Io { what, source }
+    }
+
+    /// The HTTP status an agent endpoint answers this error with.
+    pub(crate) fn status(&self) -> u16 {
+        match self {
+            MigrationError::Conflict(_) | MigrationError::Cancelled => 409,
+            MigrationError::Invalid(_) => 422,
+            MigrationError::Target(_)
+            | MigrationError::Api(_)
+            | MigrationError::Dwcp(_)
+            | MigrationError::Session { .. } => 502,
+            _ => 500,
+        }
+    }
 }
 
 /// The migrations of this node, as source and as target: shared by the

@@ -66,9 +66,13 @@ impl Migrations {
             .await
             .map_err(|e| MigrationError::Target(format!("{what}: {e}")))?;
         let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| MigrationError::Target(format!("{what}: reading the answer: {e}")))?;
         if !status.is_success() {
-            return Err(MigrationError::Target(format!("{what} answered {status}: {text}")));
+            let why = novacron_api::error::message_of(&text);
+            return Err(MigrationError::Target(format!("{what} answered {status}: {why}")));
         }
         serde_json::from_str(&text).map_err(|e| MigrationError::Target(format!("{what}: bad answer: {e}")))
     }
@@ -115,7 +119,7 @@ impl Migrations {
         match session.as_ref().and_then(|s| s.error()) {
             Some(e) => {
                 self.check_target_alive(target).await?;
-                Err(MigrationError::Other(format!("DWCP: {e}")))
+                Err(MigrationError::Dwcp(e.to_string()))
             }
             None => Ok(()),
         }

@@ -78,7 +78,7 @@ impl Migrations {
                     let rate = d
                         .link_rate(peer, s, pages.as_mut())
                         .await
-                        .map_err(MigrationError::Other)?;
+                        .map_err(MigrationError::Dwcp)?;
                     let st = s.stats();
                     Ok::<_, MigrationError>((rate, st.rtt_ms / 1e3, st.streams))
                 }
@@ -190,11 +190,13 @@ impl Migrations {
     /// Dry run of a migration from this node: measure and predict, move nothing.
     pub(crate) async fn dry_run(&self, req: PlanRequest) -> Result<MigrationPlan, MigrationError> {
         if self.node.claims.is_claimed(&req.vm.metadata.id) {
-            return Err(MigrationError::Other("the VM is being migrated".into()));
+            return Err(MigrationError::Conflict("the VM is being migrated".into()));
         }
         let dir = self.dir(&req.vm.metadata.id);
         if dir.running_pid().is_none() {
-            return Err(MigrationError::Other("the VM has no running QEMU on this node".into()));
+            return Err(MigrationError::Conflict(
+                "the VM has no running QEMU on this node".into(),
+            ));
         }
         let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
         let session = format!("plan-{}-{}", req.vm.metadata.id, Utc::now().timestamp_millis());

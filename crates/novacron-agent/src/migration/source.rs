@@ -159,10 +159,15 @@ impl Migrations {
         let local = match &session {
             Some(s) => {
                 let (nbd, mig) = (dir.dwcp_nbd_socket(), dir.dwcp_migration_socket());
-                s.listen(Role::Nbd, &nbd)
-                    .map_err(|e| MigrationError::Other(format!("cannot listen on {}: {e}", nbd.display())))?;
+                s.listen(Role::Nbd, &nbd).map_err(|source| MigrationError::Session {
+                    what: format!("listen on {}", nbd.display()),
+                    source,
+                })?;
                 s.listen(Role::Migration, &mig)
-                    .map_err(|e| MigrationError::Other(format!("cannot listen on {}: {e}", mig.display())))?;
+                    .map_err(|source| MigrationError::Session {
+                        what: format!("listen on {}", mig.display()),
+                        source,
+                    })?;
                 ctx.dwcp_disks = true;
                 Some((nbd, mig))
             }
@@ -314,12 +319,11 @@ impl Migrations {
             // Plain pre-copy never converges when the guest dirties memory faster than
             // we send it: give up with the numbers instead of looping forever.
             if strategy == MigrationStrategy::Precopy && ram.is_some_and(|r| r.dirty_sync_count > MAX_PRECOPY_PASSES) {
-                return Err(MigrationError::Other(format!(
-                    "pre-copy did not converge after {MAX_PRECOPY_PASSES} passes (dirty rate {} MiB/s, throughput {} MiB/s); \
-                     use --strategy auto-converge or postcopy, or raise --bandwidth",
-                    progress.dirty_rate_bytes_s >> 20,
-                    progress.throughput_bytes_s >> 20
-                )));
+                return Err(MigrationError::NoConvergence {
+                    passes: MAX_PRECOPY_PASSES,
+                    dirty_mib_s: progress.dirty_rate_bytes_s >> 20,
+                    sent_mib_s: progress.throughput_bytes_s >> 20,
+                });
             }
             // Post-copy: after the first full pass (or when pre-copy stops converging).
             if postcopy

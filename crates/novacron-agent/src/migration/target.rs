@@ -33,7 +33,7 @@ impl Migrations {
     pub(super) fn begin_incoming(&self, vm: &Vm) -> Result<VmDir, MigrationError> {
         let dir = self.dir(&vm.metadata.id);
         if dir.running_pid().is_some() {
-            return Err(MigrationError::Other(format!(
+            return Err(MigrationError::Conflict(format!(
                 "VM {} already has a QEMU on this node",
                 vm.metadata.name
             )));
@@ -49,8 +49,7 @@ impl Migrations {
         let result = async {
             let mut spec = prepare_launch(&self.node.client, &self.node.images, &self.node.accel, vm, &dir).await?;
             // QEMU appends to the log (logappend=on): seed it with the source's history.
-            std::fs::write(dir.console_log(), &req.console_log)
-                .map_err(|e| MigrationError::Other(format!("cannot write console log: {e}")))?;
+            std::fs::write(dir.console_log(), &req.console_log).map_err(MigrationError::io("write the console log"))?;
             spec.incoming = true;
             qemu::launch(&self.node.qemu, &spec, &dir).await?;
             let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
@@ -93,7 +92,7 @@ impl Migrations {
                     format!("{}:{port}", self.node.host)
                         .parse::<std::net::SocketAddr>()
                         .or_else(|_| format!("127.0.0.1:{port}").parse())
-                        .map_err(|e| MigrationError::Other(format!("bad local address: {e}")))
+                        .map_err(|e| MigrationError::Invalid(format!("bad local address: {e}")))
                 };
                 d.receiver.expect(
                     session,
@@ -120,7 +119,7 @@ impl Migrations {
         let dir = self.dir(vm_id);
         let pid = dir
             .running_pid()
-            .ok_or_else(|| MigrationError::Other("target QEMU is gone".into()))?;
+            .ok_or_else(|| MigrationError::Conflict("target QEMU is gone".into()))?;
         let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
         // Wait until the source's last state has landed: the stream completed, or
         // (post-copy) the switch happened and the rest follows on demand. All of
@@ -157,7 +156,7 @@ impl Migrations {
             let dwcp = self
                 .dwcp
                 .as_ref()
-                .ok_or_else(|| MigrationError::Other("DWCP disks, but DWCP is off here".into()))?;
+                .ok_or_else(|| MigrationError::Invalid("DWCP disks, but DWCP is off here".into()))?;
             dwcp.receiver
                 .disks_settled(
                     migration,
@@ -165,7 +164,7 @@ impl Migrations {
                     deadline.saturating_duration_since(Instant::now()),
                 )
                 .await
-                .map_err(|e| MigrationError::Other(format!("the disks did not arrive whole: {e}")))?;
+                .map_err(|e| MigrationError::Dwcp(format!("the disks did not arrive whole: {e}")))?;
             tracing::debug!(
                 migration,
                 waited_ms = called.elapsed().as_millis() as u64,
@@ -205,7 +204,7 @@ fn free_port() -> Result<u16, MigrationError> {
     std::net::TcpListener::bind("0.0.0.0:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| MigrationError::Other(format!("no free port: {e}")))
+        .map_err(MigrationError::io("find a free port"))
 }
 
 /// QEMU's migration state in words, for errors.
