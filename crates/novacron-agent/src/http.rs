@@ -322,14 +322,20 @@ mod tests {
     #[tokio::test]
     async fn errors_use_the_servers_json_body_and_status() {
         for (e, status, code) in [
-            (MigrationError::Conflict("the VM is being migrated".into()), 409, "conflict"),
+            (
+                MigrationError::Conflict("the VM is being migrated".into()),
+                409,
+                "conflict",
+            ),
             (MigrationError::Invalid("unknown disk \"x\"".into()), 422, "invalid"),
             (MigrationError::Target("finish answered 500".into()), 502, "upstream"),
             (MigrationError::QemuFailed("failed".into()), 500, "internal"),
         ] {
             let resp = migration_error(&e);
             assert_eq!(resp.status().as_u16(), status, "{e}");
-            let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap_or_default();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap_or_default();
             let body: novacron_api::ErrorBody = match serde_json::from_slice(&body) {
                 Ok(b) => b,
                 Err(err) => panic!("not an error body ({err}): {}", String::from_utf8_lossy(&body)),

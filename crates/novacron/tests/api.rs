@@ -253,16 +253,20 @@ async fn pagination_selectors_and_watch() {
         .spawn()
         .expect("cli");
     let stdout = child.stdout.take().expect("stdout");
+    let (listed_tx, listed) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
+        let mut lines = std::io::BufReader::new(stdout).lines().map_while(Result::ok);
+        // The list comes first; the watch then starts from its revision, so
+        // a change made once anything is printed is still reported.
+        let first = lines.next();
+        let _ = listed_tx.send(());
+        std::iter::once(first?)
+            .chain(lines)
             .find(|l| l.contains("\"Deleted\"") && l.contains("p-1"))
     });
-    // Give the CLI time to list and start watching, then delete.
-    wait_until("watch to start", Duration::from_secs(10), || async { Some(()) }).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let printed = tokio::task::spawn_blocking(move || listed.recv_timeout(Duration::from_secs(10)).is_ok());
+    assert!(printed.await.expect("join"), "the CLI printed no list");
     c.client.delete_vm("p-1", false).await.expect("delete");
     let line = tokio::task::spawn_blocking(move || reader.join().ok().flatten())
         .await
