@@ -76,13 +76,16 @@ impl DwcpNode {
         port: u16,
         session: &str,
         rate_limit_bytes_s: Option<u64>,
-    ) -> Result<Arc<Sender>, String> {
-        let host = host_of(&target.spec.address).ok_or_else(|| format!("no host in {:?}", target.spec.address))?;
+    ) -> Result<Arc<Sender>, PeerError> {
+        let host = host_of(&target.spec.address).ok_or_else(|| PeerError::NoHost(target.spec.address.clone()))?;
         let addr = tokio::net::lookup_host((host.as_str(), port))
             .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .map_err(|source| PeerError::Resolve {
+                host: host.clone(),
+                source,
+            })?
             .next()
-            .ok_or_else(|| format!("{host} has no address"))?;
+            .ok_or_else(|| PeerError::NoAddress(host.clone()))?;
         let sender = Sender::connect(
             addr,
             &host,
@@ -98,8 +101,7 @@ impl DwcpNode {
                 ..Default::default()
             },
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         Ok(Arc::new(sender))
     }
 
@@ -111,7 +113,7 @@ impl DwcpNode {
         peer: &str,
         sender: &Sender,
         fill: Option<&mut tokio::sync::mpsc::Receiver<Vec<u8>>>,
-    ) -> Result<f64, String> {
+    ) -> Result<f64, novacron_dwcp::DwcpError> {
         if let Some((at, rate)) = self.links.lock().get(peer).copied() {
             if at.elapsed() < LINK_FRESH && rate > 0.0 {
                 return Ok(rate);
@@ -125,8 +127,7 @@ impl DwcpNode {
                 PROBE_BYTES,
                 fill,
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         self.remember_link(peer, rate);
         Ok(rate)
     }
@@ -318,6 +319,33 @@ fn read_guest_pages(pid: u32, ram_bytes: u64, tx: &tokio::sync::mpsc::Sender<Vec
             return;
         }
     }
+}
+
+/// Why a DWCP session to a peer agent could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("This agent has no cluster certificate (plain-HTTP cluster)")]
+    NoCertificate,
+    #[error("No host in agent address {0:?}")]
+    NoHost(String),
+    #[error("Cannot resolve {host}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} has no address")]
+    NoAddress(String),
+    #[error("Cannot ask {node} for its DWCP port")]
+    Ask {
+        node: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("Node {node} does not offer DWCP ({status})")]
+    NotOffered { node: String, status: u16 },
+    #[error("Session")]
+    Session(#[from] novacron_dwcp::DwcpError),
 }
 
 /// Host part of an agent URL (`https://host:port`), bare (`::1` for IPv6).

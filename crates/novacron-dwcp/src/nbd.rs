@@ -338,7 +338,10 @@ where
     let (size, flags) = match client_handshake(&mut erd, &mut ewr, &name).await {
         Ok(found) => found,
         Err(e) => {
-            let why = format!("target NBD export {export_name:?}: {e}");
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            let why = format!("target NBD export {export_name:?}: {e}{cause}");
             let mut answer = vec![1u8];
             answer.extend_from_slice(&(why.len() as u32).to_be_bytes());
             answer.extend_from_slice(why.as_bytes());
@@ -454,20 +457,38 @@ async fn send_request<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Why an NBD client handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("NBD handshake I/O")]
+    Io(#[from] std::io::Error),
+    #[error("Not a newstyle NBD server")]
+    NotNewstyle,
+    #[error("The NBD server does not speak fixed newstyle")]
+    NotFixedNewstyle,
+    #[error("Bad NBD option reply")]
+    BadReply,
+    #[error("NBD option reply of {0} bytes")]
+    ReplyTooLong(u32),
+    #[error("The NBD server named no export size")]
+    NoExportSize,
+    #[error("The NBD server refused the export ({why}{detail})")]
+    Refused { why: &'static str, detail: String },
+}
+
 /// Fixed-newstyle handshake as a client: `NBD_OPT_GO` for `name`, simple
 /// replies only. Returns the export's size and transmission flags.
-pub async fn client_handshake<R, W>(rd: &mut R, wr: &mut W, name: &[u8]) -> Result<(u64, u16), String>
+pub async fn client_handshake<R, W>(rd: &mut R, wr: &mut W, name: &[u8]) -> Result<(u64, u16), HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let io = |e: std::io::Error| e.to_string();
-    if rd.read_u64().await.map_err(io)? != NBD_MAGIC || rd.read_u64().await.map_err(io)? != IHAVEOPT {
-        return Err("not a newstyle NBD server".into());
+    if rd.read_u64().await? != NBD_MAGIC || rd.read_u64().await? != IHAVEOPT {
+        return Err(HandshakeError::NotNewstyle);
     }
-    let server_flags = rd.read_u16().await.map_err(io)?;
+    let server_flags = rd.read_u16().await?;
     if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err("the NBD server does not speak fixed newstyle".into());
+        return Err(HandshakeError::NotFixedNewstyle);
     }
     let client_flags = u32::from(server_flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
     let mut go = client_flags.to_be_bytes().to_vec();
@@ -477,43 +498,38 @@ where
     go.extend_from_slice(&(name.len() as u32).to_be_bytes());
     go.extend_from_slice(name);
     go.extend_from_slice(&0u16.to_be_bytes());
-    wr.write_all(&go).await.map_err(io)?;
-    wr.flush().await.map_err(io)?;
+    wr.write_all(&go).await?;
+    wr.flush().await?;
     let mut export = None;
     loop {
-        if rd.read_u64().await.map_err(io)? != OPTION_REPLY_MAGIC {
-            return Err("bad option reply".into());
+        if rd.read_u64().await? != OPTION_REPLY_MAGIC {
+            return Err(HandshakeError::BadReply);
         }
-        let (_opt, kind, len) = (
-            rd.read_u32().await.map_err(io)?,
-            rd.read_u32().await.map_err(io)?,
-            rd.read_u32().await.map_err(io)?,
-        );
+        let (_opt, kind, len) = (rd.read_u32().await?, rd.read_u32().await?, rd.read_u32().await?);
         if len > MAX_OPTION {
-            return Err(format!("option reply of {len} bytes"));
+            return Err(HandshakeError::ReplyTooLong(len));
         }
         let mut data = vec![0u8; len as usize];
-        rd.read_exact(&mut data).await.map_err(io)?;
+        rd.read_exact(&mut data).await?;
         match kind {
-            REP_ACK => return export.ok_or_else(|| "the server named no export size".to_string()),
+            REP_ACK => return export.ok_or(HandshakeError::NoExportSize),
             REP_INFO if data.len() >= 12 && data[..2] == INFO_EXPORT.to_be_bytes() => {
                 let size = u64::from_be_bytes([data[2], data[3], data[4], data[5], data[6], data[7], data[8], data[9]]);
                 export = Some((size, u16::from_be_bytes([data[10], data[11]])));
             }
             k if k & (1 << 31) != 0 => {
-                return Err(format!(
-                    "refused ({}{})",
-                    if k == REP_ERR_UNKNOWN {
+                return Err(HandshakeError::Refused {
+                    why: if k == REP_ERR_UNKNOWN {
                         "no such export"
                     } else {
                         "error"
                     },
-                    if data.is_empty() {
+                    detail: if data.is_empty() {
                         String::new()
                     } else {
                         format!(": {}", String::from_utf8_lossy(&data))
-                    }
-                ))
+                    },
+                })
             }
             _ => {}
         }
@@ -701,6 +717,6 @@ mod tests {
         });
         let (mut rd, mut wr) = tokio::io::split(qemu);
         let err = client_handshake(&mut rd, &mut wr, b"data").await.unwrap_err();
-        assert!(err.contains("no such export"), "{err}");
+        assert!(err.to_string().contains("no such export"), "{err}");
     }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 use novacron_api::agent::DwcpEndpoint;
 use novacron_api::{Node, AGENT_SECRET_HEADER};
 use novacron_dwcp::Sender;
+
+use crate::dwcp::PeerError;
 use serde::{Deserialize, Serialize};
 use tokio_util::task::AbortOnDropHandle;
 
@@ -83,9 +85,9 @@ impl Migrations {
         target: &Node,
         session: &str,
         bandwidth_mib_s: Option<u64>,
-    ) -> Result<Arc<Sender>, String> {
+    ) -> Result<Arc<Sender>, PeerError> {
         let Some(d) = &self.dwcp else {
-            return Err("this agent has no cluster certificate (plain-HTTP cluster)".into());
+            return Err(PeerError::NoCertificate);
         };
         let secret = self.node.agent_secret();
         let url = format!("{}/agent/v1/dwcp", target.spec.address.trim_end_matches('/'));
@@ -96,15 +98,20 @@ impl Migrations {
             .timeout(Duration::from_secs(10))
             .send()
             .await
-            .map_err(|e| format!("cannot ask {} for its DWCP port: {e}", target.metadata.name))?;
+            .map_err(|source| PeerError::Ask {
+                node: target.metadata.name.clone(),
+                source,
+            })?;
         if !resp.status().is_success() {
-            return Err(format!(
-                "node {} does not offer DWCP ({})",
-                target.metadata.name,
-                resp.status()
-            ));
+            return Err(PeerError::NotOffered {
+                node: target.metadata.name.clone(),
+                status: resp.status().as_u16(),
+            });
         }
-        let ep: DwcpEndpoint = resp.json().await.map_err(|e| format!("bad DWCP answer: {e}"))?;
+        let ep: DwcpEndpoint = resp.json().await.map_err(|source| PeerError::Ask {
+            node: target.metadata.name.clone(),
+            source,
+        })?;
         d.connect(target, ep.port, session, bandwidth_mib_s.map(|b| b * 1024 * 1024))
             .await
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use novacron_api::agent::{PlanAsk, PlanRequest};
+use novacron_api::error::chain;
 use novacron_api::{MigrationPlan, MigrationPrediction, MigrationStrategy, MigrationTransport, Node, Vm};
 use novacron_dwcp::plan::{self, Carrier, MemoryFigures, PlanInput, Strategy, WireInput};
 use novacron_dwcp::Sender;
@@ -59,7 +60,8 @@ impl Migrations {
         if transport == MigrationTransport::Dwcp {
             match self.open_dwcp(target, session_name, ask.bandwidth_mib_s).await {
                 Ok(s) => session = Some(s),
-                Err(why) => {
+                Err(e) => {
+                    let why = chain(&e).to_string();
                     tracing::warn!(vm = %vm.metadata.name, reason = %why, "DWCP unavailable; QEMU's own stream instead");
                     transport = MigrationTransport::Qemu;
                     transport_reason = Some(format!("DWCP unavailable: {why}; QEMU's own stream instead"));
@@ -75,10 +77,13 @@ impl Migrations {
         let measure_link = async {
             match (&session, &self.dwcp) {
                 (Some(s), Some(d)) => {
-                    let rate = d
-                        .link_rate(peer, s, pages.as_mut())
-                        .await
-                        .map_err(MigrationError::Dwcp)?;
+                    let rate =
+                        d.link_rate(peer, s, pages.as_mut())
+                            .await
+                            .map_err(|source| MigrationError::Session {
+                                what: "probe the link".into(),
+                                source,
+                            })?;
                     let st = s.stats();
                     Ok::<_, MigrationError>((rate, st.rtt_ms / 1e3, st.streams))
                 }
