@@ -425,7 +425,12 @@ async fn control_loop(mut rec: Reconciler, client: Client) {
         tokio::select! {
             ev = vms.next() => match ev {
                 Some(watcher::Event::Restarted(all)) => {
-                    mine = all.into_iter().map(|v| (v.metadata.name.clone(), v)).collect();
+                    let now: HashMap<String, Vm> = all.into_iter().map(|v| (v.metadata.name.clone(), v)).collect();
+                    let gone: Vec<Vm> = mine.values().filter(|v| !now.contains_key(&v.metadata.name)).cloned().collect();
+                    for vm in gone {
+                        left_this_node(&mut rec, &vm).await;
+                    }
+                    mine = now;
                     listed = true;
                 }
                 Some(watcher::Event::Applied(vm)) => {
@@ -433,6 +438,7 @@ async fn control_loop(mut rec: Reconciler, client: Client) {
                 }
                 Some(watcher::Event::Deleted(vm)) => {
                     mine.remove(&vm.metadata.name);
+                    left_this_node(&mut rec, &vm).await;
                 }
                 None => return,
             },
@@ -446,6 +452,15 @@ async fn control_loop(mut rec: Reconciler, client: Client) {
         if orphans_checked {
             reconcile_all(&mut rec, &client, &mut mine).await;
         }
+    }
+}
+
+/// A VM was deleted, or is now bound to another node: nothing of it may keep
+/// running here (a forced delete removes the record before any cleanup). A
+/// migration that holds the VM cleans up itself.
+async fn left_this_node(rec: &mut Reconciler, vm: &Vm) {
+    if !rec.node.claims.is_claimed(&vm.metadata.id) {
+        rec.remove_vm_state(&vm.metadata.id).await;
     }
 }
 

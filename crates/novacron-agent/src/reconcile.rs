@@ -377,20 +377,28 @@ impl Reconciler {
         };
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().to_string();
-            if known_ids.contains(&id) {
-                continue;
+            if !known_ids.contains(&id) {
+                self.remove_vm_state(&id).await;
             }
-            let dir = self.vm_dir(&id);
-            if let Some(pid) = dir.running_pid() {
-                tracing::warn!(vm_id = %id, pid, "killing QEMU of a VM the server no longer has");
-                self.force_off(&id, pid, &dir).await;
-            }
-            if let Err(e) = std::fs::remove_dir_all(&dir.path) {
-                tracing::warn!(vm_id = %id, error = %e, "cannot remove orphaned VM directory");
-            } else {
-                tracing::info!(vm_id = %id, "removed orphaned VM directory");
-            }
-            self.runtimes.remove(&id);
+        }
+    }
+
+    /// Kills the QEMU of a VM this node no longer runs (deleted, or bound
+    /// elsewhere) and removes its directory; nothing if there is none.
+    pub async fn remove_vm_state(&mut self, id: &str) {
+        self.runtimes.remove(id);
+        let dir = self.vm_dir(id);
+        if !dir.path.exists() {
+            return;
+        }
+        if let Some(pid) = dir.running_pid() {
+            tracing::warn!(vm_id = %id, pid, "killing QEMU of a VM this node no longer runs");
+            self.force_off(id, pid, &dir).await;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir.path) {
+            tracing::warn!(vm_id = %id, error = %e, "cannot remove the directory of a VM this node no longer runs");
+        } else {
+            tracing::info!(vm_id = %id, "removed the directory of a VM this node no longer runs");
         }
     }
 }

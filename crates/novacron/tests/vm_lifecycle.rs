@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{wait_until, Cluster, Options};
-use novacron_api::{Node, VmPhase};
+use novacron_api::{Node, RunStrategy, VmPhase};
 
 const BOOT: Duration = Duration::from_secs(120);
 
@@ -203,5 +203,27 @@ async fn full_lifecycle_on_a_real_guest() {
             .filter(|e| e.is_not_found())
             .map(|_| ())
     })
+    .await;
+
+    // A forced delete removes the record at once; the agent still stops the
+    // QEMU and removes the VM's files.
+    c.create_vm("forced", 128, RunStrategy::Manual, false).await;
+    let forced = c.wait_phase("forced", VmPhase::Running, BOOT).await;
+    let forced_dir = c
+        .dir
+        .path()
+        .join(forced.status.node.clone().expect("node"))
+        .join("vms")
+        .join(&forced.metadata.id);
+    let out = c
+        .cli(&["vm", "delete", "forced", "--force", "--wait"])
+        .output()
+        .expect("delete");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until(
+        "the forced-deleted VM's QEMU and files to go",
+        Duration::from_secs(20),
+        || async { (c.qemu_pids().is_empty() && !forced_dir.exists()).then_some(()) },
+    )
     .await;
 }
