@@ -88,8 +88,7 @@ async fn plan(State(state): State<HttpState>, Json(req): Json<PlanRequest>) -> R
 }
 
 fn vm_dir(state: &HttpState, id: &str) -> Option<VmDir> {
-    // Ids are UUIDs; refuse anything that could leave the VMs directory.
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+    if !valid_id(id) {
         return None;
     }
     let dir = VmDir::new(&state.vms_root, id);
@@ -224,6 +223,7 @@ fn migration_error(e: &crate::migration::MigrationError) -> Response {
     error(status, chain(e).to_string())
 }
 
+/// Ids are UUIDs; refuse anything that could leave the VMs directory.
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }

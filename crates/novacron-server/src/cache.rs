@@ -3,12 +3,13 @@
 //! instead of listing the whole store on a timer.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
 use novacron_api::{Object, WatchEvent, WatchEventType};
 use novacron_client::watcher::{self, Listed, Source, Watched};
-use novacron_store::{decode_record, EventType, SharedStore, StoreError};
+use novacron_store::{decode_record, EventType, SharedStore, StoreError, StoreExt};
 use parking_lot::RwLock;
 use tokio::sync::Notify;
 
@@ -32,22 +33,7 @@ impl<T: Object + Send + 'static> Source for StoreSource<T> {
     type Error = StoreError;
 
     fn list(&self) -> Listed<'_, T, StoreError> {
-        Box::pin(async move {
-            let mut items = Vec::new();
-            let mut after: Option<String> = None;
-            let mut revision = None;
-            loop {
-                let page = self.store.list(T::KIND, None, after.as_deref(), 1000).await?;
-                revision.get_or_insert(page.revision);
-                for rec in page.items {
-                    items.push(decode_record::<T>(rec)?);
-                }
-                match page.more_after {
-                    Some(a) => after = Some(a),
-                    None => return Ok((items, revision.unwrap_or_default())),
-                }
-            }
-        })
+        self.store.list_all_at::<T>()
     }
 
     fn watch(&self, revision: u64) -> Watched<'_, T, StoreError> {
@@ -78,12 +64,24 @@ impl<T: Object + Send + 'static> Source for StoreSource<T> {
     }
 }
 
+/// Stores `o` unless the cache holds a newer version (an event can arrive
+/// after this server wrote a newer one through).
+fn keep_newer<T: Object>(objects: &mut BTreeMap<String, T>, o: T) {
+    let name = o.meta().name.clone();
+    if objects
+        .get(&name)
+        .is_none_or(|cur| cur.meta().resource_version <= o.meta().resource_version)
+    {
+        objects.insert(name, o);
+    }
+}
+
 /// Objects of one kind by name, as the watcher last reported them; `changed`
 /// fires after every update.
 pub struct Cache<T> {
     objects: RwLock<BTreeMap<String, T>>,
     /// Whether the first list arrived.
-    synced: RwLock<bool>,
+    synced: AtomicBool,
     pub changed: Arc<Notify>,
 }
 
@@ -93,7 +91,7 @@ impl<T: Object + Clone + Send + Sync + 'static> Cache<T> {
     pub fn start(store: SharedStore, changed: Arc<Notify>) -> Arc<Cache<T>> {
         let cache = Arc::new(Cache {
             objects: RwLock::new(BTreeMap::new()),
-            synced: RwLock::new(false),
+            synced: AtomicBool::new(false),
             changed,
         });
         let weak = Arc::downgrade(&cache);
@@ -115,18 +113,9 @@ impl<T: Object + Clone + Send + Sync + 'static> Cache<T> {
             match ev {
                 watcher::Event::Restarted(all) => {
                     *objects = all.into_iter().map(|o| (o.meta().name.clone(), o)).collect();
-                    *self.synced.write() = true;
+                    self.synced.store(true, Ordering::Release);
                 }
-                watcher::Event::Applied(o) => {
-                    let name = o.meta().name.clone();
-                    // Never step back to an older version than one written through.
-                    if objects
-                        .get(&name)
-                        .is_none_or(|cur| cur.meta().resource_version <= o.meta().resource_version)
-                    {
-                        objects.insert(name, o);
-                    }
-                }
+                watcher::Event::Applied(o) => keep_newer(&mut objects, o),
                 watcher::Event::Deleted(o) => {
                     objects.remove(&o.meta().name);
                 }
@@ -138,18 +127,16 @@ impl<T: Object + Clone + Send + Sync + 'static> Cache<T> {
     /// Records an object this server just wrote, before its event arrives, so
     /// the next pass does not work from the version before the write.
     pub fn write_through(&self, o: T) {
-        let name = o.meta().name.clone();
-        let mut objects = self.objects.write();
-        if objects
-            .get(&name)
-            .is_none_or(|cur| cur.meta().resource_version < o.meta().resource_version)
-        {
-            objects.insert(name, o);
-        }
+        keep_newer(&mut self.objects.write(), o);
+    }
+
+    /// Clones of the objects that pass `keep`.
+    pub fn select(&self, keep: impl Fn(&T) -> bool) -> Vec<T> {
+        self.objects.read().values().filter(|o| keep(o)).cloned().collect()
     }
 
     pub fn synced(&self) -> bool {
-        *self.synced.read()
+        self.synced.load(Ordering::Acquire)
     }
 
     pub fn snapshot(&self) -> Vec<T> {

@@ -53,15 +53,15 @@ async fn placement_loop(state: AppState, caches: Arc<Caches>) {
 
 async fn place_pending(state: &AppState, caches: &Caches) -> Result<(), novacron_store::StoreError> {
     let store = &state.store;
-    let vms: Vec<Vm> = caches.vms.snapshot();
-    let mut pending: Vec<Vm> = vms
-        .iter()
-        .filter(|v| v.status.node.is_none() && v.metadata.deletion_requested_at.is_none())
-        .cloned()
-        .collect();
+    // Every heartbeat wakes this loop: look at the whole cluster only when
+    // some VM waits for a node.
+    let mut pending = caches
+        .vms
+        .select(|v| v.status.node.is_none() && v.metadata.deletion_requested_at.is_none());
     if pending.is_empty() {
         return Ok(());
     }
+    let vms: Vec<Vm> = caches.vms.snapshot();
     // Higher priority first, then first come, first served.
     pending.sort_by_key(|v| (std::cmp::Reverse(v.spec.placement.priority), v.metadata.created_at));
     let nodes: Vec<Node> = caches.nodes.snapshot();

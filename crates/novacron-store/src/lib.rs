@@ -175,16 +175,24 @@ pub trait StoreExt: Store {
 
     /// All objects of a kind (every page).
     async fn list_all<T: Object>(&self) -> Result<Vec<T>, StoreError> {
+        Ok(self.list_all_at::<T>().await?.0)
+    }
+
+    /// All objects of a kind, and the revision the first page was read at
+    /// (where a watch that follows the list starts).
+    async fn list_all_at<T: Object>(&self) -> Result<(Vec<T>, u64), StoreError> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
+        let mut revision = None;
         loop {
             let page = self.list(T::KIND, None, after.as_deref(), 1000).await?;
+            revision.get_or_insert(page.revision);
             for rec in page.items {
                 out.push(decode(rec)?);
             }
             match page.more_after {
                 Some(a) => after = Some(a),
-                None => return Ok(out),
+                None => return Ok((out, revision.unwrap_or_default())),
             }
         }
     }

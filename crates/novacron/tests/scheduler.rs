@@ -12,6 +12,22 @@ use std::time::Duration;
 use common::{ok, wait_until, Cluster, Options};
 use novacron_api::{PlacementExplanation, RebalancePlan, RebalanceRequest, Vm, VmPhase};
 
+/// `vm create NAME --image demo --memory MEMORY --no-start EXTRA...`.
+fn create_stopped(c: &Cluster, name: &str, memory: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "vm",
+        "create",
+        name,
+        "--image",
+        "demo",
+        "--memory",
+        memory,
+        "--no-start",
+    ];
+    args.extend_from_slice(extra);
+    c.cli(&args).output().unwrap()
+}
+
 async fn placed(c: &Cluster, name: &str) -> Vm {
     wait_until(&format!("{name} placed"), Duration::from_secs(20), || async {
         c.client.get::<Vm>(name).await.ok().filter(|v| v.status.node.is_some())
@@ -29,20 +45,7 @@ async fn constraints_explanations_settings_and_rebalance() {
     })
     .await;
     c.import_demo().await;
-    let create = |name: &str, extra: &[&str]| {
-        let mut args = vec![
-            "vm",
-            "create",
-            name,
-            "--image",
-            "demo",
-            "--memory",
-            "256MiB",
-            "--no-start",
-        ];
-        args.extend_from_slice(extra);
-        ok(c.cli(&args).output().unwrap())
-    };
+    let create = |name: &str, extra: &[&str]| ok(create_stopped(&c, name, "256MiB", extra));
 
     // Required anti-affinity: two replicas on two nodes, the third waits and says why.
     create("web-1", &["--label", "app=web", "--anti-affinity", "app=web"]);
@@ -174,20 +177,7 @@ async fn vms_get_a_versioned_machine_and_a_cpu_model_nodes_must_offer() {
     })
     .await;
     c.import_demo().await;
-    let create = |name: &str, extra: &[&str]| {
-        let mut args = vec![
-            "vm",
-            "create",
-            name,
-            "--image",
-            "demo",
-            "--memory",
-            "128MiB",
-            "--no-start",
-        ];
-        args.extend_from_slice(extra);
-        c.cli(&args).output().unwrap()
-    };
+    let create = |name: &str, extra: &[&str]| create_stopped(&c, name, "128MiB", extra);
     ok(create("plain", &[]));
     let vm = placed(&c, "plain").await;
     let machine = vm.spec.machine.clone().unwrap_or_default();
