@@ -5,6 +5,9 @@
 //!       DWCP with its adaptive stream count and with one stream, sending
 //!       incompressible bytes for 8 s each.
 //!   dwcp_micro serve --pki DIR --port N      (the receiving end, run in LAB-h2)
+//!   dwcp_micro speed --json OUT [--profile P --run N]
+//!       the machine's speed, recorded beside each WAN benchmark run: DWCP's
+//!       encoder on web-like pages (zstd 3, one core), MB/s
 //!   dwcp_micro render --goodput OUT --md OUT.md
 //!       runs the codec benchmark (encode/decode MB/s on one core) and writes
 //!       both tables.
@@ -145,6 +148,33 @@ fn codec_rows() -> Result<Vec<Value>> {
         }
     }
     Ok(rows)
+}
+
+/// DWCP's encoder on a web-like stream at zstd level 3, one core, best of
+/// three passes (MB/s of input): a figure of how fast this machine is now.
+fn speed(args: &[String]) -> Result<()> {
+    let stream = qemu_stream(&pages("web-like", 16 * 1024));
+    let mut best: f64 = 0.0;
+    for _ in 0..3 {
+        let mut cache = ChunkCache::new(1 << 30);
+        let mut enc = Encoder::new(LevelChooser::fixed(3));
+        let started = Instant::now();
+        let (_, pos) = encode_stream(&mut enc, &mut cache, &stream)?;
+        best = best.max(pos as f64 / started.elapsed().as_secs_f64() / 1e6);
+    }
+    let row = json!({
+        "profile": arg(args, "--profile").ok(),
+        "run": arg(args, "--run").ok().and_then(|r| r.parse::<u64>().ok()),
+        "encode_mb_s": best,
+    });
+    println!("{row}");
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(arg(args, "--json")?)?;
+    writeln!(f, "{row}")?;
+    Ok(())
 }
 
 /// Encodes a QEMU stream in 256 KiB reads, as a session does: the blocks,
@@ -294,6 +324,7 @@ async fn main() -> Result<()> {
         Some("goodput") => goodput(&args).await,
         Some("serve") => serve(&args).await,
         Some("render") => render(&args),
-        _ => bail!("usage: dwcp_micro goodput|serve|render ..."),
+        Some("speed") => speed(&args),
+        _ => bail!("usage: dwcp_micro goodput|serve|speed|render ..."),
     }
 }

@@ -298,6 +298,7 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "DWCP unavailable; migrations use QEMU's own stream"),
         }
     }
+    let dwcp_port = dwcp.as_ref().map(|d| d.port);
     let migrations = migration::Migrations::new(node.clone(), peer_http()?, peer_http()?, dwcp);
     let http_state = http::HttpState {
         vms_root: vms_root.clone(),
@@ -345,6 +346,7 @@ pub async fn run(
         labels: cfg.labels.clone(),
         accel: accel.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        dwcp_port,
     };
     let register = {
         let client = client.clone();

@@ -30,6 +30,9 @@ pub struct Prepared {
     pub nbd_port: u16,
     pub migrate_uri: String,
     pub disks: Vec<String>,
+    /// The target's own steps (image fetch, QEMU start), from the start of the call.
+    #[serde(default)]
+    pub steps: Vec<crate::MigrationStep>,
 }
 
 /// Body of `migrations/{id}/finish` and `migrations/{id}/abort`.

@@ -120,6 +120,10 @@ pub struct NodeStatus {
     /// What the node's QEMU can run; empty when the agent did not say.
     #[serde(default)]
     pub qemu: QemuCapabilities,
+    /// Port of the agent's DWCP listener, so that a source agent opens a
+    /// session without first asking for it (each question is a round trip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dwcp_port: Option<u16>,
     /// Resources reserved by VMs bound to this node (filled in by the server on read).
     #[serde(default)]
     pub allocated: Resources,
@@ -175,6 +179,9 @@ pub struct RegisterNode {
     pub agent_version: String,
     #[serde(default)]
     pub qemu: QemuCapabilities,
+    /// Port of the agent's DWCP listener (on the host of `address`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dwcp_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -680,6 +687,84 @@ pub struct MigrationStatus {
     /// Bytes that crossed the network (after DWCP encoding; QEMU's own count otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wire_bytes: Option<u64>,
+    /// Where the time went: each step of the migration with its start and
+    /// length, in the order the steps began (some run at the same time).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<MigrationStep>,
+}
+
+/// A step of a live migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationStepKind {
+    /// Opening DWCP's session to the target (also when it only probes the link).
+    SessionOpen,
+    /// Reading a sample of guest memory (zero pages, compressibility, known pages).
+    MemorySample,
+    /// QEMU's dirty-rate measurement.
+    DirtyRate,
+    /// Measuring the link; DWCP sends guest pages ahead meanwhile.
+    LinkProbe,
+    /// The target's preparation: disks, image, paused QEMU, NBD exports.
+    PrepareTarget,
+    /// Part of the target's preparation: the VM's image (fetched unless the
+    /// target has it already) and the disks made from it.
+    ImageFetch,
+    /// Part of the target's preparation: starting its QEMU.
+    QemuStart,
+    /// Mirroring the disks until they are in sync.
+    DiskMirror,
+    /// QEMU's memory passes, from `migrate` to the end of its stream.
+    MemoryPasses,
+    /// Post-copy: the guest runs on the target while the rest of its memory follows.
+    Postcopy,
+    /// From the guest's stop on the source to its resume on the target.
+    Switchover,
+    /// Part of the switchover: the target waits for the last state and resumes the guest.
+    TargetFinish,
+    /// Closing DWCP's session once everything is delivered.
+    SessionClose,
+}
+
+impl MigrationStepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStepKind::SessionOpen => "session_open",
+            MigrationStepKind::MemorySample => "memory_sample",
+            MigrationStepKind::DirtyRate => "dirty_rate",
+            MigrationStepKind::LinkProbe => "link_probe",
+            MigrationStepKind::PrepareTarget => "prepare_target",
+            MigrationStepKind::ImageFetch => "image_fetch",
+            MigrationStepKind::QemuStart => "qemu_start",
+            MigrationStepKind::DiskMirror => "disk_mirror",
+            MigrationStepKind::MemoryPasses => "memory_passes",
+            MigrationStepKind::Postcopy => "postcopy",
+            MigrationStepKind::Switchover => "switchover",
+            MigrationStepKind::TargetFinish => "target_finish",
+            MigrationStepKind::SessionClose => "session_close",
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationStepKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a migration's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationStep {
+    pub step: MigrationStepKind,
+    /// Milliseconds after the migration started (on the source agent's clock;
+    /// the target's steps are placed from its own measure of their length).
+    pub start_ms: u64,
+    /// Absent while the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// What the step did, when a figure says it (e.g. passes, bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -366,5 +366,18 @@ pub fn migration(format: Format, m: &Migration) -> Result<()> {
         t.add_row(vec![k.to_string(), v]);
     }
     println!("{t}");
+    if !m.status.timeline.is_empty() {
+        let mut steps = table(&["STEP", "START", "LENGTH", "DETAIL"]);
+        for s in &m.status.timeline {
+            steps.add_row(vec![
+                s.step.to_string(),
+                format!("{:.2}s", s.start_ms as f64 / 1000.0),
+                s.duration_ms
+                    .map_or_else(|| "running".into(), |d| format!("{:.2}s", d as f64 / 1000.0)),
+                s.detail.clone().unwrap_or_default(),
+            ]);
+        }
+        println!("{steps}");
+    }
     Ok(())
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 use common::{wait_until, Cluster, Options};
 use futures::StreamExt;
 use novacron_api::{
-    CreateMigration, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, RunStrategy, Vm, VmPhase,
+    CreateMigration, Migration, MigrationPhase, MigrationStepKind, MigrationStrategy, MigrationTransport, RunStrategy,
+    Vm, VmPhase,
 };
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -468,6 +469,49 @@ async fn live_migration_moves_disks_and_state() {
         m.status.bytes_sent.unwrap_or(0) > 0 && m.status.progress.disk_total_bytes > 0,
         "{:?}",
         m.status
+    );
+    // The timeline: every step of a DWCP live migration, ended, in order of
+    // start, within the migration's time, the target's preparation beside the
+    // measurement rather than after it.
+    let timeline = &m.status.timeline;
+    let step = |k: MigrationStepKind| {
+        timeline
+            .iter()
+            .find(|s| s.step == k)
+            .unwrap_or_else(|| panic!("no {k} in {timeline:?}"))
+    };
+    for k in [
+        MigrationStepKind::SessionOpen,
+        MigrationStepKind::MemorySample,
+        MigrationStepKind::DirtyRate,
+        MigrationStepKind::LinkProbe,
+        MigrationStepKind::PrepareTarget,
+        MigrationStepKind::ImageFetch,
+        MigrationStepKind::QemuStart,
+        MigrationStepKind::DiskMirror,
+        MigrationStepKind::MemoryPasses,
+        MigrationStepKind::Switchover,
+        MigrationStepKind::TargetFinish,
+        MigrationStepKind::SessionClose,
+    ] {
+        let s = step(k);
+        let end = s.start_ms + s.duration_ms.unwrap_or_else(|| panic!("{k} never ended: {timeline:?}"));
+        assert!(
+            end <= m.status.total_time_ms.unwrap_or(0) + 50,
+            "{k} ends after the migration: {timeline:?}"
+        );
+    }
+    assert!(
+        timeline.windows(2).all(|w| w[0].start_ms <= w[1].start_ms),
+        "{timeline:?}"
+    );
+    assert!(
+        step(MigrationStepKind::PrepareTarget).start_ms < step(MigrationStepKind::LinkProbe).start_ms,
+        "{timeline:?}"
+    );
+    assert!(
+        step(MigrationStepKind::DiskMirror).start_ms < step(MigrationStepKind::MemoryPasses).start_ms,
+        "{timeline:?}"
     );
     let mut progress_events = 0;
     while let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_millis(200), watch.next()).await {

@@ -70,6 +70,7 @@ async fn join_node(c: &Cluster, name: &str) -> Client {
         accel: "tcg".into(),
         agent_version: "test".into(),
         qemu: Default::default(),
+        dwcp_port: None,
     })
     .await
     .unwrap();

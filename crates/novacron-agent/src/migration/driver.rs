@@ -16,6 +16,7 @@ use novacron_client::{watcher, Client, Selector};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::source::SourceCtx;
+use super::timeline::Timeline;
 use super::{MigrationError, Migrations, POLL_EVERY};
 use crate::node::MigrationClaim;
 use novacron_api::error::chain;
@@ -34,16 +35,17 @@ pub(super) struct StatusReport {
 }
 
 impl StatusReport {
-    fn start(client: Client, name: String, status: MigrationStatus) -> StatusReport {
+    fn start(client: Client, name: String, status: MigrationStatus, timeline: Timeline) -> StatusReport {
         let status = Arc::new(Mutex::new(status));
-        let changed = Arc::new(tokio::sync::Notify::new());
+        let changed = timeline.changed();
         let (latest, wake) = (status.clone(), changed.clone());
         let writer = tokio::spawn(async move {
             loop {
                 wake.notified().await;
                 let mut delay = Duration::from_millis(100);
                 loop {
-                    let status = latest.lock().clone();
+                    let mut status = latest.lock().clone();
+                    status.timeline = timeline.steps();
                     let written = match client.get::<Migration>(&name).await {
                         Ok(mut m) => {
                             // While this agent drives the migration, it owns the status.
@@ -195,11 +197,17 @@ impl Migrations {
                 .await;
             return;
         };
-        let report = StatusReport::start(self.node.client.clone(), name.clone(), m.status.clone());
+        let started = Instant::now();
+        let timeline = Timeline::new(started);
+        let report = StatusReport::start(
+            self.node.client.clone(),
+            name.clone(),
+            m.status.clone(),
+            timeline.clone(),
+        );
         self.reports.lock().insert(name.clone(), report);
         tracing::info!(migration = %name, vm = %vm.metadata.name, to = %m.status.target_node, "migration starting");
-        let started = Instant::now();
-        let mut ctx = SourceCtx::default();
+        let mut ctx = SourceCtx::new(timeline.clone());
         let result = if m.spec.strategy == MigrationStrategy::Cold {
             self.transfer_cold(&m, &vm, &mut ctx, started).await
         } else {
@@ -243,7 +251,11 @@ impl Migrations {
                 } else {
                     MigrationPhase::Failed
                 };
-                self.write_status(&name, |s| fail(s, phase, msg.clone())).await;
+                self.write_status(&name, |s| {
+                    fail(s, phase, msg.clone());
+                    s.timeline = timeline.steps();
+                })
+                .await;
                 self.set_vm_phase(&vm.metadata.name, VmPhase::Running, None).await;
             }
         }

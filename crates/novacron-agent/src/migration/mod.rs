@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! source agent                         target agent (HTTP, agent secret)
-//!  measure dirty rate, pick strategy
 //!  PreparingTarget ───── prepare ────▶ disks (same base image), QEMU -S -incoming defer,
-//!                                       NBD export of each disk, migrate-incoming
+//!   meanwhile: open DWCP, probe the       NBD export of each disk, migrate-incoming
+//!   link, sample memory and dirty rate,
+//!   pick the strategy
 //!  Transferring: drive-mirror (sync=top) each disk → NBD; wait until in sync
 //!                migrate → tcp; progress every second; post-copy switch if chosen
 //!  Switchover:   RAM done (source paused) → block-job-cancel (flushes, completes)
@@ -18,7 +19,7 @@
 //!
 //! The files: [`driver`] runs each migration from start to end, [`planning`]
 //! measures and predicts, [`source`] and [`target`] are the two ends of a
-//! live migration, [`cold`] moves a stopped VM, [`peer`] calls the other
+//! live migration, [`timeline`] records where its time goes, [`cold`] moves a stopped VM, [`peer`] calls the other
 //! agent; [`progress`] and [`console_log`] are their small helpers.
 
 mod cold;
@@ -29,6 +30,7 @@ mod planning;
 mod progress;
 mod source;
 mod target;
+mod timeline;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -89,6 +89,12 @@ impl Migrations {
         let Some(d) = &self.dwcp else {
             return Err(PeerError::NoCertificate);
         };
+        if let Some(port) = target.status.dwcp_port {
+            return d
+                .connect(target, port, session, bandwidth_mib_s.map(|b| b * 1024 * 1024))
+                .await;
+        }
+        // An agent that registered without saying its port (an older one): ask.
         let secret = self.node.agent_secret();
         let url = format!("{}/agent/v1/dwcp", target.spec.address.trim_end_matches('/'));
         let resp = self

@@ -9,17 +9,28 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use novacron_api::agent::{PlanAsk, PlanRequest};
 use novacron_api::error::chain;
-use novacron_api::{MigrationPlan, MigrationPrediction, MigrationStrategy, MigrationTransport, Node, Vm};
+use novacron_api::{
+    MigrationPlan, MigrationPrediction, MigrationStepKind, MigrationStrategy, MigrationTransport, Node, Vm,
+};
 use novacron_dwcp::plan::{self, Carrier, MemoryFigures, PlanInput, Strategy, WireInput};
 use novacron_dwcp::Sender;
 use novacron_qmp::commands::{CalcDirtyRate, QueryDirtyRate};
 use novacron_qmp::types::DirtyRateStatus;
 use novacron_qmp::{Qmp, QmpError};
 
+use super::timeline::Timeline;
 use super::{MigrationError, Migrations, MULTIFD_CHANNELS, QMP_TIMEOUT};
 
 /// Assumed link speed for the prediction when nothing better is known.
 const DEFAULT_LINK_BYTES_S: f64 = 1e9;
+
+/// How a plan runs: the DWCP session's name, whether the probe sends guest
+/// pages ahead (a migration; not a dry run), and the timeline to record in.
+pub(super) struct PlanRun<'a> {
+    pub(super) session: &'a str,
+    pub(super) send_ahead: bool,
+    pub(super) timeline: &'a Timeline,
+}
 
 /// The outcome of planning: transport (and its open session), strategy, prediction.
 pub(super) struct Planned {
@@ -40,69 +51,90 @@ impl Migrations {
         vm: &Vm,
         target: &Node,
         ask: PlanAsk,
-        session_name: &str,
-        send_ahead: bool,
+        how: PlanRun<'_>,
     ) -> Result<Planned, MigrationError> {
+        let PlanRun {
+            session: session_name,
+            send_ahead,
+            timeline,
+        } = how;
         let measuring = Instant::now();
         let peer = &target.metadata.name;
         let ram_bytes = vm.spec.memory_mib * 1024 * 1024;
         let dir = self.dir(&vm.metadata.id);
         // Before the session opens: a session holds the cache of what the
         // target knows while it runs, and the sample asks that cache.
+        let sampling = timeline.begin(MigrationStepKind::MemorySample);
         let sample = match (&self.dwcp, dir.running_pid()) {
             (Some(d), Some(pid)) => d.sample_memory(pid, ram_bytes, peer),
             (None, Some(pid)) => crate::dwcp::sample_guest(pid, ram_bytes, |_| false),
             _ => None,
         };
-        let mut transport = ask.transport;
-        let mut transport_reason = None;
-        let mut session = None;
-        if transport == MigrationTransport::Dwcp {
-            match self.open_dwcp(target, session_name, ask.bandwidth_mib_s).await {
-                Ok(s) => session = Some(s),
-                Err(e) => {
-                    let why = chain(&e).to_string();
-                    tracing::warn!(vm = %vm.metadata.name, reason = %why, "DWCP unavailable; QEMU's own stream instead");
-                    transport = MigrationTransport::Qemu;
-                    transport_reason = Some(format!("DWCP unavailable: {why}; QEMU's own stream instead"));
+        timeline.end(sampling, None);
+        // QEMU samples the dirty rate while the session opens and probes the link.
+        let open_and_measure = async {
+            let mut transport = ask.transport;
+            let mut transport_reason = None;
+            let mut session = None;
+            if transport == MigrationTransport::Dwcp {
+                let opening = self.open_dwcp(target, session_name, ask.bandwidth_mib_s);
+                match timeline.time(MigrationStepKind::SessionOpen, opening).await {
+                    Ok(s) => session = Some(s),
+                    Err(e) => {
+                        let why = chain(&e).to_string();
+                        tracing::warn!(vm = %vm.metadata.name, reason = %why, "DWCP unavailable; QEMU's own stream instead");
+                        transport = MigrationTransport::Qemu;
+                        transport_reason = Some(format!("DWCP unavailable: {why}; QEMU's own stream instead"));
+                    }
                 }
             }
-        }
-        let cap = ask.bandwidth_mib_s.map(|b| b as f64 * 1048576.0);
-        let mut pages = match (&session, dir.running_pid()) {
-            (Some(_), Some(pid)) if send_ahead => Some(crate::dwcp::guest_pages(pid, ram_bytes)),
-            _ => None,
-        };
-        // The dirty rate is sampled inside QEMU while the link is probed.
-        let measure_link = async {
-            match (&session, &self.dwcp) {
+            let mut pages = match (&session, dir.running_pid()) {
+                (Some(_), Some(pid)) if send_ahead => Some(crate::dwcp::guest_pages(pid, ram_bytes)),
+                _ => None,
+            };
+            let link = match (&session, &self.dwcp) {
                 (Some(s), Some(d)) => {
-                    let rate =
-                        d.link_rate(peer, s, pages.as_mut())
-                            .await
-                            .map_err(|source| MigrationError::Session {
-                                what: "probe the link".into(),
-                                source,
-                            })?;
+                    let rate = timeline
+                        .time(MigrationStepKind::LinkProbe, d.link_rate(peer, s, pages.as_mut()))
+                        .await
+                        .map_err(|source| MigrationError::Session {
+                            what: "probe the link".into(),
+                            source,
+                        })?;
                     let st = s.stats();
-                    Ok::<_, MigrationError>((rate, st.rtt_ms / 1e3, st.streams))
+                    (rate, st.rtt_ms / 1e3, st.streams)
                 }
                 // QEMU carries the streams, but DWCP can still measure the link.
-                (None, Some(d)) => match self.open_dwcp(target, &format!("{session_name}-probe"), None).await {
+                (None, Some(d)) => match timeline
+                    .time(
+                        MigrationStepKind::SessionOpen,
+                        self.open_dwcp(target, &format!("{session_name}-probe"), None),
+                    )
+                    .await
+                {
                     Ok(probe) => {
-                        let rate = d.link_rate(peer, &probe, None).await.unwrap_or(DEFAULT_LINK_BYTES_S);
+                        let rate = timeline
+                            .time(MigrationStepKind::LinkProbe, d.link_rate(peer, &probe, None))
+                            .await
+                            .unwrap_or(DEFAULT_LINK_BYTES_S);
                         let rtt = probe.stats().rtt_ms / 1e3;
                         let _ = probe.finish(Duration::from_secs(10)).await;
-                        Ok((rate, rtt, 1))
+                        (rate, rtt, 1)
                     }
-                    Err(_) => Ok((DEFAULT_LINK_BYTES_S, 0.0, 1)),
+                    Err(_) => (DEFAULT_LINK_BYTES_S, 0.0, 1),
                 },
-                _ => Ok((DEFAULT_LINK_BYTES_S, 0.0, 1)),
-            }
+                _ => (DEFAULT_LINK_BYTES_S, 0.0, 1),
+            };
+            Ok::<_, MigrationError>((transport, transport_reason, session, pages, link))
         };
-        let (dirty, link) = tokio::join!(measure_dirty_rate(qmp), measure_link);
+        let cap = ask.bandwidth_mib_s.map(|b| b as f64 * 1048576.0);
+        let (dirty, opened) = tokio::join!(
+            timeline.time(MigrationStepKind::DirtyRate, measure_dirty_rate(qmp)),
+            open_and_measure
+        );
+        let (transport, transport_reason, session, pages, link) = opened?;
         let dirty = dirty?.unwrap_or(0.0);
-        let (mut link, rtt_s, streams) = link?;
+        let (mut link, rtt_s, streams) = link;
         if let Some(c) = cap {
             link = link.min(c);
         }
@@ -205,7 +237,19 @@ impl Migrations {
         }
         let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
         let session = format!("plan-{}-{}", req.vm.metadata.id, Utc::now().timestamp_millis());
-        let planned = self.plan(&qmp, &req.vm, &req.target, req.ask, &session, false).await?;
+        let planned = self
+            .plan(
+                &qmp,
+                &req.vm,
+                &req.target,
+                req.ask,
+                PlanRun {
+                    session: &session,
+                    send_ahead: false,
+                    timeline: &Timeline::default(),
+                },
+            )
+            .await?;
         if let Some(s) = &planned.session {
             let _ = s.finish(Duration::from_secs(10)).await;
         }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use novacron_api::agent::{Finished, PlanAsk, PrepareRequest, Prepared, VmRef};
 use novacron_api::{
-    Migration, MigrationPhase, MigrationStatus, MigrationStrategy, MigrationTransport, Node, Vm, VmPhase,
+    Migration, MigrationPhase, MigrationStatus, MigrationStepKind as StepKind, MigrationStrategy, MigrationTransport,
+    Node, Vm, VmPhase,
 };
 use novacron_dwcp::{plan, Role, Sender};
 use novacron_qmp::commands::{
@@ -24,7 +25,9 @@ use serde_json::Value;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::console_log::read_log_from;
+use super::planning::PlanRun;
 use super::progress::{dwcp_figures, progress_from};
+use super::timeline::Timeline;
 use super::{MigrationError, Migrations, MULTIFD_CHANNELS, POLL_EVERY, QMP_TIMEOUT, REPORT_EVERY};
 use crate::qemu;
 use novacron_api::error::chain;
@@ -51,9 +54,17 @@ pub(super) struct SourceCtx {
     postcopy_started: bool,
     pub(super) target_pid: Option<u32>,
     pub(super) target_running: bool,
+    pub(super) timeline: Timeline,
 }
 
 impl SourceCtx {
+    pub(super) fn new(timeline: Timeline) -> SourceCtx {
+        SourceCtx {
+            timeline,
+            ..Default::default()
+        }
+    }
+
     /// What an earlier run of this agent may have set up: anything up to a
     /// prepared target.
     pub(super) fn left_by_earlier_run() -> SourceCtx {
@@ -87,6 +98,7 @@ impl Migrations {
     ) -> Result<MigrationStatus, MigrationError> {
         let name = &m.metadata.name;
         let dir = self.dir(&vm.metadata.id);
+        let timeline = ctx.timeline.clone();
         let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
         let target: Node = self.node.client.get(&m.status.target_node).await?;
         ctx.target = Some(target.clone());
@@ -97,28 +109,63 @@ impl Migrations {
         )
         .await;
 
-        // Transport, link, memory sample, dirty rate → prediction and strategy.
-        let planned = self
-            .plan(
+        self.write_status(name, |s| {
+            s.phase = MigrationPhase::PreparingTarget;
+            s.started_at = Some(Utc::now());
+        })
+        .await;
+        // The target prepares while this side measures (transport, link,
+        // memory sample, dirty rate) and picks the strategy: nothing in the
+        // preparation depends on the plan. The target accepts post-copy
+        // whenever the plan may choose it (a capability the source never uses
+        // changes nothing on the target), and expects the DWCP session asked for.
+        let may_postcopy = match m.spec.strategy {
+            MigrationStrategy::Postcopy => true,
+            MigrationStrategy::Auto => m.spec.transport != MigrationTransport::QemuMultifd,
+            _ => false,
+        };
+        ctx.target_prepared = true;
+        let (console_log, log_offset) = read_log_from(&dir.console_log(), 0);
+        let request = PrepareRequest {
+            vm: vm.clone(),
+            postcopy: may_postcopy,
+            multifd: m.spec.transport == MigrationTransport::QemuMultifd,
+            dwcp_session: (m.spec.transport == MigrationTransport::Dwcp).then(|| m.metadata.id.clone()),
+            console_log,
+        };
+        let ask = PlanAsk {
+            strategy: m.spec.strategy,
+            transport: m.spec.transport,
+            bandwidth_mib_s: m.spec.bandwidth_mib_s,
+            max_downtime_ms: m.spec.max_downtime_ms,
+        };
+        let prepare = async {
+            let calling = Instant::now();
+            let preparing = timeline.begin(StepKind::PrepareTarget);
+            let prepared: Prepared = self.target_call(&target, "prepare", &m.metadata.id, &request).await?;
+            timeline.end(preparing, None);
+            timeline.add_remote(calling, &prepared.steps);
+            Ok::<_, MigrationError>(prepared)
+        };
+        let (planned, prepared) = tokio::join!(
+            self.plan(
                 &qmp,
                 vm,
                 &target,
-                PlanAsk {
-                    strategy: m.spec.strategy,
-                    transport: m.spec.transport,
-                    bandwidth_mib_s: m.spec.bandwidth_mib_s,
-                    max_downtime_ms: m.spec.max_downtime_ms,
-                },
-                &m.metadata.id,
-                true,
-            )
-            .await?;
+                ask,
+                PlanRun {
+                    session: &m.metadata.id,
+                    send_ahead: true,
+                    timeline: &timeline,
+                }
+            ),
+            prepare
+        );
+        let (planned, prepared) = (planned?, prepared?);
         let (strategy, transport, session) = (planned.strategy, planned.transport, planned.session.clone());
         let why = planned.prediction.reason.clone();
         tracing::info!(migration = %name, ?strategy, %transport, predicted_s = planned.prediction.total_s, reason = %why, "strategy chosen");
         self.write_status(name, |s| {
-            s.phase = MigrationPhase::PreparingTarget;
-            s.started_at = Some(Utc::now());
             s.strategy = Some(strategy);
             s.strategy_reason = Some(why.clone());
             s.transport = Some(transport);
@@ -128,27 +175,14 @@ impl Migrations {
             s.progress.eta_s = Some(planned.prediction.total_s);
         })
         .await;
-        self.check_cancel(name)?;
-
         let postcopy = strategy == MigrationStrategy::Postcopy;
         let multifd = transport == MigrationTransport::QemuMultifd;
-        ctx.target_prepared = true;
-        let (console_log, log_offset) = read_log_from(&dir.console_log(), 0);
-        let request = PrepareRequest {
-            vm: vm.clone(),
-            postcopy,
-            multifd,
-            dwcp_session: session.as_ref().map(|_| m.metadata.id.clone()),
-            console_log,
-        };
-        let prepared: Prepared = self.target_call(&target, "prepare", &m.metadata.id, &request).await?;
         tracing::info!(migration = %name, elapsed_ms = started.elapsed().as_millis() as u64, "target prepared");
         self.check_cancel(name)?;
         // While the disks are mirrored (small requests, each waiting for its
         // reply) the link has room: DWCP fills it with the guest pages the
         // probe did not carry, so QEMU's pass finds them in the target's cache.
-        // Not during prepare: it would hold up the target's image download and
-        // control calls. Stops (the guard drops) when QEMU starts.
+        // Stops (the guard drops) when QEMU starts.
         let prefill = match (&session, planned.pages) {
             (Some(s), Some(pages)) => {
                 Some(crate::dwcp::start_prefill(s.clone(), pages, &vm.metadata.name).drop_guard())
@@ -185,6 +219,7 @@ impl Migrations {
         // Disks first: mirror each to the target's NBD export until in sync.
         self.write_status(name, |s| s.phase = MigrationPhase::Transferring)
             .await;
+        let mirroring = timeline.begin(StepKind::DiskMirror);
         for disk in &prepared.disks {
             let job = format!("mirror-{disk}");
             let mut mirror = DriveMirror::new(disk.as_str(), nbd_target(disk), MirrorSyncMode::Top);
@@ -215,6 +250,7 @@ impl Migrations {
             }
             if ready {
                 tracing::info!(migration = %name, elapsed_ms = started.elapsed().as_millis() as u64, "disks in sync");
+                timeline.end(mirroring, Some(format!("{} MiB", done >> 20)));
                 break;
             }
             self.check_cancel(name)?;
@@ -264,6 +300,8 @@ impl Migrations {
             s.set_downtime_limit(Duration::from_millis(m.spec.max_downtime_ms));
         }
         let _release = session.as_ref().map(|s| release_at_stop(&qmp, s.clone()));
+        let mut passes = Some(timeline.begin(StepKind::MemoryPasses));
+        let mut after_switch = None;
         qmp.run(&Migrate { uri: migrate_uri }).await?;
         let mut postcopy_started = false;
         let mut last_report = Instant::now();
@@ -282,6 +320,13 @@ impl Migrations {
             match status {
                 QemuMigration::Completed => {
                     tracing::info!(migration = %name, elapsed_ms = started.elapsed().as_millis() as u64, downtime_ms = info.downtime, "memory moved");
+                    let count = ram.map_or(0, |r| r.dirty_sync_count);
+                    if let Some(p) = passes.take() {
+                        timeline.end(p, Some(format!("{count} passes")));
+                    }
+                    if let Some(p) = after_switch.take() {
+                        timeline.end(p, None);
+                    }
                     break info;
                 }
                 QemuMigration::Failed | QemuMigration::Cancelled => {
@@ -332,6 +377,11 @@ impl Migrations {
                 && status == QemuMigration::Active
             {
                 qmp.run(&MigrateStartPostcopy).await?;
+                if let Some(p) = passes.take() {
+                    let count = ram.map_or(0, |r| r.dirty_sync_count);
+                    timeline.end(p, Some(format!("{count} passes")));
+                }
+                after_switch = Some(timeline.begin(StepKind::Postcopy));
                 postcopy_started = true;
                 ctx.postcopy_started = true;
                 tracing::info!(migration = %name, "switched to post-copy");
@@ -369,7 +419,10 @@ impl Migrations {
         // The VM runs on the target; close the session once all is delivered.
         let mut figures = None;
         if let Some(s) = &session {
-            match s.finish(Duration::from_secs(60)).await {
+            match timeline
+                .time(StepKind::SessionClose, s.finish(Duration::from_secs(60)))
+                .await
+            {
                 // A migration's delivery rate shows what it needed, not what the
                 // link can do: only probes set the remembered link rate.
                 Ok(st) => figures = Some(dwcp_figures(&st)),
@@ -402,6 +455,7 @@ impl Migrations {
         }
         status.finished_at = Some(Utc::now());
         status.error = None;
+        status.timeline = timeline.steps();
         if let Some(t) = info.total_time {
             tracing::debug!(migration = %name, qemu_total_ms = t, "QEMU migration time");
         }
@@ -450,12 +504,17 @@ impl Migrations {
             console_log,
             dwcp_disks: if ctx.dwcp_disks { mirrored } else { 0 },
         };
+        let finishing = ctx.timeline.begin(StepKind::TargetFinish);
         let finished: Finished = self.target_call(target, "finish", &m.metadata.id, &finish).await?;
+        ctx.timeline.end(finishing, None);
         ctx.target_pid = Some(finished.pid);
         ctx.target_running = true;
         ctx.resumed_at = finished.resumed_at;
         if let Some(events) = &mut ctx.events {
             ctx.stopped_at = stop_time(events);
+        }
+        if let (Some(stop), Some(resume)) = (ctx.stopped_at, ctx.resumed_at) {
+            ctx.timeline.add_wall(StepKind::Switchover, stop, resume);
         }
         tracing::info!(migration = %name, switch_ms = switching.elapsed().as_millis() as u64, "VM runs on the target");
         Ok(())

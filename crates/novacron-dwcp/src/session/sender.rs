@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::rate::{raw_ahead_max, Bucket};
-use super::stream::{bbr_available, connect_stream, streams_for_rtt, StreamReader, StreamWriter};
+use super::stream::{bbr_available, connect_stream, connect_tcp, streams_for_rtt, StreamReader, StreamWriter};
 use super::{hello_frame, write_local, Health, Hello, ReverseSinks, SessionConfig, Stats, StatsSnapshot, READ_CHUNK};
 use crate::cache::{CacheStore, ChunkCache};
 use crate::codec::{Encoder, LevelChooser};
@@ -79,7 +79,23 @@ impl Sender {
         let connector = TlsConnector::from(tls);
         let bbr = cfg.bbr && bbr_available();
         let mut cache = store.take(peer);
-        let mut first = connect_stream(addr, &name, &connector, bbr).await?;
+        // Each round trip here is one the migration waits for: the TCP
+        // handshake measures the round trip, which picks the stream count, and
+        // the other streams connect while the first one says hello.
+        let connecting_first = Instant::now();
+        let first_tcp = connect_tcp(addr, bbr).await?;
+        let tcp_rtt = connecting_first.elapsed();
+        let n = cfg
+            .streams
+            .unwrap_or_else(|| streams_for_rtt(tcp_rtt, cfg.max_streams))
+            .max(1);
+        let mut connecting = tokio::task::JoinSet::new();
+        for i in 1..n {
+            let (name, connector) = (name.clone(), connector.clone());
+            connecting
+                .spawn(async move { Ok::<_, DwcpError>((i, connect_stream(addr, &name, &connector, bbr).await?)) });
+        }
+        let mut first = connector.connect(name.clone(), first_tcp).await?;
         let hello_sent = Instant::now();
         write_frame(&mut first, &hello_frame(&hello, 0, &cache)).await?;
         let ack = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut first))
@@ -97,36 +113,15 @@ impl Sender {
         if !reused || cache.capacity() != capacity {
             cache.clear(cache_id, capacity);
         }
-        // Round trip: the better of the hello and one ping (each round trip
-        // here is one the migration waits for).
-        let hello_rtt = hello_sent.elapsed();
-        let ping_sent = Instant::now();
-        write_frame(&mut first, &Frame::new(Kind::Ping, 0, 0, Vec::new())).await?;
-        loop {
-            match read_frame(&mut first).await? {
-                Some(f) if f.kind == Kind::Pong => break,
-                Some(_) => continue,
-                None => return Err(DwcpError::Handshake("target closed during ping".into())),
-            }
-        }
-        let rtt = hello_rtt.min(ping_sent.elapsed());
-        let n = cfg
-            .streams
-            .unwrap_or_else(|| streams_for_rtt(rtt, cfg.max_streams))
-            .max(1);
-        // The other streams connect at once, not one after another.
-        let mut connecting = tokio::task::JoinSet::new();
-        for i in 1..n {
-            let (name, connector, hello) = (name.clone(), connector.clone(), hello_frame(&hello, i as u32, &cache));
-            connecting.spawn(async move {
-                let mut s = connect_stream(addr, &name, &connector, bbr).await?;
-                write_frame(&mut s, &hello).await?;
-                Ok::<_, DwcpError>((i, s))
-            });
-        }
+        // Round trip: the better of the TCP handshake and the hello (which
+        // includes the target's work on it).
+        let rtt = tcp_rtt.min(hello_sent.elapsed());
+        // The other streams join once the target knows the session.
         let mut more = Vec::with_capacity(n - 1);
         while let Some(joined) = connecting.join_next().await {
-            more.push(joined.map_err(|e| DwcpError::Handshake(format!("connecting a stream failed: {e}")))??);
+            let (i, mut s) = joined.map_err(|e| DwcpError::Handshake(format!("connecting a stream failed: {e}")))??;
+            write_frame(&mut s, &hello_frame(&hello, i as u32, &cache)).await?;
+            more.push((i, s));
         }
         more.sort_by_key(|(i, _)| *i);
         let mut streams = vec![first];

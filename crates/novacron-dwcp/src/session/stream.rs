@@ -55,6 +55,13 @@ pub(super) async fn connect_stream(
     tls: &TlsConnector,
     bbr: bool,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, DwcpError> {
+    let tcp = connect_tcp(addr, bbr).await?;
+    Ok(tls.connect(name.clone(), tcp).await?)
+}
+
+/// The TCP part of a stream's connection (its handshake is one round trip,
+/// which the session takes as a first measure of the link's).
+pub(super) async fn connect_tcp(addr: SocketAddr, bbr: bool) -> Result<TcpStream, DwcpError> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -65,7 +72,7 @@ pub(super) async fn connect_stream(
         .await
         .map_err(|_| DwcpError::Handshake(format!("connecting to {addr} timed out")))??;
     tcp.set_nodelay(true)?;
-    Ok(tls.connect(name.clone(), tcp).await?)
+    Ok(tcp)
 }
 
 /// The writer of the source's stream `i`: takes the next frame whenever its

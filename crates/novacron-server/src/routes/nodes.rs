@@ -201,6 +201,7 @@ async fn register_node(
         n.status.accel = req.accel.clone();
         n.status.agent_version = req.agent_version.clone();
         n.status.qemu = req.qemu.clone();
+        n.status.dwcp_port = req.dwcp_port;
         n.status.last_heartbeat = Some(now);
         if !n.status.ready {
             n.status.ready = true;

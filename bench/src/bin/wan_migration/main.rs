@@ -11,11 +11,15 @@
 //!   qemu-best   QEMU multifd (4 channels) + zstd, strategy chosen by NovaCron (never post-copy: QEMU 10.0 cannot with multifd)
 //!   dwcp        NovaCron's DWCP transport, strategy auto
 //! Agents are restarted before each method so no run inherits another's
-//! caches or link measurements. Wire bytes are the IP bytes the lab's TUN
+//! caches or link measurements; node-2 has the image already (a warm-up VM
+//! ran there), as a host that ran it before. Wire bytes are the IP bytes the lab's TUN
 //! devices carried in both directions during the migration.
 //!
-//!   wan_migration run --lab NAME --profile P --rate-mbit R --json OUT [--five-vm]
-//!   wan_migration render --json OUT --out-json RESULTS.json --md OUT.md
+//! Each call is one run (`--run N`) in a fresh lab: the methods go in an
+//! order that rotates with N, so that none always runs first or last.
+//!
+//!   wan_migration run --lab NAME --profile P --rate-mbit R --run N --json OUT [--five-vm]
+//!   wan_migration render --json OUT --speed SPEED --out-json RESULTS.json --md OUT.md
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +30,8 @@ use novacron_api::{
     CreateMigration, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, Node, Vm, VmSpec,
 };
 use novacron_bench::{logs, repo, wait_for, Procs};
+
+mod render;
 use novacron_client::Client;
 use serde_json::{json, Value};
 
@@ -201,7 +207,37 @@ async fn start_lab(name: &str, work: &Path) -> Result<(Lab, Procs)> {
     if !out.status.success() {
         bail!("image import: {}", String::from_utf8_lossy(&out.stderr));
     }
+    warm_target(&lab).await?;
     Ok((lab, procs))
+}
+
+/// Has node-2 fetch the image once, as a host that has run it before: every
+/// migration then finds it there, whichever method goes first in the lab.
+async fn warm_target(lab: &Lab) -> Result<()> {
+    lab.cli(&["node", "cordon", "node-1"])?;
+    let mut spec = VmSpec::new("demo", 1, 64);
+    spec.kernel_args = Some("novacron.name=warm".into());
+    lab.client
+        .create_vm(&CreateVm {
+            name: "warm".into(),
+            project: None,
+            labels: Default::default(),
+            spec,
+        })
+        .await?;
+    let client = lab.client.clone();
+    wait_for("warm-up VM on node-2", Duration::from_secs(120), || async {
+        client
+            .get::<Vm>("warm")
+            .await
+            .ok()
+            .filter(|v| v.status.phase == novacron_api::VmPhase::Running)
+            .map(|_| ())
+    })
+    .await?;
+    delete_vm(lab, "warm").await?;
+    lab.cli(&["node", "uncordon", "node-1"])?;
+    Ok(())
 }
 
 /// Boots a VM on node-1 (node-2 is cordoned meanwhile) with the workload running.
@@ -300,6 +336,7 @@ async fn migrate(lab: &Lab, vm: &str, method: &str) -> Result<Value> {
         },
         "dwcp": st.dwcp,
         "strategy_reason": st.strategy_reason,
+        "timeline": st.timeline,
     }))
 }
 
@@ -326,6 +363,7 @@ async fn run(args: &[String]) -> Result<()> {
     let (lab_name, profile, json_path) = (arg("--lab")?, arg("--profile")?, PathBuf::from(arg("--json")?));
     let rate_bits: f64 = arg("--rate-mbit")?.parse::<f64>()? * 1e6;
     let five = args.iter().any(|a| a == "--five-vm");
+    let run_index: usize = arg("--run")?.parse()?;
     let work = tempfile::Builder::new().prefix("nc-wanbench-").tempdir_in("/tmp")?;
     let (mut lab, _procs) = start_lab(&lab_name, work.path()).await?;
     let mut rows = Vec::new();
@@ -350,8 +388,10 @@ async fn run(args: &[String]) -> Result<()> {
     };
     // WORKLOADS / METHODS (comma-separated) narrow a run while trying things out.
     let only = |var: &str, name: &str| std::env::var(var).map_or(true, |v| v.split(',').any(|x| x == name));
+    let mut methods = METHODS.to_vec();
+    methods.rotate_left(run_index.saturating_sub(1) % METHODS.len());
     for w in WORKLOADS.iter().filter(|w| only("WORKLOADS", w.name)) {
-        for method in METHODS.into_iter().filter(|m| only("METHODS", m)) {
+        for method in methods.iter().copied().filter(|m| only("METHODS", m)) {
             n += 1;
             // Fresh agents: no cache or link estimate carried between runs.
             lab.start_agent(1, None).await?;
@@ -368,13 +408,17 @@ async fn run(args: &[String]) -> Result<()> {
             };
             record(
                 row,
-                json!({"profile": profile, "workload": w.name, "memory_mib": MEMORY_MIB, "workload_mib": WORKLOAD_MIB, "workload_errors": errors}),
+                json!({"profile": profile, "workload": w.name, "run": run_index, "memory_mib": MEMORY_MIB, "workload_mib": WORKLOAD_MIB, "workload_errors": errors}),
             )?;
             delete_vm(&lab, &vm).await?;
         }
     }
     if five {
-        for method in ["qemu-best", "dwcp"] {
+        let mut pair = ["qemu-best", "dwcp"];
+        if run_index.is_multiple_of(2) {
+            pair.reverse();
+        }
+        for method in pair {
             lab.start_agent(1, None).await?;
             lab.start_agent(2, None).await?;
             let names: Vec<String> = (1..=5).map(|i| format!("five-{method}-{i}")).collect();
@@ -387,7 +431,7 @@ async fn run(args: &[String]) -> Result<()> {
                 let row = migrate(&lab, name, method).await?;
                 record(
                     row,
-                    json!({"profile": profile, "workload": format!("five-vm-{}", i + 1), "memory_mib": MEMORY_MIB}),
+                    json!({"profile": profile, "workload": format!("five-vm-{}", i + 1), "run": run_index, "memory_mib": MEMORY_MIB}),
                 )?;
             }
             for name in &names {
@@ -409,113 +453,20 @@ async fn run(args: &[String]) -> Result<()> {
 
 fn render(args: &[String]) -> Result<()> {
     let arg = |k: &str| novacron_bench::arg(args, k);
-    let text = std::fs::read_to_string(arg("--json")?)?;
-    let rows: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let mut md = String::from(
-        "# WAN migration: QEMU plain vs QEMU best (multifd + zstd) vs DWCP\n\n\
-         Command: `bash bench/wan-migration.sh` (WAN lab, 512 MiB TCG guests; workloads use 256 MiB:\n\
-         web-like = HTML-like text rewritten as small counter changes at 8 MiB/s of pages,\n\
-         db-like = random data rewritten at 24 MiB/s). Wire bytes: IP bytes through the lab's\n\
-         TUN devices, both directions. Utilisation: wire bits / (total time x link rate).\n\
-         ETA error: |predicted - actual| / actual of the prediction made before the transfer.\n\
-         Downtime: the guest's pause, from QEMU's STOP on the source to the resume on the target\n\
-         (both hosts share a clock here); QEMU's own figure (the source's view) in brackets.\n\n\
-         | profile | workload | method | strategy | total s | downtime ms (QEMU) | wire MiB | link util | ETA error | guest errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    let f = |v: &Value, d: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.d$}"));
-    for r in &rows {
-        let total = if r["completed"].as_bool() == Some(true) {
-            f(&r["total_s"], 1)
-        } else {
-            format!(
-                "failed: {}",
-                r["error"].as_str().unwrap_or("?").chars().take(60).collect::<String>()
-            )
-        };
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            r["profile"].as_str().unwrap_or("?"),
-            r["workload"].as_str().unwrap_or("?"),
-            r["method"].as_str().unwrap_or("?"),
-            r["strategy"].as_str().unwrap_or("-"),
-            total,
-            match (r["downtime_ms"].as_u64(), r["qemu_downtime_ms"].as_u64()) {
-                (Some(d), Some(q)) => format!("{d} ({q})"),
-                (Some(d), None) => d.to_string(),
-                _ => "-".into(),
-            },
-            r["wire_bytes"]
-                .as_f64()
-                .map_or("-".into(), |w| format!("{:.1}", w / 1048576.0)),
-            r["link_utilisation"]
-                .as_f64()
-                .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
-            r["eta_error"]
-                .as_f64()
-                .map_or("-".into(), |e| format!("{:.0}%", e * 100.0)),
-            r["workload_errors"].as_u64().map_or("-".into(), |e| e.to_string()),
-        ));
-    }
-    // Targets.
-    md.push_str("\n## Targets\n\n");
-    let time = |p: &str, w: &str, m: &str| {
-        rows.iter()
-            .find(|r| r["profile"] == p && r["workload"] == w && r["method"] == m && r["completed"] == true)
-            .and_then(|r| r["total_s"].as_f64())
+    let read = |path: String| -> Result<Vec<Value>> {
+        Ok(std::fs::read_to_string(path)?
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
     };
-    for p in ["wan", "intercontinental"] {
-        if let (Some(plain), Some(best), Some(d)) = (
-            time(p, "web-like", "qemu-plain"),
-            time(p, "web-like", "qemu-best"),
-            time(p, "web-like", "dwcp"),
-        ) {
-            md.push_str(&format!(
-                "- {p}, web-like: DWCP {:.2}x faster than qemu-plain (target 2x), {:.2}x faster than qemu-best (target 1.3x)\n",
-                plain / d,
-                best / d
-            ));
-        }
-    }
-    for p in ["lan", "metro", "wan", "intercontinental"] {
-        for w in ["idle", "web-like", "db-like"] {
-            if let (Some(best), Some(d)) = (time(p, w, "qemu-best"), time(p, w, "dwcp")) {
-                md.push_str(&format!(
-                    "- {p}, {w}: DWCP / qemu-best time = {:.2} (target <= 1)\n",
-                    d / best
-                ));
-            }
-        }
-    }
-    let five = |m: &str| -> f64 {
-        rows.iter()
-            .filter(|r| r["method"] == m && r["workload"].as_str().is_some_and(|w| w.starts_with("five-vm")))
-            .filter_map(|r| r["wire_bytes"].as_f64())
-            .sum()
+    let rows = read(arg("--json")?)?;
+    let speed = match arg("--speed") {
+        Ok(p) => read(p)?,
+        Err(_) => Vec::new(),
     };
-    if five("qemu-best") > 0.0 {
-        md.push_str(&format!(
-            "- five VMs from one image, one after another: DWCP {:.1} MiB vs qemu-best {:.1} MiB = {:.2}x (target <= 0.5)\n",
-            five("dwcp") / 1048576.0,
-            five("qemu-best") / 1048576.0,
-            five("dwcp") / five("qemu-best")
-        ));
-    }
-    let mut errs: Vec<f64> = rows
-        .iter()
-        .filter(|r| r["method"] == "dwcp")
-        .filter_map(|r| r["eta_error"].as_f64())
-        .collect();
-    errs.sort_by(f64::total_cmp);
-    if !errs.is_empty() {
-        md.push_str(&format!(
-            "- median ETA error of DWCP predictions: {:.0}% over {} migrations (target <= 15%)\n",
-            errs[errs.len() / 2] * 100.0,
-            errs.len()
-        ));
-    }
+    let (md, json) = render::render(&rows, &speed);
     std::fs::write(arg("--md")?, md)?;
-    std::fs::write(arg("--out-json")?, serde_json::to_string_pretty(&rows)?)?;
+    std::fs::write(arg("--out-json")?, serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }
 
@@ -525,6 +476,6 @@ async fn main() -> Result<()> {
     match args.get(1).map(String::as_str) {
         Some("run") => run(&args).await,
         Some("render") => render(&args),
-        _ => bail!("usage: wan_migration run --lab NAME --profile P --rate-mbit R --json OUT [--five-vm] | render --json OUT --out-json RESULTS.json --md OUT.md"),
+        _ => bail!("usage: wan_migration run --lab NAME --profile P --rate-mbit R --run N --json OUT [--five-vm] | render --json OUT [--speed SPEED] --out-json RESULTS.json --md OUT.md"),
     }
 }
