@@ -19,7 +19,8 @@
 //!
 //! The files: [`driver`] runs each migration from start to end, [`planning`]
 //! measures and predicts, [`source`] and [`target`] are the two ends of a
-//! live migration, [`timeline`] records where its time goes, [`cold`] moves a stopped VM, [`peer`] calls the other
+//! live migration, [`timeline`] records where its time goes, [`cold`] moves
+//! a stopped VM, [`peer`] calls the other
 //! agent; [`progress`] and [`console_log`] are their small helpers.
 
 mod cold;
