@@ -100,3 +100,26 @@ pub fn arg(args: &[String], key: &str) -> anyhow::Result<String> {
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("missing {key}"))
 }
+
+/// Appends rows to a JSON-lines results file (a benchmark's runs accumulate there).
+pub fn append_jsonl(path: impl AsRef<Path>, rows: &[serde_json::Value]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    for r in rows {
+        writeln!(f, "{r}")?;
+    }
+    Ok(())
+}
+
+/// Reads a JSON-lines results file; a line that is not JSON is an error.
+pub fn read_jsonl(path: impl AsRef<Path>) -> anyhow::Result<Vec<serde_json::Value>> {
+    let path = path.as_ref();
+    std::fs::read_to_string(path)?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: not JSON: {e}", path.display(), i + 1))
+        })
+        .collect()
+}

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use novacron_bench::arg;
+use novacron_bench::{append_jsonl, arg, read_jsonl};
 use novacron_dwcp::cache::ChunkCache;
 use novacron_dwcp::codec::{decode, Encoder, LevelChooser};
 use novacron_dwcp::scan::{Role, Scanner, PAGE};
@@ -168,13 +168,7 @@ fn speed(args: &[String]) -> Result<()> {
         "encode_mb_s": best,
     });
     println!("{row}");
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(arg(args, "--json")?)?;
-    writeln!(f, "{row}")?;
-    Ok(())
+    append_jsonl(arg(args, "--json")?, &[row])
 }
 
 /// Encodes a QEMU stream in 256 KiB reads, as a session does: the blocks,
@@ -269,19 +263,11 @@ async fn goodput(args: &[String]) -> Result<()> {
     }
     let _ = server.kill();
     let _ = server.wait();
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(json_path)?;
-    for r in results {
-        writeln!(f, "{r}")?;
-    }
-    Ok(())
+    append_jsonl(json_path, &results)
 }
 
 fn render(args: &[String]) -> Result<()> {
-    let goodput: Vec<Value> = std::fs::read_to_string(arg(args, "--goodput")?)?
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let goodput = read_jsonl(arg(args, "--goodput")?)?;
     let mut md = String::from(
         "# DWCP micro-benchmarks\n\nCommand: `bash bench/wan-migration.sh` (release build).\n\n\
          ## Codec, one core (QEMU RAM streams of 64 MiB; encode includes page scanning, BLAKE3 and the cache)\n\n\

@@ -380,9 +380,7 @@ async fn run(args: &[String]) -> Result<()> {
         };
         row["link_utilisation"] = json!(util);
         eprintln!("{row}");
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&json_path)?;
-        use std::io::Write;
-        writeln!(f, "{row}")?;
+        novacron_bench::append_jsonl(&json_path, std::slice::from_ref(&row))?;
         rows.push(row);
         Ok(())
     };
@@ -453,15 +451,9 @@ async fn run(args: &[String]) -> Result<()> {
 
 fn render(args: &[String]) -> Result<()> {
     let arg = |k: &str| novacron_bench::arg(args, k);
-    let read = |path: String| -> Result<Vec<Value>> {
-        Ok(std::fs::read_to_string(path)?
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect())
-    };
-    let rows = read(arg("--json")?)?;
+    let rows = novacron_bench::read_jsonl(arg("--json")?)?;
     let speed = match arg("--speed") {
-        Ok(p) => read(p)?,
+        Ok(p) => novacron_bench::read_jsonl(p)?,
         Err(_) => Vec::new(),
     };
     let (md, json) = render::render(&rows, &speed);

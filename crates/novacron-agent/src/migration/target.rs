@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use novacron_api::agent::{Finished, PrepareRequest, Prepared, VmRef};
-use novacron_api::{MigrationStep, MigrationStepKind, Vm};
+use novacron_api::{MigrationStepKind, Vm};
 use novacron_dwcp::Role;
 use novacron_qmp::commands::{
     BlockExportAdd, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, NbdServerStart, NbdServerStop,
@@ -18,6 +18,7 @@ use novacron_qmp::types::{
 };
 use novacron_qmp::Qmp;
 
+use super::timeline::Timeline;
 use super::{MigrationError, Migrations, MULTIFD_CHANNELS, QMP_TIMEOUT, TARGET_CALL_TIMEOUT};
 use crate::qemu::{self, VmDir, DISK_NODES};
 use crate::reconcile::prepare_launch;
@@ -46,19 +47,19 @@ impl Migrations {
     pub(crate) async fn prepare(&self, req: PrepareRequest) -> Result<Prepared, MigrationError> {
         let vm = &req.vm;
         let dir = self.begin_incoming(vm)?;
-        let called = Instant::now();
-        let mut steps = Vec::new();
+        // The target's own steps, from the start of the call (the source places them).
+        let steps = Timeline::new(Instant::now());
         let result = async {
-            let step = Instant::now();
+            let fetching = steps.begin(MigrationStepKind::ImageFetch);
             let mut spec = prepare_launch(&self.node.client, &self.node.images, &self.node.accel, vm, &dir).await?;
-            steps.push(measured(MigrationStepKind::ImageFetch, called, step));
+            steps.end(fetching, None);
             // QEMU appends to the log (logappend=on): seed it with the source's history.
             std::fs::write(dir.console_log(), &req.console_log).map_err(MigrationError::io("write the console log"))?;
             spec.incoming = true;
-            let step = Instant::now();
+            let starting = steps.begin(MigrationStepKind::QemuStart);
             qemu::launch(&self.node.qemu, &spec, &dir).await?;
             let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
-            steps.push(measured(MigrationStepKind::QemuStart, called, step));
+            steps.end(starting, None);
             let nbd_port = free_port()?;
             let addr = SocketAddressLegacy::Inet(InetSocketAddress::new(
                 self.node.host.trim_start_matches('[').trim_end_matches(']'),
@@ -110,7 +111,7 @@ impl Migrations {
                 nbd_port,
                 migrate_uri: uri,
                 disks,
-                steps: std::mem::take(&mut steps),
+                steps: steps.steps(),
             })
         }
         .await;
@@ -204,16 +205,6 @@ impl Migrations {
             qemu::kill_and_wait(pid, &dir).await;
         }
         let _ = std::fs::remove_dir_all(&dir.path);
-    }
-}
-
-/// A step of this node's that began at `step`, placed from `called`.
-fn measured(kind: MigrationStepKind, called: Instant, step: Instant) -> MigrationStep {
-    MigrationStep {
-        step: kind,
-        start_ms: step.saturating_duration_since(called).as_millis() as u64,
-        duration_ms: Some(step.elapsed().as_millis() as u64),
-        detail: None,
     }
 }
 
