@@ -83,33 +83,83 @@ pub fn limits_per_stream(rate: f64, rtt: Duration, streams: usize) -> (u64, u64)
     )
 }
 
+/// A rate this much above the best one before it means the pipe still fills.
+const STARTUP_GROWTH: f64 = 1.25;
+/// Rates in a row that do not grow so much mean it is full (as BBR's startup).
+const STARTUP_FULL_AFTER: u32 = 3;
+
+/// Whether the session's delivery rate still grows as the congestion windows
+/// open. A cap set from a rate measured meanwhile would hold the windows
+/// near it: at 1.25 round trips of a smoothed rate, the lab's wan link took
+/// about 2 s to fill instead of a few round trips.
+#[derive(Debug, Default)]
+struct Pipe {
+    best: f64,
+    flat: u32,
+    full: bool,
+    /// The highest rate since the pipe was full: the cap never falls.
+    link: f64,
+}
+
+impl Pipe {
+    /// Takes the next rate; true once the pipe is full.
+    fn full(&mut self, rate: f64) -> bool {
+        if !self.full {
+            if rate >= self.best * STARTUP_GROWTH {
+                self.best = rate;
+                self.flat = 0;
+            } else {
+                self.flat += 1;
+                self.full = self.flat >= STARTUP_FULL_AFTER;
+            }
+        }
+        self.full
+    }
+}
+
 /// The limits the session's stream writers obey.
 pub struct Cap {
     in_flight: AtomicU64,
     unsent: AtomicU64,
+    pipe: parking_lot::Mutex<Pipe>,
 }
 
 impl Default for Cap {
-    /// No cap until a delivery rate is measured.
+    /// No cap until the delivery rate stops growing.
     fn default() -> Cap {
         Cap {
             in_flight: AtomicU64::new(u64::MAX),
             unsent: AtomicU64::new(MAX_UNSENT),
+            pipe: Default::default(),
         }
     }
 }
 
 impl Cap {
-    /// `rate` is the link's: the highest smoothed delivery rate of the
-    /// session (single samples jump when a retransmission releases what the
-    /// target held behind a lost packet). It never falls: when QEMU has little
+    /// `rate`: a smoothed delivery rate of the session (single samples jump
+    /// when a retransmission releases what the target held behind a lost
+    /// packet). The cap follows the highest one and never falls: when QEMU has little
     /// to send, deliveries say nothing about the link, and a cap below the
     /// link would hold QEMU's last bytes back at the switchover. A link that
     /// truly slowed down gets BBR's queue back, as without a cap.
     pub fn set(&self, rate: f64, rtt: Duration, streams: usize) {
+        let rate = {
+            let mut pipe = self.pipe.lock();
+            if !pipe.full(rate) {
+                return;
+            }
+            pipe.link = pipe.link.max(rate);
+            pipe.link
+        };
         let (in_flight, unsent) = limits_per_stream(rate, rtt, streams);
         self.in_flight.store(in_flight, Ordering::Relaxed);
         self.unsent.store(unsent, Ordering::Relaxed);
+    }
+
+    /// The link's rate is known: the pipe counts as full at once.
+    pub fn assume(&self, rate: f64, rtt: Duration, streams: usize) {
+        self.pipe.lock().full = true;
+        self.set(rate, rtt, streams);
     }
 
     /// Waits until the stream on `fd` has less than the cap in flight, and
@@ -153,6 +203,39 @@ mod tests {
         assert_eq!(
             limits_per_stream(12.5e6, Duration::from_millis(50), 2),
             (515_625, 31_250)
+        );
+    }
+
+    #[test]
+    fn no_cap_while_the_rate_still_grows() {
+        let cap = Cap::default();
+        let rtt = Duration::from_millis(50);
+        let capped = |c: &Cap| c.in_flight.load(Ordering::Relaxed) != u64::MAX;
+        for rate in [1e6, 2e6, 4e6, 8e6, 12e6] {
+            cap.set(rate, rtt, 2);
+            assert!(!capped(&cap), "capped at {rate} while growing");
+        }
+        // Three rates within 25% of the best: the pipe is full.
+        for rate in [12.5e6, 12.6e6] {
+            cap.set(rate, rtt, 2);
+            assert!(!capped(&cap));
+        }
+        cap.set(12.6e6, rtt, 2);
+        assert_eq!(
+            cap.in_flight.load(Ordering::Relaxed),
+            limits_per_stream(12.6e6, rtt, 2).0
+        );
+        // Once full, a higher rate raises it, a lower one does not lower it.
+        cap.set(20e6, rtt, 2);
+        assert_eq!(cap.in_flight.load(Ordering::Relaxed), limits_per_stream(20e6, rtt, 2).0);
+        cap.set(5e6, rtt, 2);
+        assert_eq!(cap.in_flight.load(Ordering::Relaxed), limits_per_stream(20e6, rtt, 2).0);
+        // A known link caps a new session at once.
+        let known = Cap::default();
+        known.assume(12.5e6, rtt, 2);
+        assert_eq!(
+            known.in_flight.load(Ordering::Relaxed),
+            limits_per_stream(12.5e6, rtt, 2).0
         );
     }
 

@@ -135,6 +135,10 @@ impl Migrations {
         let (transport, transport_reason, session, pages, link) = opened?;
         let dirty = dirty?.unwrap_or(0.0);
         let (mut link, rtt_s, streams) = link;
+        if let Some(s) = &session {
+            // Probed or remembered: the session's streams need not find it out.
+            s.assume_link(link);
+        }
         if let Some(c) = cap {
             link = link.min(c);
         }

@@ -51,6 +51,8 @@ pub struct Sender {
     next_channel: AtomicU32,
     reverse: ReverseSinks,
     end_ack: Arc<tokio::sync::Notify>,
+    /// What the streams may hold in flight.
+    cap: Arc<Cap>,
     cache_back: Mutex<Option<std::sync::mpsc::Receiver<ChunkCache>>>,
     store: CacheStore,
     cache_key: String,
@@ -198,6 +200,7 @@ impl Sender {
             next_channel: AtomicU32::new(1),
             reverse,
             end_ack,
+            cap,
             cache_back: Mutex::new(Some(cache_rx)),
             store: store.clone(),
             cache_key: peer.to_string(),
@@ -216,6 +219,16 @@ impl Sender {
         self.stats
             .raw_ahead_max
             .store(raw_ahead_max(limit, rtt), Ordering::Relaxed);
+    }
+
+    /// The link is known to deliver `wire_bytes_s` (probed, or remembered
+    /// from an earlier session): the streams are capped from now on instead
+    /// of after their delivery rate stops growing, which a short session
+    /// may never see before its switchover.
+    pub fn assume_link(&self, wire_bytes_s: f64) {
+        let rtt = Duration::from_micros(self.stats.rtt_us.load(Ordering::Relaxed));
+        let streams = self.stats.streams.load(Ordering::Relaxed) as usize;
+        self.cap.assume(wire_bytes_s, rtt, streams);
     }
 
     /// QEMU stopped the guest: from now on every byte it still has goes at
@@ -412,10 +425,17 @@ impl Sender {
         let mut buf = vec![0u8; 64 * 1024];
         let mut written = 0u64;
         let acked_now = |s: &Stats| s.acked_wire_bytes.load(Ordering::Relaxed) - start_acked;
+        // From a third of the way in (the congestion window has opened) to
+        // the last confirmation: a wait for the tail's ack is not link time.
         let mut steady: Option<(Instant, u64)> = None;
+        let mut last = (started, 0u64);
         let mut mark = |stats: &Stats| {
+            let acked = acked_now(stats);
+            if acked > last.1 {
+                last = (Instant::now(), acked);
+            }
             if steady.is_none() && started.elapsed() >= duration / 3 {
-                steady = Some((Instant::now(), acked_now(stats)));
+                steady = Some(last);
             }
         };
         while started.elapsed() < duration && written < max_bytes {
@@ -455,12 +475,13 @@ impl Sender {
             let _ = out.shutdown().await;
         }
         let _ = local.shutdown().await;
-        let acked = acked_now(&self.stats);
+        mark(&self.stats);
+        let (last_at, acked) = last;
         let rate = match steady {
-            Some((at, from)) if acked > from && at.elapsed() > duration / 4 => {
-                (acked - from) as f64 / at.elapsed().as_secs_f64()
+            Some((at, from)) if acked > from && last_at.duration_since(at) > duration / 4 => {
+                (acked - from) as f64 / last_at.duration_since(at).as_secs_f64()
             }
-            _ => acked as f64 / started.elapsed().as_secs_f64(),
+            _ => acked as f64 / last_at.duration_since(started).as_secs_f64().max(1e-3),
         };
         Ok(rate)
     }

@@ -168,7 +168,7 @@ impl StreamReader {
             health,
             stats,
         } = self;
-        let (mut rates, mut link) = (RateMeter::default(), 0.0f64);
+        let mut rates = RateMeter::default();
         loop {
             let frame = tokio::select! {
                 _ = health.cancel.cancelled() => return,
@@ -196,15 +196,21 @@ impl StreamReader {
                 Kind::Ack => {
                     let mut r = PayloadReader::new(&frame.payload);
                     if let (Ok(wire), Ok(raw)) = (r.u64(), r.u64()) {
-                        stats.acked_wire_bytes.store(wire, Ordering::Relaxed);
+                        stats.acked_wire_bytes.fetch_max(wire, Ordering::Relaxed);
                         stats.acked_raw_bytes.store(raw, Ordering::Relaxed);
                         if let Some((w, r)) = rates.update(wire, raw) {
                             stats.wire_rate.store(w.to_bits(), Ordering::Relaxed);
                             stats.raw_rate.store(r.to_bits(), Ordering::Relaxed);
-                            link = link.max(w);
-                            cap.set(link, rtt, streams);
-                            tracing::trace!(smoothed = w, link, "delivery rate");
+                            cap.set(w, rtt, streams);
+                            tracing::trace!(smoothed = w, "delivery rate");
                         }
+                    }
+                }
+                Kind::Pong => {
+                    // What the target had received when the ping arrived: the
+                    // ping itself, after the last data, is confirmed by no ack.
+                    if let Ok(wire) = PayloadReader::new(&frame.payload).u64() {
+                        stats.acked_wire_bytes.fetch_max(wire, Ordering::Relaxed);
                     }
                 }
                 Kind::Abort => {
@@ -240,7 +246,8 @@ pub(super) async fn read_frames<R: AsyncRead + Unpin>(
         match f.kind {
             Kind::Ping => {
                 if let Some(b) = &back {
-                    let _ = b.send(Frame::new(Kind::Pong, 0, f.seq, Vec::new())).await;
+                    let received = wire.load(Ordering::Relaxed).to_be_bytes().to_vec();
+                    let _ = b.send(Frame::new(Kind::Pong, 0, f.seq, received)).await;
                 }
             }
             Kind::Abort => {
