@@ -165,13 +165,11 @@ impl Receiver {
         let mut ack = cache.id.to_be_bytes().to_vec();
         ack.push(reused as u8);
         ack.extend_from_slice(&(capacity as u64).to_be_bytes());
-        write_frame(&mut stream, &Frame::new(Kind::HelloAck, 0, 0, ack)).await?;
-
         let (frames_tx, frames_rx) = mpsc::channel::<Frame>(64);
-        let (mut rd, mut wr) = tokio::io::split(stream);
         let (back_tx, mut back_rx) = mpsc::channel::<Frame>(64);
         let health = Arc::new(Health::default());
         let wire = Arc::new(AtomicU64::new(0));
+        // Known before the answer: the source's other streams join as soon as it has it.
         self.sessions.lock().insert(
             session.clone(),
             SessionEntry {
@@ -180,6 +178,11 @@ impl Receiver {
                 health: health.clone(),
             },
         );
+        if let Err(e) = write_frame(&mut stream, &Frame::new(Kind::HelloAck, 0, 0, ack)).await {
+            self.sessions.lock().remove(&session);
+            return Err(e);
+        }
+        let (mut rd, mut wr) = tokio::io::split(stream);
         // Stream 0 writer: pongs, reverse bytes, acks.
         let h2 = health.clone();
         tokio::spawn(async move {

@@ -119,7 +119,6 @@ impl StreamWriter {
                             health.fail(format!("stream {i} broke while sending: {e}"));
                             return;
                         }
-                        stats.wire_bytes.fetch_add(ping.wire_len() as u64, Ordering::Relaxed);
                     }
                 }
             };
@@ -206,13 +205,6 @@ impl StreamReader {
                         }
                     }
                 }
-                Kind::Pong => {
-                    // What the target had received when the ping arrived: the
-                    // ping itself, after the last data, is confirmed by no ack.
-                    if let Ok(wire) = PayloadReader::new(&frame.payload).u64() {
-                        stats.acked_wire_bytes.fetch_max(wire, Ordering::Relaxed);
-                    }
-                }
                 Kind::Abort => {
                     health.fail(format!("target: {}", String::from_utf8_lossy(&frame.payload)));
                     return;
@@ -236,7 +228,11 @@ pub(super) async fn read_frames<R: AsyncRead + Unpin>(
     wire: Arc<AtomicU64>,
 ) -> Result<(), DwcpError> {
     while let Some(f) = read_frame(rd).await? {
-        wire.fetch_add(f.wire_len() as u64, Ordering::Relaxed);
+        // Tail probes are not counted on either side: acks confirm what the
+        // source counts as sent, and nothing acks a ping after the last data.
+        if f.kind != Kind::Ping {
+            wire.fetch_add(f.wire_len() as u64, Ordering::Relaxed);
+        }
         if matches!(f.kind, Kind::Open | Kind::Data | Kind::Close | Kind::End) {
             if tx.send(f).await.is_err() {
                 return Ok(());
@@ -246,8 +242,7 @@ pub(super) async fn read_frames<R: AsyncRead + Unpin>(
         match f.kind {
             Kind::Ping => {
                 if let Some(b) = &back {
-                    let received = wire.load(Ordering::Relaxed).to_be_bytes().to_vec();
-                    let _ = b.send(Frame::new(Kind::Pong, 0, f.seq, received)).await;
+                    let _ = b.send(Frame::new(Kind::Pong, 0, f.seq, Vec::new())).await;
                 }
             }
             Kind::Abort => {
