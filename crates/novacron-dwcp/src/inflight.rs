@@ -84,9 +84,9 @@ pub fn limits_per_stream(rate: f64, rtt: Duration, streams: usize) -> (u64, u64)
 }
 
 /// A rate this much above the best one before it means the pipe still fills.
-const STARTUP_GROWTH: f64 = 1.25;
+const FILLING_GROWTH: f64 = 1.25;
 /// Rates in a row that do not grow so much mean it is full (as BBR's startup).
-const STARTUP_FULL_AFTER: u32 = 3;
+const FULL_AFTER_FLAT: u32 = 3;
 
 /// Whether the session's delivery rate still grows as the congestion windows
 /// open. A cap set from a rate measured meanwhile would hold the windows
@@ -105,12 +105,12 @@ impl Pipe {
     /// Takes the next rate; true once the pipe is full.
     fn full(&mut self, rate: f64) -> bool {
         if !self.full {
-            if rate >= self.best * STARTUP_GROWTH {
+            if rate >= self.best * FILLING_GROWTH {
                 self.best = rate;
                 self.flat = 0;
             } else {
                 self.flat += 1;
-                self.full = self.flat >= STARTUP_FULL_AFTER;
+                self.full = self.flat >= FULL_AFTER_FLAT;
             }
         }
         self.full

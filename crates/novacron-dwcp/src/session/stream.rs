@@ -195,7 +195,7 @@ impl StreamReader {
                 Kind::Ack => {
                     let mut r = PayloadReader::new(&frame.payload);
                     if let (Ok(wire), Ok(raw)) = (r.u64(), r.u64()) {
-                        stats.acked_wire_bytes.fetch_max(wire, Ordering::Relaxed);
+                        stats.acked_wire_bytes.store(wire, Ordering::Relaxed);
                         stats.acked_raw_bytes.store(raw, Ordering::Relaxed);
                         if let Some((w, r)) = rates.update(wire, raw) {
                             stats.wire_rate.store(w.to_bits(), Ordering::Relaxed);
