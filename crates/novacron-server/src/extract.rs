@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::header::CONTENT_LENGTH;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use futures::StreamExt;
@@ -20,13 +21,57 @@ use crate::MAX_JSON_BODY;
 const DRAIN_MAX: u64 = 16 * MAX_JSON_BODY as u64;
 const DRAIN_TIME: Duration = Duration::from_secs(10);
 
-/// JSON body; malformed, wrongly typed or oversized bodies become API errors.
-pub struct ApiJson<T>(pub T);
+/// A JSON request body, read but not yet parsed: a handler parses it with
+/// [`JsonBody::parse`] after it has authorized the caller, so that someone
+/// who may not make the request learns nothing about what it would accept.
+/// An oversized body, a wrong content type or a body that cannot be read
+/// becomes an error only then, too.
+pub struct JsonBody {
+    bytes: Result<Bytes, ApiError>,
+    json_content_type: bool,
+}
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
+impl JsonBody {
+    /// The body as `T`: malformed JSON is a 400, JSON of the wrong shape a 422.
+    pub fn parse<T: DeserializeOwned>(self) -> Result<T, ApiError> {
+        let bytes = self.bytes?;
+        if !self.json_content_type {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Expected Content-Type: application/json",
+            ));
+        }
+        Self::decode(&bytes)
+    }
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    /// As [`JsonBody::parse`], where an empty body stands for `T::default()`.
+    pub fn parse_or_default<T: DeserializeOwned + Default>(self) -> Result<T, ApiError> {
+        match &self.bytes {
+            Ok(b) if b.iter().all(u8::is_ascii_whitespace) => Ok(T::default()),
+            _ => self.parse(),
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+        match axum::Json::<T>::from_bytes(bytes) {
+            Ok(axum::Json(v)) => Ok(v),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let json_content_type = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase())
+            .is_some_and(|m| m == "application/json" || (m.starts_with("application/") && m.ends_with("+json")));
         let declared = req
             .headers()
             .get(CONTENT_LENGTH)
@@ -37,12 +82,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 let mut body = req.into_body().into_data_stream();
                 let _ = tokio::time::timeout(DRAIN_TIME, async { while let Some(Ok(_)) = body.next().await {} }).await;
             }
-            return Err(too_large());
+            return Ok(JsonBody {
+                bytes: Err(too_large()),
+                json_content_type,
+            });
         }
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
+        let mut body = req.into_body().into_data_stream();
+        let mut read = Vec::new();
+        let bytes = loop {
+            match body.next().await {
+                None => break Ok(Bytes::from(read)),
+                Some(Err(e)) => break Err(ApiError::bad_request(format!("Cannot read the request body: {e}"))),
+                // A body without a declared length can still run over.
+                Some(Ok(chunk)) if read.len() + chunk.len() > MAX_JSON_BODY => break Err(too_large()),
+                Some(Ok(chunk)) => read.extend_from_slice(&chunk),
+            }
+        };
+        Ok(JsonBody {
+            bytes,
+            json_content_type,
+        })
     }
 }
 
@@ -50,12 +109,6 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     let status = r.status();
     let text = r.body_text();
     match status {
-        StatusCode::PAYLOAD_TOO_LARGE => too_large(),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
-            status,
-            "unsupported_media_type",
-            "Expected Content-Type: application/json",
-        ),
         StatusCode::UNPROCESSABLE_ENTITY => ApiError::new(status, "invalid", text),
         _ => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", text),
     }

@@ -7,6 +7,8 @@ mod cache;
 mod controllers;
 pub mod error;
 mod extract;
+pub mod limits;
+mod openapi;
 mod proxy;
 mod routes;
 pub mod scheduling;
@@ -110,6 +112,8 @@ pub struct AppState {
     pub placement_wakeup: Arc<Notify>,
     /// Client for calls to agents.
     pub agents: reqwest::Client,
+    /// Watch streams and console sessions each token holds open.
+    pub open_streams: Arc<limits::OpenStreams>,
 }
 
 impl AppState {
@@ -155,6 +159,7 @@ pub fn app(state: AppState) -> Router {
         .split_for_parts();
     let mut openapi = openapi;
     openapi.merge(login_doc);
+    openapi::declare_layer_responses(&mut openapi);
     let openapi = Arc::new(openapi);
     let protected = api
         .route(
@@ -240,6 +245,7 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         agent_secret: agent_secret.into(),
         placement_wakeup: Arc::new(Notify::new()),
         agents,
+        open_streams: Default::default(),
     })
 }
 

@@ -56,8 +56,15 @@ impl Harness {
             .method(method)
             .uri(path)
             .header("content-type", "application/json");
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
+        match token.map(|t| (t, t.strip_prefix(CERT))) {
+            Some((_, Some(sha256))) => {
+                req = req.extension(axum::extract::ConnectInfo(novacron_tls::PeerInfo {
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                    cert_sha256: Some(sha256.to_string()),
+                }));
+            }
+            Some((t, None)) => req = req.header("authorization", format!("Bearer {t}")),
+            None => {}
         }
         self.app.clone().oneshot(req.body(body).unwrap()).await.unwrap()
     }
@@ -103,7 +110,20 @@ impl Harness {
     }
 }
 
-const PRINCIPALS: [&str; 6] = ["admin", "project-admin", "operator", "viewer", "agent", "vm-reader"];
+const PRINCIPALS: [&str; 8] = [
+    "admin",
+    "project-admin",
+    "operator",
+    "viewer",
+    "agent",
+    "vm-reader",
+    "node-1",
+    "node-2",
+];
+
+/// A caller "token" of this form stands for a node's client certificate
+/// (its SHA-256), presented as the TLS layer would.
+const CERT: &str = "cert:";
 
 /// Fixtures: projects alpha (the principals' own) and beta (another), a node,
 /// an image, a running VM and a migration in each project.
@@ -153,6 +173,18 @@ async fn fixtures(h: &Harness) -> Vec<String> {
         ("t-vm-reader", "vm-reader", Some("alpha")),
     ] {
         tokens.push(h.token(name, role, project).await);
+    }
+    // Nodes, known by the certificates the CA issued them at join: VMs and
+    // migration sources are on node-1, migration targets on node-2.
+    for node in ["node-1", "node-2"] {
+        let cert_sha256 = format!("{node}-certificate-sha256");
+        let credential = novacron_api::NodeCredential {
+            metadata: Metadata::new(node, Default::default()),
+            cert_sha256: cert_sha256.clone(),
+        };
+        h.state.store.create_obj(&credential).await.unwrap();
+        h.state.auth.set_credential(&credential);
+        tokens.push(format!("{CERT}{cert_sha256}"));
     }
     tokens
 }
@@ -220,65 +252,65 @@ async fn reset_objects(h: &Harness) {
 /// object of the principals' own project (alpha) and of another one (beta).
 /// Cluster-wide endpoints have the same answer in both columns.
 const MATRIX: &[(&str, &str, &str, &str)] = &[
-    ("GET", "/v1/vms", "YYYYYY", "YYYYYY"),
-    ("POST", "/v1/vms", "YYYnnn", "Ynnnnn"),
-    ("GET", "/v1/vms/{name}", "YYYYYY", "YnnnYn"),
-    ("DELETE", "/v1/vms/{name}", "YYYnnn", "Ynnnnn"),
-    ("POST", "/v1/vms/{name}/start", "YYYnnn", "Ynnnnn"),
-    ("POST", "/v1/vms/{name}/stop", "YYYnnn", "Ynnnnn"),
-    ("POST", "/v1/vms/{name}/reboot", "YYYnnn", "Ynnnnn"),
-    ("POST", "/v1/vms/{name}/pause", "YYYnnn", "Ynnnnn"),
-    ("POST", "/v1/vms/{name}/resume", "YYYnnn", "Ynnnnn"),
-    ("PUT", "/v1/vms/{name}/status", "YYnnYn", "YnnnYn"),
-    ("POST", "/v1/vms/{name}/finalize", "YYnnYn", "YnnnYn"),
-    ("GET", "/v1/vms/{name}/logs", "YYYYYY", "YnnnYn"),
-    ("GET", "/v1/vms/{name}/console", "YYYnnn", "Ynnnnn"),
-    ("GET", "/v1/images", "YYYYYn", "YYYYYn"),
-    ("POST", "/v1/images", "YYYnnn", "Ynnnnn"),
-    ("GET", "/v1/images/{name}", "YYYYYn", "YnnnYn"),
-    ("DELETE", "/v1/images/{name}", "YYYnnn", "Ynnnnn"),
-    ("PUT", "/v1/images/{name}/files/{part}", "YYYnnn", "Ynnnnn"),
-    ("GET", "/v1/images/{name}/files/{part}", "YYYYYn", "YnnnYn"),
-    ("GET", "/v1/migrations", "YYYYYn", "YYYYYn"),
-    ("POST", "/v1/migrations", "YYYnnn", "Ynnnnn"),
-    ("POST", "/v1/migrations/plan", "YYYnnn", "Ynnnnn"),
-    ("GET", "/v1/migrations/{name}", "YYYYYn", "YnnnYn"),
-    ("POST", "/v1/migrations/{name}/cancel", "YYYnnn", "Ynnnnn"),
-    ("PUT", "/v1/migrations/{name}/status", "YYnnYn", "YnnnYn"),
-    ("POST", "/v1/migrations/{name}/complete", "YYnnYn", "YnnnYn"),
-    ("GET", "/v1/nodes", "YYYYYn", "YYYYYn"),
-    ("GET", "/v1/nodes/{name}", "YYYYYn", "YYYYYn"),
-    ("DELETE", "/v1/nodes/{name}", "Ynnnnn", "Ynnnnn"),
-    ("POST", "/v1/nodes/register", "YnnnYn", "YnnnYn"),
-    ("POST", "/v1/nodes/join", "Ynnnnn", "Ynnnnn"),
-    ("POST", "/v1/nodes/{name}/heartbeat", "YnnnYn", "YnnnYn"),
-    ("POST", "/v1/nodes/{name}/cordon", "Ynnnnn", "Ynnnnn"),
-    ("POST", "/v1/nodes/{name}/uncordon", "Ynnnnn", "Ynnnnn"),
-    ("GET", "/v1/whoami", "YYYYYY", "YYYYYY"),
-    ("GET", "/v1/scheduler", "YYYYYn", "YYYYYn"),
-    ("PUT", "/v1/scheduler", "Ynnnnn", "Ynnnnn"),
-    ("POST", "/v1/scheduler/explain", "YYYnnn", "Ynnnnn"),
-    ("POST", "/v1/scheduler/rebalance", "Ynnnnn", "Ynnnnn"),
-    ("GET", "/v1/vms/{name}/explain", "YYYYYY", "YnnnYn"),
-    ("GET", "/v1/users", "YYnnnn", "YYnnnn"),
-    ("POST", "/v1/users", "Ynnnnn", "Ynnnnn"),
-    ("GET", "/v1/users/{name}", "YYnnnn", "YYnnnn"),
-    ("DELETE", "/v1/users/{name}", "Ynnnnn", "Ynnnnn"),
-    ("POST", "/v1/users/{name}/totp", "Ynnnnn", "Ynnnnn"),
-    ("GET", "/v1/tokens", "YYYYYY", "YYYYYY"),
-    ("POST", "/v1/tokens", "YYYYnn", "Ynnnnn"),
-    ("DELETE", "/v1/tokens/{name}", "Ynnnnn", "Ynnnnn"),
-    ("GET", "/v1/roles", "YYnnnn", "YYnnnn"),
-    ("POST", "/v1/roles", "Ynnnnn", "Ynnnnn"),
-    ("GET", "/v1/roles/{name}", "YYnnnn", "YYnnnn"),
-    ("DELETE", "/v1/roles/{name}", "Ynnnnn", "Ynnnnn"),
-    ("GET", "/v1/projects", "YYYYnn", "YYYYnn"),
-    ("POST", "/v1/projects", "Ynnnnn", "Ynnnnn"),
-    ("GET", "/v1/projects/{name}", "YYYYnn", "Ynnnnn"),
-    ("PUT", "/v1/projects/{name}", "Ynnnnn", "Ynnnnn"),
-    ("DELETE", "/v1/projects/{name}", "Ynnnnn", "Ynnnnn"),
-    ("GET", "/v1/audit", "YYnnnn", "YYnnnn"),
-    ("GET", "/v1/audit/verify", "Ynnnnn", "Ynnnnn"),
+    ("GET", "/v1/vms", "YYYYYYnn", "YYYYYYnn"),
+    ("POST", "/v1/vms", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/vms/{name}", "YYYYYYYY", "YnnnYnYY"),
+    ("DELETE", "/v1/vms/{name}", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/start", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/stop", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/reboot", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/pause", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/resume", "YYYnnnnn", "Ynnnnnnn"),
+    ("PUT", "/v1/vms/{name}/status", "YYnnYnYn", "YnnnYnYn"),
+    ("POST", "/v1/vms/{name}/finalize", "YYnnYnYn", "YnnnYnYn"),
+    ("GET", "/v1/vms/{name}/logs", "YYYYYYYY", "YnnnYnYY"),
+    ("GET", "/v1/vms/{name}/console", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/images", "YYYYYnYY", "YYYYYnYY"),
+    ("POST", "/v1/images", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/images/{name}", "YYYYYnYY", "YnnnYnYY"),
+    ("DELETE", "/v1/images/{name}", "YYYnnnnn", "Ynnnnnnn"),
+    ("PUT", "/v1/images/{name}/files/{part}", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/images/{name}/files/{part}", "YYYYYnYY", "YnnnYnYY"),
+    ("GET", "/v1/migrations", "YYYYYnnn", "YYYYYnnn"),
+    ("POST", "/v1/migrations", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/migrations/plan", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/migrations/{name}", "YYYYYnYY", "YnnnYnYY"),
+    ("POST", "/v1/migrations/{name}/cancel", "YYYnnnnn", "Ynnnnnnn"),
+    ("PUT", "/v1/migrations/{name}/status", "YYnnYnYY", "YnnnYnYY"),
+    ("POST", "/v1/migrations/{name}/complete", "YYnnYnYY", "YnnnYnYY"),
+    ("GET", "/v1/nodes", "YYYYYnYY", "YYYYYnYY"),
+    ("GET", "/v1/nodes/{name}", "YYYYYnYY", "YYYYYnYY"),
+    ("DELETE", "/v1/nodes/{name}", "Ynnnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/nodes/register", "YnnnYnYn", "YnnnYnYn"),
+    ("POST", "/v1/nodes/join", "Ynnnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/nodes/{name}/heartbeat", "YnnnYnYn", "YnnnYnYn"),
+    ("POST", "/v1/nodes/{name}/cordon", "Ynnnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/nodes/{name}/uncordon", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/whoami", "YYYYYYYY", "YYYYYYYY"),
+    ("GET", "/v1/scheduler", "YYYYYnYY", "YYYYYnYY"),
+    ("PUT", "/v1/scheduler", "Ynnnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/scheduler/explain", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/scheduler/rebalance", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/vms/{name}/explain", "YYYYYYYY", "YnnnYnYY"),
+    ("GET", "/v1/users", "YYnnnnnn", "YYnnnnnn"),
+    ("POST", "/v1/users", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/users/{name}", "YYnnnnnn", "YYnnnnnn"),
+    ("DELETE", "/v1/users/{name}", "Ynnnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/users/{name}/totp", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/tokens", "YYYYYYYY", "YYYYYYYY"),
+    ("POST", "/v1/tokens", "YYYYnnnn", "Ynnnnnnn"),
+    ("DELETE", "/v1/tokens/{name}", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/roles", "YYnnnnnn", "YYnnnnnn"),
+    ("POST", "/v1/roles", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/roles/{name}", "YYnnnnnn", "YYnnnnnn"),
+    ("DELETE", "/v1/roles/{name}", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/projects", "YYYYnnnn", "YYYYnnnn"),
+    ("POST", "/v1/projects", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/projects/{name}", "YYYYnnnn", "Ynnnnnnn"),
+    ("PUT", "/v1/projects/{name}", "Ynnnnnnn", "Ynnnnnnn"),
+    ("DELETE", "/v1/projects/{name}", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/audit", "YYnnnnnn", "YYnnnnnn"),
+    ("GET", "/v1/audit/verify", "Ynnnnnnn", "Ynnnnnnn"),
 ];
 
 /// Endpoints that need no token.
@@ -349,6 +381,13 @@ fn spec_endpoints(doc: &Value) -> BTreeSet<(String, String)> {
     out
 }
 
+/// Whether the document declares `status` for the operation.
+fn declared(doc: &Value, method: &str, template: &str, status: StatusCode) -> bool {
+    doc["paths"][template][method.to_lowercase()]["responses"]
+        .get(status.as_str())
+        .is_some()
+}
+
 #[tokio::test]
 async fn every_endpoint_role_and_project_matches_the_matrix() {
     let h = Harness::new().await;
@@ -395,6 +434,11 @@ async fn every_endpoint_role_and_project_matches_the_matrix() {
                 );
                 // 502/503: allowed, then the (absent) agent could not be reached.
                 assert_ne!(resp, StatusCode::INTERNAL_SERVER_ERROR, "{method} {path} as {who}");
+                if !declared(&doc, method, template, resp) {
+                    wrong.push(format!(
+                        "{method} {template}: answered {resp}, which the document does not declare"
+                    ));
+                }
                 if denied == want_allowed {
                     wrong.push(format!(
                         "{method} {path} as {who} ({project}): got {resp}, expected {}",
@@ -421,6 +465,10 @@ async fn every_endpoint_role_and_project_matches_the_matrix() {
             .call(Method::from_bytes(method.as_bytes()).unwrap(), &path, None, body)
             .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} without a token");
+        assert!(
+            declared(&doc, method, template, status),
+            "{method} {template}: 401 undeclared"
+        );
     }
 }
 
@@ -765,6 +813,10 @@ async fn audit_records_requests_and_detects_tampering() {
         .find(|r| r["entry"]["action"] == "POST /v1/vms/vm-alpha/stop" && r["entry"]["status"] == 403)
         .unwrap();
     assert_eq!(denied["entry"]["actor"], "token:t-viewer");
+    assert_eq!(
+        denied["entry"]["project"], "alpha",
+        "a refusal names the project of the path"
+    );
     // Filters.
     let (_, by_user) = h
         .call(Method::GET, "/v1/audit?user=token:t-viewer", Some(&h.admin), None)
@@ -930,6 +982,7 @@ async fn hostile_json_never_causes_5xx_or_writes() {
         .chain(PUBLIC.iter().copied())
         .collect();
 
+    let (_, doc) = h.call(Method::GET, "/v1/openapi.json", Some(&h.admin), None).await;
     let mut runner = TestRunner::deterministic();
     let before = h.snapshot().await;
     let mut sent = 0;
@@ -963,9 +1016,122 @@ async fn hostile_json_never_causes_5xx_or_writes() {
                     "{method} {path} with {body:?}: {}",
                     resp.status()
                 );
+                assert!(
+                    declared(&doc, method, template, resp.status()),
+                    "{method} {template} with {body:?}: {} is not in the document",
+                    resp.status()
+                );
             }
         }
     }
     assert!(sent > 100);
     assert_eq!(h.snapshot().await, before, "a rejected request wrote something");
+}
+
+/// A caller who may not make a request is refused before its body is read:
+/// a malformed, mistyped, oversized or wrongly labelled body gets the same
+/// 401/403/404 as a valid one, so validation tells it nothing.
+#[tokio::test]
+async fn refusal_comes_before_the_body_is_read() {
+    let h = Harness::new().await;
+    let tokens = fixtures(&h).await;
+    let (_, doc) = h.call(Method::GET, "/v1/openapi.json", Some(&h.admin), None).await;
+    let oversized = format!("{{\"name\": \"{}\"}}", "x".repeat(2 << 20));
+    let bodies: [(&str, &str); 4] = [
+        ("application/json", "{not json"),
+        ("application/json", "{\"name\": 5, \"spec\": []}"),
+        ("application/json", &oversized),
+        ("text/plain", "{}"),
+    ];
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for (method, template, own, _) in MATRIX {
+        if !matches!(*method, "POST" | "PUT") || *template == "/v1/images/{name}/files/{part}" {
+            continue;
+        }
+        for (i, who) in PRINCIPALS.iter().enumerate() {
+            // Where the body decides (which share of its rights a caller hands
+            // on in a token; which node registers), the caller may make the
+            // request and is refused only for what it asks.
+            let body_decides =
+                *template == "/v1/tokens" || (*template == "/v1/nodes/register" && who.starts_with("node-"));
+            if own.as_bytes()[i] == b'Y' || body_decides {
+                continue;
+            }
+            let (path, _) = request_for(&h, method, template, "alpha", 0).await;
+            for (content_type, body) in bodies {
+                let mut req = Request::builder()
+                    .method(Method::from_bytes(method.as_bytes()).unwrap())
+                    .uri(&path)
+                    .header("content-type", content_type);
+                match tokens[i].strip_prefix(CERT) {
+                    Some(sha256) => {
+                        req = req.extension(axum::extract::ConnectInfo(novacron_tls::PeerInfo {
+                            addr: "127.0.0.1:1".parse().unwrap(),
+                            cert_sha256: Some(sha256.to_string()),
+                        }))
+                    }
+                    None => req = req.header("authorization", format!("Bearer {}", tokens[i])),
+                }
+                let status = h
+                    .app
+                    .clone()
+                    .oneshot(req.body(Body::from(body.to_string())).unwrap())
+                    .await
+                    .unwrap()
+                    .status();
+                checked += 1;
+                if !declared(&doc, method, template, status) {
+                    wrong.push(format!(
+                        "{method} {template}: answered {status}, which the document does not declare"
+                    ));
+                }
+                if !matches!(status, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) {
+                    wrong.push(format!(
+                        "{method} {path} as {who} with {content_type} {:.20}: {status}",
+                        body
+                    ));
+                }
+            }
+        }
+    }
+    assert!(checked > 200, "only {checked} requests");
+    assert!(
+        wrong.is_empty(),
+        "{} of {checked} answered before authorization:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+/// One token holds at most `MAX_WATCHES_PER_TOKEN` watch streams; the next
+/// gets a 429 with Retry-After, and a closed stream frees its place. Other
+/// tokens are not affected.
+#[tokio::test]
+async fn watch_streams_per_token_are_limited() {
+    let h = Harness::new().await;
+    let tokens = fixtures(&h).await;
+    let limit = novacron_server::limits::MAX_WATCHES_PER_TOKEN as usize;
+    let mut open = Vec::new();
+    for _ in 0..limit {
+        let resp = h
+            .raw(Method::GET, "/v1/vms?watch=true", Some(&tokens[3]), Body::empty())
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        open.push(resp);
+    }
+    let refused = h
+        .raw(Method::GET, "/v1/vms?watch=true", Some(&tokens[3]), Body::empty())
+        .await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().contains_key("retry-after"));
+    let other = h
+        .raw(Method::GET, "/v1/vms?watch=true", Some(&tokens[2]), Body::empty())
+        .await;
+    assert_eq!(other.status(), StatusCode::OK, "another token has its own places");
+    drop(open.pop());
+    let again = h
+        .raw(Method::GET, "/v1/vms?watch=true", Some(&tokens[3]), Body::empty())
+        .await;
+    assert_eq!(again.status(), StatusCode::OK, "a closed stream frees its place");
 }

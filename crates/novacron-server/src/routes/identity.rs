@@ -23,7 +23,7 @@ use utoipa_axum::routes;
 use super::find_authorized;
 use crate::auth::{authorize, hash_password, hash_secret, random_secret, verify_password, AuditContext, Principal};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiQuery, JsonBody};
 use crate::{totp, AppState};
 
 /// Login lifetime when none is asked for, and the longest allowed.
@@ -63,8 +63,12 @@ pub fn login_router() -> OpenApiRouter<AppState> {
 async fn login(
     State(state): State<AppState>,
     source: Option<Extension<ConnectInfo<novacron_tls::PeerInfo>>>,
-    ApiJson(req): ApiJson<Login>,
+    body: JsonBody,
 ) -> Response {
+    let req: Login = match body.parse() {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
     let audit = Arc::new(AuditContext::default());
     audit.set_actor(&req.user);
     let mut resp = match login_inner(&state, source.map(|c| c.0 .0.addr), req).await {
@@ -269,9 +273,10 @@ async fn list_users(State(state): State<AppState>, Extension(p): Extension<Princ
 async fn create_user(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<CreateUser>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<User>)> {
     authorize(&p, Resource::Users, Verb::Create, None)?;
+    let req: CreateUser = body.parse()?;
     validate::name("name", &req.name)?;
     if req.password.chars().count() < MIN_PASSWORD || req.password.len() > 1024 {
         return Err(ApiError::invalid(
@@ -404,8 +409,15 @@ async fn list_tokens(
 async fn create_token(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<CreateToken>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<IssuedToken>)> {
+    // A node's certificate speaks for its node only; a token it issued would not.
+    if let Some(node) = &p.node {
+        return Err(ApiError::forbidden(format!("node {node:?} cannot issue tokens")));
+    }
+    // Any other caller may issue a token with a share of its own rights:
+    // which share is in the body.
+    let req: CreateToken = body.parse()?;
     validate::name("name", &req.name)?;
     if req.join {
         return create_join_token(&state, &p, req).await;
@@ -529,9 +541,10 @@ async fn list_roles(State(state): State<AppState>, Extension(p): Extension<Princ
 async fn create_role(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<CreateRole>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Role>)> {
     authorize(&p, Resource::Roles, Verb::Create, None)?;
+    let req: CreateRole = body.parse()?;
     validate::name("name", &req.name)?;
     if state.auth.is_builtin(&req.name) {
         return Err(ApiError::conflict(format!("{:?} is a built-in role", req.name)));
@@ -690,9 +703,10 @@ async fn list_projects(
 async fn create_project(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<CreateProject>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Project>)> {
     authorize(&p, Resource::Projects, Verb::Create, None)?;
+    let req: CreateProject = body.parse()?;
     validate::name("name", &req.name)?;
     validate_quota(&req.quota)?;
     let mut metadata = Metadata::new(&req.name, Default::default());
@@ -708,6 +722,8 @@ async fn create_project(
 }
 
 async fn visible_project(state: &AppState, p: &Principal, name: &str, verb: Verb) -> ApiResult<Project> {
+    // The audit record, of a refusal too, names the project of the path.
+    p.audit.set_project(name);
     authorize(p, Resource::Projects, verb, None)?;
     match state.store.get_obj::<Project>(name).await? {
         Some(project) if p.sees(name) => Ok(project),
@@ -737,9 +753,10 @@ async fn update_project(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
-    ApiJson(req): ApiJson<UpdateProject>,
+    body: JsonBody,
 ) -> ApiResult<Json<Project>> {
     visible_project(&state, &p, &name, Verb::Update).await?;
+    let req: UpdateProject = body.parse()?;
     validate_quota(&req.quota)?;
     let project = state
         .store

@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 use super::{find_authorized, list_or_watch, ListQuery};
 use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiQuery, JsonBody};
 use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -49,8 +49,11 @@ async fn list_images(
 async fn create_image(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<CreateImage>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
+    // The role first, the project (named in the body) once it is read.
+    authorize(&p, Resource::Images, Verb::Create, None)?;
+    let req: CreateImage = body.parse()?;
     let project = p.project_for(req.project.clone());
     authorize(&p, Resource::Images, Verb::Create, Some(&project))?;
     if req.public && p.project.is_some() {

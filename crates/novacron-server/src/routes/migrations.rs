@@ -19,7 +19,7 @@ use utoipa_axum::routes;
 use super::{find_authorized, list_or_watch, ListQuery};
 use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiQuery, JsonBody};
 use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -73,8 +73,10 @@ pub async fn active_migration(state: &AppState, vm: &str) -> Result<Option<Migra
 async fn create_migration(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<CreateMigration>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
+    authorize(&p, Resource::Migrations, Verb::Create, None)?;
+    let req: CreateMigration = body.parse()?;
     let Resolved {
         vm,
         source,
@@ -123,12 +125,16 @@ async fn create_migration(
 /// Nothing moves.
 #[utoipa::path(post, path = "/v1/migrations/plan", tag = "migrations", request_body = CreateMigration,
     responses((status = 200, body = MigrationPlan), (status = 400, body = novacron_api::ErrorBody),
-        (status = 409, body = novacron_api::ErrorBody), (status = 503, body = novacron_api::ErrorBody)))]
+        (status = 404, description = "No such VM", body = novacron_api::ErrorBody),
+        (status = 409, body = novacron_api::ErrorBody), (status = 502, body = novacron_api::ErrorBody),
+        (status = 503, body = novacron_api::ErrorBody)))]
 async fn plan_migration(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<CreateMigration>,
+    body: JsonBody,
 ) -> ApiResult<Json<MigrationPlan>> {
+    authorize(&p, Resource::Migrations, Verb::Create, None)?;
+    let req: CreateMigration = body.parse()?;
     let r = resolve(&state, &p, &req).await?;
     if r.cold {
         return Err(ApiError::conflict(format!(
@@ -168,9 +174,9 @@ struct Resolved {
     max_downtime_ms: u64,
 }
 
-/// Checks a migration request and picks its target (the scheduler's choice when none is named).
+/// Checks a migration request and picks its target (the scheduler's choice
+/// when none is named). The caller's role was checked before its body was read.
 async fn resolve(state: &AppState, p: &Principal, req: &CreateMigration) -> ApiResult<Resolved> {
-    authorize(p, Resource::Migrations, Verb::Create, None)?;
     let max_downtime_ms = req.max_downtime_ms.unwrap_or_else(novacron_api::default_max_downtime);
     if !(1..=60_000).contains(&max_downtime_ms) {
         return Err(ApiError::invalid(
@@ -326,9 +332,10 @@ async fn put_migration_status(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
-    ApiJson(body): ApiJson<Migration>,
+    body: JsonBody,
 ) -> ApiResult<Json<Migration>> {
     let mut m = find_authorized::<Migration>(&state, &p, &name, Verb::Status).await?;
+    let body: Migration = body.parse()?;
     // The caller's revision makes the store's compare-and-swap reject stale writers (409).
     m.metadata.resource_version = body.metadata.resource_version;
     if m.status.phase.is_final() && body.status.phase != m.status.phase {
@@ -346,9 +353,10 @@ async fn complete_migration(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
-    ApiJson(body): ApiJson<CompleteMigration>,
+    body: JsonBody,
 ) -> ApiResult<Json<Migration>> {
     let m = find_authorized::<Migration>(&state, &p, &name, Verb::Status).await?;
+    let body: CompleteMigration = body.parse()?;
     if m.status.phase == MigrationPhase::Completed {
         return Ok(Json(m));
     }

@@ -24,6 +24,7 @@ use utoipa::IntoParams;
 
 use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
+use crate::limits::Held;
 use crate::AppState;
 
 pub const DEFAULT_PAGE: u32 = 100;
@@ -74,15 +75,26 @@ guarded!(Vm => Vms ["status.node", "status.phase"],
     Migration => Migrations ["status.source_node", "status.target_node", "status.phase", "spec.vm"],
     Node => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
 
-/// A node's certificate lists and watches only what concerns its node: its
-/// VMs, and the migrations it is source or target of.
+/// The fields that tie an object to the node it concerns: a node's
+/// certificate lists, watches and writes only objects with its name in one
+/// of them (its VMs; the migrations it is source or target of; itself).
+/// `None`: the kind concerns no node, so a node may read it and write none.
+fn node_fields(resource: Resource) -> Option<&'static [&'static str]> {
+    match resource {
+        Resource::Vms => Some(&["status.node"]),
+        Resource::Migrations => Some(&["status.source_node", "status.target_node"]),
+        Resource::Nodes => Some(&["metadata.name"]),
+        _ => None,
+    }
+}
+
+/// A node's certificate lists and watches only what concerns its node.
 fn confine_to_node<T: Guarded>(p: &Principal, fields: &FieldSelector) -> ApiResult<()> {
     let Some(node) = &p.node else {
         return Ok(());
     };
-    let required: &[&str] = match T::RESOURCE {
-        Resource::Vms => &["status.node"],
-        Resource::Migrations => &["status.source_node", "status.target_node"],
+    let required = match T::RESOURCE {
+        Resource::Vms | Resource::Migrations => node_fields(T::RESOURCE).unwrap_or_default(),
         _ => return Ok(()),
     };
     if required.iter().any(|field| fields.requires(field, node)) {
@@ -92,6 +104,31 @@ fn confine_to_node<T: Guarded>(p: &Principal, fields: &FieldSelector) -> ApiResu
         "Node {node:?} may only list {} of its own node: add field_selector {}={node}",
         T::KIND,
         required.join(format!("={node} or ").as_str())
+    )))
+}
+
+/// A node's certificate changes only objects that concern its node: a
+/// compromised host must not touch another host's VMs or migrations.
+fn node_may_change<T: Guarded>(p: &Principal, obj: &T) -> ApiResult<()> {
+    let Some(node) = &p.node else {
+        return Ok(());
+    };
+    let value = serde_json::to_value(obj).map_err(|e| ApiError::internal("Cannot encode object", &e))?;
+    let concerns_node = node_fields(T::RESOURCE).is_some_and(|fields| {
+        fields.iter().any(|path| {
+            path.split('.')
+                .try_fold(&value, |v, key| v.get(key))
+                .and_then(|v| v.as_str())
+                == Some(node)
+        })
+    });
+    if concerns_node {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "node {node:?} may change only its own objects, not {} {:?}",
+        T::KIND,
+        obj.meta().name
     )))
 }
 
@@ -108,8 +145,19 @@ fn visible<T: Guarded>(p: &Principal, value: &serde_json::Value) -> bool {
 /// Looks an object up by name or id and checks that the caller may `verb` it.
 /// Objects of other projects are reported as not found.
 pub async fn find_authorized<T: Guarded>(state: &AppState, p: &Principal, key: &str, verb: Verb) -> ApiResult<T> {
-    authorize(p, T::RESOURCE, verb, None)?;
+    if let Err(refused) = authorize(p, T::RESOURCE, verb, None) {
+        // The audit record of a refusal names the project of the object named in the path.
+        if T::RESOURCE.in_project() {
+            if let Ok(obj) = find::<T>(state, key).await {
+                p.audit.set_project(&obj.meta().project);
+            }
+        }
+        return Err(refused);
+    }
     let obj = find::<T>(state, key).await?;
+    if verb != Verb::Read {
+        node_may_change(p, &obj)?;
+    }
     if T::RESOURCE.in_project() {
         let project = obj.meta().project.clone();
         if p.sees(&project) {
@@ -199,8 +247,11 @@ pub async fn list_or_watch<T: Guarded>(
             Some(rv) => rv,
             None => state.store.revision().await?,
         };
+        let slot = state.open_streams.open(&p.token, Held::Watch)?;
         let events = state.store.watch(T::KIND, from).await?;
         let lines = events.filter_map(move |ev| {
+            // The stream holds its place until the client goes away.
+            let _held = &slot;
             let out = match ev {
                 Err(e) => {
                     tracing::debug!(error = %e, "watch stream ended");

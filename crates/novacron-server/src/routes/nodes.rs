@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 use super::{find_authorized, list_or_watch, ListQuery};
 use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiQuery, JsonBody};
 use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -121,9 +121,10 @@ fn own_node(p: &Principal, node: &str) -> ApiResult<()> {
 async fn join_node(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<JoinNode>,
+    body: JsonBody,
 ) -> ApiResult<Json<JoinedNode>> {
     authorize(&p, Resource::Nodes, Verb::Create, None)?;
+    let req: JoinNode = body.parse()?;
     let Some(tls) = state.tls.clone() else {
         return Err(ApiError::conflict(
             "this server runs without TLS; agents authenticate with tokens",
@@ -180,9 +181,10 @@ async fn join_node(
 async fn register_node(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<RegisterNode>,
+    body: JsonBody,
 ) -> ApiResult<Json<RegisterNodeResponse>> {
     authorize(&p, Resource::Nodes, Verb::Status, None)?;
+    let req: RegisterNode = body.parse()?;
     own_node(&p, &req.name)?;
     validate::name("name", &req.name)?;
     validate::labels("labels", &req.labels)?;

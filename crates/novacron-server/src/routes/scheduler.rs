@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 use super::find_authorized;
 use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::ApiJson;
+use crate::extract::JsonBody;
 use crate::scheduling;
 use crate::AppState;
 
@@ -54,9 +54,10 @@ fn check_ratio(field: &str, v: f64, max: f64) -> ApiResult<()> {
 async fn put_config(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<SchedulerSettings>,
+    body: JsonBody,
 ) -> ApiResult<Json<SchedulerConfig>> {
     authorize(&p, Resource::Nodes, Verb::Update, None)?;
+    let req: SchedulerSettings = body.parse()?;
     check_ratio("cpu_overcommit", req.cpu_overcommit, 16.0)?;
     check_ratio("memory_overcommit", req.memory_overcommit, 4.0)?;
     if req.max_vms_per_node == Some(0) {
@@ -128,8 +129,10 @@ async fn snapshot(state: &AppState, leave_out: Option<&str>) -> ApiResult<novacr
 async fn explain_create(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<CreateVm>,
+    body: JsonBody,
 ) -> ApiResult<Json<PlacementExplanation>> {
+    authorize(&p, Resource::Vms, Verb::Create, None)?;
+    let req: CreateVm = body.parse()?;
     let project = p.project_for(req.project.clone());
     authorize(&p, Resource::Vms, Verb::Create, Some(&project))?;
     validate::create_vm(&req)?;
@@ -162,9 +165,10 @@ async fn explain_vm(
 async fn rebalance(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<RebalanceRequest>,
+    body: JsonBody,
 ) -> ApiResult<Json<RebalancePlan>> {
     authorize(&p, Resource::Nodes, Verb::Update, None)?;
+    let req: RebalanceRequest = body.parse()?;
     let max_moves = req.max_moves.unwrap_or(10);
     if !(1..=MAX_MOVES).contains(&max_moves) {
         return Err(ApiError::invalid(

@@ -18,7 +18,8 @@ use utoipa_axum::routes;
 use super::{find_authorized, list_or_watch, ListQuery};
 use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiQuery, JsonBody};
+use crate::limits::{Held, MAX_CONSOLE_MESSAGE};
 use crate::{proxy, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -55,8 +56,11 @@ async fn list_vms(
 async fn create_vm(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiJson(req): ApiJson<CreateVm>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
+    // The role first, the project (named in the body) once it is read.
+    authorize(&p, Resource::Vms, Verb::Create, None)?;
+    let req: CreateVm = body.parse()?;
     let project = p.project_for(req.project.clone());
     authorize(&p, Resource::Vms, Verb::Create, Some(&project))?;
     let quota = super::identity::require_project(&state, &project).await?.quota;
@@ -250,14 +254,11 @@ async fn stop_vm(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    body: JsonBody,
 ) -> ApiResult<Json<Vm>> {
+    find_authorized::<Vm>(&state, &p, &name, Verb::Update).await?;
     // The body is optional: an empty one means a graceful stop with the VM's timeout.
-    let req: StopVm = if body.iter().all(u8::is_ascii_whitespace) {
-        StopVm::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?
-    };
+    let req: StopVm = body.parse_or_default()?;
     if req.timeout_s.is_some_and(|t| t > 3600) {
         return Err(ApiError::invalid("timeout_s", "timeout must be at most 3600 s"));
     }
@@ -334,9 +335,10 @@ async fn put_vm_status(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
-    ApiJson(body): ApiJson<Vm>,
+    body: JsonBody,
 ) -> ApiResult<Json<Vm>> {
     let mut vm = find_authorized::<Vm>(&state, &p, &name, Verb::Status).await?;
+    let body: Vm = body.parse()?;
     // The caller's revision makes the store's compare-and-swap reject stale writers (409).
     vm.metadata.resource_version = body.metadata.resource_version;
     if vm.status.node.is_some() && body.status.node != vm.status.node {
@@ -377,7 +379,9 @@ pub struct LogsQuery {
 
 /// The VM's serial console output.
 #[utoipa::path(get, path = "/v1/vms/{name}/logs", tag = "vms", params(("name" = String, Path), LogsQuery),
-    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = novacron_api::ErrorBody)))]
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = novacron_api::ErrorBody),
+        (status = 502, description = "The VM's agent failed to answer", body = novacron_api::ErrorBody),
+        (status = 503, description = "The VM is not placed, or its agent cannot be reached", body = novacron_api::ErrorBody)))]
 async fn vm_logs(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -391,7 +395,11 @@ async fn vm_logs(
 
 /// Interactive serial console over a WebSocket (binary frames both ways).
 #[utoipa::path(get, path = "/v1/vms/{name}/console", tag = "vms", params(("name" = String, Path)),
-    responses((status = 101, description = "WebSocket upgrade"), (status = 404, body = novacron_api::ErrorBody)))]
+    responses((status = 101, description = "WebSocket upgrade"), (status = 404, body = novacron_api::ErrorBody),
+        (status = 400, description = "Not a WebSocket upgrade request", body = novacron_api::ErrorBody),
+        (status = 409, description = "The VM is not running", body = novacron_api::ErrorBody),
+        (status = 502, description = "The VM's agent failed to answer", body = novacron_api::ErrorBody),
+        (status = 503, description = "The VM is not placed, or its agent cannot be reached", body = novacron_api::ErrorBody)))]
 async fn vm_console(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -407,8 +415,16 @@ async fn vm_console(
             vm.metadata.name, vm.status.phase
         )));
     }
+    let slot = state.open_streams.open(&p.token, Held::Console)?;
     let upstream = proxy::connect_console(&state, &node, &vm).await?;
-    Ok(ws.on_upgrade(move |socket| proxy::pump_console(socket, upstream)))
+    Ok(ws
+        .max_message_size(MAX_CONSOLE_MESSAGE)
+        .max_frame_size(MAX_CONSOLE_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            // The session holds its place until either side closes.
+            let _held = slot;
+            proxy::pump_console(socket, upstream).await
+        }))
 }
 
 /// Placement constraints are checked like labels: bad keys or values are 422s.

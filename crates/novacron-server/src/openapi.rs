@@ -1,0 +1,116 @@
+//! The published API document: what every operation can answer.
+//!
+//! Handlers declare the answers that are theirs (201, 409 on a conflict of
+//! state, 502 from an agent). The answers that come from the layers every
+//! request passes through are declared here, from the same facts those layers
+//! act on, so a client generated from the document handles ordinary errors:
+//! the token check (401, 429), the authorization (403), the JSON body (400,
+//! 413, 415, 422), the query string (400, 422), an object named in the path
+//! (404), the store's compare-and-swap (409), a watch from a revision the
+//! store no longer keeps (410), and a fault (500).
+
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::security::SecurityRequirement;
+use utoipa::openapi::{Content, OpenApi, Ref, RefOr, ResponseBuilder};
+
+/// Why each layer answers with a status, as the document says it.
+const REASONS: &[(u16, &str)] = &[
+    (
+        400,
+        "Malformed request: the body is not JSON, or a query parameter has the wrong type",
+    ),
+    (401, "No token, or an invalid, expired or revoked token or certificate"),
+    (403, "The caller's role or project does not allow this"),
+    (
+        404,
+        "No object of that name (objects of other projects count as absent)",
+    ),
+    (
+        409,
+        "The object changed meanwhile, exists already, or its state forbids this",
+    ),
+    (
+        410,
+        "The watch starts at a revision the store no longer keeps: list again",
+    ),
+    (413, "The request body is over the size limit"),
+    (415, "The request body is not application/json"),
+    (
+        422,
+        "The request is well-formed but a field is invalid; `field` names it",
+    ),
+    (429, "Rate limit exceeded; Retry-After says when to try again"),
+    (500, "Internal error; the server log has the cause"),
+];
+
+/// Adds to every operation the answers of the layers it passes through,
+/// keeping what the handler declared itself.
+pub fn declare_layer_responses(doc: &mut OpenApi) {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let ops = [
+            ("GET", &mut item.get),
+            ("PUT", &mut item.put),
+            ("POST", &mut item.post),
+            ("DELETE", &mut item.delete),
+            ("PATCH", &mut item.patch),
+        ];
+        for (method, op) in ops {
+            if let Some(op) = op.as_mut() {
+                for status in layer_statuses(path, method, op) {
+                    add_error(op, status);
+                }
+            }
+        }
+    }
+}
+
+/// The statuses the shared layers can give this operation.
+fn layer_statuses(path: &str, method: &str, op: &Operation) -> Vec<u16> {
+    // `security(())`: an empty requirement, no token needed (login).
+    let public = op
+        .security
+        .as_ref()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|r| *r == SecurityRequirement::default()));
+    let params = op.parameters.as_deref().unwrap_or_default();
+    let has_query = params.iter().any(|p| p.parameter_in == ParameterIn::Query);
+    let watches = params.iter().any(|p| p.name == "watch");
+    let mut out = vec![500];
+    if public {
+        // Login: no token, but a throttle on failed attempts.
+        out.push(429);
+    } else {
+        out.extend([401, 403, 429]);
+    }
+    if op.request_body.is_some() {
+        out.extend([400, 413, 415, 422]);
+    }
+    if has_query {
+        out.extend([400, 422]);
+    }
+    if path.contains('{') {
+        out.push(404);
+    }
+    if method != "GET" {
+        out.push(409);
+    }
+    if watches {
+        out.push(410);
+    }
+    out
+}
+
+fn add_error(op: &mut Operation, status: u16) {
+    let key = status.to_string();
+    if op.responses.responses.contains_key(&key) {
+        return;
+    }
+    let reason = REASONS.iter().find(|(s, _)| *s == status).map_or("Error", |(_, r)| *r);
+    let response = ResponseBuilder::new()
+        .description(reason)
+        .content(
+            "application/json",
+            Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+        )
+        .build();
+    op.responses.responses.insert(key, RefOr::T(response));
+}
