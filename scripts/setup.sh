@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what NovaCron needs on a Debian machine (idempotent): QEMU >= 10, qemu-img,
-# busybox-static and a C toolchain for the guest image, curl for the demo.
+# busybox-static and a C toolchain for the guest image, curl for the demo, python3-venv
+# for the API fuzzer.
 set -euo pipefail
 
 SUDO=""
@@ -68,6 +69,8 @@ command -v gcc >/dev/null || need+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 command -v curl >/dev/null || need+=(curl)
 command -v xz >/dev/null || need+=(xz-utils)
+# The API fuzzer (scripts/api-fuzz.sh) runs from a virtual environment.
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: install, build the guest
 # image, check formatting and lints, run unit and integration tests (the
-# integration tests boot real QEMU/TCG guests). Idempotent.
+# integration tests boot real QEMU/TCG guests), then fuzz the API against its
+# published OpenAPI document (scripts/api-fuzz.sh). Idempotent.
 #
 # Only the unit tests (no QEMU, no processes; about a minute once built):
 #   cargo nextest run --workspace --lib
@@ -20,3 +21,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+# The API contract: schemathesis against a server started for it (about 20 s).
+scripts/api-fuzz.sh

@@ -272,6 +272,9 @@ pub struct Token {
     pub secret_sha256: String,
 }
 
+/// Longest token lifetime anyone may give: ten years.
+pub const MAX_TOKEN_TTL_S: u64 = 315_360_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateToken {
     pub name: String,
@@ -279,8 +282,10 @@ pub struct CreateToken {
     #[serde(default)]
     pub project: Option<String>,
     /// Lifetime in seconds; absent = 30 days, or no expiry for callers
-    /// allowed to manage all tokens (1 hour for join tokens).
+    /// allowed to manage all tokens (1 hour for join tokens). At most 30
+    /// days, or ten years for token managers.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 315_360_000)]
     pub ttl_s: Option<u64>,
     /// A one-time token with which an agent joins the cluster and gets its
     /// client certificate (`role` is ignored).

@@ -1135,3 +1135,29 @@ async fn watch_streams_per_token_are_limited() {
         .await;
     assert_eq!(again.status(), StatusCode::OK, "a closed stream frees its place");
 }
+
+/// A token's lifetime is bounded for everyone: an admin's ttl of 26,000
+/// years wrote an expiry RFC 3339 cannot carry (found by the API fuzzer).
+#[tokio::test]
+async fn token_lifetime_is_bounded_for_token_managers_too() {
+    let h = Harness::new().await;
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&h.admin),
+            Some(json!({"name": "forever", "role": "viewer", "ttl_s": 813_843_191_778u64})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "ttl_s");
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&h.admin),
+            Some(json!({"name": "decade", "role": "viewer", "ttl_s": novacron_api::MAX_TOKEN_TTL_S})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}

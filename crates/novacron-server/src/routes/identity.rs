@@ -29,6 +29,9 @@ use crate::{totp, AppState};
 /// Login lifetime when none is asked for, and the longest allowed.
 const LOGIN_TTL_S: u64 = 12 * 3600;
 const MAX_TTL_S: u64 = 30 * 24 * 3600;
+/// Longest lifetime a token manager may give: ten years (a larger one
+/// overflowed the expiry past what RFC 3339 writes, year 9999).
+const MAX_MANAGER_TTL_S: u64 = novacron_api::MAX_TOKEN_TTL_S;
 const MIN_PASSWORD: usize = 8;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -452,6 +455,12 @@ async fn create_token(
             ))
         }
         Some(0) => return Err(ApiError::invalid("ttl_s", "ttl must be positive")),
+        Some(t) if t > MAX_MANAGER_TTL_S => {
+            return Err(ApiError::invalid(
+                "ttl_s",
+                format!("ttl must be at most {MAX_MANAGER_TTL_S} s (ten years)"),
+            ))
+        }
         Some(t) => Some(t),
         None if manager => None,
         None => Some(MAX_TTL_S),
