@@ -182,6 +182,7 @@ pub struct Role {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateRole {
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// `resource:verb` patterns, `*` allowed on either side.
     pub permissions: Vec<String>,
@@ -222,7 +223,10 @@ pub struct User {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateUser {
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
+    /// 8 to 1024 characters.
+    #[schema(min_length = 8, max_length = 1024)]
     pub password: String,
     #[serde(default)]
     pub bindings: Vec<RoleBinding>,
@@ -277,6 +281,7 @@ pub const MAX_TOKEN_TTL_S: u64 = 315_360_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateToken {
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     pub role: String,
     #[serde(default)]
@@ -297,6 +302,7 @@ pub struct CreateToken {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct JoinNode {
     /// Node name (DNS label).
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// Hosts (IP addresses or DNS names) the agent is reached at; they go in its certificate.
     pub hosts: Vec<String>,
@@ -360,6 +366,7 @@ pub struct Project {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateProject {
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     #[serde(default)]
     pub quota: Quota,

@@ -168,6 +168,7 @@ impl QemuCapabilities {
 /// Sent by an agent when it starts.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RegisterNode {
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     pub address: String,
     pub capacity: Resources,
@@ -299,9 +300,12 @@ impl Image {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateImage {
+    /// DNS label: 1-63 of `a-z0-9-`, alphanumeric at both ends.
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// Owning project; defaults to the caller's token project, else `default`.
     #[serde(default)]
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub project: Option<String>,
     pub format: ImageFormat,
     #[serde(default)]
@@ -336,15 +340,20 @@ pub enum PowerState {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmSpec {
+    #[schema(minimum = 1, maximum = 64)]
     pub vcpus: u32,
+    #[schema(minimum = 32, maximum = 1_048_576)]
     pub memory_mib: u64,
     /// Name of the image the root disk is an overlay of.
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub image: String,
     /// Root disk size; defaults to the image's virtual size (1 GiB for kernel images).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 67_108_864)]
     pub disk_mib: Option<u64>,
     /// Size of an optional blank data disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 67_108_864)]
     pub data_disk_mib: Option<u64>,
     #[serde(default)]
     pub run_strategy: RunStrategy,
@@ -352,6 +361,7 @@ pub struct VmSpec {
     pub power_state: PowerState,
     /// Seconds a graceful (ACPI) stop may take before QEMU is killed; 0 = force.
     #[serde(default = "default_stop_timeout")]
+    #[schema(maximum = 3600)]
     pub stop_timeout_s: u32,
     /// Grace period of the stop in progress (0 = kill at once); cleared by start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -364,6 +374,7 @@ pub struct VmSpec {
     pub start_request: u64,
     /// Extra guest kernel command line (kernel images only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1024)]
     pub kernel_args: Option<String>,
     /// Node selector, affinity, zone preference, priority.
     #[serde(default, skip_serializing_if = "crate::Placement::is_empty")]
@@ -373,11 +384,13 @@ pub struct VmSpec {
     /// (`pc-i440fx-10.0`), and kept from then on, across migrations, so the
     /// guest sees the same virtual hardware everywhere. Default `pc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9][-_.A-Za-z0-9]{0,63}$")]
     pub machine: Option<String>,
     /// QEMU CPU model (`qemu64`, `Nehalem`, ...); default: the cluster's
     /// baseline (`novacron cluster set-scheduler --cpu-model`), recorded at
     /// create. A named model, unlike `host`, can migrate between hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9][-_.A-Za-z0-9]{0,63}$")]
     pub cpu_model: Option<String>,
 }
 
@@ -471,9 +484,12 @@ impl_object!(Vm, "vm");
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateVm {
+    /// DNS label: 1-63 of `a-z0-9-`, alphanumeric at both ends.
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// Owning project; defaults to the caller's token project, else `default`.
     #[serde(default)]
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub project: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,

@@ -34,6 +34,10 @@ const REASONS: &[(u16, &str)] = &[
         "The watch starts at a revision the store no longer keeps: list again",
     ),
     (413, "The request body is over the size limit"),
+    (
+        405,
+        "The name is a fixed route of its own (e.g. `join`), which does not take this method",
+    ),
     (415, "The request body is not application/json"),
     (
         422,
@@ -46,7 +50,11 @@ const REASONS: &[(u16, &str)] = &[
 /// Adds to every operation the answers of the layers it passes through,
 /// keeping what the handler declared itself.
 pub fn declare_layer_responses(doc: &mut OpenApi) {
+    let paths: Vec<String> = doc.paths.paths.keys().cloned().collect();
     for (path, item) in doc.paths.paths.iter_mut() {
+        // `/v1/nodes/{name}` with the name `join` is the route `/v1/nodes/join`,
+        // which may not take this method: the router answers 405.
+        let shadowed = paths.iter().any(|other| shadows(other, path));
         let ops = [
             ("GET", &mut item.get),
             ("PUT", &mut item.put),
@@ -59,9 +67,23 @@ pub fn declare_layer_responses(doc: &mut OpenApi) {
                 for status in layer_statuses(path, method, op) {
                     add_error(op, status);
                 }
+                if shadowed {
+                    add_error(op, 405);
+                }
             }
         }
     }
+}
+
+/// Whether the fixed path `route` is `template` with one of its parameters
+/// given as a literal: a request for that value reaches `route` instead.
+fn shadows(route: &str, template: &str) -> bool {
+    let (r, t): (Vec<&str>, Vec<&str>) = (route.split('/').collect(), template.split('/').collect());
+    r.len() == t.len()
+        && r != t
+        && r.iter()
+            .zip(&t)
+            .all(|(a, b)| a == b || (b.starts_with('{') && !a.starts_with('{')))
 }
 
 /// The statuses the shared layers can give this operation.

@@ -281,7 +281,7 @@ async fn create_user(
     authorize(&p, Resource::Users, Verb::Create, None)?;
     let req: CreateUser = body.parse()?;
     validate::name("name", &req.name)?;
-    if req.password.chars().count() < MIN_PASSWORD || req.password.len() > 1024 {
+    if !(MIN_PASSWORD..=1024).contains(&req.password.chars().count()) {
         return Err(ApiError::invalid(
             "password",
             format!("password must be {MIN_PASSWORD} to 1024 characters"),

@@ -287,8 +287,9 @@ async fn receive(body: Body, path: &std::path::Path) -> ApiResult<(u64, String)>
 
 /// Download one file of an image (agents cache images this way).
 #[utoipa::path(get, path = "/v1/images/{name}/files/{part}", tag = "images",
-    params(("name" = String, Path), ("part" = String, Path)),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = novacron_api::ErrorBody)))]
+    params(("name" = String, Path), ("part" = String, Path, description = "disk, kernel or initrd")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = novacron_api::ErrorBody),
+        (status = 422, description = "Not a part of images: disk, kernel or initrd", body = novacron_api::ErrorBody)))]
 async fn download_image_file(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,

@@ -106,6 +106,20 @@ async fn delete_node(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Names of routes beside `/v1/nodes/{name}`: a node named so could not be read or deleted.
+const RESERVED_NODE_NAMES: [&str; 2] = ["join", "register"];
+
+fn node_name(name: &str) -> ApiResult<()> {
+    validate::name("name", name)?;
+    if RESERVED_NODE_NAMES.contains(&name) {
+        return Err(ApiError::invalid(
+            "name",
+            format!("{name:?} is reserved (a route of its own under /v1/nodes)"),
+        ));
+    }
+    Ok(())
+}
+
 /// An agent known by its certificate speaks only for its own node.
 fn own_node(p: &Principal, node: &str) -> ApiResult<()> {
     match &p.node {
@@ -130,7 +144,7 @@ async fn join_node(
             "this server runs without TLS; agents authenticate with tokens",
         ));
     };
-    validate::name("name", &req.name)?;
+    node_name(&req.name)?;
     if req.hosts.is_empty() || req.hosts.len() > 16 {
         return Err(ApiError::invalid("hosts", "give 1 to 16 host names or addresses"));
     }
@@ -186,7 +200,7 @@ async fn register_node(
     authorize(&p, Resource::Nodes, Verb::Status, None)?;
     let req: RegisterNode = body.parse()?;
     own_node(&p, &req.name)?;
-    validate::name("name", &req.name)?;
+    node_name(&req.name)?;
     validate::labels("labels", &req.labels)?;
     let address = url::Url::parse(&req.address).ok();
     if !address.is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()) {
