@@ -160,6 +160,13 @@ pub fn app(state: AppState) -> Router {
     let mut openapi = openapi;
     openapi.merge(login_doc);
     openapi::declare_layer_responses(&mut openapi);
+    // Served as JSON built once. A document that cannot be encoded is served
+    // as `null` (the OpenAPI tests then fail) rather than stopping the server.
+    let mut openapi = serde_json::to_value(&openapi).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot encode the OpenAPI document");
+        serde_json::Value::Null
+    });
+    openapi::link_creates_to_their_objects(&mut openapi);
     let openapi = Arc::new(openapi);
     let protected = api
         .route(

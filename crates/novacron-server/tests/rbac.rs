@@ -396,6 +396,10 @@ async fn every_endpoint_role_and_project_matches_the_matrix() {
     // The matrix covers exactly the API: a new endpoint without a row fails here.
     let (_, doc) = h.call(Method::GET, "/v1/openapi.json", Some(&h.admin), None).await;
     let in_spec = spec_endpoints(&doc);
+    // Creates link to the operations on what they made, by its name.
+    let link = &doc["paths"]["/v1/vms"]["post"]["responses"]["201"]["links"]["get_vm"];
+    assert_eq!(link["operationId"], "get_vm", "{link}");
+    assert_eq!(link["parameters"]["path.name"], "$response.body#/metadata/name");
     let in_matrix: BTreeSet<(String, String)> = MATRIX
         .iter()
         .map(|(m, p, _, _)| (m.to_string(), p.to_string()))
