@@ -479,6 +479,22 @@ mod tests {
         p
     }
 
+    /// `n` pages of xorshift bytes (incompressible), continuing from `seed`.
+    fn random_pages(n: usize, seed: &mut u64) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|_| {
+                (0..PAGE)
+                    .map(|_| {
+                        *seed ^= *seed << 13;
+                        *seed ^= *seed >> 7;
+                        *seed ^= *seed << 17;
+                        *seed as u8
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     fn round_trip(enc: &mut Encoder, tx: &mut ChunkCache, rx: &mut ChunkCache, data: &[u8]) -> usize {
         let mut scanner = Scanner::new(Role::Migration);
         let (segs, used) = scanner.scan(data, false);
@@ -513,20 +529,7 @@ mod tests {
     fn random_pages_are_stored_not_inflated() {
         let (mut tx, mut rx) = (ChunkCache::new(1 << 30), ChunkCache::new(1 << 30));
         let mut enc = Encoder::new(LevelChooser::fixed(3));
-        let mut x = 1u64;
-        let pages: Vec<Vec<u8>> = (0..32)
-            .map(|_| {
-                (0..PAGE)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect()
-            })
-            .collect();
-        let data = qemu_stream(&pages);
+        let data = qemu_stream(&random_pages(32, &mut 1));
         let n = round_trip(&mut enc, &mut tx, &mut rx, &data);
         assert!(n < data.len() + 64 * 32, "{n} vs {}", data.len());
     }
@@ -574,19 +577,7 @@ mod tests {
         enc.levels.set_link(100e6);
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..40 {
-            let pages: Vec<Vec<u8>> = (0..64)
-                .map(|_| {
-                    (0..PAGE)
-                        .map(|_| {
-                            seed ^= seed << 13;
-                            seed ^= seed >> 7;
-                            seed ^= seed << 17;
-                            seed as u8
-                        })
-                        .collect()
-                })
-                .collect();
-            round_trip(&mut enc, &mut tx, &mut rx, &qemu_stream(&pages));
+            round_trip(&mut enc, &mut tx, &mut rx, &qemu_stream(&random_pages(64, &mut seed)));
         }
         assert_eq!(enc.levels.level(), 0, "random pages compressed on a 100 MB/s link");
     }

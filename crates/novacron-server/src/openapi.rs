@@ -6,8 +6,10 @@
 //! act on, so a client generated from the document handles ordinary errors:
 //! the token check (401, 429), the authorization (403), the JSON body (400,
 //! 413, 415, 422), the query string (400, 422), an object named in the path
-//! (404), the store's compare-and-swap (409), a watch from a revision the
-//! store no longer keeps (410), and a fault (500).
+//! (404), a fixed route that shadows a name (405), the store's
+//! compare-and-swap (409), a watch from a revision the store no longer keeps
+//! (410), and a fault (500). Creates are linked to the operations on what
+//! they made.
 
 use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::security::SecurityRequirement;
@@ -26,6 +28,10 @@ const REASONS: &[(u16, &str)] = &[
         "No object of that name (objects of other projects count as absent)",
     ),
     (
+        405,
+        "The name is a fixed route of its own (e.g. `join`), which does not take this method",
+    ),
+    (
         409,
         "The object changed meanwhile, exists already, or its state forbids this",
     ),
@@ -34,10 +40,6 @@ const REASONS: &[(u16, &str)] = &[
         "The watch starts at a revision the store no longer keeps: list again",
     ),
     (413, "The request body is over the size limit"),
-    (
-        405,
-        "The name is a fixed route of its own (e.g. `join`), which does not take this method",
-    ),
     (415, "The request body is not application/json"),
     (
         422,

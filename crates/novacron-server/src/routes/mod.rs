@@ -114,13 +114,11 @@ fn node_may_change<T: Guarded>(p: &Principal, obj: &T) -> ApiResult<()> {
         return Ok(());
     };
     let value = serde_json::to_value(obj).map_err(|e| ApiError::internal("Cannot encode object", &e))?;
+    // The same reading of a field as a field selector's: `field=node` for any of them.
     let concerns_node = node_fields(T::RESOURCE).is_some_and(|fields| {
-        fields.iter().any(|path| {
-            path.split('.')
-                .try_fold(&value, |v, key| v.get(key))
-                .and_then(|v| v.as_str())
-                == Some(node)
-        })
+        fields
+            .iter()
+            .any(|field| FieldSelector::parse(&format!("{field}={node}"), fields).is_ok_and(|one| one.matches(&value)))
     });
     if concerns_node {
         return Ok(());
