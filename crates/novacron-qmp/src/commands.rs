@@ -81,6 +81,18 @@ impl Command for Migrate {
     type Reply = Empty;
 }
 
+/// `getfd`: names the file descriptor sent with this command (SCM_RIGHTS),
+/// for later commands to use. Sent with [`crate::Qmp::pass_fd`] only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GetFd {
+    pub fdname: String,
+}
+
+impl Command for GetFd {
+    const NAME: &'static str = "getfd";
+    type Reply = Empty;
+}
+
 /// `migrate-incoming`: a QEMU started with `-incoming defer` listens on `uri`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

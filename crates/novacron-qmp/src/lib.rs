@@ -10,6 +10,7 @@
 //! QMP spec asks of clients.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -157,6 +158,19 @@ impl Qmp {
 
     /// Runs a command and returns its reply, checked against its type.
     pub async fn run<C: Command>(&self, command: &C) -> Result<C::Reply, QmpError> {
+        self.run_passing(command, None).await
+    }
+
+    /// Hands QEMU a file descriptor under `name` (`getfd`), e.g. a socket
+    /// the caller bound, so that QEMU listens on exactly that socket: no
+    /// port is picked, released and hoped to be free still. QEMU keeps its
+    /// own copy; the caller may close `fd` afterwards.
+    pub async fn pass_fd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        let getfd = commands::GetFd { fdname: name.into() };
+        self.run_passing(&getfd, Some(fd)).await.map(drop)
+    }
+
+    async fn run_passing<C: Command>(&self, command: &C, fd: Option<BorrowedFd<'_>>) -> Result<C::Reply, QmpError> {
         let arguments = match serde_json::to_value(command) {
             Ok(Value::Null) => None,
             Ok(args) => Some(args),
@@ -167,13 +181,23 @@ impl Qmp {
                 })
             }
         };
-        let reply = self.execute(C::NAME, arguments).await?;
+        let reply = self.execute_passing(C::NAME, arguments, fd).await?;
         parse_reply::<C::Reply>(C::NAME, reply)
     }
 
     /// Runs a command and returns its `return` value as QEMU sent it.
-    /// Crate-internal: callers use the typed [`Qmp::run`].
+    /// For tests only: callers use the typed [`Qmp::run`].
+    #[cfg(test)]
     pub(crate) async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_passing(command, arguments, None).await
+    }
+
+    async fn execute_passing(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
@@ -185,7 +209,11 @@ impl Qmp {
         line.push('\n');
         let write = async {
             let mut w = self.writer.lock().await;
-            w.write_all(line.as_bytes()).await
+            let sent = match fd {
+                Some(fd) => send_with_fd(w.as_ref(), line.as_bytes(), fd).await?,
+                None => 0,
+            };
+            w.write_all(&line.as_bytes()[sent..]).await
         };
         if let Err(e) = write.await {
             self.pending.lock().remove(&id);
@@ -239,6 +267,26 @@ impl Qmp {
         match self.run(&Quit).await {
             Ok(_) | Err(QmpError::Closed) | Err(QmpError::Io(_)) => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Sends the start of `bytes` with `fd` attached (SCM_RIGHTS); returns how
+/// many bytes went (at least one, which carries the descriptor).
+async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd.as_raw_fd()];
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(bytes)];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -89,11 +89,6 @@ where
     }
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 #[tokio::test]
 async fn typed_commands_against_a_real_qemu() {
     if !qemu_installed() {
@@ -161,18 +156,37 @@ async fn typed_commands_against_a_real_qemu() {
         other => panic!("migrate-start-postcopy: {other:?}"),
     }
 
-    // NBD server and an export.
-    let port = free_port();
-    qmp.run(&NbdServerStart::new(SocketAddressLegacy::Inet(InetSocketAddress::new(
-        "127.0.0.1",
-        port,
-    ))))
+    // NBD server on a socket we bound and passed, and an export.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    match qmp
+        .run(&NbdServerStart::new(SocketAddressLegacy::Fd(QapiString {
+            str: "nbd".into(),
+        })))
+        .await
+    {
+        Err(QmpError::Command { command, .. }) => assert_eq!(command, "nbd-server-start"),
+        other => panic!("nbd-server-start on an fd never passed: {other:?}"),
+    }
+    qmp.pass_fd("nbd", std::os::fd::AsFd::as_fd(&listener))
+        .await
+        .expect("getfd");
+    drop(listener);
+    qmp.run(&NbdServerStart::new(SocketAddressLegacy::Fd(QapiString {
+        str: "nbd".into(),
+    })))
     .await
     .expect("nbd-server-start");
     qmp.run(&BlockExportAdd::nbd("exp", "exp", true))
         .await
         .expect("block-export-add");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let mut hello = [0u8; 8];
+    std::io::Read::read_exact(
+        &mut std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the NBD server"),
+        &mut hello,
+    )
+    .expect("NBD greeting");
+    assert_eq!(&hello, b"NBDMAGIC");
 
     // A mirror job, seen by query-block-jobs until ready, then cancelled.
     let mut mirror = DriveMirror::new("src", mirror_target.display().to_string(), MirrorSyncMode::Full);
@@ -261,4 +275,23 @@ async fn typed_commands_against_a_real_qemu() {
     })
     .await;
     assert!(exited.success());
+}
+
+#[tokio::test]
+async fn an_incoming_migration_on_port_0_reports_the_port_it_got() {
+    if !qemu_installed() {
+        return;
+    }
+    let mut q = start_qemu(&["-M", "q35", "-m", "64", "-incoming", "defer"]);
+    let qmp = connect(&mut q).await;
+    let before = qmp.run(&QueryMigrate).await.expect("query-migrate");
+    assert_eq!(before.incoming_port(), Ok(None));
+    qmp.run(&MigrateIncoming::new("tcp:127.0.0.1:0"))
+        .await
+        .expect("migrate-incoming");
+    let info = qmp.run(&QueryMigrate).await.expect("query-migrate");
+    let port = info.incoming_port().expect("a numeric port").expect("an inet address");
+    assert_ne!(port, 0);
+    // QEMU listens there: a connection is accepted.
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the incoming port");
 }

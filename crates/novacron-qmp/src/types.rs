@@ -134,6 +134,21 @@ pub struct MigrationInfo {
     pub error_desc: Option<String>,
     /// Why the VM cannot migrate right now.
     pub blocked_reasons: Option<Vec<String>>,
+    /// Where an incoming migration listens: the real port when it was
+    /// asked for port 0.
+    pub socket_address: Option<Vec<SocketAddress>>,
+}
+
+impl MigrationInfo {
+    /// The TCP port an incoming migration listens on. `None` when QEMU
+    /// names no inet address; a port that is not a number is an error.
+    pub fn incoming_port(&self) -> Result<Option<u16>, std::num::ParseIntError> {
+        let inet = self.socket_address.iter().flatten().find_map(|a| match a {
+            SocketAddress::Inet(inet) => Some(inet),
+            _ => None,
+        });
+        inet.map(|i| i.port.parse()).transpose()
+    }
 }
 
 /// QAPI `MigrationStats` (`ram` of `query-migrate`): every member mandatory.
@@ -411,16 +426,42 @@ impl BlockJobKind {
 // ------------------------------------------------------------ NBD
 
 /// QAPI `SocketAddressLegacy` (`nbd-server-start`'s `addr`): the address
-/// nested under `data`. `vsock` and `fd` are not modelled.
+/// nested under `data`. `vsock` is not modelled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", content = "data", rename_all = "lowercase")]
 pub enum SocketAddressLegacy {
     Inet(InetSocketAddress),
     Unix(UnixSocketAddress),
+    /// A socket handed to QEMU with [`crate::Qmp::pass_fd`], by its name.
+    Fd(QapiString),
+}
+
+/// QAPI `SocketAddress`: the flat form, as `query-migrate` reports where
+/// an incoming migration listens.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SocketAddress {
+    Inet(InetSocketAddress),
+    Unix(UnixSocketAddress),
+    Vsock(VsockSocketAddress),
+    Fd(QapiString),
+}
+
+/// QAPI `String`: a string wrapped in an object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QapiString {
+    pub str: String,
+}
+
+/// QAPI `VsockSocketAddress`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VsockSocketAddress {
+    pub cid: String,
+    pub port: String,
 }
 
 /// QAPI `InetSocketAddress`, the members NovaCron sets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct InetSocketAddress {
     pub host: String,
@@ -444,7 +485,7 @@ impl InetSocketAddress {
 }
 
 /// QAPI `UnixSocketAddress`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnixSocketAddress {
     pub path: String,
 }

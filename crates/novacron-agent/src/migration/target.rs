@@ -3,6 +3,7 @@
 //! stopped (finish), and whatever a failed migration left removed (discard).
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use novacron_api::agent::{Finished, PrepareRequest, Prepared, VmRef};
@@ -13,8 +14,8 @@ use novacron_qmp::commands::{
     QueryMigrate,
 };
 use novacron_qmp::types::{
-    InetSocketAddress, MigrationCapability as Cap, MigrationCapabilityStatus, MigrationInfo,
-    MigrationStatus as QemuMigration, MultiFdCompression, SocketAddressLegacy,
+    MigrationCapability as Cap, MigrationCapabilityStatus, MigrationInfo, MigrationStatus as QemuMigration,
+    MultiFdCompression, QapiString, SocketAddressLegacy,
 };
 use novacron_qmp::Qmp;
 
@@ -27,6 +28,9 @@ use crate::reconcile::prepare_launch;
 /// it never outlives the wait.
 const FINISH_WITHIN: Duration = Duration::from_secs(100);
 const _: () = assert!(FINISH_WITHIN.as_secs() < TARGET_CALL_TIMEOUT.as_secs());
+
+/// The name QEMU knows the NBD listener's socket by.
+const NBD_LISTENER: &str = "nbd-listener";
 
 impl Migrations {
     /// Start of every incoming migration: the VM directory here, which must not
@@ -60,11 +64,20 @@ impl Migrations {
             qemu::launch(&self.node.qemu, &spec, &dir).await?;
             let qmp = Qmp::connect(&dir.qmp_migrate(), QMP_TIMEOUT).await?;
             steps.end(starting, None);
-            let nbd_port = free_port()?;
-            let addr = SocketAddressLegacy::Inet(InetSocketAddress::new(
-                self.node.host.trim_start_matches('[').trim_end_matches(']'),
-                nbd_port,
-            ));
+            // QEMU listens on a socket we bound: its port is known and
+            // nobody can take it between choosing and listening.
+            let host = self.node.host.trim_start_matches('[').trim_end_matches(']');
+            let nbd_listener = std::net::TcpListener::bind((host, 0))
+                .map_err(MigrationError::io("listen for the disks' NBD streams"))?;
+            let nbd_port = nbd_listener
+                .local_addr()
+                .map_err(MigrationError::io("read the NBD listener's port"))?
+                .port();
+            qmp.pass_fd(NBD_LISTENER, nbd_listener.as_fd()).await?;
+            drop(nbd_listener);
+            let addr = SocketAddressLegacy::Fd(QapiString {
+                str: NBD_LISTENER.into(),
+            });
             qmp.run(&NbdServerStart::new(addr)).await?;
             let mut disks = vec![DISK_NODES[0].to_string()];
             if spec.data_disk.is_some() {
@@ -91,9 +104,25 @@ impl Migrations {
                 })
                 .await?;
             }
-            let port = free_port()?;
+            // Port 0: QEMU binds a free port itself and reports it.
+            qmp.run(&MigrateIncoming::new(format!("tcp:{}:0", self.node.host)))
+                .await?;
+            let info = qmp.run(&QueryMigrate).await?;
+            let port = match info.incoming_port() {
+                Ok(Some(port)) => port,
+                Ok(None) => {
+                    return Err(MigrationError::QemuFailed(format!(
+                        "the incoming migration names no TCP port ({})",
+                        describe(&info)
+                    )))
+                }
+                Err(e) => {
+                    return Err(MigrationError::QemuFailed(format!(
+                        "the incoming migration's port is not a number: {e}"
+                    )))
+                }
+            };
             let uri = format!("tcp:{}:{port}", self.node.host);
-            qmp.run(&MigrateIncoming::new(uri.as_str())).await?;
             if let (Some(session), Some(d)) = (&req.dwcp_session, &self.dwcp) {
                 let at = |port: u16| {
                     format!("{}:{port}", self.node.host)
@@ -206,13 +235,6 @@ impl Migrations {
         }
         let _ = std::fs::remove_dir_all(&dir.path);
     }
-}
-
-fn free_port() -> Result<u16, MigrationError> {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(MigrationError::io("find a free port"))
 }
 
 /// QEMU's migration state in words, for errors.

@@ -512,6 +512,7 @@ async fn types_match_the_installed_qemus_schema() {
         SocketAddressLegacy::Unix(UnixSocketAddress {
             path: "/run/nbd.sock".into(),
         }),
+        SocketAddressLegacy::Fd(QapiString { str: "nbd".into() }),
     ] {
         check_args(
             &schema,
@@ -523,6 +524,7 @@ async fn types_match_the_installed_qemus_schema() {
             },
         );
     }
+    check_args(&schema, &GetFd { fdname: "nbd".into() });
     check_args(
         &schema,
         &BlockExportAdd {

@@ -37,13 +37,6 @@ pub fn ok(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// Polls `check` until it returns Some, or panics after `timeout`.
 pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
@@ -69,6 +62,9 @@ pub struct AgentProc {
     pub child: Child,
     pub args: Vec<String>,
 }
+
+/// Numbers join tokens: their names must be unique.
+static JOIN_TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -271,7 +267,10 @@ impl Cluster {
                 .post_json(
                     "tokens",
                     &novacron_api::CreateToken {
-                        name: format!("join-{name}-{}", free_port()),
+                        name: format!(
+                            "join-{name}-{}",
+                            JOIN_TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        ),
                         role: "join".into(),
                         project: None,
                         ttl_s: None,
