@@ -1,175 +1,167 @@
 //! What this host's QEMU can run: its version, machine types (with what
-//! each alias stands for) and CPU models, read from `--version`,
-//! `-machine help` and `-cpu help`. The server places and migrates a VM only
-//! to nodes that offer its machine type and CPU model.
+//! each alias stands for) and the CPU models that run under the chosen
+//! accelerator on this host, asked of a QEMU over QMP (`query-version`,
+//! `query-machines`, `query-cpu-definitions`). The server places and
+//! migrates a VM only to nodes that offer its machine type and CPU model.
+//!
+//! A model with unavailable features is left out: QEMU would start it
+//! without them (TCG cannot emulate AVX-512, a host CPU may lack a flag), so
+//! the guest would see a different CPU than on the node it came from.
 
-use std::time::Duration;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use novacron_api::QemuCapabilities;
+use novacron_qmp::commands::{QueryCpuDefinitions, QueryMachines, QueryVersion};
+use novacron_qmp::{Qmp, QmpError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CapabilitiesError {
-    #[error("Cannot run {program} {arg}")]
+    #[error("Cannot run {program}")]
     Run {
         program: String,
-        arg: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{program} {arg} did not answer within {seconds} s")]
-    Timeout { program: String, arg: String, seconds: u64 },
-    #[error("{program} {arg} failed: {stderr}")]
-    Failed {
+    #[error("{program} exited before it answered on QMP: {stderr}")]
+    Exited { program: String, stderr: String },
+    #[error("{program} did not answer on QMP within {seconds} s")]
+    Timeout { program: String, seconds: u64 },
+    #[error("Asking {program} what it offers failed")]
+    Qmp {
         program: String,
-        arg: String,
-        stderr: String,
+        #[source]
+        source: QmpError,
     },
-    #[error("{program} {arg} printed nothing we recognise: {output:?}")]
-    Unrecognised {
-        program: String,
-        arg: String,
-        output: String,
-    },
+    #[error("{program} offers no {what}")]
+    Nothing { program: String, what: &'static str },
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn run(qemu: &str, args: &[&str]) -> Result<String, CapabilitiesError> {
-    let arg = args.join(" ");
-    let out = tokio::process::Command::new(qemu)
-        .args(args)
+/// Starts a QEMU without a guest (`-machine none`) under `accel` and asks it.
+pub async fn probe(qemu: &str, accel: &str, work_dir: &Path) -> Result<QemuCapabilities, CapabilitiesError> {
+    let socket = work_dir.join("capabilities-probe.qmp");
+    let _ = std::fs::remove_file(&socket);
+    let mut child = tokio::process::Command::new(qemu)
+        .args(["-machine", "none", "-accel", accel])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(TIMEOUT, out)
-        .await
-        .map_err(|_| CapabilitiesError::Timeout {
-            program: qemu.to_string(),
-            arg: arg.clone(),
-            seconds: TIMEOUT.as_secs(),
-        })?
+        .spawn()
         .map_err(|source| CapabilitiesError::Run {
             program: qemu.to_string(),
-            arg: arg.clone(),
             source,
         })?;
-    if !out.status.success() {
-        return Err(CapabilitiesError::Failed {
-            program: qemu.to_string(),
-            arg,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+    let asked = async {
+        let qmp = connect(qemu, &mut child, &socket).await?;
+        let result = ask(qemu, &qmp).await;
+        let _ = qmp.quit().await;
+        result
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    .await;
+    // kill_on_drop ends a QEMU that did not quit; reap it either way.
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let _ = std::fs::remove_file(&socket);
+    asked
 }
 
-pub async fn probe(qemu: &str) -> Result<QemuCapabilities, CapabilitiesError> {
-    let unrecognised = |arg: &str, output: String| CapabilitiesError::Unrecognised {
-        program: qemu.to_string(),
-        arg: arg.to_string(),
-        output: output.chars().take(200).collect(),
-    };
-    let version_text = run(qemu, &["--version"]).await?;
-    let version = parse_version(&version_text).ok_or_else(|| unrecognised("--version", version_text.clone()))?;
-    let machines_text = run(qemu, &["-machine", "help"]).await?;
-    let (machine_types, machine_aliases) = parse_machines(&machines_text);
-    if machine_types.is_empty() {
-        return Err(unrecognised("-machine help", machines_text));
-    }
-    let cpus_text = run(qemu, &["-cpu", "help"]).await?;
-    let cpu_models = parse_cpus(&cpus_text);
-    if cpu_models.is_empty() {
-        return Err(unrecognised("-cpu help", cpus_text));
-    }
-    Ok(QemuCapabilities {
-        version,
-        machine_types,
-        machine_aliases,
-        cpu_models,
-    })
-}
-
-/// `QEMU emulator version 10.0.2 (Debian ...)` -> `10.0.2`.
-fn parse_version(text: &str) -> Option<String> {
-    let rest = text.lines().next()?.split("version ").nth(1)?;
-    let v = rest.split_whitespace().next()?;
-    v.chars().next()?.is_ascii_digit().then(|| v.to_string())
-}
-
-/// Names from `-machine help`, and `alias -> versioned type` from its
-/// "(alias of X)" notes.
-fn parse_machines(text: &str) -> (Vec<String>, std::collections::BTreeMap<String, String>) {
-    let mut names = Vec::new();
-    let mut aliases = std::collections::BTreeMap::new();
-    for line in text
-        .lines()
-        .skip_while(|l| !l.starts_with("Supported machines"))
-        .skip(1)
-    {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        if let Some(target) = line.split("(alias of ").nth(1).and_then(|r| r.split(')').next()) {
-            aliases.insert(name.to_string(), target.to_string());
+/// Connects once QEMU has created its socket; fails if QEMU exits first.
+async fn connect(qemu: &str, child: &mut tokio::process::Child, socket: &Path) -> Result<Qmp, CapabilitiesError> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = err.read_to_string(&mut stderr).await;
+            }
+            return Err(CapabilitiesError::Exited {
+                program: qemu.to_string(),
+                stderr: stderr.trim().to_string(),
+            });
         }
-        names.push(name.to_string());
+        if socket.exists() {
+            if let Ok(qmp) = Qmp::connect(socket, TIMEOUT).await {
+                return Ok(qmp);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(CapabilitiesError::Timeout {
+                program: qemu.to_string(),
+                seconds: TIMEOUT.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (names, aliases)
 }
 
-/// Model names from `-cpu help`: the indented list under "Available CPUs:",
-/// up to the first blank line.
-fn parse_cpus(text: &str) -> Vec<String> {
-    text.lines()
-        .skip_while(|l| !l.starts_with("Available CPUs"))
-        .skip(1)
-        .take_while(|l| !l.trim().is_empty())
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect()
+async fn ask(qemu: &str, qmp: &Qmp) -> Result<QemuCapabilities, CapabilitiesError> {
+    let qmp_err = |source| CapabilitiesError::Qmp {
+        program: qemu.to_string(),
+        source,
+    };
+    let nothing = |what| CapabilitiesError::Nothing {
+        program: qemu.to_string(),
+        what,
+    };
+    let version = qmp.run(&QueryVersion).await.map_err(qmp_err)?;
+    let machines = qmp.run(&QueryMachines).await.map_err(qmp_err)?;
+    let cpus = qmp.run(&QueryCpuDefinitions).await.map_err(qmp_err)?;
+    let mut caps = QemuCapabilities {
+        version: version.qemu.to_string(),
+        ..Default::default()
+    };
+    for m in machines {
+        if let Some(alias) = m.alias {
+            caps.machine_aliases.insert(alias.clone(), m.name.clone());
+            caps.machine_types.push(alias);
+        }
+        caps.machine_types.push(m.name);
+    }
+    caps.machine_types.sort();
+    caps.cpu_models = cpus
+        .into_iter()
+        .filter(|c| c.unavailable_features.as_ref().is_none_or(Vec::is_empty))
+        .map(|c| c.name)
+        .collect();
+    caps.cpu_models.sort();
+    if caps.machine_types.is_empty() {
+        return Err(nothing("machine type"));
+    }
+    if caps.cpu_models.is_empty() {
+        return Err(nothing("CPU model that runs here"));
+    }
+    Ok(caps)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_what_qemu_10_prints() {
-        assert_eq!(
-            parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright"),
-            Some("10.0.2".to_string())
-        );
-        assert_eq!(parse_version("something else"), None);
-        let machines = "Supported machines are:\n\
-            microvm              microvm (i386)\n\
-            pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-10.0)\n\
-            pc-i440fx-10.0       Standard PC (i440FX + PIIX, 1996) (default)\n\
-            pc-i440fx-9.2        Standard PC (i440FX + PIIX, 1996)\n\
-            q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)\n\
-            pc-q35-10.0          Standard PC (Q35 + ICH9, 2009)\n";
-        let (names, aliases) = parse_machines(machines);
-        assert_eq!(
-            names,
-            ["microvm", "pc", "pc-i440fx-10.0", "pc-i440fx-9.2", "q35", "pc-q35-10.0"]
-        );
-        assert_eq!(aliases.get("pc").map(String::as_str), Some("pc-i440fx-10.0"));
-        assert_eq!(aliases.get("q35").map(String::as_str), Some("pc-q35-10.0"));
-        let cpus = "Available CPUs:\n  486                   (alias configured by machine type)\n  \
-            Broadwell-IBRS        (alias of Broadwell-v3)\n  qemu64                (alias configured by machine type)\n\n\
-            Recognized CPUID flags:\n  3dnow 3dnowext\n";
-        assert_eq!(parse_cpus(cpus), ["486", "Broadwell-IBRS", "qemu64"]);
+    fn qemu_installed() -> bool {
+        let found = std::process::Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok();
+        if !found {
+            eprintln!("qemu-system-x86_64 not installed; skipped");
+        }
+        found
     }
 
     #[tokio::test]
-    async fn the_installed_qemu_offers_the_defaults() {
-        if std::process::Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("qemu-system-x86_64 not installed; skipped");
+    async fn under_tcg_the_installed_qemu_offers_the_defaults_and_only_models_that_run() {
+        if !qemu_installed() {
             return;
         }
-        let caps = match probe("qemu-system-x86_64").await {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let caps = match probe("qemu-system-x86_64", "tcg", dir.path()).await {
             Ok(c) => c,
             Err(e) => panic!("probe failed: {e}"),
         };
@@ -179,7 +171,24 @@ mod tests {
                 .is_some_and(|v| v.starts_with("pc-i440fx-")),
             "{caps:?}"
         );
+        assert!(caps.machine_types.iter().any(|m| m == "q35"), "{caps:?}");
         assert!(caps.cpu_models.iter().any(|c| c == "qemu64"), "{caps:?}");
+        // TCG cannot emulate AVX-512: a model that needs it is not offered.
+        assert!(!caps.cpu_models.iter().any(|c| c == "Skylake-Server"), "{caps:?}");
         assert!(caps.version.starts_with(|c: char| c.is_ascii_digit()), "{caps:?}");
+        assert!(!dir.path().join("capabilities-probe.qmp").exists());
+    }
+
+    #[tokio::test]
+    async fn a_qemu_that_will_not_start_is_an_error_quoting_it() {
+        if !qemu_installed() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = probe("qemu-system-x86_64", "no-such-accel", dir.path())
+            .await
+            .expect_err("an unknown accelerator");
+        assert!(matches!(err, CapabilitiesError::Exited { .. }), "{err:?}");
+        assert!(err.to_string().contains("no-such-accel"), "{err}");
     }
 }

@@ -327,7 +327,7 @@ pub async fn run(
     };
     tracing::info!(node = %cfg.name, addr = %local, accel = %accel, "agent listening");
 
-    let qemu = match capabilities::probe(&cfg.qemu).await {
+    let qemu = match capabilities::probe(&cfg.qemu, &accel, &cfg.data_dir).await {
         Ok(q) => {
             tracing::info!(version = %q.version, machines = q.machine_types.len(), cpu_models = q.cpu_models.len(), "QEMU capabilities");
             q

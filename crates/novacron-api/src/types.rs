@@ -154,6 +154,8 @@ pub struct QemuCapabilities {
     /// What each alias stands for here: `pc` -> `pc-i440fx-10.0`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub machine_aliases: BTreeMap<String, String>,
+    /// CPU models that run under the node's accelerator on its host (QEMU
+    /// names no unavailable features for them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpu_models: Vec<String>,
 }

@@ -66,6 +66,13 @@ no_args! {
     QueryBlockJobs = "query-block-jobs" -> Vec<BlockJobInfo>;
     /// Stops the NBD server and removes its exports.
     NbdServerStop = "nbd-server-stop" -> Empty;
+    /// QEMU's version.
+    QueryVersion = "query-version" -> VersionInfo;
+    /// Every machine type this QEMU offers.
+    QueryMachines = "query-machines" -> Vec<MachineInfo>;
+    /// Every CPU model, with what keeps it from running under this
+    /// accelerator on this host.
+    QueryCpuDefinitions = "query-cpu-definitions" -> Vec<CpuDefinitionInfo>;
 }
 
 /// `migrate`: sends the VM's state to `uri` (`tcp:host:port`, `unix:path`,

@@ -78,6 +78,61 @@ qapi_enum! {
     }
 }
 
+/// Reply of `query-version` (QAPI `VersionInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VersionInfo {
+    pub qemu: VersionTriple,
+    /// The distribution's package version, e.g. ` (Debian 1:10.0.2+ds-2)`.
+    pub package: String,
+}
+
+/// QAPI `VersionTriple`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct VersionTriple {
+    pub major: u32,
+    pub minor: u32,
+    pub micro: u32,
+}
+
+impl std::fmt::Display for VersionTriple {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+/// One machine type of `query-machines` (QAPI `MachineInfo`), the members
+/// NovaCron reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MachineInfo {
+    pub name: String,
+    /// The short name that stands for this type (`q35` for `pc-q35-10.0`).
+    pub alias: Option<String>,
+    pub cpu_max: u32,
+    pub hotpluggable_cpus: bool,
+    pub numa_mem_supported: bool,
+    pub deprecated: bool,
+    pub acpi: bool,
+}
+
+/// One CPU model of `query-cpu-definitions` (QAPI `CpuDefinitionInfo`),
+/// the members NovaCron reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuDefinitionInfo {
+    pub name: String,
+    /// What keeps the model from running under the current accelerator on
+    /// this host: empty when it runs. Absent where QEMU cannot tell (not on
+    /// x86).
+    pub unavailable_features: Option<Vec<String>>,
+    pub deprecated: bool,
+    /// The QOM type that implements the model.
+    pub typename: String,
+    /// Whether the model expands the same way on every QEMU and host.
+    #[serde(rename = "static")]
+    pub is_static: bool,
+}
+
 /// Reply of `query-status` (QAPI `StatusInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct StatusInfo {

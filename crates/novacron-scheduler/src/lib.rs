@@ -223,7 +223,7 @@ impl fmt::Display for Rejection {
             Rejection::Affinity => "required affinity not met",
             Rejection::AntiAffinity => "required anti-affinity violated",
             Rejection::MachineType => "QEMU lacks the VM's machine type",
-            Rejection::CpuModel => "QEMU lacks the VM's CPU model",
+            Rejection::CpuModel => "QEMU cannot run the VM's CPU model here",
             Rejection::Accelerator => "different accelerator than the running VM",
         })
     }

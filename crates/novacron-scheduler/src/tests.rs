@@ -372,7 +372,7 @@ fn nodes_whose_qemu_cannot_run_the_vm_are_rejected_with_the_reason() {
     assert_eq!(c.place(&req).map(|d| d.node), Ok("fits".to_string()));
     let err = c.place_excluding(&req, Some(3)).unwrap_err().to_string();
     assert!(err.contains("1 QEMU lacks the VM's machine type"), "{err}");
-    assert!(err.contains("1 QEMU lacks the VM's CPU model"), "{err}");
+    assert!(err.contains("1 QEMU cannot run the VM's CPU model here"), "{err}");
     assert!(err.contains("1 different accelerator than the running VM"), "{err}");
     // A node that did not say what its QEMU runs is not filtered on it.
     let mut legacy = NodeInfo::new("legacy", 8, 8192);

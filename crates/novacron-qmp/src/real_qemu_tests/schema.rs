@@ -393,6 +393,9 @@ async fn types_match_the_installed_qemus_schema() {
     check_reply::<QueryMigrateCapabilities>(&schema);
     check_reply::<QueryDirtyRate>(&schema);
     check_reply::<QueryBlockJobs>(&schema);
+    check_reply::<QueryVersion>(&schema);
+    check_reply::<QueryMachines>(&schema);
+    check_reply::<QueryCpuDefinitions>(&schema);
     for unit in [
         QmpCapabilities::NAME,
         Stop::NAME,
@@ -412,6 +415,7 @@ async fn types_match_the_installed_qemus_schema() {
         BlockJobCancel::NAME,
         NbdServerStart::NAME,
         BlockExportAdd::NAME,
+        GetFd::NAME,
     ] {
         let (_, ret) = schema.command(unit);
         assert!(schema.members(ret).is_empty(), "{unit} returns something: {ret}");
@@ -549,6 +553,9 @@ async fn types_match_the_installed_qemus_schema() {
         MigrateStartPostcopy::NAME,
         MigrateCancel::NAME,
         NbdServerStop::NAME,
+        QueryVersion::NAME,
+        QueryMachines::NAME,
+        QueryCpuDefinitions::NAME,
     ] {
         let (arg, _) = schema.command(unit);
         assert!(schema.members(arg).iter().all(|(_, _, optional)| *optional), "{unit}");
