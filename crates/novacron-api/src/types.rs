@@ -140,9 +140,9 @@ pub struct Node {
 }
 impl_object!(Node, "node");
 
-/// The machine types and CPU models a node's QEMU offers (from
-/// `-machine help` and `-cpu help`): a VM runs, or migrates, only where its
-/// versioned machine type and CPU model exist.
+/// The machine types and CPU models a node's QEMU offers (asked over QMP:
+/// `query-machines`, `query-cpu-definitions`): a VM runs, or migrates, only
+/// where its versioned machine type and CPU model exist.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct QemuCapabilities {
     /// e.g. `10.0.2`.
