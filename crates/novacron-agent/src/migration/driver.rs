@@ -177,6 +177,12 @@ impl Migrations {
             match self.node.client.put_vm_status(vm, &v).await {
                 Ok(_) => return,
                 Err(e) if e.is_conflict() => continue,
+                // Refused (e.g. 403: the VM is bound to another node now):
+                // asking again cannot change the answer.
+                Err(e) if e.status().is_some_and(|s| (400..500).contains(&s)) => {
+                    tracing::warn!(vm, ?phase, error = %e, "the server refused the VM's phase");
+                    return;
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
