@@ -192,8 +192,8 @@ fn encode_stream(enc: &mut Encoder, cache: &mut ChunkCache, stream: &[u8]) -> Re
 
 fn pki_configs(dir: &Path) -> Result<(Arc<rustls::ClientConfig>, Arc<rustls::ServerConfig>)> {
     let ca = novacron_tls::ClusterCa::load_or_create(dir)?;
-    let server = ca.issue("receiver", &["10.99.0.2".into()])?;
-    let client = ca.issue("sender", &["10.99.0.1".into()])?;
+    let server = ca.issue("receiver", &["10.99.0.2".into()], None)?;
+    let client = ca.issue("sender", &["10.99.0.1".into()], None)?;
     Ok((
         Arc::new(novacron_tls::client_config(&ca.cert_pem, Some(&client))?),
         novacron_tls::server_config(&server, &ca.cert_pem, novacron_tls::ClientAuth::Required)?,

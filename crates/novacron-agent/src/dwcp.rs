@@ -44,14 +44,14 @@ impl DwcpNode {
     pub async fn start(
         node: &str,
         ip: IpAddr,
-        identity: &novacron_tls::Identity,
-        cluster_ca: &str,
+        tls: &Arc<novacron_tls::LiveTls>,
         cache_bytes: usize,
         shutdown: CancellationToken,
     ) -> Result<Arc<DwcpNode>, String> {
-        let server = novacron_tls::server_config(identity, cluster_ca, novacron_tls::ClientAuth::Required)
+        let server = tls
+            .server_config(novacron_tls::ClientAuth::Required)
             .map_err(|e| e.to_string())?;
-        let client = novacron_tls::client_config(cluster_ca, Some(identity)).map_err(|e| e.to_string())?;
+        let client = tls.client_config().map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
             .map_err(|e| format!("cannot listen for DWCP on {ip}: {e}"))?;

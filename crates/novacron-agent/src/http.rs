@@ -30,6 +30,8 @@ use crate::qemu::VmDir;
 
 #[derive(Clone)]
 pub struct HttpState {
+    /// This agent's TLS (absent on plain HTTP): whom it trusts now.
+    pub tls: Option<Arc<novacron_tls::LiveTls>>,
     pub vms_root: std::path::PathBuf,
     /// Secret the server (and peer agents) present; unset until registration succeeds.
     pub secret: Arc<RwLock<Option<String>>>,
@@ -49,7 +51,23 @@ pub fn router(state: HttpState) -> Router {
         .route("/agent/v1/vms/{id}/disks/{disk}", get(disk_file))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_secret))
         .route("/agent/v1/healthz", get(|| async { "ok" }))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_revoked))
         .with_state(state)
+}
+
+/// A connection opened before its certificate was revoked gets no further
+/// answers: the handshake alone would let it go on until it closes.
+async fn refuse_revoked(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<novacron_tls::PeerInfo>>()
+        .and_then(|c| c.0.cert_sha256.clone());
+    if let (Some(tls), Some(peer)) = (&state.tls, peer) {
+        if tls.is_revoked(&peer) {
+            return error(StatusCode::FORBIDDEN, "This certificate has been revoked");
+        }
+    }
+    next.run(req).await
 }
 
 async fn require_secret(State(state): State<HttpState>, req: Request, next: Next) -> Response {

@@ -5,6 +5,7 @@
 
 pub mod accel;
 mod capabilities;
+mod certs;
 mod dwcp;
 mod http;
 mod images;
@@ -82,6 +83,8 @@ pub enum AgentError {
     Credentials(String),
     #[error("Cannot join the cluster")]
     Join(#[source] ClientError),
+    #[error("Cannot renew this node's certificate")]
+    Renew(#[source] ClientError),
 }
 
 /// Host capacity: the flags if given, else what the host has (leaving 512 MiB
@@ -137,73 +140,6 @@ impl AdvertisedHost {
     }
 }
 
-/// What an agent speaks TLS with.
-struct Credentials {
-    identity: novacron_tls::Identity,
-    /// Issuer of the certificates of the server and the other agents.
-    cluster_ca: String,
-    /// What the agent trusts as a client: the cluster CA, plus the CA of a
-    /// server certificate that came from elsewhere (`--ca-cert` at join).
-    trusted: String,
-}
-
-/// The node's certificate and the cluster CA: from the data dir, or fetched
-/// once with the join token.
-async fn credentials(cfg: &AgentConfig, host: &str) -> Result<Credentials, AgentError> {
-    let files = novacron_tls::AgentFiles::in_dir(&cfg.data_dir);
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).map_err(|e| AgentError::Credentials(format!("Cannot read {}: {e}", p.display())))
-    };
-    if !files.exist() {
-        let (Some(join_token), Some(ca_path)) = (&cfg.join_token, &cfg.ca_cert) else {
-            return Err(AgentError::Credentials(format!(
-                "no certificate in {} yet: join with --join-token (from `novacron token create NAME --join`) and --ca-cert",
-                files.cert.display()
-            )));
-        };
-        let ca = read(ca_path)?;
-        let client = Client::with_tls(&cfg.server, join_token, Some(novacron_tls::client_config(&ca, None)?))?;
-        let joined: novacron_api::JoinedNode = client
-            .post_json(
-                "nodes/join",
-                &novacron_api::JoinNode {
-                    name: cfg.name.clone(),
-                    hosts: vec![host.to_string()],
-                },
-            )
-            .await
-            .map_err(AgentError::Join)?;
-        if let Some(dir) = files.cert.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| AgentError::Credentials(format!("Cannot create {}: {e}", dir.display())))?;
-        }
-        novacron_tls::Identity {
-            cert_pem: joined.cert_pem,
-            key_pem: joined.key_pem,
-        }
-        .save(&files.cert, &files.key)?;
-        std::fs::write(&files.ca, &joined.ca_pem)
-            .map_err(|e| AgentError::Credentials(format!("Cannot write {}: {e}", files.ca.display())))?;
-        if ca.trim() != joined.ca_pem.trim() {
-            std::fs::write(&files.server_ca, &ca)
-                .map_err(|e| AgentError::Credentials(format!("Cannot write {}: {e}", files.server_ca.display())))?;
-        }
-        tracing::info!(node = %cfg.name, "joined the cluster; certificate stored");
-    }
-    let identity = novacron_tls::Identity::load(&files.cert, &files.key)?;
-    let cluster_ca = read(&files.ca)?;
-    let mut trusted = cluster_ca.clone();
-    if files.server_ca.exists() {
-        trusted.push('\n');
-        trusted.push_str(&read(&files.server_ca)?);
-    }
-    Ok(Credentials {
-        identity,
-        cluster_ca,
-        trusted,
-    })
-}
-
 pub async fn run(
     cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -240,7 +176,7 @@ pub async fn run(
     let address = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     let hosts = AdvertisedHost::of(&address);
     let tls = if cfg.server.starts_with("https://") {
-        Some(credentials(&cfg, &hosts.bare).await?)
+        Some(certs::load_or_join(&cfg, &hosts.bare).await?)
     } else {
         None
     };
@@ -248,19 +184,16 @@ pub async fn run(
     // migration, one for watching the target meanwhile (see `migration`).
     let peer_http = || -> Result<reqwest::Client, AgentError> {
         let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
-        Ok(match &tls {
-            Some(c) => novacron_tls::http_client(builder, Some(&c.cluster_ca), Some(&c.identity))?,
-            None => builder
-                .build()
-                .map_err(|e| AgentError::Credentials(format!("HTTP client: {e}")))?,
-        })
+        let builder = match &tls {
+            Some(t) => builder.use_preconfigured_tls(t.client_config()?),
+            None => builder,
+        };
+        builder
+            .build()
+            .map_err(|e| AgentError::Credentials(format!("HTTP client: {e}")))
     };
     let client = match &tls {
-        Some(c) => Client::with_tls(
-            &cfg.server,
-            "",
-            Some(novacron_tls::client_config(&c.trusted, Some(&c.identity))?),
-        )?,
+        Some(t) => Client::with_tls(&cfg.server, "", Some(t.client_config()?))?,
         None => {
             let token = cfg
                 .token
@@ -283,12 +216,11 @@ pub async fn run(
         claims: MigrationClaims::default(),
     });
     let mut dwcp = None;
-    if let Some(c) = &tls {
+    if let Some(t) = &tls {
         match dwcp::DwcpNode::start(
             &cfg.name,
             local.ip(),
-            &c.identity,
-            &c.cluster_ca,
+            t,
             cfg.dwcp_cache_bytes,
             tokio_util::sync::CancellationToken::new(),
         )
@@ -301,20 +233,22 @@ pub async fn run(
     let dwcp_port = dwcp.as_ref().map(|d| d.port);
     let migrations = migration::Migrations::new(node.clone(), peer_http()?, peer_http()?, dwcp);
     let http_state = http::HttpState {
+        tls: tls.clone(),
         vms_root: vms_root.clone(),
         secret: secret.clone(),
         migrations: migrations.clone(),
     };
     let http = match &tls {
-        Some(c) => {
+        Some(t) => {
             // Only the server and other agents (certificates from the cluster CA) get in.
-            let config = novacron_tls::server_config(&c.identity, &c.cluster_ca, novacron_tls::ClientAuth::Required)?;
+            let config = t.server_config(novacron_tls::ClientAuth::Required)?;
             let listener = novacron_tls::TlsListener::new(listener, config).map_err(|source| AgentError::Listen {
                 addr: cfg.listen,
                 source,
             })?;
+            let service = http::router(http_state).into_make_service_with_connect_info::<novacron_tls::PeerInfo>();
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, http::router(http_state)).await {
+                if let Err(e) = axum::serve(listener, service).await {
                     tracing::error!(error = %e, "agent HTTPS server failed");
                 }
             })
@@ -401,12 +335,23 @@ pub async fn run(
         runtimes: HashMap::new(),
     };
     let poller = tokio::spawn(migrations.run());
+    let certificates = tls.map(|t| {
+        tokio::spawn(certs::keep_current(
+            t,
+            client.clone(),
+            cfg.data_dir.clone(),
+            cfg.name.clone(),
+        ))
+    });
     tokio::select! {
         _ = control_loop(reconciler, client) => {}
         _ = shutdown => tracing::info!("agent stopping; VMs keep running"),
     }
     heartbeat.abort();
     poller.abort();
+    if let Some(c) = certificates {
+        c.abort();
+    }
     http.abort();
     Ok(())
 }

@@ -316,13 +316,65 @@ pub struct JoinedNode {
     pub ca_pem: String,
 }
 
-/// The certificate a node authenticates with (its SHA-256); deleting it
+/// The certificate a node authenticates with (its SHA-256); revoking it
 /// locks the node out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NodeCredential {
     pub metadata: Metadata,
     pub cert_sha256: String,
+    /// When the certificate expires (absent: issued without a lifetime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<DateTime<Utc>>,
+    /// What the certificate names (from the join); renewals keep them.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// When the certificate was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<DateTime<Utc>>,
+    /// The certificate before the last renewal: still accepted until it
+    /// expires, so requests in flight during a renewal succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<IssuedCert>,
 }
+
+/// A certificate the cluster CA issued to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IssuedCert {
+    pub cert_sha256: String,
+    pub not_after: Option<DateTime<Utc>>,
+}
+
+/// What every party of the cluster trusts (the object `cluster`): agents
+/// watch it and apply it to every TLS connection without a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterTrust {
+    pub metadata: Metadata,
+    /// The CA that issues certificates now (PEM).
+    pub issuer_pem: String,
+    /// Every trusted CA (PEM): the issuer, plus the previous CA while a
+    /// rotation is under way.
+    pub ca_pem: String,
+    /// Certificates refused before they expire; each leaves the list once
+    /// it has expired.
+    #[serde(default)]
+    pub revoked: Vec<RevokedCert>,
+    /// When the current CA rotation began (absent: none under way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_started: Option<DateTime<Utc>>,
+}
+
+/// A revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RevokedCert {
+    pub cert_sha256: String,
+    /// The node it was issued to.
+    pub node: String,
+    pub not_after: Option<DateTime<Utc>>,
+    pub revoked_at: DateTime<Utc>,
+}
+
+/// The name of the one [`ClusterTrust`] object.
+pub const CLUSTER_TRUST: &str = "cluster";
 
 /// A new token with its secret, shown once.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

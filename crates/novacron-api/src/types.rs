@@ -879,4 +879,5 @@ impl_object!(crate::identity::Role, "role");
 impl_object!(crate::identity::Project, "project");
 impl_object!(crate::identity::AuditRecord, "audit");
 impl_object!(crate::identity::NodeCredential, "nodecredential");
+impl_object!(crate::identity::ClusterTrust, "clustertrust");
 impl_object!(crate::scheduling::SchedulerConfig, "schedulerconfig");

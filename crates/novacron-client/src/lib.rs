@@ -61,6 +61,9 @@ impl Resource for Image {
 impl Resource for Migration {
     const PATH: &'static str = "migrations";
 }
+impl Resource for ClusterTrust {
+    const PATH: &'static str = "trust";
+}
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<WatchEvent<T>, ClientError>> + Send>>;

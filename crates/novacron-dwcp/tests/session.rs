@@ -20,8 +20,8 @@ struct Pki {
 fn pki() -> Result<Pki, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let ca = novacron_tls::ClusterCa::load_or_create(dir.path())?;
-    let target = ca.issue("node-2", &["127.0.0.1".into(), "localhost".into()])?;
-    let source = ca.issue("node-1", &["127.0.0.1".into()])?;
+    let target = ca.issue("node-2", &["127.0.0.1".into(), "localhost".into()], None)?;
+    let source = ca.issue("node-1", &["127.0.0.1".into()], None)?;
     let server = novacron_tls::server_config(&target, &ca.cert_pem, novacron_tls::ClientAuth::Required)?;
     let client = Arc::new(novacron_tls::client_config(&ca.cert_pem, Some(&source))?);
     Ok(Pki { client, server })

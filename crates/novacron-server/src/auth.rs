@@ -262,9 +262,18 @@ impl AuthIndex {
 
     pub fn set_credential(&self, c: &NodeCredential) {
         let mut map = self.credentials.write();
-        // One certificate per node: a re-join replaces the old one.
+        // The node's current certificate, and the one a renewal replaced
+        // (until it expires); a re-join replaces both.
         map.retain(|_, node| *node != c.metadata.name);
         map.insert(c.cert_sha256.clone(), c.metadata.name.clone());
+        if let Some(previous) = &c.previous {
+            map.insert(previous.cert_sha256.clone(), c.metadata.name.clone());
+        }
+    }
+
+    /// The node's certificates no longer authenticate it.
+    pub fn remove_credential(&self, node: &str) {
+        self.credentials.write().retain(|_, n| n != node);
     }
 
     /// The agent principal of a node presenting a certificate the server issued.

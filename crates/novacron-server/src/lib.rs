@@ -9,6 +9,7 @@ pub mod error;
 mod extract;
 pub mod limits;
 mod openapi;
+pub mod pki;
 mod proxy;
 mod routes;
 pub mod scheduling;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use novacron_store::{SharedStore, SqliteStore};
+pub use pki::ServerTls;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use utoipa::OpenApi;
@@ -54,15 +56,10 @@ pub enum TlsConfig {
         /// cluster CA for localhost, this host's name and `extra_names`.
         given: Option<(PathBuf, PathBuf)>,
         extra_names: Vec<String>,
+        /// How long a node certificate is valid; agents renew theirs when
+        /// two thirds of it have passed.
+        node_cert_lifetime: Duration,
     },
-}
-
-/// The server's TLS material.
-pub struct ServerTls {
-    pub ca: novacron_tls::ClusterCa,
-    pub listener: Arc<novacron_tls::rustls::ServerConfig>,
-    /// What the server presents to agents when it calls them.
-    pub agent_client: Arc<novacron_tls::rustls::ClientConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +88,8 @@ pub enum ServerError {
     Serve(#[source] std::io::Error),
     #[error("Cannot build HTTP client")]
     Http(#[source] reqwest::Error),
+    #[error("Cannot publish the cluster trust: {0:?}")]
+    Trust(ApiError),
 }
 
 /// Shared state of every handler: cheap to clone.
@@ -148,6 +147,7 @@ pub fn app(state: AppState) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::vms::router())
         .merge(routes::nodes::router())
+        .merge(routes::pki::router())
         .merge(routes::images::router())
         .merge(routes::migrations::router())
         .merge(routes::identity::router())
@@ -214,27 +214,22 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
             s
         }
     };
-    let (tls, agent_identity) = match &config.tls {
-        TlsConfig::Off => (None, None),
-        TlsConfig::On { given, extra_names } => {
-            let ca = novacron_tls::ClusterCa::load_or_create(&config.data_dir.join("pki"))?;
+    let tls = match &config.tls {
+        TlsConfig::Off => None,
+        TlsConfig::On {
+            given,
+            extra_names,
+            node_cert_lifetime,
+        } => {
             let mut names = local_names(config.listen);
             names.extend(extra_names.iter().cloned());
-            let generated = ca.issue("novacron-server", &names)?;
-            let identity = match given {
-                Some((cert, key)) => novacron_tls::Identity::load(cert, key)?,
-                None => generated.clone(),
+            let given = match given {
+                Some((cert, key)) => Some(novacron_tls::Identity::load(cert, key)?),
+                None => None,
             };
-            let listener = novacron_tls::server_config(&identity, &ca.cert_pem, novacron_tls::ClientAuth::Optional)?;
-            let agent_client = Arc::new(novacron_tls::client_config(&ca.cert_pem, Some(&generated))?);
-            (
-                Some(Arc::new(ServerTls {
-                    ca,
-                    listener,
-                    agent_client,
-                })),
-                Some(generated),
-            )
+            let tls = ServerTls::new(&config.data_dir.join("pki"), given, names, *node_cert_lifetime)?;
+            tls.sync_trust(&store).await.map_err(ServerError::Trust)?;
+            Some(Arc::new(tls))
         }
     };
     let auth = Arc::new(auth::AuthIndex::load(&store, tls.is_some()).await?);
@@ -243,10 +238,12 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         .and_then(|(per_s, burst)| auth::rate_limiter(per_s, burst))
         .map(Arc::new);
     let agents_builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
-    let agents = match (&tls, &agent_identity) {
-        (Some(t), Some(id)) => novacron_tls::http_client(agents_builder, Some(&t.ca.cert_pem), Some(id))?,
-        _ => agents_builder.build().map_err(ServerError::Http)?,
-    };
+    let agents = match &tls {
+        Some(t) => agents_builder.use_preconfigured_tls((*t.agent_client).clone()),
+        None => agents_builder,
+    }
+    .build()
+    .map_err(ServerError::Http)?;
     Ok(AppState {
         store,
         auth,

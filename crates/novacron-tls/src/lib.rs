@@ -6,6 +6,10 @@
 pub use rustls;
 pub use tokio_rustls;
 
+pub mod der;
+mod live;
+pub use live::{LiveTls, TrustSet};
+
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -45,6 +49,10 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("HTTP client")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Der(#[from] der::DerError),
+    #[error("{0}")]
+    Rotation(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
@@ -84,6 +92,11 @@ impl Identity {
     /// SHA-256 of the (first) certificate's DER, hex: how the server recognises an agent.
     pub fn fingerprint(&self) -> Result<String, TlsError> {
         Ok(fingerprint(&first_cert(&self.cert_pem, "certificate")?))
+    }
+
+    /// When the (first) certificate becomes valid and when it expires.
+    pub fn validity(&self) -> Result<(std::time::SystemTime, std::time::SystemTime), TlsError> {
+        Ok(der::validity(first_cert(&self.cert_pem, "certificate")?.as_ref())?)
     }
 
     fn der(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
@@ -145,17 +158,35 @@ fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
 }
 
 /// The cluster's certificate authority, created at the server's first start.
+///
+/// A rotation makes a new CA the issuer while the previous one stays
+/// trusted: certificates from the new CA carry the new CA's certificate
+/// signed by the previous one, so that parties which trust only the
+/// previous CA still accept them. Finishing the rotation drops the previous
+/// CA.
 pub struct ClusterCa {
     cert: rcgen::Certificate,
     key: KeyPair,
+    /// The issuing CA's certificate.
     pub cert_pem: String,
+    /// The issuing CA signed by the previous CA, during a rotation.
+    cross_pem: Option<String>,
+    /// The previous CA, trusted until the rotation is finished.
+    previous_pem: Option<String>,
+    dir: PathBuf,
 }
 
 const CA_NAME: &str = "NovaCron cluster CA";
 
-fn ca_params() -> Result<CertificateParams, TlsError> {
+/// Allowed clock skew between the server and the parties checking what it
+/// issues: a certificate is valid from this long before it was issued, or a
+/// tenth of its lifetime if that is less (so that two thirds into its
+/// validity, when agents renew, is still well after it was issued).
+const NOT_BEFORE_SKEW: Duration = Duration::from_secs(300);
+
+fn ca_params(common_name: &str) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, CA_NAME);
+    params.distinguished_name.push(DnType::CommonName, common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -165,42 +196,173 @@ fn ca_params() -> Result<CertificateParams, TlsError> {
     Ok(params)
 }
 
+struct CaFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    cross: PathBuf,
+    previous: PathBuf,
+}
+
+impl CaFiles {
+    fn in_dir(dir: &Path) -> CaFiles {
+        CaFiles {
+            cert: dir.join("ca.crt"),
+            key: dir.join("ca.key"),
+            cross: dir.join("ca-cross.crt"),
+            previous: dir.join("ca-previous.crt"),
+        }
+    }
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, TlsError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Writes a public file atomically.
+fn write_public(path: &Path, text: &str) -> Result<(), TlsError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
 impl ClusterCa {
-    /// Loads `dir/ca.crt` and `dir/ca.key`, creating them the first time.
+    /// Loads the CA from `dir`, creating it the first time.
     pub fn load_or_create(dir: &Path) -> Result<ClusterCa, TlsError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
-        if key_path.exists() && cert_path.exists() {
-            let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let files = CaFiles::in_dir(dir);
+        if files.key.exists() && files.cert.exists() {
+            let key_pem = std::fs::read_to_string(&files.key).map_err(io_err(&files.key))?;
             let key = KeyPair::from_pem(&key_pem)?;
-            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+            let cert_pem = std::fs::read_to_string(&files.cert).map_err(io_err(&files.cert))?;
+            let name = der::subject_common_name(first_cert(&cert_pem, "CA certificate")?.as_ref())?;
             // The same name and key as the stored certificate, so what this
             // signs verifies against it.
-            let cert = ca_params()?.self_signed(&key)?;
-            return Ok(ClusterCa { cert, key, cert_pem });
+            let cert = ca_params(&name)?.self_signed(&key)?;
+            return Ok(ClusterCa {
+                cert,
+                key,
+                cert_pem,
+                cross_pem: read_optional(&files.cross)?,
+                previous_pem: read_optional(&files.previous)?,
+                dir: dir.to_path_buf(),
+            });
         }
         let key = KeyPair::generate()?;
-        let cert = ca_params()?.self_signed(&key)?;
+        let cert = ca_params(CA_NAME)?.self_signed(&key)?;
         let cert_pem = cert.pem();
-        write_private(&key_path, &key.serialize_pem())?;
-        std::fs::write(&cert_path, &cert_pem).map_err(io_err(&cert_path))?;
+        write_private(&files.key, &key.serialize_pem())?;
+        write_public(&files.cert, &cert_pem)?;
         tracing::info!(dir = %dir.display(), "created the cluster CA");
-        Ok(ClusterCa { cert, key, cert_pem })
+        Ok(ClusterCa {
+            cert,
+            key,
+            cert_pem,
+            cross_pem: None,
+            previous_pem: None,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Every CA certificate to trust: the issuing CA, and the previous one
+    /// during a rotation.
+    pub fn trusted_pem(&self) -> String {
+        match &self.previous_pem {
+            Some(previous) => format!("{}\n{}", self.cert_pem.trim_end(), previous),
+            None => self.cert_pem.clone(),
+        }
+    }
+
+    /// Whether a rotation is under way (two CAs trusted).
+    pub fn rotating(&self) -> bool {
+        self.previous_pem.is_some()
+    }
+
+    /// The issuing CA's common name.
+    pub fn name(&self) -> Result<String, TlsError> {
+        Ok(der::subject_common_name(
+            first_cert(&self.cert_pem, "CA certificate")?.as_ref(),
+        )?)
     }
 
     /// A certificate for `common_name`, valid for TLS server and client use
-    /// at `sans` (IP addresses or DNS names).
-    pub fn issue(&self, common_name: &str, sans: &[String]) -> Result<Identity, TlsError> {
+    /// at `sans` (IP addresses or DNS names), for `lifetime` (unlimited when
+    /// `None`). Its PEM carries the cross-signed CA during a rotation.
+    pub fn issue(&self, common_name: &str, sans: &[String], lifetime: Option<Duration>) -> Result<Identity, TlsError> {
         let mut params = CertificateParams::new(sans.to_vec())?;
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if let Some(lifetime) = lifetime {
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - NOT_BEFORE_SKEW.min(lifetime / 10);
+            params.not_after = now + lifetime;
+        }
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let mut cert_pem = cert.pem();
+        if let Some(cross) = &self.cross_pem {
+            cert_pem.push_str(cross);
+        }
         Ok(Identity {
-            cert_pem: cert.pem(),
+            cert_pem,
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// Makes a new CA the issuer; the current one stays trusted until
+    /// [`ClusterCa::finish_rotation`].
+    pub fn rotate(&mut self) -> Result<(), TlsError> {
+        if self.rotating() {
+            return Err(TlsError::Rotation(
+                "a CA rotation is under way: finish it before starting another".into(),
+            ));
+        }
+        let generation = self
+            .name()?
+            .strip_prefix(CA_NAME)
+            .and_then(|rest| rest.trim().parse::<u32>().ok())
+            .unwrap_or(1);
+        let name = format!("{CA_NAME} {}", generation + 1);
+        let key = KeyPair::generate()?;
+        let cert = ca_params(&name)?.self_signed(&key)?;
+        let cross = ca_params(&name)?.signed_by(&key, &self.cert, &self.key)?;
+        let files = CaFiles::in_dir(&self.dir);
+        // The previous CA and the cross certificate first: a crash before
+        // the new key lands leaves the old CA issuing, with a spare trust.
+        write_public(&files.previous, &self.cert_pem)?;
+        write_public(&files.cross, &cross.pem())?;
+        write_private(&files.key, &key.serialize_pem())?;
+        write_public(&files.cert, &cert.pem())?;
+        tracing::info!(ca = %name, "the cluster CA rotated; the previous CA stays trusted");
+        self.previous_pem = Some(std::mem::take(&mut self.cert_pem));
+        self.cert_pem = cert.pem();
+        self.cross_pem = Some(cross.pem());
+        self.cert = cert;
+        self.key = key;
+        Ok(())
+    }
+
+    /// Stops trusting the previous CA.
+    pub fn finish_rotation(&mut self) -> Result<(), TlsError> {
+        if !self.rotating() {
+            return Err(TlsError::Rotation("no CA rotation is under way".into()));
+        }
+        let files = CaFiles::in_dir(&self.dir);
+        for path in [&files.previous, &files.cross] {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(path)(e)),
+            }
+        }
+        tracing::info!("the CA rotation is finished; the previous CA is no longer trusted");
+        self.previous_pem = None;
+        self.cross_pem = None;
+        Ok(())
     }
 }
 
@@ -457,7 +619,7 @@ mod tests {
         let again = ClusterCa::load_or_create(dir.path()).unwrap();
         assert_eq!(first.cert_pem, again.cert_pem);
         let leaf = again
-            .issue("node:a", &["127.0.0.1".into(), "localhost".into()])
+            .issue("node:a", &["127.0.0.1".into(), "localhost".into()], None)
             .unwrap();
         // A server config with the leaf and the original CA builds, and the
         // leaf chains to that CA.
@@ -479,5 +641,111 @@ mod tests {
         let key_mode = std::fs::metadata(dir.path().join("ca.key")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(key_mode.permissions().mode() & 0o777, 0o600);
+    }
+
+    fn chains_to(identity: &Identity, ca_pem: &str) -> bool {
+        let all = certs(&identity.cert_pem, "chain").unwrap();
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem).unwrap(), provider())
+            .build()
+            .unwrap();
+        verifier
+            .verify_client_cert(&all[0], &all[1..], rustls::pki_types::UnixTime::now())
+            .is_ok()
+    }
+
+    #[test]
+    fn a_rotated_ca_is_trusted_by_parties_that_know_only_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = ClusterCa::load_or_create(dir.path()).unwrap();
+        let old_ca = ca.cert_pem.clone();
+        let hour = Duration::from_secs(3600);
+        let before = ca.issue("node:a", &["127.0.0.1".into()], Some(hour)).unwrap();
+        let (not_before, not_after) = before.validity().unwrap();
+        let lifetime = not_after.duration_since(not_before).unwrap();
+        assert_eq!(lifetime, hour + NOT_BEFORE_SKEW);
+        let short = ca.issue("node:a", &[], Some(Duration::from_secs(30))).unwrap();
+        let (from, until) = short.validity().unwrap();
+        assert_eq!(until.duration_since(from).unwrap(), Duration::from_secs(33));
+
+        ca.rotate().unwrap();
+        assert!(matches!(ca.rotate(), Err(TlsError::Rotation(_))));
+        assert_eq!(ca.name().unwrap(), "NovaCron cluster CA 2");
+        let new_ca = ca.cert_pem.clone();
+        let after = ca.issue("node:b", &["127.0.0.1".into()], Some(hour)).unwrap();
+        // The new certificate carries the cross-signed CA: the old CA alone accepts it.
+        assert!(chains_to(&after, &old_ca));
+        assert!(chains_to(&after, &new_ca));
+        assert!(chains_to(&before, &ca.trusted_pem()));
+        assert!(!chains_to(&before, &new_ca));
+
+        // A restart in the middle of the rotation finds the same state.
+        let again = ClusterCa::load_or_create(dir.path()).unwrap();
+        assert_eq!(
+            (again.cert_pem.clone(), again.trusted_pem()),
+            (new_ca.clone(), ca.trusted_pem())
+        );
+        assert!(chains_to(&again.issue("node:c", &[], None).unwrap(), &old_ca));
+
+        ca.finish_rotation().unwrap();
+        assert!(matches!(ca.finish_rotation(), Err(TlsError::Rotation(_))));
+        assert_eq!(ca.trusted_pem(), new_ca);
+        assert!(!chains_to(&before, &ca.trusted_pem()));
+        let later = ca.issue("node:d", &[], None).unwrap();
+        assert_eq!(certs(&later.cert_pem, "chain").unwrap().len(), 1);
+        let reloaded = ClusterCa::load_or_create(dir.path()).unwrap();
+        assert_eq!(reloaded.trusted_pem(), new_ca);
+        assert!(!reloaded.rotating());
+        // A second rotation names the third generation.
+        let mut reloaded = reloaded;
+        reloaded.rotate().unwrap();
+        assert_eq!(reloaded.name().unwrap(), "NovaCron cluster CA 3");
+    }
+
+    /// A TLS handshake over an in-memory pipe: whether both sides accepted.
+    async fn handshake(server: Arc<ServerConfig>, client: ClientConfig) -> bool {
+        let (a, b) = tokio::io::duplex(64 << 10);
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let connect = tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, a);
+        let accept = tokio_rustls::TlsAcceptor::from(server).accept(b);
+        let (c, s) = tokio::join!(connect, accept);
+        // TLS 1.3: the server judges the client's certificate after the
+        // client has finished; a refusal shows on the server side.
+        c.is_ok() && s.is_ok()
+    }
+
+    #[tokio::test]
+    async fn live_tls_renews_and_revokes_without_new_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+        let sans = ["127.0.0.1".to_string()];
+        let trust = || TrustSet {
+            ca_pem: ca.trusted_pem(),
+            revoked: Default::default(),
+        };
+        let server = LiveTls::new(ca.issue("server", &sans, None).unwrap(), trust(), None).unwrap();
+        let agent_cert = ca.issue("node:a", &sans, None).unwrap();
+        let agent = LiveTls::new(agent_cert.clone(), trust(), None).unwrap();
+        let server_config = server.server_config(ClientAuth::Required).unwrap();
+        let client_config = agent.client_config().unwrap();
+        assert!(handshake(server_config.clone(), client_config.clone()).await);
+
+        // Revoked at the server: the same configurations now refuse the agent.
+        let mut revoked = trust();
+        revoked.revoked.insert(agent_cert.fingerprint().unwrap());
+        assert!(server.set_trust(revoked.clone()).unwrap());
+        assert!(!server.set_trust(revoked).unwrap(), "unchanged trust is not rebuilt");
+        assert!(server.is_revoked(&agent_cert.fingerprint().unwrap()));
+        assert!(!handshake(server_config.clone(), client_config.clone()).await);
+
+        // A renewed certificate gets in again, through the same client configuration.
+        agent.set_identity(ca.issue("node:a", &sans, None).unwrap()).unwrap();
+        assert!(handshake(server_config.clone(), client_config.clone()).await);
+        assert!(agent.issued_by(&ca.cert_pem).unwrap());
+
+        // The agent refuses a server whose certificate it learns is revoked.
+        let mut refuse_server = trust();
+        refuse_server.revoked.insert(server.identity().fingerprint().unwrap());
+        agent.set_trust(refuse_server).unwrap();
+        assert!(!handshake(server_config, client_config).await);
     }
 }

@@ -215,6 +215,9 @@ pub enum NodeCommand {
     Cordon { name: String },
     /// Allow placing VMs on a node again.
     Uncordon { name: String },
+    /// Revoke a node's certificates: the server and every agent refuse
+    /// them. The node can join again with a new join token.
+    Revoke { name: String },
     /// Cordon a node and live-migrate every VM off it.
     Drain {
         name: String,
@@ -506,6 +509,7 @@ pub async fn node(g: &Global, cmd: NodeCommand) -> Result<()> {
             println!("node {:?} uncordoned", n.metadata.name);
             Ok(())
         }
+        NodeCommand::Revoke { name } => crate::pki::revoke_node(g, &name).await,
         NodeCommand::Drain { name, parallel } => drain(&c, &name, parallel.max(1)).await,
     }
 }

@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{config, parse_duration, parse_mib, AgentArgs, ServerArgs};
 
+/// As `novacron server`'s default.
+const NODE_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
 #[derive(Args)]
 pub struct DevArgs {
     /// Data directory (default: ~/.local/share/novacron/dev).
@@ -126,6 +129,7 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         tls_cert: None,
         tls_key: None,
         tls_names: Vec::new(),
+        node_cert_lifetime: NODE_CERT_LIFETIME,
     };
     let server = tokio::spawn(novacron_server::run(
         crate::server_config(&server_args),

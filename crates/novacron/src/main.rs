@@ -6,6 +6,7 @@ mod console;
 mod dev;
 mod identity;
 mod output;
+mod pki;
 mod scheduling;
 
 use std::collections::BTreeMap;
@@ -61,9 +62,12 @@ enum Command {
     /// Manage virtual machines.
     #[command(subcommand)]
     Vm(commands::VmCommand),
-    /// Inspect and cordon nodes.
+    /// Inspect, cordon, drain and revoke nodes.
     #[command(subcommand)]
     Node(commands::NodeCommand),
+    /// The cluster CA: show, rotate.
+    #[command(subcommand)]
+    Ca(pki::CaCommand),
     /// Manage images.
     #[command(subcommand)]
     Image(commands::ImageCommand),
@@ -114,6 +118,10 @@ pub struct ServerArgs {
     /// Extra DNS name or IP address for the generated server certificate (repeatable).
     #[arg(long = "tls-name")]
     pub tls_names: Vec<String>,
+    /// How long node certificates are valid (at least 20s); agents renew
+    /// theirs when two thirds of it have passed.
+    #[arg(long, default_value = "30d", value_parser = parse_cert_lifetime)]
+    pub node_cert_lifetime: Duration,
     /// Requests per second allowed per token (0 = no limit).
     #[arg(long, default_value_t = 500)]
     pub rate_limit: u32,
@@ -167,6 +175,14 @@ pub struct AgentArgs {
 
 /// A duration as humantime reads it: `300ms`, `15s`, `2m`, `2h`, `7d`,
 /// `1h 30m`. A bare number is seconds, as it always was here.
+fn parse_cert_lifetime(s: &str) -> Result<Duration, String> {
+    let lifetime = parse_duration(s)?;
+    if lifetime < Duration::from_secs(20) {
+        return Err(format!("{s:?} is too short: a certificate must live at least 20s"));
+    }
+    Ok(lifetime)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
@@ -220,6 +236,7 @@ pub fn server_config(a: &ServerArgs) -> novacron_server::ServerConfig {
             novacron_server::TlsConfig::On {
                 given: a.tls_cert.clone().zip(a.tls_key.clone()),
                 extra_names: a.tls_names.clone(),
+                node_cert_lifetime: a.node_cert_lifetime,
             }
         },
     }
@@ -279,6 +296,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Vm(c) => commands::vm(&cli.global, c).await,
         Command::Node(c) => commands::node(&cli.global, c).await,
+        Command::Ca(c) => pki::ca(&cli.global, c).await,
         Command::Image(c) => commands::image(&cli.global, c).await,
         Command::Migration(c) => commands::migration(&cli.global, c).await,
         Command::Login(a) => identity::login(&cli.global, a).await,

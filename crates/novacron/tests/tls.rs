@@ -108,7 +108,7 @@ async fn agents_join_once_and_only_cluster_certificates_get_in() {
     let other = tempfile::tempdir().unwrap();
     let foreign = novacron_tls::ClusterCa::load_or_create(other.path())
         .unwrap()
-        .issue("node:node-1", &["127.0.0.1".into()])
+        .issue("node:node-1", &["127.0.0.1".into()], None)
         .unwrap();
     let err = https(&c, Some(&foreign))
         .get(format!("{}/v1/whoami", c.url))
@@ -141,7 +141,7 @@ async fn server_with_a_given_certificate_still_runs_agents_on_mtls() {
     let certs = tempfile::tempdir().unwrap();
     let outside_ca = novacron_tls::ClusterCa::load_or_create(certs.path()).unwrap();
     outside_ca
-        .issue("api.example", &["127.0.0.1".into()])
+        .issue("api.example", &["127.0.0.1".into()], None)
         .unwrap()
         .save(&certs.path().join("server.crt"), &certs.path().join("server.key"))
         .unwrap();

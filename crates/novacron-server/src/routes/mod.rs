@@ -5,6 +5,7 @@ pub mod identity;
 pub mod images;
 pub mod migrations;
 pub mod nodes;
+pub mod pki;
 pub mod scheduler;
 pub mod vms;
 
@@ -15,8 +16,8 @@ use axum::Json;
 use futures::StreamExt;
 use novacron_api::selector::{FieldSelector, LabelSelector};
 use novacron_api::{
-    AuditRecord, Image, List, Migration, Node, Object, Project, Resource, Role, Token, User, Verb, Vm, WatchEvent,
-    WatchEventType,
+    AuditRecord, ClusterTrust, Image, List, Migration, Node, Object, Project, Resource, Role, Token, User, Verb, Vm,
+    WatchEvent, WatchEventType,
 };
 use novacron_store::{decode_record, EventType, StoreExt};
 use serde::Deserialize;
@@ -73,7 +74,7 @@ macro_rules! guarded {
 guarded!(Vm => Vms ["status.node", "status.phase"],
     Image => Images,
     Migration => Migrations ["status.source_node", "status.target_node", "status.phase", "spec.vm"],
-    Node => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
+    Node => Nodes, ClusterTrust => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
 
 /// The fields that tie an object to the node it concerns: a node's
 /// certificate lists, watches and writes only objects with its name in one

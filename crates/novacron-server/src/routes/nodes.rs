@@ -6,8 +6,8 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::Utc;
 use novacron_api::{
-    validate, JoinNode, JoinedNode, Metadata, Node, NodeCredential, NodeSpec, NodeStatus, RegisterNode,
-    RegisterNodeResponse, Resource, Resources, Verb, Vm,
+    validate, JoinNode, JoinedNode, Metadata, Node, NodeSpec, NodeStatus, RegisterNode, RegisterNodeResponse, Resource,
+    Resources, Verb, Vm,
 };
 use novacron_store::{StoreError, StoreExt};
 use utoipa_axum::router::OpenApiRouter;
@@ -162,29 +162,14 @@ async fn join_node(
     if p.role == "join" {
         super::identity::revoke(&state, &p.token).await?;
     }
-    let identity = tls
-        .ca
-        .issue(&format!("node:{}", req.name), &req.hosts)
-        .map_err(|e| ApiError::internal("Cannot issue the node certificate", &e))?;
-    let cert_sha256 = identity
-        .fingerprint()
-        .map_err(|e| ApiError::internal("Cannot read the node certificate", &e))?;
-    if state.store.get_obj::<NodeCredential>(&req.name).await?.is_some() {
-        state.store.delete_obj::<NodeCredential>(&req.name, None).await?;
-    }
-    let credential = state
-        .store
-        .create_obj(&NodeCredential {
-            metadata: Metadata::new(&req.name, Default::default()),
-            cert_sha256,
-        })
+    let (identity, ca_pem) = tls
+        .issue_node_cert(&state.store, &state.auth, &req.name, req.hosts.clone(), false)
         .await?;
-    state.auth.set_credential(&credential);
     tracing::info!(node = %req.name, by = %p.actor, "node joined");
     Ok(Json(JoinedNode {
         cert_pem: identity.cert_pem,
         key_pem: identity.key_pem,
-        ca_pem: tls.ca.cert_pem.clone(),
+        ca_pem,
     }))
 }
 

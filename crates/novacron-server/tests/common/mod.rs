@@ -200,6 +200,10 @@ pub async fn fixtures(h: &Harness) -> Vec<String> {
         let credential = novacron_api::NodeCredential {
             metadata: Metadata::new(node, Default::default()),
             cert_sha256: cert_sha256.clone(),
+            not_after: None,
+            hosts: vec!["127.0.0.1".into()],
+            issued_at: None,
+            previous: None,
         };
         h.state.store.create_obj(&credential).await.unwrap();
         h.state.auth.set_credential(&credential);
@@ -305,6 +309,11 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("POST", "/v1/nodes/{name}/heartbeat", "YnnnYnYn", "YnnnYnYn"),
     ("POST", "/v1/nodes/{name}/cordon", "Ynnnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/nodes/{name}/uncordon", "Ynnnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/nodes/{name}/certificate", "nnnnnnYn", "nnnnnnYn"),
+    ("POST", "/v1/nodes/{name}/revoke", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/trust", "YYYYYnYY", "YYYYYnYY"),
+    ("POST", "/v1/ca/rotate", "Ynnnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/ca/finish-rotation", "Ynnnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/whoami", "YYYYYYYY", "YYYYYYYY"),
     ("GET", "/v1/scheduler", "YYYYYnYY", "YYYYYnYY"),
     ("PUT", "/v1/scheduler", "Ynnnnnnn", "Ynnnnnnn"),
