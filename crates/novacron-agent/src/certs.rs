@@ -66,17 +66,23 @@ fn write(path: &std::path::Path, text: &str) -> Result<(), AgentError> {
         .map_err(|e| AgentError::Credentials(format!("Cannot write {}: {}", path.display(), chain(&e))))
 }
 
-/// Stores a certificate, its key and the trusted CAs; the key first, so a
-/// crash between leaves the old certificate (which the server still
-/// accepts) or the new pair.
+/// Stores a certificate, its key and the trusted CAs, each file written
+/// whole. (A crash between the two renames leaves a key that does not match
+/// the certificate: the agent then cannot start and says so; joining again
+/// recovers.)
 fn save(files: &AgentFiles, joined: &JoinedNode) -> Result<(), AgentError> {
     write(&files.ca, &joined.ca_pem)?;
-    let staged = files.key.with_extension("new");
-    write(&staged, &joined.key_pem)?;
-    write(&files.cert.with_extension("new"), &joined.cert_pem)?;
-    std::fs::rename(files.cert.with_extension("new"), &files.cert)
-        .and_then(|()| std::fs::rename(&staged, &files.key))
-        .map_err(|e| AgentError::Credentials(format!("Cannot store the renewed certificate: {e}")))
+    let staged = |path: &std::path::Path| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".new");
+        std::path::PathBuf::from(name)
+    };
+    let (cert, key) = (staged(&files.cert), staged(&files.key));
+    write(&key, &joined.key_pem)?;
+    write(&cert, &joined.cert_pem)?;
+    std::fs::rename(&key, &files.key)
+        .and_then(|()| std::fs::rename(&cert, &files.cert))
+        .map_err(|e| AgentError::Credentials(format!("Cannot store the certificate: {e}")))
 }
 
 /// When to renew: two thirds into the certificate's life.

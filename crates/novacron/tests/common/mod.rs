@@ -91,6 +91,8 @@ pub struct Options {
     /// Directory with `server.crt`, `server.key` and the `ca.crt` that issued
     /// them: the server uses this certificate instead of generating one.
     pub server_cert: Option<PathBuf>,
+    /// `--node-cert-lifetime` (default: the server's).
+    pub node_cert_lifetime: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -103,6 +105,7 @@ impl Default for Options {
             node_grace: "15s",
             tls: true,
             server_cert: None,
+            node_cert_lifetime: None,
         }
     }
 }
@@ -138,6 +141,9 @@ impl Cluster {
         ];
         if !opts.tls {
             server_args.push("--insecure-http".into());
+        }
+        if let Some(lifetime) = opts.node_cert_lifetime {
+            server_args.extend(["--node-cert-lifetime".into(), lifetime.into()]);
         }
         if let Some(d) = &opts.server_cert {
             server_args.extend([
