@@ -5,6 +5,7 @@ mod config;
 mod console;
 mod dev;
 mod identity;
+mod nodes;
 mod output;
 mod pki;
 mod scheduling;
@@ -64,7 +65,7 @@ enum Command {
     Vm(commands::VmCommand),
     /// Inspect, cordon, drain and revoke nodes.
     #[command(subcommand)]
-    Node(commands::NodeCommand),
+    Node(nodes::NodeCommand),
     /// The cluster CA: show, rotate.
     #[command(subcommand)]
     Ca(pki::CaCommand),
@@ -295,7 +296,7 @@ async fn run(cli: Cli) -> Result<()> {
             dev::run(a, shutdown_signal()).await
         }
         Command::Vm(c) => commands::vm(&cli.global, c).await,
-        Command::Node(c) => commands::node(&cli.global, c).await,
+        Command::Node(c) => nodes::node(&cli.global, c).await,
         Command::Ca(c) => pki::ca(&cli.global, c).await,
         Command::Image(c) => commands::image(&cli.global, c).await,
         Command::Migration(c) => commands::migration(&cli.global, c).await,

@@ -92,6 +92,16 @@ async fn a_revoked_node_is_refused_by_the_server_and_by_the_other_agents() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("not found"));
     let node_1: Node = c.client.get("node-1").await.unwrap();
     assert!(node_1.status.ready);
+
+    // Deleting a node revokes its certificates too: its agent cannot bring it back.
+    ok(c.cli(&["node", "delete", "node-3"]).output().unwrap());
+    wait_until("node-1's agent to refuse node-3", Duration::from_secs(10), || async {
+        (status(&as_node_3, &health).await != Some(200)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gone = c.client.get::<Node>("node-3").await.unwrap_err();
+    assert_eq!(gone.status(), Some(404), "node-3 came back: {gone}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

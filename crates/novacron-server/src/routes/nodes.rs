@@ -79,7 +79,8 @@ async fn get_node(
     Ok(Json(node))
 }
 
-/// Remove a node that has no VMs.
+/// Remove a node that has no VMs. Its certificates are revoked: it can
+/// join again with a new join token.
 #[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path)),
     responses((status = 204), (status = 409, body = novacron_api::ErrorBody)))]
 async fn delete_node(
@@ -103,6 +104,19 @@ async fn delete_node(
         .store
         .delete_obj::<Node>(&node.metadata.name, Some(node.metadata.resource_version))
         .await?;
+    // A removed host stays removed: its agent would otherwise register it again.
+    if let Some(tls) = &state.tls {
+        let name = &node.metadata.name;
+        if state
+            .store
+            .get_obj::<novacron_api::NodeCredential>(name)
+            .await?
+            .is_some()
+        {
+            tls.revoke_node(&state.store, &state.auth, name).await?;
+            tracing::warn!(node = %name, by = %p.actor, "node deleted; its certificates are revoked");
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
