@@ -151,6 +151,8 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::images::router())
         .merge(routes::migrations::router())
         .merge(routes::identity::router())
+        .merge(routes::projects::router())
+        .merge(routes::audit::router())
         .merge(routes::scheduler::router())
         .split_for_parts();
     // Login needs no token, so it is routed outside the token layer but documented with the rest.

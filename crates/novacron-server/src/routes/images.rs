@@ -61,7 +61,7 @@ async fn create_image(
             "only a token for all projects can make a public image",
         ));
     }
-    super::identity::require_project(&state, &project).await?;
+    super::projects::require_project(&state, &project).await?;
     validate::name("name", &req.name)?;
     validate::labels("labels", &req.labels)?;
     if let Some(args) = &req.kernel_args {

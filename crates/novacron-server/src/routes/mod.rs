@@ -1,11 +1,13 @@
 //! HTTP routes, one module per resource.
 
+pub mod audit;
 pub mod health;
 pub mod identity;
 pub mod images;
 pub mod migrations;
 pub mod nodes;
 pub mod pki;
+pub mod projects;
 pub mod scheduler;
 pub mod vms;
 

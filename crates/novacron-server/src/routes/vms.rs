@@ -63,7 +63,7 @@ async fn create_vm(
     let req: CreateVm = body.parse()?;
     let project = p.project_for(req.project.clone());
     authorize(&p, Resource::Vms, Verb::Create, Some(&project))?;
-    let quota = super::identity::require_project(&state, &project).await?.quota;
+    let quota = super::projects::require_project(&state, &project).await?.quota;
     validate::create_vm(&req)?;
     let image = match state.store.get_obj::<Image>(&req.spec.image).await? {
         Some(img) if img.metadata.project == project || img.spec.public => img,
@@ -121,7 +121,7 @@ async fn create_vm(
     };
     // Quota check and create under one lock, so two creates cannot both fit.
     let _quota_guard = state.quota_lock.lock().await;
-    super::identity::check_quota(&state, &project, &quota, &vm).await?;
+    super::projects::check_quota(&state, &project, &quota, &vm).await?;
     let vm = state.store.create_obj(&vm).await?;
     tracing::info!(vm = %vm.metadata.name, "created VM");
     state.placement_wakeup.notify_one();
