@@ -238,27 +238,23 @@ pub async fn run(
         secret: secret.clone(),
         migrations: migrations.clone(),
     };
-    let http = match &tls {
-        Some(t) => {
-            // Only the server and other agents (certificates from the cluster CA) get in.
-            let config = t.server_config(novacron_tls::ClientAuth::Required)?;
-            let listener = novacron_tls::TlsListener::new(listener, config).map_err(|source| AgentError::Listen {
-                addr: cfg.listen,
-                source,
-            })?;
-            let service = http::router(http_state).into_make_service_with_connect_info::<novacron_tls::PeerInfo>();
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, service).await {
-                    tracing::error!(error = %e, "agent HTTPS server failed");
-                }
-            })
-        }
-        None => tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, http::router(http_state)).await {
-                tracing::error!(error = %e, "agent HTTP server failed");
-            }
-        }),
+    // Only the server and other agents (certificates from the cluster CA) get in over TLS.
+    let listener_tls = match &tls {
+        Some(t) => Some(t.server_config(novacron_tls::ClientAuth::Required)?),
+        None => None,
     };
+    let http = tokio::spawn(async move {
+        let served = novacron_tls::serve(
+            listener,
+            listener_tls,
+            http::router(http_state),
+            novacron_tls::ServeLimits::default(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "agent HTTP server failed");
+        }
+    });
     tracing::info!(node = %cfg.name, addr = %local, accel = %accel, "agent listening");
 
     let qemu = match capabilities::probe(&cfg.qemu, &accel, &cfg.data_dir).await {

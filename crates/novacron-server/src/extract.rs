@@ -20,6 +20,8 @@ use crate::MAX_JSON_BODY;
 /// pipe instead of the 413.
 const DRAIN_MAX: u64 = 16 * MAX_JSON_BODY as u64;
 const DRAIN_TIME: Duration = Duration::from_secs(10);
+/// How long a JSON body (at most 1 MiB) may take to arrive.
+const BODY_TIME: Duration = Duration::from_secs(30);
 
 /// A JSON request body, read but not yet parsed: a handler parses it with
 /// [`JsonBody::parse`] after it has authorized the caller, so that someone
@@ -89,15 +91,25 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         }
         let mut body = req.into_body().into_data_stream();
         let mut read = Vec::new();
-        let bytes = loop {
-            match body.next().await {
-                None => break Ok(Bytes::from(read)),
-                Some(Err(e)) => break Err(ApiError::bad_request(format!("Cannot read the request body: {e}"))),
-                // A body without a declared length can still run over.
-                Some(Ok(chunk)) if read.len() + chunk.len() > MAX_JSON_BODY => break Err(too_large()),
-                Some(Ok(chunk)) => read.extend_from_slice(&chunk),
+        let reading = async {
+            loop {
+                match body.next().await {
+                    None => break Ok(Bytes::from(std::mem::take(&mut read))),
+                    Some(Err(e)) => break Err(ApiError::bad_request(format!("Cannot read the request body: {e}"))),
+                    // A body without a declared length can still run over.
+                    Some(Ok(chunk)) if read.len() + chunk.len() > MAX_JSON_BODY => break Err(too_large()),
+                    Some(Ok(chunk)) => read.extend_from_slice(&chunk),
+                }
             }
         };
+        // A client that trickles its body does not hold a task forever.
+        let bytes = tokio::time::timeout(BODY_TIME, reading).await.unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("The request body did not arrive within {} s", BODY_TIME.as_secs()),
+            ))
+        });
         Ok(JsonBody {
             bytes,
             json_content_type,

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub node_grace: Duration,
     /// Requests per second and burst allowed per token; `None` = unlimited.
     pub rate_limit: Option<(u32, u32)>,
+    /// Connections open at once (a quarter of them from one address).
+    pub max_connections: usize,
     pub tls: TlsConfig,
 }
 
@@ -303,20 +305,14 @@ pub async fn run(
     // Watch streams never end by themselves, so graceful shutdown gets a
     // short grace period and then the server stops regardless.
     let stop = tokio_util::sync::CancellationToken::new();
-    let tls = state.tls.clone();
-    let service = app(state).into_make_service_with_connect_info::<novacron_tls::PeerInfo>();
-    let graceful = stop.clone().cancelled_owned();
-    let serve = async move {
-        match tls {
-            Some(t) => {
-                let listener =
-                    novacron_tls::TlsListener::new(listener, t.listener.clone()).map_err(ServerError::Serve)?;
-                axum::serve(listener, service).with_graceful_shutdown(graceful).await
-            }
-            None => axum::serve(listener, service).with_graceful_shutdown(graceful).await,
-        }
-        .map_err(ServerError::Serve)
+    let tls = state.tls.as_ref().map(|t| t.listener.clone());
+    let limits = novacron_tls::ServeLimits {
+        max_connections: state.config.max_connections,
+        max_connections_per_ip: (state.config.max_connections / 4).max(1),
+        ..Default::default()
     };
+    let serve = novacron_tls::serve(listener, tls, app(state), limits, stop.clone());
+    let serve = async move { serve.await.map_err(ServerError::Serve) };
     let result = tokio::select! {
         r = serve => r,
         _ = async {

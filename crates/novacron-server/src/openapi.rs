@@ -5,7 +5,7 @@
 //! request passes through are declared here, from the same facts those layers
 //! act on, so a client generated from the document handles ordinary errors:
 //! the token check (401, 429), the authorization (403), the JSON body (400,
-//! 413, 415, 422), the query string (400, 422), an object named in the path
+//! 408, 413, 415, 422), the query string (400, 422), an object named in the path
 //! (404), a fixed route that shadows a name (405), the store's
 //! compare-and-swap (409), a watch from a revision the store no longer keeps
 //! (410), and a fault (500). Creates are linked to the operations on what
@@ -39,6 +39,7 @@ const REASONS: &[(u16, &str)] = &[
         410,
         "The watch starts at a revision the store no longer keeps: list again",
     ),
+    (408, "The request body did not arrive in time"),
     (413, "The request body is over the size limit"),
     (415, "The request body is not application/json"),
     (
@@ -106,7 +107,7 @@ fn layer_statuses(path: &str, method: &str, op: &Operation) -> Vec<u16> {
         out.extend([401, 403, 429]);
     }
     if op.request_body.is_some() {
-        out.extend([400, 413, 415, 422]);
+        out.extend([400, 408, 413, 415, 422]);
     }
     if has_query {
         out.extend([400, 422]);

@@ -7,6 +7,7 @@ mod common;
 use axum::body::Body;
 use axum::http::{Method, StatusCode};
 use common::*;
+use futures::StreamExt;
 use novacron_api::Migration;
 use novacron_store::StoreExt;
 use serde_json::json;
@@ -458,4 +459,21 @@ async fn token_lifetime_is_bounded_for_token_managers_too() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// A JSON body trickled in (here: a first chunk, then nothing) gets 408 once
+/// its 30 s are up, instead of holding the request forever. (Time is paused:
+/// the 30 s pass at once.)
+#[tokio::test(start_paused = true)]
+async fn a_body_that_never_finishes_arriving_gets_408() {
+    let h = Harness::new().await;
+    let trickle =
+        futures::stream::once(async { Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{\"name\":")) })
+            .chain(futures::stream::pending());
+    let resp = h
+        .raw(Method::POST, "/v1/projects", Some(&h.admin), Body::from_stream(trickle))
+        .await;
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    let (status, _) = h.call(Method::GET, "/v1/projects/never", Some(&h.admin), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the project was not created");
 }

@@ -1,14 +1,17 @@
 //! TLS for NovaCron: the cluster CA that issues server and agent
-//! certificates, rustls configurations (TLS 1.3 only), a TLS listener for
-//! axum that reports the peer's certificate, and HTTP clients that present
-//! one.
+//! certificates, rustls configurations (TLS 1.3 only) that follow renewals,
+//! revocations and CA rotations while they run, HTTP(S) serving with limits
+//! against slow and greedy clients (reporting the peer's certificate), and
+//! HTTP clients that present one.
 
 pub use rustls;
 pub use tokio_rustls;
 
 pub mod der;
 mod live;
+mod serve;
 pub use live::{LiveTls, TrustSet};
+pub use serve::{serve, ServeLimits};
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,19 +20,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use sha2::{Digest, Sha256};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -427,99 +424,6 @@ pub fn http_client(
 pub struct PeerInfo {
     pub addr: SocketAddr,
     pub cert_sha256: Option<String>,
-}
-
-impl Connected<IncomingStream<'_, TcpListener>> for PeerInfo {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        PeerInfo {
-            addr: *stream.remote_addr(),
-            cert_sha256: None,
-        }
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for PeerInfo {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        let (_, conn) = stream.io().get_ref();
-        PeerInfo {
-            addr: *stream.remote_addr(),
-            cert_sha256: conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| fingerprint(c.as_ref())),
-        }
-    }
-}
-
-type Accepted = (tokio_rustls::server::TlsStream<TcpStream>, SocketAddr);
-
-/// A TCP listener whose connections complete a TLS handshake before axum
-/// sees them. Handshakes run in their own tasks, so a slow or silent client
-/// cannot hold up the others.
-pub struct TlsListener {
-    accepted: mpsc::Receiver<Accepted>,
-    local: SocketAddr,
-    acceptor_task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor_task.abort();
-    }
-}
-
-impl TlsListener {
-    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> io::Result<TlsListener> {
-        let local = tcp.local_addr()?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let (tx, accepted) = mpsc::channel(64);
-        let acceptor_task = tokio::spawn(async move {
-            loop {
-                let (stream, addr) = match tcp.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, as axum does.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, addr)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "TLS handshake refused"),
-                        Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener {
-            accepted,
-            local,
-            acceptor_task,
-        })
-    }
-}
-
-impl Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(conn) => conn,
-            // The acceptor task is gone: no more connections will come.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
-    }
 }
 
 /// A byte stream: plain TCP or TLS.

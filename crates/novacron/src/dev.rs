@@ -125,6 +125,7 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         node_grace: a.node_grace,
         rate_limit: 500,
         rate_burst: 1000,
+        max_connections: 1024,
         insecure_http: a.insecure_http,
         tls_cert: None,
         tls_key: None,

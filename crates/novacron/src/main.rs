@@ -129,6 +129,9 @@ pub struct ServerArgs {
     /// Requests a token may burst above its rate.
     #[arg(long, default_value_t = 1000)]
     pub rate_burst: u32,
+    /// Connections open at once; one client address may hold a quarter of them.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(4..))]
+    pub max_connections: u32,
 }
 
 #[derive(Args, Clone)]
@@ -231,6 +234,7 @@ pub fn server_config(a: &ServerArgs) -> novacron_server::ServerConfig {
         listen: a.listen,
         node_grace: a.node_grace,
         rate_limit: (a.rate_limit > 0).then_some((a.rate_limit, a.rate_burst.max(1))),
+        max_connections: a.max_connections as usize,
         tls: if a.insecure_http {
             novacron_server::TlsConfig::Off
         } else {

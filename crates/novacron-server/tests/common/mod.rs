@@ -36,6 +36,7 @@ impl Harness {
             listen: "127.0.0.1:0".parse().unwrap(),
             node_grace: Duration::from_secs(15),
             rate_limit,
+            max_connections: 1024,
             tls: novacron_server::TlsConfig::Off,
         })
         .await

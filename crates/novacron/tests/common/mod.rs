@@ -93,6 +93,8 @@ pub struct Options {
     pub server_cert: Option<PathBuf>,
     /// `--node-cert-lifetime` (default: the server's).
     pub node_cert_lifetime: Option<&'static str>,
+    /// `--max-connections` (default: the server's).
+    pub max_connections: Option<u32>,
 }
 
 impl Default for Options {
@@ -106,6 +108,7 @@ impl Default for Options {
             tls: true,
             server_cert: None,
             node_cert_lifetime: None,
+            max_connections: None,
         }
     }
 }
@@ -144,6 +147,9 @@ impl Cluster {
         }
         if let Some(lifetime) = opts.node_cert_lifetime {
             server_args.extend(["--node-cert-lifetime".into(), lifetime.into()]);
+        }
+        if let Some(n) = opts.max_connections {
+            server_args.extend(["--max-connections".into(), n.to_string()]);
         }
         if let Some(d) = &opts.server_cert {
             server_args.extend([
