@@ -76,7 +76,11 @@ fuzz() {
 }
 # Revoking tokens last: the fuzzer finds the name of its own token in the
 # token list, and once it revokes it every later request would be a 401.
-fuzz --exclude-name "DELETE /v1/tokens/{name}" || status=$?
+fuzz --exclude-name "DELETE /v1/tokens/{name}" --exclude-path-regex '^/v1/ca/' || status=$?
 refusals
+# A CA rotation changes the server's certificate mid-run (and finishing one
+# leaves a client that kept the old CA out): this phase checks the answers,
+# not the trust, which the certificates tests check with real agents.
+fuzz --include-path-regex '^/v1/ca/' --tls-verify false --phases examples,coverage,fuzzing || status=$?
 fuzz --include-name "DELETE /v1/tokens/{name}" --phases examples,coverage,fuzzing || status=$?
 exit "${status:-0}"
