@@ -4,7 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{MigrationStrategy, MigrationTransport, Node, Vm};
+use crate::migration::{MigrationStrategy, MigrationTransport};
+use crate::types::{Node, Vm};
 
 /// Body of `migrations/{id}/prepare`: the source asks the target to get ready
 /// to receive `vm`.

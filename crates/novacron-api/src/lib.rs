@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod error;
 pub mod identity;
+pub mod migration;
 pub mod scheduling;
 pub mod selector;
 pub mod types;
@@ -12,6 +13,7 @@ pub mod validate;
 
 pub use error::{ErrorBody, ErrorDetail, FieldError};
 pub use identity::*;
+pub use migration::*;
 pub use scheduling::*;
 pub use types::*;
 
