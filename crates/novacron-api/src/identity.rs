@@ -185,6 +185,10 @@ pub struct CreateRole {
     #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// `resource:verb` patterns, `*` allowed on either side.
+    #[schema(min_items = 1)]
+    #[schema(
+        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit):(\*|read|create|update|delete|console|status)$"
+    )]
     pub permissions: Vec<String>,
 }
 
@@ -283,6 +287,7 @@ pub const MAX_TOKEN_TTL_S: u64 = 315_360_000;
 pub struct CreateToken {
     #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub role: String,
     #[serde(default)]
     pub project: Option<String>,
@@ -305,6 +310,7 @@ pub struct JoinNode {
     #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// Hosts (IP addresses or DNS names) the agent is reached at; they go in its certificate.
+    #[schema(min_items = 1, max_items = 16, pattern = r"^[A-Za-z0-9.:-]{1,253}$")]
     pub hosts: Vec<String>,
 }
 
@@ -387,15 +393,22 @@ pub struct IssuedToken {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Quota {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub vcpus: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub memory_mib: Option<u64>,
     /// Root plus data disks of all VMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub disk_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
     pub vms: Option<u64>,
 }
+
+/// The largest quota value (2^40): what the document and validation allow.
+pub const MAX_QUOTA: u64 = 1 << 40;
 
 /// What a project's VMs take.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -470,4 +483,39 @@ pub struct AuditVerification {
     /// What is wrong, with the first bad sequence number.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa::PartialSchema;
+
+    /// The document's pattern for permissions names every resource and verb
+    /// there is, so a permission valid by the document is accepted.
+    #[test]
+    fn the_permission_pattern_names_every_resource_and_verb() {
+        let schema = serde_json::to_value(CreateRole::schema()).unwrap_or_default();
+        let pattern = schema["properties"]["permissions"]["items"]["pattern"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let (resources, verbs) = pattern.split_once("):(").unwrap_or_default();
+        for r in Resource::ALL {
+            assert!(
+                resources.contains(&format!("|{}", r.as_str())),
+                "{pattern} lacks {}",
+                r.as_str()
+            );
+        }
+        for v in Verb::ALL {
+            assert!(
+                verbs.contains(&format!("|{}", v.as_str())),
+                "{pattern} lacks {}",
+                v.as_str()
+            );
+        }
+        for p in ["vms:read", "*:*", "audit:*"] {
+            assert!(expand_permissions(&[p.to_string()]).is_ok(), "{p}");
+        }
+    }
 }

@@ -172,6 +172,8 @@ impl QemuCapabilities {
 pub struct RegisterNode {
     #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
+    /// The agent's base URL: `http(s)://HOST[:PORT]`.
+    #[schema(pattern = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,4})?/?$", max_length = 300)]
     pub address: String,
     pub capacity: Resources,
     #[serde(default)]

@@ -171,6 +171,7 @@ pub fn app(state: AppState) -> Router {
         serde_json::Value::Null
     });
     openapi::link_creates_to_their_objects(&mut openapi);
+    openapi::constrain_field_selectors(&mut openapi, &routes::selectable_fields());
     let openapi = Arc::new(openapi);
     let protected = api
         .route(

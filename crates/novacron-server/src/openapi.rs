@@ -189,3 +189,25 @@ pub fn link_creates_to_their_objects(doc: &mut serde_json::Value) {
         }
     }
 }
+
+/// Gives each list operation's `field_selector` the pattern of what it
+/// accepts: terms on the kind's selectable fields only.
+pub fn constrain_field_selectors(doc: &mut serde_json::Value, selectable: &[(&str, &[&str])]) {
+    for (path, fields) in selectable {
+        let Some(params) = doc
+            .pointer_mut(&format!("/paths/{}/get/parameters", path.replace('/', "~1")))
+            .and_then(|p| p.as_array_mut())
+        else {
+            continue;
+        };
+        let names = fields
+            .iter()
+            .map(|f| f.replace('.', "\\."))
+            .collect::<Vec<_>>()
+            .join("|");
+        let term = format!("({names})(=|==|!=)[A-Za-z0-9._:-]*");
+        for p in params.iter_mut().filter(|p| p["name"] == "field_selector") {
+            p["schema"]["pattern"] = serde_json::Value::String(format!("^{term}(,{term})*$"));
+        }
+    }
+}

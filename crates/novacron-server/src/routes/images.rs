@@ -195,7 +195,7 @@ async fn inspect_disk(path: &std::path::Path, expected: ImageFormat) -> ApiResul
 /// Upload one file of an image (streamed). The image becomes Ready when it
 /// has every file its format needs.
 #[utoipa::path(put, path = "/v1/images/{name}/files/{part}", tag = "images",
-    params(("name" = String, Path), ("part" = String, Path, description = "disk, kernel or initrd")),
+    params(("name" = String, Path), ("part" = String, Path, description = "disk, kernel or initrd", pattern = "^(disk|kernel|initrd)$")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, body = Image), (status = 422, body = novacron_api::ErrorBody)))]
 async fn upload_image_file(
@@ -287,7 +287,7 @@ async fn receive(body: Body, path: &std::path::Path) -> ApiResult<(u64, String)>
 
 /// Download one file of an image (agents cache images this way).
 #[utoipa::path(get, path = "/v1/images/{name}/files/{part}", tag = "images",
-    params(("name" = String, Path), ("part" = String, Path, description = "disk, kernel or initrd")),
+    params(("name" = String, Path), ("part" = String, Path, description = "disk, kernel or initrd", pattern = "^(disk|kernel|initrd)$")),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = novacron_api::ErrorBody),
         (status = 422, description = "Not a part of images: disk, kernel or initrd", body = novacron_api::ErrorBody)))]
 async fn download_image_file(

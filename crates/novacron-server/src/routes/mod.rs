@@ -37,6 +37,9 @@ pub const MAX_PAGE: u32 = 1000;
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Label selector: `k=v`, `k!=v`, `k`, `!k`, comma-separated.
+    #[param(
+        pattern = r"^(!?[A-Za-z0-9._/-]+|[A-Za-z0-9._/-]+(=|==|!=)[A-Za-z0-9._-]*)(,(!?[A-Za-z0-9._/-]+|[A-Za-z0-9._/-]+(=|==|!=)[A-Za-z0-9._-]*))*$"
+    )]
     pub label_selector: Option<String>,
     /// Field selector: `field=v`, `field!=v`, comma-separated, on the kind's
     /// selectable fields (VMs: `status.node`, `status.phase`; migrations:
@@ -45,10 +48,11 @@ pub struct ListQuery {
     /// object that stops matching as `Deleted`, and one that starts as `Added`.
     pub field_selector: Option<String>,
     /// Page size (1-1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Token from the previous page.
     #[serde(rename = "continue")]
-    #[param(rename = "continue")]
+    #[param(rename = "continue", pattern = "^([2-7][0-9a-f])*$")]
     pub continue_token: Option<String>,
     /// Stream changes as newline-delimited JSON instead of listing.
     pub watch: Option<bool>,
@@ -73,6 +77,18 @@ macro_rules! guarded {
         })*
     };
 }
+/// The fields each list operation's field selector may name, for the
+/// document (`/v1/KIND` and the kind's selectable fields).
+pub fn selectable_fields() -> Vec<(&'static str, &'static [&'static str])> {
+    vec![
+        ("/v1/vms", Vm::SELECTABLE),
+        ("/v1/images", Image::SELECTABLE),
+        ("/v1/migrations", Migration::SELECTABLE),
+        ("/v1/nodes", Node::SELECTABLE),
+        ("/v1/trust", ClusterTrust::SELECTABLE),
+    ]
+}
+
 guarded!(Vm => Vms ["status.node", "status.phase"],
     Image => Images,
     Migration => Migrations ["status.source_node", "status.target_node", "status.phase", "spec.vm"],

@@ -87,7 +87,7 @@ fn validate_quota(q: &Quota) -> ApiResult<()> {
         ("disk_mib", q.disk_mib),
         ("vms", q.vms),
     ] {
-        if v.is_some_and(|v| v > 1 << 40) {
+        if v.is_some_and(|v| v > novacron_api::MAX_QUOTA) {
             return Err(ApiError::invalid(&format!("quota.{name}"), "quota is too large"));
         }
     }
