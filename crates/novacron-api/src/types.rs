@@ -394,7 +394,7 @@ pub struct VmSpec {
     /// baseline (`novacron cluster set-scheduler --cpu-model`), recorded at
     /// create. A named model, unlike `host`, can migrate between hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = r"^[A-Za-z0-9][-_.A-Za-z0-9]{0,63}$")]
+    #[schema(pattern = r"^(?!host$)[A-Za-z0-9][-_.A-Za-z0-9]{0,63}$")]
     pub cpu_model: Option<String>,
 }
 
