@@ -183,7 +183,9 @@ pub async fn run(
     // Two pools of connections to other agents: one for the calls that drive a
     // migration, one for watching the target meanwhile (see `migration`).
     let peer_http = || -> Result<reqwest::Client, AgentError> {
-        let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        let builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(novacron_api::POOL_IDLE_TIMEOUT);
         let builder = match &tls {
             Some(t) => builder.use_preconfigured_tls(t.client_config()?),
             None => builder,
@@ -248,7 +250,10 @@ pub async fn run(
             listener,
             listener_tls,
             http::router(http_state),
-            novacron_tls::ServeLimits::default(),
+            novacron_tls::ServeLimits {
+                header_read_timeout: novacron_api::SERVER_IDLE_TIMEOUT,
+                ..Default::default()
+            },
             tokio_util::sync::CancellationToken::new(),
         );
         if let Err(e) = served.await {

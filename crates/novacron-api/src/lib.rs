@@ -19,3 +19,12 @@ pub use types::*;
 
 /// Header an agent uses to authenticate the server's calls.
 pub const AGENT_SECRET_HEADER: &str = "x-novacron-agent-secret";
+
+/// How long the server and agents wait for a request head, or for the next
+/// request on an idle keep-alive connection, before they close it.
+pub const SERVER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long NovaCron's HTTP clients keep an idle pooled connection: less
+/// than [`SERVER_IDLE_TIMEOUT`], so a request never goes out on a
+/// connection the other side is closing (a POST is not retried).
+pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+const _: () = assert!(POOL_IDLE_TIMEOUT.as_secs() < SERVER_IDLE_TIMEOUT.as_secs());

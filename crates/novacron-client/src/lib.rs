@@ -138,7 +138,9 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let base = base_url.trim_end_matches('/').to_string();
         let build = |timeout: Option<Duration>| {
-            let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+            let mut b = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .pool_idle_timeout(novacron_api::POOL_IDLE_TIMEOUT);
             if let Some(t) = timeout {
                 b = b.timeout(t);
             }

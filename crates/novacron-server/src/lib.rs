@@ -242,7 +242,9 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         .rate_limit
         .and_then(|(per_s, burst)| auth::rate_limiter(per_s, burst))
         .map(Arc::new);
-    let agents_builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    let agents_builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(novacron_api::POOL_IDLE_TIMEOUT);
     let agents = match &tls {
         Some(t) => agents_builder.use_preconfigured_tls((*t.agent_client).clone()),
         None => agents_builder,
@@ -310,6 +312,7 @@ pub async fn run(
     let limits = novacron_tls::ServeLimits {
         max_connections: state.config.max_connections,
         max_connections_per_ip: (state.config.max_connections / 4).max(1),
+        header_read_timeout: novacron_api::SERVER_IDLE_TIMEOUT,
         ..Default::default()
     };
     let serve = novacron_tls::serve(listener, tls, app(state), limits, stop.clone());

@@ -28,7 +28,11 @@ use crate::{fingerprint, PeerInfo};
 pub struct ServeLimits {
     /// The TLS handshake must finish within this.
     pub handshake_timeout: Duration,
-    /// A request's head (request line and headers) must arrive within this.
+    /// A request's head (request line and headers) must arrive within this;
+    /// an idle keep-alive connection is closed after it too (hyper counts
+    /// from when the connection waits for the next request). NovaCron's
+    /// clients drop pooled connections sooner (`novacron_api::POOL_IDLE_TIMEOUT`),
+    /// so they never send a request on one the server is closing.
     pub header_read_timeout: Duration,
     /// Largest request head, in bytes (hyper answers 431 above it).
     pub max_header_bytes: usize,
@@ -44,7 +48,7 @@ impl Default for ServeLimits {
     fn default() -> Self {
         ServeLimits {
             handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
             max_header_bytes: 64 << 10,
             max_headers: 100,
             max_connections: 1024,

@@ -146,7 +146,10 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         Some(novacron_tls::client_config(&ca, None)?)
     };
     let probe = match &tls {
-        Some(cfg) => reqwest::Client::builder().use_preconfigured_tls(cfg.clone()).build()?,
+        Some(cfg) => reqwest::Client::builder()
+            .use_preconfigured_tls(cfg.clone())
+            .pool_idle_timeout(novacron_api::POOL_IDLE_TIMEOUT)
+            .build()?,
         None => reqwest::Client::new(),
     };
     wait_ready(&base, &probe).await?;
