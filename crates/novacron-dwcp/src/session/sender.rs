@@ -34,11 +34,6 @@ const FLUSH_AFTER: Duration = Duration::from_millis(20);
 const RAW_HELD_POLL: Duration = Duration::from_millis(2);
 /// Filler a probe sends after each chunk of prefill pages.
 const PROBE_GAP: usize = 16 * 1024;
-/// A probe's steady rate is measured over at least this many round trips,
-/// and again this many later; when the two agree within `PROBE_SETTLED`,
-/// the probe ends early.
-const PROBE_SETTLE_RTTS: u32 = 4;
-const PROBE_SETTLED: f64 = 0.03;
 
 enum Input {
     Open(u32, Role),
@@ -442,31 +437,9 @@ impl Sender {
             if steady.is_none() && started.elapsed() >= duration / 3 {
                 steady = Some(last);
             }
-            (steady, last)
         };
-        // The steady rate, measured again every few round trips: once two
-        // measurements agree, more time would only confirm it.
-        let rtt = Duration::from_secs_f64(self.stats().rtt_ms.max(0.1) / 1e3);
-        let mut checkpoint: Option<(Instant, f64)> = None;
-        let mut settled = false;
         while started.elapsed() < duration && written < max_bytes {
-            if let (Some((from_at, from)), (at, acked)) = mark(&self.stats) {
-                let span = at.saturating_duration_since(from_at);
-                if span >= rtt * PROBE_SETTLE_RTTS && acked > from {
-                    let rate = (acked - from) as f64 / span.as_secs_f64();
-                    match checkpoint {
-                        Some((then, earlier)) if at.duration_since(then) >= rtt * PROBE_SETTLE_RTTS => {
-                            if (rate - earlier).abs() <= PROBE_SETTLED * rate {
-                                settled = true;
-                                break;
-                            }
-                            checkpoint = Some((at, rate));
-                        }
-                        None => checkpoint = Some((at, rate)),
-                        Some(_) => {}
-                    }
-                }
-            }
+            mark(&self.stats);
             let page = fill.as_deref_mut().map(|rx| rx.try_recv());
             let mut filler = buf.len();
             if let (Some(Ok(chunk)), Some(out)) = (page, prefill.as_mut()) {
@@ -505,7 +478,7 @@ impl Sender {
         mark(&self.stats);
         let (last_at, acked) = last;
         let rate = match steady {
-            Some((at, from)) if acked > from && (settled || last_at.duration_since(at) > duration / 4) => {
+            Some((at, from)) if acked > from && last_at.duration_since(at) > duration / 4 => {
                 (acked - from) as f64 / last_at.duration_since(at).as_secs_f64()
             }
             _ => acked as f64 / last_at.duration_since(started).as_secs_f64().max(1e-3),
