@@ -216,44 +216,38 @@ impl ServerTls {
     /// finished. A server certificate from the cluster CA is re-issued from
     /// the new one.
     pub async fn rotate_ca(&self, store: &SharedStore) -> ApiResult<ClusterTrust> {
-        let _changing = self.changes.lock().await;
-        let generated = {
-            let mut ca = self.ca.lock();
-            ca.rotate().map_err(rotation_error)?;
-            ca.issue("novacron-server", &self.server_names, None)
-                .map_err(|e| ApiError::internal("Cannot issue the server certificate", &e))?
-        };
-        let trust = self.publish(store, Vec::new()).await?;
-        if !self.given_cert {
-            self.listener_tls
-                .set_identity(generated.clone())
-                .map_err(|e| ApiError::internal("Cannot use the new server certificate", &e))?;
-        }
-        self.agent_tls
-            .set_identity(generated)
-            .map_err(|e| ApiError::internal("Cannot use the new server certificate", &e))?;
-        Ok(trust)
+        self.change_ca(store, ClusterCa::rotate).await
     }
 
-    /// Stops trusting the previous CA.
+    /// Stops trusting the previous CA. The server's certificate is re-issued
+    /// without the cross-signed CA, which chains to a CA no longer trusted.
     pub async fn finish_ca_rotation(&self, store: &SharedStore) -> ApiResult<ClusterTrust> {
+        self.change_ca(store, ClusterCa::finish_rotation).await
+    }
+
+    /// Changes the CA, re-issues the server's own certificate from it,
+    /// publishes the trust and presents the new certificate.
+    async fn change_ca(
+        &self,
+        store: &SharedStore,
+        change: fn(&mut ClusterCa) -> Result<(), TlsError>,
+    ) -> ApiResult<ClusterTrust> {
         let _changing = self.changes.lock().await;
         let generated = {
             let mut ca = self.ca.lock();
-            ca.finish_rotation().map_err(rotation_error)?;
-            // Without the cross-signed CA, which chains to a CA no longer trusted.
+            change(&mut ca).map_err(rotation_error)?;
             ca.issue("novacron-server", &self.server_names, None)
                 .map_err(|e| ApiError::internal("Cannot issue the server certificate", &e))?
         };
         let trust = self.publish(store, Vec::new()).await?;
+        let present = |live: &LiveTls| {
+            live.set_identity(generated.clone())
+                .map_err(|e| ApiError::internal("Cannot use the new server certificate", &e))
+        };
         if !self.given_cert {
-            self.listener_tls
-                .set_identity(generated.clone())
-                .map_err(|e| ApiError::internal("Cannot use the new server certificate", &e))?;
+            present(&self.listener_tls)?;
         }
-        self.agent_tls
-            .set_identity(generated)
-            .map_err(|e| ApiError::internal("Cannot use the new server certificate", &e))?;
+        present(&self.agent_tls)?;
         Ok(trust)
     }
 }
