@@ -776,13 +776,19 @@ async fn a_server_outage_does_not_lengthen_the_guest_pause() {
         "the migration ended at {finished}, after the server came back at {back}"
     );
     let paused = m.status.downtime_ms.expect("downtime");
-    // Before, the guest stayed paused for what was left of the outage. Under
-    // TCG on a loaded 2-core host a pause can pass the 300 ms limit without
-    // any outage (other tests allow 10 s), so the bound is well under 20 s.
-    assert!(paused < 5_000, "guest paused {paused} ms during a 20 s server outage");
+    let qemu = m.status.qemu_downtime_ms.expect("QEMU's downtime");
     eprintln!(
-        "guest pause during a 20 s server outage: {paused} ms (limit {} ms)",
+        "guest pause during a 20 s server outage: {paused} ms; QEMU's own downtime {qemu} ms (limit {} ms)",
         m.spec.max_downtime_ms
+    );
+    // Before, the guest stayed paused for what was left of the outage. The
+    // pause is QEMU's downtime plus the target's start, one round trip
+    // between the agents on loopback: the outage must add nothing to it.
+    // (Under TCG on a loaded 2-core host QEMU's own downtime can pass the
+    // limit without any outage, so the bound is QEMU's figure, not the limit.)
+    assert!(
+        paused <= qemu.max(m.spec.max_downtime_ms) + 500,
+        "guest paused {paused} ms during a 20 s server outage, QEMU's own downtime {qemu} ms"
     );
     let vm = c
         .wait_phase("unbothered", VmPhase::Running, Duration::from_secs(30))
