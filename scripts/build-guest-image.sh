@@ -6,7 +6,7 @@
 # Outputs:
 #   OUTDIR/vmlinuz      Debian's stock kernel (linux-image-<abi>-amd64)
 #   OUTDIR/initrd.img   gzip'd newc cpio: busybox, guest/init, nc-workload,
-#                       virtio-blk / ACPI button / evdev / ext4 modules
+#                       virtio-blk / virtio-net / ACPI button / evdev / ext4 modules
 #   OUTDIR/VERSION      "kernel=<release> package=<deb> inputs=sha256:<hash>"
 #                       plus the sha256 of both outputs (used for up-to-date checks)
 #   OUTDIR/cache/       downloaded kernel .deb and its extracted tree
@@ -34,7 +34,7 @@ mkdir -p "$CACHE"
 
 # Modules the guest needs (dependencies are added from modules.dep).
 # crc32c_generic: ext4/jbd2 soft dependency (crypto-crc32c).
-GUEST_MODULES="virtio_ring virtio virtio_pci virtio_blk button evdev crc32c_generic ext4 ${EXTRA_MODULES:-}"
+GUEST_MODULES="virtio_ring virtio virtio_pci virtio_blk virtio_net button evdev crc32c_generic ext4 ${EXTRA_MODULES:-}"
 
 BUSYBOX=/bin/busybox             # from busybox-static
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000}

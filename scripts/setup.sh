@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what NovaCron needs on a Debian machine (idempotent): QEMU >= 10, qemu-img,
 # busybox-static and a C toolchain for the guest image, curl for the demo, python3-venv
-# for the API fuzzer.
+# for the API fuzzer, iproute2, dnsmasq-base and nftables for VM networks.
 set -euo pipefail
 
 SUDO=""
@@ -69,6 +69,11 @@ command -v gcc >/dev/null || need+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 command -v curl >/dev/null || need+=(curl)
 command -v xz >/dev/null || need+=(xz-utils)
+# VM networking: links, bridges and VXLAN (iproute2), DHCP for guests
+# (dnsmasq-base: the daemon without a system service), firewall and NAT.
+command -v ip >/dev/null && command -v bridge >/dev/null || need+=(iproute2)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v nft >/dev/null || need+=(nftables)
 # The API fuzzer (scripts/api-fuzz.sh) runs from a virtual environment.
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 

@@ -10,6 +10,7 @@ mod dwcp;
 mod http;
 mod images;
 mod migration;
+pub mod network;
 mod node;
 pub mod qemu;
 mod reconcile;
@@ -57,6 +58,9 @@ pub struct AgentConfig {
     pub probe_timeout: Duration,
     /// Memory for DWCP's chunk caches, per peer and direction.
     pub dwcp_cache_bytes: usize,
+    /// This host's address for VXLAN (default: the advertised host, when
+    /// it is an IPv4 address).
+    pub underlay_ip: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +210,12 @@ pub async fn run(
     };
     let secret = Arc::new(RwLock::new(None));
     let images = Arc::new(images::ImageCache::new(cfg.data_dir.join("images")));
+    let underlay_ip = cfg.underlay_ip.or_else(|| hosts.bare.parse().ok());
+    let net = Arc::new(network::Overlay::new(
+        &cfg.name,
+        underlay_ip,
+        cfg.data_dir.join("networks"),
+    ));
     let node = Arc::new(NodeContext {
         name: cfg.name.clone(),
         qemu: cfg.qemu.clone(),
@@ -216,6 +226,7 @@ pub async fn run(
         secret: secret.clone(),
         host: hosts.in_url,
         claims: MigrationClaims::default(),
+        net: net.clone(),
     });
     let mut dwcp = None;
     if let Some(t) = &tls {
@@ -282,6 +293,7 @@ pub async fn run(
         accel: accel.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         dwcp_port,
+        underlay_ip: underlay_ip.map(|ip| ip.to_string()),
     };
     let register = {
         let client = client.clone();
@@ -336,6 +348,7 @@ pub async fn run(
         runtimes: HashMap::new(),
     };
     let poller = tokio::spawn(migrations.run());
+    let peers = tokio::spawn(keep_overlay_peers(net, client.clone()));
     let certificates = tls.map(|t| {
         tokio::spawn(certs::keep_current(
             t,
@@ -350,6 +363,7 @@ pub async fn run(
     }
     heartbeat.abort();
     poller.abort();
+    peers.abort();
     if let Some(c) = certificates {
         c.abort();
     }
@@ -400,6 +414,23 @@ async fn control_loop(mut rec: Reconciler, client: Client) {
         if orphans_checked {
             reconcile_all(&mut rec, &client, &mut mine).await;
         }
+    }
+}
+
+/// Keeps every network's VXLAN peers (on this host) at the server's list
+/// of underlay addresses. One object, changed only as nodes come and go.
+async fn keep_overlay_peers(net: Arc<network::Overlay>, client: Client) {
+    let mut peers = std::pin::pin!(watcher::watch::<novacron_api::OverlayPeers>(
+        client,
+        Selector::everything()
+    ));
+    while let Some(ev) = peers.next().await {
+        let list = match ev {
+            watcher::Event::Restarted(all) => all.into_iter().next(),
+            watcher::Event::Applied(p) => Some(p),
+            watcher::Event::Deleted(_) => None,
+        };
+        net.set_peers(&list.map(|l| l.peers).unwrap_or_default()).await;
     }
 }
 
@@ -504,6 +535,7 @@ mod tests {
             secret: Arc::default(),
             host: "127.0.0.1".into(),
             claims: MigrationClaims::default(),
+            net: Arc::new(network::Overlay::new("node-1", None, PathBuf::from("/nonexistent"))),
         };
         Reconciler {
             node: Arc::new(node),

@@ -29,6 +29,8 @@ pub struct NodeContext {
     pub host: String,
     /// VMs a migration owns: the reconciler leaves them alone.
     pub claims: MigrationClaims,
+    /// The host's side of VM networks: bridges, VXLAN, taps, DHCP.
+    pub net: Arc<crate::network::Overlay>,
 }
 
 impl NodeContext {

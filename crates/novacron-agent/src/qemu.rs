@@ -139,6 +139,9 @@ pub struct LaunchSpec {
     /// Wait for an incoming migration (`-incoming defer`).
     #[serde(default)]
     pub incoming: bool,
+    /// virtio-net NICs on taps the agent made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::network::AttachedNic>,
 }
 
 fn default_machine() -> String {
@@ -195,9 +198,21 @@ impl LaunchSpec {
             ),
             "-serial".into(),
             "chardev:serial0".into(),
-            "-nic".into(),
-            "none".into(),
         ];
+        if self.nics.is_empty() {
+            a.extend(["-nic".into(), "none".into()]);
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            // The agent made the tap: QEMU runs no scripts.
+            a.push("-netdev".into());
+            a.push(format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap));
+            // host_mtu tells the guest the overlay's MTU.
+            a.push("-device".into());
+            a.push(format!(
+                "virtio-net-pci,netdev=net{i},id=nic{i},mac={},host_mtu={}",
+                nic.mac, nic.mtu
+            ));
+        }
         if let Some((kernel, initrd, cmdline)) = &self.kernel {
             a.extend([
                 "-kernel".into(),
@@ -361,6 +376,11 @@ mod tests {
             data_disk: Some(dir.data_disk()),
             paused: false,
             incoming: false,
+            nics: vec![crate::network::AttachedNic {
+                tap: "nc0123456789a0".into(),
+                mac: "52:54:0a:14:00:05".into(),
+                mtu: 1450,
+            }],
         };
         let args = spec.args(&dir).expect("args").join(" ");
         for want in [
@@ -373,6 +393,8 @@ mod tests {
             "-kernel /k",
             "drive=data",
             "qmp.sock,server=on",
+            "-netdev tap,id=net0,ifname=nc0123456789a0,script=no,downscript=no",
+            "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:0a:14:00:05,host_mtu=1450",
         ] {
             assert!(args.contains(want), "missing {want} in {args}");
         }

@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use novacron_api::error::chain;
 use novacron_api::{Image, ImageFormat, ImagePart, PowerState, RunStrategy, Vm, VmPhase, VmStatus};
-use novacron_client::Client;
 use novacron_qmp::{Qmp, RunState};
 
-use crate::images::ImageCache;
 use crate::node::NodeContext;
 use crate::qemu::{self, LaunchSpec, VmDir};
 
@@ -60,6 +58,8 @@ pub enum ReconcileError {
     Qemu(#[from] qemu::QemuError),
     #[error("Cannot create VM directory")]
     Io(#[source] std::io::Error),
+    #[error("Cannot connect the VM's NICs")]
+    Network(#[from] crate::network::NetError),
 }
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -81,6 +81,7 @@ impl Reconciler {
             if let Some(pid) = pid {
                 self.force_off(&id, pid, &dir).await;
             }
+            self.node.net.detach(&id).await;
             if let Err(e) = std::fs::remove_dir_all(&dir.path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(vm = %vm.metadata.name, error = %e, "cannot remove VM directory");
@@ -264,7 +265,7 @@ impl Reconciler {
     }
 
     async fn start(&mut self, vm: &Vm, dir: &VmDir) -> Result<u32, ReconcileError> {
-        let spec = prepare_launch(&self.node.client, &self.node.images, &self.node.accel, vm, dir).await?;
+        let spec = prepare_launch(&self.node, vm, dir).await?;
         let pid = qemu::launch(&self.node.qemu, &spec, dir).await?;
         let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
         rt.qmp = None;
@@ -391,6 +392,7 @@ impl Reconciler {
         if !dir.path.exists() {
             return;
         }
+        self.node.net.detach(id).await;
         if let Some(pid) = dir.running_pid() {
             tracing::warn!(vm_id = %id, pid, "killing QEMU of a VM this node no longer runs");
             self.force_off(id, pid, &dir).await;
@@ -406,13 +408,8 @@ impl Reconciler {
 /// Everything a VM needs before QEMU can start on this node: its directory,
 /// the image files in the cache, the overlay root disk and the data disk.
 /// Used for a normal start and for the target of a migration.
-pub async fn prepare_launch(
-    client: &Client,
-    images: &ImageCache,
-    accel: &str,
-    vm: &Vm,
-    dir: &VmDir,
-) -> Result<LaunchSpec, ReconcileError> {
+pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<LaunchSpec, ReconcileError> {
+    let (client, images, accel) = (&node.client, &node.images, node.accel.as_str());
     std::fs::create_dir_all(&dir.path).map_err(ReconcileError::Io)?;
     let image: Image = client
         .get(&vm.spec.image)
@@ -464,5 +461,6 @@ pub async fn prepare_launch(
         data_disk,
         paused: vm.spec.power_state == PowerState::Paused,
         incoming: false,
+        nics: node.net.attach(client, vm).await?,
     })
 }

@@ -23,10 +23,11 @@ pub enum Resource {
     Roles,
     Tokens,
     Audit,
+    Networks,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 9] = [
+    pub const ALL: [Resource; 10] = [
         Resource::Vms,
         Resource::Images,
         Resource::Migrations,
@@ -36,11 +37,15 @@ impl Resource {
         Resource::Roles,
         Resource::Tokens,
         Resource::Audit,
+        Resource::Networks,
     ];
 
     /// Objects of these resources belong to a project; the others are cluster-wide.
     pub fn in_project(self) -> bool {
-        matches!(self, Resource::Vms | Resource::Images | Resource::Migrations)
+        matches!(
+            self,
+            Resource::Vms | Resource::Images | Resource::Migrations | Resource::Networks
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +59,7 @@ impl Resource {
             Resource::Roles => "roles",
             Resource::Tokens => "tokens",
             Resource::Audit => "audit",
+            Resource::Networks => "networks",
         }
     }
 }
@@ -187,7 +193,7 @@ pub struct CreateRole {
     /// `resource:verb` patterns, `*` allowed on either side.
     #[schema(min_items = 1)]
     #[schema(
-        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit):(\*|read|create|update|delete|console|status)$"
+        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks):(\*|read|create|update|delete|console|status)$"
     )]
     pub permissions: Vec<String>,
 }
@@ -405,6 +411,13 @@ pub struct Quota {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(maximum = 1_099_511_627_776_u64)]
     pub vms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
+    pub networks: Option<u64>,
+    /// Addresses taken by NICs on the project's networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_099_511_627_776_u64)]
+    pub addresses: Option<u64>,
 }
 
 /// The largest quota value (2^40): what the document and validation allow.
@@ -417,6 +430,10 @@ pub struct Usage {
     pub memory_mib: u64,
     pub disk_mib: u64,
     pub vms: u64,
+    #[serde(default)]
+    pub networks: u64,
+    #[serde(default)]
+    pub addresses: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod error;
 pub mod identity;
 pub mod migration;
+pub mod network;
 pub mod scheduling;
 pub mod selector;
 pub mod types;
@@ -14,6 +15,7 @@ pub mod validate;
 pub use error::{ErrorBody, ErrorDetail, FieldError};
 pub use identity::*;
 pub use migration::*;
+pub use network::{CreateNetwork, Network, NetworkSpec, NetworkStatus, NicSpec, OverlayPeers, Reservation};
 pub use scheduling::*;
 pub use types::*;
 

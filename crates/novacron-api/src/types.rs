@@ -124,6 +124,9 @@ pub struct NodeStatus {
     /// session without first asking for it (each question is a round trip).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dwcp_port: Option<u16>,
+    /// IPv4 address other hosts reach this one's overlay (VXLAN) traffic on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ip: Option<String>,
     /// Resources reserved by VMs bound to this node (filled in by the server on read).
     #[serde(default)]
     pub allocated: Resources,
@@ -187,6 +190,10 @@ pub struct RegisterNode {
     /// Port of the agent's DWCP listener (on the host of `address`), when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dwcp_port: Option<u16>,
+    /// IPv4 address of this host on the underlay, for VXLAN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")]
+    pub underlay_ip: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -396,6 +403,11 @@ pub struct VmSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(pattern = r"^(?!host$)[A-Za-z0-9][-_.A-Za-z0-9]{0,63}$")]
     pub cpu_model: Option<String>,
+    /// Network interfaces (virtio-net), at most 8; the server fills in
+    /// each one's `ip` and `mac` at create.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 8)]
+    pub nics: Vec<crate::network::NicSpec>,
 }
 
 pub fn default_stop_timeout() -> u32 {
@@ -421,6 +433,7 @@ impl VmSpec {
             placement: Default::default(),
             machine: None,
             cpu_model: None,
+            nics: Vec::new(),
         }
     }
 }
@@ -553,3 +566,6 @@ impl_object!(crate::identity::AuditRecord, "audit");
 impl_object!(crate::identity::NodeCredential, "nodecredential");
 impl_object!(crate::identity::ClusterTrust, "clustertrust");
 impl_object!(crate::scheduling::SchedulerConfig, "schedulerconfig");
+impl_object!(crate::network::Network, "network");
+impl_object!(crate::network::OverlayPeers, "overlaypeers");
+impl_object!(crate::network::Reservation, "reservation");

@@ -104,6 +104,7 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), FieldError> {
             qemu_name(field, v)?;
         }
     }
+    crate::network::nics(&spec.nics)?;
     if spec.cpu_model.as_deref() == Some("host") {
         return Err(FieldError::new(
             "spec.cpu_model",

@@ -64,6 +64,12 @@ impl Resource for Migration {
 impl Resource for ClusterTrust {
     const PATH: &'static str = "trust";
 }
+impl Resource for novacron_api::Network {
+    const PATH: &'static str = "networks";
+}
+impl Resource for novacron_api::OverlayPeers {
+    const PATH: &'static str = "overlay-peers";
+}
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<WatchEvent<T>, ClientError>> + Send>>;

@@ -140,6 +140,7 @@ pub fn builtin_roles() -> Vec<Role> {
         (Vms, &[Read, Create, Update, Delete, Console]),
         (Migrations, &[Read, Create, Update]),
         (Images, &[Read, Create, Delete]),
+        (Networks, &[Read, Create, Delete]),
         (Nodes, read),
         (Projects, read),
     ]);
@@ -147,6 +148,7 @@ pub fn builtin_roles() -> Vec<Role> {
         (Vms, read),
         (Migrations, read),
         (Images, read),
+        (Networks, read),
         (Nodes, read),
         (Projects, read),
     ]);
@@ -155,6 +157,7 @@ pub fn builtin_roles() -> Vec<Role> {
         (Vms, &[Read, Status]),
         (Migrations, &[Read, Status]),
         (Images, read),
+        (Networks, read),
     ]);
     // One-time join tokens can only fetch an agent certificate.
     let join = perms(&[(Nodes, &[Create])]);

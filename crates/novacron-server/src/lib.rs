@@ -7,6 +7,7 @@ mod cache;
 mod controllers;
 pub mod error;
 mod extract;
+mod ipam;
 pub mod limits;
 mod openapi;
 pub mod pki;
@@ -152,6 +153,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::pki::router())
         .merge(routes::images::router())
         .merge(routes::migrations::router())
+        .merge(routes::networks::router())
         .merge(routes::identity::router())
         .merge(routes::projects::router())
         .merge(routes::audit::router())

@@ -52,7 +52,7 @@ async fn quotas_are_enforced_and_named() {
     let (_, project) = h.call(Method::GET, "/v1/projects/alpha", Some(&operator), None).await;
     assert_eq!(
         project["usage"],
-        json!({"vcpus": 3, "memory_mib": 384, "disk_mib": 2048, "vms": 2})
+        json!({"vcpus": 3, "memory_mib": 384, "disk_mib": 2048, "vms": 2, "networks": 1, "addresses": 1})
     );
     // Memory names its own quota.
     h.admin(Method::PUT, "/v1/projects/alpha", json!({"quota": {"memory_mib": 400}}))

@@ -114,6 +114,9 @@ pub struct CreateArgs {
     /// Project (default: the token's project, else `default`).
     #[arg(long)]
     pub project: Option<String>,
+    /// A NIC on network NAME, with address IP if given (repeatable).
+    #[arg(long = "network", value_name = "NAME[:IP]", value_parser = crate::networks::parse_nic)]
+    pub networks: Vec<novacron_api::NicSpec>,
     #[command(flatten)]
     pub placement: crate::scheduling::PlacementArgs,
 }
@@ -262,6 +265,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                     placement: a.placement.placement(),
                     machine: a.machine,
                     cpu_model: a.cpu_model,
+                    nics: a.networks,
                     ..VmSpec::new(&a.image, a.vcpus, a.memory)
                 },
             };

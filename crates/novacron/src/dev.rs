@@ -180,6 +180,7 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
             accel: a.accel.clone(),
             probe_timeout: Duration::from_secs(2),
             dwcp_cache_mib: 256,
+            underlay_ip: None,
             join_token: if joining {
                 Some(join_token(&client, &name).await?)
             } else {

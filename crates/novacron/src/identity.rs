@@ -108,6 +108,11 @@ pub struct QuotaArgs {
     pub disk: Option<u64>,
     #[arg(long)]
     pub vms: Option<u64>,
+    #[arg(long)]
+    pub networks: Option<u64>,
+    /// Addresses taken by NICs.
+    #[arg(long)]
+    pub addresses: Option<u64>,
 }
 
 impl QuotaArgs {
@@ -117,6 +122,8 @@ impl QuotaArgs {
             memory_mib: self.memory,
             disk_mib: self.disk,
             vms: self.vms,
+            networks: self.networks,
+            addresses: self.addresses,
         }
     }
 }

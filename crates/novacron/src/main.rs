@@ -5,6 +5,7 @@ mod config;
 mod console;
 mod dev;
 mod identity;
+mod networks;
 mod nodes;
 mod output;
 mod pki;
@@ -72,6 +73,9 @@ enum Command {
     /// Manage images.
     #[command(subcommand)]
     Image(commands::ImageCommand),
+    /// Manage virtual networks.
+    #[command(subcommand)]
+    Network(networks::NetworkCommand),
     /// Inspect and cancel live migrations.
     #[command(subcommand)]
     Migration(commands::MigrationCommand),
@@ -175,6 +179,10 @@ pub struct AgentArgs {
     /// peer already holds travel as references in later migrations.
     #[arg(long, default_value_t = 1024)]
     pub dwcp_cache_mib: u64,
+    /// This host's IPv4 address for VM network (VXLAN) traffic from other
+    /// hosts (default: the advertised host, when it is an IPv4 address).
+    #[arg(long)]
+    pub underlay_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// A duration as humantime reads it: `300ms`, `15s`, `2m`, `2h`, `7d`,
@@ -270,6 +278,7 @@ pub fn agent_config(
         accel: a.accel.clone(),
         probe_timeout: a.probe_timeout,
         dwcp_cache_bytes: (a.dwcp_cache_mib as usize).saturating_mul(1 << 20),
+        underlay_ip: a.underlay_ip,
     }
 }
 
@@ -304,6 +313,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Ca(c) => pki::ca(&cli.global, c).await,
         Command::Image(c) => commands::image(&cli.global, c).await,
         Command::Migration(c) => commands::migration(&cli.global, c).await,
+        Command::Network(c) => networks::network(&cli.global, c).await,
         Command::Login(a) => identity::login(&cli.global, a).await,
         Command::Whoami => identity::whoami(&cli.global).await,
         Command::User(c) => identity::user(&cli.global, c).await,

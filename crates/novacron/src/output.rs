@@ -92,6 +92,22 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
         ("cpu model", vm.spec.cpu_model.clone().unwrap_or_else(|| "-".into())),
         ("restarts", vm.status.restarts.to_string()),
         (
+            "nics",
+            vm.spec
+                .nics
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{} {} {}",
+                        n.network,
+                        n.ip.as_deref().unwrap_or("-"),
+                        n.mac.as_deref().unwrap_or("-")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        (
             "labels",
             vm.metadata
                 .labels

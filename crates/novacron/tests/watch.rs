@@ -71,6 +71,7 @@ async fn join_node(c: &Cluster, name: &str) -> Client {
         agent_version: "test".into(),
         qemu: Default::default(),
         dwcp_port: None,
+        underlay_ip: None,
     })
     .await
     .unwrap();

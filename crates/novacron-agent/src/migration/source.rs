@@ -597,6 +597,7 @@ impl Migrations {
                 qemu::kill_and_wait(pid, &dir).await;
             }
         }
+        self.node.net.detach(&vm.metadata.id).await;
         if let Err(e) = std::fs::remove_dir_all(&dir.path) {
             tracing::warn!(vm = %vm.metadata.name, error = %e, "cannot remove the source's VM files");
         }

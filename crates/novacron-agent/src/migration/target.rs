@@ -55,7 +55,7 @@ impl Migrations {
         let steps = Timeline::new(Instant::now());
         let result = async {
             let fetching = steps.begin(MigrationStepKind::ImageFetch);
-            let mut spec = prepare_launch(&self.node.client, &self.node.images, &self.node.accel, vm, &dir).await?;
+            let mut spec = prepare_launch(&self.node, vm, &dir).await?;
             steps.end(fetching, None);
             // QEMU appends to the log (logappend=on): seed it with the source's history.
             std::fs::write(dir.console_log(), &req.console_log).map_err(MigrationError::io("write the console log"))?;
@@ -233,6 +233,7 @@ impl Migrations {
         if let Some(pid) = dir.running_pid() {
             qemu::kill_and_wait(pid, &dir).await;
         }
+        self.node.net.detach(vm_id).await;
         let _ = std::fs::remove_dir_all(&dir.path);
     }
 }

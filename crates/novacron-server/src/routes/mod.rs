@@ -5,6 +5,7 @@ pub mod health;
 pub mod identity;
 pub mod images;
 pub mod migrations;
+pub mod networks;
 pub mod nodes;
 pub mod pki;
 pub mod projects;
@@ -18,8 +19,8 @@ use axum::Json;
 use futures::StreamExt;
 use novacron_api::selector::{FieldSelector, LabelSelector};
 use novacron_api::{
-    AuditRecord, ClusterTrust, Image, List, Migration, Node, Object, Project, Resource, Role, Token, User, Verb, Vm,
-    WatchEvent, WatchEventType,
+    AuditRecord, ClusterTrust, Image, List, Migration, Network, Node, Object, OverlayPeers, Project, Resource, Role,
+    Token, User, Verb, Vm, WatchEvent, WatchEventType,
 };
 use novacron_store::{decode_record, EventType, StoreExt};
 use serde::Deserialize;
@@ -86,13 +87,16 @@ pub fn selectable_fields() -> Vec<(&'static str, &'static [&'static str])> {
         ("/v1/migrations", Migration::SELECTABLE),
         ("/v1/nodes", Node::SELECTABLE),
         ("/v1/trust", ClusterTrust::SELECTABLE),
+        ("/v1/networks", Network::SELECTABLE),
+        ("/v1/overlay-peers", OverlayPeers::SELECTABLE),
     ]
 }
 
 guarded!(Vm => Vms ["status.node", "status.phase"],
     Image => Images,
     Migration => Migrations ["status.source_node", "status.target_node", "status.phase", "spec.vm"],
-    Node => Nodes, ClusterTrust => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
+    Network => Networks,
+    Node => Nodes, ClusterTrust => Nodes, OverlayPeers => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
 
 /// The fields that tie an object to the node it concerns: a node's
 /// certificate lists, watches and writes only objects with its name in one

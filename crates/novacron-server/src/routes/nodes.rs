@@ -104,6 +104,7 @@ async fn delete_node(
         .store
         .delete_obj::<Node>(&node.metadata.name, Some(node.metadata.resource_version))
         .await?;
+    super::networks::set_overlay_peer(&state.store, &node.metadata.name, None).await?;
     // A removed host stays removed: its agent would otherwise register it again.
     if let Some(tls) = &state.tls {
         let name = &node.metadata.name;
@@ -208,6 +209,17 @@ async fn register_node(
     if req.capacity.vcpus == 0 || req.capacity.memory_mib == 0 {
         return Err(ApiError::invalid("capacity", "capacity must be positive"));
     }
+    if let Some(ip) = &req.underlay_ip {
+        let ok = ip
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| !a.is_unspecified() && !a.is_multicast() && !a.is_broadcast());
+        if !ok {
+            return Err(ApiError::invalid(
+                "underlay_ip",
+                format!("{ip:?} is not a unicast IPv4 address"),
+            ));
+        }
+    }
     let now = Utc::now();
     let apply = |n: &mut Node| {
         n.spec.address = req.address.clone();
@@ -217,6 +229,7 @@ async fn register_node(
         n.status.agent_version = req.agent_version.clone();
         n.status.qemu = req.qemu.clone();
         n.status.dwcp_port = req.dwcp_port;
+        n.status.underlay_ip = req.underlay_ip.clone();
         n.status.last_heartbeat = Some(now);
         if !n.status.ready {
             n.status.ready = true;
@@ -253,6 +266,7 @@ async fn register_node(
             }
         }
     };
+    super::networks::set_overlay_peer(&state.store, &node.metadata.name, req.underlay_ip.as_deref()).await?;
     tracing::info!(node = %node.metadata.name, address = %node.spec.address, "node registered");
     state.placement_wakeup.notify_one();
     Ok(Json(RegisterNodeResponse {

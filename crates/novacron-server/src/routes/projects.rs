@@ -3,7 +3,9 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use novacron_api::{validate, CreateProject, List, Metadata, Project, Quota, Resource, UpdateProject, Usage, Verb, Vm};
+use novacron_api::{
+    validate, CreateProject, List, Metadata, Network, Project, Quota, Resource, UpdateProject, Usage, Verb, Vm,
+};
 use novacron_store::StoreExt;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -31,6 +33,7 @@ fn usage_of<'a>(vms: impl Iterator<Item = &'a Vm>) -> Usage {
         u.memory_mib += vm.spec.memory_mib;
         u.disk_mib += vm_disk_mib(vm);
         u.vms += 1;
+        u.addresses += vm.spec.nics.len() as u64;
     }
     u
 }
@@ -54,8 +57,25 @@ pub async fn check_quota(state: &AppState, project: &str, quota: &Quota, vm: &Vm
         ("memory_mib", quota.memory_mib, used.memory_mib, asked.memory_mib),
         ("disk_mib", quota.disk_mib, used.disk_mib, asked.disk_mib),
         ("vms", quota.vms, used.vms, asked.vms),
+        ("addresses", quota.addresses, used.addresses, asked.addresses),
     ];
-    for (name, limit, used, asked) in checks {
+    over_quota(project, &checks)
+}
+
+/// Refuses (403) a network that would take its project over quota.
+pub async fn check_network_quota(state: &AppState, project: &str, quota: &Quota) -> ApiResult<()> {
+    let used = count_networks(state, project).await?;
+    over_quota(project, &[("networks", quota.networks, used, 1)])
+}
+
+async fn count_networks(state: &AppState, project: &str) -> ApiResult<u64> {
+    let networks = state.store.list_all::<Network>().await?;
+    Ok(networks.iter().filter(|n| n.metadata.project == project).count() as u64)
+}
+
+/// The first quota (name, limit, in use, asked) that the request would pass.
+fn over_quota(project: &str, checks: &[(&str, Option<u64>, u64, u64)]) -> ApiResult<()> {
+    for &(name, limit, used, asked) in checks {
         if let Some(limit) = limit {
             if used + asked > limit {
                 return Err(ApiError::new(
@@ -74,8 +94,13 @@ pub async fn check_quota(state: &AppState, project: &str, quota: &Quota, vm: &Vm
 
 async fn with_usage(state: &AppState, mut projects: Vec<Project>) -> ApiResult<Vec<Project>> {
     let vms = state.store.list_all::<Vm>().await?;
+    let networks = state.store.list_all::<Network>().await?;
     for p in &mut projects {
         p.usage = usage_of(vms.iter().filter(|v| v.metadata.project == p.metadata.name));
+        p.usage.networks = networks
+            .iter()
+            .filter(|n| n.metadata.project == p.metadata.name)
+            .count() as u64;
     }
     Ok(projects)
 }
@@ -86,6 +111,8 @@ fn validate_quota(q: &Quota) -> ApiResult<()> {
         ("memory_mib", q.memory_mib),
         ("disk_mib", q.disk_mib),
         ("vms", q.vms),
+        ("networks", q.networks),
+        ("addresses", q.addresses),
     ] {
         if v.is_some_and(|v| v > novacron_api::MAX_QUOTA) {
             return Err(ApiError::invalid(&format!("quota.{name}"), "quota is too large"));
@@ -202,10 +229,11 @@ async fn delete_project(
     let vms = state.store.list_all::<Vm>().await?;
     let images = state.store.list_all::<novacron_api::Image>().await?;
     let in_use = vms.iter().filter(|v| v.metadata.project == name).count()
-        + images.iter().filter(|i| i.metadata.project == name).count();
+        + images.iter().filter(|i| i.metadata.project == name).count()
+        + count_networks(&state, &name).await? as usize;
     if in_use > 0 {
         return Err(ApiError::conflict(format!(
-            "project {name:?} still has {in_use} VM(s) or image(s)"
+            "project {name:?} still has {in_use} VM(s), image(s) or network(s)"
         )));
     }
     state.store.delete_obj::<Project>(&name, None).await?;

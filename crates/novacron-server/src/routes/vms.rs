@@ -122,7 +122,15 @@ async fn create_vm(
     // Quota check and create under one lock, so two creates cannot both fit.
     let _quota_guard = state.quota_lock.lock().await;
     super::projects::check_quota(&state, &project, &quota, &vm).await?;
-    let vm = state.store.create_obj(&vm).await?;
+    let mut vm = vm;
+    let claimed = crate::ipam::claim_nics(&state.store, &project, &vm.metadata.id, &mut vm.spec.nics).await?;
+    let vm = match state.store.create_obj(&vm).await {
+        Ok(vm) => vm,
+        Err(e) => {
+            claimed.release(&state.store).await;
+            return Err(e.into());
+        }
+    };
     tracing::info!(vm = %vm.metadata.name, "created VM");
     state.placement_wakeup.notify_one();
     Ok((StatusCode::CREATED, Json(vm)))
@@ -165,6 +173,7 @@ async fn delete_vm(
     refuse_while_migrating(&state, &name).await?;
     if vm.status.node.is_none() || q.force {
         state.store.delete_obj::<Vm>(&name, None).await?;
+        crate::ipam::release_owner(&state.store, &vm.metadata.id).await;
         tracing::info!(vm = %name, force = q.force, "deleted VM");
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
@@ -364,6 +373,7 @@ async fn finalize_vm(
         .store
         .delete_obj::<Vm>(&vm.metadata.name, Some(vm.metadata.resource_version))
         .await?;
+    crate::ipam::release_owner(&state.store, &vm.metadata.id).await;
     tracing::info!(vm = %vm.metadata.name, "VM deleted");
     state.placement_wakeup.notify_one();
     Ok(StatusCode::NO_CONTENT)

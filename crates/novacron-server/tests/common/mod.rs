@@ -182,6 +182,14 @@ pub async fn fixtures(h: &Harness) -> Vec<String> {
             assert!(resp.status().is_success(), "upload {part}: {}", resp.status());
         }
     }
+    for (p, subnet) in [("alpha", "10.61.0.0/24"), ("beta", "10.62.0.0/24")] {
+        h.admin(
+            Method::POST,
+            "/v1/networks",
+            json!({"name": format!("net-{p}"), "project": p, "subnet": subnet}),
+        )
+        .await;
+    }
     reset_objects(h).await;
     let mut tokens = Vec::new();
     for (name, role, project) in [
@@ -228,6 +236,12 @@ pub async fn reset_objects(h: &Harness) {
             spec: VmSpec::new(&format!("img-{p}"), 1, 128),
             status: Default::default(),
         };
+        // On its project's network, so that the network cannot be deleted.
+        vm.spec.nics = vec![novacron_api::NicSpec {
+            network: format!("net-{p}"),
+            ip: None,
+            mac: None,
+        }];
         vm.status.phase = VmPhase::Running;
         vm.status.node = Some("node-1".into());
         store.create_obj(&vm).await.unwrap();
@@ -295,6 +309,11 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("DELETE", "/v1/images/{name}", "YYYnnnnn", "Ynnnnnnn"),
     ("PUT", "/v1/images/{name}/files/{part}", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/images/{name}/files/{part}", "YYYYYnYY", "YnnnYnYY"),
+    ("GET", "/v1/networks", "YYYYYnYY", "YYYYYnYY"),
+    ("POST", "/v1/networks", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/networks/{name}", "YYYYYnYY", "YnnnYnYY"),
+    ("DELETE", "/v1/networks/{name}", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/overlay-peers", "YYYYYnYY", "YYYYYnYY"),
     ("GET", "/v1/migrations", "YYYYYnnn", "YYYYYnnn"),
     ("POST", "/v1/migrations", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/migrations/plan", "YYYnnnnn", "Ynnnnnnn"),
@@ -355,6 +374,7 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
     let name = match kind {
         "vms" => format!("vm-{p}"),
         "images" => format!("img-{p}"),
+        "networks" => format!("net-{p}"),
         "migrations" => format!("mig-{p}"),
         "nodes" => "node-1".into(),
         "users" => "u-target".into(),
@@ -370,6 +390,10 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
             json!({"name": fresh, "project": p, "spec": {"image": format!("img-{p}"), "vcpus": 1, "memory_mib": 128}}),
         ),
         ("POST", "/v1/images") => Some(json!({"name": fresh, "project": p, "format": "kernel"})),
+        // A subnet of its own for every create that goes through.
+        ("POST", "/v1/networks") => Some(
+            json!({"name": fresh, "project": p, "subnet": format!("10.{}.{}.0/24", 64 + (n >> 8), n & 255)}),
+        ),
         ("POST", "/v1/scheduler/explain") => Some(
             json!({"name": fresh, "project": p, "spec": {"image": format!("img-{p}"), "vcpus": 1, "memory_mib": 128}}),
         ),

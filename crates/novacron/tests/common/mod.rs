@@ -4,6 +4,8 @@
 //! nothing outlives a test, also when it fails.
 #![allow(dead_code)]
 
+pub mod netlab;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -58,6 +60,8 @@ where
 
 pub struct AgentProc {
     pub name: String,
+    /// The host namespace the agent runs in (clusters on an underlay).
+    pub netns: Option<String>,
     pub data_dir: PathBuf,
     pub child: Child,
     pub args: Vec<String>,
@@ -79,6 +83,8 @@ pub struct Cluster {
     pub server: Option<Child>,
     pub server_args: Vec<String>,
     pub agents: Vec<AgentProc>,
+    /// Hosts as network namespaces (dropped after the processes in them).
+    pub underlay: Option<netlab::Underlay>,
 }
 
 pub struct Options {
@@ -95,6 +101,9 @@ pub struct Options {
     pub node_cert_lifetime: Option<&'static str>,
     /// `--max-connections` (default: the server's).
     pub max_connections: Option<u32>,
+    /// Run each agent (and its QEMUs) in its own network namespace on an
+    /// underlay, as hosts of their own: what VM networking needs.
+    pub netns: bool,
 }
 
 impl Default for Options {
@@ -109,6 +118,7 @@ impl Default for Options {
             server_cert: None,
             node_cert_lifetime: None,
             max_connections: None,
+            netns: false,
         }
     }
 }
@@ -133,12 +143,17 @@ impl Cluster {
         // race); a restart binds that port again.
         let port = 0;
         let url = String::new();
+        let underlay = opts.netns.then(netlab::Underlay::new);
+        let listen_ip = underlay
+            .as_ref()
+            .map(|u| u.server_ip().to_string())
+            .unwrap_or_else(|| "127.0.0.1".into());
         let mut server_args = vec![
             "server".to_string(),
             "--data-dir".into(),
             dir.path().join("server").display().to_string(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            format!("{listen_ip}:0"),
             "--node-grace".into(),
             opts.node_grace.into(),
         ];
@@ -169,6 +184,7 @@ impl Cluster {
             server: None,
             server_args,
             agents: Vec::new(),
+            underlay,
             dir,
         };
         cluster.start_server().await;
@@ -241,7 +257,7 @@ impl Cluster {
             self.port = addr.port();
             self.url = format!("{}://{addr}", if self.tls { "https" } else { "http" });
             self.client = Client::new(&self.url, "none").expect("client");
-            if let Some(listen) = self.server_args.iter_mut().find(|a| a.as_str() == "127.0.0.1:0") {
+            if let Some(listen) = self.server_args.iter_mut().find(|a| a.ends_with(":0")) {
                 *listen = addr.to_string();
             }
         }
@@ -317,8 +333,20 @@ impl Cluster {
             "--accel".into(),
             "tcg".to_string(),
         ]);
-        let child = self.spawn_agent(name, &args);
+        let n = self.agents.len() as u8 + 1;
+        let netns = self.underlay.as_mut().map(|u| {
+            let ns = u.add_host(n);
+            args.extend([
+                "--listen".into(),
+                format!("{}:0", u.host_ip(n)),
+                "--label".into(),
+                format!("host={name}"),
+            ]);
+            ns
+        });
+        let child = self.spawn_agent(name, netns.as_deref(), &args);
         self.agents.push(AgentProc {
+            netns,
             name: name.into(),
             data_dir,
             child,
@@ -341,8 +369,12 @@ impl Cluster {
         .await;
     }
 
-    fn spawn_agent(&self, name: &str, args: &[String]) -> Child {
-        Command::new(BIN)
+    fn spawn_agent(&self, name: &str, netns: Option<&str>, args: &[String]) -> Child {
+        let mut command = match netns {
+            Some(ns) => netlab::Underlay::exec(ns, BIN),
+            None => Command::new(BIN),
+        };
+        command
             .args(args)
             .env("NOVACRON_LOG", "info")
             .stdout(Stdio::null())
@@ -364,7 +396,8 @@ impl Cluster {
     pub fn restart_agent(&mut self, name: &str) {
         self.kill_agent(name);
         let args = self.agent(name).args.clone();
-        let child = self.spawn_agent(name, &args);
+        let netns = self.agent(name).netns.clone();
+        let child = self.spawn_agent(name, netns.as_deref(), &args);
         self.agent(name).child = child;
     }
 

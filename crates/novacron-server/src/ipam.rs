@@ -1,0 +1,233 @@
+//! Address management: VNIs for networks, addresses and MACs for NICs.
+//! Each unique value is a [`Reservation`] named after it, so the store's
+//! create-if-absent decides between concurrent claimants (compare-and-swap
+//! without a lock, which also holds with several servers on one store).
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+use novacron_api::network::{Mac, VNI_RANGE};
+use novacron_api::{Metadata, Network, NicSpec, Reservation};
+use novacron_store::{SharedStore, StoreError, StoreExt};
+
+use crate::error::{ApiError, ApiResult};
+
+/// Claims `key` for `owner`; false when someone holds it already.
+async fn claim(store: &SharedStore, key: &str, network: &str, owner: &str) -> ApiResult<bool> {
+    let r = Reservation {
+        metadata: Metadata::new(key, Default::default()),
+        network: network.to_string(),
+        owner: owner.to_string(),
+    };
+    match store.create_obj(&r).await {
+        Ok(_) => Ok(true),
+        Err(StoreError::AlreadyExists { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reservations whose name starts with `prefix`.
+async fn reserved_with_prefix(store: &SharedStore, prefix: &str) -> ApiResult<Vec<Reservation>> {
+    Ok(store
+        .list_all::<Reservation>()
+        .await?
+        .into_iter()
+        .filter(|r| r.metadata.name.starts_with(prefix))
+        .collect())
+}
+
+/// The lowest free VNI, claimed for the network `network_id`.
+pub async fn claim_vni(store: &SharedStore, network_id: &str) -> ApiResult<u32> {
+    let used: HashSet<String> = reserved_with_prefix(store, "vni-")
+        .await?
+        .into_iter()
+        .map(|r| r.metadata.name)
+        .collect();
+    for vni in VNI_RANGE {
+        let key = Reservation::vni_key(vni);
+        if !used.contains(&key) && claim(store, &key, network_id, network_id).await? {
+            return Ok(vni);
+        }
+    }
+    Err(ApiError::conflict("every VXLAN network identifier is in use"))
+}
+
+/// Addresses and MACs of NICs that are being claimed, to give back if the
+/// VM is not created after all.
+#[derive(Default)]
+pub struct Claimed {
+    keys: Vec<String>,
+}
+
+impl Claimed {
+    /// Gives everything back (a failed create).
+    pub async fn release(self, store: &SharedStore) {
+        for key in self.keys {
+            if let Err(e) = store.delete_obj::<Reservation>(&key, None).await {
+                tracing::warn!(reservation = %key, error = %e, "cannot release a reservation");
+            }
+        }
+    }
+}
+
+/// Fills in each NIC's address and MAC: checks the requested ones, picks
+/// free ones otherwise, and claims them for the VM `vm_id`. On an error
+/// everything claimed so far is released.
+pub async fn claim_nics(store: &SharedStore, project: &str, vm_id: &str, nics: &mut [NicSpec]) -> ApiResult<Claimed> {
+    let mut claimed = Claimed::default();
+    for (i, nic) in nics.iter_mut().enumerate() {
+        if let Err(e) = claim_nic(store, project, vm_id, i, nic, &mut claimed).await {
+            claimed.release(store).await;
+            return Err(e);
+        }
+    }
+    Ok(claimed)
+}
+
+async fn claim_nic(
+    store: &SharedStore,
+    project: &str,
+    vm_id: &str,
+    i: usize,
+    nic: &mut NicSpec,
+    claimed: &mut Claimed,
+) -> ApiResult<()> {
+    let field = |f: &str| format!("spec.nics[{i}].{f}");
+    let network = match store.get_obj::<Network>(&nic.network).await? {
+        Some(n) if n.metadata.project == project && n.metadata.deletion_requested_at.is_none() => n,
+        _ => {
+            return Err(ApiError::invalid(
+                &field("network"),
+                format!("unknown network {:?} in project {project:?}", nic.network),
+            ))
+        }
+    };
+    let net_id = network.metadata.id.clone();
+    let subnet = network
+        .subnet()
+        .map_err(|e| ApiError::invalid(&field("network"), e.message))?;
+    let gateway = network
+        .gateway()
+        .map_err(|e| ApiError::invalid(&field("network"), e.message))?;
+    let ip = match &nic.ip {
+        Some(asked) => {
+            let ip: Ipv4Addr = asked
+                .parse()
+                .map_err(|_| ApiError::invalid(&field("ip"), format!("{asked:?} is not an IPv4 address")))?;
+            if !subnet.is_host(ip) {
+                return Err(ApiError::invalid(
+                    &field("ip"),
+                    format!(
+                        "{ip} is not a host address of network {:?} ({subnet})",
+                        network.metadata.name
+                    ),
+                ));
+            }
+            if ip == gateway {
+                return Err(ApiError::invalid(
+                    &field("ip"),
+                    format!("{ip} is the network's gateway"),
+                ));
+            }
+            let key = Reservation::ip_key(&net_id, ip);
+            if !claim(store, &key, &net_id, vm_id).await? {
+                return Err(ApiError::conflict(format!(
+                    "address {ip} of network {:?} is in use",
+                    network.metadata.name
+                ))
+                .with_field(field("ip")));
+            }
+            claimed.keys.push(key);
+            ip
+        }
+        None => {
+            let prefix = format!("ip-{net_id}-");
+            let used: HashSet<String> = reserved_with_prefix(store, &prefix)
+                .await?
+                .into_iter()
+                .map(|r| r.metadata.name)
+                .collect();
+            let mut got = None;
+            for ip in subnet.hosts().filter(|ip| *ip != gateway) {
+                let key = Reservation::ip_key(&net_id, ip);
+                // A concurrent create may take an address between the list
+                // and the claim: the claim fails and the next one is tried.
+                if !used.contains(&key) && claim(store, &key, &net_id, vm_id).await? {
+                    claimed.keys.push(key);
+                    got = Some(ip);
+                    break;
+                }
+            }
+            got.ok_or_else(|| {
+                ApiError::conflict(format!("network {:?} has no free address left", network.metadata.name))
+                    .with_field(field("network"))
+            })?
+        }
+    };
+    let mac = match &nic.mac {
+        Some(asked) => {
+            let mac: Mac = asked.parse().map_err(|e: String| ApiError::invalid(&field("mac"), e))?;
+            let key = Reservation::mac_key(mac);
+            if !claim(store, &key, &net_id, vm_id).await? {
+                return Err(ApiError::conflict(format!("MAC {mac} is in use")).with_field(field("mac")));
+            }
+            claimed.keys.push(key);
+            mac
+        }
+        None => {
+            let mac = Mac::for_ip(ip);
+            let key = Reservation::mac_key(mac);
+            // Someone asked for this MAC by hand: the NIC gets a random one.
+            let mac = if claim(store, &key, &net_id, vm_id).await? {
+                claimed.keys.push(key);
+                mac
+            } else {
+                random_mac(store, &net_id, vm_id, claimed).await?
+            };
+            mac
+        }
+    };
+    nic.ip = Some(ip.to_string());
+    nic.mac = Some(mac.to_string());
+    Ok(())
+}
+
+async fn random_mac(store: &SharedStore, net_id: &str, vm_id: &str, claimed: &mut Claimed) -> ApiResult<Mac> {
+    for _ in 0..16 {
+        let mut tail = [0u8; 3];
+        crate::auth::random_bytes(&mut tail).map_err(|e| ApiError::internal("Cannot pick a MAC", &e))?;
+        let mac = Mac([0x52, 0x54, 0x00, tail[0], tail[1], tail[2]]);
+        let key = Reservation::mac_key(mac);
+        if claim(store, &key, net_id, vm_id).await? {
+            claimed.keys.push(key);
+            return Ok(mac);
+        }
+    }
+    Err(ApiError::conflict("cannot find a free MAC"))
+}
+
+/// Releases everything held by `owner` (a deleted VM or network). Failures
+/// are logged: a leftover reservation only keeps a value from being reused.
+pub async fn release_owner(store: &SharedStore, owner: &str) {
+    let held = match store.list_all::<Reservation>().await {
+        Ok(all) => all.into_iter().filter(|r| r.owner == owner),
+        Err(e) => {
+            tracing::warn!(owner, error = %e, "cannot list reservations to release");
+            return;
+        }
+    };
+    for r in held {
+        match store
+            .delete_obj::<Reservation>(&r.metadata.name, Some(r.metadata.resource_version))
+            .await
+        {
+            Ok(_) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => tracing::warn!(reservation = %r.metadata.name, error = %e, "cannot release a reservation"),
+        }
+    }
+}
+
+/// How many addresses of a network are taken.
+pub async fn addresses_used(store: &SharedStore, network_id: &str) -> ApiResult<u64> {
+    Ok(reserved_with_prefix(store, &format!("ip-{network_id}-")).await?.len() as u64)
+}

@@ -1,0 +1,360 @@
+//! VM networking: networks and their addresses through the API, and real
+//! guests on hosts (network namespaces) that get their addresses by DHCP
+//! and talk over the VXLAN overlay.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test harness code: panics are failures
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{ok, wait_until, Cluster, Options};
+use novacron_api::{CreateNetwork, CreateVm, Network, NicSpec, Vm, VmSpec};
+use serde_json::json;
+
+const BOOT: Duration = Duration::from_secs(120);
+
+fn network(name: &str, subnet: &str) -> CreateNetwork {
+    CreateNetwork {
+        name: name.into(),
+        project: None,
+        labels: Default::default(),
+        subnet: subnet.into(),
+        gateway: None,
+        dhcp: true,
+        nat: false,
+        mtu: None,
+    }
+}
+
+fn nic(network: &str, ip: Option<&str>) -> NicSpec {
+    NicSpec {
+        network: network.into(),
+        ip: ip.map(str::to_string),
+        mac: None,
+    }
+}
+
+fn vm_on(name: &str, nics: Vec<NicSpec>, node: Option<&str>) -> CreateVm {
+    let mut spec = VmSpec {
+        disk_mib: Some(64),
+        nics,
+        ..VmSpec::new("demo", 1, 128)
+    };
+    if let Some(node) = node {
+        spec.placement.node_selector = [("host".to_string(), node.to_string())].into();
+    }
+    CreateVm {
+        name: name.into(),
+        project: None,
+        labels: Default::default(),
+        spec,
+    }
+}
+
+/// POSTs raw JSON; returns the status and the body.
+async fn post(c: &Cluster, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = c
+        .http()
+        .post(format!("{}/v1/{path}", c.url))
+        .bearer_auth(&c.token)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test]
+async fn networks_and_addresses_through_the_api() {
+    let c = Cluster::start(Options {
+        agents: 0,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+
+    // The CLI creates a network; the server fills in gateway, MTU and VNI.
+    let out = ok(c
+        .cli(&[
+            "network",
+            "create",
+            "red",
+            "--subnet",
+            "10.31.0.0/24",
+            "--dhcp",
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("cli"));
+    let red: Vec<Network> = serde_json::from_str(&out).expect("network json");
+    assert_eq!(red[0].spec.gateway, "10.31.0.1");
+    assert_eq!(red[0].spec.mtu, 1450);
+    assert!(red[0].status.vni >= 4096);
+
+    // Bad input: a clear error naming the field, and nothing created.
+    for (body, field) in [
+        (json!({"name": "x", "subnet": "10.31.0.128/25"}), "subnet"), // overlaps red
+        (json!({"name": "x", "subnet": "10.40.0.1/24"}), "subnet"),   // host bits
+        (json!({"name": "x", "subnet": "10.40.0.0/30"}), "subnet"),   // too small
+        (
+            json!({"name": "x", "subnet": "10.40.0.0/24", "gateway": "10.41.0.1"}),
+            "gateway",
+        ),
+        (json!({"name": "x", "subnet": "10.40.0.0/24", "mtu": 9000}), "mtu"),
+        (json!({"name": "X", "subnet": "10.40.0.0/24"}), "name"),
+    ] {
+        let (status, err) = post(&c, "networks", body.clone()).await;
+        assert_eq!(status, 422, "{body}: {err}");
+        assert_eq!(err["error"]["field"], field, "{body}: {err}");
+    }
+    let (status, _) = post(&c, "networks", json!({"name": "red", "subnet": "10.50.0.0/24"})).await;
+    assert_eq!(status, 409, "a second network named red");
+    let (nets, _) = c
+        .client
+        .list_all::<Network>(&novacron_client::Selector::everything())
+        .await
+        .expect("list");
+    assert_eq!(nets.len(), 1, "a refused create left a network behind");
+    let blue: Network = c
+        .client
+        .post_json("networks", &network("blue", "10.32.0.0/24"))
+        .await
+        .expect("blue");
+    assert_ne!(blue.status.vni, red[0].status.vni);
+
+    // A static address is checked: inside, not the gateway, not taken.
+    let a = c
+        .client
+        .create_vm(&vm_on("a", vec![nic("red", Some("10.31.0.10"))], None))
+        .await
+        .expect("static address");
+    assert_eq!(a.spec.nics[0].ip.as_deref(), Some("10.31.0.10"));
+    assert_eq!(a.spec.nics[0].mac.as_deref(), Some("52:54:0a:1f:00:0a"));
+    for (ip, status, field) in [
+        ("10.31.0.10", 409, "spec.nics[0].ip"),
+        ("10.31.0.1", 422, "spec.nics[0].ip"),
+        ("10.32.0.5", 422, "spec.nics[0].ip"),
+        ("10.31.0.255", 422, "spec.nics[0].ip"),
+    ] {
+        let body = serde_json::to_value(vm_on("b", vec![nic("red", Some(ip))], None)).expect("json");
+        let (got, err) = post(&c, "vms", body).await;
+        assert_eq!(got, status, "{ip}: {err}");
+        assert_eq!(err["error"]["field"], field, "{ip}: {err}");
+    }
+    let body = serde_json::to_value(vm_on("b", vec![nic("green", None)], None)).expect("json");
+    let (got, err) = post(&c, "vms", body).await;
+    assert_eq!(
+        (got, err["error"]["field"].as_str()),
+        (422, Some("spec.nics[0].network"))
+    );
+    // A create that fails on its second NIC gives back the first one's address.
+    let body = serde_json::to_value(vm_on(
+        "b",
+        vec![nic("blue", Some("10.32.0.7")), nic("red", Some("10.31.0.10"))],
+        None,
+    ))
+    .expect("json");
+    let (got, _) = post(&c, "vms", body).await;
+    assert_eq!(got, 409);
+    let reused = c
+        .client
+        .create_vm(&vm_on("b", vec![nic("blue", Some("10.32.0.7"))], None))
+        .await
+        .expect("the address of a failed create is free again");
+    assert_eq!(reused.spec.nics[0].ip.as_deref(), Some("10.32.0.7"));
+
+    // A network in use cannot go.
+    let (status, err) = {
+        let resp = c
+            .http()
+            .delete(format!("{}/v1/networks/red", c.url))
+            .bearer_auth(&c.token)
+            .send()
+            .await
+            .expect("delete");
+        (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+    };
+    assert_eq!(status, 409, "{err}");
+    assert!(err.contains("1 VM(s): a"), "{err}");
+
+    // 50 creates at once get 50 different addresses; deletes free them.
+    let creates = (0..50).map(|i| {
+        let client = c.client.clone();
+        async move {
+            client
+                .create_vm(&vm_on(&format!("many-{i}"), vec![nic("red", None)], None))
+                .await
+        }
+    });
+    let made: Vec<Vm> = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("50 creates");
+    let ips: HashSet<String> = made.iter().filter_map(|v| v.spec.nics[0].ip.clone()).collect();
+    let macs: HashSet<String> = made.iter().filter_map(|v| v.spec.nics[0].mac.clone()).collect();
+    assert_eq!((ips.len(), macs.len()), (50, 50), "addresses: {ips:?}");
+    assert!(!ips.contains("10.31.0.10") && !ips.contains("10.31.0.1"));
+    let used = c.client.get::<Network>("red").await.expect("red").status.addresses_used;
+    assert_eq!(used, 51);
+    for v in &made {
+        c.client.delete_vm(&v.metadata.name, false).await.expect("delete");
+    }
+    c.client.delete_vm("a", false).await.expect("delete a");
+    let used = c.client.get::<Network>("red").await.expect("red").status.addresses_used;
+    assert_eq!(used, 0, "deleted VMs kept their addresses");
+    ok(c.cli(&["network", "delete", "red"]).output().expect("cli"));
+}
+
+/// Types a command on a VM's serial console.
+fn type_on_console(c: &Cluster, vm: &str, line: &str) {
+    let mut console = c
+        .cli(&["vm", "console", vm])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("console");
+    console
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(format!("\n{line}\n").as_bytes())
+        .expect("type");
+    drop(console.stdin.take());
+    let _ = console.wait();
+}
+
+/// Runs `cmd` in the guest and returns what it printed on the line
+/// starting with a marker of its own (`RESULT-<tag> ...`).
+async fn guest_run(c: &Cluster, vm: &str, tag: &str, cmd: &str, timeout: Duration) -> String {
+    type_on_console(c, vm, &format!("{cmd}; echo RESULT-{tag} rc=$?"));
+    let marker = format!("RESULT-{tag} ");
+    let log = c.wait_console(vm, &marker, 1, timeout).await;
+    log.lines()
+        .rev()
+        .find(|l| l.starts_with(&marker))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn guests_on_two_hosts_share_a_network_and_a_third_is_kept_out() {
+    let c = Cluster::start(Options {
+        agents: 3,
+        netns: true,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    for net in [network("red", "10.31.0.0/24"), network("blue", "10.32.0.0/24")] {
+        let _: Network = c.client.post_json("networks", &net).await.expect("network");
+    }
+    let vms = [("a", "red", "node-1"), ("b", "red", "node-2"), ("c", "blue", "node-3")];
+    let mut ips = Vec::new();
+    for (name, net, node) in vms {
+        let vm = c
+            .client
+            .create_vm(&vm_on(name, vec![nic(net, None)], Some(node)))
+            .await
+            .expect("create");
+        ips.push(vm.spec.nics[0].ip.clone().expect("address"));
+    }
+    // Each guest gets the address the server chose, by DHCP, with the
+    // overlay's MTU.
+    for ((name, _, _), ip) in vms.iter().zip(&ips) {
+        let log = c.wait_console(name, "NOVACRON-NET dev=eth0", 1, BOOT).await;
+        let line = log.lines().find(|l| l.starts_with("NOVACRON-NET")).unwrap_or_default();
+        assert!(line.contains(&format!("ip={ip}/24")), "{name}: {line}");
+        assert!(line.contains("mtu=1450"), "{name}: {line}");
+        assert_eq!(
+            c.vm(name).await.status.node.as_deref(),
+            Some(vms.iter().find(|v| v.0 == *name).map(|v| v.2).unwrap_or_default())
+        );
+    }
+    let b_ip = &ips[1];
+
+    // TCP across hosts: b serves 1 MiB of random bytes, a fetches them intact.
+    let served = guest_run(
+        &c,
+        "b",
+        "serve",
+        "mkdir -p /www && head -c 1048576 /dev/urandom > /www/blob && httpd -p 80 -h /www && sha256sum /www/blob | cut -c1-64",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(served.ends_with("rc=0"), "{served}");
+    let b_log = c.logs("b").await;
+    let b_sum = b_log
+        .lines()
+        .rev()
+        .find(|l| l.len() == 64 && l.bytes().all(|x| x.is_ascii_hexdigit()))
+        .expect("b's checksum")
+        .to_string();
+    let fetched = guest_run(
+        &c,
+        "a",
+        "fetch",
+        &format!("wget -q -O /tmp/blob http://{b_ip}/blob && echo SUM-$(sha256sum /tmp/blob | cut -c1-64)"),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(fetched.ends_with("rc=0"), "{fetched}");
+    let a_log = c.logs("a").await;
+    assert!(
+        a_log.contains(&format!("SUM-{b_sum}")),
+        "a got other bytes than b served"
+    );
+
+    // c, on another network (another host, another VNI), cannot reach b.
+    let refused = guest_run(
+        &c,
+        "c",
+        "reach",
+        &format!("wget -q -T 3 -O /dev/null http://{b_ip}/blob"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!refused.ends_with("rc=0"), "c reached b across networks: {refused}");
+
+    // The overlay on each host: one bridge and VXLAN device per network
+    // used there, with the other hosts as flood destinations.
+    let underlay = c.underlay.as_ref().expect("underlay");
+    let fdb = ok(common::netlab::Underlay::exec(&underlay.netns(1), "bridge")
+        .args([
+            "fdb",
+            "show",
+            "dev",
+            &format!("ncvx{}", c.client.get::<Network>("red").await.expect("red").status.vni),
+        ])
+        .output()
+        .expect("bridge"));
+    for peer in [2, 3] {
+        assert!(fdb.contains(&format!("dst {}", underlay.host_ip(peer))), "{fdb}");
+    }
+    let links = ok(common::netlab::Underlay::exec(&underlay.netns(3), "ip")
+        .args(["-br", "link"])
+        .output()
+        .expect("ip"));
+    let red_vni = c.client.get::<Network>("red").await.expect("red").status.vni;
+    assert!(
+        !links.contains(&format!("ncbr{red_vni}")),
+        "node-3 has red's bridge without a red VM: {links}"
+    );
+
+    // Deleting a VM removes its tap, reservation and, with the last VM,
+    // the network from the host.
+    c.client.delete_vm("c", false).await.expect("delete");
+    wait_until("c's network to leave node-3", Duration::from_secs(30), || async {
+        let links = ok(common::netlab::Underlay::exec(&underlay.netns(3), "ip")
+            .args(["-br", "link"])
+            .output()
+            .expect("ip"));
+        (!links.contains("ncbr")).then_some(())
+    })
+    .await;
+}
