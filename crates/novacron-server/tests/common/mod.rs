@@ -391,9 +391,9 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         ),
         ("POST", "/v1/images") => Some(json!({"name": fresh, "project": p, "format": "kernel"})),
         // A subnet of its own for every create that goes through.
-        ("POST", "/v1/networks") => Some(
-            json!({"name": fresh, "project": p, "subnet": format!("10.{}.{}.0/24", 64 + (n >> 8), n & 255)}),
-        ),
+        ("POST", "/v1/networks") => {
+            Some(json!({"name": fresh, "project": p, "subnet": format!("10.{}.{}.0/24", 64 + (n >> 8), n & 255)}))
+        }
         ("POST", "/v1/scheduler/explain") => Some(
             json!({"name": fresh, "project": p, "spec": {"image": format!("img-{p}"), "vcpus": 1, "memory_mib": 128}}),
         ),
