@@ -5,7 +5,7 @@
 #
 # Outputs:
 #   OUTDIR/vmlinuz      Debian's stock kernel (linux-image-<abi>-amd64)
-#   OUTDIR/initrd.img   gzip'd newc cpio: busybox, guest/init, nc-workload,
+#   OUTDIR/initrd.img   gzip'd newc cpio: busybox, guest/init, nc-workload, nc-nettest,
 #                       virtio-blk / virtio-net / ACPI button / evdev / ext4 modules
 #   OUTDIR/VERSION      "kernel=<release> package=<deb> inputs=sha256:<hash>"
 #                       plus the sha256 of both outputs (used for up-to-date checks)
@@ -296,6 +296,8 @@ build() {
 	# workload
 	log "compiling nc-workload"
 	gcc -static -O2 -s -Wall -o "$root/bin/nc-workload" "$GUEST_DIR/workload.c"
+	log "compiling nc-nettest"
+	gcc -static -O2 -s -Wall -o "$root/bin/nc-nettest" "$GUEST_DIR/nettest.c"
 
 	# kernel modules, in dependency order
 	local p
@@ -337,7 +339,7 @@ build() {
 # ---------------------------------------------------------------- main
 ensure_host_packages
 resolve_kernel_package
-for f in init workload.c; do
+for f in init workload.c nettest.c; do
 	[ -f "$GUEST_DIR/$f" ] || die "missing $GUEST_DIR/$f"
 done
 extract_kernel

@@ -100,6 +100,23 @@ impl Command for GetFd {
     type Reply = Empty;
 }
 
+/// `announce-self`: the guest's NICs announce themselves (RARP from each
+/// MAC), `rounds` times, `initial` ms after the call, then every `step` ms
+/// more up to `max`: switches and VXLAN peers learn where the guest now runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AnnounceSelf {
+    pub initial: u64,
+    pub max: u64,
+    pub rounds: u64,
+    pub step: u64,
+}
+
+impl Command for AnnounceSelf {
+    const NAME: &'static str = "announce-self";
+    type Reply = Empty;
+}
+
 /// `migrate-incoming`: a QEMU started with `-incoming defer` listens on `uri`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -30,7 +30,7 @@ mod real_qemu_tests;
 pub mod types;
 
 pub use commands::Command;
-use commands::{Cont, QmpCapabilities, QueryStatus, Quit, Stop, SystemPowerdown, SystemReset};
+use commands::{AnnounceSelf, Cont, QmpCapabilities, QueryStatus, Quit, Stop, SystemPowerdown, SystemReset};
 pub use types::{RunState, StatusInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +249,18 @@ impl Qmp {
     /// Resumes the vCPUs.
     pub async fn cont(&self) -> Result<(), QmpError> {
         self.run(&Cont).await.map(drop)
+    }
+
+    /// Announces the guest's NICs on the network at once and three more
+    /// times 50, 150 and 250 ms later (after a migration: the new host).
+    pub async fn announce_self(&self) -> Result<(), QmpError> {
+        let announce = AnnounceSelf {
+            initial: 0,
+            max: 250,
+            rounds: 4,
+            step: 100,
+        };
+        self.run(&announce).await.map(drop)
     }
 
     /// Presses the ACPI power button.

@@ -11,7 +11,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{ok, wait_until, Cluster, Options};
-use novacron_api::{CreateNetwork, CreateVm, Network, NicSpec, Vm, VmSpec};
+use novacron_api::{
+    CreateMigration, CreateNetwork, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport,
+    Network, NicSpec, Vm, VmSpec,
+};
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -229,29 +232,36 @@ fn type_on_console(c: &Cluster, vm: &str, line: &str) {
     let _ = console.wait();
 }
 
-/// Runs `cmd` in the guest and returns what it printed on the line
-/// starting with a marker of its own (`RESULT-<tag> ...`).
+/// Runs `cmd` in the guest and returns the line it ends with,
+/// `RESULT-<tag> rc=<exit status>`. (The marker is typed split in two, so
+/// the console's echo of the command line does not count as the result.)
 async fn guest_run(c: &Cluster, vm: &str, tag: &str, cmd: &str, timeout: Duration) -> String {
-    type_on_console(c, vm, &format!("{cmd}; echo RESULT-{tag} rc=$?"));
+    type_on_console(c, vm, &format!("{cmd}; echo \"RESULT\"\"-{tag} rc=$?\""));
     let marker = format!("RESULT-{tag} ");
-    let log = c.wait_console(vm, &marker, 1, timeout).await;
-    log.lines()
-        .rev()
-        .find(|l| l.starts_with(&marker))
-        .unwrap_or_default()
-        .to_string()
+    wait_until(&format!("{marker:?} on {vm}'s console"), timeout, || async {
+        let log = c.logs(vm).await;
+        log.lines()
+            .rev()
+            .find(|l| l.starts_with(&marker))
+            .map(|l| l.trim().to_string())
+    })
+    .await
 }
 
 #[tokio::test]
 async fn guests_on_two_hosts_share_a_network_and_a_third_is_kept_out() {
-    let c = Cluster::start(Options {
+    let mut c = Cluster::start(Options {
         agents: 3,
         netns: true,
         ..Default::default()
     })
     .await;
     c.import_demo().await;
-    for net in [network("red", "10.31.0.0/24"), network("blue", "10.32.0.0/24")] {
+    let red = CreateNetwork {
+        nat: true,
+        ..network("red", "10.31.0.0/24")
+    };
+    for net in [red, network("blue", "10.32.0.0/24")] {
         let _: Network = c.client.post_json("networks", &net).await.expect("network");
     }
     let vms = [("a", "red", "node-1"), ("b", "red", "node-2"), ("c", "blue", "node-3")];
@@ -310,12 +320,116 @@ async fn guests_on_two_hosts_share_a_network_and_a_third_is_kept_out() {
         "a got other bytes than b served"
     );
 
+    // Anti-spoofing: pings from an address a does not own never reach b
+    // (b's count of echo requests stays), a's own pings do.
+    let echos = |log: &str| -> i64 {
+        log.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("ECHOS-"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("b's echo count")
+    };
+    let count_echos = "echo ECHOS-$(awk '/^Icmp:/ {n++} n == 2 {print $10; exit}' /proc/net/snmp)";
+    guest_run(&c, "b", "echos-0", count_echos, Duration::from_secs(30)).await;
+    let echos_before = echos(&c.logs("b").await);
+    let spoofed = guest_run(
+        &c,
+        "a",
+        "spoof",
+        &format!("ip addr add 10.31.0.99/24 dev eth0 && ping -c 3 -W 1 -I 10.31.0.99 {b_ip}; r=$?; ip addr del 10.31.0.99/24 dev eth0; (exit $r)"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!spoofed.ends_with("rc=0"), "a spoofed ping was answered: {spoofed}");
+    guest_run(&c, "b", "echos-1", count_echos, Duration::from_secs(30)).await;
+    assert_eq!(echos(&c.logs("b").await), echos_before, "b received a spoofed ping");
+    let honest = guest_run(
+        &c,
+        "a",
+        "ping",
+        &format!("ping -c 2 -W 2 {b_ip}"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(honest.ends_with("rc=0"), "{honest}");
+    guest_run(&c, "b", "echos-2", count_echos, Duration::from_secs(30)).await;
+    assert!(echos(&c.logs("b").await) >= echos_before + 2);
+
+    // NAT: a reaches a server outside the overlay (as its host's address);
+    // the outside cannot open a connection to b.
+    // Hosts 1-3 run agents; host 9 is outside every network.
+    let outside_ns = c.underlay.as_mut().expect("underlay").add_host(9);
+    let underlay = c.underlay.as_ref().expect("underlay");
+    let (outside_ip, node_1, node_2) = (underlay.host_ip(9), underlay.host_ip(1), underlay.host_ip(2));
+    let outside_dir = c.dir.path().join("outside");
+    std::fs::create_dir_all(&outside_dir).expect("dir");
+    std::fs::write(outside_dir.join("hello.txt"), "outside-hello\n").expect("file");
+    let server_log = outside_dir.join("server.log");
+    // Its command line names the cluster's dir: the cluster's drop kills it if a check fails.
+    let mut server = common::netlab::Underlay::exec(&outside_ns, "python3")
+        .args([
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            &outside_ip.to_string(),
+            "--directory",
+        ])
+        .arg(&outside_dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&server_log).expect("log"))
+        .spawn()
+        .expect("outside server");
+    let fetched = guest_run(
+        &c,
+        "a",
+        "nat",
+        &format!("r=1; for i in 1 2 3 4 5; do timeout 5 wget -q -O - http://{outside_ip}:8080/hello.txt && {{ r=0; break; }}; sleep 1; done; (exit $r)"),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(fetched.ends_with("rc=0"), "{fetched}");
+    assert!(c.logs("a").await.contains("outside-hello"));
+    let seen_from = std::fs::read_to_string(&server_log).unwrap_or_default();
+    assert!(
+        seen_from.contains(&node_1.to_string()),
+        "the outside saw a as: {seen_from}"
+    );
+    let route = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &outside_ns,
+            "route",
+            "add",
+            "10.31.0.0/24",
+            "via",
+            &node_2.to_string(),
+        ])
+        .status()
+        .expect("ip route");
+    assert!(route.success());
+    let inbound = common::netlab::Underlay::exec(&outside_ns, "curl")
+        .args([
+            "-s",
+            "--max-time",
+            "3",
+            &format!("http://{b_ip}/blob"),
+            "-o",
+            "/dev/null",
+        ])
+        .status()
+        .expect("curl");
+    assert!(!inbound.success(), "the outside opened a connection to b");
+    let _ = server.kill();
+    let _ = server.wait();
+
     // c, on another network (another host, another VNI), cannot reach b.
     let refused = guest_run(
         &c,
         "c",
         "reach",
-        &format!("wget -q -T 3 -O /dev/null http://{b_ip}/blob"),
+        // (busybox wget crashes with -T: `timeout` bounds it instead)
+        &format!("timeout 5 wget -q -O /dev/null http://{b_ip}/blob"),
         Duration::from_secs(30),
     )
     .await;
@@ -357,4 +471,187 @@ async fn guests_on_two_hosts_share_a_network_and_a_third_is_kept_out() {
         (!links.contains("ncbr")).then_some(())
     })
     .await;
+}
+
+/// The last `NOVACRON-UDP` / `NOVACRON-TCP` figures on a console: (value of
+/// `key` in the last line starting with `prefix`).
+fn last_figure(log: &str, prefix: &str, key: &str) -> Option<i64> {
+    let line = log.lines().rev().find(|l| l.starts_with(prefix))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))?
+        .parse()
+        .ok()
+}
+
+async fn move_vm(
+    c: &Cluster,
+    vm: &str,
+    to: &str,
+    strategy: MigrationStrategy,
+    transport: MigrationTransport,
+) -> Migration {
+    let m = c
+        .client
+        .create_migration(&CreateMigration {
+            vm: vm.into(),
+            target_node: Some(to.into()),
+            strategy,
+            max_downtime_ms: None,
+            bandwidth_mib_s: None,
+            transport: Some(transport),
+        })
+        .await
+        .expect("create migration");
+    let name = m.metadata.name.clone();
+    let client = c.client.clone();
+    let done: Migration = wait_until(&format!("migration {name} to end"), Duration::from_secs(180), || {
+        let client = client.clone();
+        let name = name.clone();
+        async move {
+            client
+                .get::<Migration>(&name)
+                .await
+                .ok()
+                .filter(|m| m.status.phase.is_final())
+        }
+    })
+    .await;
+    assert_eq!(done.status.phase, MigrationPhase::Completed, "{:?}", done.status);
+    done
+}
+
+#[tokio::test]
+async fn a_live_migration_keeps_the_address_the_connection_and_the_stream() {
+    let mut c = Cluster::start(Options {
+        agents: 3,
+        netns: true,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    let _: Network = c
+        .client
+        .post_json("networks", &network("red", "10.31.0.0/24"))
+        .await
+        .expect("network");
+    c.client
+        .create_vm(&vm_on("b", vec![nic("red", None)], Some("node-3")))
+        .await
+        .expect("b");
+    // a starts on node-1 without a node selector (it has to move): the
+    // other nodes are cordoned while it is placed.
+    for node in ["node-2", "node-3"] {
+        c.client.set_schedulable(node, false).await.expect("cordon");
+    }
+    let a = c
+        .client
+        .create_vm(&vm_on("a", vec![nic("red", None)], None))
+        .await
+        .expect("a");
+    wait_until("a on node-1", Duration::from_secs(30), || async {
+        (c.vm("a").await.status.node.as_deref() == Some("node-1")).then_some(())
+    })
+    .await;
+    for node in ["node-2", "node-3"] {
+        c.client.set_schedulable(node, true).await.expect("uncordon");
+    }
+    let a_ip = a.spec.nics[0].ip.clone().expect("a's address");
+    for vm in ["a", "b"] {
+        c.wait_console(vm, "NOVACRON-NET dev=eth0", 1, BOOT).await;
+    }
+    // b (on a third host) streams to a: 100 UDP datagrams/s and a TCP
+    // byte stream at 64 KiB/s, both checked by a.
+    type_on_console(&c, "a", "nc-nettest udp-recv 7000 & nc-nettest tcp-recv 7001 &");
+    c.wait_console("a", "NOVACRON-UDP", 1, Duration::from_secs(30)).await;
+    type_on_console(
+        &c,
+        "b",
+        &format!("nc-nettest udp-send {a_ip} 7000 100 & nc-nettest tcp-send {a_ip} 7001 64 &"),
+    );
+    let flowing = |log: &str, udp_at_least: i64, tcp_at_least: i64| {
+        last_figure(log, "NOVACRON-UDP", "last").is_some_and(|n| n >= udp_at_least)
+            && last_figure(log, "NOVACRON-TCP", "bytes").is_some_and(|n| n >= tcp_at_least)
+    };
+    wait_until("the streams to flow", Duration::from_secs(60), || async {
+        flowing(&c.logs("a").await, 200, 128 * 1024).then_some(())
+    })
+    .await;
+
+    // Restarting both hosts' agents re-adopts taps, bridges, VXLAN peers,
+    // dnsmasq and rules: the streams do not notice.
+    let log = c.logs("a").await;
+    let (lost_before, udp_then) = (
+        last_figure(&log, "NOVACRON-UDP", "lost").unwrap_or_default(),
+        last_figure(&log, "NOVACRON-UDP", "last").unwrap_or_default(),
+    );
+    for node in ["node-1", "node-3"] {
+        c.restart_agent(node);
+    }
+    let log = wait_until(
+        "the streams to go on across agent restarts",
+        Duration::from_secs(60),
+        || async {
+            let log = c.logs("a").await;
+            flowing(&log, udp_then + 500, 0).then_some(log)
+        },
+    )
+    .await;
+    let lost = last_figure(&log, "NOVACRON-UDP", "lost").unwrap_or_default() - lost_before;
+    let gap = last_figure(&log, "NOVACRON-UDP", "max_gap_ms").unwrap_or_default();
+    eprintln!("network across agent restarts: {lost} UDP datagrams lost, longest gap so far {gap} ms");
+    assert_eq!(lost, 0, "agent restarts dropped guest traffic");
+
+    for (to, strategy, transport) in [
+        ("node-2", MigrationStrategy::Precopy, MigrationTransport::Dwcp),
+        ("node-1", MigrationStrategy::Postcopy, MigrationTransport::Qemu),
+    ] {
+        let before = c.logs("a").await;
+        let lost_before = last_figure(&before, "NOVACRON-UDP", "lost").unwrap_or_default();
+        let m = move_vm(&c, "a", to, strategy, transport).await;
+        assert_eq!(c.vm("a").await.status.node.as_deref(), Some(to));
+        // Three more seconds of both streams after the move.
+        let log = c.logs("a").await;
+        let (udp_then, tcp_then) = (
+            last_figure(&log, "NOVACRON-UDP", "last").unwrap_or_default(),
+            last_figure(&log, "NOVACRON-TCP", "bytes").unwrap_or_default(),
+        );
+        let log = wait_until(
+            "the streams to go on after the move",
+            Duration::from_secs(60),
+            || async {
+                let log = c.logs("a").await;
+                flowing(&log, udp_then + 300, tcp_then + 192 * 1024).then_some(log)
+            },
+        )
+        .await;
+        let tcp_line = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("NOVACRON-TCP"))
+            .unwrap_or_default();
+        assert!(
+            tcp_line.contains("errors=0 state=open"),
+            "TCP after the move: {tcp_line}"
+        );
+        let lost = last_figure(&log, "NOVACRON-UDP", "lost").unwrap_or_default() - lost_before;
+        let gap = last_figure(&log, "NOVACRON-UDP", "max_gap_ms").unwrap_or_default();
+        let downtime = m.status.downtime_ms.expect("downtime") as i64;
+        eprintln!(
+            "network across a migration ({strategy:?} over {transport:?}, to {to}): {lost} UDP datagrams lost, longest gap {gap} ms (so far), downtime {downtime} ms, TCP {tcp_line}"
+        );
+        assert!(
+            gap <= downtime + 1000,
+            "longest gap {gap} ms exceeds the downtime {downtime} ms + 1 s"
+        );
+        // Same address and MAC on the new host.
+        let moved = c.vm("a").await;
+        assert_eq!(moved.spec.nics, a.spec.nics);
+    }
+    // The source left nothing behind: node-2 has no tap of a after it left.
+    let underlay = c.underlay.as_ref().expect("underlay");
+    let links = ok(common::netlab::Underlay::exec(&underlay.netns(2), "ip")
+        .args(["-br", "link"])
+        .output()
+        .expect("ip"));
+    assert!(!links.contains("ncbr"), "node-2 kept the network after a left: {links}");
 }

@@ -220,6 +220,11 @@ impl Migrations {
         if !st.running {
             qmp.cont().await?;
         }
+        // The network learns where the guest runs now (every host's VXLAN
+        // device and bridge move its MAC here); the guest runs either way.
+        if let Err(e) = qmp.announce_self().await {
+            tracing::warn!(migration, error = %novacron_api::error::chain(&e), "cannot announce the guest's NICs");
+        }
         let resumed_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()

@@ -26,6 +26,7 @@ use novacron_client::{Client, ClientError};
 use sha2::{Digest, Sha256};
 
 use self::dhcp::{Dhcp, DhcpConfig};
+use self::firewall::{HostNetwork, HostNic, HostRules};
 
 /// VXLAN's IANA port.
 pub const VXLAN_PORT: u16 = 4789;
@@ -106,7 +107,32 @@ impl Overlay {
     }
 
     fn dhcp(&self, vni: u32) -> Dhcp {
-        Dhcp::new(self.dir.join(vni.to_string()))
+        Dhcp::new(self.network_dir(vni))
+    }
+
+    /// A network's files on this host (its dnsmasq, what it is).
+    fn network_dir(&self, vni: u32) -> PathBuf {
+        self.dir.join(vni.to_string())
+    }
+
+    /// What each NIC here may send as, one file per tap (the rules are
+    /// rebuilt from these after an agent restart).
+    fn nics_dir(&self) -> PathBuf {
+        self.dir.join("nics")
+    }
+
+    fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), NetError> {
+        let io = |source| NetError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let body = serde_json::to_vec_pretty(value).map_err(|e| NetError::Invalid(e.to_string()))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, body).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// Plumbs every NIC of `vm` on this host (networks, taps, DHCP
@@ -137,6 +163,14 @@ impl Overlay {
             let mac: Mac = mac.parse().map_err(|e| NetError::Invalid(format!("NIC {i}: {e}")))?;
             self.ensure_network(&net).await?;
             let tap = format!("{prefix}{i}");
+            let guard = HostNic {
+                tap: tap.clone(),
+                vni: net.status.vni,
+                mac: mac.to_string(),
+                ip,
+            };
+            // Its guard is in place (sync_rules below) before QEMU starts on the tap.
+            Self::write_json(&self.nics_dir().join(&tap), &guard)?;
             ensure_tap(&tap, &bridge_name(net.status.vni), net.spec.mtu).await?;
             if net.spec.dhcp {
                 reservations
@@ -176,6 +210,11 @@ impl Overlay {
                 tracing::warn!(vm_id, tap = %l.ifname, error = %chain(&e), "cannot remove tap");
             }
         }
+        for entry in std::fs::read_dir(self.nics_dir()).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         for vni in self.networks_here(&links) {
             let dhcp = self.dhcp(vni);
             dhcp.remove_host(vm_id);
@@ -186,14 +225,44 @@ impl Overlay {
         }
     }
 
-    /// Makes the nftables rules those of the networks with a bridge here.
+    /// Makes the nftables rules those of the networks and NICs here.
     async fn sync_rules(&self) -> Result<(), NetError> {
-        let vnis = self.networks_here(&link::links().await?);
-        if vnis.is_empty() {
-            firewall::remove().await
-        } else {
-            firewall::apply(&vnis).await
+        let links = link::links().await?;
+        let networks: Vec<HostNetwork> = self
+            .networks_here(&links)
+            .into_iter()
+            .map(|vni| {
+                let path = self.network_dir(vni).join("network.json");
+                std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    // Without its file the network is not routed (no NAT).
+                    .unwrap_or_else(|| {
+                        tracing::warn!(vni, path = %path.display(), "no record of the network here; it gets no NAT");
+                        HostNetwork {
+                            vni,
+                            subnet: String::new(),
+                            nat: false,
+                        }
+                    })
+            })
+            .collect();
+        if networks.is_empty() {
+            return firewall::remove().await;
         }
+        let taps: std::collections::HashSet<&str> = links.iter().map(|l| l.ifname.as_str()).collect();
+        let nics: Vec<HostNic> = std::fs::read_dir(self.nics_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| serde_json::from_slice::<HostNic>(&std::fs::read(e.path()).ok()?).ok())
+            .filter(|n| taps.contains(n.tap.as_str()))
+            .collect();
+        firewall::apply(&HostRules {
+            networks: &networks,
+            nics: &nics,
+        })
+        .await
     }
 
     /// VNIs of the networks with a bridge here.
@@ -237,6 +306,12 @@ impl Overlay {
         let gateway = net.gateway().map_err(|e| NetError::Invalid(e.to_string()))?;
         let (bridge, vxlan) = (bridge_name(vni), vxlan_name(vni));
         let mtu = net.spec.mtu.to_string();
+        let record = HostNetwork {
+            vni,
+            subnet: subnet.to_string(),
+            nat: net.spec.nat,
+        };
+        Self::write_json(&self.network_dir(vni).join("network.json"), &record)?;
         if link::link(&bridge).await?.is_none() {
             link::ip(&["link", "add", "name", &bridge, "type", "bridge"]).await?;
             let mac = Mac::gateway(vni).to_string();

@@ -416,6 +416,7 @@ async fn types_match_the_installed_qemus_schema() {
         NbdServerStart::NAME,
         BlockExportAdd::NAME,
         GetFd::NAME,
+        AnnounceSelf::NAME,
     ] {
         let (_, ret) = schema.command(unit);
         assert!(schema.members(ret).is_empty(), "{unit} returns something: {ret}");
@@ -435,6 +436,15 @@ async fn types_match_the_installed_qemus_schema() {
         &schema,
         &Migrate {
             uri: "tcp:127.0.0.1:4444".into(),
+        },
+    );
+    check_args(
+        &schema,
+        &AnnounceSelf {
+            initial: 0,
+            max: 250,
+            rounds: 4,
+            step: 100,
         },
     );
     check_args(
