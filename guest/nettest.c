@@ -5,9 +5,12 @@
  *   nc-nettest udp-send HOST PORT RATE     RATE datagrams/s, each a 32-bit
  *                                          big-endian sequence number
  *   nc-nettest udp-recv PORT               prints once a second:
- *     NOVACRON-UDP recv=N lost=L max_gap_ms=G last=S
+ *     NOVACRON-UDP recv=N lost=L max_gap_ms=G gap_ms=g last=S
  *       N: datagrams received, L: sequence numbers missing below the highest
- *       seen (S), G: longest time between two received datagrams
+ *       seen (S), G: longest time between two received datagrams, g: the
+ *       same for the datagrams received since the last line
+ *       (a receiver in a paused guest does not see the pause: its clock
+ *       stops too; measure gaps on the other side)
  *   nc-nettest tcp-send HOST PORT KIB_S    one connection, a byte stream at
  *                                          KIB_S KiB/s: byte i = (i * 131 + (i >> 16)) & 0xff
  *   nc-nettest tcp-recv PORT               accepts one connection, checks every
@@ -90,7 +93,7 @@ static _Noreturn void udp_recv(const char *port)
 		fail("bind");
 	unsigned long received = 0, distinct = 0;
 	long long highest = -1, lowest = -1;
-	double last_at = 0, max_gap = 0, next_report = now_ms() + 1000;
+	double last_at = 0, max_gap = 0, gap = 0, next_report = now_ms() + 1000;
 	/* Seen sequence numbers, to count each once (duplicates, reordering). */
 	static unsigned char seen[1 << 20];
 	for (;;) {
@@ -103,6 +106,8 @@ static _Noreturn void udp_recv(const char *port)
 				double t = now_ms();
 				if (last_at > 0 && t - last_at > max_gap)
 					max_gap = t - last_at;
+				if (last_at > 0 && t - last_at > gap)
+					gap = t - last_at;
 				last_at = t;
 				received++;
 				if (!(seen[seq >> 3] & (1u << (seq & 7)))) {
@@ -117,9 +122,10 @@ static _Noreturn void udp_recv(const char *port)
 			continue;
 		}
 		long long expected = highest >= 0 ? highest - lowest + 1 : 0;
-		printf("NOVACRON-UDP recv=%lu lost=%lld max_gap_ms=%.0f last=%lld\n", received,
-		       expected - (long long)distinct, max_gap, highest);
+		printf("NOVACRON-UDP recv=%lu lost=%lld max_gap_ms=%.0f gap_ms=%.0f last=%lld\n", received,
+		       expected - (long long)distinct, max_gap, gap, highest);
 		fflush(stdout);
+		gap = 0;
 		next_report = now_ms() + 1000;
 	}
 }

@@ -348,7 +348,8 @@ pub async fn run(
         runtimes: HashMap::new(),
     };
     let poller = tokio::spawn(migrations.run());
-    let peers = tokio::spawn(keep_overlay_peers(net, client.clone()));
+    let peers = tokio::spawn(keep_overlay_peers(net.clone(), client.clone()));
+    let groups = tokio::spawn(keep_security_groups(net, client.clone()));
     let certificates = tls.map(|t| {
         tokio::spawn(certs::keep_current(
             t,
@@ -364,6 +365,7 @@ pub async fn run(
     heartbeat.abort();
     poller.abort();
     peers.abort();
+    groups.abort();
     if let Some(c) = certificates {
         c.abort();
     }
@@ -431,6 +433,30 @@ async fn keep_overlay_peers(net: Arc<network::Overlay>, client: Client) {
             watcher::Event::Deleted(_) => None,
         };
         net.set_peers(&list.map(|l| l.peers).unwrap_or_default()).await;
+    }
+}
+
+/// Keeps this host's firewall at the server's security groups (rules and
+/// members change as groups are edited and VMs come and go).
+async fn keep_security_groups(net: Arc<network::Overlay>, client: Client) {
+    let mut events = std::pin::pin!(watcher::watch::<novacron_api::SecurityGroup>(
+        client,
+        Selector::everything()
+    ));
+    let mut groups = BTreeMap::new();
+    while let Some(ev) = events.next().await {
+        match ev {
+            watcher::Event::Restarted(all) => {
+                groups = all.into_iter().map(|g| (g.metadata.name.clone(), g)).collect();
+            }
+            watcher::Event::Applied(g) => {
+                groups.insert(g.metadata.name.clone(), g);
+            }
+            watcher::Event::Deleted(g) => {
+                groups.remove(&g.metadata.name);
+            }
+        }
+        net.set_groups(groups.clone()).await;
     }
 }
 

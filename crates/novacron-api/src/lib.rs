@@ -7,6 +7,7 @@ pub mod identity;
 pub mod migration;
 pub mod network;
 pub mod scheduling;
+pub mod security;
 pub mod selector;
 pub mod types;
 pub mod units;
@@ -17,6 +18,7 @@ pub use identity::*;
 pub use migration::*;
 pub use network::{CreateNetwork, Network, NetworkSpec, NetworkStatus, NicSpec, OverlayPeers, Reservation};
 pub use scheduling::*;
+pub use security::{CreateSecurityGroup, SecurityGroup, SecurityRule, UpdateSecurityGroup};
 pub use types::*;
 
 /// Header an agent uses to authenticate the server's calls.

@@ -185,6 +185,10 @@ pub struct NicSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(pattern = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
     pub mac: Option<String>,
+    /// Security groups of the VM's project; none named: `default`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 8)]
+    pub security_groups: Vec<String>,
 }
 
 /// A parsed MAC address.
@@ -304,6 +308,15 @@ pub fn nics(nics: &[NicSpec]) -> Result<(), FieldError> {
         if let Some(mac) = &nic.mac {
             mac.parse::<Mac>()
                 .map_err(|e| FieldError::new(format!("spec.nics[{i}].mac"), e))?;
+        }
+        if nic.security_groups.len() > 8 {
+            return Err(FieldError::new(
+                format!("spec.nics[{i}].security_groups"),
+                "a NIC may be in at most 8 security groups",
+            ));
+        }
+        for g in &nic.security_groups {
+            crate::validate::name(&format!("spec.nics[{i}].security_groups"), g)?;
         }
     }
     Ok(())

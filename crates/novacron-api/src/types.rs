@@ -569,3 +569,4 @@ impl_object!(crate::scheduling::SchedulerConfig, "schedulerconfig");
 impl_object!(crate::network::Network, "network");
 impl_object!(crate::network::OverlayPeers, "overlaypeers");
 impl_object!(crate::network::Reservation, "reservation");
+impl_object!(crate::security::SecurityGroup, "securitygroup");

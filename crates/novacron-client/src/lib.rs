@@ -67,6 +67,9 @@ impl Resource for ClusterTrust {
 impl Resource for novacron_api::Network {
     const PATH: &'static str = "networks";
 }
+impl Resource for novacron_api::SecurityGroup {
+    const PATH: &'static str = "security-groups";
+}
 impl Resource for novacron_api::OverlayPeers {
     const PATH: &'static str = "overlay-peers";
 }

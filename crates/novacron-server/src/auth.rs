@@ -140,7 +140,7 @@ pub fn builtin_roles() -> Vec<Role> {
         (Vms, &[Read, Create, Update, Delete, Console]),
         (Migrations, &[Read, Create, Update]),
         (Images, &[Read, Create, Delete]),
-        (Networks, &[Read, Create, Delete]),
+        (Networks, &[Read, Create, Update, Delete]),
         (Nodes, read),
         (Projects, read),
     ]);

@@ -105,6 +105,8 @@ pub struct AppState {
     pub login_throttle: Arc<auth::LoginThrottle>,
     /// Serializes quota checks with the creates they admit.
     pub quota_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Security group membership is recomputed one change at a time.
+    pub members_lock: Arc<tokio::sync::Mutex<()>>,
     /// `None` when serving plain HTTP.
     pub tls: Option<Arc<ServerTls>>,
     pub config: Arc<ServerConfig>,
@@ -154,6 +156,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::images::router())
         .merge(routes::migrations::router())
         .merge(routes::networks::router())
+        .merge(routes::security_groups::router())
         .merge(routes::identity::router())
         .merge(routes::projects::router())
         .merge(routes::audit::router())
@@ -260,6 +263,7 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         rate_limiter,
         login_throttle: Default::default(),
         quota_lock: Default::default(),
+        members_lock: Default::default(),
         tls,
         config: Arc::new(config),
         agent_secret: agent_secret.into(),

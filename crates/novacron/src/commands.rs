@@ -117,6 +117,9 @@ pub struct CreateArgs {
     /// A NIC on network NAME, with address IP if given (repeatable).
     #[arg(long = "network", value_name = "NAME[:IP]", value_parser = crate::networks::parse_nic)]
     pub networks: Vec<novacron_api::NicSpec>,
+    /// Security group of every NIC (repeatable; default: the project's `default`).
+    #[arg(long = "security-group", requires = "networks")]
+    pub security_groups: Vec<String>,
     #[command(flatten)]
     pub placement: crate::scheduling::PlacementArgs,
 }
@@ -265,7 +268,14 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                     placement: a.placement.placement(),
                     machine: a.machine,
                     cpu_model: a.cpu_model,
-                    nics: a.networks,
+                    nics: a
+                        .networks
+                        .into_iter()
+                        .map(|nic| novacron_api::NicSpec {
+                            security_groups: a.security_groups.clone(),
+                            ..nic
+                        })
+                        .collect(),
                     ..VmSpec::new(&a.image, a.vcpus, a.memory)
                 },
             };

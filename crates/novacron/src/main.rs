@@ -76,6 +76,9 @@ enum Command {
     /// Manage virtual networks.
     #[command(subcommand)]
     Network(networks::NetworkCommand),
+    /// Manage security groups (the firewall of VM NICs).
+    #[command(subcommand, name = "security-group")]
+    SecurityGroup(networks::SecurityGroupCommand),
     /// Inspect and cancel live migrations.
     #[command(subcommand)]
     Migration(commands::MigrationCommand),
@@ -314,6 +317,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Image(c) => commands::image(&cli.global, c).await,
         Command::Migration(c) => commands::migration(&cli.global, c).await,
         Command::Network(c) => networks::network(&cli.global, c).await,
+        Command::SecurityGroup(c) => networks::security_group(&cli.global, c).await,
         Command::Login(a) => identity::login(&cli.global, a).await,
         Command::Whoami => identity::whoami(&cli.global).await,
         Command::User(c) => identity::user(&cli.global, c).await,

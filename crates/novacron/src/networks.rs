@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use clap::Subcommand;
-use novacron_api::{CreateNetwork, Network, NicSpec};
+use novacron_api::security::{Direction, Protocol};
+use novacron_api::{CreateNetwork, CreateSecurityGroup, Network, NicSpec, SecurityGroup, SecurityRule};
 
 use crate::commands::{client, list, ListArgs};
 use crate::output::{age, print_data, table, Format};
@@ -45,6 +46,149 @@ pub enum NetworkCommand {
     Delete { name: String },
 }
 
+#[derive(Subcommand)]
+pub enum SecurityGroupCommand {
+    /// Create a security group. Its members reach each other; everything
+    /// else gets in only through an ingress rule.
+    Create {
+        name: String,
+        /// A rule: `in|out PROTO[:PORTS] [from|to CIDR|group:NAME|any]`,
+        /// e.g. `in tcp:80 from group:clients`, `in icmp`, `out udp:53 to 10.0.0.0/8`.
+        #[arg(long = "allow", value_parser = parse_rule)]
+        rules: Vec<SecurityRule>,
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Replace a group's rules (applied at once on every host).
+    SetRules {
+        name: String,
+        #[arg(long = "allow", value_parser = parse_rule)]
+        rules: Vec<SecurityRule>,
+    },
+    List(ListArgs),
+    Get {
+        name: String,
+    },
+    /// Delete a group no NIC and no other group's rule names.
+    Delete {
+        name: String,
+    },
+}
+
+/// `in tcp:80 from group:clients`: direction, protocol with optional
+/// ports, optional remote end.
+pub fn parse_rule(s: &str) -> Result<SecurityRule, String> {
+    let words: Vec<&str> = s.split_whitespace().collect();
+    let usage = || format!("{s:?} is not `in|out PROTO[:PORTS] [from|to CIDR|group:NAME|any]`");
+    let direction = match words.first().copied() {
+        Some("in" | "ingress") => Direction::Ingress,
+        Some("out" | "egress") => Direction::Egress,
+        _ => return Err(usage()),
+    };
+    let (proto, ports) = match words.get(1).map(|w| w.split_once(':').unwrap_or((w, ""))) {
+        Some((p, ports)) => (p, (!ports.is_empty()).then(|| ports.to_string())),
+        None => ("any", None),
+    };
+    let protocol = match proto {
+        "any" => Protocol::Any,
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "icmp" => Protocol::Icmp,
+        _ => return Err(usage()),
+    };
+    let (mut cidr, mut group) = (None, None);
+    match &words[words.len().min(2)..] {
+        [] => {}
+        [_, "any"] => {}
+        [from_to, remote] if matches!(*from_to, "from" | "to") => match remote.strip_prefix("group:") {
+            Some(g) => group = Some(g.to_string()),
+            None => cidr = Some(remote.to_string()),
+        },
+        _ => return Err(usage()),
+    }
+    let rule = SecurityRule {
+        direction,
+        protocol,
+        ports,
+        cidr,
+        group,
+    };
+    novacron_api::security::rules(std::slice::from_ref(&rule)).map_err(|e| e.message)?;
+    Ok(rule)
+}
+
+pub async fn security_group(g: &Global, cmd: SecurityGroupCommand) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        SecurityGroupCommand::Create { name, rules, project } => {
+            let req = CreateSecurityGroup {
+                name,
+                project,
+                labels: Default::default(),
+                rules,
+            };
+            let group: SecurityGroup = c.post_json("security-groups", &req).await?;
+            security_groups(g.output, &[group])
+        }
+        SecurityGroupCommand::SetRules { name, rules } => {
+            let group: SecurityGroup = c
+                .put_json(
+                    &format!("security-groups/{name}"),
+                    &novacron_api::UpdateSecurityGroup { rules },
+                )
+                .await?;
+            security_groups(g.output, &[group])
+        }
+        SecurityGroupCommand::List(a) => {
+            list::<SecurityGroup>(g, &c, a, security_groups, |x| x.metadata.name.clone()).await
+        }
+        SecurityGroupCommand::Get { name } => security_groups(g.output, &[c.get::<SecurityGroup>(&name).await?]),
+        SecurityGroupCommand::Delete { name } => {
+            c.delete::<SecurityGroup>(&name).await?;
+            println!("security group {name:?} deleted");
+            Ok(())
+        }
+    }
+}
+
+fn describe_rule(r: &SecurityRule) -> String {
+    let dir = match r.direction {
+        Direction::Ingress => "in",
+        Direction::Egress => "out",
+    };
+    let proto = format!("{:?}", r.protocol).to_lowercase();
+    let ports = r.ports.as_deref().map(|p| format!(":{p}")).unwrap_or_default();
+    let from_to = if r.direction == Direction::Ingress {
+        "from"
+    } else {
+        "to"
+    };
+    let remote = match (&r.cidr, &r.group) {
+        (Some(c), _) => c.clone(),
+        (_, Some(g)) => format!("group:{g}"),
+        _ => "any".into(),
+    };
+    format!("{dir} {proto}{ports} {from_to} {remote}")
+}
+
+fn security_groups(format: Format, items: &[SecurityGroup]) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, &items);
+    }
+    let mut t = table(&["NAME", "PROJECT", "RULES", "MEMBERS", "AGE"]);
+    for x in items {
+        t.add_row(vec![
+            x.metadata.name.clone(),
+            x.metadata.project.clone(),
+            x.spec.rules.iter().map(describe_rule).collect::<Vec<_>>().join("\n"),
+            x.status.members.join(" "),
+            age(x.metadata.created_at),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
 /// `NAME` or `NAME:IP`, as `vm create --network` takes it.
 pub fn parse_nic(s: &str) -> Result<NicSpec, String> {
     let (network, ip) = match s.split_once(':') {
@@ -58,6 +202,7 @@ pub fn parse_nic(s: &str) -> Result<NicSpec, String> {
         network: network.to_string(),
         ip,
         mac: None,
+        security_groups: Vec::new(),
     })
 }
 
@@ -136,4 +281,32 @@ fn networks(format: Format, items: &[Network]) -> Result<()> {
     }
     println!("{t}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_from_the_command_line() {
+        let r = parse_rule("in tcp:80 from group:clients").unwrap();
+        assert_eq!(
+            (r.direction, r.protocol, r.ports.as_deref(), r.group.as_deref()),
+            (Direction::Ingress, Protocol::Tcp, Some("80"), Some("clients"))
+        );
+        assert_eq!(describe_rule(&r), "in tcp:80 from group:clients");
+        let r = parse_rule("out udp:53 to 10.0.0.0/8").unwrap();
+        assert_eq!(r.cidr.as_deref(), Some("10.0.0.0/8"));
+        assert_eq!(parse_rule("in icmp").unwrap().protocol, Protocol::Icmp);
+        for bad in [
+            "",
+            "sideways tcp",
+            "in tcp:99999",
+            "in icmp:80",
+            "in tcp from",
+            "in tcp:80 at x",
+        ] {
+            assert!(parse_rule(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{ok, wait_until, Cluster, Options};
 use novacron_api::{
     CreateMigration, CreateNetwork, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport,
-    Network, NicSpec, Vm, VmSpec,
+    Network, NicSpec, SecurityGroup, Vm, VmSpec,
 };
 use serde_json::json;
 
@@ -37,6 +37,7 @@ fn nic(network: &str, ip: Option<&str>) -> NicSpec {
         network: network.into(),
         ip: ip.map(str::to_string),
         mac: None,
+        security_groups: Vec::new(),
     }
 }
 
@@ -171,6 +172,58 @@ async fn networks_and_addresses_through_the_api() {
         .expect("the address of a failed create is free again");
     assert_eq!(reused.spec.nics[0].ip.as_deref(), Some("10.32.0.7"));
 
+    // Security groups: a NIC in an unknown group, a rule naming one, and
+    // deleting a group in use are refused; a NIC without one is in `default`.
+    let mut in_nowhere = nic("blue", None);
+    in_nowhere.security_groups = vec!["nowhere".into()];
+    let (got, err) = post(
+        &c,
+        "vms",
+        serde_json::to_value(vm_on("d", vec![in_nowhere], None)).expect("json"),
+    )
+    .await;
+    assert_eq!(
+        (got, err["error"]["field"].as_str()),
+        (422, Some("spec.nics[0].security_groups")),
+        "{err}"
+    );
+    let (got, err) = post(
+        &c,
+        "security-groups",
+        json!({"name": "web", "rules": [{"direction": "ingress", "protocol": "tcp", "ports": "80", "group": "nowhere"}]}),
+    )
+    .await;
+    assert_eq!(
+        (got, err["error"]["field"].as_str()),
+        (422, Some("rules[0].group")),
+        "{err}"
+    );
+    let (got, err) = post(
+        &c,
+        "security-groups",
+        json!({"name": "web", "rules": [{"direction": "ingress", "protocol": "icmp", "ports": "80"}]}),
+    )
+    .await;
+    assert_eq!(
+        (got, err["error"]["field"].as_str()),
+        (422, Some("rules[0].ports")),
+        "{err}"
+    );
+    assert_eq!(a.spec.nics[0].security_groups, vec!["default".to_string()]);
+    let default = c.client.get::<SecurityGroup>("default").await.expect("default group");
+    assert_eq!(
+        default.status.members,
+        vec!["10.31.0.10".to_string(), "10.32.0.7".to_string()]
+    );
+    let resp = c
+        .http()
+        .delete(format!("{}/v1/security-groups/default", c.url))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status().as_u16(), 409);
+
     // A network in use cannot go.
     let (status, err) = {
         let resp = c
@@ -264,19 +317,40 @@ async fn guests_on_two_hosts_share_a_network_and_a_third_is_kept_out() {
     for net in [red, network("blue", "10.32.0.0/24")] {
         let _: Network = c.client.post_json("networks", &net).await.expect("network");
     }
-    let vms = [("a", "red", "node-1"), ("b", "red", "node-2"), ("c", "blue", "node-3")];
+    // b serves the web group: TCP 80 from the clients group (a), nothing
+    // else; c stays in its project's default group.
+    let _: SecurityGroup = c
+        .client
+        .post_json("security-groups", &json!({"name": "clients"}))
+        .await
+        .expect("group");
+    let http_from_clients = json!({"direction": "ingress", "protocol": "tcp", "ports": "80", "group": "clients"});
+    let _: SecurityGroup = c
+        .client
+        .post_json("security-groups", &json!({"name": "web", "rules": [http_from_clients]}))
+        .await
+        .expect("group");
+    let vms = [
+        ("a", "red", "node-1", "clients"),
+        ("b", "red", "node-2", "web"),
+        ("c", "blue", "node-3", "default"),
+    ];
     let mut ips = Vec::new();
-    for (name, net, node) in vms {
+    for (name, net, node, group) in vms {
+        let mut nic = nic(net, None);
+        nic.security_groups = vec![group.to_string()];
         let vm = c
             .client
-            .create_vm(&vm_on(name, vec![nic(net, None)], Some(node)))
+            .create_vm(&vm_on(name, vec![nic], Some(node)))
             .await
             .expect("create");
         ips.push(vm.spec.nics[0].ip.clone().expect("address"));
     }
+    let web = c.client.get::<SecurityGroup>("web").await.expect("web");
+    assert_eq!(web.status.members, vec![ips[1].clone()], "the server keeps the members");
     // Each guest gets the address the server chose, by DHCP, with the
     // overlay's MTU.
-    for ((name, _, _), ip) in vms.iter().zip(&ips) {
+    for ((name, _, _, _), ip) in vms.iter().zip(&ips) {
         let log = c.wait_console(name, "NOVACRON-NET dev=eth0", 1, BOOT).await;
         let line = log.lines().find(|l| l.starts_with("NOVACRON-NET")).unwrap_or_default();
         assert!(line.contains(&format!("ip={ip}/24")), "{name}: {line}");
@@ -318,6 +392,39 @@ async fn guests_on_two_hosts_share_a_network_and_a_third_is_kept_out() {
     assert!(
         a_log.contains(&format!("SUM-{b_sum}")),
         "a got other bytes than b served"
+    );
+
+    // The web group lets a in on TCP 80 only: a's ping is refused, until
+    // ICMP from the clients is allowed too (applied on the running hosts).
+    let refused = guest_run(
+        &c,
+        "a",
+        "icmp-0",
+        &format!("ping -c 2 -W 1 {b_ip}"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!refused.ends_with("rc=0"), "web let a ping b: {refused}");
+    let icmp_from_clients = json!({"direction": "ingress", "protocol": "icmp", "group": "clients"});
+    let _: SecurityGroup = c
+        .client
+        .put_json(
+            "security-groups/web",
+            &json!({"rules": [http_from_clients, icmp_from_clients]}),
+        )
+        .await
+        .expect("update web");
+    let allowed = guest_run(
+        &c,
+        "a",
+        "icmp-1",
+        &format!("r=1; for i in 1 2 3 4 5 6 7 8 9 10; do ping -c 1 -W 1 {b_ip} && {{ r=0; break; }}; done; (exit $r)"),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        allowed.ends_with("rc=0"),
+        "the new rule did not let a ping b: {allowed}"
     );
 
     // Anti-spoofing: pings from an address a does not own never reach b
@@ -560,14 +667,30 @@ async fn a_live_migration_keeps_the_address_the_connection_and_the_stream() {
         c.wait_console(vm, "NOVACRON-NET dev=eth0", 1, BOOT).await;
     }
     // b (on a third host) streams to a: 100 UDP datagrams/s and a TCP
-    // byte stream at 64 KiB/s, both checked by a.
+    // byte stream at 64 KiB/s, both checked by a. a streams 100 datagrams/s
+    // back: b, whose clock does not stop with a's pause, measures the gaps.
+    let b_ip = c.vm("b").await.spec.nics[0].ip.clone().expect("b's address");
     type_on_console(&c, "a", "nc-nettest udp-recv 7000 & nc-nettest tcp-recv 7001 &");
+    type_on_console(&c, "b", "nc-nettest udp-recv 7002 &");
     c.wait_console("a", "NOVACRON-UDP", 1, Duration::from_secs(30)).await;
+    c.wait_console("b", "NOVACRON-UDP", 1, Duration::from_secs(30)).await;
     type_on_console(
         &c,
         "b",
         &format!("nc-nettest udp-send {a_ip} 7000 100 & nc-nettest tcp-send {a_ip} 7001 64 &"),
     );
+    type_on_console(&c, "a", &format!("nc-nettest udp-send {b_ip} 7002 100 &"));
+    // The longest gap b saw in a's stream after its line `from` (lines
+    // counted from the start of b's console).
+    let gap_at_b = |log: &str, from: usize| -> i64 {
+        log.lines()
+            .filter(|l| l.starts_with("NOVACRON-UDP"))
+            .skip(from)
+            .filter_map(|l| last_figure(l, "NOVACRON-UDP", "gap_ms"))
+            .max()
+            .unwrap_or_default()
+    };
+    let udp_lines = |log: &str| log.lines().filter(|l| l.starts_with("NOVACRON-UDP")).count();
     let flowing = |log: &str, udp_at_least: i64, tcp_at_least: i64| {
         last_figure(log, "NOVACRON-UDP", "last").is_some_and(|n| n >= udp_at_least)
             && last_figure(log, "NOVACRON-TCP", "bytes").is_some_and(|n| n >= tcp_at_least)
@@ -584,6 +707,7 @@ async fn a_live_migration_keeps_the_address_the_connection_and_the_stream() {
         last_figure(&log, "NOVACRON-UDP", "lost").unwrap_or_default(),
         last_figure(&log, "NOVACRON-UDP", "last").unwrap_or_default(),
     );
+    let b_lines = udp_lines(&c.logs("b").await);
     for node in ["node-1", "node-3"] {
         c.restart_agent(node);
     }
@@ -597,8 +721,8 @@ async fn a_live_migration_keeps_the_address_the_connection_and_the_stream() {
     )
     .await;
     let lost = last_figure(&log, "NOVACRON-UDP", "lost").unwrap_or_default() - lost_before;
-    let gap = last_figure(&log, "NOVACRON-UDP", "max_gap_ms").unwrap_or_default();
-    eprintln!("network across agent restarts: {lost} UDP datagrams lost, longest gap so far {gap} ms");
+    let gap = gap_at_b(&c.logs("b").await, b_lines);
+    eprintln!("network across agent restarts: {lost} UDP datagrams lost (b to a), longest gap {gap} ms (a to b)");
     assert_eq!(lost, 0, "agent restarts dropped guest traffic");
 
     for (to, strategy, transport) in [
@@ -607,6 +731,11 @@ async fn a_live_migration_keeps_the_address_the_connection_and_the_stream() {
     ] {
         let before = c.logs("a").await;
         let lost_before = last_figure(&before, "NOVACRON-UDP", "lost").unwrap_or_default();
+        let b_before = c.logs("b").await;
+        let (b_lines, b_lost_before) = (
+            udp_lines(&b_before),
+            last_figure(&b_before, "NOVACRON-UDP", "lost").unwrap_or_default(),
+        );
         let m = move_vm(&c, "a", to, strategy, transport).await;
         assert_eq!(c.vm("a").await.status.node.as_deref(), Some(to));
         // Three more seconds of both streams after the move.
@@ -634,10 +763,12 @@ async fn a_live_migration_keeps_the_address_the_connection_and_the_stream() {
             "TCP after the move: {tcp_line}"
         );
         let lost = last_figure(&log, "NOVACRON-UDP", "lost").unwrap_or_default() - lost_before;
-        let gap = last_figure(&log, "NOVACRON-UDP", "max_gap_ms").unwrap_or_default();
+        let b_log = c.logs("b").await;
+        let gap = gap_at_b(&b_log, b_lines);
+        let b_lost = last_figure(&b_log, "NOVACRON-UDP", "lost").unwrap_or_default() - b_lost_before;
         let downtime = m.status.downtime_ms.expect("downtime") as i64;
         eprintln!(
-            "network across a migration ({strategy:?} over {transport:?}, to {to}): {lost} UDP datagrams lost, longest gap {gap} ms (so far), downtime {downtime} ms, TCP {tcp_line}"
+            "network across a migration ({strategy:?} over {transport:?}, to {to}): UDP lost {lost} (b to a) and {b_lost} (a to b), longest gap {gap} ms (a to b, seen by b), downtime {downtime} ms, TCP {tcp_line}"
         );
         assert!(
             gap <= downtime + 1000,

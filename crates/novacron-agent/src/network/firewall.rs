@@ -9,7 +9,11 @@
 
 use std::net::Ipv4Addr;
 
+use std::collections::BTreeMap;
+
 use novacron_api::network::{Mac, Subnet};
+use novacron_api::security::{member_addresses, Direction, Protocol};
+use novacron_api::{SecurityGroup, SecurityRule};
 use serde::{Deserialize, Serialize};
 
 use super::{bridge_name, link, vxlan_name, NetError};
@@ -31,12 +35,91 @@ pub(super) struct HostNic {
     pub vni: u32,
     pub mac: String,
     pub ip: Ipv4Addr,
+    /// Its security groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// Everything a host's rules are made of.
 pub(super) struct HostRules<'a> {
     pub networks: &'a [HostNetwork],
     pub nics: &'a [HostNic],
+    /// Every security group, by name.
+    pub groups: &'a BTreeMap<String, SecurityGroup>,
+}
+
+/// `ip saddr` (or `daddr`) of a rule's remote end; `None`: the rule can
+/// match nothing (its group has no members yet).
+fn remote(rule: &SecurityRule, groups: &BTreeMap<String, SecurityGroup>, dir: &str) -> Option<String> {
+    if let Some(cidr) = &rule.cidr {
+        return Some(format!("ip {dir} {cidr} "));
+    }
+    if let Some(g) = &rule.group {
+        let members = groups.get(g).map(member_addresses).unwrap_or_default();
+        return set_of(&members).map(|set| format!("ip {dir} {set} "));
+    }
+    Some(String::new())
+}
+
+fn set_of(addrs: &[Ipv4Addr]) -> Option<String> {
+    (!addrs.is_empty()).then(|| {
+        let list: Vec<String> = addrs.iter().map(Ipv4Addr::to_string).collect();
+        format!("{{ {} }}", list.join(", "))
+    })
+}
+
+fn protocol_match(rule: &SecurityRule) -> String {
+    let ports = |proto: &str| match rule.port_range() {
+        Ok(Some((a, b))) if a == b => format!("{proto} dport {a} "),
+        Ok(Some((a, b))) => format!("{proto} dport {a}-{b} "),
+        _ => String::new(),
+    };
+    match rule.protocol {
+        Protocol::Any => String::new(),
+        Protocol::Tcp => format!("meta l4proto tcp {}", ports("tcp")),
+        Protocol::Udp => format!("meta l4proto udp {}", ports("udp")),
+        Protocol::Icmp => "meta l4proto icmp ".into(),
+    }
+}
+
+/// A NIC's security group chains: what may reach it (`sg_in_`) and what it
+/// may send (`sg_out_`). Allowed traffic returns to the caller, so a packet
+/// between two guests passes the sender's egress and the receiver's ingress.
+fn security_chains(nic: &HostNic, groups: &BTreeMap<String, SecurityGroup>) -> String {
+    let tap = &nic.tap;
+    let mine: Vec<&SecurityGroup> = nic.groups.iter().filter_map(|g| groups.get(g)).collect();
+    let mut ingress = String::new();
+    let mut members: Vec<Ipv4Addr> = mine.iter().flat_map(|g| member_addresses(g)).collect();
+    members.sort();
+    members.dedup();
+    if let Some(set) = set_of(&members) {
+        ingress.push_str(&format!("\t\tip saddr {set} return\n"));
+    }
+    let mut egress = String::new();
+    let mut any_egress = false;
+    for rule in mine.iter().flat_map(|g| g.spec.rules.iter()) {
+        let (out, dir) = match rule.direction {
+            Direction::Ingress => (&mut ingress, "saddr"),
+            Direction::Egress => {
+                any_egress = true;
+                (&mut egress, "daddr")
+            }
+        };
+        if let Some(remote) = remote(rule, groups, dir) {
+            out.push_str(&format!("\t\t{remote}{}return\n", protocol_match(rule)));
+        }
+    }
+    // No egress rule: the NIC may send anywhere.
+    let egress_end = if any_egress { "drop" } else { "return" };
+    format!(
+        "\tchain sg_in_{tap} {{
+{ingress}\t\tdrop
+\t}}
+\tchain sg_out_{tap} {{
+{egress}\t\t{egress_end}
+\t}}
+"
+    )
 }
 
 /// Anti-spoofing for one tap: its MAC, its address (or 0.0.0.0 asking for
@@ -77,6 +160,16 @@ pub(super) fn render(host: &HostRules<'_>) -> String {
         guards.push_str(&guard_chain(nic));
         jumps.push_str(&format!("\t\tiifname \"{0}\" jump guard_{0}\n", nic.tap));
     }
+    let mut security = String::new();
+    let mut security_jumps = String::new();
+    for nic in host.nics {
+        security.push_str(&security_chains(nic, host.groups));
+        security_jumps.push_str(&format!(
+            "\t\tip saddr {ip} jump sg_out_{tap}\n\t\tip daddr {ip} jump sg_in_{tap}\n",
+            ip = nic.ip,
+            tap = nic.tap
+        ));
+    }
     let mut routing = String::new();
     let mut nat = String::new();
     for net in host.networks {
@@ -116,10 +209,10 @@ table bridge {TABLE} {{
 add table inet {TABLE}
 flush table inet {TABLE}
 table inet {TABLE} {{
-\tchain forward {{
+{security}\tchain forward {{
 \t\ttype filter hook forward priority 0; policy accept;
 \t\tct state established,related accept
-{routing}\t\tiifname \"ncbr*\" drop
+{security_jumps}{routing}\t\tiifname \"ncbr*\" drop
 \t\toifname \"ncbr*\" drop
 \t}}
 \tchain postrouting {{
@@ -144,6 +237,9 @@ pub(super) async fn apply(host: &HostRules<'_>) -> Result<(), NetError> {
             path: "/proc/sys/net/ipv4/ip_forward".into(),
             source,
         })?;
+    }
+    if !host.nics.is_empty() {
+        bridged_traffic_through_inet()?;
     }
     let rules = render(host);
     let mut child = tokio::process::Command::new("nft")
@@ -173,6 +269,22 @@ pub(super) async fn apply(host: &HostRules<'_>) -> Result<(), NetError> {
         });
     }
     Ok(())
+}
+
+/// Security groups are stateful, which the bridge family cannot be here
+/// (no bridge conntrack): they live in the inet table, which sees bridged
+/// IPv4 through br_netfilter. Anti-spoofing makes the addresses they match
+/// on trustworthy.
+fn bridged_traffic_through_inet() -> Result<(), NetError> {
+    const KNOB: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if !std::path::Path::new(KNOB).exists() {
+        // Loads it where the agent may; the check below says if it worked.
+        let _ = std::process::Command::new("modprobe").arg("br_netfilter").status();
+    }
+    std::fs::write(KNOB, "1").map_err(|source| NetError::Io {
+        path: format!("{KNOB} (is the br_netfilter module loaded?)"),
+        source,
+    })
 }
 
 /// Removes the tables (the host has no network left).
@@ -210,11 +322,41 @@ mod tests {
             vni: 4096,
             mac: "52:54:0a:1f:00:02".into(),
             ip: Ipv4Addr::new(10, 31, 0, 2),
+            groups: vec!["web".into()],
         }];
+        let group = |name: &str, members: &[&str], rules: Vec<SecurityRule>| SecurityGroup {
+            metadata: novacron_api::Metadata::new(name, Default::default()),
+            spec: novacron_api::security::SecurityGroupSpec { rules },
+            status: novacron_api::security::SecurityGroupStatus {
+                members: members.iter().map(|m| m.to_string()).collect(),
+            },
+        };
+        let http_from_clients = SecurityRule {
+            direction: Direction::Ingress,
+            protocol: Protocol::Tcp,
+            ports: Some("80".into()),
+            cidr: None,
+            group: Some("clients".into()),
+        };
+        let groups: BTreeMap<String, SecurityGroup> = [
+            ("web".to_string(), group("web", &["10.31.0.2"], vec![http_from_clients])),
+            (
+                "clients".to_string(),
+                group("clients", &["10.31.0.3", "10.31.0.4"], vec![]),
+            ),
+        ]
+        .into();
         let rules = render(&HostRules {
             networks: &networks,
             nics: &nics,
+            groups: &groups,
         });
+        assert!(rules.contains("ip saddr { 10.31.0.2 } return"), "{rules}");
+        assert!(
+            rules.contains("ip saddr { 10.31.0.3, 10.31.0.4 } meta l4proto tcp tcp dport 80 return"),
+            "{rules}"
+        );
+        assert!(rules.contains("ip daddr 10.31.0.2 jump sg_in_nc0123456789a0"));
         assert!(rules.contains("oifname \"ncvx4096\" ether saddr 52:55:00:00:10:00 drop"));
         assert!(rules.contains("oifname \"ncvx4097\" ether saddr 52:55:00:00:10:01 drop"));
         assert!(rules.contains("iifname \"nc0123456789a0\" jump guard_nc0123456789a0"));

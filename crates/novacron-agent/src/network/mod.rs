@@ -91,6 +91,8 @@ pub struct Overlay {
     /// `<data dir>/networks`: one directory per network (its dnsmasq).
     dir: PathBuf,
     peers: parking_lot::Mutex<BTreeMap<String, Ipv4Addr>>,
+    /// Every security group, by name (from the server's watch).
+    groups: parking_lot::Mutex<BTreeMap<String, novacron_api::SecurityGroup>>,
     /// One change to the kernel's networking at a time.
     changing: tokio::sync::Mutex<()>,
 }
@@ -102,6 +104,7 @@ impl Overlay {
             underlay,
             dir,
             peers: Default::default(),
+            groups: Default::default(),
             changing: Default::default(),
         }
     }
@@ -168,6 +171,7 @@ impl Overlay {
                 vni: net.status.vni,
                 mac: mac.to_string(),
                 ip,
+                groups: nic.security_groups.clone(),
             };
             // Its guard is in place (sync_rules below) before QEMU starts on the tap.
             Self::write_json(&self.nics_dir().join(&tap), &guard)?;
@@ -258,9 +262,11 @@ impl Overlay {
             .filter_map(|e| serde_json::from_slice::<HostNic>(&std::fs::read(e.path()).ok()?).ok())
             .filter(|n| taps.contains(n.tap.as_str()))
             .collect();
+        let groups = self.groups.lock().clone();
         firewall::apply(&HostRules {
             networks: &networks,
             nics: &nics,
+            groups: &groups,
         })
         .await
     }
@@ -368,6 +374,15 @@ impl Overlay {
             link::remove_flood(vxlan, *gone).await?;
         }
         Ok(())
+    }
+
+    /// Takes the security groups as they are now and applies them here.
+    pub async fn set_groups(&self, groups: BTreeMap<String, novacron_api::SecurityGroup>) {
+        *self.groups.lock() = groups;
+        let _one_at_a_time = self.changing.lock().await;
+        if let Err(e) = self.sync_rules().await {
+            tracing::warn!(error = %chain(&e), "cannot apply security groups");
+        }
     }
 
     /// Takes a new peer list (node name to underlay address) and applies it

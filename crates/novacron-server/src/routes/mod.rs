@@ -10,6 +10,7 @@ pub mod nodes;
 pub mod pki;
 pub mod projects;
 pub mod scheduler;
+pub mod security_groups;
 pub mod vms;
 
 use axum::body::Body;
@@ -20,7 +21,7 @@ use futures::StreamExt;
 use novacron_api::selector::{FieldSelector, LabelSelector};
 use novacron_api::{
     AuditRecord, ClusterTrust, Image, List, Migration, Network, Node, Object, OverlayPeers, Project, Resource, Role,
-    Token, User, Verb, Vm, WatchEvent, WatchEventType,
+    SecurityGroup, Token, User, Verb, Vm, WatchEvent, WatchEventType,
 };
 use novacron_store::{decode_record, EventType, StoreExt};
 use serde::Deserialize;
@@ -89,13 +90,14 @@ pub fn selectable_fields() -> Vec<(&'static str, &'static [&'static str])> {
         ("/v1/trust", ClusterTrust::SELECTABLE),
         ("/v1/networks", Network::SELECTABLE),
         ("/v1/overlay-peers", OverlayPeers::SELECTABLE),
+        ("/v1/security-groups", SecurityGroup::SELECTABLE),
     ]
 }
 
 guarded!(Vm => Vms ["status.node", "status.phase"],
     Image => Images,
     Migration => Migrations ["status.source_node", "status.target_node", "status.phase", "spec.vm"],
-    Network => Networks,
+    Network => Networks, SecurityGroup => Networks,
     Node => Nodes, ClusterTrust => Nodes, OverlayPeers => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
 
 /// The fields that tie an object to the node it concerns: a node's

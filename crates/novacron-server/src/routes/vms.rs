@@ -123,6 +123,7 @@ async fn create_vm(
     let _quota_guard = state.quota_lock.lock().await;
     super::projects::check_quota(&state, &project, &quota, &vm).await?;
     let mut vm = vm;
+    super::security_groups::resolve_nic_groups(&state, &project, &mut vm.spec.nics).await?;
     let claimed = crate::ipam::claim_nics(&state.store, &project, &vm.metadata.id, &mut vm.spec.nics).await?;
     let vm = match state.store.create_obj(&vm).await {
         Ok(vm) => vm,
@@ -131,9 +132,22 @@ async fn create_vm(
             return Err(e.into());
         }
     };
+    if !vm.spec.nics.is_empty() {
+        super::security_groups::refresh_members(&state, &project).await?;
+    }
     tracing::info!(vm = %vm.metadata.name, "created VM");
     state.placement_wakeup.notify_one();
     Ok((StatusCode::CREATED, Json(vm)))
+}
+
+/// What a deleted VM held on networks goes back: its addresses, its
+/// places in security groups.
+async fn released(state: &AppState, vm: &Vm) -> ApiResult<()> {
+    crate::ipam::release_owner(&state.store, &vm.metadata.id).await;
+    if !vm.spec.nics.is_empty() {
+        super::security_groups::refresh_members(state, &vm.metadata.project).await?;
+    }
+    Ok(())
 }
 
 /// Machine type family of new VMs (QEMU's i440FX PC).
@@ -173,7 +187,7 @@ async fn delete_vm(
     refuse_while_migrating(&state, &name).await?;
     if vm.status.node.is_none() || q.force {
         state.store.delete_obj::<Vm>(&name, None).await?;
-        crate::ipam::release_owner(&state.store, &vm.metadata.id).await;
+        released(&state, &vm).await?;
         tracing::info!(vm = %name, force = q.force, "deleted VM");
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
@@ -373,7 +387,7 @@ async fn finalize_vm(
         .store
         .delete_obj::<Vm>(&vm.metadata.name, Some(vm.metadata.resource_version))
         .await?;
-    crate::ipam::release_owner(&state.store, &vm.metadata.id).await;
+    released(&state, &vm).await?;
     tracing::info!(vm = %vm.metadata.name, "VM deleted");
     state.placement_wakeup.notify_one();
     Ok(StatusCode::NO_CONTENT)

@@ -189,6 +189,12 @@ pub async fn fixtures(h: &Harness) -> Vec<String> {
             json!({"name": format!("net-{p}"), "project": p, "subnet": subnet}),
         )
         .await;
+        h.admin(
+            Method::POST,
+            "/v1/security-groups",
+            json!({"name": format!("sg-{p}"), "project": p}),
+        )
+        .await;
     }
     reset_objects(h).await;
     let mut tokens = Vec::new();
@@ -241,6 +247,7 @@ pub async fn reset_objects(h: &Harness) {
             network: format!("net-{p}"),
             ip: None,
             mac: None,
+            security_groups: vec![format!("sg-{p}")],
         }];
         vm.status.phase = VmPhase::Running;
         vm.status.node = Some("node-1".into());
@@ -314,6 +321,11 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("GET", "/v1/networks/{name}", "YYYYYnYY", "YnnnYnYY"),
     ("DELETE", "/v1/networks/{name}", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/overlay-peers", "YYYYYnYY", "YYYYYnYY"),
+    ("GET", "/v1/security-groups", "YYYYYnYY", "YYYYYnYY"),
+    ("POST", "/v1/security-groups", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/security-groups/{name}", "YYYYYnYY", "YnnnYnYY"),
+    ("PUT", "/v1/security-groups/{name}", "YYYnnnnn", "Ynnnnnnn"),
+    ("DELETE", "/v1/security-groups/{name}", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/migrations", "YYYYYnnn", "YYYYYnnn"),
     ("POST", "/v1/migrations", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/migrations/plan", "YYYnnnnn", "Ynnnnnnn"),
@@ -375,6 +387,7 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         "vms" => format!("vm-{p}"),
         "images" => format!("img-{p}"),
         "networks" => format!("net-{p}"),
+        "security-groups" => format!("sg-{p}"),
         "migrations" => format!("mig-{p}"),
         "nodes" => "node-1".into(),
         "users" => "u-target".into(),
@@ -390,6 +403,8 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
             json!({"name": fresh, "project": p, "spec": {"image": format!("img-{p}"), "vcpus": 1, "memory_mib": 128}}),
         ),
         ("POST", "/v1/images") => Some(json!({"name": fresh, "project": p, "format": "kernel"})),
+        ("POST", "/v1/security-groups") => Some(json!({"name": fresh, "project": p})),
+        ("PUT", "/v1/security-groups/{name}") => Some(json!({"rules": []})),
         // A subnet of its own for every create that goes through.
         ("POST", "/v1/networks") => {
             Some(json!({"name": fresh, "project": p, "subnet": format!("10.{}.{}.0/24", 64 + (n >> 8), n & 255)}))
