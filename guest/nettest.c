@@ -12,7 +12,8 @@
  *       (a receiver in a paused guest does not see the pause: its clock
  *       stops too; measure gaps on the other side)
  *   nc-nettest tcp-send HOST PORT KIB_S    one connection, a byte stream at
- *                                          KIB_S KiB/s: byte i = (i * 131 + (i >> 16)) & 0xff
+ *                                          KIB_S KiB/s (0: as fast as it goes):
+ *                                          byte i = (i * 131 + (i >> 16)) & 0xff
  *   nc-nettest tcp-recv PORT               accepts one connection, checks every
  *                                          byte, prints once a second:
  *     NOVACRON-TCP bytes=N errors=E state=open|closed
@@ -62,8 +63,11 @@ static struct sockaddr_in addr_of(const char *host, const char *port)
 	return a;
 }
 
+/* A rate of 0 or less: as fast as it goes. */
 static void pace(double start, double n, double per_s)
 {
+	if (per_s <= 0)
+		return;
 	double due = start + n * 1e3 / per_s;
 	double wait = due - now_ms();
 	if (wait > 0)
