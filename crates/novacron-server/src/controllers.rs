@@ -3,7 +3,8 @@
 //! the whole store):
 //! - placement binds Pending VMs to nodes, on every change to VMs, nodes,
 //!   migrations or the scheduler settings;
-//! - node liveness marks nodes NotReady after missed heartbeats.
+//! - node liveness marks nodes NotReady after missed heartbeats;
+//! - once at start, address reservations nothing holds are released.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,14 @@ pub fn spawn(state: AppState) -> JoinSet<()> {
         migrations: Cache::start(state.store.clone(), wake),
     });
     let mut set = JoinSet::new();
+    let store = state.store.clone();
+    set.spawn(async move {
+        match crate::ipam::release_orphans(&store, chrono::Duration::seconds(60)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "released addresses no VM or network holds"),
+            Err(e) => tracing::warn!(error = %chain(&e), "cannot look for orphaned address reservations"),
+        }
+    });
     set.spawn(placement_loop(state.clone(), caches.clone()));
     set.spawn(node_liveness_loop(state, caches));
     set

@@ -231,3 +231,75 @@ pub async fn release_owner(store: &SharedStore, owner: &str) {
 pub async fn addresses_used(store: &SharedStore, network_id: &str) -> ApiResult<u64> {
     Ok(reserved_with_prefix(store, &format!("ip-{network_id}-")).await?.len() as u64)
 }
+
+/// Releases what no VM or network holds any more: reservations left by a
+/// server that stopped between deleting a VM and releasing its addresses.
+/// Run at start; reservations younger than `grace` are left alone (a create
+/// claims before its VM is stored).
+pub async fn release_orphans(store: &SharedStore, grace: chrono::Duration) -> Result<usize, StoreError> {
+    let mut holders: HashSet<String> = store
+        .list_all::<novacron_api::Vm>()
+        .await?
+        .into_iter()
+        .map(|v| v.metadata.id)
+        .collect();
+    holders.extend(store.list_all::<Network>().await?.into_iter().map(|n| n.metadata.id));
+    let cutoff = chrono::Utc::now() - grace;
+    let mut released = 0;
+    for r in store.list_all::<Reservation>().await? {
+        if holders.contains(&r.owner) || r.metadata.created_at > cutoff {
+            continue;
+        }
+        match store
+            .delete_obj::<Reservation>(&r.metadata.name, Some(r.metadata.resource_version))
+            .await
+        {
+            Ok(_) => released += 1,
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn orphaned_reservations_are_released_and_held_ones_kept() {
+        let store: SharedStore = Arc::new(novacron_store::SqliteStore::in_memory().unwrap());
+        let net = Network {
+            metadata: Metadata::new("red", Default::default()),
+            spec: novacron_api::NetworkSpec {
+                subnet: "10.31.0.0/24".into(),
+                gateway: "10.31.0.1".into(),
+                dhcp: true,
+                nat: false,
+                mtu: 1450,
+            },
+            status: Default::default(),
+        };
+        let net = store.create_obj(&net).await.unwrap();
+        let ip = |last| Reservation::ip_key(&net.metadata.id, Ipv4Addr::new(10, 31, 0, last));
+        assert!(
+            claim(&store, &Reservation::vni_key(4096), &net.metadata.id, &net.metadata.id)
+                .await
+                .unwrap()
+        );
+        assert!(claim(&store, &ip(2), &net.metadata.id, "gone-vm").await.unwrap());
+        // Within the grace period nothing goes; after it, only the orphan.
+        assert_eq!(release_orphans(&store, chrono::Duration::seconds(60)).await.unwrap(), 0);
+        assert_eq!(release_orphans(&store, chrono::Duration::zero()).await.unwrap(), 1);
+        let left: Vec<String> = store
+            .list_all::<Reservation>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.metadata.name)
+            .collect();
+        assert_eq!(left, vec![Reservation::vni_key(4096)]);
+    }
+}
