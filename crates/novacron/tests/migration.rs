@@ -115,22 +115,6 @@ async fn migrate(c: &Cluster, vm: &str, to: &str, strategy: MigrationStrategy, b
         .expect("create migration")
 }
 
-async fn wait_final(c: &Cluster, name: &str, timeout: Duration) -> Migration {
-    let client = c.client.clone();
-    wait_until(&format!("migration {name} to end"), timeout, || {
-        let client = client.clone();
-        let name = name.to_string();
-        async move {
-            client
-                .get::<Migration>(&name)
-                .await
-                .ok()
-                .filter(|m| m.status.phase.is_final())
-        }
-    })
-    .await
-}
-
 async fn wait_transferring(c: &Cluster, name: &str) -> Migration {
     let client = c.client.clone();
     wait_until(
@@ -217,7 +201,7 @@ async fn busy_guest_memory_survives_migration() {
 
     // And back with post-copy.
     let m = migrate(&c, "busy", &source, MigrationStrategy::Postcopy, None).await;
-    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(180)).await;
+    let m = c.wait_migration_final(&m.metadata.name, Duration::from_secs(180)).await;
     assert_eq!(m.status.phase, MigrationPhase::Completed, "{:?}", m.status.error);
     assert_eq!(c.vm("busy").await.status.node.as_deref(), Some(source.as_str()));
     let other_dir = c.dir.path().join(other).join("vms").join(&vm.metadata.id);
@@ -266,7 +250,7 @@ async fn failed_and_cancelled_migrations_leave_the_vm_on_the_source() {
     wait_transferring(&c, &m.metadata.name).await;
     let out = c.cli(&["migration", "cancel", &m.metadata.name]).output().expect("cli");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(60)).await;
+    let m = c.wait_migration_final(&m.metadata.name, Duration::from_secs(60)).await;
     assert_eq!(m.status.phase, MigrationPhase::Cancelled);
     c.wait_phase("stay", VmPhase::Running, Duration::from_secs(10)).await;
     assert_on_source(&c, "cancel");
@@ -278,7 +262,7 @@ async fn failed_and_cancelled_migrations_leave_the_vm_on_the_source() {
     for p in c.qemu_pids_on(&target) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL).expect("kill");
     }
-    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(60)).await;
+    let m = c.wait_migration_final(&m.metadata.name, Duration::from_secs(60)).await;
     assert_eq!(m.status.phase, MigrationPhase::Failed);
     assert!(m.status.error.is_some());
     let vm = c.wait_phase("stay", VmPhase::Running, Duration::from_secs(10)).await;
@@ -290,7 +274,7 @@ async fn failed_and_cancelled_migrations_leave_the_vm_on_the_source() {
     let m = migrate(&c, "stay", &target, MigrationStrategy::Precopy, slow).await;
     wait_transferring(&c, &m.metadata.name).await;
     c.kill_agent(&target);
-    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(60)).await;
+    let m = c.wait_migration_final(&m.metadata.name, Duration::from_secs(60)).await;
     assert_eq!(m.status.phase, MigrationPhase::Failed);
     let error = m.status.error.as_deref().unwrap_or("");
     assert!(error.contains("unreachable"), "{error}");
@@ -528,7 +512,7 @@ async fn live_migration_moves_disks_and_state() {
 
     // Back with post-copy; a run strategy Always VM is not restarted on the source.
     let m = migrate(&c, "mover", &source, MigrationStrategy::Postcopy, None).await;
-    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(180)).await;
+    let m = c.wait_migration_final(&m.metadata.name, Duration::from_secs(180)).await;
     assert_eq!(m.status.phase, MigrationPhase::Completed, "{:?}", m.status.error);
     assert_eq!(c.vm("mover").await.status.node.as_deref(), Some(source.as_str()));
     let other_dir = c.dir.path().join(other).join("vms").join(&vm.metadata.id);
@@ -570,7 +554,7 @@ async fn live_migration_moves_disks_and_state() {
     // Strategy auto records its choice and why. The same VM moving the same way
     // again finds pages the target's cache kept from the first move.
     let m = migrate(&c, "mover", other, MigrationStrategy::Auto, None).await;
-    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(120)).await;
+    let m = c.wait_migration_final(&m.metadata.name, Duration::from_secs(120)).await;
     assert_eq!(m.status.phase, MigrationPhase::Completed, "{:?}", m.status.error);
     assert!(m
         .status
@@ -735,7 +719,7 @@ async fn server_restart_during_migration_ends_truthfully() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.start_server().await;
 
-    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(180)).await;
+    let m = c.wait_migration_final(&m.metadata.name, Duration::from_secs(180)).await;
     let vm = c.wait_phase("steady", VmPhase::Running, Duration::from_secs(30)).await;
     let node = vm.status.node.clone().expect("node");
     let expected = if m.status.phase == MigrationPhase::Completed {
@@ -768,7 +752,7 @@ async fn a_server_outage_does_not_lengthen_the_guest_pause() {
     let back = chrono::Utc::now();
     c.start_server().await;
 
-    let m = wait_final(&c, &m.metadata.name, Duration::from_secs(180)).await;
+    let m = c.wait_migration_final(&m.metadata.name, Duration::from_secs(180)).await;
     assert_eq!(m.status.phase, MigrationPhase::Completed, "{:?}", m.status.error);
     let finished = m.status.finished_at.expect("finished_at");
     assert!(

@@ -72,6 +72,20 @@ async fn post(c: &Cluster, path: &str, body: serde_json::Value) -> (u16, serde_j
     (status, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// POSTs `body` and checks that it is refused with `status`, naming `field`.
+async fn refused(c: &Cluster, path: &str, body: serde_json::Value, status: u16, field: &str) {
+    let (got, err) = post(c, path, body.clone()).await;
+    assert_eq!(
+        (got, err["error"]["field"].as_str()),
+        (status, Some(field)),
+        "{body}: {err}"
+    );
+}
+
+fn vm_json(vm: CreateVm) -> serde_json::Value {
+    serde_json::to_value(vm).expect("json")
+}
+
 #[tokio::test]
 async fn networks_and_addresses_through_the_api() {
     let c = Cluster::start(Options {
@@ -112,9 +126,7 @@ async fn networks_and_addresses_through_the_api() {
         (json!({"name": "x", "subnet": "10.40.0.0/24", "mtu": 9000}), "mtu"),
         (json!({"name": "X", "subnet": "10.40.0.0/24"}), "name"),
     ] {
-        let (status, err) = post(&c, "networks", body.clone()).await;
-        assert_eq!(status, 422, "{body}: {err}");
-        assert_eq!(err["error"]["field"], field, "{body}: {err}");
+        refused(&c, "networks", body, 422, field).await;
     }
     let (status, _) = post(&c, "networks", json!({"name": "red", "subnet": "10.50.0.0/24"})).await;
     assert_eq!(status, 409, "a second network named red");
@@ -145,26 +157,30 @@ async fn networks_and_addresses_through_the_api() {
         ("10.32.0.5", 422, "spec.nics[0].ip"),
         ("10.31.0.255", 422, "spec.nics[0].ip"),
     ] {
-        let body = serde_json::to_value(vm_on("b", vec![nic("red", Some(ip))], None)).expect("json");
-        let (got, err) = post(&c, "vms", body).await;
-        assert_eq!(got, status, "{ip}: {err}");
-        assert_eq!(err["error"]["field"], field, "{ip}: {err}");
+        refused(
+            &c,
+            "vms",
+            vm_json(vm_on("b", vec![nic("red", Some(ip))], None)),
+            status,
+            field,
+        )
+        .await;
     }
-    let body = serde_json::to_value(vm_on("b", vec![nic("green", None)], None)).expect("json");
-    let (got, err) = post(&c, "vms", body).await;
-    assert_eq!(
-        (got, err["error"]["field"].as_str()),
-        (422, Some("spec.nics[0].network"))
-    );
+    refused(
+        &c,
+        "vms",
+        vm_json(vm_on("b", vec![nic("green", None)], None)),
+        422,
+        "spec.nics[0].network",
+    )
+    .await;
     // A create that fails on its second NIC gives back the first one's address.
-    let body = serde_json::to_value(vm_on(
+    let two = vm_json(vm_on(
         "b",
         vec![nic("blue", Some("10.32.0.7")), nic("red", Some("10.31.0.10"))],
         None,
-    ))
-    .expect("json");
-    let (got, _) = post(&c, "vms", body).await;
-    assert_eq!(got, 409);
+    ));
+    refused(&c, "vms", two, 409, "spec.nics[1].ip").await;
     let reused = c
         .client
         .create_vm(&vm_on("b", vec![nic("blue", Some("10.32.0.7"))], None))
@@ -176,39 +192,13 @@ async fn networks_and_addresses_through_the_api() {
     // deleting a group in use are refused; a NIC without one is in `default`.
     let mut in_nowhere = nic("blue", None);
     in_nowhere.security_groups = vec!["nowhere".into()];
-    let (got, err) = post(
-        &c,
-        "vms",
-        serde_json::to_value(vm_on("d", vec![in_nowhere], None)).expect("json"),
-    )
-    .await;
-    assert_eq!(
-        (got, err["error"]["field"].as_str()),
-        (422, Some("spec.nics[0].security_groups")),
-        "{err}"
-    );
-    let (got, err) = post(
-        &c,
-        "security-groups",
-        json!({"name": "web", "rules": [{"direction": "ingress", "protocol": "tcp", "ports": "80", "group": "nowhere"}]}),
-    )
-    .await;
-    assert_eq!(
-        (got, err["error"]["field"].as_str()),
-        (422, Some("rules[0].group")),
-        "{err}"
-    );
-    let (got, err) = post(
-        &c,
-        "security-groups",
-        json!({"name": "web", "rules": [{"direction": "ingress", "protocol": "icmp", "ports": "80"}]}),
-    )
-    .await;
-    assert_eq!(
-        (got, err["error"]["field"].as_str()),
-        (422, Some("rules[0].ports")),
-        "{err}"
-    );
+    let nowhere = "spec.nics[0].security_groups";
+    refused(&c, "vms", vm_json(vm_on("d", vec![in_nowhere], None)), 422, nowhere).await;
+    let rule = |r: serde_json::Value| json!({"name": "web", "rules": [r]});
+    let from_nowhere = json!({"direction": "ingress", "protocol": "tcp", "ports": "80", "group": "nowhere"});
+    refused(&c, "security-groups", rule(from_nowhere), 422, "rules[0].group").await;
+    let icmp_port = json!({"direction": "ingress", "protocol": "icmp", "ports": "80"});
+    refused(&c, "security-groups", rule(icmp_port), 422, "rules[0].ports").await;
     assert_eq!(a.spec.nics[0].security_groups, vec!["default".to_string()]);
     let default = c.client.get::<SecurityGroup>("default").await.expect("default group");
     assert_eq!(
@@ -301,15 +291,21 @@ async fn guest_run(c: &Cluster, vm: &str, tag: &str, cmd: &str, timeout: Duratio
     .await
 }
 
-#[tokio::test]
-async fn guests_on_two_hosts_share_a_network_and_a_third_is_kept_out() {
-    let mut c = Cluster::start(Options {
+/// Three hosts, each a network namespace with its agent, and the demo image.
+async fn three_hosts() -> Cluster {
+    let c = Cluster::start(Options {
         agents: 3,
         netns: true,
         ..Default::default()
     })
     .await;
     c.import_demo().await;
+    c
+}
+
+#[tokio::test]
+async fn guests_on_two_hosts_share_a_network_and_a_third_is_kept_out() {
+    let mut c = three_hosts().await;
     let red = CreateNetwork {
         nat: true,
         ..network("red", "10.31.0.0/24")
@@ -609,33 +605,14 @@ async fn move_vm(
         })
         .await
         .expect("create migration");
-    let name = m.metadata.name.clone();
-    let client = c.client.clone();
-    let done: Migration = wait_until(&format!("migration {name} to end"), Duration::from_secs(180), || {
-        let client = client.clone();
-        let name = name.clone();
-        async move {
-            client
-                .get::<Migration>(&name)
-                .await
-                .ok()
-                .filter(|m| m.status.phase.is_final())
-        }
-    })
-    .await;
+    let done = c.wait_migration_final(&m.metadata.name, Duration::from_secs(180)).await;
     assert_eq!(done.status.phase, MigrationPhase::Completed, "{:?}", done.status);
     done
 }
 
 #[tokio::test]
 async fn a_live_migration_keeps_the_address_the_connection_and_the_stream() {
-    let mut c = Cluster::start(Options {
-        agents: 3,
-        netns: true,
-        ..Default::default()
-    })
-    .await;
-    c.import_demo().await;
+    let mut c = three_hosts().await;
     let _: Network = c
         .client
         .post_json("networks", &network("red", "10.31.0.0/24"))

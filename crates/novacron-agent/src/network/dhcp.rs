@@ -94,21 +94,7 @@ impl Dhcp {
         if std::fs::read_to_string(&path).is_ok_and(|old| old == body) {
             return Ok(());
         }
-        let tmp = path.with_extension("tmp");
-        let io = |source| NetError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        std::fs::create_dir_all(self.hosts_dir()).map_err(io)?;
-        // Written whole, then renamed: dnsmasq never reads half a file.
-        std::fs::write(&tmp, body).map_err(|source| NetError::Io {
-            path: tmp.display().to_string(),
-            source,
-        })?;
-        std::fs::rename(&tmp, &path).map_err(|source| NetError::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        super::write_whole(&path, body.as_bytes())
     }
 
     /// Drops a VM's reservations; dnsmasq forgets removed files on SIGHUP.

@@ -125,17 +125,8 @@ impl Overlay {
     }
 
     fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), NetError> {
-        let io = |source| NetError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io)?;
-        }
         let body = serde_json::to_vec_pretty(value).map_err(|e| NetError::Invalid(e.to_string()))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, body).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        write_whole(path, &body)
     }
 
     /// Plumbs every NIC of `vm` on this host (networks, taps, DHCP
@@ -414,6 +405,21 @@ impl Overlay {
             }
         }
     }
+}
+
+/// Writes a file whole, then renames it into place: a reader (dnsmasq, a
+/// restarted agent) never sees half of it.
+fn write_whole(path: &std::path::Path, body: &[u8]) -> Result<(), NetError> {
+    let io = |source| NetError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// A persistent tap (it outlives QEMU, so a restarted VM finds it) on the bridge.

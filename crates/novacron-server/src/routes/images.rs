@@ -11,7 +11,7 @@ use axum::{Extension, Json};
 use futures::StreamExt;
 use novacron_api::{
     validate, CreateImage, Image, ImageFile, ImageFormat, ImagePart, ImagePhase, ImageSpec, ImageStatus, Metadata,
-    Resource, Verb, Vm,
+    Resource, Verb,
 };
 use novacron_store::StoreExt;
 use sha2::{Digest, Sha256};
@@ -113,19 +113,8 @@ async fn delete_image(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     let image = find_authorized::<Image>(&state, &p, &name, Verb::Delete).await?;
-    let users = state
-        .store
-        .list_all::<Vm>()
-        .await?
-        .into_iter()
-        .filter(|v| v.spec.image == image.metadata.name)
-        .count();
-    if users > 0 {
-        return Err(ApiError::conflict(format!(
-            "image {:?} is used by {users} VM(s)",
-            image.metadata.name
-        )));
-    }
+    let image_name = image.metadata.name.clone();
+    super::refuse_while_used(&state, &format!("image {image_name:?}"), |v| v.spec.image == image_name).await?;
     state
         .store
         .delete_obj::<Image>(&image.metadata.name, Some(image.metadata.resource_version))

@@ -229,6 +229,26 @@ pub fn decode_continue(token: Option<&str>) -> ApiResult<Option<String>> {
         .transpose()
 }
 
+/// Refuses (409) to delete `what` while VMs use it; `uses` says whether a VM does.
+pub async fn refuse_while_used(state: &AppState, what: &str, uses: impl Fn(&Vm) -> bool) -> ApiResult<()> {
+    let users: Vec<String> = state
+        .store
+        .list_all::<Vm>()
+        .await?
+        .into_iter()
+        .filter(|v| uses(v))
+        .map(|v| v.metadata.name)
+        .collect();
+    if users.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::conflict(format!(
+        "{what} is used by {} VM(s): {}",
+        users.len(),
+        users.join(", ")
+    )))
+}
+
 /// Looks an object up by name, then by id.
 pub async fn find<T: Object>(state: &AppState, key: &str) -> ApiResult<T> {
     if let Some(obj) = state.store.get_obj::<T>(key).await? {

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::{Extension, Json};
 use novacron_api::network::{self, OVERLAY_PEERS};
-use novacron_api::{CreateNetwork, Metadata, Network, NetworkStatus, OverlayPeers, Resource, Verb, Vm};
+use novacron_api::{CreateNetwork, Metadata, Network, NetworkStatus, OverlayPeers, Resource, Verb};
 use novacron_store::{SharedStore, StoreError, StoreExt};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -116,22 +116,11 @@ async fn delete_network(
     let net = find_authorized::<Network>(&state, &p, &name, Verb::Delete).await?;
     // Under the lock VM creates take, so no VM joins it meanwhile.
     let _guard = state.quota_lock.lock().await;
-    let users: Vec<String> = state
-        .store
-        .list_all::<Vm>()
-        .await?
-        .into_iter()
-        .filter(|v| v.spec.nics.iter().any(|n| n.network == net.metadata.name))
-        .map(|v| v.metadata.name)
-        .collect();
-    if !users.is_empty() {
-        return Err(ApiError::conflict(format!(
-            "network {:?} is used by {} VM(s): {}",
-            net.metadata.name,
-            users.len(),
-            users.join(", ")
-        )));
-    }
+    let net_name = net.metadata.name.clone();
+    super::refuse_while_used(&state, &format!("network {net_name:?}"), |v| {
+        v.spec.nics.iter().any(|n| n.network == net_name)
+    })
+    .await?;
     state
         .store
         .delete_obj::<Network>(&net.metadata.name, Some(net.metadata.resource_version))

@@ -140,20 +140,10 @@ async fn delete_security_group(
     let name = group.metadata.name.clone();
     // Under the lock VM creates take, so no NIC joins it meanwhile.
     let _guard = state.quota_lock.lock().await;
-    let users: Vec<String> = state
-        .store
-        .list_all::<Vm>()
-        .await?
-        .into_iter()
-        .filter(|v| v.spec.nics.iter().any(|n| n.security_groups.contains(&name)))
-        .map(|v| v.metadata.name)
-        .collect();
-    if !users.is_empty() {
-        return Err(ApiError::conflict(format!(
-            "security group {name:?} is used by VM(s): {}",
-            users.join(", ")
-        )));
-    }
+    super::refuse_while_used(&state, &format!("security group {name:?}"), |v| {
+        v.spec.nics.iter().any(|n| n.security_groups.contains(&name))
+    })
+    .await?;
     let named_by: Vec<String> = state
         .store
         .list_all::<SecurityGroup>()

@@ -489,6 +489,23 @@ impl Cluster {
         .await
     }
 
+    /// Waits until migration `name` has ended, however it ended.
+    pub async fn wait_migration_final(&self, name: &str, timeout: Duration) -> novacron_api::Migration {
+        let client = self.client.clone();
+        wait_until(&format!("migration {name} to end"), timeout, || {
+            let client = client.clone();
+            let name = name.to_string();
+            async move {
+                client
+                    .get::<novacron_api::Migration>(&name)
+                    .await
+                    .ok()
+                    .filter(|m| m.status.phase.is_final())
+            }
+        })
+        .await
+    }
+
     pub async fn logs(&self, name: &str) -> String {
         use futures::StreamExt;
         let mut s = match self.client.vm_logs(name, false).await {
