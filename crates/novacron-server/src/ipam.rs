@@ -227,9 +227,13 @@ pub async fn release_owner(store: &SharedStore, owner: &str) {
     }
 }
 
-/// How many addresses of a network are taken.
-pub async fn addresses_used(store: &SharedStore, network_id: &str) -> ApiResult<u64> {
-    Ok(reserved_with_prefix(store, &format!("ip-{network_id}-")).await?.len() as u64)
+/// How many addresses each network (by id) has taken.
+pub async fn addresses_used_by_network(store: &SharedStore) -> ApiResult<std::collections::HashMap<String, u64>> {
+    let mut used = std::collections::HashMap::new();
+    for r in reserved_with_prefix(store, "ip-").await? {
+        *used.entry(r.network).or_insert(0) += 1;
+    }
+    Ok(used)
 }
 
 /// Releases what no VM or network holds any more: reservations left by a

@@ -248,6 +248,16 @@ async fn networks_and_addresses_through_the_api() {
     assert!(!ips.contains("10.31.0.10") && !ips.contains("10.31.0.1"));
     let used = c.client.get::<Network>("red").await.expect("red").status.addresses_used;
     assert_eq!(used, 51);
+    let (listed, _) = c
+        .client
+        .list_all::<Network>(&novacron_client::Selector::everything())
+        .await
+        .expect("list");
+    let red_listed = listed.iter().find(|n| n.metadata.name == "red").expect("red listed");
+    assert_eq!(
+        red_listed.status.addresses_used, 51,
+        "the list shows the addresses in use too"
+    );
     for v in &made {
         c.client.delete_vm(&v.metadata.name, false).await.expect("delete");
     }

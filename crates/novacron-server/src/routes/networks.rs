@@ -24,7 +24,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_overlay_peers))
 }
 
-/// List networks, or watch them with `watch=true`.
+/// List networks (with the addresses in use), or watch them with `watch=true`.
 #[utoipa::path(get, path = "/v1/networks", tag = "networks", params(ListQuery),
     responses((status = 200, body = novacron_api::List<Network>), (status = 422, body = novacron_api::ErrorBody)))]
 async fn list_networks(
@@ -32,7 +32,17 @@ async fn list_networks(
     Extension(p): Extension<Principal>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Response> {
-    list_or_watch::<Network>(&state, &p, q, |_| {}).await
+    let used = if q.watch.unwrap_or(false) {
+        Default::default()
+    } else {
+        ipam::addresses_used_by_network(&state.store).await?
+    };
+    list_or_watch::<Network>(&state, &p, q, |nets| {
+        for n in nets {
+            n.status.addresses_used = used.get(&n.metadata.id).copied().unwrap_or(0);
+        }
+    })
+    .await
 }
 
 /// Create a network: a subnet that spans every host that runs one of its
@@ -101,7 +111,11 @@ async fn get_network(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Network>> {
     let mut net = find_authorized::<Network>(&state, &p, &name, Verb::Read).await?;
-    net.status.addresses_used = ipam::addresses_used(&state.store, &net.metadata.id).await?;
+    net.status.addresses_used = ipam::addresses_used_by_network(&state.store)
+        .await?
+        .get(&net.metadata.id)
+        .copied()
+        .unwrap_or(0);
     Ok(Json(net))
 }
 
