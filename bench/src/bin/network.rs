@@ -319,12 +319,7 @@ async fn main() -> Result<()> {
     for (vm, node) in [("a", "node-1"), ("b", "node-1"), ("c", "node-2")] {
         let mut spec = VmSpec {
             disk_mib: Some(64),
-            nics: vec![NicSpec {
-                network: "bench".into(),
-                ip: None,
-                mac: None,
-                security_groups: Vec::new(),
-            }],
+            nics: vec![NicSpec::on("bench")],
             ..VmSpec::new("demo", 1, 256)
         };
         // c moves later, so it gets no node selector: node-1 is cordoned

@@ -7,6 +7,7 @@ pub mod accel;
 mod capabilities;
 mod certs;
 mod dwcp;
+mod hotplug;
 mod http;
 mod images;
 mod migration;

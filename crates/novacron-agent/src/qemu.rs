@@ -202,15 +202,24 @@ impl LaunchSpec {
         if self.nics.is_empty() {
             a.extend(["-nic".into(), "none".into()]);
         }
-        for (i, nic) in self.nics.iter().enumerate() {
+        for nic in &self.nics {
             // The agent made the tap: QEMU runs no scripts.
             a.push("-netdev".into());
-            a.push(format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap));
-            // host_mtu tells the guest the overlay's MTU.
+            a.push(format!(
+                "tap,id={},ifname={},script=no,downscript=no",
+                nic.netdev_id(),
+                nic.tap
+            ));
+            // host_mtu tells the guest the overlay's MTU; the fixed PCI
+            // address keeps the hardware the same after NICs come and go.
             a.push("-device".into());
             a.push(format!(
-                "virtio-net-pci,netdev=net{i},id=nic{i},mac={},host_mtu={}",
-                nic.mac, nic.mtu
+                "virtio-net-pci,netdev={},id={},mac={},host_mtu={},addr={}",
+                nic.netdev_id(),
+                nic.device_id(),
+                nic.mac,
+                nic.mtu,
+                nic.pci_addr()
             ));
         }
         if let Some((kernel, initrd, cmdline)) = &self.kernel {
@@ -377,9 +386,10 @@ mod tests {
             paused: false,
             incoming: false,
             nics: vec![crate::network::AttachedNic {
-                tap: "nc0123456789a0".into(),
+                tap: "nc0123456789a2".into(),
                 mac: "52:54:0a:14:00:05".into(),
                 mtu: 1450,
+                slot: 2,
             }],
         };
         let args = spec.args(&dir).expect("args").join(" ");
@@ -393,8 +403,8 @@ mod tests {
             "-kernel /k",
             "drive=data",
             "qmp.sock,server=on",
-            "-netdev tap,id=net0,ifname=nc0123456789a0,script=no,downscript=no",
-            "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:0a:14:00:05,host_mtu=1450",
+            "-netdev tap,id=net2,ifname=nc0123456789a2,script=no,downscript=no",
+            "virtio-net-pci,netdev=net2,id=nic2,mac=52:54:0a:14:00:05,host_mtu=1450,addr=0x12",
         ] {
             assert!(args.contains(want), "missing {want} in {args}");
         }

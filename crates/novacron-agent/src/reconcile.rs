@@ -32,6 +32,10 @@ pub struct Runtime {
     /// Earliest time of the next start attempt after a failure (run strategy Always).
     retry_at: Option<Instant>,
     failures: u32,
+    /// NICs plugged into the running QEMU.
+    plugged: crate::hotplug::Plugged,
+    /// The generation whose removed NICs were cleared away while stopped.
+    pruned_generation: Option<u64>,
 }
 
 pub struct Reconciler {
@@ -64,6 +68,8 @@ pub enum ReconcileError {
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const REPRESS_EVERY: Duration = Duration::from_secs(3);
+/// How the status reason of a failed NIC change starts.
+const NIC_FAILURE: &str = "Cannot change the NICs of the running VM";
 
 impl Reconciler {
     pub fn vm_dir(&self, id: &str) -> VmDir {
@@ -105,6 +111,10 @@ impl Reconciler {
                 let rt = self.runtimes.entry(id.clone()).or_default();
                 rt.powerdown_sent = None;
                 rt.qmp = None;
+                if rt.pruned_generation != Some(vm.metadata.generation) {
+                    rt.pruned_generation = Some(vm.metadata.generation);
+                    self.node.net.prune(vm).await;
+                }
                 // A reason set while stopping (e.g. forced off) was written with
                 // phase Stopped already and is kept; older reasons are cleared.
                 if st.phase != VmPhase::Stopped {
@@ -168,6 +178,12 @@ impl Reconciler {
             }
             (PowerState::Running | PowerState::Paused, None) => self.ensure_started(vm, &dir, &mut st).await,
             (PowerState::Running | PowerState::Paused, Some(pid)) => self.steer_running(vm, &dir, pid, &mut st).await,
+        }
+        if st.qemu_pid.is_none() {
+            st.nics.clear();
+            if let Some(rt) = self.runtimes.get_mut(&id) {
+                rt.plugged = Default::default();
+            }
         }
         Outcome::Status(st)
     }
@@ -317,6 +333,7 @@ impl Reconciler {
             }
             Err(e) => tracing::warn!(vm = %name, error = %e, "cannot change run state"),
         }
+        self.sync_nics(vm, &qmp, st).await;
         if vm.spec.reboot_generation != st.observed_reboot_generation {
             match qmp.system_reset().await {
                 Ok(()) => {
@@ -325,6 +342,44 @@ impl Reconciler {
                 }
                 Err(e) => tracing::warn!(vm = %name, error = %e, "reset failed"),
             }
+        }
+    }
+
+    /// Hot-plugs and unplugs NICs until QEMU has those of the spec.
+    async fn sync_nics(&mut self, vm: &Vm, qmp: &Qmp, st: &mut VmStatus) {
+        let generation = vm.metadata.generation;
+        let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
+        let mut plugged = std::mem::take(&mut rt.plugged);
+        let failed_now = plugged
+            .failed
+            .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, why)| why.clone());
+        if let Some(why) = failed_now {
+            st.reason = Some(why);
+        } else if !plugged.settled(vm) {
+            match crate::hotplug::sync_nics(&self.node, vm, qmp, &mut plugged).await {
+                Ok(now) => {
+                    plugged.nics = Some(now);
+                    plugged.failed = None;
+                    if st.reason.as_deref().is_some_and(|r| r.starts_with(NIC_FAILURE)) {
+                        st.reason = None;
+                    }
+                }
+                Err(e) => {
+                    let why = format!("{NIC_FAILURE}: {}", chain(&e));
+                    tracing::warn!(vm = %vm.metadata.name, error = %why, "NIC hot-plug failed");
+                    st.reason = Some(why.clone());
+                    plugged.failed = Some((generation, why));
+                    plugged.nics = None;
+                }
+            }
+        }
+        if let Some(nics) = &plugged.nics {
+            st.nics = nics.clone();
+        }
+        if let Some(rt) = self.runtimes.get_mut(&vm.metadata.id) {
+            rt.plugged = plugged;
         }
     }
 

@@ -16,7 +16,7 @@ pub mod validate;
 pub use error::{ErrorBody, ErrorDetail, FieldError};
 pub use identity::*;
 pub use migration::*;
-pub use network::{CreateNetwork, Network, NetworkSpec, NetworkStatus, NicSpec, OverlayPeers, Reservation};
+pub use network::{CreateNetwork, Network, NetworkSpec, NetworkStatus, NicSpec, NicStatus, OverlayPeers, Reservation};
 pub use scheduling::*;
 pub use security::{CreateSecurityGroup, SecurityGroup, SecurityRule, UpdateSecurityGroup};
 pub use types::*;

@@ -189,6 +189,64 @@ pub struct NicSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(max_items = 8)]
     pub security_groups: Vec<String>,
+    /// The NIC's place on the VM's PCI bus (0-7), the lowest free one unless
+    /// given. It stays while the NIC exists, so the guest keeps its
+    /// interface names when other NICs come and go, and the target of a
+    /// migration builds the same hardware.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 7)]
+    pub slot: Option<u8>,
+}
+
+impl NicSpec {
+    /// A NIC on `network` with everything else chosen by the server.
+    pub fn on(network: &str) -> NicSpec {
+        NicSpec {
+            network: network.to_string(),
+            ip: None,
+            mac: None,
+            security_groups: Vec::new(),
+            slot: None,
+        }
+    }
+}
+
+/// A NIC plugged into the VM's running QEMU, as its node reports it. A NIC
+/// removed from the spec stays here until the guest has let it go; its
+/// address is released only then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NicStatus {
+    pub network: String,
+    pub ip: String,
+    pub mac: String,
+    pub slot: u8,
+}
+
+/// Gives every NIC without a slot the lowest free one; refuses slots out
+/// of range or taken twice.
+pub fn assign_slots(nics: &mut [NicSpec]) -> Result<(), FieldError> {
+    let mut taken = [false; MAX_NICS];
+    for (i, nic) in nics.iter().enumerate() {
+        if let Some(s) = nic.slot {
+            let field = format!("spec.nics[{i}].slot");
+            let Some(t) = taken.get_mut(usize::from(s)) else {
+                return Err(FieldError::new(field, format!("slots are 0 to {}", MAX_NICS - 1)));
+            };
+            if *t {
+                return Err(FieldError::new(field, format!("slot {s} is taken by another NIC")));
+            }
+            *t = true;
+        }
+    }
+    for nic in nics.iter_mut().filter(|n| n.slot.is_none()) {
+        let free = taken
+            .iter()
+            .position(|t| !t)
+            .ok_or_else(|| FieldError::new("spec.nics", format!("a VM may have at most {MAX_NICS} NICs")))?;
+        taken[free] = true;
+        nic.slot = Some(free as u8);
+    }
+    Ok(())
 }
 
 /// A parsed MAC address.
@@ -319,7 +377,7 @@ pub fn nics(nics: &[NicSpec]) -> Result<(), FieldError> {
             crate::validate::name(&format!("spec.nics[{i}].security_groups"), g)?;
         }
     }
-    Ok(())
+    assign_slots(&mut nics.to_vec())
 }
 
 /// Where a host's overlay traffic goes: every node's underlay address, kept
@@ -364,6 +422,29 @@ pub const OVERLAY_PEERS: &str = "cluster";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_the_lowest_free_and_never_shared() {
+        let with = |slots: &[Option<u8>]| -> Vec<NicSpec> {
+            slots
+                .iter()
+                .map(|s| NicSpec {
+                    slot: *s,
+                    ..NicSpec::on("net")
+                })
+                .collect()
+        };
+        let mut nics = with(&[Some(0), None, Some(2), None]);
+        assign_slots(&mut nics).unwrap();
+        let got: Vec<Option<u8>> = nics.iter().map(|n| n.slot).collect();
+        assert_eq!(got, [Some(0), Some(1), Some(2), Some(3)]);
+        assert_eq!(
+            assign_slots(&mut with(&[Some(1), Some(1)])).unwrap_err().field,
+            "spec.nics[1].slot"
+        );
+        assert!(assign_slots(&mut with(&[Some(8)])).is_err());
+        assert!(assign_slots(&mut with(&[None; 9])).is_err());
+    }
 
     #[test]
     fn subnets() {

@@ -488,6 +488,9 @@ pub struct VmStatus {
     /// Restarts done by the agent under run strategy Always.
     #[serde(default)]
     pub restarts: u32,
+    /// NICs plugged into the running QEMU (empty while it does not run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::network::NicStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

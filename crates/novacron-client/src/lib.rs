@@ -296,6 +296,12 @@ impl Client {
         self.send(self.http.delete(&url), &url).await.map(|_| ())
     }
 
+    /// DELETE on any API path, for an endpoint that answers with a body.
+    pub async fn delete_json<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        let url = self.url(path);
+        self.json(self.http.delete(&url), &url).await
+    }
+
     pub async fn delete<T: Resource>(&self, name: &str) -> Result<(), ClientError> {
         let url = self.url(&format!("{}/{name}", T::PATH));
         self.send(self.http.delete(&url), &url).await.map(|_| ())

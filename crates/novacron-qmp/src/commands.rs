@@ -352,3 +352,90 @@ impl Command for BlockExportAdd {
     const NAME: &'static str = "block-export-add";
     type Reply = Empty;
 }
+
+/// `netdev_add` of a tap backend (QAPI `Netdev`, type `tap`) on a tap the
+/// caller made: QEMU opens `ifname` and runs no scripts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetdevAddTap {
+    pub id: String,
+    /// Always `tap`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub ifname: String,
+    pub script: &'static str,
+    pub downscript: &'static str,
+}
+
+impl NetdevAddTap {
+    pub fn new(id: impl Into<String>, ifname: impl Into<String>) -> Self {
+        NetdevAddTap {
+            id: id.into(),
+            kind: "tap",
+            ifname: ifname.into(),
+            script: "no",
+            downscript: "no",
+        }
+    }
+}
+
+impl Command for NetdevAddTap {
+    const NAME: &'static str = "netdev_add";
+    type Reply = Empty;
+}
+
+/// `netdev_del`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetdevDel {
+    pub id: String,
+}
+
+impl Command for NetdevDel {
+    const NAME: &'static str = "netdev_del";
+    type Reply = Empty;
+}
+
+/// `device_add` of a virtio-net PCI NIC. The schema declares only `driver`,
+/// `bus` and `id`; the device's own properties ride along (`gen: false`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeviceAddVirtioNet {
+    /// Always `virtio-net-pci`.
+    pub driver: &'static str,
+    pub id: String,
+    pub netdev: String,
+    pub mac: String,
+    /// The MTU the guest is told.
+    #[serde(rename = "host_mtu")]
+    pub host_mtu: u32,
+    /// PCI slot (`0x10`): fixed, so the target of a migration gets the
+    /// same hardware and the guest keeps its interface names.
+    pub addr: String,
+}
+
+impl Command for DeviceAddVirtioNet {
+    const NAME: &'static str = "device_add";
+    type Reply = Empty;
+}
+
+/// `device_del`: asks the guest to release the device (ACPI hot-unplug);
+/// the device is gone when `DEVICE_DELETED` arrives or it leaves `qom-list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceDel {
+    pub id: String,
+}
+
+impl Command for DeviceDel {
+    const NAME: &'static str = "device_del";
+    type Reply = Empty;
+}
+
+/// `qom-list`: the properties (children included) of the object at `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QomList {
+    pub path: String,
+}
+
+impl Command for QomList {
+    const NAME: &'static str = "qom-list";
+    type Reply = Vec<ObjectPropertyInfo>;
+}

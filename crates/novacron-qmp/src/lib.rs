@@ -30,7 +30,7 @@ mod real_qemu_tests;
 pub mod types;
 
 pub use commands::Command;
-use commands::{AnnounceSelf, Cont, QmpCapabilities, QueryStatus, Quit, Stop, SystemPowerdown, SystemReset};
+use commands::{AnnounceSelf, Cont, QmpCapabilities, QomList, QueryStatus, Quit, Stop, SystemPowerdown, SystemReset};
 pub use types::{RunState, StatusInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +261,20 @@ impl Qmp {
             step: 100,
         };
         self.run(&announce).await.map(drop)
+    }
+
+    /// Ids of the devices that have one (`-device id=...`, `device_add`).
+    pub async fn device_ids(&self) -> Result<Vec<String>, QmpError> {
+        let props = self
+            .run(&QomList {
+                path: "/machine/peripheral".into(),
+            })
+            .await?;
+        Ok(props
+            .into_iter()
+            .filter(|p| p.kind.starts_with("child<"))
+            .map(|p| p.name)
+            .collect())
     }
 
     /// Presses the ACPI power button.

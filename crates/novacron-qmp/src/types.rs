@@ -568,3 +568,14 @@ pub struct BlockExportNbd {
 
 #[cfg(test)]
 mod tests;
+
+// ------------------------------------------------------------ devices
+
+/// One entry of `qom-list` (QAPI `ObjectPropertyInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ObjectPropertyInfo {
+    pub name: String,
+    /// `child<virtio-net-pci>`, `link<...>`, `string`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+}

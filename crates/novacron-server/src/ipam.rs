@@ -3,11 +3,11 @@
 //! create-if-absent decides between concurrent claimants (compare-and-swap
 //! without a lock, which also holds with several servers on one store).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use novacron_api::network::{Mac, VNI_RANGE};
-use novacron_api::{Metadata, Network, NicSpec, Reservation};
+use novacron_api::{Metadata, Network, NicSpec, Reservation, Vm};
 use novacron_store::{SharedStore, StoreError, StoreExt};
 
 use crate::error::{ApiError, ApiResult};
@@ -74,9 +74,21 @@ impl Claimed {
 /// free ones otherwise, and claims them for the VM `vm_id`. On an error
 /// everything claimed so far is released.
 pub async fn claim_nics(store: &SharedStore, project: &str, vm_id: &str, nics: &mut [NicSpec]) -> ApiResult<Claimed> {
+    claim_nics_from(store, project, vm_id, 0, nics).await
+}
+
+/// [`claim_nics`] for NICs that will be `spec.nics[first..]` of the VM
+/// (errors name those fields).
+pub async fn claim_nics_from(
+    store: &SharedStore,
+    project: &str,
+    vm_id: &str,
+    first: usize,
+    nics: &mut [NicSpec],
+) -> ApiResult<Claimed> {
     let mut claimed = Claimed::default();
     for (i, nic) in nics.iter_mut().enumerate() {
-        if let Err(e) = claim_nic(store, project, vm_id, i, nic, &mut claimed).await {
+        if let Err(e) = claim_nic(store, project, vm_id, first + i, nic, &mut claimed).await {
             claimed.release(store).await;
             return Err(e);
         }
@@ -236,22 +248,94 @@ pub async fn addresses_used_by_network(store: &SharedStore) -> ApiResult<std::co
     Ok(used)
 }
 
-/// Releases what no VM or network holds any more: reservations left by a
-/// server that stopped between deleting a VM and releasing its addresses.
-/// Run at start; reservations younger than `grace` are left alone (a create
-/// claims before its VM is stored).
-pub async fn release_orphans(store: &SharedStore, grace: chrono::Duration) -> Result<usize, StoreError> {
-    let mut holders: HashSet<String> = store
-        .list_all::<novacron_api::Vm>()
+/// The reservations a VM holds: those of the NICs in its spec and of the
+/// NICs still plugged into its QEMU (a removed NIC keeps its address until
+/// the guest has let it go). `networks` maps network names to ids.
+fn held_by(vm: &Vm, networks: &HashMap<String, String>) -> HashSet<String> {
+    let mut held = HashSet::new();
+    let spec = vm
+        .spec
+        .nics
+        .iter()
+        .map(|n| (&n.network, n.ip.as_deref(), n.mac.as_deref()));
+    let plugged = vm
+        .status
+        .nics
+        .iter()
+        .map(|n| (&n.network, Some(n.ip.as_str()), Some(n.mac.as_str())));
+    for (network, ip, mac) in spec.chain(plugged) {
+        if let (Some(net_id), Some(ip)) = (networks.get(network), ip.and_then(|ip| ip.parse().ok())) {
+            held.insert(Reservation::ip_key(net_id, ip));
+        }
+        if let Some(mac) = mac.and_then(|m| m.parse::<Mac>().ok()) {
+            held.insert(Reservation::mac_key(mac));
+        }
+    }
+    held
+}
+
+async fn network_ids(store: &SharedStore) -> Result<HashMap<String, String>, StoreError> {
+    Ok(store
+        .list_all::<Network>()
         .await?
         .into_iter()
-        .map(|v| v.metadata.id)
-        .collect();
-    holders.extend(store.list_all::<Network>().await?.into_iter().map(|n| n.metadata.id));
+        .map(|n| (n.metadata.name, n.metadata.id))
+        .collect())
+}
+
+/// Releases the addresses and MACs of a VM's NICs that are neither in its
+/// spec nor plugged into its QEMU any more (removed NICs the guest has let
+/// go). The caller holds the lock NIC adds claim under, and passes the VM
+/// as read under it (so a NIC being added, claimed but not yet in the
+/// spec, is not taken for a removed one). Failures are logged; the next
+/// call or server start retries.
+pub async fn release_detached(store: &SharedStore, vm: &Vm) {
+    match release_unheld(store, vm, chrono::Duration::zero()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(vm = %vm.metadata.name, released = n, "released the addresses of removed NICs"),
+        Err(e) => tracing::warn!(vm = %vm.metadata.name, error = %e, "cannot release the addresses of removed NICs"),
+    }
+}
+
+async fn release_unheld(store: &SharedStore, vm: &Vm, grace: chrono::Duration) -> Result<usize, StoreError> {
+    let held = held_by(vm, &network_ids(store).await?);
     let cutoff = chrono::Utc::now() - grace;
     let mut released = 0;
     for r in store.list_all::<Reservation>().await? {
-        if holders.contains(&r.owner) || r.metadata.created_at > cutoff {
+        if r.owner != vm.metadata.id || held.contains(&r.metadata.name) || r.metadata.created_at > cutoff {
+            continue;
+        }
+        match store
+            .delete_obj::<Reservation>(&r.metadata.name, Some(r.metadata.resource_version))
+            .await
+        {
+            Ok(_) => released += 1,
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(released)
+}
+
+/// Releases what no VM or network holds any more: reservations left by a
+/// server that stopped between deleting a VM (or removing a NIC) and
+/// releasing its addresses. Run at start; reservations younger than
+/// `grace` are left alone (a create claims before its VM is stored).
+pub async fn release_orphans(store: &SharedStore, grace: chrono::Duration) -> Result<usize, StoreError> {
+    let networks = network_ids(store).await?;
+    let held: HashMap<String, HashSet<String>> = store
+        .list_all::<Vm>()
+        .await?
+        .into_iter()
+        .map(|v| (v.metadata.id.clone(), held_by(&v, &networks)))
+        .collect();
+    let network_owners: HashSet<&String> = networks.values().collect();
+    let cutoff = chrono::Utc::now() - grace;
+    let mut released = 0;
+    for r in store.list_all::<Reservation>().await? {
+        let kept =
+            network_owners.contains(&r.owner) || held.get(&r.owner).is_some_and(|keys| keys.contains(&r.metadata.name));
+        if kept || r.metadata.created_at > cutoff {
             continue;
         }
         match store
@@ -305,5 +389,69 @@ mod tests {
             .map(|r| r.metadata.name)
             .collect();
         assert_eq!(left, vec![Reservation::vni_key(4096)]);
+    }
+
+    #[tokio::test]
+    async fn a_removed_nic_keeps_its_address_until_it_is_unplugged() {
+        let store: SharedStore = Arc::new(novacron_store::SqliteStore::in_memory().unwrap());
+        let net = Network {
+            metadata: Metadata::new("blue", Default::default()),
+            spec: novacron_api::NetworkSpec {
+                subnet: "10.32.0.0/24".into(),
+                gateway: "10.32.0.1".into(),
+                dhcp: true,
+                nat: false,
+                mtu: 1450,
+            },
+            status: Default::default(),
+        };
+        let net = store.create_obj(&net).await.unwrap();
+        let mut vm = Vm {
+            metadata: Metadata::new("vm", Default::default()),
+            spec: novacron_api::VmSpec::new("img", 1, 64),
+            status: Default::default(),
+        };
+        vm.spec.nics = vec![NicSpec::on("blue"), NicSpec::on("blue")];
+        claim_nics(&store, "default", &vm.metadata.id, &mut vm.spec.nics)
+            .await
+            .unwrap();
+        let removed = vm.spec.nics.pop().unwrap();
+        let plugged = |n: &NicSpec| novacron_api::NicStatus {
+            network: n.network.clone(),
+            ip: n.ip.clone().unwrap(),
+            mac: n.mac.clone().unwrap(),
+            slot: 1,
+        };
+        vm.status.nics = vec![plugged(&vm.spec.nics[0]), plugged(&removed)];
+        let zero = chrono::Duration::zero();
+        // Removed but plugged still: nothing goes.
+        assert_eq!(release_unheld(&store, &vm, zero).await.unwrap(), 0);
+        // Unplugged: its address and MAC go (unless claimed just now); the
+        // other NIC, out of the spec but plugged, keeps its own.
+        vm.spec.nics.clear();
+        vm.status.nics.pop();
+        assert_eq!(
+            release_unheld(&store, &vm, chrono::Duration::seconds(60))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(release_unheld(&store, &vm, zero).await.unwrap(), 2);
+        let left: Vec<String> = store
+            .list_all::<Reservation>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.metadata.name)
+            .collect();
+        let ip: Ipv4Addr = vm.status.nics[0].ip.parse().unwrap();
+        let mut want = vec![
+            Reservation::ip_key(&net.metadata.id, ip),
+            Reservation::mac_key(vm.status.nics[0].mac.parse().unwrap()),
+        ];
+        want.sort();
+        let mut left = left;
+        left.sort();
+        assert_eq!(left, want);
     }
 }

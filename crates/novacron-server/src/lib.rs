@@ -103,7 +103,8 @@ pub struct AppState {
     pub audit: Arc<audit::AuditLog>,
     pub rate_limiter: Option<Arc<auth::RateLimiter>>,
     pub login_throttle: Arc<auth::LoginThrottle>,
-    /// Serializes quota checks with the creates they admit.
+    /// Serializes quota checks with the creates they admit; also address
+    /// claims for added NICs with the release of removed ones.
     pub quota_lock: Arc<tokio::sync::Mutex<()>>,
     /// Security group membership is recomputed one change at a time.
     pub members_lock: Arc<tokio::sync::Mutex<()>>,
@@ -151,6 +152,7 @@ impl utoipa::Modify for BearerAuth {
 pub fn app(state: AppState) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::vms::router())
+        .merge(routes::vm_nics::router())
         .merge(routes::nodes::router())
         .merge(routes::pki::router())
         .merge(routes::images::router())

@@ -59,6 +59,9 @@ pub enum VmCommand {
     Console { name: String },
     /// Why the VM runs where it does, or why it is still pending.
     Explain { name: String },
+    /// Add or remove a NIC (hot-plugged while the VM runs).
+    #[command(subcommand)]
+    Nic(crate::networks::NicCommand),
     /// Print the serial console log.
     Logs {
         name: String,
@@ -341,6 +344,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             crate::console::attach(&c, target.tls()?.map(std::sync::Arc::new), &name).await
         }
         VmCommand::Logs { name, follow, tail } => logs(&c, &name, follow, tail).await,
+        VmCommand::Nic(cmd) => crate::networks::vm_nic(g, &c, cmd).await,
     }
 }
 

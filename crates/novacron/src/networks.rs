@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use clap::Subcommand;
 use novacron_api::security::{Direction, Protocol};
-use novacron_api::{CreateNetwork, CreateSecurityGroup, Network, NicSpec, SecurityGroup, SecurityRule};
+use novacron_api::{CreateNetwork, CreateSecurityGroup, Network, NicSpec, SecurityGroup, SecurityRule, Vm};
 
 use crate::commands::{client, list, ListArgs};
 use crate::output::{age, print_data, table, Format};
@@ -44,6 +44,130 @@ pub enum NetworkCommand {
     Get { name: String },
     /// Delete a network no VM uses.
     Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum NicCommand {
+    /// Add a NIC; a running VM gets it hot-plugged.
+    Add {
+        /// The VM.
+        name: String,
+        /// The NIC's network, with its address if given.
+        #[arg(long, value_name = "NAME[:IP]", value_parser = parse_nic)]
+        network: NicSpec,
+        /// Unicast MAC (default: chosen by the server).
+        #[arg(long)]
+        mac: Option<String>,
+        /// Security group (repeatable; default: the project's `default`).
+        #[arg(long = "security-group")]
+        security_groups: Vec<String>,
+        /// Wait until the running VM has the NIC plugged in.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Remove a NIC, named by its MAC or IP address; a running VM gets it
+    /// hot-unplugged (the guest must let it go), then its address is freed.
+    Remove {
+        /// The VM.
+        name: String,
+        /// The NIC's MAC or IP address.
+        nic: String,
+        /// Wait until the running VM's guest has let the NIC go.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// How long `vm nic add|remove --wait` waits for the guest.
+const NIC_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub async fn vm_nic(g: &Global, c: &novacron_client::Client, cmd: NicCommand) -> Result<()> {
+    let (name, wait, vm, mac) = match cmd {
+        NicCommand::Add {
+            name,
+            network,
+            mac,
+            security_groups,
+            wait,
+        } => {
+            let nic = NicSpec {
+                mac,
+                security_groups,
+                ..network
+            };
+            let before: Vm = c.get(&name).await?;
+            let vm: Vm = c.post_json(&format!("vms/{name}/nics"), &nic).await?;
+            let added = vm
+                .spec
+                .nics
+                .iter()
+                .filter_map(|n| n.mac.clone())
+                .find(|m| !before.spec.nics.iter().any(|b| b.mac.as_ref() == Some(m)));
+            (name, wait, vm, added)
+        }
+        NicCommand::Remove { name, nic, wait } => {
+            let before: Vm = c.get(&name).await?;
+            let mac = before
+                .spec
+                .nics
+                .iter()
+                .find(|n| {
+                    n.ip.as_deref() == Some(nic.as_str())
+                        || n.mac.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(&nic))
+                })
+                .and_then(|n| n.mac.clone());
+            let vm: Vm = c.delete_json(&format!("vms/{name}/nics/{nic}")).await?;
+            (name, wait, vm, mac)
+        }
+    };
+    let vm = match (wait, mac) {
+        (true, Some(mac)) if vm.status.qemu_pid.is_some() => {
+            let present = vm.spec.nics.iter().any(|n| n.mac.as_deref() == Some(mac.as_str()));
+            wait_plugged(c, &name, &mac, present, vm.metadata.generation).await?
+        }
+        _ => vm,
+    };
+    crate::output::vm(g.output, &vm)
+}
+
+/// Waits until the NIC with `mac` is plugged into the running VM (`present`)
+/// or gone from it.
+async fn wait_plugged(
+    c: &novacron_client::Client,
+    name: &str,
+    mac: &str,
+    present: bool,
+    generation: u64,
+) -> Result<Vm> {
+    use futures::StreamExt;
+    let mut changes = std::pin::pin!(novacron_client::watcher::watch_object::<Vm>(c.clone(), name));
+    let deadline = tokio::time::Instant::now() + NIC_WAIT;
+    loop {
+        let vm = match tokio::time::timeout_at(deadline, changes.next()).await {
+            Ok(Some(Some(vm))) => vm,
+            Ok(Some(None)) => anyhow::bail!("VM {name:?} was deleted"),
+            Ok(None) => anyhow::bail!("Watch of VM {name:?} ended"),
+            Err(_) => anyhow::bail!(
+                "NIC {mac} is still {} VM {name:?} after {}s",
+                if present { "not plugged into" } else { "plugged into" },
+                NIC_WAIT.as_secs()
+            ),
+        };
+        let plugged = vm.status.nics.iter().any(|p| p.mac == mac);
+        if vm.status.observed_generation >= generation && plugged == present {
+            return Ok(vm);
+        }
+        if vm.status.observed_generation >= generation {
+            if let Some(why) = vm
+                .status
+                .reason
+                .as_deref()
+                .filter(|r| r.starts_with("Cannot change the NICs"))
+            {
+                anyhow::bail!("{why}");
+            }
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -199,10 +323,8 @@ pub fn parse_nic(s: &str) -> Result<NicSpec, String> {
         return Err(format!("{s:?} is not NAME or NAME:IP"));
     }
     Ok(NicSpec {
-        network: network.to_string(),
         ip,
-        mac: None,
-        security_groups: Vec::new(),
+        ..NicSpec::on(network)
     })
 }
 

@@ -67,6 +67,37 @@ pub fn vms(format: Format, items: &[Vm]) -> Result<()> {
     Ok(())
 }
 
+/// One line per NIC: network, address, MAC, and for a running VM whether
+/// the NIC is plugged in yet (or still being unplugged).
+pub fn nic_lines(vm: &Vm) -> Vec<String> {
+    let running = vm.status.qemu_pid.is_some();
+    let plugged = |mac: Option<&str>| vm.status.nics.iter().any(|p| Some(p.mac.as_str()) == mac);
+    let mut lines: Vec<String> = vm
+        .spec
+        .nics
+        .iter()
+        .map(|n| {
+            let state = match (running, plugged(n.mac.as_deref())) {
+                (false, _) => "",
+                (true, true) => " plugged",
+                (true, false) => " plugging",
+            };
+            format!(
+                "{} {} {}{state}",
+                n.network,
+                n.ip.as_deref().unwrap_or("-"),
+                n.mac.as_deref().unwrap_or("-")
+            )
+        })
+        .collect();
+    for p in &vm.status.nics {
+        if !vm.spec.nics.iter().any(|n| n.mac.as_deref() == Some(p.mac.as_str())) {
+            lines.push(format!("{} {} {} unplugging", p.network, p.ip, p.mac));
+        }
+    }
+    lines
+}
+
 pub fn vm(format: Format, vm: &Vm) -> Result<()> {
     if format != Format::Table {
         return print_data(format, vm);
@@ -91,22 +122,7 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
         ("machine", vm.spec.machine.clone().unwrap_or_else(|| "pc".into())),
         ("cpu model", vm.spec.cpu_model.clone().unwrap_or_else(|| "-".into())),
         ("restarts", vm.status.restarts.to_string()),
-        (
-            "nics",
-            vm.spec
-                .nics
-                .iter()
-                .map(|n| {
-                    format!(
-                        "{} {} {}",
-                        n.network,
-                        n.ip.as_deref().unwrap_or("-"),
-                        n.mac.as_deref().unwrap_or("-")
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ),
+        ("nics", nic_lines(vm).join("\n")),
         (
             "labels",
             vm.metadata

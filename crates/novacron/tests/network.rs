@@ -6,57 +6,16 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::guestnet::{guest_run, network, nic, three_hosts, type_on_console, vm_on, BOOT};
 use common::{ok, wait_until, Cluster, Options};
 use novacron_api::{
     CreateMigration, CreateNetwork, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport,
-    Network, NicSpec, SecurityGroup, Vm, VmSpec,
+    Network, SecurityGroup, Vm,
 };
 use serde_json::json;
-
-const BOOT: Duration = Duration::from_secs(120);
-
-fn network(name: &str, subnet: &str) -> CreateNetwork {
-    CreateNetwork {
-        name: name.into(),
-        project: None,
-        labels: Default::default(),
-        subnet: subnet.into(),
-        gateway: None,
-        dhcp: true,
-        nat: false,
-        mtu: None,
-    }
-}
-
-fn nic(network: &str, ip: Option<&str>) -> NicSpec {
-    NicSpec {
-        network: network.into(),
-        ip: ip.map(str::to_string),
-        mac: None,
-        security_groups: Vec::new(),
-    }
-}
-
-fn vm_on(name: &str, nics: Vec<NicSpec>, node: Option<&str>) -> CreateVm {
-    let mut spec = VmSpec {
-        disk_mib: Some(64),
-        nics,
-        ..VmSpec::new("demo", 1, 128)
-    };
-    if let Some(node) = node {
-        spec.placement.node_selector = [("host".to_string(), node.to_string())].into();
-    }
-    CreateVm {
-        name: name.into(),
-        project: None,
-        labels: Default::default(),
-        spec,
-    }
-}
 
 /// POSTs raw JSON; returns the status and the body.
 async fn post(c: &Cluster, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
@@ -265,52 +224,6 @@ async fn networks_and_addresses_through_the_api() {
     let used = c.client.get::<Network>("red").await.expect("red").status.addresses_used;
     assert_eq!(used, 0, "deleted VMs kept their addresses");
     ok(c.cli(&["network", "delete", "red"]).output().expect("cli"));
-}
-
-/// Types a command on a VM's serial console.
-fn type_on_console(c: &Cluster, vm: &str, line: &str) {
-    let mut console = c
-        .cli(&["vm", "console", vm])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("console");
-    console
-        .stdin
-        .as_mut()
-        .expect("stdin")
-        .write_all(format!("\n{line}\n").as_bytes())
-        .expect("type");
-    drop(console.stdin.take());
-    let _ = console.wait();
-}
-
-/// Runs `cmd` in the guest and returns the line it ends with,
-/// `RESULT-<tag> rc=<exit status>`. (The marker is typed split in two, so
-/// the console's echo of the command line does not count as the result.)
-async fn guest_run(c: &Cluster, vm: &str, tag: &str, cmd: &str, timeout: Duration) -> String {
-    type_on_console(c, vm, &format!("{cmd}; echo \"RESULT\"\"-{tag} rc=$?\""));
-    let marker = format!("RESULT-{tag} ");
-    wait_until(&format!("{marker:?} on {vm}'s console"), timeout, || async {
-        let log = c.logs(vm).await;
-        log.lines()
-            .rev()
-            .find(|l| l.starts_with(&marker))
-            .map(|l| l.trim().to_string())
-    })
-    .await
-}
-
-/// Three hosts, each a network namespace with its agent, and the demo image.
-async fn three_hosts() -> Cluster {
-    let c = Cluster::start(Options {
-        agents: 3,
-        netns: true,
-        ..Default::default()
-    })
-    .await;
-    c.import_demo().await;
-    c
 }
 
 #[tokio::test]

@@ -91,18 +91,28 @@ impl Dhcp {
             .map(|(mac, ip, name)| format!("{mac},{ip},{name}\n"))
             .collect();
         let path = self.host_file(vm_id);
-        if std::fs::read_to_string(&path).is_ok_and(|old| old == body) {
+        let old = std::fs::read_to_string(&path).ok();
+        if old.as_deref() == Some(body.as_str()) {
             return Ok(());
         }
-        super::write_whole(&path, body.as_bytes())
+        super::write_whole(&path, body.as_bytes())?;
+        // dnsmasq reads new entries by itself but forgets old ones only on SIGHUP.
+        if old.is_some() {
+            self.reload();
+        }
+        Ok(())
+    }
+
+    fn reload(&self) {
+        if let Some(pid) = self.running() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
+        }
     }
 
     /// Drops a VM's reservations; dnsmasq forgets removed files on SIGHUP.
     pub fn remove_host(&self, vm_id: &str) {
         if std::fs::remove_file(self.host_file(vm_id)).is_ok() {
-            if let Some(pid) = self.running() {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
-            }
+            self.reload();
         }
     }
 

@@ -38,6 +38,17 @@ pub(super) struct HostNic {
     /// Its security groups.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// The VM's name (for its DHCP reservation), its network's name, and
+    /// whether that network runs DHCP.
+    #[serde(default)]
+    pub vm_name: String,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub dhcp: bool,
+    /// The NIC's PCI slot in its VM (the tap's name ends with it).
+    #[serde(default)]
+    pub slot: u8,
 }
 
 /// Everything a host's rules are made of.
@@ -323,6 +334,10 @@ mod tests {
             mac: "52:54:0a:1f:00:02".into(),
             ip: Ipv4Addr::new(10, 31, 0, 2),
             groups: vec!["web".into()],
+            vm_name: "web-1".into(),
+            network: "red".into(),
+            dhcp: true,
+            slot: 0,
         }];
         let group = |name: &str, members: &[&str], rules: Vec<SecurityRule>| SecurityGroup {
             metadata: novacron_api::Metadata::new(name, Default::default()),

@@ -15,13 +15,13 @@ mod dhcp;
 mod firewall;
 mod link;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use novacron_api::error::chain;
 use novacron_api::network::{Mac, Subnet};
-use novacron_api::{Network, Vm};
+use novacron_api::{Network, NicStatus, Vm};
 use novacron_client::{Client, ClientError};
 use sha2::{Digest, Sha256};
 
@@ -67,6 +67,40 @@ pub struct AttachedNic {
     pub tap: String,
     pub mac: String,
     pub mtu: u32,
+    /// PCI slot (see [`AttachedNic::pci_addr`]) and QEMU ids `net<slot>`, `nic<slot>`.
+    #[serde(default)]
+    pub slot: u8,
+}
+
+impl AttachedNic {
+    pub fn netdev_id(&self) -> String {
+        format!("net{}", self.slot)
+    }
+    pub fn device_id(&self) -> String {
+        device_id(self.slot)
+    }
+    /// Slots 0x10-0x17 of the PCI bus: clear of what QEMU places by itself.
+    pub fn pci_addr(&self) -> String {
+        format!("{:#x}", 0x10 + u32::from(self.slot))
+    }
+}
+
+/// QEMU's id of the NIC in `slot`.
+pub fn device_id(slot: u8) -> String {
+    format!("nic{slot}")
+}
+
+/// A NIC of a VM plumbed on this host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalNic {
+    pub tap: String,
+    pub slot: u8,
+    pub status: NicStatus,
+}
+
+/// The slot of `vm.spec.nics[i]` (the server sets it; older VMs: the index).
+pub fn nic_slot(vm: &Vm, i: usize) -> u8 {
+    vm.spec.nics.get(i).and_then(|n| n.slot).unwrap_or(i as u8)
 }
 
 pub fn bridge_name(vni: u32) -> String {
@@ -130,61 +164,180 @@ impl Overlay {
     }
 
     /// Plumbs every NIC of `vm` on this host (networks, taps, DHCP
-    /// reservations) and says what QEMU needs. Idempotent.
+    /// reservations) and says what QEMU needs; NICs removed from the spec
+    /// while the VM did not run go. Idempotent.
     pub async fn attach(&self, client: &Client, vm: &Vm) -> Result<Vec<AttachedNic>, NetError> {
-        if vm.spec.nics.is_empty() {
+        if vm.spec.nics.is_empty() && self.records_of(&vm.metadata.id).is_empty() {
             return Ok(Vec::new());
         }
         let _one_at_a_time = self.changing.lock().await;
-        let prefix = tap_prefix(&vm.metadata.id, &self.node);
+        self.prune_locked(vm).await;
         let mut attached = Vec::new();
-        let mut reservations: HashMap<u32, Vec<(String, Ipv4Addr, String)>> = HashMap::new();
-        let mut dhcp_networks = Vec::new();
-        for (i, nic) in vm.spec.nics.iter().enumerate() {
-            let net: Network = client.get(&nic.network).await.map_err(|source| NetError::Network {
-                name: nic.network.clone(),
-                source,
-            })?;
-            let (Some(ip), Some(mac)) = (nic.ip.as_deref(), nic.mac.as_deref()) else {
-                return Err(NetError::Invalid(format!(
-                    "NIC {i} of VM {} has no address from the server",
-                    vm.metadata.name
-                )));
-            };
-            let ip: Ipv4Addr = ip
-                .parse()
-                .map_err(|_| NetError::Invalid(format!("NIC {i}: {ip:?} is not an IPv4 address")))?;
-            let mac: Mac = mac.parse().map_err(|e| NetError::Invalid(format!("NIC {i}: {e}")))?;
-            self.ensure_network(&net).await?;
-            let tap = format!("{prefix}{i}");
-            let guard = HostNic {
-                tap: tap.clone(),
-                vni: net.status.vni,
-                mac: mac.to_string(),
-                ip,
-                groups: nic.security_groups.clone(),
-            };
-            // Its guard is in place (sync_rules below) before QEMU starts on the tap.
-            Self::write_json(&self.nics_dir().join(&tap), &guard)?;
-            ensure_tap(&tap, &bridge_name(net.status.vni), net.spec.mtu).await?;
-            if net.spec.dhcp {
-                reservations
-                    .entry(net.status.vni)
-                    .or_default()
-                    .push((mac.to_string(), ip, vm.metadata.name.clone()));
-                dhcp_networks.push(net.status.vni);
-            }
-            attached.push(AttachedNic {
-                tap,
-                mac: mac.to_string(),
-                mtu: net.spec.mtu,
-            });
-        }
-        for (vni, entries) in reservations {
-            self.dhcp(vni).set_host(&vm.metadata.id, &entries)?;
+        for i in 0..vm.spec.nics.len() {
+            attached.push(self.plumb(client, vm, i).await?);
         }
         self.sync_rules().await?;
         Ok(attached)
+    }
+
+    /// Plumbs `vm.spec.nics[i]` alone (a NIC hot-added to a running VM).
+    pub async fn attach_nic(&self, client: &Client, vm: &Vm, i: usize) -> Result<AttachedNic, NetError> {
+        let _one_at_a_time = self.changing.lock().await;
+        let nic = self.plumb(client, vm, i).await?;
+        self.sync_rules().await?;
+        Ok(nic)
+    }
+
+    /// The network, tap, record and DHCP reservation of one NIC.
+    async fn plumb(&self, client: &Client, vm: &Vm, i: usize) -> Result<AttachedNic, NetError> {
+        let Some(nic) = vm.spec.nics.get(i) else {
+            return Err(NetError::Invalid(format!("VM {} has no NIC {i}", vm.metadata.name)));
+        };
+        let net: Network = client.get(&nic.network).await.map_err(|source| NetError::Network {
+            name: nic.network.clone(),
+            source,
+        })?;
+        let (Some(ip), Some(mac)) = (nic.ip.as_deref(), nic.mac.as_deref()) else {
+            return Err(NetError::Invalid(format!(
+                "NIC {i} of VM {} has no address from the server",
+                vm.metadata.name
+            )));
+        };
+        let ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| NetError::Invalid(format!("NIC {i}: {ip:?} is not an IPv4 address")))?;
+        let mac: Mac = mac.parse().map_err(|e| NetError::Invalid(format!("NIC {i}: {e}")))?;
+        let slot = nic_slot(vm, i);
+        self.ensure_network(&net).await?;
+        let tap = format!("{}{slot}", tap_prefix(&vm.metadata.id, &self.node));
+        let record = HostNic {
+            tap: tap.clone(),
+            vni: net.status.vni,
+            mac: mac.to_string(),
+            ip,
+            groups: nic.security_groups.clone(),
+            vm_name: vm.metadata.name.clone(),
+            network: net.metadata.name.clone(),
+            dhcp: net.spec.dhcp,
+            slot,
+        };
+        // Its guard is in place (sync_rules) before QEMU opens the tap.
+        Self::write_json(&self.nics_dir().join(&tap), &record)?;
+        ensure_tap(&tap, &bridge_name(net.status.vni), net.spec.mtu).await?;
+        self.write_dhcp_hosts(&vm.metadata.id, net.status.vni)?;
+        Ok(AttachedNic {
+            tap,
+            mac: mac.to_string(),
+            mtu: net.spec.mtu,
+            slot,
+        })
+    }
+
+    /// The NICs of a VM on this host, from their records.
+    fn records_of(&self, vm_id: &str) -> Vec<HostNic> {
+        let prefix = tap_prefix(vm_id, &self.node);
+        std::fs::read_dir(self.nics_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter_map(|e| serde_json::from_slice::<HostNic>(&std::fs::read(e.path()).ok()?).ok())
+            .collect()
+    }
+
+    /// The NICs of a VM plumbed on this host.
+    pub fn nics_of(&self, vm_id: &str) -> Vec<LocalNic> {
+        self.records_of(vm_id)
+            .into_iter()
+            .map(|r| LocalNic {
+                tap: r.tap,
+                slot: r.slot,
+                status: NicStatus {
+                    network: r.network,
+                    ip: r.ip.to_string(),
+                    mac: r.mac,
+                    slot: r.slot,
+                },
+            })
+            .collect()
+    }
+
+    /// Makes a VM's DHCP reservations on network `vni` those of its NICs there.
+    fn write_dhcp_hosts(&self, vm_id: &str, vni: u32) -> Result<(), NetError> {
+        let entries: Vec<(String, Ipv4Addr, String)> = self
+            .records_of(vm_id)
+            .into_iter()
+            .filter(|r| r.vni == vni && r.dhcp)
+            .map(|r| (r.mac, r.ip, r.vm_name))
+            .collect();
+        let dhcp = self.dhcp(vni);
+        if entries.is_empty() {
+            dhcp.remove_host(vm_id);
+            Ok(())
+        } else {
+            dhcp.set_host(vm_id, &entries)
+        }
+    }
+
+    /// Removes one NIC of a VM here (after QEMU let go of its tap).
+    pub async fn detach_nic(&self, vm_id: &str, tap: &str) {
+        let _one_at_a_time = self.changing.lock().await;
+        self.unplumb(vm_id, tap).await;
+        if let Err(e) = self.sync_rules().await {
+            tracing::warn!(vm_id, error = %chain(&e), "cannot update the network rules");
+        }
+    }
+
+    /// The tap, record and DHCP reservation of one NIC, and its network
+    /// when no VM here uses it any more.
+    async fn unplumb(&self, vm_id: &str, tap: &str) {
+        let record = self.records_of(vm_id).into_iter().find(|r| r.tap == tap);
+        match link::link(tap).await {
+            Ok(Some(_)) => {
+                if let Err(e) = link::delete_link(tap).await {
+                    tracing::warn!(vm_id, tap, error = %chain(&e), "cannot remove tap");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(vm_id, tap, error = %chain(&e), "cannot look up tap"),
+        }
+        let _ = std::fs::remove_file(self.nics_dir().join(tap));
+        if let Some(r) = record {
+            if let Err(e) = self.write_dhcp_hosts(vm_id, r.vni) {
+                tracing::warn!(vm_id, tap, error = %chain(&e), "cannot update DHCP reservations");
+            }
+            self.teardown_if_unused(r.vni, &self.dhcp(r.vni)).await;
+        }
+        tracing::info!(vm_id, tap, "NIC removed from this host");
+    }
+
+    /// Removes the NICs of a VM that are no longer in its spec (changed
+    /// while it did not run).
+    pub async fn prune(&self, vm: &Vm) {
+        let _one_at_a_time = self.changing.lock().await;
+        if self.prune_locked(vm).await {
+            if let Err(e) = self.sync_rules().await {
+                tracing::warn!(vm = %vm.metadata.name, error = %chain(&e), "cannot update the network rules");
+            }
+        }
+    }
+
+    async fn prune_locked(&self, vm: &Vm) -> bool {
+        let wanted: Vec<(u8, Option<&str>)> = vm
+            .spec
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (nic_slot(vm, i), n.mac.as_deref()))
+            .collect();
+        let mut pruned = false;
+        for r in self.records_of(&vm.metadata.id) {
+            if !wanted.contains(&(r.slot, Some(r.mac.as_str()))) {
+                self.unplumb(&vm.metadata.id, &r.tap).await;
+                pruned = true;
+            }
+        }
+        pruned
     }
 
     /// Removes a VM's taps and DHCP reservations here, and the networks no

@@ -396,6 +396,7 @@ async fn types_match_the_installed_qemus_schema() {
     check_reply::<QueryVersion>(&schema);
     check_reply::<QueryMachines>(&schema);
     check_reply::<QueryCpuDefinitions>(&schema);
+    check_reply::<QomList>(&schema);
     for unit in [
         QmpCapabilities::NAME,
         Stop::NAME,
@@ -417,6 +418,10 @@ async fn types_match_the_installed_qemus_schema() {
         BlockExportAdd::NAME,
         GetFd::NAME,
         AnnounceSelf::NAME,
+        NetdevAddTap::NAME,
+        NetdevDel::NAME,
+        DeviceAddVirtioNet::NAME,
+        DeviceDel::NAME,
     ] {
         let (_, ret) = schema.command(unit);
         assert!(schema.members(ret).is_empty(), "{unit} returns something: {ret}");
@@ -438,6 +443,21 @@ async fn types_match_the_installed_qemus_schema() {
             uri: "tcp:127.0.0.1:4444".into(),
         },
     );
+    check_args(&schema, &NetdevAddTap::new("net0", "nctap0"));
+    check_args(&schema, &NetdevDel { id: "net0".into() });
+    check_args(&schema, &DeviceDel { id: "nic0".into() });
+    check_args(
+        &schema,
+        &QomList {
+            path: "/machine/peripheral".into(),
+        },
+    );
+    // device_add declares only driver, bus and id (the rest is the device's).
+    let (arg, _) = schema.command(DeviceAddVirtioNet::NAME);
+    let declared: Vec<String> = schema.members(arg).into_iter().map(|(n, _, _)| n).collect();
+    for m in ["driver", "id"] {
+        assert!(declared.contains(&m.to_string()), "device_add has no {m}");
+    }
     check_args(
         &schema,
         &AnnounceSelf {

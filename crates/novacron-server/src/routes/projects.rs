@@ -62,6 +62,13 @@ pub async fn check_quota(state: &AppState, project: &str, quota: &Quota, vm: &Vm
     over_quota(project, &checks)
 }
 
+/// Refuses (403) `asked` more addresses (NICs added to a VM) over quota.
+pub async fn check_address_quota(state: &AppState, project: &str, quota: &Quota, asked: u64) -> ApiResult<()> {
+    let vms = state.store.list_all::<Vm>().await?;
+    let used = usage_of(vms.iter().filter(|v| v.metadata.project == project));
+    over_quota(project, &[("addresses", quota.addresses, used.addresses, asked)])
+}
+
 /// Refuses (403) a network that would take its project over quota.
 pub async fn check_network_quota(state: &AppState, project: &str, quota: &Quota) -> ApiResult<()> {
     let used = count_networks(state, project).await?;

@@ -124,6 +124,7 @@ async fn create_vm(
     super::projects::check_quota(&state, &project, &quota, &vm).await?;
     let mut vm = vm;
     super::security_groups::resolve_nic_groups(&state, &project, &mut vm.spec.nics).await?;
+    novacron_api::network::assign_slots(&mut vm.spec.nics).map_err(ApiError::from)?;
     let claimed = crate::ipam::claim_nics(&state.store, &project, &vm.metadata.id, &mut vm.spec.nics).await?;
     let vm = match state.store.create_obj(&vm).await {
         Ok(vm) => vm,
@@ -208,7 +209,7 @@ async fn delete_vm(
 }
 
 /// Applies a spec change for a lifecycle action.
-async fn act(
+pub(super) async fn act(
     state: &AppState,
     p: &Principal,
     name: &str,
@@ -367,8 +368,13 @@ async fn put_vm_status(
     if vm.status.node.is_some() && body.status.node != vm.status.node {
         return Err(ApiError::invalid("status.node", "an agent cannot rebind a VM"));
     }
+    let unplugged = vm.status.nics != body.status.nics;
     vm.status = body.status;
-    Ok(Json(state.store.update_obj(&vm).await?))
+    let vm = state.store.update_obj(&vm).await?;
+    if unplugged {
+        super::vm_nics::release_removed(&state, &vm.metadata.name).await;
+    }
+    Ok(Json(vm))
 }
 
 /// Agent: a deleted VM's process and disks are gone; remove the object.

@@ -227,6 +227,15 @@ pub async fn fixtures(h: &Harness) -> Vec<String> {
     tokens
 }
 
+/// The MAC of the NIC of the project's VM (`{nic}` in paths).
+fn fixture_mac(p: &str) -> &'static str {
+    if p == "alpha" {
+        "52:54:00:00:00:0a"
+    } else {
+        "52:54:00:00:00:0b"
+    }
+}
+
 /// (Re)creates the VMs and migrations the matrix acts on.
 pub async fn reset_objects(h: &Harness) {
     let store = &h.state.store;
@@ -244,10 +253,9 @@ pub async fn reset_objects(h: &Harness) {
         };
         // On its project's network, so that the network cannot be deleted.
         vm.spec.nics = vec![novacron_api::NicSpec {
-            network: format!("net-{p}"),
-            ip: None,
-            mac: None,
             security_groups: vec![format!("sg-{p}")],
+            mac: Some(fixture_mac(p).into()),
+            ..novacron_api::NicSpec::on(&format!("net-{p}"))
         }];
         vm.status.phase = VmPhase::Running;
         vm.status.node = Some("node-1".into());
@@ -310,6 +318,8 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("POST", "/v1/vms/{name}/finalize", "YYnnYnYn", "YnnnYnYn"),
     ("GET", "/v1/vms/{name}/logs", "YYYYYYYY", "YnnnYnYY"),
     ("GET", "/v1/vms/{name}/console", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/nics", "YYYnnnnn", "Ynnnnnnn"),
+    ("DELETE", "/v1/vms/{name}/nics/{nic}", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/images", "YYYYYnYY", "YYYYYnYY"),
     ("POST", "/v1/images", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/images/{name}", "YYYYYnYY", "YnnnYnYY"),
@@ -396,13 +406,17 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         "projects" => p.into(),
         _ => String::new(),
     };
-    let path = template.replace("{name}", &name).replace("{part}", "kernel");
+    let path = template
+        .replace("{name}", &name)
+        .replace("{part}", "kernel")
+        .replace("{nic}", fixture_mac(p));
     let fresh = format!("new-{n}");
     let body = match (method, template) {
         ("POST", "/v1/vms") => Some(
             json!({"name": fresh, "project": p, "spec": {"image": format!("img-{p}"), "vcpus": 1, "memory_mib": 128}}),
         ),
         ("POST", "/v1/images") => Some(json!({"name": fresh, "project": p, "format": "kernel"})),
+        ("POST", "/v1/vms/{name}/nics") => Some(json!({"network": format!("net-{p}")})),
         ("POST", "/v1/security-groups") => Some(json!({"name": fresh, "project": p})),
         ("PUT", "/v1/security-groups/{name}") => Some(json!({"rules": []})),
         // A subnet of its own for every create that goes through.

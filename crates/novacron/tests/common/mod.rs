@@ -4,6 +4,7 @@
 //! nothing outlives a test, also when it fails.
 #![allow(dead_code)]
 
+pub mod guestnet;
 pub mod netlab;
 
 use std::future::Future;
