@@ -131,6 +131,7 @@ async fn boot_novacron(client: &Client, i: usize) -> Result<f64> {
             name: name.clone(),
             project: None,
             labels: Default::default(),
+            no_default_network: false,
             spec: VmSpec {
                 disk_mib: Some(256),
                 ..VmSpec::new("demo", 1, 256)

@@ -99,6 +99,7 @@ async fn main() -> Result<()> {
                         name: name.clone(),
                         project: None,
                         labels: Default::default(),
+                        no_default_network: false,
                         spec: VmSpec {
                             disk_mib: Some(256),
                             data_disk_mib: Some(64),

@@ -334,6 +334,7 @@ async fn main() -> Result<()> {
                 name: vm.into(),
                 project: None,
                 labels: Default::default(),
+                no_default_network: false,
                 spec,
             })
             .await?;

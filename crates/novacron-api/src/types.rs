@@ -514,6 +514,10 @@ pub struct CreateVm {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub spec: VmSpec,
+    /// A VM created without NICs joins its project's default network (the
+    /// one labelled `novacron.io/default=true`, if any) unless this is set.
+    #[serde(default)]
+    pub no_default_network: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

@@ -120,6 +120,10 @@ pub struct CreateArgs {
     /// A NIC on network NAME, with address IP if given (repeatable).
     #[arg(long = "network", value_name = "NAME[:IP]", value_parser = crate::networks::parse_nic)]
     pub networks: Vec<novacron_api::NicSpec>,
+    /// No NIC at all: without --network the VM would join the project's
+    /// default network (if it has one, as `novacron dev` makes).
+    #[arg(long, conflicts_with = "networks")]
+    pub no_network: bool,
     /// Security group of every NIC (repeatable; default: the project's `default`).
     #[arg(long = "security-group", requires = "networks")]
     pub security_groups: Vec<String>,
@@ -254,6 +258,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                 name: a.name.clone(),
                 project: a.project.clone(),
                 labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
+                no_default_network: a.no_network,
                 spec: VmSpec {
                     disk_mib: a.disk,
                     data_disk_mib: a.data_disk,

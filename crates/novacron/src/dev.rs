@@ -48,7 +48,23 @@ pub struct DevArgs {
     /// the DWCP migration transport). Loopback only.
     #[arg(long)]
     pub insecure_http: bool,
+    /// Where the agents run: `namespaces` (one network namespace each, so
+    /// VMs get networks: needs root), `process` (inside this process, no VM
+    /// networks), or `auto` (namespaces when possible).
+    #[arg(long, value_enum, default_value_t = DevHosts::Auto)]
+    pub hosts: DevHosts,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DevHosts {
+    Auto,
+    Namespaces,
+    Process,
+}
+
+/// The default network `novacron dev` gives VMs created without one.
+const DEFAULT_NETWORK: &str = "default";
+const DEFAULT_SUBNET: &str = "10.210.0.0/24";
 
 /// Finds the demo guest: the flag, else `target/guest` beside the binary's
 /// target directory, else `./target/guest`.
@@ -118,6 +134,25 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         bail!("--insecure-http serves plain HTTP, so it listens on loopback only");
     }
     let stop = CancellationToken::new();
+    let namespaces = match a.hosts {
+        DevHosts::Process => false,
+        _ if a.insecure_http => {
+            if a.hosts == DevHosts::Namespaces {
+                bail!("--insecure-http keeps the server on loopback, which agents in namespaces cannot reach");
+            }
+            false
+        }
+        DevHosts::Namespaces => {
+            if !crate::devnet::available() {
+                bail!("--hosts namespaces needs root and `ip netns`");
+            }
+            true
+        }
+        DevHosts::Auto => crate::devnet::available(),
+    };
+    if namespaces {
+        crate::devnet::ensure(a.agents)?;
+    }
 
     let server_args = ServerArgs {
         data_dir: dir.join("server"),
@@ -129,7 +164,12 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         insecure_http: a.insecure_http,
         tls_cert: None,
         tls_key: None,
-        tls_names: Vec::new(),
+        // Agents in namespaces reach the server at the underlay's gateway.
+        tls_names: if namespaces {
+            vec![crate::devnet::GATEWAY.to_string()]
+        } else {
+            Vec::new()
+        },
         node_cert_lifetime: NODE_CERT_LIFETIME,
     };
     let server = tokio::spawn(novacron_server::run(
@@ -161,31 +201,28 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
     let client = Client::with_tls(&base, &token, tls)?;
 
     let mut agents = Vec::new();
-    for i in 1..=a.agents {
+    let mut agent_processes = Vec::new();
+    if namespaces {
+        let relay_at = SocketAddr::new(crate::devnet::GATEWAY.into(), a.listen.port());
+        tokio::spawn(crate::devnet::relay(relay_at, a.listen, stop.clone()));
+        for i in 1..=a.agents {
+            agent_processes.push(spawn_agent_in_namespace(&a, &dir, i, &client, &relay_at, &ca_path).await?);
+        }
+        ensure_default_network(&client).await?;
+    }
+    for i in (1..=a.agents).filter(|_| !namespaces) {
         let name = format!("node-{i}");
         let data_dir = dir.join(format!("agent-{i}"));
         // Agents join like production ones: a join token the first time,
         // their certificate from then on.
         let joining = !a.insecure_http && !novacron_tls::AgentFiles::in_dir(&data_dir).exist();
         let args = AgentArgs {
-            name: name.clone(),
-            data_dir,
-            listen: "127.0.0.1:0".parse()?,
-            advertise: None,
-            vcpus: Some(a.agent_vcpus),
-            memory: Some(a.agent_memory),
-            labels: vec![("novacron.io/dev".into(), "true".into())],
-            heartbeat: a.heartbeat,
-            qemu: "qemu-system-x86_64".into(),
-            accel: a.accel.clone(),
-            probe_timeout: Duration::from_secs(2),
-            dwcp_cache_mib: 256,
-            underlay_ip: None,
             join_token: if joining {
                 Some(join_token(&client, &name).await?)
             } else {
                 None
             },
+            ..agent_args(&a, &name, data_dir)
         };
         let cfg = if a.insecure_http {
             crate::agent_config(&args, base.clone(), Some(token.clone()), None)
@@ -220,13 +257,18 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
     }
 
     eprintln!(
-        "NovaCron dev cluster is up: server {base} ({}), {} agent(s), data in {}\n  try: novacron vm create demo-1 --image demo --memory 256MiB --wait\n  stop with Ctrl-C (VMs keep running and are re-adopted next time)",
+        "NovaCron dev cluster is up: server {base} ({}), {} agent(s){}, data in {}\n  try: novacron vm create demo-1 --image demo --memory 256MiB --wait\n  stop with Ctrl-C (VMs keep running and are re-adopted next time)",
         if a.insecure_http {
             "plain HTTP"
         } else {
             "mTLS, agents joined with join tokens"
         },
         a.agents,
+        if namespaces {
+            format!(" in network namespaces ncdev-N; VMs join network {DEFAULT_NETWORK:?} ({DEFAULT_SUBNET}, DHCP, NAT)")
+        } else {
+            " in this process (no VM networks: run as root for them)".into()
+        },
         dir.display()
     );
     shutdown.await;
@@ -234,8 +276,115 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
     for agent in agents {
         let _ = agent.await;
     }
+    for mut child in agent_processes {
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
     match server.await {
         Ok(r) => r.map_err(Into::into),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The arguments of dev agent `name` (as `novacron agent` would take them).
+fn agent_args(a: &DevArgs, name: &str, data_dir: PathBuf) -> AgentArgs {
+    AgentArgs {
+        name: name.to_string(),
+        data_dir,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        advertise: None,
+        vcpus: Some(a.agent_vcpus),
+        memory: Some(a.agent_memory),
+        labels: vec![("novacron.io/dev".into(), "true".into())],
+        heartbeat: a.heartbeat,
+        qemu: "qemu-system-x86_64".into(),
+        accel: a.accel.clone(),
+        probe_timeout: Duration::from_secs(2),
+        dwcp_cache_mib: 256,
+        underlay_ip: None,
+        join_token: None,
+    }
+}
+
+/// Starts dev agent `i` as a `novacron agent` process in its namespace.
+async fn spawn_agent_in_namespace(
+    a: &DevArgs,
+    dir: &Path,
+    i: u32,
+    client: &Client,
+    server: &SocketAddr,
+    ca: &Path,
+) -> Result<tokio::process::Child> {
+    let name = format!("node-{i}");
+    let data_dir = dir.join(format!("agent-{i}"));
+    let ip = crate::devnet::host_ip(i);
+    let args = agent_args(a, &name, data_dir.clone());
+    let exe = std::env::current_exe().context("Cannot find this program to start agents")?;
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args(["netns", "exec", &crate::devnet::netns(i)])
+        .arg(exe)
+        .args(["agent", "--name", &name, "--data-dir"])
+        .arg(&data_dir)
+        .args(["--listen", &format!("{ip}:0"), "--underlay-ip", &ip.to_string()])
+        .args(["--vcpus", &a.agent_vcpus.to_string()])
+        .args(["--memory", &format!("{}MiB", a.agent_memory)])
+        .args(["--heartbeat", &format!("{}ms", args.heartbeat.as_millis())])
+        .args([
+            "--accel",
+            &args.accel,
+            "--dwcp-cache-mib",
+            &args.dwcp_cache_mib.to_string(),
+        ])
+        .args(["--label", "novacron.io/dev=true"])
+        .env("NOVACRON_SERVER", format!("https://{server}"))
+        .env("NOVACRON_CA_CERT", ca)
+        .env_remove("NOVACRON_TOKEN")
+        .kill_on_drop(true);
+    if !novacron_tls::AgentFiles::in_dir(&data_dir).exist() {
+        cmd.env("NOVACRON_JOIN_TOKEN", join_token(client, &name).await?);
+    }
+    let child = cmd.spawn().with_context(|| format!("Cannot start agent {name}"))?;
+    tracing::info!(node = %name, netns = %crate::devnet::netns(i), %ip, "started agent in its namespace");
+    Ok(child)
+}
+
+/// The dev cluster's network for VMs created without one: DHCP and NAT,
+/// labelled as the `default` project's default network.
+async fn ensure_default_network(client: &Client) -> Result<()> {
+    match client.get::<novacron_api::Network>(DEFAULT_NETWORK).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.status() == Some(404) => {
+            let req = novacron_api::CreateNetwork {
+                name: DEFAULT_NETWORK.into(),
+                project: None,
+                labels: [("novacron.io/default".to_string(), "true".to_string())].into(),
+                subnet: DEFAULT_SUBNET.into(),
+                gateway: None,
+                dhcp: true,
+                nat: true,
+                mtu: None,
+            };
+            let _: novacron_api::Network = client
+                .post_json("networks", &req)
+                .await
+                .context("Cannot create the default network")?;
+            tracing::info!(
+                network = DEFAULT_NETWORK,
+                subnet = DEFAULT_SUBNET,
+                "created the default network"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).context("Cannot read the default network"),
     }
 }

@@ -4,6 +4,7 @@ mod commands;
 mod config;
 mod console;
 mod dev;
+mod devnet;
 mod identity;
 mod networks;
 mod nodes;

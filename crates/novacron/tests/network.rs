@@ -224,6 +224,33 @@ async fn networks_and_addresses_through_the_api() {
     let used = c.client.get::<Network>("red").await.expect("red").status.addresses_used;
     assert_eq!(used, 0, "deleted VMs kept their addresses");
     ok(c.cli(&["network", "delete", "red"]).output().expect("cli"));
+
+    // A project's default network (as `novacron dev` makes): VMs created
+    // without NICs join it, unless they ask for none.
+    let home = CreateNetwork {
+        labels: [("novacron.io/default".to_string(), "true".to_string())].into(),
+        ..network("home", "10.33.0.0/24")
+    };
+    let _: Network = c.client.post_json("networks", &home).await.expect("home");
+    let joined = c.client.create_vm(&vm_on("e", vec![], None)).await.expect("e");
+    assert_eq!(joined.spec.nics.len(), 1);
+    assert_eq!(joined.spec.nics[0].network, "home");
+    assert!(joined.spec.nics[0].ip.is_some());
+    let out = ok(c
+        .cli(&[
+            "vm",
+            "create",
+            "f",
+            "--image",
+            "demo",
+            "--no-network",
+            "--no-start",
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("cli"));
+    assert!(!out.contains("\"nics\""), "--no-network got a NIC: {out}");
 }
 
 #[tokio::test]

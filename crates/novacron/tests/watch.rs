@@ -86,6 +86,7 @@ async fn vm_on(c: &Cluster, name: &str, node: &str) -> Vm {
             name: name.into(),
             project: None,
             labels: Default::default(),
+            no_default_network: false,
             spec,
         })
         .await

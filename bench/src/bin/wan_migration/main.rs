@@ -222,6 +222,7 @@ async fn warm_target(lab: &Lab) -> Result<()> {
             name: "warm".into(),
             project: None,
             labels: Default::default(),
+            no_default_network: false,
             spec,
         })
         .await?;
@@ -253,6 +254,7 @@ async fn boot(lab: &Lab, name: &str, args: &str, seed: u64) -> Result<()> {
             name: name.to_string(),
             project: None,
             labels: Default::default(),
+            no_default_network: false,
             spec,
         })
         .await?;

@@ -97,6 +97,11 @@ async fn create_vm(
         ));
     }
     let mut spec = req.spec;
+    if spec.nics.is_empty() && !req.no_default_network {
+        if let Some(net) = default_network(&state, &project).await? {
+            spec.nics.push(novacron_api::NicSpec::on(&net));
+        }
+    }
     // The machine family is pinned to a versioned type on the first node the
     // VM is placed on; the CPU model is the cluster's baseline unless asked.
     spec.machine.get_or_insert_with(|| DEFAULT_MACHINE.to_string());
@@ -149,6 +154,28 @@ async fn released(state: &AppState, vm: &Vm) -> ApiResult<()> {
         super::security_groups::refresh_members(state, &vm.metadata.project).await?;
     }
     Ok(())
+}
+
+/// The label that makes a network its project's default: VMs created
+/// without NICs join it.
+pub const DEFAULT_NETWORK_LABEL: &str = "novacron.io/default";
+
+/// The project's default network (the first by name, if several are labelled).
+async fn default_network(state: &AppState, project: &str) -> ApiResult<Option<String>> {
+    let mut names: Vec<String> = state
+        .store
+        .list_all::<novacron_api::Network>()
+        .await?
+        .into_iter()
+        .filter(|n| {
+            n.metadata.project == project
+                && n.metadata.deletion_requested_at.is_none()
+                && n.metadata.labels.get(DEFAULT_NETWORK_LABEL).map(String::as_str) == Some("true")
+        })
+        .map(|n| n.metadata.name)
+        .collect();
+    names.sort();
+    Ok(names.into_iter().next())
 }
 
 /// Machine type family of new VMs (QEMU's i440FX PC).

@@ -44,6 +44,7 @@ pub fn vm_on(name: &str, nics: Vec<NicSpec>, node: Option<&str>) -> CreateVm {
         name: name.into(),
         project: None,
         labels: Default::default(),
+        no_default_network: false,
         spec,
     }
 }

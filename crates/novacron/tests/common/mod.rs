@@ -459,6 +459,7 @@ impl Cluster {
                 name: name.into(),
                 project: None,
                 labels: Default::default(),
+                no_default_network: false,
                 spec: VmSpec {
                     disk_mib: Some(256),
                     data_disk_mib: data_disk.then_some(64),
