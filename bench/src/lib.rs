@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
+pub mod lab;
+
 use futures::StreamExt;
 use novacron_client::Client;
 
@@ -122,4 +124,32 @@ pub fn read_jsonl(path: impl AsRef<Path>) -> anyhow::Result<Vec<serde_json::Valu
             serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: not JSON: {e}", path.display(), i + 1))
         })
         .collect()
+}
+
+/// Types `line` on a VM's serial console through the CLI `bin`, talking
+/// to `url` with `token` (and trusting `ca` when given).
+pub fn type_on_console(
+    bin: &Path,
+    url: &str,
+    token: &str,
+    ca: Option<&Path>,
+    vm: &str,
+    line: &str,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["vm", "console", vm])
+        .env("NOVACRON_SERVER", url)
+        .env("NOVACRON_TOKEN", token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    if let Some(ca) = ca {
+        cmd.env("NOVACRON_CA_CERT", ca);
+    }
+    let mut c = cmd.spawn()?;
+    if let Some(mut stdin) = c.stdin.take() {
+        stdin.write_all(format!("\n{line}\n").as_bytes())?;
+    }
+    c.wait()?;
+    Ok(())
 }

@@ -137,21 +137,7 @@ struct Cluster {
 
 impl Cluster {
     fn console(&self, vm: &str, line: &str) -> Result<()> {
-        use std::io::Write;
-        let mut c = Command::new(&self.bin)
-            .args(["vm", "console", vm])
-            .env("NOVACRON_SERVER", &self.url)
-            .env("NOVACRON_TOKEN", &self.token)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()?;
-        c.stdin
-            .as_mut()
-            .context("console stdin")?
-            .write_all(format!("\n{line}\n").as_bytes())?;
-        drop(c.stdin.take());
-        c.wait()?;
-        Ok(())
+        novacron_bench::type_on_console(&self.bin, &self.url, &self.token, None, vm, line)
     }
 
     async fn lines(&self, vm: &str, prefix: &str) -> usize {

@@ -22,17 +22,16 @@
 //!   wan_migration render --json OUT --speed SPEED --out-json RESULTS.json --md OUT.md
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use novacron_api::{
-    CreateMigration, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, Node, Vm, VmSpec,
+    CreateMigration, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, Vm, VmSpec,
 };
-use novacron_bench::{logs, repo, wait_for, Procs};
+use novacron_bench::lab::Lab;
+use novacron_bench::{logs, wait_for, Procs};
 
 mod render;
-use novacron_client::Client;
 use serde_json::{json, Value};
 
 const MEMORY_MIB: u64 = 512;
@@ -59,154 +58,8 @@ const WORKLOADS: [Workload; 3] = [
 const METHODS: [&str; 3] = ["qemu-plain", "qemu-best", "dwcp"];
 const MIGRATION_LIMIT: Duration = Duration::from_secs(240);
 
-struct Lab {
-    name: String,
-    bin: PathBuf,
-    work: PathBuf,
-    url: String,
-    ca: PathBuf,
-    client: Client,
-    token: String,
-    agents: [Option<Child>; 2],
-}
-
-impl Lab {
-    fn host_ip(i: usize) -> String {
-        format!("10.99.0.{i}")
-    }
-
-    /// Starts (or restarts) agent `i` (1 or 2) in its namespace.
-    async fn start_agent(&mut self, i: usize, join_token: Option<String>) -> Result<()> {
-        if let Some(mut c) = self.agents[i - 1].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let name = format!("node-{i}");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &format!("{}-h{i}", self.name)])
-            .arg(&self.bin)
-            .args(["agent", "--server", &self.url, "--name", &name, "--data-dir"])
-            .arg(self.work.join(&name))
-            .args(["--listen", &format!("{}:8421", Self::host_ip(i))])
-            .args([
-                "--vcpus",
-                "8",
-                "--memory",
-                "6GiB",
-                "--accel",
-                "tcg",
-                "--heartbeat",
-                "1s",
-            ])
-            .args(["--label", &format!("lab.novacron.io/host={i}")]);
-        if let Some(t) = join_token {
-            cmd.args(["--join-token", &t, "--ca-cert"]).arg(&self.ca);
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.work.join(format!("{name}.log")))?;
-        self.agents[i - 1] = Some(cmd.stdout(Stdio::null()).stderr(log).spawn()?);
-        let client = self.client.clone();
-        let started = chrono::Utc::now();
-        wait_for(&format!("{name} ready"), Duration::from_secs(60), || async {
-            client
-                .get::<Node>(&name)
-                .await
-                .ok()
-                .filter(|n| n.status.ready && n.status.last_heartbeat.is_some_and(|h| h > started))
-                .map(|_| ())
-        })
-        .await
-    }
-
-    fn tun_bytes(&self) -> Result<u64> {
-        let mut total = 0;
-        for i in 1..=2 {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &format!("{}-h{i}", self.name), "cat"])
-                .arg("/sys/class/net/wan0/statistics/tx_bytes")
-                .output()?;
-            total += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap_or(0);
-        }
-        Ok(total)
-    }
-
-    fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(Command::new(&self.bin)
-            .args(args)
-            .env("NOVACRON_SERVER", &self.url)
-            .env("NOVACRON_TOKEN", &self.token)
-            .env("NOVACRON_CA_CERT", &self.ca)
-            .env("XDG_CONFIG_HOME", self.work.join("config"))
-            .output()?)
-    }
-}
-
 async fn start_lab(name: &str, work: &Path) -> Result<(Lab, Procs)> {
-    let bin = repo().join("target/release/novacron");
-    let mut procs = Procs(Vec::new(), work.to_path_buf());
-    let sdir = work.join("server");
-    let url = format!("https://{}:8420", Lab::host_ip(1));
-    // This process runs in host 1's namespace: the server listens on its lab address.
-    procs.0.push(
-        Command::new(&bin)
-            .args(["server", "--data-dir"])
-            .arg(&sdir)
-            .args([
-                "--listen",
-                &format!("{}:8420", Lab::host_ip(1)),
-                "--tls-name",
-                &Lab::host_ip(1),
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(work.join("server.log"))?)
-            .spawn()?,
-    );
-    let token = novacron_bench::admin_token(&sdir).await?;
-    let ca = sdir.join("pki/ca.crt");
-    let tls = novacron_tls::client_config(&std::fs::read_to_string(&ca)?, None)?;
-    let client = Client::with_tls(&url, &token, Some(tls))?;
-    wait_for("server health", Duration::from_secs(30), || async {
-        client
-            .list_all::<Node>(&novacron_client::Selector::everything())
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await?;
-    let mut lab = Lab {
-        name: name.to_string(),
-        bin,
-        work: work.to_path_buf(),
-        url,
-        ca,
-        client,
-        token,
-        agents: [None, None],
-    };
-    for i in 1..=2 {
-        let out = lab.cli(&["token", "create", &format!("join-{i}"), "--join", "-o", "json"])?;
-        if !out.status.success() {
-            bail!("join token: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: Value = serde_json::from_slice(&out.stdout)?;
-        let secret = v["secret"].as_str().context("join token secret")?.to_string();
-        lab.start_agent(i, Some(secret)).await?;
-    }
-    let guest = repo().join("target/guest");
-    let out = lab.cli(&[
-        "image",
-        "import",
-        "demo",
-        "--kernel",
-        &guest.join("vmlinuz").display().to_string(),
-        "--initrd",
-        &guest.join("initrd.img").display().to_string(),
-    ])?;
-    if !out.status.success() {
-        bail!("image import: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let (lab, procs) = novacron_bench::lab::start_lab(name, work, 2).await?;
     warm_target(&lab).await?;
     Ok((lab, procs))
 }
