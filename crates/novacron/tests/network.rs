@@ -251,6 +251,16 @@ async fn networks_and_addresses_through_the_api() {
         .output()
         .expect("cli"));
     assert!(!out.contains("\"nics\""), "--no-network got a NIC: {out}");
+
+    // At most 8 NICs, at create and when adding one.
+    let nine = vm_json(vm_on("g", (0..9).map(|_| nic("home", None)).collect(), None));
+    refused(&c, "vms", nine, 422, "spec.nics").await;
+    c.client
+        .create_vm(&vm_on("g", (0..8).map(|_| nic("home", None)).collect(), None))
+        .await
+        .expect("8 NICs");
+    refused(&c, "vms/g/nics", json!({"network": "home"}), 422, "spec.nics").await;
+    assert_eq!(c.vm("g").await.spec.nics.len(), 8);
 }
 
 #[tokio::test]
