@@ -299,10 +299,22 @@ pub async fn release_detached(store: &SharedStore, vm: &Vm) {
 
 async fn release_unheld(store: &SharedStore, vm: &Vm, grace: chrono::Duration) -> Result<usize, StoreError> {
     let held = held_by(vm, &network_ids(store).await?);
+    release_where(store, grace, |r| {
+        r.owner == vm.metadata.id && !held.contains(&r.metadata.name)
+    })
+    .await
+}
+
+/// Releases the reservations older than `grace` that `unheld` picks.
+async fn release_where(
+    store: &SharedStore,
+    grace: chrono::Duration,
+    unheld: impl Fn(&Reservation) -> bool,
+) -> Result<usize, StoreError> {
     let cutoff = chrono::Utc::now() - grace;
     let mut released = 0;
     for r in store.list_all::<Reservation>().await? {
-        if r.owner != vm.metadata.id || held.contains(&r.metadata.name) || r.metadata.created_at > cutoff {
+        if !unheld(&r) || r.metadata.created_at > cutoff {
             continue;
         }
         match store
@@ -330,24 +342,10 @@ pub async fn release_orphans(store: &SharedStore, grace: chrono::Duration) -> Re
         .map(|v| (v.metadata.id.clone(), held_by(&v, &networks)))
         .collect();
     let network_owners: HashSet<&String> = networks.values().collect();
-    let cutoff = chrono::Utc::now() - grace;
-    let mut released = 0;
-    for r in store.list_all::<Reservation>().await? {
-        let kept =
-            network_owners.contains(&r.owner) || held.get(&r.owner).is_some_and(|keys| keys.contains(&r.metadata.name));
-        if kept || r.metadata.created_at > cutoff {
-            continue;
-        }
-        match store
-            .delete_obj::<Reservation>(&r.metadata.name, Some(r.metadata.resource_version))
-            .await
-        {
-            Ok(_) => released += 1,
-            Err(StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(released)
+    release_where(store, grace, |r| {
+        !network_owners.contains(&r.owner) && !held.get(&r.owner).is_some_and(|keys| keys.contains(&r.metadata.name))
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -9,37 +9,13 @@ use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::guestnet::{guest_run, network, nic, three_hosts, type_on_console, vm_on, BOOT};
+use common::guestnet::{guest_run, network, nic, post, refused, three_hosts, type_on_console, vm_on, BOOT};
 use common::{ok, wait_until, Cluster, Options};
 use novacron_api::{
     CreateMigration, CreateNetwork, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport,
     Network, SecurityGroup, Vm,
 };
 use serde_json::json;
-
-/// POSTs raw JSON; returns the status and the body.
-async fn post(c: &Cluster, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let resp = c
-        .http()
-        .post(format!("{}/v1/{path}", c.url))
-        .bearer_auth(&c.token)
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
-}
-
-/// POSTs `body` and checks that it is refused with `status`, naming `field`.
-async fn refused(c: &Cluster, path: &str, body: serde_json::Value, status: u16, field: &str) {
-    let (got, err) = post(c, path, body.clone()).await;
-    assert_eq!(
-        (got, err["error"]["field"].as_str()),
-        (status, Some(field)),
-        "{body}: {err}"
-    );
-}
 
 fn vm_json(vm: CreateVm) -> serde_json::Value {
     serde_json::to_value(vm).expect("json")

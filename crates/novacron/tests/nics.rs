@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::guestnet::{guest_run, network, nic, vm_on, wait_console_answers, BOOT};
+use common::guestnet::{guest_run, network, nic, refused, vm_on, wait_console_answers, BOOT};
 use common::{ok, wait_until, Cluster, Options};
 use novacron_api::{Network, Vm, VmPhase};
 use serde_json::json;
@@ -98,21 +98,7 @@ async fn nics_come_and_go_on_a_running_vm_and_addresses_stay_through_moves() {
         (json!({"network": "blue", "ip": b_blue}), 409, "spec.nics[1].ip"),
         (json!({"network": "blue", "slot": 0}), 422, "spec.nics[1].slot"),
     ] {
-        let resp = c
-            .http()
-            .post(format!("{}/v1/vms/a/nics", c.url))
-            .bearer_auth(&c.token)
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
-        let got = resp.status().as_u16();
-        let err: serde_json::Value = resp.json().await.unwrap_or_default();
-        assert_eq!(
-            (got, err["error"]["field"].as_str()),
-            (status, Some(field)),
-            "{body}: {err}"
-        );
+        refused(&c, "vms/a/nics", body, status, field).await;
     }
     let (status, err) = delete(&c, "vms/a/nics/10.31.0.250").await;
     assert_eq!(status, 404, "{err}");

@@ -49,6 +49,30 @@ pub fn vm_on(name: &str, nics: Vec<NicSpec>, node: Option<&str>) -> CreateVm {
     }
 }
 
+/// POSTs raw JSON; returns the status and the body.
+pub async fn post(c: &Cluster, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = c
+        .http()
+        .post(format!("{}/v1/{path}", c.url))
+        .bearer_auth(&c.token)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// POSTs `body` and checks that it is refused with `status`, naming `field`.
+pub async fn refused(c: &Cluster, path: &str, body: serde_json::Value, status: u16, field: &str) {
+    let (got, err) = post(c, path, body.clone()).await;
+    assert_eq!(
+        (got, err["error"]["field"].as_str()),
+        (status, Some(field)),
+        "{body}: {err}"
+    );
+}
+
 /// Types a command on a VM's serial console.
 pub fn type_on_console(c: &Cluster, vm: &str, line: &str) {
     let mut console = c
