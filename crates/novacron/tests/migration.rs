@@ -489,9 +489,16 @@ async fn live_migration_moves_disks_and_state() {
         timeline.windows(2).all(|w| w[0].start_ms <= w[1].start_ms),
         "{timeline:?}"
     );
+    // The target is prepared while the link is probed (the two start
+    // together, in either order), not after it.
+    let end = |s: &novacron_api::MigrationStep| s.start_ms + s.duration_ms.unwrap_or(0);
+    let (prepare, probe) = (
+        step(MigrationStepKind::PrepareTarget),
+        step(MigrationStepKind::LinkProbe),
+    );
     assert!(
-        step(MigrationStepKind::PrepareTarget).start_ms < step(MigrationStepKind::LinkProbe).start_ms,
-        "{timeline:?}"
+        prepare.start_ms < end(probe) && probe.start_ms < end(prepare),
+        "the target preparation and the link probe do not overlap: {timeline:?}"
     );
     assert!(
         step(MigrationStepKind::DiskMirror).start_ms < step(MigrationStepKind::MemoryPasses).start_ms,
