@@ -153,3 +153,19 @@ pub fn type_on_console(
     c.wait()?;
     Ok(())
 }
+
+/// Waits until migration `name` has ended (completed, failed or cancelled).
+pub async fn migration_ended(
+    client: &Client,
+    name: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<novacron_api::Migration> {
+    wait_for(&format!("migration {name}"), timeout, || async {
+        client
+            .get::<novacron_api::Migration>(name)
+            .await
+            .ok()
+            .filter(|m| m.status.phase.is_final())
+    })
+    .await
+}

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use novacron_api::{CreateMigration, CreateVm, Migration, MigrationStrategy, Node, Vm, VmPhase, VmSpec};
+use novacron_api::{CreateMigration, CreateVm, MigrationStrategy, Node, Vm, VmPhase, VmSpec};
 use novacron_bench::{import_demo, logs, repo, wait_for, Procs};
 use novacron_client::Client;
 
@@ -134,14 +134,8 @@ async fn main() -> Result<()> {
                             transport: None,
                         })
                         .await?;
-                    let done = wait_for("migration", Duration::from_secs(600), || async {
-                        client
-                            .get::<Migration>(&m.metadata.name)
-                            .await
-                            .ok()
-                            .filter(|m| m.status.phase.is_final())
-                    })
-                    .await?;
+                    let done =
+                        novacron_bench::migration_ended(&client, &m.metadata.name, Duration::from_secs(600)).await?;
                     if done.status.phase != novacron_api::MigrationPhase::Completed {
                         bail!("{name} {method}: {:?}", done.status.error);
                     }

@@ -419,15 +419,7 @@ async fn main() -> Result<()> {
                 transport: None,
             })
             .await?;
-        let name = m.metadata.name.clone();
-        let done: Migration = wait_for("migration", Duration::from_secs(300), || async {
-            client
-                .get::<Migration>(&name)
-                .await
-                .ok()
-                .filter(|m| m.status.phase.is_final())
-        })
-        .await?;
+        let done = novacron_bench::migration_ended(&client, &m.metadata.name, Duration::from_secs(300)).await?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let a_log = logs(&client, "a").await;
         let gap = a_log

@@ -127,15 +127,7 @@ async fn main() -> Result<()> {
             transport: Some(MigrationTransport::Dwcp),
         })
         .await?;
-    let client = lab.client.clone();
-    let done: Migration = wait_for("the migration", Duration::from_secs(300), || async {
-        client
-            .get::<Migration>(&m.metadata.name)
-            .await
-            .ok()
-            .filter(|m| m.status.phase.is_final())
-    })
-    .await?;
+    let done = novacron_bench::migration_ended(&lab.client, &m.metadata.name, Duration::from_secs(300)).await?;
     if done.status.phase != novacron_api::MigrationPhase::Completed {
         bail!("the migration ended {:?}: {:?}", done.status.phase, done.status.error);
     }

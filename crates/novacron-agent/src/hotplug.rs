@@ -7,12 +7,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use novacron_api::network::MAX_NICS;
+use novacron_api::network::{nic_slot, plugged_as_specified, MAX_NICS};
 use novacron_api::{NicStatus, Vm};
 use novacron_qmp::commands::{DeviceAddVirtioNet, DeviceDel, NetdevAddTap, NetdevDel};
 use novacron_qmp::{Qmp, QmpError};
 
-use crate::network::{device_id, nic_slot, NetError};
+use crate::network::{device_id, NetError};
 use crate::node::NodeContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,16 +41,11 @@ pub struct Plugged {
 impl Plugged {
     /// Nothing to do: the NICs plugged are those of the spec.
     pub fn settled(&self, vm: &Vm) -> bool {
-        let Some(nics) = &self.nics else {
-            return false;
-        };
-        let mut have: Vec<(u8, &str)> = nics.iter().map(|n| (n.slot, n.mac.as_str())).collect();
-        let mut want: Vec<(u8, &str)> = (0..vm.spec.nics.len())
-            .map(|i| (nic_slot(vm, i), vm.spec.nics[i].mac.as_deref().unwrap_or("")))
-            .collect();
-        have.sort();
-        want.sort();
-        have == want && self.unplug_sent.is_empty()
+        self.unplug_sent.is_empty()
+            && self
+                .nics
+                .as_ref()
+                .is_some_and(|plugged| plugged_as_specified(&vm.spec.nics, plugged))
     }
 }
 
@@ -68,9 +63,9 @@ pub async fn sync_nics(
     let devices: HashSet<String> = qmp.device_ids().await?.into_iter().collect();
     let local = node.net.nics_of(id);
     for slot in 0..MAX_NICS as u8 {
-        let want = (0..vm.spec.nics.len()).find(|i| nic_slot(vm, *i) == slot);
+        let want = (0..vm.spec.nics.len()).find(|i| nic_slot(&vm.spec.nics, *i) == slot);
         let want_mac = want.and_then(|i| vm.spec.nics[i].mac.as_deref());
-        let here = local.iter().find(|l| l.slot == slot);
+        let here = local.iter().find(|l| l.status.slot == slot);
         let plugged = devices.contains(&device_id(slot));
         match (want, plugged) {
             (Some(_), true) if here.is_some_and(|h| Some(h.status.mac.as_str()) == want_mac) => {
@@ -117,7 +112,7 @@ pub async fn sync_nics(
         .net
         .nics_of(id)
         .into_iter()
-        .filter(|l| devices.contains(&device_id(l.slot)))
+        .filter(|l| devices.contains(&device_id(l.status.slot)))
         .map(|l| l.status)
         .collect();
     now.sort_by_key(|n| n.slot);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use novacron_api::error::chain;
+use novacron_api::network::NIC_CHANGE_FAILED;
 use novacron_api::{Image, ImageFormat, ImagePart, PowerState, RunStrategy, Vm, VmPhase, VmStatus};
 use novacron_qmp::{Qmp, RunState};
 
@@ -68,8 +69,6 @@ pub enum ReconcileError {
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const REPRESS_EVERY: Duration = Duration::from_secs(3);
-/// How the status reason of a failed NIC change starts.
-const NIC_FAILURE: &str = "Cannot change the NICs of the running VM";
 
 impl Reconciler {
     pub fn vm_dir(&self, id: &str) -> VmDir {
@@ -362,12 +361,12 @@ impl Reconciler {
                 Ok(now) => {
                     plugged.nics = Some(now);
                     plugged.failed = None;
-                    if st.reason.as_deref().is_some_and(|r| r.starts_with(NIC_FAILURE)) {
+                    if st.reason.as_deref().is_some_and(|r| r.starts_with(NIC_CHANGE_FAILED)) {
                         st.reason = None;
                     }
                 }
                 Err(e) => {
-                    let why = format!("{NIC_FAILURE}: {}", chain(&e));
+                    let why = format!("{NIC_CHANGE_FAILED}: {}", chain(&e));
                     tracing::warn!(vm = %vm.metadata.name, error = %why, "NIC hot-plug failed");
                     st.reason = Some(why.clone());
                     plugged.failed = Some((generation, why));

@@ -222,6 +222,27 @@ pub struct NicStatus {
     pub slot: u8,
 }
 
+/// How a VM's status reason starts when its node cannot plug or unplug
+/// the NICs of its spec.
+pub const NIC_CHANGE_FAILED: &str = "Cannot change the NICs of the running VM";
+
+/// The slot of `nics[i]` (set by the server; NICs from before slots: the index).
+pub fn nic_slot(nics: &[NicSpec], i: usize) -> u8 {
+    nics.get(i).and_then(|n| n.slot).unwrap_or(i as u8)
+}
+
+/// Whether `plugged` (a VM's `status.nics`) are exactly the NICs of its
+/// spec, slot for slot: a hot-plug or unplug is not under way.
+pub fn plugged_as_specified(nics: &[NicSpec], plugged: &[NicStatus]) -> bool {
+    let mut want: Vec<(u8, &str)> = (0..nics.len())
+        .map(|i| (nic_slot(nics, i), nics[i].mac.as_deref().unwrap_or("")))
+        .collect();
+    let mut have: Vec<(u8, &str)> = plugged.iter().map(|n| (n.slot, n.mac.as_str())).collect();
+    want.sort();
+    have.sort();
+    want == have
+}
+
 /// Gives every NIC without a slot the lowest free one; refuses slots out
 /// of range or taken twice.
 pub fn assign_slots(nics: &mut [NicSpec]) -> Result<(), FieldError> {

@@ -354,14 +354,15 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn orphaned_reservations_are_released_and_held_ones_kept() {
+    /// A store holding one network (no VNI claimed).
+    async fn store_with_network(name: &str, subnet: &str) -> (SharedStore, Network) {
         let store: SharedStore = Arc::new(novacron_store::SqliteStore::in_memory().unwrap());
+        let gateway = subnet.replace(".0/24", ".1");
         let net = Network {
-            metadata: Metadata::new("red", Default::default()),
+            metadata: Metadata::new(name, Default::default()),
             spec: novacron_api::NetworkSpec {
-                subnet: "10.31.0.0/24".into(),
-                gateway: "10.31.0.1".into(),
+                subnet: subnet.into(),
+                gateway,
                 dhcp: true,
                 nat: false,
                 mtu: 1450,
@@ -369,6 +370,25 @@ mod tests {
             status: Default::default(),
         };
         let net = store.create_obj(&net).await.unwrap();
+        (store, net)
+    }
+
+    /// The names of every reservation, sorted.
+    async fn reserved(store: &SharedStore) -> Vec<String> {
+        let mut names: Vec<String> = store
+            .list_all::<Reservation>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.metadata.name)
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn orphaned_reservations_are_released_and_held_ones_kept() {
+        let (store, net) = store_with_network("red", "10.31.0.0/24").await;
         let ip = |last| Reservation::ip_key(&net.metadata.id, Ipv4Addr::new(10, 31, 0, last));
         assert!(
             claim(&store, &Reservation::vni_key(4096), &net.metadata.id, &net.metadata.id)
@@ -379,31 +399,12 @@ mod tests {
         // Within the grace period nothing goes; after it, only the orphan.
         assert_eq!(release_orphans(&store, chrono::Duration::seconds(60)).await.unwrap(), 0);
         assert_eq!(release_orphans(&store, chrono::Duration::zero()).await.unwrap(), 1);
-        let left: Vec<String> = store
-            .list_all::<Reservation>()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.metadata.name)
-            .collect();
-        assert_eq!(left, vec![Reservation::vni_key(4096)]);
+        assert_eq!(reserved(&store).await, vec![Reservation::vni_key(4096)]);
     }
 
     #[tokio::test]
     async fn a_removed_nic_keeps_its_address_until_it_is_unplugged() {
-        let store: SharedStore = Arc::new(novacron_store::SqliteStore::in_memory().unwrap());
-        let net = Network {
-            metadata: Metadata::new("blue", Default::default()),
-            spec: novacron_api::NetworkSpec {
-                subnet: "10.32.0.0/24".into(),
-                gateway: "10.32.0.1".into(),
-                dhcp: true,
-                nat: false,
-                mtu: 1450,
-            },
-            status: Default::default(),
-        };
-        let net = store.create_obj(&net).await.unwrap();
+        let (store, net) = store_with_network("blue", "10.32.0.0/24").await;
         let mut vm = Vm {
             metadata: Metadata::new("vm", Default::default()),
             spec: novacron_api::VmSpec::new("img", 1, 64),
@@ -435,21 +436,12 @@ mod tests {
             0
         );
         assert_eq!(release_unheld(&store, &vm, zero).await.unwrap(), 2);
-        let left: Vec<String> = store
-            .list_all::<Reservation>()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.metadata.name)
-            .collect();
         let ip: Ipv4Addr = vm.status.nics[0].ip.parse().unwrap();
         let mut want = vec![
             Reservation::ip_key(&net.metadata.id, ip),
             Reservation::mac_key(vm.status.nics[0].mac.parse().unwrap()),
         ];
         want.sort();
-        let mut left = left;
-        left.sort();
-        assert_eq!(left, want);
+        assert_eq!(reserved(&store).await, want);
     }
 }

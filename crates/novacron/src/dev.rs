@@ -62,6 +62,10 @@ pub enum DevHosts {
     Process,
 }
 
+/// Dev agents' DWCP cache, and their label.
+const DEV_DWCP_CACHE_MIB: u64 = 256;
+const DEV_LABEL: (&str, &str) = ("novacron.io/dev", "true");
+
 /// The default network `novacron dev` gives VMs created without one.
 const DEFAULT_NETWORK: &str = "default";
 const DEFAULT_SUBNET: &str = "10.210.0.0/24";
@@ -305,12 +309,12 @@ fn agent_args(a: &DevArgs, name: &str, data_dir: PathBuf) -> AgentArgs {
         advertise: None,
         vcpus: Some(a.agent_vcpus),
         memory: Some(a.agent_memory),
-        labels: vec![("novacron.io/dev".into(), "true".into())],
+        labels: vec![(DEV_LABEL.0.into(), DEV_LABEL.1.into())],
         heartbeat: a.heartbeat,
         qemu: "qemu-system-x86_64".into(),
         accel: a.accel.clone(),
         probe_timeout: Duration::from_secs(2),
-        dwcp_cache_mib: 256,
+        dwcp_cache_mib: DEV_DWCP_CACHE_MIB,
         underlay_ip: None,
         join_token: None,
     }
@@ -328,7 +332,6 @@ async fn spawn_agent_in_namespace(
     let name = format!("node-{i}");
     let data_dir = dir.join(format!("agent-{i}"));
     let ip = crate::devnet::host_ip(i);
-    let args = agent_args(a, &name, data_dir.clone());
     let exe = std::env::current_exe().context("Cannot find this program to start agents")?;
     let mut cmd = tokio::process::Command::new("ip");
     cmd.args(["netns", "exec", &crate::devnet::netns(i)])
@@ -338,14 +341,9 @@ async fn spawn_agent_in_namespace(
         .args(["--listen", &format!("{ip}:0"), "--underlay-ip", &ip.to_string()])
         .args(["--vcpus", &a.agent_vcpus.to_string()])
         .args(["--memory", &format!("{}MiB", a.agent_memory)])
-        .args(["--heartbeat", &format!("{}ms", args.heartbeat.as_millis())])
-        .args([
-            "--accel",
-            &args.accel,
-            "--dwcp-cache-mib",
-            &args.dwcp_cache_mib.to_string(),
-        ])
-        .args(["--label", "novacron.io/dev=true"])
+        .args(["--heartbeat", &format!("{}ms", a.heartbeat.as_millis())])
+        .args(["--accel", &a.accel, "--dwcp-cache-mib", &DEV_DWCP_CACHE_MIB.to_string()])
+        .args(["--label", &format!("{}={}", DEV_LABEL.0, DEV_LABEL.1)])
         .env("NOVACRON_SERVER", format!("https://{server}"))
         .env("NOVACRON_CA_CERT", ca)
         .env_remove("NOVACRON_TOKEN")

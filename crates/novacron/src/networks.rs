@@ -82,7 +82,7 @@ pub enum NicCommand {
 const NIC_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub async fn vm_nic(g: &Global, c: &novacron_client::Client, cmd: NicCommand) -> Result<()> {
-    let (name, wait, vm, mac) = match cmd {
+    let (name, wait, vm) = match cmd {
         NicCommand::Add {
             name,
             network,
@@ -95,50 +95,25 @@ pub async fn vm_nic(g: &Global, c: &novacron_client::Client, cmd: NicCommand) ->
                 security_groups,
                 ..network
             };
-            let before: Vm = c.get(&name).await?;
             let vm: Vm = c.post_json(&format!("vms/{name}/nics"), &nic).await?;
-            let added = vm
-                .spec
-                .nics
-                .iter()
-                .filter_map(|n| n.mac.clone())
-                .find(|m| !before.spec.nics.iter().any(|b| b.mac.as_ref() == Some(m)));
-            (name, wait, vm, added)
+            (name, wait, vm)
         }
         NicCommand::Remove { name, nic, wait } => {
-            let before: Vm = c.get(&name).await?;
-            let mac = before
-                .spec
-                .nics
-                .iter()
-                .find(|n| {
-                    n.ip.as_deref() == Some(nic.as_str())
-                        || n.mac.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(&nic))
-                })
-                .and_then(|n| n.mac.clone());
             let vm: Vm = c.delete_json(&format!("vms/{name}/nics/{nic}")).await?;
-            (name, wait, vm, mac)
+            (name, wait, vm)
         }
     };
-    let vm = match (wait, mac) {
-        (true, Some(mac)) if vm.status.qemu_pid.is_some() => {
-            let present = vm.spec.nics.iter().any(|n| n.mac.as_deref() == Some(mac.as_str()));
-            wait_plugged(c, &name, &mac, present, vm.metadata.generation).await?
-        }
-        _ => vm,
+    let vm = if wait && vm.status.qemu_pid.is_some() {
+        wait_plugged(c, &name, vm.metadata.generation).await?
+    } else {
+        vm
     };
     crate::output::vm(g.output, &vm)
 }
 
-/// Waits until the NIC with `mac` is plugged into the running VM (`present`)
-/// or gone from it.
-async fn wait_plugged(
-    c: &novacron_client::Client,
-    name: &str,
-    mac: &str,
-    present: bool,
-    generation: u64,
-) -> Result<Vm> {
+/// Waits until the running VM has the NICs of its spec (as of
+/// `generation`) plugged in, and no others.
+async fn wait_plugged(c: &novacron_client::Client, name: &str, generation: u64) -> Result<Vm> {
     use futures::StreamExt;
     let mut changes = std::pin::pin!(novacron_client::watcher::watch_object::<Vm>(c.clone(), name));
     let deadline = tokio::time::Instant::now() + NIC_WAIT;
@@ -148,24 +123,23 @@ async fn wait_plugged(
             Ok(Some(None)) => anyhow::bail!("VM {name:?} was deleted"),
             Ok(None) => anyhow::bail!("Watch of VM {name:?} ended"),
             Err(_) => anyhow::bail!(
-                "NIC {mac} is still {} VM {name:?} after {}s",
-                if present { "not plugged into" } else { "plugged into" },
+                "VM {name:?} still has other NICs plugged than its spec's after {}s",
                 NIC_WAIT.as_secs()
             ),
         };
-        let plugged = vm.status.nics.iter().any(|p| p.mac == mac);
-        if vm.status.observed_generation >= generation && plugged == present {
+        if vm.status.observed_generation < generation {
+            continue;
+        }
+        if novacron_api::network::plugged_as_specified(&vm.spec.nics, &vm.status.nics) {
             return Ok(vm);
         }
-        if vm.status.observed_generation >= generation {
-            if let Some(why) = vm
-                .status
-                .reason
-                .as_deref()
-                .filter(|r| r.starts_with("Cannot change the NICs"))
-            {
-                anyhow::bail!("{why}");
-            }
+        if let Some(why) = vm
+            .status
+            .reason
+            .as_deref()
+            .filter(|r| r.starts_with(novacron_api::network::NIC_CHANGE_FAILED))
+        {
+            anyhow::bail!("{why}");
         }
     }
 }

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::guestnet::{guest_run, network, nic, post, refused, three_hosts, type_on_console, vm_on, BOOT};
+use common::guestnet::{delete, guest_run, network, nic, post, refused, three_hosts, type_on_console, vm_on, BOOT};
 use common::{ok, wait_until, Cluster, Options};
 use novacron_api::{
     CreateMigration, CreateNetwork, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport,
@@ -140,28 +140,12 @@ async fn networks_and_addresses_through_the_api() {
         default.status.members,
         vec!["10.31.0.10".to_string(), "10.32.0.7".to_string()]
     );
-    let resp = c
-        .http()
-        .delete(format!("{}/v1/security-groups/default", c.url))
-        .bearer_auth(&c.token)
-        .send()
-        .await
-        .expect("delete");
-    assert_eq!(resp.status().as_u16(), 409);
+    assert_eq!(delete(&c, "security-groups/default").await.0, 409);
 
     // A network in use cannot go.
-    let (status, err) = {
-        let resp = c
-            .http()
-            .delete(format!("{}/v1/networks/red", c.url))
-            .bearer_auth(&c.token)
-            .send()
-            .await
-            .expect("delete");
-        (resp.status().as_u16(), resp.text().await.unwrap_or_default())
-    };
+    let (status, err) = delete(&c, "networks/red").await;
     assert_eq!(status, 409, "{err}");
-    assert!(err.contains("1 VM(s): a"), "{err}");
+    assert!(err.to_string().contains("1 VM(s): a"), "{err}");
 
     // 50 creates at once get 50 different addresses; deletes free them.
     let creates = (0..50).map(|i| {

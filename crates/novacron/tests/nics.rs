@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::guestnet::{guest_run, network, nic, refused, vm_on, wait_console_answers, BOOT};
+use common::guestnet::{delete, guest_run, network, nic, refused, vm_on, wait_console_answers, BOOT};
 use common::{ok, wait_until, Cluster, Options};
 use novacron_api::{Network, Vm, VmPhase};
 use serde_json::json;
@@ -40,19 +40,6 @@ fn links(c: &Cluster, host: u8) -> String {
         .args(["-br", "link"])
         .output()
         .expect("ip"))
-}
-
-/// DELETE on an API path; the status and the body.
-async fn delete(c: &Cluster, path: &str) -> (u16, serde_json::Value) {
-    let resp = c
-        .http()
-        .delete(format!("{}/v1/{path}", c.url))
-        .bearer_auth(&c.token)
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 #[tokio::test]

@@ -25,9 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use novacron_api::{
-    CreateMigration, CreateVm, Migration, MigrationPhase, MigrationStrategy, MigrationTransport, Vm, VmSpec,
-};
+use novacron_api::{CreateMigration, CreateVm, MigrationPhase, MigrationStrategy, MigrationTransport, Vm, VmSpec};
 use novacron_bench::lab::Lab;
 use novacron_bench::{logs, wait_for, Procs};
 
@@ -145,20 +143,12 @@ async fn migrate(lab: &Lab, vm: &str, method: &str) -> Result<Value> {
             transport: Some(transport),
         })
         .await?;
-    let client = lab.client.clone();
-    let finished = || async {
-        client
-            .get::<Migration>(&m.metadata.name)
-            .await
-            .ok()
-            .filter(|m| m.status.phase.is_final())
-    };
     // A pre-copy that cannot converge would run for many minutes: stop it and say so.
-    let mut done = match wait_for("migration", MIGRATION_LIMIT, finished).await {
+    let mut done = match novacron_bench::migration_ended(&lab.client, &m.metadata.name, MIGRATION_LIMIT).await {
         Ok(m) => m,
         Err(_) => {
             lab.client.cancel_migration(&m.metadata.name).await?;
-            wait_for("cancelled migration", Duration::from_secs(120), finished).await?
+            novacron_bench::migration_ended(&lab.client, &m.metadata.name, Duration::from_secs(120)).await?
         }
     };
     if done.status.phase == MigrationPhase::Cancelled {

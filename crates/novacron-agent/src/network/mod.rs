@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use novacron_api::error::chain;
-use novacron_api::network::{Mac, Subnet};
+use novacron_api::network::{nic_slot, Mac, Subnet};
 use novacron_api::{Network, NicStatus, Vm};
 use novacron_client::{Client, ClientError};
 use sha2::{Digest, Sha256};
@@ -90,17 +90,11 @@ pub fn device_id(slot: u8) -> String {
     format!("nic{slot}")
 }
 
-/// A NIC of a VM plumbed on this host.
+/// A NIC of a VM plumbed on this host: its tap, and what it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalNic {
     pub tap: String,
-    pub slot: u8,
     pub status: NicStatus,
-}
-
-/// The slot of `vm.spec.nics[i]` (the server sets it; older VMs: the index).
-pub fn nic_slot(vm: &Vm, i: usize) -> u8 {
-    vm.spec.nics.get(i).and_then(|n| n.slot).unwrap_or(i as u8)
 }
 
 pub fn bridge_name(vni: u32) -> String {
@@ -207,7 +201,7 @@ impl Overlay {
             .parse()
             .map_err(|_| NetError::Invalid(format!("NIC {i}: {ip:?} is not an IPv4 address")))?;
         let mac: Mac = mac.parse().map_err(|e| NetError::Invalid(format!("NIC {i}: {e}")))?;
-        let slot = nic_slot(vm, i);
+        let slot = nic_slot(&vm.spec.nics, i);
         self.ensure_network(&net).await?;
         let tap = format!("{}{slot}", tap_prefix(&vm.metadata.id, &self.node));
         let record = HostNic {
@@ -251,7 +245,6 @@ impl Overlay {
             .into_iter()
             .map(|r| LocalNic {
                 tap: r.tap,
-                slot: r.slot,
                 status: NicStatus {
                     network: r.network,
                     ip: r.ip.to_string(),
@@ -323,16 +316,13 @@ impl Overlay {
     }
 
     async fn prune_locked(&self, vm: &Vm) -> bool {
-        let wanted: Vec<(u8, Option<&str>)> = vm
-            .spec
-            .nics
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (nic_slot(vm, i), n.mac.as_deref()))
-            .collect();
+        let nics = &vm.spec.nics;
+        let wanted = |r: &HostNic| {
+            (0..nics.len()).any(|i| nic_slot(nics, i) == r.slot && nics[i].mac.as_deref() == Some(r.mac.as_str()))
+        };
         let mut pruned = false;
         for r in self.records_of(&vm.metadata.id) {
-            if !wanted.contains(&(r.slot, Some(r.mac.as_str()))) {
+            if !wanted(&r) {
                 self.unplumb(&vm.metadata.id, &r.tap).await;
                 pruned = true;
             }

@@ -213,7 +213,7 @@ async fn resolve(state: &AppState, p: &Principal, req: &CreateMigration) -> ApiR
     };
     // The target builds the NICs of the spec: a live VM must have exactly
     // those plugged, or the two sides' hardware would differ.
-    if !cold && nics_changing(&vm) {
+    if !cold && !novacron_api::network::plugged_as_specified(&vm.spec.nics, &vm.status.nics) {
         return Err(ApiError::conflict(format!(
             "VM {vm_name:?} is still plugging or unplugging NICs; migrate it once `vm get` shows them all plugged"
         )));
@@ -404,18 +404,4 @@ async fn complete_migration(
     tracing::info!(migration = %m.metadata.name, vm = %m.spec.vm, node = %target, "migration completed");
     state.placement_wakeup.notify_one();
     Ok(Json(m))
-}
-/// Whether the NICs plugged into the VM's QEMU differ from its spec's.
-fn nics_changing(vm: &Vm) -> bool {
-    let mut want: Vec<(u8, Option<&str>)> = vm
-        .spec
-        .nics
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.slot.unwrap_or(i as u8), n.mac.as_deref()))
-        .collect();
-    let mut have: Vec<(u8, Option<&str>)> = vm.status.nics.iter().map(|n| (n.slot, Some(n.mac.as_str()))).collect();
-    want.sort();
-    have.sort();
-    want != have
 }

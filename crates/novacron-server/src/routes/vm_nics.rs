@@ -6,7 +6,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use novacron_api::network::{assign_slots, Mac, MAX_NICS};
+use novacron_api::network::{assign_slots, Mac};
 use novacron_api::{NicSpec, Verb, Vm};
 use novacron_store::StoreExt;
 use utoipa_axum::router::OpenApiRouter;
@@ -41,24 +41,17 @@ async fn add_nic(
     let project = vm.metadata.project.clone();
     let index = vm.spec.nics.len();
     // Checked as the VM's NIC list would be with it (count, slots, fields).
-    let mut with_it = vm.spec.nics.clone();
-    with_it.push(nic);
-    novacron_api::network::nics(&with_it)?;
-    let mut nic = with_it.pop().into_iter().collect::<Vec<_>>();
+    novacron_api::network::nics(&[vm.spec.nics.as_slice(), std::slice::from_ref(&nic)].concat())?;
+    let mut added = vec![nic];
     let quota = super::projects::require_project(&state, &project).await?.quota;
     let _quota_guard = state.quota_lock.lock().await;
     super::projects::check_address_quota(&state, &project, &quota, 1).await?;
-    super::security_groups::resolve_nic_groups(&state, &project, &mut nic).await?;
-    let claimed = crate::ipam::claim_nics_from(&state.store, &project, &vm.metadata.id, index, &mut nic).await?;
-    let added = nic;
+    super::security_groups::resolve_nic_groups(&state, &project, &mut added).await?;
+    let claimed = crate::ipam::claim_nics_from(&state.store, &project, &vm.metadata.id, index, &mut added).await?;
     let result = super::vms::act(&state, &p, &vm.metadata.name, |v| {
-        if v.spec.nics.len() >= MAX_NICS {
-            return Err(ApiError::invalid(
-                "spec.nics",
-                format!("a VM may have at most {MAX_NICS} NICs"),
-            ));
-        }
+        // Checked again against the VM as it is now (another NIC may have come).
         v.spec.nics.extend(added.iter().cloned());
+        novacron_api::network::nics(&v.spec.nics)?;
         assign_slots(&mut v.spec.nics).map_err(ApiError::from)
     })
     .await;

@@ -63,6 +63,19 @@ pub async fn post(c: &Cluster, path: &str, body: serde_json::Value) -> (u16, ser
     (status, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// DELETE on an API path; the status and the body.
+pub async fn delete(c: &Cluster, path: &str) -> (u16, serde_json::Value) {
+    let resp = c
+        .http()
+        .delete(format!("{}/v1/{path}", c.url))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// POSTs `body` and checks that it is refused with `status`, naming `field`.
 pub async fn refused(c: &Cluster, path: &str, body: serde_json::Value, status: u16, field: &str) {
     let (got, err) = post(c, path, body.clone()).await;
