@@ -16,6 +16,10 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{MigrationError, Migrations, REPORT_EVERY, TARGET_CALL_TIMEOUT};
 
+/// How often a migration's driving connection to the target is used while
+/// nothing else uses it: well within the pool's idle timeout.
+const KEEP_WARM_EVERY: Duration = Duration::from_secs(novacron_api::POOL_IDLE_TIMEOUT.as_secs() / 3);
+
 impl Migrations {
     pub(super) async fn check_target_alive(&self, target: &Node) -> Result<(), MigrationError> {
         target_alive(&self.http, target).await
@@ -26,10 +30,16 @@ impl Migrations {
     /// also makes the target QEMU exit (its incoming stream fails). The loops that
     /// wait for QEMU must not wait on the network, or they see its end late
     /// and the guest stays paused for it.
+    ///
+    /// Meanwhile it keeps the connection of the calls that drive the migration
+    /// open: idle longer than the pool allows (a long pre-copy), it would be
+    /// gone at the switchover, whose call would then wait for a TCP and a TLS
+    /// handshake — two more round trips of the guest's pause.
     pub(super) fn watch_target(&self, target: &Node) -> TargetWatch {
-        let (http, target) = (self.watch_http.clone(), target.clone());
+        let (http, drive, target) = (self.watch_http.clone(), self.http.clone(), target.clone());
         let failure = Arc::new(Mutex::new(None));
         let found = failure.clone();
+        let warm_target = target.clone();
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(REPORT_EVERY).await;
@@ -39,9 +49,21 @@ impl Migrations {
                 }
             }
         });
+        let warming = Arc::new(tokio::sync::Mutex::new(()));
+        let turn = warming.clone();
+        let warm = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(KEEP_WARM_EVERY).await;
+                let _turn = turn.lock().await;
+                // Failures are the health check's to report.
+                let _ = target_alive(&drive, &warm_target).await;
+            }
+        });
         TargetWatch {
             failure,
             _task: AbortOnDropHandle::new(task),
+            warming,
+            warm: AbortOnDropHandle::new(warm),
         }
     }
 
@@ -158,6 +180,9 @@ async fn target_alive(http: &reqwest::Client, target: &Node) -> Result<(), Migra
 pub(super) struct TargetWatch {
     failure: Arc<Mutex<Option<MigrationError>>>,
     _task: AbortOnDropHandle<()>,
+    /// Held while a keep-warm call is on the driving connection.
+    warming: Arc<tokio::sync::Mutex<()>>,
+    warm: AbortOnDropHandle<()>,
 }
 
 impl TargetWatch {
@@ -167,5 +192,13 @@ impl TargetWatch {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Stops keeping the driving connection warm, once a call on it has
+    /// ended: the switchover's call then finds it idle in the pool instead of
+    /// opening another beside it.
+    pub(super) async fn hand_over_connection(&self) {
+        let _turn = self.warming.lock().await;
+        self.warm.abort();
     }
 }

@@ -389,6 +389,7 @@ impl Migrations {
             // Post-copy: once the source has stopped and switched, the guest runs on
             // the target while the rest of its memory follows on demand.
             if postcopy_started && status == QemuMigration::PostcopyActive && !ctx.target_running {
+                watch.hand_over_connection().await;
                 self.switch_to_target(&qmp, ctx, &target, m, vm, log_offset).await?;
             }
             // QEMU is polled often so that its end is seen at once; the calls
@@ -411,6 +412,7 @@ impl Migrations {
             })
             .await;
         };
+        watch.hand_over_connection().await;
         drop(watch);
 
         if !ctx.target_running {
