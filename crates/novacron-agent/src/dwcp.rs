@@ -16,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 /// A link measurement stays good this long; after that a session probes again.
 const LINK_FRESH: Duration = Duration::from_secs(600);
 /// A probe lasts this many round trips, within the bounds below; its first
-/// third, TCP start-up on a long fat link, does not count.
-const PROBE_RTTS: f64 = 30.0;
+/// six, TCP start-up on a long fat link, do not count. Every round trip of it
+/// is a fixed cost of the first migration to a peer (in time, and in link
+/// bytes where no guest pages ride along).
+const PROBE_RTTS: f64 = 15.0;
 const PROBE_TIME: (Duration, Duration) = (Duration::from_millis(600), Duration::from_secs(3));
 /// ... or this many bytes, whichever comes first (a LAN needs a fraction of a second).
 const PROBE_BYTES: u64 = 32 << 20;

@@ -32,6 +32,8 @@ const MORE_COMING: usize = 32 * 1024;
 /// A local connection idle this long gets its partial record flushed.
 const FLUSH_AFTER: Duration = Duration::from_millis(20);
 const RAW_HELD_POLL: Duration = Duration::from_millis(2);
+/// The share of a probe's time TCP's start-up takes, left out of the rate.
+const PROBE_WARMUP: f64 = 0.4;
 /// Filler a probe sends after each chunk of prefill pages.
 const PROBE_GAP: usize = 16 * 1024;
 
@@ -394,8 +396,9 @@ impl Sender {
     /// `duration` on a probe channel and returns the delivered bytes/s.
     /// Stops after `max_bytes` (once they are delivered) so that a fast link
     /// is not flooded for the whole `duration`. When it runs long enough, the
-    /// first third is left out: that is TCP's start-up, not what the link
-    /// delivers to a migration that runs for seconds.
+    /// first 40% is left out: that is TCP's start-up (BBR's takes about five
+    /// round trips), not what the link delivers to a migration that runs for
+    /// seconds.
     ///
     /// With `fill`, the probe carries prefill pages (see [`Sender::prefill`])
     /// whenever one is ready, so the link time it takes is not lost. A little
@@ -425,7 +428,7 @@ impl Sender {
         let mut buf = vec![0u8; 64 * 1024];
         let mut written = 0u64;
         let acked_now = |s: &Stats| s.acked_wire_bytes.load(Ordering::Relaxed) - start_acked;
-        // From a third of the way in (the congestion window has opened) to
+        // From 40% of the way in (the congestion window has opened) to
         // the last confirmation: a wait for the tail's ack is not link time.
         let mut steady: Option<(Instant, u64)> = None;
         let mut last = (started, 0u64);
@@ -434,7 +437,7 @@ impl Sender {
             if acked > last.1 {
                 last = (Instant::now(), acked);
             }
-            if steady.is_none() && started.elapsed() >= duration / 3 {
+            if steady.is_none() && started.elapsed() >= duration.mul_f64(PROBE_WARMUP) {
                 steady = Some(last);
             }
         };
