@@ -156,12 +156,16 @@ pub fn choose(input: &PlanInput) -> (Prediction, String) {
     let post = predict(input, Strategy::Postcopy);
     let within = |p: &Prediction| p.converges && p.downtime_s <= input.max_downtime_s + 2.0 * input.rtt_s + 0.03;
     let numbers = format!(
-        "link {:.1} MiB/s, rtt {:.0} ms, dirty {:.1} MiB/s, first pass {:.2} wire B/B, rewrites {:.2} wire B/B; predicted pre-copy {}, auto-converge {}, post-copy {:.1} s",
+        "link {:.1} MiB/s, rtt {:.0} ms, dirty {:.1} MiB/s, first pass {:.2} wire B/B, rewrites {:.2} wire B/B, encoding {}; predicted pre-copy {}, auto-converge {}, post-copy {:.1} s",
         input.link_bytes_s / 1048576.0,
         input.rtt_s * 1e3,
         input.dirty_bytes_s / 1048576.0,
         input.first_pass_cost,
         input.dirty_cost,
+        match input.encode_bytes_s {
+            e if e.is_finite() => format!("{:.0} MiB/s", e / 1048576.0),
+            _ => "unlimited".into(),
+        },
         show(&pre),
         show(&auto),
         post.total_s
@@ -230,6 +234,9 @@ pub struct WireInput {
     pub rewrite_cost: Option<f64>,
     /// Cores the sending side can encode on.
     pub cores: u32,
+    /// Of those, what the guest keeps busy (measured): the encoder, and
+    /// QEMU's migration thread beside it, share the rest.
+    pub guest_busy_cores: f64,
 }
 
 /// What each guest and disk byte costs on the wire, and how fast it can be encoded.
@@ -244,6 +251,10 @@ pub struct WireCost {
     /// The sampled share of known pages, plus what was sent ahead.
     pub known_share: f64,
 }
+
+/// The least share of the cores the encoding side is assumed to get, however
+/// busy the guest was while it was measured.
+const MIN_SPARE_CORES: f64 = 0.5;
 
 /// Wire bytes per guest byte. QEMU sends a zero page as a 9-byte record
 /// (DWCP compresses runs of them to almost nothing); a known page costs DWCP
@@ -271,9 +282,14 @@ pub fn wire_cost(input: &WireInput) -> WireCost {
         Carrier::QemuMultifd { .. } => (zero * 9.0 / 4096.0 + (1.0 - zero) * compression, compression, 1.0),
         Carrier::Qemu => (zero * 9.0 / 4096.0 + (1.0 - zero), 1.0, 1.0),
     };
+    // The sample timed the codec on a core of its own; during the migration
+    // QEMU's migration thread wants one too, and the guest keeps its share.
+    let spare = (f64::from(input.cores) - input.guest_busy_cores).clamp(MIN_SPARE_CORES, f64::from(input.cores));
     let encode_bytes_s = match input.carrier {
-        Carrier::Dwcp => compress_bytes_s,
-        Carrier::QemuMultifd { channels } => compress_bytes_s * f64::from(input.cores.min(u32::from(channels))),
+        Carrier::Dwcp => compress_bytes_s * (spare / 2.0).min(1.0),
+        Carrier::QemuMultifd { channels } => {
+            compress_bytes_s * f64::from(input.cores.min(u32::from(channels))).min(spare)
+        }
         Carrier::Qemu => f64::INFINITY,
     };
     WireCost {
@@ -460,6 +476,7 @@ mod tests {
             sent_ahead_bytes: 0.0,
             rewrite_cost: None,
             cores: 2,
+            guest_busy_cores: 0.0,
         }
     }
 
@@ -477,6 +494,22 @@ mod tests {
         assert!((c.first_pass_cost - (0.5 * 9.0 / 4096.0 + 0.5 * 0.4)).abs() < 1e-12);
         assert_eq!((c.dirty_cost, c.disk_cost), (0.4, 1.0));
         assert_eq!(c.encode_bytes_s, 400e6, "2 cores of 4 channels");
+    }
+
+    #[test]
+    fn a_busy_guest_leaves_the_encoders_less() {
+        // One of two cores busy with the guest: DWCP's encoder shares the
+        // other with QEMU's migration thread; multifd's threads get one core.
+        let mut i = wire(Carrier::Dwcp, sampled());
+        i.guest_busy_cores = 1.0;
+        assert_eq!(wire_cost(&i).encode_bytes_s, 100e6);
+        i.carrier = Carrier::QemuMultifd { channels: 4 };
+        assert_eq!(wire_cost(&i).encode_bytes_s, 200e6);
+        // However busy the guest, the encoders keep half a core.
+        i.guest_busy_cores = 4.0;
+        assert_eq!(wire_cost(&i).encode_bytes_s, 100e6);
+        i.carrier = Carrier::Dwcp;
+        assert_eq!(wire_cost(&i).encode_bytes_s, 50e6);
     }
 
     #[test]

@@ -128,10 +128,19 @@ impl Migrations {
             Ok::<_, MigrationError>((transport, transport_reason, session, pages, link))
         };
         let cap = ask.bandwidth_mib_s.map(|b| b as f64 * 1048576.0);
+        // The guest's CPU use over the dirty-rate sample: what it leaves the
+        // encoder on this host's cores.
+        let cpu_before = dir
+            .running_pid()
+            .and_then(|pid| Some((pid, process_cpu_s(pid)?, Instant::now())));
         let (dirty, opened) = tokio::join!(
             timeline.time(MigrationStepKind::DirtyRate, measure_dirty_rate(qmp)),
             open_and_measure
         );
+        let guest_busy_cores = cpu_before.and_then(|(pid, before, at)| {
+            let used = process_cpu_s(pid)? - before;
+            Some(used / at.elapsed().as_secs_f64().max(1e-3))
+        });
         let (transport, transport_reason, session, pages, link) = opened?;
         let dirty = dirty?.unwrap_or(0.0);
         let (mut link, rtt_s, streams) = link;
@@ -170,6 +179,7 @@ impl Migrations {
             sent_ahead_bytes: session.as_ref().map_or(0, |s| s.stats().prefill_bytes) as f64,
             rewrite_cost,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
+            guest_busy_cores: guest_busy_cores.unwrap_or(0.0),
         });
         let (zero, compression, known) = (memory.zero_share, memory.compression, cost.known_share);
         let input = PlanInput {
@@ -203,6 +213,13 @@ impl Migrations {
         }
         if sample.is_none() {
             reason.push_str("; guest memory not readable: assumed incompressible");
+        }
+        if let Some(busy) = guest_busy_cores {
+            reason.push_str(&format!(
+                "; guest busy {busy:.1} of {} cores, codec {:.0} MiB/s a core",
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                memory.compress_bytes_s / 1048576.0
+            ));
         }
         let strategy = from_plan(prediction.strategy);
         Ok(Planned {
@@ -329,4 +346,16 @@ async fn measure_dirty_rate(qmp: &Qmp) -> Result<Option<f64>, QmpError> {
         }
         measured => measured,
     }
+}
+
+/// CPU seconds process `pid` has used (user + system, all its threads).
+/// None when it cannot be read (the process is gone).
+fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: fields count from its end.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    let ticks_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    // utime and stime: fields 14 and 15 of the line, 11 and 12 after the name.
+    Some((ticks(11)? + ticks(12)?) as f64 / ticks_s as f64)
 }
