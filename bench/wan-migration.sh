@@ -13,6 +13,9 @@
 #   PROFILES="wan"            limits the profiles
 #   WORKLOADS="web-like"      limits the workloads (and METHODS the methods)
 #   RUNS=3 TARGET_RUNS=5      how often each row runs
+#   APPEND=1                  adds to the rows of the runs before (see
+#                             bench/wan-migration-round.sh) instead of starting anew
+#   COMMAND="..."             the command the table names
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench/wan-migration.sh needs root (network namespaces)" >&2; exit 1; }
@@ -26,9 +29,11 @@ TARGET_RUNS=${TARGET_RUNS:-5}
 rows=target/wan-migration.jsonl
 micro=target/dwcp-goodput.jsonl
 speed=target/machine-speed.jsonl
-: > "$rows"
-: > "$micro"
-: > "$speed"
+if [ -z "${APPEND:-}" ]; then
+	: > "$rows"
+	: > "$micro"
+	: > "$speed"
+fi
 lab=wm$$
 labpid=
 cleanup() {
@@ -66,7 +71,7 @@ for run in $(seq "$max_runs"); do
 			sleep 0.1
 		done
 		target/release/dwcp_micro speed --json "$speed" --profile "$p" --run "$run"
-		if [ "$run" = 1 ]; then
+		if [ "$run" = 1 ] && ! grep -q "\"profile\":\"$p\"" "$micro"; then
 			ip netns exec "$lab-h1" target/release/dwcp_micro goodput --lab "$lab" --profile "$p" --rate-mbit "$rate" --json "$micro"
 		fi
 		# An empty WORKLOADS list moves only the five VMs.
@@ -77,6 +82,7 @@ for run in $(seq "$max_runs"); do
 		labpid=
 	done
 done
-target/release/wan_migration render --json "$rows" --speed "$speed" --out-json bench/results/wan-migration.json --md bench/results/wan-migration.md
+target/release/wan_migration render --json "$rows" --speed "$speed" --out-json bench/results/wan-migration.json --md bench/results/wan-migration.md \
+	--command "${COMMAND:-bash bench/wan-migration.sh}"
 target/release/dwcp_micro render --goodput "$micro" --md bench/results/dwcp-micro.md
 cat bench/results/wan-migration.md bench/results/dwcp-micro.md

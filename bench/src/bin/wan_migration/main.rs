@@ -301,7 +301,8 @@ fn render(args: &[String]) -> Result<()> {
         Ok(p) => novacron_bench::read_jsonl(p)?,
         Err(_) => Vec::new(),
     };
-    let (md, json) = render::render(&rows, &speed);
+    let command = arg("--command").unwrap_or_else(|_| "bash bench/wan-migration.sh".into());
+    let (md, json) = render::render(&rows, &speed, &command);
     std::fs::write(arg("--md")?, md)?;
     std::fs::write(arg("--out-json")?, serde_json::to_string_pretty(&json)?)?;
     Ok(())

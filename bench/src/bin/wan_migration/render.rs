@@ -95,7 +95,7 @@ fn step_lengths(r: &Value) -> BTreeMap<String, f64> {
 
 type Key = (String, String, String);
 
-pub fn render(rows: &[Value], speed: &[Value]) -> (String, Value) {
+pub fn render(rows: &[Value], speed: &[Value], command: &str) -> (String, Value) {
     // Rows in the order they first appear: profiles, then workloads, then methods.
     let mut order: Vec<Key> = Vec::new();
     let mut groups: BTreeMap<Key, Vec<&Value>> = BTreeMap::new();
@@ -117,9 +117,9 @@ pub fn render(rows: &[Value], speed: &[Value]) -> (String, Value) {
         (profile, first, method_rank(m))
     });
 
-    let mut md = String::from(
-        "# WAN migration: QEMU plain vs QEMU best (multifd + zstd) vs DWCP\n\n\
-         Command: `bash bench/wan-migration.sh` (WAN lab, 512 MiB TCG guests; workloads use 256 MiB:\n\
+    let mut md = format!("# WAN migration: QEMU plain vs QEMU best (multifd + zstd) vs DWCP\n\nCommand: `{command}` ");
+    md.push_str(
+        "(WAN lab, 512 MiB TCG guests; workloads use 256 MiB:\n\
          web-like = HTML-like text rewritten as small counter changes at 8 MiB/s of pages,\n\
          db-like = random data rewritten at 24 MiB/s). Every row ran several times, each run in a\n\
          fresh lab with fresh agents and the methods in a rotating order; cells show the median and,\n\
