@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what NovaCron needs on a Debian machine (idempotent): QEMU >= 10, qemu-img,
 # busybox-static and a C toolchain for the guest image, curl for the demo, python3-venv
-# for the API fuzzer, iproute2, dnsmasq-base and nftables for VM networks.
+# for the API fuzzer, iproute2, dnsmasq-base and nftables for VM networks, xorriso for
+# cloud-init seeds. (scripts/build-debian-image.sh installs what the Debian image needs.)
 set -euo pipefail
 
 SUDO=""
@@ -14,25 +15,7 @@ MIN_QEMU_MAJOR=10
 qemu_major() {
   qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'
 }
-# The archive that already serves bookworm here (one-line or deb822 sources):
-# backports come from the same mirror, so no host name is written into the project.
-bookworm_mirror() {
-  {
-    awk '$1 == "deb" { line = $0; gsub(/\[[^]]*\]/, "", line); split(line, f, /[[:space:]]+/); print f[2], f[3] }' \
-      /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null
-    for f in /etc/apt/sources.list.d/*.sources; do
-      [ -e "$f" ] || continue
-      awk 'BEGIN { RS = ""; FS = "\n" }
-           { uris = ""; suites = "";
-             for (i = 1; i <= NF; i++) {
-               if ($i ~ /^URIs:/) { uris = $i; sub(/^URIs:[[:space:]]*/, "", uris) }
-               if ($i ~ /^Suites:/) { suites = $i; sub(/^Suites:[[:space:]]*/, "", suites) }
-             }
-             n = split(uris, u, /[[:space:]]+/); m = split(suites, s, /[[:space:]]+/);
-             for (a = 1; a <= n; a++) for (b = 1; b <= m; b++) print u[a], s[b] }' "$f"
-    done
-  } | awk '$2 == "bookworm" { print $1; exit }'
-}
+. "$(dirname "$0")/apt-mirror.sh"
 
 major=$(qemu_major || true)
 if [ -z "$major" ] || [ "$major" -lt "$MIN_QEMU_MAJOR" ]; then
@@ -42,7 +25,7 @@ if [ -z "$major" ] || [ "$major" -lt "$MIN_QEMU_MAJOR" ]; then
   if [ "${VERSION_CODENAME:-}" = bookworm ]; then
     list=/etc/apt/sources.list.d/novacron-bookworm-backports.list
     if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      mirror=$(bookworm_mirror)
+      mirror=$(apt_mirror_for bookworm)
       if [ -z "$mirror" ]; then
         echo "setup: no apt source for bookworm found to take the backports mirror from; add bookworm-backports by hand" >&2
         exit 1
@@ -74,6 +57,8 @@ command -v xz >/dev/null || need+=(xz-utils)
 command -v ip >/dev/null && command -v bridge >/dev/null || need+=(iproute2)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v nft >/dev/null || need+=(nftables)
+# cloud-init seeds (ISO 9660 "cidata" volumes) for disk-image guests.
+command -v xorriso >/dev/null || need+=(xorriso)
 # The API fuzzer (scripts/api-fuzz.sh) runs from a virtual environment.
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
