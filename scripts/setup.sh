@@ -59,6 +59,8 @@ command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v nft >/dev/null || need+=(nftables)
 # cloud-init seeds (ISO 9660 "cidata" volumes) for disk-image guests.
 command -v xorriso >/dev/null || need+=(xorriso)
+# Tests log in to the Debian guest over SSH.
+command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
 # The API fuzzer (scripts/api-fuzz.sh) runs from a virtual environment.
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 

@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 scripts/build-guest-image.sh
+scripts/build-debian-image.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

@@ -15,6 +15,7 @@ pub mod network;
 mod node;
 pub mod qemu;
 mod reconcile;
+mod seed;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;

@@ -85,6 +85,10 @@ impl VmDir {
     pub fn data_disk(&self) -> PathBuf {
         self.path.join("data.qcow2")
     }
+    /// The cloud-init NoCloud seed (crate::seed).
+    pub fn seed(&self) -> PathBuf {
+        self.path.join("seed.iso")
+    }
     pub fn qemu_log(&self) -> PathBuf {
         self.path.join("qemu.log")
     }
@@ -134,6 +138,9 @@ pub struct LaunchSpec {
     pub kernel: Option<(PathBuf, PathBuf, String)>,
     pub root_disk: PathBuf,
     pub data_disk: Option<PathBuf>,
+    /// cloud-init seed, attached as a read-only CD-ROM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<PathBuf>,
     /// Start with vCPUs paused.
     pub paused: bool,
     /// Wait for an incoming migration (`-incoming defer`).
@@ -150,6 +157,9 @@ fn default_machine() -> String {
 
 /// Block node names of a VM's disks, as used by QMP (mirror, NBD export).
 pub const DISK_NODES: [&str; 2] = ["root", "data"];
+/// Block node of the cloud-init seed: not mirrored on migration, since
+/// the target writes the same bytes (crate::seed).
+pub const SEED_NODE: &str = "cidata";
 
 impl LaunchSpec {
     pub fn args(&self, dir: &VmDir) -> Result<Vec<String>, QemuError> {
@@ -252,6 +262,15 @@ impl LaunchSpec {
                 };
                 a.push(format!("virtio-blk-pci,drive={id},id={id}-dev{boot}"));
             }
+        }
+        if let Some(seed) = &self.seed {
+            a.push("-blockdev".into());
+            a.push(format!(
+                "driver=raw,node-name={SEED_NODE},read-only=on,file.driver=file,file.filename={}",
+                p(seed)
+            ));
+            a.push("-device".into());
+            a.push(format!("ide-cd,drive={SEED_NODE},id={SEED_NODE}-dev"));
         }
         if self.paused || self.incoming {
             a.push("-S".into());
@@ -383,6 +402,7 @@ mod tests {
             kernel: Some(("/k".into(), "/i".into(), "console=ttyS0".into())),
             root_disk: dir.root_disk(),
             data_disk: Some(dir.data_disk()),
+            seed: Some(dir.seed()),
             paused: false,
             incoming: false,
             nics: vec![crate::network::AttachedNic {
@@ -405,6 +425,8 @@ mod tests {
             "qmp.sock,server=on",
             "-netdev tap,id=net2,ifname=nc0123456789a2,script=no,downscript=no",
             "virtio-net-pci,netdev=net2,id=nic2,mac=52:54:0a:14:00:05,host_mtu=1450,addr=0x12",
+            "driver=raw,node-name=cidata,read-only=on,file.driver=file,file.filename=/var/lib/nc/vms/1234/seed.iso",
+            "ide-cd,drive=cidata,id=cidata-dev",
         ] {
             assert!(args.contains(want), "missing {want} in {args}");
         }

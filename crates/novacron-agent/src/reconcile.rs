@@ -65,6 +65,8 @@ pub enum ReconcileError {
     Io(#[source] std::io::Error),
     #[error("Cannot connect the VM's NICs")]
     Network(#[from] crate::network::NetError),
+    #[error("Cannot make the cloud-init seed")]
+    Seed(#[from] crate::seed::SeedError),
 }
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -494,6 +496,14 @@ pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<
             }
         }
     }
+    // Disk images boot a distribution that runs cloud-init; a kernel image
+    // is NovaCron's test guest, which does not.
+    let seed = if image.spec.format == ImageFormat::Kernel {
+        None
+    } else {
+        crate::seed::write(client, vm, dir).await?;
+        Some(dir.seed())
+    };
     let data_disk = match vm.spec.data_disk_mib {
         Some(size) => {
             if !dir.data_disk().exists() {
@@ -513,6 +523,7 @@ pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<
         kernel,
         root_disk: dir.root_disk(),
         data_disk,
+        seed,
         paused: vm.spec.power_state == PowerState::Paused,
         incoming: false,
         nics: node.net.attach(client, vm).await?,

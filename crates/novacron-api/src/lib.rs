@@ -2,6 +2,7 @@
 //! HTTP client is `novacron-client`.
 
 pub mod agent;
+pub mod cloudinit;
 pub mod error;
 pub mod identity;
 pub mod migration;
@@ -13,6 +14,7 @@ pub mod types;
 pub mod units;
 pub mod validate;
 
+pub use cloudinit::CloudInitSpec;
 pub use error::{ErrorBody, ErrorDetail, FieldError};
 pub use identity::*;
 pub use migration::*;

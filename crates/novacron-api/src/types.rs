@@ -408,6 +408,9 @@ pub struct VmSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(max_items = 8)]
     pub nics: Vec<crate::network::NicSpec>,
+    /// cloud-init settings for a disk-image VM (NoCloud seed); fixed at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloudinit::CloudInitSpec>,
 }
 
 pub fn default_stop_timeout() -> u32 {
@@ -434,6 +437,7 @@ impl VmSpec {
             machine: None,
             cpu_model: None,
             nics: Vec::new(),
+            cloud_init: None,
         }
     }
 }

@@ -105,6 +105,9 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), FieldError> {
         }
     }
     crate::network::nics(&spec.nics)?;
+    if let Some(ci) = &spec.cloud_init {
+        crate::cloudinit::validate("spec.cloud_init", ci)?;
+    }
     if spec.cpu_model.as_deref() == Some("host") {
         return Err(FieldError::new(
             "spec.cpu_model",

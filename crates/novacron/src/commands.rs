@@ -129,6 +129,52 @@ pub struct CreateArgs {
     pub security_groups: Vec<String>,
     #[command(flatten)]
     pub placement: crate::scheduling::PlacementArgs,
+    #[command(flatten)]
+    pub cloud_init: CloudInitArgs,
+}
+
+/// cloud-init for disk images (a NoCloud seed the agent attaches).
+#[derive(Args)]
+pub struct CloudInitArgs {
+    /// user-data file (#cloud-config YAML, a script, or MIME multipart).
+    #[arg(long = "cloud-init", value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+    /// OpenSSH public key file for the image's default user (repeatable).
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    pub ssh_keys: Vec<PathBuf>,
+    /// Guest host name (default: the VM's name).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// crypt(3) hash of the default user's password (`mkpasswd -m sha-512`).
+    #[arg(long)]
+    pub password_hash: Option<String>,
+}
+
+impl CloudInitArgs {
+    /// The spec, with the files read; `None` when no option was given.
+    pub fn spec(&self) -> Result<Option<novacron_api::CloudInitSpec>> {
+        let read =
+            |path: &PathBuf| std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()));
+        let user_data = self.user_data.as_ref().map(read).transpose()?;
+        let mut keys = Vec::new();
+        for path in &self.ssh_keys {
+            // A .pub file may hold several keys, one a line.
+            keys.extend(
+                read(path)?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        let spec = novacron_api::CloudInitSpec {
+            user_data,
+            ssh_authorized_keys: keys,
+            hostname: self.hostname.clone(),
+            password_hash: self.password_hash.clone(),
+        };
+        Ok((spec != novacron_api::CloudInitSpec::default()).then_some(spec))
+    }
 }
 
 #[derive(Args)]
@@ -284,6 +330,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                             ..nic
                         })
                         .collect(),
+                    cloud_init: a.cloud_init.spec()?,
                     ..VmSpec::new(&a.image, a.vcpus, a.memory)
                 },
             };

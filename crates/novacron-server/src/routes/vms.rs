@@ -80,6 +80,15 @@ async fn create_vm(
             format!("image {:?} is still uploading", req.spec.image),
         ));
     }
+    if req.spec.cloud_init.is_some() && image.spec.format == novacron_api::ImageFormat::Kernel {
+        return Err(ApiError::invalid(
+            "spec.cloud_init",
+            format!(
+                "image {:?} boots a kernel directly and runs no cloud-init; use a disk image (qcow2 or raw)",
+                req.spec.image
+            ),
+        ));
+    }
     validate_placement(&req.spec.placement)?;
     let nodes = state.store.list_all::<Node>().await?;
     let config = crate::scheduling::load_config(&state.store).await?;

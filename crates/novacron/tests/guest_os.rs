@@ -1,0 +1,163 @@
+//! A real distribution as the guest: the Debian 12 cloud image that
+//! scripts/build-debian-image.sh builds boots from its own disk through
+//! GRUB, cloud-init configures it from the NoCloud seed the agent makes, and
+//! the test logs in over SSH through the VM network.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::{guestnet, ok, wait_until, Cluster, Options};
+use novacron_api::VmPhase;
+
+/// A TCG boot of Debian takes ~45 s alone; beside other tests, more.
+const SSH_UP: Duration = Duration::from_secs(300);
+/// `openssl passwd -6 -salt novacron0 novacron`
+const PASSWORD_HASH: &str =
+    "$6$novacron0$TP3vOscJvc95y6YFYB78Baqm/t7YGQJQ6pU5EYJauymlekBKJEa8lVDFuparnPlpA4grJ09Ff2UKHaCg0h/M21";
+
+fn debian_image() -> PathBuf {
+    let path = std::env::var_os("NOVACRON_DEBIAN_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest-debian/debian-12.qcow2"));
+    assert!(
+        path.exists(),
+        "Debian guest missing at {}: run scripts/build-debian-image.sh",
+        path.display()
+    );
+    path
+}
+
+/// A cluster of one host (a namespace, so the VM network is reachable
+/// from it) with the Debian image and a DHCP network `lan`.
+async fn debian_cluster() -> Cluster {
+    let c = Cluster::start(Options {
+        agents: 1,
+        netns: true,
+        agent_memory: "4GiB",
+        ..Default::default()
+    })
+    .await;
+    ok(
+        c.cli(&["image", "import", "debian", &debian_image().display().to_string()])
+            .output()
+            .expect("cli"),
+    );
+    let (status, body) = guestnet::post(
+        &c,
+        "networks",
+        serde_json::to_value(guestnet::network("lan", "10.77.0.0/24")).expect("json"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    c
+}
+
+/// An SSH key pair in the cluster's directory; returns the private key's path.
+fn ssh_key(c: &Cluster, name: &str) -> PathBuf {
+    let key = c.dir.path().join(name);
+    ok(std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen"));
+    key
+}
+
+/// Runs `cmd` on the guest at `ip` over SSH from the VM's host.
+fn ssh(c: &Cluster, key: &Path, ip: &str, cmd: &str) -> Output {
+    let ns = c.underlay.as_ref().expect("underlay").netns(1);
+    common::netlab::Underlay::exec(&ns, "ssh")
+        .args([
+            "-i",
+            &key.display().to_string(),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "LogLevel=ERROR",
+            &format!("debian@{ip}"),
+            cmd,
+        ])
+        .output()
+        .expect("ssh")
+}
+
+/// Waits until SSH logs in and `cmd` succeeds; returns its output.
+async fn ssh_when_up(c: &Cluster, key: &Path, vm: &str, ip: &str, cmd: &str) -> String {
+    wait_until(&format!("SSH into {vm} at {ip}"), SSH_UP, || async {
+        let out = ssh(c, key, ip, cmd);
+        if out.status.success() {
+            return Some(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        None
+    })
+    .await
+}
+
+#[tokio::test]
+async fn debian_guest_is_configured_by_cloud_init_and_answers_ssh() {
+    let c = debian_cluster().await;
+    let key = ssh_key(&c, "id_test");
+    let user_data = c.dir.path().join("user-data.yaml");
+    std::fs::write(
+        &user_data,
+        "#cloud-config\nruncmd:\n  - [sh, -c, 'echo made-by-runcmd > /var/tmp/novacron-marker']\n",
+    )
+    .expect("write user-data");
+    ok(c.cli(&[
+        "vm",
+        "create",
+        "deb1",
+        "--image",
+        "debian",
+        "--memory",
+        "512MiB",
+        "--vcpus",
+        "2",
+        "--network",
+        "lan",
+        "--cloud-init",
+        &user_data.display().to_string(),
+        "--ssh-key",
+        &format!("{}.pub", key.display()),
+        "--hostname",
+        "deb-one",
+        "--password-hash",
+        PASSWORD_HASH,
+    ])
+    .output()
+    .expect("cli"));
+    let vm = c.wait_phase("deb1", VmPhase::Running, guestnet::BOOT).await;
+    let ip = vm.spec.nics[0].ip.clone().expect("address from IPAM");
+    let out = ssh_when_up(
+        &c,
+        &key,
+        "deb1",
+        &ip,
+        // runcmd runs in cloud-init's last stage, after sshd is up.
+        "cloud-init status --wait >/dev/null; hostname; cat /var/tmp/novacron-marker; sudo grep ^debian: /etc/shadow; ip -4 -o addr show eth0",
+    )
+    .await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"deb-one"), "{out}");
+    assert_eq!(lines.get(1), Some(&"made-by-runcmd"), "{out}");
+    assert!(
+        lines
+            .get(2)
+            .is_some_and(|l| l.starts_with(&format!("debian:{PASSWORD_HASH}:"))),
+        "{out}"
+    );
+    assert!(out.contains(&format!("inet {ip}/24")), "{out}");
+    // The seed is a read-only CD-ROM labelled cidata.
+    let seed = ok(ssh(&c, &key, &ip, "sudo blkid -s LABEL -o value /dev/sr0"));
+    assert_eq!(seed.trim(), "cidata");
+}
