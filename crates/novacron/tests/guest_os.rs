@@ -2,6 +2,7 @@
 //! scripts/build-debian-image.sh builds boots from its own disk through
 //! GRUB, cloud-init configures it from the NoCloud seed the agent makes, and
 //! the test logs in over SSH through the VM network.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test harness code: panics are failures
 
 mod common;
 
