@@ -36,12 +36,15 @@ pub struct HttpState {
     /// Secret the server (and peer agents) present; unset until registration succeeds.
     pub secret: Arc<RwLock<Option<String>>>,
     pub migrations: Migrations,
+    /// This node (the guest agents of its VMs).
+    pub node: Arc<crate::node::NodeContext>,
 }
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/agent/v1/vms/{id}/logs", get(logs))
         .route("/agent/v1/vms/{id}/console", get(console))
+        .route("/agent/v1/vms/{id}/exec", post(exec))
         .route("/agent/v1/migrations/{id}/prepare", post(prepare))
         .route("/agent/v1/migrations/{id}/finish", post(finish))
         .route("/agent/v1/migrations/{id}/abort", post(abort))
@@ -111,6 +114,29 @@ fn vm_dir(state: &HttpState, id: &str) -> Option<VmDir> {
     }
     let dir = VmDir::new(&state.vms_root, id);
     dir.path.exists().then_some(dir)
+}
+
+/// Runs a command in the guest through its guest agent.
+async fn exec(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    Json(req): Json<novacron_api::ExecRequest>,
+) -> Response {
+    use crate::guest::GuestError;
+    let Some(dir) = vm_dir(&state, &id) else {
+        return error(StatusCode::NOT_FOUND, format!("No VM {id:?} on this node"));
+    };
+    if let Err(e) = req.validate() {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
+    }
+    match state.node.guests.exec(&id, &dir, &req.command, req.timeout()).await {
+        Ok(out) => Json(out).into_response(),
+        Err(
+            e @ (GuestError::NotRunning | GuestError::NoAgent(_) | GuestError::Agent(_) | GuestError::EmptyCommand),
+        ) => error(StatusCode::CONFLICT, chain(&e).to_string()),
+        Err(e @ GuestError::Timeout(_)) => error(StatusCode::GATEWAY_TIMEOUT, chain(&e).to_string()),
+        Err(e @ GuestError::Output) => error(StatusCode::BAD_GATEWAY, chain(&e).to_string()),
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -224,6 +250,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
         StatusCode::CONFLICT => "conflict",
         StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST => "invalid",
         StatusCode::BAD_GATEWAY => "upstream",
+        StatusCode::GATEWAY_TIMEOUT => "timeout",
         _ => "internal",
     };
     let body = ErrorBody {

@@ -7,6 +7,7 @@ pub mod accel;
 mod capabilities;
 mod certs;
 mod dwcp;
+mod guest;
 mod hotplug;
 mod http;
 mod images;
@@ -229,6 +230,7 @@ pub async fn run(
         host: hosts.in_url,
         claims: MigrationClaims::default(),
         net: net.clone(),
+        guests: Default::default(),
     });
     let mut dwcp = None;
     if let Some(t) = &tls {
@@ -252,6 +254,7 @@ pub async fn run(
         vms_root: vms_root.clone(),
         secret: secret.clone(),
         migrations: migrations.clone(),
+        node: node.clone(),
     };
     // Only the server and other agents (certificates from the cluster CA) get in over TLS.
     let listener_tls = match &tls {
@@ -345,6 +348,7 @@ pub async fn run(
         })
     };
 
+    let guest_agents = tokio::spawn(guest::keep_polling(node.clone()));
     let reconciler = Reconciler {
         node,
         runtimes: HashMap::new(),
@@ -368,6 +372,7 @@ pub async fn run(
     poller.abort();
     peers.abort();
     groups.abort();
+    guest_agents.abort();
     if let Some(c) = certificates {
         c.abort();
     }
@@ -517,9 +522,9 @@ async fn reconcile_all(rec: &mut Reconciler, client: &Client, mine: &mut HashMap
                     }
                 }
             }
-            Outcome::Status(status) if status != vm.status => {
+            Outcome::Status(status) if *status != vm.status => {
                 let mut updated = vm.clone();
-                updated.status = status;
+                updated.status = *status;
                 match client.put_vm_status(&name, &updated).await {
                     Ok(v) => {
                         mine.insert(name, v);
@@ -564,6 +569,7 @@ mod tests {
             host: "127.0.0.1".into(),
             claims: MigrationClaims::default(),
             net: Arc::new(network::Overlay::new("node-1", None, PathBuf::from("/nonexistent"))),
+            guests: Default::default(),
         };
         Reconciler {
             node: Arc::new(node),

@@ -31,6 +31,8 @@ pub struct NodeContext {
     pub claims: MigrationClaims,
     /// The host's side of VM networks: bridges, VXLAN, taps, DHCP.
     pub net: Arc<crate::network::Overlay>,
+    /// The guest agents inside this node's VMs.
+    pub guests: crate::guest::Guests,
 }
 
 impl NodeContext {

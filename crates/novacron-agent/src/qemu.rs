@@ -85,6 +85,10 @@ impl VmDir {
     pub fn data_disk(&self) -> PathBuf {
         self.path.join("data.qcow2")
     }
+    /// The QEMU guest agent's virtio-serial port (crate::guest).
+    pub fn guest_agent(&self) -> PathBuf {
+        self.path.join("qga.sock")
+    }
     /// The cloud-init NoCloud seed (crate::seed).
     pub fn seed(&self) -> PathBuf {
         self.path.join("seed.iso")
@@ -141,6 +145,9 @@ pub struct LaunchSpec {
     /// cloud-init seed, attached as a read-only CD-ROM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<PathBuf>,
+    /// A virtio-serial port for the QEMU guest agent (disk-image guests).
+    #[serde(default)]
+    pub guest_agent: bool,
     /// Start with vCPUs paused.
     pub paused: bool,
     /// Wait for an incoming migration (`-incoming defer`).
@@ -163,7 +170,7 @@ pub const SEED_NODE: &str = "cidata";
 
 impl LaunchSpec {
     pub fn args(&self, dir: &VmDir) -> Result<Vec<String>, QemuError> {
-        for sock in [dir.qmp(), dir.qmp_migrate(), dir.console()] {
+        for sock in [dir.qmp(), dir.qmp_migrate(), dir.console(), dir.guest_agent()] {
             // sun_path holds 108 bytes including the terminating NUL.
             if sock.as_os_str().len() > 107 {
                 return Err(QemuError::PathTooLong(sock.display().to_string()));
@@ -272,6 +279,16 @@ impl LaunchSpec {
             a.push("-device".into());
             a.push(format!("ide-cd,drive={SEED_NODE},id={SEED_NODE}-dev"));
         }
+        if self.guest_agent {
+            a.extend([
+                "-chardev".into(),
+                format!("socket,id=qga0,path={},server=on,wait=off", p(&dir.guest_agent())),
+                "-device".into(),
+                "virtio-serial-pci,id=vser0".into(),
+                "-device".into(),
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+            ]);
+        }
         if self.paused || self.incoming {
             a.push("-S".into());
         }
@@ -287,7 +304,13 @@ pub async fn launch(qemu: &str, spec: &LaunchSpec, dir: &VmDir) -> Result<u32, Q
     let args = spec.args(dir)?;
     let json = serde_json::to_vec_pretty(spec).unwrap_or_default();
     std::fs::write(dir.launch_spec(), json).map_err(io_err(&dir.launch_spec()))?;
-    for stale in [dir.pidfile(), dir.qmp(), dir.qmp_migrate(), dir.console()] {
+    for stale in [
+        dir.pidfile(),
+        dir.qmp(),
+        dir.qmp_migrate(),
+        dir.console(),
+        dir.guest_agent(),
+    ] {
         let _ = std::fs::remove_file(stale);
     }
     // With -daemonize the parent exits once the guest is set up; errors before
@@ -403,6 +426,7 @@ mod tests {
             root_disk: dir.root_disk(),
             data_disk: Some(dir.data_disk()),
             seed: Some(dir.seed()),
+            guest_agent: true,
             paused: false,
             incoming: false,
             nics: vec![crate::network::AttachedNic {
@@ -427,6 +451,7 @@ mod tests {
             "virtio-net-pci,netdev=net2,id=nic2,mac=52:54:0a:14:00:05,host_mtu=1450,addr=0x12",
             "driver=raw,node-name=cidata,read-only=on,file.driver=file,file.filename=/var/lib/nc/vms/1234/seed.iso",
             "ide-cd,drive=cidata,id=cidata-dev",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         ] {
             assert!(args.contains(want), "missing {want} in {args}");
         }

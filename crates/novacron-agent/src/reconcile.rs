@@ -28,6 +28,8 @@ pub struct Runtime {
     /// Last press; the button is pressed again while waiting, because a guest
     /// still booting (no ACPI listener yet) drops the first press.
     last_press: Option<Instant>,
+    /// The guest agent was asked to shut down (the guest ignored ACPI).
+    agent_shutdown_sent: bool,
     /// QEMU reported a guest-initiated shutdown.
     guest_shutdown: Arc<AtomicBool>,
     /// Earliest time of the next start attempt after a failure (run strategy Always).
@@ -48,7 +50,7 @@ pub struct Reconciler {
 /// Result of one reconcile.
 pub enum Outcome {
     /// Write this status back.
-    Status(VmStatus),
+    Status(Box<VmStatus>),
     /// The VM was deleted and cleaned up.
     Finalized,
 }
@@ -71,6 +73,7 @@ pub enum ReconcileError {
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const REPRESS_EVERY: Duration = Duration::from_secs(3);
+const GUEST_AGENT_SHUTDOWN_AFTER: Duration = Duration::from_secs(10);
 
 impl Reconciler {
     pub fn vm_dir(&self, id: &str) -> VmDir {
@@ -93,7 +96,7 @@ impl Reconciler {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(vm = %vm.metadata.name, error = %e, "cannot remove VM directory");
                     st.reason = Some(format!("Cannot remove VM files: {e}"));
-                    return Outcome::Status(st);
+                    return Outcome::Status(Box::new(st));
                 }
             }
             self.runtimes.remove(&id);
@@ -111,6 +114,7 @@ impl Reconciler {
             (PowerState::Stopped, None) => {
                 let rt = self.runtimes.entry(id.clone()).or_default();
                 rt.powerdown_sent = None;
+                rt.agent_shutdown_sent = false;
                 rt.qmp = None;
                 if rt.pruned_generation != Some(vm.metadata.generation) {
                     rt.pruned_generation = Some(vm.metadata.generation);
@@ -158,8 +162,9 @@ impl Reconciler {
                         st.phase = VmPhase::Stopped;
                         st.qemu_pid = None;
                     }
-                    Some(_) => {
+                    Some(t) => {
                         st.phase = VmPhase::Stopping;
+                        self.ask_guest_agent_to_shut_down(vm, &dir, t, grace).await;
                         let due = self
                             .runtimes
                             .get(&id)
@@ -180,13 +185,36 @@ impl Reconciler {
             (PowerState::Running | PowerState::Paused, None) => self.ensure_started(vm, &dir, &mut st).await,
             (PowerState::Running | PowerState::Paused, Some(pid)) => self.steer_running(vm, &dir, pid, &mut st).await,
         }
+        st.guest = if st.qemu_pid.is_some() {
+            self.node.guests.info(&id)
+        } else {
+            self.node.guests.forget(&id);
+            None
+        };
         if st.qemu_pid.is_none() {
             st.nics.clear();
             if let Some(rt) = self.runtimes.get_mut(&id) {
                 rt.plugged = Default::default();
             }
         }
-        Outcome::Status(st)
+        Outcome::Status(Box::new(st))
+    }
+
+    /// A guest that has not acted on the ACPI button for a while (half the
+    /// grace, at most GUEST_AGENT_SHUTDOWN_AFTER) but runs a guest agent is
+    /// asked through the agent instead: a clean shutdown, not a kill.
+    async fn ask_guest_agent_to_shut_down(&mut self, vm: &Vm, dir: &VmDir, pressed: Instant, grace: u32) {
+        let id = &vm.metadata.id;
+        let wait = GUEST_AGENT_SHUTDOWN_AFTER.min(Duration::from_secs(grace.into()) / 2);
+        let rt = self.runtimes.entry(id.clone()).or_default();
+        if rt.agent_shutdown_sent || pressed.elapsed() < wait || self.node.guests.info(id).is_none() {
+            return;
+        }
+        rt.agent_shutdown_sent = true;
+        match self.node.guests.shutdown(id, dir).await {
+            Ok(()) => tracing::info!(vm = %vm.metadata.name, "guest ignored ACPI; asked its guest agent to shut down"),
+            Err(e) => tracing::warn!(vm = %vm.metadata.name, error = %chain(&e), "guest agent shutdown failed"),
+        }
     }
 
     /// The process is not there but should be: start it, unless it went away on
@@ -295,7 +323,9 @@ impl Reconciler {
     async fn steer_running(&mut self, vm: &Vm, dir: &VmDir, pid: u32, st: &mut VmStatus) {
         let id = vm.metadata.id.clone();
         let name = &vm.metadata.name;
-        self.runtimes.entry(id.clone()).or_default().powerdown_sent = None;
+        let rt = self.runtimes.entry(id.clone()).or_default();
+        rt.powerdown_sent = None;
+        rt.agent_shutdown_sent = false;
         st.qemu_pid = Some(pid);
         st.accel.get_or_insert_with(|| self.node.accel.clone());
         let Some(qmp) = self.qmp(&id, dir).await else {
@@ -523,6 +553,7 @@ pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<
         kernel,
         root_disk: dir.root_disk(),
         data_disk,
+        guest_agent: seed.is_some(),
         seed,
         paused: vm.spec.power_state == PowerState::Paused,
         incoming: false,

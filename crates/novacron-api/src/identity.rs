@@ -76,17 +76,20 @@ pub enum Verb {
     Delete,
     /// Interactive serial console.
     Console,
+    /// Commands run in the guest through its guest agent (`vm exec`).
+    Exec,
     /// Status reports only agents make.
     Status,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 6] = [
+    pub const ALL: [Verb; 7] = [
         Verb::Read,
         Verb::Create,
         Verb::Update,
         Verb::Delete,
         Verb::Console,
+        Verb::Exec,
         Verb::Status,
     ];
 
@@ -97,6 +100,7 @@ impl Verb {
             Verb::Update => "update",
             Verb::Delete => "delete",
             Verb::Console => "console",
+            Verb::Exec => "exec",
             Verb::Status => "status",
         }
     }
@@ -193,7 +197,7 @@ pub struct CreateRole {
     /// `resource:verb` patterns, `*` allowed on either side.
     #[schema(min_items = 1)]
     #[schema(
-        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks):(\*|read|create|update|delete|console|status)$"
+        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks):(\*|read|create|update|delete|console|exec|status)$"
     )]
     pub permissions: Vec<String>,
 }

@@ -495,6 +495,34 @@ pub struct VmStatus {
     /// NICs plugged into the running QEMU (empty while it does not run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<crate::network::NicStatus>,
+    /// What the QEMU guest agent inside the VM reports; absent while none answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestInfo>,
+}
+
+/// The guest OS as its QEMU guest agent describes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuestInfo {
+    /// e.g. `Debian GNU/Linux 12 (bookworm)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Interfaces other than loopback.
+    #[serde(default)]
+    pub interfaces: Vec<GuestInterface>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuestInterface {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// `address/prefix`, IPv4 and IPv6.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -532,6 +560,63 @@ pub struct StopVm {
     /// Grace period for the ACPI shutdown (default: the VM's stop_timeout_s).
     #[serde(default)]
     pub timeout_s: Option<u32>,
+}
+
+/// A command to run in the guest through its QEMU guest agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExecRequest {
+    /// Program and arguments (no shell: wrap in `sh -c` for one).
+    #[schema(min_items = 1, max_items = 256)]
+    pub command: Vec<String>,
+    /// Seconds the command may run (default 60, at most 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 600)]
+    pub timeout_s: Option<u32>,
+}
+
+pub const DEFAULT_EXEC_TIMEOUT_S: u32 = 60;
+pub const MAX_EXEC_TIMEOUT_S: u32 = 600;
+
+impl ExecRequest {
+    pub fn validate(&self) -> Result<(), crate::FieldError> {
+        if self.command.is_empty() || self.command.len() > 256 {
+            return Err(crate::FieldError::new(
+                "command",
+                "give the program and 0-255 arguments",
+            ));
+        }
+        if self.command[0].is_empty() || self.command.iter().any(|a| a.contains('\0') || a.len() > 64 * 1024) {
+            return Err(crate::FieldError::new(
+                "command",
+                "the program must be named; arguments hold no NUL and at most 64 KiB each",
+            ));
+        }
+        if self.timeout_s.is_some_and(|t| t == 0 || t > MAX_EXEC_TIMEOUT_S) {
+            return Err(crate::FieldError::new(
+                "timeout_s",
+                format!("between 1 and {MAX_EXEC_TIMEOUT_S} seconds"),
+            ));
+        }
+        Ok(())
+    }
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout_s.unwrap_or(DEFAULT_EXEC_TIMEOUT_S).into())
+    }
+}
+
+/// What a command run in the guest did. Output is kept up to 1 MiB a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    /// Absent when a signal ended the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// Output was cut at the limit.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 // ---------------------------------------------------------------- lists and watch

@@ -25,6 +25,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
 
 pub mod commands;
+pub mod guest_agent;
 #[cfg(test)]
 mod real_qemu_tests;
 pub mod types;

@@ -137,7 +137,7 @@ pub fn builtin_roles() -> Vec<Role> {
     let admin: Vec<(Resource, &[Verb])> = Resource::ALL.iter().map(|r| (*r, all_verbs)).collect();
     let read: &[Verb] = &[Read];
     let operator = perms(&[
-        (Vms, &[Read, Create, Update, Delete, Console]),
+        (Vms, &[Read, Create, Update, Delete, Console, Exec]),
         (Migrations, &[Read, Create, Update]),
         (Images, &[Read, Create, Delete]),
         (Networks, &[Read, Create, Update, Delete]),

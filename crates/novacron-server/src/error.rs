@@ -60,6 +60,13 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
+    /// A node agent answered, but not as it should.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "upstream", message)
+    }
+    pub fn gateway_timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+    }
     /// Logs the cause; the client only learns that something failed inside.
     pub fn internal(context: &str, err: &dyn std::error::Error) -> Self {
         tracing::error!(error = %novacron_api::error::chain(err), "{context}");

@@ -47,6 +47,34 @@ pub async fn logs(state: &AppState, node: &Node, vm: &Vm, follow: bool) -> ApiRe
     Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }
 
+/// Runs a command in the VM's guest (`/agent/v1/vms/{id}/exec`).
+pub async fn exec(
+    state: &AppState,
+    node: &Node,
+    vm: &Vm,
+    req: &novacron_api::ExecRequest,
+) -> ApiResult<novacron_api::ExecResult> {
+    let resp = state
+        .agents
+        .post(agent_url(node, vm, "exec"))
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
+        .timeout(req.timeout() + std::time::Duration::from_secs(15))
+        .json(req)
+        .send()
+        .await
+        .map_err(|e| unreachable(node, e))?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| unreachable(node, e))?;
+    let why = || novacron_api::error::message_of(&text);
+    match status {
+        s if s.is_success() => serde_json::from_str(&text)
+            .map_err(|e| ApiError::bad_gateway(format!("bad exec result from the agent: {e}"))),
+        reqwest::StatusCode::CONFLICT | reqwest::StatusCode::NOT_FOUND => Err(ApiError::conflict(why())),
+        reqwest::StatusCode::GATEWAY_TIMEOUT => Err(ApiError::gateway_timeout(why())),
+        s => Err(ApiError::bad_gateway(format!("agent answered {s}: {}", why()))),
+    }
+}
+
 /// Asks the source agent to predict a migration (`/agent/v1/plan`).
 pub async fn plan(state: &AppState, node: &Node, body: &PlanRequest) -> ApiResult<novacron_api::MigrationPlan> {
     let url = format!("{}/agent/v1/plan", node.spec.address.trim_end_matches('/'));

@@ -62,6 +62,17 @@ pub enum VmCommand {
     /// Add or remove a NIC (hot-plugged while the VM runs).
     #[command(subcommand)]
     Nic(crate::networks::NicCommand),
+    /// Run a command in the guest through its QEMU guest agent; prints its
+    /// output and exits with its exit status.
+    Exec {
+        name: String,
+        /// Seconds the command may run (at most 600).
+        #[arg(long, default_value_t = novacron_api::DEFAULT_EXEC_TIMEOUT_S)]
+        timeout: u32,
+        /// Program and arguments, after `--` (no shell: use `sh -c '...'`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Print the serial console log.
     Logs {
         name: String,
@@ -396,6 +407,31 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             crate::console::attach(&c, target.tls()?.map(std::sync::Arc::new), &name).await
         }
         VmCommand::Logs { name, follow, tail } => logs(&c, &name, follow, tail).await,
+        VmCommand::Exec { name, timeout, command } => {
+            let req = novacron_api::ExecRequest {
+                command,
+                timeout_s: Some(timeout),
+            };
+            req.validate()
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            let out: novacron_api::ExecResult = c.post_json(&format!("vms/{name}/exec"), &req).await?;
+            if g.output != crate::output::Format::Table {
+                return crate::output::print_data(g.output, &out);
+            }
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            if out.truncated {
+                eprintln!("(output cut at 1 MiB a stream)");
+            }
+            match (out.exit_code, out.signal) {
+                (Some(0), _) => Ok(()),
+                (Some(code), _) => std::process::exit(code),
+                (None, signal) => {
+                    eprintln!("killed by signal {}", signal.unwrap_or(0));
+                    std::process::exit(128 + signal.unwrap_or(0));
+                }
+            }
+        }
         VmCommand::Nic(cmd) => crate::networks::vm_nic(g, &c, cmd).await,
     }
 }

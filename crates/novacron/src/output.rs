@@ -123,6 +123,7 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
         ("cpu model", vm.spec.cpu_model.clone().unwrap_or_else(|| "-".into())),
         ("restarts", vm.status.restarts.to_string()),
         ("nics", nic_lines(vm).join("\n")),
+        ("guest", guest_lines(vm).join("\n")),
         (
             "labels",
             vm.metadata
@@ -139,6 +140,28 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
     }
     println!("{t}");
     Ok(())
+}
+
+/// What the guest agent reports: OS, host name, addresses; "-" without one.
+fn guest_lines(vm: &Vm) -> Vec<String> {
+    let Some(g) = &vm.status.guest else {
+        return vec!["- (no guest agent answers)".into()];
+    };
+    let mut lines = vec![format!(
+        "{} ({}), host name {}",
+        g.os.as_deref().unwrap_or("unknown OS"),
+        g.kernel.as_deref().unwrap_or("unknown kernel"),
+        g.hostname.as_deref().unwrap_or("-")
+    )];
+    for i in &g.interfaces {
+        lines.push(format!(
+            "{} {} {}",
+            i.name,
+            i.mac.as_deref().unwrap_or("-"),
+            i.addresses.join(" ")
+        ));
+    }
+    lines
 }
 
 pub fn nodes(format: Format, items: &[Node]) -> Result<()> {

@@ -111,7 +111,9 @@ async fn debian_guest_is_configured_by_cloud_init_and_answers_ssh() {
     let user_data = c.dir.path().join("user-data.yaml");
     std::fs::write(
         &user_data,
-        "#cloud-config\nruncmd:\n  - [sh, -c, 'echo made-by-runcmd > /var/tmp/novacron-marker']\n",
+        // The guest ignores the ACPI power button, so a stop must go
+        // through the guest agent to be clean.
+        "#cloud-config\nwrite_files:\n  - path: /etc/systemd/logind.conf.d/ignore-power-key.conf\n    content: |\n      [Login]\n      HandlePowerKey=ignore\nruncmd:\n  - [systemctl, restart, systemd-logind]\n  - [sh, -c, 'echo made-by-runcmd > /var/tmp/novacron-marker']\n",
     )
     .expect("write user-data");
     ok(c.cli(&[
@@ -161,4 +163,43 @@ async fn debian_guest_is_configured_by_cloud_init_and_answers_ssh() {
     // The seed is a read-only CD-ROM labelled cidata.
     let seed = ok(ssh(&c, &key, &ip, "sudo blkid -s LABEL -o value /dev/sr0"));
     assert_eq!(seed.trim(), "cidata");
+
+    // The guest agent: OS, host name and the address from IPAM in `vm get`.
+    let guest = wait_until("the guest agent's report in vm get", SSH_UP, || async {
+        let vm = c.vm("deb1").await;
+        vm.status
+            .guest
+            .filter(|g| g.interfaces.iter().any(|i| i.addresses.contains(&format!("{ip}/24"))))
+    })
+    .await;
+    assert_eq!(guest.hostname.as_deref(), Some("deb-one"));
+    assert!(guest.os.as_deref().is_some_and(|os| os.contains("Debian")), "{guest:?}");
+    let shown = ok(c.cli(&["vm", "get", "deb1"]).output().expect("cli"));
+    assert!(shown.contains("Debian GNU/Linux 12"), "{shown}");
+
+    // vm exec: output and exit status come back; it is audited.
+    let out = ok(c
+        .cli(&["vm", "exec", "deb1", "--", "cat", "/etc/hostname"])
+        .output()
+        .expect("cli"));
+    assert_eq!(out.trim(), "deb-one");
+    let failed = c
+        .cli(&["vm", "exec", "deb1", "--", "sh", "-c", "echo oops >&2; exit 3"])
+        .output()
+        .expect("cli");
+    assert_eq!(failed.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&failed.stderr).trim(), "oops");
+    let audit = ok(c.cli(&["audit", "list", "-o", "json"]).output().expect("cli"));
+    assert!(audit.contains("/v1/vms/deb1/exec"), "exec is not in the audit log");
+
+    // The guest ignores ACPI: the stop is clean through the guest agent,
+    // not a kill at the end of the grace period.
+    ok(c.cli(&["vm", "stop", "deb1"]).output().expect("cli"));
+    let stopped = c.wait_phase("deb1", VmPhase::Stopped, Duration::from_secs(60)).await;
+    assert_eq!(stopped.status.reason, None, "the stop was not clean");
+    let agent_log = std::fs::read_to_string(c.dir.path().join("node-1.log")).expect("agent log");
+    assert!(
+        agent_log.contains("asked its guest agent to shut down"),
+        "ACPI alone stopped it"
+    );
 }

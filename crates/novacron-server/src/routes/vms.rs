@@ -35,6 +35,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(finalize_vm))
         .routes(routes!(vm_logs))
         .routes(routes!(vm_console))
+        .routes(routes!(vm_exec))
 }
 
 /// List VMs (paginated), or watch them with `watch=true`.
@@ -491,6 +492,36 @@ async fn vm_console(
             let _held = slot;
             proxy::pump_console(socket, upstream).await
         }))
+}
+
+/// Runs a command in the guest through its QEMU guest agent and returns
+/// what it printed (its own permission, `vms:exec`; audited like every call
+/// that changes or acts).
+#[utoipa::path(post, path = "/v1/vms/{name}/exec", tag = "vms", params(("name" = String, Path)),
+    request_body = novacron_api::ExecRequest,
+    responses((status = 200, body = novacron_api::ExecResult), (status = 404, body = novacron_api::ErrorBody),
+        (status = 409, description = "The VM is not running, or no guest agent answers in it", body = novacron_api::ErrorBody),
+        (status = 422, body = novacron_api::ErrorBody),
+        (status = 502, description = "The VM's agent failed to answer", body = novacron_api::ErrorBody),
+        (status = 503, description = "The VM is not placed, or its agent cannot be reached", body = novacron_api::ErrorBody),
+        (status = 504, description = "The command did not end in time", body = novacron_api::ErrorBody)))]
+async fn vm_exec(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    body: JsonBody,
+) -> ApiResult<Json<novacron_api::ExecResult>> {
+    let vm = find_authorized::<Vm>(&state, &p, &name, Verb::Exec).await?;
+    let req: novacron_api::ExecRequest = body.parse()?;
+    req.validate()?;
+    if vm.status.phase != VmPhase::Running {
+        return Err(ApiError::conflict(format!(
+            "VM {:?} is not running ({})",
+            vm.metadata.name, vm.status.phase
+        )));
+    }
+    let node = bound_node(&state, &vm).await?;
+    proxy::exec(&state, &node, &vm, &req).await.map(Json)
 }
 
 /// Placement constraints are checked like labels: bad keys or values are 422s.
