@@ -52,6 +52,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/agent/v1/dwcp", get(dwcp_endpoint))
         .route("/agent/v1/plan", post(plan))
         .route("/agent/v1/vms/{id}/disks/{disk}", get(disk_file))
+        .route("/agent/v1/vms/{id}/root-image", get(root_image))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_secret))
         .route("/agent/v1/healthz", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_revoked))
@@ -356,6 +357,35 @@ async fn disk_file(State(state): State<HttpState>, Path((id, disk)): Path<(Strin
     match tokio::fs::File::open(&path).await {
         Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
         Err(e) => error(StatusCode::NOT_FOUND, format!("Cannot open {disk}: {e}")),
+    }
+}
+
+/// A stopped VM's root disk as one standalone qcow2 (its image and
+/// overlay flattened): what a template is made of.
+async fn root_image(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    let Some(dir) = vm_dir(&state, &id) else {
+        return error(StatusCode::NOT_FOUND, format!("No VM {id:?} on this node"));
+    };
+    if dir.running_pid().is_some() || state.node.claims.is_claimed(&id) {
+        return error(
+            StatusCode::CONFLICT,
+            "The VM is running or migrating: templates are made of stopped VMs",
+        );
+    }
+    let flat = dir.path.join("template.qcow2.partial");
+    if let Err(e) = crate::qemu::flatten_disk(&dir.root_disk(), &flat).await {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, chain(&e).to_string());
+    }
+    let file = tokio::fs::File::open(&flat).await;
+    // Unlinked at once: the open file streams on, and nothing is left
+    // behind however the transfer ends.
+    let _ = tokio::fs::remove_file(&flat).await;
+    match file {
+        Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("Cannot open the flattened disk: {e}"),
+        ),
     }
 }
 

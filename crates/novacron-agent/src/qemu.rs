@@ -408,6 +408,50 @@ pub async fn create_disk(path: &Path, backing: Option<(&Path, &str)>, size_mib: 
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+/// Copies `src` and everything under it (its backing chain) into one
+/// standalone qcow2 at `dest`.
+pub async fn flatten_disk(src: &Path, dest: &Path) -> Result<(), QemuError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(src)
+        .arg(dest)
+        .output()
+        .await
+        .map_err(|source| QemuError::Spawn {
+            program: "qemu-img".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(dest);
+        return Err(QemuError::Img(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(())
+}
+
+/// A full clone's root disk: an independent copy of `base`, grown to
+/// `size_mib` when that is larger, created atomically.
+pub async fn copy_disk(path: &Path, base: &Path, size_mib: Option<u64>) -> Result<(), QemuError> {
+    let tmp = path.with_extension("qcow2.partial");
+    flatten_disk(base, &tmp).await?;
+    if let Some(size) = size_mib {
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "qcow2"])
+            .arg(&tmp)
+            .arg(format!("{size}M"))
+            .output()
+            .await
+            .map_err(|source| QemuError::Spawn {
+                program: "qemu-img".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(QemuError::Img(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

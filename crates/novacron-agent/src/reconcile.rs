@@ -522,7 +522,12 @@ pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<
                 let base = images.ensure(client, &image, ImagePart::Disk).await?;
                 let virtual_mib = image.status.virtual_size_bytes.div_ceil(1024 * 1024);
                 let size = vm.spec.disk_mib.filter(|s| *s > virtual_mib);
-                qemu::create_disk(&dir.root_disk(), Some((&base, &fmt.to_string())), size).await?;
+                if vm.spec.full_copy {
+                    tracing::info!(vm = %vm.metadata.name, image = %image.metadata.name, "copying the image for a full clone");
+                    qemu::copy_disk(&dir.root_disk(), &base, size).await?;
+                } else {
+                    qemu::create_disk(&dir.root_disk(), Some((&base, &fmt.to_string())), size).await?;
+                }
             }
         }
     }

@@ -171,10 +171,18 @@ pub fn seed_files(vm_id: &str, vm_name: &str, spec: Option<&CloudInitSpec>, nics
     });
     // The platform's part goes in vendor-data: user-data stays exactly what
     // the user gave, and overrides it where both speak.
-    let vendor = match &spec.password_hash {
-        Some(hash) => json!({ "password": hash, "chpasswd": { "expire": false } }),
-        None => json!({}),
-    };
+    // A clone's disk carries its template's machine id: each instance
+    // makes its own once (cloud-init makes the SSH host keys itself).
+    let mut vendor = json!({
+        "bootcmd": [[
+            "cloud-init-per", "instance", "novacron-machine-id", "sh", "-c",
+            "rm -f /etc/machine-id /var/lib/dbus/machine-id && systemd-machine-id-setup"
+        ]],
+    });
+    if let Some(hash) = &spec.password_hash {
+        vendor["password"] = json!(hash);
+        vendor["chpasswd"] = json!({ "expire": false });
+    }
     let network_config = (!nics.is_empty()).then(|| {
         let mut ethernets = serde_json::Map::new();
         for (i, nic) in nics.iter().enumerate() {
@@ -311,6 +319,7 @@ mod tests {
         let vendor = seed.vendor_data.strip_prefix("#cloud-config\n").expect("header");
         let vendor: serde_json::Value = serde_json::from_str(vendor).expect("vendor-data is JSON");
         assert_eq!(vendor["password"], "$6$s$h\"quoted");
+        assert_eq!(vendor["bootcmd"][0][2], "novacron-machine-id");
         let net: serde_json::Value =
             serde_json::from_str(seed.network_config.as_deref().expect("network-config")).expect("JSON");
         assert_eq!(net["version"], 2);

@@ -260,6 +260,39 @@ pub struct ImageSpec {
     /// Readable and usable by every project (set by all-project admins).
     #[serde(default)]
     pub public: bool,
+    /// Set on a template (`vm template`): the VM it was made of, stamped
+    /// onto every clone (`vm clone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<VmTemplate>,
+}
+
+/// What a clone of a template gets from the VM the template was made of.
+/// Addresses, MACs, host name and instance id are each clone's own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmTemplate {
+    /// The VM the template was made of.
+    pub source_vm: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
+    /// Networks of the source VM's NICs, in slot order.
+    #[serde(default)]
+    pub networks: Vec<String>,
+    /// The source VM's cloud-init settings, host name left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloudinit::CloudInitSpec>,
+}
+
+/// `POST /v1/vms/{name}/template`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct MakeTemplate {
+    /// Name of the template image (default: the VM's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -411,6 +444,10 @@ pub struct VmSpec {
     /// cloud-init settings for a disk-image VM (NoCloud seed); fixed at create.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<crate::cloudinit::CloudInitSpec>,
+    /// The root disk is an independent copy of the image (a full clone)
+    /// rather than an overlay on it (a linked clone, the default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_copy: bool,
 }
 
 pub fn default_stop_timeout() -> u32 {
@@ -438,6 +475,7 @@ impl VmSpec {
             cpu_model: None,
             nics: Vec::new(),
             cloud_init: None,
+            full_copy: false,
         }
     }
 }

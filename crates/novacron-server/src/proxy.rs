@@ -75,6 +75,27 @@ pub async fn exec(
     }
 }
 
+/// A stopped VM's root disk, flattened by its agent, as a byte stream.
+pub async fn root_image(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<reqwest::Response> {
+    let resp = state
+        .agents
+        .get(agent_url(node, vm, "root-image"))
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
+        .send()
+        .await
+        .map_err(|e| unreachable(node, e))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    let why = novacron_api::error::message_of(&text);
+    match status {
+        reqwest::StatusCode::CONFLICT => Err(ApiError::conflict(why)),
+        s => Err(ApiError::bad_gateway(format!("agent answered {s}: {why}"))),
+    }
+}
+
 /// Asks the source agent to predict a migration (`/agent/v1/plan`).
 pub async fn plan(state: &AppState, node: &Node, body: &PlanRequest) -> ApiResult<novacron_api::MigrationPlan> {
     let url = format!("{}/agent/v1/plan", node.spec.address.trim_end_matches('/'));

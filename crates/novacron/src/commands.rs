@@ -62,6 +62,34 @@ pub enum VmCommand {
     /// Add or remove a NIC (hot-plugged while the VM runs).
     #[command(subcommand)]
     Nic(crate::networks::NicCommand),
+    /// Make a template image of a stopped VM (its root disk, flattened, with
+    /// its hardware and cloud-init settings); the VM stays, stopped.
+    Template {
+        name: String,
+        /// Name of the template image (default: the VM's name).
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Create a VM from a template: a linked clone (an overlay on the
+    /// template, the default) or a full clone (an independent copy).
+    Clone {
+        template: String,
+        name: String,
+        /// An overlay on the template (instant; the template cannot be deleted while it is used).
+        #[arg(long, conflicts_with = "full")]
+        linked: bool,
+        /// An independent copy of the template's disk.
+        #[arg(long)]
+        full: bool,
+        /// Override the template's memory, e.g. 1GiB.
+        #[arg(long, value_parser = parse_mib)]
+        memory: Option<u64>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Wait until the VM is Running.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Run a command in the guest through its QEMU guest agent; prints its
     /// output and exits with its exit status.
     Exec {
@@ -407,6 +435,58 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             crate::console::attach(&c, target.tls()?.map(std::sync::Arc::new), &name).await
         }
         VmCommand::Logs { name, follow, tail } => logs(&c, &name, follow, tail).await,
+        VmCommand::Template { name, image } => {
+            let req = novacron_api::MakeTemplate { image };
+            let spinner = ProgressBar::new_spinner();
+            spinner.set_message(format!("flattening {name}'s disk into a template"));
+            spinner.enable_steady_tick(Duration::from_millis(200));
+            let made: Result<novacron_api::Image, _> = c.post_json(&format!("vms/{name}/template"), &req).await;
+            spinner.finish_and_clear();
+            crate::output::print_data(g.output, &made?)
+        }
+        VmCommand::Clone {
+            template,
+            name,
+            linked: _,
+            full,
+            memory,
+            vcpus,
+            wait,
+        } => {
+            let image: novacron_api::Image = c.get(&template).await?;
+            let Some(t) = image.spec.template.clone() else {
+                bail!("image {template:?} is not a template: make one with `novacron vm template VM`");
+            };
+            let req = CreateVm {
+                name: name.clone(),
+                project: Some(image.metadata.project.clone()),
+                labels: BTreeMap::new(),
+                // The clone has the source's NICs, no more.
+                no_default_network: true,
+                spec: VmSpec {
+                    machine: t.machine,
+                    cpu_model: t.cpu_model,
+                    nics: t.networks.iter().map(|n| novacron_api::NicSpec::on(n)).collect(),
+                    cloud_init: t.cloud_init,
+                    full_copy: full,
+                    ..VmSpec::new(&template, vcpus.unwrap_or(t.vcpus), memory.unwrap_or(t.memory_mib))
+                },
+            };
+            let vm = c.create_vm(&req).await?;
+            let vm = if wait {
+                wait_phase(
+                    &c,
+                    &name,
+                    VmPhase::Running,
+                    vm.metadata.generation,
+                    Duration::from_secs(600),
+                )
+                .await?
+            } else {
+                vm
+            };
+            output::vm(g.output, &vm)
+        }
         VmCommand::Exec { name, timeout, command } => {
             let req = novacron_api::ExecRequest {
                 command,

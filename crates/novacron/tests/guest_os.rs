@@ -34,10 +34,15 @@ fn debian_image() -> PathBuf {
 /// A cluster of one host (a namespace, so the VM network is reachable
 /// from it) with the Debian image and a DHCP network `lan`.
 async fn debian_cluster() -> Cluster {
+    debian_cluster_sized(4).await
+}
+
+async fn debian_cluster_sized(vcpus: u32) -> Cluster {
     let c = Cluster::start(Options {
         agents: 1,
         netns: true,
         agent_memory: "4GiB",
+        agent_vcpus: vcpus,
         ..Default::default()
     })
     .await;
@@ -202,4 +207,100 @@ async fn debian_guest_is_configured_by_cloud_init_and_answers_ssh() {
         agent_log.contains("asked its guest agent to shut down"),
         "ACPI alone stopped it"
     );
+}
+
+/// The source VM's identity as seen inside: host name, machine id, SSH host key.
+const IDENTITY: &str = "cloud-init status --wait >/dev/null; hostname; cat /etc/machine-id; cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub";
+
+#[tokio::test]
+async fn linked_clones_of_a_template_boot_as_distinct_machines() {
+    let c = debian_cluster_sized(8).await;
+    let key = ssh_key(&c, "id_clone");
+    let pubkey = format!("{}.pub", key.display());
+    ok(c.cli(&[
+        "vm",
+        "create",
+        "base",
+        "--image",
+        "debian",
+        "--memory",
+        "256MiB",
+        "--network",
+        "lan",
+        "--ssh-key",
+        &pubkey,
+    ])
+    .output()
+    .expect("cli"));
+    let base = c.wait_phase("base", VmPhase::Running, guestnet::BOOT).await;
+    let base_ip = base.spec.nics[0].ip.clone().expect("address");
+    let base_id = ssh_when_up(&c, &key, "base", &base_ip, IDENTITY).await;
+    // A template is made of a stopped VM only.
+    let running = c
+        .cli(&["vm", "template", "base", "--image", "base-tpl"])
+        .output()
+        .expect("cli");
+    assert!(!running.status.success(), "a running VM became a template");
+    ok(c.cli(&["vm", "stop", "base"]).output().expect("cli"));
+    c.wait_phase("base", VmPhase::Stopped, Duration::from_secs(120)).await;
+    ok(c.cli(&["vm", "template", "base", "--image", "base-tpl"])
+        .output()
+        .expect("cli"));
+
+    let names: Vec<String> = (1..=5).map(|i| format!("clone-{i}")).collect();
+    for name in &names {
+        ok(c.cli(&["vm", "clone", "base-tpl", name, "--linked"])
+            .output()
+            .expect("cli"));
+    }
+    let mut seen = vec![base_id.clone()];
+    let (mut ips, mut macs) = (vec![base_ip], Vec::new());
+    for name in &names {
+        let vm = c.wait_phase(name, VmPhase::Running, SSH_UP).await;
+        let ip = vm.spec.nics[0].ip.clone().expect("address");
+        macs.push(vm.spec.nics[0].mac.clone().expect("mac"));
+        let id = ssh_when_up(&c, &key, name, &ip, IDENTITY).await;
+        assert_eq!(id.lines().next(), Some(name.as_str()), "{id}");
+        ips.push(ip);
+        seen.push(id);
+    }
+    // Every line of every identity (host name, machine id, host key) is its own.
+    for line in 0..3 {
+        let values: std::collections::HashSet<&str> = seen.iter().filter_map(|id| id.lines().nth(line)).collect();
+        assert_eq!(values.len(), seen.len(), "identity line {line} repeats: {seen:?}");
+    }
+    for list in [&ips, &macs] {
+        let distinct: std::collections::HashSet<&String> = list.iter().collect();
+        assert_eq!(distinct.len(), list.len(), "{list:?}");
+    }
+    // The template is in use: it cannot go.
+    let refused = c.cli(&["image", "delete", "base-tpl"]).output().expect("cli");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("used by"),
+        "{refused:?}"
+    );
+
+    // A full clone owns its disk: no backing file.
+    for name in &names {
+        ok(c.cli(&["vm", "delete", name]).output().expect("cli"));
+    }
+    ok(
+        c.cli(&["vm", "clone", "base-tpl", "full-1", "--full", "--memory", "128MiB"])
+            .output()
+            .expect("cli"),
+    );
+    let full = c.wait_phase("full-1", VmPhase::Running, SSH_UP).await;
+    let disk = c
+        .dir
+        .path()
+        .join("node-1/vms")
+        .join(&full.metadata.id)
+        .join("root.qcow2");
+    let info = ok(std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&disk)
+        .output()
+        .expect("qemu-img"));
+    assert!(!info.contains("backing-filename"), "{info}");
 }

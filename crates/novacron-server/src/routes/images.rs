@@ -86,6 +86,7 @@ async fn create_image(
             format: req.format,
             kernel_args: req.kernel_args,
             public: req.public,
+            template: None,
         },
         status: ImageStatus::default(),
     };
@@ -128,7 +129,7 @@ async fn delete_image(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn image_dir(state: &AppState, image: &Image) -> PathBuf {
+pub(super) fn image_dir(state: &AppState, image: &Image) -> PathBuf {
     state.images_dir().join(&image.metadata.id)
 }
 
@@ -195,7 +196,14 @@ async fn upload_image_file(
 ) -> ApiResult<Json<Image>> {
     let image = find_authorized::<Image>(&state, &p, &name, Verb::Create).await?;
     let part = parse_part(&image, &part)?;
-    let dir = image_dir(&state, &image);
+    store_file(&state, &image, part, body).await.map(Json)
+}
+
+/// Receives one file of an image, checks it, and records it; the image is
+/// Ready once it has every file its format needs. A failed or interrupted
+/// transfer leaves no file behind.
+pub(super) async fn store_file(state: &AppState, image: &Image, part: ImagePart, body: Body) -> ApiResult<Image> {
+    let dir = image_dir(state, image);
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| ApiError::internal("Cannot create image directory", &e))?;
@@ -247,7 +255,7 @@ async fn upload_image_file(
         })
         .await?;
     tracing::info!(image = %image.metadata.name, part = part.as_str(), size, "image file stored");
-    Ok(Json(image))
+    Ok(image)
 }
 
 async fn receive(body: Body, path: &std::path::Path) -> ApiResult<(u64, String)> {

@@ -11,6 +11,7 @@ pub mod pki;
 pub mod projects;
 pub mod scheduler;
 pub mod security_groups;
+pub mod templates;
 pub mod vm_nics;
 pub mod vms;
 

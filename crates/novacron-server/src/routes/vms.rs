@@ -81,6 +81,15 @@ async fn create_vm(
             format!("image {:?} is still uploading", req.spec.image),
         ));
     }
+    if req.spec.full_copy && image.spec.format == novacron_api::ImageFormat::Kernel {
+        return Err(ApiError::invalid(
+            "spec.full_copy",
+            format!(
+                "image {:?} boots a kernel directly and has no disk to copy",
+                req.spec.image
+            ),
+        ));
+    }
     if req.spec.cloud_init.is_some() && image.spec.format == novacron_api::ImageFormat::Kernel {
         return Err(ApiError::invalid(
             "spec.cloud_init",
@@ -546,7 +555,7 @@ pub(crate) fn validate_placement(p: &novacron_api::Placement) -> ApiResult<()> {
     Ok(())
 }
 
-async fn refuse_while_migrating(state: &AppState, vm: &str) -> ApiResult<()> {
+pub(super) async fn refuse_while_migrating(state: &AppState, vm: &str) -> ApiResult<()> {
     match super::migrations::active_migration(state, vm).await? {
         Some(m) => Err(ApiError::conflict(format!(
             "VM {vm:?} is being migrated by {:?}; cancel it first",
@@ -556,7 +565,7 @@ async fn refuse_while_migrating(state: &AppState, vm: &str) -> ApiResult<()> {
     }
 }
 
-async fn bound_node(state: &AppState, vm: &Vm) -> ApiResult<Node> {
+pub(super) async fn bound_node(state: &AppState, vm: &Vm) -> ApiResult<Node> {
     let Some(node) = vm.status.node.as_deref() else {
         return Err(ApiError::conflict(format!(
             "VM {:?} is not placed on a node yet",

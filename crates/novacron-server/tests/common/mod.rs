@@ -319,6 +319,7 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("GET", "/v1/vms/{name}/logs", "YYYYYYYY", "YnnnYnYY"),
     ("GET", "/v1/vms/{name}/console", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/vms/{name}/exec", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/template", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/vms/{name}/nics", "YYYnnnnn", "Ynnnnnnn"),
     ("DELETE", "/v1/vms/{name}/nics/{nic}", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/images", "YYYYYnYY", "YYYYYnYY"),
@@ -419,6 +420,7 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         ("POST", "/v1/images") => Some(json!({"name": fresh, "project": p, "format": "kernel"})),
         ("POST", "/v1/vms/{name}/nics") => Some(json!({"network": format!("net-{p}")})),
         ("POST", "/v1/vms/{name}/exec") => Some(json!({"command": ["true"]})),
+        ("POST", "/v1/vms/{name}/template") => Some(json!({})),
         ("POST", "/v1/security-groups") => Some(json!({"name": fresh, "project": p})),
         ("PUT", "/v1/security-groups/{name}") => Some(json!({"rules": []})),
         // A subnet of its own for every create that goes through.
