@@ -190,8 +190,9 @@ extract_kernel() {
 }
 
 # ---------------------------------------------------------------- inputs hash
+# guest/debian/ belongs to scripts/build-debian-image.sh.
 guest_files() {
-	(cd "$GUEST_DIR" && find . -type f -o -type l) | LC_ALL=C sort
+	(cd "$GUEST_DIR" && find . -path ./debian -prune -o \( -type f -o -type l \) -print) | LC_ALL=C sort
 }
 
 inputs_hash() {

@@ -177,22 +177,28 @@ pub async fn keep_polling(node: Arc<NodeContext>) {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        for id in ids {
-            let dir = node.vm_dir(&id);
-            // A migration owns the QEMU (and pauses it at the end): leave it be.
-            if !dir.guest_agent().exists() || node.claims.is_claimed(&id) {
-                node.guests.forget(&id);
-                continue;
-            }
-            match node.guests.ask(&id, &dir).await {
-                Ok(info) => {
-                    node.guests.info.lock().insert(id, info);
-                }
-                Err(e) => {
-                    tracing::trace!(vm_id = %id, error = %e, "guest agent does not answer");
+        // All at once: a guest whose agent does not answer (paused, still
+        // booting, none installed) costs its timeout, not everyone's.
+        let asks = ids.into_iter().map(|id| {
+            let node = node.clone();
+            async move {
+                let dir = node.vm_dir(&id);
+                // A migration owns the QEMU (and pauses it at the end): leave it be.
+                if !dir.guest_agent().exists() || node.claims.is_claimed(&id) {
                     node.guests.forget(&id);
+                    return;
+                }
+                match node.guests.ask(&id, &dir).await {
+                    Ok(info) => {
+                        node.guests.info.lock().insert(id, info);
+                    }
+                    Err(e) => {
+                        tracing::trace!(vm_id = %id, error = %e, "guest agent does not answer");
+                        node.guests.forget(&id);
+                    }
                 }
             }
-        }
+        });
+        futures::future::join_all(asks).await;
     }
 }

@@ -86,7 +86,10 @@ pub enum VmCommand {
         memory: Option<u64>,
         #[arg(long)]
         vcpus: Option<u32>,
-        /// Wait until the VM is Running.
+        /// Start QEMU with the vCPUs paused (`vm resume` runs the guest).
+        #[arg(long)]
+        paused: bool,
+        /// Wait until the VM is Running (Paused with --paused).
         #[arg(long)]
         wait: bool,
     },
@@ -329,6 +332,13 @@ pub enum ImageCommand {
     },
     /// Delete an image no VM uses.
     Delete { name: String },
+    /// Download an image's disk (or `--part kernel|initrd`) to FILE.
+    Export {
+        name: String,
+        file: PathBuf,
+        #[arg(long, default_value = "disk")]
+        part: String,
+    },
 }
 
 pub fn client(g: &Global) -> Result<Client> {
@@ -451,6 +461,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             full,
             memory,
             vcpus,
+            paused,
             wait,
         } => {
             let image: novacron_api::Image = c.get(&template).await?;
@@ -469,19 +480,18 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
                     nics: t.networks.iter().map(|n| novacron_api::NicSpec::on(n)).collect(),
                     cloud_init: t.cloud_init,
                     full_copy: full,
+                    power_state: if paused {
+                        PowerState::Paused
+                    } else {
+                        PowerState::Running
+                    },
                     ..VmSpec::new(&template, vcpus.unwrap_or(t.vcpus), memory.unwrap_or(t.memory_mib))
                 },
             };
             let vm = c.create_vm(&req).await?;
+            let want = if paused { VmPhase::Paused } else { VmPhase::Running };
             let vm = if wait {
-                wait_phase(
-                    &c,
-                    &name,
-                    VmPhase::Running,
-                    vm.metadata.generation,
-                    Duration::from_secs(600),
-                )
-                .await?
+                wait_phase(&c, &name, want, vm.metadata.generation, Duration::from_secs(600)).await?
             } else {
                 vm
             };
@@ -651,6 +661,7 @@ pub async fn image(g: &Global, cmd: ImageCommand) -> Result<()> {
             })
             .await
         }
+        ImageCommand::Export { name, file, part } => export_image(&c, &name, &file, &part).await,
         ImageCommand::Delete { name } => {
             c.delete::<Image>(&name).await?;
             println!("image {name:?} deleted");
@@ -773,6 +784,59 @@ pub async fn import(
         }
     }
     image.context("no file uploaded")
+}
+
+/// Streams one file of an image to `path` (via `path.partial`, checked
+/// against the image's SHA-256 before it takes the name).
+async fn export_image(c: &Client, name: &str, path: &Path, part: &str) -> Result<()> {
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let part = ImagePart::parse(part).with_context(|| format!("unknown part {part:?} (disk, kernel, initrd)"))?;
+    let image: Image = c.get(name).await?;
+    let file = image
+        .file(part)
+        .with_context(|| format!("image {name:?} has no {} file", part.as_str()))?
+        .clone();
+    let partial = path.with_extension("partial");
+    let bar = ProgressBar::new(file.size_bytes);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("downloading {}", part.as_str()));
+    let result = async {
+        let mut out = tokio::fs::File::create(&partial)
+            .await
+            .with_context(|| format!("Cannot create {}", partial.display()))?;
+        let mut stream = c.download_image_part(name, part).await?;
+        let mut hasher = sha2::Sha256::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            bar.inc(chunk.len() as u64);
+            out.write_all(&chunk).await?;
+        }
+        out.sync_all().await?;
+        let got = hex::encode(hasher.finalize());
+        if got != file.sha256 {
+            bail!("downloaded file has SHA-256 {got}, the image's is {}", file.sha256);
+        }
+        tokio::fs::rename(&partial, path).await?;
+        Ok(())
+    }
+    .await;
+    bar.finish_and_clear();
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&partial).await;
+    }
+    result?;
+    println!(
+        "image {name:?} {} saved to {} ({} bytes)",
+        part.as_str(),
+        path.display(),
+        file.size_bytes
+    );
+    Ok(())
 }
 
 async fn migrate(g: &Global, c: &Client, a: MigrateArgs) -> Result<()> {

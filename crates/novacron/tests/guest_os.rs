@@ -273,6 +273,20 @@ async fn linked_clones_of_a_template_boot_as_distinct_machines() {
         let distinct: std::collections::HashSet<&String> = list.iter().collect();
         assert_eq!(distinct.len(), list.len(), "{list:?}");
     }
+    // The template exports as a standalone qcow2 (the CLI checks its SHA-256).
+    let exported = c.dir.path().join("base-tpl.qcow2");
+    ok(c.cli(&["image", "export", "base-tpl", &exported.display().to_string()])
+        .output()
+        .expect("cli"));
+    let info = ok(std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&exported)
+        .output()
+        .expect("qemu-img"));
+    assert!(
+        info.contains("\"format\": \"qcow2\"") && !info.contains("backing-filename"),
+        "{info}"
+    );
     // The template is in use: it cannot go.
     let refused = c.cli(&["image", "delete", "base-tpl"]).output().expect("cli");
     assert!(!refused.status.success());
