@@ -45,6 +45,8 @@ pub enum GuestError {
     Output,
     #[error("No command given")]
     EmptyCommand,
+    #[error("The guest agent is busy with another request")]
+    Busy,
 }
 
 impl Guests {
@@ -125,10 +127,13 @@ impl Guests {
         }
     }
 
-    /// One report from `dir`'s guest agent.
+    /// One report from `dir`'s guest agent; `Busy` while a command runs
+    /// in the guest (the last report stands meanwhile).
     async fn ask(&self, vm_id: &str, dir: &VmDir) -> Result<GuestInfo, GuestError> {
         let lock = self.lock_of(vm_id);
-        let _one = lock.lock().await;
+        let Ok(_one) = lock.try_lock() else {
+            return Err(GuestError::Busy);
+        };
         let mut agent = connect(dir).await?;
         let os = agent.run(&GetOsInfo).await.map_err(GuestError::Agent)?;
         let host = agent.run(&GetHostName).await.map_err(GuestError::Agent)?;
@@ -192,6 +197,7 @@ pub async fn keep_polling(node: Arc<NodeContext>) {
                     Ok(info) => {
                         node.guests.info.lock().insert(id, info);
                     }
+                    Err(GuestError::Busy) => {}
                     Err(e) => {
                         tracing::trace!(vm_id = %id, error = %e, "guest agent does not answer");
                         node.guests.forget(&id);

@@ -133,7 +133,11 @@ async fn exec(
     match state.node.guests.exec(&id, &dir, &req.command, req.timeout()).await {
         Ok(out) => Json(out).into_response(),
         Err(
-            e @ (GuestError::NotRunning | GuestError::NoAgent(_) | GuestError::Agent(_) | GuestError::EmptyCommand),
+            e @ (GuestError::NotRunning
+            | GuestError::NoAgent(_)
+            | GuestError::Agent(_)
+            | GuestError::EmptyCommand
+            | GuestError::Busy),
         ) => error(StatusCode::CONFLICT, chain(&e).to_string()),
         Err(e @ GuestError::Timeout(_)) => error(StatusCode::GATEWAY_TIMEOUT, chain(&e).to_string()),
         Err(e @ GuestError::Output) => error(StatusCode::BAD_GATEWAY, chain(&e).to_string()),

@@ -456,6 +456,7 @@ pub struct LogsQuery {
 /// The VM's serial console output.
 #[utoipa::path(get, path = "/v1/vms/{name}/logs", tag = "vms", params(("name" = String, Path), LogsQuery),
     responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = novacron_api::ErrorBody),
+        (status = 409, description = "The VM is not placed on a node yet", body = novacron_api::ErrorBody),
         (status = 502, description = "The VM's agent failed to answer", body = novacron_api::ErrorBody),
         (status = 503, description = "The VM is not placed, or its agent cannot be reached", body = novacron_api::ErrorBody)))]
 async fn vm_logs(
