@@ -145,9 +145,6 @@ pub struct LaunchSpec {
     /// cloud-init seed, attached as a read-only CD-ROM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<PathBuf>,
-    /// A virtio-serial port for the QEMU guest agent (disk-image guests).
-    #[serde(default)]
-    pub guest_agent: bool,
     /// Start with vCPUs paused.
     pub paused: bool,
     /// Wait for an incoming migration (`-incoming defer`).
@@ -279,7 +276,8 @@ impl LaunchSpec {
             a.push("-device".into());
             a.push(format!("ide-cd,drive={SEED_NODE},id={SEED_NODE}-dev"));
         }
-        if self.guest_agent {
+        // Disk-image guests (those with a seed) get a port for their guest agent.
+        if self.seed.is_some() {
             a.extend([
                 "-chardev".into(),
                 format!("socket,id=qga0,path={},server=on,wait=off", p(&dir.guest_agent())),
@@ -384,37 +382,10 @@ pub async fn wait_gone(pid: u32, dir: &VmDir, timeout: Duration) -> bool {
     true
 }
 
-/// Creates a qcow2 disk atomically: an overlay of `backing` (with its format),
-/// or blank when `backing` is None.
-pub async fn create_disk(path: &Path, backing: Option<(&Path, &str)>, size_mib: Option<u64>) -> Result<(), QemuError> {
-    let tmp = path.with_extension("qcow2.partial");
-    let mut cmd = tokio::process::Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2"]);
-    if let Some((base, fmt)) = backing {
-        cmd.arg("-F").arg(fmt).arg("-b").arg(base);
-    }
-    cmd.arg(&tmp);
-    if let Some(size) = size_mib {
-        cmd.arg(format!("{size}M"));
-    }
-    let out = cmd.output().await.map_err(|source| QemuError::Spawn {
-        program: "qemu-img".into(),
-        source,
-    })?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(QemuError::Img(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-    }
-    std::fs::rename(&tmp, path).map_err(io_err(path))
-}
-
-/// Copies `src` and everything under it (its backing chain) into one
-/// standalone qcow2 at `dest`.
-pub async fn flatten_disk(src: &Path, dest: &Path) -> Result<(), QemuError> {
+/// Runs `qemu-img ARGS`; on failure removes `partial` (what it was writing).
+async fn qemu_img(args: &[&std::ffi::OsStr], partial: &Path) -> Result<(), QemuError> {
     let out = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-O", "qcow2"])
-        .arg(src)
-        .arg(dest)
+        .args(args)
         .output()
         .await
         .map_err(|source| QemuError::Spawn {
@@ -422,10 +393,48 @@ pub async fn flatten_disk(src: &Path, dest: &Path) -> Result<(), QemuError> {
             source,
         })?;
     if !out.status.success() {
-        let _ = std::fs::remove_file(dest);
+        let _ = std::fs::remove_file(partial);
         return Err(QemuError::Img(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
     Ok(())
+}
+
+/// Creates a qcow2 disk atomically: an overlay of `backing` (with its format),
+/// or blank when `backing` is None.
+pub async fn create_disk(path: &Path, backing: Option<(&Path, &str)>, size_mib: Option<u64>) -> Result<(), QemuError> {
+    let tmp = path.with_extension("qcow2.partial");
+    let size = size_mib.map(|s| format!("{s}M"));
+    let mut args: Vec<&std::ffi::OsStr> = ["create", "-q", "-f", "qcow2"].map(std::ffi::OsStr::new).to_vec();
+    if let Some((base, fmt)) = &backing {
+        args.extend([
+            std::ffi::OsStr::new("-F"),
+            fmt.as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+        ]);
+    }
+    args.push(tmp.as_os_str());
+    if let Some(size) = &size {
+        args.push(size.as_ref());
+    }
+    qemu_img(&args, &tmp).await?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Copies `src` and everything under it (its backing chain) into one
+/// standalone qcow2 at `dest`.
+pub async fn flatten_disk(src: &Path, dest: &Path) -> Result<(), QemuError> {
+    qemu_img(
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            src.as_os_str(),
+            dest.as_os_str(),
+        ],
+        dest,
+    )
+    .await
 }
 
 /// A full clone's root disk: an independent copy of `base`, grown to
@@ -434,20 +443,19 @@ pub async fn copy_disk(path: &Path, base: &Path, size_mib: Option<u64>) -> Resul
     let tmp = path.with_extension("qcow2.partial");
     flatten_disk(base, &tmp).await?;
     if let Some(size) = size_mib {
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["resize", "-q", "-f", "qcow2"])
-            .arg(&tmp)
-            .arg(format!("{size}M"))
-            .output()
-            .await
-            .map_err(|source| QemuError::Spawn {
-                program: "qemu-img".into(),
-                source,
-            })?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(QemuError::Img(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-        }
+        let size = format!("{size}M");
+        qemu_img(
+            &[
+                "resize".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                tmp.as_os_str(),
+                size.as_ref(),
+            ],
+            &tmp,
+        )
+        .await?;
     }
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
@@ -470,7 +478,6 @@ mod tests {
             root_disk: dir.root_disk(),
             data_disk: Some(dir.data_disk()),
             seed: Some(dir.seed()),
-            guest_agent: true,
             paused: false,
             incoming: false,
             nics: vec![crate::network::AttachedNic {

@@ -558,7 +558,6 @@ pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<
         kernel,
         root_disk: dir.root_disk(),
         data_disk,
-        guest_agent: seed.is_some(),
         seed,
         paused: vm.spec.power_state == PowerState::Paused,
         incoming: false,

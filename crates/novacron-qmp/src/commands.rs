@@ -38,6 +38,7 @@ macro_rules! no_args {
         )+
     };
 }
+pub(crate) use no_args;
 
 no_args! {
     /// Leaves capability negotiation mode (the first command of a session).

@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+use crate::commands::no_args;
+
 use crate::commands::Command;
 use crate::QmpError;
 
@@ -27,13 +29,7 @@ impl GuestAgent {
     /// Connects and synchronises; fails with a timeout when no agent runs
     /// in the guest (QEMU accepts the connection regardless).
     pub async fn connect(path: &Path, timeout: Duration) -> Result<GuestAgent, QmpError> {
-        let stream = tokio::time::timeout(timeout, UnixStream::connect(path))
-            .await
-            .map_err(|_| QmpError::Timeout("connect".into()))?
-            .map_err(|source| QmpError::Connect {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let stream = crate::connect_socket(path, timeout).await?;
         let mut agent = GuestAgent {
             stream: BufReader::new(stream),
             timeout,
@@ -129,6 +125,14 @@ impl GuestAgent {
     }
 }
 
+no_args! {
+    GetOsInfo = "guest-get-osinfo" -> OsInfo;
+    GetHostName = "guest-get-host-name" -> HostName;
+    NetworkGetInterfaces = "guest-network-get-interfaces" -> Vec<GuestInterface>;
+    /// Powerdown: the agent asks the guest OS to shut down.
+    Shutdown = "guest-shutdown" -> Value;
+}
+
 /// Not for security: only tells this session's sync reply from stale ones.
 fn rand_u16() -> u16 {
     let nanos = std::time::SystemTime::now()
@@ -136,14 +140,6 @@ fn rand_u16() -> u16 {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     (nanos ^ (nanos >> 16)) as u16
-}
-
-/// `guest-get-osinfo`
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct GetOsInfo;
-impl Command for GetOsInfo {
-    const NAME: &'static str = "guest-get-osinfo";
-    type Reply = OsInfo;
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -159,26 +155,10 @@ pub struct OsInfo {
     pub kernel_release: Option<String>,
 }
 
-/// `guest-get-host-name`
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct GetHostName;
-impl Command for GetHostName {
-    const NAME: &'static str = "guest-get-host-name";
-    type Reply = HostName;
-}
-
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct HostName {
     #[serde(rename = "host-name")]
     pub host_name: String,
-}
-
-/// `guest-network-get-interfaces`
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct NetworkGetInterfaces;
-impl Command for NetworkGetInterfaces {
-    const NAME: &'static str = "guest-network-get-interfaces";
-    type Reply = Vec<GuestInterface>;
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -195,14 +175,6 @@ pub struct GuestIpAddress {
     #[serde(rename = "ip-address")]
     pub ip_address: String,
     pub prefix: u8,
-}
-
-/// `guest-shutdown` (powerdown): the agent asks the guest OS to shut down.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Shutdown;
-impl Command for Shutdown {
-    const NAME: &'static str = "guest-shutdown";
-    type Reply = Value;
 }
 
 /// `guest-exec`: starts a program in the guest, output captured.

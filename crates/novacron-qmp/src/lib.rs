@@ -119,15 +119,7 @@ impl Drop for Qmp {
 impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
-        let connect = UnixStream::connect(path);
-        let stream = tokio::time::timeout(timeout, connect)
-            .await
-            .map_err(|_| QmpError::Timeout("connect".into()))?
-            .map_err(|source| QmpError::Connect {
-                path: path.display().to_string(),
-                source,
-            })?;
-        let (read, write) = stream.into_split();
+        let (read, write) = connect_socket(path, timeout).await?.into_split();
         let mut lines = BufReader::new(read).lines();
         let greeting = tokio::time::timeout(timeout, lines.next_line())
             .await
@@ -319,6 +311,17 @@ async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> 
 }
 
 /// A command's `return` value as its reply type, or the error that quotes it.
+/// Connects to a QEMU unix socket (QMP, guest agent) within `timeout`.
+async fn connect_socket(path: &Path, timeout: Duration) -> Result<UnixStream, QmpError> {
+    tokio::time::timeout(timeout, UnixStream::connect(path))
+        .await
+        .map_err(|_| QmpError::Timeout("connect".into()))?
+        .map_err(|source| QmpError::Connect {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
 fn parse_reply<R: serde::de::DeserializeOwned>(command: &str, reply: Value) -> Result<R, QmpError> {
     R::deserialize(&reply).map_err(|source| QmpError::UnexpectedReply {
         command: command.to_string(),

@@ -65,13 +65,21 @@ pub async fn exec(
         .map_err(|e| unreachable(node, e))?;
     let status = resp.status();
     let text = resp.text().await.map_err(|e| unreachable(node, e))?;
-    let why = || novacron_api::error::message_of(&text);
+    if !status.is_success() {
+        return Err(refused_by_agent(status, &text));
+    }
+    serde_json::from_str(&text).map_err(|e| ApiError::bad_gateway(format!("bad exec result from the agent: {e}")))
+}
+
+/// What the server answers when an agent refused a call about a VM: the
+/// VM's state is wrong (409), the call took too long (504), or the agent
+/// failed (502); with the agent's own message.
+fn refused_by_agent(status: reqwest::StatusCode, body: &str) -> ApiError {
+    let why = novacron_api::error::message_of(body);
     match status {
-        s if s.is_success() => serde_json::from_str(&text)
-            .map_err(|e| ApiError::bad_gateway(format!("bad exec result from the agent: {e}"))),
-        reqwest::StatusCode::CONFLICT | reqwest::StatusCode::NOT_FOUND => Err(ApiError::conflict(why())),
-        reqwest::StatusCode::GATEWAY_TIMEOUT => Err(ApiError::gateway_timeout(why())),
-        s => Err(ApiError::bad_gateway(format!("agent answered {s}: {}", why()))),
+        reqwest::StatusCode::CONFLICT | reqwest::StatusCode::NOT_FOUND => ApiError::conflict(why),
+        reqwest::StatusCode::GATEWAY_TIMEOUT => ApiError::gateway_timeout(why),
+        s => ApiError::bad_gateway(format!("agent answered {s}: {why}")),
     }
 }
 
@@ -89,11 +97,7 @@ pub async fn root_image(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<req
         return Ok(resp);
     }
     let text = resp.text().await.unwrap_or_default();
-    let why = novacron_api::error::message_of(&text);
-    match status {
-        reqwest::StatusCode::CONFLICT => Err(ApiError::conflict(why)),
-        s => Err(ApiError::bad_gateway(format!("agent answered {s}: {why}"))),
-    }
+    Err(refused_by_agent(status, &text))
 }
 
 /// Asks the source agent to predict a migration (`/agent/v1/plan`).
