@@ -53,6 +53,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/agent/v1/plan", post(plan))
         .route("/agent/v1/vms/{id}/disks/{disk}", get(disk_file))
         .route("/agent/v1/vms/{id}/root-image", get(root_image))
+        .route(
+            "/agent/v1/volumes/{id}",
+            get(pooled_volume).delete(delete_pooled_volume),
+        )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_secret))
         .route("/agent/v1/healthz", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_revoked))
@@ -346,10 +350,8 @@ async fn disk_file(State(state): State<HttpState>, Path((id, disk)): Path<(Strin
     let Some(dir) = vm_dir(&state, &id) else {
         return error(StatusCode::NOT_FOUND, format!("No VM {id:?} on this node"));
     };
-    let path = match disk.as_str() {
-        "root" => dir.root_disk(),
-        "data" => dir.data_disk(),
-        _ => return error(StatusCode::NOT_FOUND, format!("No disk {disk:?}")),
+    let Some(path) = dir.disk_file(&disk) else {
+        return error(StatusCode::NOT_FOUND, format!("No disk {disk:?}"));
     };
     // A running QEMU changes the file under us: only stopped VMs are copied.
     if dir.running_pid().is_some() {
@@ -361,6 +363,41 @@ async fn disk_file(State(state): State<HttpState>, Path((id, disk)): Path<(Strin
     match tokio::fs::File::open(&path).await {
         Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
         Err(e) => error(StatusCode::NOT_FOUND, format!("Cannot open {disk}: {e}")),
+    }
+}
+
+/// The disk of a detached volume in this node's pool, for the agent of the
+/// VM it is being attached to.
+async fn pooled_volume(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    if !novacron_api::volume::valid_id(&id) {
+        return error(StatusCode::NOT_FOUND, format!("No volume {id:?}"));
+    }
+    match tokio::fs::File::open(crate::volumes::pool_file(&state.node, &id)).await {
+        Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
+        Err(e) => error(
+            StatusCode::NOT_FOUND,
+            format!("Volume {id:?} is not in this node's pool: {e}"),
+        ),
+    }
+}
+
+/// Deletes a detached volume's disk from this node's pool (the volume was
+/// deleted, or its data now lives on another node). Deleting what is not
+/// there succeeds: the caller wants it gone.
+async fn delete_pooled_volume(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    if !novacron_api::volume::valid_id(&id) {
+        return error(StatusCode::NOT_FOUND, format!("No volume {id:?}"));
+    }
+    match std::fs::remove_file(crate::volumes::pool_file(&state.node, &id)) {
+        Ok(()) => {
+            tracing::info!(volume_id = %id, "volume disk deleted from the pool");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("Cannot delete volume {id:?}: {e}"),
+        ),
     }
 }
 

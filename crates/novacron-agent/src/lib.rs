@@ -14,9 +14,11 @@ mod images;
 mod migration;
 pub mod network;
 mod node;
+mod peers;
 pub mod qemu;
 mod reconcile;
 mod seed;
+mod volumes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -224,6 +226,8 @@ pub async fn run(
         qemu: cfg.qemu.clone(),
         accel: accel.clone(),
         vms_root: vms_root.clone(),
+        volumes_root: cfg.data_dir.join("volumes"),
+        peers: peer_http()?,
         images,
         client: client.clone(),
         secret: secret.clone(),
@@ -563,6 +567,8 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             accel: "tcg".into(),
             images: Arc::new(images::ImageCache::new(vms_root.join("images"))),
+            volumes_root: vms_root.join("volumes"),
+            peers: reqwest::Client::new(),
             vms_root,
             client,
             secret: Arc::default(),

@@ -21,6 +21,10 @@ pub struct NodeContext {
     pub accel: String,
     /// Where each VM's directory lives.
     pub vms_root: PathBuf,
+    /// The pool of detached volumes kept here (crate::volumes).
+    pub volumes_root: PathBuf,
+    /// Calls to other agents (fetching a volume).
+    pub peers: reqwest::Client,
     pub images: Arc<ImageCache>,
     pub client: Client,
     /// The secret the server and peer agents present (unset until registered).

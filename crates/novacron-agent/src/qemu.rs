@@ -85,6 +85,50 @@ impl VmDir {
     pub fn data_disk(&self) -> PathBuf {
         self.path.join("data.qcow2")
     }
+    /// An attached volume's disk (crate::volumes).
+    pub fn volume(&self, id: &str) -> PathBuf {
+        self.path.join(format!("vol-{id}.qcow2"))
+    }
+    /// Ids of the volumes whose disks are in this directory.
+    pub fn volume_ids(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let id = name.strip_prefix("vol-")?.strip_suffix(".qcow2")?;
+                novacron_api::volume::valid_id(id).then(|| id.to_string())
+            })
+            .collect()
+    }
+    /// A disk by the name a cold migration gives it: `root`, `data` or
+    /// `vol-ID`.
+    pub fn disk_file(&self, name: &str) -> Option<PathBuf> {
+        match name {
+            "root" => Some(self.root_disk()),
+            "data" => Some(self.data_disk()),
+            _ => name
+                .strip_prefix("vol-")
+                .filter(|id| novacron_api::volume::valid_id(id))
+                .map(|id| self.volume(id)),
+        }
+    }
+    /// Every disk file present, named as [`Self::disk_file`] reads them.
+    pub fn disk_files(&self) -> Vec<(String, PathBuf)> {
+        let mut disks: Vec<(String, PathBuf)> = [("root", self.root_disk()), ("data", self.data_disk())]
+            .into_iter()
+            .filter(|(_, p)| p.exists())
+            .map(|(n, p)| (n.to_string(), p))
+            .collect();
+        disks.extend(
+            self.volume_ids()
+                .into_iter()
+                .map(|id| (format!("vol-{id}"), self.volume(&id))),
+        );
+        disks
+    }
     /// The QEMU guest agent's virtio-serial port (crate::guest).
     pub fn guest_agent(&self) -> PathBuf {
         self.path.join("qga.sock")
@@ -153,6 +197,9 @@ pub struct LaunchSpec {
     /// virtio-net NICs on taps the agent made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<crate::network::AttachedNic>,
+    /// Attached volumes: slot, volume id, disk file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<(u8, String, PathBuf)>,
 }
 
 fn default_machine() -> String {
@@ -266,6 +313,23 @@ impl LaunchSpec {
                 };
                 a.push(format!("virtio-blk-pci,drive={id},id={id}-dev{boot}"));
             }
+        }
+        for (slot, id, disk) in &self.volumes {
+            use novacron_api::volume;
+            a.push("-blockdev".into());
+            a.push(format!(
+                "driver=qcow2,node-name={},discard=unmap,file.driver=file,file.filename={}",
+                volume::node_name(*slot),
+                p(disk)
+            ));
+            a.push("-device".into());
+            a.push(format!(
+                "virtio-blk-pci,drive={},id={},serial={},addr={}",
+                volume::node_name(*slot),
+                volume::device_id(*slot),
+                volume::serial(id),
+                volume::pci_addr(*slot)
+            ));
         }
         if let Some(seed) = &self.seed {
             a.push("-blockdev".into());
@@ -382,8 +446,8 @@ pub async fn wait_gone(pid: u32, dir: &VmDir, timeout: Duration) -> bool {
     true
 }
 
-/// Runs `qemu-img ARGS`; on failure removes `partial` (what it was writing).
-async fn qemu_img(args: &[&std::ffi::OsStr], partial: &Path) -> Result<(), QemuError> {
+/// Runs `qemu-img ARGS`; its standard output on success.
+async fn qemu_img_output(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, QemuError> {
     let out = tokio::process::Command::new("qemu-img")
         .args(args)
         .output()
@@ -393,10 +457,16 @@ async fn qemu_img(args: &[&std::ffi::OsStr], partial: &Path) -> Result<(), QemuE
             source,
         })?;
     if !out.status.success() {
-        let _ = std::fs::remove_file(partial);
         return Err(QemuError::Img(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
-    Ok(())
+    Ok(out.stdout)
+}
+
+/// Runs `qemu-img ARGS`; on failure removes `partial` (what it was writing).
+async fn qemu_img(args: &[&std::ffi::OsStr], partial: &Path) -> Result<(), QemuError> {
+    qemu_img_output(args).await.map(drop).inspect_err(|_| {
+        let _ = std::fs::remove_file(partial);
+    })
 }
 
 /// Creates a qcow2 disk atomically: an overlay of `backing` (with its format),
@@ -419,6 +489,38 @@ pub async fn create_disk(path: &Path, backing: Option<(&Path, &str)>, size_mib: 
     }
     qemu_img(&args, &tmp).await?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// The size a guest sees of the qcow2 at `path`, in bytes.
+pub async fn virtual_size(path: &Path) -> Result<u64, QemuError> {
+    let out = qemu_img_output(&[
+        "info".as_ref(),
+        "--output=json".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        path.as_os_str(),
+    ])
+    .await?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&out).map_err(|e| QemuError::Img(format!("qemu-img info printed no JSON: {e}")))?;
+    info["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| QemuError::Img(format!("qemu-img info gave no virtual-size for {}", path.display())))
+}
+
+/// Grows the qcow2 at `path` (not in use by a QEMU) to `size_mib`.
+pub async fn grow_disk(path: &Path, size_mib: u64) -> Result<(), QemuError> {
+    let size = format!("{size_mib}M");
+    qemu_img_output(&[
+        "resize".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        path.as_os_str(),
+        size.as_ref(),
+    ])
+    .await
+    .map(drop)
 }
 
 /// Copies `src` and everything under it (its backing chain) into one
@@ -486,6 +588,11 @@ mod tests {
                 mtu: 1450,
                 slot: 2,
             }],
+            volumes: vec![(
+                3,
+                "0f8e2a4c-1b2d-4e5f-8a9b-0c1d2e3f4a5b".into(),
+                dir.volume("0f8e2a4c-1b2d-4e5f-8a9b-0c1d2e3f4a5b"),
+            )],
         };
         let args = spec.args(&dir).expect("args").join(" ");
         for want in [
@@ -502,6 +609,8 @@ mod tests {
             "virtio-net-pci,netdev=net2,id=nic2,mac=52:54:0a:14:00:05,host_mtu=1450,addr=0x12",
             "driver=raw,node-name=cidata,read-only=on,file.driver=file,file.filename=/var/lib/nc/vms/1234/seed.iso",
             "ide-cd,drive=cidata,id=cidata-dev",
+            "driver=qcow2,node-name=vol3,discard=unmap,file.driver=file,file.filename=/var/lib/nc/vms/1234/vol-0f8e2a4c-1b2d-4e5f-8a9b-0c1d2e3f4a5b.qcow2",
+            "virtio-blk-pci,drive=vol3,id=vol3-dev,serial=0f8e2a4c-1b2d-4e5f-8,addr=0x1b",
             "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         ] {
             assert!(args.contains(want), "missing {want} in {args}");

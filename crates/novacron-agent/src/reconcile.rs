@@ -39,6 +39,11 @@ pub struct Runtime {
     plugged: crate::hotplug::Plugged,
     /// The generation whose removed NICs were cleared away while stopped.
     pruned_generation: Option<u64>,
+    /// Volume unplug requests pending on the running QEMU.
+    volume_plugs: crate::volumes::VolumePlugs,
+    /// The generation whose volumes could not be brought to the spec (not
+    /// retried until the spec changes), with why.
+    volumes_failed: Option<(u64, String)>,
 }
 
 pub struct Reconciler {
@@ -69,6 +74,8 @@ pub enum ReconcileError {
     Network(#[from] crate::network::NetError),
     #[error("Cannot make the cloud-init seed")]
     Seed(#[from] crate::seed::SeedError),
+    #[error("Cannot attach the VM's volumes")]
+    Volume(#[from] crate::volumes::VolumeError),
 }
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,6 +99,8 @@ impl Reconciler {
                 self.force_off(&id, pid, &dir).await;
             }
             self.node.net.detach(&id).await;
+            // Volumes outlive their VM: back to the pool, detached.
+            crate::volumes::rescue_all(&self.node, &dir);
             if let Err(e) = std::fs::remove_dir_all(&dir.path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(vm = %vm.metadata.name, error = %e, "cannot remove VM directory");
@@ -195,7 +204,9 @@ impl Reconciler {
             st.nics.clear();
             if let Some(rt) = self.runtimes.get_mut(&id) {
                 rt.plugged = Default::default();
+                rt.volume_plugs = Default::default();
             }
+            self.sync_volumes(vm, &dir, None, &mut st).await;
         }
         Outcome::Status(Box::new(st))
     }
@@ -365,6 +376,7 @@ impl Reconciler {
             Err(e) => tracing::warn!(vm = %name, error = %e, "cannot change run state"),
         }
         self.sync_nics(vm, &qmp, st).await;
+        self.sync_volumes(vm, dir, Some(&qmp), st).await;
         if vm.spec.reboot_generation != st.observed_reboot_generation {
             match qmp.system_reset().await {
                 Ok(()) => {
@@ -411,6 +423,55 @@ impl Reconciler {
         }
         if let Some(rt) = self.runtimes.get_mut(&vm.metadata.id) {
             rt.plugged = plugged;
+        }
+    }
+
+    /// Brings the VM's volumes to the spec: hot-plugged into the running
+    /// QEMU (`qmp`), or their disks in the VM's directory while it does not run.
+    async fn sync_volumes(&mut self, vm: &Vm, dir: &VmDir, qmp: Option<&Qmp>, st: &mut VmStatus) {
+        use novacron_api::volume::{settled, VOLUME_CHANGE_FAILED};
+        let generation = vm.metadata.generation;
+        let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
+        if let Some((_, why)) = rt.volumes_failed.as_ref().filter(|(g, _)| *g == generation) {
+            st.reason = Some(why.clone());
+            return;
+        }
+        let running = qmp.is_some();
+        let in_place = settled(&vm.spec.volumes, &st.volumes)
+            && st
+                .volumes
+                .iter()
+                .all(|v| v.plugged == running && dir.volume(&v.id).exists());
+        if in_place && dir.volume_ids().len() == st.volumes.len() {
+            return;
+        }
+        let mut plugs = std::mem::take(&mut rt.volume_plugs);
+        let result = match qmp {
+            Some(qmp) => crate::volumes::sync_running(&self.node, vm, dir, qmp, &mut plugs).await,
+            None => crate::volumes::sync_stopped(&self.node, vm, dir).await,
+        };
+        let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
+        rt.volume_plugs = plugs;
+        match result {
+            Ok(held) => {
+                st.volumes = held;
+                rt.volumes_failed = None;
+                if st
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with(VOLUME_CHANGE_FAILED))
+                {
+                    st.reason = None;
+                }
+            }
+            Err(e) => {
+                let why = format!("{VOLUME_CHANGE_FAILED}: {}", chain(&e));
+                tracing::warn!(vm = %vm.metadata.name, error = %why, "volume change failed");
+                st.reason = Some(why.clone());
+                rt.volumes_failed = Some((generation, why));
+                // What the directory holds now, so the server knows where the data is.
+                st.volumes = crate::volumes::held_in(vm, dir);
+            }
         }
     }
 
@@ -483,6 +544,8 @@ impl Reconciler {
             tracing::warn!(vm_id = %id, pid, "killing QEMU of a VM this node no longer runs");
             self.force_off(id, pid, &dir).await;
         }
+        // A VM force-deleted while this agent was away may have had volumes.
+        crate::volumes::rescue_all(&self.node, &dir);
         if let Err(e) = std::fs::remove_dir_all(&dir.path) {
             tracing::warn!(vm_id = %id, error = %e, "cannot remove the directory of a VM this node no longer runs");
         } else {
@@ -539,6 +602,14 @@ pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<
         crate::seed::write(client, vm, dir).await?;
         Some(dir.seed())
     };
+    for id in dir.volume_ids() {
+        if !vm.spec.volumes.iter().any(|a| a.id == id) {
+            crate::volumes::release(node, dir, &id)?;
+        }
+    }
+    for a in &vm.spec.volumes {
+        crate::volumes::obtain(node, dir, a).await?;
+    }
     let data_disk = match vm.spec.data_disk_mib {
         Some(size) => {
             if !dir.data_disk().exists() {
@@ -562,5 +633,11 @@ pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<
         paused: vm.spec.power_state == PowerState::Paused,
         incoming: false,
         nics: node.net.attach(client, vm).await?,
+        volumes: vm
+            .spec
+            .volumes
+            .iter()
+            .map(|a| (a.slot, a.id.clone(), dir.volume(&a.id)))
+            .collect(),
     })
 }

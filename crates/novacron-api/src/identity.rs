@@ -24,10 +24,11 @@ pub enum Resource {
     Tokens,
     Audit,
     Networks,
+    Volumes,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 10] = [
+    pub const ALL: [Resource; 11] = [
         Resource::Vms,
         Resource::Images,
         Resource::Migrations,
@@ -38,13 +39,14 @@ impl Resource {
         Resource::Tokens,
         Resource::Audit,
         Resource::Networks,
+        Resource::Volumes,
     ];
 
     /// Objects of these resources belong to a project; the others are cluster-wide.
     pub fn in_project(self) -> bool {
         matches!(
             self,
-            Resource::Vms | Resource::Images | Resource::Migrations | Resource::Networks
+            Resource::Vms | Resource::Images | Resource::Migrations | Resource::Networks | Resource::Volumes
         )
     }
 
@@ -60,6 +62,7 @@ impl Resource {
             Resource::Tokens => "tokens",
             Resource::Audit => "audit",
             Resource::Networks => "networks",
+            Resource::Volumes => "volumes",
         }
     }
 }
@@ -197,7 +200,7 @@ pub struct CreateRole {
     /// `resource:verb` patterns, `*` allowed on either side.
     #[schema(min_items = 1)]
     #[schema(
-        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks):(\*|read|create|update|delete|console|exec|status)$"
+        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks|volumes):(\*|read|create|update|delete|console|exec|status)$"
     )]
     pub permissions: Vec<String>,
 }
@@ -408,7 +411,7 @@ pub struct Quota {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(maximum = 1_099_511_627_776_u64)]
     pub memory_mib: Option<u64>,
-    /// Root plus data disks of all VMs.
+    /// Root and data disks of all VMs, and all volumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(maximum = 1_099_511_627_776_u64)]
     pub disk_mib: Option<u64>,

@@ -13,6 +13,7 @@ pub mod selector;
 pub mod types;
 pub mod units;
 pub mod validate;
+pub mod volume;
 
 pub use cloudinit::CloudInitSpec;
 pub use error::{ErrorBody, ErrorDetail, FieldError};
@@ -22,6 +23,10 @@ pub use network::{CreateNetwork, Network, NetworkSpec, NetworkStatus, NicSpec, N
 pub use scheduling::*;
 pub use security::{CreateSecurityGroup, SecurityGroup, SecurityRule, UpdateSecurityGroup};
 pub use types::*;
+pub use volume::{
+    AttachVolume, AttachedVolume, CreateVolume, ResizeVolume, Volume, VolumeAttachment, VolumePhase, VolumeSpec,
+    VolumeStatus,
+};
 
 /// Header an agent uses to authenticate the server's calls.
 pub const AGENT_SECRET_HEADER: &str = "x-novacron-agent-secret";

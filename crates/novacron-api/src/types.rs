@@ -448,6 +448,10 @@ pub struct VmSpec {
     /// rather than an overlay on it (a linked clone, the default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full_copy: bool,
+    /// Volumes attached (`POST /v1/vms/{name}/volumes`; not set at create).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 8)]
+    pub volumes: Vec<crate::volume::VolumeAttachment>,
 }
 
 pub fn default_stop_timeout() -> u32 {
@@ -476,6 +480,7 @@ impl VmSpec {
             nics: Vec::new(),
             cloud_init: None,
             full_copy: false,
+            volumes: Vec::new(),
         }
     }
 }
@@ -533,6 +538,9 @@ pub struct VmStatus {
     /// NICs plugged into the running QEMU (empty while it does not run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<crate::network::NicStatus>,
+    /// Volumes this VM's agent holds (plugged while QEMU runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volume::AttachedVolume>,
     /// What the QEMU guest agent inside the VM reports; absent while none answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestInfo>,
@@ -703,4 +711,5 @@ impl_object!(crate::scheduling::SchedulerConfig, "schedulerconfig");
 impl_object!(crate::network::Network, "network");
 impl_object!(crate::network::OverlayPeers, "overlaypeers");
 impl_object!(crate::network::Reservation, "reservation");
+impl_object!(crate::volume::Volume, "volume");
 impl_object!(crate::security::SecurityGroup, "securitygroup");

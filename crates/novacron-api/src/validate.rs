@@ -137,6 +137,12 @@ pub fn qemu_name(field: &str, value: &str) -> Result<(), FieldError> {
 pub fn create_vm(req: &CreateVm) -> Result<(), FieldError> {
     name("name", &req.name)?;
     labels("labels", &req.labels)?;
+    if !req.spec.volumes.is_empty() {
+        return Err(FieldError::new(
+            "spec.volumes",
+            "volumes are attached to a VM once it exists (POST /v1/vms/{name}/volumes)",
+        ));
+    }
     vm_spec(&req.spec)
 }
 

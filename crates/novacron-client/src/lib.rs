@@ -73,6 +73,9 @@ impl Resource for novacron_api::SecurityGroup {
 impl Resource for novacron_api::OverlayPeers {
     const PATH: &'static str = "overlay-peers";
 }
+impl Resource for novacron_api::Volume {
+    const PATH: &'static str = "volumes";
+}
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<WatchEvent<T>, ClientError>> + Send>>;

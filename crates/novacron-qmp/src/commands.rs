@@ -440,3 +440,100 @@ impl Command for QomList {
     const NAME: &'static str = "qom-list";
     type Reply = Vec<ObjectPropertyInfo>;
 }
+
+/// `blockdev-add` of a qcow2 image in a local file: a format node named
+/// `node_name` over a file node (QAPI `BlockdevOptions`, driver `qcow2`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevAddQcow2 {
+    /// Always `qcow2`.
+    pub driver: &'static str,
+    pub node_name: String,
+    /// Always `unmap`: the guest's discards free space in the image.
+    pub discard: &'static str,
+    pub file: BlockdevFile,
+}
+
+/// The protocol node under a format node: a local file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockdevFile {
+    /// Always `file`.
+    pub driver: &'static str,
+    pub filename: String,
+}
+
+impl BlockdevAddQcow2 {
+    pub fn new(node_name: impl Into<String>, filename: impl Into<String>) -> Self {
+        BlockdevAddQcow2 {
+            driver: "qcow2",
+            node_name: node_name.into(),
+            discard: "unmap",
+            file: BlockdevFile {
+                driver: "file",
+                filename: filename.into(),
+            },
+        }
+    }
+}
+
+impl Command for BlockdevAddQcow2 {
+    const NAME: &'static str = "blockdev-add";
+    type Reply = Empty;
+}
+
+/// `blockdev-del`: removes a node no device uses any more (and the file
+/// node under it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevDel {
+    pub node_name: String,
+}
+
+impl Command for BlockdevDel {
+    const NAME: &'static str = "blockdev-del";
+    type Reply = Empty;
+}
+
+/// `device_add` of a virtio-blk PCI disk on block node `drive`. Like
+/// [`DeviceAddVirtioNet`], the device's own properties ride along.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceAddVirtioBlk {
+    /// Always `virtio-blk-pci`.
+    pub driver: &'static str,
+    pub id: String,
+    pub drive: String,
+    /// Up to 20 bytes; the guest sees it as `/dev/disk/by-id/virtio-SERIAL`.
+    pub serial: String,
+    /// Fixed PCI slot, as for NICs: the migration target gets the same hardware.
+    pub addr: String,
+}
+
+impl Command for DeviceAddVirtioBlk {
+    const NAME: &'static str = "device_add";
+    type Reply = Empty;
+}
+
+/// `block_resize`: grows (or shrinks) the image under `node_name`; the
+/// guest is told of the new capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockResize {
+    pub node_name: String,
+    pub size: u64,
+}
+
+impl Command for BlockResize {
+    const NAME: &'static str = "block_resize";
+    type Reply = Empty;
+}
+
+/// `query-named-block-nodes`; `flat` leaves out the nodes' backing chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct QueryNamedBlockNodes {
+    pub flat: bool,
+}
+
+impl Command for QueryNamedBlockNodes {
+    const NAME: &'static str = "query-named-block-nodes";
+    type Reply = Vec<BlockDeviceInfo>;
+}

@@ -579,3 +579,24 @@ pub struct ObjectPropertyInfo {
     #[serde(rename = "type")]
     pub kind: String,
 }
+
+/// One entry of `query-named-block-nodes` (QAPI `BlockDeviceInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockDeviceInfo {
+    /// Its node name (auto-generated ones start with `#`).
+    pub node_name: String,
+    /// The image's file name (for a format node, its file's).
+    pub file: String,
+    /// Format driver (`qcow2`, `raw`) or protocol (`file`).
+    pub drv: String,
+    pub image: ImageInfo,
+}
+
+/// What `BlockDeviceInfo` says of the image (QAPI `ImageInfo`, the members used).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageInfo {
+    /// Size the guest sees, in bytes.
+    pub virtual_size: u64,
+}

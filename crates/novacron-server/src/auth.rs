@@ -141,6 +141,7 @@ pub fn builtin_roles() -> Vec<Role> {
         (Migrations, &[Read, Create, Update]),
         (Images, &[Read, Create, Delete]),
         (Networks, &[Read, Create, Update, Delete]),
+        (Volumes, &[Read, Create, Update, Delete]),
         (Nodes, read),
         (Projects, read),
     ]);
@@ -149,6 +150,7 @@ pub fn builtin_roles() -> Vec<Role> {
         (Migrations, read),
         (Images, read),
         (Networks, read),
+        (Volumes, read),
         (Nodes, read),
         (Projects, read),
     ]);

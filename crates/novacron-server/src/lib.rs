@@ -153,6 +153,7 @@ pub fn app(state: AppState) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::vms::router())
         .merge(routes::vm_nics::router())
+        .merge(routes::volumes::router())
         .merge(routes::templates::router())
         .merge(routes::nodes::router())
         .merge(routes::pki::router())

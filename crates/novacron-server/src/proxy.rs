@@ -181,3 +181,21 @@ pub async fn pump_console(client: WebSocket, upstream: Upstream) {
         _ = to_client => {}
     }
 }
+
+/// Asks the agent of `node` to delete the detached volume `id` from its pool.
+pub async fn delete_volume(state: &AppState, node: &Node, id: &str) -> ApiResult<()> {
+    let url = format!("{}/agent/v1/volumes/{id}", node.spec.address.trim_end_matches('/'));
+    let resp = state
+        .agents
+        .delete(url)
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
+        .send()
+        .await
+        .map_err(|e| unreachable(node, e))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let text = resp.text().await.unwrap_or_default();
+    Err(refused_by_agent(status, &text))
+}

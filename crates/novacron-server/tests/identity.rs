@@ -50,9 +50,10 @@ async fn quotas_are_enforced_and_named() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert_eq!(h.snapshot().await, before, "a refused create wrote something");
     let (_, project) = h.call(Method::GET, "/v1/projects/alpha", Some(&operator), None).await;
+    // Disk: two 1 GiB root disks and the fixtures' 64 MiB volume.
     assert_eq!(
         project["usage"],
-        json!({"vcpus": 3, "memory_mib": 384, "disk_mib": 2048, "vms": 2, "networks": 1, "addresses": 1})
+        json!({"vcpus": 3, "memory_mib": 384, "disk_mib": 2048 + 64, "vms": 2, "networks": 1, "addresses": 1})
     );
     // Memory names its own quota.
     h.admin(Method::PUT, "/v1/projects/alpha", json!({"quota": {"memory_mib": 400}}))

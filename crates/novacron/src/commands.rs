@@ -62,6 +62,9 @@ pub enum VmCommand {
     /// Add or remove a NIC (hot-plugged while the VM runs).
     #[command(subcommand)]
     Nic(crate::networks::NicCommand),
+    /// Attach or detach a volume (hot-plugged while the VM runs).
+    #[command(subcommand)]
+    Volume(crate::volumes::VmVolumeCommand),
     /// Make a template image of a stopped VM (its root disk, flattened, with
     /// its hardware and cloud-init settings); the VM stays, stopped.
     Template {
@@ -523,6 +526,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             }
         }
         VmCommand::Nic(cmd) => crate::networks::vm_nic(g, &c, cmd).await,
+        VmCommand::Volume(cmd) => crate::volumes::vm_volume(g, &c, cmd).await,
     }
 }
 

@@ -103,7 +103,7 @@ pub struct QuotaArgs {
     /// e.g. 64GiB
     #[arg(long, value_parser = parse_mib)]
     pub memory: Option<u64>,
-    /// Root plus data disks, e.g. 1TiB
+    /// Root and data disks and volumes, e.g. 1TiB
     #[arg(long, value_parser = parse_mib)]
     pub disk: Option<u64>,
     #[arg(long)]

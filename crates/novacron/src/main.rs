@@ -11,6 +11,7 @@ mod nodes;
 mod output;
 mod pki;
 mod scheduling;
+mod volumes;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -77,6 +78,9 @@ enum Command {
     /// Manage virtual networks.
     #[command(subcommand)]
     Network(networks::NetworkCommand),
+    /// Manage volumes: disks attached to one VM at a time, grown online.
+    #[command(subcommand)]
+    Volume(volumes::VolumeCommand),
     /// Manage security groups (the firewall of VM NICs).
     #[command(subcommand, name = "security-group")]
     SecurityGroup(networks::SecurityGroupCommand),
@@ -318,6 +322,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Image(c) => commands::image(&cli.global, c).await,
         Command::Migration(c) => commands::migration(&cli.global, c).await,
         Command::Network(c) => networks::network(&cli.global, c).await,
+        Command::Volume(c) => volumes::volume(&cli.global, c).await,
         Command::SecurityGroup(c) => networks::security_group(&cli.global, c).await,
         Command::Login(a) => identity::login(&cli.global, a).await,
         Command::Whoami => identity::whoami(&cli.global).await,

@@ -123,6 +123,7 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
         ("cpu model", vm.spec.cpu_model.clone().unwrap_or_else(|| "-".into())),
         ("restarts", vm.status.restarts.to_string()),
         ("nics", nic_lines(vm).join("\n")),
+        ("volumes", volume_lines(vm).join("\n")),
         ("guest", guest_lines(vm).join("\n")),
         (
             "labels",
@@ -140,6 +141,33 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
     }
     println!("{t}");
     Ok(())
+}
+
+/// Attached volumes (size, and whether plugged), and those being detached.
+fn volume_lines(vm: &Vm) -> Vec<String> {
+    let held = |id: &str| vm.status.volumes.iter().find(|v| v.id == id);
+    let mut lines: Vec<String> = vm
+        .spec
+        .volumes
+        .iter()
+        .map(|a| {
+            let state = match held(&a.id) {
+                Some(h) if h.size_mib < a.size_mib => "growing",
+                Some(h) if h.plugged || vm.status.qemu_pid.is_none() => "attached",
+                _ => "attaching",
+            };
+            format!("{} {} {state}", a.volume, format_mib(a.size_mib))
+        })
+        .collect();
+    for h in &vm.status.volumes {
+        if !vm.spec.volumes.iter().any(|a| a.id == h.id) {
+            lines.push(format!("{} {} detaching", h.volume, format_mib(h.size_mib)));
+        }
+    }
+    if lines.is_empty() {
+        lines.push("-".into());
+    }
+    lines
 }
 
 /// What the guest agent reports: OS, host name, addresses; "-" without one.

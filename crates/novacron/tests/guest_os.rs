@@ -209,6 +209,11 @@ async fn debian_guest_is_configured_by_cloud_init_and_answers_ssh() {
     );
 }
 
+/// Runs a shell command in the guest through its guest agent; its output.
+fn guest_sh(c: &Cluster, vm: &str, cmd: &str) -> String {
+    ok(c.cli(&["vm", "exec", vm, "--", "sh", "-c", cmd]).output().expect("cli"))
+}
+
 /// The source VM's identity as seen inside: host name, machine id, SSH host key.
 const IDENTITY: &str = "cloud-init status --wait >/dev/null; hostname; cat /etc/machine-id; cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub";
 
@@ -273,6 +278,52 @@ async fn linked_clones_of_a_template_boot_as_distinct_machines() {
         let distinct: std::collections::HashSet<&String> = list.iter().collect();
         assert_eq!(distinct.len(), list.len(), "{list:?}");
     }
+
+    // A volume hot-plugged into a running guest is formatted and written,
+    // detached, attached to another VM and read back there, and grown online.
+    ok(c.cli(&["volume", "create", "data1", "--size", "64MiB"])
+        .output()
+        .expect("cli"));
+    let vol: novacron_api::Volume = c.client.get("data1").await.expect("volume");
+    let dev = format!(
+        "/dev/disk/by-id/virtio-{}",
+        novacron_api::volume::serial(&vol.metadata.id)
+    );
+    let appears = format!("for i in $(seq 150); do [ -e {dev} ] && break; sleep 0.2; done");
+    ok(c.cli(&["vm", "volume", "attach", "clone-1", "data1", "--wait"])
+        .output()
+        .expect("cli"));
+    let wrote = guest_sh(
+        &c,
+        "clone-1",
+        &format!("{appears}; mkfs.ext4 -q {dev} && mount {dev} /mnt && echo kept-on-volume > /mnt/note && umount /mnt && echo written"),
+    );
+    assert_eq!(wrote.trim(), "written");
+    ok(c.cli(&["vm", "volume", "detach", "clone-1", "data1", "--wait"])
+        .output()
+        .expect("cli"));
+    assert_eq!(
+        guest_sh(&c, "clone-1", &format!("[ -e {dev} ] && echo still || echo gone")).trim(),
+        "gone"
+    );
+    ok(c.cli(&["vm", "volume", "attach", "clone-2", "data1", "--wait"])
+        .output()
+        .expect("cli"));
+    let read = guest_sh(
+        &c,
+        "clone-2",
+        &format!("{appears}; mount -o ro {dev} /mnt && cat /mnt/note && umount /mnt"),
+    );
+    assert_eq!(read.trim(), "kept-on-volume");
+    ok(c.cli(&["volume", "resize", "data1", "--size", "128MiB"])
+        .output()
+        .expect("cli"));
+    let size = guest_sh(
+        &c,
+        "clone-2",
+        &format!("for i in $(seq 150); do [ $(blockdev --getsize64 {dev}) = 134217728 ] && break; sleep 0.2; done; blockdev --getsize64 {dev}"),
+    );
+    assert_eq!(size.trim(), "134217728", "the guest does not see the grown volume");
     // The template exports as a standalone qcow2 (the CLI checks its SHA-256).
     let exported = c.dir.path().join("base-tpl.qcow2");
     ok(c.cli(&["image", "export", "base-tpl", &exported.display().to_string()])

@@ -5,15 +5,14 @@
 use std::time::Instant;
 
 use chrono::Utc;
-use futures::StreamExt;
 use novacron_api::agent::ColdRequest;
-use novacron_api::{Migration, MigrationPhase, MigrationStatus, MigrationStrategy, Node, Vm, AGENT_SECRET_HEADER};
+use novacron_api::error::chain;
+use novacron_api::{Migration, MigrationPhase, MigrationStatus, MigrationStrategy, Node, Vm};
 use serde_json::Value;
 
 use super::console_log::read_log_from;
 use super::source::SourceCtx;
 use super::{MigrationError, Migrations};
-use crate::qemu::DISK_NODES;
 
 impl Migrations {
     /// Cold migration of a stopped VM: the target pulls the disk files from
@@ -34,9 +33,10 @@ impl Migrations {
         }
         let target: Node = self.node.client.get(&m.status.target_node).await?;
         ctx.target = Some(target.clone());
-        let disks: Vec<(String, u64)> = [(DISK_NODES[0], dir.root_disk()), (DISK_NODES[1], dir.data_disk())]
+        let disks: Vec<(String, u64)> = dir
+            .disk_files()
             .into_iter()
-            .filter_map(|(n, p)| std::fs::metadata(&p).ok().map(|md| (n.to_string(), md.len())))
+            .filter_map(|(n, p)| std::fs::metadata(&p).ok().map(|md| (n, md.len())))
             .collect();
         let total: u64 = disks.iter().map(|(_, len)| len).sum();
         self.write_status(name, |s| {
@@ -79,45 +79,17 @@ impl Migrations {
             let source: Node = self.node.client.get(&req.source_node).await?;
             let secret = self.node.agent_secret();
             for disk in &req.disks {
-                let path = match disk.as_str() {
-                    "root" => dir.root_disk(),
-                    "data" => dir.data_disk(),
-                    other => return Err(MigrationError::Invalid(format!("unknown disk {other:?}"))),
+                let Some(path) = dir.disk_file(disk) else {
+                    return Err(MigrationError::Invalid(format!("unknown disk {disk:?}")));
                 };
                 let url = format!(
                     "{}/agent/v1/vms/{}/disks/{disk}",
                     source.spec.address.trim_end_matches('/'),
                     vm.metadata.id
                 );
-                let resp = self
-                    .http
-                    .get(&url)
-                    .header(AGENT_SECRET_HEADER, &secret)
-                    .send()
+                crate::peers::download(&self.http, &url, &secret, &path)
                     .await
-                    .map_err(|e| MigrationError::Target(format!("fetching {disk}: {e}")))?;
-                if !resp.status().is_success() {
-                    return Err(MigrationError::Target(format!(
-                        "fetching {disk}: source answered {}",
-                        resp.status()
-                    )));
-                }
-                let partial = path.with_extension("qcow2.partial");
-                let mut file = tokio::fs::File::create(&partial)
-                    .await
-                    .map_err(MigrationError::io(format!("write {disk}")))?;
-                let mut stream = resp.bytes_stream();
-                use tokio::io::AsyncWriteExt;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| MigrationError::Target(format!("fetching {disk}: {e}")))?;
-                    file.write_all(&chunk)
-                        .await
-                        .map_err(MigrationError::io(format!("write {disk}")))?;
-                }
-                file.sync_all()
-                    .await
-                    .map_err(MigrationError::io(format!("write {disk}")))?;
-                std::fs::rename(&partial, &path).map_err(MigrationError::io(format!("store {disk}")))?;
+                    .map_err(|e| MigrationError::Target(format!("fetching {disk}: {}", chain(&e))))?;
             }
             // The root overlay names the source's cached base image: repoint it at ours.
             let image: novacron_api::Image = self.node.client.get(&vm.spec.image).await?;

@@ -151,9 +151,10 @@ impl Migrations {
         if let Some(c) = cap {
             link = link.min(c);
         }
-        let disk_bytes = [dir.root_disk(), dir.data_disk()]
+        let disk_bytes = dir
+            .disk_files()
             .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
+            .filter_map(|(_, p)| std::fs::metadata(p).ok())
             .map(|md| {
                 use std::os::unix::fs::MetadataExt;
                 md.blocks() * 512

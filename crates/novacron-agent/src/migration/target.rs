@@ -55,6 +55,11 @@ impl Migrations {
         let steps = Timeline::new(Instant::now());
         let result = async {
             let fetching = steps.begin(MigrationStepKind::ImageFetch);
+            // Blank volume disks of the source's sizes, which its mirrors fill.
+            std::fs::create_dir_all(&dir.path).map_err(MigrationError::io("create the VM's directory"))?;
+            for a in &vm.spec.volumes {
+                qemu::create_disk(&dir.volume(&a.id), None, Some(a.size_mib)).await?;
+            }
             let mut spec = prepare_launch(&self.node, vm, &dir).await?;
             steps.end(fetching, None);
             // QEMU appends to the log (logappend=on): seed it with the source's history.
@@ -83,6 +88,11 @@ impl Migrations {
             if spec.data_disk.is_some() {
                 disks.push(DISK_NODES[1].to_string());
             }
+            disks.extend(
+                spec.volumes
+                    .iter()
+                    .map(|(slot, _, _)| novacron_api::volume::node_name(*slot)),
+            );
             for d in &disks {
                 qmp.run(&BlockExportAdd::nbd(d.as_str(), d.as_str(), true)).await?;
             }

@@ -218,6 +218,13 @@ async fn resolve(state: &AppState, p: &Principal, req: &CreateMigration) -> ApiR
             "VM {vm_name:?} is still plugging or unplugging NICs; migrate it once `vm get` shows them all plugged"
         )));
     }
+    // The target makes the spec's volumes at their sizes: the agent must
+    // hold exactly those (live or cold), none coming or going.
+    if !novacron_api::volume::settled(&vm.spec.volumes, &vm.status.volumes) {
+        return Err(ApiError::conflict(format!(
+            "VM {vm_name:?} is still attaching, detaching or growing a volume; migrate it once `vm get` shows them settled"
+        )));
+    }
     if req.transport == Some(MigrationTransport::QemuMultifd)
         && req.strategy == novacron_api::MigrationStrategy::Postcopy
     {

@@ -14,6 +14,7 @@ pub mod security_groups;
 pub mod templates;
 pub mod vm_nics;
 pub mod vms;
+pub mod volumes;
 
 use axum::body::Body;
 use axum::http::header::CONTENT_TYPE;
@@ -23,7 +24,7 @@ use futures::StreamExt;
 use novacron_api::selector::{FieldSelector, LabelSelector};
 use novacron_api::{
     AuditRecord, ClusterTrust, Image, List, Migration, Network, Node, Object, OverlayPeers, Project, Resource, Role,
-    SecurityGroup, Token, User, Verb, Vm, WatchEvent, WatchEventType,
+    SecurityGroup, Token, User, Verb, Vm, Volume, WatchEvent, WatchEventType,
 };
 use novacron_store::{decode_record, EventType, StoreExt};
 use serde::Deserialize;
@@ -93,13 +94,14 @@ pub fn selectable_fields() -> Vec<(&'static str, &'static [&'static str])> {
         ("/v1/networks", Network::SELECTABLE),
         ("/v1/overlay-peers", OverlayPeers::SELECTABLE),
         ("/v1/security-groups", SecurityGroup::SELECTABLE),
+        ("/v1/volumes", Volume::SELECTABLE),
     ]
 }
 
 guarded!(Vm => Vms ["status.node", "status.phase"],
     Image => Images,
     Migration => Migrations ["status.source_node", "status.target_node", "status.phase", "spec.vm"],
-    Network => Networks, SecurityGroup => Networks,
+    Network => Networks, SecurityGroup => Networks, Volume => Volumes,
     Node => Nodes, ClusterTrust => Nodes, OverlayPeers => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
 
 /// The fields that tie an object to the node it concerns: a node's

@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use novacron_api::{
-    validate, CreateProject, List, Metadata, Network, Project, Quota, Resource, UpdateProject, Usage, Verb, Vm,
+    validate, CreateProject, List, Metadata, Network, Project, Quota, Resource, UpdateProject, Usage, Verb, Vm, Volume,
 };
 use novacron_store::StoreExt;
 use utoipa_axum::router::OpenApiRouter;
@@ -47,10 +47,21 @@ pub async fn require_project(state: &AppState, name: &str) -> ApiResult<Project>
         .ok_or_else(|| ApiError::invalid("project", format!("unknown project {name:?}")))
 }
 
+/// Disk the project's volumes take.
+async fn volume_mib(state: &AppState, project: &str) -> ApiResult<u64> {
+    let volumes = state.store.list_all::<Volume>().await?;
+    Ok(volumes
+        .iter()
+        .filter(|v| v.metadata.project == project)
+        .map(|v| v.spec.size_mib)
+        .sum())
+}
+
 /// Refuses (403, naming the quota) a VM that would take its project over quota.
 pub async fn check_quota(state: &AppState, project: &str, quota: &Quota, vm: &Vm) -> ApiResult<()> {
     let vms = state.store.list_all::<Vm>().await?;
-    let used = usage_of(vms.iter().filter(|v| v.metadata.project == project));
+    let mut used = usage_of(vms.iter().filter(|v| v.metadata.project == project));
+    used.disk_mib += volume_mib(state, project).await?;
     let asked = usage_of(std::iter::once(vm));
     let checks = [
         ("vcpus", quota.vcpus, used.vcpus, asked.vcpus),
@@ -67,6 +78,14 @@ pub async fn check_address_quota(state: &AppState, project: &str, quota: &Quota,
     let vms = state.store.list_all::<Vm>().await?;
     let used = usage_of(vms.iter().filter(|v| v.metadata.project == project));
     over_quota(project, &[("addresses", quota.addresses, used.addresses, asked)])
+}
+
+/// Refuses (403) `asked` more MiB of disk (a volume made or grown) over quota.
+pub async fn check_disk_quota(state: &AppState, project: &str, quota: &Quota, asked: u64) -> ApiResult<()> {
+    let vms = state.store.list_all::<Vm>().await?;
+    let used =
+        usage_of(vms.iter().filter(|v| v.metadata.project == project)).disk_mib + volume_mib(state, project).await?;
+    over_quota(project, &[("disk_mib", quota.disk_mib, used, asked)])
 }
 
 /// Refuses (403) a network that would take its project over quota.
@@ -102,8 +121,14 @@ fn over_quota(project: &str, checks: &[(&str, Option<u64>, u64, u64)]) -> ApiRes
 async fn with_usage(state: &AppState, mut projects: Vec<Project>) -> ApiResult<Vec<Project>> {
     let vms = state.store.list_all::<Vm>().await?;
     let networks = state.store.list_all::<Network>().await?;
+    let volumes = state.store.list_all::<Volume>().await?;
     for p in &mut projects {
         p.usage = usage_of(vms.iter().filter(|v| v.metadata.project == p.metadata.name));
+        p.usage.disk_mib += volumes
+            .iter()
+            .filter(|v| v.metadata.project == p.metadata.name)
+            .map(|v| v.spec.size_mib)
+            .sum::<u64>();
         p.usage.networks = networks
             .iter()
             .filter(|n| n.metadata.project == p.metadata.name)
@@ -237,10 +262,17 @@ async fn delete_project(
     let images = state.store.list_all::<novacron_api::Image>().await?;
     let in_use = vms.iter().filter(|v| v.metadata.project == name).count()
         + images.iter().filter(|i| i.metadata.project == name).count()
-        + count_networks(&state, &name).await? as usize;
+        + count_networks(&state, &name).await? as usize
+        + state
+            .store
+            .list_all::<Volume>()
+            .await?
+            .iter()
+            .filter(|v| v.metadata.project == name)
+            .count();
     if in_use > 0 {
         return Err(ApiError::conflict(format!(
-            "project {name:?} still has {in_use} VM(s), image(s) or network(s)"
+            "project {name:?} still has {in_use} VM(s), image(s), network(s) or volume(s)"
         )));
     }
     state.store.delete_obj::<Project>(&name, None).await?;

@@ -169,6 +169,12 @@ async fn create_vm(
 /// places in security groups.
 async fn released(state: &AppState, vm: &Vm) -> ApiResult<()> {
     crate::ipam::release_owner(&state.store, &vm.metadata.id).await;
+    // The agent moves the volumes of a deleted VM to its node's pool.
+    if !vm.status.volumes.is_empty() {
+        let mut gone = vm.clone();
+        gone.status.volumes.clear();
+        super::volumes::record_location(state, &gone, &vm.status.volumes).await;
+    }
     if !vm.spec.nics.is_empty() {
         super::security_groups::refresh_members(state, &vm.metadata.project).await?;
     }
@@ -415,10 +421,14 @@ async fn put_vm_status(
         return Err(ApiError::invalid("status.node", "an agent cannot rebind a VM"));
     }
     let unplugged = vm.status.nics != body.status.nics;
+    let volumes_before = std::mem::take(&mut vm.status.volumes);
     vm.status = body.status;
     let vm = state.store.update_obj(&vm).await?;
     if unplugged {
         super::vm_nics::release_removed(&state, &vm.metadata.name).await;
+    }
+    if vm.status.volumes != volumes_before {
+        super::volumes::record_location(&state, &vm, &volumes_before).await;
     }
     Ok(Json(vm))
 }

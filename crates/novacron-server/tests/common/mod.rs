@@ -257,6 +257,33 @@ pub async fn reset_objects(h: &Harness) {
             mac: Some(fixture_mac(p).into()),
             ..novacron_api::NicSpec::on(&format!("net-{p}"))
         }];
+        // With its project's volume attached.
+        let vol_name = format!("vol-{p}");
+        if store
+            .get_obj::<novacron_api::Volume>(&vol_name)
+            .await
+            .unwrap()
+            .is_some()
+        {
+            store.delete_obj::<novacron_api::Volume>(&vol_name, None).await.unwrap();
+        }
+        let mut metadata = Metadata::new(&vol_name, Default::default());
+        metadata.project = p.into();
+        let vol = store
+            .create_obj(&novacron_api::Volume {
+                metadata,
+                spec: novacron_api::VolumeSpec { size_mib: 64 },
+                status: Default::default(),
+            })
+            .await
+            .unwrap();
+        vm.spec.volumes = vec![novacron_api::VolumeAttachment {
+            volume: vol_name,
+            id: vol.metadata.id,
+            size_mib: 64,
+            slot: 0,
+            from_node: None,
+        }];
         vm.status.phase = VmPhase::Running;
         vm.status.node = Some("node-1".into());
         store.create_obj(&vm).await.unwrap();
@@ -322,6 +349,13 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("POST", "/v1/vms/{name}/template", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/vms/{name}/nics", "YYYnnnnn", "Ynnnnnnn"),
     ("DELETE", "/v1/vms/{name}/nics/{nic}", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/volumes", "YYYnnnnn", "Ynnnnnnn"),
+    ("DELETE", "/v1/vms/{name}/volumes/{volume}", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/volumes", "YYYYnnnn", "YYYYnnnn"),
+    ("POST", "/v1/volumes", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/volumes/{name}", "YYYYnnnn", "Ynnnnnnn"),
+    ("DELETE", "/v1/volumes/{name}", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/volumes/{name}/resize", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/images", "YYYYYnYY", "YYYYYnYY"),
     ("POST", "/v1/images", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/images/{name}", "YYYYYnYY", "YnnnYnYY"),
@@ -400,6 +434,7 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         "images" => format!("img-{p}"),
         "networks" => format!("net-{p}"),
         "security-groups" => format!("sg-{p}"),
+        "volumes" => format!("vol-{p}"),
         "migrations" => format!("mig-{p}"),
         "nodes" => "node-1".into(),
         "users" => "u-target".into(),
@@ -411,7 +446,8 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
     let path = template
         .replace("{name}", &name)
         .replace("{part}", "kernel")
-        .replace("{nic}", fixture_mac(p));
+        .replace("{nic}", fixture_mac(p))
+        .replace("{volume}", &format!("vol-{p}"));
     let fresh = format!("new-{n}");
     let body = match (method, template) {
         ("POST", "/v1/vms") => Some(
@@ -420,6 +456,9 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         ("POST", "/v1/images") => Some(json!({"name": fresh, "project": p, "format": "kernel"})),
         ("POST", "/v1/vms/{name}/nics") => Some(json!({"network": format!("net-{p}")})),
         ("POST", "/v1/vms/{name}/exec") => Some(json!({"command": ["true"]})),
+        ("POST", "/v1/vms/{name}/volumes") => Some(json!({"volume": format!("vol-{p}")})),
+        ("POST", "/v1/volumes") => Some(json!({"name": fresh, "project": p, "size_mib": 64})),
+        ("POST", "/v1/volumes/{name}/resize") => Some(json!({"size_mib": 128})),
         ("POST", "/v1/vms/{name}/template") => Some(json!({})),
         ("POST", "/v1/security-groups") => Some(json!({"name": fresh, "project": p})),
         ("PUT", "/v1/security-groups/{name}") => Some(json!({"rules": []})),
