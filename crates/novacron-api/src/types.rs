@@ -307,7 +307,11 @@ pub struct ImageFile {
 pub enum ImagePhase {
     #[default]
     Uploading,
+    /// The server is downloading the disk from a URL (`status.download`).
+    Downloading,
     Ready,
+    /// The download failed (`status.reason`); no file was kept.
+    Failed,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -318,6 +322,51 @@ pub struct ImageStatus {
     /// Virtual size of the disk part (bytes), as reported by qemu-img.
     #[serde(default)]
     pub virtual_size_bytes: u64,
+    /// The download from a URL, while it runs and after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<ImageDownload>,
+    /// Why the image is Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Progress of an image's download by the server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageDownload {
+    pub url: String,
+    /// The SHA-256 the file must have.
+    pub sha256: String,
+    pub bytes_done: u64,
+    /// From the response's Content-Length, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+}
+
+/// Body of `POST /v1/images/{name}/download`: the server fetches the disk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DownloadImage {
+    /// An `http://` or `https://` URL of a qcow2 or raw disk.
+    #[schema(max_length = 2048)]
+    pub url: String,
+    /// Hex SHA-256 of the file; the image is Ready only if it matches.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
+    pub sha256: String,
+}
+
+impl DownloadImage {
+    pub fn validate(&self) -> Result<(), crate::FieldError> {
+        let scheme_ok = self.url.starts_with("http://") || self.url.starts_with("https://");
+        if !scheme_ok || self.url.len() > 2048 || self.url.chars().any(char::is_whitespace) {
+            return Err(crate::FieldError::new(
+                "url",
+                "give an http:// or https:// URL of at most 2048 characters",
+            ));
+        }
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(crate::FieldError::new("sha256", "a SHA-256 is 64 hexadecimal digits"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

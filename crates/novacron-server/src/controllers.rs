@@ -4,7 +4,8 @@
 //! - placement binds Pending VMs to nodes, on every change to VMs, nodes,
 //!   migrations or the scheduler settings;
 //! - node liveness marks nodes NotReady after missed heartbeats;
-//! - once at start, address reservations nothing holds are released.
+//! - once at start, address reservations nothing holds are released, and
+//!   image downloads the last server left unfinished are marked Failed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,8 @@ pub fn spawn(state: AppState) -> JoinSet<()> {
             Err(e) => tracing::warn!(error = %chain(&e), "cannot look for orphaned address reservations"),
         }
     });
+    let downloads = state.clone();
+    set.spawn(async move { crate::routes::image_download::fail_interrupted(&downloads).await });
     set.spawn(placement_loop(state.clone(), caches.clone()));
     set.spawn(node_liveness_loop(state, caches));
     set

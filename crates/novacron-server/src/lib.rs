@@ -158,6 +158,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::nodes::router())
         .merge(routes::pki::router())
         .merge(routes::images::router())
+        .merge(routes::image_download::router())
         .merge(routes::migrations::router())
         .merge(routes::networks::router())
         .merge(routes::security_groups::router())

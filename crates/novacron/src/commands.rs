@@ -318,6 +318,15 @@ pub enum ImageCommand {
         name: String,
         /// Disk image file (qcow2 or raw; detected).
         file: Option<PathBuf>,
+        /// Have the server download the disk from this URL instead.
+        #[arg(long, conflicts_with_all = ["file", "kernel"], requires = "sha256")]
+        url: Option<String>,
+        /// SHA-256 the downloaded file must have.
+        #[arg(long, requires = "url")]
+        sha256: Option<String>,
+        /// Format of the file at --url.
+        #[arg(long, value_enum, default_value_t = UrlFormat::Qcow2, requires = "url")]
+        format: UrlFormat,
         /// Kernel for direct-kernel boot.
         #[arg(long, requires = "initrd", conflicts_with = "file")]
         kernel: Option<PathBuf>,
@@ -342,6 +351,13 @@ pub enum ImageCommand {
         #[arg(long, default_value = "disk")]
         part: String,
     },
+}
+
+/// Disk formats an image downloaded from a URL can have.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum UrlFormat {
+    Qcow2,
+    Raw,
 }
 
 pub fn client(g: &Global) -> Result<Client> {
@@ -673,12 +689,39 @@ pub async fn image(g: &Global, cmd: ImageCommand) -> Result<()> {
         }
         ImageCommand::Import {
             name,
+            url: Some(url),
+            sha256,
+            format,
+            kernel_args,
+            project,
+            public,
+            ..
+        } => {
+            let req = novacron_api::DownloadImage {
+                url,
+                sha256: sha256.unwrap_or_default(),
+            };
+            let opts = ImportOptions {
+                kernel_args,
+                project,
+                public,
+            };
+            let format = match format {
+                UrlFormat::Qcow2 => ImageFormat::Qcow2,
+                UrlFormat::Raw => ImageFormat::Raw,
+            };
+            let image = crate::images::import_url(&c, &name, format, req, opts).await?;
+            output::images(g.output, &[image])
+        }
+        ImageCommand::Import {
+            name,
             file,
             kernel,
             initrd,
             kernel_args,
             project,
             public,
+            ..
         } => {
             let image = import(
                 &c,

@@ -6,12 +6,14 @@ mod console;
 mod dev;
 mod devnet;
 mod identity;
+mod images;
 mod networks;
 mod nodes;
 mod output;
 mod pki;
 mod scheduling;
 mod volumes;
+mod wait;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -114,34 +114,17 @@ pub async fn vm_nic(g: &Global, c: &novacron_client::Client, cmd: NicCommand) ->
 /// Waits until the running VM has the NICs of its spec (as of
 /// `generation`) plugged in, and no others.
 async fn wait_plugged(c: &novacron_client::Client, name: &str, generation: u64) -> Result<Vm> {
-    use futures::StreamExt;
-    let mut changes = std::pin::pin!(novacron_client::watcher::watch_object::<Vm>(c.clone(), name));
-    let deadline = tokio::time::Instant::now() + NIC_WAIT;
-    loop {
-        let vm = match tokio::time::timeout_at(deadline, changes.next()).await {
-            Ok(Some(Some(vm))) => vm,
-            Ok(Some(None)) => anyhow::bail!("VM {name:?} was deleted"),
-            Ok(None) => anyhow::bail!("Watch of VM {name:?} ended"),
-            Err(_) => anyhow::bail!(
-                "VM {name:?} still has other NICs plugged than its spec's after {}s",
-                NIC_WAIT.as_secs()
-            ),
-        };
-        if vm.status.observed_generation < generation {
-            continue;
-        }
-        if novacron_api::network::plugged_as_specified(&vm.spec.nics, &vm.status.nics) {
-            return Ok(vm);
-        }
-        if let Some(why) = vm
-            .status
-            .reason
-            .as_deref()
-            .filter(|r| r.starts_with(novacron_api::network::NIC_CHANGE_FAILED))
-        {
-            anyhow::bail!("{why}");
-        }
-    }
+    let change = crate::wait::VmChange {
+        generation,
+        timeout: NIC_WAIT,
+        pending: "still has other NICs plugged than its spec's",
+        failed: novacron_api::network::NIC_CHANGE_FAILED,
+    };
+    change
+        .wait(c, name, |vm| {
+            novacron_api::network::plugged_as_specified(&vm.spec.nics, &vm.status.nics)
+        })
+        .await
 }
 
 #[derive(Subcommand)]

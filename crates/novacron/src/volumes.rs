@@ -125,37 +125,20 @@ pub async fn vm_volume(g: &Global, c: &novacron_client::Client, cmd: VmVolumeCom
 }
 
 /// Waits until the VM's agent holds exactly the volumes of its spec (as of
-/// `generation`), at their sizes.
+/// `generation`), at their sizes, plugged if it runs.
 pub async fn wait_settled(c: &novacron_client::Client, name: &str, generation: u64) -> Result<Vm> {
-    use futures::StreamExt;
-    let mut changes = std::pin::pin!(novacron_client::watcher::watch_object::<Vm>(c.clone(), name));
-    let deadline = tokio::time::Instant::now() + VOLUME_WAIT;
-    loop {
-        let vm = match tokio::time::timeout_at(deadline, changes.next()).await {
-            Ok(Some(Some(vm))) => vm,
-            Ok(Some(None)) => anyhow::bail!("VM {name:?} was deleted"),
-            Ok(None) => anyhow::bail!("Watch of VM {name:?} ended"),
-            Err(_) => anyhow::bail!(
-                "VM {name:?} still attaching or detaching volumes after {}s",
-                VOLUME_WAIT.as_secs()
-            ),
-        };
-        if vm.status.observed_generation < generation {
-            continue;
-        }
-        let running = vm.status.qemu_pid.is_some();
-        if settled(&vm.spec.volumes, &vm.status.volumes) && vm.status.volumes.iter().all(|v| v.plugged == running) {
-            return Ok(vm);
-        }
-        if let Some(why) = vm
-            .status
-            .reason
-            .as_deref()
-            .filter(|r| r.starts_with(VOLUME_CHANGE_FAILED))
-        {
-            anyhow::bail!("{why}");
-        }
-    }
+    let change = crate::wait::VmChange {
+        generation,
+        timeout: VOLUME_WAIT,
+        pending: "is still attaching or detaching volumes",
+        failed: VOLUME_CHANGE_FAILED,
+    };
+    change
+        .wait(c, name, |vm| {
+            let running = vm.status.qemu_pid.is_some();
+            settled(&vm.spec.volumes, &vm.status.volumes) && vm.status.volumes.iter().all(|v| v.plugged == running)
+        })
+        .await
 }
 
 fn volumes(format: Format, items: &[Volume]) -> Result<()> {

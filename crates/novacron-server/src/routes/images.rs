@@ -203,32 +203,52 @@ async fn upload_image_file(
 /// Ready once it has every file its format needs. A failed or interrupted
 /// transfer leaves no file behind.
 pub(super) async fn store_file(state: &AppState, image: &Image, part: ImagePart, body: Body) -> ApiResult<Image> {
-    let dir = image_dir(state, image);
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(|e| ApiError::internal("Cannot create image directory", &e))?;
-    let partial = dir.join(format!("{}.partial", part.as_str()));
-    let result = receive(body, &partial).await;
-    let (size, sha256) = match result {
+    let partial = partial_file(state, image, part).await?;
+    let stream = body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(|e| ApiError::bad_request(format!("Upload interrupted: {e}"))));
+    let (size, sha256) = match receive(stream, &partial, None).await {
         Ok(v) => v,
         Err(e) => {
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(e);
         }
     };
+    finish_file(state, image, part, &partial, size, sha256).await
+}
+
+/// Where a file of the image is written until it is complete and checked.
+pub(super) async fn partial_file(state: &AppState, image: &Image, part: ImagePart) -> ApiResult<PathBuf> {
+    let dir = image_dir(state, image);
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| ApiError::internal("Cannot create image directory", &e))?;
+    Ok(dir.join(format!("{}.partial", part.as_str())))
+}
+
+/// Checks a received file (a disk must be an image of the declared format),
+/// moves it in place and records it. On failure the file is removed.
+pub(super) async fn finish_file(
+    state: &AppState,
+    image: &Image,
+    part: ImagePart,
+    partial: &std::path::Path,
+    size: u64,
+    sha256: String,
+) -> ApiResult<Image> {
     let virtual_size = if part == ImagePart::Disk {
-        match inspect_disk(&partial, image.spec.format).await {
+        match inspect_disk(partial, image.spec.format).await {
             Ok(v) => v,
             Err(e) => {
-                let _ = tokio::fs::remove_file(&partial).await;
+                let _ = tokio::fs::remove_file(partial).await;
                 return Err(e);
             }
         }
     } else {
         0
     };
-    let final_path = dir.join(part.as_str());
-    tokio::fs::rename(&partial, &final_path)
+    let final_path = image_dir(state, image).join(part.as_str());
+    tokio::fs::rename(partial, &final_path)
         .await
         .map_err(|e| ApiError::internal("Cannot store image file", &e))?;
     let file = ImageFile {
@@ -251,6 +271,7 @@ pub(super) async fn store_file(state: &AppState, image: &Image, part: ImagePart,
             } else {
                 ImagePhase::Uploading
             };
+            img.status.reason = None;
             true
         })
         .await?;
@@ -258,20 +279,29 @@ pub(super) async fn store_file(state: &AppState, image: &Image, part: ImagePart,
     Ok(image)
 }
 
-async fn receive(body: Body, path: &std::path::Path) -> ApiResult<(u64, String)> {
+/// Writes `stream` to `path`; its size and hex SHA-256. `progress`, if
+/// given, follows the bytes written.
+pub(super) async fn receive(
+    stream: impl futures::Stream<Item = ApiResult<bytes::Bytes>>,
+    path: &std::path::Path,
+    progress: Option<&tokio::sync::watch::Sender<u64>>,
+) -> ApiResult<(u64, String)> {
     let mut file = tokio::fs::File::create(path)
         .await
         .map_err(|e| ApiError::internal("Cannot create image file", &e))?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let mut stream = body.into_data_stream();
+    let mut stream = std::pin::pin!(stream);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("Upload interrupted: {e}")))?;
+        let chunk = chunk?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
         file.write_all(&chunk)
             .await
             .map_err(|e| ApiError::internal("Cannot write image file", &e))?;
+        if let Some(p) = progress {
+            p.send_replace(size);
+        }
     }
     file.sync_all()
         .await

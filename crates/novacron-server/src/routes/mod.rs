@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod health;
 pub mod identity;
+pub mod image_download;
 pub mod images;
 pub mod migrations;
 pub mod networks;

@@ -362,6 +362,7 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("DELETE", "/v1/images/{name}", "YYYnnnnn", "Ynnnnnnn"),
     ("PUT", "/v1/images/{name}/files/{part}", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/images/{name}/files/{part}", "YYYYYnYY", "YnnnYnYY"),
+    ("POST", "/v1/images/{name}/download", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/networks", "YYYYYnYY", "YYYYYnYY"),
     ("POST", "/v1/networks", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/networks/{name}", "YYYYYnYY", "YnnnYnYY"),
@@ -454,6 +455,9 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
             json!({"name": fresh, "project": p, "spec": {"image": format!("img-{p}"), "vcpus": 1, "memory_mib": 128}}),
         ),
         ("POST", "/v1/images") => Some(json!({"name": fresh, "project": p, "format": "kernel"})),
+        ("POST", "/v1/images/{name}/download") => {
+            Some(json!({"url": "http://127.0.0.1:9/disk.qcow2", "sha256": "0".repeat(64)}))
+        }
         ("POST", "/v1/vms/{name}/nics") => Some(json!({"network": format!("net-{p}")})),
         ("POST", "/v1/vms/{name}/exec") => Some(json!({"command": ["true"]})),
         ("POST", "/v1/vms/{name}/volumes") => Some(json!({"volume": format!("vol-{p}")})),
