@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Guest benchmark: Debian create -> SSH under NovaCron vs bare QEMU (median
-# of 3, interleaved), and 20 linked vs 20 full clones (time, disk bytes).
+# of 3, interleaved), 20 linked vs 20 full clones (time, disk bytes), and
+# volume hot-attach -> visible in the guest (median of 5).
 # Needs root (the dev cluster's agent runs in a network namespace). Writes
-# bench/results/guest.{md,json}. RUNS=N and CLONES=N change the counts.
+# bench/results/guest.{md,json}. RUNS=N, CLONES=N and VOLUMES=N change the counts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench/guest.sh needs root (network namespaces)" >&2; exit 1; }

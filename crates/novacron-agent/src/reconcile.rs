@@ -121,6 +121,7 @@ impl Reconciler {
         let desired = vm.spec.power_state;
         match (desired, pid) {
             (PowerState::Stopped, None) => {
+                let _ = rebuild_if_asked(vm, &dir, &mut st);
                 let rt = self.runtimes.entry(id.clone()).or_default();
                 rt.powerdown_sent = None;
                 rt.agent_shutdown_sent = false;
@@ -277,6 +278,10 @@ impl Reconciler {
                 tracing::warn!(vm = %name, error = %chain(&e), "not starting: cannot confirm the binding");
                 return;
             }
+        }
+        // A rebuild asked for just before this start; never start the old disk instead.
+        if !rebuild_if_asked(vm, dir, st) {
+            return;
         }
         st.phase = VmPhase::Starting;
         match self.start(vm, dir).await {
@@ -552,6 +557,27 @@ impl Reconciler {
             tracing::info!(vm_id = %id, "removed the directory of a VM this node no longer runs");
         }
     }
+}
+
+/// Carries out a rebuild the spec asks for and this agent has not done:
+/// the root disk goes (the next start makes it anew from the image). The
+/// seed is written at every start anyway.
+/// False if it could not be done.
+fn rebuild_if_asked(vm: &Vm, dir: &VmDir, st: &mut VmStatus) -> bool {
+    if vm.spec.rebuild_generation == st.observed_rebuild_generation {
+        return true;
+    }
+    match std::fs::remove_file(dir.root_disk()) {
+        Ok(()) => tracing::info!(vm = %vm.metadata.name, image = %vm.spec.image, "root disk removed for the rebuild"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(vm = %vm.metadata.name, error = %e, "cannot remove the root disk for the rebuild");
+            st.reason = Some(format!("Rebuild failed: cannot remove the root disk: {e}"));
+            return false;
+        }
+    }
+    st.observed_rebuild_generation = vm.spec.rebuild_generation;
+    true
 }
 
 /// Everything a VM needs before QEMU can start on this node: its directory,

@@ -465,6 +465,9 @@ pub struct VmSpec {
     /// Bumped by a start of a Failed or Stopped VM: the user asks again.
     #[serde(default)]
     pub start_request: u64,
+    /// Bumped by a rebuild: the agent makes the root disk anew from the image.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rebuild_generation: u64,
     /// Extra guest kernel command line (kernel images only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 1024)]
@@ -503,6 +506,10 @@ pub struct VmSpec {
     pub volumes: Vec<crate::volume::VolumeAttachment>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 pub fn default_stop_timeout() -> u32 {
     30
 }
@@ -522,6 +529,7 @@ impl VmSpec {
             stop_grace_s: None,
             reboot_generation: 0,
             start_request: 0,
+            rebuild_generation: 0,
             kernel_args: None,
             placement: Default::default(),
             machine: None,
@@ -581,6 +589,9 @@ pub struct VmStatus {
     pub observed_reboot_generation: u64,
     #[serde(default)]
     pub observed_start_request: u64,
+    /// The rebuild the agent last carried out (`spec.rebuild_generation`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub observed_rebuild_generation: u64,
     /// Restarts done by the agent under run strategy Always.
     #[serde(default)]
     pub restarts: u32,
@@ -655,6 +666,20 @@ pub struct StopVm {
     /// Grace period for the ACPI shutdown (default: the VM's stop_timeout_s).
     #[serde(default)]
     pub timeout_s: Option<u32>,
+}
+
+/// Body of `POST /v1/vms/{name}/rebuild`: a stopped VM's root disk is made
+/// anew from its image (or another one); data disk, volumes, NICs and
+/// identity stay.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct RebuildVm {
+    /// Rebuild from this image instead of the VM's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    pub image: Option<String>,
+    /// New cloud-init settings (user-data changes take effect only through a rebuild).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloudinit::CloudInitSpec>,
 }
 
 /// A command to run in the guest through its QEMU guest agent.

@@ -155,6 +155,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::vm_nics::router())
         .merge(routes::volumes::router())
         .merge(routes::templates::router())
+        .merge(routes::rebuild::router())
         .merge(routes::nodes::router())
         .merge(routes::pki::router())
         .merge(routes::images::router())

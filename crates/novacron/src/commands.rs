@@ -65,6 +65,17 @@ pub enum VmCommand {
     /// Attach or detach a volume (hot-plugged while the VM runs).
     #[command(subcommand)]
     Volume(crate::volumes::VmVolumeCommand),
+    /// Give a stopped VM a fresh root disk from its image (or --image) at its
+    /// next start; cloud-init options replace its cloud-init settings. Data
+    /// disk, volumes, NICs and addresses stay.
+    Rebuild {
+        name: String,
+        /// Rebuild from this image instead.
+        #[arg(long)]
+        image: Option<String>,
+        #[command(flatten)]
+        cloud_init: CloudInitArgs,
+    },
     /// Make a template image of a stopped VM (its root disk, flattened, with
     /// its hardware and cloud-init settings); the VM stays, stopped.
     Template {
@@ -464,6 +475,18 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
             crate::console::attach(&c, target.tls()?.map(std::sync::Arc::new), &name).await
         }
         VmCommand::Logs { name, follow, tail } => logs(&c, &name, follow, tail).await,
+        VmCommand::Rebuild {
+            name,
+            image,
+            cloud_init,
+        } => {
+            let req = novacron_api::RebuildVm {
+                image,
+                cloud_init: cloud_init.spec()?,
+            };
+            let vm: Vm = c.post_json(&format!("vms/{name}/rebuild"), &req).await?;
+            crate::output::vm(g.output, &vm)
+        }
         VmCommand::Template { name, image } => {
             let req = novacron_api::MakeTemplate { image };
             let spinner = ProgressBar::new_spinner();

@@ -178,6 +178,36 @@ async fn full_lifecycle_on_a_real_guest() {
     assert_eq!(c.vm("web").await.status.reason.as_deref(), Some("Forced off"));
     assert!(c.qemu_pids().is_empty());
 
+    // A rebuild gives the stopped VM a fresh root disk (its boot count starts
+    // again at 1); the data disk keeps its marker. A running VM is refused.
+    let disk_marker = |log: &str, last: bool| {
+        let mut ids = log.lines().filter_map(|l| l.split("NOVACRON-DISK ok id=").nth(1));
+        let id = if last { ids.next_back() } else { ids.next() };
+        id.map(|s| s.trim().to_string()).expect("disk marker")
+    };
+    let before = disk_marker(&c.logs("web").await, false);
+    let out = c.cli(&["vm", "rebuild", "web"]).output().expect("rebuild");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.cli(&["vm", "start", "web", "--wait"]).output().expect("start");
+    let log = c.wait_console("web", "NOVACRON-BOOT count=1", 2, BOOT).await;
+    // The fourth boot: first, reboot, start, and this one.
+    let after = c.wait_console("web", "NOVACRON-DISK ok", 4, BOOT).await;
+    assert_eq!(
+        disk_marker(&after, true),
+        before,
+        "the data disk changed in the rebuild"
+    );
+    assert_eq!(
+        log.matches("NOVACRON-MKFS dev=/dev/vda").count(),
+        2,
+        "the root disk was not made anew"
+    );
+    let refused = c.cli(&["vm", "rebuild", "web"]).output().expect("rebuild");
+    assert!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
+        "{refused:?}"
+    );
+
     // Start, then delete while running: process, disks and state dir all go.
     c.cli(&["vm", "start", "web", "--wait"]).output().expect("start");
     assert_eq!(c.qemu_pids().len(), 1);

@@ -10,6 +10,7 @@ pub mod networks;
 pub mod nodes;
 pub mod pki;
 pub mod projects;
+pub mod rebuild;
 pub mod scheduler;
 pub mod security_groups;
 pub mod templates;

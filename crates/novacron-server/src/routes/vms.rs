@@ -66,21 +66,7 @@ async fn create_vm(
     authorize(&p, Resource::Vms, Verb::Create, Some(&project))?;
     let quota = super::projects::require_project(&state, &project).await?.quota;
     validate::create_vm(&req)?;
-    let image = match state.store.get_obj::<Image>(&req.spec.image).await? {
-        Some(img) if img.metadata.project == project || img.spec.public => img,
-        _ => {
-            return Err(ApiError::invalid(
-                "spec.image",
-                format!("unknown image {:?} in project {project:?}", req.spec.image),
-            ))
-        }
-    };
-    if image.status.phase != ImagePhase::Ready {
-        return Err(ApiError::invalid(
-            "spec.image",
-            format!("image {:?} is still uploading", req.spec.image),
-        ));
-    }
+    let image = usable_image(&state, &req.spec.image, &project, "spec.image").await?;
     if req.spec.full_copy && image.spec.format == novacron_api::ImageFormat::Kernel {
         return Err(ApiError::invalid(
             "spec.full_copy",
@@ -163,6 +149,26 @@ async fn create_vm(
     tracing::info!(vm = %vm.metadata.name, "created VM");
     state.placement_wakeup.notify_one();
     Ok((StatusCode::CREATED, Json(vm)))
+}
+
+/// The image `name` if VMs of `project` may boot it: theirs or public, and Ready.
+pub(super) async fn usable_image(state: &AppState, name: &str, project: &str, field: &str) -> ApiResult<Image> {
+    let image = match state.store.get_obj::<Image>(name).await? {
+        Some(img) if img.metadata.project == project || img.spec.public => img,
+        _ => {
+            return Err(ApiError::invalid(
+                field,
+                format!("unknown image {name:?} in project {project:?}"),
+            ))
+        }
+    };
+    if image.status.phase != ImagePhase::Ready {
+        return Err(ApiError::invalid(
+            field,
+            format!("image {name:?} is {:?}, not Ready", image.status.phase),
+        ));
+    }
+    Ok(image)
 }
 
 /// What a deleted VM held on networks goes back: its addresses, its

@@ -347,6 +347,7 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("GET", "/v1/vms/{name}/console", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/vms/{name}/exec", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/vms/{name}/template", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/rebuild", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/vms/{name}/nics", "YYYnnnnn", "Ynnnnnnn"),
     ("DELETE", "/v1/vms/{name}/nics/{nic}", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/vms/{name}/volumes", "YYYnnnnn", "Ynnnnnnn"),
@@ -463,7 +464,7 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         ("POST", "/v1/vms/{name}/volumes") => Some(json!({"volume": format!("vol-{p}")})),
         ("POST", "/v1/volumes") => Some(json!({"name": fresh, "project": p, "size_mib": 64})),
         ("POST", "/v1/volumes/{name}/resize") => Some(json!({"size_mib": 128})),
-        ("POST", "/v1/vms/{name}/template") => Some(json!({})),
+        ("POST", "/v1/vms/{name}/template") | ("POST", "/v1/vms/{name}/rebuild") => Some(json!({})),
         ("POST", "/v1/security-groups") => Some(json!({"name": fresh, "project": p})),
         ("PUT", "/v1/security-groups/{name}") => Some(json!({"rules": []})),
         // A subnet of its own for every create that goes through.
