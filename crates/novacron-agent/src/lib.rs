@@ -6,6 +6,7 @@
 pub mod accel;
 mod capabilities;
 mod certs;
+mod copies;
 mod dwcp;
 mod guest;
 mod hotplug;
@@ -235,6 +236,7 @@ pub async fn run(
         claims: MigrationClaims::default(),
         net: net.clone(),
         guests: Default::default(),
+        copies: Default::default(),
     });
     let mut dwcp = None;
     if let Some(t) = &tls {
@@ -576,6 +578,7 @@ mod tests {
             claims: MigrationClaims::default(),
             net: Arc::new(network::Overlay::new("node-1", None, PathBuf::from("/nonexistent"))),
             guests: Default::default(),
+            copies: Default::default(),
         };
         Reconciler {
             node: Arc::new(node),

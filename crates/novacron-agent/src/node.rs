@@ -37,6 +37,8 @@ pub struct NodeContext {
     pub net: Arc<crate::network::Overlay>,
     /// The guest agents inside this node's VMs.
     pub guests: crate::guest::Guests,
+    /// Full clones' root disks being copied.
+    pub copies: crate::copies::FullCopies,
 }
 
 impl NodeContext {

@@ -540,10 +540,19 @@ pub async fn flatten_disk(src: &Path, dest: &Path) -> Result<(), QemuError> {
 }
 
 /// A full clone's root disk: an independent copy of `base`, grown to
-/// `size_mib` when that is larger, created atomically.
-pub async fn copy_disk(path: &Path, base: &Path, size_mib: Option<u64>) -> Result<(), QemuError> {
+/// `size_mib` when that is larger, created atomically. `percent` follows
+/// the copy (qemu-img's own progress).
+pub async fn copy_disk(
+    path: &Path,
+    base: &Path,
+    size_mib: Option<u64>,
+    percent: &std::sync::atomic::AtomicU8,
+) -> Result<(), QemuError> {
     let tmp = path.with_extension("qcow2.partial");
-    flatten_disk(base, &tmp).await?;
+    if let Err(e) = convert_with_progress(base, &tmp, percent).await {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Some(size) = size_mib {
         let size = format!("{size}M");
         qemu_img(
@@ -560,6 +569,65 @@ pub async fn copy_disk(path: &Path, base: &Path, size_mib: Option<u64>) -> Resul
         .await?;
     }
     std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// `qemu-img convert -p` of `src` (and its backing chain) into a standalone
+/// qcow2, its progress lines (`    (12.34/100%)` ending in CR) read into `percent`.
+async fn convert_with_progress(
+    src: &Path,
+    dest: &Path,
+    percent: &std::sync::atomic::AtomicU8,
+) -> Result<(), QemuError> {
+    use tokio::io::AsyncReadExt;
+    let mut child = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-p", "-O", "qcow2"])
+        .arg(src)
+        .arg(dest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| QemuError::Spawn {
+            program: "qemu-img".into(),
+            source,
+        })?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| QemuError::Img("qemu-img convert has no output pipe".into()))?;
+    let mut buf = [0u8; 256];
+    let mut line = Vec::new();
+    loop {
+        let n = stdout.read(&mut buf).await.map_err(io_err(dest))?;
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            if b == b'\r' || b == b'\n' {
+                if let Some(p) = progress_percent(&String::from_utf8_lossy(&line)) {
+                    percent.store(p, std::sync::atomic::Ordering::Relaxed);
+                }
+                line.clear();
+            } else {
+                line.push(b);
+            }
+        }
+    }
+    let out = child.wait_with_output().await.map_err(|source| QemuError::Spawn {
+        program: "qemu-img".into(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(QemuError::Img(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(())
+}
+
+/// The whole percent of a qemu-img progress line, `    (12.34/100%)`.
+fn progress_percent(line: &str) -> Option<u8> {
+    let done = line.trim().strip_prefix('(')?.split('/').next()?;
+    let value: f64 = done.trim().parse().ok()?;
+    (0.0..=100.0).contains(&value).then_some(value as u8)
 }
 
 #[cfg(test)]
@@ -618,6 +686,14 @@ mod tests {
         assert!(!args.contains(" -S"));
         let long = VmDir::new(Path::new(&"/x".repeat(60)), "id");
         assert!(matches!(spec.args(&long), Err(QemuError::PathTooLong(_))));
+    }
+
+    #[test]
+    fn qemu_img_progress_lines_read_as_percent() {
+        assert_eq!(progress_percent("    (12.34/100%)"), Some(12));
+        assert_eq!(progress_percent("    (100.00/100%)"), Some(100));
+        assert_eq!(progress_percent("garbage"), None);
+        assert_eq!(progress_percent("(250.0/100%)"), None);
     }
 
     #[test]

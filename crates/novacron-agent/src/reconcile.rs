@@ -14,6 +14,7 @@ use novacron_api::network::NIC_CHANGE_FAILED;
 use novacron_api::{Image, ImageFormat, ImagePart, PowerState, RunStrategy, Vm, VmPhase, VmStatus};
 use novacron_qmp::{Qmp, RunState};
 
+use crate::copies::CopyPoll;
 use crate::node::NodeContext;
 use crate::qemu::{self, LaunchSpec, VmDir};
 
@@ -76,7 +77,15 @@ pub enum ReconcileError {
     Seed(#[from] crate::seed::SeedError),
     #[error("Cannot attach the VM's volumes")]
     Volume(#[from] crate::volumes::VolumeError),
+    /// Not an error: the full clone's disk is still being copied.
+    #[error("{COPYING}: {0}%")]
+    Copying(u8),
+    #[error("Cannot copy the image for a full clone: {0}")]
+    Copy(String),
 }
+
+/// How a VM's reason reads while its full-clone disk is copied.
+const COPYING: &str = "Copying the image for a full clone";
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const REPRESS_EVERY: Duration = Duration::from_secs(3);
@@ -99,6 +108,7 @@ impl Reconciler {
                 self.force_off(&id, pid, &dir).await;
             }
             self.node.net.detach(&id).await;
+            self.node.copies.forget(&id);
             // Volumes outlive their VM: back to the pool, detached.
             crate::volumes::rescue_all(&self.node, &dir);
             if let Err(e) = std::fs::remove_dir_all(&dir.path) {
@@ -308,6 +318,10 @@ impl Reconciler {
                 }
                 tracing::info!(vm = %name, pid, accel = %self.node.accel, "VM started");
             }
+            Err(ReconcileError::Copying(percent)) => {
+                // Asked again every pass until the copy is done.
+                st.reason = Some(format!("{COPYING}: {percent}%"));
+            }
             Err(e) => {
                 let rt = self.runtimes.entry(id).or_default();
                 rt.failures += 1;
@@ -326,7 +340,7 @@ impl Reconciler {
     }
 
     async fn start(&mut self, vm: &Vm, dir: &VmDir) -> Result<u32, ReconcileError> {
-        let spec = prepare_launch(&self.node, vm, dir).await?;
+        let spec = prepare_launch(&self.node, vm, dir, false).await?;
         let pid = qemu::launch(&self.node.qemu, &spec, dir).await?;
         let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
         rt.qmp = None;
@@ -448,6 +462,15 @@ impl Reconciler {
                 .iter()
                 .all(|v| v.plugged == running && dir.volume(&v.id).exists());
         if in_place && dir.volume_ids().len() == st.volumes.len() {
+            // Nothing to do, so nothing failing either (the spec changed since).
+            rt.volumes_failed = None;
+            if st
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with(VOLUME_CHANGE_FAILED))
+            {
+                st.reason = None;
+            }
             return;
         }
         let mut plugs = std::mem::take(&mut rt.volume_plugs);
@@ -540,6 +563,7 @@ impl Reconciler {
     /// elsewhere) and removes its directory; nothing if there is none.
     pub async fn remove_vm_state(&mut self, id: &str) {
         self.runtimes.remove(id);
+        self.node.copies.forget(id);
         let dir = self.vm_dir(id);
         if !dir.path.exists() {
             return;
@@ -583,7 +607,12 @@ fn rebuild_if_asked(vm: &Vm, dir: &VmDir, st: &mut VmStatus) -> bool {
 /// Everything a VM needs before QEMU can start on this node: its directory,
 /// the image files in the cache, the overlay root disk and the data disk.
 /// Used for a normal start and for the target of a migration.
-pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<LaunchSpec, ReconcileError> {
+pub async fn prepare_launch(
+    node: &NodeContext,
+    vm: &Vm,
+    dir: &VmDir,
+    incoming: bool,
+) -> Result<LaunchSpec, ReconcileError> {
     let (client, images, accel) = (&node.client, &node.images, node.accel.as_str());
     std::fs::create_dir_all(&dir.path).map_err(ReconcileError::Io)?;
     let image: Image = client
@@ -611,9 +640,15 @@ pub async fn prepare_launch(node: &NodeContext, vm: &Vm, dir: &VmDir) -> Result<
                 let base = images.ensure(client, &image, ImagePart::Disk).await?;
                 let virtual_mib = image.status.virtual_size_bytes.div_ceil(1024 * 1024);
                 let size = vm.spec.disk_mib.filter(|s| *s > virtual_mib);
-                if vm.spec.full_copy {
-                    tracing::info!(vm = %vm.metadata.name, image = %image.metadata.name, "copying the image for a full clone");
-                    qemu::copy_disk(&dir.root_disk(), &base, size).await?;
+                if vm.spec.full_copy && !incoming {
+                    match node.copies.poll(&vm.metadata.id, &dir.root_disk(), &base, size) {
+                        CopyPoll::Done => {}
+                        CopyPoll::Running(percent) => return Err(ReconcileError::Copying(percent)),
+                        CopyPoll::Failed(why) => return Err(ReconcileError::Copy(why)),
+                    }
+                } else if vm.spec.full_copy {
+                    // A migration's target: the copy is what its mirror writes to.
+                    qemu::copy_disk(&dir.root_disk(), &base, size, &Default::default()).await?;
                 } else {
                     qemu::create_disk(&dir.root_disk(), Some((&base, &fmt.to_string())), size).await?;
                 }

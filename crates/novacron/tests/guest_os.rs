@@ -355,7 +355,24 @@ async fn linked_clones_of_a_template_boot_as_distinct_machines() {
             .output()
             .expect("cli"),
     );
-    let full = c.wait_phase("full-1", VmPhase::Running, SSH_UP).await;
+    // The copy runs in the background, its percentage in the VM's reason.
+    let mut reasons = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + SSH_UP;
+    let full = loop {
+        let vm = c.vm("full-1").await;
+        reasons.extend(vm.status.reason.clone());
+        if vm.status.phase == VmPhase::Running {
+            break vm;
+        }
+        assert!(std::time::Instant::now() < deadline, "full-1 is not running: {vm:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("Copying the image for a full clone: ")),
+        "no copy progress shown: {reasons:?}"
+    );
     let disk = c
         .dir
         .path()

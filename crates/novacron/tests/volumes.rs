@@ -82,10 +82,11 @@ async fn volumes_attach_move_with_their_vm_and_to_other_vms() {
     // the volume, b then fetches it from there.
     ok(c.cli(&["node", "cordon", "node-2"]).output().expect("cli"));
     for name in ["a", "b"] {
-        c.client
-            .create_vm(&vm_on(name, Vec::new(), None))
-            .await
-            .expect("create");
+        let mut req = vm_on(name, Vec::new(), None);
+        // The guest's init formats a blank second disk (vdb) at boot: a data
+        // disk takes that place, so a volume present at boot is left alone.
+        req.spec.data_disk_mib = Some(16);
+        c.client.create_vm(&req).await.expect("create");
     }
     c.wait_phase("a", VmPhase::Running, BOOT).await;
     c.wait_phase("b", VmPhase::Running, BOOT).await;
@@ -196,6 +197,38 @@ async fn volumes_attach_move_with_their_vm_and_to_other_vms() {
         (VolumePhase::Available, None, Some(target))
     );
 
+    // A volume whose data is lost cannot be attached: the attach fails with
+    // the reason and plugs nothing, and a detach clears it away.
+    ok(c.cli(&["volume", "create", "v2", "--size", "32MiB"])
+        .output()
+        .expect("cli"));
+    ok(c.cli(&["vm", "volume", "attach", "a", "v2", "--wait"])
+        .output()
+        .expect("cli"));
+    ok(c.cli(&["vm", "volume", "detach", "a", "v2", "--wait"])
+        .output()
+        .expect("cli"));
+    let v2 = volume(&c, "v2").await;
+    let lost = c
+        .dir
+        .path()
+        .join(target)
+        .join("volumes")
+        .join(format!("{}.qcow2", v2.metadata.id));
+    std::fs::remove_file(&lost).expect("v2's data in node-2's pool");
+    cli_fails(
+        &c,
+        &["vm", "volume", "attach", "a", "v2", "--wait"],
+        "Volume change failed",
+    );
+    let a_now = c.vm("a").await;
+    assert!(a_now.status.volumes.is_empty(), "{:?}", a_now.status.volumes);
+    ok(c.cli(&["vm", "volume", "detach", "a", "v2", "--wait"])
+        .output()
+        .expect("cli"));
+    assert_eq!(c.vm("a").await.status.reason, None);
+    ok(c.cli(&["volume", "delete", "v2"]).output().expect("cli"));
+
     // Attached to a VM on the other node: fetched from there, data intact.
     let b_node = c.vm("b").await.status.node.expect("node");
     assert_eq!(b_node, "node-1");
@@ -215,12 +248,10 @@ async fn volumes_attach_move_with_their_vm_and_to_other_vms() {
             .join("volumes")
             .join(format!("{}.qcow2", v1.metadata.id))
     };
-    if b_node != target {
-        wait_until("the old copy to be deleted", GUEST, || async {
-            (!pool(target).exists()).then_some(())
-        })
-        .await;
-    }
+    wait_until("the old copy to be deleted", GUEST, || async {
+        (!pool(target).exists()).then_some(())
+    })
+    .await;
 
     // Grown online: the guest sees the new size.
     ok(c.cli(&["volume", "resize", "v1", "--size", "96MiB"])
@@ -234,6 +265,23 @@ async fn volumes_attach_move_with_their_vm_and_to_other_vms() {
     )
     .await;
     assert_eq!(sectors, "196608", "96 MiB in 512-byte sectors");
+
+    // A cold migration copies the volume along with the stopped VM.
+    ok(c.cli(&["vm", "stop", "b", "--wait"]).output().expect("cli"));
+    ok(c.cli(&["vm", "migrate", "b", "--to", target, "--wait"])
+        .output()
+        .expect("cli"));
+    ok(c.cli(&["vm", "start", "b", "--wait"]).output().expect("cli"));
+    c.wait_console("b", "NOVACRON-GUEST-READY", 2, BOOT).await;
+    let b_node = c.vm("b").await.status.node.expect("node");
+    assert_eq!(b_node, target);
+    let dev_b = guest_device(&c, "b", &v1.metadata.id, "dev-b-cold").await;
+    assert_eq!(
+        checksum(&c, "b", &dev_b, "sum-b-cold").await,
+        sum,
+        "the volume changed in the cold move"
+    );
+    assert_eq!(volume(&c, "v1").await.status.node.as_deref(), Some(target));
 
     // A deleted VM lets its volumes go to its node's pool.
     ok(c.cli(&["vm", "delete", "b"]).output().expect("cli"));
@@ -252,7 +300,7 @@ async fn volumes_attach_move_with_their_vm_and_to_other_vms() {
         (VolumePhase::Available, Some(b_node.as_str()), 96)
     );
     assert!(pool(&b_node).exists(), "the volume's data went with its VM");
-    // Volumes count in the disk usage: a's root disk (64 MiB) and v1.
+    // Volumes count in the disk usage: a's root and data disks (64 + 16 MiB) and v1.
     let project: serde_json::Value = c
         .http()
         .get(format!("{}/v1/projects/default", c.url))
@@ -263,7 +311,7 @@ async fn volumes_attach_move_with_their_vm_and_to_other_vms() {
         .json()
         .await
         .expect("json");
-    assert_eq!(project["usage"]["disk_mib"], 64 + 96, "{project}");
+    assert_eq!(project["usage"]["disk_mib"], 64 + 16 + 96, "{project}");
     ok(c.cli(&["volume", "delete", "v1"]).output().expect("cli"));
     assert!(!pool(&b_node).exists(), "the deleted volume's data stayed");
 }

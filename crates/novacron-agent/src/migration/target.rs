@@ -60,7 +60,7 @@ impl Migrations {
             for a in &vm.spec.volumes {
                 qemu::create_disk(&dir.volume(&a.id), None, Some(a.size_mib)).await?;
             }
-            let mut spec = prepare_launch(&self.node, vm, &dir).await?;
+            let mut spec = prepare_launch(&self.node, vm, &dir, true).await?;
             steps.end(fetching, None);
             // QEMU appends to the log (logappend=on): seed it with the source's history.
             std::fs::write(dir.console_log(), &req.console_log).map_err(MigrationError::io("write the console log"))?;
