@@ -73,7 +73,7 @@ impl Migrations {
     /// and point the root overlay at this node's copy of the base image.
     pub(crate) async fn receive_cold(&self, req: ColdRequest) -> Result<(), MigrationError> {
         let vm = &req.vm;
-        let dir = self.begin_incoming(vm)?;
+        let dir = self.begin_incoming(vm).await?;
         let result = async {
             std::fs::create_dir_all(&dir.path).map_err(MigrationError::io("create the VM's directory"))?;
             let source: Node = self.node.client.get(&req.source_node).await?;

@@ -22,7 +22,7 @@ use crate::node::MigrationClaim;
 use novacron_api::error::chain;
 
 /// How long a new driver waits for the previous one to let go of the VM.
-const CLAIM_WAIT: Duration = Duration::from_secs(30);
+pub(super) const CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 /// The status of a migration this agent drives, as the agent knows it, and a
 /// task that writes it to the server whenever the server can take it. The

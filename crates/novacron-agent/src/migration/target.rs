@@ -34,8 +34,20 @@ const NBD_LISTENER: &str = "nbd-listener";
 
 impl Migrations {
     /// Start of every incoming migration: the VM directory here, which must not
-    /// have a QEMU yet.
-    pub(super) fn begin_incoming(&self, vm: &Vm) -> Result<VmDir, MigrationError> {
+    /// have a QEMU yet. A migration of the VM away from this node may still
+    /// be cleaning up (its status is final a moment before its driver lets
+    /// go): wait for it, or its cleanup would remove what this one prepares.
+    pub(super) async fn begin_incoming(&self, vm: &Vm) -> Result<VmDir, MigrationError> {
+        let deadline = Instant::now() + super::driver::CLAIM_WAIT;
+        while self.node.claims.is_claimed(&vm.metadata.id) {
+            if Instant::now() >= deadline {
+                return Err(MigrationError::Conflict(format!(
+                    "a migration of VM {} away from this node is still finishing",
+                    vm.metadata.name
+                )));
+            }
+            tokio::time::sleep(super::POLL_EVERY).await;
+        }
         let dir = self.dir(&vm.metadata.id);
         if dir.running_pid().is_some() {
             return Err(MigrationError::Conflict(format!(
@@ -50,7 +62,7 @@ impl Migrations {
     /// migration stream, NBD exports of its disks.
     pub(crate) async fn prepare(&self, req: PrepareRequest) -> Result<Prepared, MigrationError> {
         let vm = &req.vm;
-        let dir = self.begin_incoming(vm)?;
+        let dir = self.begin_incoming(vm).await?;
         // The target's own steps, from the start of the call (the source places them).
         let steps = Timeline::new(Instant::now());
         let result = async {
