@@ -315,3 +315,71 @@ async fn volumes_attach_move_with_their_vm_and_to_other_vms() {
     ok(c.cli(&["volume", "delete", "v1"]).output().expect("cli"));
     assert!(!pool(&b_node).exists(), "the deleted volume's data stayed");
 }
+
+/// The block nodes of a running VM's QEMU, read over its second QMP
+/// monitor (the agent holds the first).
+fn block_nodes(c: &Cluster, vm: &Vm) -> String {
+    let node = vm.status.node.clone().expect("node");
+    let sock = c
+        .dir
+        .path()
+        .join(node)
+        .join("vms")
+        .join(&vm.metadata.id)
+        .join("qmp-migrate.sock");
+    let script = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+def call(cmd, args=None):
+    f.write(json.dumps({"execute": cmd, **({"arguments": args} if args else {})}) + "\n"); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r or "error" in r:
+            return r
+json.loads(f.readline())
+call("qmp_capabilities")
+print(" ".join(n["node-name"] for n in call("query-named-block-nodes", {"flat": True})["return"]))
+"#;
+    ok(std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&sock)
+        .output()
+        .expect("python3"))
+}
+
+#[tokio::test]
+async fn a_failed_hot_plug_leaves_no_block_node() {
+    let c = Cluster::start(Options {
+        agents: 1,
+        ..Default::default()
+    })
+    .await;
+    c.import_demo().await;
+    // q35's PCIe root bus takes no hot-plugged devices: device_add fails
+    // after blockdev-add has made the volume's node.
+    let mut req = vm_on("q", Vec::new(), None);
+    req.spec.machine = Some("q35".into());
+    c.client.create_vm(&req).await.expect("create");
+    let vm = c.wait_phase("q", VmPhase::Running, BOOT).await;
+    ok(c.cli(&["volume", "create", "v3", "--size", "32MiB"])
+        .output()
+        .expect("cli"));
+    cli_fails(
+        &c,
+        &["vm", "volume", "attach", "q", "v3", "--wait"],
+        "does not support hotplugging",
+    );
+    let nodes = block_nodes(&c, &vm);
+    assert!(
+        !nodes.split(' ').any(|n| n.starts_with("vol")),
+        "a block node leaked: {nodes}"
+    );
+    let devices = c.vm("q").await.status.volumes;
+    assert!(devices.iter().all(|v| !v.plugged), "{devices:?}");
+    // Detaching clears the failure; the volume is free again.
+    ok(c.cli(&["vm", "volume", "detach", "q", "v3", "--wait"])
+        .output()
+        .expect("cli"));
+    assert_eq!(c.vm("q").await.status.reason, None);
+    assert_eq!(volume(&c, "v3").await.status.phase, VolumePhase::Available);
+}
