@@ -424,9 +424,7 @@ impl Reconciler {
                 Ok(now) => {
                     plugged.nics = Some(now);
                     plugged.failed = None;
-                    if st.reason.as_deref().is_some_and(|r| r.starts_with(NIC_CHANGE_FAILED)) {
-                        st.reason = None;
-                    }
+                    clear_reason(st, NIC_CHANGE_FAILED);
                 }
                 Err(e) => {
                     let why = format!("{NIC_CHANGE_FAILED}: {}", chain(&e));
@@ -461,36 +459,24 @@ impl Reconciler {
                 .volumes
                 .iter()
                 .all(|v| v.plugged == running && dir.volume(&v.id).exists());
-        if in_place && dir.volume_ids().len() == st.volumes.len() {
-            // Nothing to do, so nothing failing either (the spec changed since).
-            rt.volumes_failed = None;
-            if st
-                .reason
-                .as_deref()
-                .is_some_and(|r| r.starts_with(VOLUME_CHANGE_FAILED))
-            {
-                st.reason = None;
-            }
-            return;
-        }
-        let mut plugs = std::mem::take(&mut rt.volume_plugs);
-        let result = match qmp {
-            Some(qmp) => crate::volumes::sync_running(&self.node, vm, dir, qmp, &mut plugs).await,
-            None => crate::volumes::sync_stopped(&self.node, vm, dir).await,
+        // Nothing to do (and so nothing failing) when the agent holds what the spec asks.
+        let result = if in_place && dir.volume_ids().len() == st.volumes.len() {
+            Ok(st.volumes.clone())
+        } else {
+            let mut plugs = std::mem::take(&mut rt.volume_plugs);
+            let result = match qmp {
+                Some(qmp) => crate::volumes::sync_running(&self.node, vm, dir, qmp, &mut plugs).await,
+                None => crate::volumes::sync_stopped(&self.node, vm, dir).await,
+            };
+            self.runtimes.entry(vm.metadata.id.clone()).or_default().volume_plugs = plugs;
+            result
         };
         let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
-        rt.volume_plugs = plugs;
         match result {
             Ok(held) => {
                 st.volumes = held;
                 rt.volumes_failed = None;
-                if st
-                    .reason
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with(VOLUME_CHANGE_FAILED))
-                {
-                    st.reason = None;
-                }
+                clear_reason(st, VOLUME_CHANGE_FAILED);
             }
             Err(e) => {
                 let why = format!("{VOLUME_CHANGE_FAILED}: {}", chain(&e));
@@ -580,6 +566,13 @@ impl Reconciler {
         } else {
             tracing::info!(vm_id = %id, "removed the directory of a VM this node no longer runs");
         }
+    }
+}
+
+/// Clears the VM's reason if it is a failure of the kind `prefix` names.
+fn clear_reason(st: &mut VmStatus, prefix: &str) {
+    if st.reason.as_deref().is_some_and(|r| r.starts_with(prefix)) {
+        st.reason = None;
     }
 }
 

@@ -241,13 +241,13 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         _ => match guest_dir(a.guest_dir.clone()) {
             Some(g) => {
                 let _ = client.delete::<Image>("demo").await;
-                crate::commands::import(
+                crate::images::import(
                     &client,
                     "demo",
                     None,
                     Some((&g.join("vmlinuz"), &g.join("initrd.img"))),
                     // Public, so VMs of every project can boot it.
-                    crate::commands::ImportOptions {
+                    crate::images::ImportOptions {
                         public: true,
                         ..Default::default()
                     },

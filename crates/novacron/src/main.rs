@@ -7,6 +7,7 @@ mod dev;
 mod devnet;
 mod identity;
 mod images;
+mod migrations;
 mod networks;
 mod nodes;
 mod output;
@@ -76,7 +77,7 @@ enum Command {
     Ca(pki::CaCommand),
     /// Manage images.
     #[command(subcommand)]
-    Image(commands::ImageCommand),
+    Image(images::ImageCommand),
     /// Manage virtual networks.
     #[command(subcommand)]
     Network(networks::NetworkCommand),
@@ -88,7 +89,7 @@ enum Command {
     SecurityGroup(networks::SecurityGroupCommand),
     /// Inspect and cancel live migrations.
     #[command(subcommand)]
-    Migration(commands::MigrationCommand),
+    Migration(migrations::MigrationCommand),
     /// Log in with a user name and password; saves the token for later commands.
     Login(identity::LoginArgs),
     /// Show the caller's identity and permissions.
@@ -321,8 +322,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Vm(c) => commands::vm(&cli.global, c).await,
         Command::Node(c) => nodes::node(&cli.global, c).await,
         Command::Ca(c) => pki::ca(&cli.global, c).await,
-        Command::Image(c) => commands::image(&cli.global, c).await,
-        Command::Migration(c) => commands::migration(&cli.global, c).await,
+        Command::Image(c) => images::image(&cli.global, c).await,
+        Command::Migration(c) => migrations::migration(&cli.global, c).await,
         Command::Network(c) => networks::network(&cli.global, c).await,
         Command::Volume(c) => volumes::volume(&cli.global, c).await,
         Command::SecurityGroup(c) => networks::security_group(&cli.global, c).await,

@@ -5,7 +5,8 @@ use clap::Subcommand;
 use novacron_api::{Node, Vm, VmPhase};
 use novacron_client::{Client, Selector};
 
-use crate::commands::{client, list, run_moves, ListArgs};
+use crate::commands::{client, list, ListArgs};
+use crate::migrations::run_moves;
 use crate::output::{self, Format};
 use crate::Global;
 

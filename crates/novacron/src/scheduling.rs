@@ -294,7 +294,7 @@ pub async fn cluster(g: &Global, cmd: ClusterCommand) -> Result<()> {
                 return Ok(());
             }
             let moves = plan.moves.iter().map(|m| (m.vm.clone(), Some(m.to.clone()))).collect();
-            let results = crate::commands::run_moves(&c, moves, parallel).await?;
+            let results = crate::migrations::run_moves(&c, moves, parallel).await?;
             let failed = results.iter().filter(|(_, o)| o.starts_with("not moved")).count();
             for (vm, outcome) in &results {
                 println!("{vm}: {outcome}");
