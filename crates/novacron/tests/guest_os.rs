@@ -13,8 +13,11 @@ use std::time::Duration;
 use common::{guestnet, ok, wait_until, Cluster, Options};
 use novacron_api::VmPhase;
 
-/// A TCG boot of Debian takes ~45 s alone; beside other tests, more.
+/// A TCG boot of Debian takes 45-100 s alone, depending on the host;
+/// beside other tests, more.
 const SSH_UP: Duration = Duration::from_secs(300);
+/// Five TCG boots at once on two cores (about 300 s on a slow host).
+const CLONES_UP: Duration = Duration::from_secs(600);
 /// `openssl passwd -6 -salt novacron0 novacron`
 const PASSWORD_HASH: &str =
     "$6$novacron0$TP3vOscJvc95y6YFYB78Baqm/t7YGQJQ6pU5EYJauymlekBKJEa8lVDFuparnPlpA4grJ09Ff2UKHaCg0h/M21";
@@ -98,15 +101,31 @@ fn ssh(c: &Cluster, key: &Path, ip: &str, cmd: &str) -> Output {
 
 /// Waits until SSH logs in and `cmd` succeeds; returns its output.
 async fn ssh_when_up(c: &Cluster, key: &Path, vm: &str, ip: &str, cmd: &str) -> String {
-    wait_until(&format!("SSH into {vm} at {ip}"), SSH_UP, || async {
+    ssh_by(c, key, vm, ip, cmd, std::time::Instant::now() + SSH_UP).await
+}
+
+/// Waits until SSH logs in and `cmd` succeeds, up to `deadline`; returns its
+/// output. On a timeout the failure carries the last SSH error and the
+/// guest's console.
+async fn ssh_by(c: &Cluster, key: &Path, vm: &str, ip: &str, cmd: &str, deadline: std::time::Instant) -> String {
+    loop {
         let out = ssh(c, key, ip, cmd);
         if out.status.success() {
-            return Some(String::from_utf8_lossy(&out.stdout).into_owned());
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        if std::time::Instant::now() > deadline {
+            let id = c.vm(vm).await.metadata.id;
+            let log = std::fs::read_to_string(c.dir.path().join("node-1/vms").join(&id).join("console.log"))
+                .unwrap_or_else(|e| format!("(no console log: {e})"));
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "timed out waiting for SSH into {vm} at {ip}: {}\n--- console (last 60 lines) ---\n{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        None
-    })
-    .await
+    }
 }
 
 #[tokio::test]
@@ -197,6 +216,28 @@ async fn debian_guest_is_configured_by_cloud_init_and_answers_ssh() {
     let audit = ok(c.cli(&["audit", "list", "-o", "json"]).output().expect("cli"));
     assert!(audit.contains("/v1/vms/deb1/exec"), "exec is not in the audit log");
 
+    // A snapshot of the running guest is quiesced by its agent, which thaws
+    // the filesystems after it (a write still goes through).
+    let taken = ok(c
+        .cli(&["vm", "snapshot", "create", "deb1", "quiet", "-o", "json"])
+        .output()
+        .expect("cli"));
+    let taken: Vec<novacron_api::Snapshot> = serde_json::from_str(&taken).expect("snapshot JSON");
+    assert!(taken[0].taken_running && taken[0].quiesced, "{taken:?}");
+    let out = ok(c
+        .cli(&[
+            "vm",
+            "exec",
+            "deb1",
+            "--",
+            "sh",
+            "-c",
+            "echo thawed > /root/after && cat /root/after",
+        ])
+        .output()
+        .expect("cli"));
+    assert_eq!(out.trim(), "thawed");
+
     // The guest ignores ACPI: the stop is clean through the guest agent,
     // not a kill at the end of the grace period.
     ok(c.cli(&["vm", "stop", "deb1"]).output().expect("cli"));
@@ -260,11 +301,14 @@ async fn linked_clones_of_a_template_boot_as_distinct_machines() {
     }
     let mut seen = vec![base_id.clone()];
     let (mut ips, mut macs) = (vec![base_ip], Vec::new());
+    // The five boot at once, sharing two cores: the first answers about
+    // when the last does, so they share one deadline.
+    let all_up = std::time::Instant::now() + CLONES_UP;
     for name in &names {
         let vm = c.wait_phase(name, VmPhase::Running, SSH_UP).await;
         let ip = vm.spec.nics[0].ip.clone().expect("address");
         macs.push(vm.spec.nics[0].mac.clone().expect("mac"));
-        let id = ssh_when_up(&c, &key, name, &ip, IDENTITY).await;
+        let id = ssh_by(&c, &key, name, &ip, IDENTITY, all_up).await;
         assert_eq!(id.lines().next(), Some(name.as_str()), "{id}");
         ips.push(ip);
         seen.push(id);

@@ -152,3 +152,28 @@ pub async fn three_hosts() -> Cluster {
     c.import_demo().await;
     c
 }
+
+/// Runs `cmd` in the busybox guest and returns what it printed (one line).
+pub async fn guest_value(c: &Cluster, vm: &str, tag: &str, cmd: &str) -> String {
+    type_on_console(c, vm, &format!("echo \"VAL\"\"-{tag} $({cmd})\""));
+    let marker = format!("VAL-{tag} ");
+    wait_until(
+        &format!("{marker:?} on {vm}'s console"),
+        Duration::from_secs(60),
+        || async {
+            let log = c.logs(vm).await;
+            log.lines()
+                .rev()
+                .find_map(|l| l.strip_prefix(&marker))
+                .map(|v| v.trim().to_string())
+        },
+    )
+    .await
+}
+
+/// Runs a CLI command that must fail saying `says`.
+pub fn cli_fails(c: &Cluster, args: &[&str], says: &str) {
+    let out = c.cli(args).output().expect("cli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+}
