@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::*;
 
+mod backup;
+mod snapshot;
+pub use backup::*;
+pub use snapshot::*;
+
 /// A QMP command whose value is its arguments.
 pub trait Command: Serialize {
     /// The command's name on the wire.
@@ -87,6 +92,20 @@ pub struct Migrate {
 impl Command for Migrate {
     const NAME: &'static str = "migrate";
     type Reply = Empty;
+}
+
+/// `human-monitor-command`: one HMP command line; returns what HMP
+/// printed. Tests use it for what QMP has no command for (e.g. `qemu-io`
+/// on a block node, standing in for a guest's writes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HumanMonitorCommand {
+    pub command_line: String,
+}
+
+impl Command for HumanMonitorCommand {
+    const NAME: &'static str = "human-monitor-command";
+    type Reply = String;
 }
 
 /// `getfd`: names the file descriptor sent with this command (SCM_RIGHTS),
@@ -452,6 +471,12 @@ pub struct BlockdevAddQcow2 {
     /// Always `unmap`: the guest's discards free space in the image.
     pub discard: &'static str,
     pub file: BlockdevFile,
+    /// `Some(None)` sends `"backing": null`: an overlay whose backing node
+    /// `blockdev-snapshot` attaches (its backing file is not opened);
+    /// `Some(Some(node))` puts it on an existing node. `None`: the backing
+    /// file its header names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing: Option<Option<String>>,
 }
 
 /// The protocol node under a format node: a local file.
@@ -472,6 +497,23 @@ impl BlockdevAddQcow2 {
                 driver: "file",
                 filename: filename.into(),
             },
+            backing: None,
+        }
+    }
+
+    /// An overlay added without its backing node (see [`Transaction`]).
+    pub fn overlay(node_name: impl Into<String>, filename: impl Into<String>) -> Self {
+        BlockdevAddQcow2 {
+            backing: Some(None),
+            ..Self::new(node_name, filename)
+        }
+    }
+
+    /// An overlay on node `backing`: reads of what it does not hold go there.
+    pub fn on_node(node_name: impl Into<String>, filename: impl Into<String>, backing: impl Into<String>) -> Self {
+        BlockdevAddQcow2 {
+            backing: Some(Some(backing.into())),
+            ..Self::new(node_name, filename)
         }
     }
 }

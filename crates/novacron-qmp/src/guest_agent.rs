@@ -131,6 +131,10 @@ no_args! {
     NetworkGetInterfaces = "guest-network-get-interfaces" -> Vec<GuestInterface>;
     /// Powerdown: the agent asks the guest OS to shut down.
     Shutdown = "guest-shutdown" -> Value;
+    /// Flushes and freezes the guest's filesystems; how many it froze.
+    FsfreezeFreeze = "guest-fsfreeze-freeze" -> u64;
+    /// Thaws them; how many it thawed.
+    FsfreezeThaw = "guest-fsfreeze-thaw" -> u64;
 }
 
 /// Not for security: only tells this session's sync reply from stale ones.

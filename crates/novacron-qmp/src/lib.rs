@@ -151,7 +151,14 @@ impl Qmp {
 
     /// Runs a command and returns its reply, checked against its type.
     pub async fn run<C: Command>(&self, command: &C) -> Result<C::Reply, QmpError> {
-        self.run_passing(command, None).await
+        self.run_passing(command, None, self.timeout).await
+    }
+
+    /// [`Qmp::run`] with a timeout of its own: for commands that change
+    /// the machine (hot-plug), which QEMU may take seconds to answer while
+    /// a TCG guest boots.
+    pub async fn run_within<C: Command>(&self, command: &C, timeout: Duration) -> Result<C::Reply, QmpError> {
+        self.run_passing(command, None, timeout).await
     }
 
     /// Hands QEMU a file descriptor under `name` (`getfd`), e.g. a socket
@@ -160,10 +167,15 @@ impl Qmp {
     /// own copy; the caller may close `fd` afterwards.
     pub async fn pass_fd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
         let getfd = commands::GetFd { fdname: name.into() };
-        self.run_passing(&getfd, Some(fd)).await.map(drop)
+        self.run_passing(&getfd, Some(fd), self.timeout).await.map(drop)
     }
 
-    async fn run_passing<C: Command>(&self, command: &C, fd: Option<BorrowedFd<'_>>) -> Result<C::Reply, QmpError> {
+    async fn run_passing<C: Command>(
+        &self,
+        command: &C,
+        fd: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Result<C::Reply, QmpError> {
         let arguments = match serde_json::to_value(command) {
             Ok(Value::Null) => None,
             Ok(args) => Some(args),
@@ -174,7 +186,7 @@ impl Qmp {
                 })
             }
         };
-        let reply = self.execute_passing(C::NAME, arguments, fd).await?;
+        let reply = self.execute_passing(C::NAME, arguments, fd, timeout).await?;
         parse_reply::<C::Reply>(C::NAME, reply)
     }
 
@@ -182,7 +194,7 @@ impl Qmp {
     /// For tests only: callers use the typed [`Qmp::run`].
     #[cfg(test)]
     pub(crate) async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
-        self.execute_passing(command, arguments, None).await
+        self.execute_passing(command, arguments, None, self.timeout).await
     }
 
     async fn execute_passing(
@@ -190,6 +202,7 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
         fd: Option<BorrowedFd<'_>>,
+        timeout: Duration,
     ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
@@ -212,7 +225,7 @@ impl Qmp {
             self.pending.lock().remove(&id);
             return Err(e.into());
         }
-        match tokio::time::timeout(self.timeout, rx).await {
+        match tokio::time::timeout(timeout, rx).await {
             Err(_) => {
                 self.pending.lock().remove(&id);
                 Err(QmpError::Timeout(command.to_string()))

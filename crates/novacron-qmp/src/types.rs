@@ -564,6 +564,18 @@ pub struct BlockExportNbd {
     pub description: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocation_depth: Option<bool>,
+    /// Dirty bitmaps clients may read as `qemu:dirty-bitmap:NAME`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapRef>>,
+}
+
+/// QAPI `BlockDirtyBitmapOrStr`: a bitmap of the node in question by
+/// name, or of any node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum BitmapRef {
+    Local(String),
+    Node { node: String, name: String },
 }
 
 #[cfg(test)]
@@ -584,13 +596,37 @@ pub struct ObjectPropertyInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BlockDeviceInfo {
-    /// Its node name (auto-generated ones start with `#`).
-    pub node_name: String,
+    /// Its node name (auto-generated ones start with `#`); optional in
+    /// the schema, though `query-named-block-nodes` lists named nodes.
+    #[serde(default)]
+    pub node_name: Option<String>,
     /// The image's file name (for a format node, its file's).
     pub file: String,
     /// Format driver (`qcow2`, `raw`) or protocol (`file`).
     pub drv: String,
     pub image: ImageInfo,
+    /// The node's dirty bitmaps.
+    #[serde(default)]
+    pub dirty_bitmaps: Vec<BlockDirtyInfo>,
+}
+
+/// One dirty bitmap of a node (QAPI `BlockDirtyInfo`, the members used).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockDirtyInfo {
+    /// Optional in the schema (bitmaps without names are a thing of the past).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Dirty bytes.
+    pub count: u64,
+    pub granularity: u32,
+    /// Records writes now.
+    pub recording: bool,
+    /// Stored in the image (qcow2) when QEMU closes it.
+    pub persistent: bool,
+    /// Left in use by a QEMU that did not close the image: what it says
+    /// cannot be trusted.
+    #[serde(default)]
+    pub inconsistent: bool,
 }
 
 /// What `BlockDeviceInfo` says of the image (QAPI `ImageInfo`, the members used).

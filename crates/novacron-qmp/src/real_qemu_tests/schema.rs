@@ -188,6 +188,12 @@ impl Schema {
     /// A value of `ty`: every mandatory member, and the optional ones too
     /// when `full`. A union takes the first case that has members of its own.
     fn sample(&self, ty: &str, full: bool) -> Value {
+        self.sample_at(ty, full, 0)
+    }
+
+    /// A sample at nesting `depth`: optional members stop a few levels
+    /// down, since some types hold themselves (an image's backing image).
+    fn sample_at(&self, ty: &str, full: bool, depth: usize) -> Value {
         let t = self.get(ty);
         match t["meta-type"].as_str().expect("meta-type") {
             "builtin" => match t["json-type"].as_str().expect("json-type") {
@@ -199,8 +205,8 @@ impl Schema {
                 _ => json!({}),
             },
             "enum" => json!(self.enum_values(ty)[0]),
-            "array" => json!([self.sample(t["element-type"].as_str().expect("element"), full)]),
-            "alternate" => self.sample(t["members"][0]["type"].as_str().expect("type"), full),
+            "array" => json!([self.sample_at(t["element-type"].as_str().expect("element"), full, depth + 1)]),
+            "alternate" => self.sample_at(t["members"][0]["type"].as_str().expect("type"), full, depth + 1),
             _ => {
                 let mut obj = Map::new();
                 let plain = |m: &Value| {
@@ -211,8 +217,8 @@ impl Schema {
                 };
                 for m in t["members"].as_array().into_iter().flatten() {
                     let (name, optional) = plain(m);
-                    if full || !optional {
-                        obj.insert(name, self.sample(m["type"].as_str().expect("type"), full));
+                    if (full && depth < 6) || !optional {
+                        obj.insert(name, self.sample_at(m["type"].as_str().expect("type"), full, depth + 1));
                     }
                 }
                 let with_members = t["variants"].as_array().into_iter().flatten().find(|v| {
@@ -221,7 +227,7 @@ impl Schema {
                 });
                 if let (Some(tag), Some(v)) = (t["tag"].as_str(), with_members) {
                     obj.insert(tag.to_string(), v["case"].clone());
-                    if let Value::Object(more) = self.sample(v["type"].as_str().expect("type"), full) {
+                    if let Value::Object(more) = self.sample_at(v["type"].as_str().expect("type"), full, depth + 1) {
                         obj.extend(more);
                     }
                 }
@@ -258,10 +264,11 @@ fn mandatory_paths(
         };
         let mut path = prefix.clone();
         path.push(name);
-        if !optional {
+        let read = modelled(&path);
+        if !optional && read {
             out.push(path.clone());
         }
-        if modelled(&path) && schema.get(&schema.element(&mty))["meta-type"] == "object" {
+        if read && schema.get(&schema.element(&mty))["meta-type"] == "object" {
             mandatory_paths(schema, &mty, v, path, modelled, out);
         }
     }
@@ -397,6 +404,8 @@ async fn types_match_the_installed_qemus_schema() {
     check_reply::<QueryMachines>(&schema);
     check_reply::<QueryCpuDefinitions>(&schema);
     check_reply::<QomList>(&schema);
+    check_reply::<QueryNamedBlockNodes>(&schema);
+    check_reply::<QueryBlockExports>(&schema);
     for unit in [
         QmpCapabilities::NAME,
         Stop::NAME,
@@ -407,6 +416,8 @@ async fn types_match_the_installed_qemus_schema() {
         MigrateStartPostcopy::NAME,
         MigrateCancel::NAME,
         NbdServerStop::NAME,
+        QueryBlockExports::NAME,
+        QueryBlock::NAME,
         Migrate::NAME,
         MigrateIncoming::NAME,
         MigrateSetCapabilities::NAME,
@@ -570,7 +581,66 @@ async fn types_match_the_installed_qemus_schema() {
                 name: Some("root".into()),
                 description: Some("the root disk".into()),
                 allocation_depth: Some(true),
+                bitmaps: Some(vec![
+                    BitmapRef::Local("nc-frozen".into()),
+                    BitmapRef::Node {
+                        node: "root".into(),
+                        name: "nc-frozen".into(),
+                    },
+                ]),
             }),
+        },
+    );
+    // Backups: bitmaps, the fleecing job and overlay, exports; snapshots.
+    let bitmap_add = BlockDirtyBitmapAdd {
+        node: "root".into(),
+        name: "nc-cbt".into(),
+        granularity: Some(65536),
+        persistent: Some(true),
+        disabled: Some(false),
+    };
+    let bitmap = BlockDirtyBitmap {
+        node: "root".into(),
+        name: "nc-cbt".into(),
+    };
+    let merge = BlockDirtyBitmapMerge {
+        node: "root".into(),
+        target: "nc-cbt".into(),
+        bitmaps: vec![BitmapRef::Local("nc-frozen".into())],
+    };
+    check_args(&schema, &bitmap_add);
+    check_args(&schema, &BlockDirtyBitmapRemove(bitmap.clone()));
+    check_args(&schema, &merge);
+    check_args(&schema, &BlockdevBackup::fleecing("fleece-job", "root", "fleece"));
+    check_args(
+        &schema,
+        &BlockExportDel {
+            id: "backup-root".into(),
+            mode: Some("hard"),
+        },
+    );
+    check_args(&schema, &BlockdevAddQcow2::on_node("fleece", "/v/fleece.qcow2", "root"));
+    check_args(&schema, &BlockdevAddQcow2::overlay("root-s1", "/v/root.qcow2"));
+    check_args(
+        &schema,
+        &BlockdevSetActive {
+            node_name: Some("root".into()),
+            active: true,
+        },
+    );
+    check_args(
+        &schema,
+        &Transaction {
+            actions: vec![
+                TransactionAction::BlockdevSnapshot {
+                    node: "root".into(),
+                    overlay: "root-s1".into(),
+                },
+                TransactionAction::BlockDirtyBitmapAdd(bitmap_add.clone()),
+                TransactionAction::BlockDirtyBitmapMerge(merge.clone()),
+                TransactionAction::BlockDirtyBitmapClear(bitmap.clone()),
+                TransactionAction::BlockdevBackup(BlockdevBackup::fleecing("fleece-job", "root", "fleece")),
+            ],
         },
     );
     for unit in [
@@ -583,6 +653,8 @@ async fn types_match_the_installed_qemus_schema() {
         MigrateStartPostcopy::NAME,
         MigrateCancel::NAME,
         NbdServerStop::NAME,
+        QueryBlockExports::NAME,
+        QueryBlock::NAME,
         QueryVersion::NAME,
         QueryMachines::NAME,
         QueryCpuDefinitions::NAME,
