@@ -1,6 +1,7 @@
 //! The QEMU guest agents inside this node's VMs: what they report (OS, host
 //! name, addresses: `status.guest`), a clean shutdown when the guest ignores
-//! ACPI, and commands run in the guest (`vm exec`).
+//! ACPI, commands run in the guest (`vm exec`), and filesystems frozen
+//! around a snapshot.
 //!
 //! A guest agent's socket serves one client at a time, so every use of one
 //! VM's agent goes through that VM's lock.
@@ -11,7 +12,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use novacron_api::{ExecResult, GuestInfo, GuestInterface};
-use novacron_qmp::guest_agent::{Exec, ExecStatus, GetHostName, GetOsInfo, GuestAgent, NetworkGetInterfaces, Shutdown};
+use novacron_qmp::guest_agent::{
+    Exec, ExecStatus, FsfreezeFreeze, FsfreezeThaw, GetHostName, GetOsInfo, GuestAgent, NetworkGetInterfaces, Shutdown,
+};
 use novacron_qmp::QmpError;
 use parking_lot::Mutex;
 
@@ -22,6 +25,8 @@ use crate::qemu::VmDir;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often running guests are asked what they are.
 const POLL_EVERY: Duration = Duration::from_secs(5);
+/// How long freezing (or thawing) the guest's filesystems may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Output kept of a command run in the guest (qemu-ga itself caps at 16 MiB).
 pub const MAX_EXEC_OUTPUT: usize = 1024 * 1024;
 
@@ -71,6 +76,55 @@ impl Guests {
         let _one = lock.lock().await;
         let mut agent = connect(dir).await?;
         agent.send(&Shutdown).await.map_err(GuestError::Agent)
+    }
+
+    /// Runs `during` with the guest's filesystems frozen by its agent (their
+    /// caches flushed, writes held), when one answers, and thaws them after
+    /// whatever `during` gives; `during` is told whether they are frozen.
+    /// Without an agent it runs all the same.
+    pub async fn while_frozen<T, F: std::future::Future<Output = T>>(
+        &self,
+        vm_id: &str,
+        dir: &VmDir,
+        during: impl FnOnce(bool) -> F,
+    ) -> T {
+        if !dir.guest_agent().exists() || dir.running_pid().is_none() {
+            return during(false).await;
+        }
+        let lock = self.lock_of(vm_id);
+        let _one = lock.lock().await;
+        // Flushing a busy guest's caches takes a while under TCG.
+        let mut agent = match GuestAgent::connect(&dir.guest_agent(), FREEZE_TIMEOUT).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::info!(vm = %vm_id, error = %e, "no guest agent to freeze filesystems: crash-consistent");
+                return during(false).await;
+            }
+        };
+        let frozen = match agent.run(&FsfreezeFreeze).await {
+            Ok(n) => {
+                tracing::info!(vm = %vm_id, filesystems = n, "guest filesystems frozen");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm_id, error = %e, "the guest agent did not freeze: crash-consistent");
+                false
+            }
+        };
+        let out = during(frozen).await;
+        // Thawed even after a failed freeze, which may have frozen some.
+        for attempt in 1..=3 {
+            match agent.run(&FsfreezeThaw).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(vm = %vm_id, attempt, error = %e, "guest filesystems not thawed yet");
+                    if let Ok(fresh) = GuestAgent::connect(&dir.guest_agent(), FREEZE_TIMEOUT).await {
+                        agent = fresh;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Runs `argv` in the guest, waiting up to `timeout` for it to end.

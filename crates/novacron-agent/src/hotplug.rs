@@ -25,6 +25,9 @@ pub enum HotplugError {
 
 /// How often an unplug request the guest has not acted on is repeated.
 const UNPLUG_REPEAT: Duration = Duration::from_secs(5);
+/// How long QEMU may take to answer a hot-plug: seconds while a TCG guest
+/// boots (a timeout would tell a refusal from a success by neither).
+pub const PLUG_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the reconciler keeps between passes for one VM.
 #[derive(Default)]
@@ -133,7 +136,7 @@ async fn plug(node: &NodeContext, vm: &Vm, qmp: &Qmp, i: usize) -> Result<(), Ho
         addr: nic.pci_addr(),
     };
     let added = match qmp.run(&NetdevAddTap::new(nic.netdev_id(), &nic.tap)).await {
-        Ok(_) => qmp.run(&device).await.map(drop),
+        Ok(_) => qmp.run_within(&device, PLUG_TIMEOUT).await.map(drop),
         Err(e) => Err(e),
     };
     if let Err(e) = added {

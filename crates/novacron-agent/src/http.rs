@@ -2,7 +2,7 @@
 //! with cluster certificates): serial console (WebSocket bridged to QEMU's
 //! console socket) and console log; the migration calls between agents
 //! (prepare, finish, abort, cold receive, dry-run plan, disk files) and the
-//! DWCP session endpoint; health.
+//! DWCP session endpoint; snapshots; health.
 
 use std::sync::Arc;
 
@@ -27,6 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::migration::Migrations;
 use crate::qemu::VmDir;
+
+mod snapshots;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -53,6 +55,15 @@ pub fn router(state: HttpState) -> Router {
         .route("/agent/v1/plan", post(plan))
         .route("/agent/v1/vms/{id}/disks/{disk}", get(disk_file))
         .route("/agent/v1/vms/{id}/root-image", get(root_image))
+        .route(
+            "/agent/v1/vms/{id}/snapshots",
+            get(snapshots::list).post(snapshots::take),
+        )
+        .route(
+            "/agent/v1/vms/{id}/snapshots/{name}",
+            axum::routing::delete(snapshots::delete),
+        )
+        .route("/agent/v1/vms/{id}/snapshots/{name}/revert", post(snapshots::revert))
         .route(
             "/agent/v1/volumes/{id}",
             get(pooled_volume).delete(delete_pooled_volume),
@@ -350,20 +361,33 @@ async fn disk_file(State(state): State<HttpState>, Path((id, disk)): Path<(Strin
     let Some(dir) = vm_dir(&state, &id) else {
         return error(StatusCode::NOT_FOUND, format!("No VM {id:?} on this node"));
     };
-    let Some(path) = dir.disk_file(&disk) else {
-        return error(StatusCode::NOT_FOUND, format!("No disk {disk:?}"));
+    // Snapshot layers never change: a live migration's target fetches them
+    // while the VM runs. A running QEMU changes the disks themselves under
+    // us: those are copied only from stopped VMs.
+    let path = match crate::snapshots::layer_file(&dir, &disk) {
+        Some(layer) => layer,
+        None => {
+            let Some(path) = dir.disk_file(&disk) else {
+                return error(StatusCode::NOT_FOUND, format!("No disk {disk:?}"));
+            };
+            if dir.running_pid().is_some() {
+                return error(
+                    StatusCode::CONFLICT,
+                    "The VM is running: only a stopped VM's disks are copied",
+                );
+            }
+            path
+        }
     };
-    // A running QEMU changes the file under us: only stopped VMs are copied.
-    if dir.running_pid().is_some() {
-        return error(
-            StatusCode::CONFLICT,
-            "The VM is running: only a stopped VM's disks are copied",
-        );
-    }
     match tokio::fs::File::open(&path).await {
-        Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
+        Ok(f) => stream(f),
         Err(e) => error(StatusCode::NOT_FOUND, format!("Cannot open {disk}: {e}")),
     }
+}
+
+/// An open file as a response body, read as the client takes it.
+fn stream(file: tokio::fs::File) -> Response {
+    Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)).into_response()
 }
 
 /// The disk of a detached volume in this node's pool, for the agent of the
@@ -373,7 +397,7 @@ async fn pooled_volume(State(state): State<HttpState>, Path(id): Path<String>) -
         return error(StatusCode::NOT_FOUND, format!("No volume {id:?}"));
     }
     match tokio::fs::File::open(crate::volumes::pool_file(&state.node, &id)).await {
-        Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
+        Ok(f) => stream(f),
         Err(e) => error(
             StatusCode::NOT_FOUND,
             format!("Volume {id:?} is not in this node's pool: {e}"),
@@ -422,7 +446,7 @@ async fn root_image(State(state): State<HttpState>, Path(id): Path<String>) -> R
     // behind however the transfer ends.
     let _ = tokio::fs::remove_file(&flat).await;
     match file {
-        Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)).into_response(),
+        Ok(f) => stream(f),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("Cannot open the flattened disk: {e}"),

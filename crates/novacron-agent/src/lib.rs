@@ -4,6 +4,7 @@
 //! restart; on start the agent re-adopts them from their state directories.
 
 pub mod accel;
+pub mod backup;
 mod capabilities;
 mod certs;
 mod copies;
@@ -19,6 +20,7 @@ mod peers;
 pub mod qemu;
 mod reconcile;
 mod seed;
+mod snapshots;
 mod volumes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -82,6 +82,38 @@ impl VmDir {
     pub fn root_disk(&self) -> PathBuf {
         self.path.join("root.qcow2")
     }
+    /// Gives the file now named `file` (a disk of this VM, `disk` being
+    /// "root" or "data") a name of its own for QEMU to open it by, which
+    /// nothing renames while QEMU runs: `DISK.open-N.qcow2`, the lowest N
+    /// free. QEMU reopens a node's file by its name when it changes the
+    /// node's access mode (a snapshot's old top becomes a read-only
+    /// backing), and by then the disk's own name names the snapshot's
+    /// overlay.
+    pub fn open_alias(&self, disk: &str, file: &Path) -> Result<PathBuf, QemuError> {
+        let mut n = 0u32;
+        loop {
+            let alias = self.path.join(format!("{disk}.open-{n}.qcow2"));
+            match std::fs::hard_link(file, &alias) {
+                Ok(()) => return Ok(alias),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+                Err(e) => return Err(io_err(&alias)(e)),
+            }
+        }
+    }
+    /// Removes the names QEMU opened disks by (it is not running).
+    pub fn remove_open_aliases(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let alias = ["root.open-", "data.open-"].iter().any(|p| name.starts_with(p)) && name.ends_with(".qcow2");
+            if alias {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     pub fn data_disk(&self) -> PathBuf {
         self.path.join("data.qcow2")
     }
@@ -361,9 +393,52 @@ impl LaunchSpec {
     }
 }
 
+/// A VM as the agent launches them, paused (nothing boots): for tests that
+/// drive QEMU's block layer through the VM's devices.
+#[cfg(test)]
+pub(crate) fn paused_spec(dir: &VmDir, with_data_disk: bool) -> LaunchSpec {
+    LaunchSpec {
+        name: "paused".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        accel: "tcg".into(),
+        machine: "pc".into(),
+        cpu_model: Some("qemu64".into()),
+        kernel: None,
+        root_disk: dir.root_disk(),
+        data_disk: with_data_disk.then(|| dir.data_disk()),
+        seed: None,
+        paused: true,
+        incoming: false,
+        nics: Vec::new(),
+        volumes: Vec::new(),
+    }
+}
+
+/// Kills a daemonized QEMU when dropped: tests that launch one clean up
+/// however they end.
+#[cfg(test)]
+pub(crate) struct KillOnDrop(pub u32);
+
+#[cfg(test)]
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 /// Starts QEMU daemonized. Returns its pid once QMP is listening.
 pub async fn launch(qemu: &str, spec: &LaunchSpec, dir: &VmDir) -> Result<u32, QemuError> {
-    let args = spec.args(dir)?;
+    // QEMU opens the disks by names of their own (VmDir::open_alias).
+    dir.remove_open_aliases();
+    let mut opened = spec.clone();
+    opened.root_disk = dir.open_alias("root", &spec.root_disk)?;
+    if let Some(data) = &spec.data_disk {
+        opened.data_disk = Some(dir.open_alias("data", data)?);
+    }
+    let args = opened.args(dir)?;
     let json = serde_json::to_vec_pretty(spec).unwrap_or_default();
     std::fs::write(dir.launch_spec(), json).map_err(io_err(&dir.launch_spec()))?;
     for stale in [
@@ -447,7 +522,7 @@ pub async fn wait_gone(pid: u32, dir: &VmDir, timeout: Duration) -> bool {
 }
 
 /// Runs `qemu-img ARGS`; its standard output on success.
-async fn qemu_img_output(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, QemuError> {
+pub(crate) async fn qemu_img_output(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, QemuError> {
     let out = tokio::process::Command::new("qemu-img")
         .args(args)
         .output()
@@ -491,19 +566,41 @@ pub async fn create_disk(path: &Path, backing: Option<(&Path, &str)>, size_mib: 
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-/// The size a guest sees of the qcow2 at `path`, in bytes.
-pub async fn virtual_size(path: &Path) -> Result<u64, QemuError> {
+/// A blank qcow2 of `size` bytes without a backing file in its header
+/// (QEMU gives it a backing node when it adds it): scratch space such as
+/// a backup's fleecing overlay.
+pub async fn create_scratch_qcow2(path: &Path, size: u64) -> Result<(), QemuError> {
+    let size = size.to_string();
+    let args: [&std::ffi::OsStr; 6] = [
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        path.as_os_str(),
+        size.as_ref(),
+    ];
+    qemu_img(&args, path).await
+}
+
+/// `qemu-img info` of the qcow2 at `path` (its backing chain not opened);
+/// also of a disk a running QEMU holds (its header names the same backing
+/// file and size as long as no block job changes them).
+pub async fn image_info(path: &Path) -> Result<serde_json::Value, QemuError> {
     let out = qemu_img_output(&[
         "info".as_ref(),
+        "-U".as_ref(),
         "--output=json".as_ref(),
         "-f".as_ref(),
         "qcow2".as_ref(),
         path.as_os_str(),
     ])
     .await?;
-    let info: serde_json::Value =
-        serde_json::from_slice(&out).map_err(|e| QemuError::Img(format!("qemu-img info printed no JSON: {e}")))?;
-    info["virtual-size"]
+    serde_json::from_slice(&out).map_err(|e| QemuError::Img(format!("qemu-img info printed no JSON: {e}")))
+}
+
+/// The size a guest sees of the qcow2 at `path`, in bytes.
+pub async fn virtual_size(path: &Path) -> Result<u64, QemuError> {
+    image_info(path).await?["virtual-size"]
         .as_u64()
         .ok_or_else(|| QemuError::Img(format!("qemu-img info gave no virtual-size for {}", path.display())))
 }

@@ -82,6 +82,14 @@ pub enum ReconcileError {
     Copying(u8),
     #[error("Cannot copy the image for a full clone: {0}")]
     Copy(String),
+    #[error(
+        "Cannot resume from snapshot {snapshot:?}'s memory (the VM's hardware may have changed since it was taken); its next start boots the snapshot's disks"
+    )]
+    Resume {
+        snapshot: String,
+        #[source]
+        source: crate::snapshots::ResumeError,
+    },
 }
 
 /// How a VM's reason reads while its full-clone disk is copied.
@@ -211,6 +219,10 @@ impl Reconciler {
             self.node.guests.forget(&id);
             None
         };
+        match crate::snapshots::list(&dir) {
+            Ok(s) => st.snapshots = s,
+            Err(e) => tracing::warn!(vm = %vm.metadata.name, error = %chain(&e), "cannot read the VM's snapshots"),
+        }
         if st.qemu_pid.is_none() {
             st.nics.clear();
             if let Some(rt) = self.runtimes.get_mut(&id) {
@@ -340,8 +352,25 @@ impl Reconciler {
     }
 
     async fn start(&mut self, vm: &Vm, dir: &VmDir) -> Result<u32, ReconcileError> {
-        let spec = prepare_launch(&self.node, vm, dir, false).await?;
+        let resume = crate::snapshots::pending_resume(dir);
+        let mut spec = prepare_launch(&self.node, vm, dir, false).await?;
+        spec.incoming = resume.is_some();
         let pid = qemu::launch(&self.node.qemu, &spec, dir).await?;
+        if let Some((snapshot, state)) = resume {
+            // Once only: a state that does not load now will not later, and
+            // the next start boots the snapshot's disks.
+            crate::snapshots::clear_resume(dir);
+            let loaded = async {
+                let qmp = Qmp::connect(&dir.qmp(), QMP_TIMEOUT).await?;
+                crate::snapshots::resume(&qmp, &state).await
+            }
+            .await;
+            if let Err(source) = loaded {
+                qemu::kill_and_wait(pid, dir).await;
+                return Err(ReconcileError::Resume { snapshot, source });
+            }
+            tracing::info!(vm = %vm.metadata.name, snapshot = %snapshot, "resumed from the snapshot's memory");
+        }
         let rt = self.runtimes.entry(vm.metadata.id.clone()).or_default();
         rt.qmp = None;
         rt.powerdown_sent = None;

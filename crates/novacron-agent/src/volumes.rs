@@ -225,7 +225,9 @@ async fn plugged_nodes(qmp: &Qmp) -> Result<HashMap<u8, (String, u64)>, QmpError
     let nodes = qmp.run(&QueryNamedBlockNodes { flat: true }).await?;
     Ok((0..MAX_VOLUMES as u8)
         .filter_map(|slot| {
-            let n = nodes.iter().find(|n| n.node_name == volume::node_name(slot))?;
+            let n = nodes
+                .iter()
+                .find(|n| n.node_name.as_deref() == Some(volume::node_name(slot).as_str()))?;
             let file = Path::new(&n.file).file_name()?.to_str()?;
             let id = file.strip_prefix("vol-")?.strip_suffix(".qcow2")?;
             Some((slot, (id.to_string(), n.image.virtual_size)))
@@ -348,13 +350,16 @@ async fn plug(node: &NodeContext, dir: &VmDir, qmp: &Qmp, a: &VolumeAttachment) 
 }
 
 async fn add_device(qmp: &Qmp, a: &VolumeAttachment) -> Result<(), QmpError> {
-    qmp.run(&DeviceAddVirtioBlk {
-        driver: "virtio-blk-pci",
-        id: volume::device_id(a.slot),
-        drive: volume::node_name(a.slot),
-        serial: volume::serial(&a.id),
-        addr: volume::pci_addr(a.slot),
-    })
+    qmp.run_within(
+        &DeviceAddVirtioBlk {
+            driver: "virtio-blk-pci",
+            id: volume::device_id(a.slot),
+            drive: volume::node_name(a.slot),
+            serial: volume::serial(&a.id),
+            addr: volume::pci_addr(a.slot),
+        },
+        crate::hotplug::PLUG_TIMEOUT,
+    )
     .await
     .map(drop)
 }

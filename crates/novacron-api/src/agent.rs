@@ -22,6 +22,17 @@ pub struct PrepareRequest {
     /// The serial log so far, so `vm logs` keeps its history on the target.
     #[serde(default)]
     pub console_log: Vec<u8>,
+    /// The node the VM leaves, whose agent serves its snapshot layers.
+    #[serde(default)]
+    pub source_node: String,
+    /// The VM's snapshots: the target fetches their layers before the mirrors start.
+    #[serde(default)]
+    pub snapshots: Vec<crate::Snapshot>,
+    /// The snapshot layer each of the VM's disks is an overlay on, by disk
+    /// ("root", "data"): the target's disks sit on the same layers, so the
+    /// mirrors copy only what was written since.
+    #[serde(default)]
+    pub disk_layers: std::collections::BTreeMap<String, String>,
 }
 
 /// Target's answer to prepare.
@@ -66,6 +77,9 @@ pub struct ColdRequest {
     pub disks: Vec<String>,
     #[serde(default)]
     pub console_log: Vec<u8>,
+    /// The VM's snapshots, whose layers the target pulls with the disks.
+    #[serde(default)]
+    pub snapshots: Vec<crate::Snapshot>,
 }
 
 /// What the caller asks of a migration (or of its dry run).

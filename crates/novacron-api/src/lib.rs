@@ -10,6 +10,7 @@ pub mod network;
 pub mod scheduling;
 pub mod security;
 pub mod selector;
+pub mod snapshot;
 pub mod types;
 pub mod units;
 pub mod validate;
@@ -22,6 +23,7 @@ pub use migration::*;
 pub use network::{CreateNetwork, Network, NetworkSpec, NetworkStatus, NicSpec, NicStatus, OverlayPeers, Reservation};
 pub use scheduling::*;
 pub use security::{CreateSecurityGroup, SecurityGroup, SecurityRule, UpdateSecurityGroup};
+pub use snapshot::{CreateSnapshot, Snapshot, SnapshotMemory};
 pub use types::*;
 pub use volume::{
     AttachVolume, AttachedVolume, CreateVolume, ResizeVolume, Volume, VolumeAttachment, VolumePhase, VolumeSpec,

@@ -601,6 +601,9 @@ pub struct VmStatus {
     /// Volumes this VM's agent holds (plugged while QEMU runs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::AttachedVolume>,
+    /// The VM's snapshots, oldest first, as its agent keeps them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<crate::snapshot::Snapshot>,
     /// What the QEMU guest agent inside the VM reports; absent while none answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestInfo>,

@@ -156,6 +156,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::volumes::router())
         .merge(routes::templates::router())
         .merge(routes::rebuild::router())
+        .merge(routes::snapshots::router())
         .merge(routes::nodes::router())
         .merge(routes::pki::router())
         .merge(routes::images::router())

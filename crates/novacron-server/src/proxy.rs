@@ -83,6 +83,44 @@ fn refused_by_agent(status: reqwest::StatusCode, body: &str) -> ApiError {
     }
 }
 
+/// A snapshot call (`snapshots` or `snapshots/NAME[/revert]` under the VM)
+/// to the VM's agent, with its JSON answer. The agent's 404 (no such
+/// snapshot) stays a 404, its 409 (the VM is running or busy) a 409.
+pub async fn snapshots<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    node: &Node,
+    vm: &Vm,
+    method: reqwest::Method,
+    what: &str,
+    body: Option<&novacron_api::CreateSnapshot>,
+) -> ApiResult<T> {
+    let mut req = state
+        .agents
+        .request(method, agent_url(node, vm, what))
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
+        // Deleting a snapshot merges its layer into its children: minutes for a large disk.
+        .timeout(std::time::Duration::from_secs(1800));
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.map_err(|e| unreachable(node, e))?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| unreachable(node, e))?;
+    match status {
+        s if s.is_success() => serde_json::from_str(&text)
+            .map_err(|e| ApiError::bad_gateway(format!("bad snapshot answer from the agent: {e}"))),
+        reqwest::StatusCode::NOT_FOUND => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_found",
+            novacron_api::error::message_of(&text),
+        )),
+        reqwest::StatusCode::UNPROCESSABLE_ENTITY => {
+            Err(ApiError::invalid("name", novacron_api::error::message_of(&text)))
+        }
+        s => Err(refused_by_agent(s, &text)),
+    }
+}
+
 /// A stopped VM's root disk, flattened by its agent, as a byte stream.
 pub async fn root_image(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<reqwest::Response> {
     let resp = state

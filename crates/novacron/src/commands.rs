@@ -62,6 +62,9 @@ pub enum VmCommand {
     /// Attach or detach a volume (hot-plugged while the VM runs).
     #[command(subcommand)]
     Volume(crate::volumes::VmVolumeCommand),
+    /// Take, list, revert and delete snapshots of a VM's disks.
+    #[command(subcommand)]
+    Snapshot(crate::snapshots::SnapshotCommand),
     /// Give a stopped VM a fresh root disk from its image (or --image) at its
     /// next start; cloud-init options replace its cloud-init settings. Data
     /// disk, volumes, NICs and addresses stay.
@@ -456,6 +459,7 @@ pub async fn vm(g: &Global, cmd: VmCommand) -> Result<()> {
         }
         VmCommand::Nic(cmd) => crate::networks::vm_nic(g, &c, cmd).await,
         VmCommand::Volume(cmd) => crate::volumes::vm_volume(g, &c, cmd).await,
+        VmCommand::Snapshot(cmd) => crate::snapshots::vm_snapshot(g, &c, cmd).await,
     }
 }
 

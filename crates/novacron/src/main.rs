@@ -13,6 +13,7 @@ mod nodes;
 mod output;
 mod pki;
 mod scheduling;
+mod snapshots;
 mod volumes;
 mod wait;
 

@@ -124,6 +124,15 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
         ("restarts", vm.status.restarts.to_string()),
         ("nics", nic_lines(vm).join("\n")),
         ("volumes", volume_lines(vm).join("\n")),
+        (
+            "snapshots",
+            vm.status
+                .snapshots
+                .iter()
+                .map(|s| format!("{}{}", s.name, if s.current { " (current)" } else { "" }))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("guest", guest_lines(vm).join("\n")),
         (
             "labels",

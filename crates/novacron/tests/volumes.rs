@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::guestnet::{delete, guest_run, post, type_on_console, vm_on, wait_console_answers};
+use common::guestnet::{cli_fails, delete, guest_run, guest_value, post, vm_on, wait_console_answers};
 use common::{ok, wait_until, Cluster, Options};
 use novacron_api::{Vm, VmPhase, Volume, VolumePhase};
 
@@ -35,28 +35,8 @@ async fn guest_device(c: &Cluster, vm: &str, id: &str, tag: &str) -> String {
     out
 }
 
-/// Runs `cmd` in the busybox guest and returns what it printed (one line).
-async fn guest_value(c: &Cluster, vm: &str, tag: &str, cmd: &str) -> String {
-    type_on_console(c, vm, &format!("echo \"VAL\"\"-{tag} $({cmd})\""));
-    let marker = format!("VAL-{tag} ");
-    wait_until(&format!("{marker:?} on {vm}'s console"), GUEST, || async {
-        let log = c.logs(vm).await;
-        log.lines()
-            .rev()
-            .find_map(|l| l.strip_prefix(&marker))
-            .map(|v| v.trim().to_string())
-    })
-    .await
-}
-
 async fn volume(c: &Cluster, name: &str) -> Volume {
     c.client.get::<Volume>(name).await.expect("volume")
-}
-
-fn cli_fails(c: &Cluster, args: &[&str], says: &str) {
-    let out = c.cli(args).output().expect("cli");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
 }
 
 /// The SHA-256 of the volume's first 4 MiB, as the guest reads it.

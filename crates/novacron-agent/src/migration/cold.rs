@@ -55,6 +55,7 @@ impl Migrations {
             source_node: self.node.name.clone(),
             disks: disks.iter().map(|(n, _)| n.clone()).collect(),
             console_log,
+            snapshots: crate::snapshots::list(&dir)?,
         };
         let _: Value = self.target_call(&target, "receive-cold", &m.metadata.id, &req).await?;
         ctx.target_running = true;
@@ -67,6 +68,22 @@ impl Migrations {
         status.bytes_sent = Some(total);
         status.finished_at = Some(Utc::now());
         Ok(status)
+    }
+
+    /// This node's copy of the VM's disk image (fetched if it has none), with
+    /// its format; none for a kernel image.
+    pub(super) async fn image_base(&self, vm: &Vm) -> Result<Option<(std::path::PathBuf, String)>, MigrationError> {
+        let image: novacron_api::Image = self.node.client.get(&vm.spec.image).await?;
+        if image.spec.format == novacron_api::ImageFormat::Kernel {
+            return Ok(None);
+        }
+        let base = self
+            .node
+            .images
+            .ensure(&self.node.client, &image, novacron_api::ImagePart::Disk)
+            .await
+            .map_err(MigrationError::Image)?;
+        Ok(Some((base, image.spec.format.to_string())))
     }
 
     /// Target side of a cold migration: copy the disks from the source agent
@@ -91,27 +108,22 @@ impl Migrations {
                     .await
                     .map_err(|e| MigrationError::Target(format!("fetching {disk}: {}", chain(&e))))?;
             }
-            // The root overlay names the source's cached base image: repoint it at ours.
-            let image: novacron_api::Image = self.node.client.get(&vm.spec.image).await?;
-            if image.spec.format != novacron_api::ImageFormat::Kernel {
-                let base = self
-                    .node
-                    .images
-                    .ensure(&self.node.client, &image, novacron_api::ImagePart::Disk)
-                    .await
-                    .map_err(MigrationError::Image)?;
-                let out = tokio::process::Command::new("qemu-img")
-                    .args(["rebase", "-u", "-F", &image.spec.format.to_string(), "-b"])
-                    .arg(&base)
-                    .arg(dir.root_disk())
-                    .output()
-                    .await
-                    .map_err(MigrationError::io("run qemu-img"))?;
-                if !out.status.success() {
-                    return Err(MigrationError::Rebase(
-                        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                    ));
-                }
+            crate::snapshots::fetch_layers(
+                &self.http,
+                &secret,
+                &source.spec.address,
+                &vm.metadata.id,
+                &dir,
+                &req.snapshots,
+            )
+            .await?;
+            // The root disk (or its oldest layer) names the source's cached
+            // base image: repoint it at ours.
+            if let Some((base, format)) = self.image_base(vm).await? {
+                crate::snapshots::repoint_at_image(&dir, &req.snapshots, &base, &format).await?;
+            }
+            if !req.snapshots.is_empty() {
+                crate::snapshots::write(&dir, &req.snapshots)?;
             }
             std::fs::write(dir.console_log(), &req.console_log).map_err(MigrationError::io("write the console log"))?;
             Ok(())

@@ -89,8 +89,8 @@ pub(crate) enum MigrationError {
     },
     #[error("Cannot fetch the base image")]
     Image(#[source] crate::images::CacheError),
-    #[error("qemu-img rebase failed: {0}")]
-    Rebase(String),
+    #[error("The VM's snapshots")]
+    Snapshots(#[from] crate::snapshots::SnapshotError),
     #[error("DWCP: {0}")]
     Dwcp(String),
     #[error("DWCP cannot {what}")]

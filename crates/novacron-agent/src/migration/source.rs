@@ -132,6 +132,9 @@ impl Migrations {
             multifd: m.spec.transport == MigrationTransport::QemuMultifd,
             dwcp_session: (m.spec.transport == MigrationTransport::Dwcp).then(|| m.metadata.id.clone()),
             console_log,
+            source_node: self.node.name.clone(),
+            snapshots: crate::snapshots::list(&dir)?,
+            disk_layers: crate::snapshots::disk_layers(&dir).await?,
         };
         let ask = PlanAsk {
             strategy: m.spec.strategy,
@@ -220,9 +223,12 @@ impl Migrations {
         self.write_status(name, |s| s.phase = MigrationPhase::Transferring)
             .await;
         let mirroring = timeline.begin(StepKind::DiskMirror);
+        // A snapshot of the running VM put an overlay's node on top of its disk.
+        let tops = crate::snapshots::top_nodes(&qmp).await?;
         for disk in &prepared.disks {
             let job = format!("mirror-{disk}");
-            let mut mirror = DriveMirror::new(disk.as_str(), nbd_target(disk), MirrorSyncMode::Top);
+            let device = tops.get(disk).unwrap_or(disk);
+            let mut mirror = DriveMirror::new(device.as_str(), nbd_target(disk), MirrorSyncMode::Top);
             mirror.job_id = Some(job.clone());
             mirror.mode = Some(NewImageMode::Existing);
             mirror.format = Some("raw".into());

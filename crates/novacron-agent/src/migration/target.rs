@@ -58,6 +58,30 @@ impl Migrations {
         Ok(dir)
     }
 
+    /// The VM's snapshot layers, fetched from the source while it runs (they
+    /// never change), and its disks as overlays on the same layers as there:
+    /// the mirrors then copy only what was written since.
+    async fn receive_snapshots(&self, req: &PrepareRequest, dir: &VmDir) -> Result<(), MigrationError> {
+        let source: novacron_api::Node = self.node.client.get(&req.source_node).await?;
+        let vm = &req.vm;
+        let secret = self.node.agent_secret();
+        crate::snapshots::fetch_layers(
+            &self.http,
+            &secret,
+            &source.spec.address,
+            &vm.metadata.id,
+            dir,
+            &req.snapshots,
+        )
+        .await?;
+        if let Some((base, format)) = self.image_base(vm).await? {
+            crate::snapshots::repoint_at_image(dir, &req.snapshots, &base, &format).await?;
+        }
+        crate::snapshots::overlay_on_layers(dir, &req.disk_layers).await?;
+        crate::snapshots::write(dir, &req.snapshots)?;
+        Ok(())
+    }
+
     /// Prepares this node to receive a VM: disks, paused QEMU waiting for the
     /// migration stream, NBD exports of its disks.
     pub(crate) async fn prepare(&self, req: PrepareRequest) -> Result<Prepared, MigrationError> {
@@ -71,6 +95,9 @@ impl Migrations {
             std::fs::create_dir_all(&dir.path).map_err(MigrationError::io("create the VM's directory"))?;
             for a in &vm.spec.volumes {
                 qemu::create_disk(&dir.volume(&a.id), None, Some(a.size_mib)).await?;
+            }
+            if !req.snapshots.is_empty() {
+                self.receive_snapshots(&req, &dir).await?;
             }
             let mut spec = prepare_launch(&self.node, vm, &dir, true).await?;
             steps.end(fetching, None);

@@ -13,6 +13,7 @@ pub mod projects;
 pub mod rebuild;
 pub mod scheduler;
 pub mod security_groups;
+pub mod snapshots;
 pub mod templates;
 pub mod vm_nics;
 pub mod vms;

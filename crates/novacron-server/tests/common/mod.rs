@@ -352,6 +352,15 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("DELETE", "/v1/vms/{name}/nics/{nic}", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/vms/{name}/volumes", "YYYnnnnn", "Ynnnnnnn"),
     ("DELETE", "/v1/vms/{name}/volumes/{volume}", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/vms/{name}/snapshots", "YYYYYYYY", "YnnnYnYY"),
+    ("POST", "/v1/vms/{name}/snapshots", "YYYnnnnn", "Ynnnnnnn"),
+    (
+        "POST",
+        "/v1/vms/{name}/snapshots/{snapshot}/revert",
+        "YYYnnnnn",
+        "Ynnnnnnn",
+    ),
+    ("DELETE", "/v1/vms/{name}/snapshots/{snapshot}", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/volumes", "YYYYnnnn", "YYYYnnnn"),
     ("POST", "/v1/volumes", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/volumes/{name}", "YYYYnnnn", "Ynnnnnnn"),
@@ -449,7 +458,8 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         .replace("{name}", &name)
         .replace("{part}", "kernel")
         .replace("{nic}", fixture_mac(p))
-        .replace("{volume}", &format!("vol-{p}"));
+        .replace("{volume}", &format!("vol-{p}"))
+        .replace("{snapshot}", "s1");
     let fresh = format!("new-{n}");
     let body = match (method, template) {
         ("POST", "/v1/vms") => Some(
@@ -462,6 +472,7 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         ("POST", "/v1/vms/{name}/nics") => Some(json!({"network": format!("net-{p}")})),
         ("POST", "/v1/vms/{name}/exec") => Some(json!({"command": ["true"]})),
         ("POST", "/v1/vms/{name}/volumes") => Some(json!({"volume": format!("vol-{p}")})),
+        ("POST", "/v1/vms/{name}/snapshots") => Some(json!({"name": "s1"})),
         ("POST", "/v1/volumes") => Some(json!({"name": fresh, "project": p, "size_mib": 64})),
         ("POST", "/v1/volumes/{name}/resize") => Some(json!({"size_mib": 128})),
         ("POST", "/v1/vms/{name}/template") | ("POST", "/v1/vms/{name}/rebuild") => Some(json!({})),

@@ -1,0 +1,120 @@
+//! A backup of a running VM: its disks at one instant (see
+//! [`super::export`]), each read in full or, where the change tracking
+//! counts from the store's newest backup of the VM, only where it changed.
+
+use std::path::Path;
+use std::time::Instant;
+
+use chrono::{SubsecRound, Utc};
+use novacron_backup::{BackupId, Manifest};
+use novacron_nbd::NbdClient;
+use novacron_qmp::Qmp;
+
+use super::chain::{self, Base};
+use super::export::{self, DiskNode, Tracking};
+use super::target::{BackupTarget, DiskIndexes};
+use super::{read_disk, BackupError, Reading, ALLOCATION};
+
+/// Backs up the running VM `vm` (id `vm_id`, directory `dir`) whose disks
+/// are `disks` to `target`; `progress` hears (disk, bytes done, size).
+pub async fn back_up_running<T: BackupTarget>(
+    qmp: &Qmp,
+    dir: &Path,
+    vm: &str,
+    vm_id: &str,
+    disks: &[DiskNode],
+    target: &T,
+    mut progress: impl FnMut(&str, u64, u64),
+) -> Result<Manifest, BackupError> {
+    let started = Instant::now();
+    let id = BackupId {
+        vm: vm.into(),
+        time: Utc::now().trunc_subsecs(0),
+    };
+    let latest = target.latest(vm).await?;
+    let mut record = chain::load(dir).map_err(|e| BackupError::Chain(e.to_string()))?;
+    let chain_broken =
+        record.why_not_incremental(target.name(), latest.as_ref().map(|(l, _)| l.to_string()).as_deref());
+    let before = record.clone();
+    // From the export on, tracking is reset: a backup cut short must not
+    // leave the next one to trust it.
+    record.pending = Some(id.to_string());
+    chain::save(dir, &record).map_err(|e| BackupError::Chain(e.to_string()))?;
+    let pit = match export::start(qmp, dir, disks).await {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = chain::save(dir, &before);
+            return Err(BackupError::Export(e.to_string()));
+        }
+    };
+    let read = async {
+        let mut read: DiskIndexes = Vec::new();
+        let mut reasons = Vec::new();
+        for e in &pit.disks {
+            let previous = latest
+                .as_ref()
+                .and_then(|(_, ds)| ds.iter().find(|(n, _)| *n == e.disk.disk))
+                .map(|(_, i)| i);
+            let why_full = match (&e.changed_context, previous, &chain_broken) {
+                (_, _, Some(why)) => Some(why.clone()),
+                (None, _, None) => Some(match e.tracking {
+                    Tracking::Inconsistent => "its change tracking was not saved (its QEMU ended uncleanly)".into(),
+                    _ => "it has no change tracking (a new disk, a reverted snapshot, or its QEMU ended before saving it)".into(),
+                }),
+                (Some(_), None, None) => Some("the newest backup does not have it".into()),
+                (Some(_), Some(p), None) if p.size != e.disk.size => Some("its size changed".into()),
+                _ => None,
+            };
+            let mut contexts = vec![ALLOCATION];
+            if let Some(c) = &e.changed_context {
+                contexts.push(c);
+            }
+            let mut nbd = NbdClient::connect(&pit.socket, &e.export, &contexts).await?;
+            let reading = match (&why_full, &e.changed_context, previous) {
+                (None, Some(context), Some(previous)) => Reading::Changed { context, previous },
+                _ => Reading::Full,
+            };
+            let disk = e.disk.disk.clone();
+            let (index, stats) = read_disk(&mut nbd, reading, target, |done, size| progress(&disk, done, size)).await?;
+            nbd.disconnect().await?;
+            if let Some(why) = why_full {
+                reasons.push(format!("{}: {why}", e.disk.disk));
+            }
+            read.push((e.disk.disk.clone(), index, stats));
+        }
+        let full_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
+        target
+            .commit(&id, vm_id, read, full_reason, started.elapsed().as_millis() as u64)
+            .await
+    }
+    .await;
+    match read {
+        Ok(manifest) => {
+            pit.finish(qmp, true)
+                .await
+                .map_err(|e| BackupError::Export(e.to_string()))?;
+            let done = chain::Chain {
+                base: Some(Base {
+                    store: target.name().into(),
+                    backup: id.to_string(),
+                }),
+                pending: None,
+            };
+            chain::save(dir, &done).map_err(|e| BackupError::Chain(e.to_string()))?;
+            Ok(manifest)
+        }
+        Err(err) => {
+            // Tracking gets back what this backup would have taken; only
+            // then may the next one trust it again.
+            match pit.finish(qmp, false).await {
+                Ok(()) => {
+                    let _ = chain::save(dir, &before);
+                }
+                Err(e) => {
+                    tracing::error!(vm, error = %e, "a failed backup's tracking could not be restored: the next backup is full")
+                }
+            }
+            Err(err)
+        }
+    }
+}
