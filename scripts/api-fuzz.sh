@@ -29,8 +29,9 @@ cleanup() {
 }
 trap cleanup EXIT
 # A rate limit no generated burst reaches: 429 is checked by the test suite, not here.
+# Backup stores it adds go under the temp dir (the server makes their directories).
 target/debug/novacron server --data-dir "$dir" --listen 127.0.0.1:0 \
-  --rate-limit 100000 --rate-burst 100000 >"$dir/server.log" 2>&1 &
+  --rate-limit 100000 --rate-burst 100000 --backup-store-root "$dir/stores" >"$dir/server.log" 2>&1 &
 server=$!
 for _ in $(seq 300); do
   [ -s "$dir/listen.addr" ] && [ -s "$dir/admin.token" ] && [ -s "$dir/pki/ca.crt" ] && break

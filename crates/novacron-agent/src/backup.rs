@@ -6,6 +6,7 @@
 //! chunks a dirty bitmap marks and takes the others' digests from the
 //! previous backup's index.
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use novacron_backup::chunk::{self, Digest, CHUNK_SIZE};
 use novacron_backup::{DiskStats, FixedIndex};
 use novacron_nbd::{NbdClient, NbdError, MAX_REQUEST, STATE_DIRTY, STATE_ZERO};
@@ -14,6 +15,9 @@ pub mod chain;
 pub mod export;
 pub mod running;
 pub mod target;
+
+/// Chunks hashed and stored at once while a disk is read.
+const CHUNKS_IN_FLIGHT: usize = 8;
 
 /// The meta context that says which extents read as zeros.
 pub const ALLOCATION: &str = "base:allocation";
@@ -86,12 +90,15 @@ pub async fn read_disk<S: ChunkSink>(
         .map(|has_data| !has_data)
         .collect::<Vec<_>>();
     let mut stats = DiskStats::default();
-    let mut digests = Vec::with_capacity(count);
+    let mut digests: Vec<Option<Digest>> = vec![None; count];
     let mut zero_stored: Vec<(u64, Digest)> = Vec::new();
+    // Chunks being hashed and stored: over a long round trip a store
+    // that took one chunk at a time would idle the link (PBS's sync).
+    let mut in_flight = FuturesUnordered::new();
     for i in 0..count {
         let len = CHUNK_SIZE.min(size - i as u64 * CHUNK_SIZE);
         if let (false, Some(prev)) = (changed[i], previous) {
-            digests.push(prev.digests[i]);
+            digests[i] = Some(prev.digests[i]);
         } else if zero[i] {
             // Zeros of one length are one chunk: hashed and stored once per disk.
             let digest = match zero_stored.iter().find(|(l, _)| *l == len) {
@@ -103,17 +110,31 @@ pub async fn read_disk<S: ChunkSink>(
                     d
                 }
             };
-            digests.push(digest);
+            digests[i] = Some(digest);
         } else {
             let mut data = vec![0u8; len as usize];
             nbd.read(i as u64 * CHUNK_SIZE, &mut data).await?;
             stats.bytes_read += len;
-            let (d, new) = store(sink, data).await?;
-            count_new(&mut stats, new);
-            digests.push(d);
+            while in_flight.len() >= CHUNKS_IN_FLIGHT {
+                if let Some(done) = in_flight.next().await {
+                    landed(&mut digests, &mut stats, done)?;
+                }
+            }
+            in_flight.push(async move {
+                let (d, new) = store(sink, data).await?;
+                Ok((i, d, new))
+            });
         }
         progress(i as u64 * CHUNK_SIZE + len, size);
     }
+    while let Some(done) = in_flight.next().await {
+        landed(&mut digests, &mut stats, done)?;
+    }
+    let digests = digests
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| d.ok_or_else(|| BackupError::Task(format!("chunk {i} was never stored"))))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok((
         FixedIndex {
             size,
@@ -122,6 +143,18 @@ pub async fn read_disk<S: ChunkSink>(
         },
         stats,
     ))
+}
+
+/// Records a chunk stored by [`read_disk`]'s uploads.
+fn landed(
+    digests: &mut [Option<Digest>],
+    stats: &mut DiskStats,
+    done: Result<(usize, Digest, Option<u64>), BackupError>,
+) -> Result<(), BackupError> {
+    let (i, d, new) = done?;
+    digests[i] = Some(d);
+    count_new(stats, new);
+    Ok(())
 }
 
 fn count_new(stats: &mut DiskStats, new: Option<u64>) {

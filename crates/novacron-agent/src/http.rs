@@ -2,7 +2,7 @@
 //! with cluster certificates): serial console (WebSocket bridged to QEMU's
 //! console socket) and console log; the migration calls between agents
 //! (prepare, finish, abort, cold receive, dry-run plan, disk files) and the
-//! DWCP session endpoint; snapshots; health.
+//! DWCP session endpoint; snapshots and backups; health.
 
 use std::sync::Arc;
 
@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use crate::migration::Migrations;
 use crate::qemu::VmDir;
 
+mod backups;
 mod snapshots;
 
 #[derive(Clone)]
@@ -64,6 +65,7 @@ pub fn router(state: HttpState) -> Router {
             axum::routing::delete(snapshots::delete),
         )
         .route("/agent/v1/vms/{id}/snapshots/{name}/revert", post(snapshots::revert))
+        .route("/agent/v1/vms/{id}/backups", post(backups::take))
         .route(
             "/agent/v1/volumes/{id}",
             get(pooled_volume).delete(delete_pooled_volume),

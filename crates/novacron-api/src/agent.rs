@@ -132,3 +132,12 @@ mod tests {
         assert_eq!((r.vm_id.as_str(), r.console_log.len(), r.dwcp_disks), ("abc", 0, 0));
     }
 }
+
+/// Body of `vms/{id}/backups`: back the VM up to a store the server serves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupRequest {
+    /// The store's name (the agent writes to `/v1/backup-stores/{store}`).
+    pub store: String,
+    /// The VM's name, which names its backups.
+    pub vm: String,
+}

@@ -25,10 +25,14 @@ pub enum Resource {
     Audit,
     Networks,
     Volumes,
+    /// Backups of VMs (in the VM's project).
+    Backups,
+    /// Datastores backups are written to (cluster-wide).
+    BackupStores,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 11] = [
+    pub const ALL: [Resource; 13] = [
         Resource::Vms,
         Resource::Images,
         Resource::Migrations,
@@ -40,13 +44,20 @@ impl Resource {
         Resource::Audit,
         Resource::Networks,
         Resource::Volumes,
+        Resource::Backups,
+        Resource::BackupStores,
     ];
 
     /// Objects of these resources belong to a project; the others are cluster-wide.
     pub fn in_project(self) -> bool {
         matches!(
             self,
-            Resource::Vms | Resource::Images | Resource::Migrations | Resource::Networks | Resource::Volumes
+            Resource::Vms
+                | Resource::Images
+                | Resource::Migrations
+                | Resource::Networks
+                | Resource::Volumes
+                | Resource::Backups
         )
     }
 
@@ -63,6 +74,8 @@ impl Resource {
             Resource::Audit => "audit",
             Resource::Networks => "networks",
             Resource::Volumes => "volumes",
+            Resource::Backups => "backups",
+            Resource::BackupStores => "backupstores",
         }
     }
 }
@@ -200,7 +213,7 @@ pub struct CreateRole {
     /// `resource:verb` patterns, `*` allowed on either side.
     #[schema(min_items = 1)]
     #[schema(
-        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks|volumes):(\*|read|create|update|delete|console|exec|status)$"
+        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks|volumes|backups|backupstores):(\*|read|create|update|delete|console|exec|status)$"
     )]
     pub permissions: Vec<String>,
 }

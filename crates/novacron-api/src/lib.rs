@@ -2,6 +2,7 @@
 //! HTTP client is `novacron-client`.
 
 pub mod agent;
+pub mod backup;
 pub mod cloudinit;
 pub mod error;
 pub mod identity;
@@ -16,6 +17,9 @@ pub mod units;
 pub mod validate;
 pub mod volume;
 
+pub use backup::{
+    Backup, BackupDisk, BackupEvent, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore,
+};
 pub use cloudinit::CloudInitSpec;
 pub use error::{ErrorBody, ErrorDetail, FieldError};
 pub use identity::*;

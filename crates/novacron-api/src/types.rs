@@ -790,3 +790,4 @@ impl_object!(crate::network::OverlayPeers, "overlaypeers");
 impl_object!(crate::network::Reservation, "reservation");
 impl_object!(crate::volume::Volume, "volume");
 impl_object!(crate::security::SecurityGroup, "securitygroup");
+impl_object!(crate::backup::BackupStore, "backupstore");

@@ -62,6 +62,9 @@ pub struct Manifest {
     pub id: BackupId,
     /// The VM's id (names are reused; ids are not).
     pub vm_id: String,
+    /// The VM's project (empty in backups written outside a cluster).
+    #[serde(default)]
+    pub project: String,
     pub disks: Vec<DiskEntry>,
     /// Why every block was read (first backup, no valid bitmap, ...); none
     /// for an incremental backup.
@@ -85,6 +88,33 @@ pub struct DiskEntry {
     pub chunks_new: u64,
     /// Bytes those new chunks take in the store (compressed).
     pub stored_bytes: u64,
+}
+
+impl Manifest {
+    /// The backup as the API shows it, in store `store`.
+    pub fn to_api(&self, store: &str) -> novacron_api::Backup {
+        novacron_api::Backup {
+            id: format!("{store}:{}", self.id),
+            store: store.into(),
+            vm: self.id.vm.clone(),
+            vm_id: self.vm_id.clone(),
+            project: self.project.clone(),
+            time: self.id.time,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| novacron_api::BackupDisk {
+                    name: d.name.clone(),
+                    size: d.size,
+                    bytes_read: d.bytes_read,
+                    chunks_new: d.chunks_new,
+                    stored_bytes: d.stored_bytes,
+                })
+                .collect(),
+            full_reason: self.full_reason.clone(),
+            duration_ms: self.duration_ms,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -330,6 +330,18 @@ pub struct BackupWriter {
     disks: Vec<DiskEntry>,
 }
 
+/// What a backup's manifest says beside its disks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupInfo {
+    /// The VM's id (names are reused; ids are not).
+    pub vm_id: String,
+    /// The VM's project: who may see and restore the backup.
+    pub project: String,
+    /// Why every block was read; none for an incremental backup.
+    pub full_reason: Option<String>,
+    pub duration_ms: u64,
+}
+
 /// What reading one disk for a backup took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DiskStats {
@@ -368,13 +380,14 @@ impl BackupWriter {
 
     /// Writes the manifest and puts the backup in place: from now on it
     /// is listed.
-    pub fn finish(self, vm_id: &str, full_reason: Option<String>, duration_ms: u64) -> Result<Manifest, StoreError> {
+    pub fn finish(self, about: BackupInfo) -> Result<Manifest, StoreError> {
         let manifest = Manifest {
             id: self.id.clone(),
-            vm_id: vm_id.into(),
+            vm_id: about.vm_id,
+            project: about.project,
             disks: self.disks.clone(),
-            full_reason,
-            duration_ms,
+            full_reason: about.full_reason,
+            duration_ms: about.duration_ms,
         };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Manifest {
             path: self.partial.display().to_string(),

@@ -47,7 +47,13 @@ fn back_up(store: &Datastore, id: &BackupId, disks: &[(&str, &[u8])]) -> Manifes
         };
         w.add_disk(name, &index, stats).unwrap();
     }
-    w.finish("vm-id-1", Some("first backup".into()), 1).unwrap()
+    w.finish(BackupInfo {
+        vm_id: "vm-id-1".into(),
+        full_reason: Some("first backup".into()),
+        duration_ms: 1,
+        ..Default::default()
+    })
+    .unwrap()
 }
 
 fn id(vm: &str, time: &str) -> BackupId {
@@ -170,7 +176,7 @@ fn gc_removes_only_what_no_backup_or_running_backup_needs() {
         digests: vec![pending],
     };
     writer.add_disk("root", &index, DiskStats::default()).unwrap();
-    writer.finish("vm-id-1", None, 1).unwrap();
+    writer.finish(BackupInfo::default()).unwrap();
     let abandoned = store.begin(&id("web-1", "2026-12-04T00:00:00Z")).unwrap();
     let stale = dir.path().join("vm/web-1/.2026-12-04T00:00:00Z.partial/started");
     std::fs::write(&stale, "2026-01-01T00:00:00Z").unwrap();

@@ -243,6 +243,36 @@ impl Client {
 
     // ------------------------------------------------------------ generic resources
 
+    /// PUTs `body` as application/octet-stream; the JSON answer.
+    pub async fn put_bytes<R: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<R, ClientError> {
+        let url = self.url(path);
+        let req = self
+            .http
+            .put(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.json(req, &url).await
+    }
+
+    /// GETs a binary answer.
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let url = self.url(path);
+        let resp = self.send(self.http.get(&url), &url).await?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+            url: url.clone(),
+            source,
+        })?;
+        Ok(bytes.to_vec())
+    }
+
+    /// POSTs JSON and returns the answer's body as a stream (for answers
+    /// that stream progress).
+    pub async fn post_streaming<B: Serialize + ?Sized>(&self, path: &str, body: &B) -> Result<ByteStream, ClientError> {
+        let url = self.url(path);
+        let resp = self.send(self.streaming.post(&url).json(body), &url).await?;
+        Ok(byte_stream(resp, url))
+    }
+
     pub async fn get<T: Resource>(&self, name: &str) -> Result<T, ClientError> {
         self.get_json(&format!("{}/{name}", T::PATH)).await
     }

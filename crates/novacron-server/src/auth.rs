@@ -142,6 +142,9 @@ pub fn builtin_roles() -> Vec<Role> {
         (Images, &[Read, Create, Delete]),
         (Networks, &[Read, Create, Update, Delete]),
         (Volumes, &[Read, Create, Update, Delete]),
+        // Update: verify (it reads a whole backup back).
+        (Backups, &[Read, Create, Update, Delete]),
+        (BackupStores, read),
         (Nodes, read),
         (Projects, read),
     ]);
@@ -151,6 +154,8 @@ pub fn builtin_roles() -> Vec<Role> {
         (Images, read),
         (Networks, read),
         (Volumes, read),
+        (Backups, read),
+        (BackupStores, read),
         (Nodes, read),
         (Projects, read),
     ]);
@@ -160,6 +165,9 @@ pub fn builtin_roles() -> Vec<Role> {
         (Migrations, &[Read, Status]),
         (Images, read),
         (Networks, read),
+        // Writing chunks and committing the backups their VMs' agents take.
+        (Backups, &[Read, Status]),
+        (BackupStores, read),
     ]);
     // One-time join tokens can only fetch an agent certificate.
     let join = perms(&[(Nodes, &[Create])]);

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub rate_limit: Option<(u32, u32)>,
     /// Connections open at once (a quarter of them from one address).
     pub max_connections: usize,
+    /// Directories backup stores may be added under; empty: anywhere.
+    pub backup_store_roots: Vec<PathBuf>,
     pub tls: TlsConfig,
 }
 
@@ -91,6 +93,8 @@ pub enum ServerError {
     Serve(#[source] std::io::Error),
     #[error("Cannot build HTTP client")]
     Http(#[source] reqwest::Error),
+    #[error("Cannot open the default backup store: {0}")]
+    BackupStore(String),
     #[error("Cannot publish the cluster trust: {0:?}")]
     Trust(ApiError),
 }
@@ -157,6 +161,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::templates::router())
         .merge(routes::rebuild::router())
         .merge(routes::snapshots::router())
+        .merge(routes::backups::router())
         .merge(routes::nodes::router())
         .merge(routes::pki::router())
         .merge(routes::images::router())
@@ -221,6 +226,9 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
     std::fs::create_dir_all(config.data_dir.join("images")).map_err(dir_err)?;
     let store: SharedStore = Arc::new(SqliteStore::open(&config.data_dir.join("novacron.db"))?);
     auth::bootstrap(&store, &config.data_dir.join("admin.token")).await?;
+    routes::backups::ensure_default_store(&store, &config.data_dir)
+        .await
+        .map_err(|e| ServerError::BackupStore(e.message))?;
     let audit = Arc::new(audit::AuditLog::open(store.clone(), config.data_dir.join("audit.head")).await?);
     let secret_path = config.data_dir.join("agent.secret");
     let agent_secret = match std::fs::read_to_string(&secret_path) {

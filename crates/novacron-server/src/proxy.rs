@@ -121,6 +121,31 @@ pub async fn snapshots<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Asks the VM's agent for a backup; its answer streams the backup's
+/// progress (newline-delimited `BackupEvent`s). No timeout: a backup of a
+/// large disk takes as long as reading it.
+pub async fn backup(
+    state: &AppState,
+    node: &Node,
+    vm: &Vm,
+    body: &novacron_api::agent::BackupRequest,
+) -> ApiResult<reqwest::Response> {
+    let resp = state
+        .agents
+        .post(agent_url(node, vm, "backups"))
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| unreachable(node, e))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    Err(refused_by_agent(status, &text))
+}
+
 /// A stopped VM's root disk, flattened by its agent, as a byte stream.
 pub async fn root_image(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<reqwest::Response> {
     let resp = state

@@ -290,10 +290,12 @@ async fn refusal_comes_before_the_body_is_read() {
         }
         for (i, who) in PRINCIPALS.iter().enumerate() {
             // Where the body decides (which share of its rights a caller hands
-            // on in a token; which node registers), the caller may make the
-            // request and is refused only for what it asks.
-            let body_decides =
-                *template == "/v1/tokens" || (*template == "/v1/nodes/register" && who.starts_with("node-"));
+            // on in a token; which node registers; whose VM's backup a node
+            // commits), the caller may make the request and is refused only
+            // for what it asks.
+            let body_decides = *template == "/v1/tokens"
+                || (matches!(*template, "/v1/nodes/register" | "/v1/backup-stores/{store}/backups")
+                    && who.starts_with("node-"));
             if own.as_bytes()[i] == b'Y' || body_decides {
                 continue;
             }

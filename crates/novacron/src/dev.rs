@@ -165,6 +165,7 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         rate_limit: 500,
         rate_burst: 1000,
         max_connections: 1024,
+        backup_store_roots: Vec::new(),
         insecure_http: a.insecure_http,
         tls_cert: None,
         tls_key: None,

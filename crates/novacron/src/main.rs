@@ -1,5 +1,6 @@
 //! `novacron`: one binary for every role (server, agent, dev cluster) and the CLI.
 
+mod backups;
 mod commands;
 mod config;
 mod console;
@@ -91,6 +92,12 @@ enum Command {
     /// Inspect and cancel live migrations.
     #[command(subcommand)]
     Migration(migrations::MigrationCommand),
+    /// Back up VMs; list, verify and delete backups.
+    #[command(subcommand)]
+    Backup(backups::BackupCommand),
+    /// Manage the datastores backups go to.
+    #[command(subcommand, name = "backup-store")]
+    BackupStore(backups::BackupStoreCommand),
     /// Log in with a user name and password; saves the token for later commands.
     Login(identity::LoginArgs),
     /// Show the caller's identity and permissions.
@@ -148,6 +155,10 @@ pub struct ServerArgs {
     /// Connections open at once; one client address may hold a quarter of them.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(4..))]
     pub max_connections: u32,
+    /// Directory backup stores may be added under (repeatable); without
+    /// one, any absolute path on this machine.
+    #[arg(long = "backup-store-root")]
+    pub backup_store_roots: Vec<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -255,6 +266,7 @@ pub fn server_config(a: &ServerArgs) -> novacron_server::ServerConfig {
         node_grace: a.node_grace,
         rate_limit: (a.rate_limit > 0).then_some((a.rate_limit, a.rate_burst.max(1))),
         max_connections: a.max_connections as usize,
+        backup_store_roots: a.backup_store_roots.clone(),
         tls: if a.insecure_http {
             novacron_server::TlsConfig::Off
         } else {
@@ -325,6 +337,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Ca(c) => pki::ca(&cli.global, c).await,
         Command::Image(c) => images::image(&cli.global, c).await,
         Command::Migration(c) => migrations::migration(&cli.global, c).await,
+        Command::Backup(c) => backups::backup(&cli.global, c).await,
+        Command::BackupStore(c) => backups::backup_store(&cli.global, c).await,
         Command::Network(c) => networks::network(&cli.global, c).await,
         Command::Volume(c) => volumes::volume(&cli.global, c).await,
         Command::SecurityGroup(c) => networks::security_group(&cli.global, c).await,

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use chrono::{SubsecRound, Utc};
-use novacron_backup::{BackupId, Manifest};
+use novacron_api::Backup;
+use novacron_backup::BackupId;
 use novacron_nbd::NbdClient;
 use novacron_qmp::Qmp;
 
@@ -25,7 +26,7 @@ pub async fn back_up_running<T: BackupTarget>(
     disks: &[DiskNode],
     target: &T,
     mut progress: impl FnMut(&str, u64, u64),
-) -> Result<Manifest, BackupError> {
+) -> Result<Backup, BackupError> {
     let started = Instant::now();
     let id = BackupId {
         vm: vm.into(),
@@ -89,7 +90,7 @@ pub async fn back_up_running<T: BackupTarget>(
     }
     .await;
     match read {
-        Ok(manifest) => {
+        Ok(backup) => {
             pit.finish(qmp, true)
                 .await
                 .map_err(|e| BackupError::Export(e.to_string()))?;
@@ -101,7 +102,7 @@ pub async fn back_up_running<T: BackupTarget>(
                 pending: None,
             };
             chain::save(dir, &done).map_err(|e| BackupError::Chain(e.to_string()))?;
-            Ok(manifest)
+            Ok(backup)
         }
         Err(err) => {
             // Tracking gets back what this backup would have taken; only

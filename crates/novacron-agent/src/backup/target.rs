@@ -1,9 +1,12 @@
-//! Where a backup goes: a datastore, here (a directory the agent opens)
-//! or the server's (over mTLS, next).
+//! Where a backup goes: a datastore the server serves (over mTLS, with
+//! the node's certificate), or one in a local directory (tests, tools).
 
 use std::future::Future;
 
-use novacron_backup::{BackupId, Datastore, DiskStats, FixedIndex, Manifest};
+use novacron_api::backup::{ChunkKnown, ChunkQuery, ChunkStored, CommitBackup, CommitDisk};
+use novacron_api::Backup;
+use novacron_backup::{BackupId, BackupInfo, Datastore, Digest, DiskStats, FixedIndex};
+use novacron_client::Client;
 
 use super::{BackupError, ChunkSink};
 
@@ -29,7 +32,7 @@ pub trait BackupTarget: ChunkSink + Sync {
         disks: DiskIndexes,
         full_reason: Option<String>,
         duration_ms: u64,
-    ) -> impl Future<Output = Result<Manifest, BackupError>> + Send;
+    ) -> impl Future<Output = Result<Backup, BackupError>> + Send;
 }
 
 /// A datastore in a local directory.
@@ -83,10 +86,16 @@ impl BackupTarget for LocalTarget {
         disks: DiskIndexes,
         full_reason: Option<String>,
         duration_ms: u64,
-    ) -> Result<Manifest, BackupError> {
+    ) -> Result<Backup, BackupError> {
         let store = self.store.clone();
-        let (id, vm_id) = (id.clone(), vm_id.to_string());
-        blocking(move || {
+        let id = id.clone();
+        let info = BackupInfo {
+            vm_id: vm_id.into(),
+            project: String::new(),
+            full_reason,
+            duration_ms,
+        };
+        let manifest = blocking(move || {
             let mut w = store.begin(&id)?;
             for (name, index, stats) in &disks {
                 if let Err(e) = w.add_disk(name, index, *stats) {
@@ -94,8 +103,124 @@ impl BackupTarget for LocalTarget {
                     return Err(e);
                 }
             }
-            w.finish(&vm_id, full_reason, duration_ms)
+            w.finish(info)
         })
-        .await
+        .await?;
+        Ok(manifest.to_api(&self.name))
+    }
+}
+
+/// A store the server serves, written through its API with this node's
+/// credentials.
+#[derive(Clone)]
+pub struct RemoteTarget {
+    pub name: String,
+    pub client: Client,
+}
+
+fn remote(e: novacron_client::ClientError) -> BackupError {
+    BackupError::Sink(novacron_api::error::chain(&e).to_string())
+}
+
+impl ChunkSink for RemoteTarget {
+    /// Asks first whether the store has the chunk (a chunk another disk or
+    /// VM stored is not sent again), then sends it.
+    async fn put(&self, digest: Digest, encoded: Vec<u8>) -> Result<Option<u64>, BackupError> {
+        let hex = digest.to_hex();
+        let query = ChunkQuery {
+            digests: vec![hex.clone()],
+        };
+        let known: ChunkKnown = self
+            .client
+            .post_json(&format!("backup-stores/{}/chunks/known", self.name), &query)
+            .await
+            .map_err(remote)?;
+        match known.known.as_slice() {
+            [true] => return Ok(None),
+            [false] => {}
+            other => {
+                return Err(BackupError::Sink(format!(
+                    "the store answered {} flags for one chunk",
+                    other.len()
+                )))
+            }
+        }
+        let stored: ChunkStored = self
+            .client
+            .put_bytes(&format!("backup-stores/{}/chunks/{hex}", self.name), encoded)
+            .await
+            .map_err(remote)?;
+        Ok(stored.new.then_some(stored.stored_bytes))
+    }
+}
+
+impl BackupTarget for RemoteTarget {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn latest(&self, vm: &str) -> Result<Latest, BackupError> {
+        let backups: Vec<Backup> = self
+            .client
+            .get_query(
+                "backups",
+                &[("store".into(), self.name.clone()), ("vm".into(), vm.into())],
+            )
+            .await
+            .map_err(remote)?;
+        let Some(last) = backups.into_iter().max_by_key(|b| b.time) else {
+            return Ok(None);
+        };
+        let id = BackupId {
+            vm: last.vm.clone(),
+            time: last.time,
+        };
+        let mut disks = Vec::new();
+        for d in &last.disks {
+            let path = format!(
+                "backup-stores/{}/backups/{}/{}/disks/{}/index",
+                self.name,
+                id.vm,
+                id.time_name(),
+                d.name
+            );
+            let bytes = self.client.get_bytes(&path).await.map_err(remote)?;
+            let index = FixedIndex::from_bytes(&bytes)
+                .map_err(|e| BackupError::Sink(format!("the index of {id} disk {}: {e}", d.name)))?;
+            disks.push((d.name.clone(), index));
+        }
+        Ok(Some((id, disks)))
+    }
+
+    async fn commit(
+        &self,
+        id: &BackupId,
+        vm_id: &str,
+        disks: DiskIndexes,
+        full_reason: Option<String>,
+        duration_ms: u64,
+    ) -> Result<Backup, BackupError> {
+        let req = CommitBackup {
+            vm: id.vm.clone(),
+            vm_id: vm_id.into(),
+            time: id.time,
+            disks: disks
+                .iter()
+                .map(|(name, index, stats)| CommitDisk {
+                    name: name.clone(),
+                    size: index.size,
+                    digests: index.digests.iter().map(Digest::to_hex).collect(),
+                    bytes_read: stats.bytes_read,
+                    chunks_new: stats.chunks_new,
+                    stored_bytes: stats.stored_bytes,
+                })
+                .collect(),
+            full_reason,
+            duration_ms,
+        };
+        self.client
+            .post_json(&format!("backup-stores/{}/backups", self.name), &req)
+            .await
+            .map_err(remote)
     }
 }

@@ -114,7 +114,7 @@ async fn back_up(
     };
     let mut w = store.begin(&id).unwrap();
     w.add_disk("root", &index, stats).unwrap();
-    w.finish("vm-1", None, 1).unwrap();
+    w.finish(novacron_backup::BackupInfo::default()).unwrap();
     nbd.disconnect().await.unwrap();
     drop(server);
     // The point in time is taken: the bitmap starts again.
@@ -395,7 +395,11 @@ async fn running_vm_backups_are_incremental_while_the_chain_holds() {
     assert_eq!(second.disks[0].bytes_read, CHUNK_SIZE);
     let raw = dir.path().join("second.raw");
     let mut f = std::fs::File::create(&raw).unwrap();
-    restore_disk(&target.store, &second.id, "root", &mut f, |_, _| {}).unwrap();
+    let second_id = BackupId {
+        vm: second.vm.clone(),
+        time: second.time,
+    };
+    restore_disk(&target.store, &second_id, "root", &mut f, |_, _| {}).unwrap();
     // What the guest wrote, and zeros elsewhere (the live qcow2 cannot be
     // compared while QEMU holds its metadata).
     let bytes = std::fs::read(&raw).unwrap();

@@ -1,6 +1,7 @@
 //! HTTP routes, one module per resource.
 
 pub mod audit;
+pub mod backups;
 pub mod health;
 pub mod identity;
 pub mod image_download;

@@ -37,6 +37,7 @@ impl Harness {
             node_grace: Duration::from_secs(15),
             rate_limit,
             max_connections: 1024,
+            backup_store_roots: Vec::new(),
             tls: novacron_server::TlsConfig::Off,
         })
         .await
@@ -304,6 +305,7 @@ pub async fn reset_objects(h: &Harness) {
         m.status.target_node = "node-2".into();
         store.create_obj(&m).await.unwrap();
     }
+    reset_backups(h).await;
     for (kind, name) in [("user", "u-target"), ("token", "t-target"), ("role", "r-target")] {
         let _ = h.state.store.delete(kind, name, None).await;
     }
@@ -325,6 +327,62 @@ pub async fn reset_objects(h: &Harness) {
         json!({"name": "t-target", "role": "viewer"}),
     )
     .await;
+}
+
+/// The backup store the matrix acts on, and when its fixture backups were taken.
+pub const BACKUP_STORE: &str = "offsite";
+pub const BACKUP_TIME: &str = "2026-12-01T10:00:00Z";
+
+/// The content of the fixture backups' one chunk.
+fn fixture_chunk() -> Vec<u8> {
+    vec![5u8; 4096]
+}
+
+pub fn fixture_digest() -> String {
+    novacron_backup::Digest::of(&fixture_chunk()).to_hex()
+}
+
+/// Store `offsite` (registered, in the harness's dir) with a backup of
+/// each project's VM.
+pub async fn reset_backups(h: &Harness) {
+    use novacron_backup::{BackupId, BackupInfo, Datastore, FixedIndex, CHUNK_SIZE};
+    let path = h.dir.path().join(BACKUP_STORE);
+    let store = Datastore::create(&path).unwrap();
+    if h.state
+        .store
+        .get_obj::<novacron_api::BackupStore>(BACKUP_STORE)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        let obj = novacron_api::BackupStore {
+            metadata: Metadata::new(BACKUP_STORE, Default::default()),
+            spec: novacron_api::BackupStoreSpec {
+                path: path.display().to_string(),
+            },
+        };
+        h.state.store.create_obj(&obj).await.unwrap();
+    }
+    let (digest, _) = store.insert_chunk(&fixture_chunk()).unwrap();
+    for p in ["alpha", "beta"] {
+        let id = BackupId::parse(&format!("vm-{p}"), BACKUP_TIME).unwrap();
+        if store.manifest(&id).is_ok() {
+            continue;
+        }
+        let mut w = store.begin(&id).unwrap();
+        let index = FixedIndex {
+            size: 4096,
+            chunk_size: CHUNK_SIZE,
+            digests: vec![digest],
+        };
+        w.add_disk("root", &index, Default::default()).unwrap();
+        w.finish(BackupInfo {
+            vm_id: format!("id-{p}"),
+            project: p.into(),
+            ..Default::default()
+        })
+        .unwrap();
+    }
 }
 
 /// The expected answer for each endpoint: for principals in the order of
@@ -361,6 +419,29 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
         "Ynnnnnnn",
     ),
     ("DELETE", "/v1/vms/{name}/snapshots/{snapshot}", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/vms/{name}/backups", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/backups", "YYYYYnYY", "YYYYYnYY"),
+    ("GET", "/v1/backups/{store}/{vm}/{time}", "YYYYYnYY", "YnnnYnYY"),
+    ("DELETE", "/v1/backups/{store}/{vm}/{time}", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/backups/{store}/{vm}/{time}/verify", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/backup-stores", "YYYYYnYY", "YYYYYnYY"),
+    ("POST", "/v1/backup-stores", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/backup-stores/{store}", "YYYYYnYY", "YYYYYnYY"),
+    ("DELETE", "/v1/backup-stores/{store}", "Ynnnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/backup-stores/{store}/chunks/known", "YnnnYnYY", "YnnnYnYY"),
+    (
+        "PUT",
+        "/v1/backup-stores/{store}/chunks/{digest}",
+        "YnnnYnYY",
+        "YnnnYnYY",
+    ),
+    ("POST", "/v1/backup-stores/{store}/backups", "YnnnYnYn", "YnnnYnYn"),
+    (
+        "GET",
+        "/v1/backup-stores/{store}/backups/{vm}/{time}/disks/{disk}/index",
+        "YYYYYnYY",
+        "YnnnYnYY",
+    ),
     ("GET", "/v1/volumes", "YYYYnnnn", "YYYYnnnn"),
     ("POST", "/v1/volumes", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/volumes/{name}", "YYYYnnnn", "Ynnnnnnn"),
@@ -459,7 +540,12 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         .replace("{part}", "kernel")
         .replace("{nic}", fixture_mac(p))
         .replace("{volume}", &format!("vol-{p}"))
-        .replace("{snapshot}", "s1");
+        .replace("{snapshot}", "s1")
+        .replace("{store}", BACKUP_STORE)
+        .replace("{vm}", &format!("vm-{p}"))
+        .replace("{time}", BACKUP_TIME)
+        .replace("{disk}", "root")
+        .replace("{digest}", &fixture_digest());
     let fresh = format!("new-{n}");
     let body = match (method, template) {
         ("POST", "/v1/vms") => Some(
@@ -507,6 +593,23 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         }
         ("POST", "/v1/migrations/{name}/complete") => Some(json!({"target_qemu_pid": 1, "status": {}})),
         ("PUT", "/v1/images/{name}/files/{part}") => None,
+        ("POST", "/v1/vms/{name}/backups") => Some(json!({})),
+        ("POST", "/v1/backup-stores") => Some(json!({"name": fresh, "path": h.dir.path().join("stores").join(&fresh)})),
+        ("POST", "/v1/backup-stores/{store}/chunks/known") => Some(json!({"digests": [fixture_digest()]})),
+        ("POST", "/v1/backup-stores/{store}/backups") => {
+            let vm = h.state.store.get_obj::<Vm>(&format!("vm-{p}")).await.unwrap().unwrap();
+            // A second of its own for every commit that goes through.
+            let time = chrono::DateTime::parse_from_rfc3339("2026-12-02T00:00:00Z").unwrap()
+                + chrono::Duration::seconds(n as i64);
+            Some(json!({
+                "vm": vm.metadata.name,
+                "vm_id": vm.metadata.id,
+                "time": time.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "disks": [{"name": "root", "size": 4096, "digests": fixture_digest(),
+                    "bytes_read": 4096, "chunks_new": 0, "stored_bytes": 0}],
+                "duration_ms": 1,
+            }))
+        }
         _ => None,
     };
     (path, body)

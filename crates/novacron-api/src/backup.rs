@@ -1,0 +1,237 @@
+//! Backups: datastores (`BackupStore`), the backups of VMs in them, and
+//! the calls an agent makes to write one (chunks, then a commit).
+//!
+//! A backup is named by its store, its VM's name and the second it was
+//! taken: `STORE:NAME/2026-12-04T19:00:00Z` (after Proxmox Backup Server's
+//! `vm/ID/TIME` snapshot paths).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::FieldError;
+use crate::types::Metadata;
+
+/// The store every cluster has: a directory under the server's data dir.
+pub const DEFAULT_STORE: &str = "local";
+
+/// Largest commit body: the disks' indexes, 64 hex digits per 4 MiB chunk
+/// (a 4 TiB disk's index is 64 MiB of hex).
+pub const MAX_COMMIT_BODY: usize = 80 * 1024 * 1024;
+
+/// Largest chunk upload: a 4 MiB chunk stored uncompressed with its header.
+pub const MAX_CHUNK_BODY: usize = 4 * 1024 * 1024 + 1024;
+
+/// A datastore served by the server: a directory of chunks and backups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupStore {
+    pub metadata: Metadata,
+    pub spec: BackupStoreSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupStoreSpec {
+    /// Absolute path of the datastore directory on the server's machine.
+    pub path: String,
+}
+
+/// `POST /v1/backup-stores`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBackupStore {
+    pub name: String,
+    /// Absolute path on the server's machine; made if missing. An existing
+    /// datastore there is taken over with its backups.
+    pub path: String,
+}
+
+impl CreateBackupStore {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        crate::validate::name("name", &self.name)?;
+        let p = std::path::Path::new(&self.path);
+        if !p.is_absolute()
+            || self.path.len() > 4096
+            || self.path.chars().any(char::is_control)
+            || p.components().any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(FieldError::new("path", "an absolute path without '..'"));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/vms/{name}/backups`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBackup {
+    /// The store to write to (default: `local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+}
+
+impl CreateBackup {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if let Some(s) = &self.store {
+            crate::validate::name("store", s)?;
+        }
+        Ok(())
+    }
+
+    pub fn store(&self) -> &str {
+        self.store.as_deref().unwrap_or(DEFAULT_STORE)
+    }
+}
+
+/// One backup of a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Backup {
+    /// `STORE:NAME/TIME`.
+    pub id: String,
+    pub store: String,
+    /// The VM's name when it was taken.
+    pub vm: String,
+    /// The VM's id (names are reused; ids are not).
+    pub vm_id: String,
+    /// The VM's project.
+    pub project: String,
+    pub time: DateTime<Utc>,
+    pub disks: Vec<BackupDisk>,
+    /// Why every block was read (first backup, no valid change tracking,
+    /// ...); none for an incremental backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
+    pub duration_ms: u64,
+}
+
+impl Backup {
+    pub fn incremental(&self) -> bool {
+        self.full_reason.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupDisk {
+    /// root, data, or a volume's id.
+    pub name: String,
+    pub size: u64,
+    /// Bytes read from the disk for this backup.
+    pub bytes_read: u64,
+    /// Chunks this backup added to the store.
+    pub chunks_new: u64,
+    /// Bytes those new chunks take in the store (compressed).
+    pub stored_bytes: u64,
+}
+
+/// What `backup verify` found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupVerification {
+    pub id: String,
+    /// Distinct chunks read back and checked against their digests.
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// Each chunk missing or whose content does not match its digest (with
+    /// the disk and offset it is for), or an index that does not match.
+    pub errors: Vec<String>,
+    pub ok: bool,
+}
+
+/// One line of the newline-delimited JSON a backup run streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupEvent {
+    /// Bytes of disk `disk` gone through so far, of `size`.
+    Progress { disk: String, done: u64, size: u64 },
+    /// The backup is stored.
+    Done(Backup),
+    /// The backup failed; nothing of it is listed.
+    Failed { message: String },
+}
+
+/// A disk of a backup being committed: its index and what reading it took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommitDisk {
+    pub name: String,
+    pub size: u64,
+    /// The chunks' SHA-256 digests, 64 hex digits each, in disk order.
+    pub digests: String,
+    pub bytes_read: u64,
+    pub chunks_new: u64,
+    pub stored_bytes: u64,
+}
+
+/// `POST /v1/backup-stores/{store}/backups`: an agent's last step of a
+/// backup, after every chunk is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBackup {
+    pub vm: String,
+    pub vm_id: String,
+    pub time: DateTime<Utc>,
+    pub disks: Vec<CommitDisk>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// `POST /v1/backup-stores/{store}/chunks/known`: which of these chunks
+/// the store has (each one it has is kept from garbage collection as if
+/// written now).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkQuery {
+    /// SHA-256 digests, 64 hex digits each (at most 4096).
+    pub digests: Vec<String>,
+}
+
+/// Digests a [`ChunkQuery`] may ask about at once.
+pub const MAX_CHUNK_QUERY: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChunkKnown {
+    /// For each digest asked about, whether the store has its chunk.
+    pub known: Vec<bool>,
+}
+
+/// What the server answers a chunk upload.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChunkStored {
+    /// Bytes the chunk takes in the store; 0 when it was there already.
+    pub stored_bytes: u64,
+    pub new: bool,
+}
+
+/// Splits `STORE:NAME/TIME` into its parts.
+pub fn parse_backup_id(id: &str) -> Option<(&str, &str, &str)> {
+    let (store, rest) = id.split_once(':')?;
+    let (vm, time) = rest.split_once('/')?;
+    (!store.is_empty() && !vm.is_empty() && !time.is_empty()).then_some((store, vm, time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_ids_split_into_store_vm_and_time() {
+        assert_eq!(
+            parse_backup_id("local:web-1/2026-12-04T19:00:00Z"),
+            Some(("local", "web-1", "2026-12-04T19:00:00Z"))
+        );
+        assert_eq!(parse_backup_id("web-1/2026-12-04T19:00:00Z"), None);
+        assert_eq!(parse_backup_id("local:web-1"), None);
+        assert_eq!(parse_backup_id("local:/x"), None);
+    }
+
+    #[test]
+    fn store_paths_must_be_absolute_and_plain() {
+        let store = |path: &str| CreateBackupStore {
+            name: "offsite".into(),
+            path: path.into(),
+        };
+        assert!(store("/srv/backups").validate().is_ok());
+        assert!(store("backups").validate().is_err());
+        assert!(store("/srv/../etc").validate().is_err());
+    }
+}

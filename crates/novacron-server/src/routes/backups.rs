@@ -1,0 +1,578 @@
+//! Backups and the datastores they go to.
+//!
+//! - `/v1/backup-stores`: datastores the server serves (a directory each;
+//!   `local`, under the data dir, always exists).
+//! - `/v1/vms/{name}/backups`: take a backup; the VM's agent reads the
+//!   disks and streams progress, which is relayed as newline-delimited JSON.
+//! - `/v1/backups`: list, get, verify and delete backups, in every store
+//!   the caller's projects have backups in.
+//! - `/v1/backup-stores/{store}/chunks/...` and `.../backups`: what an
+//!   agent writes a backup with (its node's certificate or token, never a
+//!   user's): chunks, each checked against its digest, then the commit.
+
+use std::path::PathBuf;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use novacron_api::backup::{
+    ChunkKnown, ChunkQuery, ChunkStored, CommitBackup, DEFAULT_STORE, MAX_CHUNK_BODY, MAX_CHUNK_QUERY, MAX_COMMIT_BODY,
+};
+use novacron_api::error::chain;
+use novacron_api::{
+    Backup, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore, Metadata, Resource,
+    Verb, Vm, VmPhase,
+};
+use novacron_backup::{BackupId, BackupInfo, Datastore, Digest, DiskStats, FixedIndex, StoreError, CHUNK_SIZE};
+use novacron_store::{SharedStore, StoreExt};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{find, find_authorized};
+use crate::auth::{authorize, Principal};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiQuery, JsonBody};
+use crate::{proxy, AppState};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_stores, add_store))
+        .routes(routes!(get_store, remove_store))
+        .routes(routes!(take_backup))
+        .routes(routes!(list_backups))
+        .routes(routes!(get_backup, delete_backup))
+        .routes(routes!(verify_backup))
+        .routes(routes!(known_chunks))
+        .routes(routes!(put_chunk))
+        .routes(routes!(commit_backup))
+        .routes(routes!(backup_index))
+}
+
+/// Makes the `local` store (`<data-dir>/backups`) unless it is registered.
+pub async fn ensure_default_store(store: &SharedStore, data_dir: &std::path::Path) -> Result<(), ApiError> {
+    if store.get_obj::<BackupStore>(DEFAULT_STORE).await?.is_some() {
+        return Ok(());
+    }
+    let path = data_dir.join("backups");
+    let made = path.clone();
+    blocking(move || Datastore::create(&made)).await?;
+    let obj = BackupStore {
+        metadata: Metadata::new(DEFAULT_STORE, Default::default()),
+        spec: BackupStoreSpec {
+            path: path.display().to_string(),
+        },
+    };
+    store.create_obj(&obj).await?;
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal("A backup store task failed", &e))?
+        .map_err(store_error)
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    let message = chain(&e).to_string();
+    match e {
+        StoreError::NotFound(_) => ApiError::not_found(message),
+        StoreError::Exists(_) | StoreError::MissingChunk(_) => ApiError::conflict(message),
+        StoreError::Name { .. } => ApiError::invalid("name", message),
+        StoreError::Chunk { .. } => ApiError::invalid("body", message),
+        StoreError::Io { .. }
+        | StoreError::NotADatastore(_)
+        | StoreError::Index { .. }
+        | StoreError::IndexDigest { .. }
+        | StoreError::Manifest { .. } => ApiError::unavailable(format!("The backup store failed: {message}")),
+    }
+}
+
+/// A registered store, opened.
+async fn open(state: &AppState, name: &str) -> ApiResult<(BackupStore, Datastore)> {
+    let store = find::<BackupStore>(state, name).await?;
+    let path = PathBuf::from(&store.spec.path);
+    let name = store.metadata.name.clone();
+    let ds = blocking(move || Datastore::open(&path))
+        .await
+        .map_err(|e| ApiError::unavailable(format!("Backup store {name:?} cannot be opened: {}", e.message)))?;
+    Ok((store, ds))
+}
+
+/// The backup a path names, if the caller may see it (others' are not found).
+async fn find_backup(
+    state: &AppState,
+    p: &Principal,
+    store: &str,
+    vm: &str,
+    time: &str,
+    verb: Verb,
+) -> ApiResult<(Datastore, BackupId, Backup)> {
+    authorize(p, Resource::Backups, verb, None)?;
+    let not_found = || ApiError::not_found(format!("backup {store}:{vm}/{time}"));
+    let id = BackupId::parse(vm, time).ok_or_else(not_found)?;
+    let (_, ds) = open(state, store).await?;
+    let (ds2, id2) = (ds.clone(), id.clone());
+    let manifest = blocking(move || ds2.manifest(&id2)).await?;
+    if !p.sees(&manifest.project) {
+        return Err(not_found());
+    }
+    authorize(p, Resource::Backups, verb, Some(&manifest.project))?;
+    Ok((ds, id, manifest.to_api(store)))
+}
+
+// ---------------------------------------------------------------- stores
+
+/// The backup stores.
+#[utoipa::path(get, path = "/v1/backup-stores", tag = "backups",
+    responses((status = 200, body = Vec<BackupStore>), (status = 403, body = novacron_api::ErrorBody)))]
+async fn list_stores(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> ApiResult<Json<Vec<BackupStore>>> {
+    authorize(&p, Resource::BackupStores, Verb::Read, None)?;
+    let mut stores = state.store.list_all::<BackupStore>().await?;
+    stores.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    Ok(Json(stores))
+}
+
+/// Register a datastore directory on the server's machine (made if
+/// missing; one that holds a datastore is taken over with its backups).
+#[utoipa::path(post, path = "/v1/backup-stores", tag = "backups", request_body = CreateBackupStore,
+    responses((status = 201, body = BackupStore), (status = 403, body = novacron_api::ErrorBody),
+        (status = 409, description = "A store of that name exists, or one uses that directory", body = novacron_api::ErrorBody),
+        (status = 422, body = novacron_api::ErrorBody),
+        (status = 503, description = "The directory cannot be made a datastore", body = novacron_api::ErrorBody)))]
+async fn add_store(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    body: JsonBody,
+) -> ApiResult<(StatusCode, Json<BackupStore>)> {
+    authorize(&p, Resource::BackupStores, Verb::Create, None)?;
+    let req: CreateBackupStore = body.parse()?;
+    req.validate()?;
+    let existing = state.store.list_all::<BackupStore>().await?;
+    if existing.iter().any(|s| s.metadata.name == req.name) {
+        return Err(ApiError::conflict(format!(
+            "backup store {:?} already exists",
+            req.name
+        )));
+    }
+    if let Some(s) = existing.iter().find(|s| s.spec.path == req.path) {
+        return Err(ApiError::conflict(format!(
+            "backup store {:?} already uses {}",
+            s.metadata.name, req.path
+        )));
+    }
+    let roots = &state.config.backup_store_roots;
+    if !roots.is_empty() && !roots.iter().any(|r| std::path::Path::new(&req.path).starts_with(r)) {
+        let allowed: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        return Err(ApiError::invalid(
+            "path",
+            format!("backup stores go under {} on this server", allowed.join(" or ")),
+        ));
+    }
+    let path = PathBuf::from(&req.path);
+    let checked = path.clone();
+    let usable = tokio::task::spawn_blocking(move || usable_for_store(&checked))
+        .await
+        .map_err(|e| ApiError::internal("A backup store task failed", &e))?;
+    if let Err(why) = usable {
+        return Err(ApiError::conflict(format!("{}: {why}", req.path)));
+    }
+    blocking(move || Datastore::create(&path))
+        .await
+        .map_err(|e| ApiError::unavailable(format!("Cannot make {} a datastore: {}", req.path, e.message)))?;
+    let obj = BackupStore {
+        metadata: Metadata::new(&req.name, Default::default()),
+        spec: BackupStoreSpec { path: req.path },
+    };
+    let obj = state.store.create_obj(&obj).await?;
+    tracing::info!(store = %obj.metadata.name, path = %obj.spec.path, "backup store added");
+    Ok((StatusCode::CREATED, Json(obj)))
+}
+
+/// A store goes into a directory that is missing (it is made), empty, or
+/// a datastore already: never over other files.
+fn usable_for_store(path: &std::path::Path) -> Result<(), String> {
+    match std::fs::read_dir(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot read it: {e}")),
+        Ok(mut entries) => {
+            if path.join(".chunks").is_dir() || entries.next().is_none() {
+                Ok(())
+            } else {
+                Err("the directory holds other files and is not a datastore".into())
+            }
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/backup-stores/{store}", tag = "backups", params(("store" = String, Path)),
+    responses((status = 200, body = BackupStore), (status = 404, body = novacron_api::ErrorBody)))]
+async fn get_store(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<BackupStore>> {
+    authorize(&p, Resource::BackupStores, Verb::Read, None)?;
+    Ok(Json(find::<BackupStore>(&state, &name).await?))
+}
+
+/// Forget a store; its directory and backups stay where they are (adding
+/// it again takes them back). `local` stays.
+#[utoipa::path(delete, path = "/v1/backup-stores/{store}", tag = "backups", params(("store" = String, Path)),
+    responses((status = 204), (status = 404, body = novacron_api::ErrorBody),
+        (status = 409, description = "The default store", body = novacron_api::ErrorBody)))]
+async fn remove_store(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    authorize(&p, Resource::BackupStores, Verb::Delete, None)?;
+    let store = find::<BackupStore>(&state, &name).await?;
+    if store.metadata.name == DEFAULT_STORE {
+        return Err(ApiError::conflict("The default store cannot be removed"));
+    }
+    state
+        .store
+        .delete_obj::<BackupStore>(&store.metadata.name, None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------- backups
+
+/// Back up a running VM: each disk at one instant, read in full the first
+/// time and afterwards only where it changed. The answer streams progress
+/// as newline-delimited `BackupEvent`s and ends with `done` (the backup)
+/// or `failed` (nothing of it is listed). The backup goes on if the
+/// caller hangs up.
+#[utoipa::path(post, path = "/v1/vms/{name}/backups", tag = "backups", params(("name" = String, Path)),
+    request_body = CreateBackup,
+    responses((status = 200, content_type = "application/x-ndjson", body = novacron_api::BackupEvent),
+        (status = 403, body = novacron_api::ErrorBody), (status = 404, body = novacron_api::ErrorBody),
+        (status = 409, description = "The VM is not running, is migrating, or is being backed up", body = novacron_api::ErrorBody),
+        (status = 422, body = novacron_api::ErrorBody),
+        (status = 503, description = "The VM's agent or the store cannot be reached", body = novacron_api::ErrorBody)))]
+async fn take_backup(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    body: JsonBody,
+) -> ApiResult<Response> {
+    authorize(&p, Resource::Backups, Verb::Create, None)?;
+    let vm = find_authorized::<Vm>(&state, &p, &name, Verb::Read).await?;
+    authorize(&p, Resource::Backups, Verb::Create, Some(&vm.metadata.project))?;
+    let req: CreateBackup = body.parse_or_default()?;
+    req.validate()?;
+    let (store, _) = open(&state, req.store()).await?;
+    if vm.status.phase != VmPhase::Running {
+        return Err(ApiError::conflict(format!(
+            "VM {:?} is {}: backups are taken of running VMs",
+            vm.metadata.name, vm.status.phase
+        )));
+    }
+    super::vms::refuse_while_migrating(&state, &vm.metadata.name).await?;
+    let node = super::vms::bound_node(&state, &vm).await?;
+    let ask = novacron_api::agent::BackupRequest {
+        store: store.metadata.name.clone(),
+        vm: vm.metadata.name.clone(),
+    };
+    tracing::info!(vm = %vm.metadata.name, store = %ask.store, "backup requested");
+    let events = proxy::backup(&state, &node, &vm, &ask).await?;
+    Ok((
+        [(CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(events.bytes_stream()),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BackupQuery {
+    /// Only this store's backups.
+    pub store: Option<String>,
+    /// Only backups of the VM of this name.
+    pub vm: Option<String>,
+}
+
+/// Backups the caller may see, oldest first.
+#[utoipa::path(get, path = "/v1/backups", tag = "backups", params(BackupQuery),
+    responses((status = 200, body = Vec<Backup>), (status = 403, body = novacron_api::ErrorBody),
+        (status = 404, description = "No such store", body = novacron_api::ErrorBody),
+        (status = 503, description = "A store cannot be read", body = novacron_api::ErrorBody)))]
+async fn list_backups(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiQuery(q): ApiQuery<BackupQuery>,
+) -> ApiResult<Json<Vec<Backup>>> {
+    authorize(&p, Resource::Backups, Verb::Read, None)?;
+    let stores = match &q.store {
+        Some(s) => vec![find::<BackupStore>(&state, s).await?],
+        None => state.store.list_all::<BackupStore>().await?,
+    };
+    let mut out = Vec::new();
+    for s in stores {
+        let (_, ds) = open(&state, &s.metadata.name).await?;
+        let vm = q.vm.clone();
+        let manifests = blocking(move || ds.list(vm.as_deref())).await?;
+        out.extend(
+            manifests
+                .iter()
+                .filter(|m| p.sees(&m.project))
+                .map(|m| m.to_api(&s.metadata.name)),
+        );
+    }
+    out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.id.cmp(&b.id)));
+    Ok(Json(out))
+}
+
+#[utoipa::path(get, path = "/v1/backups/{store}/{vm}/{time}", tag = "backups",
+    params(("store" = String, Path), ("vm" = String, Path), ("time" = String, Path, description = "RFC 3339, seconds, Z")),
+    responses((status = 200, body = Backup), (status = 404, body = novacron_api::ErrorBody)))]
+async fn get_backup(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path((store, vm, time)): Path<(String, String, String)>,
+) -> ApiResult<Json<Backup>> {
+    let (_, _, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Read).await?;
+    Ok(Json(backup))
+}
+
+/// Delete a backup; the chunks no other backup uses go at the store's next
+/// garbage collection.
+#[utoipa::path(delete, path = "/v1/backups/{store}/{vm}/{time}", tag = "backups",
+    params(("store" = String, Path), ("vm" = String, Path), ("time" = String, Path)),
+    responses((status = 204), (status = 404, body = novacron_api::ErrorBody)))]
+async fn delete_backup(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path((store, vm, time)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let (ds, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Delete).await?;
+    blocking(move || ds.delete(&id)).await?;
+    tracing::info!(backup = %backup.id, "backup deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Read back every chunk of a backup and check it against its digest
+/// (as an operator would before relying on it: it reads the whole backup).
+#[utoipa::path(post, path = "/v1/backups/{store}/{vm}/{time}/verify", tag = "backups",
+    params(("store" = String, Path), ("vm" = String, Path), ("time" = String, Path)),
+    responses((status = 200, body = BackupVerification), (status = 404, body = novacron_api::ErrorBody)))]
+async fn verify_backup(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path((store, vm, time)): Path<(String, String, String)>,
+) -> ApiResult<Json<BackupVerification>> {
+    let (ds, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Update).await?;
+    let report = blocking(move || novacron_backup::verify::verify_backup(&ds, &id, &mut Default::default())).await?;
+    if !report.ok() {
+        tracing::warn!(backup = %backup.id, errors = ?report.errors, "backup failed verification");
+    }
+    Ok(Json(BackupVerification {
+        id: backup.id,
+        chunks_checked: report.chunks_checked,
+        bytes_checked: report.bytes_checked,
+        ok: report.ok(),
+        errors: report.errors,
+    }))
+}
+
+// ---------------------------------------------------------------- agents' side
+
+/// The calls that write a store are store-wide (a chunk belongs to no one
+/// project, and asking whether one exists would tell about others' data):
+/// only callers not limited to a project make them.
+fn store_writer(p: &Principal) -> ApiResult<()> {
+    authorize(p, Resource::Backups, Verb::Status, None)?;
+    match &p.project {
+        None => Ok(()),
+        Some(own) => Err(ApiError::forbidden(format!(
+            "writing to a backup store needs a token for all projects; this one is limited to {own:?}"
+        ))),
+    }
+}
+
+fn digest(hex: &str) -> ApiResult<Digest> {
+    Digest::from_hex(hex).ok_or_else(|| ApiError::invalid("digest", format!("{hex:?} is not 64 hex digits")))
+}
+
+/// Which of these chunks the store has; those it has are kept from
+/// garbage collection as if written now. For agents writing a backup.
+#[utoipa::path(post, path = "/v1/backup-stores/{store}/chunks/known", tag = "backups",
+    params(("store" = String, Path)), request_body = ChunkQuery,
+    responses((status = 200, body = ChunkKnown), (status = 403, body = novacron_api::ErrorBody),
+        (status = 404, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody)))]
+async fn known_chunks(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(store): Path<String>,
+    body: JsonBody,
+) -> ApiResult<Json<ChunkKnown>> {
+    store_writer(&p)?;
+    let q: ChunkQuery = body.parse()?;
+    if q.digests.len() > MAX_CHUNK_QUERY {
+        return Err(ApiError::invalid(
+            "digests",
+            format!("at most {MAX_CHUNK_QUERY} at once"),
+        ));
+    }
+    let digests = q.digests.iter().map(|d| digest(d)).collect::<ApiResult<Vec<_>>>()?;
+    let (_, ds) = open(&state, &store).await?;
+    let known = blocking(move || digests.iter().map(|d| ds.touch(d)).collect()).await?;
+    Ok(Json(ChunkKnown { known }))
+}
+
+/// Store one chunk (its encoded file: header, then the data, compressed or
+/// not); it is decoded and checked against `digest` first. For agents.
+#[utoipa::path(put, path = "/v1/backup-stores/{store}/chunks/{digest}", tag = "backups",
+    params(("store" = String, Path), ("digest" = String, Path, description = "SHA-256 of the chunk's data, hex")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = ChunkStored), (status = 403, body = novacron_api::ErrorBody),
+        (status = 404, body = novacron_api::ErrorBody), (status = 413, body = novacron_api::ErrorBody),
+        (status = 422, description = "The chunk is malformed or does not match the digest", body = novacron_api::ErrorBody),
+        (status = 503, description = "The store cannot take it (full, unwritable)", body = novacron_api::ErrorBody)))]
+async fn put_chunk(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path((store, hex)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Json<ChunkStored>> {
+    store_writer(&p)?;
+    let d = digest(&hex)?;
+    let (_, ds) = open(&state, &store).await?;
+    let bytes = axum::body::to_bytes(body, MAX_CHUNK_BODY).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("A chunk upload is at most {MAX_CHUNK_BODY} bytes: {e}"),
+        )
+    })?;
+    let stored = blocking(move || ds.insert_encoded(&d, &bytes)).await?;
+    Ok(Json(ChunkStored {
+        stored_bytes: stored.unwrap_or(0),
+        new: stored.is_some(),
+    }))
+}
+
+/// Write a backup whose chunks are all stored: from now on it is listed.
+/// For the agent of the VM's node.
+#[utoipa::path(post, path = "/v1/backup-stores/{store}/backups", tag = "backups",
+    params(("store" = String, Path)), request_body = CommitBackup,
+    responses((status = 201, body = Backup), (status = 403, body = novacron_api::ErrorBody),
+        (status = 404, body = novacron_api::ErrorBody),
+        (status = 409, description = "A chunk it names is not stored, or the backup exists", body = novacron_api::ErrorBody),
+        (status = 413, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody)))]
+async fn commit_backup(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(store): Path<String>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Backup>)> {
+    store_writer(&p)?;
+    let bytes = axum::body::to_bytes(body, MAX_COMMIT_BODY).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("A commit is at most {MAX_COMMIT_BODY} bytes: {e}"),
+        )
+    })?;
+    let req: CommitBackup = serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    // The VM is the node's own: a host writes backups of its VMs only.
+    let vm = find_authorized::<Vm>(&state, &p, &req.vm_id, Verb::Status).await?;
+    if vm.metadata.name != req.vm {
+        return Err(ApiError::invalid(
+            "vm",
+            format!("VM {} is named {:?}", req.vm_id, vm.metadata.name),
+        ));
+    }
+    let id = BackupId {
+        vm: req.vm.clone(),
+        time: req.time,
+    };
+    if BackupId::parse(&id.vm, &id.time_name()).as_ref() != Some(&id) {
+        return Err(ApiError::invalid("time", "a time to the second"));
+    }
+    if req.disks.is_empty() {
+        return Err(ApiError::invalid("disks", "a backup has at least one disk"));
+    }
+    let mut disks = Vec::new();
+    for d in &req.disks {
+        disks.push((d.name.clone(), index_of(d)?, d));
+    }
+    let (_, ds) = open(&state, &store).await?;
+    let info = BackupInfo {
+        vm_id: vm.metadata.id.clone(),
+        project: vm.metadata.project.clone(),
+        full_reason: req.full_reason.clone(),
+        duration_ms: req.duration_ms,
+    };
+    let disks: Vec<(String, FixedIndex, DiskStats)> = disks
+        .into_iter()
+        .map(|(name, index, d)| {
+            let stats = DiskStats {
+                bytes_read: d.bytes_read,
+                chunks_new: d.chunks_new,
+                stored_bytes: d.stored_bytes,
+            };
+            (name, index, stats)
+        })
+        .collect();
+    let manifest = blocking(move || {
+        let mut w = ds.begin(&id)?;
+        for (name, index, stats) in &disks {
+            if let Err(e) = w.add_disk(name, index, *stats) {
+                w.abort();
+                return Err(e);
+            }
+        }
+        w.finish(info)
+    })
+    .await?;
+    let backup = manifest.to_api(&store);
+    tracing::info!(backup = %backup.id, vm = %vm.metadata.name, incremental = backup.incremental(), "backup stored");
+    Ok((StatusCode::CREATED, Json(backup)))
+}
+
+fn index_of(d: &novacron_api::backup::CommitDisk) -> ApiResult<FixedIndex> {
+    let field = format!("disks[{}].digests", d.name);
+    let count = FixedIndex::chunks_for(d.size, CHUNK_SIZE);
+    if d.digests.len() as u64 != count * 64 {
+        return Err(ApiError::invalid(
+            &field,
+            format!("a disk of {} bytes has {count} chunks: 64 hex digits each", d.size),
+        ));
+    }
+    let digests = (0..count as usize)
+        .map(|i| digest(&d.digests[i * 64..(i + 1) * 64]))
+        .collect::<ApiResult<Vec<_>>>()
+        .map_err(|e| ApiError::invalid(&field, e.message))?;
+    Ok(FixedIndex {
+        size: d.size,
+        chunk_size: CHUNK_SIZE,
+        digests,
+    })
+}
+
+/// A disk's index in a backup (its chunks' digests, binary), which the
+/// next backup of the VM starts from. For agents.
+#[utoipa::path(get, path = "/v1/backup-stores/{store}/backups/{vm}/{time}/disks/{disk}/index", tag = "backups",
+    params(("store" = String, Path), ("vm" = String, Path), ("time" = String, Path), ("disk" = String, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, body = novacron_api::ErrorBody)))]
+async fn backup_index(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path((store, vm, time, disk)): Path<(String, String, String, String)>,
+) -> ApiResult<Response> {
+    let (ds, id, _) = find_backup(&state, &p, &store, &vm, &time, Verb::Read).await?;
+    let index = blocking(move || ds.index(&id, &disk)).await?;
+    Ok(([(CONTENT_TYPE, "application/octet-stream")], index.to_bytes()).into_response())
+}

@@ -1,0 +1,227 @@
+//! `novacron backup ...` and `novacron backup-store ...`: backups of VMs
+//! and the datastores they go to.
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use novacron_api::backup::parse_backup_id;
+use novacron_api::{Backup, BackupEvent, BackupStore, BackupVerification, CreateBackup, CreateBackupStore};
+
+use crate::commands::client;
+use crate::output::{age, human_bytes, print_data, table, Format};
+use crate::Global;
+
+#[derive(Subcommand)]
+pub enum BackupCommand {
+    /// Back up a running VM's disks (all at one instant, while it runs):
+    /// the first backup reads every block, later ones only those changed.
+    Create {
+        vm: String,
+        /// The store (default: local).
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// List backups, oldest first.
+    List {
+        /// Only this store's.
+        #[arg(long)]
+        store: Option<String>,
+        /// Only this VM's.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Show a backup (`STORE:VM/TIME`, as `backup list` prints it).
+    Get { id: String },
+    /// Delete a backup (its chunks go when no other backup uses them).
+    Delete { id: String },
+    /// Read back every chunk of a backup and check it against its digest.
+    Verify { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum BackupStoreCommand {
+    /// Register a datastore directory on the server's machine (made if
+    /// missing; an existing datastore is taken over with its backups).
+    Add { name: String, path: String },
+    /// List the stores.
+    List,
+    /// Forget a store (its directory stays).
+    Remove { name: String },
+}
+
+/// `STORE:VM/TIME` as the API's path `STORE/VM/TIME`.
+fn backup_path(id: &str) -> Result<String> {
+    let (store, vm, time) =
+        parse_backup_id(id).with_context(|| format!("{id:?} is not a backup id (STORE:VM/TIME)"))?;
+    Ok(format!("backups/{store}/{vm}/{time}"))
+}
+
+pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        BackupCommand::Create { vm, store } => {
+            let req = CreateBackup { store };
+            req.validate()
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            let backup = follow(&c, &vm, &req).await?;
+            backups(g.output, &[backup])
+        }
+        BackupCommand::List { store, vm } => {
+            let mut q = Vec::new();
+            if let Some(s) = store {
+                q.push(("store".to_string(), s));
+            }
+            if let Some(v) = vm {
+                q.push(("vm".to_string(), v));
+            }
+            let all: Vec<Backup> = c.get_query("backups", &q).await?;
+            backups(g.output, &all)
+        }
+        BackupCommand::Get { id } => {
+            let b: Backup = c.get_json(&backup_path(&id)?).await?;
+            if g.output != Format::Table {
+                return print_data(g.output, &b);
+            }
+            backups(g.output, std::slice::from_ref(&b))?;
+            let mut t = table(&["DISK", "SIZE", "READ", "NEW CHUNKS", "STORED"]);
+            for d in &b.disks {
+                t.add_row(vec![
+                    d.name.clone(),
+                    human_bytes(d.size),
+                    human_bytes(d.bytes_read),
+                    d.chunks_new.to_string(),
+                    human_bytes(d.stored_bytes),
+                ]);
+            }
+            println!("{t}");
+            if let Some(why) = &b.full_reason {
+                println!("full backup: {why}");
+            }
+            Ok(())
+        }
+        BackupCommand::Delete { id } => {
+            c.delete_path(&backup_path(&id)?).await?;
+            println!("backup {id} deleted");
+            Ok(())
+        }
+        BackupCommand::Verify { id } => {
+            let v: BackupVerification = c
+                .post_json(&format!("{}/verify", backup_path(&id)?), &serde_json::json!({}))
+                .await?;
+            if g.output != Format::Table {
+                print_data(g.output, &v)?;
+            } else {
+                println!(
+                    "{}: {} chunks ({}) checked, {}",
+                    v.id,
+                    v.chunks_checked,
+                    human_bytes(v.bytes_checked),
+                    if v.ok { "all good" } else { "DAMAGED" }
+                );
+                for e in &v.errors {
+                    println!("  {e}");
+                }
+            }
+            if !v.ok {
+                bail!("backup {} is damaged", v.id);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs a backup, showing its progress, until it is stored or fails.
+async fn follow(c: &novacron_client::Client, vm: &str, req: &CreateBackup) -> Result<Backup> {
+    let mut stream = c.post_streaming(&format!("vms/{vm}/backups"), req).await?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut pending = Vec::new();
+    let outcome = 'read: loop {
+        let Some(chunk) = stream.next().await else {
+            break Err(anyhow::anyhow!(
+                "The server closed the backup's progress stream early: see `novacron backup list --vm {vm}`"
+            ));
+        };
+        pending.extend_from_slice(&chunk?);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let event: BackupEvent =
+                serde_json::from_slice(&line).context("The server sent a progress line that is not a BackupEvent")?;
+            match event {
+                BackupEvent::Progress { disk, done, size } => {
+                    bar.set_message(format!("disk {disk}"));
+                    bar.set_length(size);
+                    bar.set_position(done);
+                }
+                BackupEvent::Done(b) => break 'read Ok(b),
+                BackupEvent::Failed { message } => break 'read Err(anyhow::anyhow!("The backup failed: {message}")),
+            }
+        }
+    };
+    bar.finish_and_clear();
+    outcome
+}
+
+fn backups(format: Format, items: &[Backup]) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, &items);
+    }
+    let mut t = table(&["ID", "VM", "KIND", "SIZE", "READ", "STORED", "TOOK", "AGE"]);
+    for b in items {
+        let sum = |f: fn(&novacron_api::BackupDisk) -> u64| b.disks.iter().map(f).sum::<u64>();
+        t.add_row(vec![
+            b.id.clone(),
+            b.vm.clone(),
+            if b.incremental() { "incremental" } else { "full" }.into(),
+            human_bytes(sum(|d| d.size)),
+            human_bytes(sum(|d| d.bytes_read)),
+            human_bytes(sum(|d| d.stored_bytes)),
+            format!("{:.1}s", b.duration_ms as f64 / 1000.0),
+            age(b.time),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub async fn backup_store(g: &Global, cmd: BackupStoreCommand) -> Result<()> {
+    let c = client(g)?;
+    match cmd {
+        BackupStoreCommand::Add { name, path } => {
+            let req = CreateBackupStore { name, path };
+            req.validate()
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            let s: BackupStore = c.post_json("backup-stores", &req).await?;
+            stores(g.output, &[s])
+        }
+        BackupStoreCommand::List => {
+            let all: Vec<BackupStore> = c.get_json("backup-stores").await?;
+            stores(g.output, &all)
+        }
+        BackupStoreCommand::Remove { name } => {
+            c.delete_path(&format!("backup-stores/{name}")).await?;
+            println!("backup store {name:?} removed (its directory stays)");
+            Ok(())
+        }
+    }
+}
+
+fn stores(format: Format, items: &[BackupStore]) -> Result<()> {
+    if format != Format::Table {
+        return print_data(format, &items);
+    }
+    let mut t = table(&["NAME", "PATH", "AGE"]);
+    for s in items {
+        t.add_row(vec![
+            s.metadata.name.clone(),
+            s.spec.path.clone(),
+            age(s.metadata.created_at),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! Backups of a running busybox guest through the server's store (mTLS,
+//! the agent's certificate): the first is full, the next reads only what
+//! the guest wrote, and stays incremental across a stop and start (the
+//! tracking bitmap lives in the qcow2); a killed QEMU makes the next one
+//! full, saying why. Verify finds a damaged chunk; stores, RBAC and bad
+//! input answer clearly.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test harness code: panics are failures
+
+mod common;
+
+use std::time::Duration;
+
+use common::guestnet::{cli_fails, guest_run, post};
+use common::{ok, Cluster, Options};
+use novacron_api::{Backup, BackupVerification, RunStrategy, VmPhase};
+
+const BOOT: Duration = Duration::from_secs(120);
+const GUEST: Duration = Duration::from_secs(60);
+const CHUNK: u64 = 4 * 1024 * 1024;
+
+fn backup(c: &Cluster, vm: &str, store: Option<&str>) -> Backup {
+    let mut args = vec!["-o", "json", "backup", "create", vm];
+    if let Some(s) = store {
+        args.extend(["--store", s]);
+    }
+    let out = ok(c.cli(&args).output().expect("cli"));
+    let mut list: Vec<Backup> = serde_json::from_str(&out).expect("backup json");
+    // Backups are named by the second they start in.
+    std::thread::sleep(Duration::from_millis(1100));
+    list.remove(0)
+}
+
+fn read(b: &Backup) -> u64 {
+    b.disks.iter().map(|d| d.bytes_read).sum()
+}
+
+async fn start_and_wait(c: &Cluster, vm: &str, boot: usize) {
+    ok(c.cli(&["vm", "start", vm, "--wait"]).output().expect("cli"));
+    c.wait_console(vm, "NOVACRON-GUEST-READY", boot, BOOT).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
+    let c = Cluster::start(Options::default()).await;
+    c.import_demo().await;
+    c.create_vm("keeper", 128, RunStrategy::Manual, true).await;
+    c.wait_phase("keeper", VmPhase::Running, BOOT).await;
+    c.wait_console("keeper", "NOVACRON-GUEST-READY", 1, BOOT).await;
+
+    // Bad input first: it changes nothing.
+    cli_fails(&c, &["backup", "create", "keeper", "--store", "nowhere"], "not found");
+    cli_fails(&c, &["backup", "create", "ghost"], "not found");
+    cli_fails(&c, &["backup", "get", "keeper"], "not a backup id");
+    let (got, err) = post(&c, "vms/keeper/backups", serde_json::json!({"store": "Bad Name"})).await;
+    assert_eq!(got, 422, "{err}");
+    let listed = ok(c.cli(&["-o", "json", "backup", "list"]).output().expect("cli"));
+    assert_eq!(serde_json::from_str::<Vec<Backup>>(&listed).unwrap(), vec![]);
+
+    let first = backup(&c, "keeper", None);
+    assert!(!first.incremental(), "{first:?}");
+    assert!(
+        first.full_reason.as_deref().unwrap_or("").contains("first backup"),
+        "{first:?}"
+    );
+    assert_eq!(first.store, "local");
+    assert_eq!(first.project, "default");
+    let disks: Vec<&str> = first.disks.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(disks, ["root", "data"]);
+
+    // The guest writes 1 MiB: the next backup reads the chunks it touched
+    // (and the filesystem's metadata), not the disks.
+    let wrote = guest_run(
+        &c,
+        "keeper",
+        "w1",
+        "dd if=/dev/urandom of=/mnt/data/blob bs=1M count=1 && sync",
+        GUEST,
+    )
+    .await;
+    assert!(wrote.ends_with("rc=0"), "{wrote}");
+    let second = backup(&c, "keeper", None);
+    assert!(second.incremental(), "{second:?}");
+    assert!(read(&second) >= CHUNK && read(&second) <= 4 * CHUNK, "{second:?}");
+    let total: u64 = second.disks.iter().map(|d| d.size).sum();
+    assert!(read(&second) * 10 < total, "{second:?}");
+
+    // A clean stop saves the tracking in the qcow2: still incremental.
+    ok(c.cli(&["vm", "stop", "keeper", "--wait"]).output().expect("cli"));
+    cli_fails(&c, &["backup", "create", "keeper"], "backups are taken of running VMs");
+    start_and_wait(&c, "keeper", 2).await;
+    let after_restart = backup(&c, "keeper", None);
+    assert!(after_restart.incremental(), "{after_restart:?}");
+    assert!(read(&after_restart) <= 4 * CHUNK, "{after_restart:?}");
+
+    // Another store: its first backup is full, and says why.
+    let offsite = c.dir.path().join("offsite");
+    ok(c.cli(&["backup-store", "add", "offsite", offsite.to_str().unwrap()])
+        .output()
+        .expect("cli"));
+    cli_fails(
+        &c,
+        &["backup-store", "add", "again", offsite.to_str().unwrap()],
+        "already uses",
+    );
+    let there = backup(&c, "keeper", Some("offsite"));
+    assert!(
+        there
+            .full_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("first backup of this VM in store \"offsite\""),
+        "{there:?}"
+    );
+
+    // QEMU killed: what it tracked was never saved; the next backup is full.
+    let pids = c.qemu_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    c.wait_phase("keeper", VmPhase::Failed, BOOT).await;
+    start_and_wait(&c, "keeper", 3).await;
+    let after_kill = backup(&c, "keeper", Some("offsite"));
+    assert!(!after_kill.incremental(), "{after_kill:?}");
+
+    // Verify reads every chunk back; a damaged chunk is named.
+    let v: BackupVerification = serde_json::from_str(&ok(c
+        .cli(&["-o", "json", "backup", "verify", &second.id])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    assert!(v.ok && v.chunks_checked > 0, "{v:?}");
+    // Damage the largest chunk of the second backup's data disk (the one
+    // holding the guest's random megabyte).
+    let index = c
+        .client
+        .get_bytes(&format!(
+            "backup-stores/local/backups/keeper/{}/disks/data/index",
+            second.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ))
+        .await
+        .unwrap();
+    let chunks = c.dir.path().join("server/backups/.chunks");
+    let count = second.disks[1].size.div_ceil(CHUNK) as usize;
+    let (victim, digest) = index[index.len() - 32 * count..]
+        .chunks(32)
+        .map(hex::encode)
+        .map(|d| (chunks.join(&d[..2]).join(&d), d))
+        .max_by_key(|(p, _)| std::fs::metadata(p).unwrap().len())
+        .expect("a chunk");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0xff;
+    std::fs::write(&victim, bytes).unwrap();
+    let out = c.cli(&["backup", "verify", &second.id]).output().expect("cli");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && said.contains("DAMAGED") && said.contains(&digest),
+        "{said}"
+    );
+
+    // RBAC: a viewer lists backups but takes and deletes none.
+    let viewer = ok(c
+        .cli(&["token", "create", "watcher", "--role", "viewer"])
+        .output()
+        .expect("cli"));
+    let viewer = c.client_with_token(viewer.trim());
+    let seen: Vec<Backup> = viewer.get_json("backups").await.unwrap();
+    assert_eq!(seen.len(), 5);
+    let refused = viewer
+        .post_json::<_, serde_json::Value>("vms/keeper/backups", &serde_json::json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(403), "{refused}");
+
+    // Delete: gone from the list; the others stay.
+    ok(c.cli(&["backup", "delete", &first.id]).output().expect("cli"));
+    cli_fails(&c, &["backup", "get", &first.id], "not found");
+    let left: Vec<Backup> = c.client.get_json("backups").await.unwrap();
+    assert_eq!(left.len(), 4);
+}
