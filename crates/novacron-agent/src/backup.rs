@@ -14,6 +14,7 @@ use novacron_nbd::{NbdClient, NbdError, MAX_REQUEST, STATE_DIRTY, STATE_ZERO};
 pub mod chain;
 pub mod export;
 pub mod running;
+pub mod stopped;
 pub mod target;
 
 /// Chunks hashed and stored at once while a disk is read.

@@ -265,7 +265,14 @@ pub async fn take(dir: &VmDir, req: &CreateSnapshot) -> Result<Snapshot, Snapsho
     for (disk, active) in &disks {
         let layer = dir.path.join(layer_name(&req.name, disk));
         match take_layer(active, &layer, &layer_name(&req.name, disk)).await {
-            Ok(()) => taken.push((active.clone(), layer)),
+            Ok(()) => {
+                // Backups stay incremental across the snapshot; without the
+                // carried tracking the next one is full (and says so).
+                if let Err(e) = crate::backup::stopped::carry_tracking_in_files(&layer, active).await {
+                    tracing::warn!(disk = %active.display(), error = %e, "change tracking not carried to the new overlay");
+                }
+                taken.push((active.clone(), layer))
+            }
             Err(e) => {
                 undo_take(&taken);
                 return Err(e);

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use chrono::{SubsecRound, Utc};
 use novacron_api::Backup;
-use novacron_backup::BackupId;
+use novacron_backup::{BackupId, FixedIndex};
 use novacron_nbd::NbdClient;
 use novacron_qmp::Qmp;
 
@@ -15,6 +15,31 @@ use super::chain::{self, Base};
 use super::export::{self, DiskNode, Tracking};
 use super::target::{BackupTarget, DiskIndexes};
 use super::{read_disk, BackupError, Reading, ALLOCATION};
+
+/// Why a disk's backup must read all of it, if it must: the chain is
+/// broken, the disk has no tracking to read changes from (`tracked` says
+/// whether it has), or the newest backup has no like disk to take the
+/// unchanged chunks from.
+pub(super) fn why_full(
+    tracking: Tracking,
+    tracked: bool,
+    previous: Option<&FixedIndex>,
+    size: u64,
+    chain_broken: Option<&str>,
+) -> Option<String> {
+    match (tracked, previous, chain_broken) {
+        (_, _, Some(why)) => Some(why.into()),
+        (false, _, None) => Some(match tracking {
+            Tracking::Inconsistent => "its change tracking was not saved (its QEMU ended uncleanly)".into(),
+            _ => {
+                "it has no change tracking (a new disk, a reverted snapshot, or its QEMU ended before saving it)".into()
+            }
+        }),
+        (true, None, None) => Some("the newest backup does not have it".into()),
+        (true, Some(p), None) if p.size != size => Some("its size changed".into()),
+        _ => None,
+    }
+}
 
 /// Backs up the running VM `vm` (id `vm_id`, directory `dir`) whose disks
 /// are `disks` to `target`; `progress` hears (disk, bytes done, size).
@@ -56,16 +81,13 @@ pub async fn back_up_running<T: BackupTarget>(
                 .as_ref()
                 .and_then(|(_, ds)| ds.iter().find(|(n, _)| *n == e.disk.disk))
                 .map(|(_, i)| i);
-            let why_full = match (&e.changed_context, previous, &chain_broken) {
-                (_, _, Some(why)) => Some(why.clone()),
-                (None, _, None) => Some(match e.tracking {
-                    Tracking::Inconsistent => "its change tracking was not saved (its QEMU ended uncleanly)".into(),
-                    _ => "it has no change tracking (a new disk, a reverted snapshot, or its QEMU ended before saving it)".into(),
-                }),
-                (Some(_), None, None) => Some("the newest backup does not have it".into()),
-                (Some(_), Some(p), None) if p.size != e.disk.size => Some("its size changed".into()),
-                _ => None,
-            };
+            let why_full = why_full(
+                e.tracking,
+                e.changed_context.is_some(),
+                previous,
+                e.disk.size,
+                chain_broken.as_deref(),
+            );
             let mut contexts = vec![ALLOCATION];
             if let Some(c) = &e.changed_context {
                 contexts.push(c);

@@ -1,4 +1,5 @@
-//! Backups of running VMs to a store the server serves. The answer streams
+//! Backups of VMs (running: through their QEMU; stopped: from their disk
+//! files) to a store the server serves. The answer streams
 //! the backup's progress as newline-delimited `BackupEvent`s; the backup
 //! runs in a task of its own under the VM's claim (no start, stop or
 //! migration meanwhile), so a caller that hangs up does not cut it short.
@@ -20,6 +21,7 @@ use tracing::Instrument;
 use super::{error, vm_dir, HttpState};
 use crate::backup::export::DiskNode;
 use crate::backup::running::back_up_running;
+use crate::backup::stopped::back_up_stopped;
 use crate::backup::target::RemoteTarget;
 use crate::qemu::{self, VmDir};
 
@@ -39,9 +41,6 @@ pub(super) async fn take(
     let Some(dir) = vm_dir(&state, &id) else {
         return error(StatusCode::CONFLICT, format!("VM {id:?} has no disks on this node"));
     };
-    if dir.running_pid().is_none() {
-        return error(StatusCode::CONFLICT, format!("VM {:?} is not running here", req.vm));
-    }
     let Some(claim) = state.node.claims.claim(&id) else {
         return error(
             StatusCode::CONFLICT,
@@ -90,6 +89,31 @@ async fn run(
     target: &RemoteTarget,
     events: &mpsc::Sender<BackupEvent>,
 ) -> Result<novacron_api::Backup, String> {
+    // Progress goes out at most every 64 MiB per disk; a reader that
+    // lags loses progress lines, never the outcome.
+    let mut reported = (String::new(), 0u64);
+    let progress = |disk: &str, done: u64, size: u64| {
+        if reported.0 != disk || done >= reported.1 + 64 * 1024 * 1024 || done == size {
+            reported = (disk.to_string(), done);
+            let _ = events.try_send(BackupEvent::Progress {
+                disk: disk.into(),
+                done,
+                size,
+            });
+        }
+    };
+    if dir.running_pid().is_none() {
+        let disks: Vec<(String, std::path::PathBuf)> = qemu::DISK_NODES
+            .iter()
+            .filter_map(|d| Some((d.to_string(), dir.disk_file(d).filter(|p| p.exists())?)))
+            .collect();
+        if disks.is_empty() {
+            return Err(format!("VM {vm:?} has no disks yet"));
+        }
+        return back_up_stopped(&dir.path, vm, id, &disks, target, progress)
+            .await
+            .map_err(|e| chain(&e).to_string());
+    }
     let qmp = novacron_qmp::Qmp::connect(&dir.qmp_migrate(), Duration::from_secs(10))
         .await
         .map_err(|e| format!("Cannot reach the VM's QEMU: {}", chain(&e)))?;
@@ -108,19 +132,6 @@ async fn run(
             .map_err(|e| format!("Cannot read disk {disk}: {}", chain(&e)))?;
         disks.push(DiskNode { disk, top, size });
     }
-    // Progress goes out at most every 64 MiB per disk; a reader that
-    // lags loses progress lines, never the outcome.
-    let mut reported = (String::new(), 0u64);
-    let progress = |disk: &str, done: u64, size: u64| {
-        if reported.0 != disk || done >= reported.1 + 64 * 1024 * 1024 || done == size {
-            reported = (disk.to_string(), done);
-            let _ = events.try_send(BackupEvent::Progress {
-                disk: disk.into(),
-                done,
-                size,
-            });
-        }
-    };
     back_up_running(&qmp, &dir.path, vm, id, &disks, target, progress)
         .await
         .map_err(|e| chain(&e).to_string())

@@ -23,8 +23,8 @@ use novacron_api::backup::{
 };
 use novacron_api::error::chain;
 use novacron_api::{
-    Backup, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore, Metadata, Resource,
-    Verb, Vm, VmPhase,
+    Backup, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore, Metadata, PowerState,
+    Resource, Verb, Vm, VmPhase,
 };
 use novacron_backup::{BackupId, BackupInfo, Datastore, Digest, DiskStats, FixedIndex, StoreError, CHUNK_SIZE};
 use novacron_store::{SharedStore, StoreExt};
@@ -248,8 +248,8 @@ async fn remove_store(
 
 // ---------------------------------------------------------------- backups
 
-/// Back up a running VM: each disk at one instant, read in full the first
-/// time and afterwards only where it changed. The answer streams progress
+/// Back up a VM (running, paused or stopped): each disk at one instant,
+/// read in full the first time and afterwards only where it changed. The answer streams progress
 /// as newline-delimited `BackupEvent`s and ends with `done` (the backup)
 /// or `failed` (nothing of it is listed). The backup goes on if the
 /// caller hangs up.
@@ -257,7 +257,7 @@ async fn remove_store(
     request_body = CreateBackup,
     responses((status = 200, content_type = "application/x-ndjson", body = novacron_api::BackupEvent),
         (status = 403, body = novacron_api::ErrorBody), (status = 404, body = novacron_api::ErrorBody),
-        (status = 409, description = "The VM is not running, is migrating, or is being backed up", body = novacron_api::ErrorBody),
+        (status = 409, description = "The VM is starting or stopping, has never run, is migrating, or is being backed up", body = novacron_api::ErrorBody),
         (status = 422, body = novacron_api::ErrorBody),
         (status = 503, description = "The VM's agent or the store cannot be reached", body = novacron_api::ErrorBody)))]
 async fn take_backup(
@@ -272,10 +272,22 @@ async fn take_backup(
     let req: CreateBackup = body.parse_or_default()?;
     req.validate()?;
     let (store, _) = open(&state, req.store()).await?;
-    if vm.status.phase != VmPhase::Running {
+    let settled = matches!(
+        (vm.spec.power_state, vm.status.phase),
+        (PowerState::Stopped, VmPhase::Stopped)
+            | (PowerState::Running, VmPhase::Running)
+            | (PowerState::Paused, VmPhase::Paused)
+    );
+    if !settled {
         return Err(ApiError::conflict(format!(
-            "VM {:?} is {}: backups are taken of running VMs",
+            "VM {:?} is {}: backups are taken of running, paused or stopped VMs; try again when it is",
             vm.metadata.name, vm.status.phase
+        )));
+    }
+    if vm.status.node.is_none() {
+        return Err(ApiError::conflict(format!(
+            "VM {:?} has never run: it has no disks to back up yet",
+            vm.metadata.name
         )));
     }
     super::vms::refuse_while_migrating(&state, &vm.metadata.name).await?;
