@@ -13,6 +13,7 @@ use novacron_nbd::{NbdClient, NbdError, MAX_REQUEST, STATE_DIRTY, STATE_ZERO};
 
 pub mod chain;
 pub mod export;
+pub mod restore;
 pub mod running;
 pub mod stopped;
 pub mod target;

@@ -82,6 +82,12 @@ pub enum ReconcileError {
     Copying(u8),
     #[error("Cannot copy the image for a full clone: {0}")]
     Copy(String),
+    #[error("Cannot restore the disks from backup {backup}")]
+    Restore {
+        backup: String,
+        #[source]
+        source: crate::backup::BackupError,
+    },
     #[error(
         "Cannot resume from snapshot {snapshot:?}'s memory (the VM's hardware may have changed since it was taken); its next start boots the snapshot's disks"
     )]
@@ -653,6 +659,19 @@ pub async fn prepare_launch(
     } else {
         None
     };
+    // A VM restored from a backup gets its disks from there, once: not on a
+    // migration's target (its disks come from the source), nor once it has
+    // disks, nor after a rebuild (the root disk then comes from the image).
+    if let (Some(src), false) = (&vm.spec.restore_from, incoming) {
+        if crate::backup::restore::needed(dir) && !dir.root_disk().exists() && vm.spec.rebuild_generation == 0 {
+            crate::backup::restore::restore_disks(client, dir, src)
+                .await
+                .map_err(|source| ReconcileError::Restore {
+                    backup: src.to_string(),
+                    source,
+                })?;
+        }
+    }
     if !dir.root_disk().exists() {
         match image.spec.format {
             ImageFormat::Kernel => {

@@ -136,6 +136,36 @@ pub struct BackupVerification {
     pub ok: bool,
 }
 
+/// The backup a VM's disks are restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSource {
+    pub store: String,
+    /// The backed-up VM's name.
+    pub vm: String,
+    /// RFC 3339, seconds, Z.
+    pub time: String,
+}
+
+impl std::fmt::Display for RestoreSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.store, self.vm, self.time)
+    }
+}
+
+/// `POST /v1/backups/{store}/{vm}/{time}/restore`: a new VM from a backup,
+/// with the backed-up VM's settings and disks, and addresses and MACs of
+/// its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBackup {
+    /// The new VM's name.
+    pub name: String,
+    /// Start it once restored (default: leave it stopped).
+    #[serde(default)]
+    pub start: bool,
+}
+
 /// One line of the newline-delimited JSON a backup run streams.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -504,6 +504,10 @@ pub struct VmSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(max_items = 8)]
     pub volumes: Vec<crate::volume::VolumeAttachment>,
+    /// The backup the VM's disks are restored from when it is first placed
+    /// (set by `POST /v1/backups/{store}/{vm}/{time}/restore`, not at create).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<crate::backup::RestoreSource>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -538,6 +542,7 @@ impl VmSpec {
             cloud_init: None,
             full_copy: false,
             volumes: Vec::new(),
+            restore_from: None,
         }
     }
 }

@@ -143,6 +143,12 @@ pub fn create_vm(req: &CreateVm) -> Result<(), FieldError> {
             "volumes are attached to a VM once it exists (POST /v1/vms/{name}/volumes)",
         ));
     }
+    if req.spec.restore_from.is_some() {
+        return Err(FieldError::new(
+            "spec.restore_from",
+            "VMs are restored from backups with POST /v1/backups/{store}/{vm}/{time}/restore",
+        ));
+    }
     vm_spec(&req.spec)
 }
 

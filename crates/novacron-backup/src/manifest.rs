@@ -72,6 +72,10 @@ pub struct Manifest {
     pub full_reason: Option<String>,
     /// Milliseconds from start to manifest.
     pub duration_ms: u64,
+    /// The VM's settings when it was backed up (its spec, as JSON): a
+    /// restore makes a VM like it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

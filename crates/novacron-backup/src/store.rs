@@ -163,14 +163,20 @@ impl Datastore {
         fs::rename(&tmp, &path).map_err(io(format!("rename {}", tmp.display())))
     }
 
+    /// A chunk's file as stored (header, then the data, compressed or not),
+    /// for a reader that checks it itself.
+    pub fn chunk_file(&self, d: &Digest) -> Result<Vec<u8>, StoreError> {
+        let path = self.chunk_path(d);
+        match fs::read(&path) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::MissingChunk(*d)),
+            Err(e) => Err(io(format!("read {}", path.display()))(e)),
+        }
+    }
+
     /// A chunk's content, checked against its digest.
     pub fn read_chunk(&self, d: &Digest) -> Result<Vec<u8>, StoreError> {
-        let path = self.chunk_path(d);
-        let file = match fs::read(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::MissingChunk(*d)),
-            Err(e) => return Err(io(format!("read {}", path.display()))(e)),
-        };
+        let file = self.chunk_file(d)?;
         chunk::decode(&file, d).map_err(|source| StoreError::Chunk { digest: *d, source })
     }
 
@@ -340,6 +346,8 @@ pub struct BackupInfo {
     /// Why every block was read; none for an incremental backup.
     pub full_reason: Option<String>,
     pub duration_ms: u64,
+    /// The VM's settings (see [`Manifest::config`]).
+    pub config: Option<serde_json::Value>,
 }
 
 /// What reading one disk for a backup took.
@@ -388,6 +396,7 @@ impl BackupWriter {
             disks: self.disks.clone(),
             full_reason: about.full_reason,
             duration_ms: about.duration_ms,
+            config: about.config,
         };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Manifest {
             path: self.partial.display().to_string(),

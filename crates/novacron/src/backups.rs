@@ -37,6 +37,18 @@ pub enum BackupCommand {
     Delete { id: String },
     /// Read back every chunk of a backup and check it against its digest.
     Verify { id: String },
+    /// Make a new VM from a backup: the backed-up VM's settings and disks,
+    /// with addresses and MACs of its own (restoring in place: delete the
+    /// VM, then restore under its name).
+    Restore {
+        id: String,
+        /// The new VM's name.
+        #[arg(long = "as")]
+        name: String,
+        /// Start it once restored.
+        #[arg(long)]
+        start: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,6 +110,19 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
             if let Some(why) = &b.full_reason {
                 println!("full backup: {why}");
             }
+            Ok(())
+        }
+        BackupCommand::Restore { id, name, start } => {
+            let req = novacron_api::backup::RestoreBackup { name, start };
+            let vm: novacron_api::Vm = c.post_json(&format!("{}/restore", backup_path(&id)?), &req).await?;
+            if g.output != Format::Table {
+                return print_data(g.output, &vm);
+            }
+            println!(
+                "VM {:?} created from backup {id}; its disks are restored when it first starts{}",
+                vm.metadata.name,
+                if start { " (now)" } else { "" }
+            );
             Ok(())
         }
         BackupCommand::Delete { id } => {

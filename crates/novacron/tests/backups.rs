@@ -2,15 +2,17 @@
 //! agent's certificate): the first is full, the next reads only what the
 //! guest wrote, and they stay incremental while the VM is stopped (read
 //! from its disk files) and after it starts again (the tracking bitmap
-//! lives in the qcow2); a killed QEMU makes the next one full, saying why. Verify finds a damaged chunk; stores, RBAC and bad
-//! input answer clearly.
+//! lives in the qcow2); a killed QEMU makes the next one full, saying why.
+//! A restore into a new VM boots with the data written before the backup.
+//! Verify and restore find a damaged chunk; stores, RBAC and bad input
+//! answer clearly.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test harness code: panics are failures
 
 mod common;
 
 use std::time::Duration;
 
-use common::guestnet::{cli_fails, guest_run, post};
+use common::guestnet::{cli_fails, guest_run, guest_value, post};
 use common::{ok, Cluster, Options};
 use novacron_api::{Backup, BackupVerification, RunStrategy, VmPhase};
 
@@ -129,6 +131,26 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     let after_kill = backup(&c, "keeper", Some("offsite"));
     assert!(!after_kill.incremental(), "{after_kill:?}");
 
+    // Restore the second backup into a new VM: it boots with the file the
+    // guest wrote before that backup, byte for byte, and an address and MAC
+    // of its own.
+    ok(c.cli(&["backup", "restore", &second.id, "--as", "copy", "--start"])
+        .output()
+        .expect("cli"));
+    c.wait_phase("copy", VmPhase::Running, BOOT).await;
+    c.wait_console("copy", "NOVACRON-GUEST-READY", 1, BOOT).await;
+    let sum = "md5sum /mnt/data/blob | cut -d' ' -f1";
+    let original = guest_value(&c, "keeper", "sum-keeper", sum).await;
+    let restored = guest_value(&c, "copy", "sum-copy", sum).await;
+    assert_eq!(original.len(), 32, "{original}");
+    assert_eq!(original, restored);
+    let copy = c.vm("copy").await;
+    assert_eq!(
+        copy.spec.restore_from.as_ref().map(|r| r.to_string()),
+        Some(second.id.clone())
+    );
+    cli_fails(&c, &["backup", "restore", &second.id, "--as", "copy"], "already exists");
+
     // Verify reads every chunk back; a damaged chunk is named.
     let v: BackupVerification = serde_json::from_str(&ok(c
         .cli(&["-o", "json", "backup", "verify", &second.id])
@@ -164,6 +186,13 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
         !out.status.success() && said.contains("DAMAGED") && said.contains(&digest),
         "{said}"
     );
+    // A restore of the damaged backup fails loudly, naming the chunk.
+    ok(c.cli(&["backup", "restore", &second.id, "--as", "broken", "--start"])
+        .output()
+        .expect("cli"));
+    let broken = c.wait_phase("broken", VmPhase::Failed, BOOT).await;
+    let why = broken.status.reason.unwrap_or_default();
+    assert!(why.contains(&digest) && why.contains("damaged"), "{why}");
 
     // RBAC: a viewer lists backups but takes and deletes none.
     let viewer = ok(c

@@ -94,6 +94,7 @@ impl BackupTarget for LocalTarget {
             project: String::new(),
             full_reason,
             duration_ms,
+            config: None,
         };
         let manifest = blocking(move || {
             let mut w = store.begin(&id)?;

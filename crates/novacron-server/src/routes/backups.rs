@@ -21,10 +21,11 @@ use axum::{Extension, Json};
 use novacron_api::backup::{
     ChunkKnown, ChunkQuery, ChunkStored, CommitBackup, DEFAULT_STORE, MAX_CHUNK_BODY, MAX_CHUNK_QUERY, MAX_COMMIT_BODY,
 };
+use novacron_api::backup::{RestoreBackup, RestoreSource};
 use novacron_api::error::chain;
 use novacron_api::{
-    Backup, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore, Metadata, PowerState,
-    Resource, Verb, Vm, VmPhase,
+    Backup, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore, CreateVm, Metadata,
+    PowerState, Resource, Verb, Vm, VmPhase, VmSpec,
 };
 use novacron_backup::{BackupId, BackupInfo, Datastore, Digest, DiskStats, FixedIndex, StoreError, CHUNK_SIZE};
 use novacron_store::{SharedStore, StoreExt};
@@ -47,6 +48,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_backups))
         .routes(routes!(get_backup, delete_backup))
         .routes(routes!(verify_backup))
+        .routes(routes!(restore_backup))
+        .routes(routes!(get_chunk))
         .routes(routes!(known_chunks))
         .routes(routes!(put_chunk))
         .routes(routes!(commit_backup))
@@ -397,12 +400,74 @@ async fn verify_backup(
     }))
 }
 
+/// Make a new VM from a backup: the backed-up VM's settings (CPUs,
+/// memory, image, networks, cloud-init) with addresses and MACs of its
+/// own, and its disks as they were backed up (its agent reads every chunk
+/// back, checked against its digest, when the VM is first placed; a
+/// damaged chunk fails the VM naming it). Volumes are not part of a VM's
+/// backup. Restoring in place means deleting the VM and restoring under
+/// its name.
+#[utoipa::path(post, path = "/v1/backups/{store}/{vm}/{time}/restore", tag = "backups",
+    params(("store" = String, Path), ("vm" = String, Path), ("time" = String, Path)),
+    request_body = RestoreBackup,
+    responses((status = 201, body = Vm), (status = 403, body = novacron_api::ErrorBody),
+        (status = 404, body = novacron_api::ErrorBody),
+        (status = 409, description = "A VM of that name exists, or the quota is exceeded", body = novacron_api::ErrorBody),
+        (status = 422, description = "The backup holds no VM settings, or its image is gone", body = novacron_api::ErrorBody)))]
+async fn restore_backup(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path((store, vm, time)): Path<(String, String, String)>,
+    body: JsonBody,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
+    authorize(&p, Resource::Vms, Verb::Create, None)?;
+    let (ds, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Read).await?;
+    let req: RestoreBackup = body.parse()?;
+    novacron_api::validate::name("name", &req.name)?;
+    let manifest = blocking(move || ds.manifest(&id)).await?;
+    let config = manifest.config.ok_or_else(|| {
+        ApiError::invalid(
+            "backup",
+            format!("backup {} holds no VM settings to restore from", backup.id),
+        )
+    })?;
+    let mut spec: VmSpec = serde_json::from_value(config)
+        .map_err(|e| ApiError::invalid("backup", format!("backup {} has unusable VM settings: {e}", backup.id)))?;
+    // Addresses and MACs of its own; the rest as it was.
+    for nic in &mut spec.nics {
+        nic.ip = None;
+        nic.mac = None;
+    }
+    spec.volumes.clear();
+    spec.power_state = if req.start {
+        PowerState::Running
+    } else {
+        PowerState::Stopped
+    };
+    spec.stop_grace_s = None;
+    let create = CreateVm {
+        name: req.name,
+        project: Some(backup.project.clone()),
+        labels: Default::default(),
+        spec,
+        no_default_network: true,
+    };
+    let source = RestoreSource {
+        store: backup.store.clone(),
+        vm: backup.vm.clone(),
+        time: time.clone(),
+    };
+    let vm = super::vms::create(&state, &p, create, Some(source)).await?;
+    tracing::info!(vm = %vm.metadata.name, backup = %backup.id, "VM restored from a backup");
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
 // ---------------------------------------------------------------- agents' side
 
-/// The calls that write a store are store-wide (a chunk belongs to no one
-/// project, and asking whether one exists would tell about others' data):
-/// only callers not limited to a project make them.
-fn store_writer(p: &Principal) -> ApiResult<()> {
+/// The calls on a store's chunks are store-wide (a chunk belongs to no one
+/// project, and reading one or asking whether it exists would tell about
+/// others' data): only callers not limited to a project make them.
+fn store_wide(p: &Principal) -> ApiResult<()> {
     authorize(p, Resource::Backups, Verb::Status, None)?;
     match &p.project {
         None => Ok(()),
@@ -428,7 +493,7 @@ async fn known_chunks(
     Path(store): Path<String>,
     body: JsonBody,
 ) -> ApiResult<Json<ChunkKnown>> {
-    store_writer(&p)?;
+    store_wide(&p)?;
     let q: ChunkQuery = body.parse()?;
     if q.digests.len() > MAX_CHUNK_QUERY {
         return Err(ApiError::invalid(
@@ -457,7 +522,7 @@ async fn put_chunk(
     Path((store, hex)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<Json<ChunkStored>> {
-    store_writer(&p)?;
+    store_wide(&p)?;
     let d = digest(&hex)?;
     let (_, ds) = open(&state, &store).await?;
     let bytes = axum::body::to_bytes(body, MAX_CHUNK_BODY).await.map_err(|e| {
@@ -474,6 +539,27 @@ async fn put_chunk(
     }))
 }
 
+/// One chunk's file as stored (header, then the data, compressed or not):
+/// the reader decodes it and checks it against the digest. For agents
+/// restoring a VM.
+#[utoipa::path(get, path = "/v1/backup-stores/{store}/chunks/{digest}", tag = "backups",
+    params(("store" = String, Path), ("digest" = String, Path, description = "SHA-256 of the chunk's data, hex")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 403, body = novacron_api::ErrorBody), (status = 404, body = novacron_api::ErrorBody),
+        (status = 409, description = "The store lacks the chunk", body = novacron_api::ErrorBody),
+        (status = 422, body = novacron_api::ErrorBody)))]
+async fn get_chunk(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path((store, hex)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    store_wide(&p)?;
+    let d = digest(&hex)?;
+    let (_, ds) = open(&state, &store).await?;
+    let file = blocking(move || ds.chunk_file(&d)).await?;
+    Ok(([(CONTENT_TYPE, "application/octet-stream")], file).into_response())
+}
+
 /// Write a backup whose chunks are all stored: from now on it is listed.
 /// For the agent of the VM's node.
 #[utoipa::path(post, path = "/v1/backup-stores/{store}/backups", tag = "backups",
@@ -488,7 +574,7 @@ async fn commit_backup(
     Path(store): Path<String>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Backup>)> {
-    store_writer(&p)?;
+    store_wide(&p)?;
     let bytes = axum::body::to_bytes(body, MAX_COMMIT_BODY).await.map_err(|e| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -525,6 +611,9 @@ async fn commit_backup(
         project: vm.metadata.project.clone(),
         full_reason: req.full_reason.clone(),
         duration_ms: req.duration_ms,
+        config: Some(
+            serde_json::to_value(&vm.spec).map_err(|e| ApiError::internal("Cannot encode the VM's spec", &e))?,
+        ),
     };
     let disks: Vec<(String, FixedIndex, DiskStats)> = disks
         .into_iter()

@@ -62,8 +62,21 @@ async fn create_vm(
     // The role first, the project (named in the body) once it is read.
     authorize(&p, Resource::Vms, Verb::Create, None)?;
     let req: CreateVm = body.parse()?;
+    let vm = create(&state, &p, req, None).await?;
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+/// Creates the VM `req` asks for (checked as a create by `p`); with
+/// `restore`, its disks are that backup's.
+pub(super) async fn create(
+    state: &AppState,
+    p: &Principal,
+    req: CreateVm,
+    restore: Option<novacron_api::backup::RestoreSource>,
+) -> ApiResult<Vm> {
+    let state = state.clone();
     let project = p.project_for(req.project.clone());
-    authorize(&p, Resource::Vms, Verb::Create, Some(&project))?;
+    authorize(p, Resource::Vms, Verb::Create, Some(&project))?;
     let quota = super::projects::require_project(&state, &project).await?.quota;
     validate::create_vm(&req)?;
     let image = usable_image(&state, &req.spec.image, &project, "spec.image").await?;
@@ -102,6 +115,7 @@ async fn create_vm(
         ));
     }
     let mut spec = req.spec;
+    spec.restore_from = restore;
     if spec.nics.is_empty() && !req.no_default_network {
         if let Some(net) = default_network(&state, &project).await? {
             spec.nics.push(novacron_api::NicSpec::on(&net));
@@ -146,9 +160,9 @@ async fn create_vm(
     if !vm.spec.nics.is_empty() {
         super::security_groups::refresh_members(&state, &project).await?;
     }
-    tracing::info!(vm = %vm.metadata.name, "created VM");
+    tracing::info!(vm = %vm.metadata.name, restore_from = ?vm.spec.restore_from, "created VM");
     state.placement_wakeup.notify_one();
-    Ok((StatusCode::CREATED, Json(vm)))
+    Ok(vm)
 }
 
 /// The image `name` if VMs of `project` may boot it: theirs or public, and Ready.

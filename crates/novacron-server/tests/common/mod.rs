@@ -379,6 +379,7 @@ pub async fn reset_backups(h: &Harness) {
         w.finish(BackupInfo {
             vm_id: format!("id-{p}"),
             project: p.into(),
+            config: Some(serde_json::to_value(VmSpec::new(&format!("img-{p}"), 1, 128)).unwrap()),
             ..Default::default()
         })
         .unwrap();
@@ -424,6 +425,18 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("GET", "/v1/backups/{store}/{vm}/{time}", "YYYYYnYY", "YnnnYnYY"),
     ("DELETE", "/v1/backups/{store}/{vm}/{time}", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/backups/{store}/{vm}/{time}/verify", "YYYnnnnn", "Ynnnnnnn"),
+    (
+        "POST",
+        "/v1/backups/{store}/{vm}/{time}/restore",
+        "YYYnnnnn",
+        "Ynnnnnnn",
+    ),
+    (
+        "GET",
+        "/v1/backup-stores/{store}/chunks/{digest}",
+        "YnnnYnYY",
+        "YnnnYnYY",
+    ),
     ("GET", "/v1/backup-stores", "YYYYYnYY", "YYYYYnYY"),
     ("POST", "/v1/backup-stores", "Ynnnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/backup-stores/{store}", "YYYYYnYY", "YYYYYnYY"),
@@ -594,6 +607,7 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         ("POST", "/v1/migrations/{name}/complete") => Some(json!({"target_qemu_pid": 1, "status": {}})),
         ("PUT", "/v1/images/{name}/files/{part}") => None,
         ("POST", "/v1/vms/{name}/backups") => Some(json!({})),
+        ("POST", "/v1/backups/{store}/{vm}/{time}/restore") => Some(json!({"name": fresh})),
         ("POST", "/v1/backup-stores") => Some(json!({"name": fresh, "path": h.dir.path().join("stores").join(&fresh)})),
         ("POST", "/v1/backup-stores/{store}/chunks/known") => Some(json!({"digests": [fixture_digest()]})),
         ("POST", "/v1/backup-stores/{store}/backups") => {
