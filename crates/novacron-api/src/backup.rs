@@ -232,6 +232,96 @@ pub struct ChunkStored {
     pub new: bool,
 }
 
+/// Retention: how many of the newest backups, and of the newest
+/// hours/days/weeks/months/years (the newest backup of each), to keep.
+/// Proxmox Backup Server's semantics: each rule in that order keeps the
+/// newest backup of each of its N newest periods not already kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeepRules {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub keep_last: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub keep_hourly: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub keep_daily: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub keep_weekly: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub keep_monthly: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub keep_yearly: Option<u32>,
+}
+
+impl KeepRules {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let rules = [
+            ("keep_last", self.keep_last),
+            ("keep_hourly", self.keep_hourly),
+            ("keep_daily", self.keep_daily),
+            ("keep_weekly", self.keep_weekly),
+            ("keep_monthly", self.keep_monthly),
+            ("keep_yearly", self.keep_yearly),
+        ];
+        for (field, n) in rules {
+            if n.is_some_and(|n| !(1..=100_000).contains(&n)) {
+                return Err(FieldError::new(field, "1 to 100000"));
+            }
+        }
+        if rules.iter().all(|(_, n)| n.is_none()) {
+            return Err(FieldError::new(
+                "keep",
+                "at least one keep rule (a prune without one would keep everything)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/backups/prune`: removes a VM's backups in a store that the
+/// rules do not keep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PruneBackups {
+    /// The VM (by the name its backups carry).
+    pub vm: String,
+    /// The store (default: `local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    pub keep: KeepRules,
+    /// Only say what would go.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PruneResult {
+    /// Backup ids kept, newest first.
+    pub kept: Vec<String>,
+    /// Backup ids removed (or, in a dry run, that would be).
+    pub removed: Vec<String>,
+}
+
+/// What a garbage collection of a store did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GcResult {
+    /// Chunks finished backups name.
+    pub chunks_in_use: u64,
+    /// Chunks no backup names yet, kept as a backup being written may need them.
+    pub chunks_recent: u64,
+    pub chunks_removed: u64,
+    pub bytes_removed: u64,
+    /// Backups begun long ago and never finished, removed.
+    pub abandoned_removed: u64,
+    pub duration_ms: u64,
+}
+
 /// Splits `STORE:NAME/TIME` into its parts.
 pub fn parse_backup_id(id: &str) -> Option<(&str, &str, &str)> {
     let (store, rest) = id.split_once(':')?;

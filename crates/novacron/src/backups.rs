@@ -37,6 +37,28 @@ pub enum BackupCommand {
     Delete { id: String },
     /// Read back every chunk of a backup and check it against its digest.
     Verify { id: String },
+    /// Remove a VM's backups in a store that the keep rules do not keep
+    /// (their chunks go at the store's next `backup-store gc`).
+    Prune {
+        vm: String,
+        #[arg(long)]
+        store: Option<String>,
+        #[arg(long)]
+        keep_last: Option<u32>,
+        #[arg(long)]
+        keep_hourly: Option<u32>,
+        #[arg(long)]
+        keep_daily: Option<u32>,
+        #[arg(long)]
+        keep_weekly: Option<u32>,
+        #[arg(long)]
+        keep_monthly: Option<u32>,
+        #[arg(long)]
+        keep_yearly: Option<u32>,
+        /// Only say what would go.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Make a new VM from a backup: the backed-up VM's settings and disks,
     /// with addresses and MACs of its own (restoring in place: delete the
     /// VM, then restore under its name).
@@ -60,6 +82,13 @@ pub enum BackupStoreCommand {
     List,
     /// Forget a store (its directory stays).
     Remove { name: String },
+    /// Remove the chunks no backup in the store names.
+    Gc {
+        name: String,
+        /// Keep chunks written in the last this many seconds (default 300).
+        #[arg(long)]
+        grace_s: Option<u32>,
+    },
 }
 
 /// `STORE:VM/TIME` as the API's path `STORE/VM/TIME`.
@@ -110,6 +139,47 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
             if let Some(why) = &b.full_reason {
                 println!("full backup: {why}");
             }
+            Ok(())
+        }
+        BackupCommand::Prune {
+            vm,
+            store,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            dry_run,
+        } => {
+            let keep = novacron_api::backup::KeepRules {
+                keep_last,
+                keep_hourly,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+                keep_yearly,
+            };
+            keep.validate()
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            let req = novacron_api::backup::PruneBackups {
+                vm,
+                store,
+                keep,
+                dry_run,
+            };
+            let r: novacron_api::backup::PruneResult = c.post_json("backups/prune", &req).await?;
+            if g.output != Format::Table {
+                return print_data(g.output, &r);
+            }
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for id in &r.kept {
+                println!("keep    {id}");
+            }
+            for id in &r.removed {
+                println!("{verb:<7} {id}");
+            }
+            println!("{} kept, {} {verb}", r.kept.len(), r.removed.len());
             Ok(())
         }
         BackupCommand::Restore { id, name, start } => {
@@ -226,6 +296,26 @@ pub async fn backup_store(g: &Global, cmd: BackupStoreCommand) -> Result<()> {
         BackupStoreCommand::List => {
             let all: Vec<BackupStore> = c.get_json("backup-stores").await?;
             stores(g.output, &all)
+        }
+        BackupStoreCommand::Gc { name, grace_s } => {
+            let path = match grace_s {
+                Some(g) => format!("backup-stores/{name}/gc?grace_s={g}"),
+                None => format!("backup-stores/{name}/gc"),
+            };
+            let r: novacron_api::backup::GcResult = c.post_json(&path, &serde_json::json!({})).await?;
+            if g.output != Format::Table {
+                return print_data(g.output, &r);
+            }
+            println!(
+                "{} chunks removed ({}), {} in use, {} recent kept, {} abandoned backups removed, in {} ms",
+                r.chunks_removed,
+                human_bytes(r.bytes_removed),
+                r.chunks_in_use,
+                r.chunks_recent,
+                r.abandoned_removed,
+                r.duration_ms
+            );
+            Ok(())
         }
         BackupStoreCommand::Remove { name } => {
             c.delete_path(&format!("backup-stores/{name}")).await?;

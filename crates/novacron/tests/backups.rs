@@ -213,4 +213,27 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     cli_fails(&c, &["backup", "get", &first.id], "not found");
     let left: Vec<Backup> = c.client.get_json("backups").await.unwrap();
     assert_eq!(left.len(), 5);
+
+    // Prune keeps what the rules say (here the newest in `local`); garbage
+    // collection then takes back the chunks only the pruned ones used, and
+    // the backups left stay whole.
+    let pruned: novacron_api::backup::PruneResult = serde_json::from_str(&ok(c
+        .cli(&["-o", "json", "backup", "prune", "keeper", "--keep-last", "1"])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    assert_eq!(pruned.kept, vec![after_restart.id.clone()]);
+    assert_eq!(pruned.removed, vec![stopped.id.clone(), second.id.clone()]);
+    cli_fails(&c, &["backup", "prune", "keeper"], "at least one keep rule");
+    let gc: novacron_api::backup::GcResult = serde_json::from_str(&ok(c
+        .cli(&["-o", "json", "backup-store", "gc", "local", "--grace-s", "0"])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    assert!(gc.chunks_removed > 0 && gc.chunks_in_use > 0, "{gc:?}");
+    for b in [&there, &after_kill] {
+        ok(c.cli(&["backup", "verify", &b.id]).output().expect("cli"));
+    }
+    let left: Vec<Backup> = c.client.get_json("backups").await.unwrap();
+    assert_eq!(left.len(), 3);
 }

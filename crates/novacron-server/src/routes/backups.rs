@@ -21,7 +21,7 @@ use axum::{Extension, Json};
 use novacron_api::backup::{
     ChunkKnown, ChunkQuery, ChunkStored, CommitBackup, DEFAULT_STORE, MAX_CHUNK_BODY, MAX_CHUNK_QUERY, MAX_COMMIT_BODY,
 };
-use novacron_api::backup::{RestoreBackup, RestoreSource};
+use novacron_api::backup::{GcResult, PruneBackups, PruneResult, RestoreBackup, RestoreSource};
 use novacron_api::error::chain;
 use novacron_api::{
     Backup, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore, CreateVm, Metadata,
@@ -49,6 +49,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_backup, delete_backup))
         .routes(routes!(verify_backup))
         .routes(routes!(restore_backup))
+        .routes(routes!(prune_backups))
+        .routes(routes!(collect_garbage))
         .routes(routes!(get_chunk))
         .routes(routes!(known_chunks))
         .routes(routes!(put_chunk))
@@ -398,6 +400,111 @@ async fn verify_backup(
         ok: report.ok(),
         errors: report.errors,
     }))
+}
+
+/// Remove a VM's backups in a store that the keep rules do not keep (a
+/// policy's retention applied by hand). The chunks they alone used go at
+/// the store's next garbage collection.
+#[utoipa::path(post, path = "/v1/backups/prune", tag = "backups", request_body = PruneBackups,
+    responses((status = 200, body = PruneResult), (status = 403, body = novacron_api::ErrorBody),
+        (status = 404, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody),
+        (status = 503, body = novacron_api::ErrorBody)))]
+async fn prune_backups(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    body: JsonBody,
+) -> ApiResult<Json<PruneResult>> {
+    authorize(&p, Resource::Backups, Verb::Delete, None)?;
+    let req: PruneBackups = body.parse()?;
+    novacron_api::validate::name("vm", &req.vm)?;
+    req.keep.validate()?;
+    let store = req.store.clone().unwrap_or_else(|| DEFAULT_STORE.into());
+    novacron_api::validate::name("store", &store)?;
+    let (_, ds) = open(&state, &store).await?;
+    let (ds2, vm) = (ds.clone(), req.vm.clone());
+    let backups = blocking(move || ds2.list(Some(&vm))).await?;
+    // Only the backups the caller may delete count; others' are not seen.
+    let mine: Vec<_> = backups.into_iter().filter(|m| p.sees(&m.project)).collect();
+    for m in &mine {
+        authorize(&p, Resource::Backups, Verb::Delete, Some(&m.project))?;
+    }
+    let k = req.keep;
+    let policy = novacron_backup::retention::KeepPolicy {
+        keep_last: k.keep_last,
+        keep_hourly: k.keep_hourly,
+        keep_daily: k.keep_daily,
+        keep_weekly: k.keep_weekly,
+        keep_monthly: k.keep_monthly,
+        keep_yearly: k.keep_yearly,
+    };
+    let times: Vec<_> = mine.iter().map(|m| m.id.time).collect();
+    let keeps = novacron_backup::retention::select(&policy, &times);
+    let mut result = PruneResult {
+        kept: Vec::new(),
+        removed: Vec::new(),
+    };
+    for (m, keep) in mine.iter().zip(keeps).rev() {
+        let id = m.to_api(&store).id;
+        if keep {
+            result.kept.push(id);
+            continue;
+        }
+        if !req.dry_run {
+            let (ds, backup) = (ds.clone(), m.id.clone());
+            blocking(move || ds.delete(&backup)).await?;
+            tracing::info!(backup = %id, "pruned");
+        }
+        result.removed.push(id);
+    }
+    Ok(Json(result))
+}
+
+/// Remove the chunks no backup in the store names (kept: those a backup
+/// being written may need). Reads the indexes, then looks only at chunks
+/// they do not name.
+#[utoipa::path(post, path = "/v1/backup-stores/{store}/gc", tag = "backups", params(("store" = String, Path), GcQuery),
+    responses((status = 200, body = GcResult), (status = 403, body = novacron_api::ErrorBody),
+        (status = 404, body = novacron_api::ErrorBody), (status = 503, body = novacron_api::ErrorBody)))]
+async fn collect_garbage(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(store): Path<String>,
+    ApiQuery(q): ApiQuery<GcQuery>,
+) -> ApiResult<Json<GcResult>> {
+    authorize(&p, Resource::BackupStores, Verb::Update, None)?;
+    if q.grace_s.is_some_and(|g| g > 604_800) {
+        return Err(ApiError::invalid("grace_s", "at most 604800 (a week)"));
+    }
+    let grace = std::time::Duration::from_secs(q.grace_s.unwrap_or(GC_GRACE_S).into());
+    let (_, ds) = open(&state, &store).await?;
+    let r = blocking(move || novacron_backup::gc::collect_garbage(&ds, grace)).await?;
+    tracing::info!(
+        store,
+        removed = r.chunks_removed,
+        bytes = r.bytes_removed,
+        ms = r.duration_ms,
+        "garbage collected"
+    );
+    Ok(Json(GcResult {
+        chunks_in_use: r.chunks_in_use,
+        chunks_recent: r.chunks_recent,
+        chunks_removed: r.chunks_removed,
+        bytes_removed: r.bytes_removed,
+        abandoned_removed: r.abandoned_removed,
+        duration_ms: r.duration_ms,
+    }))
+}
+
+/// Seconds within which a chunk written is kept by a garbage collection
+/// even if no backup names it yet (clocks that disagree, uploads in flight).
+const GC_GRACE_S: u32 = 300;
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GcQuery {
+    /// Keep chunks written in the last this many seconds (default 300).
+    #[param(maximum = 604800)]
+    pub grace_s: Option<u32>,
 }
 
 /// Make a new VM from a backup: the backed-up VM's settings (CPUs,

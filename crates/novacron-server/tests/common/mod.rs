@@ -425,6 +425,8 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("GET", "/v1/backups/{store}/{vm}/{time}", "YYYYYnYY", "YnnnYnYY"),
     ("DELETE", "/v1/backups/{store}/{vm}/{time}", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/backups/{store}/{vm}/{time}/verify", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/backups/prune", "YYYnnnnn", "YYYnnnnn"),
+    ("POST", "/v1/backup-stores/{store}/gc", "Ynnnnnnn", "Ynnnnnnn"),
     (
         "POST",
         "/v1/backups/{store}/{vm}/{time}/restore",
@@ -608,6 +610,9 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         ("PUT", "/v1/images/{name}/files/{part}") => None,
         ("POST", "/v1/vms/{name}/backups") => Some(json!({})),
         ("POST", "/v1/backups/{store}/{vm}/{time}/restore") => Some(json!({"name": fresh})),
+        ("POST", "/v1/backups/prune") => {
+            Some(json!({"vm": format!("vm-{p}"), "store": BACKUP_STORE, "keep": {"keep_last": 1}}))
+        }
         ("POST", "/v1/backup-stores") => Some(json!({"name": fresh, "path": h.dir.path().join("stores").join(&fresh)})),
         ("POST", "/v1/backup-stores/{store}/chunks/known") => Some(json!({"digests": [fixture_digest()]})),
         ("POST", "/v1/backup-stores/{store}/backups") => {
