@@ -209,6 +209,24 @@ impl Datastore {
         })
     }
 
+    /// Writes backup `id` of `disks` (name, index, what reading it took),
+    /// whose chunks are all stored, in one go.
+    pub fn write_backup(
+        &self,
+        id: &BackupId,
+        disks: &[(String, FixedIndex, DiskStats)],
+        about: BackupInfo,
+    ) -> Result<Manifest, StoreError> {
+        let mut w = self.begin(id)?;
+        for (name, index, stats) in disks {
+            if let Err(e) = w.add_disk(name, index, *stats) {
+                w.abort();
+                return Err(e);
+            }
+        }
+        w.finish(about)
+    }
+
     /// The finished backups, of one VM or all, oldest first.
     pub fn list(&self, vm: Option<&str>) -> Result<Vec<Manifest>, StoreError> {
         let mut out = Vec::new();

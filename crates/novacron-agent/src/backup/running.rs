@@ -13,7 +13,7 @@ use novacron_qmp::Qmp;
 
 use super::chain::{self, Base};
 use super::export::{self, DiskNode, Tracking};
-use super::target::{BackupTarget, DiskIndexes};
+use super::target::{BackupTarget, DiskIndexes, Latest};
 use super::{read_disk, BackupError, Reading, ALLOCATION};
 
 /// Why a disk's backup must read all of it, if it must: the chain is
@@ -41,6 +41,48 @@ pub(super) fn why_full(
     }
 }
 
+/// Where a backup starts from: its id (the second it starts in), the VM's
+/// newest backup in the store, the chain record, and why the chain does
+/// not allow an incremental backup, if it does not.
+pub(super) struct Begun {
+    pub started: Instant,
+    pub id: BackupId,
+    pub latest: Latest,
+    pub record: chain::Chain,
+    pub chain_broken: Option<String>,
+}
+
+pub(super) async fn begin<T: BackupTarget>(dir: &Path, vm: &str, target: &T) -> Result<Begun, BackupError> {
+    let started = Instant::now();
+    let id = BackupId {
+        vm: vm.into(),
+        time: Utc::now().trunc_subsecs(0),
+    };
+    let latest = target.latest(vm).await?;
+    let record = chain::load(dir).map_err(|e| BackupError::Chain(e.to_string()))?;
+    let chain_broken =
+        record.why_not_incremental(target.name(), latest.as_ref().map(|(l, _)| l.to_string()).as_deref());
+    Ok(Begun {
+        started,
+        id,
+        latest,
+        record,
+        chain_broken,
+    })
+}
+
+/// Records that tracking counts from backup `id` in `store` on.
+pub(super) fn counts_from(dir: &Path, store: &str, id: &BackupId) -> Result<(), BackupError> {
+    let done = chain::Chain {
+        base: Some(Base {
+            store: store.into(),
+            backup: id.to_string(),
+        }),
+        pending: None,
+    };
+    chain::save(dir, &done).map_err(|e| BackupError::Chain(e.to_string()))
+}
+
 /// Backs up the running VM `vm` (id `vm_id`, directory `dir`) whose disks
 /// are `disks` to `target`; `progress` hears (disk, bytes done, size).
 pub async fn back_up_running<T: BackupTarget>(
@@ -52,15 +94,13 @@ pub async fn back_up_running<T: BackupTarget>(
     target: &T,
     mut progress: impl FnMut(&str, u64, u64),
 ) -> Result<Backup, BackupError> {
-    let started = Instant::now();
-    let id = BackupId {
-        vm: vm.into(),
-        time: Utc::now().trunc_subsecs(0),
-    };
-    let latest = target.latest(vm).await?;
-    let mut record = chain::load(dir).map_err(|e| BackupError::Chain(e.to_string()))?;
-    let chain_broken =
-        record.why_not_incremental(target.name(), latest.as_ref().map(|(l, _)| l.to_string()).as_deref());
+    let Begun {
+        started,
+        id,
+        latest,
+        mut record,
+        chain_broken,
+    } = begin(dir, vm, target).await?;
     let before = record.clone();
     // From the export on, tracking is reset: a backup cut short must not
     // leave the next one to trust it.
@@ -116,14 +156,7 @@ pub async fn back_up_running<T: BackupTarget>(
             pit.finish(qmp, true)
                 .await
                 .map_err(|e| BackupError::Export(e.to_string()))?;
-            let done = chain::Chain {
-                base: Some(Base {
-                    store: target.name().into(),
-                    backup: id.to_string(),
-                }),
-                pending: None,
-            };
-            chain::save(dir, &done).map_err(|e| BackupError::Chain(e.to_string()))?;
+            counts_from(dir, target.name(), &id)?;
             Ok(backup)
         }
         Err(err) => {

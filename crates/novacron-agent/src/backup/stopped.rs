@@ -8,14 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use chrono::{SubsecRound, Utc};
 use novacron_api::Backup;
-use novacron_backup::BackupId;
 use novacron_nbd::NbdClient;
 
-use super::chain::{self, Base};
 use super::export::{Tracking, CBT};
-use super::running::why_full;
+use super::running::{begin, counts_from, why_full, Begun};
 use super::target::{BackupTarget, DiskIndexes};
 use super::{read_disk, BackupError, Reading, ALLOCATION};
 use crate::qemu;
@@ -161,15 +158,13 @@ pub async fn back_up_stopped<T: BackupTarget>(
     target: &T,
     mut progress: impl FnMut(&str, u64, u64),
 ) -> Result<Backup, BackupError> {
-    let started = Instant::now();
-    let id = BackupId {
-        vm: vm.into(),
-        time: Utc::now().trunc_subsecs(0),
-    };
-    let latest = target.latest(vm).await?;
-    let record = chain::load(dir).map_err(|e| BackupError::Chain(e.to_string()))?;
-    let chain_broken =
-        record.why_not_incremental(target.name(), latest.as_ref().map(|(l, _)| l.to_string()).as_deref());
+    let Begun {
+        started,
+        id,
+        latest,
+        chain_broken,
+        ..
+    } = begin(dir, vm, target).await?;
     let context = format!("qemu:dirty-bitmap:{CBT}");
     let mut read: DiskIndexes = Vec::new();
     let mut reasons = Vec::new();
@@ -216,13 +211,6 @@ pub async fn back_up_stopped<T: BackupTarget>(
     for (file, tracking) in tracked {
         reset_tracking_in_file(file, tracking).await?;
     }
-    let done = chain::Chain {
-        base: Some(Base {
-            store: target.name().into(),
-            backup: id.to_string(),
-        }),
-        pending: None,
-    };
-    chain::save(dir, &done).map_err(|e| BackupError::Chain(e.to_string()))?;
+    counts_from(dir, target.name(), &id)?;
     Ok(backup)
 }

@@ -96,17 +96,7 @@ impl BackupTarget for LocalTarget {
             duration_ms,
             config: None,
         };
-        let manifest = blocking(move || {
-            let mut w = store.begin(&id)?;
-            for (name, index, stats) in &disks {
-                if let Err(e) = w.add_disk(name, index, *stats) {
-                    w.abort();
-                    return Err(e);
-                }
-            }
-            w.finish(info)
-        })
-        .await?;
+        let manifest = blocking(move || store.write_backup(&id, &disks, info)).await?;
         Ok(manifest.to_api(&self.name))
     }
 }

@@ -25,7 +25,7 @@ use novacron_api::backup::{GcResult, PruneBackups, PruneResult, RestoreBackup, R
 use novacron_api::error::chain;
 use novacron_api::{
     Backup, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore, CreateVm, Metadata,
-    PowerState, Resource, Verb, Vm, VmPhase, VmSpec,
+    PowerState, Resource, Verb, Vm, VmSpec,
 };
 use novacron_backup::{BackupId, BackupInfo, Datastore, Digest, DiskStats, FixedIndex, StoreError, CHUNK_SIZE};
 use novacron_store::{SharedStore, StoreExt};
@@ -277,13 +277,7 @@ async fn take_backup(
     let req: CreateBackup = body.parse_or_default()?;
     req.validate()?;
     let (store, _) = open(&state, req.store()).await?;
-    let settled = matches!(
-        (vm.spec.power_state, vm.status.phase),
-        (PowerState::Stopped, VmPhase::Stopped)
-            | (PowerState::Running, VmPhase::Running)
-            | (PowerState::Paused, VmPhase::Paused)
-    );
-    if !settled {
+    if !super::vms::settled(&vm) {
         return Err(ApiError::conflict(format!(
             "VM {:?} is {}: backups are taken of running, paused or stopped VMs; try again when it is",
             vm.metadata.name, vm.status.phase
@@ -733,17 +727,7 @@ async fn commit_backup(
             (name, index, stats)
         })
         .collect();
-    let manifest = blocking(move || {
-        let mut w = ds.begin(&id)?;
-        for (name, index, stats) in &disks {
-            if let Err(e) = w.add_disk(name, index, *stats) {
-                w.abort();
-                return Err(e);
-            }
-        }
-        w.finish(info)
-    })
-    .await?;
+    let manifest = blocking(move || ds.write_backup(&id, &disks, info)).await?;
     let backup = manifest.to_api(&store);
     tracing::info!(backup = %backup.id, vm = %vm.metadata.name, incremental = backup.incremental(), "backup stored");
     Ok((StatusCode::CREATED, Json(backup)))

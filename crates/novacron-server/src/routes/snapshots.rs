@@ -79,13 +79,7 @@ async fn take_snapshot(
     let vm = find_authorized::<Vm>(&state, &p, &name, Verb::Update).await?;
     let req: CreateSnapshot = body.parse()?;
     req.validate()?;
-    let settled = matches!(
-        (vm.spec.power_state, vm.status.phase),
-        (PowerState::Stopped, VmPhase::Stopped)
-            | (PowerState::Running, VmPhase::Running)
-            | (PowerState::Paused, VmPhase::Paused)
-    );
-    if !settled {
+    if !super::vms::settled(&vm) {
         return Err(ApiError::conflict(format!(
             "VM {:?} is {}: snapshots are taken of running, paused or stopped VMs; try again when it is",
             vm.metadata.name, vm.status.phase

@@ -586,6 +586,17 @@ pub(crate) fn validate_placement(p: &novacron_api::Placement) -> ApiResult<()> {
     Ok(())
 }
 
+/// Whether the VM is in the state its spec asks for: running, paused or
+/// stopped (not starting, stopping or failed).
+pub(super) fn settled(vm: &Vm) -> bool {
+    matches!(
+        (vm.spec.power_state, vm.status.phase),
+        (PowerState::Stopped, VmPhase::Stopped)
+            | (PowerState::Running, VmPhase::Running)
+            | (PowerState::Paused, VmPhase::Paused)
+    )
+}
+
 pub(super) async fn refuse_while_migrating(state: &AppState, vm: &str) -> ApiResult<()> {
     match super::migrations::active_migration(state, vm).await? {
         Some(m) => Err(ApiError::conflict(format!(
