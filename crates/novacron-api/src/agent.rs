@@ -33,6 +33,10 @@ pub struct PrepareRequest {
     /// mirrors copy only what was written since.
     #[serde(default)]
     pub disk_layers: std::collections::BTreeMap<String, String>,
+    /// Which backup the VM's change tracking counts from (the agent's
+    /// backup chain record): it moves with the disks' tracking bitmaps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_chain: Option<serde_json::Value>,
 }
 
 /// Target's answer to prepare.
@@ -80,6 +84,9 @@ pub struct ColdRequest {
     /// The VM's snapshots, whose layers the target pulls with the disks.
     #[serde(default)]
     pub snapshots: Vec<crate::Snapshot>,
+    /// As [`PrepareRequest::backup_chain`] (the bitmaps travel in the disk files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_chain: Option<serde_json::Value>,
 }
 
 /// What the caller asks of a migration (or of its dry run).

@@ -157,8 +157,11 @@ impl Datastore {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         }
-        // A unique name aside: two writers of the same chunk both succeed.
-        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        // A name aside of its own (process and write): two writers of the
+        // same chunk, in two processes or in one, both succeed.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}-{n}.tmp", std::process::id()));
         fs::write(&tmp, file).map_err(io(format!("write {}", tmp.display())))?;
         fs::rename(&tmp, &path).map_err(io(format!("rename {}", tmp.display())))
     }

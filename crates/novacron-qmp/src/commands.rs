@@ -210,6 +210,27 @@ pub struct MigrateSetParameters {
     pub multifd_zlib_level: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multifd_zstd_level: Option<u8>,
+    /// Which dirty bitmaps the `dirty-bitmaps` capability migrates, under
+    /// which names: a node's alias on one side meets the same alias on the
+    /// other, so node names may differ.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_bitmap_mapping: Option<Vec<BitmapMigrationNodeAlias>>,
+}
+
+/// QAPI `BitmapMigrationNodeAlias`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BitmapMigrationNodeAlias {
+    pub node_name: String,
+    pub alias: String,
+    pub bitmaps: Vec<BitmapMigrationBitmapAlias>,
+}
+
+/// QAPI `BitmapMigrationBitmapAlias`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BitmapMigrationBitmapAlias {
+    pub name: String,
+    pub alias: String,
 }
 
 impl Command for MigrateSetParameters {

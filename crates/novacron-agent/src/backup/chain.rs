@@ -65,6 +65,30 @@ pub fn load(dir: &Path) -> Result<Chain, ChainError> {
 }
 
 /// Replaces the record whole (written aside, then renamed).
+/// The VM's record as a migration carries it (none when there is nothing
+/// to carry).
+pub fn export(dir: &Path) -> Result<Option<serde_json::Value>, ChainError> {
+    let chain = load(dir)?;
+    if chain == Chain::default() {
+        return Ok(None);
+    }
+    serde_json::to_value(&chain)
+        .map(Some)
+        .map_err(|source| ChainError::Json {
+            path: path(dir).display().to_string(),
+            source,
+        })
+}
+
+/// Keeps the record a migration brought.
+pub fn import(dir: &Path, carried: &serde_json::Value) -> Result<(), ChainError> {
+    let chain: Chain = serde_json::from_value(carried.clone()).map_err(|source| ChainError::Json {
+        path: path(dir).display().to_string(),
+        source,
+    })?;
+    save(dir, &chain)
+}
+
 pub fn save(dir: &Path, chain: &Chain) -> Result<(), ChainError> {
     let p = path(dir);
     let tmp = p.with_extension("json.partial");

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use novacron_qmp::commands::{
-    BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockExportAdd,
-    BlockExportDel, BlockJobCancel, BlockdevAddQcow2, BlockdevBackup, BlockdevDel, NbdServerStart, NbdServerStop,
-    QueryBlockExports, QueryBlockJobs, QueryNamedBlockNodes, Transaction, TransactionAction,
+    BitmapMigrationBitmapAlias, BitmapMigrationNodeAlias, BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge,
+    BlockDirtyBitmapRemove, BlockExportAdd, BlockExportDel, BlockJobCancel, BlockdevAddQcow2, BlockdevBackup,
+    BlockdevDel, NbdServerStart, NbdServerStop, QueryBlockExports, QueryBlockJobs, QueryNamedBlockNodes, Transaction,
+    TransactionAction,
 };
 use novacron_qmp::types::{BitmapRef, BlockExportKind, BlockExportNbd, SocketAddressLegacy, UnixSocketAddress};
 use novacron_qmp::{Qmp, QmpError};
@@ -72,6 +73,23 @@ pub async fn tracking(qmp: &Qmp, top: &str) -> Result<Tracking, QmpError> {
         Some(b) if b.inconsistent => Tracking::Inconsistent,
         Some(_) => Tracking::Consistent,
     })
+}
+
+/// What carries each disk's change tracking across a live migration (with
+/// the `dirty-bitmaps` capability on both sides): the bitmap of the disk's
+/// top node, under the disk's name as alias, since the two QEMUs' node
+/// names differ (an overlay's after a snapshot of the running VM).
+pub fn migration_mapping(tops: &std::collections::BTreeMap<String, String>) -> Vec<BitmapMigrationNodeAlias> {
+    tops.iter()
+        .map(|(disk, top)| BitmapMigrationNodeAlias {
+            node_name: top.clone(),
+            alias: disk.clone(),
+            bitmaps: vec![BitmapMigrationBitmapAlias {
+                name: CBT.into(),
+                alias: CBT.into(),
+            }],
+        })
+        .collect()
 }
 
 /// Transaction actions that give node `to` (an overlay put on top of

@@ -32,7 +32,7 @@ pub(super) fn why_full(
         (false, _, None) => Some(match tracking {
             Tracking::Inconsistent => "its change tracking was not saved (its QEMU ended uncleanly)".into(),
             _ => {
-                "it has no change tracking (a new disk, a reverted snapshot, or its QEMU ended before saving it)".into()
+                "it has no change tracking (a new disk, a reverted snapshot, a live migration that could not carry it, or its QEMU ended before saving it)".into()
             }
         }),
         (true, None, None) => Some("the newest backup does not have it".into()),

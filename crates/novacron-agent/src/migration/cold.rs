@@ -56,6 +56,8 @@ impl Migrations {
             disks: disks.iter().map(|(n, _)| n.clone()).collect(),
             console_log,
             snapshots: crate::snapshots::list(&dir)?,
+            backup_chain: crate::backup::chain::export(&dir.path)
+                .map_err(|e| MigrationError::Invalid(e.to_string()))?,
         };
         let _: Value = self.target_call(&target, "receive-cold", &m.metadata.id, &req).await?;
         ctx.target_running = true;
@@ -126,6 +128,9 @@ impl Migrations {
                 crate::snapshots::write(&dir, &req.snapshots)?;
             }
             std::fs::write(dir.console_log(), &req.console_log).map_err(MigrationError::io("write the console log"))?;
+            if let Some(carried) = &req.backup_chain {
+                crate::backup::chain::import(&dir.path, carried).map_err(|e| MigrationError::Invalid(e.to_string()))?;
+            }
             Ok(())
         }
         .await;

@@ -135,6 +135,8 @@ impl Migrations {
             source_node: self.node.name.clone(),
             snapshots: crate::snapshots::list(&dir)?,
             disk_layers: crate::snapshots::disk_layers(&dir).await?,
+            backup_chain: crate::backup::chain::export(&dir.path)
+                .map_err(|e| MigrationError::Invalid(e.to_string()))?,
         };
         let ask = PlanAsk {
             strategy: m.spec.strategy,
@@ -277,6 +279,11 @@ impl Migrations {
             MigrationCapabilityStatus::new(Cap::PostcopyRam, postcopy),
             MigrationCapabilityStatus::new(Cap::LateBlockActivate, false),
             MigrationCapabilityStatus::new(Cap::Multifd, multifd),
+            // The disks' change tracking goes along (backups stay
+            // incremental) when post-copy is on or off on both sides alike: a
+            // target ready for post-copy fails a pre-copy stream that carries
+            // bitmaps. Else the next backup is full and says why.
+            MigrationCapabilityStatus::new(Cap::DirtyBitmaps, postcopy == may_postcopy),
         ];
         qmp.run(&MigrateSetCapabilities { capabilities }).await?;
         // DWCP applies the bandwidth cap itself (on wire bytes); QEMU runs uncapped into it.
@@ -287,6 +294,7 @@ impl Migrations {
         let mut params = MigrateSetParameters {
             downtime_limit: Some(m.spec.max_downtime_ms),
             max_bandwidth: Some(max_bandwidth),
+            block_bitmap_mapping: Some(crate::backup::export::migration_mapping(&tops)),
             ..Default::default()
         };
         if multifd {

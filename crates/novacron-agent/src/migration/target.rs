@@ -143,15 +143,22 @@ impl Migrations {
                 MigrationCapabilityStatus::new(Cap::LateBlockActivate, true),
                 MigrationCapabilityStatus::new(Cap::PostcopyRam, req.postcopy),
                 MigrationCapabilityStatus::new(Cap::Multifd, req.multifd),
+                MigrationCapabilityStatus::new(Cap::DirtyBitmaps, true),
             ];
             qmp.run(&MigrateSetCapabilities { capabilities }).await?;
+            // The disks' tracking bitmaps arrive under the disks' names.
+            let tops = crate::snapshots::top_nodes(&qmp).await?;
+            let mut params = MigrateSetParameters {
+                block_bitmap_mapping: Some(crate::backup::export::migration_mapping(&tops)),
+                ..Default::default()
+            };
             if req.multifd {
-                qmp.run(&MigrateSetParameters {
-                    multifd_channels: Some(MULTIFD_CHANNELS),
-                    multifd_compression: Some(MultiFdCompression::Zstd),
-                    ..Default::default()
-                })
-                .await?;
+                params.multifd_channels = Some(MULTIFD_CHANNELS);
+                params.multifd_compression = Some(MultiFdCompression::Zstd);
+            }
+            qmp.run(&params).await?;
+            if let Some(carried) = &req.backup_chain {
+                crate::backup::chain::import(&dir.path, carried).map_err(|e| MigrationError::Invalid(e.to_string()))?;
             }
             // Port 0: QEMU binds a free port itself and reports it.
             qmp.run(&MigrateIncoming::new(format!("tcp:{}:0", self.node.host)))

@@ -130,6 +130,7 @@ async fn save_state(qmp: &Qmp, path: &Path) -> Result<u64, SnapshotError> {
         Cap::Multifd,
         Cap::Xbzrle,
         Cap::MappedRam,
+        Cap::DirtyBitmaps,
     ]
     .into_iter()
     .map(|c| MigrationCapabilityStatus::new(c, false))

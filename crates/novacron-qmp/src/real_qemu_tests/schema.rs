@@ -510,6 +510,21 @@ async fn types_match_the_installed_qemus_schema() {
             multifd_compression: Some(MultiFdCompression::Zstd),
             multifd_zlib_level: Some(1),
             multifd_zstd_level: Some(3),
+            block_bitmap_mapping: None,
+        },
+    );
+    check_args(
+        &schema,
+        &MigrateSetParameters {
+            block_bitmap_mapping: Some(vec![BitmapMigrationNodeAlias {
+                node_name: "root".into(),
+                alias: "root".into(),
+                bitmaps: vec![BitmapMigrationBitmapAlias {
+                    name: "nc-cbt".into(),
+                    alias: "nc-cbt".into(),
+                }],
+            }]),
+            ..Default::default()
         },
     );
     check_args(
