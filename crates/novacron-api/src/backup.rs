@@ -102,6 +102,18 @@ pub struct Backup {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_reason: Option<String>,
     pub duration_ms: u64,
+    /// The last `backup verify`'s outcome; none if never verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<BackupVerified>,
+}
+
+/// When a backup was last verified, and whether it was whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupVerified {
+    pub at: DateTime<Utc>,
+    pub ok: bool,
+    /// Damaged or missing chunks (and unusable indexes) found.
+    pub errors: u64,
 }
 
 impl Backup {

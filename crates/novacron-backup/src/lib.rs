@@ -30,7 +30,7 @@ pub mod verify;
 pub use chunk::{Digest, CHUNK_SIZE};
 pub use index::FixedIndex;
 pub use manifest::{BackupId, DiskEntry, Manifest};
-pub use store::{BackupInfo, BackupWriter, Datastore, DiskStats, StoreError};
+pub use store::{BackupInfo, BackupWriter, Datastore, DiskStats, StoreError, Verified};
 
 #[cfg(test)]
 mod tests;

@@ -117,6 +117,7 @@ impl Manifest {
                 .collect(),
             full_reason: self.full_reason.clone(),
             duration_ms: self.duration_ms,
+            verified: None,
         }
     }
 }

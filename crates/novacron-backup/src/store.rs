@@ -16,6 +16,8 @@ use crate::manifest::{valid_disk_name, valid_vm_name, BackupId, DiskEntry, Manif
 
 const CHUNKS: &str = ".chunks";
 const MANIFEST: &str = "manifest.json";
+/// The last verify's outcome, beside the manifest.
+const VERIFIED: &str = "verified.json";
 /// In a backup being written: when it began (RFC 3339), for the garbage
 /// collector, which keeps every chunk written since.
 const STARTED: &str = "started";
@@ -277,6 +279,35 @@ impl Datastore {
         })
     }
 
+    /// Keeps the outcome of a verify of backup `id` (a damaged backup stays
+    /// marked until a verify finds it whole).
+    pub fn mark_verified(&self, id: &BackupId, mark: &Verified) -> Result<(), StoreError> {
+        let dir = self.backup_dir(id);
+        if !dir.join(MANIFEST).exists() {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
+        let json = serde_json::to_vec_pretty(mark).map_err(|source| StoreError::Manifest {
+            path: dir.join(VERIFIED).display().to_string(),
+            source,
+        })?;
+        write_atomic(&dir.join(VERIFIED), &json)
+    }
+
+    /// The outcome of the last verify of backup `id`, if it was verified.
+    pub fn verified(&self, id: &BackupId) -> Result<Option<Verified>, StoreError> {
+        let path = self.backup_dir(id).join(VERIFIED);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Manifest {
+                    path: path.display().to_string(),
+                    source,
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(format!("read {}", path.display()))(e)),
+        }
+    }
+
     /// Disk `disk`'s index in backup `id`, checked against the manifest.
     pub fn index(&self, id: &BackupId, disk: &str) -> Result<FixedIndex, StoreError> {
         let manifest = self.manifest(id)?;
@@ -355,6 +386,15 @@ pub struct BackupWriter {
     id: BackupId,
     partial: PathBuf,
     disks: Vec<DiskEntry>,
+}
+
+/// The outcome of a verify, kept with the backup.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Verified {
+    pub at: DateTime<Utc>,
+    pub ok: bool,
+    /// What was wrong (damaged or missing chunks, an index that does not match).
+    pub errors: Vec<String>,
 }
 
 /// What a backup's manifest says beside its disks.

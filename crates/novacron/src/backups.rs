@@ -265,7 +265,7 @@ fn backups(format: Format, items: &[Backup]) -> Result<()> {
     if format != Format::Table {
         return print_data(format, &items);
     }
-    let mut t = table(&["ID", "VM", "KIND", "SIZE", "READ", "STORED", "TOOK", "AGE"]);
+    let mut t = table(&["ID", "VM", "KIND", "SIZE", "READ", "STORED", "TOOK", "VERIFIED", "AGE"]);
     for b in items {
         let sum = |f: fn(&novacron_api::BackupDisk) -> u64| b.disks.iter().map(f).sum::<u64>();
         t.add_row(vec![
@@ -276,6 +276,11 @@ fn backups(format: Format, items: &[Backup]) -> Result<()> {
             human_bytes(sum(|d| d.bytes_read)),
             human_bytes(sum(|d| d.stored_bytes)),
             format!("{:.1}s", b.duration_ms as f64 / 1000.0),
+            match &b.verified {
+                None => "-".into(),
+                Some(v) if v.ok => format!("ok {} ago", age(v.at)),
+                Some(v) => format!("DAMAGED ({} errors)", v.errors),
+            },
             age(b.time),
         ]);
     }

@@ -223,6 +223,16 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
         !out.status.success() && said.contains("DAMAGED") && said.contains(&digest),
         "{said}"
     );
+    // The backup stays marked damaged; `backup list` shows it.
+    let path = format!(
+        "backups/local/keeper/{}",
+        second.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let marked: Backup = c.client.get_json(&path).await.unwrap();
+    let mark = marked.verified.expect("verified");
+    assert!(!mark.ok && mark.errors >= 1, "{mark:?}");
+    let listed = ok(c.cli(&["backup", "list", "--vm", "keeper"]).output().expect("cli"));
+    assert!(listed.contains("DAMAGED"), "{listed}");
     // A restore of the damaged backup fails loudly, naming the chunk.
     ok(c.cli(&["backup", "restore", &second.id, "--as", "broken", "--start"])
         .output()

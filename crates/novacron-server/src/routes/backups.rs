@@ -122,13 +122,24 @@ async fn find_backup(
     let not_found = || ApiError::not_found(format!("backup {store}:{vm}/{time}"));
     let id = BackupId::parse(vm, time).ok_or_else(not_found)?;
     let (_, ds) = open(state, store).await?;
-    let (ds2, id2) = (ds.clone(), id.clone());
-    let manifest = blocking(move || ds2.manifest(&id2)).await?;
-    if !p.sees(&manifest.project) {
+    let (ds2, id2, name) = (ds.clone(), id.clone(), store.to_string());
+    let backup = blocking(move || view(&ds2, &ds2.manifest(&id2)?, &name)).await?;
+    if !p.sees(&backup.project) {
         return Err(not_found());
     }
-    authorize(p, Resource::Backups, verb, Some(&manifest.project))?;
-    Ok((ds, id, manifest.to_api(store)))
+    authorize(p, Resource::Backups, verb, Some(&backup.project))?;
+    Ok((ds, id, backup))
+}
+
+/// A backup as the API shows it, with its last verify's outcome.
+fn view(ds: &Datastore, m: &novacron_backup::Manifest, store: &str) -> Result<Backup, StoreError> {
+    let mut b = m.to_api(store);
+    b.verified = ds.verified(&m.id)?.map(|v| novacron_api::backup::BackupVerified {
+        at: v.at,
+        ok: v.ok,
+        errors: v.errors.len() as u64,
+    });
+    Ok(b)
 }
 
 // ---------------------------------------------------------------- stores
@@ -332,13 +343,16 @@ async fn list_backups(
     for s in stores {
         let (_, ds) = open(&state, &s.metadata.name).await?;
         let vm = q.vm.clone();
-        let manifests = blocking(move || ds.list(vm.as_deref())).await?;
-        out.extend(
-            manifests
+        let (caller, name) = (p.clone(), s.metadata.name.clone());
+        let seen = blocking(move || {
+            ds.list(vm.as_deref())?
                 .iter()
-                .filter(|m| p.sees(&m.project))
-                .map(|m| m.to_api(&s.metadata.name)),
-        );
+                .filter(|m| caller.sees(&m.project))
+                .map(|m| view(&ds, m, &name))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        out.extend(seen);
     }
     out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.id.cmp(&b.id)));
     Ok(Json(out))
@@ -383,7 +397,19 @@ async fn verify_backup(
     Path((store, vm, time)): Path<(String, String, String)>,
 ) -> ApiResult<Json<BackupVerification>> {
     let (ds, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Update).await?;
-    let report = blocking(move || novacron_backup::verify::verify_backup(&ds, &id, &mut Default::default())).await?;
+    let report = blocking(move || {
+        let report = novacron_backup::verify::verify_backup(&ds, &id, &mut Default::default())?;
+        // A damaged backup stays marked (`backup list` shows it) until a
+        // verify finds it whole.
+        let mark = novacron_backup::Verified {
+            at: chrono::Utc::now(),
+            ok: report.ok(),
+            errors: report.errors.clone(),
+        };
+        ds.mark_verified(&id, &mark)?;
+        Ok(report)
+    })
+    .await?;
     if !report.ok() {
         tracing::warn!(backup = %backup.id, errors = ?report.errors, "backup failed verification");
     }
