@@ -53,6 +53,11 @@ pub trait ChunkSink {
     ) -> impl std::future::Future<Output = Result<Option<u64>, BackupError>> + Send;
 }
 
+/// A failed call to the server's store, about `what`.
+fn remote(what: &str, e: novacron_client::ClientError) -> BackupError {
+    BackupError::Sink(format!("{what}: {}", novacron_api::error::chain(&e)))
+}
+
 /// Which chunks a backup reads.
 pub enum Reading<'a> {
     /// All that hold data.

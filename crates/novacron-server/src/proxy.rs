@@ -71,6 +71,18 @@ pub async fn exec(
     serde_json::from_str(&text).map_err(|e| ApiError::bad_gateway(format!("bad exec result from the agent: {e}")))
 }
 
+/// Sends a call to the agent of `node`: its answer when it succeeded, else
+/// the refusal (see [`refused_by_agent`]) or the node unreachable.
+async fn answer(node: &Node, req: reqwest::RequestBuilder) -> ApiResult<reqwest::Response> {
+    let resp = req.send().await.map_err(|e| unreachable(node, e))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    Err(refused_by_agent(status, &text))
+}
+
 /// What the server answers when an agent refused a call about a VM: the
 /// VM's state is wrong (409), the call took too long (504), or the agent
 /// failed (502); with the agent's own message.
@@ -130,37 +142,21 @@ pub async fn backup(
     vm: &Vm,
     body: &novacron_api::agent::BackupRequest,
 ) -> ApiResult<reqwest::Response> {
-    let resp = state
+    let req = state
         .agents
         .post(agent_url(node, vm, "backups"))
         .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| unreachable(node, e))?;
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(resp);
-    }
-    let text = resp.text().await.unwrap_or_default();
-    Err(refused_by_agent(status, &text))
+        .json(body);
+    answer(node, req).await
 }
 
 /// A stopped VM's root disk, flattened by its agent, as a byte stream.
 pub async fn root_image(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<reqwest::Response> {
-    let resp = state
+    let req = state
         .agents
         .get(agent_url(node, vm, "root-image"))
-        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
-        .send()
-        .await
-        .map_err(|e| unreachable(node, e))?;
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(resp);
-    }
-    let text = resp.text().await.unwrap_or_default();
-    Err(refused_by_agent(status, &text))
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref());
+    answer(node, req).await
 }
 
 /// Asks the source agent to predict a migration (`/agent/v1/plan`).
@@ -248,17 +244,9 @@ pub async fn pump_console(client: WebSocket, upstream: Upstream) {
 /// Asks the agent of `node` to delete the detached volume `id` from its pool.
 pub async fn delete_volume(state: &AppState, node: &Node, id: &str) -> ApiResult<()> {
     let url = format!("{}/agent/v1/volumes/{id}", node.spec.address.trim_end_matches('/'));
-    let resp = state
+    let req = state
         .agents
         .delete(url)
-        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
-        .send()
-        .await
-        .map_err(|e| unreachable(node, e))?;
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let text = resp.text().await.unwrap_or_default();
-    Err(refused_by_agent(status, &text))
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref());
+    answer(node, req).await.map(drop)
 }

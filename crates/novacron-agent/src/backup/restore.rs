@@ -15,7 +15,7 @@ use novacron_backup::chunk::{self, Digest, CHUNK_SIZE};
 use novacron_backup::FixedIndex;
 use novacron_client::Client;
 
-use super::BackupError;
+use super::{remote, BackupError};
 use crate::qemu::{self, VmDir};
 
 /// Chunks fetched at once.
@@ -24,10 +24,6 @@ const CHUNKS_IN_FLIGHT: usize = 8;
 /// Written once every disk is restored: a later start (after a rebuild,
 /// say) does not restore again.
 const RESTORED: &str = "restored-from";
-
-fn remote(what: &str, e: novacron_client::ClientError) -> BackupError {
-    BackupError::Sink(format!("{what}: {}", novacron_api::error::chain(&e)))
-}
 
 /// Whether the VM in `dir` still needs its disks restored.
 pub fn needed(dir: &VmDir) -> bool {
@@ -125,6 +121,8 @@ async fn restore_disk(client: &Client, store: &str, index: &FixedIndex, target: 
     result
 }
 
+/// With `-f raw`, unlike `qemu::copy_disk` (which probes a trusted image):
+/// the guest's bytes must never be taken for an image format.
 async fn convert(raw: &Path, qcow2: &Path) -> Result<(), BackupError> {
     let args: [&std::ffi::OsStr; 8] = [
         "convert".as_ref(),

@@ -8,7 +8,7 @@ use novacron_api::Backup;
 use novacron_backup::{BackupId, BackupInfo, Datastore, Digest, DiskStats, FixedIndex};
 use novacron_client::Client;
 
-use super::{BackupError, ChunkSink};
+use super::{remote, BackupError, ChunkSink};
 
 /// The disks of a backup: name, index, what reading it took.
 pub type DiskIndexes = Vec<(String, FixedIndex, DiskStats)>;
@@ -109,10 +109,6 @@ pub struct RemoteTarget {
     pub client: Client,
 }
 
-fn remote(e: novacron_client::ClientError) -> BackupError {
-    BackupError::Sink(novacron_api::error::chain(&e).to_string())
-}
-
 impl ChunkSink for RemoteTarget {
     /// Asks first whether the store has the chunk (a chunk another disk or
     /// VM stored is not sent again), then sends it.
@@ -125,7 +121,7 @@ impl ChunkSink for RemoteTarget {
             .client
             .post_json(&format!("backup-stores/{}/chunks/known", self.name), &query)
             .await
-            .map_err(remote)?;
+            .map_err(|e| remote(&format!("asking store {} about chunk {hex}", self.name), e))?;
         match known.known.as_slice() {
             [true] => return Ok(None),
             [false] => {}
@@ -140,7 +136,7 @@ impl ChunkSink for RemoteTarget {
             .client
             .put_bytes(&format!("backup-stores/{}/chunks/{hex}", self.name), encoded)
             .await
-            .map_err(remote)?;
+            .map_err(|e| remote(&format!("storing chunk {hex} in {}", self.name), e))?;
         Ok(stored.new.then_some(stored.stored_bytes))
     }
 }
@@ -158,7 +154,7 @@ impl BackupTarget for RemoteTarget {
                 &[("store".into(), self.name.clone()), ("vm".into(), vm.into())],
             )
             .await
-            .map_err(remote)?;
+            .map_err(|e| remote(&format!("listing the backups of {vm} in {}", self.name), e))?;
         let Some(last) = backups.into_iter().max_by_key(|b| b.time) else {
             return Ok(None);
         };
@@ -175,7 +171,11 @@ impl BackupTarget for RemoteTarget {
                 id.time_name(),
                 d.name
             );
-            let bytes = self.client.get_bytes(&path).await.map_err(remote)?;
+            let bytes = self
+                .client
+                .get_bytes(&path)
+                .await
+                .map_err(|e| remote(&format!("the index of {id} disk {}", d.name), e))?;
             let index = FixedIndex::from_bytes(&bytes)
                 .map_err(|e| BackupError::Sink(format!("the index of {id} disk {}: {e}", d.name)))?;
             disks.push((d.name.clone(), index));
@@ -212,6 +212,6 @@ impl BackupTarget for RemoteTarget {
         self.client
             .post_json(&format!("backup-stores/{}/backups", self.name), &req)
             .await
-            .map_err(remote)
+            .map_err(|e| remote(&format!("committing {id} to {}", self.name), e))
     }
 }

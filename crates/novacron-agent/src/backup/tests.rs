@@ -13,15 +13,10 @@ use super::*;
 
 const MIB: u64 = 1024 * 1024;
 
-struct LocalStore(Datastore);
-
-impl ChunkSink for LocalStore {
-    async fn put(&self, digest: Digest, encoded: Vec<u8>) -> Result<Option<u64>, BackupError> {
-        let store = self.0.clone();
-        tokio::task::spawn_blocking(move || store.insert_encoded(&digest, &encoded))
-            .await
-            .map_err(|e| BackupError::Task(e.to_string()))?
-            .map_err(|e| BackupError::Sink(e.to_string()))
+fn local(store: &Datastore) -> target::LocalTarget {
+    target::LocalTarget {
+        name: "local".into(),
+        store: store.clone(),
     }
 }
 
@@ -104,7 +99,7 @@ async fn back_up(
         None => Reading::Full,
     };
     let mut seen = 0;
-    let (index, stats) = read_disk(&mut nbd, reading, &LocalStore(store.clone()), |done, _| seen = done)
+    let (index, stats) = read_disk(&mut nbd, reading, &local(store), |done, _| seen = done)
         .await
         .unwrap();
     assert_eq!(seen, nbd.size());
@@ -194,7 +189,7 @@ async fn incremental_backups_read_only_what_the_bitmap_marks() {
             context: "qemu:dirty-bitmap:cbt",
             previous: &index2,
         },
-        &LocalStore(store.clone()),
+        &local(&store),
         |_, _| {},
     )
     .await;
