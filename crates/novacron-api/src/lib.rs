@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod backup;
+pub mod backup_policy;
 pub mod cloudinit;
 pub mod error;
 pub mod identity;
@@ -20,6 +21,7 @@ pub mod volume;
 pub use backup::{
     Backup, BackupDisk, BackupEvent, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore,
 };
+pub use backup_policy::{BackupPolicy, BackupPolicySpec, BackupPolicyStatus, CreateBackupPolicy};
 pub use cloudinit::CloudInitSpec;
 pub use error::{ErrorBody, ErrorDetail, FieldError};
 pub use identity::*;

@@ -796,3 +796,4 @@ impl_object!(crate::network::Reservation, "reservation");
 impl_object!(crate::volume::Volume, "volume");
 impl_object!(crate::security::SecurityGroup, "securitygroup");
 impl_object!(crate::backup::BackupStore, "backupstore");
+impl_object!(crate::backup_policy::BackupPolicy, "backuppolicy");

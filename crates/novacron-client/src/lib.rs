@@ -76,6 +76,9 @@ impl Resource for novacron_api::OverlayPeers {
 impl Resource for novacron_api::Volume {
     const PATH: &'static str = "volumes";
 }
+impl Resource for novacron_api::BackupPolicy {
+    const PATH: &'static str = "backup-policies";
+}
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<WatchEvent<T>, ClientError>> + Send>>;

@@ -4,6 +4,7 @@
 //! - placement binds Pending VMs to nodes, on every change to VMs, nodes,
 //!   migrations or the scheduler settings;
 //! - node liveness marks nodes NotReady after missed heartbeats;
+//! - backup policies run on their schedules (`backup_runs`);
 //! - once at start, address reservations nothing holds are released, and
 //!   image downloads the last server left unfinished are marked Failed.
 
@@ -46,6 +47,7 @@ pub fn spawn(state: AppState) -> JoinSet<()> {
     let downloads = state.clone();
     set.spawn(async move { crate::routes::image_download::fail_interrupted(&downloads).await });
     set.spawn(placement_loop(state.clone(), caches.clone()));
+    set.spawn(crate::backup_runs::schedule_loop(state.clone()));
     set.spawn(node_liveness_loop(state, caches));
     set
 }

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod auth;
+mod backup_runs;
 mod cache;
 mod controllers;
 pub mod error;
@@ -119,6 +120,10 @@ pub struct AppState {
     pub agent_secret: Arc<str>,
     /// Wakes the placement controller.
     pub placement_wakeup: Arc<Notify>,
+    /// Wakes the backup policy scheduler.
+    pub policy_wakeup: Arc<Notify>,
+    /// Backup policies with a run going on.
+    pub policy_runs: Arc<backup_runs::PolicyRuns>,
     /// Client for calls to agents.
     pub agents: reqwest::Client,
     /// Watch streams and console sessions each token holds open.
@@ -162,6 +167,8 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::rebuild::router())
         .merge(routes::snapshots::router())
         .merge(routes::backups::router())
+        .merge(routes::backup_chunks::router())
+        .merge(routes::backup_policies::router())
         .merge(routes::nodes::router())
         .merge(routes::pki::router())
         .merge(routes::images::router())
@@ -283,6 +290,8 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         config: Arc::new(config),
         agent_secret: agent_secret.into(),
         placement_wakeup: Arc::new(Notify::new()),
+        policy_wakeup: Arc::new(Notify::new()),
+        policy_runs: Default::default(),
         agents,
         open_streams: Default::default(),
     })

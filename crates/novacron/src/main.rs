@@ -1,5 +1,6 @@
 //! `novacron`: one binary for every role (server, agent, dev cluster) and the CLI.
 
+mod backup_policies;
 mod backups;
 mod commands;
 mod config;
@@ -98,6 +99,9 @@ enum Command {
     /// Manage the datastores backups go to.
     #[command(subcommand, name = "backup-store")]
     BackupStore(backups::BackupStoreCommand),
+    /// Back up VMs on a schedule, pruned to keep rules.
+    #[command(subcommand, name = "backup-policy")]
+    BackupPolicy(backup_policies::BackupPolicyCommand),
     /// Log in with a user name and password; saves the token for later commands.
     Login(identity::LoginArgs),
     /// Show the caller's identity and permissions.
@@ -339,6 +343,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Migration(c) => migrations::migration(&cli.global, c).await,
         Command::Backup(c) => backups::backup(&cli.global, c).await,
         Command::BackupStore(c) => backups::backup_store(&cli.global, c).await,
+        Command::BackupPolicy(c) => backup_policies::backup_policy(&cli.global, c).await,
         Command::Network(c) => networks::network(&cli.global, c).await,
         Command::Volume(c) => volumes::volume(&cli.global, c).await,
         Command::SecurityGroup(c) => networks::security_group(&cli.global, c).await,

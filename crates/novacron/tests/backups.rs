@@ -287,3 +287,154 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     let left: Vec<Backup> = c.client.get_json("backups").await.unwrap();
     assert_eq!(left.len(), 3);
 }
+
+fn policy_backups(c: &Cluster, vm: &str) -> Vec<Backup> {
+    let out = ok(c
+        .cli(&["-o", "json", "backup", "list", "--vm", vm])
+        .output()
+        .expect("cli"));
+    serde_json::from_str(&out).expect("backup json")
+}
+
+/// A policy backs up the VMs its selector picks on its schedule and prunes
+/// them to its keep rules after each run; one that cannot be backed up is
+/// named in the run's outcome; a run by hand works while suspended.
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_back_up_selected_vms_on_schedule_and_keep_what_they_say() {
+    use novacron_api::{BackupPolicy, CreateVm, PowerState, VmSpec};
+    let c = Cluster::start(Options::default()).await;
+    c.import_demo().await;
+    let labelled = |name: &str, power_state: PowerState, labels: &[(&str, &str)]| CreateVm {
+        name: name.into(),
+        project: None,
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        no_default_network: false,
+        spec: VmSpec {
+            disk_mib: Some(256),
+            power_state,
+            ..VmSpec::new("demo", 1, 128)
+        },
+    };
+    let nightly = [("backup", "nightly")];
+    c.client
+        .create_vm(&labelled("nightly-a", PowerState::Running, &nightly))
+        .await
+        .expect("create");
+    // Selected, but never started: it has no disks yet.
+    c.client
+        .create_vm(&labelled("nightly-b", PowerState::Stopped, &nightly))
+        .await
+        .expect("create");
+    c.client
+        .create_vm(&labelled("other", PowerState::Stopped, &[("backup", "never")]))
+        .await
+        .expect("create");
+    c.wait_phase("nightly-a", VmPhase::Running, BOOT).await;
+    c.wait_console("nightly-a", "NOVACRON-GUEST-READY", 1, BOOT).await;
+
+    // Bad input changes nothing.
+    let create = |extra: &[&str]| {
+        let mut args = vec!["backup-policy", "create", "nightly", "--selector", "backup=nightly"];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let fails = |args: Vec<String>, says: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli_fails(&c, &args, says)
+    };
+    fails(create(&["--schedule", "61 * * * *"]), "spec.schedule");
+    fails(
+        create(&["--schedule", "0 2 * * *", "--store", "nowhere"]),
+        "unknown backup store",
+    );
+    fails(
+        create(&["--schedule", "0 2 * * *", "--keep-last", "0"]),
+        "spec.keep.keep_last",
+    );
+    let listed = ok(c.cli(&["-o", "json", "backup-policy", "list"]).output().expect("cli"));
+    assert_eq!(serde_json::from_str::<Vec<BackupPolicy>>(&listed).unwrap(), vec![]);
+
+    // Every five seconds, keeping the last two of each VM.
+    let args = create(&["--schedule", "*/5 * * * * *", "--keep-last", "2"]);
+    ok(c.cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .output()
+        .expect("cli"));
+    let policy = c.client.get::<BackupPolicy>("nightly").await.expect("policy");
+    assert!(policy.status.next_run.is_some() || policy.status.running.is_some() || policy.status.last_run.is_some());
+
+    // Three runs at least: the third one's prune removed the first backup.
+    let client = c.client.clone();
+    let run = common::wait_until("a run that pruned", Duration::from_secs(120), || {
+        let client = client.clone();
+        async move {
+            let p = client.get::<BackupPolicy>("nightly").await.ok()?;
+            p.status.last_run.filter(|r| !r.pruned.is_empty())
+        }
+    })
+    .await;
+    assert!(!run.by_hand && run.finished.is_some() && !run.ok, "{run:?}");
+    let vms: Vec<&str> = run.vms.iter().map(|v| v.vm.as_str()).collect();
+    assert_eq!(vms, ["nightly-a", "nightly-b"], "{run:?}");
+    assert!(run.vms[0].error.is_none() && run.vms[0].backup.is_some(), "{run:?}");
+    assert!(run.vms[0].full_reason.is_none(), "later runs are incremental: {run:?}");
+    assert!(
+        run.vms[1].error.as_deref().unwrap_or("").contains("never run"),
+        "{run:?}"
+    );
+    assert!(
+        run.pruned.iter().all(|id| id.starts_with("local:nightly-a/")),
+        "{run:?}"
+    );
+
+    // Suspended: no more scheduled runs; what is kept is exactly two.
+    let suspend = ["backup-policy", "update", "nightly", "--selector", "backup=nightly"];
+    let mut args = suspend.to_vec();
+    args.extend(["--schedule", "*/5 * * * * *", "--keep-last", "2", "--suspended"]);
+    ok(c.cli(&args).output().expect("cli"));
+    let client = c.client.clone();
+    common::wait_until("the run to end", Duration::from_secs(60), || {
+        let client = client.clone();
+        async move {
+            let p = client.get::<BackupPolicy>("nightly").await.ok()?;
+            (p.status.running.is_none() && p.status.next_run.is_none()).then_some(())
+        }
+    })
+    .await;
+    let kept = policy_backups(&c, "nightly-a");
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(policy_backups(&c, "other").is_empty());
+    let settled = c.client.get::<BackupPolicy>("nightly").await.expect("policy");
+    std::thread::sleep(Duration::from_secs(6));
+    let later = c.client.get::<BackupPolicy>("nightly").await.expect("policy");
+    assert_eq!(settled.status.last_run, later.status.last_run, "a suspended policy ran");
+
+    // By hand, while suspended: a failing VM makes `--wait` fail, naming it.
+    let out = c
+        .cli(&["backup-policy", "run", "nightly", "--wait"])
+        .output()
+        .expect("cli");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && said.contains("nightly-b") && said.contains("never run"),
+        "{said}"
+    );
+    ok(c.cli(&["vm", "delete", "nightly-b"]).output().expect("cli"));
+    let out = ok(c
+        .cli(&["-o", "json", "backup-policy", "run", "nightly", "--wait"])
+        .output()
+        .expect("cli"));
+    let run: novacron_api::backup_policy::PolicyRun = serde_json::from_str(&out).expect("run json");
+    assert!(run.ok && run.by_hand && run.vms.len() == 1, "{run:?}");
+    let kept = policy_backups(&c, "nightly-a");
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert_eq!(Some(&kept[1].id), run.vms[0].backup.as_ref());
+
+    ok(c.cli(&["backup-policy", "delete", "nightly"]).output().expect("cli"));
+    cli_fails(&c, &["backup-policy", "get", "nightly"], "not found");
+    // Its backups stay.
+    assert_eq!(policy_backups(&c, "nightly-a").len(), 2);
+}

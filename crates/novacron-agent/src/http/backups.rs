@@ -39,7 +39,13 @@ pub(super) async fn take(
         return error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid store or VM name");
     }
     let Some(dir) = vm_dir(&state, &id) else {
-        return error(StatusCode::CONFLICT, format!("VM {id:?} has no disks on this node"));
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "VM {:?} has no disks on node {}: it has never run there",
+                req.vm, state.node.name
+            ),
+        );
     };
     let Some(claim) = state.node.claims.claim(&id) else {
         return error(

@@ -18,16 +18,14 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use novacron_api::backup::{
-    ChunkKnown, ChunkQuery, ChunkStored, CommitBackup, DEFAULT_STORE, MAX_CHUNK_BODY, MAX_CHUNK_QUERY, MAX_COMMIT_BODY,
-};
-use novacron_api::backup::{GcResult, PruneBackups, PruneResult, RestoreBackup, RestoreSource};
+use novacron_api::backup::DEFAULT_STORE;
+use novacron_api::backup::{GcResult, KeepRules, PruneBackups, PruneResult, RestoreBackup, RestoreSource};
 use novacron_api::error::chain;
 use novacron_api::{
     Backup, BackupStore, BackupStoreSpec, BackupVerification, CreateBackup, CreateBackupStore, CreateVm, Metadata,
     PowerState, Resource, Verb, Vm, VmSpec,
 };
-use novacron_backup::{BackupId, BackupInfo, Datastore, Digest, DiskStats, FixedIndex, StoreError, CHUNK_SIZE};
+use novacron_backup::{BackupId, Datastore, StoreError};
 use novacron_store::{SharedStore, StoreExt};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -51,11 +49,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(restore_backup))
         .routes(routes!(prune_backups))
         .routes(routes!(collect_garbage))
-        .routes(routes!(get_chunk))
-        .routes(routes!(known_chunks))
-        .routes(routes!(put_chunk))
-        .routes(routes!(commit_backup))
-        .routes(routes!(backup_index))
 }
 
 /// Makes the `local` store (`<data-dir>/backups`) unless it is registered.
@@ -76,7 +69,9 @@ pub async fn ensure_default_store(store: &SharedStore, data_dir: &std::path::Pat
     Ok(())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> ApiResult<T> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::internal("A backup store task failed", &e))?
@@ -99,7 +94,7 @@ fn store_error(e: StoreError) -> ApiError {
 }
 
 /// A registered store, opened.
-async fn open(state: &AppState, name: &str) -> ApiResult<(BackupStore, Datastore)> {
+pub(super) async fn open(state: &AppState, name: &str) -> ApiResult<(BackupStore, Datastore)> {
     let store = find::<BackupStore>(state, name).await?;
     let path = PathBuf::from(&store.spec.path);
     let name = store.metadata.name.clone();
@@ -110,7 +105,7 @@ async fn open(state: &AppState, name: &str) -> ApiResult<(BackupStore, Datastore
 }
 
 /// The backup a path names, if the caller may see it (others' are not found).
-async fn find_backup(
+pub(super) async fn find_backup(
     state: &AppState,
     p: &Principal,
     store: &str,
@@ -287,8 +282,19 @@ async fn take_backup(
     authorize(&p, Resource::Backups, Verb::Create, Some(&vm.metadata.project))?;
     let req: CreateBackup = body.parse_or_default()?;
     req.validate()?;
-    let (store, _) = open(&state, req.store()).await?;
-    if !super::vms::settled(&vm) {
+    let events = start_backup(&state, &vm, req.store()).await?;
+    Ok((
+        [(CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(events.bytes_stream()),
+    )
+        .into_response())
+}
+
+/// Has the VM's agent begin a backup of it to `store`; the answer streams
+/// its progress (newline-delimited `BackupEvent`s).
+pub async fn start_backup(state: &AppState, vm: &Vm, store: &str) -> ApiResult<reqwest::Response> {
+    let (store, _) = open(state, store).await?;
+    if !super::vms::settled(vm) {
         return Err(ApiError::conflict(format!(
             "VM {:?} is {}: backups are taken of running, paused or stopped VMs; try again when it is",
             vm.metadata.name, vm.status.phase
@@ -300,19 +306,14 @@ async fn take_backup(
             vm.metadata.name
         )));
     }
-    super::vms::refuse_while_migrating(&state, &vm.metadata.name).await?;
-    let node = super::vms::bound_node(&state, &vm).await?;
+    super::vms::refuse_while_migrating(state, &vm.metadata.name).await?;
+    let node = super::vms::bound_node(state, vm).await?;
     let ask = novacron_api::agent::BackupRequest {
         store: store.metadata.name.clone(),
         vm: vm.metadata.name.clone(),
     };
     tracing::info!(vm = %vm.metadata.name, store = %ask.store, "backup requested");
-    let events = proxy::backup(&state, &node, &vm, &ask).await?;
-    Ok((
-        [(CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(events.bytes_stream()),
-    )
-        .into_response())
+    proxy::backup(state, &node, vm, &ask).await
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -440,22 +441,46 @@ async fn prune_backups(
     req.keep.validate()?;
     let store = req.store.clone().unwrap_or_else(|| DEFAULT_STORE.into());
     novacron_api::validate::name("store", &store)?;
-    let (_, ds) = open(&state, &store).await?;
-    let (ds2, vm) = (ds.clone(), req.vm.clone());
-    let backups = blocking(move || ds2.list(Some(&vm))).await?;
-    // Only the backups the caller may delete count; others' are not seen.
-    let mine: Vec<_> = backups.into_iter().filter(|m| p.sees(&m.project)).collect();
-    for m in &mine {
-        authorize(&p, Resource::Backups, Verb::Delete, Some(&m.project))?;
+    let caller = p.clone();
+    let result = prune_vm(&state, &store, &req.vm, &req.keep, req.dry_run, |project| {
+        if !caller.sees(project) {
+            // Others' backups are not seen.
+            return Ok(false);
+        }
+        authorize(&caller, Resource::Backups, Verb::Delete, Some(project))?;
+        Ok(true)
+    })
+    .await?;
+    Ok(Json(result))
+}
+
+/// Removes the backups of `vm` in `store` that `keep` does not keep,
+/// counting only the backups whose project `counts` says (others are
+/// neither counted nor removed).
+pub async fn prune_vm(
+    state: &AppState,
+    store: &str,
+    vm: &str,
+    keep: &KeepRules,
+    dry_run: bool,
+    counts: impl Fn(&str) -> ApiResult<bool>,
+) -> ApiResult<PruneResult> {
+    let (_, ds) = open(state, store).await?;
+    let (ds2, name) = (ds.clone(), vm.to_string());
+    let backups = blocking(move || ds2.list(Some(&name))).await?;
+    let mut mine = Vec::new();
+    for m in backups {
+        if counts(&m.project)? {
+            mine.push(m);
+        }
     }
-    let k = req.keep;
     let policy = novacron_backup::retention::KeepPolicy {
-        keep_last: k.keep_last,
-        keep_hourly: k.keep_hourly,
-        keep_daily: k.keep_daily,
-        keep_weekly: k.keep_weekly,
-        keep_monthly: k.keep_monthly,
-        keep_yearly: k.keep_yearly,
+        keep_last: keep.keep_last,
+        keep_hourly: keep.keep_hourly,
+        keep_daily: keep.keep_daily,
+        keep_weekly: keep.keep_weekly,
+        keep_monthly: keep.keep_monthly,
+        keep_yearly: keep.keep_yearly,
     };
     let times: Vec<_> = mine.iter().map(|m| m.id.time).collect();
     let keeps = novacron_backup::retention::select(&policy, &times);
@@ -464,19 +489,19 @@ async fn prune_backups(
         removed: Vec::new(),
     };
     for (m, keep) in mine.iter().zip(keeps).rev() {
-        let id = m.to_api(&store).id;
+        let id = m.to_api(store).id;
         if keep {
             result.kept.push(id);
             continue;
         }
-        if !req.dry_run {
+        if !dry_run {
             let (ds, backup) = (ds.clone(), m.id.clone());
             blocking(move || ds.delete(&backup)).await?;
             tracing::info!(backup = %id, "pruned");
         }
         result.removed.push(id);
     }
-    Ok(Json(result))
+    Ok(result)
 }
 
 /// Remove the chunks no backup in the store names (kept: those a backup
@@ -587,210 +612,4 @@ async fn restore_backup(
     let vm = super::vms::create(&state, &p, create, Some(source)).await?;
     tracing::info!(vm = %vm.metadata.name, backup = %backup.id, "VM restored from a backup");
     Ok((StatusCode::CREATED, Json(vm)))
-}
-
-// ---------------------------------------------------------------- agents' side
-
-/// The calls on a store's chunks are store-wide (a chunk belongs to no one
-/// project, and reading one or asking whether it exists would tell about
-/// others' data): only callers not limited to a project make them.
-fn store_wide(p: &Principal) -> ApiResult<()> {
-    authorize(p, Resource::Backups, Verb::Status, None)?;
-    match &p.project {
-        None => Ok(()),
-        Some(own) => Err(ApiError::forbidden(format!(
-            "writing to a backup store needs a token for all projects; this one is limited to {own:?}"
-        ))),
-    }
-}
-
-fn digest(hex: &str) -> ApiResult<Digest> {
-    Digest::from_hex(hex).ok_or_else(|| ApiError::invalid("digest", format!("{hex:?} is not 64 hex digits")))
-}
-
-/// Which of these chunks the store has; those it has are kept from
-/// garbage collection as if written now. For agents writing a backup.
-#[utoipa::path(post, path = "/v1/backup-stores/{store}/chunks/known", tag = "backups",
-    params(("store" = String, Path)), request_body = ChunkQuery,
-    responses((status = 200, body = ChunkKnown), (status = 403, body = novacron_api::ErrorBody),
-        (status = 404, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody)))]
-async fn known_chunks(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-    Path(store): Path<String>,
-    body: JsonBody,
-) -> ApiResult<Json<ChunkKnown>> {
-    store_wide(&p)?;
-    let q: ChunkQuery = body.parse()?;
-    if q.digests.len() > MAX_CHUNK_QUERY {
-        return Err(ApiError::invalid(
-            "digests",
-            format!("at most {MAX_CHUNK_QUERY} at once"),
-        ));
-    }
-    let digests = q.digests.iter().map(|d| digest(d)).collect::<ApiResult<Vec<_>>>()?;
-    let (_, ds) = open(&state, &store).await?;
-    let known = blocking(move || digests.iter().map(|d| ds.touch(d)).collect()).await?;
-    Ok(Json(ChunkKnown { known }))
-}
-
-/// Store one chunk (its encoded file: header, then the data, compressed or
-/// not); it is decoded and checked against `digest` first. For agents.
-#[utoipa::path(put, path = "/v1/backup-stores/{store}/chunks/{digest}", tag = "backups",
-    params(("store" = String, Path), ("digest" = String, Path, description = "SHA-256 of the chunk's data, hex")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 200, body = ChunkStored), (status = 403, body = novacron_api::ErrorBody),
-        (status = 404, body = novacron_api::ErrorBody), (status = 413, body = novacron_api::ErrorBody),
-        (status = 422, description = "The chunk is malformed or does not match the digest", body = novacron_api::ErrorBody),
-        (status = 503, description = "The store cannot take it (full, unwritable)", body = novacron_api::ErrorBody)))]
-async fn put_chunk(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-    Path((store, hex)): Path<(String, String)>,
-    body: Body,
-) -> ApiResult<Json<ChunkStored>> {
-    store_wide(&p)?;
-    let d = digest(&hex)?;
-    let (_, ds) = open(&state, &store).await?;
-    let bytes = axum::body::to_bytes(body, MAX_CHUNK_BODY).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("A chunk upload is at most {MAX_CHUNK_BODY} bytes: {e}"),
-        )
-    })?;
-    let stored = blocking(move || ds.insert_encoded(&d, &bytes)).await?;
-    Ok(Json(ChunkStored {
-        stored_bytes: stored.unwrap_or(0),
-        new: stored.is_some(),
-    }))
-}
-
-/// One chunk's file as stored (header, then the data, compressed or not):
-/// the reader decodes it and checks it against the digest. For agents
-/// restoring a VM.
-#[utoipa::path(get, path = "/v1/backup-stores/{store}/chunks/{digest}", tag = "backups",
-    params(("store" = String, Path), ("digest" = String, Path, description = "SHA-256 of the chunk's data, hex")),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 403, body = novacron_api::ErrorBody), (status = 404, body = novacron_api::ErrorBody),
-        (status = 409, description = "The store lacks the chunk", body = novacron_api::ErrorBody),
-        (status = 422, body = novacron_api::ErrorBody)))]
-async fn get_chunk(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-    Path((store, hex)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    store_wide(&p)?;
-    let d = digest(&hex)?;
-    let (_, ds) = open(&state, &store).await?;
-    let file = blocking(move || ds.chunk_file(&d)).await?;
-    Ok(([(CONTENT_TYPE, "application/octet-stream")], file).into_response())
-}
-
-/// Write a backup whose chunks are all stored: from now on it is listed.
-/// For the agent of the VM's node.
-#[utoipa::path(post, path = "/v1/backup-stores/{store}/backups", tag = "backups",
-    params(("store" = String, Path)), request_body = CommitBackup,
-    responses((status = 201, body = Backup), (status = 403, body = novacron_api::ErrorBody),
-        (status = 404, body = novacron_api::ErrorBody),
-        (status = 409, description = "A chunk it names is not stored, or the backup exists", body = novacron_api::ErrorBody),
-        (status = 413, body = novacron_api::ErrorBody), (status = 422, body = novacron_api::ErrorBody)))]
-async fn commit_backup(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-    Path(store): Path<String>,
-    body: Body,
-) -> ApiResult<(StatusCode, Json<Backup>)> {
-    store_wide(&p)?;
-    let bytes = axum::body::to_bytes(body, MAX_COMMIT_BODY).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("A commit is at most {MAX_COMMIT_BODY} bytes: {e}"),
-        )
-    })?;
-    let req: CommitBackup = serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-    // The VM is the node's own: a host writes backups of its VMs only.
-    let vm = find_authorized::<Vm>(&state, &p, &req.vm_id, Verb::Status).await?;
-    if vm.metadata.name != req.vm {
-        return Err(ApiError::invalid(
-            "vm",
-            format!("VM {} is named {:?}", req.vm_id, vm.metadata.name),
-        ));
-    }
-    let id = BackupId {
-        vm: req.vm.clone(),
-        time: req.time,
-    };
-    if BackupId::parse(&id.vm, &id.time_name()).as_ref() != Some(&id) {
-        return Err(ApiError::invalid("time", "a time to the second"));
-    }
-    if req.disks.is_empty() {
-        return Err(ApiError::invalid("disks", "a backup has at least one disk"));
-    }
-    let mut disks = Vec::new();
-    for d in &req.disks {
-        disks.push((d.name.clone(), index_of(d)?, d));
-    }
-    let (_, ds) = open(&state, &store).await?;
-    let info = BackupInfo {
-        vm_id: vm.metadata.id.clone(),
-        project: vm.metadata.project.clone(),
-        full_reason: req.full_reason.clone(),
-        duration_ms: req.duration_ms,
-        config: Some(
-            serde_json::to_value(&vm.spec).map_err(|e| ApiError::internal("Cannot encode the VM's spec", &e))?,
-        ),
-    };
-    let disks: Vec<(String, FixedIndex, DiskStats)> = disks
-        .into_iter()
-        .map(|(name, index, d)| {
-            let stats = DiskStats {
-                bytes_read: d.bytes_read,
-                chunks_new: d.chunks_new,
-                stored_bytes: d.stored_bytes,
-            };
-            (name, index, stats)
-        })
-        .collect();
-    let manifest = blocking(move || ds.write_backup(&id, &disks, info)).await?;
-    let backup = manifest.to_api(&store);
-    tracing::info!(backup = %backup.id, vm = %vm.metadata.name, incremental = backup.incremental(), "backup stored");
-    Ok((StatusCode::CREATED, Json(backup)))
-}
-
-fn index_of(d: &novacron_api::backup::CommitDisk) -> ApiResult<FixedIndex> {
-    let field = format!("disks[{}].digests", d.name);
-    let count = FixedIndex::chunks_for(d.size, CHUNK_SIZE);
-    if d.digests.len() as u64 != count * 64 {
-        return Err(ApiError::invalid(
-            &field,
-            format!("a disk of {} bytes has {count} chunks: 64 hex digits each", d.size),
-        ));
-    }
-    let digests = (0..count as usize)
-        .map(|i| digest(&d.digests[i * 64..(i + 1) * 64]))
-        .collect::<ApiResult<Vec<_>>>()
-        .map_err(|e| ApiError::invalid(&field, e.message))?;
-    Ok(FixedIndex {
-        size: d.size,
-        chunk_size: CHUNK_SIZE,
-        digests,
-    })
-}
-
-/// A disk's index in a backup (its chunks' digests, binary), which the
-/// next backup of the VM starts from. For agents.
-#[utoipa::path(get, path = "/v1/backup-stores/{store}/backups/{vm}/{time}/disks/{disk}/index", tag = "backups",
-    params(("store" = String, Path), ("vm" = String, Path), ("time" = String, Path), ("disk" = String, Path)),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 404, body = novacron_api::ErrorBody)))]
-async fn backup_index(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-    Path((store, vm, time, disk)): Path<(String, String, String, String)>,
-) -> ApiResult<Response> {
-    let (ds, id, _) = find_backup(&state, &p, &store, &vm, &time, Verb::Read).await?;
-    let index = blocking(move || ds.index(&id, &disk)).await?;
-    Ok(([(CONTENT_TYPE, "application/octet-stream")], index.to_bytes()).into_response())
 }

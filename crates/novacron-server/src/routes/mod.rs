@@ -1,6 +1,8 @@
 //! HTTP routes, one module per resource.
 
 pub mod audit;
+pub mod backup_chunks;
+pub mod backup_policies;
 pub mod backups;
 pub mod health;
 pub mod identity;
@@ -99,13 +101,14 @@ pub fn selectable_fields() -> Vec<(&'static str, &'static [&'static str])> {
         ("/v1/overlay-peers", OverlayPeers::SELECTABLE),
         ("/v1/security-groups", SecurityGroup::SELECTABLE),
         ("/v1/volumes", Volume::SELECTABLE),
+        ("/v1/backup-policies", novacron_api::BackupPolicy::SELECTABLE),
     ]
 }
 
 guarded!(Vm => Vms ["status.node", "status.phase"],
     Image => Images,
     Migration => Migrations ["status.source_node", "status.target_node", "status.phase", "spec.vm"],
-    Network => Networks, SecurityGroup => Networks, Volume => Volumes,
+    Network => Networks, SecurityGroup => Networks, Volume => Volumes, novacron_api::BackupPolicy => Backups,
     Node => Nodes, ClusterTrust => Nodes, OverlayPeers => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
 
 /// The fields that tie an object to the node it concerns: a node's

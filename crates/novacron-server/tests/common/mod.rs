@@ -241,6 +241,26 @@ fn fixture_mac(p: &str) -> &'static str {
 pub async fn reset_objects(h: &Harness) {
     let store = &h.state.store;
     for p in ["alpha", "beta"] {
+        let name = format!("bp-{p}");
+        if store
+            .get_obj::<novacron_api::BackupPolicy>(&name)
+            .await
+            .unwrap()
+            .is_some()
+        {
+            store
+                .delete_obj::<novacron_api::BackupPolicy>(&name, None)
+                .await
+                .unwrap();
+        }
+        let mut metadata = Metadata::new(&name, Default::default());
+        metadata.project = p.into();
+        let policy: novacron_api::BackupPolicy = serde_json::from_value(json!({
+            "metadata": metadata,
+            "spec": {"schedule": "0 2 * * *", "store": BACKUP_STORE},
+        }))
+        .unwrap();
+        store.create_obj(&policy).await.unwrap();
         let name = format!("vm-{p}");
         if store.get_obj::<Vm>(&name).await.unwrap().is_some() {
             store.delete_obj::<Vm>(&name, None).await.unwrap();
@@ -457,6 +477,12 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
         "YYYYYnYY",
         "YnnnYnYY",
     ),
+    ("GET", "/v1/backup-policies", "YYYYYnYY", "YYYYYnYY"),
+    ("POST", "/v1/backup-policies", "YYYnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/backup-policies/{name}", "YYYYYnYY", "YnnnYnYY"),
+    ("PUT", "/v1/backup-policies/{name}", "YYYnnnnn", "Ynnnnnnn"),
+    ("DELETE", "/v1/backup-policies/{name}", "YYYnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/backup-policies/{name}/run", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/volumes", "YYYYnnnn", "YYYYnnnn"),
     ("POST", "/v1/volumes", "YYYnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/volumes/{name}", "YYYYnnnn", "Ynnnnnnn"),
@@ -541,6 +567,7 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         "images" => format!("img-{p}"),
         "networks" => format!("net-{p}"),
         "security-groups" => format!("sg-{p}"),
+        "backup-policies" => format!("bp-{p}"),
         "volumes" => format!("vol-{p}"),
         "migrations" => format!("mig-{p}"),
         "nodes" => "node-1".into(),
@@ -609,6 +636,10 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         ("POST", "/v1/migrations/{name}/complete") => Some(json!({"target_qemu_pid": 1, "status": {}})),
         ("PUT", "/v1/images/{name}/files/{part}") => None,
         ("POST", "/v1/vms/{name}/backups") => Some(json!({})),
+        ("POST", "/v1/backup-policies") => {
+            Some(json!({"name": fresh, "project": p, "spec": {"schedule": "0 2 * * *", "store": BACKUP_STORE}}))
+        }
+        ("PUT", "/v1/backup-policies/{name}") => Some(json!({"schedule": "0 3 * * *", "store": BACKUP_STORE})),
         ("POST", "/v1/backups/{store}/{vm}/{time}/restore") => Some(json!({"name": fresh})),
         ("POST", "/v1/backups/prune") => {
             Some(json!({"vm": format!("vm-{p}"), "store": BACKUP_STORE, "keep": {"keep_last": 1}}))
