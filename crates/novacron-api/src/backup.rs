@@ -22,7 +22,8 @@ pub const MAX_COMMIT_BODY: usize = 80 * 1024 * 1024;
 /// Largest chunk upload: a 4 MiB chunk stored uncompressed with its header.
 pub const MAX_CHUNK_BODY: usize = 4 * 1024 * 1024 + 1024;
 
-/// A datastore served by the server: a directory of chunks and backups.
+/// A datastore: a directory of chunks and backups the server serves, or a
+/// `novacron backup-store serve` process elsewhere that it reaches over mTLS.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BackupStore {
     pub metadata: Metadata,
@@ -32,8 +33,13 @@ pub struct BackupStore {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupStoreSpec {
-    /// Absolute path of the datastore directory on the server's machine.
+    /// Absolute path of the datastore directory on the server's machine
+    /// (empty for a remote store).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
+    /// URL of a backup-store process (`https://HOST:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// `POST /v1/backup-stores`.
@@ -43,19 +49,41 @@ pub struct CreateBackupStore {
     pub name: String,
     /// Absolute path on the server's machine; made if missing. An existing
     /// datastore there is taken over with its backups.
-    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Or: the URL of a `novacron backup-store serve` process
+    /// (`https://HOST:PORT`; its certificate from the cluster CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 2048)]
+    pub url: Option<String>,
 }
 
 impl CreateBackupStore {
     pub fn validate(&self) -> Result<(), FieldError> {
         crate::validate::name("name", &self.name)?;
-        let p = std::path::Path::new(&self.path);
-        if !p.is_absolute()
-            || self.path.len() > 4096
-            || self.path.chars().any(char::is_control)
-            || p.components().any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            return Err(FieldError::new("path", "an absolute path without '..'"));
+        match (&self.path, &self.url) {
+            (Some(path), None) => {
+                let p = std::path::Path::new(path);
+                if !p.is_absolute()
+                    || path.len() > 4096
+                    || path.chars().any(char::is_control)
+                    || p.components().any(|c| matches!(c, std::path::Component::ParentDir))
+                {
+                    return Err(FieldError::new("path", "an absolute path without '..'"));
+                }
+            }
+            (None, Some(url)) => {
+                let rest = url.strip_prefix("https://").unwrap_or_default();
+                let host = rest.trim_end_matches('/');
+                if host.is_empty()
+                    || url.len() > 2048
+                    || host.contains(['/', '?', '#', '@'])
+                    || url.chars().any(|c| c.is_control() || c.is_whitespace())
+                {
+                    return Err(FieldError::new("url", "https://HOST:PORT (a backup-store process)"));
+                }
+            }
+            _ => return Err(FieldError::new("path", "either a path or a url")),
         }
         Ok(())
     }
@@ -334,6 +362,68 @@ pub struct GcResult {
     pub duration_ms: u64,
 }
 
+/// `POST /v1/backup-stores/{store}/sync`: copies into the store the
+/// backups another store has and it lacks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SyncBackups {
+    /// The store to copy from.
+    pub from: String,
+    /// Only this VM's backups (by the name they carry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// Chunk transfers at once (default 32): a long round trip needs many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 256)]
+    pub in_flight: Option<u32>,
+}
+
+impl SyncBackups {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        crate::validate::name("from", &self.from)?;
+        if let Some(vm) = &self.vm {
+            crate::validate::name("vm", vm)?;
+        }
+        if self.in_flight.is_some_and(|n| !(1..=256).contains(&n)) {
+            return Err(FieldError::new("in_flight", "1 to 256"));
+        }
+        Ok(())
+    }
+}
+
+/// How far a sync has got.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SyncProgress {
+    pub chunks_done: u64,
+    /// Chunks the destination lacks.
+    pub chunks_total: u64,
+    /// Bytes of those copied (as stored: compressed).
+    pub bytes_done: u64,
+}
+
+/// What a sync copied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SyncResult {
+    /// Backups copied (ids as at the source: `NAME/TIME`).
+    pub backups_copied: Vec<String>,
+    /// Backups the destination had already.
+    pub backups_present: u64,
+    pub chunks_copied: u64,
+    /// Chunks the copied backups name that the destination had.
+    pub chunks_present: u64,
+    pub bytes_copied: u64,
+    pub duration_ms: u64,
+}
+
+/// One line of the newline-delimited JSON a sync streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncEvent {
+    Progress(SyncProgress),
+    Done(SyncResult),
+    Failed { message: String },
+}
+
 /// Splits `STORE:NAME/TIME` into its parts.
 pub fn parse_backup_id(id: &str) -> Option<(&str, &str, &str)> {
     let (store, rest) = id.split_once(':')?;
@@ -360,10 +450,26 @@ mod tests {
     fn store_paths_must_be_absolute_and_plain() {
         let store = |path: &str| CreateBackupStore {
             name: "offsite".into(),
-            path: path.into(),
+            path: Some(path.into()),
+            url: None,
         };
         assert!(store("/srv/backups").validate().is_ok());
         assert!(store("backups").validate().is_err());
         assert!(store("/srv/../etc").validate().is_err());
+        let remote = |url: &str| CreateBackupStore {
+            name: "offsite".into(),
+            path: None,
+            url: Some(url.into()),
+        };
+        assert!(remote("https://10.0.0.2:7443").validate().is_ok());
+        assert!(remote("https://backup.example:7443/").validate().is_ok());
+        for bad in ["http://10.0.0.2:7443", "https://", "https://a/b", "https://u@h:1"] {
+            assert!(remote(bad).validate().is_err(), "{bad}");
+        }
+        let both = CreateBackupStore {
+            url: Some("https://h:1".into()),
+            ..store("/srv/backups")
+        };
+        assert!(both.validate().is_err());
     }
 }

@@ -23,6 +23,10 @@ pub enum IndexError {
     Count { size: u64, expected: u64, found: u64 },
     #[error("chunk size {0} is not a power of two between 64 KiB and 64 MiB")]
     ChunkSize(u64),
+    #[error("a disk of {size} bytes has {expected} chunks: 64 hex digits each")]
+    HexLength { size: u64, expected: u64 },
+    #[error("digest {0} is not 64 hex digits")]
+    HexDigest(usize),
 }
 
 impl FixedIndex {
@@ -35,6 +39,27 @@ impl FixedIndex {
     pub fn chunk_len(&self, i: usize) -> u64 {
         let start = i as u64 * self.chunk_size;
         self.chunk_size.min(self.size.saturating_sub(start))
+    }
+
+    /// The index of a disk of `size` bytes in 4 MiB chunks from its
+    /// digests written out in hex, one after another (as the API carries it).
+    pub fn from_hex(size: u64, hex: &str) -> Result<FixedIndex, IndexError> {
+        let expected = Self::chunks_for(size, CHUNK_SIZE);
+        if hex.len() as u64 != expected * 64 {
+            return Err(IndexError::HexLength { size, expected });
+        }
+        let digests = (0..expected as usize)
+            .map(|i| {
+                hex.get(i * 64..(i + 1) * 64)
+                    .and_then(Digest::from_hex)
+                    .ok_or(IndexError::HexDigest(i))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(FixedIndex {
+            size,
+            chunk_size: CHUNK_SIZE,
+            digests,
+        })
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

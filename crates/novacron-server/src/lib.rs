@@ -169,6 +169,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::backups::router())
         .merge(routes::backup_chunks::router())
         .merge(routes::backup_policies::router())
+        .merge(routes::backup_sync::router())
         .merge(routes::nodes::router())
         .merge(routes::pki::router())
         .merge(routes::images::router())

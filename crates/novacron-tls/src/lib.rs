@@ -424,6 +424,8 @@ pub fn http_client(
 pub struct PeerInfo {
     pub addr: SocketAddr,
     pub cert_sha256: Option<String>,
+    /// The client certificate's subject CN (e.g. `novacron-server`, `node:NAME`).
+    pub cert_common_name: Option<String>,
 }
 
 /// A byte stream: plain TCP or TLS.

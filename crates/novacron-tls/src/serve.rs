@@ -151,6 +151,7 @@ pub async fn serve(
                     let peer = PeerInfo {
                         addr,
                         cert_sha256: None,
+                        cert_common_name: None,
                     };
                     connection(&http, TokioIo::new(stream), peer, router, shutdown).await
                 }
@@ -160,13 +161,13 @@ pub async fn serve(
                         Ok(Err(e)) => return tracing::debug!(peer = %addr, error = %e, "TLS handshake refused"),
                         Err(_) => return tracing::debug!(peer = %addr, "TLS handshake timed out"),
                     };
-                    let cert_sha256 = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| fingerprint(c.as_ref()));
-                    let peer = PeerInfo { addr, cert_sha256 };
+                    let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+                    let peer = PeerInfo {
+                        addr,
+                        cert_sha256: cert.map(|c| fingerprint(c.as_ref())),
+                        // The handshake checked the chain: the name is the CA's word.
+                        cert_common_name: cert.and_then(|c| crate::der::subject_common_name(c.as_ref()).ok()),
+                    };
                     connection(&http, TokioIo::new(tls), peer, router, shutdown).await
                 }
             }

@@ -75,13 +75,37 @@ pub enum BackupCommand {
 
 #[derive(Subcommand)]
 pub enum BackupStoreCommand {
-    /// Register a datastore directory on the server's machine (made if
-    /// missing; an existing datastore is taken over with its backups).
-    Add { name: String, path: String },
+    /// Register a datastore: a directory on the server's machine (made if
+    /// missing; an existing datastore is taken over with its backups), or
+    /// with --url a `backup-store serve` process elsewhere.
+    Add {
+        name: String,
+        #[arg(required_unless_present = "url", conflicts_with = "url")]
+        path: Option<String>,
+        /// https://HOST:PORT of a backup-store process.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// List the stores.
     List,
     /// Forget a store (its directory stays).
     Remove { name: String },
+    /// Copy into DST the backups SRC has and DST lacks (only the chunks it
+    /// lacks, many in flight: for off-site copies over long links).
+    Sync {
+        src: String,
+        dst: String,
+        /// Only this VM's backups.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Chunk transfers at once (default 32).
+        #[arg(long)]
+        in_flight: Option<u32>,
+    },
+    /// Serve a datastore directory as a backup store of its own (on a
+    /// machine that is not a hypervisor); add it with `backup-store add
+    /// NAME --url https://HOST:PORT`.
+    Serve(crate::store_role::ServeArgs),
     /// Remove the chunks no backup in the store names.
     Gc {
         name: String,
@@ -261,6 +285,44 @@ async fn follow(c: &novacron_client::Client, vm: &str, req: &CreateBackup) -> Re
     outcome
 }
 
+/// Runs a sync, showing its progress, until it is done or fails.
+async fn follow_sync(
+    c: &novacron_client::Client,
+    dst: &str,
+    req: &novacron_api::backup::SyncBackups,
+) -> Result<novacron_api::backup::SyncResult> {
+    use novacron_api::backup::SyncEvent;
+    let mut stream = c.post_streaming(&format!("backup-stores/{dst}/sync"), req).await?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("chunks [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut pending = Vec::new();
+    let outcome = 'read: loop {
+        let Some(chunk) = stream.next().await else {
+            break Err(anyhow::anyhow!("The server closed the sync's progress stream early"));
+        };
+        pending.extend_from_slice(&chunk?);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let event: SyncEvent =
+                serde_json::from_slice(&line).context("The server sent a progress line that is not a SyncEvent")?;
+            match event {
+                SyncEvent::Progress(p) => {
+                    bar.set_length(p.chunks_total);
+                    bar.set_position(p.chunks_done);
+                    bar.set_message(human_bytes(p.bytes_done));
+                }
+                SyncEvent::Done(r) => break 'read Ok(r),
+                SyncEvent::Failed { message } => break 'read Err(anyhow::anyhow!("The sync failed: {message}")),
+            }
+        }
+    };
+    bar.finish_and_clear();
+    outcome
+}
+
 fn backups(format: Format, items: &[Backup]) -> Result<()> {
     if format != Format::Table {
         return print_data(format, &items);
@@ -289,10 +351,44 @@ fn backups(format: Format, items: &[Backup]) -> Result<()> {
 }
 
 pub async fn backup_store(g: &Global, cmd: BackupStoreCommand) -> Result<()> {
+    if let BackupStoreCommand::Serve(a) = cmd {
+        // The role needs no API client (nor a token): it joins with its own.
+        return crate::store_role::serve(g, a).await;
+    }
     let c = client(g)?;
     match cmd {
-        BackupStoreCommand::Add { name, path } => {
-            let req = CreateBackupStore { name, path };
+        BackupStoreCommand::Serve(a) => crate::store_role::serve(g, a).await,
+        BackupStoreCommand::Sync {
+            src,
+            dst,
+            vm,
+            in_flight,
+        } => {
+            let req = novacron_api::backup::SyncBackups {
+                from: src,
+                vm,
+                in_flight,
+            };
+            req.validate()
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            let r = follow_sync(&c, &dst, &req).await?;
+            if g.output != Format::Table {
+                return print_data(g.output, &r);
+            }
+            println!(
+                "{} backups copied ({} there already), {} chunks ({}) copied, {} there already, in {:.1} s ({}/s)",
+                r.backups_copied.len(),
+                r.backups_present,
+                r.chunks_copied,
+                human_bytes(r.bytes_copied),
+                r.chunks_present,
+                r.duration_ms as f64 / 1000.0,
+                human_bytes((r.bytes_copied as f64 / (r.duration_ms.max(1) as f64 / 1000.0)) as u64)
+            );
+            Ok(())
+        }
+        BackupStoreCommand::Add { name, path, url } => {
+            let req = CreateBackupStore { name, path, url };
             req.validate()
                 .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
             let s: BackupStore = c.post_json("backup-stores", &req).await?;
@@ -334,11 +430,11 @@ fn stores(format: Format, items: &[BackupStore]) -> Result<()> {
     if format != Format::Table {
         return print_data(format, &items);
     }
-    let mut t = table(&["NAME", "PATH", "AGE"]);
+    let mut t = table(&["NAME", "WHERE", "AGE"]);
     for s in items {
         t.add_row(vec![
             s.metadata.name.clone(),
-            s.spec.path.clone(),
+            s.spec.url.clone().unwrap_or_else(|| s.spec.path.clone()),
             age(s.metadata.created_at),
         ]);
     }

@@ -16,6 +16,7 @@ mod output;
 mod pki;
 mod scheduling;
 mod snapshots;
+mod store_role;
 mod volumes;
 mod wait;
 

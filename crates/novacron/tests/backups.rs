@@ -438,3 +438,211 @@ async fn policies_back_up_selected_vms_on_schedule_and_keep_what_they_say() {
     // Its backups stay.
     assert_eq!(policy_backups(&c, "nightly-a").len(), 2);
 }
+
+/// A `backup-store serve` process, stopped when dropped.
+struct StoreProcess(std::process::Child);
+
+impl Drop for StoreProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A store on a process of its own (joined with a join token, serving the
+/// server only, over mTLS): backups go to it through the server and come
+/// back from it; `backup-store sync` copies only what it lacks; a client
+/// that is not the server is refused; a store that is down says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_process_of_its_own_takes_backups_and_syncs() {
+    let c = Cluster::start(Options::default()).await;
+    c.import_demo().await;
+    c.create_vm("vaulted", 128, RunStrategy::Manual, true).await;
+    let dir = c.dir.path().join("vault");
+    let token = c.join_token("vault").await;
+    let ca = c.ca_path().display().to_string();
+    let args = [
+        "backup-store",
+        "serve",
+        "--dir",
+        &dir.display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "vault",
+        "--host",
+        "127.0.0.1",
+        "--join-token",
+        &token,
+        "--server",
+        &c.url,
+        "--ca-cert",
+        &ca,
+    ]
+    .map(str::to_string);
+    let mut store = StoreProcess(
+        std::process::Command::new(common::BIN)
+            .args(&args)
+            .env("NOVACRON_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(common::log_file(c.dir.path(), "vault"))
+            .spawn()
+            .expect("spawn backup-store"),
+    );
+    let addr_file = dir.join(".store-tls/listen.addr");
+    let addr: String = common::wait_until("the store to listen", Duration::from_secs(30), || {
+        let f = addr_file.clone();
+        async move { std::fs::read_to_string(f).ok().map(|s| s.trim().to_string()) }
+    })
+    .await;
+    let url = format!("https://{addr}");
+
+    cli_fails(
+        &c,
+        &["backup-store", "add", "nowhere", "--url", "https://127.0.0.1:1"],
+        "does not answer",
+    );
+    cli_fails(
+        &c,
+        &["backup-store", "add", "plain", "--url", "http://127.0.0.1:1"],
+        "https://HOST:PORT",
+    );
+    ok(c.cli(&["backup-store", "add", "vault", "--url", &url])
+        .output()
+        .expect("cli"));
+    let listed = ok(c.cli(&["backup-store", "list"]).output().expect("cli"));
+    assert!(listed.contains(&url), "{listed}");
+
+    // Another client of the cluster CA (an agent's certificate) is refused.
+    let agent_tls = c.dir.path().join("node-1/tls");
+    let identity = novacron_tls::Identity::load(&agent_tls.join("agent.crt"), &agent_tls.join("agent.key")).unwrap();
+    let cluster_ca = std::fs::read_to_string(agent_tls.join("ca.crt")).unwrap();
+    let http = novacron_tls::http_client(reqwest::Client::builder(), Some(&cluster_ca), Some(&identity)).unwrap();
+    let refused = http
+        .get(format!("{url}/store/v1/backups"))
+        .send()
+        .await
+        .expect("the store answers");
+    assert_eq!(refused.status(), 403);
+
+    c.wait_phase("vaulted", VmPhase::Running, BOOT).await;
+    c.wait_console("vaulted", "NOVACRON-GUEST-READY", 1, BOOT).await;
+    let first = backup(&c, "vaulted", Some("vault"));
+    assert!(!first.incremental() && first.store == "vault", "{first:?}");
+    let wrote = guest_run(
+        &c,
+        "vaulted",
+        "v1",
+        "dd if=/dev/urandom of=/mnt/data/blob bs=1M count=1 && sync",
+        GUEST,
+    )
+    .await;
+    assert!(wrote.ends_with("rc=0"), "{wrote}");
+    // Incremental against the remote store's index of the first.
+    let second = backup(&c, "vaulted", Some("vault"));
+    assert!(second.incremental() && read(&second) <= 4 * CHUNK, "{second:?}");
+    assert!(
+        std::fs::read_dir(dir.join("vm/vaulted")).unwrap().count() == 2,
+        "the backups live in the store's directory"
+    );
+
+    // Two backups in `local`; a sync copies them and only the chunks the
+    // vault lacks (most are there from its own backups), and a second
+    // sync copies nothing.
+    let local_full = backup(&c, "vaulted", None);
+    let local_inc = backup(&c, "vaulted", None);
+    assert!(local_inc.incremental(), "{local_inc:?}");
+    let synced: novacron_api::backup::SyncResult = serde_json::from_str(&ok(c
+        .cli(&["-o", "json", "backup-store", "sync", "local", "vault"])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    let names = |b: &Backup| format!("{}/{}", b.vm, b.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    assert_eq!(
+        synced.backups_copied,
+        vec![names(&local_full), names(&local_inc)],
+        "{synced:?}"
+    );
+    assert!(synced.chunks_present > 0, "{synced:?}");
+    let again: novacron_api::backup::SyncResult = serde_json::from_str(&ok(c
+        .cli(&[
+            "-o",
+            "json",
+            "backup-store",
+            "sync",
+            "local",
+            "vault",
+            "--in-flight",
+            "4",
+        ])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    assert!(again.backups_copied.is_empty() && again.chunks_copied == 0, "{again:?}");
+    assert_eq!(again.backups_present, 4);
+    cli_fails(
+        &c,
+        &["backup-store", "sync", "vault", "vault"],
+        "other than the destination",
+    );
+
+    // The copy verifies where it is, and a VM restored from it boots with
+    // the guest's file.
+    let copied = format!("vault:{}", names(&local_inc));
+    let v: BackupVerification = serde_json::from_str(&ok(c
+        .cli(&["-o", "json", "backup", "verify", &copied])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    assert!(v.ok && v.chunks_checked > 0, "{v:?}");
+    ok(c.cli(&["backup", "restore", &copied, "--as", "from-vault", "--start"])
+        .output()
+        .expect("cli"));
+    c.wait_phase("from-vault", VmPhase::Running, BOOT).await;
+    c.wait_console("from-vault", "NOVACRON-GUEST-READY", 1, BOOT).await;
+    let sum = "md5sum /mnt/data/blob | cut -d' ' -f1";
+    let original = guest_value(&c, "vaulted", "sum-vaulted", sum).await;
+    let restored = guest_value(&c, "from-vault", "sum-from-vault", sum).await;
+    assert_eq!(original.len(), 32, "{original}");
+    assert_eq!(original, restored);
+
+    // Prune and GC act in the store process.
+    let pruned: novacron_api::backup::PruneResult = serde_json::from_str(&ok(c
+        .cli(&[
+            "-o",
+            "json",
+            "backup",
+            "prune",
+            "vaulted",
+            "--store",
+            "vault",
+            "--keep-last",
+            "1",
+        ])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    assert_eq!(pruned.removed.len(), 3, "{pruned:?}");
+    let gc: novacron_api::backup::GcResult = serde_json::from_str(&ok(c
+        .cli(&["-o", "json", "backup-store", "gc", "vault", "--grace-s", "0"])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    assert!(gc.chunks_in_use > 0, "{gc:?}");
+
+    // A store that is down: a clear error, nothing else changes.
+    let _ = store.0.kill();
+    let _ = store.0.wait();
+    cli_fails(&c, &["backup", "list", "--store", "vault"], "Cannot reach backup store");
+    cli_fails(
+        &c,
+        &["backup", "create", "vaulted", "--store", "vault"],
+        "Cannot reach backup store",
+    );
+    let listed = ok(c
+        .cli(&["-o", "json", "backup", "list", "--store", "local"])
+        .output()
+        .expect("cli"));
+    assert_eq!(serde_json::from_str::<Vec<Backup>>(&listed).unwrap().len(), 2);
+}

@@ -13,11 +13,11 @@ use novacron_api::backup::{
     ChunkKnown, ChunkQuery, ChunkStored, CommitBackup, MAX_CHUNK_BODY, MAX_CHUNK_QUERY, MAX_COMMIT_BODY,
 };
 use novacron_api::{Backup, Resource, Verb, Vm};
-use novacron_backup::{BackupId, BackupInfo, Digest, DiskStats, FixedIndex, CHUNK_SIZE};
+use novacron_backup::{BackupId, BackupInfo, Digest, DiskStats, FixedIndex};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::backups::{blocking, find_backup, open};
+use super::backups::{find_backup, open, store_error};
 use super::find_authorized;
 use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
@@ -71,8 +71,8 @@ async fn known_chunks(
         ));
     }
     let digests = q.digests.iter().map(|d| digest(d)).collect::<ApiResult<Vec<_>>>()?;
-    let (_, ds) = open(&state, &store).await?;
-    let known = blocking(move || digests.iter().map(|d| ds.touch(d)).collect()).await?;
+    let (_, handle) = open(&state, &store).await?;
+    let known = handle.known(digests).await.map_err(store_error)?;
     Ok(Json(ChunkKnown { known }))
 }
 
@@ -93,7 +93,7 @@ async fn put_chunk(
 ) -> ApiResult<Json<ChunkStored>> {
     store_wide(&p)?;
     let d = digest(&hex)?;
-    let (_, ds) = open(&state, &store).await?;
+    let (_, handle) = open(&state, &store).await?;
     let bytes = axum::body::to_bytes(body, MAX_CHUNK_BODY).await.map_err(|e| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -101,7 +101,7 @@ async fn put_chunk(
             format!("A chunk upload is at most {MAX_CHUNK_BODY} bytes: {e}"),
         )
     })?;
-    let stored = blocking(move || ds.insert_encoded(&d, &bytes)).await?;
+    let stored = handle.insert_encoded(d, bytes).await.map_err(store_error)?;
     Ok(Json(ChunkStored {
         stored_bytes: stored.unwrap_or(0),
         new: stored.is_some(),
@@ -124,8 +124,8 @@ async fn get_chunk(
 ) -> ApiResult<Response> {
     store_wide(&p)?;
     let d = digest(&hex)?;
-    let (_, ds) = open(&state, &store).await?;
-    let file = blocking(move || ds.chunk_file(&d)).await?;
+    let (_, handle) = open(&state, &store).await?;
+    let file = handle.chunk_file(d).await.map_err(store_error)?;
     Ok(([(CONTENT_TYPE, "application/octet-stream")], file).into_response())
 }
 
@@ -174,7 +174,7 @@ async fn commit_backup(
     for d in &req.disks {
         disks.push((d.name.clone(), index_of(d)?, d));
     }
-    let (_, ds) = open(&state, &store).await?;
+    let (_, handle) = open(&state, &store).await?;
     let info = BackupInfo {
         vm_id: vm.metadata.id.clone(),
         project: vm.metadata.project.clone(),
@@ -195,30 +195,15 @@ async fn commit_backup(
             (name, index, stats)
         })
         .collect();
-    let manifest = blocking(move || ds.write_backup(&id, &disks, info)).await?;
+    let manifest = handle.write_backup(&id, disks, info).await.map_err(store_error)?;
     let backup = manifest.to_api(&store);
     tracing::info!(backup = %backup.id, vm = %vm.metadata.name, incremental = backup.incremental(), "backup stored");
     Ok((StatusCode::CREATED, Json(backup)))
 }
 
 fn index_of(d: &novacron_api::backup::CommitDisk) -> ApiResult<FixedIndex> {
-    let field = format!("disks[{}].digests", d.name);
-    let count = FixedIndex::chunks_for(d.size, CHUNK_SIZE);
-    if d.digests.len() as u64 != count * 64 {
-        return Err(ApiError::invalid(
-            &field,
-            format!("a disk of {} bytes has {count} chunks: 64 hex digits each", d.size),
-        ));
-    }
-    let digests = (0..count as usize)
-        .map(|i| digest(&d.digests[i * 64..(i + 1) * 64]))
-        .collect::<ApiResult<Vec<_>>>()
-        .map_err(|e| ApiError::invalid(&field, e.message))?;
-    Ok(FixedIndex {
-        size: d.size,
-        chunk_size: CHUNK_SIZE,
-        digests,
-    })
+    FixedIndex::from_hex(d.size, &d.digests)
+        .map_err(|e| ApiError::invalid(&format!("disks[{}].digests", d.name), e.to_string()))
 }
 
 /// A disk's index in a backup (its chunks' digests, binary), which the
@@ -232,7 +217,7 @@ async fn backup_index(
     Extension(p): Extension<Principal>,
     Path((store, vm, time, disk)): Path<(String, String, String, String)>,
 ) -> ApiResult<Response> {
-    let (ds, id, _) = find_backup(&state, &p, &store, &vm, &time, Verb::Read).await?;
-    let index = blocking(move || ds.index(&id, &disk)).await?;
+    let (handle, id, _) = find_backup(&state, &p, &store, &vm, &time, Verb::Read).await?;
+    let index = handle.index(&id, &disk).await.map_err(store_error)?;
     Ok(([(CONTENT_TYPE, "application/octet-stream")], index.to_bytes()).into_response())
 }

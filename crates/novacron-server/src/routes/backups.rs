@@ -26,6 +26,7 @@ use novacron_api::{
     PowerState, Resource, Verb, Vm, VmSpec,
 };
 use novacron_backup::{BackupId, Datastore, StoreError};
+use novacron_backup_remote::{ErrorKind, HandleError, RemoteStore, StoreHandle};
 use novacron_store::{SharedStore, StoreExt};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -63,6 +64,7 @@ pub async fn ensure_default_store(store: &SharedStore, data_dir: &std::path::Pat
         metadata: Metadata::new(DEFAULT_STORE, Default::default()),
         spec: BackupStoreSpec {
             path: path.display().to_string(),
+            url: None,
         },
     };
     store.create_obj(&obj).await?;
@@ -75,33 +77,35 @@ pub(super) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::internal("A backup store task failed", &e))?
-        .map_err(store_error)
+        .map_err(|e| store_error(HandleError::Store(e)))
 }
 
-fn store_error(e: StoreError) -> ApiError {
+pub(super) fn store_error(e: HandleError) -> ApiError {
     let message = chain(&e).to_string();
-    match e {
-        StoreError::NotFound(_) => ApiError::not_found(message),
-        StoreError::Exists(_) | StoreError::MissingChunk(_) => ApiError::conflict(message),
-        StoreError::Name { .. } => ApiError::invalid("name", message),
-        StoreError::Chunk { .. } => ApiError::invalid("body", message),
-        StoreError::Io { .. }
-        | StoreError::NotADatastore(_)
-        | StoreError::Index { .. }
-        | StoreError::IndexDigest { .. }
-        | StoreError::Manifest { .. } => ApiError::unavailable(format!("The backup store failed: {message}")),
+    match e.kind() {
+        ErrorKind::NotFound => ApiError::not_found(message),
+        ErrorKind::Conflict => ApiError::conflict(message),
+        ErrorKind::Invalid => ApiError::invalid("body", message),
+        ErrorKind::Forbidden | ErrorKind::Unavailable => {
+            ApiError::unavailable(format!("The backup store failed: {message}"))
+        }
     }
 }
 
-/// A registered store, opened.
-pub(super) async fn open(state: &AppState, name: &str) -> ApiResult<(BackupStore, Datastore)> {
+/// A registered store, opened: a directory of the server's, or a
+/// `backup-store` process reached over mTLS with the server's certificate.
+pub(super) async fn open(state: &AppState, name: &str) -> ApiResult<(BackupStore, StoreHandle)> {
     let store = find::<BackupStore>(state, name).await?;
+    if let Some(url) = &store.spec.url {
+        let remote = RemoteStore::new(state.agents.clone(), url);
+        return Ok((store, StoreHandle::Remote(remote)));
+    }
     let path = PathBuf::from(&store.spec.path);
     let name = store.metadata.name.clone();
     let ds = blocking(move || Datastore::open(&path))
         .await
         .map_err(|e| ApiError::unavailable(format!("Backup store {name:?} cannot be opened: {}", e.message)))?;
-    Ok((store, ds))
+    Ok((store, StoreHandle::Local(ds)))
 }
 
 /// The backup a path names, if the caller may see it (others' are not found).
@@ -112,29 +116,29 @@ pub(super) async fn find_backup(
     vm: &str,
     time: &str,
     verb: Verb,
-) -> ApiResult<(Datastore, BackupId, Backup)> {
+) -> ApiResult<(StoreHandle, BackupId, Backup)> {
     authorize(p, Resource::Backups, verb, None)?;
     let not_found = || ApiError::not_found(format!("backup {store}:{vm}/{time}"));
     let id = BackupId::parse(vm, time).ok_or_else(not_found)?;
-    let (_, ds) = open(state, store).await?;
-    let (ds2, id2, name) = (ds.clone(), id.clone(), store.to_string());
-    let backup = blocking(move || view(&ds2, &ds2.manifest(&id2)?, &name)).await?;
+    let (_, handle) = open(state, store).await?;
+    let (manifest, verified) = handle.view(&id).await.map_err(store_error)?;
+    let backup = view(&manifest, verified, store);
     if !p.sees(&backup.project) {
         return Err(not_found());
     }
     authorize(p, Resource::Backups, verb, Some(&backup.project))?;
-    Ok((ds, id, backup))
+    Ok((handle, id, backup))
 }
 
 /// A backup as the API shows it, with its last verify's outcome.
-fn view(ds: &Datastore, m: &novacron_backup::Manifest, store: &str) -> Result<Backup, StoreError> {
+fn view(m: &novacron_backup::Manifest, verified: Option<novacron_backup::Verified>, store: &str) -> Backup {
     let mut b = m.to_api(store);
-    b.verified = ds.verified(&m.id)?.map(|v| novacron_api::backup::BackupVerified {
+    b.verified = verified.map(|v| novacron_api::backup::BackupVerified {
         at: v.at,
         ok: v.ok,
         errors: v.errors.len() as u64,
     });
-    Ok(b)
+    b
 }
 
 // ---------------------------------------------------------------- stores
@@ -174,38 +178,77 @@ async fn add_store(
             req.name
         )));
     }
-    if let Some(s) = existing.iter().find(|s| s.spec.path == req.path) {
+    let spec = match (req.path, req.url) {
+        (Some(path), _) => BackupStoreSpec { path, url: None },
+        (None, Some(url)) => BackupStoreSpec {
+            path: String::new(),
+            url: Some(url.trim_end_matches('/').to_string()),
+        },
+        (None, None) => return Err(ApiError::invalid("path", "either a path or a url")),
+    };
+    let same = |s: &&BackupStore| match &spec.url {
+        Some(url) => s.spec.url.as_ref() == Some(url),
+        None => s.spec.path == spec.path,
+    };
+    if let Some(s) = existing.iter().find(same) {
         return Err(ApiError::conflict(format!(
             "backup store {:?} already uses {}",
-            s.metadata.name, req.path
+            s.metadata.name,
+            spec.url.as_deref().unwrap_or(&spec.path)
         )));
     }
+    let obj = BackupStore {
+        metadata: Metadata::new(&req.name, Default::default()),
+        spec,
+    };
+    match &obj.spec.url {
+        Some(url) => reach_remote(&state, url).await?,
+        None => make_local(&state, &obj.spec.path).await?,
+    }
+    let obj = state.store.create_obj(&obj).await?;
+    tracing::info!(store = %obj.metadata.name, path = %obj.spec.path, url = ?obj.spec.url, "backup store added");
+    Ok((StatusCode::CREATED, Json(obj)))
+}
+
+/// A remote store must answer the server (mTLS, its certificate from the
+/// cluster CA) before it is added.
+async fn reach_remote(state: &AppState, url: &str) -> ApiResult<()> {
+    if state.tls.is_none() {
+        return Err(ApiError::invalid(
+            "url",
+            "remote backup stores are reached over mTLS: the server must serve TLS",
+        ));
+    }
+    RemoteStore::new(state.agents.clone(), url)
+        .check()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("The backup store at {url} does not answer: {}", chain(&e))))?;
+    Ok(())
+}
+
+/// A directory under the allowed roots that is empty, missing or a
+/// datastore becomes one.
+async fn make_local(state: &AppState, path: &str) -> ApiResult<()> {
     let roots = &state.config.backup_store_roots;
-    if !roots.is_empty() && !roots.iter().any(|r| std::path::Path::new(&req.path).starts_with(r)) {
+    if !roots.is_empty() && !roots.iter().any(|r| std::path::Path::new(path).starts_with(r)) {
         let allowed: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
         return Err(ApiError::invalid(
             "path",
             format!("backup stores go under {} on this server", allowed.join(" or ")),
         ));
     }
-    let path = PathBuf::from(&req.path);
-    let checked = path.clone();
+    let dir = PathBuf::from(path);
+    let checked = dir.clone();
     let usable = tokio::task::spawn_blocking(move || usable_for_store(&checked))
         .await
         .map_err(|e| ApiError::internal("A backup store task failed", &e))?;
     if let Err(why) = usable {
-        return Err(ApiError::conflict(format!("{}: {why}", req.path)));
+        return Err(ApiError::conflict(format!("{path}: {why}")));
     }
-    blocking(move || Datastore::create(&path))
+    blocking(move || Datastore::create(&dir))
         .await
-        .map_err(|e| ApiError::unavailable(format!("Cannot make {} a datastore: {}", req.path, e.message)))?;
-    let obj = BackupStore {
-        metadata: Metadata::new(&req.name, Default::default()),
-        spec: BackupStoreSpec { path: req.path },
-    };
-    let obj = state.store.create_obj(&obj).await?;
-    tracing::info!(store = %obj.metadata.name, path = %obj.spec.path, "backup store added");
-    Ok((StatusCode::CREATED, Json(obj)))
+        .map_err(|e| ApiError::unavailable(format!("Cannot make {path} a datastore: {}", e.message)))?;
+    Ok(())
 }
 
 /// A store goes into a directory that is missing (it is made), empty, or
@@ -342,18 +385,14 @@ async fn list_backups(
     };
     let mut out = Vec::new();
     for s in stores {
-        let (_, ds) = open(&state, &s.metadata.name).await?;
-        let vm = q.vm.clone();
-        let (caller, name) = (p.clone(), s.metadata.name.clone());
-        let seen = blocking(move || {
-            ds.list(vm.as_deref())?
-                .iter()
-                .filter(|m| caller.sees(&m.project))
-                .map(|m| view(&ds, m, &name))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await?;
-        out.extend(seen);
+        let (_, handle) = open(&state, &s.metadata.name).await?;
+        let listed = handle.list(q.vm.as_deref()).await.map_err(store_error)?;
+        out.extend(
+            listed
+                .into_iter()
+                .filter(|v| p.sees(&v.manifest.project))
+                .map(|v| view(&v.manifest, v.verified, &s.metadata.name)),
+        );
     }
     out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.id.cmp(&b.id)));
     Ok(Json(out))
@@ -381,8 +420,8 @@ async fn delete_backup(
     Extension(p): Extension<Principal>,
     Path((store, vm, time)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    let (ds, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Delete).await?;
-    blocking(move || ds.delete(&id)).await?;
+    let (handle, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Delete).await?;
+    handle.delete(&id).await.map_err(store_error)?;
     tracing::info!(backup = %backup.id, "backup deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -397,20 +436,10 @@ async fn verify_backup(
     Extension(p): Extension<Principal>,
     Path((store, vm, time)): Path<(String, String, String)>,
 ) -> ApiResult<Json<BackupVerification>> {
-    let (ds, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Update).await?;
-    let report = blocking(move || {
-        let report = novacron_backup::verify::verify_backup(&ds, &id, &mut Default::default())?;
-        // A damaged backup stays marked (`backup list` shows it) until a
-        // verify finds it whole.
-        let mark = novacron_backup::Verified {
-            at: chrono::Utc::now(),
-            ok: report.ok(),
-            errors: report.errors.clone(),
-        };
-        ds.mark_verified(&id, &mark)?;
-        Ok(report)
-    })
-    .await?;
+    let (handle, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Update).await?;
+    // A damaged backup stays marked (`backup list` shows it) until a
+    // verify finds it whole.
+    let report = handle.verify(&id).await.map_err(store_error)?;
     if !report.ok() {
         tracing::warn!(backup = %backup.id, errors = ?report.errors, "backup failed verification");
     }
@@ -465,13 +494,12 @@ pub async fn prune_vm(
     dry_run: bool,
     counts: impl Fn(&str) -> ApiResult<bool>,
 ) -> ApiResult<PruneResult> {
-    let (_, ds) = open(state, store).await?;
-    let (ds2, name) = (ds.clone(), vm.to_string());
-    let backups = blocking(move || ds2.list(Some(&name))).await?;
+    let (_, handle) = open(state, store).await?;
+    let backups = handle.list(Some(vm)).await.map_err(store_error)?;
     let mut mine = Vec::new();
-    for m in backups {
-        if counts(&m.project)? {
-            mine.push(m);
+    for v in backups {
+        if counts(&v.manifest.project)? {
+            mine.push(v.manifest);
         }
     }
     let policy = novacron_backup::retention::KeepPolicy {
@@ -495,8 +523,7 @@ pub async fn prune_vm(
             continue;
         }
         if !dry_run {
-            let (ds, backup) = (ds.clone(), m.id.clone());
-            blocking(move || ds.delete(&backup)).await?;
+            handle.delete(&m.id).await.map_err(store_error)?;
             tracing::info!(backup = %id, "pruned");
         }
         result.removed.push(id);
@@ -521,8 +548,8 @@ async fn collect_garbage(
         return Err(ApiError::invalid("grace_s", "at most 604800 (a week)"));
     }
     let grace = std::time::Duration::from_secs(q.grace_s.unwrap_or(GC_GRACE_S).into());
-    let (_, ds) = open(&state, &store).await?;
-    let r = blocking(move || novacron_backup::gc::collect_garbage(&ds, grace)).await?;
+    let (_, handle) = open(&state, &store).await?;
+    let r = handle.collect_garbage(grace).await.map_err(store_error)?;
     tracing::info!(
         store,
         removed = r.chunks_removed,
@@ -573,10 +600,10 @@ async fn restore_backup(
     body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
     authorize(&p, Resource::Vms, Verb::Create, None)?;
-    let (ds, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Read).await?;
+    let (handle, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Read).await?;
     let req: RestoreBackup = body.parse()?;
     novacron_api::validate::name("name", &req.name)?;
-    let manifest = blocking(move || ds.manifest(&id)).await?;
+    let (manifest, _) = handle.view(&id).await.map_err(store_error)?;
     let config = manifest.config.ok_or_else(|| {
         ApiError::invalid(
             "backup",

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod backup_chunks;
 pub mod backup_policies;
+pub mod backup_sync;
 pub mod backups;
 pub mod health;
 pub mod identity;

@@ -76,6 +76,7 @@ impl Harness {
                 req = req.extension(axum::extract::ConnectInfo(novacron_tls::PeerInfo {
                     addr: "127.0.0.1:1".parse().unwrap(),
                     cert_sha256: Some(sha256.to_string()),
+                    cert_common_name: None,
                 }));
             }
             Some((t, None)) => req = req.header("authorization", format!("Bearer {t}")),
@@ -379,6 +380,7 @@ pub async fn reset_backups(h: &Harness) {
             metadata: Metadata::new(BACKUP_STORE, Default::default()),
             spec: novacron_api::BackupStoreSpec {
                 path: path.display().to_string(),
+                url: None,
             },
         };
         h.state.store.create_obj(&obj).await.unwrap();
@@ -447,6 +449,7 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("POST", "/v1/backups/{store}/{vm}/{time}/verify", "YYYnnnnn", "Ynnnnnnn"),
     ("POST", "/v1/backups/prune", "YYYnnnnn", "YYYnnnnn"),
     ("POST", "/v1/backup-stores/{store}/gc", "Ynnnnnnn", "Ynnnnnnn"),
+    ("POST", "/v1/backup-stores/{store}/sync", "Ynnnnnnn", "Ynnnnnnn"),
     (
         "POST",
         "/v1/backups/{store}/{vm}/{time}/restore",
@@ -645,6 +648,7 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
             Some(json!({"vm": format!("vm-{p}"), "store": BACKUP_STORE, "keep": {"keep_last": 1}}))
         }
         ("POST", "/v1/backup-stores") => Some(json!({"name": fresh, "path": h.dir.path().join("stores").join(&fresh)})),
+        ("POST", "/v1/backup-stores/{store}/sync") => Some(json!({"from": BACKUP_STORE})),
         ("POST", "/v1/backup-stores/{store}/chunks/known") => Some(json!({"digests": [fixture_digest()]})),
         ("POST", "/v1/backup-stores/{store}/backups") => {
             let vm = h.state.store.get_obj::<Vm>(&format!("vm-{p}")).await.unwrap().unwrap();

@@ -125,7 +125,7 @@ impl Default for Options {
 }
 
 /// A process's log; a restarted process appends to what it wrote before.
-fn log_file(dir: &Path, name: &str) -> Stdio {
+pub fn log_file(dir: &Path, name: &str) -> Stdio {
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -288,29 +288,34 @@ impl Cluster {
         }
     }
 
+    /// A one-time join token for `name`.
+    pub async fn join_token(&self, name: &str) -> String {
+        let issued: novacron_api::IssuedToken = self
+            .client
+            .post_json(
+                "tokens",
+                &novacron_api::CreateToken {
+                    name: format!(
+                        "join-{name}-{}",
+                        JOIN_TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    ),
+                    role: "join".into(),
+                    project: None,
+                    ttl_s: None,
+                    join: true,
+                },
+            )
+            .await
+            .expect("join token");
+        issued.secret
+    }
+
     pub async fn add_agent(&mut self, name: &str, vcpus: u32, memory: &str, heartbeat: &str) {
         let data_dir = self.dir.path().join(name);
         let credentials = if self.tls {
-            let issued: novacron_api::IssuedToken = self
-                .client
-                .post_json(
-                    "tokens",
-                    &novacron_api::CreateToken {
-                        name: format!(
-                            "join-{name}-{}",
-                            JOIN_TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                        ),
-                        role: "join".into(),
-                        project: None,
-                        ttl_s: None,
-                        join: true,
-                    },
-                )
-                .await
-                .expect("join token");
             vec![
                 "--join-token".to_string(),
-                issued.secret,
+                self.join_token(name).await,
                 "--ca-cert".into(),
                 self.ca_path().display().to_string(),
             ]
