@@ -44,6 +44,9 @@ pub enum BackupError {
 
 /// Where a backup's chunks go: a datastore, here or the server's.
 pub trait ChunkSink {
+    /// How chunks are written there: plain, or sealed with a backup key.
+    fn codec(&self) -> &chunk::Codec;
+
     /// Stores an encoded chunk unless the store has it; the bytes it takes
     /// when it was new.
     fn put(
@@ -171,11 +174,13 @@ fn count_new(stats: &mut DiskStats, new: Option<u64>) {
     }
 }
 
-/// Hashes and encodes `data` off the async threads, then hands it to the sink.
+/// Encodes (and seals) `data` off the async threads, then hands it to the sink.
 async fn store<S: ChunkSink>(sink: &S, data: Vec<u8>) -> Result<(Digest, Option<u64>), BackupError> {
-    let (digest, encoded) = tokio::task::spawn_blocking(move || (Digest::of(&data), chunk::encode(&data)))
+    let codec = sink.codec().clone();
+    let (digest, encoded) = tokio::task::spawn_blocking(move || codec.encode(&data))
         .await
-        .map_err(|e| BackupError::Task(e.to_string()))?;
+        .map_err(|e| BackupError::Task(e.to_string()))?
+        .map_err(|e| BackupError::Sink(e.to_string()))?;
     let new = sink.put(digest, encoded).await?;
     Ok((digest, new))
 }

@@ -69,6 +69,9 @@ pub struct AgentConfig {
     /// This host's address for VXLAN (default: the advertised host, when
     /// it is an IPv4 address).
     pub underlay_ip: Option<std::net::Ipv4Addr>,
+    /// The backup key file (client-side encryption of backups to stores
+    /// that ask for it).
+    pub backup_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +98,8 @@ pub enum AgentError {
     Credentials(String),
     #[error("Cannot join the cluster")]
     Join(#[source] ClientError),
+    #[error(transparent)]
+    BackupKey(#[from] novacron_backup::crypt::KeyError),
     #[error("Cannot renew this node's certificate")]
     Renew(#[source] ClientError),
 }
@@ -224,8 +229,17 @@ pub async fn run(
         underlay_ip,
         cfg.data_dir.join("networks"),
     ));
+    let backup_key = match &cfg.backup_key {
+        Some(path) => {
+            let key = novacron_backup::ChunkKey::load(path)?;
+            tracing::info!(key_id = %key.id_hex(), "backup key loaded");
+            Some(key)
+        }
+        None => None,
+    };
     let node = Arc::new(NodeContext {
         name: cfg.name.clone(),
+        backup_key,
         qemu: cfg.qemu.clone(),
         accel: accel.clone(),
         vms_root: vms_root.clone(),
@@ -568,6 +582,7 @@ mod tests {
         let client = Client::new("http://127.0.0.1:9", "token").expect("client");
         let node = NodeContext {
             name: "node-1".into(),
+            backup_key: None,
             qemu: "qemu-system-x86_64".into(),
             accel: "tcg".into(),
             images: Arc::new(images::ImageCache::new(vms_root.join("images"))),

@@ -16,6 +16,8 @@ use crate::qemu::VmDir;
 pub struct NodeContext {
     /// This node's name.
     pub name: String,
+    /// The key backups are sealed with for stores that ask for it.
+    pub backup_key: Option<novacron_backup::ChunkKey>,
     /// The QEMU binary and the accelerator it runs with (`kvm` or `tcg`).
     pub qemu: String,
     pub accel: String,

@@ -146,6 +146,7 @@ impl Reconciler {
         match (desired, pid) {
             (PowerState::Stopped, None) => {
                 let _ = rebuild_if_asked(vm, &dir, &mut st);
+                let _ = restore_if_asked(&self.node, vm, &dir, &mut st).await;
                 let rt = self.runtimes.entry(id.clone()).or_default();
                 rt.powerdown_sent = None;
                 rt.agent_shutdown_sent = false;
@@ -308,7 +309,7 @@ impl Reconciler {
             }
         }
         // A rebuild asked for just before this start; never start the old disk instead.
-        if !rebuild_if_asked(vm, dir, st) {
+        if !rebuild_if_asked(vm, dir, st) || !restore_if_asked(&self.node, vm, dir, st).await {
             return;
         }
         st.phase = VmPhase::Starting;
@@ -632,6 +633,59 @@ fn rebuild_if_asked(vm: &Vm, dir: &VmDir, st: &mut VmStatus) -> bool {
     true
 }
 
+/// Carries out a restore in place the spec asks for and this agent has not
+/// done: the stopped VM's disks are replaced by the backup's (all or none).
+/// A failure is the VM's reason, and is not tried again (the disks are as
+/// they were); false then, so a start asked for meanwhile does not go on.
+async fn restore_if_asked(node: &NodeContext, vm: &Vm, dir: &VmDir, st: &mut VmStatus) -> bool {
+    if vm.spec.restore_generation == st.observed_restore_generation {
+        return true;
+    }
+    st.observed_restore_generation = vm.spec.restore_generation;
+    let Some(src) = &vm.spec.restore_from else {
+        return true;
+    };
+    // The server checked too, but a snapshot may have been taken since.
+    match crate::snapshots::list(dir) {
+        Ok(snaps) if snaps.is_empty() => {}
+        Ok(snaps) => {
+            let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+            st.reason = Some(format!(
+                "{RESTORE_FAILED} from {src} (the disks are as they were): the VM has snapshots ({}), whose layers its disks are",
+                names.join(", ")
+            ));
+            return false;
+        }
+        Err(e) => {
+            st.reason = Some(format!(
+                "{RESTORE_FAILED} from {src} (the disks are as they were): cannot list its snapshots: {}",
+                chain(&e)
+            ));
+            return false;
+        }
+    }
+    let span = tracing::info_span!("restore_in_place", vm = %vm.metadata.name, backup = %src);
+    let restoring = crate::backup::restore::restore_disks(&node.client, dir, src, node.backup_key.as_ref());
+    let restored = tracing::Instrument::instrument(restoring, span);
+    match restored.await {
+        Ok(()) => {
+            tracing::info!(vm = %vm.metadata.name, backup = %src, "disks restored in place");
+            clear_reason(st, RESTORE_FAILED);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(vm = %vm.metadata.name, backup = %src, error = %chain(&e), "restore in place failed");
+            st.reason = Some(format!(
+                "{RESTORE_FAILED} from {src} (the disks are as they were): {}",
+                chain(&e)
+            ));
+            false
+        }
+    }
+}
+
+const RESTORE_FAILED: &str = "Restore failed";
+
 /// Everything a VM needs before QEMU can start on this node: its directory,
 /// the image files in the cache, the overlay root disk and the data disk.
 /// Used for a normal start and for the target of a migration.
@@ -664,7 +718,7 @@ pub async fn prepare_launch(
     // disks, nor after a rebuild (the root disk then comes from the image).
     if let (Some(src), false) = (&vm.spec.restore_from, incoming) {
         if crate::backup::restore::needed(dir) && !dir.root_disk().exists() && vm.spec.rebuild_generation == 0 {
-            crate::backup::restore::restore_disks(client, dir, src)
+            crate::backup::restore::restore_disks(client, dir, src, node.backup_key.as_ref())
                 .await
                 .map_err(|source| ReconcileError::Restore {
                     backup: src.to_string(),

@@ -147,4 +147,8 @@ pub struct BackupRequest {
     pub store: String,
     /// The VM's name, which names its backups.
     pub vm: String,
+    /// The backup key the store keeps chunks sealed with (its id): the
+    /// agent seals with its key of that id, or refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }

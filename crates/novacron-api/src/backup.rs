@@ -40,6 +40,10 @@ pub struct BackupStoreSpec {
     /// URL of a backup-store process (`https://HOST:PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Backups here are sealed (client-side encryption) with the backup
+    /// key of this id, which agents hold and the store never sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_id: Option<String>,
 }
 
 /// `POST /v1/backup-stores`.
@@ -56,6 +60,12 @@ pub struct CreateBackupStore {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 2048)]
     pub url: Option<String>,
+    /// Seal every backup here with the backup key of this id (16 hex
+    /// digits, `novacron backup-key create` prints it): agents encrypt
+    /// with it, and only they hold the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[0-9a-f]{16}$")]
+    pub encryption_key_id: Option<String>,
 }
 
 impl CreateBackupStore {
@@ -84,6 +94,14 @@ impl CreateBackupStore {
                 }
             }
             _ => return Err(FieldError::new("path", "either a path or a url")),
+        }
+        if let Some(id) = &self.encryption_key_id {
+            if !valid_key_id(id) {
+                return Err(FieldError::new(
+                    "encryption_key_id",
+                    "16 lowercase hex digits (`novacron backup-key create` prints it)",
+                ));
+            }
         }
         Ok(())
     }
@@ -133,6 +151,9 @@ pub struct Backup {
     /// The last `backup verify`'s outcome; none if never verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<BackupVerified>,
+    /// The backup key its chunks are sealed with (client-side encryption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// When a backup was last verified, and whether it was whole.
@@ -195,15 +216,19 @@ impl std::fmt::Display for RestoreSource {
 
 /// `POST /v1/backups/{store}/{vm}/{time}/restore`: a new VM from a backup,
 /// with the backed-up VM's settings and disks, and addresses and MACs of
-/// its own.
+/// its own; or, `in_place`, the backup's disks over a stopped VM's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreBackup {
-    /// The new VM's name.
+    /// The new VM's name (or, `in_place`, the stopped VM's).
     pub name: String,
     /// Start it once restored (default: leave it stopped).
     #[serde(default)]
     pub start: bool,
+    /// Replace the disks of the stopped VM `name` (of the backup's project;
+    /// without snapshots) with the backup's; its settings stay.
+    #[serde(default)]
+    pub in_place: bool,
 }
 
 /// One line of the newline-delimited JSON a backup run streams.
@@ -243,6 +268,9 @@ pub struct CommitBackup {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_reason: Option<String>,
     pub duration_ms: u64,
+    /// The backup key its chunks are sealed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// `POST /v1/backup-stores/{store}/chunks/known`: which of these chunks
@@ -424,6 +452,11 @@ pub enum SyncEvent {
     Failed { message: String },
 }
 
+/// A backup key's id: 16 lowercase hex digits.
+pub fn valid_key_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Splits `STORE:NAME/TIME` into its parts.
 pub fn parse_backup_id(id: &str) -> Option<(&str, &str, &str)> {
     let (store, rest) = id.split_once(':')?;
@@ -452,6 +485,7 @@ mod tests {
             name: "offsite".into(),
             path: Some(path.into()),
             url: None,
+            encryption_key_id: None,
         };
         assert!(store("/srv/backups").validate().is_ok());
         assert!(store("backups").validate().is_err());
@@ -460,6 +494,7 @@ mod tests {
             name: "offsite".into(),
             path: None,
             url: Some(url.into()),
+            encryption_key_id: None,
         };
         assert!(remote("https://10.0.0.2:7443").validate().is_ok());
         assert!(remote("https://backup.example:7443/").validate().is_ok());
@@ -471,5 +506,12 @@ mod tests {
             ..store("/srv/backups")
         };
         assert!(both.validate().is_err());
+        let sealed = |id: &str| CreateBackupStore {
+            encryption_key_id: Some(id.into()),
+            ..store("/srv/backups")
+        };
+        assert!(sealed("0123456789abcdef").validate().is_ok());
+        assert!(sealed("0123456789ABCDEF").validate().is_err());
+        assert!(sealed("0123").validate().is_err());
     }
 }

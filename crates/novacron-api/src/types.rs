@@ -504,10 +504,15 @@ pub struct VmSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(max_items = 8)]
     pub volumes: Vec<crate::volume::VolumeAttachment>,
-    /// The backup the VM's disks are restored from when it is first placed
+    /// The backup the VM's disks are restored from when it is first placed,
+    /// or (with `restore_generation`) over its disks while it is stopped
     /// (set by `POST /v1/backups/{store}/{vm}/{time}/restore`, not at create).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<crate::backup::RestoreSource>,
+    /// Bumped by a restore in place: the agent replaces the stopped VM's
+    /// disks with `restore_from`'s.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restore_generation: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -534,6 +539,7 @@ impl VmSpec {
             reboot_generation: 0,
             start_request: 0,
             rebuild_generation: 0,
+            restore_generation: 0,
             kernel_args: None,
             placement: Default::default(),
             machine: None,
@@ -597,6 +603,9 @@ pub struct VmStatus {
     /// The rebuild the agent last carried out (`spec.rebuild_generation`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub observed_rebuild_generation: u64,
+    /// The restore in place the agent last carried out (`spec.restore_generation`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub observed_restore_generation: u64,
     /// Restarts done by the agent under run strategy Always.
     #[serde(default)]
     pub restarts: u32,

@@ -181,6 +181,7 @@ impl RemoteStore {
             full_reason: info.full_reason,
             duration_ms: info.duration_ms,
             config: info.config,
+            key_id: info.key_id,
         };
         self.json(self.http.put(self.backup(id)).json(&body)).await
     }

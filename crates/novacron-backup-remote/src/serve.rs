@@ -181,6 +181,7 @@ async fn write_backup(
         full_reason: w.full_reason,
         duration_ms: w.duration_ms,
         config: w.config,
+        key_id: w.key_id,
     };
     let manifest = s.store.write_backup(&id, disks, info).await?;
     tracing::info!(backup = %id, "backup stored");

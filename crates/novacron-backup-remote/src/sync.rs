@@ -14,12 +14,16 @@ use futures::StreamExt;
 use novacron_api::backup::{SyncProgress, SyncResult};
 use novacron_backup::{BackupInfo, Digest, DiskStats, Manifest};
 
-use crate::handle::{HandleError, StoreHandle};
+use crate::handle::{ErrorKind, HandleError, StoreHandle};
 
 /// Chunk transfers in flight unless told otherwise.
 pub const DEFAULT_IN_FLIGHT: usize = 32;
 /// Most chunk transfers in flight (each holds a 4 MiB chunk in memory).
 pub const MAX_IN_FLIGHT: usize = 256;
+/// Tries of a chunk transfer that fails as the link does (unreachable,
+/// unavailable), the nth after `RETRY_AFTER` times n.
+const ATTEMPTS: u32 = 4;
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 #[error("Cannot {what}")]
@@ -90,9 +94,20 @@ pub async fn sync(
         async move {
             let file = src.chunk_file(d).await.map_err(step(format!("read chunk {d}")))?;
             let len = file.len() as u64;
-            dst.insert_encoded(d, file)
-                .await
-                .map_err(step(format!("write chunk {d}")))?;
+            let mut attempt = 1;
+            loop {
+                match dst.insert_encoded(d, file.clone()).await {
+                    Ok(_) => break,
+                    // A congested long link drops a connection's SYNs or
+                    // resets it now and then: that costs a retry, not the sync.
+                    Err(e) if attempt < ATTEMPTS && e.kind() == ErrorKind::Unavailable => {
+                        tracing::debug!(chunk = %d, attempt, error = %e, "chunk transfer failed; again");
+                        tokio::time::sleep(RETRY_AFTER * attempt).await;
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(step(format!("write chunk {d}"))(e)),
+                }
+            }
             Ok::<u64, SyncError>(len)
         }
     }))
@@ -111,6 +126,7 @@ pub async fn sync(
             full_reason: m.full_reason.clone(),
             duration_ms: m.duration_ms,
             config: m.config.clone(),
+            key_id: m.key_id.clone(),
         };
         dst.write_backup(&m.id, disks, info)
             .await

@@ -40,6 +40,8 @@ pub struct WriteBackup {
     pub full_reason: Option<String>,
     pub duration_ms: u64,
     pub config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub key_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

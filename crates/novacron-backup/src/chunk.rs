@@ -1,6 +1,8 @@
-//! Chunks: up to [`CHUNK_SIZE`] bytes of a disk, named by the SHA-256 of
-//! their content and stored as a small header and the content, compressed
-//! with zstd when that makes it smaller.
+//! Chunks: up to [`CHUNK_SIZE`] bytes of a disk, stored as a small header
+//! and the content, compressed with zstd when that makes it smaller. A
+//! plain chunk is named by the SHA-256 of its content; a sealed one
+//! (encrypted with a backup key, [`crate::crypt`]) by the SHA-256 of its
+//! file, so a store checks both without the key.
 
 use sha2::{Digest as _, Sha256};
 
@@ -11,6 +13,8 @@ pub const CHUNK_SIZE: u64 = 4 * 1024 * 1024;
 const MAGIC: &[u8; 4] = b"NCK1";
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
+/// Then: the key's id, the nonce, and the sealed RAW or ZSTD encoding.
+const SEALED: u8 = 2;
 /// Fast enough to keep up with a disk read, and most of zstd's gain.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -60,6 +64,109 @@ pub enum ChunkError {
     Mismatch,
     #[error("chunk of {0} bytes, more than {CHUNK_SIZE}")]
     TooBig(usize),
+    #[error("the chunk is encrypted with backup key {0}, which this node does not have")]
+    NeedsKey(String),
+    #[error("the chunk does not open with backup key {0} (damaged, or sealed with another key)")]
+    Unsealed(String),
+    #[error("cannot encrypt the chunk")]
+    Seal,
+}
+
+/// How chunks are written: as they are, or sealed with a backup key.
+#[derive(Debug, Clone, Default)]
+pub enum Codec {
+    #[default]
+    Plain,
+    Sealed(crate::crypt::ChunkKey),
+}
+
+impl Codec {
+    /// A chunk's name and file.
+    pub fn encode(&self, data: &[u8]) -> Result<(Digest, Vec<u8>), ChunkError> {
+        match self {
+            Codec::Plain => Ok((Digest::of(data), encode(data))),
+            Codec::Sealed(key) => {
+                let inner = encode(data);
+                let (nonce, sealed) = key.seal(data, &inner[MAGIC.len()..]).map_err(|()| ChunkError::Seal)?;
+                let mut file =
+                    Vec::with_capacity(MAGIC.len() + 1 + crate::crypt::KEY_ID_LEN + nonce.len() + sealed.len());
+                file.extend_from_slice(MAGIC);
+                file.push(SEALED);
+                file.extend_from_slice(&key.id());
+                file.extend_from_slice(&nonce);
+                file.extend_from_slice(&sealed);
+                Ok((Digest::of(&file), file))
+            }
+        }
+    }
+
+    /// The content of a chunk file written plain or sealed with this
+    /// codec's key, checked against its name (and, sealed, its tag).
+    pub fn decode(&self, file: &[u8], digest: &Digest) -> Result<Vec<u8>, ChunkError> {
+        let Some(Sealed { id, nonce, body }) = sealed_parts(file)? else {
+            return decode(file, digest);
+        };
+        if Digest::of(file) != *digest {
+            return Err(ChunkError::Mismatch);
+        }
+        let id_hex = hex::encode(id);
+        let key = match self {
+            Codec::Sealed(k) if k.id() == id => k,
+            _ => return Err(ChunkError::NeedsKey(id_hex)),
+        };
+        let inner = key
+            .open(nonce, body)
+            .map_err(|()| ChunkError::Unsealed(id_hex.clone()))?;
+        let data = decode_inner(&inner)?;
+        if !key.nonce_matches(&data, nonce) {
+            return Err(ChunkError::Unsealed(id_hex));
+        }
+        Ok(data)
+    }
+
+    /// The backup key's id, if chunks are sealed.
+    pub fn key_id(&self) -> Option<String> {
+        match self {
+            Codec::Plain => None,
+            Codec::Sealed(k) => Some(k.id_hex()),
+        }
+    }
+}
+
+/// The parts of a sealed chunk file.
+struct Sealed<'a> {
+    id: &'a [u8],
+    nonce: &'a [u8],
+    body: &'a [u8],
+}
+
+/// A sealed chunk file's parts; none if it is plain.
+fn sealed_parts(file: &[u8]) -> Result<Option<Sealed<'_>>, ChunkError> {
+    let body = file.strip_prefix(MAGIC.as_slice()).ok_or(ChunkError::Header)?;
+    match body.split_first() {
+        Some((&SEALED, rest)) => {
+            let (id, rest) = rest
+                .split_at_checked(crate::crypt::KEY_ID_LEN)
+                .ok_or(ChunkError::Header)?;
+            let (nonce, body) = rest
+                .split_at_checked(crate::crypt::NONCE_LEN)
+                .ok_or(ChunkError::Header)?;
+            Ok(Some(Sealed { id, nonce, body }))
+        }
+        Some(_) => Ok(None),
+        None => Err(ChunkError::Header),
+    }
+}
+
+/// What a store checks of a chunk file, without any key: a plain chunk's
+/// content against its name, a sealed one's file. Returns the bytes the
+/// check read (content or file).
+pub fn check(file: &[u8], digest: &Digest) -> Result<u64, ChunkError> {
+    match sealed_parts(file)? {
+        None => decode(file, digest).map(|d| d.len() as u64),
+        Some(_) if Digest::of(file) == *digest => Ok(file.len() as u64),
+        Some(_) => Err(ChunkError::Mismatch),
+    }
 }
 
 /// A chunk's file content for `data`: compressed when that is smaller.
@@ -80,9 +187,22 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The content of a chunk file, checked against the digest it is stored under.
+/// The content of a plain chunk file, checked against the digest it is
+/// stored under (a sealed one needs its key: [`Codec::decode`]).
 pub fn decode(file: &[u8], digest: &Digest) -> Result<Vec<u8>, ChunkError> {
     let body = file.strip_prefix(MAGIC.as_slice()).ok_or(ChunkError::Header)?;
+    if let Some(sealed) = sealed_parts(file)? {
+        return Err(ChunkError::NeedsKey(hex::encode(sealed.id)));
+    }
+    let data = decode_inner(body)?;
+    if Digest::of(&data) != *digest {
+        return Err(ChunkError::Mismatch);
+    }
+    Ok(data)
+}
+
+/// An encoding byte (RAW or ZSTD) and its payload, decoded.
+fn decode_inner(body: &[u8]) -> Result<Vec<u8>, ChunkError> {
     let (&encoding, payload) = body.split_first().ok_or(ChunkError::Header)?;
     let data = match encoding {
         RAW => payload.to_vec(),
@@ -93,9 +213,6 @@ pub fn decode(file: &[u8], digest: &Digest) -> Result<Vec<u8>, ChunkError> {
     };
     if data.len() as u64 > CHUNK_SIZE {
         return Err(ChunkError::TooBig(data.len()));
-    }
-    if Digest::of(&data) != *digest {
-        return Err(ChunkError::Mismatch);
     }
     Ok(data)
 }
@@ -137,6 +254,44 @@ mod tests {
         assert_eq!(decode(&encode(b"other"), &digest), Err(ChunkError::Mismatch));
         assert_eq!(decode(b"JUNK", &digest), Err(ChunkError::Header));
         assert_eq!(decode(b"NCK1\x07", &digest), Err(ChunkError::Encoding(7)));
+    }
+
+    #[test]
+    fn sealed_chunks_dedup_check_without_the_key_and_open_only_with_it() {
+        let key = crate::crypt::ChunkKey::from_bytes(&[7u8; 32]);
+        let other = crate::crypt::ChunkKey::from_bytes(&[8u8; 32]);
+        let sealed = Codec::Sealed(key.clone());
+        let data = b"guest data ".repeat(1000);
+        let (digest, file) = sealed.encode(&data).unwrap();
+        // The same content under the same key: the same chunk (dedup).
+        assert_eq!(sealed.encode(&data).unwrap(), (digest, file.clone()));
+        // Not the plain chunk's name, and the content is not in the file.
+        assert_ne!(digest, Digest::of(&data));
+        assert!(!file.windows(11).any(|w| w == b"guest data "));
+        // A store checks it without the key; a restore opens it with it.
+        assert_eq!(check(&file, &digest), Ok(file.len() as u64));
+        assert_eq!(sealed.decode(&file, &digest), Ok(data.clone()));
+        assert!(matches!(decode(&file, &digest), Err(ChunkError::NeedsKey(_))));
+        assert!(matches!(
+            Codec::Plain.decode(&file, &digest),
+            Err(ChunkError::NeedsKey(_))
+        ));
+        assert!(matches!(
+            Codec::Sealed(other).decode(&file, &digest),
+            Err(ChunkError::NeedsKey(_))
+        ));
+        // A flipped bit: the name no longer matches; renamed to match, the tag fails.
+        let mut bad = file.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(check(&bad, &digest), Err(ChunkError::Mismatch));
+        assert!(matches!(
+            sealed.decode(&bad, &Digest::of(&bad)),
+            Err(ChunkError::Unsealed(_))
+        ));
+        // Plain chunks still decode with a sealing codec (older backups).
+        let plain = encode(&data);
+        assert_eq!(sealed.decode(&plain, &Digest::of(&data)), Ok(data));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! in async code run it on blocking threads.
 
 pub mod chunk;
+pub mod crypt;
 pub mod gc;
 pub mod index;
 pub mod manifest;
@@ -27,7 +28,8 @@ pub mod retention;
 pub mod store;
 pub mod verify;
 
-pub use chunk::{Digest, CHUNK_SIZE};
+pub use chunk::{Codec, Digest, CHUNK_SIZE};
+pub use crypt::ChunkKey;
 pub use index::FixedIndex;
 pub use manifest::{BackupId, DiskEntry, Manifest};
 pub use store::{BackupInfo, BackupWriter, Datastore, DiskStats, StoreError, Verified};

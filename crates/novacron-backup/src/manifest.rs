@@ -76,6 +76,9 @@ pub struct Manifest {
     /// restore makes a VM like it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<serde_json::Value>,
+    /// The backup key its chunks are sealed with (its id); none: plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +121,7 @@ impl Manifest {
             full_reason: self.full_reason.clone(),
             duration_ms: self.duration_ms,
             verified: None,
+            key_id: self.key_id.clone(),
         }
     }
 }

@@ -124,14 +124,14 @@ impl Datastore {
         Ok((digest, Some(file.len() as u64)))
     }
 
-    /// Stores a chunk a client encoded, after checking that it decodes to
-    /// content with `digest` (a client must not be able to put wrong data
-    /// under a digest that other backups share).
+    /// Stores a chunk a client encoded, after checking it against `digest`
+    /// (a client must not be able to put wrong data under a digest that
+    /// other backups share): a plain chunk's content, a sealed one's file.
     pub fn insert_encoded(&self, digest: &Digest, file: &[u8]) -> Result<Option<u64>, StoreError> {
         if self.touch(digest)? {
             return Ok(None);
         }
-        chunk::decode(file, digest).map_err(|source| StoreError::Chunk {
+        chunk::check(file, digest).map_err(|source| StoreError::Chunk {
             digest: *digest,
             source,
         })?;
@@ -179,10 +179,17 @@ impl Datastore {
         }
     }
 
-    /// A chunk's content, checked against its digest.
+    /// A plain chunk's content, checked against its digest.
     pub fn read_chunk(&self, d: &Digest) -> Result<Vec<u8>, StoreError> {
         let file = self.chunk_file(d)?;
         chunk::decode(&file, d).map_err(|source| StoreError::Chunk { digest: *d, source })
+    }
+
+    /// Reads a chunk back and checks it as [`chunk::check`] does (without
+    /// any key); the bytes checked.
+    pub fn check_chunk(&self, d: &Digest) -> Result<u64, StoreError> {
+        let file = self.chunk_file(d)?;
+        chunk::check(&file, d).map_err(|source| StoreError::Chunk { digest: *d, source })
     }
 
     fn backup_dir(&self, id: &BackupId) -> PathBuf {
@@ -409,6 +416,8 @@ pub struct BackupInfo {
     pub duration_ms: u64,
     /// The VM's settings (see [`Manifest::config`]).
     pub config: Option<serde_json::Value>,
+    /// The backup key its chunks are sealed with.
+    pub key_id: Option<String>,
 }
 
 /// What reading one disk for a backup took.
@@ -458,6 +467,7 @@ impl BackupWriter {
             full_reason: about.full_reason,
             duration_ms: about.duration_ms,
             config: about.config,
+            key_id: about.key_id,
         };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Manifest {
             path: self.partial.display().to_string(),

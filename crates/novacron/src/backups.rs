@@ -60,17 +60,40 @@ pub enum BackupCommand {
         dry_run: bool,
     },
     /// Make a new VM from a backup: the backed-up VM's settings and disks,
-    /// with addresses and MACs of its own (restoring in place: delete the
-    /// VM, then restore under its name).
+    /// with addresses and MACs of its own; or, --in-place, put the backup's
+    /// disks over a stopped VM's (all or none; waits until they are).
     Restore {
         id: String,
-        /// The new VM's name.
-        #[arg(long = "as")]
-        name: String,
-        /// Start it once restored.
-        #[arg(long)]
+        /// The new VM's name (with --in-place: the VM to restore into;
+        /// default the backed-up VM).
+        #[arg(long = "as", required_unless_present = "in_place")]
+        name: Option<String>,
+        /// Start it once restored (a new VM only).
+        #[arg(long, conflicts_with = "in_place")]
         start: bool,
+        /// Replace the disks of a stopped VM (without snapshots).
+        #[arg(long)]
+        in_place: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum BackupKeyCommand {
+    /// Make a new random backup key in FILE (mode 0600; never over a file)
+    /// and print its id. Keep a copy off the cluster: backups sealed with
+    /// it cannot be restored without it.
+    Create { file: std::path::PathBuf },
+    /// Print a key file's id.
+    Id { file: std::path::PathBuf },
+}
+
+pub fn backup_key(cmd: BackupKeyCommand) -> Result<()> {
+    let key = match cmd {
+        BackupKeyCommand::Create { file } => novacron_backup::ChunkKey::create(&file)?,
+        BackupKeyCommand::Id { file } => novacron_backup::ChunkKey::load(&file)?,
+    };
+    println!("{}", key.id_hex());
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -85,6 +108,11 @@ pub enum BackupStoreCommand {
         /// https://HOST:PORT of a backup-store process.
         #[arg(long)]
         url: Option<String>,
+        /// Keep every backup here sealed with this backup key (client-side
+        /// encryption): only its id goes to the server; agents started
+        /// with `--backup-key` of the same key encrypt and restore.
+        #[arg(long)]
+        encryption_key: Option<std::path::PathBuf>,
     },
     /// List the stores.
     List,
@@ -206,9 +234,25 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
             println!("{} kept, {} {verb}", r.kept.len(), r.removed.len());
             Ok(())
         }
-        BackupCommand::Restore { id, name, start } => {
-            let req = novacron_api::backup::RestoreBackup { name, start };
-            let vm: novacron_api::Vm = c.post_json(&format!("{}/restore", backup_path(&id)?), &req).await?;
+        BackupCommand::Restore {
+            id,
+            name,
+            start,
+            in_place,
+        } => {
+            let path = backup_path(&id)?;
+            let name = match name {
+                Some(n) => n,
+                // parse_backup_id succeeded in backup_path.
+                None => parse_backup_id(&id)
+                    .map(|(_, vm, _)| vm.to_string())
+                    .unwrap_or_default(),
+            };
+            let req = novacron_api::backup::RestoreBackup { name, start, in_place };
+            let vm: novacron_api::Vm = c.post_json(&format!("{path}/restore"), &req).await?;
+            if in_place {
+                return restored_in_place(&c, g.output, vm, &id).await;
+            }
             if g.output != Format::Table {
                 return print_data(g.output, &vm);
             }
@@ -283,6 +327,30 @@ async fn follow(c: &novacron_client::Client, vm: &str, req: &CreateBackup) -> Re
     };
     bar.finish_and_clear();
     outcome
+}
+
+/// Waits for the VM's agent to carry out a restore in place.
+async fn restored_in_place(c: &novacron_client::Client, format: Format, vm: novacron_api::Vm, id: &str) -> Result<()> {
+    let (name, generation) = (vm.metadata.name.clone(), vm.spec.restore_generation);
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(format!("restoring the disks of VM {name:?} from {id}"));
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let vm = loop {
+        let vm: novacron_api::Vm = c.get(&name).await?;
+        if vm.status.observed_restore_generation >= generation {
+            break vm;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    bar.finish_and_clear();
+    if let Some(why) = vm.status.reason.as_deref().filter(|r| r.starts_with("Restore failed")) {
+        bail!("VM {name:?}: {why}");
+    }
+    if format != Format::Table {
+        return print_data(format, &vm);
+    }
+    println!("VM {name:?} has the disks of backup {id} (stopped; start it with `novacron vm start {name}`)");
+    Ok(())
 }
 
 /// Runs a sync, showing its progress, until it is done or fails.
@@ -387,8 +455,22 @@ pub async fn backup_store(g: &Global, cmd: BackupStoreCommand) -> Result<()> {
             );
             Ok(())
         }
-        BackupStoreCommand::Add { name, path, url } => {
-            let req = CreateBackupStore { name, path, url };
+        BackupStoreCommand::Add {
+            name,
+            path,
+            url,
+            encryption_key,
+        } => {
+            let encryption_key_id = match encryption_key {
+                Some(file) => Some(novacron_backup::ChunkKey::load(&file)?.id_hex()),
+                None => None,
+            };
+            let req = CreateBackupStore {
+                name,
+                path,
+                url,
+                encryption_key_id,
+            };
             req.validate()
                 .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
             let s: BackupStore = c.post_json("backup-stores", &req).await?;
@@ -430,11 +512,12 @@ fn stores(format: Format, items: &[BackupStore]) -> Result<()> {
     if format != Format::Table {
         return print_data(format, &items);
     }
-    let mut t = table(&["NAME", "WHERE", "AGE"]);
+    let mut t = table(&["NAME", "WHERE", "SEALED WITH", "AGE"]);
     for s in items {
         t.add_row(vec![
             s.metadata.name.clone(),
             s.spec.url.clone().unwrap_or_else(|| s.spec.path.clone()),
+            s.spec.encryption_key_id.clone().unwrap_or_else(|| "-".into()),
             age(s.metadata.created_at),
         ]);
     }

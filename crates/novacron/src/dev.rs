@@ -317,6 +317,7 @@ fn agent_args(a: &DevArgs, name: &str, data_dir: PathBuf) -> AgentArgs {
         probe_timeout: Duration::from_secs(2),
         dwcp_cache_mib: DEV_DWCP_CACHE_MIB,
         underlay_ip: None,
+        backup_key: None,
         join_token: None,
     }
 }

@@ -100,6 +100,9 @@ enum Command {
     /// Manage the datastores backups go to.
     #[command(subcommand, name = "backup-store")]
     BackupStore(backups::BackupStoreCommand),
+    /// Make backup encryption keys (held by agents, never by stores).
+    #[command(subcommand, name = "backup-key")]
+    BackupKey(backups::BackupKeyCommand),
     /// Back up VMs on a schedule, pruned to keep rules.
     #[command(subcommand, name = "backup-policy")]
     BackupPolicy(backup_policies::BackupPolicyCommand),
@@ -211,6 +214,11 @@ pub struct AgentArgs {
     /// hosts (default: the advertised host, when it is an IPv4 address).
     #[arg(long)]
     pub underlay_ip: Option<std::net::Ipv4Addr>,
+    /// Backup key file (`novacron backup-key create FILE`): backups to
+    /// stores that keep them sealed with it are encrypted here, and only
+    /// nodes holding it restore them.
+    #[arg(long)]
+    pub backup_key: Option<PathBuf>,
 }
 
 /// A duration as humantime reads it: `300ms`, `15s`, `2m`, `2h`, `7d`,
@@ -308,6 +316,7 @@ pub fn agent_config(
         probe_timeout: a.probe_timeout,
         dwcp_cache_bytes: (a.dwcp_cache_mib as usize).saturating_mul(1 << 20),
         underlay_ip: a.underlay_ip,
+        backup_key: a.backup_key.clone(),
     }
 }
 
@@ -344,6 +353,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Migration(c) => migrations::migration(&cli.global, c).await,
         Command::Backup(c) => backups::backup(&cli.global, c).await,
         Command::BackupStore(c) => backups::backup_store(&cli.global, c).await,
+        Command::BackupKey(c) => backups::backup_key(c),
         Command::BackupPolicy(c) => backup_policies::backup_policy(&cli.global, c).await,
         Command::Network(c) => networks::network(&cli.global, c).await,
         Command::Volume(c) => volumes::volume(&cli.global, c).await,

@@ -288,6 +288,20 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     assert_eq!(left.len(), 3);
 }
 
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn policy_backups(c: &Cluster, vm: &str) -> Vec<Backup> {
     let out = ok(c
         .cli(&["-o", "json", "backup", "list", "--vm", vm])
@@ -587,6 +601,79 @@ async fn a_store_process_of_its_own_takes_backups_and_syncs() {
         "other than the destination",
     );
 
+    // A store that keeps backups sealed with the agents' key: the server
+    // knows only its id; chunks are encrypted before they leave the agent
+    // (none is named as its plain content is), dedup and incrementals
+    // still work, verify checks them without the key.
+    let key = c.backup_key_path().display().to_string();
+    let sealed_dir = c.dir.path().join("sealed");
+    cli_fails(
+        &c,
+        &[
+            "backup-store",
+            "add",
+            "sealed",
+            &sealed_dir.display().to_string(),
+            "--encryption-key",
+            "/nonexistent",
+        ],
+        "Cannot read backup key",
+    );
+    ok(c.cli(&[
+        "backup-store",
+        "add",
+        "sealed",
+        &sealed_dir.display().to_string(),
+        "--encryption-key",
+        &key,
+    ])
+    .output()
+    .expect("cli"));
+    let key_id = ok(c.cli(&["backup-key", "id", &key]).output().expect("cli"))
+        .trim()
+        .to_string();
+    let sealed = backup(&c, "vaulted", Some("sealed"));
+    assert_eq!(sealed.key_id.as_deref(), Some(key_id.as_str()), "{sealed:?}");
+    let sealed_again = backup(&c, "vaulted", Some("sealed"));
+    assert!(
+        sealed_again.incremental() && sealed_again.key_id == sealed.key_id,
+        "{sealed_again:?}"
+    );
+    let index = |store: &str, b: &Backup, disk: &str| {
+        let path = format!(
+            "backup-stores/{store}/backups/vaulted/{}/disks/{disk}/index",
+            b.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+        let client = c.client.clone();
+        async move { client.get_bytes(&path).await.unwrap() }
+    };
+    let plain = index("local", &local_inc, "data").await;
+    let secret = index("sealed", &sealed, "data").await;
+    let digests = |i: &[u8]| {
+        i[32..]
+            .chunks(32)
+            .map(<[u8]>::to_vec)
+            .collect::<std::collections::HashSet<_>>()
+    };
+    assert!(digests(&plain).is_disjoint(&digests(&secret)));
+    for f in walk(&sealed_dir.join(".chunks")) {
+        let head = std::fs::read(&f).unwrap();
+        assert_eq!(&head[..5], b"NCK1\x02", "{} is not sealed", f.display());
+    }
+    let v: BackupVerification = serde_json::from_str(&ok(c
+        .cli(&["-o", "json", "backup", "verify", &sealed.id])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    assert!(v.ok && v.chunks_checked > 0, "{v:?}");
+    ok(
+        c.cli(&["backup", "restore", &sealed.id, "--as", "from-sealed", "--start"])
+            .output()
+            .expect("cli"),
+    );
+    c.wait_phase("from-sealed", VmPhase::Running, BOOT).await;
+    c.wait_console("from-sealed", "NOVACRON-GUEST-READY", 1, BOOT).await;
+
     // The copy verifies where it is, and a VM restored from it boots with
     // the guest's file.
     let copied = format!("vault:{}", names(&local_inc));
@@ -606,6 +693,43 @@ async fn a_store_process_of_its_own_takes_backups_and_syncs() {
     let restored = guest_value(&c, "from-vault", "sum-from-vault", sum).await;
     assert_eq!(original.len(), 32, "{original}");
     assert_eq!(original, restored);
+    let unsealed = guest_value(&c, "from-sealed", "sum-from-sealed", sum).await;
+    assert_eq!(original, unsealed);
+
+    // In place: refused while running or with snapshots; on the stopped VM
+    // the first backup's disks (before the guest wrote its file) replace
+    // its own, and the next backup is full, saying why.
+    let first_id = first.id.clone();
+    cli_fails(&c, &["backup", "restore", &first_id, "--in-place"], "stop it first");
+    ok(c.cli(&["vm", "stop", "vaulted", "--wait"]).output().expect("cli"));
+    ok(c.cli(&["vm", "snapshot", "create", "vaulted", "s1"])
+        .output()
+        .expect("cli"));
+    cli_fails(
+        &c,
+        &["backup", "restore", &first_id, "--in-place"],
+        "has snapshots (s1)",
+    );
+    ok(c.cli(&["vm", "snapshot", "delete", "vaulted", "s1"])
+        .output()
+        .expect("cli"));
+    let said = ok(c
+        .cli(&["backup", "restore", &first_id, "--in-place"])
+        .output()
+        .expect("cli"));
+    assert!(said.contains("has the disks of backup"), "{said}");
+    start_and_wait(&c, "vaulted", 2).await;
+    let gone = guest_run(&c, "vaulted", "gone", "test ! -e /mnt/data/blob", GUEST).await;
+    assert!(gone.ends_with("rc=0"), "{gone}");
+    let after = backup(&c, "vaulted", None);
+    assert!(
+        after
+            .full_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("no backup to count from"),
+        "{after:?}"
+    );
 
     // Prune and GC act in the store process.
     let pruned: novacron_api::backup::PruneResult = serde_json::from_str(&ok(c
@@ -624,6 +748,7 @@ async fn a_store_process_of_its_own_takes_backups_and_syncs() {
         .expect("cli")))
     .unwrap();
     assert_eq!(pruned.removed.len(), 3, "{pruned:?}");
+    assert_eq!(pruned.removed.last(), Some(&first_id));
     let gc: novacron_api::backup::GcResult = serde_json::from_str(&ok(c
         .cli(&["-o", "json", "backup-store", "gc", "vault", "--grace-s", "0"])
         .output()
@@ -644,5 +769,5 @@ async fn a_store_process_of_its_own_takes_backups_and_syncs() {
         .cli(&["-o", "json", "backup", "list", "--store", "local"])
         .output()
         .expect("cli"));
-    assert_eq!(serde_json::from_str::<Vec<Backup>>(&listed).unwrap().len(), 2);
+    assert_eq!(serde_json::from_str::<Vec<Backup>>(&listed).unwrap().len(), 3);
 }

@@ -2,8 +2,9 @@
 //! every chunk is fetched (several at once), decoded and checked against
 //! its digest, and written into a sparse raw file, which `qemu-img
 //! convert` turns into the disk's qcow2. A chunk that is missing or
-//! damaged fails the restore, naming it; nothing half-written takes a
-//! disk's name.
+//! damaged fails the restore, naming it; the disks take their restored
+//! files only once every one of them is restored (all or none: a restore
+//! in place that fails leaves the VM's disks as they were).
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -11,8 +12,9 @@ use std::path::Path;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use novacron_api::backup::RestoreSource;
 use novacron_api::Backup;
-use novacron_backup::chunk::{self, Digest, CHUNK_SIZE};
+use novacron_backup::chunk::{Digest, CHUNK_SIZE};
 use novacron_backup::FixedIndex;
+use novacron_backup::{ChunkKey, Codec};
 use novacron_client::Client;
 
 use super::{remote, BackupError};
@@ -30,12 +32,53 @@ pub fn needed(dir: &VmDir) -> bool {
     !dir.path.join(RESTORED).exists()
 }
 
-/// Restores the root and data disks of backup `src` into `dir`.
-pub async fn restore_disks(client: &Client, dir: &VmDir, src: &RestoreSource) -> Result<(), BackupError> {
+/// Restores the root and data disks of backup `src` into `dir`; a sealed
+/// backup needs `key` (this node's backup key) to be its key.
+pub async fn restore_disks(
+    client: &Client,
+    dir: &VmDir,
+    src: &RestoreSource,
+    key: Option<&ChunkKey>,
+) -> Result<(), BackupError> {
+    let mut restored = Vec::new();
+    let result = restore_aside(client, dir, src, key, &mut restored).await;
+    if result.is_ok() {
+        for (partial, target) in &restored {
+            std::fs::rename(partial, target)
+                .map_err(|e| BackupError::Sink(format!("cannot put the restored disk in place: {e}")))?;
+        }
+        // The disks have no change tracking now: the next backup is full.
+        super::chain::save(&dir.path, &Default::default()).map_err(|e| BackupError::Chain(e.to_string()))?;
+        std::fs::write(dir.path.join(RESTORED), format!("{src}\n"))
+            .map_err(|e| BackupError::Sink(format!("cannot mark the restore done: {e}")))?;
+    }
+    for (partial, _) in &restored {
+        let _ = std::fs::remove_file(partial);
+    }
+    result
+}
+
+/// Restores each disk of `src` beside its target, recording each one done.
+async fn restore_aside(
+    client: &Client,
+    dir: &VmDir,
+    src: &RestoreSource,
+    key: Option<&ChunkKey>,
+    restored: &mut Vec<(std::path::PathBuf, std::path::PathBuf)>,
+) -> Result<(), BackupError> {
     let backup: Backup = client
         .get_json(&format!("backups/{}/{}/{}", src.store, src.vm, src.time))
         .await
         .map_err(|e| remote(&format!("backup {src}"), e))?;
+    let codec = match (&backup.key_id, key) {
+        (None, _) => Codec::Plain,
+        (Some(want), Some(k)) if k.id_hex() == *want => Codec::Sealed(k.clone()),
+        (Some(want), _) => {
+            return Err(BackupError::Sink(format!(
+                "backup {src} is sealed with backup key {want}, which this node does not have (novacron agent --backup-key FILE)"
+            )))
+        }
+    };
     for disk in &backup.disks {
         let Some(target) = dir
             .disk_file(&disk.name)
@@ -53,16 +96,23 @@ pub async fn restore_disks(client: &Client, dir: &VmDir, src: &RestoreSource) ->
             .map_err(|e| remote(&format!("the index of disk {}", disk.name), e))?;
         let index = FixedIndex::from_bytes(&bytes)
             .map_err(|e| BackupError::Sink(format!("the index of disk {} of {src}: {e}", disk.name)))?;
-        restore_disk(client, &src.store, &index, &target).await?;
+        let partial = target.with_extension("restore.qcow2");
+        restore_disk(client, &src.store, &codec, &index, &partial).await?;
+        restored.push((partial, target));
         tracing::info!(backup = %src, disk = %disk.name, bytes = index.size, "disk restored");
     }
-    std::fs::write(dir.path.join(RESTORED), format!("{src}\n"))
-        .map_err(|e| BackupError::Sink(format!("cannot mark the restore done: {e}")))
+    Ok(())
 }
 
 /// Writes the disk `index` describes to `target` (a qcow2), through a
-/// sparse raw file beside it.
-async fn restore_disk(client: &Client, store: &str, index: &FixedIndex, target: &Path) -> Result<(), BackupError> {
+/// sparse raw file beside it; a failure leaves no `target`.
+async fn restore_disk(
+    client: &Client,
+    store: &str,
+    codec: &Codec,
+    index: &FixedIndex,
+    target: &Path,
+) -> Result<(), BackupError> {
     if index.chunk_size != CHUNK_SIZE {
         return Err(BackupError::Sink(format!(
             "the index has {}-byte chunks, not {CHUNK_SIZE}",
@@ -76,11 +126,13 @@ async fn restore_disk(client: &Client, store: &str, index: &FixedIndex, target: 
             .map_err(|e| BackupError::Sink(format!("cannot make {}: {e}", raw.display())))?;
         let file = std::sync::Arc::new(file);
         // Chunks of zeros stay holes.
-        let zero_digests: Vec<(u64, Digest)> = [CHUNK_SIZE, index.size % CHUNK_SIZE]
-            .into_iter()
-            .filter(|l| *l > 0)
-            .map(|l| (l, Digest::of(&vec![0u8; l as usize])))
-            .collect();
+        let mut zero_digests: Vec<(u64, Digest)> = Vec::new();
+        for l in [CHUNK_SIZE, index.size % CHUNK_SIZE].into_iter().filter(|l| *l > 0) {
+            let (d, _) = codec
+                .encode(&vec![0u8; l as usize])
+                .map_err(|e| BackupError::Sink(format!("cannot name a chunk of zeros: {e}")))?;
+            zero_digests.push((l, d));
+        }
         let wanted: Vec<(usize, Digest)> = index
             .digests
             .iter()
@@ -91,6 +143,7 @@ async fn restore_disk(client: &Client, store: &str, index: &FixedIndex, target: 
         stream::iter(wanted)
             .map(|(i, digest)| {
                 let file = file.clone();
+                let codec = codec.clone();
                 async move {
                     let hex = digest.to_hex();
                     let encoded = client
@@ -98,7 +151,8 @@ async fn restore_disk(client: &Client, store: &str, index: &FixedIndex, target: 
                         .await
                         .map_err(|e| remote(&format!("chunk {hex}"), e))?;
                     tokio::task::spawn_blocking(move || {
-                        let data = chunk::decode(&encoded, &digest)
+                        let data = codec
+                            .decode(&encoded, &digest)
                             .map_err(|e| BackupError::Sink(format!("chunk {hex} is damaged: {e}")))?;
                         file.write_all_at(&data, i as u64 * CHUNK_SIZE)
                             .map_err(|e| BackupError::Sink(format!("cannot write the restored disk: {e}")))
@@ -110,14 +164,13 @@ async fn restore_disk(client: &Client, store: &str, index: &FixedIndex, target: 
             .buffer_unordered(CHUNKS_IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
-        let partial = target.with_extension("restore.qcow2");
-        convert(&raw, &partial).await?;
-        std::fs::rename(&partial, target)
-            .map_err(|e| BackupError::Sink(format!("cannot put the restored disk in place: {e}")))
+        convert(&raw, target).await
     }
     .await;
     let _ = std::fs::remove_file(&raw);
-    let _ = std::fs::remove_file(target.with_extension("restore.qcow2"));
+    if result.is_err() {
+        let _ = std::fs::remove_file(target);
+    }
     result
 }
 

@@ -60,8 +60,16 @@ pub(super) async fn begin<T: BackupTarget>(dir: &Path, vm: &str, target: &T) -> 
     };
     let latest = target.latest(vm).await?;
     let record = chain::load(dir).map_err(|e| BackupError::Chain(e.to_string()))?;
-    let chain_broken =
-        record.why_not_incremental(target.name(), latest.as_ref().map(|(l, _)| l.to_string()).as_deref());
+    let mut chain_broken =
+        record.why_not_incremental(target.name(), latest.as_ref().map(|l| l.id.to_string()).as_deref());
+    if let Some(l) = latest.as_ref().filter(|l| l.key_id != target.codec().key_id()) {
+        // Its unchanged chunks would be taken over as they are: sealed
+        // otherwise than this backup's (or not at all).
+        chain_broken.get_or_insert_with(|| match &l.key_id {
+            Some(k) => format!("the newest backup is sealed with backup key {k}, this one otherwise"),
+            None => "the newest backup is not sealed, this one is".into(),
+        });
+    }
     Ok(Begun {
         started,
         id,
@@ -117,10 +125,7 @@ pub async fn back_up_running<T: BackupTarget>(
         let mut read: DiskIndexes = Vec::new();
         let mut reasons = Vec::new();
         for e in &pit.disks {
-            let previous = latest
-                .as_ref()
-                .and_then(|(_, ds)| ds.iter().find(|(n, _)| *n == e.disk.disk))
-                .map(|(_, i)| i);
+            let previous = latest.as_ref().and_then(|l| l.disk(&e.disk.disk));
             let why_full = why_full(
                 e.tracking,
                 e.changed_context.is_some(),

@@ -175,10 +175,7 @@ pub async fn back_up_stopped<T: BackupTarget>(
         let size = qemu::virtual_size(file)
             .await
             .map_err(|e| BackupError::Export(e.to_string()))?;
-        let previous = latest
-            .as_ref()
-            .and_then(|(_, ds)| ds.iter().find(|(n, _)| n == disk))
-            .map(|(_, i)| i);
+        let previous = latest.as_ref().and_then(|l| l.disk(disk));
         let consistent = tracking == Tracking::Consistent;
         let why = why_full(tracking, consistent, previous, size, chain_broken.as_deref());
         let export = FileExport::start(dir, disk, file, consistent).await?;

@@ -5,7 +5,7 @@ use std::future::Future;
 
 use novacron_api::backup::{ChunkKnown, ChunkQuery, ChunkStored, CommitBackup, CommitDisk};
 use novacron_api::Backup;
-use novacron_backup::{BackupId, BackupInfo, Datastore, Digest, DiskStats, FixedIndex};
+use novacron_backup::{BackupId, BackupInfo, Codec, Datastore, Digest, DiskStats, FixedIndex};
 use novacron_client::Client;
 
 use super::{remote, BackupError, ChunkSink};
@@ -13,8 +13,22 @@ use super::{remote, BackupError, ChunkSink};
 /// The disks of a backup: name, index, what reading it took.
 pub type DiskIndexes = Vec<(String, FixedIndex, DiskStats)>;
 
-/// A VM's newest backup in a store, with its disks' indexes by name.
-pub type Latest = Option<(BackupId, Vec<(String, FixedIndex)>)>;
+/// A VM's newest backup in a store.
+pub struct LatestBackup {
+    pub id: BackupId,
+    /// The backup key its chunks are sealed with.
+    pub key_id: Option<String>,
+    /// Its disks' indexes by name.
+    pub disks: Vec<(String, FixedIndex)>,
+}
+
+impl LatestBackup {
+    pub fn disk(&self, name: &str) -> Option<&FixedIndex> {
+        self.disks.iter().find(|(n, _)| n == name).map(|(_, i)| i)
+    }
+}
+
+pub type Latest = Option<LatestBackup>;
 
 pub trait BackupTarget: ChunkSink + Sync {
     /// The store's name, as the chain record keeps it.
@@ -40,6 +54,7 @@ pub trait BackupTarget: ChunkSink + Sync {
 pub struct LocalTarget {
     pub name: String,
     pub store: Datastore,
+    pub codec: Codec,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -52,6 +67,10 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl ChunkSink for LocalTarget {
+    fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
     async fn put(&self, digest: novacron_backup::Digest, encoded: Vec<u8>) -> Result<Option<u64>, BackupError> {
         let store = self.store.clone();
         blocking(move || store.insert_encoded(&digest, &encoded)).await
@@ -74,7 +93,11 @@ impl BackupTarget for LocalTarget {
             for d in &last.disks {
                 disks.push((d.name.clone(), store.index(&last.id, &d.name)?));
             }
-            Ok(Some((last.id, disks)))
+            Ok(Some(LatestBackup {
+                id: last.id,
+                key_id: last.key_id,
+                disks,
+            }))
         })
         .await
     }
@@ -95,6 +118,7 @@ impl BackupTarget for LocalTarget {
             full_reason,
             duration_ms,
             config: None,
+            key_id: self.codec.key_id(),
         };
         let manifest = blocking(move || store.write_backup(&id, &disks, info)).await?;
         Ok(manifest.to_api(&self.name))
@@ -107,9 +131,14 @@ impl BackupTarget for LocalTarget {
 pub struct RemoteTarget {
     pub name: String,
     pub client: Client,
+    pub codec: Codec,
 }
 
 impl ChunkSink for RemoteTarget {
+    fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
     /// Asks first whether the store has the chunk (a chunk another disk or
     /// VM stored is not sent again), then sends it.
     async fn put(&self, digest: Digest, encoded: Vec<u8>) -> Result<Option<u64>, BackupError> {
@@ -180,7 +209,11 @@ impl BackupTarget for RemoteTarget {
                 .map_err(|e| BackupError::Sink(format!("the index of {id} disk {}: {e}", d.name)))?;
             disks.push((d.name.clone(), index));
         }
-        Ok(Some((id, disks)))
+        Ok(Some(LatestBackup {
+            id,
+            key_id: last.key_id,
+            disks,
+        }))
     }
 
     async fn commit(
@@ -208,6 +241,7 @@ impl BackupTarget for RemoteTarget {
                 .collect(),
             full_reason,
             duration_ms,
+            key_id: self.codec.key_id(),
         };
         self.client
             .post_json(&format!("backup-stores/{}/backups", self.name), &req)

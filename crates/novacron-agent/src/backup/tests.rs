@@ -17,6 +17,7 @@ fn local(store: &Datastore) -> target::LocalTarget {
     target::LocalTarget {
         name: "local".into(),
         store: store.clone(),
+        codec: Default::default(),
     }
 }
 
@@ -365,6 +366,7 @@ async fn running_vm_backups_are_incremental_while_the_chain_holds() {
     let target = LocalTarget {
         name: "local".into(),
         store: Datastore::create(&dir.path().join("store")).unwrap(),
+        codec: Default::default(),
     };
     let disks = root_on("root", 24 * MIB);
     let (qemu, qmp) = qemu_with_disk(dir.path(), &disk).await;
@@ -409,6 +411,7 @@ async fn running_vm_backups_are_incremental_while_the_chain_holds() {
     let other = LocalTarget {
         name: "offsite".into(),
         store: Datastore::create(&dir.path().join("offsite")).unwrap(),
+        codec: Default::default(),
     };
     let elsewhere = back_up_running(&qmp, dir.path(), "web-1", "id-1", &disks, &other, |_, _, _| {})
         .await
@@ -467,6 +470,7 @@ async fn tracking_moves_to_the_overlay_of_a_snapshot_of_the_running_vm() {
     let target = LocalTarget {
         name: "local".into(),
         store: Datastore::create(&tmp.path().join("store")).unwrap(),
+        codec: Default::default(),
     };
     let disks = |top: String| root_on(&top, 16 * MIB);
     let first = back_up_running(
@@ -516,6 +520,7 @@ async fn stopped_vm_backups_read_what_changed_and_tracking_survives_a_snapshot()
     let target = LocalTarget {
         name: "local".into(),
         store: Datastore::create(&dir.path().join("store")).unwrap(),
+        codec: Default::default(),
     };
     let disks = [("root".to_string(), disk.clone())];
     let first = back_up_stopped(dir.path(), "web-1", "id-1", &disks, &target, |_, _, _| {})

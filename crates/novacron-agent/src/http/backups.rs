@@ -56,9 +56,23 @@ pub(super) async fn take(
             ),
         );
     };
+    let codec = match (&req.key_id, &state.node.backup_key) {
+        (None, _) => novacron_backup::Codec::Plain,
+        (Some(want), Some(key)) if key.id_hex() == *want => novacron_backup::Codec::Sealed(key.clone()),
+        (Some(want), _) => {
+            return error(
+                StatusCode::CONFLICT,
+                format!(
+                    "store {:?} keeps backups sealed with backup key {want}, which node {} does not have (novacron agent --backup-key FILE)",
+                    req.store, state.node.name
+                ),
+            )
+        }
+    };
     let target = RemoteTarget {
         name: req.store.clone(),
         client: state.node.client.clone(),
+        codec,
     };
     let (tx, rx) = mpsc::channel::<BackupEvent>(EVENTS_QUEUED);
     let span = tracing::info_span!("backup", vm = %req.vm, store = %req.store);

@@ -174,7 +174,16 @@ async fn commit_backup(
     for d in &req.disks {
         disks.push((d.name.clone(), index_of(d)?, d));
     }
-    let (_, handle) = open(&state, &store).await?;
+    let (registered, handle) = open(&state, &store).await?;
+    if req.key_id != registered.spec.encryption_key_id {
+        return Err(ApiError::invalid(
+            "key_id",
+            match &registered.spec.encryption_key_id {
+                Some(k) => format!("store {store:?} keeps backups sealed with backup key {k}"),
+                None => format!("store {store:?} keeps backups unsealed"),
+            },
+        ));
+    }
     let info = BackupInfo {
         vm_id: vm.metadata.id.clone(),
         project: vm.metadata.project.clone(),
@@ -183,6 +192,7 @@ async fn commit_backup(
         config: Some(
             serde_json::to_value(&vm.spec).map_err(|e| ApiError::internal("Cannot encode the VM's spec", &e))?,
         ),
+        key_id: req.key_id.clone(),
     };
     let disks: Vec<(String, FixedIndex, DiskStats)> = disks
         .into_iter()

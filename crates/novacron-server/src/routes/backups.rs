@@ -65,6 +65,7 @@ pub async fn ensure_default_store(store: &SharedStore, data_dir: &std::path::Pat
         spec: BackupStoreSpec {
             path: path.display().to_string(),
             url: None,
+            encryption_key_id: None,
         },
     };
     store.create_obj(&obj).await?;
@@ -179,10 +180,15 @@ async fn add_store(
         )));
     }
     let spec = match (req.path, req.url) {
-        (Some(path), _) => BackupStoreSpec { path, url: None },
+        (Some(path), _) => BackupStoreSpec {
+            path,
+            url: None,
+            encryption_key_id: req.encryption_key_id,
+        },
         (None, Some(url)) => BackupStoreSpec {
             path: String::new(),
             url: Some(url.trim_end_matches('/').to_string()),
+            encryption_key_id: req.encryption_key_id,
         },
         (None, None) => return Err(ApiError::invalid("path", "either a path or a url")),
     };
@@ -354,6 +360,7 @@ pub async fn start_backup(state: &AppState, vm: &Vm, store: &str) -> ApiResult<r
     let ask = novacron_api::agent::BackupRequest {
         store: store.metadata.name.clone(),
         vm: vm.metadata.name.clone(),
+        key_id: store.spec.encryption_key_id.clone(),
     };
     tracing::info!(vm = %vm.metadata.name, store = %ask.store, "backup requested");
     proxy::backup(state, &node, vm, &ask).await
@@ -584,12 +591,13 @@ pub struct GcQuery {
 /// own, and its disks as they were backed up (its agent reads every chunk
 /// back, checked against its digest, when the VM is first placed; a
 /// damaged chunk fails the VM naming it). Volumes are not part of a VM's
-/// backup. Restoring in place means deleting the VM and restoring under
-/// its name.
+/// backup. With `in_place`, the backup's disks replace those of the
+/// stopped VM `name` instead (all of them or none; its settings stay).
 #[utoipa::path(post, path = "/v1/backups/{store}/{vm}/{time}/restore", tag = "backups",
     params(("store" = String, Path), ("vm" = String, Path), ("time" = String, Path)),
     request_body = RestoreBackup,
-    responses((status = 201, body = Vm), (status = 403, body = novacron_api::ErrorBody),
+    responses((status = 201, body = Vm), (status = 200, description = "In place: the VM, its restore requested", body = Vm),
+        (status = 403, body = novacron_api::ErrorBody),
         (status = 404, body = novacron_api::ErrorBody),
         (status = 409, description = "A VM of that name exists, or the quota is exceeded", body = novacron_api::ErrorBody),
         (status = 422, description = "The backup holds no VM settings, or its image is gone", body = novacron_api::ErrorBody)))]
@@ -603,6 +611,15 @@ async fn restore_backup(
     let (handle, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Read).await?;
     let req: RestoreBackup = body.parse()?;
     novacron_api::validate::name("name", &req.name)?;
+    let source = RestoreSource {
+        store: backup.store.clone(),
+        vm: backup.vm.clone(),
+        time: time.clone(),
+    };
+    if req.in_place {
+        let vm = restore_in_place(&state, &p, &req, &backup, source).await?;
+        return Ok((StatusCode::OK, Json(vm)));
+    }
     let (manifest, _) = handle.view(&id).await.map_err(store_error)?;
     let config = manifest.config.ok_or_else(|| {
         ApiError::invalid(
@@ -631,12 +648,69 @@ async fn restore_backup(
         spec,
         no_default_network: true,
     };
-    let source = RestoreSource {
-        store: backup.store.clone(),
-        vm: backup.vm.clone(),
-        time: time.clone(),
-    };
     let vm = super::vms::create(&state, &p, create, Some(source)).await?;
     tracing::info!(vm = %vm.metadata.name, backup = %backup.id, "VM restored from a backup");
     Ok((StatusCode::CREATED, Json(vm)))
+}
+
+/// The backup's disks over a stopped VM's (its agent replaces them, all or
+/// none, and reports it in `status.observed_restore_generation`).
+async fn restore_in_place(
+    state: &AppState,
+    p: &Principal,
+    req: &RestoreBackup,
+    backup: &Backup,
+    source: RestoreSource,
+) -> ApiResult<Vm> {
+    let vm = find_authorized::<Vm>(state, p, &req.name, Verb::Update).await?;
+    if req.start {
+        return Err(ApiError::invalid(
+            "start",
+            "a restore in place replaces a stopped VM's disks: start it once restored",
+        ));
+    }
+    if vm.metadata.project != backup.project {
+        return Err(ApiError::invalid(
+            "name",
+            format!(
+                "VM {:?} is in project {:?}; backup {} is of project {:?}",
+                vm.metadata.name, vm.metadata.project, backup.id, backup.project
+            ),
+        ));
+    }
+    let stopped =
+        |v: &Vm| v.spec.power_state == PowerState::Stopped && v.status.phase == novacron_api::VmPhase::Stopped;
+    if !stopped(&vm) {
+        return Err(ApiError::conflict(format!(
+            "VM {:?} is {}: stop it first; a restore in place replaces a stopped VM's disks",
+            vm.metadata.name, vm.status.phase
+        )));
+    }
+    // The agent keeps the snapshots (the VM's status may lag).
+    let snapshots: Vec<novacron_api::Snapshot> = match vm.status.node {
+        None => Vec::new(),
+        Some(_) => {
+            let node = super::vms::bound_node(state, &vm).await?;
+            proxy::snapshots(state, &node, &vm, reqwest::Method::GET, "snapshots", None).await?
+        }
+    };
+    if !snapshots.is_empty() {
+        let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
+        return Err(ApiError::conflict(format!(
+            "VM {:?} has snapshots ({}): delete them first; a restore replaces the disks they are layers of",
+            vm.metadata.name,
+            names.join(", ")
+        )));
+    }
+    let Json(vm) = super::vms::act(state, p, &vm.metadata.name, |v| {
+        if !stopped(v) {
+            return Err(ApiError::conflict("the VM was started meanwhile"));
+        }
+        v.spec.restore_from = Some(source.clone());
+        v.spec.restore_generation += 1;
+        Ok(())
+    })
+    .await?;
+    tracing::info!(vm = %vm.metadata.name, backup = %backup.id, "restore in place requested");
+    Ok(vm)
 }

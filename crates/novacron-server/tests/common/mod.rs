@@ -381,6 +381,7 @@ pub async fn reset_backups(h: &Harness) {
             spec: novacron_api::BackupStoreSpec {
                 path: path.display().to_string(),
                 url: None,
+                encryption_key_id: None,
             },
         };
         h.state.store.create_obj(&obj).await.unwrap();
@@ -402,6 +403,7 @@ pub async fn reset_backups(h: &Harness) {
             vm_id: format!("id-{p}"),
             project: p.into(),
             config: Some(serde_json::to_value(VmSpec::new(&format!("img-{p}"), 1, 128)).unwrap()),
+            key_id: None,
             ..Default::default()
         })
         .unwrap();

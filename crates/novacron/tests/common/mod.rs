@@ -208,6 +208,12 @@ impl Cluster {
         cluster
     }
 
+    /// The backup key every agent of the cluster holds (stores added with
+    /// `--encryption-key` of it keep backups sealed).
+    pub fn backup_key_path(&self) -> PathBuf {
+        self.dir.path().join("backup.key")
+    }
+
     /// The CA that issued the server's certificate (TLS clusters).
     pub fn ca_path(&self) -> PathBuf {
         self.server_ca
@@ -322,8 +328,13 @@ impl Cluster {
         } else {
             vec!["--token".to_string(), self.token.clone()]
         };
+        let key = self.backup_key_path();
+        if !key.exists() {
+            novacron_backup::ChunkKey::create(&key).expect("backup key");
+        }
         let mut args = vec!["agent".to_string(), "--server".into(), self.url.clone()];
         args.extend(credentials);
+        args.extend(["--backup-key".into(), key.display().to_string()]);
         args.extend([
             "--name".into(),
             name.into(),
