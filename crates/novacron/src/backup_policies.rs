@@ -60,18 +60,9 @@ pub struct SpecArgs {
     /// The project's VMs to back up, by label (`k=v,k2!=v2`); default: all.
     #[arg(long, default_value = "")]
     selector: String,
-    #[arg(long)]
-    keep_last: Option<u32>,
-    #[arg(long)]
-    keep_hourly: Option<u32>,
-    #[arg(long)]
-    keep_daily: Option<u32>,
-    #[arg(long)]
-    keep_weekly: Option<u32>,
-    #[arg(long)]
-    keep_monthly: Option<u32>,
-    #[arg(long)]
-    keep_yearly: Option<u32>,
+    /// What each run's prune keeps (none: every backup is kept).
+    #[command(flatten)]
+    keep: crate::backups::KeepArgs,
     /// No scheduled runs (a run by hand still happens).
     #[arg(long)]
     suspended: bool,
@@ -79,14 +70,7 @@ pub struct SpecArgs {
 
 impl SpecArgs {
     fn spec(self) -> Result<BackupPolicySpec> {
-        let keep = KeepRules {
-            keep_last: self.keep_last,
-            keep_hourly: self.keep_hourly,
-            keep_daily: self.keep_daily,
-            keep_weekly: self.keep_weekly,
-            keep_monthly: self.keep_monthly,
-            keep_yearly: self.keep_yearly,
-        };
+        let keep = self.keep.rules();
         let spec = BackupPolicySpec {
             schedule: self.schedule,
             store: self.store,

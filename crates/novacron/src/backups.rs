@@ -43,18 +43,8 @@ pub enum BackupCommand {
         vm: String,
         #[arg(long)]
         store: Option<String>,
-        #[arg(long)]
-        keep_last: Option<u32>,
-        #[arg(long)]
-        keep_hourly: Option<u32>,
-        #[arg(long)]
-        keep_daily: Option<u32>,
-        #[arg(long)]
-        keep_weekly: Option<u32>,
-        #[arg(long)]
-        keep_monthly: Option<u32>,
-        #[arg(long)]
-        keep_yearly: Option<u32>,
+        #[command(flatten)]
+        keep: KeepArgs,
         /// Only say what would go.
         #[arg(long)]
         dry_run: bool,
@@ -75,6 +65,38 @@ pub enum BackupCommand {
         #[arg(long)]
         in_place: bool,
     },
+}
+
+/// Retention flags (PBS's keep rules), for `backup prune` and policies.
+#[derive(clap::Args)]
+pub struct KeepArgs {
+    /// The newest N backups.
+    #[arg(long)]
+    keep_last: Option<u32>,
+    /// The newest backup of each of the newest N hours (days, ...) that have one.
+    #[arg(long)]
+    keep_hourly: Option<u32>,
+    #[arg(long)]
+    keep_daily: Option<u32>,
+    #[arg(long)]
+    keep_weekly: Option<u32>,
+    #[arg(long)]
+    keep_monthly: Option<u32>,
+    #[arg(long)]
+    keep_yearly: Option<u32>,
+}
+
+impl KeepArgs {
+    pub fn rules(&self) -> novacron_api::backup::KeepRules {
+        novacron_api::backup::KeepRules {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -196,22 +218,10 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
         BackupCommand::Prune {
             vm,
             store,
-            keep_last,
-            keep_hourly,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            keep_yearly,
+            keep,
             dry_run,
         } => {
-            let keep = novacron_api::backup::KeepRules {
-                keep_last,
-                keep_hourly,
-                keep_daily,
-                keep_weekly,
-                keep_monthly,
-                keep_yearly,
-            };
+            let keep = keep.rules();
             keep.validate()
                 .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
             let req = novacron_api::backup::PruneBackups {
