@@ -50,7 +50,12 @@ pub struct BackupPolicySpec {
 
 impl BackupPolicySpec {
     pub fn validate(&self) -> Result<(), FieldError> {
-        Schedule::parse(&self.schedule)?;
+        if Schedule::parse(&self.schedule)?.next_after(Utc::now()).is_none() {
+            return Err(FieldError::new(
+                "spec.schedule",
+                format!("{:?} names no time to come", self.schedule),
+            ));
+        }
         if let Some(s) = &self.store {
             crate::validate::name("spec.store", s)?;
         }
@@ -192,6 +197,7 @@ mod tests {
         for bad in ["", "61 * * * *", "every day", "* * * * * * *", "0 2 * *"] {
             assert!(Schedule::parse(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(next("0 0 30 2 *"), None, "February 30th never comes");
     }
 
     #[test]
@@ -213,8 +219,11 @@ mod tests {
         let mut bad = spec.clone();
         bad.keep = Some(KeepRules::default());
         assert_eq!(bad.validate().map_err(|e| e.field), Err("spec.keep.keep".into()));
-        let mut bad = spec;
+        let mut bad = spec.clone();
         bad.store = Some("Not A Name".into());
         assert!(bad.validate().is_err());
+        let mut never = spec;
+        never.schedule = "0 0 30 2 *".into();
+        assert_eq!(never.validate().map_err(|e| e.field), Err("spec.schedule".into()));
     }
 }

@@ -113,7 +113,11 @@ async fn pass(
     let written = state
         .store
         .modify::<BackupPolicy, _>(&name, |p| {
-            if p.metadata.generation != generation {
+            // Unchanged (a schedule with no next time, say): no write, so
+            // the write's own event does not wake this loop again.
+            if p.metadata.generation != generation
+                || (p.status.next_run == next && p.status.observed_generation == generation)
+            {
                 return false;
             }
             p.status.next_run = next;
