@@ -26,27 +26,7 @@ pub async fn load_or_join(cfg: &AgentConfig, host: &str) -> Result<Arc<LiveTls>,
                 files.cert.display()
             )));
         };
-        let ca = read(ca_path)?;
-        let client = Client::with_tls(&cfg.server, join_token, Some(novacron_tls::client_config(&ca, None)?))?;
-        let joined: JoinedNode = client
-            .post_json(
-                "nodes/join",
-                &novacron_api::JoinNode {
-                    name: cfg.name.clone(),
-                    hosts: vec![host.to_string()],
-                },
-            )
-            .await
-            .map_err(AgentError::Join)?;
-        if let Some(dir) = files.cert.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| AgentError::Credentials(format!("Cannot create {}: {e}", dir.display())))?;
-        }
-        save(&files, &joined)?;
-        if ca.trim() != joined.ca_pem.trim() {
-            write(&files.server_ca, &ca)?;
-        }
-        tracing::info!(node = %cfg.name, "joined the cluster; certificate stored");
+        join(&cfg.server, join_token, ca_path, &cfg.name, host, &files).await?;
     }
     let identity = Identity::load(&files.cert, &files.key)?;
     let trust = TrustSet {
@@ -55,6 +35,40 @@ pub async fn load_or_join(cfg: &AgentConfig, host: &str) -> Result<Arc<LiveTls>,
     };
     let server_ca = files.server_ca.exists().then(|| read(&files.server_ca)).transpose()?;
     Ok(LiveTls::new(identity, trust, server_ca)?)
+}
+
+/// Gets node `name` a certificate for `host` from the cluster CA with a
+/// join token, and stores it in `files` (agents, and the backup-store role).
+pub async fn join(
+    server: &str,
+    join_token: &str,
+    ca_path: &std::path::Path,
+    name: &str,
+    host: &str,
+    files: &AgentFiles,
+) -> Result<(), AgentError> {
+    let ca = read(ca_path)?;
+    let client = Client::with_tls(server, join_token, Some(novacron_tls::client_config(&ca, None)?))?;
+    let joined: JoinedNode = client
+        .post_json(
+            "nodes/join",
+            &novacron_api::JoinNode {
+                name: name.to_string(),
+                hosts: vec![host.to_string()],
+            },
+        )
+        .await
+        .map_err(AgentError::Join)?;
+    if let Some(dir) = files.cert.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::Credentials(format!("Cannot create {}: {e}", dir.display())))?;
+    }
+    save(files, &joined)?;
+    if ca.trim() != joined.ca_pem.trim() {
+        write(&files.server_ca, &ca)?;
+    }
+    tracing::info!(node = %name, "joined the cluster; certificate stored");
+    Ok(())
 }
 
 fn read(path: &std::path::Path) -> Result<String, AgentError> {

@@ -6,7 +6,7 @@
 pub mod accel;
 pub mod backup;
 mod capabilities;
-mod certs;
+pub mod certs;
 mod copies;
 mod dwcp;
 mod guest;

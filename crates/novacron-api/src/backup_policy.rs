@@ -106,9 +106,16 @@ pub struct PolicyRun {
     /// Backups the retention removed after the run.
     #[serde(default)]
     pub pruned: Vec<String>,
-    /// Whether every VM was backed up (and pruned).
+    /// Whether every VM was backed up (and pruned), once finished.
     #[serde(default)]
     pub ok: bool,
+}
+
+impl PolicyRun {
+    /// No VM of the run has an error (what `ok` says once it is finished).
+    pub fn all_backed_up(&self) -> bool {
+        self.vms.iter().all(|v| v.error.is_none())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

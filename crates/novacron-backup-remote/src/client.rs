@@ -9,7 +9,7 @@ use novacron_backup::{BackupId, BackupInfo, Digest, DiskStats, FixedIndex, Manif
 use serde::de::DeserializeOwned;
 
 use crate::handle::{ErrorKind, HandleError};
-use crate::wire::{BackupView, KnownAnswer, KnownRequest, Stored, WireError, WriteBackup, WriteDisk, MAX_KNOWN};
+use crate::wire::{BackupView, KnownAnswer, KnownRequest, Stored, WireError, WriteBackup, MAX_KNOWN};
 
 /// A backup store at `url`, reached with `http` (which presents the
 /// server's certificate and trusts the cluster CA).
@@ -167,14 +167,7 @@ impl RemoteStore {
         let body = WriteBackup {
             disks: disks
                 .iter()
-                .map(|(name, index, stats)| WriteDisk {
-                    name: name.clone(),
-                    size: index.size,
-                    digests: index.digests.iter().map(Digest::to_hex).collect(),
-                    bytes_read: stats.bytes_read,
-                    chunks_new: stats.chunks_new,
-                    stored_bytes: stats.stored_bytes,
-                })
+                .map(|(name, index, stats)| novacron_backup::commit_disk(name, index, stats))
                 .collect(),
             vm_id: info.vm_id,
             project: info.project,

@@ -13,7 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use novacron_backup::{BackupId, BackupInfo, Datastore, Digest, DiskStats, FixedIndex};
+use novacron_backup::{BackupId, BackupInfo, Datastore, Digest};
 use novacron_tls::PeerInfo;
 use serde::Deserialize;
 
@@ -166,13 +166,8 @@ async fn write_backup(
     let id = backup_id(&vm, &time)?;
     let mut disks = Vec::new();
     for d in &w.disks {
-        let index = FixedIndex::from_hex(d.size, &d.digests)
+        let (index, stats) = novacron_backup::from_commit_disk(d)
             .map_err(|e| Refused(ErrorKind::Invalid, format!("disk {}: {e}", d.name)))?;
-        let stats = DiskStats {
-            bytes_read: d.bytes_read,
-            chunks_new: d.chunks_new,
-            stored_bytes: d.stored_bytes,
-        };
         disks.push((d.name.clone(), index, stats));
     }
     let info = BackupInfo {

@@ -1,5 +1,6 @@
 //! The bodies of the backup-store protocol (`/store/v1/...`).
 
+use novacron_api::backup::CommitDisk;
 use novacron_backup::{Manifest, Verified};
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +35,7 @@ pub struct BackupView {
 /// `PUT /store/v1/backups/{vm}/{time}`: a backup whose chunks are stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WriteBackup {
-    pub disks: Vec<WriteDisk>,
+    pub disks: Vec<CommitDisk>,
     pub vm_id: String,
     pub project: String,
     pub full_reason: Option<String>,
@@ -42,17 +43,6 @@ pub struct WriteBackup {
     pub config: Option<serde_json::Value>,
     #[serde(default)]
     pub key_id: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WriteDisk {
-    pub name: String,
-    pub size: u64,
-    /// The chunks' digests, 64 hex digits each, in disk order.
-    pub digests: String,
-    pub bytes_read: u64,
-    pub chunks_new: u64,
-    pub stored_bytes: u64,
 }
 
 /// Every error answer's body.

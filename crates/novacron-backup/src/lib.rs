@@ -32,7 +32,7 @@ pub use chunk::{Codec, Digest, CHUNK_SIZE};
 pub use crypt::ChunkKey;
 pub use index::FixedIndex;
 pub use manifest::{BackupId, DiskEntry, Manifest};
-pub use store::{BackupInfo, BackupWriter, Datastore, DiskStats, StoreError, Verified};
+pub use store::{commit_disk, from_commit_disk, BackupInfo, BackupWriter, Datastore, DiskStats, StoreError, Verified};
 
 #[cfg(test)]
 mod tests;

@@ -428,6 +428,31 @@ pub struct DiskStats {
     pub stored_bytes: u64,
 }
 
+/// A disk of a backup as the API and the backup-store protocol carry it
+/// (digests in hex).
+pub fn commit_disk(name: &str, index: &FixedIndex, stats: &DiskStats) -> novacron_api::backup::CommitDisk {
+    novacron_api::backup::CommitDisk {
+        name: name.into(),
+        size: index.size,
+        digests: index.digests.iter().map(Digest::to_hex).collect(),
+        bytes_read: stats.bytes_read,
+        chunks_new: stats.chunks_new,
+        stored_bytes: stats.stored_bytes,
+    }
+}
+
+/// A disk's index and stats back from [`commit_disk`]'s form.
+pub fn from_commit_disk(
+    d: &novacron_api::backup::CommitDisk,
+) -> Result<(FixedIndex, DiskStats), crate::index::IndexError> {
+    let stats = DiskStats {
+        bytes_read: d.bytes_read,
+        chunks_new: d.chunks_new,
+        stored_bytes: d.stored_bytes,
+    };
+    Ok((FixedIndex::from_hex(d.size, &d.digests)?, stats))
+}
+
 impl BackupWriter {
     /// Adds disk `name`'s index. Every chunk it names must be in the store
     /// (each is touched, so a garbage collection running now keeps it).

@@ -268,12 +268,16 @@ impl Client {
         Ok(bytes.to_vec())
     }
 
-    /// POSTs JSON and returns the answer's body as a stream (for answers
-    /// that stream progress).
-    pub async fn post_streaming<B: Serialize + ?Sized>(&self, path: &str, body: &B) -> Result<ByteStream, ClientError> {
+    /// POSTs JSON and reads the answer as newline-delimited JSON values
+    /// (answers that stream progress, then an outcome).
+    pub async fn post_ndjson<B: Serialize + ?Sized, T: DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<impl Stream<Item = Result<T, ClientError>> + Send, ClientError> {
         let url = self.url(path);
         let resp = self.send(self.streaming.post(&url).json(body), &url).await?;
-        Ok(byte_stream(resp, url))
+        Ok(ndjson_body(resp))
     }
 
     pub async fn get<T: Resource>(&self, name: &str) -> Result<T, ClientError> {
@@ -354,8 +358,7 @@ impl Client {
         query.push(("watch", "true".to_string()));
         query.push(("resource_version", resource_version.to_string()));
         let resp = self.send(self.streaming.get(&url).query(&query), &url).await?;
-        let body = resp.bytes_stream().map(|r| r.map_err(std::io::Error::other));
-        Ok(Box::pin(ndjson::<WatchEvent<T>>(body, MAX_WATCH_LINE)))
+        Ok(Box::pin(ndjson_body::<WatchEvent<T>>(resp)))
     }
 
     // ------------------------------------------------------------ VMs
@@ -474,6 +477,14 @@ fn byte_stream(resp: reqwest::Response, url: String) -> ByteStream {
 
 /// The longest line a watch stream may carry: one object, with room to spare.
 const MAX_WATCH_LINE: usize = 16 * 1024 * 1024;
+
+/// A response's body as newline-delimited JSON values (see [`ndjson`]).
+pub fn ndjson_body<T: DeserializeOwned + Send + 'static>(
+    resp: reqwest::Response,
+) -> impl Stream<Item = Result<T, ClientError>> + Send {
+    let body = resp.bytes_stream().map(|r| r.map_err(std::io::Error::other));
+    ndjson::<T>(body, MAX_WATCH_LINE)
+}
 
 /// Splits a response body into newline-delimited JSON values. Blank lines are
 /// skipped; a line that is not the JSON expected is an error and the stream

@@ -147,13 +147,13 @@ async fn record_interrupted(state: &AppState, cache: &Cache<BackupPolicy>) {
                     return false;
                 };
                 run.finished = Some(Utc::now());
-                run.ok = false;
                 run.vms.push(PolicyRunVm {
                     vm: String::new(),
                     backup: None,
                     full_reason: None,
                     error: Some("interrupted: the server stopped during the run".into()),
                 });
+                run.ok = run.all_backed_up();
                 p.status.last_run = Some(run);
                 true
             })
@@ -175,7 +175,7 @@ pub async fn start_run(state: &AppState, claim: RunClaim, policy: BackupPolicy, 
         by_hand,
         vms: Vec::new(),
         pruned: Vec::new(),
-        ok: true,
+        ok: false,
     };
     publish(state, &policy.metadata.name, &run).await;
     let span = tracing::info_span!("backup_policy_run", policy = %policy.metadata.name, by_hand);
@@ -191,7 +191,6 @@ async fn carry_out(state: AppState, _claim: RunClaim, policy: BackupPolicy, mut 
     let vms = match selected(&state, &policy).await {
         Ok(vms) => vms,
         Err(message) => {
-            run.ok = false;
             run.vms.push(PolicyRunVm {
                 vm: String::new(),
                 backup: None,
@@ -218,7 +217,6 @@ async fn carry_out(state: AppState, _claim: RunClaim, policy: BackupPolicy, mut 
             }
             Err(message) => {
                 tracing::warn!(policy = %name, vm = %vm_name, error = %message, "policy backup failed");
-                run.ok = false;
                 PolicyRunVm {
                     vm: vm_name,
                     backup: None,
@@ -237,7 +235,6 @@ async fn carry_out(state: AppState, _claim: RunClaim, policy: BackupPolicy, mut 
             match pruned {
                 Ok(r) => run.pruned.extend(r.removed),
                 Err(e) => {
-                    run.ok = false;
                     if let Some(entry) = run.vms.iter_mut().find(|v| &v.vm == vm) {
                         entry.error = Some(format!("backed up, but the prune failed: {}", e.message));
                     }
@@ -245,7 +242,7 @@ async fn carry_out(state: AppState, _claim: RunClaim, policy: BackupPolicy, mut 
             }
         }
     }
-    tracing::info!(policy = %name, ok = run.ok, backups = backed_up.len(), pruned = run.pruned.len(), "backup policy run done");
+    tracing::info!(policy = %name, ok = run.all_backed_up(), backups = backed_up.len(), pruned = run.pruned.len(), "backup policy run done");
     finish(&state, &name, run).await;
 }
 
@@ -271,30 +268,15 @@ async fn back_up(state: &AppState, vm: &Vm, store: &str) -> Result<Backup, Strin
     let answer = crate::routes::backups::start_backup(state, vm, store)
         .await
         .map_err(|e| e.message)?;
-    let mut stream = answer.bytes_stream();
-    let mut pending: Vec<u8> = Vec::new();
-    let outcome = |line: &[u8]| -> Option<Result<Backup, String>> {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return None;
-        }
-        match serde_json::from_slice::<BackupEvent>(line) {
-            Ok(BackupEvent::Progress { .. }) => None,
-            Ok(BackupEvent::Done(b)) => Some(Ok(b)),
-            Ok(BackupEvent::Failed { message }) => Some(Err(message)),
-            Err(e) => Some(Err(format!("the agent sent an unreadable progress line: {e}"))),
-        }
-    };
-    while let Some(bytes) = stream.next().await {
-        let bytes = bytes.map_err(|e| format!("the backup's progress stream broke: {}", chain(&e)))?;
-        pending.extend_from_slice(&bytes);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            if let Some(done) = outcome(&line) {
-                return done;
-            }
+    let mut events = std::pin::pin!(novacron_client::ndjson_body::<BackupEvent>(answer));
+    while let Some(event) = events.next().await {
+        match event.map_err(|e| format!("the backup's progress stream broke: {}", chain(&e)))? {
+            BackupEvent::Progress { .. } => {}
+            BackupEvent::Done(b) => return Ok(b),
+            BackupEvent::Failed { message } => return Err(message),
         }
     }
-    outcome(&pending).unwrap_or_else(|| Err("the backup's progress stream ended without its outcome".into()))
+    Err("the backup's progress stream ended without its outcome".into())
 }
 
 async fn publish(state: &AppState, policy: &str, run: &PolicyRun) {
@@ -303,6 +285,7 @@ async fn publish(state: &AppState, policy: &str, run: &PolicyRun) {
 
 async fn finish(state: &AppState, policy: &str, mut run: PolicyRun) {
     run.finished = Some(Utc::now());
+    run.ok = run.all_backed_up();
     write_status(state, policy, |p| {
         p.status.running = None;
         p.status.last_run = Some(run.clone());

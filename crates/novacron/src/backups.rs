@@ -306,33 +306,29 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
 
 /// Runs a backup, showing its progress, until it is stored or fails.
 async fn follow(c: &novacron_client::Client, vm: &str, req: &CreateBackup) -> Result<Backup> {
-    let mut stream = c.post_streaming(&format!("vms/{vm}/backups"), req).await?;
+    let stream = c
+        .post_ndjson::<_, BackupEvent>(&format!("vms/{vm}/backups"), req)
+        .await?;
+    let mut stream = std::pin::pin!(stream);
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut pending = Vec::new();
-    let outcome = 'read: loop {
-        let Some(chunk) = stream.next().await else {
+    let outcome = loop {
+        let Some(event) = stream.next().await else {
             break Err(anyhow::anyhow!(
                 "The server closed the backup's progress stream early: see `novacron backup list --vm {vm}`"
             ));
         };
-        pending.extend_from_slice(&chunk?);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let event: BackupEvent =
-                serde_json::from_slice(&line).context("The server sent a progress line that is not a BackupEvent")?;
-            match event {
-                BackupEvent::Progress { disk, done, size } => {
-                    bar.set_message(format!("disk {disk}"));
-                    bar.set_length(size);
-                    bar.set_position(done);
-                }
-                BackupEvent::Done(b) => break 'read Ok(b),
-                BackupEvent::Failed { message } => break 'read Err(anyhow::anyhow!("The backup failed: {message}")),
+        match event.context("The server sent a progress line that is not a BackupEvent")? {
+            BackupEvent::Progress { disk, done, size } => {
+                bar.set_message(format!("disk {disk}"));
+                bar.set_length(size);
+                bar.set_position(done);
             }
+            BackupEvent::Done(b) => break Ok(b),
+            BackupEvent::Failed { message } => break Err(anyhow::anyhow!("The backup failed: {message}")),
         }
     };
     bar.finish_and_clear();
@@ -370,31 +366,27 @@ async fn follow_sync(
     req: &novacron_api::backup::SyncBackups,
 ) -> Result<novacron_api::backup::SyncResult> {
     use novacron_api::backup::SyncEvent;
-    let mut stream = c.post_streaming(&format!("backup-stores/{dst}/sync"), req).await?;
+    let stream = c
+        .post_ndjson::<_, SyncEvent>(&format!("backup-stores/{dst}/sync"), req)
+        .await?;
+    let mut stream = std::pin::pin!(stream);
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("chunks [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut pending = Vec::new();
-    let outcome = 'read: loop {
-        let Some(chunk) = stream.next().await else {
+    let outcome = loop {
+        let Some(event) = stream.next().await else {
             break Err(anyhow::anyhow!("The server closed the sync's progress stream early"));
         };
-        pending.extend_from_slice(&chunk?);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let event: SyncEvent =
-                serde_json::from_slice(&line).context("The server sent a progress line that is not a SyncEvent")?;
-            match event {
-                SyncEvent::Progress(p) => {
-                    bar.set_length(p.chunks_total);
-                    bar.set_position(p.chunks_done);
-                    bar.set_message(human_bytes(p.bytes_done));
-                }
-                SyncEvent::Done(r) => break 'read Ok(r),
-                SyncEvent::Failed { message } => break 'read Err(anyhow::anyhow!("The sync failed: {message}")),
+        match event.context("The server sent a progress line that is not a SyncEvent")? {
+            SyncEvent::Progress(p) => {
+                bar.set_length(p.chunks_total);
+                bar.set_position(p.chunks_done);
+                bar.set_message(human_bytes(p.bytes_done));
             }
+            SyncEvent::Done(r) => break Ok(r),
+            SyncEvent::Failed { message } => break Err(anyhow::anyhow!("The sync failed: {message}")),
         }
     };
     bar.finish_and_clear();

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use novacron_api::JoinedNode;
 use novacron_tls::{AgentFiles, ClientAuth, Identity};
 
 use crate::Global;
@@ -94,28 +93,7 @@ async fn join(g: &Global, a: &ServeArgs, files: &AgentFiles) -> Result<()> {
             files.cert.display()
         );
     };
-    let ca = read(ca_path)?;
-    let client = novacron_client::Client::with_tls(server, token, Some(novacron_tls::client_config(&ca, None)?))?;
-    let joined: JoinedNode = client
-        .post_json(
-            "nodes/join",
-            &novacron_api::JoinNode {
-                name: a.name.clone(),
-                hosts: vec![a.host.clone()],
-            },
-        )
-        .await
-        .context("Cannot join the cluster")?;
-    if let Some(dir) = files.cert.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
-    }
-    novacron_tls::write_private(&files.ca, &joined.ca_pem)?;
-    Identity {
-        cert_pem: joined.cert_pem,
-        key_pem: joined.key_pem,
-    }
-    .save(&files.cert, &files.key)?;
-    tracing::info!(store = %a.name, "joined the cluster; certificate stored");
+    novacron_agent::certs::join(server, token, ca_path, &a.name, &a.host, files).await?;
     Ok(())
 }
 

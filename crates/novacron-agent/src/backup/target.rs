@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use novacron_api::backup::{ChunkKnown, ChunkQuery, ChunkStored, CommitBackup, CommitDisk};
+use novacron_api::backup::{ChunkKnown, ChunkQuery, ChunkStored, CommitBackup};
 use novacron_api::Backup;
 use novacron_backup::{BackupId, BackupInfo, Codec, Datastore, Digest, DiskStats, FixedIndex};
 use novacron_client::Client;
@@ -230,14 +230,7 @@ impl BackupTarget for RemoteTarget {
             time: id.time,
             disks: disks
                 .iter()
-                .map(|(name, index, stats)| CommitDisk {
-                    name: name.clone(),
-                    size: index.size,
-                    digests: index.digests.iter().map(Digest::to_hex).collect(),
-                    bytes_read: stats.bytes_read,
-                    chunks_new: stats.chunks_new,
-                    stored_bytes: stats.stored_bytes,
-                })
+                .map(|(name, index, stats)| novacron_backup::commit_disk(name, index, stats))
                 .collect(),
             full_reason,
             duration_ms,

@@ -170,9 +170,11 @@ async fn commit_backup(
     if req.disks.is_empty() {
         return Err(ApiError::invalid("disks", "a backup has at least one disk"));
     }
-    let mut disks = Vec::new();
+    let mut disks: Vec<(String, FixedIndex, DiskStats)> = Vec::new();
     for d in &req.disks {
-        disks.push((d.name.clone(), index_of(d)?, d));
+        let (index, stats) = novacron_backup::from_commit_disk(d)
+            .map_err(|e| ApiError::invalid(&format!("disks[{}].digests", d.name), e.to_string()))?;
+        disks.push((d.name.clone(), index, stats));
     }
     let (registered, handle) = open(&state, &store).await?;
     if req.key_id != registered.spec.encryption_key_id {
@@ -194,26 +196,10 @@ async fn commit_backup(
         ),
         key_id: req.key_id.clone(),
     };
-    let disks: Vec<(String, FixedIndex, DiskStats)> = disks
-        .into_iter()
-        .map(|(name, index, d)| {
-            let stats = DiskStats {
-                bytes_read: d.bytes_read,
-                chunks_new: d.chunks_new,
-                stored_bytes: d.stored_bytes,
-            };
-            (name, index, stats)
-        })
-        .collect();
     let manifest = handle.write_backup(&id, disks, info).await.map_err(store_error)?;
     let backup = manifest.to_api(&store);
     tracing::info!(backup = %backup.id, vm = %vm.metadata.name, incremental = backup.incremental(), "backup stored");
     Ok((StatusCode::CREATED, Json(backup)))
-}
-
-fn index_of(d: &novacron_api::backup::CommitDisk) -> ApiResult<FixedIndex> {
-    FixedIndex::from_hex(d.size, &d.digests)
-        .map_err(|e| ApiError::invalid(&format!("disks[{}].digests", d.name), e.to_string()))
 }
 
 /// A disk's index in a backup (its chunks' digests, binary), which the
