@@ -409,5 +409,9 @@ fn name_field(s: &str) -> Vec<u8> {
     v
 }
 
+pub mod server;
+
+#[cfg(test)]
+mod server_tests;
 #[cfg(test)]
 mod tests;
