@@ -13,6 +13,7 @@ use novacron_nbd::{NbdClient, NbdError, MAX_REQUEST, STATE_DIRTY, STATE_ZERO};
 
 pub mod chain;
 pub mod export;
+pub mod live;
 pub mod restore;
 pub mod running;
 pub mod stopped;
@@ -40,6 +41,8 @@ pub enum BackupError {
     Export(String),
     #[error("{0}")]
     Chain(String),
+    #[error("{0}")]
+    Restore(String),
 }
 
 /// Where a backup's chunks go: a datastore, here or the server's.

@@ -253,6 +253,7 @@ pub async fn run(
         net: net.clone(),
         guests: Default::default(),
         copies: Default::default(),
+        live_restores: Default::default(),
     });
     let mut dwcp = None;
     if let Some(t) = &tls {
@@ -596,6 +597,7 @@ mod tests {
             net: Arc::new(network::Overlay::new("node-1", None, PathBuf::from("/nonexistent"))),
             guests: Default::default(),
             copies: Default::default(),
+            live_restores: Default::default(),
         };
         Reconciler {
             node: Arc::new(node),

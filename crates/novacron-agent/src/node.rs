@@ -41,6 +41,8 @@ pub struct NodeContext {
     pub guests: crate::guest::Guests,
     /// Full clones' root disks being copied.
     pub copies: crate::copies::FullCopies,
+    /// The exports of live restores' backups.
+    pub live_restores: crate::backup::live::LiveRestores,
 }
 
 impl NodeContext {

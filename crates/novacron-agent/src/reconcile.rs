@@ -123,6 +123,7 @@ impl Reconciler {
             }
             self.node.net.detach(&id).await;
             self.node.copies.forget(&id);
+            self.node.live_restores.forget(&id);
             // Volumes outlive their VM: back to the pool, detached.
             crate::volumes::rescue_all(&self.node, &dir);
             if let Err(e) = std::fs::remove_dir_all(&dir.path) {
@@ -146,7 +147,7 @@ impl Reconciler {
         match (desired, pid) {
             (PowerState::Stopped, None) => {
                 let _ = rebuild_if_asked(vm, &dir, &mut st);
-                let _ = restore_if_asked(&self.node, vm, &dir, &mut st).await;
+                let _ = crate::backup::restore::in_place_if_asked(&self.node, vm, &dir, &mut st).await;
                 let rt = self.runtimes.entry(id.clone()).or_default();
                 rt.powerdown_sent = None;
                 rt.agent_shutdown_sent = false;
@@ -309,7 +310,7 @@ impl Reconciler {
             }
         }
         // A rebuild asked for just before this start; never start the old disk instead.
-        if !rebuild_if_asked(vm, dir, st) || !restore_if_asked(&self.node, vm, dir, st).await {
+        if !rebuild_if_asked(vm, dir, st) || !crate::backup::restore::in_place_if_asked(&self.node, vm, dir, st).await {
             return;
         }
         st.phase = VmPhase::Starting;
@@ -325,6 +326,7 @@ impl Reconciler {
                 };
                 st.qemu_pid = Some(pid);
                 st.started_at = Some(Utc::now());
+                st.live_restore = crate::backup::live::describe(dir);
                 st.accel = Some(self.node.accel.clone());
                 st.observed_start_request = vm.spec.start_request;
                 st.observed_reboot_generation = vm.spec.reboot_generation;
@@ -432,6 +434,7 @@ impl Reconciler {
         }
         self.sync_nics(vm, &qmp, st).await;
         self.sync_volumes(vm, dir, Some(&qmp), st).await;
+        st.live_restore = crate::backup::live::step(&self.node, &id, dir, &qmp).await;
         if vm.spec.reboot_generation != st.observed_reboot_generation {
             match qmp.system_reset().await {
                 Ok(()) => {
@@ -586,6 +589,7 @@ impl Reconciler {
     pub async fn remove_vm_state(&mut self, id: &str) {
         self.runtimes.remove(id);
         self.node.copies.forget(id);
+        self.node.live_restores.forget(id);
         let dir = self.vm_dir(id);
         if !dir.path.exists() {
             return;
@@ -606,7 +610,7 @@ impl Reconciler {
 }
 
 /// Clears the VM's reason if it is a failure of the kind `prefix` names.
-fn clear_reason(st: &mut VmStatus, prefix: &str) {
+pub(crate) fn clear_reason(st: &mut VmStatus, prefix: &str) {
     if st.reason.as_deref().is_some_and(|r| r.starts_with(prefix)) {
         st.reason = None;
     }
@@ -632,59 +636,6 @@ fn rebuild_if_asked(vm: &Vm, dir: &VmDir, st: &mut VmStatus) -> bool {
     st.observed_rebuild_generation = vm.spec.rebuild_generation;
     true
 }
-
-/// Carries out a restore in place the spec asks for and this agent has not
-/// done: the stopped VM's disks are replaced by the backup's (all or none).
-/// A failure is the VM's reason, and is not tried again (the disks are as
-/// they were); false then, so a start asked for meanwhile does not go on.
-async fn restore_if_asked(node: &NodeContext, vm: &Vm, dir: &VmDir, st: &mut VmStatus) -> bool {
-    if vm.spec.restore_generation == st.observed_restore_generation {
-        return true;
-    }
-    st.observed_restore_generation = vm.spec.restore_generation;
-    let Some(src) = &vm.spec.restore_from else {
-        return true;
-    };
-    // The server checked too, but a snapshot may have been taken since.
-    match crate::snapshots::list(dir) {
-        Ok(snaps) if snaps.is_empty() => {}
-        Ok(snaps) => {
-            let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
-            st.reason = Some(format!(
-                "{RESTORE_FAILED} from {src} (the disks are as they were): the VM has snapshots ({}), whose layers its disks are",
-                names.join(", ")
-            ));
-            return false;
-        }
-        Err(e) => {
-            st.reason = Some(format!(
-                "{RESTORE_FAILED} from {src} (the disks are as they were): cannot list its snapshots: {}",
-                chain(&e)
-            ));
-            return false;
-        }
-    }
-    let span = tracing::info_span!("restore_in_place", vm = %vm.metadata.name, backup = %src);
-    let restoring = crate::backup::restore::restore_disks(&node.client, dir, src, node.backup_key.as_ref());
-    let restored = tracing::Instrument::instrument(restoring, span);
-    match restored.await {
-        Ok(()) => {
-            tracing::info!(vm = %vm.metadata.name, backup = %src, "disks restored in place");
-            clear_reason(st, RESTORE_FAILED);
-            true
-        }
-        Err(e) => {
-            tracing::warn!(vm = %vm.metadata.name, backup = %src, error = %chain(&e), "restore in place failed");
-            st.reason = Some(format!(
-                "{RESTORE_FAILED} from {src} (the disks are as they were): {}",
-                chain(&e)
-            ));
-            false
-        }
-    }
-}
-
-const RESTORE_FAILED: &str = "Restore failed";
 
 /// Everything a VM needs before QEMU can start on this node: its directory,
 /// the image files in the cache, the overlay root disk and the data disk.
@@ -718,14 +669,22 @@ pub async fn prepare_launch(
     // disks, nor after a rebuild (the root disk then comes from the image).
     if let (Some(src), false) = (&vm.spec.restore_from, incoming) {
         if crate::backup::restore::needed(dir) && !dir.root_disk().exists() && vm.spec.rebuild_generation == 0 {
-            crate::backup::restore::restore_disks(client, dir, src, node.backup_key.as_ref())
-                .await
-                .map_err(|source| ReconcileError::Restore {
-                    backup: src.to_string(),
-                    source,
-                })?;
+            let restored = if src.live {
+                crate::backup::live::begin(node, &vm.metadata.id, dir, src).await
+            } else {
+                crate::backup::restore::restore_disks(client, dir, src, node.backup_key.as_ref()).await
+            };
+            restored.map_err(|source| ReconcileError::Restore {
+                backup: src.to_string(),
+                source,
+            })?;
         }
     }
+    // A live restore that a stop (or an agent restart) cut short goes on.
+    crate::backup::live::ensure_serving(node, &vm.metadata.id, dir).map_err(|source| ReconcileError::Restore {
+        backup: vm.spec.restore_from.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+        source,
+    })?;
     if !dir.root_disk().exists() {
         match image.spec.format {
             ImageFormat::Kernel => {

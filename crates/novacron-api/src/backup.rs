@@ -206,6 +206,24 @@ pub struct RestoreSource {
     pub vm: String,
     /// RFC 3339, seconds, Z.
     pub time: String,
+    /// The VM starts at once, reading the blocks not yet restored from the
+    /// backup as the guest asks for them while the rest streams in.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub live: bool,
+}
+
+/// How far a live restore has come (`VmStatus.live_restore`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LiveRestoreStatus {
+    /// The backup, `STORE:VM/TIME`.
+    pub from: String,
+    /// Bytes of the disks in the VM's own files so far, of `size`.
+    pub done: u64,
+    pub size: u64,
+    /// Why the restore stopped (a damaged or missing chunk, named); the VM
+    /// runs on, and reads of what is still missing fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl std::fmt::Display for RestoreSource {
@@ -229,6 +247,11 @@ pub struct RestoreBackup {
     /// without snapshots) with the backup's; its settings stay.
     #[serde(default)]
     pub in_place: bool,
+    /// Start the new VM at once: its disks read the blocks not restored
+    /// yet from the backup on demand while the rest streams in
+    /// (`status.live_restore`). Implies `start`; not with `in_place`.
+    #[serde(default)]
+    pub live: bool,
 }
 
 /// One line of the newline-delimited JSON a backup run streams.

@@ -621,6 +621,9 @@ pub struct VmStatus {
     /// What the QEMU guest agent inside the VM reports; absent while none answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestInfo>,
+    /// A live restore still streaming the VM's disks in from its backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_restore: Option<crate::backup::LiveRestoreStatus>,
 }
 
 /// The guest OS as its QEMU guest agent describes it.

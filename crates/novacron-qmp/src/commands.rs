@@ -600,3 +600,32 @@ impl Command for QueryNamedBlockNodes {
     const NAME: &'static str = "query-named-block-nodes";
     type Reply = Vec<BlockDeviceInfo>;
 }
+
+/// `block-stream`: copies what the node's backing chain holds into the
+/// node itself; once done, the node has no backing file (in its image
+/// header too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStream {
+    pub job_id: String,
+    /// The node (or device) to fill.
+    pub device: String,
+    /// False keeps the concluded job, with its error, until `job-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+impl Command for BlockStream {
+    const NAME: &'static str = "block-stream";
+    type Reply = Empty;
+}
+
+/// `job-dismiss`: forgets a concluded job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobDismiss {
+    pub id: String,
+}
+
+impl Command for JobDismiss {
+    const NAME: &'static str = "job-dismiss";
+    type Reply = Empty;
+}

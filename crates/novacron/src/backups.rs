@@ -64,6 +64,11 @@ pub enum BackupCommand {
         /// Replace the disks of a stopped VM (without snapshots).
         #[arg(long)]
         in_place: bool,
+        /// Start the new VM at once, reading what is not restored yet from
+        /// the backup on demand while the rest streams in (`vm get` shows
+        /// how far).
+        #[arg(long, conflicts_with = "in_place")]
+        live: bool,
     },
 }
 
@@ -249,6 +254,7 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
             name,
             start,
             in_place,
+            live,
         } => {
             let path = backup_path(&id)?;
             let name = match name {
@@ -258,13 +264,25 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
                     .map(|(_, vm, _)| vm.to_string())
                     .unwrap_or_default(),
             };
-            let req = novacron_api::backup::RestoreBackup { name, start, in_place };
+            let req = novacron_api::backup::RestoreBackup {
+                name,
+                start,
+                in_place,
+                live,
+            };
             let vm: novacron_api::Vm = c.post_json(&format!("{path}/restore"), &req).await?;
             if in_place {
                 return restored_in_place(&c, g.output, vm, &id).await;
             }
             if g.output != Format::Table {
                 return print_data(g.output, &vm);
+            }
+            if live {
+                println!(
+                    "VM {:?} created from backup {id}; it starts at once while its disks stream in (`novacron vm get {}` shows how far)",
+                    vm.metadata.name, vm.metadata.name
+                );
+                return Ok(());
             }
             println!(
                 "VM {:?} created from backup {id}; its disks are restored when it first starts{}",

@@ -135,6 +135,20 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
         ),
         ("guest", guest_lines(vm).join("\n")),
         (
+            "live restore",
+            vm.status
+                .live_restore
+                .as_ref()
+                .map(|l| {
+                    let percent = (l.done * 100).checked_div(l.size).unwrap_or(0);
+                    match &l.error {
+                        Some(e) => format!("from {}: {percent}%, stopped: {e}", l.from),
+                        None => format!("from {}: {percent}%", l.from),
+                    }
+                })
+                .unwrap_or_default(),
+        ),
+        (
             "labels",
             vm.metadata
                 .labels

@@ -188,6 +188,57 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     );
     cli_fails(&c, &["backup", "restore", &second.id, "--as", "copy"], "already exists");
 
+    // A live restore: the VM starts at once on the backup, reading what is
+    // not in its own files yet on demand while the rest streams in; the
+    // backup cannot be deleted meanwhile, nor the VM migrated.
+    ok(c.cli(&["backup", "restore", &second.id, "--as", "live", "--live"])
+        .output()
+        .expect("cli"));
+    cli_fails(&c, &["backup", "delete", &second.id], "restored live");
+    cli_fails(
+        &c,
+        &["backup", "restore", &second.id, "--as", "x", "--live", "--in-place"],
+        "cannot be used with",
+    );
+    c.wait_phase("live", VmPhase::Running, BOOT).await;
+    c.wait_console("live", "NOVACRON-GUEST-READY", 1, BOOT).await;
+    let live_sum = guest_value(&c, "live", "sum-live", sum).await;
+    assert_eq!(original, live_sum);
+    let deadline = std::time::Instant::now() + BOOT;
+    let live = loop {
+        let vm = c.vm("live").await;
+        match &vm.status.live_restore {
+            None => break vm,
+            Some(l) => assert!(l.error.is_none() && l.from == second.id, "{l:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "the live restore did not end");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // Done: the disks are the VM's own (no backing), the restore's files gone.
+    let vm_dir = c
+        .agents
+        .iter()
+        .map(|a| a.data_dir.join("vms").join(&live.metadata.id))
+        .find(|d| d.exists())
+        .expect("the VM's directory");
+    for disk in ["root.qcow2", "data.qcow2"] {
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(vm_dir.join(disk))
+            .output()
+            .expect("qemu-img");
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("qemu-img info json");
+        assert!(info.get("backing-filename").is_none(), "{disk}: {info}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&vm_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("live-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(guest_value(&c, "live", "sum-live-2", sum).await, original);
+
     // Verify reads every chunk back; a damaged chunk is named.
     let v: BackupVerification = serde_json::from_str(&ok(c
         .cli(&["-o", "json", "backup", "verify", &second.id])
@@ -240,6 +291,44 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     let broken = c.wait_phase("broken", VmPhase::Failed, BOOT).await;
     let why = broken.status.reason.unwrap_or_default();
     assert!(why.contains(&digest) && why.contains("damaged"), "{why}");
+    // Live, the VM starts (that chunk is of the data disk) and its restore
+    // stops at the chunk, naming it.
+    ok(
+        c.cli(&["backup", "restore", &second.id, "--as", "broken-live", "--live"])
+            .output()
+            .expect("cli"),
+    );
+    let deadline = std::time::Instant::now() + BOOT;
+    let stopped_at = loop {
+        let vm = c.vm("broken-live").await;
+        if let Some(e) = vm.status.live_restore.and_then(|l| l.error) {
+            break e;
+        }
+        assert!(std::time::Instant::now() < deadline, "the live restore did not stop");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        stopped_at.contains(&digest) && stopped_at.contains("damaged"),
+        "{stopped_at}"
+    );
+    // Its backup stays while it reads from it: a prune keeps it too.
+    cli_fails(&c, &["backup", "delete", &second.id], "restored live");
+    let dry: novacron_api::backup::PruneResult = serde_json::from_str(&ok(c
+        .cli(&[
+            "-o",
+            "json",
+            "backup",
+            "prune",
+            "keeper",
+            "--keep-last",
+            "1",
+            "--dry-run",
+        ])
+        .output()
+        .expect("cli")))
+    .unwrap();
+    assert!(dry.kept.contains(&second.id), "{dry:?}");
+    ok(c.cli(&["vm", "delete", "broken-live", "--wait"]).output().expect("cli"));
 
     // RBAC: a viewer lists backups but takes and deletes none.
     let viewer = ok(c

@@ -47,6 +47,9 @@ pub(super) async fn take(
             ),
         );
     };
+    if let Err(why) = crate::backup::live::refuse(&dir, "back the VM up") {
+        return error(StatusCode::CONFLICT, why);
+    }
     let Some(claim) = state.node.claims.claim(&id) else {
         return error(
             StatusCode::CONFLICT,

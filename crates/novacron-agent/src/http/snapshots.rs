@@ -48,6 +48,9 @@ where
     F: FnOnce(VmDir) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, SnapshotError>> + Send + 'static,
 {
+    if let Err(why) = crate::backup::live::refuse(&dir, "snapshot the VM") {
+        return error(StatusCode::CONFLICT, why);
+    }
     let Some(claim) = state.node.claims.claim(id) else {
         return snapshot_error(&SnapshotError::Busy);
     };

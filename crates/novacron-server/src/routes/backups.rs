@@ -10,6 +10,7 @@
 //!   agent writes a backup with (its node's certificate or token, never a
 //!   user's): chunks, each checked against its digest, then the commit.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use axum::body::Body;
@@ -428,9 +429,33 @@ async fn delete_backup(
     Path((store, vm, time)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
     let (handle, id, backup) = find_backup(&state, &p, &store, &vm, &time, Verb::Delete).await?;
+    if let Some(reader) = live_restores(&state).await?.get(&backup.id) {
+        return Err(ApiError::conflict(format!(
+            "VM {reader:?} is being restored live from backup {}: it reads chunks from it until its restore is done",
+            backup.id
+        )));
+    }
     handle.delete(&id).await.map_err(store_error)?;
     tracing::info!(backup = %backup.id, "backup deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The backups live restores read from (`STORE:VM/TIME`), with the VM
+/// each restores: deleting one would pull chunks from under a running guest.
+async fn live_restores(state: &AppState) -> ApiResult<HashMap<String, String>> {
+    let vms = state.store.list_all::<Vm>().await?;
+    Ok(vms
+        .into_iter()
+        .filter_map(|v| {
+            let from = match (&v.status.live_restore, &v.spec.restore_from) {
+                (Some(l), _) => l.from.clone(),
+                // Placed but not started yet: its restore begins at the start.
+                (None, Some(src)) if src.live && v.status.started_at.is_none() => src.to_string(),
+                _ => return None,
+            };
+            Some((from, v.metadata.name))
+        })
+        .collect())
 }
 
 /// Read back every chunk of a backup and check it against its digest
@@ -519,6 +544,7 @@ pub async fn prune_vm(
     };
     let times: Vec<_> = mine.iter().map(|m| m.id.time).collect();
     let keeps = novacron_backup::retention::select(&policy, &times);
+    let reading = live_restores(state).await?;
     let mut result = PruneResult {
         kept: Vec::new(),
         removed: Vec::new(),
@@ -526,6 +552,12 @@ pub async fn prune_vm(
     for (m, keep) in mine.iter().zip(keeps).rev() {
         let id = m.to_api(store).id;
         if keep {
+            result.kept.push(id);
+            continue;
+        }
+        if let Some(reader) = reading.get(&id) {
+            // Removed by a later prune, once the restore is done.
+            tracing::info!(backup = %id, vm = %reader, "not pruned: a live restore reads it");
             result.kept.push(id);
             continue;
         }
@@ -590,7 +622,9 @@ pub struct GcQuery {
 /// memory, image, networks, cloud-init) with addresses and MACs of its
 /// own, and its disks as they were backed up (its agent reads every chunk
 /// back, checked against its digest, when the VM is first placed; a
-/// damaged chunk fails the VM naming it). Volumes are not part of a VM's
+/// damaged chunk fails the VM naming it), or, `live`, as it runs: the VM
+/// starts at once and reads what is not restored yet on demand while the
+/// rest streams in (`status.live_restore`). Volumes are not part of a VM's
 /// backup. With `in_place`, the backup's disks replace those of the
 /// stopped VM `name` instead (all of them or none; its settings stay).
 #[utoipa::path(post, path = "/v1/backups/{store}/{vm}/{time}/restore", tag = "backups",
@@ -615,7 +649,14 @@ async fn restore_backup(
         store: backup.store.clone(),
         vm: backup.vm.clone(),
         time: time.clone(),
+        live: req.live,
     };
+    if req.in_place && req.live {
+        return Err(ApiError::invalid(
+            "live",
+            "a live restore starts a new VM on the backup's disks; a restore in place is of a stopped VM's",
+        ));
+    }
     if req.in_place {
         let vm = restore_in_place(&state, &p, &req, &backup, source).await?;
         return Ok((StatusCode::OK, Json(vm)));
@@ -635,7 +676,7 @@ async fn restore_backup(
         nic.mac = None;
     }
     spec.volumes.clear();
-    spec.power_state = if req.start {
+    spec.power_state = if req.start || req.live {
         PowerState::Running
     } else {
         PowerState::Stopped

@@ -211,6 +211,13 @@ async fn resolve(state: &AppState, p: &Principal, req: &CreateMigration) -> ApiR
     let Some(source) = vm.status.node.clone() else {
         return Err(ApiError::conflict(format!("VM {vm_name:?} is not placed on a node")));
     };
+    // Its disks read from exports its agent serves from the backup.
+    if let Some(l) = &vm.status.live_restore {
+        return Err(ApiError::conflict(format!(
+            "VM {vm_name:?} is still being restored live from {} ({} of {} bytes in); migrate it once its restore is done",
+            l.from, l.done, l.size
+        )));
+    }
     // The target builds the NICs of the spec: a live VM must have exactly
     // those plugged, or the two sides' hardware would differ.
     if !cold && !novacron_api::network::plugged_as_specified(&vm.spec.nics, &vm.status.nics) {
