@@ -254,6 +254,7 @@ pub async fn run(
         guests: Default::default(),
         copies: Default::default(),
         live_restores: Default::default(),
+        restores: Default::default(),
     });
     let mut dwcp = None;
     if let Some(t) = &tls {
@@ -598,6 +599,7 @@ mod tests {
             guests: Default::default(),
             copies: Default::default(),
             live_restores: Default::default(),
+            restores: Default::default(),
         };
         Reconciler {
             node: Arc::new(node),

@@ -41,6 +41,8 @@ pub struct NodeContext {
     pub guests: crate::guest::Guests,
     /// Full clones' root disks being copied.
     pub copies: crate::copies::FullCopies,
+    /// Disks restored from backups (not live), each VM's in a task.
+    pub restores: crate::copies::VmJobs,
     /// The exports of live restores' backups.
     pub live_restores: crate::backup::live::LiveRestores,
 }

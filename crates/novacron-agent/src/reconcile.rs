@@ -14,7 +14,8 @@ use novacron_api::network::NIC_CHANGE_FAILED;
 use novacron_api::{Image, ImageFormat, ImagePart, PowerState, RunStrategy, Vm, VmPhase, VmStatus};
 use novacron_qmp::{Qmp, RunState};
 
-use crate::copies::CopyPoll;
+use crate::backup::restore::RESTORING;
+use crate::copies::JobPoll;
 use crate::node::NodeContext;
 use crate::qemu::{self, LaunchSpec, VmDir};
 
@@ -80,6 +81,9 @@ pub enum ReconcileError {
     /// Not an error: the full clone's disk is still being copied.
     #[error("{COPYING}: {0}%")]
     Copying(u8),
+    /// Not an error: the disks are still being restored from backup .0.
+    #[error("{RESTORING} from {0}: {1}%")]
+    Restoring(String, u8),
     #[error("Cannot copy the image for a full clone: {0}")]
     Copy(String),
     #[error("Cannot restore the disks from backup {backup}")]
@@ -124,6 +128,7 @@ impl Reconciler {
             self.node.net.detach(&id).await;
             self.node.copies.forget(&id);
             self.node.live_restores.forget(&id);
+            self.node.restores.forget(&id);
             // Volumes outlive their VM: back to the pool, detached.
             crate::volumes::rescue_all(&self.node, &dir);
             if let Err(e) = std::fs::remove_dir_all(&dir.path) {
@@ -147,7 +152,7 @@ impl Reconciler {
         match (desired, pid) {
             (PowerState::Stopped, None) => {
                 let _ = rebuild_if_asked(vm, &dir, &mut st);
-                let _ = crate::backup::restore::in_place_if_asked(&self.node, vm, &dir, &mut st).await;
+                let _ = crate::backup::restore::in_place_if_asked(&self.node, vm, &dir, &mut st);
                 let rt = self.runtimes.entry(id.clone()).or_default();
                 rt.powerdown_sent = None;
                 rt.agent_shutdown_sent = false;
@@ -310,7 +315,7 @@ impl Reconciler {
             }
         }
         // A rebuild asked for just before this start; never start the old disk instead.
-        if !rebuild_if_asked(vm, dir, st) || !crate::backup::restore::in_place_if_asked(&self.node, vm, dir, st).await {
+        if !rebuild_if_asked(vm, dir, st) || !crate::backup::restore::in_place_if_asked(&self.node, vm, dir, st) {
             return;
         }
         st.phase = VmPhase::Starting;
@@ -339,9 +344,9 @@ impl Reconciler {
                 }
                 tracing::info!(vm = %name, pid, accel = %self.node.accel, "VM started");
             }
-            Err(ReconcileError::Copying(percent)) => {
-                // Asked again every pass until the copy is done.
-                st.reason = Some(format!("{COPYING}: {percent}%"));
+            Err(e @ (ReconcileError::Copying(_) | ReconcileError::Restoring(..))) => {
+                // Asked again every pass until the copy or restore is done.
+                st.reason = Some(e.to_string());
             }
             Err(e) => {
                 let rt = self.runtimes.entry(id).or_default();
@@ -590,6 +595,7 @@ impl Reconciler {
         self.runtimes.remove(id);
         self.node.copies.forget(id);
         self.node.live_restores.forget(id);
+        self.node.restores.forget(id);
         let dir = self.vm_dir(id);
         if !dir.path.exists() {
             return;
@@ -672,7 +678,11 @@ pub async fn prepare_launch(
             let restored = if src.live {
                 crate::backup::live::begin(node, &vm.metadata.id, dir, src).await
             } else {
-                crate::backup::restore::restore_disks(client, dir, src, node.backup_key.as_ref()).await
+                match crate::backup::restore::restore_in_background(node, vm, dir, src) {
+                    JobPoll::Done => Ok(()),
+                    JobPoll::Running(percent) => return Err(ReconcileError::Restoring(src.to_string(), percent)),
+                    JobPoll::Failed(why) => Err(crate::backup::BackupError::Restore(why)),
+                }
             };
             restored.map_err(|source| ReconcileError::Restore {
                 backup: src.to_string(),
@@ -696,9 +706,9 @@ pub async fn prepare_launch(
                 let size = vm.spec.disk_mib.filter(|s| *s > virtual_mib);
                 if vm.spec.full_copy && !incoming {
                     match node.copies.poll(&vm.metadata.id, &dir.root_disk(), &base, size) {
-                        CopyPoll::Done => {}
-                        CopyPoll::Running(percent) => return Err(ReconcileError::Copying(percent)),
-                        CopyPoll::Failed(why) => return Err(ReconcileError::Copy(why)),
+                        JobPoll::Done => {}
+                        JobPoll::Running(percent) => return Err(ReconcileError::Copying(percent)),
+                        JobPoll::Failed(why) => return Err(ReconcileError::Copy(why)),
                     }
                 } else if vm.spec.full_copy {
                     // A migration's target: the copy is what its mirror writes to.

@@ -23,14 +23,15 @@ use novacron_qmp::Qmp;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::restore::{fetch_index, open_backup, parse_index, vm_disks, ChunkedDisk, CHUNKS_IN_FLIGHT, RESTORED};
+use super::restore::{
+    fetch_index, open_backup, overlay_on_export, parse_index, serve_export, vm_disks, ChunkedDisk, CHUNKS_IN_FLIGHT,
+    RESTORED,
+};
 use super::BackupError;
 use crate::node::NodeContext;
 use crate::qemu::{self, VmDir};
 
 const STATE: &str = "live-restore.json";
-/// How long QEMU waits for a restarted agent's export before failing reads.
-const RECONNECT_DELAY_S: u32 = 60;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
@@ -155,46 +156,13 @@ async fn begin_fresh(node: &NodeContext, vm_id: &str, dir: &VmDir, src: &Restore
     serve(node, vm_id, dir, &state, codec)?;
     for (disk, target, size) in targets {
         let partial = target.with_extension("live.qcow2");
-        overlay(&partial, &socket(dir, disk), disk, size).await?;
+        overlay_on_export(&partial, &socket(dir, disk), disk, size).await?;
         std::fs::rename(&partial, &target).map_err(|e| sink("cannot put the disk in place", e))?;
     }
     // The disks have no change tracking: the next backup is full.
     super::chain::save(&dir.path, &Default::default()).map_err(|e| BackupError::Chain(e.to_string()))?;
     tracing::info!(vm = vm_id, backup = %src, "live restore begun");
     Ok(())
-}
-
-/// A qcow2 of `size` bytes at `path` whose backing is export `disk` at `sock`.
-async fn overlay(path: &std::path::Path, sock: &std::path::Path, disk: &str, size: u64) -> Result<(), BackupError> {
-    let backing = serde_json::json!({
-        "driver": "raw",
-        "file": {
-            "driver": "nbd",
-            "server": {"type": "unix", "path": sock},
-            "export": disk,
-            "reconnect-delay": RECONNECT_DELAY_S,
-        },
-    });
-    let backing = format!("json:{backing}");
-    let size = size.to_string();
-    // -u: the export need not answer now (QEMU opens it when it starts).
-    let args: [&std::ffi::OsStr; 11] = [
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-u".as_ref(),
-        "-F".as_ref(),
-        "raw".as_ref(),
-        "-b".as_ref(),
-        backing.as_ref(),
-        path.as_os_str(),
-        size.as_ref(),
-    ];
-    qemu::qemu_img_output(&args)
-        .await
-        .map(drop)
-        .map_err(|e| sink("cannot make the disk's overlay", e))
 }
 
 /// Serves the exports of the disks not streamed yet, and fetches their
@@ -212,21 +180,13 @@ fn serve(node: &NodeContext, vm_id: &str, dir: &VmDir, state: &State, codec: Cod
             index,
             &raw_file(dir, &d.name),
         )?);
-        let sock = socket(dir, &d.name);
-        let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| sink("cannot serve the disk's export", e))?;
-        let (name, export) = (d.name.clone(), chunks.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = novacron_nbd::server::serve(listener, name.clone(), export).await {
-                tracing::warn!(disk = %name, error = %e, "live restore export stopped");
-            }
-        }));
+        tasks.push(serve_export(&socket(dir, &d.name), &d.name, chunks.clone())?);
         disks.push(chunks);
     }
     let (fill, vm) = (disks.clone(), vm_id.to_string());
     tasks.push(tokio::spawn(async move {
         for d in fill {
-            if let Err(e) = d.fill(CHUNKS_IN_FLIGHT).await {
+            if let Err(e) = d.fill(CHUNKS_IN_FLIGHT, &|_| {}).await {
                 tracing::warn!(vm = %vm, error = %e, "live restore cannot fetch a chunk");
             }
         }

@@ -1,13 +1,14 @@
 //! Restoring a VM's disks from a backup in a store the server serves:
 //! every chunk is fetched (several at once), decoded and checked against
-//! its digest, and written into a sparse raw file, which `qemu-img
-//! convert` turns into the disk's qcow2. A chunk that is missing or
-//! damaged fails the restore, naming it; the disks take their restored
-//! files only once every one of them is restored (all or none: a restore
-//! in place that fails leaves the VM's disks as they were).
+//! its digest, and kept in a sparse raw file served over NBD, from which
+//! `qemu-img rebase` copies it into the disk's qcow2 as it comes. A chunk
+//! that is missing or damaged fails the restore, naming it; the disks take
+//! their restored files only once every one of them is restored (all or
+//! none: a restore in place that fails leaves the VM's disks as they were).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -21,6 +22,7 @@ use novacron_client::Client;
 use tokio::sync::OnceCell;
 
 use super::{remote, BackupError};
+use crate::copies::JobPoll;
 use crate::node::NodeContext;
 use crate::qemu::{self, VmDir};
 
@@ -37,54 +39,73 @@ pub fn needed(dir: &VmDir) -> bool {
 }
 
 /// Carries out a restore in place the spec asks for and this agent has not
-/// done: the stopped VM's disks are replaced by the backup's (all or none).
-/// A failure is the VM's reason, and is not tried again (the disks are as
-/// they were); false then, so a start asked for meanwhile does not go on.
-pub async fn in_place_if_asked(node: &NodeContext, vm: &Vm, dir: &VmDir, st: &mut VmStatus) -> bool {
+/// done: the stopped VM's disks are replaced by the backup's (all or none),
+/// in a task of its own (`status.reason` shows how far). A failure is the
+/// VM's reason, and is not tried again (the disks are as they were). True
+/// once there is nothing (more) to do and it did not fail, so a start asked
+/// for meanwhile waits.
+pub fn in_place_if_asked(node: &NodeContext, vm: &Vm, dir: &VmDir, st: &mut VmStatus) -> bool {
     if vm.spec.restore_generation == st.observed_restore_generation {
         return true;
     }
-    st.observed_restore_generation = vm.spec.restore_generation;
     let Some(src) = &vm.spec.restore_from else {
+        st.observed_restore_generation = vm.spec.restore_generation;
         return true;
+    };
+    let failed = |st: &mut VmStatus, why: String| {
+        st.observed_restore_generation = vm.spec.restore_generation;
+        st.reason = Some(format!(
+            "{RESTORE_FAILED} from {src} (the disks are as they were): {why}"
+        ));
+        false
     };
     // The server checked too, but a snapshot may have been taken since.
     match crate::snapshots::list(dir) {
         Ok(snaps) if snaps.is_empty() => {}
         Ok(snaps) => {
             let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
-            st.reason = Some(format!(
-                "{RESTORE_FAILED} from {src} (the disks are as they were): the VM has snapshots ({}), whose layers its disks are",
+            let why = format!(
+                "the VM has snapshots ({}), whose layers its disks are",
                 names.join(", ")
-            ));
-            return false;
+            );
+            return failed(st, why);
         }
-        Err(e) => {
-            st.reason = Some(format!(
-                "{RESTORE_FAILED} from {src} (the disks are as they were): cannot list its snapshots: {}",
-                chain(&e)
-            ));
-            return false;
-        }
+        Err(e) => return failed(st, format!("cannot list its snapshots: {}", chain(&e))),
     }
-    let span = tracing::info_span!("restore_in_place", vm = %vm.metadata.name, backup = %src);
-    let restoring = restore_disks(&node.client, dir, src, node.backup_key.as_ref());
-    let restored = tracing::Instrument::instrument(restoring, span);
-    match restored.await {
-        Ok(()) => {
-            tracing::info!(vm = %vm.metadata.name, backup = %src, "disks restored in place");
-            crate::reconcile::clear_reason(st, RESTORE_FAILED);
-            true
-        }
-        Err(e) => {
-            tracing::warn!(vm = %vm.metadata.name, backup = %src, error = %chain(&e), "restore in place failed");
-            st.reason = Some(format!(
-                "{RESTORE_FAILED} from {src} (the disks are as they were): {}",
-                chain(&e)
-            ));
+    match restore_in_background(node, vm, dir, src) {
+        JobPoll::Running(percent) => {
+            st.reason = Some(format!("{RESTORING} from {src}: {percent}%"));
             false
         }
+        JobPoll::Done => {
+            tracing::info!(vm = %vm.metadata.name, backup = %src, "disks restored in place");
+            st.observed_restore_generation = vm.spec.restore_generation;
+            crate::reconcile::clear_reason(st, RESTORE_FAILED);
+            crate::reconcile::clear_reason(st, RESTORING);
+            true
+        }
+        JobPoll::Failed(why) => {
+            tracing::warn!(vm = %vm.metadata.name, backup = %src, error = %why, "restore in place failed");
+            failed(st, why)
+        }
     }
+}
+
+/// How a VM's reason reads while its disks are restored.
+pub const RESTORING: &str = "Restoring the disks";
+
+/// [`restore_disks`] for the VM in `dir` in a task of its own: where it stands.
+pub fn restore_in_background(node: &NodeContext, vm: &Vm, dir: &VmDir, src: &RestoreSource) -> JobPoll {
+    let (client, dir, src, key) = (node.client.clone(), dir.clone(), src.clone(), node.backup_key.clone());
+    let span = tracing::info_span!("restore", vm = %vm.metadata.name, backup = %src);
+    node.restores.poll(&vm.metadata.id, move |percent| {
+        let restoring = async move {
+            restore_disks(&client, &dir, &src, key.as_ref(), &percent)
+                .await
+                .map_err(|e| chain(&e).to_string())
+        };
+        tracing::Instrument::instrument(restoring, span)
+    })
 }
 
 const RESTORE_FAILED: &str = "Restore failed";
@@ -96,9 +117,10 @@ pub async fn restore_disks(
     dir: &VmDir,
     src: &RestoreSource,
     key: Option<&ChunkKey>,
+    percent: &AtomicU8,
 ) -> Result<(), BackupError> {
     let mut restored = Vec::new();
-    let result = restore_aside(client, dir, src, key, &mut restored).await;
+    let result = restore_aside(client, dir, src, key, percent, &mut restored).await;
     if result.is_ok() {
         for (partial, target) in &restored {
             std::fs::rename(partial, target)
@@ -184,21 +206,54 @@ async fn restore_aside(
     dir: &VmDir,
     src: &RestoreSource,
     key: Option<&ChunkKey>,
+    percent: &AtomicU8,
     restored: &mut Vec<(PathBuf, PathBuf)>,
 ) -> Result<(), BackupError> {
     let (backup, codec) = open_backup(client, src, key).await?;
+    let mut disks = Vec::new();
     for (disk, target) in vm_disks(&backup, dir) {
         let (_, index) = fetch_index(client, src, disk).await?;
+        disks.push((disk, target, index));
+    }
+    // Chunks fetched (of all disks), to the percentage; the conversions
+    // take the last bit.
+    let total: u64 = disks.iter().map(|(_, _, i)| i.size).sum();
+    let done = AtomicU64::new(0);
+    let on_chunk = |n: u64| {
+        let now = done.fetch_add(n, Ordering::Relaxed) + n;
+        percent.store((now * 100 / total.max(1)).min(99) as u8, Ordering::Relaxed);
+    };
+    for (disk, target, index) in disks {
         let partial = target.with_extension("restore.qcow2");
         let raw = target.with_extension("restore.raw");
+        let sock = dir.path.join(format!("restore-{disk}.sock"));
         let size = index.size;
+        let mut export = None;
+        // The qcow2 takes the data from an export of the chunks as they come
+        // in (`qemu-img rebase` onto no backing file copies what is not
+        // zeros), while they are fetched several at once.
         let result = async {
-            let chunks = ChunkedDisk::create(client.clone(), &src.store, codec.clone(), index, &raw)?;
-            chunks.fill(CHUNKS_IN_FLIGHT).await?;
-            convert(&raw, &partial).await
+            let chunks = Arc::new(ChunkedDisk::create(
+                client.clone(),
+                &src.store,
+                codec.clone(),
+                index,
+                &raw,
+            )?);
+            on_chunk(size - chunks.wanted_bytes());
+            export = Some(serve_export(&sock, disk, chunks.clone())?);
+            overlay_on_export(&partial, &sock, disk, size).await?;
+            let (filled, copied) = tokio::join!(chunks.fill(CHUNKS_IN_FLIGHT, &on_chunk), take_in(&partial));
+            filled?;
+            // A chunk that failed says more than QEMU's I/O error.
+            copied.map_err(|e| chunks.failure().map(BackupError::Restore).unwrap_or(e))
         }
         .await;
+        if let Some(task) = export {
+            task.abort();
+        }
         let _ = std::fs::remove_file(&raw);
+        let _ = std::fs::remove_file(&sock);
         if let Err(e) = result {
             let _ = std::fs::remove_file(&partial);
             return Err(e);
@@ -220,6 +275,8 @@ pub struct ChunkedDisk {
     index: FixedIndex,
     file: Arc<std::fs::File>,
     present: Vec<OnceCell<()>>,
+    /// Bytes of the chunks that are not zeros (those fetched).
+    wanted: u64,
     /// The last chunk that could not be had, and why.
     failure: parking_lot::Mutex<Option<String>>,
 }
@@ -248,7 +305,7 @@ impl ChunkedDisk {
                 .map_err(|e| BackupError::Restore(format!("cannot name a chunk of zeros: {e}")))?;
             zero_digests.push((l, d));
         }
-        let present = (0..index.digests.len())
+        let present: Vec<OnceCell<()>> = (0..index.digests.len())
             .map(|i| {
                 if zero_digests.contains(&(index.chunk_len(i), index.digests[i])) {
                     OnceCell::new_with(Some(()))
@@ -257,6 +314,10 @@ impl ChunkedDisk {
                 }
             })
             .collect();
+        let wanted = (0..present.len())
+            .filter(|i| !present[*i].initialized())
+            .map(|i| index.chunk_len(i))
+            .sum();
         Ok(ChunkedDisk {
             client,
             store: store.to_string(),
@@ -264,12 +325,14 @@ impl ChunkedDisk {
             index,
             file: Arc::new(file),
             present,
+            wanted,
             failure: parking_lot::Mutex::new(None),
         })
     }
 
-    pub fn size(&self) -> u64 {
-        self.index.size
+    /// Bytes of the chunks to fetch (those that are not zeros).
+    pub fn wanted_bytes(&self) -> u64 {
+        self.wanted
     }
 
     /// Why the last chunk that failed did.
@@ -315,10 +378,15 @@ impl ChunkedDisk {
         .map_err(|e| BackupError::Task(e.to_string()))?
     }
 
-    /// Every chunk in the file, `in_flight` fetched at once.
-    pub async fn fill(&self, in_flight: usize) -> Result<(), BackupError> {
-        stream::iter(0..self.present.len())
-            .map(|i| self.ensure(i))
+    /// Every chunk in the file, `in_flight` fetched at once; `on_chunk` is
+    /// told the bytes of each fetched.
+    pub async fn fill(&self, in_flight: usize, on_chunk: &(impl Fn(u64) + Sync)) -> Result<(), BackupError> {
+        stream::iter((0..self.present.len()).filter(|i| !self.present[*i].initialized()))
+            .map(|i| async move {
+                self.ensure(i).await?;
+                on_chunk(self.index.chunk_len(i));
+                Ok::<(), BackupError>(())
+            })
             .buffer_unordered(in_flight)
             .try_collect::<Vec<()>>()
             .await
@@ -358,21 +426,79 @@ impl novacron_nbd::server::Export for ChunkedDisk {
     }
 }
 
-/// With `-f raw`, unlike `qemu::copy_disk` (which probes a trusted image):
-/// the guest's bytes must never be taken for an image format.
-async fn convert(raw: &Path, qcow2: &Path) -> Result<(), BackupError> {
-    let args: [&std::ffi::OsStr; 8] = [
-        "convert".as_ref(),
+/// How long QEMU waits for a restarted agent's export before failing reads.
+const RECONNECT_DELAY_S: u32 = 60;
+
+/// A qcow2 of `size` bytes at `path` whose backing is export `disk` at `sock`.
+pub(super) async fn overlay_on_export(
+    path: &std::path::Path,
+    sock: &std::path::Path,
+    disk: &str,
+    size: u64,
+) -> Result<(), BackupError> {
+    let backing = serde_json::json!({
+        "driver": "raw",
+        "file": {
+            "driver": "nbd",
+            "server": {"type": "unix", "path": sock},
+            "export": disk,
+            "reconnect-delay": RECONNECT_DELAY_S,
+        },
+    });
+    let backing = format!("json:{backing}");
+    let size = size.to_string();
+    // -u: the export need not answer now.
+    let args: [&std::ffi::OsStr; 11] = [
+        "create".as_ref(),
         "-q".as_ref(),
         "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
         "qcow2".as_ref(),
-        raw.as_os_str(),
-        qcow2.as_os_str(),
+        "-u".as_ref(),
+        "-F".as_ref(),
+        "raw".as_ref(),
+        "-b".as_ref(),
+        backing.as_ref(),
+        path.as_os_str(),
+        size.as_ref(),
     ];
     qemu::qemu_img_output(&args)
         .await
         .map(drop)
-        .map_err(|e| BackupError::Restore(format!("cannot convert the restored disk: {e}")))
+        .map_err(|e| BackupError::Restore(format!("cannot make the disk's overlay: {e}")))
+}
+
+/// Serves `chunks` as NBD export `name` on a Unix socket at `sock`, until
+/// the task is aborted.
+pub(super) fn serve_export(
+    sock: &Path,
+    name: &str,
+    chunks: Arc<ChunkedDisk>,
+) -> Result<tokio::task::JoinHandle<()>, BackupError> {
+    let _ = std::fs::remove_file(sock);
+    let listener = tokio::net::UnixListener::bind(sock)
+        .map_err(|e| BackupError::Restore(format!("cannot serve the disk's export: {e}")))?;
+    let name = name.to_string();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = novacron_nbd::server::serve(listener, name.clone(), chunks).await {
+            tracing::warn!(disk = %name, error = %e, "a backup's export stopped");
+        }
+    }))
+}
+
+/// Copies everything `overlay`'s backing holds into it and leaves it
+/// without one.
+async fn take_in(overlay: &Path) -> Result<(), BackupError> {
+    let args: [&std::ffi::OsStr; 7] = [
+        "rebase".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        "".as_ref(),
+        overlay.as_os_str(),
+    ];
+    qemu::qemu_img_output(&args)
+        .await
+        .map(drop)
+        .map_err(|e| BackupError::Restore(format!("cannot copy the backup into the disk: {e}")))
 }
