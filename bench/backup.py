@@ -20,7 +20,8 @@ Rows:
     Two write patterns: "files" (runs of 8 MiB at random 64 KiB-aligned
     offsets) and "scattered" (1 MiB at random offsets).
   restore: `backup restore --as NEW --start` until the VM's QEMU runs (its
-    agent fetches, checks and writes every chunk, then converts to qcow2);
+    agent fetches and checks every chunk while `qemu-img convert` copies
+    them from its NBD export into the qcow2);
     against `zstd -d` + `qemu-img convert -O qcow2` of the baseline's file.
   dedup: five VMs from the image (linked clones, then paused), each
     backed up into an empty store: its size against the sum of their disks'

@@ -1,7 +1,7 @@
 //! Restoring a VM's disks from a backup in a store the server serves:
 //! every chunk is fetched (several at once), decoded and checked against
 //! its digest, and kept in a sparse raw file served over NBD, from which
-//! `qemu-img rebase` copies it into the disk's qcow2 as it comes. A chunk
+//! `qemu-img convert` copies it into the disk's qcow2 as it comes. A chunk
 //! that is missing or damaged fails the restore, naming it; the disks take
 //! their restored files only once every one of them is restored (all or
 //! none: a restore in place that fails leaves the VM's disks as they were).
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use backon::Retryable;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use novacron_api::backup::RestoreSource;
 use novacron_api::error::chain;
@@ -230,8 +231,8 @@ async fn restore_aside(
         let size = index.size;
         let mut export = None;
         // The qcow2 takes the data from an export of the chunks as they come
-        // in (`qemu-img rebase` onto no backing file copies what is not
-        // zeros), while they are fetched several at once.
+        // in (`qemu-img convert`, several reads at once), while they are
+        // fetched several at once.
         let result = async {
             let chunks = Arc::new(ChunkedDisk::create(
                 client.clone(),
@@ -242,8 +243,10 @@ async fn restore_aside(
             )?);
             on_chunk(size - chunks.wanted_bytes());
             export = Some(serve_export(&sock, disk, chunks.clone())?);
-            overlay_on_export(&partial, &sock, disk, size).await?;
-            let (filled, copied) = tokio::join!(chunks.fill(CHUNKS_IN_FLIGHT, &on_chunk), take_in(&partial));
+            let (filled, copied) = tokio::join!(
+                chunks.fill(CHUNKS_IN_FLIGHT, &on_chunk),
+                convert_export(&sock, disk, &partial)
+            );
             filled?;
             // A chunk that failed says more than QEMU's I/O error.
             copied.map_err(|e| chunks.failure().map(BackupError::Restore).unwrap_or(e))
@@ -275,6 +278,8 @@ pub struct ChunkedDisk {
     index: FixedIndex,
     file: Arc<std::fs::File>,
     present: Vec<OnceCell<()>>,
+    /// Chunks of zeros (never fetched).
+    zero: Vec<bool>,
     /// Bytes of the chunks that are not zeros (those fetched).
     wanted: u64,
     /// The last chunk that could not be had, and why.
@@ -305,9 +310,13 @@ impl ChunkedDisk {
                 .map_err(|e| BackupError::Restore(format!("cannot name a chunk of zeros: {e}")))?;
             zero_digests.push((l, d));
         }
-        let present: Vec<OnceCell<()>> = (0..index.digests.len())
-            .map(|i| {
-                if zero_digests.contains(&(index.chunk_len(i), index.digests[i])) {
+        let zero: Vec<bool> = (0..index.digests.len())
+            .map(|i| zero_digests.contains(&(index.chunk_len(i), index.digests[i])))
+            .collect();
+        let present: Vec<OnceCell<()>> = zero
+            .iter()
+            .map(|z| {
+                if *z {
                     OnceCell::new_with(Some(()))
                 } else {
                     OnceCell::new()
@@ -315,7 +324,7 @@ impl ChunkedDisk {
             })
             .collect();
         let wanted = (0..present.len())
-            .filter(|i| !present[*i].initialized())
+            .filter(|i| !zero[*i])
             .map(|i| index.chunk_len(i))
             .sum();
         Ok(ChunkedDisk {
@@ -325,6 +334,7 @@ impl ChunkedDisk {
             index,
             file: Arc::new(file),
             present,
+            zero,
             wanted,
             failure: parking_lot::Mutex::new(None),
         })
@@ -355,9 +365,17 @@ impl ChunkedDisk {
     async fn fetch(&self, i: usize) -> Result<(), BackupError> {
         let digest = self.index.digests[i];
         let hex = digest.to_hex();
-        let encoded = self
-            .client
-            .get_bytes(&format!("backup-stores/{}/chunks/{hex}", self.store))
+        // A server or store that is briefly away must not fail a guest's
+        // read (live) or a whole restore; a refusal (e.g. no such chunk) does.
+        let path = format!("backup-stores/{}/chunks/{hex}", self.store);
+        let backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(2))
+            .with_max_times(5);
+        let encoded = (|| self.client.get_bytes(&path))
+            .retry(backoff)
+            .when(|e| e.status().is_none_or(|s| s >= 500))
+            .notify(|e, _| tracing::warn!(chunk = %hex, error = %chain(e), "cannot fetch a chunk; retrying"))
             .await
             .map_err(|e| remote(&format!("chunk {hex}"), e))?;
         let (file, codec, want) = (self.file.clone(), self.codec.clone(), self.index.chunk_len(i));
@@ -398,12 +416,16 @@ impl ChunkedDisk {
         let end = offset.saturating_add(u64::from(length)).min(self.index.size);
         let first = (offset / CHUNK_SIZE) as usize;
         let last = (end.saturating_sub(1) / CHUNK_SIZE) as usize;
+        let len = (end - offset.min(end)) as usize;
+        if self.zero.get(first..=last).is_some_and(|z| z.iter().all(|z| *z)) {
+            return Ok(vec![0u8; len]);
+        }
         for i in first..=last {
             self.ensure(i).await?;
         }
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; (end - offset.min(end)) as usize];
+            let mut buf = vec![0u8; len];
             file.read_exact_at(&mut buf, offset)
                 .map(|()| buf)
                 .map_err(|e| BackupError::Restore(format!("cannot read the restored disk: {e}")))
@@ -485,20 +507,31 @@ pub(super) fn serve_export(
     }))
 }
 
-/// Copies everything `overlay`'s backing holds into it and leaves it
-/// without one.
-async fn take_in(overlay: &Path) -> Result<(), BackupError> {
-    let args: [&std::ffi::OsStr; 7] = [
-        "rebase".as_ref(),
+/// Writes export `disk` at `sock` into the new qcow2 `qcow2` (zeros left
+/// unallocated), then syncs it.
+async fn convert_export(sock: &Path, disk: &str, qcow2: &Path) -> Result<(), BackupError> {
+    let source = format!("nbd+unix:///{disk}?socket={}", sock.display());
+    // Cache mode unsafe (no flushes while qcow2 allocates): the file is not
+    // the disk until it is synced and renamed. -f raw: the guest's bytes
+    // are never taken for an image format.
+    let args: [&std::ffi::OsStr; 13] = [
+        "convert".as_ref(),
         "-q".as_ref(),
         "-f".as_ref(),
+        "raw".as_ref(),
+        "-O".as_ref(),
         "qcow2".as_ref(),
-        "-b".as_ref(),
-        "".as_ref(),
-        overlay.as_os_str(),
+        "-t".as_ref(),
+        "unsafe".as_ref(),
+        "-m".as_ref(),
+        "8".as_ref(),
+        "-W".as_ref(),
+        source.as_ref(),
+        qcow2.as_os_str(),
     ];
     qemu::qemu_img_output(&args)
         .await
-        .map(drop)
-        .map_err(|e| BackupError::Restore(format!("cannot copy the backup into the disk: {e}")))
+        .map_err(|e| BackupError::Restore(format!("cannot copy the backup into the disk: {e}")))?;
+    let synced = std::fs::File::open(qcow2).and_then(|f| f.sync_all());
+    synced.map_err(|e| BackupError::Restore(format!("cannot sync the restored disk: {e}")))
 }
