@@ -566,6 +566,27 @@ pub async fn create_disk(path: &Path, backing: Option<(&Path, &str)>, size_mib: 
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+/// A qcow2 of `size` bytes at `path` on `backing` (format `format`),
+/// made without opening the backing (a running QEMU holds it, or it does
+/// not answer yet); nothing is left at `path` on failure.
+pub async fn create_overlay_unchecked(path: &Path, backing: &str, format: &str, size: u64) -> Result<(), QemuError> {
+    let size = size.to_string();
+    let args: [&std::ffi::OsStr; 11] = [
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-u".as_ref(),
+        "-F".as_ref(),
+        format.as_ref(),
+        "-b".as_ref(),
+        backing.as_ref(),
+        path.as_os_str(),
+        size.as_ref(),
+    ];
+    qemu_img(&args, path).await
+}
+
 /// A blank qcow2 of `size` bytes without a backing file in its header
 /// (QEMU gives it a backing node when it adds it): scratch space such as
 /// a backup's fleecing overlay.

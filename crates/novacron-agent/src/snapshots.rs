@@ -420,24 +420,7 @@ async fn overlays_in_qemu(dir: &VmDir, qmp: &Qmp, name: &str, disks: &[OwnDisk])
 /// QEMU holds it).
 async fn overlay_unchecked(active: &Path, layer: &str, size: u64) -> Result<(), SnapshotError> {
     let tmp = active.with_extension("qcow2.partial");
-    let size = size.to_string();
-    let args: [&std::ffi::OsStr; 11] = [
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-u".as_ref(),
-        "-F".as_ref(),
-        "qcow2".as_ref(),
-        "-b".as_ref(),
-        layer.as_ref(),
-        tmp.as_os_str(),
-        size.as_ref(),
-    ];
-    if let Err(e) = qemu::qemu_img_output(&args).await {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
-    }
+    qemu::create_overlay_unchecked(&tmp, layer, "qcow2", size).await?;
     std::fs::rename(&tmp, active).map_err(io(format!("replace {}", active.display())))
 }
 

@@ -24,14 +24,15 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::restore::{
-    fetch_index, open_backup, overlay_on_export, parse_index, serve_export, vm_disks, ChunkedDisk, CHUNKS_IN_FLIGHT,
-    RESTORED,
+    fetch_index, open_backup, parse_index, serve_export, vm_disks, ChunkedDisk, CHUNKS_IN_FLIGHT, RESTORED,
 };
 use super::BackupError;
 use crate::node::NodeContext;
 use crate::qemu::{self, VmDir};
 
 const STATE: &str = "live-restore.json";
+/// How long QEMU waits for a restarted agent's export before failing reads.
+const RECONNECT_DELAY_S: u32 = 60;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
@@ -156,13 +157,29 @@ async fn begin_fresh(node: &NodeContext, vm_id: &str, dir: &VmDir, src: &Restore
     serve(node, vm_id, dir, &state, codec)?;
     for (disk, target, size) in targets {
         let partial = target.with_extension("live.qcow2");
-        overlay_on_export(&partial, &socket(dir, disk), disk, size).await?;
+        overlay(&partial, &socket(dir, disk), disk, size).await?;
         std::fs::rename(&partial, &target).map_err(|e| sink("cannot put the disk in place", e))?;
     }
     // The disks have no change tracking: the next backup is full.
     super::chain::save(&dir.path, &Default::default()).map_err(|e| BackupError::Chain(e.to_string()))?;
     tracing::info!(vm = vm_id, backup = %src, "live restore begun");
     Ok(())
+}
+
+/// A qcow2 of `size` bytes at `path` whose backing is export `disk` at `sock`.
+async fn overlay(path: &std::path::Path, sock: &std::path::Path, disk: &str, size: u64) -> Result<(), BackupError> {
+    let backing = serde_json::json!({
+        "driver": "raw",
+        "file": {
+            "driver": "nbd",
+            "server": {"type": "unix", "path": sock},
+            "export": disk,
+            "reconnect-delay": RECONNECT_DELAY_S,
+        },
+    });
+    qemu::create_overlay_unchecked(path, &format!("json:{backing}"), "raw", size)
+        .await
+        .map_err(|e| sink("cannot make the disk's overlay", e))
 }
 
 /// Serves the exports of the disks not streamed yet, and fetches their

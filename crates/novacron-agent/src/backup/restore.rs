@@ -448,47 +448,6 @@ impl novacron_nbd::server::Export for ChunkedDisk {
     }
 }
 
-/// How long QEMU waits for a restarted agent's export before failing reads.
-const RECONNECT_DELAY_S: u32 = 60;
-
-/// A qcow2 of `size` bytes at `path` whose backing is export `disk` at `sock`.
-pub(super) async fn overlay_on_export(
-    path: &std::path::Path,
-    sock: &std::path::Path,
-    disk: &str,
-    size: u64,
-) -> Result<(), BackupError> {
-    let backing = serde_json::json!({
-        "driver": "raw",
-        "file": {
-            "driver": "nbd",
-            "server": {"type": "unix", "path": sock},
-            "export": disk,
-            "reconnect-delay": RECONNECT_DELAY_S,
-        },
-    });
-    let backing = format!("json:{backing}");
-    let size = size.to_string();
-    // -u: the export need not answer now.
-    let args: [&std::ffi::OsStr; 11] = [
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-u".as_ref(),
-        "-F".as_ref(),
-        "raw".as_ref(),
-        "-b".as_ref(),
-        backing.as_ref(),
-        path.as_os_str(),
-        size.as_ref(),
-    ];
-    qemu::qemu_img_output(&args)
-        .await
-        .map(drop)
-        .map_err(|e| BackupError::Restore(format!("cannot make the disk's overlay: {e}")))
-}
-
 /// Serves `chunks` as NBD export `name` on a Unix socket at `sock`, until
 /// the task is aborted.
 pub(super) fn serve_export(
