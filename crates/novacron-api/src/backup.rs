@@ -212,11 +212,10 @@ pub struct RestoreSource {
     pub live: bool,
 }
 
-/// How far a live restore has come (`VmStatus.live_restore`).
+/// How far a live restore (of the backup `spec.restore_from`) has come
+/// (`VmStatus.live_restore`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LiveRestoreStatus {
-    /// The backup, `STORE:VM/TIME`.
-    pub from: String,
     /// Bytes of the disks in the VM's own files so far, of `size`.
     pub done: u64,
     pub size: u64,

@@ -124,6 +124,16 @@ impl Codec {
         Ok(data)
     }
 
+    /// How to write or read chunks sealed with the key of id `key_id` (none:
+    /// plain) with `key` at hand; none if that is not the key wanted.
+    pub fn for_key(key_id: Option<&str>, key: Option<&crate::crypt::ChunkKey>) -> Option<Codec> {
+        match (key_id, key) {
+            (None, _) => Some(Codec::Plain),
+            (Some(want), Some(k)) if k.id_hex() == want => Some(Codec::Sealed(k.clone())),
+            (Some(_), _) => None,
+        }
+    }
+
     /// The backup key's id, if chunks are sealed.
     pub fn key_id(&self) -> Option<String> {
         match self {

@@ -141,9 +141,10 @@ pub fn vm(format: Format, vm: &Vm) -> Result<()> {
                 .as_ref()
                 .map(|l| {
                     let percent = (l.done * 100).checked_div(l.size).unwrap_or(0);
+                    let from = vm.spec.restore_from.as_ref().map(|s| s.to_string()).unwrap_or_default();
                     match &l.error {
-                        Some(e) => format!("from {}: {percent}%, stopped: {e}", l.from),
-                        None => format!("from {}: {percent}%", l.from),
+                        Some(e) => format!("from {from}: {percent}%, stopped: {e}"),
+                        None => format!("from {from}: {percent}%"),
                     }
                 })
                 .unwrap_or_default(),

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use novacron_api::backup::{LiveRestoreStatus, RestoreSource};
-use novacron_backup::{ChunkKey, Codec};
+use novacron_backup::Codec;
 use novacron_qmp::commands::{BlockStream, JobDismiss, QueryBlockJobs};
 use novacron_qmp::types::JobStatus;
 use novacron_qmp::Qmp;
@@ -223,19 +223,14 @@ pub fn ensure_serving(node: &NodeContext, vm_id: &str, dir: &VmDir) -> Result<()
         return Ok(());
     }
     let state = load(dir)?;
-    let codec = codec_for(&state, node.backup_key.as_ref())?;
+    let codec = Codec::for_key(state.key_id.as_deref(), node.backup_key.as_ref()).ok_or_else(|| {
+        BackupError::Restore(format!(
+            "backup {} is sealed with backup key {}, which this node no longer has",
+            state.source,
+            state.key_id.as_deref().unwrap_or_default()
+        ))
+    })?;
     serve(node, vm_id, dir, &state, codec)
-}
-
-fn codec_for(state: &State, key: Option<&ChunkKey>) -> Result<Codec, BackupError> {
-    match (&state.key_id, key) {
-        (None, _) => Ok(Codec::Plain),
-        (Some(want), Some(k)) if k.id_hex() == *want => Ok(Codec::Sealed(k.clone())),
-        (Some(want), _) => Err(BackupError::Restore(format!(
-            "backup {} is sealed with backup key {want}, which this node no longer has",
-            state.source
-        ))),
-    }
 }
 
 /// Stops the restore and removes its files (not the disks).
@@ -263,7 +258,6 @@ pub async fn step(node: &NodeContext, vm_id: &str, dir: &VmDir, qmp: &Qmp) -> Op
         Ok(s) => s,
         Err(e) => {
             return Some(LiveRestoreStatus {
-                from: String::new(),
                 done: 0,
                 size: 0,
                 error: Some(e.to_string()),
@@ -353,7 +347,6 @@ pub fn describe(dir: &VmDir) -> Option<LiveRestoreStatus> {
 impl State {
     fn status(&self) -> LiveRestoreStatus {
         LiveRestoreStatus {
-            from: self.source.to_string(),
             done: self.disks.iter().filter(|d| d.done).map(|d| d.size).sum(),
             size: self.disks.iter().map(|d| d.size).sum(),
             error: None,
@@ -363,11 +356,13 @@ impl State {
 
 /// The refusal of an operation that needs the VM's disks whole.
 pub fn refuse(dir: &VmDir, what: &str) -> Result<(), String> {
-    match load(dir) {
-        Ok(state) if active(dir) => Err(format!(
-            "cannot {what}: the VM is still being restored live from {}; try again once its restore is done",
-            state.source
-        )),
-        _ => Ok(()),
+    if !active(dir) {
+        return Ok(());
     }
+    let from = load(dir)
+        .map(|s| s.source.to_string())
+        .unwrap_or_else(|_| "a backup".into());
+    Err(format!(
+        "cannot {what}: the VM is still being restored live from {from}; try again once its restore is done"
+    ))
 }

@@ -149,15 +149,12 @@ pub(super) async fn open_backup(
         .get_json(&format!("backups/{}/{}/{}", src.store, src.vm, src.time))
         .await
         .map_err(|e| remote(&format!("backup {src}"), e))?;
-    let codec = match (&backup.key_id, key) {
-        (None, _) => Codec::Plain,
-        (Some(want), Some(k)) if k.id_hex() == *want => Codec::Sealed(k.clone()),
-        (Some(want), _) => {
-            return Err(BackupError::Restore(format!(
-                "backup {src} is sealed with backup key {want}, which this node does not have (novacron agent --backup-key FILE)"
-            )))
-        }
-    };
+    let codec = Codec::for_key(backup.key_id.as_deref(), key).ok_or_else(|| {
+        BackupError::Restore(format!(
+            "backup {src} is sealed with backup key {}, which this node does not have (novacron agent --backup-key FILE)",
+            backup.key_id.as_deref().unwrap_or_default()
+        ))
+    })?;
     Ok((backup, codec))
 }
 

@@ -59,17 +59,17 @@ pub(super) async fn take(
             ),
         );
     };
-    let codec = match (&req.key_id, &state.node.backup_key) {
-        (None, _) => novacron_backup::Codec::Plain,
-        (Some(want), Some(key)) if key.id_hex() == *want => novacron_backup::Codec::Sealed(key.clone()),
-        (Some(want), _) => {
+    let codec = match novacron_backup::Codec::for_key(req.key_id.as_deref(), state.node.backup_key.as_ref()) {
+        Some(codec) => codec,
+        None => {
+            let want = req.key_id.as_deref().unwrap_or_default();
             return error(
                 StatusCode::CONFLICT,
                 format!(
                     "store {:?} keeps backups sealed with backup key {want}, which node {} does not have (novacron agent --backup-key FILE)",
                     req.store, state.node.name
                 ),
-            )
+            );
         }
     };
     let target = RemoteTarget {

@@ -447,13 +447,10 @@ async fn live_restores(state: &AppState) -> ApiResult<HashMap<String, String>> {
     Ok(vms
         .into_iter()
         .filter_map(|v| {
-            let from = match (&v.status.live_restore, &v.spec.restore_from) {
-                (Some(l), _) => l.from.clone(),
-                // Placed but not started yet: its restore begins at the start.
-                (None, Some(src)) if src.live && v.status.started_at.is_none() => src.to_string(),
-                _ => return None,
-            };
-            Some((from, v.metadata.name))
+            let src = v.spec.restore_from.as_ref().filter(|s| s.live)?;
+            // Not started yet: its restore begins at the start.
+            let reading = v.status.live_restore.is_some() || v.status.started_at.is_none();
+            reading.then(|| (src.to_string(), v.metadata.name))
         })
         .collect())
 }

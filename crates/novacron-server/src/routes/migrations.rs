@@ -213,9 +213,10 @@ async fn resolve(state: &AppState, p: &Principal, req: &CreateMigration) -> ApiR
     };
     // Its disks read from exports its agent serves from the backup.
     if let Some(l) = &vm.status.live_restore {
+        let from = vm.spec.restore_from.as_ref().map(|s| s.to_string()).unwrap_or_default();
         return Err(ApiError::conflict(format!(
-            "VM {vm_name:?} is still being restored live from {} ({} of {} bytes in); migrate it once its restore is done",
-            l.from, l.done, l.size
+            "VM {vm_name:?} is still being restored live from {from} ({} of {} bytes in); migrate it once its restore is done",
+            l.done, l.size
         )));
     }
     // The target builds the NICs of the spec: a live VM must have exactly
