@@ -12,6 +12,7 @@ use novacron_backup::{DiskStats, FixedIndex};
 use novacron_nbd::{NbdClient, NbdError, MAX_REQUEST, STATE_DIRTY, STATE_ZERO};
 
 pub mod chain;
+pub mod chunked;
 pub mod export;
 pub mod live;
 pub mod restore;

@@ -30,7 +30,12 @@ pub enum JobPoll {
 
 /// Background jobs by VM id, at most one per VM.
 #[derive(Clone, Default)]
-pub struct VmJobs(Arc<Mutex<HashMap<String, Job>>>);
+pub struct VmJobs {
+    jobs: Arc<Mutex<HashMap<String, Job>>>,
+    /// Told when a job ends, so its VM goes on without waiting for the
+    /// reconciler's next tick.
+    ended: Arc<tokio::sync::Notify>,
+}
 
 impl VmJobs {
     /// VM `vm_id`'s job: running, or its outcome once; when it has none,
@@ -40,7 +45,7 @@ impl VmJobs {
         F: FnOnce(Arc<AtomicU8>) -> Fut,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        let mut jobs = self.0.lock();
+        let mut jobs = self.jobs.lock();
         match jobs.remove(vm_id) {
             Some(Job::Running(percent, task)) => {
                 let now = percent.load(Ordering::Relaxed);
@@ -56,8 +61,9 @@ impl VmJobs {
                 let task = tokio::spawn(async move {
                     let result = work.await;
                     // Unless forgotten meanwhile.
-                    if let Some(job @ Job::Running(..)) = all.0.lock().get_mut(&id) {
+                    if let Some(job @ Job::Running(..)) = all.jobs.lock().get_mut(&id) {
                         *job = Job::Finished(result);
+                        all.ended.notify_one();
                     }
                 });
                 jobs.insert(vm_id.to_string(), Job::Running(percent, task));
@@ -68,9 +74,14 @@ impl VmJobs {
 
     /// Stops and forgets a VM's job (the VM is gone from this node).
     pub fn forget(&self, vm_id: &str) {
-        if let Some(Job::Running(_, task)) = self.0.lock().remove(vm_id) {
+        if let Some(Job::Running(_, task)) = self.jobs.lock().remove(vm_id) {
             task.abort();
         }
+    }
+
+    /// Returns once a job has ended since the last call.
+    pub async fn ended(&self) {
+        self.ended.notified().await;
     }
 }
 
@@ -96,5 +107,10 @@ impl FullCopies {
 
     pub fn forget(&self, vm_id: &str) {
         self.0.forget(vm_id);
+    }
+
+    /// Returns once a copy has ended since the last call.
+    pub async fn ended(&self) {
+        self.0.ended().await;
     }
 }

@@ -405,9 +405,11 @@ pub async fn run(
 }
 
 /// Learns of this node's VMs from a watcher (the server sends only VMs bound
-/// here, and a VM that leaves as deleted); reconciles on every change and on a
-/// 1 s tick (which also notices QEMU processes that died).
+/// here, and a VM that leaves as deleted); reconciles on every change, when
+/// a VM's disk copy or restore ends, and on a 1 s tick (which also notices
+/// QEMU processes that died).
 async fn control_loop(mut rec: Reconciler, client: Client) {
+    let node = rec.node.clone();
     let (mut listed, mut orphans_checked) = (false, false);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -438,6 +440,8 @@ async fn control_loop(mut rec: Reconciler, client: Client) {
                 None => return,
             },
             _ = tick.tick() => {}
+            _ = node.copies.ended() => {}
+            _ = node.restores.ended() => {}
         }
         // Once, before the first reconcile: state left by VMs deleted or moved
         // away while this agent was down.

@@ -23,9 +23,8 @@ use novacron_qmp::Qmp;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::restore::{
-    fetch_index, open_backup, parse_index, serve_export, vm_disks, ChunkedDisk, CHUNKS_IN_FLIGHT, RESTORED,
-};
+use super::chunked::{serve_export, ChunkedDisk, Keep};
+use super::restore::{fetch_index, open_backup, parse_index, vm_disks, CHUNKS_IN_FLIGHT, RESTORED};
 use super::BackupError;
 use crate::node::NodeContext;
 use crate::qemu::{self, VmDir};
@@ -195,7 +194,7 @@ fn serve(node: &NodeContext, vm_id: &str, dir: &VmDir, state: &State, codec: Cod
             &state.source.store,
             codec.clone(),
             index,
-            &raw_file(dir, &d.name),
+            &Keep::File(raw_file(dir, &d.name)),
         )?);
         tasks.push(serve_export(&socket(dir, &d.name), &d.name, chunks.clone())?);
         disks.push(chunks);

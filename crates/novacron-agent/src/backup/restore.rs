@@ -1,27 +1,25 @@
 //! Restoring a VM's disks from a backup in a store the server serves:
 //! every chunk is fetched (several at once), decoded and checked against
-//! its digest, and kept in a sparse raw file served over NBD, from which
-//! `qemu-img convert` copies it into the disk's qcow2 as it comes. A chunk
-//! that is missing or damaged fails the restore, naming it; the disks take
-//! their restored files only once every one of them is restored (all or
-//! none: a restore in place that fails leaves the VM's disks as they were).
+//! its digest, and held in memory in an NBD export ([`ChunkedDisk`]), from
+//! which `qemu-img convert` copies it into the disk's qcow2 as it comes.
+//! A chunk that is missing or damaged fails the restore, naming it; the
+//! disks take their restored files only once every one of them is
+//! restored (all or none: a restore in place that fails leaves the VM's
+//! disks as they were).
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use backon::Retryable;
-use futures::stream::{self, StreamExt, TryStreamExt};
 use novacron_api::backup::RestoreSource;
 use novacron_api::error::chain;
 use novacron_api::{Backup, Vm, VmStatus};
-use novacron_backup::chunk::{Digest, CHUNK_SIZE};
+use novacron_backup::chunk::CHUNK_SIZE;
 use novacron_backup::FixedIndex;
 use novacron_backup::{ChunkKey, Codec};
 use novacron_client::Client;
-use tokio::sync::OnceCell;
 
+use super::chunked::{serve_export, ChunkedDisk, Keep};
 use super::{remote, BackupError};
 use crate::copies::JobPoll;
 use crate::node::NodeContext;
@@ -29,6 +27,8 @@ use crate::qemu::{self, VmDir};
 
 /// Chunks fetched at once.
 pub(super) const CHUNKS_IN_FLIGHT: usize = 8;
+/// Chunks a restore holds in memory ahead of `qemu-img convert` (64 MiB).
+const WINDOW: usize = 16;
 
 /// Written once every disk is restored: a later start (after a rebuild,
 /// say) does not restore again.
@@ -223,7 +223,6 @@ async fn restore_aside(
     };
     for (disk, target, index) in disks {
         let partial = target.with_extension("restore.qcow2");
-        let raw = target.with_extension("restore.raw");
         let sock = dir.path.join(format!("restore-{disk}.sock"));
         let size = index.size;
         let mut export = None;
@@ -231,28 +230,30 @@ async fn restore_aside(
         // in (`qemu-img convert`, several reads at once), while they are
         // fetched several at once.
         let result = async {
+            let keep = Keep::Memory { window: WINDOW };
             let chunks = Arc::new(ChunkedDisk::create(
                 client.clone(),
                 &src.store,
                 codec.clone(),
                 index,
-                &raw,
+                &keep,
             )?);
             on_chunk(size - chunks.wanted_bytes());
             export = Some(serve_export(&sock, disk, chunks.clone())?);
-            let (filled, copied) = tokio::join!(
-                chunks.fill(CHUNKS_IN_FLIGHT, &on_chunk),
-                convert_export(&sock, disk, &partial)
-            );
-            filled?;
+            let convert = async {
+                let copied = convert_export(&sock, disk, &partial).await;
+                chunks.stop_fill();
+                copied
+            };
+            let (filled, copied) = tokio::join!(chunks.fill(CHUNKS_IN_FLIGHT, &on_chunk), convert);
             // A chunk that failed says more than QEMU's I/O error.
-            copied.map_err(|e| chunks.failure().map(BackupError::Restore).unwrap_or(e))
+            copied.map_err(|e| chunks.failure().map(BackupError::Restore).unwrap_or(e))?;
+            filled
         }
         .await;
         if let Some(task) = export {
             task.abort();
         }
-        let _ = std::fs::remove_file(&raw);
         let _ = std::fs::remove_file(&sock);
         if let Err(e) = result {
             let _ = std::fs::remove_file(&partial);
@@ -262,205 +263,6 @@ async fn restore_aside(
         tracing::info!(backup = %src, disk, bytes = size, "disk restored");
     }
     Ok(())
-}
-
-/// A disk of a backup coming into a sparse raw file, chunk by chunk: each
-/// fetched at most once (whether a reader or the fill asks first), decoded
-/// and checked against its digest. Chunks of zeros are never fetched: the
-/// file's holes read as zeros.
-pub struct ChunkedDisk {
-    client: Client,
-    store: String,
-    codec: Codec,
-    index: FixedIndex,
-    file: Arc<std::fs::File>,
-    present: Vec<OnceCell<()>>,
-    /// Chunks of zeros (never fetched).
-    zero: Vec<bool>,
-    /// Bytes of the chunks that are not zeros (those fetched).
-    wanted: u64,
-    /// The last chunk that could not be had, and why.
-    failure: parking_lot::Mutex<Option<String>>,
-}
-
-impl ChunkedDisk {
-    /// `raw` made anew, sized to the disk, holding nothing yet.
-    pub fn create(
-        client: Client,
-        store: &str,
-        codec: Codec,
-        index: FixedIndex,
-        raw: &Path,
-    ) -> Result<ChunkedDisk, BackupError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(raw)
-            .and_then(|f| f.set_len(index.size).map(|()| f))
-            .map_err(|e| BackupError::Restore(format!("cannot make {}: {e}", raw.display())))?;
-        let mut zero_digests: Vec<(u64, Digest)> = Vec::new();
-        for l in [CHUNK_SIZE, index.size % CHUNK_SIZE].into_iter().filter(|l| *l > 0) {
-            let (d, _) = codec
-                .encode(&vec![0u8; l as usize])
-                .map_err(|e| BackupError::Restore(format!("cannot name a chunk of zeros: {e}")))?;
-            zero_digests.push((l, d));
-        }
-        let zero: Vec<bool> = (0..index.digests.len())
-            .map(|i| zero_digests.contains(&(index.chunk_len(i), index.digests[i])))
-            .collect();
-        let present: Vec<OnceCell<()>> = zero
-            .iter()
-            .map(|z| {
-                if *z {
-                    OnceCell::new_with(Some(()))
-                } else {
-                    OnceCell::new()
-                }
-            })
-            .collect();
-        let wanted = (0..present.len())
-            .filter(|i| !zero[*i])
-            .map(|i| index.chunk_len(i))
-            .sum();
-        Ok(ChunkedDisk {
-            client,
-            store: store.to_string(),
-            codec,
-            index,
-            file: Arc::new(file),
-            present,
-            zero,
-            wanted,
-            failure: parking_lot::Mutex::new(None),
-        })
-    }
-
-    /// Bytes of the chunks to fetch (those that are not zeros).
-    pub fn wanted_bytes(&self) -> u64 {
-        self.wanted
-    }
-
-    /// Why the last chunk that failed did.
-    pub fn failure(&self) -> Option<String> {
-        self.failure.lock().clone()
-    }
-
-    /// Chunk `i` in the file, fetched now unless it is there or coming.
-    pub async fn ensure(&self, i: usize) -> Result<(), BackupError> {
-        let Some(cell) = self.present.get(i) else {
-            return Err(BackupError::Restore(format!("chunk {i} is past the end of the disk")));
-        };
-        let result = cell.get_or_try_init(|| self.fetch(i)).await.map(drop);
-        if let Err(e) = &result {
-            *self.failure.lock() = Some(e.to_string());
-        }
-        result
-    }
-
-    async fn fetch(&self, i: usize) -> Result<(), BackupError> {
-        let digest = self.index.digests[i];
-        let hex = digest.to_hex();
-        // A server or store that is briefly away must not fail a guest's
-        // read (live) or a whole restore; a refusal (e.g. no such chunk) does.
-        let path = format!("backup-stores/{}/chunks/{hex}", self.store);
-        let backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(std::time::Duration::from_millis(200))
-            .with_max_delay(std::time::Duration::from_secs(2))
-            .with_max_times(5);
-        let encoded = (|| self.client.get_bytes(&path))
-            .retry(backoff)
-            .when(|e| e.status().is_none_or(|s| s >= 500))
-            .notify(|e, _| tracing::warn!(chunk = %hex, error = %chain(e), "cannot fetch a chunk; retrying"))
-            .await
-            .map_err(|e| remote(&format!("chunk {hex}"), e))?;
-        let (file, codec, want) = (self.file.clone(), self.codec.clone(), self.index.chunk_len(i));
-        tokio::task::spawn_blocking(move || {
-            let data = codec
-                .decode(&encoded, &digest)
-                .map_err(|e| BackupError::Restore(format!("chunk {hex} is damaged: {e}")))?;
-            if data.len() as u64 != want {
-                return Err(BackupError::Restore(format!(
-                    "chunk {hex} holds {} bytes where the index says {want}",
-                    data.len()
-                )));
-            }
-            file.write_all_at(&data, i as u64 * CHUNK_SIZE)
-                .map_err(|e| BackupError::Restore(format!("cannot write the restored disk: {e}")))
-        })
-        .await
-        .map_err(|e| BackupError::Task(e.to_string()))?
-    }
-
-    /// Every chunk in the file, `in_flight` fetched at once; `on_chunk` is
-    /// told the bytes of each fetched.
-    pub async fn fill(&self, in_flight: usize, on_chunk: &(impl Fn(u64) + Sync)) -> Result<(), BackupError> {
-        stream::iter((0..self.present.len()).filter(|i| !self.present[*i].initialized()))
-            .map(|i| async move {
-                self.ensure(i).await?;
-                on_chunk(self.index.chunk_len(i));
-                Ok::<(), BackupError>(())
-            })
-            .buffer_unordered(in_flight)
-            .try_collect::<Vec<()>>()
-            .await
-            .map(drop)
-    }
-
-    /// `length` bytes at `offset`, their chunks fetched first if need be.
-    pub async fn read(&self, offset: u64, length: u32) -> Result<Vec<u8>, BackupError> {
-        let end = offset.saturating_add(u64::from(length)).min(self.index.size);
-        let first = (offset / CHUNK_SIZE) as usize;
-        let last = (end.saturating_sub(1) / CHUNK_SIZE) as usize;
-        let len = (end - offset.min(end)) as usize;
-        if self.zero.get(first..=last).is_some_and(|z| z.iter().all(|z| *z)) {
-            return Ok(vec![0u8; len]);
-        }
-        for i in first..=last {
-            self.ensure(i).await?;
-        }
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, offset)
-                .map(|()| buf)
-                .map_err(|e| BackupError::Restore(format!("cannot read the restored disk: {e}")))
-        })
-        .await
-        .map_err(|e| BackupError::Task(e.to_string()))?
-    }
-}
-
-impl novacron_nbd::server::Export for ChunkedDisk {
-    fn size(&self) -> u64 {
-        self.index.size
-    }
-
-    async fn read(&self, offset: u64, length: u32) -> std::io::Result<Vec<u8>> {
-        ChunkedDisk::read(self, offset, length).await.map_err(|e| {
-            tracing::warn!(offset, length, error = %e, "a read of a backup's export failed");
-            std::io::Error::other(e.to_string())
-        })
-    }
-}
-
-/// Serves `chunks` as NBD export `name` on a Unix socket at `sock`, until
-/// the task is aborted.
-pub(super) fn serve_export(
-    sock: &Path,
-    name: &str,
-    chunks: Arc<ChunkedDisk>,
-) -> Result<tokio::task::JoinHandle<()>, BackupError> {
-    let _ = std::fs::remove_file(sock);
-    let listener = tokio::net::UnixListener::bind(sock)
-        .map_err(|e| BackupError::Restore(format!("cannot serve the disk's export: {e}")))?;
-    let name = name.to_string();
-    Ok(tokio::spawn(async move {
-        if let Err(e) = novacron_nbd::server::serve(listener, name.clone(), chunks).await {
-            tracing::warn!(disk = %name, error = %e, "a backup's export stopped");
-        }
-    }))
 }
 
 /// Writes export `disk` at `sock` into the new qcow2 `qcow2` (zeros left
