@@ -178,6 +178,10 @@ pub struct BackupDisk {
     pub size: u64,
     /// Bytes read from the disk for this backup.
     pub bytes_read: u64,
+    /// Bytes of the previous backup's chunks fetched from the store to lay
+    /// this backup's changes over (chunks changed in at most half).
+    #[serde(default)]
+    pub bytes_from_previous: u64,
     /// Chunks this backup added to the store.
     pub chunks_new: u64,
     /// Bytes those new chunks take in the store (compressed).
@@ -274,6 +278,8 @@ pub struct CommitDisk {
     /// The chunks' SHA-256 digests, 64 hex digits each, in disk order.
     pub digests: String,
     pub bytes_read: u64,
+    #[serde(default)]
+    pub bytes_from_previous: u64,
     pub chunks_new: u64,
     pub stored_bytes: u64,
 }

@@ -71,6 +71,7 @@ pub async fn sync(
             wanted.extend(index.digests.iter().filter(|x| seen.insert(**x)).copied());
             let stats = DiskStats {
                 bytes_read: d.bytes_read,
+                bytes_from_previous: d.bytes_from_previous,
                 chunks_new: d.chunks_new,
                 stored_bytes: d.stored_bytes,
             };

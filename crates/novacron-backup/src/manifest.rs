@@ -91,6 +91,9 @@ pub struct DiskEntry {
     pub index_sha256: String,
     /// Bytes read from the disk for this backup (all of it when full).
     pub bytes_read: u64,
+    /// Bytes of the previous backup's chunks that changes were laid over.
+    #[serde(default)]
+    pub bytes_from_previous: u64,
     /// Chunks this backup added to the store (the rest were there).
     pub chunks_new: u64,
     /// Bytes those new chunks take in the store (compressed).
@@ -114,6 +117,7 @@ impl Manifest {
                     name: d.name.clone(),
                     size: d.size,
                     bytes_read: d.bytes_read,
+                    bytes_from_previous: d.bytes_from_previous,
                     chunks_new: d.chunks_new,
                     stored_bytes: d.stored_bytes,
                 })

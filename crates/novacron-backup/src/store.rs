@@ -424,6 +424,8 @@ pub struct BackupInfo {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DiskStats {
     pub bytes_read: u64,
+    /// Bytes of the previous backup's chunks that changes were laid over.
+    pub bytes_from_previous: u64,
     pub chunks_new: u64,
     pub stored_bytes: u64,
 }
@@ -436,6 +438,7 @@ pub fn commit_disk(name: &str, index: &FixedIndex, stats: &DiskStats) -> novacro
         size: index.size,
         digests: index.digests.iter().map(Digest::to_hex).collect(),
         bytes_read: stats.bytes_read,
+        bytes_from_previous: stats.bytes_from_previous,
         chunks_new: stats.chunks_new,
         stored_bytes: stats.stored_bytes,
     }
@@ -447,6 +450,7 @@ pub fn from_commit_disk(
 ) -> Result<(FixedIndex, DiskStats), crate::index::IndexError> {
     let stats = DiskStats {
         bytes_read: d.bytes_read,
+        bytes_from_previous: d.bytes_from_previous,
         chunks_new: d.chunks_new,
         stored_bytes: d.stored_bytes,
     };
@@ -475,6 +479,7 @@ impl BackupWriter {
             size: index.size,
             index_sha256: hex::encode(Sha256::digest(&bytes)),
             bytes_read: stats.bytes_read,
+            bytes_from_previous: stats.bytes_from_previous,
             chunks_new: stats.chunks_new,
             stored_bytes: stats.stored_bytes,
         });

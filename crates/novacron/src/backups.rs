@@ -204,12 +204,13 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
                 return print_data(g.output, &b);
             }
             backups(g.output, std::slice::from_ref(&b))?;
-            let mut t = table(&["DISK", "SIZE", "READ", "NEW CHUNKS", "STORED"]);
+            let mut t = table(&["DISK", "SIZE", "READ", "FROM PREVIOUS", "NEW CHUNKS", "STORED"]);
             for d in &b.disks {
                 t.add_row(vec![
                     d.name.clone(),
                     human_bytes(d.size),
                     human_bytes(d.bytes_read),
+                    human_bytes(d.bytes_from_previous),
                     d.chunks_new.to_string(),
                     human_bytes(d.stored_bytes),
                 ]);

@@ -75,6 +75,11 @@ impl ChunkSink for LocalTarget {
         let store = self.store.clone();
         blocking(move || store.insert_encoded(&digest, &encoded)).await
     }
+
+    async fn get(&self, digest: Digest) -> Result<Vec<u8>, BackupError> {
+        let store = self.store.clone();
+        blocking(move || store.chunk_file(&digest)).await
+    }
 }
 
 impl BackupTarget for LocalTarget {
@@ -167,6 +172,16 @@ impl ChunkSink for RemoteTarget {
             .await
             .map_err(|e| remote(&format!("storing chunk {hex} in {}", self.name), e))?;
         Ok(stored.new.then_some(stored.stored_bytes))
+    }
+
+    async fn get(&self, digest: Digest) -> Result<Vec<u8>, BackupError> {
+        let hex = digest.to_hex();
+        let bytes = self
+            .client
+            .get_bytes(&format!("backup-stores/{}/chunks/{hex}", self.name))
+            .await
+            .map_err(|e| remote(&format!("fetching chunk {hex} from {}", self.name), e))?;
+        Ok(bytes.to_vec())
     }
 }
 

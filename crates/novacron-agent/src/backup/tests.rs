@@ -13,6 +13,10 @@ use super::*;
 
 const MIB: u64 = 1024 * 1024;
 
+/// What a dirty bitmap marks per write: QEMU's default granularity for a
+/// qcow2 bitmap is the image's cluster (64 KiB here).
+const GRANULE: u64 = 64 * 1024;
+
 fn local(store: &Datastore) -> target::LocalTarget {
     target::LocalTarget {
         name: "local".into(),
@@ -155,10 +159,12 @@ async fn incremental_backups_read_only_what_the_bitmap_marks() {
     assert_eq!(stats.chunks_new, 4, "{stats:?}");
     same_content(&store, &first, &disk, dir.path());
 
-    // A write into chunk 3 only: the next backup reads that chunk alone.
+    // A write into chunk 3 only: the next backup reads what the bitmap
+    // marks of it and lays that over the previous backup's chunk 3.
     qemu_io(&disk, &["write -P 0xef 13M 4k"]);
     let (second, index2, stats) = back_up(&store, &disk, &sock, Some(&index), "2026-12-04T11:00:00Z").await;
-    assert_eq!(stats.bytes_read, CHUNK_SIZE, "{stats:?}");
+    assert_eq!(stats.bytes_read, GRANULE, "{stats:?}");
+    assert_eq!(stats.bytes_from_previous, CHUNK_SIZE, "{stats:?}");
     assert_eq!(stats.chunks_new, 1, "{stats:?}");
     assert_eq!(
         index2
@@ -177,6 +183,20 @@ async fn incremental_backups_read_only_what_the_bitmap_marks() {
     let bytes = std::fs::read(&raw).unwrap();
     assert_eq!(bytes[13 * MIB as usize], 0);
     assert_eq!(bytes[0], 0xab);
+
+    // The previous backup's chunk 0 damaged: a write into chunk 0 cannot be
+    // laid over it, so the chunk is read whole, and the backup is right.
+    let hex = index2.digests[0].to_hex();
+    let bad = dir.path().join("store/.chunks").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&bad).unwrap();
+    let n = bytes.len() - 1;
+    bytes[n] ^= 1;
+    std::fs::write(&bad, bytes).unwrap();
+    qemu_io(&disk, &["write -P 0x77 1M 4k"]);
+    let (third, _, stats) = back_up(&store, &disk, &sock, Some(&index2), "2026-12-04T12:00:00Z").await;
+    assert_eq!(stats.bytes_read, GRANULE + CHUNK_SIZE, "{stats:?}");
+    assert_eq!(stats.bytes_from_previous, 0, "{stats:?}");
+    same_content(&store, &third, &disk, dir.path());
 
     // A disk that grew needs a full backup.
     run(Command::new("qemu-img").args(["resize", "-q"]).arg(&disk).arg("+4M"));
@@ -389,7 +409,8 @@ async fn running_vm_backups_are_incremental_while_the_chain_holds() {
         .await
         .unwrap();
     assert_eq!(second.full_reason, None, "{second:?}");
-    assert_eq!(second.disks[0].bytes_read, CHUNK_SIZE);
+    assert_eq!(second.disks[0].bytes_read, GRANULE);
+    assert_eq!(second.disks[0].bytes_from_previous, CHUNK_SIZE);
     let raw = dir.path().join("second.raw");
     let mut f = std::fs::File::create(&raw).unwrap();
     let second_id = BackupId {
@@ -506,7 +527,7 @@ async fn tracking_moves_to_the_overlay_of_a_snapshot_of_the_running_vm() {
         .unwrap();
     crate::qemu::kill_and_wait(pid, &dir).await;
     assert_eq!(second.full_reason, None, "{second:?}");
-    assert_eq!(second.disks[0].bytes_read, 2 * CHUNK_SIZE, "{second:?}");
+    assert_eq!(second.disks[0].bytes_read, 2 * GRANULE, "{second:?}");
 }
 
 #[tokio::test]
@@ -537,7 +558,7 @@ async fn stopped_vm_backups_read_what_changed_and_tracking_survives_a_snapshot()
         .await
         .unwrap();
     assert_eq!(second.full_reason, None, "{second:?}");
-    assert_eq!(second.disks[0].bytes_read, CHUNK_SIZE);
+    assert_eq!(second.disks[0].bytes_read, GRANULE);
 
     // A snapshot of the stopped VM: the disk becomes a layer under a new
     // overlay, which gets its tracking; a write before the snapshot and one
@@ -559,7 +580,7 @@ async fn stopped_vm_backups_read_what_changed_and_tracking_survives_a_snapshot()
         .await
         .unwrap();
     assert_eq!(third.full_reason, None, "{third:?}");
-    assert_eq!(third.disks[0].bytes_read, 2 * CHUNK_SIZE, "{third:?}");
+    assert_eq!(third.disks[0].bytes_read, 2 * GRANULE, "{third:?}");
     let raw = dir.path().join("third.raw");
     let mut f = std::fs::File::create(&raw).unwrap();
     let third_id = BackupId {
