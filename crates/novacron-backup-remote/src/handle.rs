@@ -55,6 +55,7 @@ impl HandleError {
                 StoreError::Exists(_) | StoreError::MissingChunk(_) => ErrorKind::Conflict,
                 StoreError::Name { .. } | StoreError::Chunk { .. } => ErrorKind::Invalid,
                 StoreError::Io { .. }
+                | StoreError::Full { .. }
                 | StoreError::NotADatastore(_)
                 | StoreError::Index { .. }
                 | StoreError::IndexDigest { .. }

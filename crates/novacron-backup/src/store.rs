@@ -31,6 +31,12 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("The store's disk is full: cannot {what}")]
+    Full {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0} is not a datastore (no {CHUNKS} directory)")]
     NotADatastore(String),
     #[error("Chunk {0} is missing")]
@@ -65,17 +71,23 @@ pub enum StoreError {
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     let what = what.into();
-    move |source| StoreError::Io { what, source }
+    move |source| match source.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => StoreError::Full { what, source },
+        _ => StoreError::Io { what, source },
+    }
 }
 
-/// Writes `bytes` to `path` through a file beside it, synced, then renamed.
+/// Writes `bytes` to `path` through a file beside it, synced, then renamed;
+/// a failed write leaves nothing behind.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(io(format!("write {}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(io(format!("rename {}", tmp.display())))
+    let written = fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io(format!("write {}", path.display()))(e)
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -164,8 +176,13 @@ impl Datastore {
         static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = path.with_extension(format!("{}-{n}.tmp", std::process::id()));
-        fs::write(&tmp, file).map_err(io(format!("write {}", tmp.display())))?;
-        fs::rename(&tmp, &path).map_err(io(format!("rename {}", tmp.display())))
+        fs::write(&tmp, file)
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(|e| {
+                // A chunk that did not fit leaves nothing behind.
+                let _ = fs::remove_file(&tmp);
+                io(format!("write chunk {digest}"))(e)
+            })
     }
 
     /// A chunk's file as stored (header, then the data, compressed or not),

@@ -4,8 +4,8 @@
 //! from its disk files) and after it starts again (the tracking bitmap
 //! lives in the qcow2); a killed QEMU makes the next one full, saying why.
 //! A restore into a new VM boots with the data written before the backup.
-//! Verify and restore find a damaged chunk; stores, RBAC and bad input
-//! answer clearly.
+//! Verify and restore find a damaged chunk; a store whose disk is full,
+//! stores, RBAC and bad input answer clearly.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test harness code: panics are failures
 
 mod common;
@@ -19,6 +19,7 @@ use novacron_api::{Backup, BackupVerification, RunStrategy, VmPhase};
 const BOOT: Duration = Duration::from_secs(120);
 const GUEST: Duration = Duration::from_secs(60);
 const CHUNK: u64 = 4 * 1024 * 1024;
+const MIB: u64 = 1024 * 1024;
 
 fn backup(c: &Cluster, vm: &str, store: Option<&str>) -> Backup {
     let mut args = vec!["-o", "json", "backup", "create", vm];
@@ -34,6 +35,29 @@ fn backup(c: &Cluster, vm: &str, store: Option<&str>) -> Backup {
 
 fn read(b: &Backup) -> u64 {
     b.disks.iter().map(|d| d.bytes_read).sum()
+}
+
+/// A 256 KiB tmpfs at a path: a disk that fills at once. Unmounted when
+/// dropped, whatever the test did.
+struct TinyMount(std::path::PathBuf);
+
+impl TinyMount {
+    fn new(path: &std::path::Path) -> TinyMount {
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
+        TinyMount(path.into())
+    }
+}
+
+impl Drop for TinyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).output();
+    }
 }
 
 async fn start_and_wait(c: &Cluster, vm: &str, boot: usize) {
@@ -73,8 +97,9 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     let disks: Vec<&str> = first.disks.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(disks, ["root", "data"]);
 
-    // The guest writes 1 MiB: the next backup reads the chunks it touched
-    // (and the filesystem's metadata), not the disks.
+    // The guest writes 1 MiB: the next backup reads what it changed (and
+    // the filesystem's metadata), not the disks: at least that 1 MiB, at
+    // most the chunks it touched.
     let wrote = guest_run(
         &c,
         "keeper",
@@ -86,7 +111,7 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     assert!(wrote.ends_with("rc=0"), "{wrote}");
     let second = backup(&c, "keeper", None);
     assert!(second.incremental(), "{second:?}");
-    assert!(read(&second) >= CHUNK && read(&second) <= 4 * CHUNK, "{second:?}");
+    assert!(read(&second) >= MIB && read(&second) <= 4 * CHUNK, "{second:?}");
     let total: u64 = second.disks.iter().map(|d| d.size).sum();
     assert!(read(&second) * 10 < total, "{second:?}");
 
@@ -133,7 +158,7 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     assert!(wrote.ends_with("rc=0"), "{wrote}");
     let migrated = backup(&c, "keeper", None);
     assert!(migrated.incremental(), "{migrated:?}");
-    assert!(read(&migrated) >= CHUNK && read(&migrated) <= 4 * CHUNK, "{migrated:?}");
+    assert!(read(&migrated) >= MIB && read(&migrated) <= 4 * CHUNK, "{migrated:?}");
 
     // Another store: its first backup is full, and says why.
     let offsite = c.dir.path().join("offsite");
@@ -154,6 +179,29 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
             .contains("first backup of this VM in store \"offsite\""),
         "{there:?}"
     );
+
+    // A store whose disk is full: the backup fails saying so, none is
+    // listed, no partial chunk file is left, and the chain is unharmed (the
+    // next backup to "offsite" is still incremental).
+    let tiny = TinyMount::new(&c.dir.path().join("tiny"));
+    ok(c.cli(&["backup-store", "add", "tiny", tiny.0.to_str().unwrap()])
+        .output()
+        .expect("cli"));
+    cli_fails(&c, &["backup", "create", "keeper", "--store", "tiny"], "disk is full");
+    let listed = ok(c
+        .cli(&["-o", "json", "backup", "list", "--store", "tiny"])
+        .output()
+        .expect("cli"));
+    assert!(serde_json::from_str::<Vec<Backup>>(&listed).unwrap().is_empty());
+    let left: Vec<_> = walk(&tiny.0)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    ok(c.cli(&["backup-store", "remove", "tiny"]).output().expect("cli"));
+    drop(tiny);
+    let still = backup(&c, "keeper", Some("offsite"));
+    assert!(still.incremental(), "{still:?}");
 
     // QEMU killed: what it tracked was never saved; the next backup is full.
     let pids = c.qemu_pids();
@@ -337,7 +385,7 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
         .expect("cli"));
     let viewer = c.client_with_token(viewer.trim());
     let seen: Vec<Backup> = viewer.get_json("backups").await.unwrap();
-    assert_eq!(seen.len(), 7);
+    assert_eq!(seen.len(), 8);
     let refused = viewer
         .post_json::<_, serde_json::Value>("vms/keeper/backups", &serde_json::json!({}))
         .await
@@ -348,7 +396,7 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
     ok(c.cli(&["backup", "delete", &first.id]).output().expect("cli"));
     cli_fails(&c, &["backup", "get", &first.id], "not found");
     let left: Vec<Backup> = c.client.get_json("backups").await.unwrap();
-    assert_eq!(left.len(), 6);
+    assert_eq!(left.len(), 7);
 
     // Prune keeps what the rules say (here the newest in `local`); garbage
     // collection then takes back the chunks only the pruned ones used, and
@@ -370,11 +418,11 @@ async fn backups_are_incremental_across_restarts_and_full_after_a_crash() {
         .expect("cli")))
     .unwrap();
     assert!(gc.chunks_removed > 0 && gc.chunks_in_use > 0, "{gc:?}");
-    for b in [&there, &after_kill] {
+    for b in [&there, &still, &after_kill] {
         ok(c.cli(&["backup", "verify", &b.id]).output().expect("cli"));
     }
     let left: Vec<Backup> = c.client.get_json("backups").await.unwrap();
-    assert_eq!(left.len(), 3);
+    assert_eq!(left.len(), 4);
 }
 
 /// Every file under `dir`.
