@@ -255,6 +255,11 @@ pub struct RestoreBackup {
     /// (`status.live_restore`). Implies `start`; not with `in_place`.
     #[serde(default)]
     pub live: bool,
+    /// A new VM from a backup that holds volumes: restore its own disks
+    /// only (volumes come back only in place, attached; without this such a
+    /// restore is refused rather than leave their data behind unsaid).
+    #[serde(default)]
+    pub without_volumes: bool,
 }
 
 /// One line of the newline-delimited JSON a backup run streams.

@@ -69,6 +69,10 @@ pub enum BackupCommand {
         /// how far).
         #[arg(long, conflicts_with = "in_place")]
         live: bool,
+        /// A new VM from a backup with volumes: restore its own disks only
+        /// (volumes come back only --in-place, into the VM they are attached to).
+        #[arg(long, conflicts_with = "in_place")]
+        without_volumes: bool,
     },
 }
 
@@ -256,6 +260,7 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
             start,
             in_place,
             live,
+            without_volumes,
         } => {
             let path = backup_path(&id)?;
             let name = match name {
@@ -270,6 +275,7 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> Result<()> {
                 start,
                 in_place,
                 live,
+                without_volumes,
             };
             let vm: novacron_api::Vm = c.post_json(&format!("{path}/restore"), &req).await?;
             if in_place {

@@ -188,13 +188,15 @@ pub(super) fn parse_index(bytes: &[u8], disk: &str, src: &RestoreSource) -> Resu
     Ok(index)
 }
 
-/// The disks of `backup` this VM has, with their files in `dir`.
+/// The disks of `backup` this VM has, with their files in `dir`: its root
+/// and data disks, and the volumes of the backup attached to it (the
+/// server allows a restore in place only when all are).
 pub(super) fn vm_disks<'a>(backup: &'a Backup, dir: &VmDir) -> Vec<(&'a str, PathBuf)> {
     backup
         .disks
         .iter()
-        .filter(|d| qemu::DISK_NODES.contains(&d.name.as_str()))
         .filter_map(|d| dir.disk_file(&d.name).map(|f| (d.name.as_str(), f)))
+        .filter(|(name, file)| qemu::DISK_NODES.contains(name) || file.exists())
         .collect()
 }
 
@@ -223,7 +225,9 @@ async fn restore_aside(
     };
     for (disk, target, index) in disks {
         let partial = target.with_extension("restore.qcow2");
-        let sock = dir.path.join(format!("restore-{disk}.sock"));
+        // One disk at a time; not named by the disk, whose name (a
+        // volume's) would make the path too long for a Unix socket.
+        let sock = dir.path.join("restore.sock");
         let size = index.size;
         let mut export = None;
         // The qcow2 takes the data from an export of the chunks as they come

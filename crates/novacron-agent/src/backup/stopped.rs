@@ -102,7 +102,9 @@ struct FileExport {
 
 impl FileExport {
     async fn start(dir: &Path, disk: &str, file: &Path, with_bitmap: bool) -> Result<FileExport, BackupError> {
-        let socket = dir.join(format!("backup-{disk}.sock"));
+        // One disk at a time; not named by the disk, whose name (a
+        // volume's) would make the path too long for a Unix socket.
+        let socket = dir.join("backup-file.sock");
         let _ = std::fs::remove_file(&socket);
         let mut cmd = tokio::process::Command::new("qemu-nbd");
         cmd.args(["--read-only", "--format=qcow2", "--export-name=disk"])

@@ -105,6 +105,31 @@ pub(super) async fn take(
     ([(CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response()
 }
 
+/// The volumes of the VM in `dir` that its QEMU has open, by disk name
+/// (`vol-ID`), with their nodes (never under a snapshot's overlay: a
+/// snapshot is of the VM's own disks).
+async fn plugged_volumes(
+    qmp: &novacron_qmp::Qmp,
+    dir: &VmDir,
+) -> Result<std::collections::BTreeMap<String, String>, novacron_qmp::QmpError> {
+    let nodes = qmp
+        .run(&novacron_qmp::commands::QueryNamedBlockNodes { flat: true })
+        .await?;
+    Ok(dir
+        .volume_ids()
+        .into_iter()
+        .filter_map(|id| {
+            let file = dir.volume(&id).display().to_string();
+            let node = nodes
+                .iter()
+                .find(|n| n.drv == "qcow2" && n.file == file)?
+                .node_name
+                .clone()?;
+            Some((format!("vol-{id}"), node))
+        })
+        .collect())
+}
+
 async fn run(
     dir: &VmDir,
     id: &str,
@@ -126,10 +151,8 @@ async fn run(
         }
     };
     if dir.running_pid().is_none() {
-        let disks: Vec<(String, std::path::PathBuf)> = qemu::DISK_NODES
-            .iter()
-            .filter_map(|d| Some((d.to_string(), dir.disk_file(d).filter(|p| p.exists())?)))
-            .collect();
+        // Root, data and the attached volumes.
+        let disks = dir.disk_files();
         if disks.is_empty() {
             return Err(format!("VM {vm:?} has no disks yet"));
         }
@@ -140,16 +163,21 @@ async fn run(
     let qmp = novacron_qmp::Qmp::connect(&dir.qmp_migrate(), Duration::from_secs(10))
         .await
         .map_err(|e| format!("Cannot reach the VM's QEMU: {}", chain(&e)))?;
-    let tops = crate::snapshots::top_nodes(&qmp)
+    let mut tops = crate::snapshots::top_nodes(&qmp)
         .await
         .map_err(|e| format!("Cannot list the VM's disks: {}", chain(&e)))?;
+    tops.extend(
+        plugged_volumes(&qmp, dir)
+            .await
+            .map_err(|e| format!("Cannot list the VM's volumes: {}", chain(&e)))?,
+    );
     let mut disks = Vec::new();
-    // Root first, as everywhere else.
-    for disk in qemu::DISK_NODES.iter().copied() {
-        let (Some(top), Some(file)) = (tops.get(disk), dir.disk_file(disk)) else {
+    // Root first, as everywhere else; then the volumes plugged into QEMU
+    // (one being attached or detached is not, and is left out).
+    for (disk, file) in dir.disk_files() {
+        let Some(top) = tops.get(&disk).cloned() else {
             continue;
         };
-        let (disk, top) = (disk.to_string(), top.clone());
         let size = qemu::virtual_size(&file)
             .await
             .map_err(|e| format!("Cannot read disk {disk}: {}", chain(&e)))?;

@@ -621,9 +621,10 @@ pub struct GcQuery {
 /// back, checked against its digest, when the VM is first placed; a
 /// damaged chunk fails the VM naming it), or, `live`, as it runs: the VM
 /// starts at once and reads what is not restored yet on demand while the
-/// rest streams in (`status.live_restore`). Volumes are not part of a VM's
-/// backup. With `in_place`, the backup's disks replace those of the
-/// stopped VM `name` instead (all of them or none; its settings stay).
+/// rest streams in (`status.live_restore`); a backup with volumes only with
+/// `without_volumes`. With `in_place`, the backup's disks replace those of
+/// the stopped VM `name` instead (all of them or none, its volumes too,
+/// which must be attached to it; its settings stay).
 #[utoipa::path(post, path = "/v1/backups/{store}/{vm}/{time}/restore", tag = "backups",
     params(("store" = String, Path), ("vm" = String, Path), ("time" = String, Path)),
     request_body = RestoreBackup,
@@ -654,9 +655,30 @@ async fn restore_backup(
             "a live restore starts a new VM on the backup's disks; a restore in place is of a stopped VM's",
         ));
     }
+    let volumes: Vec<&str> = backup
+        .disks
+        .iter()
+        .filter_map(|d| d.name.strip_prefix("vol-"))
+        .collect();
     if req.in_place {
-        let vm = restore_in_place(&state, &p, &req, &backup, source).await?;
+        if req.without_volumes {
+            return Err(ApiError::invalid(
+                "without_volumes",
+                "a restore in place puts back every disk of the backup, the VM's volumes too",
+            ));
+        }
+        let vm = restore_in_place(&state, &p, &req, &backup, &volumes, source).await?;
         return Ok((StatusCode::OK, Json(vm)));
+    }
+    if !volumes.is_empty() && !req.without_volumes {
+        return Err(ApiError::invalid(
+            "without_volumes",
+            format!(
+                "backup {} holds volumes ({}): a restore into a new VM does not bring volumes back; restore in place over the VM they are attached to, or restore the VM's own disks only (without_volumes, --without-volumes)",
+                backup.id,
+                volumes.join(", ")
+            ),
+        ));
     }
     let (manifest, _) = handle.view(&id).await.map_err(store_error)?;
     let config = manifest.config.ok_or_else(|| {
@@ -698,9 +720,25 @@ async fn restore_in_place(
     p: &Principal,
     req: &RestoreBackup,
     backup: &Backup,
+    volumes: &[&str],
     source: RestoreSource,
 ) -> ApiResult<Vm> {
     let vm = find_authorized::<Vm>(state, p, &req.name, Verb::Update).await?;
+    // Each volume goes back into the volume it was; one no longer attached
+    // has nowhere to go.
+    let detached: Vec<&str> = volumes
+        .iter()
+        .copied()
+        .filter(|id| !vm.spec.volumes.iter().any(|a| a.id == *id))
+        .collect();
+    if !detached.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "backup {} holds volumes that are not attached to VM {:?} ({}): attach them first",
+            backup.id,
+            vm.metadata.name,
+            detached.join(", ")
+        )));
+    }
     if req.start {
         return Err(ApiError::invalid(
             "start",
@@ -743,6 +781,9 @@ async fn restore_in_place(
     let Json(vm) = super::vms::act(state, p, &vm.metadata.name, |v| {
         if !stopped(v) {
             return Err(ApiError::conflict("the VM was started meanwhile"));
+        }
+        if volumes.iter().any(|id| !v.spec.volumes.iter().any(|a| a.id == *id)) {
+            return Err(ApiError::conflict("a volume of the backup was detached meanwhile"));
         }
         v.spec.restore_from = Some(source.clone());
         v.spec.restore_generation += 1;
