@@ -44,6 +44,8 @@ pub enum VolumeError {
     },
     #[error("The data of volume {0:?} should be in this node's pool, but is not")]
     Missing(String),
+    #[error("Cannot drop the backup change tracking of volume {0:?}")]
+    Tracking(String, #[source] crate::backup::BackupError),
     #[error("Cannot move volume {volume:?}")]
     Io {
         volume: String,
@@ -95,30 +97,17 @@ pub async fn obtain(node: &NodeContext, dir: &VmDir, a: &VolumeAttachment) -> Re
                 fetch(node, there, a, &path).await?;
             }
         }
+        // The change tracking it brings counted from its last VM's
+        // backups, not this one's: this VM's first backup of it is full.
         if a.from_node.is_some() {
-            forget_tracking(&path).await?;
+            crate::backup::stopped::drop_tracking_in_file(&path)
+                .await
+                .map_err(|e| VolumeError::Tracking(a.volume.clone(), e))?;
         }
         tracing::info!(volume = %a.volume, from = ?a.from_node, "volume disk in place");
     }
     if qemu::virtual_size(&path).await? < a.size_mib * MIB {
         qemu::grow_disk(&path, a.size_mib).await?;
-    }
-    Ok(())
-}
-
-/// Drops the backup change tracking a volume's disk brings from its last
-/// VM: it counts from that VM's last backup, not this one's (whose backups
-/// may have cleared it meanwhile). This VM's first backup of it is full.
-async fn forget_tracking(path: &Path) -> Result<(), VolumeError> {
-    let cbt = crate::backup::export::CBT;
-    let info = qemu::image_info(path).await?;
-    let bitmaps = info["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if bitmaps.iter().any(|b| b["name"] == cbt) {
-        let args: [&std::ffi::OsStr; 4] = ["bitmap".as_ref(), "--remove".as_ref(), path.as_os_str(), cbt.as_ref()];
-        qemu::qemu_img_output(&args).await?;
     }
     Ok(())
 }

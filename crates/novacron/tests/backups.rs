@@ -1006,4 +1006,14 @@ async fn volumes_are_backed_up_with_their_vm_and_restored_in_place() {
         &["backup", "restore", &second.id, "--in-place"],
         "not attached to VM",
     );
+
+    // Attached again, from the pool: the tracking it brings counted from
+    // before it left, so its next backup here is full, saying why.
+    ok(c.cli(&["vm", "volume", "attach", "holder", "v1", "--wait"])
+        .output()
+        .expect("cli"));
+    let again = backup(&c, "holder", None);
+    let why = again.full_reason.clone().unwrap_or_default();
+    assert!(why.contains(&format!("{disk}: it has no change tracking")), "{again:?}");
+    assert!(!why.contains("root:"), "{again:?}");
 }

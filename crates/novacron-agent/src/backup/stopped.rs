@@ -44,24 +44,32 @@ pub async fn tracking_in_file(path: &Path) -> Result<Tracking, BackupError> {
 /// Starts [`CBT`] over in the qcow2 at `path`: from now on it marks what
 /// changes after the backup just stored.
 pub async fn reset_tracking_in_file(path: &Path, tracking: Tracking) -> Result<(), BackupError> {
-    let bitmap = |op: &'static str| {
-        let path = path.to_path_buf();
-        async move {
-            let args: [&std::ffi::OsStr; 4] = ["bitmap".as_ref(), op.as_ref(), path.as_os_str(), CBT.as_ref()];
-            qemu::qemu_img_output(&args)
-                .await
-                .map(drop)
-                .map_err(|e| BackupError::Export(format!("qemu-img bitmap {op} {}: {e}", path.display())))
-        }
-    };
     match tracking {
-        Tracking::Consistent => bitmap("--clear").await,
+        Tracking::Consistent => cbt_in_file(path, "--clear").await,
         Tracking::Inconsistent => {
-            bitmap("--remove").await?;
-            bitmap("--add").await
+            cbt_in_file(path, "--remove").await?;
+            cbt_in_file(path, "--add").await
         }
-        Tracking::Missing => bitmap("--add").await,
+        Tracking::Missing => cbt_in_file(path, "--add").await,
     }
+}
+
+/// Removes [`CBT`] from the qcow2 at `path`, if it has it: the next backup
+/// of the disk is full.
+pub async fn drop_tracking_in_file(path: &Path) -> Result<(), BackupError> {
+    match tracking_in_file(path).await? {
+        Tracking::Missing => Ok(()),
+        _ => cbt_in_file(path, "--remove").await,
+    }
+}
+
+/// `qemu-img bitmap OP` of [`CBT`] in the qcow2 at `path`.
+async fn cbt_in_file(path: &Path, op: &str) -> Result<(), BackupError> {
+    let args: [&std::ffi::OsStr; 4] = ["bitmap".as_ref(), op.as_ref(), path.as_os_str(), CBT.as_ref()];
+    qemu::qemu_img_output(&args)
+        .await
+        .map(drop)
+        .map_err(|e| BackupError::Export(format!("qemu-img bitmap {op} {}: {e}", path.display())))
 }
 
 /// Gives the overlay `to` (just made on `from`, a stopped VM's disk turned
