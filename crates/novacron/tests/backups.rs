@@ -996,6 +996,9 @@ async fn volumes_are_backed_up_with_their_vm_and_restored_in_place() {
         .expect("cli"));
     let read = qemu_io(&file, "read -P 0x5a 1M 1M");
     assert!(!read.contains("verification failed"), "{read}");
+    // The restored disks have no tracking: the next backup is full.
+    let fresh = backup(&c, "holder", None);
+    assert!(!fresh.incremental(), "{fresh:?}");
 
     // A volume of the backup no longer attached: nowhere to put it back.
     ok(c.cli(&["vm", "volume", "detach", "holder", "v1", "--wait"])
@@ -1008,7 +1011,8 @@ async fn volumes_are_backed_up_with_their_vm_and_restored_in_place() {
     );
 
     // Attached again, from the pool: the tracking it brings counted from
-    // before it left, so its next backup here is full, saying why.
+    // before it left, so its next backup here is full, saying why (the
+    // root disk's is incremental).
     ok(c.cli(&["vm", "volume", "attach", "holder", "v1", "--wait"])
         .output()
         .expect("cli"));
