@@ -2,7 +2,8 @@
 # Installs what NovaCron needs on a Debian machine (idempotent): QEMU >= 10, qemu-img,
 # busybox-static and a C toolchain for the guest image, curl for the demo, python3-venv
 # for the API fuzzer, iproute2, dnsmasq-base and nftables for VM networks, xorriso for
-# cloud-init seeds. (scripts/build-debian-image.sh installs what the Debian image needs.)
+# cloud-init seeds, prometheus for the metrics test. (scripts/build-debian-image.sh
+# installs what the Debian image needs.)
 set -euo pipefail
 
 SUDO=""
@@ -61,6 +62,8 @@ command -v nft >/dev/null || need+=(nftables)
 command -v xorriso >/dev/null || need+=(xorriso)
 # Tests log in to the Debian guest over SSH.
 command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
+# Tests scrape /metrics with a real Prometheus (started by the test itself).
+command -v prometheus >/dev/null || need+=(prometheus)
 # The API fuzzer (scripts/api-fuzz.sh) runs from a virtual environment.
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 

@@ -29,10 +29,12 @@ pub enum Resource {
     Backups,
     /// Datastores backups are written to (cluster-wide).
     BackupStores,
+    /// The Prometheus metrics of the whole cluster (`/metrics`).
+    Metrics,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 13] = [
+    pub const ALL: [Resource; 14] = [
         Resource::Vms,
         Resource::Images,
         Resource::Migrations,
@@ -46,6 +48,7 @@ impl Resource {
         Resource::Volumes,
         Resource::Backups,
         Resource::BackupStores,
+        Resource::Metrics,
     ];
 
     /// Objects of these resources belong to a project; the others are cluster-wide.
@@ -76,6 +79,7 @@ impl Resource {
             Resource::Volumes => "volumes",
             Resource::Backups => "backups",
             Resource::BackupStores => "backupstores",
+            Resource::Metrics => "metrics",
         }
     }
 }

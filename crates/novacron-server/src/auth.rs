@@ -171,12 +171,15 @@ pub fn builtin_roles() -> Vec<Role> {
     ]);
     // One-time join tokens can only fetch an agent certificate.
     let join = perms(&[(Nodes, &[Create])]);
+    // For Prometheus: the metrics, nothing else.
+    let monitoring = perms(&[(Metrics, read)]);
     [
         ("admin", perms(&admin)),
         ("operator", operator),
         ("viewer", viewer),
         ("agent", agent),
         ("join", join),
+        ("monitoring", monitoring),
     ]
     .into_iter()
     .map(|(name, permissions)| Role {

@@ -85,7 +85,9 @@ async fn place_pending(state: &AppState, caches: &Caches) -> Result<(), novacron
     for vm in pending {
         let req = scheduling::request(&vm);
         let name = vm.metadata.name.clone();
+        let deciding = std::time::Instant::now();
         let outcome = cluster.place(&req);
+        state.metrics.placement(deciding.elapsed(), outcome.is_ok());
         let updated = store
             .modify::<Vm, _>(&name, |v| {
                 if v.status.node.is_some() || v.metadata.deletion_requested_at.is_some() {

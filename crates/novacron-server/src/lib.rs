@@ -10,6 +10,7 @@ pub mod error;
 mod extract;
 mod ipam;
 pub mod limits;
+mod metrics;
 mod openapi;
 pub mod pki;
 mod proxy;
@@ -128,6 +129,7 @@ pub struct AppState {
     pub agents: reqwest::Client,
     /// Watch streams and console sessions each token holds open.
     pub open_streams: Arc<limits::OpenStreams>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
@@ -181,6 +183,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::projects::router())
         .merge(routes::audit::router())
         .merge(routes::scheduler::router())
+        .merge(metrics::router())
         .split_for_parts();
     // Login needs no token, so it is routed outside the token layer but documented with the rest.
     let (login, login_doc) = OpenApiRouter::new()
@@ -220,6 +223,7 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -295,6 +299,7 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         policy_runs: Default::default(),
         agents,
         open_streams: Default::default(),
+        metrics: Default::default(),
     })
 }
 

@@ -555,6 +555,8 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("DELETE", "/v1/projects/{name}", "Ynnnnnnn", "Ynnnnnnn"),
     ("GET", "/v1/audit", "YYnnnnnn", "YYnnnnnn"),
     ("GET", "/v1/audit/verify", "Ynnnnnnn", "Ynnnnnnn"),
+    // Every project's VMs: no token limited to a project.
+    ("GET", "/metrics", "Ynnnnnnn", "Ynnnnnnn"),
 ];
 
 /// Endpoints that need no token.
