@@ -70,6 +70,7 @@ pub fn router(state: HttpState) -> Router {
             "/agent/v1/volumes/{id}",
             get(pooled_volume).delete(delete_pooled_volume),
         )
+        .route("/agent/v1/vm-stats", get(vm_stats))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_secret))
         .route("/agent/v1/healthz", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_revoked))
@@ -165,6 +166,11 @@ async fn exec(
 struct LogsQuery {
     #[serde(default)]
     follow: bool,
+}
+
+/// The running VMs' counters, for the server's metrics.
+async fn vm_stats(State(state): State<HttpState>) -> Json<Vec<novacron_api::agent::VmStats>> {
+    Json(crate::stats::collect(&state.node).await)
 }
 
 async fn logs(State(state): State<HttpState>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> Response {

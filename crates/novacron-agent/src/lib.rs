@@ -21,6 +21,7 @@ pub mod qemu;
 mod reconcile;
 mod seed;
 mod snapshots;
+mod stats;
 mod volumes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

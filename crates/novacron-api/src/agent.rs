@@ -152,3 +152,39 @@ pub struct BackupRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
 }
+
+/// A running VM's counters (`GET /agent/v1/vm-stats`), for the server's
+/// metrics. Counters count from the QEMU process's start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmStats {
+    pub vm_id: String,
+    /// CPU time its QEMU process used (vCPUs and I/O threads), seconds.
+    pub cpu_seconds: f64,
+    /// Memory of its QEMU process resident in the host's RAM.
+    pub resident_bytes: u64,
+    /// By drive; absent when its QEMU did not answer in time (a migration
+    /// or backup holding its monitor).
+    #[serde(default)]
+    pub disks: Vec<VmDiskStats>,
+    #[serde(default)]
+    pub nics: Vec<VmNicStats>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmDiskStats {
+    /// `root`, `data`, or a volume's `volN` (its slot).
+    pub drive: String,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
+}
+
+/// A NIC's traffic as the guest sees it (its tap's, the other way round).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmNicStats {
+    /// `nicN` (its slot).
+    pub interface: String,
+    pub receive_bytes: u64,
+    pub transmit_bytes: u64,
+}

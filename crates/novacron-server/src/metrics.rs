@@ -127,8 +127,16 @@ async fn scrape(State(state): State<AppState>, Extension(p): Extension<Principal
         "Placement decisions that found no node",
         m.unschedulable.clone(),
     );
+    // Every Ready node's VM counters, at once; a node that does not answer
+    // in time is left out (and says so in novacron_node_stats_up).
+    let asked = nodes.iter().filter(|n| n.status.ready).map(|n| {
+        let state = &state;
+        async move { (n.metadata.name.clone(), crate::proxy::vm_stats(state, n).await) }
+    });
+    let stats = futures::future::join_all(asked).await;
     register_nodes(&mut registry, &nodes);
     register_vms(&mut registry, &vms);
+    register_vm_stats(&mut registry, &vms, &stats);
     register_migrations(&mut registry, &migrations);
     let mut body = String::new();
     prometheus_client::encoding::text::encode(&mut body, &registry)
@@ -261,6 +269,150 @@ fn register_vms(registry: &mut Registry, vms: &[Vm]) {
         "novacron_vms",
         "VMs by phase",
         by_phase.into_iter().map(|(phase, n)| (PhaseLabels { phase }, n)),
+    );
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmNodeLabels {
+    vm: String,
+    project: String,
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DriveLabels {
+    vm: String,
+    project: String,
+    node: String,
+    drive: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceLabels {
+    vm: String,
+    project: String,
+    node: String,
+    interface: String,
+}
+
+type FloatCounter = Counter<f64, AtomicU64>;
+
+/// Counters read now from an agent, as Prometheus counters.
+fn counters<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (L, f64)>,
+) {
+    let family = Family::<L, FloatCounter>::default();
+    for (labels, value) in values {
+        family.get_or_create(&labels).inc_by(value);
+    }
+    registry.register(name, help, family);
+}
+
+type NodeStats = (String, ApiResult<Vec<novacron_api::agent::VmStats>>);
+
+fn register_vm_stats(registry: &mut Registry, vms: &[Vm], stats: &[NodeStats]) {
+    let by_id: std::collections::HashMap<&str, &Vm> = vms.iter().map(|v| (v.metadata.id.as_str(), v)).collect();
+    gauges(
+        registry,
+        "novacron_node_stats_up",
+        "1 when the node's agent gave its VMs' counters at this scrape",
+        stats
+            .iter()
+            .map(|(node, got)| (NodeLabels { node: node.clone() }, f64::from(u8::from(got.is_ok())))),
+    );
+    // (node, VM, its counters) for the VMs the store knows.
+    let by_id = &by_id;
+    let each: Vec<(&str, &Vm, &novacron_api::agent::VmStats)> = stats
+        .iter()
+        .filter_map(|(node, got)| Some((node.as_str(), got.as_ref().ok()?)))
+        .flat_map(|(node, list)| {
+            list.iter()
+                .filter_map(move |s| Some((node, *by_id.get(s.vm_id.as_str())?, s)))
+        })
+        .collect();
+    let vm_labels = |node: &str, v: &Vm| VmNodeLabels {
+        vm: v.metadata.name.clone(),
+        project: v.metadata.project.clone(),
+        node: node.to_string(),
+    };
+    counters(
+        registry,
+        "novacron_vm_cpu_usage_seconds",
+        "CPU time the VM's QEMU used (vCPUs and I/O threads)",
+        each.iter().map(|(n, v, s)| (vm_labels(n, v), s.cpu_seconds)),
+    );
+    gauges(
+        registry,
+        "novacron_vm_memory_resident_bytes",
+        "The VM's QEMU memory resident in the host's RAM",
+        each.iter().map(|(n, v, s)| (vm_labels(n, v), s.resident_bytes as f64)),
+    );
+    let drives: Vec<(DriveLabels, &novacron_api::agent::VmDiskStats)> = each
+        .iter()
+        .flat_map(|(n, v, s)| {
+            s.disks.iter().map(move |d| {
+                let l = DriveLabels {
+                    vm: v.metadata.name.clone(),
+                    project: v.metadata.project.clone(),
+                    node: n.to_string(),
+                    drive: d.drive.clone(),
+                };
+                (l, d)
+            })
+        })
+        .collect();
+    counters(
+        registry,
+        "novacron_vm_storage_read_traffic_bytes",
+        "Bytes the guest read from the drive",
+        drives.iter().map(|(l, d)| (l.clone(), d.read_bytes as f64)),
+    );
+    counters(
+        registry,
+        "novacron_vm_storage_write_traffic_bytes",
+        "Bytes the guest wrote to the drive",
+        drives.iter().map(|(l, d)| (l.clone(), d.write_bytes as f64)),
+    );
+    counters(
+        registry,
+        "novacron_vm_storage_iops_read",
+        "Reads the guest made from the drive",
+        drives.iter().map(|(l, d)| (l.clone(), d.read_ops as f64)),
+    );
+    counters(
+        registry,
+        "novacron_vm_storage_iops_write",
+        "Writes the guest made to the drive",
+        drives.iter().map(|(l, d)| (l.clone(), d.write_ops as f64)),
+    );
+    let nics: Vec<(InterfaceLabels, &novacron_api::agent::VmNicStats)> = each
+        .iter()
+        .flat_map(|(n, v, s)| {
+            s.nics.iter().map(move |i| {
+                let l = InterfaceLabels {
+                    vm: v.metadata.name.clone(),
+                    project: v.metadata.project.clone(),
+                    node: n.to_string(),
+                    interface: i.interface.clone(),
+                };
+                (l, i)
+            })
+        })
+        .collect();
+    counters(
+        registry,
+        "novacron_vm_network_receive_bytes",
+        "Bytes the guest received on the NIC",
+        nics.iter().map(|(l, i)| (l.clone(), i.receive_bytes as f64)),
+    );
+    counters(
+        registry,
+        "novacron_vm_network_transmit_bytes",
+        "Bytes the guest sent on the NIC",
+        nics.iter().map(|(l, i)| (l.clone(), i.transmit_bytes as f64)),
     );
 }
 

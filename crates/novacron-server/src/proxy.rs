@@ -159,6 +159,25 @@ pub async fn root_image(state: &AppState, node: &Node, vm: &Vm) -> ApiResult<req
     answer(node, req).await
 }
 
+/// The counters of the VMs running on `node`, for the metrics.
+pub async fn vm_stats(state: &AppState, node: &Node) -> ApiResult<Vec<novacron_api::agent::VmStats>> {
+    let url = format!("{}/agent/v1/vm-stats", node.spec.address.trim_end_matches('/'));
+    let resp = state
+        .agents
+        .get(url)
+        .header(AGENT_SECRET_HEADER, state.agent_secret.as_ref())
+        .timeout(std::time::Duration::from_secs(3))
+        .send()
+        .await
+        .map_err(|e| unreachable(node, e))?;
+    if !resp.status().is_success() {
+        return Err(unreachable(node, format!("agent answered {}", resp.status())));
+    }
+    resp.json()
+        .await
+        .map_err(|e| unreachable(node, format!("bad VM stats: {e}")))
+}
+
 /// Asks the source agent to predict a migration (`/agent/v1/plan`).
 pub async fn plan(state: &AppState, node: &Node, body: &PlanRequest) -> ApiResult<novacron_api::MigrationPlan> {
     let url = format!("{}/agent/v1/plan", node.spec.address.trim_end_matches('/'));

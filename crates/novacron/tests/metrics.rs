@@ -1,7 +1,8 @@
 //! The server's `/metrics` scraped by a real Prometheus (Debian's package,
 //! started here in a temp dir and stopped afterwards): a VM metric and a
 //! migration metric read back through Prometheus's query API, after a cold
-//! migration of a busybox VM between two agents. Scraping needs a token
+//! migration of a busybox VM between two agents, and the VM's own counters
+//! (CPU, memory, disk) from its new node's agent once it runs there. Scraping needs a token
 //! with `metrics:read` (the `monitoring` role); a viewer's is refused.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test harness code: panics are failures
 
@@ -157,6 +158,27 @@ async fn prometheus_scrapes_vm_and_migration_metrics() {
         "novacron_api_request_duration_seconds_count{route=\"/v1/vms/{name}\",method=\"GET\"}",
         |s| s.iter().any(|(_, v)| *v >= 1.0),
     )
+    .await;
+    // Started again on its new node: its QEMU's counters, from that agent.
+    ok(c.cli(&["vm", "start", "watched"]).output().expect("cli"));
+    c.wait_phase("watched", VmPhase::Running, BOOT).await;
+    wait_for(&p, "novacron_vm_cpu_usage_seconds_total{vm=\"watched\"}", |s| {
+        s.iter().any(|(l, v)| *v > 0.0 && l["node"] == target)
+    })
+    .await;
+    wait_for(&p, "novacron_vm_memory_resident_bytes{vm=\"watched\"}", |s| {
+        s.iter().any(|(_, v)| *v > 1e6)
+    })
+    .await;
+    wait_for(
+        &p,
+        "novacron_vm_storage_read_traffic_bytes_total{vm=\"watched\",drive=\"root\"}",
+        |s| s.iter().any(|(_, v)| *v > 0.0),
+    )
+    .await;
+    wait_for(&p, "novacron_node_stats_up", |s| {
+        s.len() == 2 && s.iter().all(|(_, v)| *v == 1.0)
+    })
     .await;
     // The scheduler placed the VM.
     wait_for(&p, "novacron_scheduler_decision_duration_seconds_count", |s| {

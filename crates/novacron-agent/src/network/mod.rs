@@ -108,7 +108,7 @@ pub fn vxlan_name(vni: u32) -> String {
 /// Taps of one VM on one node start with this (12 characters; interface
 /// names hold 15). The node is in it so that a VM's taps on the source
 /// and the target of a migration never share a name.
-fn tap_prefix(vm_id: &str, node: &str) -> String {
+pub(crate) fn tap_prefix(vm_id: &str, node: &str) -> String {
     let digest = Sha256::digest(format!("{vm_id}/{node}").as_bytes());
     format!("nc{}", &hex::encode(digest)[..10])
 }

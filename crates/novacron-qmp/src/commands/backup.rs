@@ -112,6 +112,29 @@ no_args! {
     QueryBlockExports = "query-block-exports" -> Vec<BlockExportInfo>;
 }
 
+no_args! {
+    /// Each block device's I/O counters.
+    QueryBlockstats = "query-blockstats" -> Vec<BlockStats>;
+}
+
+/// One device's counters (QAPI `BlockStats`, the members used).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockStats {
+    /// The guest device's id or QOM path, when a device uses the drive.
+    #[serde(default)]
+    pub qdev: Option<String>,
+    pub stats: BlockDeviceStats,
+}
+
+/// QAPI `BlockDeviceStats`, the members used.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockDeviceStats {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+}
+
 /// One block export (QAPI `BlockExportInfo`, the members used).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
