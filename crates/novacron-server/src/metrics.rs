@@ -39,12 +39,26 @@ struct RequestLabels {
     status: String,
 }
 
-/// Metrics counted as things happen (the rest is read from the store at
-/// each scrape).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndedLabels {
+    phase: String,
+    transport: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: String,
+}
+
+/// Metrics counted as things happen on this server (the rest is read from
+/// the store at each scrape).
 pub struct Metrics {
     requests: Family<RequestLabels, Histogram>,
     scheduler_decisions: Histogram,
     unschedulable: Counter,
+    migrations_ended: Family<EndedLabels, Counter>,
+    migration_durations: Family<TransportLabels, Histogram>,
+    migration_downtimes: Family<TransportLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -55,6 +69,11 @@ impl Default for Metrics {
             // 10 µs to ~0.3 s.
             scheduler_decisions: Histogram::new(exponential_buckets(0.000_01, 2.0, 16)),
             unschedulable: Counter::default(),
+            migrations_ended: Family::default(),
+            // 0.5 s to ~34 min.
+            migration_durations: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.5, 2.0, 12))),
+            // 1 ms to ~16 s.
+            migration_downtimes: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15))),
         }
     }
 }
@@ -67,6 +86,39 @@ impl Metrics {
             self.unschedulable.inc();
         }
     }
+
+    /// Migration `m` has just ended (its final status): counted by outcome
+    /// and transport; a completed one's duration and downtime observed.
+    pub fn migration_ended(&self, m: &Migration) {
+        let transport = transport_of(m);
+        let ended = EndedLabels {
+            phase: m.status.phase.to_string(),
+            transport: transport.clone(),
+        };
+        self.migrations_ended.get_or_create(&ended).inc();
+        if m.status.phase != novacron_api::MigrationPhase::Completed {
+            return;
+        }
+        let labels = TransportLabels { transport };
+        if let Some(ms) = m.status.total_time_ms {
+            self.migration_durations
+                .get_or_create(&labels)
+                .observe(ms as f64 / 1000.0);
+        }
+        if let Some(ms) = m.status.downtime_ms {
+            self.migration_downtimes
+                .get_or_create(&labels)
+                .observe(ms as f64 / 1000.0);
+        }
+    }
+}
+
+/// A migration's transport as a label (`none` before it has one).
+fn transport_of(m: &Migration) -> String {
+    m.status
+        .transport
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "none".into())
 }
 
 /// Times every request, by route pattern, method and status.
@@ -126,6 +178,21 @@ async fn scrape(State(state): State<AppState>, Extension(p): Extension<Principal
         "novacron_scheduler_unschedulable",
         "Placement decisions that found no node",
         m.unschedulable.clone(),
+    );
+    registry.register(
+        "novacron_migrations_ended",
+        "Migrations that ended while this server ran, by outcome and transport",
+        m.migrations_ended.clone(),
+    );
+    registry.register(
+        "novacron_migrations_duration_seconds",
+        "How long completed migrations took, by transport",
+        m.migration_durations.clone(),
+    );
+    registry.register(
+        "novacron_migrations_downtime_seconds",
+        "Guest downtime of completed migrations, by transport",
+        m.migration_downtimes.clone(),
     );
     // Every Ready node's VM counters, at once; a node that does not answer
     // in time is left out (and says so in novacron_node_stats_up).
@@ -431,12 +498,7 @@ struct OutcomeLabels {
 }
 
 fn register_migrations(registry: &mut Registry, migrations: &[Migration]) {
-    let transport = |m: &Migration| {
-        m.status
-            .transport
-            .map(|t| format!("{t:?}").to_lowercase())
-            .unwrap_or_else(|| "none".into())
-    };
+    let transport = transport_of;
     let labels = |m: &Migration| MigrationLabels {
         migration: m.metadata.name.clone(),
         vm: m.spec.vm.clone(),

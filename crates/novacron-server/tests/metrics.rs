@@ -55,10 +55,11 @@ async fn the_dashboard_queries_only_metrics_the_server_serves() {
     use novacron_api::agent::{VmDiskStats, VmNicStats, VmStats};
     use novacron_store::StoreExt;
     let h = Harness::new().await;
-    fixtures(&h).await;
+    let tokens = fixtures(&h).await;
+    let node_1 = tokens.iter().find(|t| t.contains("node-1")).unwrap().clone();
     h.call(Method::GET, "/v1/vms/vm-alpha", Some(&h.admin), None).await;
-    // Something in every family: a migration that ended, and node-1's
-    // agent reporting vm-alpha's counters.
+    // Something in every family (empty ones are not written): a migration
+    // that ended, and node-1's agent reporting vm-alpha's counters.
     let vm: novacron_api::Vm = h.state.store.get_obj("vm-alpha").await.unwrap().unwrap();
     let url = agent_answering(vec![VmStats {
         vm_id: vm.metadata.id.clone(),
@@ -87,16 +88,25 @@ async fn the_dashboard_queries_only_metrics_the_server_serves() {
         })
         .await
         .unwrap();
-    h.state
-        .store
-        .modify::<novacron_api::Migration, _>("mig-alpha", |m| {
-            m.status.phase = novacron_api::MigrationPhase::Completed;
-            m.status.total_time_ms = Some(1500);
-            m.status.downtime_ms = Some(40);
-            true
-        })
-        .await
-        .unwrap();
+    // mig-alpha ends as its source agent reports it.
+    let mut status = novacron_api::migration::MigrationStatus {
+        total_time_ms: Some(1500),
+        downtime_ms: Some(40),
+        transport: Some(novacron_api::migration::MigrationTransport::Dwcp),
+        ..Default::default()
+    };
+    status.source_node = "node-1".into();
+    status.target_node = "node-2".into();
+    let body = serde_json::json!({"target_qemu_pid": 4242, "status": status});
+    let (code, v) = h
+        .call(
+            Method::POST,
+            "/v1/migrations/mig-alpha/complete",
+            Some(&node_1),
+            Some(body),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{v}");
     let (status, text) = scrape(&h, &h.admin).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert!(text.ends_with("# EOF\n"), "not OpenMetrics: {text}");
@@ -141,6 +151,16 @@ async fn the_dashboard_queries_only_metrics_the_server_serves() {
         "{text}"
     );
     assert!(text.contains("novacron_vm_network_transmit_bytes_total{vm=\"vm-alpha\",project=\"alpha\",node=\"node-1\",interface=\"nic0\"} 200"), "{text}");
+
+    // The migration, counted as it ended.
+    assert!(
+        text.contains("novacron_migrations_ended_total{phase=\"Completed\",transport=\"dwcp\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("novacron_migrations_downtime_seconds_count{transport=\"dwcp\"} 1"),
+        "{text}"
+    );
 
     // A token limited to a project, even an admin's, is refused.
     let limited = h.token("limited", "admin", Some("alpha")).await;

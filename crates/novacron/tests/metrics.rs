@@ -152,6 +152,15 @@ async fn prometheus_scrapes_vm_and_migration_metrics() {
         s.iter().any(|(l, v)| *v > 0.0 && l["phase"] == "Completed")
     })
     .await;
+    // Counted as it ended: by outcome, and its duration in the histogram.
+    wait_for(&p, "novacron_migrations_ended_total{phase=\"Completed\"}", |s| {
+        s.iter().map(|(_, v)| v).sum::<f64>() >= 1.0
+    })
+    .await;
+    wait_for(&p, "novacron_migrations_duration_seconds_count", |s| {
+        s.iter().map(|(_, v)| v).sum::<f64>() >= 1.0
+    })
+    .await;
     // The API's own request durations, by route.
     wait_for(
         &p,

@@ -363,8 +363,13 @@ async fn put_migration_status(
     if m.status.phase.is_final() && body.status.phase != m.status.phase {
         return Err(ApiError::conflict("migration already ended"));
     }
+    let ends = !m.status.phase.is_final() && body.status.phase.is_final();
     m.status = body.status;
-    Ok(Json(state.store.update_obj(&m).await?))
+    let m = state.store.update_obj(&m).await?;
+    if ends {
+        state.metrics.migration_ended(&m);
+    }
+    Ok(Json(m))
 }
 
 /// Agent: the VM runs on the target. Rebinds the VM, then records the
@@ -417,6 +422,7 @@ async fn complete_migration(
         })
         .await?;
     tracing::info!(migration = %m.metadata.name, vm = %m.spec.vm, node = %target, "migration completed");
+    state.metrics.migration_ended(&m);
     state.placement_wakeup.notify_one();
     Ok(Json(m))
 }
