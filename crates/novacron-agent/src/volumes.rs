@@ -299,11 +299,22 @@ pub async fn sync_running(
             }
             (want, Some((id, _))) => {
                 // The guest let the device go: its node, then its file follow.
+                let deleted = qmp
+                    .run(&BlockdevDel {
+                        node_name: volume::node_name(slot),
+                    })
+                    .await;
+                match deleted {
+                    Ok(_) => {}
+                    // The device leaves the tree before QEMU frees it (RCU),
+                    // and with it its hold on the node: the next pass.
+                    Err(QmpError::Command { desc, .. }) if desc.contains("is in use") => {
+                        tracing::debug!(vm = %name, slot, "volume node still held by its departing device");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 plugs.unplug_sent.remove(&slot);
-                qmp.run(&BlockdevDel {
-                    node_name: volume::node_name(slot),
-                })
-                .await?;
                 release(node, dir, id)?;
                 tracing::info!(vm = %name, slot, volume_id = %id, "volume unplugged");
                 if let Some(a) = want {

@@ -217,7 +217,7 @@ pub struct CreateRole {
     /// `resource:verb` patterns, `*` allowed on either side.
     #[schema(min_items = 1)]
     #[schema(
-        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks|volumes|backups|backupstores):(\*|read|create|update|delete|console|exec|status)$"
+        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks|volumes|backups|backupstores|metrics):(\*|read|create|update|delete|console|exec|status)$"
     )]
     pub permissions: Vec<String>,
 }
