@@ -4,6 +4,7 @@
 //! nothing outlives a test, also when it fails.
 #![allow(dead_code)]
 
+pub mod backup;
 pub mod guestnet;
 pub mod netlab;
 
