@@ -31,10 +31,14 @@ pub enum Resource {
     BackupStores,
     /// The Prometheus metrics of the whole cluster (`/metrics`).
     Metrics,
+    /// What happened to objects (in their project; nodes' events in none).
+    Events,
+    /// Receivers events are delivered to (cluster-wide).
+    Webhooks,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 14] = [
+    pub const ALL: [Resource; 16] = [
         Resource::Vms,
         Resource::Images,
         Resource::Migrations,
@@ -49,6 +53,8 @@ impl Resource {
         Resource::Backups,
         Resource::BackupStores,
         Resource::Metrics,
+        Resource::Events,
+        Resource::Webhooks,
     ];
 
     /// Objects of these resources belong to a project; the others are cluster-wide.
@@ -61,6 +67,7 @@ impl Resource {
                 | Resource::Networks
                 | Resource::Volumes
                 | Resource::Backups
+                | Resource::Events
         )
     }
 
@@ -80,6 +87,8 @@ impl Resource {
             Resource::Backups => "backups",
             Resource::BackupStores => "backupstores",
             Resource::Metrics => "metrics",
+            Resource::Events => "events",
+            Resource::Webhooks => "webhooks",
         }
     }
 }
@@ -217,7 +226,7 @@ pub struct CreateRole {
     /// `resource:verb` patterns, `*` allowed on either side.
     #[schema(min_items = 1)]
     #[schema(
-        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks|volumes|backups|backupstores|metrics):(\*|read|create|update|delete|console|exec|status)$"
+        pattern = r"^(\*|vms|images|migrations|nodes|projects|users|roles|tokens|audit|networks|volumes|backups|backupstores|metrics|events|webhooks):(\*|read|create|update|delete|console|exec|status)$"
     )]
     pub permissions: Vec<String>,
 }

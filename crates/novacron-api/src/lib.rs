@@ -6,6 +6,7 @@ pub mod backup;
 pub mod backup_policy;
 pub mod cloudinit;
 pub mod error;
+pub mod event;
 pub mod identity;
 pub mod migration;
 pub mod network;
@@ -24,6 +25,9 @@ pub use backup::{
 pub use backup_policy::{BackupPolicy, BackupPolicySpec, BackupPolicyStatus, CreateBackupPolicy};
 pub use cloudinit::CloudInitSpec;
 pub use error::{ErrorBody, ErrorDetail, FieldError};
+pub use event::{
+    CreateWebhook, Delivery, DeliveryState, Event, ObjectRef, Severity, Webhook, WebhookSpec, WebhookStatus,
+};
 pub use identity::*;
 pub use migration::*;
 pub use network::{CreateNetwork, Network, NetworkSpec, NetworkStatus, NicSpec, NicStatus, OverlayPeers, Reservation};

@@ -809,3 +809,5 @@ impl_object!(crate::volume::Volume, "volume");
 impl_object!(crate::security::SecurityGroup, "securitygroup");
 impl_object!(crate::backup::BackupStore, "backupstore");
 impl_object!(crate::backup_policy::BackupPolicy, "backuppolicy");
+impl_object!(crate::event::Event, "event");
+impl_object!(crate::event::Webhook, "webhook");

@@ -79,6 +79,12 @@ impl Resource for novacron_api::Volume {
 impl Resource for novacron_api::BackupPolicy {
     const PATH: &'static str = "backup-policies";
 }
+impl Resource for novacron_api::Event {
+    const PATH: &'static str = "events";
+}
+impl Resource for novacron_api::Webhook {
+    const PATH: &'static str = "webhooks";
+}
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<WatchEvent<T>, ClientError>> + Send>>;

@@ -147,6 +147,7 @@ pub fn builtin_roles() -> Vec<Role> {
         (BackupStores, read),
         (Nodes, read),
         (Projects, read),
+        (Events, read),
     ]);
     let viewer = perms(&[
         (Vms, read),
@@ -158,6 +159,7 @@ pub fn builtin_roles() -> Vec<Role> {
         (BackupStores, read),
         (Nodes, read),
         (Projects, read),
+        (Events, read),
     ]);
     let agent = perms(&[
         (Nodes, &[Read, Status]),

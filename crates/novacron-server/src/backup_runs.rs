@@ -265,6 +265,14 @@ async fn selected(state: &AppState, policy: &BackupPolicy) -> Result<Vec<Vm>, St
 
 /// Takes one backup and follows its progress stream to the outcome.
 async fn back_up(state: &AppState, vm: &Vm, store: &str) -> Result<Backup, String> {
+    let outcome = take(state, vm, store).await;
+    state
+        .events
+        .backup_ended(vm, outcome.as_ref().map(|b| b.id.as_str()).map_err(String::as_str));
+    outcome
+}
+
+async fn take(state: &AppState, vm: &Vm, store: &str) -> Result<Backup, String> {
     let answer = crate::routes::backups::start_backup(state, vm, store)
         .await
         .map_err(|e| e.message)?;

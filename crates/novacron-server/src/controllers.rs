@@ -48,6 +48,7 @@ pub fn spawn(state: AppState) -> JoinSet<()> {
     set.spawn(async move { crate::routes::image_download::fail_interrupted(&downloads).await });
     set.spawn(placement_loop(state.clone(), caches.clone()));
     set.spawn(crate::backup_runs::schedule_loop(state.clone()));
+    crate::events::spawn(state.events.clone(), state.store.clone(), &mut set);
     set.spawn(node_liveness_loop(state, caches));
     set
 }

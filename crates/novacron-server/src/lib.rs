@@ -7,6 +7,7 @@ mod backup_runs;
 mod cache;
 mod controllers;
 pub mod error;
+pub mod events;
 mod extract;
 mod ipam;
 pub mod limits;
@@ -17,6 +18,7 @@ mod proxy;
 mod routes;
 pub mod scheduling;
 pub mod totp;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -95,6 +97,8 @@ pub enum ServerError {
     Serve(#[source] std::io::Error),
     #[error("Cannot build HTTP client")]
     Http(#[source] reqwest::Error),
+    #[error("Cannot build the webhooks' HTTP client")]
+    WebhookClient(#[source] reqwest::Error),
     #[error("Cannot open the default backup store: {0}")]
     BackupStore(String),
     #[error("Cannot publish the cluster trust: {0:?}")]
@@ -130,6 +134,8 @@ pub struct AppState {
     /// Watch streams and console sessions each token holds open.
     pub open_streams: Arc<limits::OpenStreams>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Records events and hands them to the webhooks.
+    pub events: Arc<events::Recorder>,
 }
 
 impl AppState {
@@ -172,6 +178,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::backup_chunks::router())
         .merge(routes::backup_policies::router())
         .merge(routes::backup_sync::router())
+        .merge(routes::events::router())
         .merge(routes::nodes::router())
         .merge(routes::pki::router())
         .merge(routes::images::router())
@@ -283,7 +290,10 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
     }
     .build()
     .map_err(ServerError::Http)?;
+    let webhooks = Arc::new(webhooks::Dispatcher::new(store.clone()).map_err(ServerError::WebhookClient)?);
+    let events = Arc::new(events::Recorder::new(store.clone(), webhooks));
     Ok(AppState {
+        events,
         store,
         auth,
         audit,

@@ -7,6 +7,7 @@ mod config;
 mod console;
 mod dev;
 mod devnet;
+mod events;
 mod identity;
 mod images;
 mod migrations;
@@ -106,6 +107,11 @@ enum Command {
     /// Back up VMs on a schedule, pruned to keep rules.
     #[command(subcommand, name = "backup-policy")]
     BackupPolicy(backup_policies::BackupPolicyCommand),
+    /// What happened to VMs, migrations, nodes, backups (oldest first).
+    Events(events::EventsArgs),
+    /// Deliver events to HTTP receivers, signed.
+    #[command(subcommand)]
+    Webhook(events::WebhookCommand),
     /// Log in with a user name and password; saves the token for later commands.
     Login(identity::LoginArgs),
     /// Show the caller's identity and permissions.
@@ -355,6 +361,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::BackupStore(c) => backups::backup_store(&cli.global, c).await,
         Command::BackupKey(c) => backups::backup_key(c),
         Command::BackupPolicy(c) => backup_policies::backup_policy(&cli.global, c).await,
+        Command::Events(a) => events::events(&cli.global, a).await,
+        Command::Webhook(c) => events::webhook(&cli.global, c).await,
         Command::Network(c) => networks::network(&cli.global, c).await,
         Command::Volume(c) => volumes::volume(&cli.global, c).await,
         Command::SecurityGroup(c) => networks::security_group(&cli.global, c).await,

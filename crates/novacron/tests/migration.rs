@@ -189,6 +189,22 @@ async fn busy_guest_memory_survives_migration() {
         }
     }
     assert!(progress_events > 0, "no progress on the watch stream");
+    // Its start and end are events of the migration, with where and how long.
+    let (events, _) = c
+        .client
+        .list_all::<novacron_api::Event>(&Selector::fields(format!(
+            "involved.kind=migration,involved.name={}",
+            m.metadata.name
+        )))
+        .await
+        .expect("events");
+    let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
+    assert_eq!(topics, ["migration.started", "migration.completed"]);
+    let done = &events[1].message;
+    assert!(
+        done.starts_with(&format!("Moved VM busy from {source} to {other}")) && done.contains("downtime"),
+        "{done}"
+    );
 
     // The guest keeps running on the target: new workload reports, no mismatch.
     let (gen_before, _) = workload_state(&c.logs("busy").await);

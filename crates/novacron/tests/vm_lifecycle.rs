@@ -178,6 +178,30 @@ async fn full_lifecycle_on_a_real_guest() {
     assert_eq!(c.vm("web").await.status.reason.as_deref(), Some("Forced off"));
     assert!(c.qemu_pids().is_empty());
 
+    // What happened to it, as events, oldest first: every phase it went through.
+    let out = c
+        .cli(&["events", "--for", "vm/web", "--last", "0", "-o", "json"])
+        .output()
+        .expect("events");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let events: Vec<novacron_api::Event> = serde_json::from_slice(&out.stdout).expect("json");
+    let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
+    let first = |t: &str| {
+        topics
+            .iter()
+            .position(|x| *x == t)
+            .unwrap_or_else(|| panic!("no {t}: {topics:?}"))
+    };
+    assert!(first("vm.created") < first("vm.scheduled") && first("vm.scheduled") < first("vm.running"));
+    assert!(first("vm.running") < first("vm.paused") && first("vm.paused") < first("vm.stopped"));
+    let forced = events.iter().rev().find(|e| e.topic == "vm.stopped").expect("stopped");
+    assert_eq!(forced.reason, "Forced off");
+    assert_eq!(forced.node.as_deref(), Some(node.as_str()));
+    assert!(events.iter().all(|e| e.involved.name == "web"), "{topics:?}");
+    let out = c.cli(&["events", "--for", "vm/web"]).output().expect("events");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("vm/web") && table.contains("vm.paused"), "{table}");
+
     // A rebuild gives the stopped VM a fresh root disk (its boot count starts
     // again at 1); the data disk keeps its marker. A running VM is refused.
     let disk_marker = |log: &str, last: bool| {

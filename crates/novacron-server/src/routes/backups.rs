@@ -19,6 +19,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use futures::StreamExt;
 use novacron_api::backup::DEFAULT_STORE;
 use novacron_api::backup::{GcResult, KeepRules, PruneBackups, PruneResult, RestoreBackup, RestoreSource};
 use novacron_api::error::chain;
@@ -332,12 +333,48 @@ async fn take_backup(
     authorize(&p, Resource::Backups, Verb::Create, Some(&vm.metadata.project))?;
     let req: CreateBackup = body.parse_or_default()?;
     req.validate()?;
-    let events = start_backup(&state, &vm, req.store()).await?;
+    let answer = start_backup(&state, &vm, req.store()).await?;
     Ok((
         [(CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(events.bytes_stream()),
+        follow_backup(&state, vm, answer),
     )
         .into_response())
+}
+
+/// Relays the agent's progress stream to the caller and records the
+/// backup's outcome as an event, also when the caller has gone away.
+fn follow_backup(state: &AppState, vm: Vm, answer: reqwest::Response) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
+    let events = state.events.clone();
+    tokio::spawn(async move {
+        let mut progress = std::pin::pin!(novacron_client::ndjson_body::<novacron_api::BackupEvent>(answer));
+        let mut ended = false;
+        while let Some(event) = progress.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => novacron_api::BackupEvent::Failed {
+                    message: format!("the backup's progress stream broke: {}", chain(&e)),
+                },
+            };
+            match &event {
+                novacron_api::BackupEvent::Done(b) => events.backup_ended(&vm, Ok(&b.id)),
+                novacron_api::BackupEvent::Failed { message } => events.backup_ended(&vm, Err(message)),
+                novacron_api::BackupEvent::Progress { .. } => {}
+            }
+            ended |= !matches!(event, novacron_api::BackupEvent::Progress { .. });
+            let mut line = serde_json::to_vec(&event).unwrap_or_default();
+            line.push(b'\n');
+            // The caller may have gone: the outcome is still recorded.
+            let _ = tx.send(Ok(line.into())).await;
+            if ended {
+                break;
+            }
+        }
+        if !ended {
+            tracing::warn!(vm = %vm.metadata.name, "a backup's progress stream ended without its outcome");
+        }
+    });
+    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// Has the VM's agent begin a backup of it to `store`; the answer streams

@@ -5,6 +5,7 @@ pub mod backup_chunks;
 pub mod backup_policies;
 pub mod backup_sync;
 pub mod backups;
+pub mod events;
 pub mod health;
 pub mod identity;
 pub mod image_download;
@@ -103,6 +104,7 @@ pub fn selectable_fields() -> Vec<(&'static str, &'static [&'static str])> {
         ("/v1/security-groups", SecurityGroup::SELECTABLE),
         ("/v1/volumes", Volume::SELECTABLE),
         ("/v1/backup-policies", novacron_api::BackupPolicy::SELECTABLE),
+        ("/v1/events", novacron_api::Event::SELECTABLE),
     ]
 }
 
@@ -110,6 +112,8 @@ guarded!(Vm => Vms ["status.node", "status.phase"],
     Image => Images,
     Migration => Migrations ["status.source_node", "status.target_node", "status.phase", "spec.vm"],
     Network => Networks, SecurityGroup => Networks, Volume => Volumes, novacron_api::BackupPolicy => Backups,
+    novacron_api::Event => Events ["involved.kind", "involved.name", "topic", "type", "node"],
+    novacron_api::Webhook => Webhooks,
     Node => Nodes, ClusterTrust => Nodes, OverlayPeers => Nodes, Project => Projects, User => Users, Role => Roles, Token => Tokens, AuditRecord => Audit);
 
 /// The fields that tie an object to the node it concerns: a node's

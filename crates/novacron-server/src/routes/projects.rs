@@ -70,14 +70,18 @@ pub async fn check_quota(state: &AppState, project: &str, quota: &Quota, vm: &Vm
         ("vms", quota.vms, used.vms, asked.vms),
         ("addresses", quota.addresses, used.addresses, asked.addresses),
     ];
-    over_quota(project, &checks)
+    refused(state, project, over_quota(project, &checks))
 }
 
 /// Refuses (403) `asked` more addresses (NICs added to a VM) over quota.
 pub async fn check_address_quota(state: &AppState, project: &str, quota: &Quota, asked: u64) -> ApiResult<()> {
     let vms = state.store.list_all::<Vm>().await?;
     let used = usage_of(vms.iter().filter(|v| v.metadata.project == project));
-    over_quota(project, &[("addresses", quota.addresses, used.addresses, asked)])
+    refused(
+        state,
+        project,
+        over_quota(project, &[("addresses", quota.addresses, used.addresses, asked)]),
+    )
 }
 
 /// Refuses (403) `asked` more MiB of disk (a volume made or grown) over quota.
@@ -85,18 +89,34 @@ pub async fn check_disk_quota(state: &AppState, project: &str, quota: &Quota, as
     let vms = state.store.list_all::<Vm>().await?;
     let used =
         usage_of(vms.iter().filter(|v| v.metadata.project == project)).disk_mib + volume_mib(state, project).await?;
-    over_quota(project, &[("disk_mib", quota.disk_mib, used, asked)])
+    refused(
+        state,
+        project,
+        over_quota(project, &[("disk_mib", quota.disk_mib, used, asked)]),
+    )
 }
 
 /// Refuses (403) a network that would take its project over quota.
 pub async fn check_network_quota(state: &AppState, project: &str, quota: &Quota) -> ApiResult<()> {
     let used = count_networks(state, project).await?;
-    over_quota(project, &[("networks", quota.networks, used, 1)])
+    refused(
+        state,
+        project,
+        over_quota(project, &[("networks", quota.networks, used, 1)]),
+    )
 }
 
 async fn count_networks(state: &AppState, project: &str) -> ApiResult<u64> {
     let networks = state.store.list_all::<Network>().await?;
     Ok(networks.iter().filter(|n| n.metadata.project == project).count() as u64)
+}
+
+/// A refusal over quota is also an event of the project.
+fn refused(state: &AppState, project: &str, checked: ApiResult<()>) -> ApiResult<()> {
+    if let Err(e) = &checked {
+        state.events.quota_exceeded(project, &e.message);
+    }
+    checked
 }
 
 /// The first quota (name, limit, in use, asked) that the request would pass.

@@ -326,8 +326,26 @@ pub async fn reset_objects(h: &Harness) {
         m.status.target_node = "node-2".into();
         store.create_obj(&m).await.unwrap();
     }
+    for p in ["alpha", "beta"] {
+        let name = format!("ev-{p}");
+        let _ = store.delete("event", &name, None).await;
+        let mut metadata = Metadata::new(&name, Default::default());
+        metadata.project = p.into();
+        let event: novacron_api::Event = serde_json::from_value(json!({
+            "metadata": metadata,
+            "involved": {"kind": "vm", "name": format!("vm-{p}")},
+            "topic": "vm.running", "type": "Normal", "message": "Running on node node-1",
+        }))
+        .unwrap();
+        store.create_obj(&event).await.unwrap();
+    }
     reset_backups(h).await;
-    for (kind, name) in [("user", "u-target"), ("token", "t-target"), ("role", "r-target")] {
+    for (kind, name) in [
+        ("user", "u-target"),
+        ("token", "t-target"),
+        ("role", "r-target"),
+        ("webhook", "wh-target"),
+    ] {
         let _ = h.state.store.delete(kind, name, None).await;
     }
     h.admin(
@@ -346,6 +364,12 @@ pub async fn reset_objects(h: &Harness) {
         Method::POST,
         "/v1/tokens",
         json!({"name": "t-target", "role": "viewer"}),
+    )
+    .await;
+    h.admin(
+        Method::POST,
+        "/v1/webhooks",
+        json!({"name": "wh-target", "url": "http://127.0.0.1:9/hook", "events": ["vm.*"], "secret": "0123456789abcdef"}),
     )
     .await;
 }
@@ -557,6 +581,12 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("GET", "/v1/audit/verify", "Ynnnnnnn", "Ynnnnnnn"),
     // Every project's VMs: no token limited to a project.
     ("GET", "/metrics", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/events", "YYYYnnnn", "YYYYnnnn"),
+    ("GET", "/v1/events/{name}", "YYYYnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/webhooks", "YYnnnnnn", "YYnnnnnn"),
+    ("POST", "/v1/webhooks", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/webhooks/{name}", "YYnnnnnn", "YYnnnnnn"),
+    ("DELETE", "/v1/webhooks/{name}", "Ynnnnnnn", "Ynnnnnnn"),
 ];
 
 /// Endpoints that need no token.
@@ -581,6 +611,8 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         "users" => "u-target".into(),
         "tokens" => "t-target".into(),
         "roles" => "r-target".into(),
+        "events" => format!("ev-{p}"),
+        "webhooks" => "wh-target".into(),
         "projects" => p.into(),
         _ => String::new(),
     };
@@ -630,6 +662,9 @@ pub async fn request_for(h: &Harness, method: &str, template: &str, p: &str, n: 
         ("POST", "/v1/users") => Some(json!({"name": fresh, "password": "long-enough-1"})),
         ("POST", "/v1/tokens") => Some(json!({"name": fresh, "role": "viewer", "project": p})),
         ("POST", "/v1/roles") => Some(json!({"name": fresh, "permissions": ["vms:read"]})),
+        ("POST", "/v1/webhooks") => Some(
+            json!({"name": fresh, "url": "http://127.0.0.1:9/hook", "events": ["*"], "secret": "0123456789abcdef"}),
+        ),
         ("POST", "/v1/projects") => Some(json!({"name": fresh})),
         ("PUT", "/v1/projects/{name}") => Some(json!({"quota": {"vms": 100}})),
         ("PUT", "/v1/vms/{name}/status") => {
