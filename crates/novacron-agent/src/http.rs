@@ -29,6 +29,7 @@ use crate::migration::Migrations;
 use crate::qemu::VmDir;
 
 mod backups;
+mod metrics;
 mod snapshots;
 
 #[derive(Clone)]
@@ -41,6 +42,8 @@ pub struct HttpState {
     pub migrations: Migrations,
     /// This node (the guest agents of its VMs).
     pub node: Arc<crate::node::NodeContext>,
+    /// What the server said about the tokens scrapers presented.
+    pub scrapers: Arc<metrics::Verdicts>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -72,7 +75,13 @@ pub fn router(state: HttpState) -> Router {
         )
         .route("/agent/v1/vm-stats", get(vm_stats))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_secret))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_cluster_cert,
+        ))
         .route("/agent/v1/healthz", get(|| async { "ok" }))
+        // Checks its callers itself: Prometheus holds a token, not the agent secret.
+        .route("/metrics", get(metrics::scrape))
         .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_revoked))
         .with_state(state)
 }
@@ -88,6 +97,24 @@ async fn refuse_revoked(State(state): State<HttpState>, req: Request, next: Next
         if tls.is_revoked(&peer) {
             return error(StatusCode::FORBIDDEN, "This certificate has been revoked");
         }
+    }
+    next.run(req).await
+}
+
+/// Over TLS, the agent's own calls take callers with a cluster certificate
+/// only (the server and other agents). The handshake lets clients without
+/// one in, for `/metrics` (Prometheus holds a token), so this says no to
+/// them everywhere else.
+async fn require_cluster_cert(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let has_cert = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<novacron_tls::PeerInfo>>()
+        .is_some_and(|c| c.0.cert_sha256.is_some());
+    if state.tls.is_some() && !has_cert {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "This endpoint takes cluster certificates only",
+        );
     }
     next.run(req).await
 }

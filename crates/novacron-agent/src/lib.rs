@@ -280,10 +280,12 @@ pub async fn run(
         secret: secret.clone(),
         migrations: migrations.clone(),
         node: node.clone(),
+        scrapers: Default::default(),
     };
-    // Only the server and other agents (certificates from the cluster CA) get in over TLS.
+    // Clients without a certificate get through the handshake for /metrics
+    // only (http::require_cluster_cert); a certificate shown must be the cluster's.
     let listener_tls = match &tls {
-        Some(t) => Some(t.server_config(novacron_tls::ClientAuth::Required)?),
+        Some(t) => Some(t.server_config(novacron_tls::ClientAuth::Optional)?),
         None => None,
     };
     let http = tokio::spawn(async move {

@@ -203,6 +203,10 @@ pub fn process_is_ours(pid: u32, dir: &Path) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LaunchSpec {
     pub name: String,
+    /// The VM's project (for its metrics' labels); specs written before it
+    /// was recorded have none.
+    #[serde(default)]
+    pub project: String,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub accel: String,
@@ -399,6 +403,7 @@ impl LaunchSpec {
 pub(crate) fn paused_spec(dir: &VmDir, with_data_disk: bool) -> LaunchSpec {
     LaunchSpec {
         name: "paused".into(),
+        project: String::new(),
         vcpus: 1,
         memory_mib: 64,
         accel: "tcg".into(),
@@ -757,6 +762,7 @@ mod tests {
         let dir = VmDir::new(Path::new("/var/lib/nc/vms"), "1234");
         let spec = LaunchSpec {
             name: "web".into(),
+            project: "default".into(),
             vcpus: 2,
             memory_mib: 256,
             accel: "tcg".into(),

@@ -746,6 +746,7 @@ pub async fn prepare_launch(
     };
     Ok(LaunchSpec {
         name: vm.metadata.name.clone(),
+        project: vm.metadata.project.clone(),
         vcpus: vm.spec.vcpus,
         memory_mib: vm.spec.memory_mib,
         accel: accel.to_string(),

@@ -206,6 +206,17 @@ pub fn expand_permissions(patterns: &[String]) -> Result<BTreeSet<Permission>, S
     Ok(out)
 }
 
+/// Who am I: the caller's user, token, role, project and permissions.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WhoAmI {
+    pub actor: String,
+    pub user: Option<String>,
+    pub token: String,
+    pub role: String,
+    pub project: Option<String>,
+    pub permissions: Vec<String>,
+}
+
 /// A named set of permissions. `admin`, `operator`, `viewer` and `agent` are
 /// built in; others are created through the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -199,6 +199,11 @@ impl Client {
         } else {
             req.bearer_auth(&self.token)
         };
+        self.check(req, url).await
+    }
+
+    /// Sends as the request says (its own credentials); a refusal is an error.
+    async fn check(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
         let resp = req.send().await.map_err(|source| ClientError::Http {
             url: url.to_string(),
             source,
@@ -284,6 +289,15 @@ impl Client {
         let url = self.url(path);
         let resp = self.send(self.streaming.post(&url).json(body), &url).await?;
         Ok(ndjson_body(resp))
+    }
+
+    /// Who `token` is (not this client's own token): for a service that
+    /// takes the cluster's tokens and asks the server what they may do.
+    pub async fn whoami_of(&self, token: &str) -> Result<novacron_api::WhoAmI, ClientError> {
+        let url = self.url("whoami");
+        let resp = self.check(self.http.get(&url).bearer_auth(token), &url).await?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http { url, source })?;
+        serde_json::from_slice(&bytes).map_err(ClientError::Decode)
     }
 
     pub async fn get<T: Resource>(&self, name: &str) -> Result<T, ClientError> {

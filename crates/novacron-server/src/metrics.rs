@@ -4,7 +4,6 @@
 //! the store holds them at each scrape. Names follow KubeVirt's style
 //! (`novacron_<object>_<what>_<unit>`).
 
-use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -14,11 +13,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use novacron_api::migration::Migration;
 use novacron_api::{Node, Resource, Verb, Vm};
+use novacron_metrics::{gauges, VmLabels, OPENMETRICS};
 use novacron_store::StoreExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use utoipa_axum::router::OpenApiRouter;
@@ -28,7 +27,6 @@ use crate::auth::{authorize, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const MIB: f64 = 1024.0 * 1024.0;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -211,21 +209,6 @@ async fn scrape(State(state): State<AppState>, Extension(p): Extension<Principal
     Ok(([(CONTENT_TYPE, OPENMETRICS)], body).into_response())
 }
 
-type FloatGauge = Gauge<f64, AtomicU64>;
-
-fn gauges<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static>(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-    values: impl IntoIterator<Item = (L, f64)>,
-) {
-    let family = Family::<L, FloatGauge>::default();
-    for (labels, value) in values {
-        family.get_or_create(&labels).set(value);
-    }
-    registry.register(name, help, family);
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
     node: String,
@@ -290,7 +273,7 @@ fn register_nodes(registry: &mut Registry, nodes: &[Node]) {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VmLabels {
+struct VmPhaseLabels {
     vm: String,
     project: String,
     node: String,
@@ -303,7 +286,7 @@ struct PhaseLabels {
 }
 
 fn register_vms(registry: &mut Registry, vms: &[Vm]) {
-    let labels = |v: &Vm| VmLabels {
+    let labels = |v: &Vm| VmPhaseLabels {
         vm: v.metadata.name.clone(),
         project: v.metadata.project.clone(),
         node: v.status.node.clone().unwrap_or_default(),
@@ -339,45 +322,6 @@ fn register_vms(registry: &mut Registry, vms: &[Vm]) {
     );
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VmNodeLabels {
-    vm: String,
-    project: String,
-    node: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DriveLabels {
-    vm: String,
-    project: String,
-    node: String,
-    drive: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct InterfaceLabels {
-    vm: String,
-    project: String,
-    node: String,
-    interface: String,
-}
-
-type FloatCounter = Counter<f64, AtomicU64>;
-
-/// Counters read now from an agent, as Prometheus counters.
-fn counters<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static>(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-    values: impl IntoIterator<Item = (L, f64)>,
-) {
-    let family = Family::<L, FloatCounter>::default();
-    for (labels, value) in values {
-        family.get_or_create(&labels).inc_by(value);
-    }
-    registry.register(name, help, family);
-}
-
 type NodeStats = (String, ApiResult<Vec<novacron_api::agent::VmStats>>);
 
 fn register_vm_stats(registry: &mut Registry, vms: &[Vm], stats: &[NodeStats]) {
@@ -390,97 +334,22 @@ fn register_vm_stats(registry: &mut Registry, vms: &[Vm], stats: &[NodeStats]) {
             .iter()
             .map(|(node, got)| (NodeLabels { node: node.clone() }, f64::from(u8::from(got.is_ok())))),
     );
-    // (node, VM, its counters) for the VMs the store knows.
-    let by_id = &by_id;
-    let each: Vec<(&str, &Vm, &novacron_api::agent::VmStats)> = stats
+    // The counters of the VMs the store knows, labelled as the store names them.
+    let each: Vec<(VmLabels, &novacron_api::agent::VmStats)> = stats
         .iter()
         .filter_map(|(node, got)| Some((node.as_str(), got.as_ref().ok()?)))
-        .flat_map(|(node, list)| {
-            list.iter()
-                .filter_map(move |s| Some((node, *by_id.get(s.vm_id.as_str())?, s)))
+        .flat_map(|(node, list)| list.iter().map(move |s| (node, s)))
+        .filter_map(|(node, s)| {
+            let v = by_id.get(s.vm_id.as_str())?;
+            let labels = VmLabels {
+                vm: v.metadata.name.clone(),
+                project: v.metadata.project.clone(),
+                node: node.to_string(),
+            };
+            Some((labels, s))
         })
         .collect();
-    let vm_labels = |node: &str, v: &Vm| VmNodeLabels {
-        vm: v.metadata.name.clone(),
-        project: v.metadata.project.clone(),
-        node: node.to_string(),
-    };
-    counters(
-        registry,
-        "novacron_vm_cpu_usage_seconds",
-        "CPU time the VM's QEMU used (vCPUs and I/O threads)",
-        each.iter().map(|(n, v, s)| (vm_labels(n, v), s.cpu_seconds)),
-    );
-    gauges(
-        registry,
-        "novacron_vm_memory_resident_bytes",
-        "The VM's QEMU memory resident in the host's RAM",
-        each.iter().map(|(n, v, s)| (vm_labels(n, v), s.resident_bytes as f64)),
-    );
-    let drives: Vec<(DriveLabels, &novacron_api::agent::VmDiskStats)> = each
-        .iter()
-        .flat_map(|(n, v, s)| {
-            s.disks.iter().map(move |d| {
-                let l = DriveLabels {
-                    vm: v.metadata.name.clone(),
-                    project: v.metadata.project.clone(),
-                    node: n.to_string(),
-                    drive: d.drive.clone(),
-                };
-                (l, d)
-            })
-        })
-        .collect();
-    counters(
-        registry,
-        "novacron_vm_storage_read_traffic_bytes",
-        "Bytes the guest read from the drive",
-        drives.iter().map(|(l, d)| (l.clone(), d.read_bytes as f64)),
-    );
-    counters(
-        registry,
-        "novacron_vm_storage_write_traffic_bytes",
-        "Bytes the guest wrote to the drive",
-        drives.iter().map(|(l, d)| (l.clone(), d.write_bytes as f64)),
-    );
-    counters(
-        registry,
-        "novacron_vm_storage_iops_read",
-        "Reads the guest made from the drive",
-        drives.iter().map(|(l, d)| (l.clone(), d.read_ops as f64)),
-    );
-    counters(
-        registry,
-        "novacron_vm_storage_iops_write",
-        "Writes the guest made to the drive",
-        drives.iter().map(|(l, d)| (l.clone(), d.write_ops as f64)),
-    );
-    let nics: Vec<(InterfaceLabels, &novacron_api::agent::VmNicStats)> = each
-        .iter()
-        .flat_map(|(n, v, s)| {
-            s.nics.iter().map(move |i| {
-                let l = InterfaceLabels {
-                    vm: v.metadata.name.clone(),
-                    project: v.metadata.project.clone(),
-                    node: n.to_string(),
-                    interface: i.interface.clone(),
-                };
-                (l, i)
-            })
-        })
-        .collect();
-    counters(
-        registry,
-        "novacron_vm_network_receive_bytes",
-        "Bytes the guest received on the NIC",
-        nics.iter().map(|(l, i)| (l.clone(), i.receive_bytes as f64)),
-    );
-    counters(
-        registry,
-        "novacron_vm_network_transmit_bytes",
-        "Bytes the guest sent on the NIC",
-        nics.iter().map(|(l, i)| (l.clone(), i.transmit_bytes as f64)),
-    );
+    novacron_metrics::register_vm_stats(registry, &each);
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

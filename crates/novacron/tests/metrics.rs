@@ -37,16 +37,29 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Starts Prometheus scraping the cluster's server every second with `token`.
-fn prometheus(c: &Cluster, token: &str) -> Prometheus {
+/// Starts Prometheus scraping the cluster's server and `agents` (their
+/// addresses) every second with `token`.
+fn prometheus(c: &Cluster, token: &str, agents: &[String]) -> Prometheus {
     let dir = c.dir.path().join("prometheus");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("token"), token).unwrap();
     let target = c.url.trim_start_matches("https://").trim_end_matches('/');
+    let agents: Vec<String> = agents
+        .iter()
+        .map(|a| format!("\"{}\"", a.trim_start_matches("https://").trim_end_matches('/')))
+        .collect();
+    let job = |name: &str, server_name: &str, targets: &str| {
+        format!(
+            "  - job_name: {name}\n    scheme: https\n    metrics_path: /metrics\n    authorization:\n      credentials_file: {}\n    tls_config:\n      ca_file: {}\n{server_name}    static_configs:\n      - targets: [{targets}]\n",
+            dir.join("token").display(),
+            c.ca_path().display()
+        )
+    };
     let config = format!(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: novacron\n    scheme: https\n    metrics_path: /metrics\n    authorization:\n      credentials_file: {}\n    tls_config:\n      ca_file: {}\n      server_name: localhost\n    static_configs:\n      - targets: [\"{target}\"]\n",
-        dir.join("token").display(),
-        c.ca_path().display()
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{}{}",
+        job("novacron", "      server_name: localhost\n", &format!("\"{target}\"")),
+        // Agents' certificates name the address they serve on.
+        job("novacron-agents", "", &agents.join(", ")),
     );
     std::fs::write(dir.join("prometheus.yml"), config).unwrap();
     let port = free_port();
@@ -135,7 +148,13 @@ async fn prometheus_scrapes_vm_and_migration_metrics() {
         .expect("cli"));
 
     assert_eq!(scrape(token.trim().to_string()).await, 200);
-    let p = prometheus(&c, token.trim());
+    let (nodes, _) = c
+        .client
+        .list_all::<novacron_api::Node>(&novacron_client::Selector::everything())
+        .await
+        .expect("nodes");
+    let agents: Vec<String> = nodes.iter().map(|n| n.spec.address.clone()).collect();
+    let p = prometheus(&c, token.trim(), &agents);
     wait_for(&p, "up{job=\"novacron\"}", |s| s.iter().any(|(_, v)| *v == 1.0)).await;
     // A VM metric: where the VM is now and its phase.
     wait_for(&p, "novacron_vm_phase{vm=\"watched\"}", |s| {
@@ -184,6 +203,21 @@ async fn prometheus_scrapes_vm_and_migration_metrics() {
         "novacron_vm_storage_read_traffic_bytes_total{vm=\"watched\",drive=\"root\"}",
         |s| s.iter().any(|(_, v)| *v > 0.0),
     )
+    .await;
+    // The same counters from the agent itself, scraped with the same token.
+    wait_for(
+        &p,
+        "novacron_vm_cpu_usage_seconds_total{job=\"novacron-agents\",vm=\"watched\",project=\"default\"}",
+        |s| s.iter().any(|(l, v)| *v > 0.0 && l["node"] == target),
+    )
+    .await;
+    wait_for(&p, "up{job=\"novacron-agents\"}", |s| {
+        s.len() == 2 && s.iter().all(|(_, v)| *v == 1.0)
+    })
+    .await;
+    wait_for(&p, "novacron_agent_vms_running", |s| {
+        s.iter().any(|(l, v)| *v == 1.0 && l["node"] == target)
+    })
     .await;
     wait_for(&p, "novacron_node_stats_up", |s| {
         s.len() == 2 && s.iter().all(|(_, v)| *v == 1.0)

@@ -117,12 +117,26 @@ async fn agents_join_once_and_only_cluster_certificates_get_in() {
         .expect_err("foreign certificate accepted");
     assert!(err.is_connect() || err.is_request(), "{err:?}");
 
-    // The agent's own endpoint requires a cluster certificate too.
+    // The agent's own endpoint requires a cluster certificate too: a client
+    // without one gets in for /metrics only.
     let agent_url = format!("{}/agent/v1/vms/none/logs", node.spec.address);
-    assert!(
-        https(&c, None).get(&agent_url).send().await.is_err(),
-        "agent answered a client without a certificate"
-    );
+    let resp = https(&c, None).get(&agent_url).send().await.expect("agent");
+    assert_eq!(resp.status(), 401, "agent answered a client without a certificate");
+    let metrics_url = format!("{}/metrics", node.spec.address);
+    let scrape = |token: Option<String>| {
+        let req = https(&c, None).get(&metrics_url);
+        let req = match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        async move { req.send().await.expect("agent metrics").status().as_u16() }
+    };
+    assert_eq!(scrape(None).await, 401);
+    assert_eq!(scrape(Some("not-a-token".into())).await, 401);
+    let viewer = token(&c, "scrape-viewer", "viewer", false).await;
+    assert_eq!(scrape(Some(viewer)).await, 403, "a token without metrics:read");
+    let monitoring = token(&c, "scrape-monitoring", "monitoring", false).await;
+    assert_eq!(scrape(Some(monitoring)).await, 200);
     let resp = https(&c, Some(&foreign)).get(&agent_url).send().await;
     assert!(resp.is_err(), "agent answered a foreign certificate");
     // With a cluster certificate the handshake passes (the agent then wants the server's secret).

@@ -11,11 +11,10 @@ use axum::{Extension, Json};
 use chrono::{Duration as ChronoDuration, Utc};
 use novacron_api::{
     expand_permissions, validate, CreateRole, CreateToken, CreateUser, IssuedToken, List, Login, Metadata, Project,
-    Resource, Role, Token, TotpEnrollment, User, Verb,
+    Resource, Role, Token, TotpEnrollment, User, Verb, WhoAmI,
 };
 use novacron_store::StoreExt;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -194,17 +193,6 @@ async fn issue_token(
     state.auth.insert_token(&token);
     token.secret_sha256.clear();
     Ok(IssuedToken { token, secret })
-}
-
-/// Who am I: the caller's user, token, role, project and permissions.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct WhoAmI {
-    pub actor: String,
-    pub user: Option<String>,
-    pub token: String,
-    pub role: String,
-    pub project: Option<String>,
-    pub permissions: Vec<String>,
 }
 
 /// The caller's identity and permissions.
