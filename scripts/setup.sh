@@ -2,7 +2,8 @@
 # Installs what NovaCron needs on a Debian machine (idempotent): QEMU >= 10, qemu-img,
 # busybox-static and a C toolchain for the guest image, curl for the demo, python3-venv
 # for the API fuzzer, iproute2, dnsmasq-base and nftables for VM networks, xorriso for
-# cloud-init seeds, prometheus for the metrics test. (scripts/build-debian-image.sh
+# cloud-init seeds, prometheus for the metrics test, chromium and Node.js for the
+# dashboard's browser tests. (scripts/build-debian-image.sh
 # installs what the Debian image needs.)
 set -euo pipefail
 
@@ -64,6 +65,10 @@ command -v xorriso >/dev/null || need+=(xorriso)
 command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
 # Tests scrape /metrics with a real Prometheus (started by the test itself).
 command -v prometheus >/dev/null || need+=(prometheus)
+# The dashboard's browser tests: Debian's Chromium, driven by playwright-core under Node.js.
+command -v chromium >/dev/null || need+=(chromium)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 # The API fuzzer (scripts/api-fuzz.sh) runs from a virtual environment.
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
@@ -76,6 +81,16 @@ if [ ${#need[@]} -gt 0 ]; then
   if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
     $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
   fi
+fi
+
+# playwright-core for the browser tests, at the version the lock file pins
+# (from the registry npm is configured for; it never downloads a browser).
+ui_tests="$(dirname "$0")/../crates/novacron/tests/ui"
+lock_sum=$(sha256sum "$ui_tests/package-lock.json" | cut -d' ' -f1)
+if [ "$(cat "$ui_tests/node_modules/.installed-lock" 2>/dev/null)" != "$lock_sum" ]; then
+  echo "setup: installing the browser tests' packages (npm ci in crates/novacron/tests/ui)"
+  (cd "$ui_tests" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --ignore-scripts --silent)
+  echo "$lock_sum" >"$ui_tests/node_modules/.installed-lock"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -155,7 +155,7 @@ pub struct BackupRequest {
 
 /// A running VM's counters (`GET /agent/v1/vm-stats`), for the server's
 /// metrics. Counters count from the QEMU process's start.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmStats {
     pub vm_id: String,
     /// CPU time its QEMU process used (vCPUs and I/O threads), seconds.
@@ -170,7 +170,7 @@ pub struct VmStats {
     pub nics: Vec<VmNicStats>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmDiskStats {
     /// `root`, `data`, or a volume's `volN` (its slot).
     pub drive: String,
@@ -181,7 +181,7 @@ pub struct VmDiskStats {
 }
 
 /// A NIC's traffic as the guest sees it (its tap's, the other way round).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmNicStats {
     /// `nicN` (its slot).
     pub interface: String,

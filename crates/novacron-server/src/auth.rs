@@ -454,6 +454,15 @@ pub async fn require_token(State(state): State<AppState>, mut req: Request, next
         .extensions()
         .get::<ConnectInfo<PeerInfo>>()
         .and_then(|c| c.0.cert_sha256.clone());
+    // A browser of the dashboard sends its session as a cookie instead.
+    let from_cookie = match (secret, &client_cert) {
+        (None, None) => crate::ui::session_cookie(req.headers()),
+        _ => None,
+    };
+    if from_cookie.is_some() {
+        crate::ui::check_browser_request(&req)?;
+    }
+    let secret = secret.or(from_cookie.as_deref());
     let principal = match (secret, client_cert) {
         (Some(secret), _) => match state.auth.authenticate(secret) {
             Ok(p) => p,

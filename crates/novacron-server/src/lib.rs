@@ -18,6 +18,7 @@ mod proxy;
 mod routes;
 pub mod scheduling;
 pub mod totp;
+mod ui;
 pub mod webhooks;
 
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use novacron_store::{SharedStore, SqliteStore};
 pub use pki::ServerTls;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tower_http::compression::Predicate;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -170,6 +172,7 @@ pub fn app(state: AppState) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::vms::router())
         .merge(routes::vm_nics::router())
+        .merge(routes::vm_stats::router())
         .merge(routes::volumes::router())
         .merge(routes::templates::router())
         .merge(routes::rebuild::router())
@@ -219,6 +222,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(routes::health::router())
+        .merge(ui::router())
         .merge(login)
         .merge(protected)
         .fallback(|| async { ApiError::not_found("Route") })
@@ -232,6 +236,20 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        // Lists of thousands of objects shrink tenfold; watch and progress
+        // streams stay as they are (a compressor holds lines back).
+        .layer(
+            tower_http::compression::CompressionLayer::new().compress_when(
+                tower_http::compression::predicate::DefaultPredicate::new()
+                    .and(tower_http::compression::predicate::NotForContentType::new(
+                        "application/x-ndjson",
+                    ))
+                    // Disk images and backup chunks: mostly incompressible, and large.
+                    .and(tower_http::compression::predicate::NotForContentType::new(
+                        "application/octet-stream",
+                    )),
+            ),
+        )
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

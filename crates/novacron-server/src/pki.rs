@@ -54,8 +54,14 @@ impl ServerTls {
         let given_cert = given.is_some();
         let listener_tls = LiveTls::new(given.unwrap_or_else(|| generated.clone()), trust.clone(), None)?;
         let agent_tls = LiveTls::new(generated, trust, None)?;
+        // HTTP/2 for the API: a browser's dashboard holds several watch
+        // streams open, and over HTTP/1.1 a browser opens at most six
+        // connections to a host, so a seventh request would wait. (Clients
+        // that offer only HTTP/1.1, the agents' among them, get it.)
+        let mut listener = (*listener_tls.server_config(ClientAuth::Optional)?).clone();
+        listener.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(ServerTls {
-            listener: listener_tls.server_config(ClientAuth::Optional)?,
+            listener: Arc::new(listener),
             agent_client: Arc::new(agent_tls.client_config()?),
             listener_tls,
             agent_tls,

@@ -42,6 +42,8 @@ pub struct ServeLimits {
     /// closed as they arrive.
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Requests in flight at once on one HTTP/2 connection.
+    pub max_http2_streams: u32,
 }
 
 impl Default for ServeLimits {
@@ -53,6 +55,7 @@ impl Default for ServeLimits {
             max_headers: 100,
             max_connections: 1024,
             max_connections_per_ip: 256,
+            max_http2_streams: 128,
         }
     }
 }
@@ -115,6 +118,12 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
+    // Spoken only where TLS offers it (the API's listener).
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_http2_streams)
+        .max_header_list_size(limits.max_header_bytes.try_into().unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
     let http = Arc::new(http);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let counts = Arc::new(Mutex::new(Counts::default()));

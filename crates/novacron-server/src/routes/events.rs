@@ -24,15 +24,28 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_webhook, delete_webhook))
 }
 
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsSince {
+    /// Only events after this time (RFC 3339), e.g. the last hour's.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// List events, oldest first, or watch them with `watch=true`. Select one
 /// object's with `field_selector=involved.kind=vm,involved.name=NAME`.
-#[utoipa::path(get, path = "/v1/events", tag = "events", params(ListQuery),
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(ListQuery, EventsSince),
     responses((status = 200, body = novacron_api::List<Event>), (status = 422, body = novacron_api::ErrorBody)))]
 async fn list_events(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(mut q): ApiQuery<ListQuery>,
+    ApiQuery(since): ApiQuery<EventsSince>,
 ) -> ApiResult<Response> {
+    // Event names begin with their time in milliseconds: a list from a
+    // time starts after the name that time would have.
+    if let (Some(t), None) = (since.since, &q.continue_token) {
+        q.continue_token = Some(hex::encode(format!("{:013}", t.timestamp_millis().max(0))));
+    }
     list_or_watch::<Event>(&state, &p, q, |_| {}).await
 }
 

@@ -77,7 +77,7 @@ async fn login(
     resp
 }
 
-async fn login_inner(state: &AppState, source: Option<SocketAddr>, req: Login) -> ApiResult<IssuedToken> {
+pub(crate) async fn login_inner(state: &AppState, source: Option<SocketAddr>, req: Login) -> ApiResult<IssuedToken> {
     let mut keys = vec![format!("user:{}", req.user)];
     if let Some(addr) = source {
         keys.push(format!("addr:{}", addr.ip()));

@@ -21,6 +21,7 @@ pub mod security_groups;
 pub mod snapshots;
 pub mod templates;
 pub mod vm_nics;
+pub mod vm_stats;
 pub mod vms;
 pub mod volumes;
 

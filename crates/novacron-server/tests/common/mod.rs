@@ -581,6 +581,7 @@ pub const MATRIX: &[(&str, &str, &str, &str)] = &[
     ("GET", "/v1/audit/verify", "Ynnnnnnn", "Ynnnnnnn"),
     // Every project's VMs: no token limited to a project.
     ("GET", "/metrics", "Ynnnnnnn", "Ynnnnnnn"),
+    ("GET", "/v1/vms/{name}/stats", "YYYYYYYY", "YnnnYnYY"),
     ("GET", "/v1/events", "YYYYnnnn", "YYYYnnnn"),
     ("GET", "/v1/events/{name}", "YYYYnnnn", "Ynnnnnnn"),
     ("GET", "/v1/webhooks", "YYnnnnnn", "YYnnnnnn"),
