@@ -271,6 +271,8 @@ impl Reconciler {
         let name = vm.metadata.name.clone();
         let rt = self.runtimes.entry(id.clone()).or_default();
         let always = vm.spec.run_strategy == RunStrategy::Always;
+        // A start someone asked for; otherwise a restart of a crashed VM.
+        let asked = vm.spec.start_request != st.observed_start_request;
         if let Some(pid) = st.qemu_pid.take() {
             // It was running and nobody here stopped it.
             rt.qmp = None;
@@ -335,10 +337,13 @@ impl Reconciler {
                 st.accel = Some(self.node.accel.clone());
                 st.observed_start_request = vm.spec.start_request;
                 st.observed_reboot_generation = vm.spec.reboot_generation;
-                if !st
-                    .reason
-                    .as_deref()
-                    .is_some_and(|r| r.contains("exited") || r.contains("powered off"))
+                // An automatic restart keeps why it restarted; a start
+                // someone asked for leaves the last stop behind.
+                if asked
+                    || !st
+                        .reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("exited") || r.contains("powered off"))
                 {
                     st.reason = None;
                 }

@@ -93,7 +93,8 @@ export function lineChart(points, { width = 360, height = 90, fmt = (x) => x.toF
   const t1 = points[points.length - 1][0];
   const max = Math.max(...points.map((p) => p[1]), 1e-9);
   const x = (t) => ((t - t0) / Math.max(1, t1 - t0)) * (width - 10) + 5;
-  const y = (v) => height - 18 - (v / max) * (height - 30);
+  // The top 20 px hold the label.
+  const y = (v) => height - 6 - (v / max) * (height - 28);
   const path = document.createElementNS(ns, "polyline");
   path.setAttribute("points", points.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" "));
   path.setAttribute("fill", "none");

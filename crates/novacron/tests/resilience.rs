@@ -78,6 +78,15 @@ async fn killed_qemu_is_failed_or_restarted() {
     let out = c.cli(&["vm", "start", "manual", "--wait"]).output().expect("start");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(c.qemu_pids().len(), 2);
+    // Started by hand, it no longer says why it last stopped (the one that
+    // restarted by itself still does).
+    assert_eq!(c.vm("manual").await.status.reason, None);
+    assert!(c
+        .vm("always")
+        .await
+        .status
+        .reason
+        .is_some_and(|r| r.contains("exited unexpectedly")));
 }
 
 #[tokio::test(flavor = "multi_thread")]
