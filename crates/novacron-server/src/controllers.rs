@@ -6,7 +6,9 @@
 //! - node liveness marks nodes NotReady after missed heartbeats;
 //! - backup policies run on their schedules (`backup_runs`);
 //! - once at start, address reservations nothing holds are released, and
-//!   image downloads the last server left unfinished are marked Failed.
+//!   image downloads and webhook deliveries the last server left
+//!   unfinished are marked Failed;
+//! - events are read off changes to VMs, migrations and nodes (`events`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +48,8 @@ pub fn spawn(state: AppState) -> JoinSet<()> {
     });
     let downloads = state.clone();
     set.spawn(async move { crate::routes::image_download::fail_interrupted(&downloads).await });
+    let hooks = state.store.clone();
+    set.spawn(async move { crate::webhooks::fail_interrupted(&hooks).await });
     set.spawn(placement_loop(state.clone(), caches.clone()));
     set.spawn(crate::backup_runs::schedule_loop(state.clone()));
     crate::events::spawn(state.events.clone(), state.store.clone(), &mut set);

@@ -259,6 +259,43 @@ impl Dispatcher {
     }
 }
 
+/// Deliveries a previous server left pending are not retried (they lived in
+/// its memory): they are recorded as failed, saying so.
+pub async fn fail_interrupted(store: &SharedStore) {
+    let hooks = match store.list_all::<Webhook>().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "cannot look for interrupted webhook deliveries");
+            return;
+        }
+    };
+    for hook in hooks {
+        if !hook.status.deliveries.iter().any(|d| d.state == DeliveryState::Pending) {
+            continue;
+        }
+        let outcome = store
+            .modify::<Webhook, _>(&hook.metadata.name, |w| {
+                let mut changed = false;
+                for d in w
+                    .status
+                    .deliveries
+                    .iter_mut()
+                    .filter(|d| d.state == DeliveryState::Pending)
+                {
+                    d.state = DeliveryState::Failed;
+                    d.last_error = Some("the server stopped before it was delivered".into());
+                    d.finished_at = Some(Utc::now());
+                    changed = true;
+                }
+                changed
+            })
+            .await;
+        if let Err(e) = outcome {
+            tracing::warn!(webhook = %hook.metadata.name, error = %chain(&e), "cannot record interrupted deliveries");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

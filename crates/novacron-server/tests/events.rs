@@ -403,3 +403,35 @@ async fn webhooks_are_signed_retried_and_given_up_without_slowing_the_api() {
     let (status, _) = h.call(Method::DELETE, "/v1/webhooks/slow", Some(&h.admin), None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+#[tokio::test]
+async fn deliveries_a_stopped_server_left_pending_are_recorded_failed() {
+    let h = Harness::new().await;
+    h.admin(
+        Method::POST,
+        "/v1/webhooks",
+        json!({"name": "left", "url": "http://127.0.0.1:9/hook", "events": ["*"], "secret": SECRET}),
+    )
+    .await;
+    let pending = |id: &str, state: &str| {
+        json!({"id": id, "event": "e", "topic": "vm.running", "state": state, "attempts": 1,
+               "created_at": chrono::Utc::now()})
+    };
+    h.state
+        .store
+        .modify::<novacron_api::Webhook, _>("left", |w| {
+            w.status.deliveries = vec![
+                serde_json::from_value(pending("a", "delivered")).unwrap(),
+                serde_json::from_value(pending("b", "pending")).unwrap(),
+            ];
+            true
+        })
+        .await
+        .unwrap();
+    novacron_server::webhooks::fail_interrupted(&h.state.store).await;
+    let (_, w) = h.call(Method::GET, "/v1/webhooks/left", Some(&h.admin), None).await;
+    let d = w["status"]["deliveries"].as_array().unwrap();
+    assert_eq!(d[0]["state"], "delivered");
+    assert_eq!(d[1]["state"], "failed");
+    assert_eq!(d[1]["last_error"], "the server stopped before it was delivered");
+}
