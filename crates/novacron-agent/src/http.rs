@@ -338,7 +338,25 @@ async fn prepare(
         return error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid VM id");
     }
     tracing::info!(migration = %migration, vm = %req.vm.metadata.name, "preparing to receive VM");
-    match state.migrations.prepare(req).await {
+    let (trace, vm) = (req.trace_parent.clone(), req.vm.metadata.name.clone());
+    let started = std::time::SystemTime::now();
+    let prepared = state.migrations.prepare(req).await;
+    if let Some(parent) = trace {
+        let mut span = novacron_trace::Finished::new("migration.target.prepare", started, std::time::SystemTime::now())
+            .attribute("migration", migration.clone())
+            .attribute("vm", vm)
+            .attribute("node", state.node.name.clone());
+        for s in prepared.as_ref().map(|p| p.steps.as_slice()).unwrap_or_default() {
+            let at = |ms: u64| started + std::time::Duration::from_millis(ms);
+            span.children.push(novacron_trace::Finished::new(
+                s.step.as_str(),
+                at(s.start_ms),
+                at(s.start_ms + s.duration_ms.unwrap_or_default()),
+            ));
+        }
+        novacron_trace::record(&parent, &span);
+    }
+    match prepared {
         Ok(p) => Json(p).into_response(),
         Err(e) => migration_error(&e),
     }
@@ -349,7 +367,15 @@ async fn finish(State(state): State<HttpState>, Path(migration): Path<String>, J
     if !valid_id(&req.vm_id) {
         return error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid VM id");
     }
+    let started = std::time::SystemTime::now();
     let finished = state.migrations.finish(&migration, &req).await;
+    if let Some(parent) = &req.trace_parent {
+        let span = novacron_trace::Finished::new("migration.target.finish", started, std::time::SystemTime::now())
+            .attribute("migration", migration.clone())
+            .attribute("node", state.node.name.clone())
+            .attribute("outcome", if finished.is_ok() { "running here" } else { "failed" });
+        novacron_trace::record(parent, &span);
+    }
     if let Some(d) = state.migrations.dwcp() {
         d.receiver.forget(&migration);
     }

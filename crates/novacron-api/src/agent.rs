@@ -12,6 +12,9 @@ use crate::types::{Node, Vm};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PrepareRequest {
     pub vm: Vm,
+    /// The migration's trace, for the target's spans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
     pub postcopy: bool,
     /// QEMU multifd with zstd on the incoming side.
     #[serde(default)]
@@ -55,6 +58,9 @@ pub struct Prepared {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmRef {
     pub vm_id: String,
+    /// The migration's trace, for the target's spans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
     /// Serial output written on the source since prepare (finish only).
     #[serde(default)]
     pub console_log: Vec<u8>,

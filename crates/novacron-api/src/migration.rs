@@ -95,6 +95,10 @@ pub struct MigrationSpec {
     /// Set by the cancel action.
     #[serde(default)]
     pub cancel: bool,
+    /// W3C `traceparent` of the migration's trace (the server makes one when
+    /// it exports traces; the agents record their parts under it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 pub fn default_max_downtime() -> u64 {

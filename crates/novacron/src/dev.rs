@@ -159,6 +159,8 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
     }
 
     let server_args = ServerArgs {
+        // The dev cluster runs its server and agents in this one process, without traces.
+        otlp_endpoint: None,
         data_dir: dir.join("server"),
         listen: a.listen,
         node_grace: a.node_grace,
@@ -305,6 +307,7 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
 fn agent_args(a: &DevArgs, name: &str, data_dir: PathBuf) -> AgentArgs {
     AgentArgs {
         name: name.to_string(),
+        otlp_endpoint: None,
         data_dir,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         advertise: None,

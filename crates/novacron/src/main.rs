@@ -140,6 +140,10 @@ enum Command {
 pub struct ServerArgs {
     #[arg(long, env = "NOVACRON_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// Export traces (one per migration, with the agents' parts) with OTLP
+    /// over HTTP to this URL, e.g. http://collector:4318/v1/traces.
+    #[arg(long, env = "NOVACRON_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     #[arg(long, default_value = "127.0.0.1:8420")]
     pub listen: SocketAddr,
     /// A node is NotReady after this long without a heartbeat (e.g. 15s).
@@ -180,6 +184,10 @@ pub struct AgentArgs {
     /// Node name.
     #[arg(long)]
     pub name: String,
+    /// Export this agent's parts of migrations' traces with OTLP over HTTP
+    /// to this URL (the server's `--otlp-endpoint`).
+    #[arg(long, env = "NOVACRON_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     #[arg(long)]
     pub data_dir: PathBuf,
     /// Address of the agent's endpoint (console, logs); port 0 picks one.
@@ -267,6 +275,17 @@ fn init_tracing(default: &str) {
         .init();
 }
 
+/// With an endpoint, spans go there until the returned guard is dropped
+/// (flushing them); without, nothing is recorded.
+fn export_traces(endpoint: Option<&str>, service: &str, node: Option<&str>) -> Result<Option<novacron_trace::Guard>> {
+    let Some(endpoint) = endpoint else {
+        return Ok(None);
+    };
+    let guard = novacron_trace::init(endpoint, service, node)?;
+    tracing::info!(endpoint, service, "exporting traces");
+    Ok(Some(guard))
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
@@ -330,11 +349,13 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Server(a) => {
             init_tracing("info,tower_http=warn");
+            let _traces = export_traces(a.otlp_endpoint.as_deref(), "novacron-server", None)?;
             novacron_server::run(server_config(&a), shutdown_signal()).await?;
             Ok(())
         }
         Command::Agent(a) => {
             init_tracing("info");
+            let _traces = export_traces(a.otlp_endpoint.as_deref(), "novacron-agent", Some(&a.name))?;
             let server = cli
                 .global
                 .server

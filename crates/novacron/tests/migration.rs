@@ -200,6 +200,8 @@ async fn busy_guest_memory_survives_migration() {
         .expect("events");
     let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
     assert_eq!(topics, ["migration.started", "migration.completed"]);
+    // Without --otlp-endpoint no trace is made.
+    assert_eq!(m.spec.trace_parent, None);
     let done = &events[1].message;
     assert!(
         done.starts_with(&format!("Moved VM busy from {source} to {other}")) && done.contains("downtime"),

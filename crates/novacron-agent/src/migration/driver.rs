@@ -222,6 +222,19 @@ impl Migrations {
         // The end is written and waited for: completion carries the final
         // status, a failure is written after the roll-back.
         self.reports.lock().remove(&name);
+        if let Some(parent) = &m.spec.trace_parent {
+            let outcome = match &result {
+                Ok(_) => "completed".to_string(),
+                Err(e) => chain(e).to_string(),
+            };
+            let span = timeline
+                .as_span("migration.source")
+                .attribute("migration", name.clone())
+                .attribute("vm", vm.metadata.name.clone())
+                .attribute("node", self.node.name.clone())
+                .attribute("outcome", outcome);
+            novacron_trace::record(parent, &span);
+        }
         match result {
             Ok(final_status) => {
                 let req = CompleteMigration {

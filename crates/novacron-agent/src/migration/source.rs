@@ -128,6 +128,7 @@ impl Migrations {
         let (console_log, log_offset) = read_log_from(&dir.console_log(), 0);
         let request = PrepareRequest {
             vm: vm.clone(),
+            trace_parent: m.spec.trace_parent.clone(),
             postcopy: may_postcopy,
             multifd: m.spec.transport == MigrationTransport::QemuMultifd,
             dwcp_session: (m.spec.transport == MigrationTransport::Dwcp).then(|| m.metadata.id.clone()),
@@ -517,6 +518,7 @@ impl Migrations {
         let (console_log, _) = read_log_from(&dir.console_log(), log_offset);
         let finish = VmRef {
             vm_id: vm.metadata.id.clone(),
+            trace_parent: m.spec.trace_parent.clone(),
             console_log,
             dwcp_disks: if ctx.dwcp_disks { mirrored } else { 0 },
         };
@@ -593,6 +595,7 @@ impl Migrations {
             if let Some(t) = target {
                 let abort = VmRef {
                     vm_id: vm.metadata.id.clone(),
+                    trace_parent: None,
                     console_log: Vec::new(),
                     dwcp_disks: 0,
                 };

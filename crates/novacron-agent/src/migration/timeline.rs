@@ -12,6 +12,8 @@ use parking_lot::Mutex;
 pub(super) struct Timeline {
     started: Instant,
     steps: Arc<Mutex<Vec<MigrationStep>>>,
+    /// How many of `steps` (at their end) another node measured.
+    remote: Arc<Mutex<Vec<usize>>>,
     /// Wakes whoever reports the status (see `driver::StatusReport`).
     changed: Arc<tokio::sync::Notify>,
 }
@@ -34,6 +36,7 @@ impl Timeline {
         Timeline {
             started,
             steps: Arc::default(),
+            remote: Arc::default(),
             changed: Arc::default(),
         }
     }
@@ -83,10 +86,13 @@ impl Timeline {
     /// `at`, and each step's place is the target's measure from there.
     pub(super) fn add_remote(&self, at: Instant, remote: &[MigrationStep]) {
         let base = self.offset_ms(at);
-        self.steps.lock().extend(remote.iter().map(|s| MigrationStep {
+        let mut steps = self.steps.lock();
+        let first = steps.len();
+        steps.extend(remote.iter().map(|s| MigrationStep {
             start_ms: base + s.start_ms,
             ..s.clone()
         }));
+        self.remote.lock().extend(first..steps.len());
         self.changed.notify_one();
     }
 
@@ -105,6 +111,31 @@ impl Timeline {
             detail: None,
         });
         self.changed.notify_one();
+    }
+
+    /// This node's own steps, ended ones only, as spans of a trace (wall
+    /// clock), inside one span `name` from the timeline's start to now.
+    pub(super) fn as_span(&self, name: &str) -> novacron_trace::Finished {
+        let now = std::time::SystemTime::now();
+        let wall = |offset_ms: u64| {
+            now.checked_sub(self.started.elapsed())
+                .unwrap_or(now)
+                .checked_add(Duration::from_millis(offset_ms))
+                .unwrap_or(now)
+        };
+        let remote = self.remote.lock().clone();
+        let mut span = novacron_trace::Finished::new(name, wall(0), now);
+        for (i, s) in self.steps.lock().iter().enumerate() {
+            let (Some(d), false) = (s.duration_ms, remote.contains(&i)) else {
+                continue;
+            };
+            let mut step = novacron_trace::Finished::new(s.step.as_str(), wall(s.start_ms), wall(s.start_ms + d));
+            if let Some(detail) = &s.detail {
+                step = step.attribute("detail", detail.clone());
+            }
+            span.children.push(step);
+        }
+        span
     }
 
     /// The steps in the order they began.

@@ -107,6 +107,16 @@ async fn create_migration(
             bandwidth_mib_s: req.bandwidth_mib_s,
             transport: req.transport.unwrap_or_default(),
             cancel: false,
+            // The migration's trace begins here (when traces are exported).
+            trace_parent: novacron_trace::start_trace(
+                "migration",
+                &[
+                    ("migration", &name),
+                    ("vm", &vm_name),
+                    ("source", &source),
+                    ("target", &target),
+                ],
+            ),
         },
         status: MigrationStatus {
             phase: MigrationPhase::Pending,
@@ -422,6 +432,14 @@ async fn complete_migration(
         })
         .await?;
     tracing::info!(migration = %m.metadata.name, vm = %m.spec.vm, node = %target, "migration completed");
+    if let Some(parent) = &m.spec.trace_parent {
+        let now = std::time::SystemTime::now();
+        let span = novacron_trace::Finished::new("migration.complete", now, now)
+            .attribute("migration", m.metadata.name.clone())
+            .attribute("vm", m.spec.vm.clone())
+            .attribute("node", target.clone());
+        novacron_trace::record(parent, &span);
+    }
     state.metrics.migration_ended(&m);
     state.placement_wakeup.notify_one();
     Ok(Json(m))

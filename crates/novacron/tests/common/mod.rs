@@ -84,6 +84,8 @@ pub struct Cluster {
     pub client: Client,
     pub server: Option<Child>,
     pub server_args: Vec<String>,
+    /// Arguments every agent gets besides its own.
+    pub agent_extra_args: Vec<String>,
     pub agents: Vec<AgentProc>,
     /// Hosts as network namespaces (dropped after the processes in them).
     pub underlay: Option<netlab::Underlay>,
@@ -106,6 +108,8 @@ pub struct Options {
     /// Run each agent (and its QEMUs) in its own network namespace on an
     /// underlay, as hosts of their own: what VM networking needs.
     pub netns: bool,
+    /// `--otlp-endpoint` of the server and every agent.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Options {
@@ -121,6 +125,7 @@ impl Default for Options {
             node_cert_lifetime: None,
             max_connections: None,
             netns: false,
+            otlp_endpoint: None,
         }
     }
 }
@@ -176,6 +181,12 @@ impl Cluster {
                 d.join("server.key").display().to_string(),
             ]);
         }
+        let otlp: Vec<String> = opts
+            .otlp_endpoint
+            .iter()
+            .flat_map(|e| ["--otlp-endpoint".to_string(), e.clone()])
+            .collect();
+        server_args.extend(otlp.iter().cloned());
         let mut cluster = Cluster {
             tls: opts.tls,
             server_ca: opts.server_cert.as_ref().map(|d| d.join("ca.crt")),
@@ -185,6 +196,7 @@ impl Cluster {
             client: Client::new(&url, "none").expect("client"),
             server: None,
             server_args,
+            agent_extra_args: otlp,
             agents: Vec::new(),
             underlay,
             dir,
@@ -351,6 +363,7 @@ impl Cluster {
             "--accel".into(),
             "tcg".to_string(),
         ]);
+        args.extend(self.agent_extra_args.iter().cloned());
         let n = self.agents.len() as u8 + 1;
         let netns = self.underlay.as_mut().map(|u| {
             let ns = u.add_host(n);
