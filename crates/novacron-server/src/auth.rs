@@ -44,6 +44,18 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// The caller as `GET /v1/whoami` shows it.
+    pub fn who(&self) -> novacron_api::WhoAmI {
+        novacron_api::WhoAmI {
+            actor: self.actor.clone(),
+            user: self.user.clone(),
+            token: self.token.clone(),
+            role: self.role.clone(),
+            project: self.project.clone(),
+            permissions: self.permissions.iter().map(|x| x.to_string()).collect(),
+        }
+    }
+
     /// Whether objects of `project` are visible to this caller.
     pub fn sees(&self, project: &str) -> bool {
         self.project.as_deref().is_none_or(|p| p == project)

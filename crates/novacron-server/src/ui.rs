@@ -215,27 +215,16 @@ async fn log_in(
     let p = state.auth.authenticate(&secret).map_err(ApiError::unauthorized)?;
     let csrf = crate::auth::random_secret().map_err(|e| ApiError::internal("Cannot get random bytes", &e))?;
     Ok(with_cookies(
-        Json(who(&p)).into_response(),
+        Json(p.who()).into_response(),
         set_cookies(state.tls.is_some(), &secret, &csrf, max_age),
     ))
-}
-
-fn who(p: &crate::auth::Principal) -> WhoAmI {
-    WhoAmI {
-        actor: p.actor.clone(),
-        user: p.user.clone(),
-        token: p.token.clone(),
-        role: p.role.clone(),
-        project: p.project.clone(),
-        permissions: p.permissions.iter().map(|x| x.to_string()).collect(),
-    }
 }
 
 /// Who the session is (401 without one): the dashboard's start.
 async fn session(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<WhoAmI>> {
     let secret = session_cookie(&headers).ok_or_else(|| ApiError::unauthorized("Not logged in"))?;
     let p = state.auth.authenticate(&secret).map_err(ApiError::unauthorized)?;
-    Ok(Json(who(&p)))
+    Ok(Json(p.who()))
 }
 
 /// Logs out: a token made at log-in is revoked; the cookies are cleared.

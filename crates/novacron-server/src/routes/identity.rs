@@ -198,14 +198,7 @@ async fn issue_token(
 /// The caller's identity and permissions.
 #[utoipa::path(get, path = "/v1/whoami", tag = "identity", responses((status = 200, body = WhoAmI)))]
 async fn whoami(Extension(p): Extension<Principal>) -> Json<WhoAmI> {
-    Json(WhoAmI {
-        actor: p.actor.clone(),
-        user: p.user.clone(),
-        token: p.token.clone(),
-        role: p.role.clone(),
-        project: p.project.clone(),
-        permissions: p.permissions.iter().map(|x| x.to_string()).collect(),
-    })
+    Json(p.who())
 }
 
 // ---------------------------------------------------------------- users
