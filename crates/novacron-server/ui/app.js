@@ -27,6 +27,13 @@ export function live(path, query = "") {
   if (!collections.has(key)) collections.set(key, new Collection(path, query));
   return collections.get(key);
 }
+/** A collection for the page on screen only (one object's events): closed
+ *  when the page changes, so browsing many objects holds no streams open. */
+export function pageLive(path, query = "") {
+  const c = new Collection(path, query);
+  onPage(() => c.close());
+  return c;
+}
 function closeAll() {
   for (const c of collections.values()) c.close();
   collections.clear();
@@ -279,7 +286,7 @@ function nodePage(name) {
   const nodes = live("/v1/nodes");
   const vms = live("/v1/vms");
   const migs = live("/v1/migrations");
-  const events = live("/v1/events", `field_selector=involved.kind=node,involved.name=${encodeURIComponent(name)}`);
+  const events = pageLive("/v1/events", `field_selector=involved.kind=node,involved.name=${encodeURIComponent(name)}`);
   const actions = h("div.actions");
   if (session.can("nodes", "update")) {
     actions.append(
@@ -464,7 +471,7 @@ async function render() {
     case "vms":
       if (arg === "+new") return createVmPage({ layout, live, session });
       if (arg && sub === "console") return consolePage(arg, { layout, session });
-      return arg ? vmPage(arg, { layout, live, follow, session, migrationProgress, eventRows, onPage }) : vmsPage({ layout, live, follow, session });
+      return arg ? vmPage(arg, { layout, live, pageLive, follow, session, migrationProgress, eventRows, onPage }) : vmsPage({ layout, live, follow, session });
     case "migrations":
       return migrationsPage();
     case "events":

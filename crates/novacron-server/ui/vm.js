@@ -221,17 +221,73 @@ function nics(v) {
   );
 }
 
-export function vmPage(name, { layout, live, follow, session, migrationProgress, eventRows, onPage }) {
+/** The VM's snapshots (read when the page opens and after each change). */
+function snapshots(name, session) {
+  const el = h("div");
+  const load = async () => {
+    let list;
+    try {
+      list = await get(`/v1/vms/${name}/snapshots`);
+    } catch (e) {
+      return clear(el, h("p.muted", e.message));
+    }
+    const may = session.can("vms", "update");
+    const take = may
+      ? actionButton("Take snapshot", async () => {
+          const snap = prompt("Snapshot name", `snap-${new Date().toISOString().slice(0, 19).replace(/[-:T]/g, "")}`);
+          if (!snap) return;
+          await post(`/v1/vms/${name}/snapshots`, { name: snap });
+          await load();
+        })
+      : null;
+    clear(
+      el,
+      h("div.actions", take, actionButton("Refresh", load)),
+      table(
+        [
+          { title: "Snapshot", cell: (s) => s.name },
+          { title: "Taken", cell: (s) => time(s.created_at) },
+          { title: "Parent", cell: (s) => s.parent || "-" },
+          { title: "Memory", cell: (s) => (s.taken_running ? "yes" : "no") },
+          { title: "Description", cell: (s) => s.description || "" },
+          {
+            title: "",
+            cell: (s) =>
+              may
+                ? h(
+                    "div.actions",
+                    actionButton("Revert", async () => {
+                      await post(`/v1/vms/${name}/snapshots/${s.name}/revert`);
+                      await load();
+                    }, { confirmText: `Revert ${name} to ${s.name}?` }),
+                    actionButton("Delete", async () => {
+                      await del(`/v1/vms/${name}/snapshots/${s.name}`);
+                      await load();
+                    }, { cls: "danger", confirmText: `Delete snapshot ${s.name}?` }),
+                  )
+                : null,
+          },
+        ],
+        list,
+        { empty: "No snapshots" },
+      ),
+    );
+  };
+  load();
+  return el;
+}
+
+export function vmPage(name, { layout, live, pageLive, follow, session, migrationProgress, eventRows, onPage }) {
   const head = h("div");
   pickerHost = h("div");
   const facts = h("div");
   const charts = h("div.charts");
   const migEl = h("div");
   const eventsEl = h("div");
-  layout(`VM ${name}`, head, pickerHost, h("h2", "Live"), charts, facts, migEl, h("h2", "Events"), eventsEl);
+  layout(`VM ${name}`, head, pickerHost, h("h2", "Live"), charts, facts, migEl, h("h2", "Snapshots"), snapshots(name, session), h("h2", "Events"), eventsEl);
   const vms = live("/v1/vms");
   const migs = session.can("migrations", "read") ? live("/v1/migrations") : null;
-  const events = session.can("events", "read") ? live("/v1/events", `field_selector=involved.kind=vm,involved.name=${encodeURIComponent(name)}`) : null;
+  const events = session.can("events", "read") ? pageLive("/v1/events", `field_selector=involved.kind=vm,involved.name=${encodeURIComponent(name)}`) : null;
   let shownActions = null;
   follow([vms, migs, events].filter(Boolean), () => {
     const v = vms.objects.get(name);

@@ -2,7 +2,8 @@
 //! driven by playwright-core from `tests/ui/`, both installed by
 //! scripts/setup.sh): log in, create a VM from the form and see it reach
 //! Running without a reload, type in its console and see the output, start
-//! a migration and watch it reach Completed, a viewer sees no actions and a
+//! a migration and watch it reach Completed, take a snapshot from the VM's
+//! page, a viewer sees no actions and a
 //! forced request is refused (tests/ui/dashboard.mjs). Screenshots of the
 //! pages go to target/test-artifacts/dashboard/ when a step fails.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test harness code: panics are failures

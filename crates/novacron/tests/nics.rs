@@ -77,6 +77,15 @@ async fn nics_come_and_go_on_a_running_vm_and_addresses_stay_through_moves() {
     let b_blue = b.spec.nics[0].ip.clone().expect("b's address");
     wait_leases(&c, "a", &[&a_red]).await;
     wait_leases(&c, "b", &[&b_blue]).await;
+    // The guest's DHCP exchange shows in its NIC's counters (as /metrics
+    // and the dashboard's charts read them): sent and received, the guest's way round.
+    let stats: novacron_api::agent::VmStats = c.client.get_json("vms/a/stats").await.expect("stats");
+    let nic0 = stats
+        .nics
+        .iter()
+        .find(|n| n.interface == "nic0")
+        .expect("nic0 counters");
+    assert!(nic0.transmit_bytes > 0 && nic0.receive_bytes > 0, "{stats:?}");
 
     // Bad input changes nothing: an unknown network, a taken address, a
     // NIC the VM does not have.

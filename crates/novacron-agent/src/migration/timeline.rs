@@ -117,12 +117,9 @@ impl Timeline {
     /// clock), inside one span `name` from the timeline's start to now.
     pub(super) fn as_span(&self, name: &str) -> novacron_trace::Finished {
         let now = std::time::SystemTime::now();
-        let wall = |offset_ms: u64| {
-            now.checked_sub(self.started.elapsed())
-                .unwrap_or(now)
-                .checked_add(Duration::from_millis(offset_ms))
-                .unwrap_or(now)
-        };
+        // One reading of the start on the wall clock, so every step is placed from the same base.
+        let base = now.checked_sub(self.started.elapsed()).unwrap_or(now);
+        let wall = |offset_ms: u64| base.checked_add(Duration::from_millis(offset_ms)).unwrap_or(now);
         let remote = self.remote.lock().clone();
         let mut span = novacron_trace::Finished::new(name, wall(0), now);
         for (i, s) in self.steps.lock().iter().enumerate() {
@@ -143,5 +140,44 @@ impl Timeline {
         let mut steps = self.steps.lock().clone();
         steps.sort_by_key(|s| s.start_ms);
         steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_become_spans_within_the_run_and_remote_ones_are_left_out() {
+        let t = Timeline::new(Instant::now());
+        let quick = t.begin(MigrationStepKind::SessionOpen);
+        t.end(quick, None);
+        let slow = t.begin(MigrationStepKind::MemoryPasses);
+        std::thread::sleep(Duration::from_millis(20));
+        t.end(slow, Some("2 passes".into()));
+        t.add_remote(
+            Instant::now(),
+            &[MigrationStep {
+                step: MigrationStepKind::QemuStart,
+                start_ms: 0,
+                duration_ms: Some(5),
+                detail: None,
+            }],
+        );
+        let unfinished = t.begin(MigrationStepKind::Switchover);
+        let span = t.as_span("migration.source");
+        drop(unfinished);
+        let names: Vec<&str> = span.children.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["session_open", "memory_passes"]);
+        for c in &span.children {
+            assert!(
+                span.start <= c.start && c.start <= c.end && c.end <= span.end,
+                "{c:?} outside {span:?}"
+            );
+        }
+        assert_eq!(
+            span.children[1].attributes,
+            [("detail".to_string(), "2 passes".to_string())]
+        );
     }
 }

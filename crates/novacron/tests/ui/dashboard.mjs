@@ -116,6 +116,14 @@ try {
     await page.waitForFunction((n) => document.querySelector("a[href='#/nodes/" + n + "']"), env("NC_TARGET_NODE"), { timeout: 30_000 });
   });
 
+  await check("a snapshot taken from the VM's page is listed there", async () => {
+    await page.goto(`${base}/ui/#/vms/ui-vm`);
+    await page.waitForSelector("text=Take snapshot");
+    page.once("dialog", (d) => d.accept("ui-snap"));
+    await page.click("text=Take snapshot");
+    await page.waitForSelector("td:text-is('ui-snap')", { timeout: 60_000 });
+  });
+
   await check("a change without the CSRF header is refused", async () => {
     const status = await page.evaluate(async () => (await fetch("/v1/vms/ui-vm/pause", { method: "POST", credentials: "same-origin" })).status);
     expect(status === 403, `POST without the CSRF header answered ${status}`);
