@@ -137,7 +137,10 @@ try {
     await viewer.waitForSelector("nav.side");
     await viewer.goto(`${base}/ui/#/vms/ui-vm`);
     await viewer.waitForFunction(() => document.querySelector("[data-field=phase]")?.textContent === "Running", null, { timeout: 30_000 });
-    const buttons = await viewer.$$eval("main button", (bs) => bs.map((b) => b.textContent));
+    // Its snapshot is listed (a viewer reads them): wait for it, then
+    // look for buttons that change anything (Refresh only reads again).
+    await viewer.waitForSelector("td:text-is('ui-snap')", { timeout: 30_000 });
+    const buttons = await viewer.$$eval("main button", (bs) => bs.map((b) => b.textContent).filter((t) => t !== "Refresh"));
     expect(buttons.length === 0, `a viewer sees buttons: ${buttons}`);
     expect(!(await viewer.$("button[name=create]")), "a viewer sees Create VM");
     const status = await viewer.evaluate(async () => {
