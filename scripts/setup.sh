@@ -3,7 +3,7 @@
 # busybox-static and a C toolchain for the guest image, curl for the demo, python3-venv
 # for the API fuzzer, iproute2, dnsmasq-base and nftables for VM networks, xorriso for
 # cloud-init seeds, prometheus for the metrics test, chromium and Node.js for the
-# dashboard's browser tests. (scripts/build-debian-image.sh
+# dashboard's browser tests, etcd and protoc for the etcd store backend. (scripts/build-debian-image.sh
 # installs what the Debian image needs.)
 set -euo pipefail
 
@@ -69,6 +69,12 @@ command -v prometheus >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
+# The etcd store backend: its client's build compiles etcd's protobuf API
+# (protoc); tests and `novacron dev --store etcd` start Debian's etcd server.
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+# ... and its well-known types (google/protobuf/*.proto).
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+command -v etcd >/dev/null || need+=(etcd-server)
 # The API fuzzer (scripts/api-fuzz.sh) runs from a virtual environment.
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
@@ -78,8 +84,13 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   # The test starts its own Prometheus: the package's service, which a
   # systemd host starts on install, is not wanted.
-  if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
-    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  # Likewise etcd's: tests and `novacron dev` start their own members.
+  if [ -d /run/systemd/system ]; then
+    for service in prometheus etcd; do
+      if [[ " ${need[*]} " == *" $service"* ]]; then
+        $SUDO systemctl disable --now "$service" >/dev/null 2>&1 || true
+      fi
+    done
   fi
 fi
 

@@ -3,6 +3,8 @@
 //! [`StoreExt`] adds the typed layer on top.
 
 pub mod conformance;
+mod etcd;
+pub mod etcd_process;
 mod sqlite;
 
 use std::pin::Pin;
@@ -12,6 +14,7 @@ use futures::Stream;
 use novacron_api::Object;
 use serde_json::Value;
 
+pub use etcd::{EtcdStore, EtcdUrl, HISTORY as ETCD_HISTORY};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,13 @@ pub enum StoreError {
     },
     #[error("Database error")]
     Database(#[from] rusqlite::Error),
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("Invalid store URL: {0}")]
+    InvalidUrl(String),
+    /// The backend answered something this store cannot make sense of.
+    #[error("Unexpected store reply: {0}")]
+    Unexpected(String),
     #[error("Store task failed")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -123,6 +133,10 @@ pub trait Store: Send + Sync {
     /// Changes to `kind` with a revision greater than `from_rev`, then live changes.
     async fn watch(&self, kind: &str, from_rev: u64) -> Result<EventStream, StoreError>;
     async fn revision(&self) -> Result<u64, StoreError>;
+    /// Forgets the changes up to and including revision `up_to` (which must
+    /// be below the current revision): a watch from an earlier revision then
+    /// fails with [`StoreError::Compacted`]; from `up_to` on it still works.
+    async fn compact(&self, up_to: u64) -> Result<(), StoreError>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

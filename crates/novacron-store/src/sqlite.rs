@@ -424,4 +424,18 @@ impl Store for SqliteStore {
     async fn revision(&self) -> Result<u64, StoreError> {
         self.with(|conn, _| meta(conn, "revision")).await
     }
+
+    async fn compact(&self, up_to: u64) -> Result<(), StoreError> {
+        self.with(move |conn, _| {
+            let tx = conn.transaction()?;
+            tx.execute("DELETE FROM events WHERE rev <= ?1", params![up_to as i64])?;
+            tx.execute(
+                "UPDATE meta SET value = max(value, ?1) WHERE key = 'compacted'",
+                params![up_to as i64],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
 }

@@ -2,7 +2,7 @@ use novacron_store::{conformance, SqliteStore, Store};
 
 #[tokio::test]
 async fn sqlite_in_memory_conforms() {
-    conformance::run_all(|| SqliteStore::in_memory().expect("open")).await;
+    conformance::run_all(|| async { SqliteStore::in_memory().expect("open") }).await;
 }
 
 #[tokio::test]
@@ -11,7 +11,8 @@ async fn sqlite_file_conforms_and_persists() {
     let n = std::sync::atomic::AtomicUsize::new(0);
     conformance::run_all(|| {
         let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        SqliteStore::open(&dir.path().join(format!("s{i}.db"))).expect("open")
+        let path = dir.path().join(format!("s{i}.db"));
+        async move { SqliteStore::open(&path).expect("open") }
     })
     .await;
 
