@@ -789,6 +789,12 @@ pub struct WatchEvent<T> {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
+    /// This server's id among the servers of a cluster (readiness only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// Whether this server runs the controllers now (readiness only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<bool>,
 }
 
 // ---------------------------------------------------------------- kinds defined elsewhere

@@ -11,7 +11,7 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use chrono::Utc;
-use novacron_api::{AuditEntry, AuditRecord, AuditVerification, Metadata};
+use novacron_api::{AuditEntry, AuditRecord, AuditVerification, Metadata, Object};
 use novacron_store::{SharedStore, StoreError, StoreExt};
 use sha2::{Digest, Sha256};
 
@@ -117,28 +117,68 @@ impl AuditLog {
         std::fs::rename(&tmp, &self.head_path).map_err(err)
     }
 
-    /// Appends an entry; `seq` and `prev_hash` are filled in here.
-    pub async fn append(&self, mut entry: AuditEntry) -> Result<AuditRecord, AuditError> {
+    /// Appends an entry; `seq` and `prev_hash` are filled in here. Servers
+    /// sharing a store append to one chain: a record's name is its sequence
+    /// number, so when another server took the next number first, this one
+    /// reads the chain's new end and links after it.
+    pub async fn append(&self, entry: AuditEntry) -> Result<AuditRecord, AuditError> {
         let mut head = self.head.lock().await;
-        entry.seq = head.seq + 1;
-        entry.prev_hash = head.hash.clone();
-        let hash = entry_hash(&entry)?;
-        let mut metadata = Metadata::new(&record_name(entry.seq), Default::default());
-        metadata.project = entry.project.clone().unwrap_or_default();
-        let record = self
-            .store
-            .create_obj(&AuditRecord {
-                metadata,
-                entry,
-                hash: hash.clone(),
-            })
-            .await?;
-        *head = Head {
-            seq: record.entry.seq,
-            hash,
+        loop {
+            let mut entry = entry.clone();
+            entry.seq = head.seq + 1;
+            entry.prev_hash = head.hash.clone();
+            let hash = entry_hash(&entry)?;
+            let mut metadata = Metadata::new(&record_name(entry.seq), Default::default());
+            metadata.project = entry.project.clone().unwrap_or_default();
+            let created = self
+                .store
+                .create_obj(&AuditRecord {
+                    metadata,
+                    entry,
+                    hash: hash.clone(),
+                })
+                .await;
+            match created {
+                Ok(record) => {
+                    *head = Head {
+                        seq: record.entry.seq,
+                        hash,
+                    };
+                    self.write_anchor(&head)?;
+                    return Ok(record);
+                }
+                Err(StoreError::AlreadyExists { .. }) => *head = self.chain_end(head.seq).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The last record at or after `from` (records are named by sequence).
+    async fn chain_end(&self, from: u64) -> Result<Head, StoreError> {
+        let mut end = None;
+        let mut after = (from > 0).then(|| record_name(from - 1));
+        loop {
+            let page = self.store.list(AuditRecord::KIND, None, after.as_deref(), 1000).await?;
+            if let Some(last) = page.items.last() {
+                end = Some(last.clone());
+            }
+            match page.more_after {
+                Some(a) => after = Some(a),
+                None => break,
+            }
+        }
+        let record: AuditRecord = match end {
+            Some(rec) => novacron_store::decode_record(rec)?,
+            None => {
+                return Err(StoreError::Unexpected(
+                    "the audit log ended while being appended to".into(),
+                ))
+            }
         };
-        self.write_anchor(&head)?;
-        Ok(record)
+        Ok(Head {
+            seq: record.entry.seq,
+            hash: record.hash,
+        })
     }
 
     /// Checks the whole chain and the anchor.
@@ -171,12 +211,17 @@ impl AuditLog {
                 hash: r.hash.clone(),
             };
         }
+        // The anchor is this server's last append. With one server it is the
+        // chain's end; servers sharing a store append after each other, so
+        // it must name a record of the chain, as it was written.
         match self.read_anchor() {
             None if !records.is_empty() => problems.push("the audit anchor file is missing".into()),
-            Some(anchor) if anchor != prev => problems.push(format!(
-                "the log ends at record {} but the anchor names record {}: records at the end were deleted or changed",
-                prev.seq, anchor.seq
-            )),
+            Some(anchor) if anchor.seq > 0 && !records.iter().any(|r| r.entry.seq == anchor.seq && r.hash == anchor.hash) => {
+                problems.push(format!(
+                    "the log ends at record {} but the anchor names record {} as it no longer is: records at the end were deleted or changed",
+                    prev.seq, anchor.seq
+                ))
+            }
             _ => {}
         }
         problems.truncate(MAX_PROBLEMS);

@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 mod extract;
 mod ipam;
+pub mod leader;
 pub mod limits;
 mod metrics;
 mod openapi;
@@ -17,6 +18,7 @@ pub mod pki;
 mod proxy;
 mod routes;
 pub mod scheduling;
+mod shared_secrets;
 pub mod totp;
 mod ui;
 pub mod webhooks;
@@ -28,7 +30,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
-use novacron_store::{SharedStore, SqliteStore};
+use novacron_store::{EtcdStore, SharedStore, SqliteStore};
 pub use pki::ServerTls;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -44,6 +46,9 @@ pub const MAX_JSON_BODY: usize = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// Where objects live: SQLite in the data dir, or an etcd cluster that
+    /// several servers share.
+    pub store: StoreLocation,
     pub listen: SocketAddr,
     /// A node is NotReady when its last heartbeat is older than this.
     pub node_grace: Duration,
@@ -54,6 +59,26 @@ pub struct ServerConfig {
     /// Directories backup stores may be added under; empty: anywhere.
     pub backup_store_roots: Vec<PathBuf>,
     pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Default)]
+pub enum StoreLocation {
+    /// `novacron.db` in the data directory; one server.
+    #[default]
+    Embedded,
+    /// `etcd://HOST:PORT[,...][/ROOT]`; any number of servers.
+    Etcd(novacron_store::EtcdUrl),
+}
+
+impl std::str::FromStr for StoreLocation {
+    type Err = novacron_store::StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "embedded" | "sqlite" => Ok(StoreLocation::Embedded),
+            _ => Ok(StoreLocation::Etcd(s.parse()?)),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +163,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Records events and hands them to the webhooks.
     pub events: Arc<events::Recorder>,
+    /// Whether this server runs the controllers.
+    pub leadership: Arc<leader::Leadership>,
 }
 
 impl AppState {
@@ -261,7 +288,19 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         source,
     };
     std::fs::create_dir_all(config.data_dir.join("images")).map_err(dir_err)?;
-    let store: SharedStore = Arc::new(SqliteStore::open(&config.data_dir.join("novacron.db"))?);
+    let (store, etcd): (SharedStore, _) = match &config.store {
+        StoreLocation::Embedded => (Arc::new(SqliteStore::open(&config.data_dir.join("novacron.db"))?), None),
+        StoreLocation::Etcd(url) => {
+            let etcd = Arc::new(EtcdStore::connect(url).await?);
+            etcd.spawn_compactor();
+            tracing::info!(members = ?url.endpoints, root = %url.root, "store on etcd");
+            (etcd.clone() as SharedStore, Some(etcd))
+        }
+    };
+    if etcd.is_some() {
+        shared_secrets::share(&store, &config.data_dir).await?;
+    }
+    let leadership = Arc::new(leader::Leadership::new(etcd, server_id()));
     auth::bootstrap(&store, &config.data_dir.join("admin.token")).await?;
     routes::backups::ensure_default_store(&store, &config.data_dir)
         .await
@@ -328,7 +367,16 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         agents,
         open_streams: Default::default(),
         metrics: Default::default(),
+        leadership,
     })
+}
+
+/// This server among its peers: the host name and a random suffix (a
+/// restarted server is a new candidate).
+fn server_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}-{}", host.trim().trim_matches('-').replace(' ', "-"), &suffix[..8])
 }
 
 /// Names the generated server certificate is valid for.
@@ -368,7 +416,7 @@ pub async fn run(
         path: addr_file.display().to_string(),
         source,
     })?;
-    let mut controllers = controllers::spawn(state.clone());
+    let controllers = leader::spawn(state.clone());
     // Watch streams never end by themselves, so graceful shutdown gets a
     // short grace period and then the server stops regardless.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -389,6 +437,6 @@ pub async fn run(
             tokio::time::sleep(Duration::from_secs(2)).await;
         } => Ok(()),
     };
-    controllers.abort_all();
+    controllers.abort();
     result
 }

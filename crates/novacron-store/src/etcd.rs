@@ -6,6 +6,7 @@
 //! itself, keeping the last [`HISTORY`] revisions as the SQLite backend does.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,8 +39,84 @@ struct Stored {
 /// (kind, name) → (revision, id).
 type IdCache = Arc<Mutex<HashMap<(String, String), (u64, String)>>>;
 
+/// One client per member. tonic's balancing across endpoints keeps sending
+/// a share of requests to a dead member (a quarter of them, measured with
+/// one of three down), so requests go to one member at a time and move on
+/// to the next when it cannot be reached.
+#[derive(Clone)]
+struct Members {
+    clients: Arc<Vec<Client>>,
+    current: Arc<AtomicUsize>,
+}
+
+impl Members {
+    fn current(&self) -> (usize, &Client) {
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+        (i, &self.clients[i])
+    }
+
+    /// Moves on from member `i` (unless another caller already did).
+    fn skip(&self, i: usize) {
+        let next = (i + 1) % self.clients.len();
+        let _ = self
+            .current
+            .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Runs `op` on the current member, then on the others while the member
+    /// cannot be reached. A request that may have reached etcd before its
+    /// connection broke is tried again only if `idempotent`.
+    async fn call<T, F, Fut>(&self, idempotent: bool, op: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = None;
+        for _ in 0..self.clients.len() {
+            let (i, client) = self.current();
+            match op(client.clone()).await {
+                Err(e) if is_unreachable(&e) || (idempotent && is_transport(&e)) => {
+                    tracing::debug!(error = %e, member = i, "etcd member unreachable; trying the next");
+                    self.skip(i);
+                    last = Some(e);
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no etcd member".into())))
+    }
+}
+
+/// The request never left: the member refused or did not answer the connection.
+fn is_unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic_code_unavailable() && (s.message().contains("connect") || s.message().contains("refused"))
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+/// The connection failed, perhaps after the request was sent.
+fn is_transport(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.message().contains("transport error")
+                || s.code() == tonic_code_unavailable()
+                || s.message().contains("Timeout expired")
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+fn tonic_code_unavailable() -> tonic::Code {
+    tonic::Code::Unavailable
+}
+
 pub struct EtcdStore {
-    client: Client,
+    members: Members,
     root: String,
     /// (kind, name) → (revision, id) as last seen: an update at that revision
     /// can write the id back without reading the object first.
@@ -136,9 +213,16 @@ impl EtcdStore {
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
-        let client = Client::connect(&url.endpoints, Some(options)).await?;
+        let mut clients = Vec::new();
+        for endpoint in &url.endpoints {
+            // Connections are made lazily: a member down now is used once it is back.
+            clients.push(Client::connect([endpoint], Some(options.clone())).await?);
+        }
         let store = EtcdStore {
-            client,
+            members: Members {
+                clients: Arc::new(clients),
+                current: Default::default(),
+            },
             root: url.root.clone(),
             ids: Default::default(),
         };
@@ -147,9 +231,17 @@ impl EtcdStore {
         Ok(store)
     }
 
-    /// The client, for leases and elections on the same connection.
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// The client of the member in use, for leases and elections.
+    pub fn client(&self) -> Client {
+        self.members.current().1.clone()
+    }
+
+    /// After a failed lease or election call: moves on to the next member
+    /// if this one cannot be reached.
+    pub fn note_failure(&self, e: &etcd_client::Error) {
+        if is_transport(e) {
+            self.members.skip(self.members.current().0);
+        }
     }
 
     /// The key prefix everything of this store lives under.
@@ -258,10 +350,13 @@ impl EtcdStore {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from_rev as i64 + 1);
+        let prefix = self.object_prefix(kind);
         let mut stream = self
-            .client
-            .watch_client()
-            .watch(self.object_prefix(kind), Some(options))
+            .members
+            .call(true, |c| {
+                let (prefix, options) = (prefix.clone(), options.clone());
+                async move { c.watch_client().watch(prefix, Some(options)).await }
+            })
             .await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while let Ok(Some(resp)) = tokio::time::timeout_at(deadline, stream.message())
@@ -331,7 +426,13 @@ impl Store for EtcdStore {
                 TxnOp::put(key, Self::encode(id, &value)?, None),
                 TxnOp::put(id_key, name, None),
             ]);
-        let resp = self.client.kv_client().txn(txn).await?;
+        let resp = self
+            .members
+            .call(false, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return Err(StoreError::AlreadyExists {
                 kind: kind.to_string(),
@@ -350,12 +451,26 @@ impl Store for EtcdStore {
     }
 
     async fn get(&self, kind: &str, name: &str) -> Result<Option<Record>, StoreError> {
-        let resp = self.client.kv_client().get(self.object_key(kind, name), None).await?;
+        let key = self.object_key(kind, name);
+        let resp = self
+            .members
+            .call(true, |c| {
+                let key = key.clone();
+                async move { c.kv_client().get(key, None).await }
+            })
+            .await?;
         resp.kvs().first().map(|kv| self.decode_kv(kind, kv)).transpose()
     }
 
     async fn get_by_id(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError> {
-        let resp = self.client.kv_client().get(self.id_key(kind, id), None).await?;
+        let key = self.id_key(kind, id);
+        let resp = self
+            .members
+            .call(true, |c| {
+                let key = key.clone();
+                async move { c.kv_client().get(key, None).await }
+            })
+            .await?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(None);
         };
@@ -397,7 +512,13 @@ impl Store for EtcdStore {
             )])
             .and_then([TxnOp::put(key.clone(), Self::encode(&id, &value)?, None)])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self.client.kv_client().txn(txn).await?;
+        let resp = self
+            .members
+            .call(false, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             let current = resp.op_responses().into_iter().find_map(|op| match op {
                 TxnOpResponse::Get(g) => g.kvs().first().map(|kv| rev_of(kv.mod_revision())),
@@ -450,7 +571,13 @@ impl Store for EtcdStore {
                     TxnOp::delete(key, None::<DeleteOptions>),
                     TxnOp::delete(self.id_key(kind, &current.id), None::<DeleteOptions>),
                 ]);
-            let resp = self.client.kv_client().txn(txn).await?;
+            let resp = self
+                .members
+                .call(false, |c| {
+                    let txn = txn.clone();
+                    async move { c.kv_client().txn(txn).await }
+                })
+                .await?;
             if !resp.succeeded() {
                 // Changed or deleted since the read: decide again on what is there now.
                 continue;
@@ -490,7 +617,13 @@ impl Store for EtcdStore {
             if let Some(rev) = revision {
                 options = options.with_revision(rev as i64);
             }
-            let resp = self.client.kv_client().get(from.clone(), Some(options)).await?;
+            let resp = self
+                .members
+                .call(true, |c| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { c.kv_client().get(from, Some(options)).await }
+                })
+                .await?;
             let rev = *revision.get_or_insert(header_revision(resp.header())?);
             for kv in resp.kvs() {
                 let record = self.decode_kv(kind, kv)?;
@@ -527,7 +660,15 @@ impl Store for EtcdStore {
         // A watch from a compacted revision must fail now, as on SQLite: a
         // read at the first revision it replays tells.
         let probe = GetOptions::new().with_count_only().with_revision(from_rev as i64 + 1);
-        match self.client.kv_client().get(self.object_prefix(kind), Some(probe)).await {
+        let prefix = self.object_prefix(kind);
+        let probed = self
+            .members
+            .call(true, |c| {
+                let (prefix, probe) = (prefix.clone(), probe.clone());
+                async move { c.kv_client().get(prefix, Some(probe)).await }
+            })
+            .await;
+        match probed {
             Ok(_) => {}
             Err(e) if is_compacted(&e) => {
                 return Err(StoreError::Compacted {
@@ -554,13 +695,15 @@ impl Store for EtcdStore {
             .with_prev_key()
             .with_start_revision(from_rev as i64 + 1);
         let watch = self
-            .client
-            .watch_client()
-            .watch(self.object_prefix(kind), Some(options))
+            .members
+            .call(true, |c| {
+                let (prefix, options) = (prefix.clone(), options.clone());
+                async move { c.watch_client().watch(prefix, Some(options)).await }
+            })
             .await?;
         let (sender, responses) = watch.split();
         let store = EtcdStore {
-            client: self.client.clone(),
+            members: self.members.clone(),
             root: self.root.clone(),
             ids: self.ids.clone(),
         };
@@ -609,7 +752,14 @@ impl Store for EtcdStore {
 
     async fn compact(&self, up_to: u64) -> Result<(), StoreError> {
         // etcd keeps its compaction revision itself: compact to the one after.
-        match self.client.kv_client().compact(up_to as i64 + 1, None).await {
+        let compacted = self
+            .members
+            .call(
+                true,
+                |c| async move { c.kv_client().compact(up_to as i64 + 1, None).await },
+            )
+            .await;
+        match compacted {
             Ok(_) => Ok(()),
             // Already compacted this far (by another server, say).
             Err(e) if is_compacted(&e) => Ok(()),
@@ -618,10 +768,13 @@ impl Store for EtcdStore {
     }
 
     async fn revision(&self) -> Result<u64, StoreError> {
+        let key = format!("{}/", self.root);
         let resp = self
-            .client
-            .kv_client()
-            .get(format!("{}/", self.root), Some(GetOptions::new().with_count_only()))
+            .members
+            .call(true, |c| {
+                let key = key.clone();
+                async move { c.kv_client().get(key, Some(GetOptions::new().with_count_only())).await }
+            })
             .await?;
         header_revision(resp.header())
     }

@@ -92,15 +92,23 @@ fn log_tail(log: &Path) -> String {
 }
 
 impl EtcdCluster {
-    /// Starts `size` members under `dir` and waits until each serves clients.
-    /// Peer ports are chosen just before the start; if one was taken in
-    /// between, the whole start is retried.
+    /// Starts `size` members with data under `dir` (kept: a cluster started
+    /// again on the same `dir` has its data) and waits until each serves
+    /// clients. Peer ports are chosen just before the start; if one was taken
+    /// in between, a new cluster's start is retried.
     pub fn start(dir: &Path, size: usize) -> Result<EtcdCluster, EtcdProcessError> {
+        let existed = dir.join("m0").exists();
         let mut last_error = None;
-        for attempt in 0..3 {
-            match Self::start_once(&dir.join(format!("try{attempt}")), size) {
+        for _ in 0..3 {
+            match Self::start_once(dir, size) {
                 Ok(cluster) => return Ok(cluster),
-                Err(e) => last_error = Some(e),
+                Err(e) if existed => return Err(e),
+                Err(e) => {
+                    for i in 0..size.max(1) {
+                        let _ = std::fs::remove_dir_all(dir.join(format!("m{i}")));
+                    }
+                    last_error = Some(e);
+                }
             }
         }
         Err(last_error.unwrap_or_else(|| EtcdProcessError::NotReady {
@@ -124,6 +132,7 @@ impl EtcdCluster {
         let mut members = Vec::new();
         for (name, peer_url) in &peers {
             let log = dir.join(format!("{name}.log"));
+            // A fresh log: its "serving" line is this start's.
             let log_file = std::fs::File::create(&log)?;
             let child = Command::new(etcd_binary())
                 .arg("--name")

@@ -53,6 +53,16 @@ pub struct DevArgs {
     /// networks), or `auto` (namespaces when possible).
     #[arg(long, value_enum, default_value_t = DevHosts::Auto)]
     pub hosts: DevHosts,
+    /// `embedded` (SQLite) or `etcd`: a local etcd member (Debian's `etcd`)
+    /// with its data in the dev directory, stopped with the cluster.
+    #[arg(long, value_enum, default_value_t = DevStore::Embedded)]
+    pub store: DevStore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DevStore {
+    Embedded,
+    Etcd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -158,9 +168,25 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         crate::devnet::ensure(a.agents)?;
     }
 
+    // Kept until the cluster stops: dropping it stops etcd.
+    let (store, _etcd) = match a.store {
+        DevStore::Embedded => (novacron_server::StoreLocation::Embedded, None),
+        DevStore::Etcd => {
+            let etcd_dir = dir.join("etcd");
+            let cluster =
+                tokio::task::spawn_blocking(move || novacron_store::etcd_process::EtcdCluster::start(&etcd_dir, 1))
+                    .await?
+                    .context("Cannot start a local etcd")?;
+            let url = cluster.url("/novacron");
+            tracing::info!(%url, "started a local etcd");
+            println!("etcd: {url}");
+            (url.parse().context("etcd URL")?, Some(cluster))
+        }
+    };
     let server_args = ServerArgs {
         // The dev cluster runs its server and agents in this one process, without traces.
         otlp_endpoint: None,
+        store,
         data_dir: dir.join("server"),
         listen: a.listen,
         node_grace: a.node_grace,

@@ -140,6 +140,10 @@ enum Command {
 pub struct ServerArgs {
     #[arg(long, env = "NOVACRON_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// Where objects live: `embedded` (SQLite in the data dir, one server) or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/ROOT]` (any number of servers).
+    #[arg(long, env = "NOVACRON_STORE", default_value = "embedded")]
+    pub store: novacron_server::StoreLocation,
     /// Export traces (one per migration, with the agents' parts) with OTLP
     /// over HTTP to this URL, e.g. http://collector:4318/v1/traces.
     #[arg(long, env = "NOVACRON_OTLP_ENDPOINT")]
@@ -300,6 +304,7 @@ async fn shutdown_signal() {
 pub fn server_config(a: &ServerArgs) -> novacron_server::ServerConfig {
     novacron_server::ServerConfig {
         data_dir: a.data_dir.clone(),
+        store: a.store.clone(),
         listen: a.listen,
         node_grace: a.node_grace,
         rate_limit: (a.rate_limit > 0).then_some((a.rate_limit, a.rate_burst.max(1))),

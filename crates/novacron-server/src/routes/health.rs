@@ -14,15 +14,24 @@ pub fn router() -> Router<AppState> {
 
 /// Liveness: the process serves requests.
 async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok".into() })
+    Json(Health {
+        status: "ok".into(),
+        server: None,
+        leader: None,
+    })
 }
 
-/// Readiness: the store answers.
+/// Readiness: the store answers; says which server this is and whether it
+/// leads.
 async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     state
         .store
         .revision()
         .await
         .map_err(|e| ApiError::unavailable(format!("Store unavailable: {e}")))?;
-    Ok(Json(Health { status: "ready".into() }))
+    Ok(Json(Health {
+        status: "ready".into(),
+        server: Some(state.leadership.id.clone()),
+        leader: Some(state.leadership.is_leader()),
+    }))
 }

@@ -33,6 +33,7 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let state = novacron_server::prepare(ServerConfig {
             data_dir: dir.path().to_path_buf(),
+            store: Default::default(),
             listen: "127.0.0.1:0".parse().unwrap(),
             node_grace: Duration::from_secs(15),
             rate_limit,

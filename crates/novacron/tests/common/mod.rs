@@ -110,6 +110,10 @@ pub struct Options {
     pub netns: bool,
     /// `--otlp-endpoint` of the server and every agent.
     pub otlp_endpoint: Option<String>,
+    /// `--store` of the server (default: embedded).
+    pub store: Option<String>,
+    /// The admin token, when another server on the same store made it.
+    pub admin_token: Option<String>,
 }
 
 impl Default for Options {
@@ -126,6 +130,8 @@ impl Default for Options {
             max_connections: None,
             netns: false,
             otlp_endpoint: None,
+            store: None,
+            admin_token: None,
         }
     }
 }
@@ -187,6 +193,9 @@ impl Cluster {
             .flat_map(|e| ["--otlp-endpoint".to_string(), e.clone()])
             .collect();
         server_args.extend(otlp.iter().cloned());
+        if let Some(store) = &opts.store {
+            server_args.extend(["--store".into(), store.clone()]);
+        }
         let mut cluster = Cluster {
             tls: opts.tls,
             server_ca: opts.server_cert.as_ref().map(|d| d.join("ca.crt")),
@@ -203,10 +212,13 @@ impl Cluster {
         };
         cluster.start_server().await;
         let token_path = cluster.dir.path().join("server/admin.token");
-        cluster.token = std::fs::read_to_string(&token_path)
-            .expect("admin token")
-            .trim()
-            .to_string();
+        cluster.token = match &opts.admin_token {
+            Some(token) => token.clone(),
+            None => std::fs::read_to_string(&token_path)
+                .expect("admin token")
+                .trim()
+                .to_string(),
+        };
         cluster.client = cluster.client_with_token(&cluster.token.clone());
         for i in 1..=opts.agents {
             cluster

@@ -1,0 +1,110 @@
+//! Secrets every server of one cluster must hold alike — the agent secret and
+//! the cluster CA — kept in a shared store (etcd) so that any server can
+//! admit agents and sign their certificates. The first server to start puts
+//! its own there; every later one takes them into its data directory before
+//! it loads them, so the rest of the server reads files as it always did.
+//! (In etcd they are as readable as any object: protect etcd as Kubernetes
+//! protects its Secrets.)
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use novacron_store::{SharedStore, StoreError};
+
+use crate::ServerError;
+
+/// Raw store kind (no API route reads it) and the one object's name.
+const KIND: &str = "server_secrets";
+const NAME: &str = "cluster";
+/// Files under the data directory, and whether they are private.
+const FILES: [(&str, bool); 5] = [
+    ("agent.secret", true),
+    ("pki/ca.key", true),
+    ("pki/ca.crt", false),
+    ("pki/ca-cross.crt", false),
+    ("pki/ca-previous.crt", false),
+];
+
+fn dir_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
+    move |source| ServerError::DataDir {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Makes this server's secret files the cluster's: takes the stored ones, or
+/// stores this server's (made now if missing) when it is the first.
+pub async fn share(store: &SharedStore, data_dir: &Path) -> Result<(), ServerError> {
+    if let Some(rec) = store.get(KIND, NAME).await? {
+        return write_files(data_dir, &rec.value);
+    }
+    let secret_path = data_dir.join("agent.secret");
+    if !secret_path.exists() {
+        let secret = crate::auth::random_secret().map_err(dir_err(data_dir))?;
+        crate::auth::write_secret_file(&secret_path, &secret).map_err(dir_err(&secret_path))?;
+    }
+    novacron_tls::ClusterCa::load_or_create(&data_dir.join("pki"))?;
+    let mut files = BTreeMap::new();
+    for (name, _) in FILES {
+        let path = data_dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                files.insert(name.to_string(), serde_json::Value::String(text));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(dir_err(&path)(e)),
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    match store.create(KIND, NAME, &id, serde_json::json!(files)).await {
+        Ok(_) => {
+            tracing::info!("stored this server's cluster CA and agent secret for the other servers");
+            Ok(())
+        }
+        // Another server started at the same moment and won: take its.
+        Err(StoreError::AlreadyExists { .. }) => match store.get(KIND, NAME).await? {
+            Some(rec) => write_files(data_dir, &rec.value),
+            None => Err(StoreError::Unexpected("the cluster's secrets vanished while being read".into()).into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_files(data_dir: &Path, value: &serde_json::Value) -> Result<(), ServerError> {
+    let files = value
+        .as_object()
+        .ok_or_else(|| StoreError::Unexpected("the cluster's secrets are not an object".into()))?;
+    std::fs::create_dir_all(data_dir.join("pki")).map_err(dir_err(data_dir))?;
+    for (name, private) in FILES {
+        let path = data_dir.join(name);
+        let Some(text) = files.get(name) else {
+            // Not in the cluster's set (no CA rotation going on, say).
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(dir_err(&path)(e)),
+            }
+            continue;
+        };
+        let text = text
+            .as_str()
+            .ok_or_else(|| StoreError::Unexpected(format!("the cluster's {name} is not text")))?;
+        write_atomically(&path, text, private).map_err(dir_err(&path))?;
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &Path, text: &str, private: bool) -> Result<(), std::io::Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("shared.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
