@@ -45,6 +45,11 @@ impl Leadership {
         }
     }
 
+    /// Whether servers share the store (etcd).
+    pub fn shared_store(&self) -> bool {
+        self.etcd.is_some()
+    }
+
     /// Whether this server runs the controllers now.
     pub fn is_leader(&self) -> bool {
         self.leading.load(Ordering::Acquire)

@@ -18,7 +18,7 @@ pub mod pki;
 mod proxy;
 mod routes;
 pub mod scheduling;
-mod shared_secrets;
+pub(crate) mod shared_secrets;
 pub mod totp;
 mod ui;
 pub mod webhooks;

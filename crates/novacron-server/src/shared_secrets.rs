@@ -44,6 +44,23 @@ pub async fn share(store: &SharedStore, data_dir: &Path) -> Result<(), ServerErr
         crate::auth::write_secret_file(&secret_path, &secret).map_err(dir_err(&secret_path))?;
     }
     novacron_tls::ClusterCa::load_or_create(&data_dir.join("pki"))?;
+    let id = uuid::Uuid::new_v4().to_string();
+    match store.create(KIND, NAME, &id, read_files(data_dir)?).await {
+        Ok(_) => {
+            tracing::info!("stored this server's cluster CA and agent secret for the other servers");
+            Ok(())
+        }
+        // Another server started at the same moment and won: take its.
+        Err(StoreError::AlreadyExists { .. }) => match store.get(KIND, NAME).await? {
+            Some(rec) => write_files(data_dir, &rec.value),
+            None => Err(StoreError::Unexpected("the cluster's secrets vanished while being read".into()).into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The secret files of the data directory, as stored.
+fn read_files(data_dir: &Path) -> Result<serde_json::Value, ServerError> {
     let mut files = BTreeMap::new();
     for (name, _) in FILES {
         let path = data_dir.join(name);
@@ -55,18 +72,21 @@ pub async fn share(store: &SharedStore, data_dir: &Path) -> Result<(), ServerErr
             Err(e) => return Err(dir_err(&path)(e)),
         }
     }
-    let id = uuid::Uuid::new_v4().to_string();
-    match store.create(KIND, NAME, &id, serde_json::json!(files)).await {
-        Ok(_) => {
-            tracing::info!("stored this server's cluster CA and agent secret for the other servers");
-            Ok(())
+    Ok(serde_json::json!(files))
+}
+
+/// After this server changed its CA (a rotation): the cluster's copy follows,
+/// so servers that start from now on take the new CA.
+pub async fn store_changed(store: &SharedStore, data_dir: &Path) -> Result<(), ServerError> {
+    let files = read_files(data_dir)?;
+    loop {
+        let Some(current) = store.get(KIND, NAME).await? else {
+            return Err(StoreError::Unexpected("the cluster's secrets are missing from the store".into()).into());
+        };
+        match store.update(KIND, NAME, current.rev, files.clone()).await {
+            Err(StoreError::Conflict { .. }) => continue,
+            other => return other.map(|_| ()).map_err(Into::into),
         }
-        // Another server started at the same moment and won: take its.
-        Err(StoreError::AlreadyExists { .. }) => match store.get(KIND, NAME).await? {
-            Some(rec) => write_files(data_dir, &rec.value),
-            None => Err(StoreError::Unexpected("the cluster's secrets vanished while being read".into()).into()),
-        },
-        Err(e) => Err(e.into()),
     }
 }
 

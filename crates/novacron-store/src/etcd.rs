@@ -344,6 +344,18 @@ impl EtcdStore {
         });
     }
 
+    /// One key, read from whichever member answers.
+    async fn read_key(&self, key: String) -> Result<etcd_client::GetResponse, StoreError> {
+        let resp = self
+            .members
+            .call(true, |c| {
+                let key = key.clone();
+                async move { c.kv_client().get(key, None).await }
+            })
+            .await?;
+        Ok(resp)
+    }
+
     /// The oldest revision a watch can start from, learned from etcd's
     /// compaction notice for a watch that starts too early.
     async fn compacted_since(&self, kind: &str, from_rev: u64) -> Result<u64, StoreError> {
@@ -452,25 +464,13 @@ impl Store for EtcdStore {
 
     async fn get(&self, kind: &str, name: &str) -> Result<Option<Record>, StoreError> {
         let key = self.object_key(kind, name);
-        let resp = self
-            .members
-            .call(true, |c| {
-                let key = key.clone();
-                async move { c.kv_client().get(key, None).await }
-            })
-            .await?;
+        let resp = self.read_key(key).await?;
         resp.kvs().first().map(|kv| self.decode_kv(kind, kv)).transpose()
     }
 
     async fn get_by_id(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError> {
         let key = self.id_key(kind, id);
-        let resp = self
-            .members
-            .call(true, |c| {
-                let key = key.clone();
-                async move { c.kv_client().get(key, None).await }
-            })
-            .await?;
+        let resp = self.read_key(key).await?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(None);
         };

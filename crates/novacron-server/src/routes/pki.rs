@@ -122,8 +122,19 @@ async fn revoke_node(
 async fn rotate_ca(State(state): State<AppState>, Extension(p): Extension<Principal>) -> ApiResult<Json<ClusterTrust>> {
     authorize(&p, Resource::Nodes, Verb::Delete, None)?;
     let trust = tls(&state)?.rotate_ca(&state.store).await?;
+    share_ca(&state).await?;
     tracing::warn!(by = %p.actor, "CA rotation started");
     Ok(Json(trust))
+}
+
+/// With servers sharing the store, the stored CA follows this server's.
+async fn share_ca(state: &AppState) -> ApiResult<()> {
+    if !state.leadership.shared_store() {
+        return Ok(());
+    }
+    crate::shared_secrets::store_changed(&state.store, &state.config.data_dir)
+        .await
+        .map_err(|e| ApiError::internal("Cannot store the rotated CA for the other servers", &e))
 }
 
 /// Finish a CA rotation: the previous CA is no longer trusted. Refused
@@ -149,6 +160,7 @@ async fn finish_ca_rotation(
         )));
     }
     let trust = tls.finish_ca_rotation(&state.store).await?;
+    share_ca(&state).await?;
     tracing::warn!(by = %p.actor, "CA rotation finished");
     Ok(Json(trust))
 }
