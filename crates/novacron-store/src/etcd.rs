@@ -26,7 +26,7 @@ pub const HISTORY: u64 = 20_000;
 /// Objects read per range request while listing.
 const CHUNK: i64 = 512;
 /// Per-request deadline: a request to a partitioned member fails rather than hangs.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Beyond this many remembered ids the cache starts over (it only saves reads).
 const ID_CACHE_LIMIT: usize = 200_000;
 
