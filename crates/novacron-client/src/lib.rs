@@ -4,6 +4,8 @@
 pub mod watcher;
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -137,7 +139,10 @@ impl Selector {
 
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    /// The servers' URLs: any of them serves the whole API.
+    bases: Arc<Vec<String>>,
+    /// The one in use; the next is tried when it cannot be reached.
+    current: Arc<AtomicUsize>,
     token: String,
     http: reqwest::Client,
     /// Client without a total timeout, for streams.
@@ -151,13 +156,20 @@ impl Client {
 
     /// A client whose HTTPS uses `tls` (a `rustls::ClientConfig`: the
     /// cluster CA, and the agent's certificate when it has one). An empty
-    /// `token` sends no Authorization header.
+    /// `token` sends no Authorization header. `base_url` may name several
+    /// servers, comma-separated: a request that cannot reach one goes to
+    /// the next.
     pub fn with_tls<C: std::any::Any + Clone + Send>(
         base_url: &str,
         token: &str,
         tls: Option<C>,
     ) -> Result<Self, ClientError> {
-        let base = base_url.trim_end_matches('/').to_string();
+        let bases: Vec<String> = base_url
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        let base = bases.first().cloned().unwrap_or_default();
         let build = |timeout: Option<Duration>| {
             let mut b = reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
@@ -176,13 +188,15 @@ impl Client {
         Ok(Client {
             http: build(Some(Duration::from_secs(60)))?,
             streaming: build(None)?,
-            base,
+            bases: Arc::new(if bases.is_empty() { vec![base] } else { bases }),
+            current: Default::default(),
             token: token.to_string(),
         })
     }
 
+    /// The server in use now.
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
     }
 
     pub fn token(&self) -> &str {
@@ -190,7 +204,7 @@ impl Client {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}/v1/{}", self.base, path.trim_start_matches('/'))
+        format!("{}/v1/{}", self.base_url(), path.trim_start_matches('/'))
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
@@ -202,12 +216,54 @@ impl Client {
         self.check(req, url).await
     }
 
-    /// Sends as the request says (its own credentials); a refusal is an error.
-    async fn check(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
-        let resp = req.send().await.map_err(|source| ClientError::Http {
+    /// Sends the request to the server in use, or, while a server cannot be
+    /// reached (the request never left), to the next.
+    async fn send_to_some_server(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let http_err = |source| ClientError::Http {
             url: url.to_string(),
             source,
-        })?;
+        };
+        let (http, request) = req.build_split();
+        let request = request.map_err(http_err)?;
+        let mut tried = 0;
+        let mut next = request.try_clone();
+        let mut result = http.execute(request).await;
+        loop {
+            let unreachable = matches!(&result, Err(e) if e.is_connect());
+            tried += 1;
+            let (Some(retry), true) = (next.take(), unreachable && tried < self.bases.len()) else {
+                return result.map_err(http_err);
+            };
+            // Move on from the server this request went to.
+            let Some(from) = self
+                .bases
+                .iter()
+                .position(|b| retry.url().as_str().starts_with(b.as_str()))
+            else {
+                return result.map_err(http_err);
+            };
+            let to = (from + 1) % self.bases.len();
+            let _ = self
+                .current
+                .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed);
+            let moved = format!("{}{}", self.bases[to], &retry.url().as_str()[self.bases[from].len()..]);
+            let mut retry = retry;
+            match reqwest::Url::parse(&moved) {
+                Ok(u) => *retry.url_mut() = u,
+                Err(_) => return result.map_err(http_err),
+            }
+            next = retry.try_clone();
+            result = http.execute(retry).await;
+        }
+    }
+
+    /// Sends as the request says (its own credentials); a refusal is an error.
+    async fn check(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
+        let resp = self.send_to_some_server(req, url).await?;
         if resp.status().is_success() {
             return Ok(resp);
         }

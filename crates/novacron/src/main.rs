@@ -46,7 +46,8 @@ struct Cli {
 
 #[derive(Args, Clone)]
 pub struct Global {
-    /// API server URL.
+    /// API server URL; several, comma-separated, for a cluster of servers (a
+    /// request that cannot reach one goes to the next).
     #[arg(long, env = "NOVACRON_SERVER", global = true)]
     pub server: Option<String>,
     /// API token.

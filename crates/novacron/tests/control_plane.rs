@@ -114,18 +114,20 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         .trim()
         .to_string();
 
-    // The servers the agents use, and a third: each took the CA from the
-    // store (the client trusts the first server's CA file for all three).
-    let c = Cluster::start(Options {
+    // Two more servers; the agents use the cluster's and fail over to the
+    // third. Each took the CA from the store (the client trusts the first
+    // server's CA file for all three).
+    let mut third = ServerProc::start(dir.path(), "third", &store_url).await;
+    let mut c = Cluster::start(Options {
         agents: 2,
         // Stopped VMs hold their place too: room for all of them.
         agent_vcpus: 16,
         store: Some(store_url.clone()),
-        admin_token: Some(token),
+        admin_token: Some(token.clone()),
+        other_servers: vec![third.url.clone()],
         ..Default::default()
     })
     .await;
-    let third = ServerProc::start(dir.path(), "third", &store_url).await;
     for url in [&c.url, &third.url] {
         let h = wait_until("a follower to be ready", Duration::from_secs(30), || async {
             readiness(&http, url).await
@@ -230,13 +232,50 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
     assert_eq!(c.vm("quorum").await.metadata.name, "quorum");
     assert_eq!(c.vm("burst-00").await.metadata.name, "burst-00");
 
+    // The agents' server dies too: they go on with the third, which now
+    // leads; a client naming a dead server first uses the next.
+    c.kill_server();
+    let dead = c.url.clone();
+    let client = novacron_client::Client::with_tls(
+        &format!("{dead},{}", third.url),
+        &token,
+        Some(novacron_tls::client_config(&std::fs::read_to_string(&ca).expect("CA"), None).expect("TLS")),
+    )
+    .expect("client");
+    wait_until("the third server to lead", Duration::from_secs(15), || async {
+        readiness(&http, &third.url).await.filter(|h| h.leader == Some(true))
+    })
+    .await;
+    client
+        .create_vm(&CreateVm {
+            spec: VmSpec {
+                power_state: PowerState::Running,
+                ..stopped_vm("last").spec
+            },
+            ..stopped_vm("last")
+        })
+        .await
+        .expect("create through a list that starts with a dead server");
+    wait_until(
+        "last Running on an agent that failed over",
+        Duration::from_secs(90),
+        || async {
+            client
+                .get::<Vm>("last")
+                .await
+                .ok()
+                .filter(|v| v.status.phase == VmPhase::Running)
+        },
+    )
+    .await;
+
     // Each VM went from no node to a node exactly once (read off etcd).
     let bound = collect_bindings(&store_url, since).await;
     for name in &acknowledged {
         let nodes = bound.get(name).map(Vec::as_slice).unwrap_or_default();
         assert_eq!(nodes.len(), 1, "{name} was bound {nodes:?}");
     }
-    drop(third);
+    third.kill();
 }
 
 /// Bindings (node unset → set) per VM since `since`, replayed from etcd's history.

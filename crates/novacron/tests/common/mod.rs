@@ -86,6 +86,8 @@ pub struct Cluster {
     pub server_args: Vec<String>,
     /// Arguments every agent gets besides its own.
     pub agent_extra_args: Vec<String>,
+    /// Servers the agents fail over to, after this cluster's own.
+    pub other_servers: Vec<String>,
     pub agents: Vec<AgentProc>,
     /// Hosts as network namespaces (dropped after the processes in them).
     pub underlay: Option<netlab::Underlay>,
@@ -114,6 +116,8 @@ pub struct Options {
     pub store: Option<String>,
     /// The admin token, when another server on the same store made it.
     pub admin_token: Option<String>,
+    /// More servers (URLs) the agents may use when this cluster's is gone.
+    pub other_servers: Vec<String>,
 }
 
 impl Default for Options {
@@ -132,6 +136,7 @@ impl Default for Options {
             otlp_endpoint: None,
             store: None,
             admin_token: None,
+            other_servers: Vec::new(),
         }
     }
 }
@@ -206,6 +211,7 @@ impl Cluster {
             server: None,
             server_args,
             agent_extra_args: otlp,
+            other_servers: opts.other_servers.clone(),
             agents: Vec::new(),
             underlay,
             dir,
@@ -357,7 +363,11 @@ impl Cluster {
         if !key.exists() {
             novacron_backup::ChunkKey::create(&key).expect("backup key");
         }
-        let mut args = vec!["agent".to_string(), "--server".into(), self.url.clone()];
+        let servers = std::iter::once(self.url.clone())
+            .chain(self.other_servers.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut args = vec!["agent".to_string(), "--server".into(), servers];
         args.extend(credentials);
         args.extend(["--backup-key".into(), key.display().to_string()]);
         args.extend([
