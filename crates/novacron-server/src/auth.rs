@@ -17,6 +17,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use novacron_api::{Metadata, NodeCredential, Permission, Project, Resource, Role, Token, Verb};
+use novacron_client::watcher;
 use novacron_store::{SharedStore, StoreExt};
 use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
@@ -290,6 +291,41 @@ impl AuthIndex {
         Ok(index)
     }
 
+    /// With servers sharing the store, tokens, roles and node credentials
+    /// change on other servers too: the index follows the store's changes
+    /// (a re-list replaces what it holds). Tasks end with the index.
+    pub fn follow(self: &Arc<Self>, store: &SharedStore) {
+        follow_kind::<Token>(store, self, |index, ev| match ev {
+            watcher::Event::Restarted(all) => {
+                let live = all.into_iter().filter(|t| t.revoked_at.is_none());
+                *index.tokens.write() = live.map(|t| (t.secret_sha256.clone(), t)).collect();
+            }
+            watcher::Event::Applied(t) if t.revoked_at.is_some() => index.remove_token(&t.secret_sha256),
+            watcher::Event::Applied(t) => index.insert_token(&t),
+            watcher::Event::Deleted(t) => index.remove_token(&t.secret_sha256),
+        });
+        follow_kind::<Role>(store, self, |index, ev| match ev {
+            watcher::Event::Restarted(all) => {
+                *index.custom_roles.write() = all
+                    .into_iter()
+                    .map(|r| (r.metadata.name, Arc::new(r.permissions)))
+                    .collect();
+            }
+            watcher::Event::Applied(r) => index.set_role(&r),
+            watcher::Event::Deleted(r) => index.remove_role(&r.metadata.name),
+        });
+        follow_kind::<NodeCredential>(store, self, |index, ev| match ev {
+            watcher::Event::Restarted(all) => {
+                index.credentials.write().clear();
+                for c in &all {
+                    index.set_credential(c);
+                }
+            }
+            watcher::Event::Applied(c) => index.set_credential(&c),
+            watcher::Event::Deleted(c) => index.remove_credential(&c.metadata.name),
+        });
+    }
+
     pub fn set_credential(&self, c: &NodeCredential) {
         let mut map = self.credentials.write();
         // The node's current certificate, and the one a renewal replaced
@@ -398,6 +434,29 @@ impl AuthIndex {
             node: None,
         })
     }
+}
+
+/// Applies the store's changes to objects of `T` to the index until the
+/// index is dropped.
+fn follow_kind<T>(
+    store: &SharedStore,
+    index: &Arc<AuthIndex>,
+    apply: impl Fn(&AuthIndex, watcher::Event<T>) + Send + 'static,
+) where
+    T: novacron_api::Object + Send + 'static,
+{
+    use futures::StreamExt;
+    let index = Arc::downgrade(index);
+    let source = crate::cache::StoreSource::<T>::new(store.clone());
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(watcher::watcher(source));
+        while let Some(ev) = events.next().await {
+            let Some(index) = index.upgrade() else {
+                return;
+            };
+            apply(&index, ev);
+        }
+    });
 }
 
 #[derive(Debug, thiserror::Error)]

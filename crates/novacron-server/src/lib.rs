@@ -334,6 +334,9 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         }
     };
     let auth = Arc::new(auth::AuthIndex::load(&store, tls.is_some()).await?);
+    if leadership.shared_store() {
+        auth.follow(&store);
+    }
     let rate_limiter = config
         .rate_limit
         .and_then(|(per_s, burst)| auth::rate_limiter(per_s, burst))

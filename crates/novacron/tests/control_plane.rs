@@ -135,6 +135,46 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         .await;
         assert_eq!(h.leader, Some(false), "{url} leads beside the first server");
     }
+    // A token made through one server is taken by another at once, and
+    // its revocation too (each server's index follows the store).
+    let issued: novacron_api::IssuedToken = c
+        .client
+        .post_json(
+            "tokens",
+            &novacron_api::CreateToken {
+                name: "viewer-1".into(),
+                role: "viewer".into(),
+                project: None,
+                ttl_s: None,
+                join: false,
+            },
+        )
+        .await
+        .expect("create token");
+    let lists_vms = |url: String, secret: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{url}/v1/vms"))
+                .bearer_auth(secret)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    wait_until(
+        "the token to work on the third server",
+        Duration::from_secs(5),
+        || async { (lists_vms(third.url.clone(), issued.secret.clone()).await == 200).then_some(()) },
+    )
+    .await;
+    c.client.delete_path("tokens/viewer-1").await.expect("revoke");
+    wait_until(
+        "the revoked token refused by the third server",
+        Duration::from_secs(5),
+        || async { (lists_vms(third.url.clone(), issued.secret.clone()).await == 401).then_some(()) },
+    )
+    .await;
     c.import_demo().await;
     wait_until("both nodes Ready", Duration::from_secs(30), || async {
         let (nodes, _) = c
