@@ -197,6 +197,17 @@ impl Cluster {
                 }
             }
         }
+        self.decision(top, feasible, rejections, exclude)
+    }
+
+    /// The best node of `top` with its runners-up, or why there is none.
+    fn decision(
+        &self,
+        top: Top<'_>,
+        feasible: usize,
+        rejections: BTreeMap<Rejection, usize>,
+        exclude: Option<usize>,
+    ) -> Result<Decision, Unschedulable> {
         let total_nodes = self.nodes.len() - usize::from(exclude.is_some());
         let mut best = top.best.into_iter();
         let Some((index, score)) = best.next() else {
@@ -241,26 +252,6 @@ impl Cluster {
                 }
             }
         }
-        let total_nodes = self.nodes.len() - usize::from(exclude.is_some());
-        let mut best = top.best.into_iter();
-        let Some((index, score)) = best.next() else {
-            return Err(Unschedulable {
-                total_nodes,
-                rejections,
-            });
-        };
-        Ok(Decision {
-            node: self.nodes[index].name.clone(),
-            index,
-            score,
-            runners_up: best
-                .map(|(i, s)| Candidate {
-                    node: self.nodes[i].name.clone(),
-                    score: s,
-                })
-                .collect(),
-            feasible,
-            rejections,
-        })
+        self.decision(top, feasible, rejections, exclude)
     }
 }

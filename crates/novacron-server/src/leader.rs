@@ -85,7 +85,8 @@ pub fn spawn(state: AppState) -> tokio::task::JoinHandle<()> {
         };
         loop {
             if let Err(e) = lead_once(&state, &etcd).await {
-                etcd.note_failure(&e);
+                // Whatever failed, the next campaign goes to another member.
+                etcd.use_next_member();
                 tracing::warn!(error = %e, server = %state.leadership.id, "leader election failed; campaigning again");
             }
             state.leadership.leading.store(false, Ordering::Release);
@@ -117,7 +118,9 @@ async fn lead_once(state: &AppState, etcd: &EtcdStore) -> Result<(), etcd_client
         };
         match outcome {
             Ok(mut won) => break won.take_leader(),
-            Err(e) => tracing::debug!(error = %e, "campaign ended without a result; campaigning again"),
+            Err(e) if is_deadline(&e) => tracing::debug!("campaign reached the request deadline; campaigning again"),
+            // The member is gone (or refused): start over on another.
+            Err(e) => return Err(e),
         }
     };
     tracing::info!(server = %state.leadership.id, "elected leader; starting the controllers");
@@ -139,6 +142,11 @@ async fn lead_once(state: &AppState, etcd: &EtcdStore) -> Result<(), etcd_client
     }
     let _ = leases.revoke(lease).await;
     Ok(())
+}
+
+/// The client's per-request deadline ended the call (etcd did not refuse it).
+fn is_deadline(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("Timeout expired"))
 }
 
 /// Renews the lease once (after [`RENEW_EVERY`]); fails when etcd says the

@@ -49,6 +49,9 @@ pub struct ServerConfig {
     /// Where objects live: SQLite in the data dir, or an etcd cluster that
     /// several servers share.
     pub store: StoreLocation,
+    /// Where image files are kept (default `DATA_DIR/images`); servers that
+    /// share a store must share this too (NFS, say).
+    pub images_dir: Option<PathBuf>,
     pub listen: SocketAddr,
     /// A node is NotReady when its last heartbeat is older than this.
     pub node_grace: Duration,
@@ -169,7 +172,10 @@ pub struct AppState {
 
 impl AppState {
     pub fn images_dir(&self) -> PathBuf {
-        self.config.data_dir.join("images")
+        self.config
+            .images_dir
+            .clone()
+            .unwrap_or_else(|| self.config.data_dir.join("images"))
     }
 }
 
@@ -287,7 +293,15 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         path: config.data_dir.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(config.data_dir.join("images")).map_err(dir_err)?;
+    std::fs::create_dir_all(&config.data_dir).map_err(dir_err)?;
+    let images_dir = config
+        .images_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("images"));
+    std::fs::create_dir_all(&images_dir).map_err(|source| ServerError::DataDir {
+        path: images_dir.display().to_string(),
+        source,
+    })?;
     let (store, etcd): (SharedStore, _) = match &config.store {
         StoreLocation::Embedded => (Arc::new(SqliteStore::open(&config.data_dir.join("novacron.db"))?), None),
         StoreLocation::Etcd(url) => {

@@ -236,12 +236,10 @@ impl EtcdStore {
         self.members.current().1.clone()
     }
 
-    /// After a failed lease or election call: moves on to the next member
-    /// if this one cannot be reached.
-    pub fn note_failure(&self, e: &etcd_client::Error) {
-        if is_transport(e) {
-            self.members.skip(self.members.current().0);
-        }
+    /// Moves on to the next member (after a failed lease or election call,
+    /// whose streams this store cannot retry itself).
+    pub fn use_next_member(&self) {
+        self.members.skip(self.members.current().0);
     }
 
     /// The key prefix everything of this store lives under.

@@ -187,6 +187,7 @@ pub async fn run(a: DevArgs, shutdown: impl std::future::Future<Output = ()> + S
         // The dev cluster runs its server and agents in this one process, without traces.
         otlp_endpoint: None,
         store,
+        images_dir: None,
         data_dir: dir.join("server"),
         listen: a.listen,
         node_grace: a.node_grace,

@@ -145,6 +145,10 @@ pub struct ServerArgs {
     /// `etcd://HOST:PORT[,HOST:PORT...][/ROOT]` (any number of servers).
     #[arg(long, env = "NOVACRON_STORE", default_value = "embedded")]
     pub store: novacron_server::StoreLocation,
+    /// Where image files are kept (default DATA_DIR/images). Servers sharing
+    /// an etcd store must share it too (e.g. an NFS mount).
+    #[arg(long, env = "NOVACRON_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
     /// Export traces (one per migration, with the agents' parts) with OTLP
     /// over HTTP to this URL, e.g. http://collector:4318/v1/traces.
     #[arg(long, env = "NOVACRON_OTLP_ENDPOINT")]
@@ -306,6 +310,7 @@ pub fn server_config(a: &ServerArgs) -> novacron_server::ServerConfig {
     novacron_server::ServerConfig {
         data_dir: a.data_dir.clone(),
         store: a.store.clone(),
+        images_dir: a.images_dir.clone(),
         listen: a.listen,
         node_grace: a.node_grace,
         rate_limit: (a.rate_limit > 0).then_some((a.rate_limit, a.rate_burst.max(1))),

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::{log_file, wait_until, Cluster, Options, BIN};
 use futures::StreamExt;
-use novacron_api::{CreateVm, Health, PowerState, RunStrategy, Vm, VmPhase, VmSpec};
+use novacron_api::{
+    CreateMigration, CreateVm, Health, Migration, MigrationPhase, MigrationStrategy, PowerState, RunStrategy, Vm,
+    VmPhase, VmSpec,
+};
 use novacron_store::etcd_process::{connect_when_ready, EtcdCluster};
 use novacron_store::{EventType, Store};
 
@@ -23,11 +26,15 @@ struct ServerProc {
 }
 
 impl ServerProc {
+    /// Servers sharing a store share their image files (in production, an
+    /// NFS mount): an agent may fetch an image from any of them.
     async fn start(dir: &Path, name: &str, store: &str) -> ServerProc {
         let data_dir = dir.join(name);
         let child = Command::new(BIN)
             .args(["server", "--listen", "127.0.0.1:0", "--store", store, "--data-dir"])
             .arg(&data_dir)
+            .arg("--images-dir")
+            .arg(dir.join("images"))
             .env("NOVACRON_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file(dir, name))
@@ -125,6 +132,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         store: Some(store_url.clone()),
         admin_token: Some(token.clone()),
         other_servers: vec![third.url.clone()],
+        server_args: vec!["--images-dir".into(), dir.path().join("images").display().to_string()],
         ..Default::default()
     })
     .await;
@@ -272,20 +280,66 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
     assert_eq!(c.vm("quorum").await.metadata.name, "quorum");
     assert_eq!(c.vm("burst-00").await.metadata.name, "burst-00");
 
-    // The agents' server dies too: they go on with the third, which now
-    // leads; a client naming a dead server first uses the next.
-    c.kill_server();
-    let dead = c.url.clone();
+    // A live migration runs while the leader is killed: it ends truthfully
+    // (the source agent drives it; its reports reach a live server), with
+    // the guest paused no longer than its limit. When the leader is the
+    // agents' own server, they go on with the third.
+    let after = c.vm("after").await;
+    let source = after.status.node.clone().expect("after is placed");
+    let target = if source == "node-1" { "node-2" } else { "node-1" };
+    let migration = c
+        .client
+        .create_migration(&CreateMigration {
+            vm: "after".into(),
+            target_node: Some(target.into()),
+            strategy: MigrationStrategy::Precopy,
+            max_downtime_ms: Some(500),
+            bandwidth_mib_s: Some(16),
+            transport: None,
+        })
+        .await
+        .expect("start a migration");
+    let leader_is_agents_server = readiness(&http, &c.url).await.is_some_and(|h| h.leader == Some(true));
+    let (dead, alive) = if leader_is_agents_server {
+        c.kill_server();
+        (c.url.clone(), third.url.clone())
+    } else {
+        third.kill();
+        (third.url.clone(), c.url.clone())
+    };
+    // A client naming the dead server first uses the next.
     let client = novacron_client::Client::with_tls(
-        &format!("{dead},{}", third.url),
+        &format!("{dead},{alive}"),
         &token,
         Some(novacron_tls::client_config(&std::fs::read_to_string(&ca).expect("CA"), None).expect("TLS")),
     )
     .expect("client");
-    wait_until("the third server to lead", Duration::from_secs(15), || async {
-        readiness(&http, &third.url).await.filter(|h| h.leader == Some(true))
+    wait_until("the surviving server to lead", Duration::from_secs(15), || async {
+        readiness(&http, &alive).await.filter(|h| h.leader == Some(true))
     })
     .await;
+    let ended = wait_until("the migration to end", Duration::from_secs(120), || async {
+        client
+            .get::<Migration>(&migration.metadata.name)
+            .await
+            .ok()
+            .filter(|m| matches!(m.status.phase, MigrationPhase::Completed | MigrationPhase::Failed))
+    })
+    .await;
+    assert_eq!(
+        ended.status.phase,
+        MigrationPhase::Completed,
+        "{:?}",
+        ended.status.error
+    );
+    let downtime = ended.status.downtime_ms.expect("downtime measured");
+    assert!(downtime <= 500, "guest paused {downtime} ms, limit 500 ms");
+    let moved = client.get::<Vm>("after").await.expect("after");
+    assert_eq!(
+        (moved.status.node.as_deref(), moved.status.phase),
+        (Some(target), VmPhase::Running)
+    );
+
     client
         .create_vm(&CreateVm {
             spec: VmSpec {
@@ -315,7 +369,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         let nodes = bound.get(name).map(Vec::as_slice).unwrap_or_default();
         assert_eq!(nodes.len(), 1, "{name} was bound {nodes:?}");
     }
-    third.kill();
+    drop(third);
 }
 
 /// Bindings (node unset → set) per VM since `since`, replayed from etcd's history.

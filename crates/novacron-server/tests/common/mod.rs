@@ -34,6 +34,7 @@ impl Harness {
         let state = novacron_server::prepare(ServerConfig {
             data_dir: dir.path().to_path_buf(),
             store: Default::default(),
+            images_dir: None,
             listen: "127.0.0.1:0".parse().unwrap(),
             node_grace: Duration::from_secs(15),
             rate_limit,

@@ -118,6 +118,8 @@ pub struct Options {
     pub admin_token: Option<String>,
     /// More servers (URLs) the agents may use when this cluster's is gone.
     pub other_servers: Vec<String>,
+    /// More arguments for the server.
+    pub server_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -137,6 +139,7 @@ impl Default for Options {
             store: None,
             admin_token: None,
             other_servers: Vec::new(),
+            server_args: Vec::new(),
         }
     }
 }
@@ -201,6 +204,7 @@ impl Cluster {
         if let Some(store) = &opts.store {
             server_args.extend(["--store".into(), store.clone()]);
         }
+        server_args.extend(opts.server_args.iter().cloned());
         let mut cluster = Cluster {
             tls: opts.tls,
             server_ca: opts.server_cert.as_ref().map(|d| d.join("ca.crt")),
