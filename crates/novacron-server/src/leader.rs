@@ -50,6 +50,11 @@ impl Leadership {
         self.etcd.is_some()
     }
 
+    /// The shared store, to take cluster-wide locks on.
+    pub fn etcd(&self) -> Option<&Arc<EtcdStore>> {
+        self.etcd.as_ref()
+    }
+
     /// Whether this server runs the controllers now.
     pub fn is_leader(&self) -> bool {
         self.leading.load(Ordering::Acquire)

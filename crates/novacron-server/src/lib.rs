@@ -170,7 +170,37 @@ pub struct AppState {
     pub leadership: Arc<leader::Leadership>,
 }
 
+/// Held while a quota is checked and what it admits is created: this
+/// server's lock, and on a shared store the cluster's too, so two creates
+/// through two servers cannot both take the last of a quota.
+pub struct QuotaGuard {
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    cluster: Option<novacron_store::EtcdLock>,
+}
+
+impl Drop for QuotaGuard {
+    fn drop(&mut self) {
+        if let Some(lock) = self.cluster.take() {
+            tokio::spawn(lock.release());
+        }
+    }
+}
+
 impl AppState {
+    /// Takes the quota lock (see [`QuotaGuard`]).
+    pub async fn lock_quota(&self) -> Result<QuotaGuard, ApiError> {
+        let local = self.quota_lock.clone().lock_owned().await;
+        let cluster = match self.leadership.etcd() {
+            None => None,
+            Some(etcd) => Some(
+                etcd.lock("quota", Duration::from_secs(15))
+                    .await
+                    .map_err(|e| ApiError::unavailable(format!("Cannot take the cluster's quota lock: {e}")))?,
+            ),
+        };
+        Ok(QuotaGuard { _local: local, cluster })
+    }
+
     pub fn images_dir(&self) -> PathBuf {
         self.config
             .images_dir

@@ -171,6 +171,25 @@ impl std::str::FromStr for EtcdUrl {
     }
 }
 
+/// A held cluster-wide lock (see [`EtcdStore::lock`]).
+pub struct EtcdLock {
+    client: Client,
+    key: Vec<u8>,
+    lease: i64,
+}
+
+impl EtcdLock {
+    /// Releases the lock (and its lease). If etcd cannot be told, the lease
+    /// frees it when it expires.
+    pub async fn release(self) {
+        let client = self.client;
+        if let Err(e) = client.lock_client().unlock(self.key).await {
+            tracing::debug!(error = %e, "cannot unlock; the lease will free the lock");
+        }
+        let _ = client.lease_client().revoke(self.lease).await;
+    }
+}
+
 /// The first key after every key that starts with `prefix`.
 fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -240,6 +259,35 @@ impl EtcdStore {
     /// whose streams this store cannot retry itself).
     pub fn use_next_member(&self) {
         self.members.skip(self.members.current().0);
+    }
+
+    /// Takes the cluster-wide lock `name`, waiting while another holder has
+    /// it. The lock lives under a lease of `ttl`: a holder that dies frees it
+    /// then. Release it with [`EtcdLock::release`].
+    pub async fn lock(&self, name: &str, ttl: Duration) -> Result<EtcdLock, StoreError> {
+        let client = self.client();
+        let lease = client
+            .lease_client()
+            .grant(ttl.as_secs().max(1) as i64, None)
+            .await?
+            .id();
+        let key = format!("{}/locks/{name}", self.root);
+        let locked = client
+            .lock_client()
+            .lock(key, Some(etcd_client::LockOptions::new().with_lease(lease)))
+            .await;
+        match locked {
+            Ok(resp) => Ok(EtcdLock {
+                client,
+                key: resp.key().to_vec(),
+                lease,
+            }),
+            Err(e) => {
+                let _ = client.lease_client().revoke(lease).await;
+                self.use_next_member();
+                Err(e.into())
+            }
+        }
     }
 
     /// The key prefix everything of this store lives under.

@@ -184,6 +184,31 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
     )
     .await;
     c.import_demo().await;
+
+    // A quota holds across servers: eight creates at once through two
+    // servers into a project allowed four VMs, and four are made.
+    c.client
+        .put_json::<_, serde_json::Value>("projects/default", &serde_json::json!({"quota": {"vms": 4}}))
+        .await
+        .expect("set quota");
+    let through_third = novacron_client::Client::with_tls(
+        &third.url,
+        &token,
+        Some(novacron_tls::client_config(&std::fs::read_to_string(&ca).expect("CA"), None).expect("TLS")),
+    )
+    .expect("client");
+    let creates = (0..8).map(|i| {
+        let client = if i % 2 == 0 { c.client.clone() } else { through_third.clone() };
+        async move { client.create_vm(&stopped_vm(&format!("capped-{i}"))).await.is_ok() }
+    });
+    let made = futures::future::join_all(creates).await.into_iter().filter(|ok| *ok).count();
+    let (vms, _) = c.client.list_all::<Vm>(&Default::default()).await.expect("list");
+    let in_project = vms.iter().filter(|v| v.metadata.name.starts_with("capped-")).count();
+    assert_eq!((made, in_project), (4, 4), "a quota of 4 VMs across two servers");
+    c.client
+        .put_json::<_, serde_json::Value>("projects/default", &serde_json::json!({"quota": {}}))
+        .await
+        .expect("lift quota");
     wait_until("both nodes Ready", Duration::from_secs(30), || async {
         let (nodes, _) = c
             .client

@@ -67,7 +67,7 @@ async fn create_network(
         .map_err(|e: String| ApiError::invalid("subnet", e))?;
     // The overlap check, the quota and the create under one lock, so two
     // creates cannot both pass.
-    let _guard = state.quota_lock.lock().await;
+    let _guard = state.lock_quota().await?;
     for other in state.store.list_all::<Network>().await? {
         if other.subnet().is_ok_and(|s| s.overlaps(&subnet)) {
             return Err(ApiError::invalid(
@@ -129,7 +129,7 @@ async fn delete_network(
 ) -> ApiResult<StatusCode> {
     let net = find_authorized::<Network>(&state, &p, &name, Verb::Delete).await?;
     // Under the lock VM creates take, so no VM joins it meanwhile.
-    let _guard = state.quota_lock.lock().await;
+    let _guard = state.lock_quota().await?;
     let net_name = net.metadata.name.clone();
     super::refuse_while_used(&state, &format!("network {net_name:?}"), |v| {
         v.spec.nics.iter().any(|n| n.network == net_name)

@@ -73,7 +73,7 @@ async fn rebuild_vm(
     let quota = super::projects::require_project(&state, &vm.metadata.project)
         .await?
         .quota;
-    let _guard = state.quota_lock.lock().await;
+    let _guard = state.lock_quota().await?;
     if grown > 0 {
         super::projects::check_disk_quota(&state, &vm.metadata.project, &quota, grown).await?;
     }

@@ -139,7 +139,7 @@ async fn delete_security_group(
     let group = find_authorized::<SecurityGroup>(&state, &p, &name, Verb::Delete).await?;
     let name = group.metadata.name.clone();
     // Under the lock VM creates take, so no NIC joins it meanwhile.
-    let _guard = state.quota_lock.lock().await;
+    let _guard = state.lock_quota().await?;
     super::refuse_while_used(&state, &format!("security group {name:?}"), |v| {
         v.spec.nics.iter().any(|n| n.security_groups.contains(&name))
     })

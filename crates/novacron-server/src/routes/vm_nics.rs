@@ -44,7 +44,7 @@ async fn add_nic(
     novacron_api::network::nics(&[vm.spec.nics.as_slice(), std::slice::from_ref(&nic)].concat())?;
     let mut added = vec![nic];
     let quota = super::projects::require_project(&state, &project).await?.quota;
-    let _quota_guard = state.quota_lock.lock().await;
+    let _quota_guard = state.lock_quota().await?;
     super::projects::check_address_quota(&state, &project, &quota, 1).await?;
     super::security_groups::resolve_nic_groups(&state, &project, &mut added).await?;
     let claimed = crate::ipam::claim_nics_from(&state.store, &project, &vm.metadata.id, index, &mut added).await?;
@@ -110,7 +110,15 @@ async fn remove_nic(
 /// go, under the lock NIC adds claim under: an address claimed for a NIC
 /// not yet in the spec is not mistaken for a removed one's.
 pub async fn release_removed(state: &AppState, vm: &str) {
-    let _claims = state.quota_lock.lock().await;
+    let _claims = match state.lock_quota().await {
+        Ok(guard) => guard,
+        Err(e) => {
+            // They stay claimed until the VM's NICs change again or the
+            // VM is deleted (etcd unreachable: nothing else would work now).
+            tracing::warn!(vm, error = %e.message, "cannot take the quota lock to release removed NICs");
+            return;
+        }
+    };
     match state.store.get_obj::<Vm>(vm).await {
         Ok(Some(vm)) => crate::ipam::release_detached(&state.store, &vm).await,
         Ok(None) => {}

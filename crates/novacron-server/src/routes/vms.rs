@@ -144,7 +144,7 @@ pub(super) async fn create(
         },
     };
     // Quota check and create under one lock, so two creates cannot both fit.
-    let _quota_guard = state.quota_lock.lock().await;
+    let _quota_guard = state.lock_quota().await?;
     super::projects::check_quota(&state, &project, &quota, &vm).await?;
     let mut vm = vm;
     super::security_groups::resolve_nic_groups(&state, &project, &mut vm.spec.nics).await?;

@@ -95,7 +95,7 @@ async fn create_volume(
     let project = p.project_for(req.project.clone());
     authorize(&p, Resource::Volumes, Verb::Create, Some(&project))?;
     let quota = super::projects::require_project(&state, &project).await?.quota;
-    let _guard = state.quota_lock.lock().await;
+    let _guard = state.lock_quota().await?;
     if state.store.get_obj::<Volume>(&req.name).await?.is_some() {
         return Err(ApiError::conflict(format!("volume {:?} already exists", req.name)));
     }
@@ -141,7 +141,7 @@ async fn delete_volume(
 ) -> ApiResult<StatusCode> {
     let vol = find_authorized::<Volume>(&state, &p, &name, Verb::Delete).await?;
     // No attach can start between the check and the delete.
-    let _guard = state.quota_lock.lock().await;
+    let _guard = state.lock_quota().await?;
     let vms = state.store.list_all::<Vm>().await?;
     if let Some((vm, phase)) = holder(&vms, &vol.metadata.id) {
         let how = if phase == VolumePhase::Detaching {
@@ -197,7 +197,7 @@ async fn resize_volume(
     let quota = super::projects::require_project(&state, &vol.metadata.project)
         .await?
         .quota;
-    let _guard = state.quota_lock.lock().await;
+    let _guard = state.lock_quota().await?;
     super::projects::check_disk_quota(&state, &vol.metadata.project, &quota, req.size_mib - vol.spec.size_mib).await?;
     let vms = state.store.list_all::<Vm>().await?;
     match holder(&vms, &vol.metadata.id) {
@@ -265,7 +265,7 @@ async fn attach_volume(
         )));
     }
     // One attach at a time: two cannot both find the volume free.
-    let _guard = state.quota_lock.lock().await;
+    let _guard = state.lock_quota().await?;
     let vms = state.store.list_all::<Vm>().await?;
     if let Some((holder, _)) = holder(&vms, &vol.metadata.id) {
         return Err(ApiError::conflict(format!(
