@@ -112,20 +112,34 @@ async fn lead_once(state: &AppState, etcd: &EtcdStore) -> Result<(), etcd_client
     // for as long as another server leads, longer than the client's request
     // deadline: one that times out is made again with the same lease, which
     // keeps this server's place in line (etcd reuses its key).
-    let leader_key = loop {
-        let campaign = elections.campaign(name.clone(), state.leadership.id.clone(), lease);
-        tokio::pin!(campaign);
-        let outcome = loop {
-            tokio::select! {
-                won = &mut campaign => break won,
-                kept = renew(&mut keeper, &mut renewals, &mut renewed) => kept?,
+    let campaigned: Result<Option<etcd_client::LeaderKey>, etcd_client::Error> = async {
+        loop {
+            let campaign = elections.campaign(name.clone(), state.leadership.id.clone(), lease);
+            tokio::pin!(campaign);
+            let outcome = loop {
+                tokio::select! {
+                    won = &mut campaign => break won,
+                    kept = renew(&mut keeper, &mut renewals, &mut renewed) => kept?,
+                }
+            };
+            match outcome {
+                Ok(mut won) => return Ok(won.take_leader()),
+                Err(e) if is_deadline(&e) => {
+                    tracing::debug!("campaign reached the request deadline; campaigning again")
+                }
+                // The member is gone (or refused): start over on another.
+                Err(e) => return Err(e),
             }
-        };
-        match outcome {
-            Ok(mut won) => break won.take_leader(),
-            Err(e) if is_deadline(&e) => tracing::debug!("campaign reached the request deadline; campaigning again"),
-            // The member is gone (or refused): start over on another.
-            Err(e) => return Err(e),
+        }
+    }
+    .await;
+    let leader_key = match campaigned {
+        Ok(key) => key,
+        Err(e) => {
+            // Out of the line now, so a dead candidate's key cannot be
+            // elected while no one acts on it.
+            let _ = leases.revoke(lease).await;
+            return Err(e);
         }
     };
     tracing::info!(server = %state.leadership.id, "elected leader; starting the controllers");

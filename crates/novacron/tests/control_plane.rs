@@ -198,10 +198,18 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
     )
     .expect("client");
     let creates = (0..8).map(|i| {
-        let client = if i % 2 == 0 { c.client.clone() } else { through_third.clone() };
+        let client = if i % 2 == 0 {
+            c.client.clone()
+        } else {
+            through_third.clone()
+        };
         async move { client.create_vm(&stopped_vm(&format!("capped-{i}"))).await.is_ok() }
     });
-    let made = futures::future::join_all(creates).await.into_iter().filter(|ok| *ok).count();
+    let made = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count();
     let (vms, _) = c.client.list_all::<Vm>(&Default::default()).await.expect("list");
     let in_project = vms.iter().filter(|v| v.metadata.name.starts_with("capped-")).count();
     assert_eq!((made, in_project), (4, 4), "a quota of 4 VMs across two servers");
