@@ -47,8 +47,10 @@ fn serve(dir: &Path, disk: &Path) -> Server {
         .arg(disk)
         .spawn()
         .expect("qemu-nbd");
+    // The socket file appears at bind(), a moment before listen(): wait
+    // until a connection is taken (CI once connected in between).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(Instant::now() < deadline, "qemu-nbd did not listen");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -122,7 +122,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         .to_string();
 
     // Two more servers; the agents use the cluster's and fail over to the
-    // third. Each took the CA from the store (the client trusts the first
+    // others. Each took the CA from the store (the client trusts the first
     // server's CA file for all three).
     let mut third = ServerProc::start(dir.path(), "third", &store_url).await;
     let mut c = Cluster::start(Options {
@@ -131,18 +131,18 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         agent_vcpus: 16,
         store: Some(store_url.clone()),
         admin_token: Some(token.clone()),
-        other_servers: vec![third.url.clone()],
+        other_servers: vec![third.url.clone(), first.url.clone()],
         server_args: vec!["--images-dir".into(), dir.path().join("images").display().to_string()],
         ..Default::default()
     })
     .await;
-    for url in [&c.url, &third.url] {
-        let h = wait_until("a follower to be ready", Duration::from_secs(30), || async {
-            readiness(&http, url).await
-        })
-        .await;
-        assert_eq!(h.leader, Some(false), "{url} leads beside the first server");
-    }
+    let mut alive = vec![first.url.clone(), c.url.clone(), third.url.clone()];
+    wait_until("all three ready, one leading", Duration::from_secs(30), || async {
+        (leaders(&http, &alive).await?.len() == 1).then_some(())
+    })
+    .await;
+    // A client naming every server: it goes on with another when one dies.
+    let everyone = client_for(&format!("{},{},{}", c.url, third.url, first.url), &ca, &token);
     // A token made through one server is taken by another at once, and
     // its revocation too (each server's index follows the store).
     let issued: novacron_api::IssuedToken = c
@@ -191,12 +191,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         .put_json::<_, serde_json::Value>("projects/default", &serde_json::json!({"quota": {"vms": 4}}))
         .await
         .expect("set quota");
-    let through_third = novacron_client::Client::with_tls(
-        &third.url,
-        &token,
-        Some(novacron_tls::client_config(&std::fs::read_to_string(&ca).expect("CA"), None).expect("TLS")),
-    )
-    .expect("client");
+    let through_third = client_for(&third.url, &ca, &token);
     let creates = (0..8).map(|i| {
         let client = if i % 2 == 0 {
             c.client.clone()
@@ -235,29 +230,30 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         .await
         .expect("revision");
 
-    // A burst of creates through a follower; the leader dies in the middle.
+    // A burst of creates through the followers; the leader, whichever it
+    // is, dies in the middle. (Through the leader, a create could meet its
+    // dead connection before the client's pool has noticed.)
+    let leader = the_leader(&http, &alive).await;
+    let followers: Vec<&String> = alive.iter().filter(|u| **u != leader).collect();
+    let burst = client_for(&format!("{},{}", followers[0], followers[1]), &ca, &token);
     let mut acknowledged = Vec::new();
     let mut killed_at = None;
     for i in 0..24 {
         let name = format!("burst-{i:02}");
-        c.client
+        burst
             .create_vm(&stopped_vm(&name))
             .await
-            .expect("create through a follower");
+            .expect("create during the burst");
         acknowledged.push(name);
         if i == 8 {
-            first.kill();
+            kill(&leader, &mut first, &mut c, &mut third);
+            alive.retain(|u| *u != leader);
             killed_at = Some(Instant::now());
         }
     }
     let killed_at = killed_at.expect("killed");
     let new_leader = wait_until("a new leader", Duration::from_secs(15), || async {
-        for url in [&c.url, &third.url] {
-            if readiness(&http, url).await.is_some_and(|h| h.leader == Some(true)) {
-                return Some(url.to_string());
-            }
-        }
-        None
+        leaders(&http, &alive).await?.into_iter().next()
     })
     .await;
     let failover = killed_at.elapsed();
@@ -266,7 +262,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
 
     // Every acknowledged VM is there and bound to a node by a leader.
     wait_until("every acknowledged VM placed", Duration::from_secs(30), || async {
-        let (vms, _) = c.client.list_all::<Vm>(&Default::default()).await.ok()?;
+        let (vms, _) = everyone.list_all::<Vm>(&Default::default()).await.ok()?;
         let placed: Vec<&str> = vms
             .iter()
             .filter(|v| v.status.node.is_some())
@@ -285,7 +281,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
     .await;
 
     // The new leader's controllers act: a VM created now starts on an agent.
-    c.client
+    everyone
         .create_vm(&CreateVm {
             spec: VmSpec {
                 power_state: PowerState::Running,
@@ -295,13 +291,20 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         })
         .await
         .expect("create after the failover");
-    c.wait_phase("after", VmPhase::Running, Duration::from_secs(90)).await;
+    wait_until("after Running", Duration::from_secs(90), || async {
+        everyone
+            .get::<Vm>("after")
+            .await
+            .ok()
+            .filter(|v| v.status.phase == VmPhase::Running)
+    })
+    .await;
 
     // One etcd member of three dies: the API keeps serving.
     etcd.members[0].kill();
     let deadline = Instant::now() + Duration::from_secs(25);
     loop {
-        match c.client.create_vm(&stopped_vm("quorum")).await {
+        match everyone.create_vm(&stopped_vm("quorum")).await {
             Ok(_) => break,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("create with two etcd members: {e}; retrying");
@@ -310,18 +313,23 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
             Err(e) => panic!("the API stopped serving with two etcd members of three: {e}"),
         }
     }
-    assert_eq!(c.vm("quorum").await.metadata.name, "quorum");
-    assert_eq!(c.vm("burst-00").await.metadata.name, "burst-00");
+    assert_eq!(
+        everyone.get::<Vm>("quorum").await.expect("quorum").metadata.name,
+        "quorum"
+    );
+    assert_eq!(
+        everyone.get::<Vm>("burst-00").await.expect("burst-00").metadata.name,
+        "burst-00"
+    );
 
-    // A live migration runs while the leader is killed: it ends truthfully
-    // (the source agent drives it; its reports reach a live server), with
-    // the guest paused no longer than its limit. When the leader is the
-    // agents' own server, they go on with the third.
-    let after = c.vm("after").await;
+    // A live migration runs while the leader, whichever it is, is killed:
+    // it ends truthfully (the source agent drives it; its reports reach a
+    // live server), with the guest paused no longer than its limit; the
+    // agents go on with the servers left.
+    let after = everyone.get::<Vm>("after").await.expect("after");
     let source = after.status.node.clone().expect("after is placed");
     let target = if source == "node-1" { "node-2" } else { "node-1" };
-    let migration = c
-        .client
+    let migration = everyone
         .create_migration(&CreateMigration {
             vm: "after".into(),
             target_node: Some(target.into()),
@@ -332,27 +340,15 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         })
         .await
         .expect("start a migration");
-    let leader_is_agents_server = readiness(&http, &c.url).await.is_some_and(|h| h.leader == Some(true));
-    let (dead, alive) = if leader_is_agents_server {
-        c.kill_server();
-        (c.url.clone(), third.url.clone())
-    } else {
-        third.kill();
-        (third.url.clone(), c.url.clone())
-    };
-    // A client naming the dead server first uses the next.
-    let client = novacron_client::Client::with_tls(
-        &format!("{dead},{alive}"),
-        &token,
-        Some(novacron_tls::client_config(&std::fs::read_to_string(&ca).expect("CA"), None).expect("TLS")),
-    )
-    .expect("client");
+    let leader = the_leader(&http, &alive).await;
+    kill(&leader, &mut first, &mut c, &mut third);
+    alive.retain(|u| *u != leader);
     wait_until("the surviving server to lead", Duration::from_secs(15), || async {
-        readiness(&http, &alive).await.filter(|h| h.leader == Some(true))
+        leaders(&http, &alive).await?.into_iter().next()
     })
     .await;
     let ended = wait_until("the migration to end", Duration::from_secs(120), || async {
-        client
+        everyone
             .get::<Migration>(&migration.metadata.name)
             .await
             .ok()
@@ -367,12 +363,20 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
     );
     let downtime = ended.status.downtime_ms.expect("downtime measured");
     assert!(downtime <= 500, "guest paused {downtime} ms, limit 500 ms");
-    let moved = client.get::<Vm>("after").await.expect("after");
+    let moved = everyone.get::<Vm>("after").await.expect("after");
     assert_eq!(
         (moved.status.node.as_deref(), moved.status.phase),
         (Some(target), VmPhase::Running)
     );
 
+    // A client naming the dead servers first uses the one left; a VM
+    // created through it starts on an agent that failed over.
+    let dead: Vec<String> = [&first.url, &c.url, &third.url]
+        .into_iter()
+        .filter(|u| !alive.contains(u))
+        .cloned()
+        .collect();
+    let client = client_for(&format!("{},{}", dead.join(","), alive.join(",")), &ca, &token);
     client
         .create_vm(&CreateVm {
             spec: VmSpec {
@@ -382,18 +386,14 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
             ..stopped_vm("last")
         })
         .await
-        .expect("create through a list that starts with a dead server");
-    wait_until(
-        "last Running on an agent that failed over",
-        Duration::from_secs(90),
-        || async {
-            client
-                .get::<Vm>("last")
-                .await
-                .ok()
-                .filter(|v| v.status.phase == VmPhase::Running)
-        },
-    )
+        .expect("create through a list that starts with dead servers");
+    wait_until("last Running", Duration::from_secs(90), || async {
+        client
+            .get::<Vm>("last")
+            .await
+            .ok()
+            .filter(|v| v.status.phase == VmPhase::Running)
+    })
     .await;
 
     // Each VM went from no node to a node exactly once (read off etcd).
@@ -402,7 +402,44 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         let nodes = bound.get(name).map(Vec::as_slice).unwrap_or_default();
         assert_eq!(nodes.len(), 1, "{name} was bound {nodes:?}");
     }
-    drop(third);
+}
+
+/// The servers among `urls` that say they lead; `None` when one does not answer.
+async fn leaders(http: &reqwest::Client, urls: &[String]) -> Option<Vec<String>> {
+    let mut leading = Vec::new();
+    for url in urls {
+        if readiness(http, url).await?.leader == Some(true) {
+            leading.push(url.clone());
+        }
+    }
+    Some(leading)
+}
+
+/// The one server among `urls` that leads.
+async fn the_leader(http: &reqwest::Client, urls: &[String]) -> String {
+    wait_until("one leader", Duration::from_secs(15), || async {
+        let leading = leaders(http, urls).await?;
+        (leading.len() == 1).then(|| leading[0].clone())
+    })
+    .await
+}
+
+/// Kills (SIGKILL) the server at `url`.
+fn kill(url: &str, first: &mut ServerProc, c: &mut Cluster, third: &mut ServerProc) {
+    if url == first.url {
+        first.kill();
+    } else if url == c.url {
+        c.kill_server();
+    } else {
+        assert_eq!(url, third.url, "not one of the servers");
+        third.kill();
+    }
+}
+
+fn client_for(urls: &str, ca: &Path, token: &str) -> novacron_client::Client {
+    let ca = std::fs::read_to_string(ca).expect("CA");
+    novacron_client::Client::with_tls(urls, token, Some(novacron_tls::client_config(&ca, None).expect("TLS")))
+        .expect("client")
 }
 
 /// Bindings (node unset → set) per VM since `since`, replayed from etcd's history.
