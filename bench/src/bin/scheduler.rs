@@ -408,7 +408,7 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         md,
-        "{NODES} nodes in {ZONES} zones per family; VMs arrive in random order until their demand is {:.0}% of the cluster's scarcest resource. Binpack profile. A decision filters and scores every node that holds VMs, and one node of each class of alike empty nodes (its class counted whole); for requests without node selector or runtime constraints, nodes the VM does not fit are rejected from flat arrays before the full filter. The decision is exactly the full scan's (property test `placement_equals_the_full_scan`): no sampling, no quality bound needed.\n",
+        "{NODES} nodes in {ZONES} zones per family; VMs arrive in random order until their demand is {:.0}% of the cluster's scarcest resource. Binpack profile. A decision filters and scores every node that holds VMs, and one node of each class of alike empty nodes (its class counted whole); for requests without node selector or runtime constraints, nodes the VM does not fit are rejected on their counters before the full filter. The decision is exactly the full scan's (property test `placement_equals_the_full_scan`): no sampling, no quality bound needed.\n",
         FILL * 100.0
     )?;
     writeln!(

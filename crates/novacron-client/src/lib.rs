@@ -235,14 +235,16 @@ impl Client {
         loop {
             let unreachable = matches!(&result, Err(e) if e.is_connect());
             tried += 1;
-            let (Some(retry), true) = (next.take(), unreachable && tried < self.bases.len()) else {
+            let (Some(mut retry), true) = (next.take(), unreachable && tried < self.bases.len()) else {
                 return result.map_err(http_err);
             };
-            // Move on from the server this request went to.
+            // Move on from the server this request went to (its base and a
+            // '/': a base may be a prefix of another's, `h:80` of `h:8080`).
+            let url = retry.url().as_str();
             let Some(from) = self
                 .bases
                 .iter()
-                .position(|b| retry.url().as_str().starts_with(b.as_str()))
+                .position(|b| url.strip_prefix(b.as_str()).is_some_and(|rest| rest.starts_with('/')))
             else {
                 return result.map_err(http_err);
             };
@@ -250,8 +252,7 @@ impl Client {
             let _ = self
                 .current
                 .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed);
-            let moved = format!("{}{}", self.bases[to], &retry.url().as_str()[self.bases[from].len()..]);
-            let mut retry = retry;
+            let moved = format!("{}{}", self.bases[to], &url[self.bases[from].len()..]);
             match reqwest::Url::parse(&moved) {
                 Ok(u) => *retry.url_mut() = u,
                 Err(_) => return result.map_err(http_err),

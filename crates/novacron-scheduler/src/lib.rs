@@ -393,7 +393,7 @@ impl Cluster {
 
     pub(crate) fn commit_with(&mut self, name: &str, node: usize, request: Request, movable: bool) {
         if self.vm_counts[node] == 0 {
-            self.classes.fill(node);
+            self.classes.node_filled(node);
         }
         self.allocated[node].vcpus += request.vcpus;
         self.allocated[node].memory_mib += request.memory_mib;
@@ -437,7 +437,7 @@ impl Cluster {
         self.allocated[node].memory_mib -= info.request.memory_mib;
         self.vm_counts[node] -= 1;
         if self.vm_counts[node] == 0 {
-            self.classes.empty(node);
+            self.classes.node_emptied(node);
         }
         let zone = self.zones[node];
         for (k, v) in &info.request.labels {

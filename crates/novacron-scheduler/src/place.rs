@@ -8,12 +8,12 @@
 //!    filters and scores one of them (the first by name, which is also the
 //!    one ties go to) and counts the class's size. A fleet of identical
 //!    hosts is a handful of classes, however many of them are empty.
-//! 2. **Capacity first, from flat arrays.** For a request without node
-//!    selector or runtime constraints, the filters before the capacity check
-//!    depend only on readiness, cordon and VM count; these and the free
-//!    capacity are read from flat arrays, so the nodes a request does not
-//!    fit (most nodes of a well-packed cluster) are counted under the same
-//!    rejection a full filter gives, without the full filter.
+//! 2. **Capacity first.** For a request without node selector or runtime
+//!    constraints, the filters before the capacity check depend only on
+//!    readiness, cordon and VM count; these and the free capacity are
+//!    checked first, so the nodes a request does not fit (most nodes of a
+//!    well-packed cluster) are counted under the same rejection a full
+//!    filter gives, without the full filter (affinity counts, guards).
 //!
 //! So the decision, its score, the runners-up and every count are those of
 //! the full scan (`tests.rs` checks it on random clusters against one).
@@ -89,13 +89,13 @@ impl Classes {
     }
 
     /// Node `i` got its first VM.
-    pub(crate) fn fill(&mut self, i: usize) {
+    pub(crate) fn node_filled(&mut self, i: usize) {
         let key = (self.rank[i], i);
         self.empty[self.class_of[i] as usize].remove(&key);
     }
 
     /// Node `i` lost its last VM.
-    pub(crate) fn empty(&mut self, i: usize) {
+    pub(crate) fn node_emptied(&mut self, i: usize) {
         let key = (self.rank[i], i);
         self.empty[self.class_of[i] as usize].insert(key);
     }

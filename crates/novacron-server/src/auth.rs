@@ -245,6 +245,24 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
 }
 
 /// Writes a secret file readable only by its owner.
+/// The secret the server presents to agents (`DATA_DIR/agent.secret`),
+/// made the first time.
+pub fn load_or_create_agent_secret(data_dir: &Path) -> Result<String, crate::ServerError> {
+    let path = data_dir.join("agent.secret");
+    let err = |source| crate::ServerError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(s.trim().to_string()),
+        Err(_) => {
+            let s = random_secret().map_err(err)?;
+            write_secret_file(&path, &s).map_err(err)?;
+            Ok(s)
+        }
+    }
+}
+
 pub fn write_secret_file(path: &Path, secret: &str) -> Result<(), std::io::Error> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)

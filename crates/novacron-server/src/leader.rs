@@ -45,12 +45,7 @@ impl Leadership {
         }
     }
 
-    /// Whether servers share the store (etcd).
-    pub fn shared_store(&self) -> bool {
-        self.etcd.is_some()
-    }
-
-    /// The shared store, to take cluster-wide locks on.
+    /// The store the servers share (etcd), if they do.
     pub fn etcd(&self) -> Option<&Arc<EtcdStore>> {
         self.etcd.as_ref()
     }
@@ -58,19 +53,6 @@ impl Leadership {
     /// Whether this server runs the controllers now.
     pub fn is_leader(&self) -> bool {
         self.leading.load(Ordering::Acquire)
-    }
-
-    /// The leader's id, as etcd holds it (this server's on an embedded store).
-    pub async fn current(&self) -> Result<Option<String>, etcd_client::Error> {
-        let Some(etcd) = &self.etcd else {
-            return Ok(Some(self.id.clone()));
-        };
-        match etcd.client().election_client().leader(election_name(etcd)).await {
-            Ok(resp) => Ok(resp.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string)),
-            // etcd answers "election: no leader" as an error.
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
-            Err(e) => Err(e),
-        }
     }
 }
 

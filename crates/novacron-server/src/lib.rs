@@ -350,15 +350,7 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         .await
         .map_err(|e| ServerError::BackupStore(e.message))?;
     let audit = Arc::new(audit::AuditLog::open(store.clone(), config.data_dir.join("audit.head")).await?);
-    let secret_path = config.data_dir.join("agent.secret");
-    let agent_secret = match std::fs::read_to_string(&secret_path) {
-        Ok(s) => s.trim().to_string(),
-        Err(_) => {
-            let s = auth::random_secret().map_err(dir_err)?;
-            auth::write_secret_file(&secret_path, &s).map_err(dir_err)?;
-            s
-        }
-    };
+    let agent_secret = auth::load_or_create_agent_secret(&config.data_dir)?;
     let tls = match &config.tls {
         TlsConfig::Off => None,
         TlsConfig::On {
@@ -378,7 +370,7 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         }
     };
     let auth = Arc::new(auth::AuthIndex::load(&store, tls.is_some()).await?);
-    if leadership.shared_store() {
+    if leadership.etcd().is_some() {
         auth.follow(&store);
     }
     let rate_limiter = config

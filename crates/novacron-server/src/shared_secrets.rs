@@ -38,11 +38,7 @@ pub async fn share(store: &SharedStore, data_dir: &Path) -> Result<(), ServerErr
     if let Some(rec) = store.get(KIND, NAME).await? {
         return write_files(data_dir, &rec.value);
     }
-    let secret_path = data_dir.join("agent.secret");
-    if !secret_path.exists() {
-        let secret = crate::auth::random_secret().map_err(dir_err(data_dir))?;
-        crate::auth::write_secret_file(&secret_path, &secret).map_err(dir_err(&secret_path))?;
-    }
+    crate::auth::load_or_create_agent_secret(data_dir)?;
     novacron_tls::ClusterCa::load_or_create(&data_dir.join("pki"))?;
     let id = uuid::Uuid::new_v4().to_string();
     match store.create(KIND, NAME, &id, read_files(data_dir)?).await {
@@ -109,22 +105,11 @@ fn write_files(data_dir: &Path, value: &serde_json::Value) -> Result<(), ServerE
         let text = text
             .as_str()
             .ok_or_else(|| StoreError::Unexpected(format!("the cluster's {name} is not text")))?;
-        write_atomically(&path, text, private).map_err(dir_err(&path))?;
+        if private {
+            novacron_tls::write_private(&path, text)?;
+        } else {
+            novacron_tls::write_public(&path, text)?;
+        }
     }
     Ok(())
-}
-
-fn write_atomically(path: &Path, text: &str, private: bool) -> Result<(), std::io::Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("shared.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

@@ -91,7 +91,7 @@ impl Members {
 fn is_unreachable(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
-            s.code() == tonic_code_unavailable() && (s.message().contains("connect") || s.message().contains("refused"))
+            s.code() == tonic::Code::Unavailable && (s.message().contains("connect") || s.message().contains("refused"))
         }
         etcd_client::Error::TransportError(_) => true,
         _ => false,
@@ -103,16 +103,12 @@ fn is_transport(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
             s.message().contains("transport error")
-                || s.code() == tonic_code_unavailable()
+                || s.code() == tonic::Code::Unavailable
                 || s.message().contains("Timeout expired")
         }
         etcd_client::Error::TransportError(_) => true,
         _ => false,
     }
-}
-
-fn tonic_code_unavailable() -> tonic::Code {
-    tonic::Code::Unavailable
 }
 
 pub struct EtcdStore {
@@ -390,6 +386,19 @@ impl EtcdStore {
         });
     }
 
+    /// A write transaction, sent to the next member only if the current one
+    /// could not be reached (its outcome is otherwise unknown).
+    async fn write(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        let resp = self
+            .members
+            .call(false, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
+        Ok(resp)
+    }
+
     /// One key, read from whichever member answers.
     async fn read_key(&self, key: String) -> Result<etcd_client::GetResponse, StoreError> {
         let resp = self
@@ -484,13 +493,7 @@ impl Store for EtcdStore {
                 TxnOp::put(key, Self::encode(id, &value)?, None),
                 TxnOp::put(id_key, name, None),
             ]);
-        let resp = self
-            .members
-            .call(false, |c| {
-                let txn = txn.clone();
-                async move { c.kv_client().txn(txn).await }
-            })
-            .await?;
+        let resp = self.write(txn).await?;
         if !resp.succeeded() {
             return Err(StoreError::AlreadyExists {
                 kind: kind.to_string(),
@@ -529,25 +532,19 @@ impl Store for EtcdStore {
     }
 
     async fn update(&self, kind: &str, name: &str, expected_rev: u64, value: Value) -> Result<Record, StoreError> {
+        // The stored value carries the id; the transaction below decides
+        // whether the object is still at `expected_rev`.
         let id = match self.cached_id(kind, name, expected_rev) {
             Some(id) => id,
-            None => {
-                let Some(current) = self.get(kind, name).await? else {
+            None => match self.get(kind, name).await? {
+                Some(current) => current.id,
+                None => {
                     return Err(StoreError::NotFound {
                         kind: kind.to_string(),
                         name: name.to_string(),
-                    });
-                };
-                if current.rev != expected_rev {
-                    return Err(StoreError::Conflict {
-                        kind: kind.to_string(),
-                        name: name.to_string(),
-                        expected: expected_rev,
-                        actual: current.rev,
-                    });
+                    })
                 }
-                current.id
-            }
+            },
         };
         let key = self.object_key(kind, name);
         let txn = Txn::new()
@@ -558,13 +555,7 @@ impl Store for EtcdStore {
             )])
             .and_then([TxnOp::put(key.clone(), Self::encode(&id, &value)?, None)])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self
-            .members
-            .call(false, |c| {
-                let txn = txn.clone();
-                async move { c.kv_client().txn(txn).await }
-            })
-            .await?;
+        let resp = self.write(txn).await?;
         if !resp.succeeded() {
             let current = resp.op_responses().into_iter().find_map(|op| match op {
                 TxnOpResponse::Get(g) => g.kvs().first().map(|kv| rev_of(kv.mod_revision())),
@@ -617,13 +608,7 @@ impl Store for EtcdStore {
                     TxnOp::delete(key, None::<DeleteOptions>),
                     TxnOp::delete(self.id_key(kind, &current.id), None::<DeleteOptions>),
                 ]);
-            let resp = self
-                .members
-                .call(false, |c| {
-                    let txn = txn.clone();
-                    async move { c.kv_client().txn(txn).await }
-                })
-                .await?;
+            let resp = self.write(txn).await?;
             if !resp.succeeded() {
                 // Changed or deleted since the read: decide again on what is there now.
                 continue;

@@ -38,10 +38,6 @@ impl EtcdMember {
             let _ = child.wait();
         }
     }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
 }
 
 impl Drop for EtcdMember {
@@ -58,16 +54,6 @@ pub struct EtcdCluster {
 /// The etcd binary: `NOVACRON_ETCD` or `etcd` on the PATH.
 pub fn etcd_binary() -> String {
     std::env::var("NOVACRON_ETCD").unwrap_or_else(|_| "etcd".to_string())
-}
-
-/// Whether an etcd binary can be run here.
-pub fn etcd_available() -> bool {
-    Command::new(etcd_binary())
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn free_port() -> Result<u16, std::io::Error> {

@@ -14,7 +14,7 @@ use futures::Stream;
 use novacron_api::Object;
 use serde_json::Value;
 
-pub use etcd::{EtcdLock, EtcdStore, EtcdUrl, HISTORY as ETCD_HISTORY};
+pub use etcd::{EtcdLock, EtcdStore, EtcdUrl};
 /// The etcd client, for leases and elections on an [`EtcdStore`]'s connection.
 pub use etcd_client;
 pub use sqlite::SqliteStore;

@@ -97,10 +97,7 @@ impl SqliteStore {
             }
             tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", params![rev as i64])?;
             // History before this point is not replayable: watchers must list.
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'compacted'",
-                params![rev as i64],
-            )?;
+            forget_history(&tx, rev)?;
             tx.commit()?;
             Ok(())
         })
@@ -111,6 +108,17 @@ impl SqliteStore {
 fn meta(conn: &Connection, key: &str) -> Result<u64, StoreError> {
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))?;
     Ok(v as u64)
+}
+
+/// Drops the events up to and including `up_to`; watches from before it
+/// fail with [`StoreError::Compacted`].
+fn forget_history(tx: &rusqlite::Transaction<'_>, up_to: u64) -> Result<(), StoreError> {
+    tx.execute("DELETE FROM events WHERE rev <= ?1", params![up_to as i64])?;
+    tx.execute(
+        "UPDATE meta SET value = max(value, ?1) WHERE key = 'compacted'",
+        params![up_to as i64],
+    )?;
+    Ok(())
 }
 
 /// Data dirs from before events kept the previous object gain the column;
@@ -184,12 +192,7 @@ fn commit_change(
         ],
     )?;
     if rev % 1000 == 0 && rev > EVENT_HISTORY {
-        let keep_after = rev - EVENT_HISTORY;
-        tx.execute("DELETE FROM events WHERE rev <= ?1", params![keep_after as i64])?;
-        tx.execute(
-            "UPDATE meta SET value = max(value, ?1) WHERE key = 'compacted'",
-            params![keep_after as i64],
-        )?;
+        forget_history(&tx, rev - EVENT_HISTORY)?;
     }
     tx.commit()?;
     // No receivers is fine: nobody is watching.
@@ -428,11 +431,7 @@ impl Store for SqliteStore {
     async fn compact(&self, up_to: u64) -> Result<(), StoreError> {
         self.with(move |conn, _| {
             let tx = conn.transaction()?;
-            tx.execute("DELETE FROM events WHERE rev <= ?1", params![up_to as i64])?;
-            tx.execute(
-                "UPDATE meta SET value = max(value, ?1) WHERE key = 'compacted'",
-                params![up_to as i64],
-            )?;
+            forget_history(&tx, up_to)?;
             tx.commit()?;
             Ok(())
         })

@@ -220,7 +220,7 @@ fn read_optional(path: &Path) -> Result<Option<String>, TlsError> {
 }
 
 /// Writes a public file atomically.
-fn write_public(path: &Path, text: &str) -> Result<(), TlsError> {
+pub fn write_public(path: &Path, text: &str) -> Result<(), TlsError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))

@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{log_file, wait_until, Cluster, Options, BIN};
+use common::{spawn_server, wait_until, Cluster, Options};
 use futures::StreamExt;
 use novacron_api::{
     CreateMigration, CreateVm, Health, Migration, MigrationPhase, MigrationStrategy, PowerState, RunStrategy, Vm,
@@ -30,26 +30,18 @@ impl ServerProc {
     /// NFS mount): an agent may fetch an image from any of them.
     async fn start(dir: &Path, name: &str, store: &str) -> ServerProc {
         let data_dir = dir.join(name);
-        let child = Command::new(BIN)
-            .args(["server", "--listen", "127.0.0.1:0", "--store", store, "--data-dir"])
-            .arg(&data_dir)
-            .arg("--images-dir")
-            .arg(dir.join("images"))
-            .env("NOVACRON_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log_file(dir, name))
-            .spawn()
-            .expect("spawn server");
-        let addr_file = data_dir.join(novacron_server::LISTEN_ADDR_FILE);
-        let addr: std::net::SocketAddr = wait_until(
-            &format!("{name} to report its address"),
-            Duration::from_secs(30),
-            || {
-                let addr_file = addr_file.clone();
-                async move { std::fs::read_to_string(addr_file).ok()?.trim().parse().ok() }
-            },
-        )
-        .await;
+        let args = [
+            "server".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--store".into(),
+            store.into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--images-dir".into(),
+            dir.join("images").display().to_string(),
+        ];
+        let (child, addr) = spawn_server(&args, &data_dir, dir, name).await;
         ServerProc {
             child,
             url: format!("https://{addr}"),
@@ -81,18 +73,38 @@ async fn readiness(http: &reqwest::Client, url: &str) -> Option<Health> {
     http.get(format!("{url}/readyz")).send().await.ok()?.json().await.ok()
 }
 
-fn stopped_vm(name: &str) -> CreateVm {
+fn vm(name: &str, power_state: PowerState) -> CreateVm {
     CreateVm {
         name: name.into(),
         project: None,
         labels: Default::default(),
         no_default_network: false,
         spec: VmSpec {
-            power_state: PowerState::Stopped,
+            power_state,
             run_strategy: RunStrategy::Manual,
             ..VmSpec::new("demo", 1, 64)
         },
     }
+}
+
+fn stopped_vm(name: &str) -> CreateVm {
+    vm(name, PowerState::Stopped)
+}
+
+/// Creates a running VM through `client` and waits until an agent runs it.
+async fn run_vm(client: &novacron_client::Client, name: &str) {
+    client
+        .create_vm(&vm(name, PowerState::Running))
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    wait_until(&format!("{name} Running"), Duration::from_secs(90), || async {
+        client
+            .get::<Vm>(name)
+            .await
+            .ok()
+            .filter(|v| v.status.phase == VmPhase::Running)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -142,7 +154,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
     })
     .await;
     // A client naming every server: it goes on with another when one dies.
-    let everyone = client_for(&format!("{},{},{}", c.url, third.url, first.url), &ca, &token);
+    let everyone = c.client_at(&format!("{},{},{}", c.url, third.url, first.url), &token);
     // A token made through one server is taken by another at once, and
     // its revocation too (each server's index follows the store).
     let issued: novacron_api::IssuedToken = c
@@ -191,7 +203,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         .put_json::<_, serde_json::Value>("projects/default", &serde_json::json!({"quota": {"vms": 4}}))
         .await
         .expect("set quota");
-    let through_third = client_for(&third.url, &ca, &token);
+    let through_third = c.client_at(&third.url, &token);
     let creates = (0..8).map(|i| {
         let client = if i % 2 == 0 {
             c.client.clone()
@@ -235,7 +247,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
     // dead connection before the client's pool has noticed.)
     let leader = the_leader(&http, &alive).await;
     let followers: Vec<&String> = alive.iter().filter(|u| **u != leader).collect();
-    let burst = client_for(&format!("{},{}", followers[0], followers[1]), &ca, &token);
+    let burst = c.client_at(&format!("{},{}", followers[0], followers[1]), &token);
     let mut acknowledged = Vec::new();
     let mut killed_at = None;
     for i in 0..24 {
@@ -281,24 +293,7 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
     .await;
 
     // The new leader's controllers act: a VM created now starts on an agent.
-    everyone
-        .create_vm(&CreateVm {
-            spec: VmSpec {
-                power_state: PowerState::Running,
-                ..stopped_vm("after").spec
-            },
-            ..stopped_vm("after")
-        })
-        .await
-        .expect("create after the failover");
-    wait_until("after Running", Duration::from_secs(90), || async {
-        everyone
-            .get::<Vm>("after")
-            .await
-            .ok()
-            .filter(|v| v.status.phase == VmPhase::Running)
-    })
-    .await;
+    run_vm(&everyone, "after").await;
 
     // One etcd member of three dies: the API keeps serving.
     etcd.members[0].kill();
@@ -376,25 +371,8 @@ async fn leader_failover_places_each_vm_once_and_etcd_member_loss_is_survived() 
         .filter(|u| !alive.contains(u))
         .cloned()
         .collect();
-    let client = client_for(&format!("{},{}", dead.join(","), alive.join(",")), &ca, &token);
-    client
-        .create_vm(&CreateVm {
-            spec: VmSpec {
-                power_state: PowerState::Running,
-                ..stopped_vm("last").spec
-            },
-            ..stopped_vm("last")
-        })
-        .await
-        .expect("create through a list that starts with dead servers");
-    wait_until("last Running", Duration::from_secs(90), || async {
-        client
-            .get::<Vm>("last")
-            .await
-            .ok()
-            .filter(|v| v.status.phase == VmPhase::Running)
-    })
-    .await;
+    let client = c.client_at(&format!("{},{}", dead.join(","), alive.join(",")), &token);
+    run_vm(&client, "last").await;
 
     // Each VM went from no node to a node exactly once (read off etcd).
     let bound = collect_bindings(&store_url, since).await;
@@ -434,12 +412,6 @@ fn kill(url: &str, first: &mut ServerProc, c: &mut Cluster, third: &mut ServerPr
         assert_eq!(url, third.url, "not one of the servers");
         third.kill();
     }
-}
-
-fn client_for(urls: &str, ca: &Path, token: &str) -> novacron_client::Client {
-    let ca = std::fs::read_to_string(ca).expect("CA");
-    novacron_client::Client::with_tls(urls, token, Some(novacron_tls::client_config(&ca, None).expect("TLS")))
-        .expect("client")
 }
 
 /// Bindings (node unset → set) per VM since `since`, replayed from etcd's history.

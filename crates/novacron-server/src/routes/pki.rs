@@ -129,7 +129,7 @@ async fn rotate_ca(State(state): State<AppState>, Extension(p): Extension<Princi
 
 /// With servers sharing the store, the stored CA follows this server's.
 async fn share_ca(state: &AppState) -> ApiResult<()> {
-    if !state.leadership.shared_store() {
+    if state.leadership.etcd().is_none() {
         return Ok(());
     }
     crate::shared_secrets::store_changed(&state.store, &state.config.data_dir)

@@ -154,6 +154,36 @@ pub fn log_file(dir: &Path, name: &str) -> Stdio {
         .unwrap_or(Stdio::null())
 }
 
+/// Starts `novacron` with `args` (a `server` whose `--data-dir` is
+/// `data_dir`), its log in `log_dir/NAME.log`, and waits for the address it
+/// reports listening on.
+pub async fn spawn_server(
+    args: &[String],
+    data_dir: &Path,
+    log_dir: &Path,
+    name: &str,
+) -> (Child, std::net::SocketAddr) {
+    let addr_file = data_dir.join(novacron_server::LISTEN_ADDR_FILE);
+    let _ = std::fs::remove_file(&addr_file);
+    let child = Command::new(BIN)
+        .args(args)
+        .env("NOVACRON_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log_file(log_dir, name))
+        .spawn()
+        .expect("spawn server");
+    let addr = wait_until(
+        &format!("{name} to report its address"),
+        Duration::from_secs(30),
+        || {
+            let addr_file = addr_file.clone();
+            async move { std::fs::read_to_string(addr_file).ok()?.trim().parse().ok() }
+        },
+    )
+    .await;
+    (child, addr)
+}
+
 impl Cluster {
     pub async fn start(opts: Options) -> Cluster {
         let dir = tempfile::Builder::new()
@@ -268,6 +298,12 @@ impl Cluster {
         Client::with_tls(&self.url, token, self.tls_config(None)).expect("client")
     }
 
+    /// An API client for other servers of the cluster (`urls`, comma-separated),
+    /// trusting the cluster CA.
+    pub fn client_at(&self, urls: &str, token: &str) -> Client {
+        Client::with_tls(urls, token, self.tls_config(None)).expect("client")
+    }
+
     /// A plain HTTP client for raw requests, trusting the cluster CA.
     pub fn http(&self) -> reqwest::Client {
         match self.tls_config(None) {
@@ -280,21 +316,14 @@ impl Cluster {
     }
 
     pub async fn start_server(&mut self) {
-        let addr_file = self.dir.path().join("server").join(novacron_server::LISTEN_ADDR_FILE);
-        let _ = std::fs::remove_file(&addr_file);
-        let child = Command::new(BIN)
-            .args(&self.server_args)
-            .env("NOVACRON_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log_file(self.dir.path(), "server"))
-            .spawn()
-            .expect("spawn server");
-        self.server = Some(child);
-        let addr: std::net::SocketAddr = wait_until("server to report its address", Duration::from_secs(30), || {
-            let addr_file = addr_file.clone();
-            async move { std::fs::read_to_string(addr_file).ok()?.trim().parse().ok() }
-        })
+        let (child, addr) = spawn_server(
+            &self.server_args,
+            &self.dir.path().join("server"),
+            self.dir.path(),
+            "server",
+        )
         .await;
+        self.server = Some(child);
         if self.port == 0 {
             self.port = addr.port();
             self.url = format!("{}://{addr}", if self.tls { "https" } else { "http" });
