@@ -15,18 +15,41 @@ use tokio::sync::Notify;
 
 use crate::{AgentConfig, AgentError};
 
-/// The node's certificate and the cluster CA: from the data dir, or fetched
+/// How a node without a certificate gets one.
+pub struct JoinWith<'a> {
+    pub server: &'a str,
+    pub name: &'a str,
+    pub join_token: Option<&'a str>,
+    pub ca_cert: Option<&'a std::path::Path>,
+}
+
+impl<'a> JoinWith<'a> {
+    pub fn of(cfg: &'a AgentConfig) -> Self {
+        JoinWith {
+            server: &cfg.server,
+            name: &cfg.name,
+            join_token: cfg.join_token.as_deref(),
+            ca_cert: cfg.ca_cert.as_deref(),
+        }
+    }
+}
+
+/// The node's certificate and the cluster CA: from `data_dir`, or fetched
 /// once with the join token. `host` goes in the certificate.
-pub async fn load_or_join(cfg: &AgentConfig, host: &str) -> Result<Arc<LiveTls>, AgentError> {
-    let files = AgentFiles::in_dir(&cfg.data_dir);
+pub async fn load_or_join(
+    data_dir: &std::path::Path,
+    with: JoinWith<'_>,
+    host: &str,
+) -> Result<Arc<LiveTls>, AgentError> {
+    let files = AgentFiles::in_dir(data_dir);
     if !files.exist() {
-        let (Some(join_token), Some(ca_path)) = (&cfg.join_token, &cfg.ca_cert) else {
+        let (Some(join_token), Some(ca_path)) = (with.join_token, with.ca_cert) else {
             return Err(AgentError::Credentials(format!(
                 "no certificate in {} yet: join with --join-token (from `novacron token create NAME --join`) and --ca-cert",
                 files.cert.display()
             )));
         };
-        join(&cfg.server, join_token, ca_path, &cfg.name, host, &files).await?;
+        join(with.server, join_token, ca_path, with.name, host, &files).await?;
     }
     let identity = Identity::load(&files.cert, &files.key)?;
     let trust = TrustSet {

@@ -7,9 +7,11 @@ pub mod accel;
 pub mod backup;
 mod capabilities;
 pub mod certs;
+mod control;
 mod copies;
 mod dwcp;
 mod guest;
+pub mod hollow;
 mod hotplug;
 mod http;
 mod images;
@@ -24,7 +26,7 @@ mod snapshots;
 mod stats;
 mod volumes;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,11 +37,11 @@ use std::time::Duration;
 use backon::Retryable;
 use futures::StreamExt;
 use novacron_api::error::chain;
-use novacron_api::{RegisterNode, Resources, Vm};
+use novacron_api::{RegisterNode, Resources};
 use novacron_client::{watcher, Client, ClientError, Selector};
 
 use crate::node::{MigrationClaims, NodeContext};
-use crate::reconcile::{Outcome, Reconciler};
+use crate::reconcile::Reconciler;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -194,7 +196,7 @@ pub async fn run(
     let address = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     let hosts = AdvertisedHost::of(&address);
     let tls = if cfg.server.starts_with("https://") {
-        Some(certs::load_or_join(&cfg, &hosts.bare).await?)
+        Some(certs::load_or_join(&cfg.data_dir, certs::JoinWith::of(&cfg), &hosts.bare).await?)
     } else {
         None
     };
@@ -327,15 +329,57 @@ pub async fn run(
         dwcp_port,
         underlay_ip: underlay_ip.map(|ip| ip.to_string()),
     };
+    let heartbeat = register_and_keep_alive(client.clone(), registration, secret.clone(), cfg.heartbeat).await;
+
+    let guest_agents = tokio::spawn(guest::keep_polling(node.clone()));
+    let reconciler = Reconciler {
+        node,
+        runtimes: HashMap::new(),
+    };
+    let poller = tokio::spawn(migrations.run());
+    let peers = tokio::spawn(keep_overlay_peers(net.clone(), client.clone()));
+    let groups = tokio::spawn(keep_security_groups(net, client.clone()));
+    let certificates = tls.map(|t| {
+        tokio::spawn(certs::keep_current(
+            t,
+            client.clone(),
+            cfg.data_dir.clone(),
+            cfg.name.clone(),
+        ))
+    });
+    tokio::select! {
+        _ = control::control_loop(reconciler, client) => {}
+        _ = shutdown => tracing::info!("agent stopping; VMs keep running"),
+    }
+    heartbeat.abort();
+    poller.abort();
+    peers.abort();
+    groups.abort();
+    guest_agents.abort();
+    if let Some(c) = certificates {
+        c.abort();
+    }
+    http.abort();
+    Ok(())
+}
+
+/// Registers the node (retrying until the server takes it: nothing else can
+/// start without the agent secret it returns), then heartbeats every
+/// `interval`, registering again if the server has forgotten the node.
+async fn register_and_keep_alive(
+    client: Client,
+    registration: RegisterNode,
+    secret: Arc<RwLock<Option<String>>>,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let name = registration.name.clone();
     let register = {
         let client = client.clone();
-        let secret = secret.clone();
         move || {
             let client = client.clone();
             let secret = secret.clone();
             let registration = registration.clone();
             async move {
-                // Until it works: nothing else can start without the secret.
                 let backoff = backon::ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(200))
                     .with_max_delay(Duration::from_secs(5))
@@ -357,104 +401,17 @@ pub async fn run(
         }
     };
     register().await;
-
-    let heartbeat = {
-        let client = client.clone();
-        let name = cfg.name.clone();
-        let interval = cfg.heartbeat;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            loop {
-                tick.tick().await;
-                match client.heartbeat(&name).await {
-                    Ok(_) => {}
-                    Err(e) if e.is_not_found() => register().await,
-                    Err(e) => tracing::warn!(error = %chain(&e), "heartbeat failed"),
-                }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            match client.heartbeat(&name).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => register().await,
+                Err(e) => tracing::warn!(error = %chain(&e), "heartbeat failed"),
             }
-        })
-    };
-
-    let guest_agents = tokio::spawn(guest::keep_polling(node.clone()));
-    let reconciler = Reconciler {
-        node,
-        runtimes: HashMap::new(),
-    };
-    let poller = tokio::spawn(migrations.run());
-    let peers = tokio::spawn(keep_overlay_peers(net.clone(), client.clone()));
-    let groups = tokio::spawn(keep_security_groups(net, client.clone()));
-    let certificates = tls.map(|t| {
-        tokio::spawn(certs::keep_current(
-            t,
-            client.clone(),
-            cfg.data_dir.clone(),
-            cfg.name.clone(),
-        ))
-    });
-    tokio::select! {
-        _ = control_loop(reconciler, client) => {}
-        _ = shutdown => tracing::info!("agent stopping; VMs keep running"),
-    }
-    heartbeat.abort();
-    poller.abort();
-    peers.abort();
-    groups.abort();
-    guest_agents.abort();
-    if let Some(c) = certificates {
-        c.abort();
-    }
-    http.abort();
-    Ok(())
-}
-
-/// Learns of this node's VMs from a watcher (the server sends only VMs bound
-/// here, and a VM that leaves as deleted); reconciles on every change, when
-/// a VM's disk copy or restore ends, and on a 1 s tick (which also notices
-/// QEMU processes that died).
-async fn control_loop(mut rec: Reconciler, client: Client) {
-    let node = rec.node.clone();
-    let (mut listed, mut orphans_checked) = (false, false);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut vms = std::pin::pin!(watcher::watch::<Vm>(
-        client.clone(),
-        Selector::fields(format!("status.node={}", rec.node.name))
-    ));
-    let mut mine: HashMap<String, Vm> = HashMap::new();
-    loop {
-        tokio::select! {
-            ev = vms.next() => match ev {
-                Some(watcher::Event::Restarted(all)) => {
-                    let now: HashMap<String, Vm> = all.into_iter().map(|v| (v.metadata.name.clone(), v)).collect();
-                    let gone: Vec<Vm> = mine.values().filter(|v| !now.contains_key(&v.metadata.name)).cloned().collect();
-                    for vm in gone {
-                        left_this_node(&mut rec, &vm).await;
-                    }
-                    mine = now;
-                    listed = true;
-                }
-                Some(watcher::Event::Applied(vm)) => {
-                    mine.insert(vm.metadata.name.clone(), vm);
-                }
-                Some(watcher::Event::Deleted(vm)) => {
-                    mine.remove(&vm.metadata.name);
-                    left_this_node(&mut rec, &vm).await;
-                }
-                None => return,
-            },
-            _ = tick.tick() => {}
-            _ = node.copies.ended() => {}
-            _ = node.restores.ended() => {}
         }
-        // Once, before the first reconcile: state left by VMs deleted or moved
-        // away while this agent was down.
-        if listed && !orphans_checked {
-            orphans_checked = remove_orphans(&mut rec, &client, &mine).await;
-        }
-        if orphans_checked {
-            reconcile_all(&mut rec, &client, &mut mine).await;
-        }
-    }
+    })
 }
 
 /// Keeps every network's VXLAN peers (on this host) at the server's list
@@ -498,150 +455,9 @@ async fn keep_security_groups(net: Arc<network::Overlay>, client: Client) {
     }
 }
 
-/// A VM was deleted, or is now bound to another node: nothing of it may keep
-/// running here (a forced delete removes the record before any cleanup). A
-/// migration that holds the VM cleans up itself.
-async fn left_this_node(rec: &mut Reconciler, vm: &Vm) {
-    if !rec.node.claims.is_claimed(&vm.metadata.id) {
-        rec.remove_vm_state(&vm.metadata.id).await;
-    }
-}
-
-/// Removes the state of VMs this node no longer runs, keeping VMs bound here
-/// and VMs a migration is bringing here. False if that cannot be known yet.
-async fn remove_orphans(rec: &mut Reconciler, client: &Client, mine: &HashMap<String, Vm>) -> bool {
-    let incoming = Selector::fields(format!("status.target_node={}", rec.node.name));
-    let Ok((migrations, _)) = client.list_all::<novacron_api::Migration>(&incoming).await else {
-        return false;
-    };
-    let mut keep: HashSet<String> = mine.values().map(|v| v.metadata.id.clone()).collect();
-    for m in migrations.iter().filter(|m| !m.status.phase.is_final()) {
-        match client.get::<Vm>(&m.spec.vm).await {
-            Ok(vm) => {
-                keep.insert(vm.metadata.id);
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(_) => return false,
-        }
-    }
-    rec.remove_orphans(&keep).await;
-    true
-}
-
-/// Reconciles every VM of this node but those a migration claims.
-async fn reconcile_all(rec: &mut Reconciler, client: &Client, mine: &mut HashMap<String, Vm>) {
-    // Forget VMs that left this node (deleted, or migrated away).
-    let ids: HashSet<String> = mine.values().map(|v| v.metadata.id.clone()).collect();
-    rec.runtimes.retain(|id, _| ids.contains(id));
-    let names: Vec<String> = mine.keys().cloned().collect();
-    for name in names {
-        let Some(vm) = mine.get(&name).cloned() else {
-            continue;
-        };
-        // The migration driver owns a VM while it moves.
-        if rec.node.claims.is_claimed(&vm.metadata.id) {
-            continue;
-        }
-        match rec.reconcile(&vm).await {
-            Outcome::Finalized => {
-                mine.remove(&name);
-                match client.finalize_vm(&name).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => {
-                        tracing::warn!(vm = %name, error = %chain(&e), "cannot finalize deletion")
-                    }
-                }
-            }
-            Outcome::Status(status) if *status != vm.status => {
-                let mut updated = vm.clone();
-                updated.status = *status;
-                match client.put_vm_status(&name, &updated).await {
-                    Ok(v) => {
-                        mine.insert(name, v);
-                    }
-                    Err(e) if e.is_conflict() || e.is_not_found() => {
-                        // Someone else wrote first: take the fresh object and go again.
-                        match client.get::<Vm>(&name).await {
-                            Ok(v) => {
-                                mine.insert(name, v);
-                            }
-                            Err(e) if e.is_not_found() => {
-                                mine.remove(&name);
-                            }
-                            Err(_) => {}
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(vm = %name, error = %chain(&e), "cannot write VM status")
-                    }
-                }
-            }
-            Outcome::Status(_) => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use novacron_api::{Metadata, VmSpec, VmStatus};
-
-    fn reconciler(vms_root: PathBuf) -> Reconciler {
-        let client = Client::new("http://127.0.0.1:9", "token").expect("client");
-        let node = NodeContext {
-            name: "node-1".into(),
-            backup_key: None,
-            qemu: "qemu-system-x86_64".into(),
-            accel: "tcg".into(),
-            images: Arc::new(images::ImageCache::new(vms_root.join("images"))),
-            volumes_root: vms_root.join("volumes"),
-            peers: reqwest::Client::new(),
-            vms_root,
-            client,
-            secret: Arc::default(),
-            host: "127.0.0.1".into(),
-            claims: MigrationClaims::default(),
-            net: Arc::new(network::Overlay::new("node-1", None, PathBuf::from("/nonexistent"))),
-            guests: Default::default(),
-            copies: Default::default(),
-            live_restores: Default::default(),
-            restores: Default::default(),
-        };
-        Reconciler {
-            node: Arc::new(node),
-            runtimes: HashMap::new(),
-        }
-    }
-
-    /// A VM whose deletion was asked for: one reconcile removes its (absent)
-    /// files and drops it from the VMs of this node, without QEMU.
-    fn deleted_vm() -> Vm {
-        let mut metadata = Metadata::new("doomed", BTreeMap::new());
-        metadata.deletion_requested_at = Some(chrono::Utc::now());
-        Vm {
-            metadata,
-            spec: VmSpec::new("image", 1, 64),
-            status: VmStatus::default(),
-        }
-    }
-
-    #[tokio::test]
-    async fn the_reconciler_leaves_a_claimed_vm_alone_until_the_claim_ends() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut rec = reconciler(dir.path().join("vms"));
-        let client = rec.node.client.clone();
-        let vm = deleted_vm();
-        let mut mine = HashMap::from([(vm.metadata.name.clone(), vm.clone())]);
-
-        let claim = rec.node.claims.claim(&vm.metadata.id).expect("claim");
-        reconcile_all(&mut rec, &client, &mut mine).await;
-        assert!(mine.contains_key("doomed"), "a claimed VM was reconciled");
-
-        drop(claim);
-        reconcile_all(&mut rec, &client, &mut mine).await;
-        assert!(!mine.contains_key("doomed"), "the VM was not reconciled once released");
-    }
 
     #[test]
     fn advertised_hosts() {

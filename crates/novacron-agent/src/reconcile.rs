@@ -620,6 +620,39 @@ impl Reconciler {
     }
 }
 
+impl crate::control::Driver for Reconciler {
+    fn node_name(&self) -> &str {
+        &self.node.name
+    }
+
+    fn is_claimed(&self, vm_id: &str) -> bool {
+        self.node.claims.is_claimed(vm_id)
+    }
+
+    async fn reconcile(&mut self, vm: &Vm) -> Outcome {
+        Reconciler::reconcile(self, vm).await
+    }
+
+    fn retain(&mut self, ids: &std::collections::HashSet<String>) {
+        self.runtimes.retain(|id, _| ids.contains(id));
+    }
+
+    async fn remove_orphans(&mut self, keep: &std::collections::HashSet<String>) {
+        Reconciler::remove_orphans(self, keep).await
+    }
+
+    async fn remove_vm_state(&mut self, id: &str) {
+        Reconciler::remove_vm_state(self, id).await
+    }
+
+    async fn work_ended(&self) {
+        tokio::select! {
+            _ = self.node.copies.ended() => {}
+            _ = self.node.restores.ended() => {}
+        }
+    }
+}
+
 /// Clears the VM's reason if it is a failure of the kind `prefix` names.
 pub(crate) fn clear_reason(st: &mut VmStatus, prefix: &str) {
     if st.reason.as_deref().is_some_and(|r| r.starts_with(prefix)) {

@@ -8,6 +8,7 @@ mod console;
 mod dev;
 mod devnet;
 mod events;
+mod hollow;
 mod identity;
 mod images;
 mod migrations;
@@ -72,6 +73,9 @@ enum Command {
     Agent(AgentArgs),
     /// Run a local cluster: a server and agents, with the demo image imported.
     Dev(dev::DevArgs),
+    /// Run many hollow nodes (a simulated hypervisor, no guests) in one
+    /// process, for scale tests and benches only.
+    Hollow(hollow::HollowArgs),
     /// Manage virtual machines.
     #[command(subcommand)]
     Vm(commands::VmCommand),
@@ -383,6 +387,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Dev(a) => {
             init_tracing("info,tower_http=warn");
             dev::run(a, shutdown_signal()).await
+        }
+        Command::Hollow(a) => {
+            init_tracing("warn");
+            hollow::run(&cli.global, a, shutdown_signal()).await
         }
         Command::Vm(c) => commands::vm(&cli.global, c).await,
         Command::Node(c) => nodes::node(&cli.global, c).await,
