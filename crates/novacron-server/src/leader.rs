@@ -89,29 +89,29 @@ async fn lead_once(state: &AppState, etcd: &EtcdStore) -> Result<(), etcd_client
     let (mut keeper, mut renewals) = leases.keep_alive(lease).await?;
     let mut renewed = Instant::now();
     let name = election_name(etcd);
-    let mut elections = etcd.client().election_client();
-    // Keep the lease alive while waiting to be elected. A campaign waits
-    // for as long as another server leads, longer than the client's request
-    // deadline: one that times out is made again with the same lease, which
-    // keeps this server's place in line (etcd reuses its key).
-    let campaigned: Result<Option<etcd_client::LeaderKey>, etcd_client::Error> = async {
-        loop {
-            let campaign = elections.campaign(name.clone(), state.leadership.id.clone(), lease);
-            tokio::pin!(campaign);
-            let outcome = loop {
-                tokio::select! {
-                    won = &mut campaign => break won,
-                    kept = renew(&mut keeper, &mut renewals, &mut renewed) => kept?,
-                }
-            };
-            match outcome {
-                Ok(mut won) => return Ok(won.take_leader()),
-                Err(e) if is_deadline(&e) => {
-                    tracing::debug!("campaign reached the request deadline; campaigning again")
-                }
-                // The member is gone (or refused): start over on another.
-                Err(e) => return Err(e),
+    // A campaign waits for as long as another server leads: without a
+    // request deadline (see `EtcdStore::patient_client`), renewing the lease
+    // meanwhile. Once won, the win is checked against what etcd says leads.
+    let mut elections = etcd.patient_client().election_client();
+    let campaigned: Result<etcd_client::LeaderKey, etcd_client::Error> = async {
+        let campaign = elections.campaign(name.clone(), state.leadership.id.clone(), lease);
+        tokio::pin!(campaign);
+        let mut won = loop {
+            tokio::select! {
+                won = &mut campaign => break won?,
+                kept = renew(&mut keeper, &mut renewals, &mut renewed) => kept?,
             }
+        };
+        let key = won
+            .take_leader()
+            .ok_or_else(|| etcd_client::Error::ElectError("a campaign won without a leader key".into()))?;
+        let leading = etcd.client().election_client().leader(name.clone()).await?;
+        match leading.kv() {
+            Some(kv) if kv.key() == key.key() => Ok(key),
+            other => Err(etcd_client::Error::ElectError(format!(
+                "won a campaign, but etcd names {:?} the leader",
+                other.map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+            ))),
         }
     }
     .await;
@@ -136,18 +136,13 @@ async fn lead_once(state: &AppState, etcd: &EtcdStore) -> Result<(), etcd_client
     controllers.abort_all();
     state.leadership.leading.store(false, Ordering::Release);
     tracing::warn!(server = %state.leadership.id, error = %lost, "lost the leader lease; stopped the controllers");
-    if let Some(key) = leader_key {
-        let _ = elections
-            .resign(Some(etcd_client::ResignOptions::new().with_leader(key)))
-            .await;
-    }
+    let _ = etcd
+        .client()
+        .election_client()
+        .resign(Some(etcd_client::ResignOptions::new().with_leader(leader_key)))
+        .await;
     let _ = leases.revoke(lease).await;
     Ok(())
-}
-
-/// The client's per-request deadline ended the call (etcd did not refuse it).
-fn is_deadline(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("Timeout expired"))
 }
 
 /// Renews the lease once (after [`RENEW_EVERY`]); fails when etcd says the

@@ -46,6 +46,11 @@ type IdCache = Arc<Mutex<HashMap<(String, String), (u64, String)>>>;
 #[derive(Clone)]
 struct Members {
     clients: Arc<Vec<Client>>,
+    /// The same members without a request deadline, for calls that wait as
+    /// long as they must (an election campaign): a campaign cut short by the
+    /// client's deadline is resigned by etcd, which can race with a campaign
+    /// made again on the same lease and leave two servers thinking they won.
+    patient: Arc<Vec<Client>>,
     current: Arc<AtomicUsize>,
 }
 
@@ -228,14 +233,20 @@ impl EtcdStore {
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
-        let mut clients = Vec::new();
+        let patient_options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        let (mut clients, mut patient) = (Vec::new(), Vec::new());
         for endpoint in &url.endpoints {
             // Connections are made lazily: a member down now is used once it is back.
             clients.push(Client::connect([endpoint], Some(options.clone())).await?);
+            patient.push(Client::connect([endpoint], Some(patient_options.clone())).await?);
         }
         let store = EtcdStore {
             members: Members {
                 clients: Arc::new(clients),
+                patient: Arc::new(patient),
                 current: Default::default(),
             },
             root: url.root.clone(),
@@ -249,6 +260,14 @@ impl EtcdStore {
     /// The client of the member in use, for leases and elections.
     pub fn client(&self) -> Client {
         self.members.current().1.clone()
+    }
+
+    /// The client of the member in use without a request deadline, for calls
+    /// that wait for others (a campaign); a dead member still fails them,
+    /// through the connection's keep-alive.
+    pub fn patient_client(&self) -> Client {
+        let (i, _) = self.members.current();
+        self.members.patient[i].clone()
     }
 
     /// Moves on to the next member (after a failed lease or election call,

@@ -31,6 +31,11 @@ pub struct EtcdMember {
 }
 
 impl EtcdMember {
+    /// The process id, while it runs (benches measure its memory and CPU).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the member (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

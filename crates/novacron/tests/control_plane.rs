@@ -390,6 +390,9 @@ async fn leaders(http: &reqwest::Client, urls: &[String]) -> Option<Vec<String>>
             leading.push(url.clone());
         }
     }
+    // A campaign cut short by the etcd client's deadline once let two
+    // servers lead at once (etcd resigns a cancelled campaign's key).
+    assert!(leading.len() <= 1, "two servers lead at once: {leading:?}");
     Some(leading)
 }
 

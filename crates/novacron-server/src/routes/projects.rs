@@ -57,6 +57,21 @@ async fn volume_mib(state: &AppState, project: &str) -> ApiResult<u64> {
         .sum())
 }
 
+/// Whether `quota` limits anything a VM takes.
+pub fn limits_vms(quota: &Quota) -> bool {
+    let Quota {
+        vcpus,
+        memory_mib,
+        disk_mib,
+        vms,
+        networks: _,
+        addresses,
+    } = quota;
+    [vcpus, memory_mib, disk_mib, vms, addresses]
+        .iter()
+        .any(|l| l.is_some())
+}
+
 /// Refuses (403, naming the quota) a VM that would take its project over quota.
 pub async fn check_quota(state: &AppState, project: &str, quota: &Quota, vm: &Vm) -> ApiResult<()> {
     let vms = state.store.list_all::<Vm>().await?;
