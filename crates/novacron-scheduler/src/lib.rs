@@ -315,6 +315,8 @@ pub struct Cluster {
     anti_by_zone: HashMap<u32, Vec<Guard>>,
     /// Empty nodes in classes of identical ones (see `place`).
     classes: place::Classes,
+    /// Node index by name (the first, should two share one).
+    by_name: HashMap<String, usize>,
 }
 
 /// A placed VM's required anti-affinity: (the VM, the labels it keeps away).
@@ -354,6 +356,12 @@ impl Cluster {
             anti_by_node: HashMap::new(),
             anti_by_zone: HashMap::new(),
             classes: place::Classes::new(&nodes),
+            by_name: nodes
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, n)| (n.name.clone(), i))
+                .collect(),
             nodes,
             vms: Vec::new(),
             settings,
@@ -361,7 +369,7 @@ impl Cluster {
     }
 
     pub fn node_index(&self, name: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.name == name)
+        self.by_name.get(name).copied()
     }
 
     pub fn allocated(&self, node: usize) -> Resources {

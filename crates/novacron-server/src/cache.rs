@@ -142,6 +142,12 @@ impl<T: Object + Clone + Send + Sync + 'static> Cache<T> {
     pub fn snapshot(&self) -> Vec<T> {
         self.objects.read().values().cloned().collect()
     }
+
+    /// Runs `f` on the objects in place, without cloning them (readers wait
+    /// for the watcher's next update meanwhile: keep `f` short).
+    pub fn with<R>(&self, f: impl FnOnce(&BTreeMap<String, T>) -> R) -> R {
+        f(&self.objects.read())
+    }
 }
 
 #[cfg(test)]

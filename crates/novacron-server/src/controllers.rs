@@ -80,13 +80,15 @@ async fn place_pending(state: &AppState, caches: &Caches) -> Result<(), novacron
     if pending.is_empty() {
         return Ok(());
     }
-    let vms: Vec<Vm> = caches.vms.snapshot();
     // Higher priority first, then first come, first served.
     pending.sort_by_key(|v| (std::cmp::Reverse(v.spec.placement.priority), v.metadata.created_at));
     let nodes: Vec<Node> = caches.nodes.snapshot();
     let migrations: Vec<Migration> = caches.migrations.snapshot();
     let config = scheduling::load_config(store).await?;
-    let mut cluster = scheduling::snapshot(&nodes, &vms, &migrations, &config, None);
+    let mut cluster = caches.vms.with(|vms| {
+        let vms: Vec<&Vm> = vms.values().collect();
+        scheduling::snapshot(&nodes, &vms, &migrations, &config, None)
+    });
     for vm in pending {
         let req = scheduling::request(&vm);
         let name = vm.metadata.name.clone();

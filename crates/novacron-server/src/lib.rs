@@ -21,6 +21,7 @@ pub mod scheduling;
 pub(crate) mod shared_secrets;
 pub mod totp;
 mod ui;
+mod watch_hub;
 pub mod webhooks;
 
 use std::net::SocketAddr;
@@ -163,6 +164,8 @@ pub struct AppState {
     pub agents: reqwest::Client,
     /// Watch streams and console sessions each token holds open.
     pub open_streams: Arc<limits::OpenStreams>,
+    /// One store watch per kind for all API watches.
+    pub watch_hub: Arc<watch_hub::WatchHub>,
     pub metrics: Arc<metrics::Metrics>,
     /// Records events and hands them to the webhooks.
     pub events: Arc<events::Recorder>,
@@ -405,6 +408,7 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         policy_runs: Default::default(),
         agents,
         open_streams: Default::default(),
+        watch_hub: Default::default(),
         metrics: Default::default(),
         leadership,
     })

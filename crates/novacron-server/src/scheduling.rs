@@ -113,16 +113,16 @@ fn node_info(n: &Node) -> NodeInfo {
 
 /// The cluster as the scheduler sees it: every bound VM (except `leave_out`)
 /// and, on their targets, the room migrations in progress have reserved.
-pub fn snapshot(
+pub fn snapshot<V: std::borrow::Borrow<Vm>>(
     nodes: &[Node],
-    vms: &[Vm],
+    vms: &[V],
     migrations: &[Migration],
     cfg: &SchedulerConfig,
     leave_out: Option<&str>,
 ) -> Cluster {
     let mut cluster = Cluster::new(nodes.iter().map(node_info).collect(), settings(cfg));
     let moving: Vec<&Migration> = migrations.iter().filter(|m| !m.status.phase.is_final()).collect();
-    for vm in vms {
+    for vm in vms.iter().map(V::borrow) {
         if Some(vm.metadata.name.as_str()) == leave_out {
             continue;
         }
@@ -139,7 +139,7 @@ pub fn snapshot(
     }
     for m in moving {
         let (Some(vm), Some(index)) = (
-            vms.iter().find(|v| v.metadata.name == m.spec.vm),
+            vms.iter().map(V::borrow).find(|v| v.metadata.name == m.spec.vm),
             cluster.node_index(&m.status.target_node),
         ) else {
             continue;

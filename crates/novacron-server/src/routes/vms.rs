@@ -101,7 +101,7 @@ pub(super) async fn create(
     validate_placement(&req.spec.placement)?;
     let nodes = state.store.list_all::<Node>().await?;
     let config = crate::scheduling::load_config(&state.store).await?;
-    let empty = crate::scheduling::snapshot(&nodes, &[], &[], &config, None);
+    let empty = crate::scheduling::snapshot::<Vm>(&nodes, &[], &[], &config, None);
     if !empty.fits_some_node(&crate::scheduling::request_for(&req.spec, &req.labels)) {
         let too_big = (0..nodes.len()).all(|i| empty.allocatable(i).memory_mib < req.spec.memory_mib);
         let (field, what) = if too_big {
