@@ -786,6 +786,30 @@ pub struct WatchEvent<T> {
     pub object: T,
 }
 
+/// A watch line with no change in it, sent only to watches that ask with
+/// `allow_bookmarks`: the stream has passed `resource_version`, so a watcher
+/// of a quiet selection resumes from there, not from its last change (which
+/// a new server would have to replay the kind's history from).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WatchBookmark {
+    #[serde(rename = "type")]
+    pub kind: BookmarkType,
+    pub resource_version: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum BookmarkType {
+    Bookmark,
+}
+
+/// A line of a watch stream that allows bookmarks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum WatchLine<T> {
+    Bookmark(WatchBookmark),
+    Event(WatchEvent<T>),
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,

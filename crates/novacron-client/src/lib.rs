@@ -90,6 +90,7 @@ impl Resource for novacron_api::Webhook {
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<WatchEvent<T>, ClientError>> + Send>>;
+pub type WatchLines<T> = Pin<Box<dyn Stream<Item = Result<WatchLine<T>, ClientError>> + Send>>;
 
 #[derive(Debug, Clone, Default)]
 pub struct ListOptions {
@@ -422,6 +423,23 @@ impl Client {
     pub async fn delete<T: Resource>(&self, name: &str) -> Result<(), ClientError> {
         let url = self.url(&format!("{}/{name}", T::PATH));
         self.send(self.http.delete(&url), &url).await.map(|_| ())
+    }
+
+    /// Watches changes after `resource_version`, with bookmarks (lines
+    /// that only say how far the stream has got); the stream ends if the
+    /// server ends it.
+    pub async fn watch_lines<T: Resource>(
+        &self,
+        resource_version: u64,
+        selector: &Selector,
+    ) -> Result<WatchLines<T>, ClientError> {
+        let url = self.url(T::PATH);
+        let mut query = selector.query();
+        query.push(("watch", "true".to_string()));
+        query.push(("allow_bookmarks", "true".to_string()));
+        query.push(("resource_version", resource_version.to_string()));
+        let resp = self.send(self.streaming.get(&url).query(&query), &url).await?;
+        Ok(Box::pin(ndjson_body::<WatchLine<T>>(resp)))
     }
 
     /// Watches changes after `resource_version`; the stream ends if the server ends it.

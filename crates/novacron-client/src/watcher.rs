@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use novacron_api::error::chain;
-use novacron_api::{Object, WatchEvent, WatchEventType};
+use novacron_api::{Object, WatchEventType, WatchLine};
 
 use crate::{Client, ClientError, Resource, Selector};
 
@@ -31,7 +31,7 @@ pub enum Event<T> {
 /// Every matching object, and the revision the list was read at.
 pub type Listed<'a, T, E> = BoxFuture<'a, Result<(Vec<T>, u64), E>>;
 /// A watch stream, once opened.
-pub type Watched<'a, T, E> = BoxFuture<'a, Result<BoxStream<'static, Result<WatchEvent<T>, E>>, E>>;
+pub type Watched<'a, T, E> = BoxFuture<'a, Result<BoxStream<'static, Result<WatchLine<T>, E>>, E>>;
 
 /// Where a watcher lists and watches: the API over HTTP ([`ApiSource`]), or
 /// the server's own store.
@@ -77,8 +77,8 @@ impl<T: Resource + Send + 'static> Source for ApiSource<T> {
     fn watch(
         &self,
         revision: u64,
-    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<WatchEvent<T>, ClientError>>, ClientError>> {
-        Box::pin(async move { self.client.watch::<T>(revision, &self.selector).await })
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<WatchLine<T>, ClientError>>, ClientError>> {
+        Box::pin(async move { self.client.watch_lines::<T>(revision, &self.selector).await })
     }
 
     fn is_gone(error: &ClientError) -> bool {
@@ -130,7 +130,7 @@ enum State<S: Source> {
     Resume { revision: u64 },
     Watching {
         revision: u64,
-        stream: BoxStream<'static, Result<WatchEvent<S::Object>, S::Error>>,
+        stream: BoxStream<'static, Result<WatchLine<S::Object>, S::Error>>,
     },
 }
 
@@ -172,7 +172,12 @@ impl<S: Source> Watcher<S> {
                     }
                 },
                 State::Watching { revision, mut stream } => match stream.next().await {
-                    Some(Ok(ev)) => {
+                    Some(Ok(WatchLine::Bookmark(b))) => {
+                        self.delays = Box::new(backoff());
+                        let revision = revision.max(b.resource_version);
+                        self.state = State::Watching { revision, stream };
+                    }
+                    Some(Ok(WatchLine::Event(ev))) => {
                         self.delays = Box::new(backoff());
                         let revision = revision.max(ev.object.meta().resource_version);
                         self.state = State::Watching { revision, stream };
@@ -229,7 +234,7 @@ mod tests {
         Down,
     }
 
-    type Script = VecDeque<Result<Vec<Result<WatchEvent<Migration>, FakeError>>, FakeError>>;
+    type Script = VecDeque<Result<Vec<Result<WatchLine<Migration>, FakeError>>, FakeError>>;
     type Lists = VecDeque<Result<(Vec<Migration>, u64), FakeError>>;
 
     /// A source that plays back scripted lists and watches, and records calls.
@@ -280,15 +285,15 @@ mod tests {
         }
     }
 
-    fn ev(t: WatchEventType, name: &str, rev: u64) -> Result<WatchEvent<Migration>, FakeError> {
-        Ok(WatchEvent {
+    fn ev(t: WatchEventType, name: &str, rev: u64) -> Result<WatchLine<Migration>, FakeError> {
+        Ok(WatchLine::Event(novacron_api::WatchEvent {
             event_type: t,
             object: migration(name, rev),
-        })
+        }))
     }
 
     #[tokio::test(start_paused = true)]
-    async fn lists_then_watches_resumes_from_the_last_revision_and_relists_when_it_is_gone() {
+    async fn lists_then_watches_resumes_from_the_last_revision_or_bookmark_and_relists_when_it_is_gone() {
         let fake = Fake::default();
         {
             let mut lists = fake.lists.lock();
@@ -296,13 +301,17 @@ mod tests {
             lists.push_back(Ok((vec![migration("a", 3)], 5)));
             lists.push_back(Ok((vec![migration("b", 9)], 10)));
             let mut watches = fake.watches.lock();
-            // Two events, then the connection breaks.
+            // Two events, a bookmark, then the connection breaks.
             watches.push_back(Ok(vec![
                 ev(WatchEventType::Added, "b", 6),
                 ev(WatchEventType::Deleted, "a", 7),
+                Ok(WatchLine::Bookmark(novacron_api::WatchBookmark {
+                    kind: novacron_api::BookmarkType::Bookmark,
+                    resource_version: 8,
+                })),
                 Err(FakeError::Down),
             ]));
-            // Resuming from 7 finds the revision compacted: list again.
+            // Resuming from the bookmark's 8 finds it compacted: list again.
             watches.push_back(Err(FakeError::Gone));
         }
         let mut w = Box::pin(watcher(fake.clone()));
@@ -311,7 +320,7 @@ mod tests {
         assert_eq!(w.next().await, Some(Event::Deleted(migration("a", 7))));
         assert_eq!(w.next().await, Some(Event::Restarted(vec![migration("b", 9)])));
         let calls = fake.calls.lock().clone();
-        assert_eq!(calls, ["list", "list", "watch 5", "watch 7", "list"]);
+        assert_eq!(calls, ["list", "list", "watch 5", "watch 8", "list"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use novacron_api::{Object, WatchEvent, WatchEventType};
+use novacron_api::{Object, WatchEvent, WatchEventType, WatchLine};
 use novacron_client::watcher::{self, Listed, Source, Watched};
 use novacron_store::{decode_record, EventType, SharedStore, StoreError, StoreExt};
 use parking_lot::RwLock;
@@ -46,10 +46,10 @@ impl<T: Object + Send + 'static> Source for StoreSource<T> {
                     EventType::Modified => WatchEventType::Modified,
                     EventType::Deleted => WatchEventType::Deleted,
                 };
-                Ok(WatchEvent {
+                Ok(WatchLine::Event(WatchEvent {
                     event_type,
                     object: decode_record::<T>(ev.record)?,
-                })
+                }))
             });
             Ok(events.boxed())
         })

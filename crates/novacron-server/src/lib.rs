@@ -156,6 +156,8 @@ pub struct AppState {
     pub agent_secret: Arc<str>,
     /// Wakes the placement controller.
     pub placement_wakeup: Arc<Notify>,
+    /// Every node, kept current by a watch (changes wake placement).
+    pub nodes: Arc<cache::Cache<novacron_api::Node>>,
     /// Wakes the backup policy scheduler.
     pub policy_wakeup: Arc<Notify>,
     /// Backup policies with a run going on.
@@ -391,6 +393,8 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
     .map_err(ServerError::Http)?;
     let webhooks = Arc::new(webhooks::Dispatcher::new(store.clone()).map_err(ServerError::WebhookClient)?);
     let events = Arc::new(events::Recorder::new(store.clone(), webhooks));
+    let placement_wakeup = Arc::new(Notify::new());
+    let store_for_nodes = store.clone();
     Ok(AppState {
         events,
         store,
@@ -403,7 +407,8 @@ pub async fn prepare(config: ServerConfig) -> Result<AppState, ServerError> {
         tls,
         config: Arc::new(config),
         agent_secret: agent_secret.into(),
-        placement_wakeup: Arc::new(Notify::new()),
+        nodes: cache::Cache::start(store_for_nodes, placement_wakeup.clone()),
+        placement_wakeup,
         policy_wakeup: Arc::new(Notify::new()),
         policy_runs: Default::default(),
         agents,

@@ -1,6 +1,7 @@
 //! Between the store's objects and the pure scheduler: cluster snapshots,
 //! requests from VM specs, settings, and explanations in API form.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use novacron_api::{
@@ -113,14 +114,14 @@ fn node_info(n: &Node) -> NodeInfo {
 
 /// The cluster as the scheduler sees it: every bound VM (except `leave_out`)
 /// and, on their targets, the room migrations in progress have reserved.
-pub fn snapshot<V: std::borrow::Borrow<Vm>>(
-    nodes: &[Node],
+pub fn snapshot<N: Borrow<Node>, V: Borrow<Vm>>(
+    nodes: &[N],
     vms: &[V],
     migrations: &[Migration],
     cfg: &SchedulerConfig,
     leave_out: Option<&str>,
 ) -> Cluster {
-    let mut cluster = Cluster::new(nodes.iter().map(node_info).collect(), settings(cfg));
+    let mut cluster = Cluster::new(nodes.iter().map(|n| node_info(n.borrow())).collect(), settings(cfg));
     let moving: Vec<&Migration> = migrations.iter().filter(|m| !m.status.phase.is_final()).collect();
     for vm in vms.iter().map(V::borrow) {
         if Some(vm.metadata.name.as_str()) == leave_out {

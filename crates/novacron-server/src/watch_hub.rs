@@ -4,10 +4,11 @@
 //! is a stream etcd feeds with every change of the kind; on SQLite each is
 //! a receiver of every change of every kind.
 //!
-//! A kind's feed starts at the store's revision when first asked for and
-//! keeps the last [`RECENT`] events, so a watch from a revision the feed has
-//! covered starts from memory; an older revision goes to the store itself
-//! (which answers 410 for compacted history). A subscriber that falls more
+//! A kind's feed starts [`REPLAY`] revisions before the store's revision
+//! when first asked for, and keeps the last [`RECENT`] events, so a watch
+//! from a revision the feed has covered starts from memory; an older
+//! revision goes to the store itself (which answers 410 for compacted
+//! history). A subscriber that falls more
 //! than [`FANOUT`] events behind ends with `WatchLagged` (410: list again),
 //! as a store watch would.
 
@@ -22,7 +23,11 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
 /// Events of a kind kept for watches that start a little in the past.
-const RECENT: usize = 4096;
+const RECENT: usize = 10_000;
+/// A feed starts this many revisions back (when the store still has them),
+/// so the watches a failed server's clients make again from their last
+/// revision or bookmark share it instead of each replaying from the store.
+const REPLAY: u64 = 5_000;
 /// How far a subscriber may fall behind before it must list again.
 const FANOUT: usize = 16384;
 
@@ -89,8 +94,11 @@ impl WatchHub {
         };
         match subscribed {
             Some((backlog, receiver)) => {
+                // A feed still replaying its start sends events this watch
+                // already has.
                 let live = BroadcastStream::new(receiver)
-                    .map(|r| r.map_err(|BroadcastStreamRecvError::Lagged(_)| StoreError::WatchLagged));
+                    .map(|r| r.map_err(|BroadcastStreamRecvError::Lagged(_)| StoreError::WatchLagged))
+                    .filter(move |r| futures::future::ready(r.as_ref().map_or(true, |e| e.record.rev > from)));
                 // The stream ends when the feed does; the client watches again.
                 Ok(futures::stream::iter(backlog).chain(live).boxed())
             }
@@ -103,8 +111,12 @@ impl WatchHub {
         if let Some(feed) = self.feeds.lock().get(kind).filter(|f| f.running()) {
             return Ok(feed.clone());
         }
-        let from = store.revision().await?;
-        let events = store.watch(kind, from).await?;
+        let now = store.revision().await?;
+        let (from, events) = match store.watch(kind, now.saturating_sub(REPLAY)).await {
+            Ok(events) => (now.saturating_sub(REPLAY), events),
+            Err(StoreError::Compacted { .. }) => (now, store.watch(kind, now).await?),
+            Err(e) => return Err(e),
+        };
         let mut feeds = self.feeds.lock();
         // Another watch may have started one meanwhile.
         if let Some(feed) = feeds.get(kind).filter(|f| f.running()) {
@@ -194,9 +206,26 @@ mod tests {
         assert_eq!(next_names(&mut first, 1).await, ["d"]);
         assert_eq!(hub.feeds.lock().len(), 1);
 
-        // From before the feed started: the store itself answers.
+        // From before "a": the feed started that far back.
         let mut third = hub.watch(&store, "vm", before_feed - 1).await.unwrap();
         assert_eq!(next_names(&mut third, 4).await, ["a", "b", "c", "d"]);
+        assert_eq!(hub.feeds.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_before_the_feed_goes_to_the_store() {
+        let store: SharedStore = Arc::new(SqliteStore::in_memory().unwrap());
+        let old = store.create("vm", "old", "old", json!({})).await.unwrap().rev;
+        for i in 0..REPLAY + 10 {
+            let name = format!("node-{i}");
+            store.create("node", &name, &name, json!({})).await.unwrap();
+        }
+        let hub = Arc::new(WatchHub::default());
+        let mut recent = hub.watch(&store, "vm", store.revision().await.unwrap()).await.unwrap();
+        let mut from_old = hub.watch(&store, "vm", old - 1).await.unwrap();
+        store.create("vm", "new", "new", json!({})).await.unwrap();
+        assert_eq!(next_names(&mut from_old, 2).await, ["old", "new"]);
+        assert_eq!(next_names(&mut recent, 1).await, ["new"]);
     }
 
     #[tokio::test]

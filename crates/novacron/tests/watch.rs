@@ -11,6 +11,7 @@ use common::{wait_until, Cluster, Options};
 use futures::StreamExt;
 use novacron_api::{
     CreateToken, CreateVm, IssuedToken, JoinNode, JoinedNode, RegisterNode, Resources, Vm, VmSpec, WatchEventType,
+    WatchLine,
 };
 use novacron_client::{Client, Selector};
 
@@ -157,6 +158,27 @@ async fn a_nodes_watch_carries_only_its_own_vms() {
     .await
     .expect("deletion arrives");
     assert_eq!(deleted, "vm-on-2");
+
+    // With bookmarks allowed, node-2 learns how far the stream has got while
+    // only node-1's VM changes (so it can resume from there), and still
+    // receives nothing of that VM.
+    let (_, from) = node2.list_all::<Vm>(&own).await.unwrap();
+    let mut lines = node2.watch_lines::<Vm>(from, &own).await.unwrap();
+    let bookmark = tokio::time::timeout(Duration::from_secs(15), async {
+        for i in 0.. {
+            touch(&node1, "vm-on-1", format!("passing by {i}")).await;
+            match tokio::time::timeout(Duration::from_millis(200), lines.next()).await {
+                Ok(Some(Ok(WatchLine::Bookmark(b)))) => return b.resource_version,
+                Ok(Some(Ok(WatchLine::Event(ev)))) => panic!("node-2 received {}", ev.object.metadata.name),
+                Ok(other) => panic!("the watch ended: {other:?}"),
+                Err(_) => {}
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .expect("a bookmark within 15 s");
+    assert!(bookmark > from, "bookmark {bookmark} is not past {from}");
 
     // A node's certificate asks only for its own node.
     for selector in [Selector::everything(), Selector::fields("status.node=node-1")] {

@@ -72,6 +72,10 @@ pub struct ListQuery {
     pub watch: Option<bool>,
     /// With `watch`: send changes after this revision (default: now).
     pub resource_version: Option<u64>,
+    /// With `watch`: also send `{"type":"Bookmark","resource_version":N}`
+    /// lines while changes pass that the selection leaves out (at most one a
+    /// second), so the watcher can resume from a recent revision.
+    pub allow_bookmarks: Option<bool>,
     /// Only objects of this project.
     pub project: Option<String>,
 }
@@ -277,6 +281,16 @@ pub async fn find<T: Object>(state: &AppState, key: &str) -> ApiResult<T> {
     Err(ApiError::not_found(format!("{} {key:?}", T::KIND)))
 }
 
+/// Bookmarks a watch gets at most this often.
+const BOOKMARK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One line of a watch stream.
+fn json_line(value: &impl serde::Serialize) -> bytes::Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    bytes::Bytes::from(line)
+}
+
 /// Serves a list page or, with `watch=true`, a watch stream. `present` fills
 /// in derived fields before an object is returned.
 pub async fn list_or_watch<T: Guarded>(
@@ -313,6 +327,8 @@ pub async fn list_or_watch<T: Guarded>(
         };
         let slot = state.open_streams.open(&p.token, Held::Watch)?;
         let events = state.watch_hub.watch(&state.store, T::KIND, from).await?;
+        let bookmarks = q.allow_bookmarks.unwrap_or(false);
+        let mut last_line = std::time::Instant::now();
         let lines = events.filter_map(move |ev| {
             // The stream holds its place until the client goes away.
             let _held = &slot;
@@ -321,13 +337,20 @@ pub async fn list_or_watch<T: Guarded>(
                     tracing::debug!(error = %e, "watch stream ended");
                     Some(Err(std::io::Error::other(e.to_string())))
                 }
-                Ok(ev) => seen_as(&ev, &matches).and_then(|event_type| {
-                    decode_record::<T>(ev.record.clone()).ok().map(|object| {
-                        let mut line = serde_json::to_vec(&WatchEvent { event_type, object }).unwrap_or_default();
-                        line.push(b'\n');
-                        Ok(bytes::Bytes::from(line))
-                    })
-                }),
+                Ok(ev) => match seen_as(&ev, &matches) {
+                    Some(event_type) => decode_record::<T>(ev.record.clone()).ok().map(|object| {
+                        last_line = std::time::Instant::now();
+                        Ok(json_line(&WatchEvent { event_type, object }))
+                    }),
+                    None if bookmarks && last_line.elapsed() >= BOOKMARK_EVERY => {
+                        last_line = std::time::Instant::now();
+                        Some(Ok(json_line(&novacron_api::WatchBookmark {
+                            kind: novacron_api::BookmarkType::Bookmark,
+                            resource_version: ev.record.rev,
+                        })))
+                    }
+                    None => None,
+                },
             };
             futures::future::ready(out)
         });

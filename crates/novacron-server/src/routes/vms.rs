@@ -99,11 +99,19 @@ pub(super) async fn create(
         ));
     }
     validate_placement(&req.spec.placement)?;
-    let nodes = state.store.list_all::<Node>().await?;
     let config = crate::scheduling::load_config(&state.store).await?;
-    let empty = crate::scheduling::snapshot::<Vm>(&nodes, &[], &[], &config, None);
+    // From the node cache once it has listed (it is read on every create).
+    let empty = if state.nodes.synced() {
+        state.nodes.with(|nodes| {
+            let nodes: Vec<&Node> = nodes.values().collect();
+            crate::scheduling::snapshot::<_, Vm>(&nodes, &[], &[], &config, None)
+        })
+    } else {
+        let nodes = state.store.list_all::<Node>().await?;
+        crate::scheduling::snapshot::<_, Vm>(&nodes, &[], &[], &config, None)
+    };
     if !empty.fits_some_node(&crate::scheduling::request_for(&req.spec, &req.labels)) {
-        let too_big = (0..nodes.len()).all(|i| empty.allocatable(i).memory_mib < req.spec.memory_mib);
+        let too_big = (0..empty.nodes.len()).all(|i| empty.allocatable(i).memory_mib < req.spec.memory_mib);
         let (field, what) = if too_big {
             ("spec.memory_mib", "memory")
         } else {
