@@ -414,6 +414,22 @@ impl Client {
         self.send(self.http.delete(&url), &url).await.map(|_| ())
     }
 
+    async fn open_watch<T: Resource>(
+        &self,
+        resource_version: u64,
+        selector: &Selector,
+        bookmarks: bool,
+    ) -> Result<reqwest::Response, ClientError> {
+        let url = self.url(T::PATH);
+        let mut query = selector.query();
+        query.push(("watch", "true".to_string()));
+        if bookmarks {
+            query.push(("allow_bookmarks", "true".to_string()));
+        }
+        query.push(("resource_version", resource_version.to_string()));
+        self.send(self.streaming.get(&url).query(&query), &url).await
+    }
+
     /// DELETE on any API path, for an endpoint that answers with a body.
     pub async fn delete_json<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
         let url = self.url(path);
@@ -433,12 +449,7 @@ impl Client {
         resource_version: u64,
         selector: &Selector,
     ) -> Result<WatchLines<T>, ClientError> {
-        let url = self.url(T::PATH);
-        let mut query = selector.query();
-        query.push(("watch", "true".to_string()));
-        query.push(("allow_bookmarks", "true".to_string()));
-        query.push(("resource_version", resource_version.to_string()));
-        let resp = self.send(self.streaming.get(&url).query(&query), &url).await?;
+        let resp = self.open_watch::<T>(resource_version, selector, true).await?;
         Ok(Box::pin(ndjson_body::<WatchLine<T>>(resp)))
     }
 
@@ -448,11 +459,7 @@ impl Client {
         resource_version: u64,
         selector: &Selector,
     ) -> Result<WatchStream<T>, ClientError> {
-        let url = self.url(T::PATH);
-        let mut query = selector.query();
-        query.push(("watch", "true".to_string()));
-        query.push(("resource_version", resource_version.to_string()));
-        let resp = self.send(self.streaming.get(&url).query(&query), &url).await?;
+        let resp = self.open_watch::<T>(resource_version, selector, false).await?;
         Ok(Box::pin(ndjson_body::<WatchEvent<T>>(resp)))
     }
 
