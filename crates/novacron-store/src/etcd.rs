@@ -228,15 +228,11 @@ fn is_compacted(e: &etcd_client::Error) -> bool {
 impl EtcdStore {
     /// Connects to the members of `url`; fails when none answers.
     pub async fn connect(url: &EtcdUrl) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
         let patient_options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
+        let options = patient_options.clone().with_timeout(REQUEST_TIMEOUT);
         let (mut clients, mut patient) = (Vec::new(), Vec::new());
         for endpoint in &url.endpoints {
             // Connections are made lazily: a member down now is used once it is back.

@@ -308,12 +308,8 @@ pub async fn list_or_watch<T: Guarded>(
     let caller = p.clone();
     let only_project = q.project.clone();
     let matches = move |value: &serde_json::Value| {
-        // A thousand watches see every change: read labels only when asked.
-        let labels_match = selector.is_empty() || {
-            let labels = serde_json::from_value(value["metadata"]["labels"].clone()).unwrap_or_default();
-            selector.matches(&labels)
-        };
-        labels_match
+        let labels = &value["metadata"]["labels"];
+        selector.matches_by(|k| labels.get(k).and_then(serde_json::Value::as_str))
             && fields.matches(value)
             && visible::<T>(&caller, value)
             && only_project
